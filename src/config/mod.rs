@@ -1,0 +1,399 @@
+//! `relay.yaml`: parsed, expanded from the environment, then validated into `Settings` (two
+//! phases: raw values as written, then typed values the rest of the relay can trust).
+
+pub mod env;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ipnet::IpNet;
+use serde::{Deserialize, Deserializer};
+use serde_json::Value;
+
+use crate::domain::{Expiration, Id};
+use crate::mapping::Defaults;
+use crate::secret::Secret;
+use env::Env;
+
+/// Validated settings. Relative paths are resolved against the config file's folder.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub file: PathBuf,
+    pub listen: SocketAddr,
+    pub metrics_listen: Option<SocketAddr>,
+    pub mappings_dir: PathBuf,
+    pub store: StoreSettings,
+    pub p0: P0Settings,
+    pub defaults: Defaults,
+    pub inbound: InboundSettings,
+    pub log_json: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct StoreSettings {
+    pub path: PathBuf,
+    pub dedup_window: Duration,
+    pub coalesce_window: Duration,
+    pub store_payloads: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct P0Settings {
+    pub base_url: reqwest::Url,
+    pub org: String,
+    /// `None` only when the config leaves it empty; `serve` then needs `--dry-run`.
+    pub token: Option<Secret>,
+    pub timeout: Duration,
+    /// Calls per second per org; 0 means unpaced.
+    pub rate_per_second: u32,
+    pub concurrency: usize,
+    pub retry: RetrySettings,
+}
+
+#[derive(Debug, Clone)]
+pub struct RetrySettings {
+    pub base_delay: Duration,
+    pub max_delay: Duration,
+    pub max_age: Duration,
+    /// 0 means only `max_age` ends retrying.
+    pub max_attempts: u32,
+}
+
+#[derive(Debug, Clone)]
+pub struct InboundSettings {
+    /// Webhooks per second per source; 0 turns the limit off.
+    pub rate_per_second: u32,
+    pub max_body_bytes: usize,
+    pub max_header_bytes: usize,
+    pub read_timeout: Duration,
+    pub max_connections: usize,
+    pub max_json_depth: usize,
+    /// Per source, the networks allowed to send; a source not listed is open to all.
+    pub networks: std::collections::BTreeMap<String, Vec<IpNet>>,
+    /// The header whose last address is the client's, when a proxy sits in front.
+    pub client_ip_header: Option<axum::http::HeaderName>,
+    pub tls: Option<TlsSettings>,
+}
+
+#[derive(Debug, Clone)]
+pub struct TlsSettings {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Raw {
+    listen: Option<String>,
+    mappings: Option<String>,
+    #[serde(default)]
+    store: RawStore,
+    p0: RawP0,
+    #[serde(default)]
+    decisions: RawDecisions,
+    #[serde(default)]
+    inbound: RawInbound,
+    #[serde(default)]
+    metrics: RawMetrics,
+    #[serde(default)]
+    log: RawLog,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawStore {
+    path: Option<String>,
+    dedup_window: Option<String>,
+    coalesce_window: Option<String>,
+    #[serde(default, deserialize_with = "flexible_bool")]
+    store_payloads: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawP0 {
+    base_url: Option<String>,
+    org: String,
+    token: Option<String>,
+    timeout: Option<String>,
+    #[serde(default, deserialize_with = "flexible_num")]
+    rate_per_second: Option<u64>,
+    #[serde(default, deserialize_with = "flexible_num")]
+    concurrency: Option<u64>,
+    #[serde(default)]
+    retry: RawRetry,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawRetry {
+    base_delay: Option<String>,
+    max_delay: Option<String>,
+    max_age: Option<String>,
+    #[serde(default, deserialize_with = "flexible_num")]
+    max_attempts: Option<u64>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawDecisions {
+    default_expiration: Option<String>,
+    max_expiration: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawInbound {
+    #[serde(default, deserialize_with = "flexible_num")]
+    rate_per_second: Option<u64>,
+    #[serde(default, deserialize_with = "flexible_num")]
+    max_body_bytes: Option<u64>,
+    #[serde(default, deserialize_with = "flexible_num")]
+    max_header_bytes: Option<u64>,
+    read_timeout: Option<String>,
+    #[serde(default, deserialize_with = "flexible_num")]
+    max_connections: Option<u64>,
+    #[serde(default, deserialize_with = "flexible_num")]
+    max_json_depth: Option<u64>,
+    #[serde(default)]
+    networks: std::collections::BTreeMap<String, Vec<String>>,
+    client_ip_header: Option<String>,
+    tls: Option<RawTls>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    cert: String,
+    key: String,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawMetrics {
+    listen: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawLog {
+    format: Option<String>,
+}
+
+/// A number written as a number or, after `${VAR}` expansion, as a string of digits.
+fn flexible_num<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    match Option::<Value>::deserialize(d)? {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Number(n)) => n
+            .as_u64()
+            .map(Some)
+            .ok_or_else(|| serde::de::Error::custom(format!("`{n}` is not a whole number ≥ 0"))),
+        Some(Value::String(s)) if s.trim().is_empty() => Ok(None),
+        Some(Value::String(s)) => s
+            .trim()
+            .parse()
+            .map(Some)
+            .map_err(|_| serde::de::Error::custom(format!("`{s}` is not a whole number ≥ 0"))),
+        Some(other) => Err(serde::de::Error::custom(format!("`{other}` is not a whole number"))),
+    }
+}
+
+fn flexible_bool<'de, D: Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
+    match Value::deserialize(d)? {
+        Value::Bool(b) => Ok(b),
+        Value::String(s) if s == "true" => Ok(true),
+        Value::String(s) if s == "false" || s.is_empty() => Ok(false),
+        other => Err(serde::de::Error::custom(format!("`{other}` is not true or false"))),
+    }
+}
+
+impl Settings {
+    /// Reads, expands and validates `file`. Every problem found is returned, each naming the
+    /// file and the key.
+    pub fn load(file: &Path, env: &Env) -> Result<Settings, Vec<String>> {
+        let at = file.display().to_string();
+        let text = std::fs::read_to_string(file).map_err(|e| vec![format!("{at}: cannot read: {e}")])?;
+        let mut tree: Value = serde_saphyr::from_str(&text)
+            .map_err(|e| vec![format!("{at}: not valid YAML: {e}")])?;
+        env.expand_tree(&mut tree, "").map_err(|e| vec![format!("{at}: {e}")])?;
+        let raw: Raw = serde_path_to_error::deserialize(tree)
+            .map_err(|e| vec![format!("{at}: {}: {}", e.path(), e.inner())])?;
+        let base = file.parent().unwrap_or(Path::new(".")).to_owned();
+        let mut errors = Vec::new();
+        let settings = build(raw, &base, &mut errors);
+        match settings {
+            Some(s) if errors.is_empty() => Ok(Settings { file: file.to_owned(), ..s }),
+            _ => Err(errors.into_iter().map(|e| format!("{at}: {e}")).collect()),
+        }
+    }
+}
+
+fn duration(key: &str, value: Option<&str>, default: &str, errors: &mut Vec<String>) -> Duration {
+    let text = value.filter(|v| !v.trim().is_empty()).unwrap_or(default);
+    match humantime::parse_duration(text.trim()) {
+        Ok(d) => d,
+        Err(e) => {
+            errors.push(format!("{key}: `{text}` is not a duration like 500ms, 10s, 5m, 7d: {e}"));
+            Duration::ZERO
+        }
+    }
+}
+
+fn addr(key: &str, text: &str, errors: &mut Vec<String>) -> Option<SocketAddr> {
+    match text.trim().parse() {
+        Ok(a) => Some(a),
+        Err(_) => {
+            errors.push(format!("{key}: `{text}` is not an address like 0.0.0.0:8080"));
+            None
+        }
+    }
+}
+
+fn build(raw: Raw, base: &Path, errors: &mut Vec<String>) -> Option<Settings> {
+    let resolve = |p: &str| {
+        let p = Path::new(p);
+        if p.is_absolute() { p.to_owned() } else { base.join(p) }
+    };
+    let listen = addr("listen", raw.listen.as_deref().unwrap_or("0.0.0.0:8080"), errors);
+    let metrics_listen = match raw.metrics.listen.as_deref().map(str::trim) {
+        None | Some("") => None,
+        Some(a) => addr("metrics.listen", a, errors),
+    };
+    let base_url_text = raw.p0.base_url.as_deref().unwrap_or("https://api.p0.app");
+    let base_url = match reqwest::Url::parse(base_url_text.trim()) {
+        Ok(u) if matches!(u.scheme(), "http" | "https") && !u.cannot_be_a_base() && u.query().is_none() => Some(u),
+        _ => {
+            errors.push(format!("p0.base_url: `{base_url_text}` is not an http(s) URL without a query"));
+            None
+        }
+    };
+    if let Err(e) = Id::parse(&raw.p0.org) {
+        errors.push(format!("p0.org: {e} (set P0_ORG_ID to the org you use with `p0 login <org>`)"));
+    }
+    let token = raw
+        .p0
+        .token
+        .filter(|t| !t.trim().is_empty())
+        .map(|t| Secret::new(t.trim()));
+    let exp = |key: &str, text: Option<&str>, default: &str, errors: &mut Vec<String>| {
+        match Expiration::parse(text.unwrap_or(default)) {
+            Ok(e) => Some(e),
+            Err(e) => {
+                errors.push(format!("{key}: {e}"));
+                None
+            }
+        }
+    };
+    let default_expiration = exp("decisions.default_expiration", raw.decisions.default_expiration.as_deref(), "1h", errors);
+    let max_expiration = match raw.decisions.max_expiration.as_deref().map(str::trim) {
+        None | Some("") => None,
+        Some(t) => exp("decisions.max_expiration", Some(t), "", errors),
+    };
+    let mut networks = std::collections::BTreeMap::new();
+    for (source, nets) in raw.inbound.networks {
+        let mut parsed = Vec::new();
+        for n in nets {
+            let net = n.parse::<IpNet>().or_else(|_| n.parse::<std::net::IpAddr>().map(IpNet::from));
+            match net {
+                Ok(net) => parsed.push(net),
+                Err(_) => errors.push(format!("inbound.networks.{source}: `{n}` is not a CIDR like 10.0.0.0/8")),
+            }
+        }
+        networks.insert(source, parsed);
+    }
+    let client_ip_header = match raw.inbound.client_ip_header.as_deref().map(str::trim) {
+        None | Some("") => None,
+        Some(h) => match axum::http::HeaderName::from_bytes(h.as_bytes()) {
+            Ok(h) => Some(h),
+            Err(_) => {
+                errors.push(format!("inbound.client_ip_header: `{h}` is not a header name"));
+                None
+            }
+        },
+    };
+    let log_json = match raw.log.format.as_deref().unwrap_or("text") {
+        "text" | "" => false,
+        "json" => true,
+        other => {
+            errors.push(format!("log.format: `{other}` is not text or json"));
+            false
+        }
+    };
+    let positive = |key: &str, v: Option<u64>, default: u64, errors: &mut Vec<String>| {
+        let v = v.unwrap_or(default);
+        if v == 0 {
+            errors.push(format!("{key}: must be at least 1"));
+        }
+        v
+    };
+    let settings = Settings {
+        file: PathBuf::new(),
+        listen: listen?,
+        metrics_listen,
+        mappings_dir: resolve(raw.mappings.as_deref().unwrap_or("mappings")),
+        store: StoreSettings {
+            path: resolve(raw.store.path.as_deref().filter(|p| !p.is_empty()).unwrap_or("data/relay.db")),
+            dedup_window: duration("store.dedup_window", raw.store.dedup_window.as_deref(), "7d", errors),
+            coalesce_window: duration("store.coalesce_window", raw.store.coalesce_window.as_deref(), "10m", errors),
+            store_payloads: raw.store.store_payloads,
+        },
+        p0: P0Settings {
+            base_url: base_url?,
+            org: raw.p0.org.clone(),
+            token,
+            timeout: duration("p0.timeout", raw.p0.timeout.as_deref(), "10s", errors),
+            rate_per_second: u32::try_from(raw.p0.rate_per_second.unwrap_or(20)).unwrap_or(u32::MAX),
+            concurrency: positive("p0.concurrency", raw.p0.concurrency, 16, errors) as usize,
+            retry: RetrySettings {
+                base_delay: duration("p0.retry.base_delay", raw.p0.retry.base_delay.as_deref(), "1s", errors),
+                max_delay: duration("p0.retry.max_delay", raw.p0.retry.max_delay.as_deref(), "5m", errors),
+                max_age: duration("p0.retry.max_age", raw.p0.retry.max_age.as_deref(), "48h", errors),
+                max_attempts: u32::try_from(raw.p0.retry.max_attempts.unwrap_or(0)).unwrap_or(u32::MAX),
+            },
+        },
+        defaults: Defaults {
+            org: raw.p0.org,
+            expiration: default_expiration?,
+            max_expiration,
+        },
+        inbound: InboundSettings {
+            rate_per_second: u32::try_from(raw.inbound.rate_per_second.unwrap_or(500)).unwrap_or(u32::MAX),
+            max_body_bytes: positive("inbound.max_body_bytes", raw.inbound.max_body_bytes, 1 << 20, errors) as usize,
+            max_header_bytes: positive("inbound.max_header_bytes", raw.inbound.max_header_bytes, 16 * 1024, errors) as usize,
+            read_timeout: duration("inbound.read_timeout", raw.inbound.read_timeout.as_deref(), "10s", errors),
+            max_connections: positive("inbound.max_connections", raw.inbound.max_connections, 1024, errors) as usize,
+            max_json_depth: positive("inbound.max_json_depth", raw.inbound.max_json_depth, 64, errors) as usize,
+            networks,
+            client_ip_header,
+            tls: raw.inbound.tls.map(|t| TlsSettings {
+                cert: resolve(&t.cert),
+                key: resolve(&t.key),
+            }),
+        },
+        log_json,
+    };
+    if settings.inbound.read_timeout.is_zero() {
+        errors.push("inbound.read_timeout: must be more than zero".into());
+    }
+    Some(settings)
+}
+
+/// Warnings an operator should see at every start: insecure sources, open or empty approver
+/// lists, a plaintext P0 URL that leaves the machine.
+pub fn audit(settings: &Settings, mappings: &crate::mapping::MappingSet) -> Vec<String> {
+    let mut out: Vec<String> = mappings.warnings().cloned().collect();
+    let url = &settings.p0.base_url;
+    let loopback = match url.host() {
+        Some(url::Host::Domain(d)) => d == "localhost",
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        None => false,
+    };
+    if url.scheme() == "http" && !loopback {
+        out.push(format!(
+            "p0.base_url `{url}` is plaintext http: the P0 API key would cross the network unencrypted"
+        ));
+    }
+    out
+}

@@ -1,0 +1,172 @@
+//! The relay's vocabulary, parsed once at the edge: actions, org and request IDs that are safe
+//! as a URL path segment, and expiration lengths in P0's grammar.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+/// What the relay asks P0 to do with a permission request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Action {
+    Approve,
+    Deny,
+    Revoke,
+}
+
+impl Action {
+    pub const ALL: [Action; 3] = [Action::Approve, Action::Deny, Action::Revoke];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::Approve => "approve",
+            Action::Deny => "deny",
+            Action::Revoke => "revoke",
+        }
+    }
+
+    /// Parses an action name, ignoring case (`Approve`, `APPROVE`).
+    pub fn parse(text: &str) -> Option<Action> {
+        Action::ALL
+            .into_iter()
+            .find(|a| a.as_str().eq_ignore_ascii_case(text.trim()))
+    }
+}
+
+impl fmt::Display for Action {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// An org or permission-request ID: `^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$`. Text from a webhook
+/// becomes an `Id` only through `parse`, so nothing it contains can reshape a URL.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(transparent)]
+pub struct Id(String);
+
+impl Id {
+    pub fn parse(text: &str) -> Result<Id, String> {
+        let bytes = text.as_bytes();
+        let ok = !bytes.is_empty()
+            && bytes.len() <= 128
+            && bytes[0].is_ascii_alphanumeric()
+            && bytes
+                .iter()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
+        if ok {
+            Ok(Id(text.to_owned()))
+        } else {
+            Err(format!(
+                "`{}` is not a valid ID (1-128 of A-Z a-z 0-9 _ . -, starting with a letter or digit)",
+                printable(text)
+            ))
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for Id {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// An expiration length in P0's grammar: a positive integer and one unit of `s m h d w`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Expiration {
+    text: String,
+    seconds: u64,
+}
+
+impl Expiration {
+    pub fn parse(text: &str) -> Result<Expiration, String> {
+        let bad = || {
+            format!(
+                "expiration `{}` is not a positive whole number followed by one of s m h d w (e.g. 30m, 2h, 7d)",
+                printable(text)
+            )
+        };
+        let text = text.trim();
+        let (digits, unit) = text.split_at(text.len().saturating_sub(1));
+        let unit_seconds: u64 = match unit {
+            "s" => 1,
+            "m" => 60,
+            "h" => 3600,
+            "d" => 86_400,
+            "w" => 604_800,
+            _ => return Err(bad()),
+        };
+        if digits.is_empty() || digits.starts_with('0') || !digits.bytes().all(|b| b.is_ascii_digit())
+        {
+            return Err(bad());
+        }
+        // Saturate rather than overflow: an absurd length is simply longer than any cap.
+        let count: u64 = digits.parse().unwrap_or(u64::MAX);
+        Ok(Expiration {
+            text: text.to_owned(),
+            seconds: count.saturating_mul(unit_seconds),
+        })
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.text
+    }
+
+    pub fn seconds(&self) -> u64 {
+        self.seconds
+    }
+}
+
+impl fmt::Display for Expiration {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.text)
+    }
+}
+
+/// Shortens untrusted text for a message: at most 64 characters, control characters escaped.
+pub fn printable(text: &str) -> String {
+    let mut out: String = text.chars().take(64).flat_map(char::escape_debug).collect();
+    if text.chars().count() > 64 {
+        out.push('…');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids() {
+        for ok in ["abc", "req-123", "A.b_c-9", &"a".repeat(128)] {
+            assert!(Id::parse(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "", "../../x", "a/b", "a%2Fb", ".a", "-a", "a b", "é", " a", "a\n", &"a".repeat(129),
+        ] {
+            assert!(Id::parse(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn expirations() {
+        for (text, secs) in [("30m", 1800), ("2h", 7200), ("7d", 604_800), ("1w", 604_800), ("45s", 45)] {
+            assert_eq!(Expiration::parse(text).map(|e| e.seconds()), Ok(secs), "{text}");
+        }
+        for bad in ["0h", "-1h", "1h30m", "h", "2", "2H", "02h", "1.5h", "", "2 h"] {
+            assert!(Expiration::parse(bad).is_err(), "{bad:?}");
+        }
+        assert_eq!(Expiration::parse("99999999999999999999999d").map(|e| e.seconds()), Ok(u64::MAX));
+    }
+
+    #[test]
+    fn actions_ignore_case() {
+        assert_eq!(Action::parse("APPROVE"), Some(Action::Approve));
+        assert_eq!(Action::parse("Revoke"), Some(Action::Revoke));
+        assert_eq!(Action::parse("grant"), None);
+    }
+}

@@ -1,0 +1,23 @@
+//! p0-relay turns webhooks from PagerDuty, Opsgenie and GitHub into access decisions in P0.
+//!
+//! The path of one webhook, in module order: `server` accepts the connection, `receiver`
+//! reads the body, `verify` checks its signature, `mapping` (pure) turns it into proposals,
+//! `policy` (pure) into decisions, `store` commits them durably before the sender hears 202,
+//! and `worker` delivers them through `p0`, paced by `ratelimit`, counted in `metrics`.
+
+pub mod app;
+pub mod cli;
+pub mod config;
+pub mod domain;
+pub mod health;
+pub mod mapping;
+pub mod metrics;
+pub mod p0;
+pub mod policy;
+pub mod ratelimit;
+pub mod receiver;
+pub mod secret;
+pub mod server;
+pub mod store;
+pub mod verify;
+pub mod worker;

@@ -1,0 +1,175 @@
+//! Test cases written inside mapping files: a payload, headers and the expected verdict, run by
+//! `p0-relay test` and by the test suite. Configuration is code and gets its own tests.
+
+use std::collections::HashMap;
+
+use axum::http::{HeaderMap, HeaderName, HeaderValue};
+use serde_json::Value;
+
+use super::model::{RawCase, RawExpect, RawExpectDecision};
+use super::{Defaults, Input, Mapping, Verdict, compile};
+use crate::config::env::Env;
+
+/// The result of one case.
+#[derive(Debug, Clone)]
+pub struct CaseResult {
+    pub source: String,
+    pub name: String,
+    /// `None` when the case passed; otherwise what went wrong.
+    pub failure: Option<String>,
+}
+
+/// Runs every case of `mapping`. A case's `env` is laid over `env` and the mapping is
+/// recompiled under it, so cases can pin approver lists and secrets of their own.
+pub fn run(mapping: &Mapping, env: &Env, defaults: &Defaults) -> Vec<CaseResult> {
+    let cases: Vec<RawCase> = match mapping.tree.get("tests") {
+        None => Vec::new(),
+        Some(tests) => match serde_path_to_error::deserialize(tests.clone()) {
+            Ok(c) => c,
+            Err(e) => {
+                return vec![CaseResult {
+                    source: mapping.source.clone(),
+                    name: "(tests)".into(),
+                    failure: Some(format!("tests{}: {}", e.path(), e.inner())),
+                }];
+            }
+        },
+    };
+    cases
+        .iter()
+        .map(|case| CaseResult {
+            source: mapping.source.clone(),
+            name: case.name.clone(),
+            failure: run_case(mapping, case, env, defaults).err(),
+        })
+        .collect()
+}
+
+fn run_case(mapping: &Mapping, case: &RawCase, env: &Env, defaults: &Defaults) -> Result<(), String> {
+    let recompiled;
+    let m = if case.env.is_empty() {
+        mapping
+    } else {
+        let vars: HashMap<String, String> = case.env.clone().into_iter().collect();
+        recompiled = compile(
+            &mapping.source,
+            &mapping.file,
+            mapping.tree.clone(),
+            &env.overlay(&vars),
+            defaults,
+        )
+        .map_err(|e| e.join("; "))?;
+        &recompiled
+    };
+    let payload: Value = match (&case.payload, &case.payload_file) {
+        (Some(p), None) => p.clone(),
+        (None, Some(f)) => {
+            let dir = mapping.file.parent().unwrap_or(std::path::Path::new("."));
+            let path = dir.join("testdata").join(f);
+            let text = std::fs::read_to_string(&path)
+                .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+            serde_json::from_str(&text).map_err(|e| format!("{}: not JSON: {e}", path.display()))?
+        }
+        _ => return Err("give exactly one of `payload` and `payload_file`".into()),
+    };
+    let mut headers = HeaderMap::new();
+    for (k, v) in &case.headers {
+        let name = HeaderName::from_bytes(k.as_bytes()).map_err(|_| format!("bad header name `{k}`"))?;
+        let value = HeaderValue::from_str(v).map_err(|_| format!("bad value for header `{k}`"))?;
+        headers.append(name, value);
+    }
+    let verdict = m.decide(Input {
+        headers: &headers,
+        body: &payload,
+    });
+    check(&case.expect, &verdict, &defaults.org)
+}
+
+fn check(expect: &RawExpect, verdict: &Verdict, default_org: &str) -> Result<(), String> {
+    let got = describe(verdict);
+    match expect {
+        RawExpect::Word(w) if w == "ignored" => match verdict {
+            Verdict::Ignored => Ok(()),
+            _ => Err(format!("expected ignored, got {got}")),
+        },
+        RawExpect::Word(w) if w == "rejected" => match verdict {
+            Verdict::Rejected { .. } => Ok(()),
+            _ => Err(format!("expected rejected, got {got}")),
+        },
+        RawExpect::Word(w) => Err(format!(
+            "expect: `{w}` is not ignored, rejected, {{decisions: [...]}} or {{rejected: \"...\"}}"
+        )),
+        RawExpect::Spec(spec) => match (&spec.decisions, &spec.rejected) {
+            (Some(want), None) => {
+                let Verdict::Decided { decisions, .. } = verdict else {
+                    return Err(format!("expected decisions, got {got}"));
+                };
+                let have: Vec<RawExpectDecision> = decisions
+                    .iter()
+                    .map(|d| RawExpectDecision {
+                        action: d.action.as_str().into(),
+                        request_id: d.request_id.to_string(),
+                        expiration: d.expiration.clone(),
+                        org: Some(d.org.to_string()),
+                    })
+                    .collect();
+                let want: Vec<RawExpectDecision> = want
+                    .iter()
+                    .map(|w| RawExpectDecision {
+                        org: Some(w.org.clone().unwrap_or_else(|| default_org.to_owned())),
+                        ..w.clone()
+                    })
+                    .collect();
+                if have == want {
+                    Ok(())
+                } else {
+                    Err(format!("expected {}, got {got}", list(&want)))
+                }
+            }
+            (None, Some(fragment)) => match verdict {
+                Verdict::Rejected { reason, .. } if reason.contains(fragment.as_str()) => Ok(()),
+                _ => Err(format!("expected rejected containing `{fragment}`, got {got}")),
+            },
+            _ => Err("expect: give `decisions` or `rejected`".into()),
+        },
+    }
+}
+
+fn list(ds: &[RawExpectDecision]) -> String {
+    let items: Vec<String> = ds
+        .iter()
+        .map(|d| match &d.expiration {
+            Some(e) => format!("{} {} {e}", d.action, d.request_id),
+            None => format!("{} {}", d.action, d.request_id),
+        })
+        .collect();
+    format!("[{}]", items.join(", "))
+}
+
+/// A verdict in one short line.
+pub fn describe(verdict: &Verdict) -> String {
+    match verdict {
+        Verdict::Ignored => "ignored".into(),
+        Verdict::Rejected { rule, reason } => format!("rejected by rule `{rule}`: {reason}"),
+        Verdict::Decided { rule, decisions, .. } => {
+            let items: Vec<String> = decisions
+                .iter()
+                .map(|d| {
+                    let mut s = format!("{} {}", d.action, d.request_id);
+                    if let Some(e) = &d.expiration {
+                        s.push(' ');
+                        s.push_str(e);
+                    }
+                    if let Some(c) = &d.clamped_from {
+                        s.push_str(&format!(" (clamped from {c})"));
+                    }
+                    if d.org.as_str() != "" {
+                        s.push_str(&format!(" in org {}", d.org));
+                    }
+                    s
+                })
+                .collect();
+            format!("rule `{rule}` decided [{}]", items.join(", "))
+        }
+    }
+}

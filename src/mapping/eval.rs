@@ -1,0 +1,218 @@
+//! Compiled mapping pieces and their evaluation against one webhook: selectors, conditions,
+//! extractions. Pure: values in, values out, no I/O.
+
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+
+use axum::http::{HeaderMap, HeaderName};
+use jsonpath_rust::parser::model::JpQuery;
+use jsonpath_rust::query::js_path_process;
+use regex::Regex;
+use serde_json::Value;
+
+use crate::domain::printable;
+
+/// One webhook as the mapping sees it: headers and the parsed body.
+#[derive(Clone, Copy)]
+pub struct Input<'a> {
+    pub headers: &'a HeaderMap,
+    pub body: &'a Value,
+}
+
+/// Where values come from: a compiled JSONPath into the body, or a header.
+#[derive(Debug, Clone)]
+pub enum Selector {
+    Path { text: String, query: JpQuery },
+    Header(HeaderName),
+}
+
+impl Selector {
+    /// Every non-null value the selector yields, as text (numbers and booleans in JSON form,
+    /// arrays and objects as JSON).
+    pub fn values<'a>(&self, input: Input<'a>) -> Vec<Cow<'a, str>> {
+        match self {
+            Selector::Path { query, .. } => js_path_process(query, input.body)
+                .map(|refs| refs.into_iter().filter_map(|r| text(r.val())).collect())
+                .unwrap_or_default(),
+            Selector::Header(name) => input
+                .headers
+                .get_all(name)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .map(Cow::Borrowed)
+                .collect(),
+        }
+    }
+
+    pub fn describe(&self) -> String {
+        match self {
+            Selector::Path { text, .. } => text.clone(),
+            Selector::Header(name) => format!("header {name}"),
+        }
+    }
+}
+
+fn text(value: &Value) -> Option<Cow<'_, str>> {
+    match value {
+        Value::Null => None,
+        Value::String(s) => Some(Cow::Borrowed(s)),
+        other => Some(Cow::Owned(other.to_string())),
+    }
+}
+
+/// The text form of a scalar from a mapping file, compared with payload values as text.
+pub fn scalar_text(value: &Value) -> String {
+    match value {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+#[derive(Debug, Clone)]
+pub enum Test {
+    Equals(String),
+    OneOf(Vec<String>),
+    Matches(Regex),
+    Exists(bool),
+}
+
+#[derive(Debug, Clone)]
+pub enum Condition {
+    Test { selector: Selector, test: Test },
+    Not(Box<Condition>),
+}
+
+impl Condition {
+    /// Whether the condition holds: a test holds when any value the selector yields passes.
+    pub fn holds(&self, input: Input<'_>) -> bool {
+        match self {
+            Condition::Not(inner) => !inner.holds(input),
+            Condition::Test { selector, test } => {
+                let values = selector.values(input);
+                match test {
+                    Test::Exists(want) => !values.is_empty() == *want,
+                    Test::Equals(x) => values.iter().any(|v| v == x),
+                    Test::OneOf(xs) => values.iter().any(|v| xs.iter().any(|x| v == x)),
+                    Test::Matches(re) => values.iter().any(|v| re.is_match(v)),
+                }
+            }
+        }
+    }
+
+    /// The condition in words, for `explain`.
+    pub fn describe(&self) -> String {
+        match self {
+            Condition::Not(inner) => format!("not ({})", inner.describe()),
+            Condition::Test { selector, test } => {
+                let s = selector.describe();
+                match test {
+                    Test::Exists(true) => format!("{s} exists"),
+                    Test::Exists(false) => format!("{s} does not exist"),
+                    Test::Equals(x) => format!("{s} equals `{x}`"),
+                    Test::OneOf(xs) => format!("{s} is one of [{}]", xs.join(", ")),
+                    Test::Matches(re) => format!("{s} matches /{re}/"),
+                }
+            }
+        }
+    }
+
+    /// What the condition's selector saw, for `explain`.
+    pub fn seen(&self, input: Input<'_>) -> String {
+        match self {
+            Condition::Not(inner) => inner.seen(input),
+            Condition::Test { selector, .. } => {
+                let values = selector.values(input);
+                if values.is_empty() {
+                    "nothing".into()
+                } else {
+                    values
+                        .iter()
+                        .take(4)
+                        .map(|v| format!("`{}`", printable(v)))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                }
+            }
+        }
+    }
+}
+
+/// A value to extract: a constant, or selected values refined by a regex capture, a value map
+/// and a default.
+#[derive(Debug, Clone)]
+pub struct Extract {
+    pub from: From,
+    pub regex: Option<Regex>,
+    pub map: Option<BTreeMap<String, String>>,
+    pub default: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub enum From {
+    Constant(String),
+    Select(Selector),
+}
+
+impl Extract {
+    /// Every value, in order and without repeats; the default when there is none; otherwise an
+    /// error saying why nothing came out.
+    pub fn all(&self, input: Input<'_>) -> Result<Vec<String>, String> {
+        let raw: Vec<Cow<'_, str>> = match &self.from {
+            From::Constant(c) => vec![Cow::Borrowed(c.as_str())],
+            From::Select(sel) => sel.values(input),
+        };
+        let mut why = match &self.from {
+            From::Select(sel) => format!("{} yielded nothing", sel.describe()),
+            From::Constant(_) => String::new(),
+        };
+        let mut out: Vec<String> = Vec::new();
+        for value in &raw {
+            let captured: Vec<&str> = match &self.regex {
+                None => vec![value.as_ref()],
+                Some(re) => {
+                    let found: Vec<&str> = re
+                        .captures_iter(value)
+                        .filter_map(|c| c.get(1).or_else(|| c.get(0)))
+                        .map(|m| m.as_str())
+                        .collect();
+                    if found.is_empty() {
+                        why = format!("/{re}/ did not match `{}`", printable(value));
+                    }
+                    found
+                }
+            };
+            for item in captured {
+                let mapped = match &self.map {
+                    None => Some(item.to_owned()),
+                    Some(map) => {
+                        let hit = map.get(item).cloned();
+                        if hit.is_none() {
+                            why = format!("the map has no entry for `{}`", printable(item));
+                        }
+                        hit
+                    }
+                };
+                if let Some(m) = mapped
+                    && !out.contains(&m)
+                {
+                    out.push(m);
+                }
+            }
+        }
+        if out.is_empty() {
+            match &self.default {
+                Some(d) => out.push(d.clone()),
+                None => return Err(why),
+            }
+        }
+        Ok(out)
+    }
+
+    /// The first value (see `all`).
+    pub fn first(&self, input: Input<'_>) -> Result<String, String> {
+        self.all(input)?
+            .into_iter()
+            .next()
+            .ok_or_else(|| "nothing to extract".to_owned())
+    }
+}

@@ -1,0 +1,685 @@
+//! Mapping files, one per source: how its webhooks are verified and deduplicated, and the
+//! ordered rules that turn a payload into decisions. Compiled once at load; evaluation is pure.
+
+pub mod cases;
+pub mod command;
+mod eval;
+pub mod model;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use axum::http::HeaderName;
+use jsonpath_rust::parser::parse_json_path;
+use regex::Regex;
+use serde::Serialize;
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+use crate::config::env::Env;
+use crate::domain::{Action, Expiration};
+use crate::policy::{self, Allowlist, Decision, Proposal, RulePolicy};
+use crate::secret::Secrets;
+use crate::verify::Verifier;
+
+pub use eval::Input;
+use eval::{Condition, Extract, From, Selector, Test};
+use model::{RawCondition, RawExtract, RawMapping, RawRule, RawSelector};
+
+/// Relay-wide values a mapping falls back on.
+#[derive(Debug, Clone)]
+pub struct Defaults {
+    pub org: String,
+    pub expiration: Expiration,
+    pub max_expiration: Option<Expiration>,
+}
+
+/// What a mapping makes of one webhook.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// No rule matched.
+    Ignored,
+    /// A rule matched, but what it asked for is invalid or refused by policy.
+    Rejected { rule: String, reason: String },
+    /// A rule matched and produced decisions.
+    Decided {
+        rule: String,
+        actor: Option<String>,
+        decisions: Vec<Decision>,
+    },
+}
+
+/// Why one rule did or did not decide, for `explain`.
+#[derive(Debug, Clone, Serialize)]
+pub struct RuleTrace {
+    pub rule: String,
+    pub matched: bool,
+    pub detail: String,
+}
+
+/// One source's compiled mapping.
+#[derive(Debug)]
+pub struct Mapping {
+    pub source: String,
+    pub file: PathBuf,
+    pub verifier: Verifier,
+    dedup: Option<(Vec<Selector>, Vec<Selector>)>,
+    rules: Vec<Rule>,
+    /// The file as parsed, before expansion: test cases recompile it under their own env.
+    pub(crate) tree: Value,
+    /// Things an operator should hear about at every start.
+    pub warnings: Vec<String>,
+}
+
+#[derive(Debug)]
+struct Rule {
+    name: String,
+    when: Vec<Condition>,
+    produce: Produce,
+    actor: Option<Selector>,
+    policy: RulePolicy,
+}
+
+#[derive(Debug)]
+enum Produce {
+    Command(Selector),
+    Fields {
+        action: Extract,
+        request_id: Extract,
+        expiration: Option<Extract>,
+    },
+}
+
+impl Mapping {
+    /// The decision for one verified webhook.
+    pub fn decide(&self, input: Input<'_>) -> Verdict {
+        self.run(input, None)
+    }
+
+    /// The decision and, for every rule tried, why it did or did not match.
+    pub fn explain(&self, input: Input<'_>) -> (Verdict, Vec<RuleTrace>) {
+        let mut trace = Vec::new();
+        let verdict = self.run(input, Some(&mut trace));
+        (verdict, trace)
+    }
+
+    fn run(&self, input: Input<'_>, mut trace: Option<&mut Vec<RuleTrace>>) -> Verdict {
+        let mut note = |rule: &Rule, matched: bool, detail: String| {
+            if let Some(t) = trace.as_deref_mut() {
+                t.push(RuleTrace {
+                    rule: rule.name.clone(),
+                    matched,
+                    detail,
+                });
+            }
+        };
+        'rules: for rule in &self.rules {
+            for (i, cond) in rule.when.iter().enumerate() {
+                if !cond.holds(input) {
+                    note(
+                        rule,
+                        false,
+                        format!(
+                            "condition {} failed: {} (saw {})",
+                            i + 1,
+                            cond.describe(),
+                            cond.seen(input)
+                        ),
+                    );
+                    continue 'rules;
+                }
+            }
+            let proposals = match &rule.produce {
+                Produce::Command(sel) => {
+                    let mut proposals = Vec::new();
+                    for text in sel.values(input) {
+                        match command::parse(&text) {
+                            Ok(cmds) => proposals.extend(cmds.into_iter().map(|c| Proposal {
+                                action: c.action.as_str().to_owned(),
+                                request_id: c.request_id,
+                                expiration: c.duration,
+                            })),
+                            Err(reason) => {
+                                let reason = format!("malformed /p0 command: {reason}");
+                                note(rule, true, reason.clone());
+                                return Verdict::Rejected {
+                                    rule: rule.name.clone(),
+                                    reason,
+                                };
+                            }
+                        }
+                    }
+                    if proposals.is_empty() {
+                        note(
+                            rule,
+                            false,
+                            format!("no /p0 command in {}", sel.describe()),
+                        );
+                        continue 'rules;
+                    }
+                    proposals
+                }
+                Produce::Fields {
+                    action,
+                    request_id,
+                    expiration,
+                } => match fields(input, action, request_id, expiration.as_ref()) {
+                    Ok(p) => p,
+                    Err(reason) => {
+                        note(rule, true, reason.clone());
+                        return Verdict::Rejected {
+                            rule: rule.name.clone(),
+                            reason,
+                        };
+                    }
+                },
+            };
+            let actor = rule
+                .actor
+                .as_ref()
+                .and_then(|sel| sel.values(input).into_iter().next())
+                .map(|a| a.into_owned());
+            return match policy::decide(&rule.policy, actor.as_deref(), &proposals) {
+                Ok(decisions) => {
+                    note(rule, true, format!("{} decision(s)", decisions.len()));
+                    Verdict::Decided {
+                        rule: rule.name.clone(),
+                        actor,
+                        decisions,
+                    }
+                }
+                Err(reason) => {
+                    note(rule, true, format!("refused: {reason}"));
+                    Verdict::Rejected {
+                        rule: rule.name.clone(),
+                        reason,
+                    }
+                }
+            };
+        }
+        Verdict::Ignored
+    }
+
+    /// The delivery's dedup key: the configured parts joined, else the fallback parts, else a
+    /// digest of the body (the same bytes delivered twice are the same delivery).
+    pub fn dedup_key(&self, input: Input<'_>, body: &[u8]) -> String {
+        if let Some((key, fallback)) = &self.dedup {
+            for parts in [key, fallback] {
+                if parts.is_empty() {
+                    continue;
+                }
+                let values: Option<Vec<String>> = parts
+                    .iter()
+                    .map(|p| p.values(input).into_iter().next().map(|v| v.into_owned()))
+                    .collect();
+                if let Some(values) = values {
+                    let mut key = values.join("|");
+                    key.truncate(key.floor_char_boundary(256));
+                    return key;
+                }
+            }
+        }
+        format!("sha256:{}", hex::encode(Sha256::digest(body)))
+    }
+}
+
+fn fields(
+    input: Input<'_>,
+    action: &Extract,
+    request_id: &Extract,
+    expiration: Option<&Extract>,
+) -> Result<Vec<Proposal>, String> {
+    let action = action.first(input).map_err(|e| format!("action: {e}"))?;
+    let ids = request_id.all(input).map_err(|e| format!("request_id: {e}"))?;
+    let expiration = expiration
+        .map(|e| e.first(input))
+        .transpose()
+        .map_err(|e| format!("expiration: {e}"))?;
+    Ok(ids
+        .into_iter()
+        .map(|request_id| Proposal {
+            action: action.clone(),
+            request_id,
+            expiration: expiration.clone(),
+        })
+        .collect())
+}
+
+/// Every source's mapping, loaded from one folder.
+#[derive(Debug, Default)]
+pub struct MappingSet {
+    pub dir: PathBuf,
+    pub mappings: BTreeMap<String, Arc<Mapping>>,
+}
+
+impl MappingSet {
+    /// Loads and compiles every `*.yaml` / `*.yml` file in `dir`. All errors are returned,
+    /// each naming its file, rule and field.
+    pub fn load(dir: &Path, env: &Env, defaults: &Defaults) -> Result<MappingSet, Vec<String>> {
+        let entries = std::fs::read_dir(dir)
+            .map_err(|e| vec![format!("{}: cannot read mappings folder: {e}", dir.display())])?;
+        let mut files: Vec<PathBuf> = entries
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| {
+                p.is_file()
+                    && matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml"))
+            })
+            .collect();
+        files.sort();
+        let mut errors = Vec::new();
+        let mut mappings = BTreeMap::new();
+        for file in files {
+            let source = file
+                .file_stem()
+                .and_then(|s| s.to_str())
+                .unwrap_or_default()
+                .to_owned();
+            if source.is_empty()
+                || !source
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+            {
+                errors.push(format!(
+                    "{}: a source name (the file stem) is lower-case letters, digits, - and _",
+                    file.display()
+                ));
+                continue;
+            }
+            if mappings.contains_key(&source) {
+                errors.push(format!(
+                    "{}: source `{source}` is defined twice (one of .yaml and .yml)",
+                    file.display()
+                ));
+                continue;
+            }
+            match load_file(&file, &source, env, defaults) {
+                Ok(m) => {
+                    mappings.insert(source, Arc::new(m));
+                }
+                Err(mut errs) => errors.append(&mut errs),
+            }
+        }
+        if mappings.is_empty() && errors.is_empty() {
+            errors.push(format!("{}: no mapping files (*.yaml)", dir.display()));
+        }
+        if errors.is_empty() {
+            Ok(MappingSet {
+                dir: dir.to_owned(),
+                mappings,
+            })
+        } else {
+            Err(errors)
+        }
+    }
+
+    pub fn get(&self, source: &str) -> Option<&Arc<Mapping>> {
+        self.mappings.get(source)
+    }
+
+    pub fn warnings(&self) -> impl Iterator<Item = &String> {
+        self.mappings.values().flat_map(|m| m.warnings.iter())
+    }
+}
+
+fn load_file(file: &Path, source: &str, env: &Env, defaults: &Defaults) -> Result<Mapping, Vec<String>> {
+    let text = std::fs::read_to_string(file)
+        .map_err(|e| vec![format!("{}: cannot read: {e}", file.display())])?;
+    let tree: Value = serde_saphyr::from_str(&text)
+        .map_err(|e| vec![format!("{}: not valid YAML: {e}", file.display())])?;
+    compile(source, file, tree, env, defaults)
+}
+
+/// Compiles a parsed mapping file, expanding `${VAR}` references (outside `tests`) from `env`.
+pub fn compile(
+    source: &str,
+    file: &Path,
+    tree: Value,
+    env: &Env,
+    defaults: &Defaults,
+) -> Result<Mapping, Vec<String>> {
+    let at = file.display().to_string();
+    let mut expanded = tree.clone();
+    if let Value::Object(map) = &mut expanded {
+        let tests = map.remove("tests");
+        env.expand_tree(&mut expanded, "")
+            .map_err(|e| vec![format!("{at}: {e}")])?;
+        if let (Value::Object(map), Some(tests)) = (&mut expanded, tests) {
+            map.insert("tests".into(), tests);
+        }
+    } else {
+        return Err(vec![format!("{at}: a mapping file is a YAML mapping (verify, dedup, rules, tests)")]);
+    }
+    let raw: RawMapping = serde_path_to_error::deserialize(expanded).map_err(|e| {
+        vec![format!("{at}: {}: {}", e.path(), e.inner())]
+    })?;
+
+    let mut errors = Vec::new();
+    let mut warnings = Vec::new();
+    let verifier = match compile_verify(&raw, source, &mut warnings) {
+        Ok(v) => Some(v),
+        Err(e) => {
+            errors.push(format!("{at}: verify: {e}"));
+            None
+        }
+    };
+    let dedup = match &raw.dedup {
+        None => None,
+        Some(d) => {
+            let key = d.key.iter().map(selector).collect::<Result<Vec<_>, _>>();
+            let fallback = d.fallback.iter().map(selector).collect::<Result<Vec<_>, _>>();
+            match (key, fallback) {
+                (Ok(k), Ok(f)) => Some((k, f)),
+                (Err(e), _) | (_, Err(e)) => {
+                    errors.push(format!("{at}: dedup: {e}"));
+                    None
+                }
+            }
+        }
+    };
+    let mut rules = Vec::new();
+    let mut names = BTreeSet::new();
+    if raw.rules.is_empty() {
+        errors.push(format!("{at}: rules: at least one rule is needed"));
+    }
+    for (i, r) in raw.rules.iter().enumerate() {
+        let label = if r.name.trim().is_empty() {
+            format!("rules[{i}]")
+        } else {
+            format!("rule `{}`", r.name)
+        };
+        if !names.insert(r.name.clone()) {
+            errors.push(format!("{at}: {label}: duplicate rule name"));
+            continue;
+        }
+        match compile_rule(r, &raw, defaults, source, &mut warnings) {
+            Ok(rule) => rules.push(rule),
+            Err(errs) => errors.extend(errs.into_iter().map(|e| format!("{at}: {label}: {e}"))),
+        }
+    }
+    match verifier {
+        Some(verifier) if errors.is_empty() => Ok(Mapping {
+            source: source.to_owned(),
+            file: file.to_owned(),
+            verifier,
+            dedup,
+            rules,
+            tree,
+            warnings,
+        }),
+        _ => Err(errors),
+    }
+}
+
+fn compile_verify(raw: &RawMapping, source: &str, warnings: &mut Vec<String>) -> Result<Verifier, String> {
+    let Some(v) = &raw.verify else {
+        return Err(
+            "missing; a source without verification must say `verify: { scheme: none, insecure: true }`"
+                .into(),
+        );
+    };
+    let secrets = || {
+        let list = Secrets::from_list(v.secrets.as_deref().unwrap_or(""));
+        if list.is_empty() {
+            Err(format!("scheme `{}` needs `secrets`, and they are empty", v.scheme))
+        } else {
+            Ok(list)
+        }
+    };
+    match v.scheme.as_str() {
+        "github" => Ok(Verifier::GitHub(secrets()?)),
+        "pagerduty" => Ok(Verifier::PagerDuty(secrets()?)),
+        "token" => Ok(Verifier::Token(secrets()?)),
+        "none" if v.insecure => {
+            warnings.push(format!(
+                "source `{source}` accepts webhooks without any verification (insecure: true)"
+            ));
+            Ok(Verifier::Insecure)
+        }
+        "none" => Err("scheme `none` must also say `insecure: true`".into()),
+        other => Err(format!(
+            "unknown scheme `{other}` (github, pagerduty, token or none)"
+        )),
+    }
+}
+
+fn compile_rule(
+    r: &RawRule,
+    raw: &RawMapping,
+    defaults: &Defaults,
+    source: &str,
+    warnings: &mut Vec<String>,
+) -> Result<Rule, Vec<String>> {
+    let mut errors = Vec::new();
+    if r.name.trim().is_empty() {
+        errors.push("name: empty".to_owned());
+    }
+    let mut when = Vec::new();
+    for (i, c) in r.when.iter().enumerate() {
+        match condition(c) {
+            Ok(c) => when.push(c),
+            Err(e) => errors.push(format!("when[{i}]: {e}")),
+        }
+    }
+    let produce = match (&r.command, &r.action, &r.request_id) {
+        (Some(cmd), None, None) => match selector(cmd) {
+            Ok(s) => Some(Produce::Command(s)),
+            Err(e) => {
+                errors.push(format!("command: {e}"));
+                None
+            }
+        },
+        (None, Some(a), Some(id)) => {
+            let action = extract(a).map_err(|e| format!("action: {e}"));
+            let request_id = extract(id).map_err(|e| format!("request_id: {e}"));
+            let expiration = r
+                .expiration
+                .as_ref()
+                .map(extract)
+                .transpose()
+                .map_err(|e| format!("expiration: {e}"));
+            if let Ok(Extract { from: From::Constant(c), .. }) = &action
+                && Action::parse(c).is_none()
+            {
+                errors.push(format!("action: `{c}` is not approve, deny or revoke"));
+            }
+            match (action, request_id, expiration) {
+                (Ok(action), Ok(request_id), Ok(expiration)) => Some(Produce::Fields {
+                    action,
+                    request_id,
+                    expiration,
+                }),
+                (a, i, e) => {
+                    errors.extend(a.err());
+                    errors.extend(i.err());
+                    errors.extend(e.err());
+                    None
+                }
+            }
+        }
+        (Some(_), _, _) => {
+            errors.push("`command` decides action and request ID itself: drop `action` / `request_id`".into());
+            None
+        }
+        _ => {
+            errors.push("needs either `command`, or both `action` and `request_id`".into());
+            None
+        }
+    };
+    let (actor, actors) = match &r.actor {
+        None => (None, None),
+        Some(a) => {
+            let sel = selector(&RawSelector {
+                path: a.path.clone(),
+                header: a.header.clone(),
+            });
+            let allow = a.allow.as_deref().map(Allowlist::parse);
+            match &allow {
+                Some(Allowlist::Anyone) | None => warnings.push(format!(
+                    "source `{source}`, rule `{}`: any authenticated actor may act (no approvers set)",
+                    r.name
+                )),
+                Some(Allowlist::Only(set)) if set.is_empty() => warnings.push(format!(
+                    "source `{source}`, rule `{}`: the approver list is empty, so nobody may act",
+                    r.name
+                )),
+                _ => {}
+            }
+            match sel {
+                Ok(s) => (Some(s), Some(allow.unwrap_or(Allowlist::Anyone))),
+                Err(e) => {
+                    errors.push(format!("actor: {e}"));
+                    (None, None)
+                }
+            }
+        }
+    };
+    let actions = match &r.actions {
+        None => Action::ALL.to_vec(),
+        Some(list) => {
+            let mut out = Vec::new();
+            for a in list {
+                match Action::parse(a) {
+                    Some(a) => out.push(a),
+                    None => errors.push(format!("actions: `{a}` is not approve, deny or revoke")),
+                }
+            }
+            out
+        }
+    };
+    let parse_exp = |field: &str, text: &Option<String>, errors: &mut Vec<String>| {
+        text.as_deref().and_then(|t| match Expiration::parse(t) {
+            Ok(e) => Some(e),
+            Err(e) => {
+                errors.push(format!("{field}: {e}"));
+                None
+            }
+        })
+    };
+    let default_expiration = parse_exp("default_expiration", &r.default_expiration, &mut errors)
+        .unwrap_or_else(|| defaults.expiration.clone());
+    let max_expiration = parse_exp("max_expiration", &r.max_expiration, &mut errors)
+        .or_else(|| defaults.max_expiration.clone());
+    let org = r
+        .org
+        .clone()
+        .or_else(|| raw.org.clone())
+        .unwrap_or_else(|| defaults.org.clone());
+    if let Err(e) = crate::domain::Id::parse(&org) {
+        errors.push(format!("org: {e}"));
+    }
+    match produce {
+        Some(produce) if errors.is_empty() => Ok(Rule {
+            name: r.name.clone(),
+            when,
+            produce,
+            actor,
+            policy: RulePolicy {
+                actors,
+                actions,
+                default_expiration,
+                max_expiration,
+                org,
+            },
+        }),
+        _ => Err(errors),
+    }
+}
+
+fn selector(raw: &RawSelector) -> Result<Selector, String> {
+    match (&raw.path, &raw.header) {
+        (Some(p), None) => {
+            let query = parse_json_path(p).map_err(|e| format!("`{p}` is not valid JSONPath: {e}"))?;
+            Ok(Selector::Path {
+                text: p.clone(),
+                query,
+            })
+        }
+        (None, Some(h)) => HeaderName::from_bytes(h.as_bytes())
+            .map(Selector::Header)
+            .map_err(|_| format!("`{h}` is not a valid header name")),
+        (Some(_), Some(_)) => Err("give `path` or `header`, not both".into()),
+        (None, None) => Err("needs `path` or `header`".into()),
+    }
+}
+
+fn regex(text: &str) -> Result<Regex, String> {
+    regex::RegexBuilder::new(text)
+        .size_limit(1 << 20)
+        .build()
+        .map_err(|e| format!("`{text}` is not a valid regex: {e}"))
+}
+
+fn condition(c: &RawCondition) -> Result<Condition, String> {
+    if let Some(inner) = &c.not {
+        if c.path.is_some() || c.header.is_some() || c.equals.is_some() || c.one_of.is_some()
+            || c.matches.is_some() || c.exists.is_some()
+        {
+            return Err("`not` stands alone: put the condition inside it".into());
+        }
+        return Ok(Condition::Not(Box::new(condition(inner)?)));
+    }
+    let selector = selector(&RawSelector {
+        path: c.path.clone(),
+        header: c.header.clone(),
+    })?;
+    let mut tests = Vec::new();
+    if let Some(v) = &c.equals {
+        tests.push(Test::Equals(eval::scalar_text(v)));
+    }
+    if let Some(vs) = &c.one_of {
+        tests.push(Test::OneOf(vs.iter().map(eval::scalar_text).collect()));
+    }
+    if let Some(re) = &c.matches {
+        tests.push(Test::Matches(regex(re)?));
+    }
+    if let Some(e) = c.exists {
+        tests.push(Test::Exists(e));
+    }
+    if tests.len() != 1 {
+        return Err("needs exactly one of `equals`, `one_of`, `matches`, `exists`".into());
+    }
+    Ok(Condition::Test {
+        selector,
+        test: tests.remove(0),
+    })
+}
+
+fn extract(raw: &RawExtract) -> Result<Extract, String> {
+    match raw {
+        RawExtract::Constant(c) => Ok(Extract {
+            from: From::Constant(c.clone()),
+            regex: None,
+            map: None,
+            default: None,
+        }),
+        RawExtract::Spec(s) => {
+            let from = match (&s.path, &s.header) {
+                (None, None) => match &s.default {
+                    Some(d) => From::Constant(d.clone()),
+                    None => return Err("needs `path`, `header` or `default`".into()),
+                },
+                _ => From::Select(selector(&RawSelector {
+                    path: s.path.clone(),
+                    header: s.header.clone(),
+                })?),
+            };
+            let regex = match &s.regex {
+                Some(r) => {
+                    let re = regex(r)?;
+                    if re.captures_len() > 2 {
+                        return Err(format!("regex `{r}`: use at most one capture group"));
+                    }
+                    Some(re)
+                }
+                None => None,
+            };
+            Ok(Extract {
+                from,
+                regex,
+                map: s.map.clone(),
+                default: s.default.clone(),
+            })
+        }
+    }
+}

@@ -1,0 +1,145 @@
+//! The mapping file format as written: plain serde types, validated and compiled elsewhere.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+use serde_json::Value;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawMapping {
+    pub verify: Option<RawVerify>,
+    pub dedup: Option<RawDedup>,
+    /// The P0 org for every rule of this source, unless a rule names its own.
+    pub org: Option<String>,
+    #[serde(default)]
+    pub rules: Vec<RawRule>,
+    #[serde(default)]
+    pub tests: Vec<RawCase>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawVerify {
+    /// `github`, `pagerduty`, `token` or `none`.
+    pub scheme: String,
+    /// Comma-separated secrets or tokens, newest first.
+    pub secrets: Option<String>,
+    /// Must be `true` for `scheme: none`.
+    #[serde(default)]
+    pub insecure: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDedup {
+    /// Parts joined into the key; when any is missing, `fallback` is tried.
+    pub key: Vec<RawSelector>,
+    #[serde(default)]
+    pub fallback: Vec<RawSelector>,
+}
+
+/// Where a value comes from: a JSONPath into the body or a header name.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSelector {
+    pub path: Option<String>,
+    pub header: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCondition {
+    pub path: Option<String>,
+    pub header: Option<String>,
+    pub equals: Option<Value>,
+    pub one_of: Option<Vec<Value>>,
+    pub matches: Option<String>,
+    pub exists: Option<bool>,
+    pub not: Option<Box<RawCondition>>,
+}
+
+/// A value to extract: a constant string, or a selector refined by a regex capture, a value
+/// map and a default.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum RawExtract {
+    Constant(String),
+    Spec(RawExtractSpec),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawExtractSpec {
+    pub path: Option<String>,
+    pub header: Option<String>,
+    pub regex: Option<String>,
+    pub map: Option<BTreeMap<String, String>>,
+    pub default: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawActor {
+    pub path: Option<String>,
+    pub header: Option<String>,
+    /// Comma-separated actors allowed to act; empty means nobody, `*` means anyone.
+    pub allow: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRule {
+    pub name: String,
+    #[serde(default)]
+    pub when: Vec<RawCondition>,
+    /// Text holding `/p0 <verb> <id> [<duration>]` lines.
+    pub command: Option<RawSelector>,
+    pub action: Option<RawExtract>,
+    pub request_id: Option<RawExtract>,
+    pub expiration: Option<RawExtract>,
+    pub default_expiration: Option<String>,
+    pub max_expiration: Option<String>,
+    pub actor: Option<RawActor>,
+    pub actions: Option<Vec<String>>,
+    pub org: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCase {
+    pub name: String,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    pub payload: Option<Value>,
+    /// A file under `mappings/testdata/`.
+    pub payload_file: Option<String>,
+    pub expect: RawExpect,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum RawExpect {
+    /// `ignored` or `rejected`.
+    Word(String),
+    Spec(RawExpectSpec),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawExpectSpec {
+    pub decisions: Option<Vec<RawExpectDecision>>,
+    /// A fragment the rejection reason must contain.
+    pub rejected: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RawExpectDecision {
+    pub action: String,
+    pub request_id: String,
+    pub expiration: Option<String>,
+    pub org: Option<String>,
+}

@@ -1,0 +1,128 @@
+//! The answers the receiver gives senders: a status and a small JSON body saying what
+//! happened, plus the outcome label it counts under.
+
+use axum::Json;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+
+use crate::policy::Decision;
+use crate::store::JobRef;
+
+#[derive(Debug, Serialize)]
+pub struct DecisionAnswer {
+    pub job_id: i64,
+    #[serde(flatten)]
+    pub decision: Decision,
+    pub coalesced: bool,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Answer {
+    #[serde(skip)]
+    pub status: StatusCode,
+    #[serde(skip)]
+    outcome: Option<&'static str>,
+    #[serde(skip)]
+    retry_after: Option<u64>,
+    #[serde(rename = "status")]
+    pub word: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rule: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub delivery: Option<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub decisions: Vec<DecisionAnswer>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub job_ids: Vec<i64>,
+}
+
+impl Answer {
+    pub fn new(status: StatusCode, word: &'static str) -> Answer {
+        Answer {
+            status,
+            outcome: None,
+            retry_after: None,
+            word,
+            reason: None,
+            rule: None,
+            delivery: None,
+            decisions: Vec::new(),
+            job_ids: Vec::new(),
+        }
+    }
+
+    pub fn reason(mut self, reason: String) -> Answer {
+        self.reason = Some(reason);
+        self
+    }
+
+    pub fn rule(mut self, rule: String) -> Answer {
+        self.rule = Some(rule);
+        self
+    }
+
+    pub fn delivery(mut self, delivery: String) -> Answer {
+        self.delivery = Some(delivery);
+        self
+    }
+
+    pub fn retry_after(mut self, seconds: u64) -> Answer {
+        self.retry_after = Some(seconds);
+        self
+    }
+
+    /// Counts the answer under `outcome` rather than its status word.
+    pub fn outcome(mut self, outcome: &'static str) -> Answer {
+        self.outcome = Some(outcome);
+        self
+    }
+
+    pub fn job_ids(mut self, ids: Vec<i64>) -> Answer {
+        self.job_ids = ids;
+        self
+    }
+
+    pub fn decisions(mut self, decisions: &[Decision], jobs: &[JobRef]) -> Answer {
+        self.decisions = decisions
+            .iter()
+            .zip(jobs)
+            .map(|(d, j)| DecisionAnswer {
+                job_id: j.job_id,
+                decision: d.clone(),
+                coalesced: j.coalesced,
+            })
+            .collect();
+        self
+    }
+
+    /// The `webhooks_total` outcome label.
+    pub fn outcome_label(&self) -> &'static str {
+        self.outcome.unwrap_or(self.word)
+    }
+
+    /// Every job ID the answer names, for the log line.
+    pub fn job_ids_all(&self) -> Vec<i64> {
+        if self.decisions.is_empty() {
+            self.job_ids.clone()
+        } else {
+            self.decisions.iter().map(|d| d.job_id).collect()
+        }
+    }
+}
+
+impl IntoResponse for Answer {
+    fn into_response(self) -> Response {
+        let status = self.status;
+        let retry_after = self.retry_after;
+        let mut response = (status, Json(&self)).into_response();
+        if let Some(secs) = retry_after
+            && let Ok(v) = HeaderValue::from_str(&secs.to_string())
+        {
+            response.headers_mut().insert(header::RETRY_AFTER, v);
+        }
+        response
+    }
+}

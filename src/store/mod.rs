@@ -1,0 +1,360 @@
+//! Durable deliveries and decisions behind one interface (`Store`), and the handle the async
+//! relay uses: a dedicated thread that commits everything waiting in one transaction and one
+//! sync (group commit), so durability does not cost throughput.
+
+pub mod sqlite;
+
+use std::time::Duration;
+
+use serde::Serialize;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::domain::Action;
+use crate::policy::Decision;
+
+pub use sqlite::SqliteStore;
+
+/// A decision's life: `pending` → `sending` → `succeeded` | `rejected` | `dead` (or `dry_run`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum State {
+    Pending,
+    Sending,
+    Succeeded,
+    Rejected,
+    Dead,
+    DryRun,
+}
+
+impl State {
+    pub const ALL: [State; 6] = [
+        State::Pending,
+        State::Sending,
+        State::Succeeded,
+        State::Rejected,
+        State::Dead,
+        State::DryRun,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Pending => "pending",
+            State::Sending => "sending",
+            State::Succeeded => "succeeded",
+            State::Rejected => "rejected",
+            State::Dead => "dead",
+            State::DryRun => "dry_run",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<State> {
+        State::ALL.into_iter().find(|s| s.as_str() == text)
+    }
+}
+
+/// A verified, mapped delivery and the decisions it carries, to be stored as one unit.
+#[derive(Debug, Clone)]
+pub struct NewDelivery {
+    pub source: String,
+    pub dedup_key: String,
+    pub received_at_ms: i64,
+    pub rule: String,
+    pub actor: Option<String>,
+    pub payload: Option<Vec<u8>>,
+    pub decisions: Vec<Decision>,
+}
+
+/// What storing a delivery did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Accepted {
+    /// Stored; one job per decision (an existing one when the decision was coalesced).
+    New { jobs: Vec<JobRef> },
+    /// The same delivery was stored before: nothing new was stored.
+    Duplicate { job_ids: Vec<i64> },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct JobRef {
+    pub job_id: i64,
+    /// The same decision was already pending or done: no second call will be made.
+    pub coalesced: bool,
+}
+
+/// A decision claimed for delivery to P0.
+#[derive(Debug, Clone)]
+pub struct Job {
+    pub id: i64,
+    pub source: String,
+    pub org: String,
+    pub request_id: String,
+    pub action: Action,
+    pub expiration: Option<String>,
+    pub attempts: u32,
+    pub accepted_at_ms: i64,
+    /// When the retry clock started: acceptance, or the last replay.
+    pub window_start_ms: i64,
+}
+
+/// The outcome of one attempt, and the state it leaves the job in.
+#[derive(Debug, Clone)]
+pub struct AttemptRecord {
+    pub job_id: i64,
+    pub at_ms: i64,
+    pub state: State,
+    pub attempts: u32,
+    pub next_attempt_at_ms: i64,
+    pub status: Option<u16>,
+    pub result: &'static str,
+    pub error: Option<String>,
+    pub duration_ms: i64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct JobSummary {
+    pub id: i64,
+    pub source: String,
+    pub org: String,
+    pub request_id: String,
+    pub action: String,
+    pub expiration: Option<String>,
+    pub state: String,
+    pub attempts: u32,
+    pub created_at_ms: i64,
+    pub updated_at_ms: i64,
+    pub next_attempt_at_ms: i64,
+    pub last_status: Option<u16>,
+    pub last_error: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct DeliveryInfo {
+    pub id: i64,
+    pub source: String,
+    pub dedup_key: String,
+    pub received_at_ms: i64,
+    pub rule: String,
+    pub actor: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct AttemptRow {
+    pub at_ms: i64,
+    pub status: Option<u16>,
+    pub result: String,
+    pub error: Option<String>,
+    pub duration_ms: i64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct JobDetail {
+    pub job: JobSummary,
+    pub delivery: DeliveryInfo,
+    pub attempts: Vec<AttemptRow>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct ListFilter {
+    pub state: Option<State>,
+    pub source: Option<String>,
+    pub limit: usize,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counts {
+    pub pending: u64,
+    pub dead: u64,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub enum Replay {
+    One(i64),
+    AllDead,
+}
+
+/// Windows that decide what counts as the same delivery or the same decision.
+#[derive(Debug, Clone, Copy)]
+pub struct Windows {
+    pub dedup: Duration,
+    pub coalesce: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("store: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("store: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("store: {0}")]
+    Invalid(String),
+    #[error("store is shut down")]
+    Closed,
+}
+
+/// The durable store. Each call that writes is one transaction, committed and synced before
+/// it returns. Narrow enough that a PostgreSQL implementation can follow.
+pub trait Store: Send {
+    /// Stores each delivery with its decisions, deduplicating by (source, dedup key) and
+    /// coalescing repeated decisions, all in one transaction. A delivery that fails is rolled
+    /// back alone; the outer error means nothing was committed.
+    fn accept(&mut self, batch: &[NewDelivery], now_ms: i64)
+    -> Result<Vec<Result<Accepted, StoreError>>, StoreError>;
+    /// Marks up to `limit` due pending jobs as sending and returns them.
+    fn claim_due(&mut self, now_ms: i64, limit: usize) -> Result<Vec<Job>, StoreError>;
+    /// Records attempt outcomes.
+    fn record(&mut self, records: &[AttemptRecord]) -> Result<(), StoreError>;
+    /// When the earliest pending job falls due.
+    fn next_due(&mut self) -> Result<Option<i64>, StoreError>;
+    /// Returns jobs left `sending` by a stop to `pending`; returns how many.
+    fn recover(&mut self) -> Result<usize, StoreError>;
+    fn counts(&mut self) -> Result<Counts, StoreError>;
+    fn list(&mut self, filter: &ListFilter) -> Result<Vec<JobSummary>, StoreError>;
+    fn show(&mut self, id: i64) -> Result<Option<JobDetail>, StoreError>;
+    /// Makes dead (or rejected, when named) jobs pending again; returns their IDs.
+    fn replay(&mut self, which: Replay, now_ms: i64) -> Result<Vec<i64>, StoreError>;
+    /// Forgets finished jobs and deliveries older than `older_than_ms`.
+    fn prune(&mut self, older_than_ms: i64) -> Result<usize, StoreError>;
+}
+
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+enum Op {
+    Accept(NewDelivery, oneshot::Sender<Result<Accepted, StoreError>>),
+    Record(AttemptRecord, oneshot::Sender<Result<(), StoreError>>),
+    Claim(usize, oneshot::Sender<Result<Vec<Job>, StoreError>>),
+    NextDue(oneshot::Sender<Result<Option<i64>, StoreError>>),
+    Counts(oneshot::Sender<Result<Counts, StoreError>>),
+    Prune(i64, oneshot::Sender<Result<usize, StoreError>>),
+}
+
+/// The async face of a store: cheap to clone, bounded, one writer thread behind it.
+#[derive(Clone)]
+pub struct StoreHandle {
+    tx: mpsc::Sender<Op>,
+}
+
+/// How many waiting operations one transaction may take.
+const MAX_BATCH: usize = 1024;
+
+impl StoreHandle {
+    /// Starts the writer thread. With `group_commit` off every delivery gets its own
+    /// transaction (for comparison in benchmarks).
+    pub fn spawn(
+        store: Box<dyn Store>,
+        group_commit: bool,
+    ) -> std::io::Result<(StoreHandle, std::thread::JoinHandle<()>)> {
+        let (tx, rx) = mpsc::channel(MAX_BATCH * 4);
+        let max = if group_commit { MAX_BATCH } else { 1 };
+        let thread = std::thread::Builder::new()
+            .name("store-writer".into())
+            .spawn(move || writer(store, rx, max))?;
+        Ok((StoreHandle { tx }, thread))
+    }
+
+    async fn call<T>(&self, op: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> Op) -> Result<T, StoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(op(reply)).await.map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    pub async fn accept(&self, d: NewDelivery) -> Result<Accepted, StoreError> {
+        self.call(|r| Op::Accept(d, r)).await
+    }
+    pub async fn record(&self, rec: AttemptRecord) -> Result<(), StoreError> {
+        self.call(|r| Op::Record(rec, r)).await
+    }
+    pub async fn claim_due(&self, limit: usize) -> Result<Vec<Job>, StoreError> {
+        self.call(|r| Op::Claim(limit, r)).await
+    }
+    pub async fn next_due(&self) -> Result<Option<i64>, StoreError> {
+        self.call(Op::NextDue).await
+    }
+    pub async fn counts(&self) -> Result<Counts, StoreError> {
+        self.call(Op::Counts).await
+    }
+    pub async fn prune(&self, older_than_ms: i64) -> Result<usize, StoreError> {
+        self.call(|r| Op::Prune(older_than_ms, r)).await
+    }
+}
+
+fn writer(mut store: Box<dyn Store>, mut rx: mpsc::Receiver<Op>, max_batch: usize) {
+    let mut pending: Option<Op> = None;
+    loop {
+        let first = match pending.take() {
+            Some(op) => op,
+            None => match rx.blocking_recv() {
+                Some(op) => op,
+                None => return,
+            },
+        };
+        match first {
+            Op::Accept(d, reply) => {
+                let mut deliveries = vec![d];
+                let mut replies = vec![reply];
+                while deliveries.len() < max_batch {
+                    match rx.try_recv() {
+                        Ok(Op::Accept(d, r)) => {
+                            deliveries.push(d);
+                            replies.push(r);
+                        }
+                        Ok(other) => {
+                            pending = Some(other);
+                            break;
+                        }
+                        Err(_) => break,
+                    }
+                }
+                match store.accept(&deliveries, now_ms()) {
+                    Ok(results) => {
+                        for (reply, result) in replies.into_iter().zip(results) {
+                            let _ = reply.send(result);
+                        }
+                    }
+                    Err(e) => {
+                        let text = e.to_string();
+                        for reply in replies {
+                            let _ = reply.send(Err(StoreError::Invalid(text.clone())));
+                        }
+                    }
+                }
+            }
+            Op::Record(rec, reply) => {
+                let mut records = vec![rec];
+                let mut replies = vec![reply];
+                while records.len() < MAX_BATCH {
+                    match rx.try_recv() {
+                        Ok(Op::Record(r, s)) => {
+                            records.push(r);
+                            replies.push(s);
+                        }
+                        Ok(other) => {
+                            pending = Some(other);
+                            break;
+                        }
+                        Err(_) => break,
+                    }
+                }
+                let result = store.record(&records).map_err(|e| e.to_string());
+                for reply in replies {
+                    let _ = reply.send(result.clone().map_err(StoreError::Invalid));
+                }
+            }
+            Op::Claim(limit, reply) => {
+                let _ = reply.send(store.claim_due(now_ms(), limit));
+            }
+            Op::NextDue(reply) => {
+                let _ = reply.send(store.next_due());
+            }
+            Op::Counts(reply) => {
+                let _ = reply.send(store.counts());
+            }
+            Op::Prune(before, reply) => {
+                let _ = reply.send(store.prune(before));
+            }
+        }
+    }
+}

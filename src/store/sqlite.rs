@@ -1,0 +1,418 @@
+//! The embedded store: one SQLite file in WAL mode with `synchronous=FULL`, so a commit has
+//! reached the disk before it returns. Schema migrations are embedded and applied at open.
+
+use std::path::Path;
+use std::time::Duration;
+
+use rusqlite::{Connection, OptionalExtension, params};
+
+use super::{
+    Accepted, AttemptRecord, AttemptRow, Counts, DeliveryInfo, Job, JobDetail, JobRef, JobSummary,
+    ListFilter, NewDelivery, Replay, State, Store, StoreError, Windows,
+};
+use crate::domain::Action;
+
+/// Each entry moves the schema one version forward; never edit one that has shipped.
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE deliveries (
+    id          INTEGER PRIMARY KEY,
+    source      TEXT NOT NULL,
+    dedup_key   TEXT NOT NULL,
+    received_at INTEGER NOT NULL,
+    rule        TEXT NOT NULL,
+    actor       TEXT,
+    job_ids     TEXT NOT NULL DEFAULT '',
+    payload     BLOB
+);
+CREATE INDEX deliveries_dedup ON deliveries (source, dedup_key, received_at);
+CREATE TABLE jobs (
+    id              INTEGER PRIMARY KEY,
+    delivery_id     INTEGER NOT NULL REFERENCES deliveries (id),
+    source          TEXT NOT NULL,
+    org             TEXT NOT NULL,
+    request_id      TEXT NOT NULL,
+    action          TEXT NOT NULL,
+    expiration      TEXT,
+    state           TEXT NOT NULL,
+    attempts        INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at INTEGER NOT NULL,
+    window_start    INTEGER NOT NULL,
+    created_at      INTEGER NOT NULL,
+    updated_at      INTEGER NOT NULL,
+    last_status     INTEGER,
+    last_error      TEXT
+);
+CREATE INDEX jobs_due ON jobs (state, next_attempt_at);
+CREATE INDEX jobs_decision ON jobs (org, request_id, id);
+CREATE TABLE attempts (
+    job_id      INTEGER NOT NULL REFERENCES jobs (id),
+    at          INTEGER NOT NULL,
+    status      INTEGER,
+    result      TEXT NOT NULL,
+    error       TEXT,
+    duration_ms INTEGER NOT NULL
+);
+CREATE INDEX attempts_job ON attempts (job_id);
+"#];
+
+pub struct SqliteStore {
+    conn: Connection,
+    windows: Windows,
+    store_payloads: bool,
+}
+
+impl SqliteStore {
+    /// Opens (creating it and its folder when missing) and migrates the store at `path`.
+    pub fn open(path: &Path, windows: Windows, store_payloads: bool) -> Result<SqliteStore, StoreError> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)?;
+        }
+        let conn = Connection::open(path)?;
+        conn.busy_timeout(Duration::from_secs(5))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        let mut store = SqliteStore {
+            conn,
+            windows,
+            store_payloads,
+        };
+        store.migrate()?;
+        Ok(store)
+    }
+
+    fn migrate(&mut self) -> Result<(), StoreError> {
+        let version: i64 = self.conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+        let known = MIGRATIONS.len() as i64;
+        if version > known {
+            return Err(StoreError::Invalid(format!(
+                "the store file has schema version {version}, newer than this relay knows ({known})"
+            )));
+        }
+        for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+            let tx = self.conn.transaction()?;
+            tx.execute_batch(sql)?;
+            tx.pragma_update(None, "user_version", (i + 1) as i64)?;
+            tx.commit()?;
+        }
+        Ok(())
+    }
+}
+
+fn accept_one(
+    tx: &Connection,
+    d: &NewDelivery,
+    now_ms: i64,
+    windows: Windows,
+    store_payloads: bool,
+) -> Result<Accepted, StoreError> {
+    let dedup_since = now_ms - windows.dedup.as_millis() as i64;
+    let seen: Option<String> = tx
+        .prepare_cached(
+            "SELECT job_ids FROM deliveries WHERE source = ?1 AND dedup_key = ?2 AND received_at >= ?3
+             ORDER BY id LIMIT 1",
+        )?
+        .query_row(params![d.source, d.dedup_key, dedup_since], |r| r.get(0))
+        .optional()?;
+    if let Some(ids) = seen {
+        return Ok(Accepted::Duplicate {
+            job_ids: ids.split(',').filter_map(|s| s.parse().ok()).collect(),
+        });
+    }
+    tx.prepare_cached(
+        "INSERT INTO deliveries (source, dedup_key, received_at, rule, actor, payload)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+    )?
+    .execute(params![
+        d.source,
+        d.dedup_key,
+        d.received_at_ms,
+        d.rule,
+        d.actor,
+        if store_payloads { d.payload.as_deref() } else { None }
+    ])?;
+    let delivery_id = tx.last_insert_rowid();
+    let coalesce_since = now_ms - windows.coalesce.as_millis() as i64;
+    let mut jobs = Vec::with_capacity(d.decisions.len());
+    for decision in &d.decisions {
+        // The latest job for this request decides: the same action still pending or done
+        // recently is not sent again, but approve → revoke → approve is three calls.
+        let latest: Option<(i64, String, String, i64)> = tx
+            .prepare_cached(
+                "SELECT id, action, state, created_at FROM jobs WHERE org = ?1 AND request_id = ?2
+                 ORDER BY id DESC LIMIT 1",
+            )?
+            .query_row(params![decision.org.as_str(), decision.request_id.as_str()], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+            })
+            .optional()?;
+        if let Some((id, action, state, created)) = latest
+            && action == decision.action.as_str()
+            && created >= coalesce_since
+            && matches!(state.as_str(), "pending" | "sending" | "succeeded" | "dry_run")
+        {
+            jobs.push(JobRef {
+                job_id: id,
+                coalesced: true,
+            });
+            continue;
+        }
+        tx.prepare_cached(
+            "INSERT INTO jobs (delivery_id, source, org, request_id, action, expiration, state,
+                               next_attempt_at, window_start, created_at, updated_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'pending', ?7, ?7, ?7, ?7)",
+        )?
+        .execute(params![
+            delivery_id,
+            d.source,
+            decision.org.as_str(),
+            decision.request_id.as_str(),
+            decision.action.as_str(),
+            decision.expiration,
+            now_ms
+        ])?;
+        jobs.push(JobRef {
+            job_id: tx.last_insert_rowid(),
+            coalesced: false,
+        });
+    }
+    let ids: Vec<String> = jobs.iter().map(|j| j.job_id.to_string()).collect();
+    tx.prepare_cached("UPDATE deliveries SET job_ids = ?1 WHERE id = ?2")?
+        .execute(params![ids.join(","), delivery_id])?;
+    Ok(Accepted::New { jobs })
+}
+
+const SUMMARY_COLUMNS: &str = "id, source, org, request_id, action, expiration, state, attempts,
+    created_at, updated_at, next_attempt_at, last_status, last_error";
+
+fn summary(r: &rusqlite::Row<'_>) -> rusqlite::Result<JobSummary> {
+    Ok(JobSummary {
+        id: r.get(0)?,
+        source: r.get(1)?,
+        org: r.get(2)?,
+        request_id: r.get(3)?,
+        action: r.get(4)?,
+        expiration: r.get(5)?,
+        state: r.get(6)?,
+        attempts: r.get(7)?,
+        created_at_ms: r.get(8)?,
+        updated_at_ms: r.get(9)?,
+        next_attempt_at_ms: r.get(10)?,
+        last_status: r.get(11)?,
+        last_error: r.get(12)?,
+    })
+}
+
+impl Store for SqliteStore {
+    fn accept(
+        &mut self,
+        batch: &[NewDelivery],
+        now_ms: i64,
+    ) -> Result<Vec<Result<Accepted, StoreError>>, StoreError> {
+        let (windows, store_payloads) = (self.windows, self.store_payloads);
+        let mut tx = self.conn.transaction()?;
+        let mut results = Vec::with_capacity(batch.len());
+        for d in batch {
+            // A savepoint per delivery: one that fails leaves the others whole.
+            let sp = tx.savepoint()?;
+            let result = accept_one(&sp, d, now_ms, windows, store_payloads);
+            if result.is_ok() {
+                sp.commit()?;
+            }
+            results.push(result);
+        }
+        tx.commit()?;
+        Ok(results)
+    }
+
+    fn claim_due(&mut self, now_ms: i64, limit: usize) -> Result<Vec<Job>, StoreError> {
+        let tx = self.conn.transaction()?;
+        let jobs = {
+            let mut stmt = tx.prepare_cached(
+                "UPDATE jobs SET state = 'sending', updated_at = ?1
+                 WHERE id IN (SELECT id FROM jobs WHERE state = 'pending' AND next_attempt_at <= ?1
+                              ORDER BY next_attempt_at, id LIMIT ?2)
+                 RETURNING id, source, org, request_id, action, expiration, attempts, created_at, window_start",
+            )?;
+            let rows = stmt.query_map(params![now_ms, limit as i64], |r| {
+                let action: String = r.get(4)?;
+                Ok((
+                    action,
+                    Job {
+                        id: r.get(0)?,
+                        source: r.get(1)?,
+                        org: r.get(2)?,
+                        request_id: r.get(3)?,
+                        action: Action::Approve,
+                        expiration: r.get(5)?,
+                        attempts: r.get(6)?,
+                        accepted_at_ms: r.get(7)?,
+                        window_start_ms: r.get(8)?,
+                    },
+                ))
+            })?;
+            let mut jobs = Vec::new();
+            for row in rows {
+                let (action, mut job) = row?;
+                job.action = Action::parse(&action)
+                    .ok_or_else(|| StoreError::Invalid(format!("job {}: unknown action `{action}`", job.id)))?;
+                jobs.push(job);
+            }
+            jobs.sort_by_key(|j| j.id);
+            jobs
+        };
+        tx.commit()?;
+        Ok(jobs)
+    }
+
+    fn record(&mut self, records: &[AttemptRecord]) -> Result<(), StoreError> {
+        let tx = self.conn.transaction()?;
+        for rec in records {
+            tx.prepare_cached(
+                "UPDATE jobs SET state = ?2, attempts = ?3, next_attempt_at = ?4, last_status = ?5,
+                                 last_error = ?6, updated_at = ?7 WHERE id = ?1",
+            )?
+            .execute(params![
+                rec.job_id,
+                rec.state.as_str(),
+                rec.attempts,
+                rec.next_attempt_at_ms,
+                rec.status,
+                rec.error,
+                rec.at_ms
+            ])?;
+            tx.prepare_cached(
+                "INSERT INTO attempts (job_id, at, status, result, error, duration_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            )?
+            .execute(params![rec.job_id, rec.at_ms, rec.status, rec.result, rec.error, rec.duration_ms])?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn next_due(&mut self) -> Result<Option<i64>, StoreError> {
+        Ok(self
+            .conn
+            .prepare_cached("SELECT MIN(next_attempt_at) FROM jobs WHERE state = 'pending'")?
+            .query_row([], |r| r.get(0))?)
+    }
+
+    fn recover(&mut self) -> Result<usize, StoreError> {
+        Ok(self
+            .conn
+            .execute("UPDATE jobs SET state = 'pending' WHERE state = 'sending'", [])?)
+    }
+
+    fn counts(&mut self) -> Result<Counts, StoreError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT state, COUNT(*) FROM jobs WHERE state IN ('pending', 'sending', 'dead') GROUP BY state",
+        )?;
+        let mut counts = Counts::default();
+        let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
+        for row in rows {
+            let (state, n) = row?;
+            match state.as_str() {
+                "dead" => counts.dead += n as u64,
+                _ => counts.pending += n as u64,
+            }
+        }
+        Ok(counts)
+    }
+
+    fn list(&mut self, filter: &ListFilter) -> Result<Vec<JobSummary>, StoreError> {
+        let sql = format!(
+            "SELECT {SUMMARY_COLUMNS} FROM jobs
+             WHERE (?1 IS NULL OR state = ?1) AND (?2 IS NULL OR source = ?2)
+             ORDER BY id DESC LIMIT ?3"
+        );
+        let mut stmt = self.conn.prepare(&sql)?;
+        let limit = if filter.limit == 0 { 100 } else { filter.limit } as i64;
+        let rows = stmt.query_map(
+            params![filter.state.map(State::as_str), filter.source, limit],
+            summary,
+        )?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn show(&mut self, id: i64) -> Result<Option<JobDetail>, StoreError> {
+        let sql = format!("SELECT {SUMMARY_COLUMNS}, delivery_id FROM jobs WHERE id = ?1");
+        let found = self
+            .conn
+            .query_row(&sql, [id], |r| Ok((summary(r)?, r.get::<_, i64>(13)?)))
+            .optional()?;
+        let Some((job, delivery_id)) = found else {
+            return Ok(None);
+        };
+        let delivery = self.conn.query_row(
+            "SELECT id, source, dedup_key, received_at, rule, actor FROM deliveries WHERE id = ?1",
+            [delivery_id],
+            |r| {
+                Ok(DeliveryInfo {
+                    id: r.get(0)?,
+                    source: r.get(1)?,
+                    dedup_key: r.get(2)?,
+                    received_at_ms: r.get(3)?,
+                    rule: r.get(4)?,
+                    actor: r.get(5)?,
+                })
+            },
+        )?;
+        let mut stmt = self.conn.prepare(
+            "SELECT at, status, result, error, duration_ms FROM attempts WHERE job_id = ?1 ORDER BY rowid",
+        )?;
+        let attempts = stmt
+            .query_map([id], |r| {
+                Ok(AttemptRow {
+                    at_ms: r.get(0)?,
+                    status: r.get(1)?,
+                    result: r.get(2)?,
+                    error: r.get(3)?,
+                    duration_ms: r.get(4)?,
+                })
+            })?
+            .collect::<Result<_, _>>()?;
+        Ok(Some(JobDetail {
+            job,
+            delivery,
+            attempts,
+        }))
+    }
+
+    fn replay(&mut self, which: Replay, now_ms: i64) -> Result<Vec<i64>, StoreError> {
+        let tx = self.conn.transaction()?;
+        let ids: Vec<i64> = {
+            let (sql, arg) = match which {
+                Replay::One(id) => (
+                    "UPDATE jobs SET state = 'pending', attempts = 0, next_attempt_at = ?1, window_start = ?1,
+                     updated_at = ?1 WHERE id = ?2 AND state IN ('dead', 'rejected') RETURNING id",
+                    Some(id),
+                ),
+                Replay::AllDead => (
+                    "UPDATE jobs SET state = 'pending', attempts = 0, next_attempt_at = ?1, window_start = ?1,
+                     updated_at = ?1 WHERE state = 'dead' AND ?2 IS NULL RETURNING id",
+                    None,
+                ),
+            };
+            let mut stmt = tx.prepare(sql)?;
+            let rows = stmt.query_map(params![now_ms, arg], |r| r.get(0))?;
+            rows.collect::<Result<_, _>>()?
+        };
+        tx.commit()?;
+        Ok(ids)
+    }
+
+    fn prune(&mut self, older_than_ms: i64) -> Result<usize, StoreError> {
+        let tx = self.conn.transaction()?;
+        let finished = "SELECT id FROM jobs WHERE state IN ('succeeded', 'rejected', 'dry_run') AND updated_at < ?1";
+        tx.execute(&format!("DELETE FROM attempts WHERE job_id IN ({finished})"), [older_than_ms])?;
+        let jobs = tx.execute(&format!("DELETE FROM jobs WHERE id IN ({finished})"), [older_than_ms])?;
+        let deliveries = tx.execute(
+            "DELETE FROM deliveries WHERE received_at < ?1
+             AND NOT EXISTS (SELECT 1 FROM jobs WHERE jobs.delivery_id = deliveries.id)",
+            [older_than_ms],
+        )?;
+        tx.commit()?;
+        Ok(jobs + deliveries)
+    }
+}

@@ -1,0 +1,84 @@
+//! PagerDuty v3's `X-PagerDuty-Signature: v1=<hex>[,v1=<hex>...]` over the raw body: accepted
+//! when any `v1=` entry matches any configured secret; entries with other prefixes are ignored.
+
+use axum::http::HeaderMap;
+
+use super::{VerifyError, hmac_matches};
+use crate::secret::Secrets;
+
+const HEADER: &str = "x-pagerduty-signature";
+
+pub fn verify(secrets: &Secrets, headers: &HeaderMap, body: &[u8]) -> Result<(), VerifyError> {
+    let mut seen_header = false;
+    let mut candidates: Vec<[u8; 32]> = Vec::new();
+    // Several header lines are one comma-separated list (RFC 9110, section 5.3).
+    for value in headers.get_all(HEADER) {
+        seen_header = true;
+        let text = value.to_str().map_err(|_| VerifyError::Malformed(HEADER))?;
+        for entry in text.split(',').map(str::trim) {
+            let Some(hex_sig) = entry.strip_prefix("v1=") else {
+                continue;
+            };
+            let mut sig = [0u8; 32];
+            if hex::decode_to_slice(hex_sig, &mut sig).is_ok() && candidates.len() < 8 {
+                candidates.push(sig);
+            }
+        }
+    }
+    if !seen_header {
+        return Err(VerifyError::Missing(HEADER));
+    }
+    if candidates.is_empty() {
+        return Err(VerifyError::Malformed(HEADER));
+    }
+    let mut ok = false;
+    for secret in secrets.iter() {
+        for sig in &candidates {
+            ok |= hmac_matches(secret.expose().as_bytes(), body, sig);
+        }
+    }
+    if ok { Ok(()) } else { Err(VerifyError::Mismatch) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::HeaderValue;
+
+    const BODY: &[u8] = br#"{"event":{"id":"01DEMO","event_type":"pagey.ping"}}"#;
+    const SIG1: &str = "v1=dc956f6631b283d911730c1bcca3d43832c5801df7f1e97982084f09d858877f";
+    const SIG2: &str = "v1=4091c333f98d590a85bc8d21efdf02fa4516ff4b8a2791e9c732068ce0cf707d";
+
+    fn check(secrets: &str, header: &[&str], body: &[u8]) -> Result<(), VerifyError> {
+        let mut headers = HeaderMap::new();
+        for h in header {
+            headers.append(HEADER, HeaderValue::from_str(h).unwrap());
+        }
+        verify(&Secrets::from_list(secrets), &headers, body)
+    }
+
+    #[test]
+    fn table() {
+        let both = format!("{SIG1},{SIG2}");
+        let upper = SIG2.to_uppercase().replace("V1=", "v1=");
+        let cases: &[(&str, &[&str], &[u8], Result<(), VerifyError>)] = &[
+            ("pd-secret-1", &[&both], BODY, Ok(())),
+            ("pd-secret-2", &[&both], BODY, Ok(())),
+            ("pd-secret-2", &[SIG2], BODY, Ok(())),
+            ("rotated-in,pd-secret-1", &[SIG1], BODY, Ok(())),
+            ("pd-secret-2", &[&upper], BODY, Ok(())),
+            ("pd-secret-2", &[SIG1, SIG2], BODY, Ok(())),
+            ("pd-secret-2", &[&format!("v0=abc, {SIG2}")], BODY, Ok(())),
+            ("pd-secret-3", &[&both], BODY, Err(VerifyError::Mismatch)),
+            ("pd-secret-1", &[SIG2], BODY, Err(VerifyError::Mismatch)),
+            ("pd-secret-1", &[&both], b"{}", Err(VerifyError::Mismatch)),
+            ("pd-secret-1", &[&SIG1.replace("v1=", "v2=")], BODY, Err(VerifyError::Malformed(HEADER))),
+            ("pd-secret-1", &[&SIG1[..30]], BODY, Err(VerifyError::Malformed(HEADER))),
+            ("pd-secret-1", &[""], BODY, Err(VerifyError::Malformed(HEADER))),
+            ("pd-secret-1", &[], BODY, Err(VerifyError::Missing(HEADER))),
+        ];
+        for (i, (secrets, header, body, want)) in cases.iter().enumerate() {
+            assert_eq!(&check(secrets, header, body), want, "case {i}");
+        }
+    }
+}

@@ -1,0 +1,74 @@
+//! A shared token for sources that cannot sign (Opsgenie): `Authorization: Bearer <token>` or
+//! `X-Relay-Token: <token>`, compared in constant time through fixed-length digests.
+
+use axum::http::HeaderMap;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+use super::{VerifyError, single_header};
+use crate::secret::Secrets;
+
+const AUTHORIZATION: &str = "authorization";
+const RELAY_TOKEN: &str = "x-relay-token";
+
+pub fn verify(tokens: &Secrets, headers: &HeaderMap) -> Result<(), VerifyError> {
+    let presented = if headers.contains_key(RELAY_TOKEN) {
+        single_header(headers, RELAY_TOKEN)?.trim()
+    } else if headers.contains_key(AUTHORIZATION) {
+        let value = single_header(headers, AUTHORIZATION)?.trim();
+        let (scheme, rest) = value
+            .split_once(' ')
+            .ok_or(VerifyError::Malformed(AUTHORIZATION))?;
+        if !scheme.eq_ignore_ascii_case("bearer") {
+            return Err(VerifyError::Malformed(AUTHORIZATION));
+        }
+        rest.trim()
+    } else {
+        return Err(VerifyError::Missing("Authorization or X-Relay-Token"));
+    };
+    if presented.is_empty() {
+        return Err(VerifyError::BadToken);
+    }
+    // Digests make the comparison independent of both lengths.
+    let got = Sha256::digest(presented.as_bytes());
+    let mut ok = subtle::Choice::from(0);
+    for token in tokens.iter() {
+        let want = Sha256::digest(token.expose().as_bytes());
+        ok |= got.as_slice().ct_eq(want.as_slice());
+    }
+    if bool::from(ok) { Ok(()) } else { Err(VerifyError::BadToken) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::{HeaderName, HeaderValue};
+
+    fn check(tokens: &str, headers: &[(&str, &str)]) -> Result<(), VerifyError> {
+        let mut map = HeaderMap::new();
+        for (k, v) in headers {
+            map.append(HeaderName::from_bytes(k.as_bytes()).unwrap(), HeaderValue::from_str(v).unwrap());
+        }
+        verify(&Secrets::from_list(tokens), &map)
+    }
+
+    #[test]
+    fn table() {
+        let cases: &[(&str, &[(&str, &str)], Result<(), VerifyError>)] = &[
+            ("tok", &[("authorization", "Bearer tok")], Ok(())),
+            ("tok", &[("authorization", "bearer  tok ")], Ok(())),
+            ("tok", &[("x-relay-token", "tok")], Ok(())),
+            ("new,tok", &[("x-relay-token", "tok")], Ok(())),
+            ("tok", &[("x-relay-token", "tok2")], Err(VerifyError::BadToken)),
+            ("tok", &[("x-relay-token", "")], Err(VerifyError::BadToken)),
+            ("tok", &[("authorization", "Basic tok")], Err(VerifyError::Malformed(AUTHORIZATION))),
+            ("tok", &[("authorization", "tok")], Err(VerifyError::Malformed(AUTHORIZATION))),
+            ("tok", &[("x-relay-token", "tok"), ("x-relay-token", "tok")], Err(VerifyError::Repeated(RELAY_TOKEN))),
+            ("tok", &[], Err(VerifyError::Missing("Authorization or X-Relay-Token"))),
+            ("", &[("x-relay-token", "tok")], Err(VerifyError::BadToken)),
+        ];
+        for (i, (tokens, headers, want)) in cases.iter().enumerate() {
+            assert_eq!(&check(tokens, headers), want, "case {i}");
+        }
+    }
+}
