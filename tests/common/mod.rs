@@ -1,0 +1,309 @@
+//! Black-box test harness: starts the real relay on port 0 against a fake P0 (wiremock) with a
+//! fresh store, and helpers that sign and post webhooks the way each provider does.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use p0_relay::app::{Options, Relay};
+use p0_relay::config::Settings;
+use p0_relay::config::env::Env;
+use p0_relay::verify::sign_hex;
+use serde_json::Value;
+use wiremock::matchers::method;
+use wiremock::{Mock, MockServer, Request, ResponseTemplate};
+
+pub const TOKEN: &str = "p0-test-api-key-0123456789";
+pub const ORG: &str = "acme";
+pub const GITHUB_SECRET_NEW: &str = "gh-secret-new-2f1c";
+pub const GITHUB_SECRET_OLD: &str = "gh-secret-old-9a7e";
+pub const PD_SECRET: &str = "pd-secret-5d3b";
+pub const OG_TOKEN: &str = "og-token-77aa";
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn testdata(rel: &str) -> Vec<u8> {
+    std::fs::read(repo().join("mappings/testdata").join(rel)).expect("testdata file")
+}
+
+/// The variables a test relay sees: nothing from the process environment.
+pub fn test_env(extra: &[(&str, &str)]) -> HashMap<String, String> {
+    let mut vars: HashMap<String, String> = [
+        ("P0_ORG_ID", ORG),
+        ("P0_API_TOKEN", TOKEN),
+        ("GITHUB_WEBHOOK_SECRET", &format!("{GITHUB_SECRET_NEW},{GITHUB_SECRET_OLD}") as &str),
+        ("PAGERDUTY_WEBHOOK_SECRET", PD_SECRET),
+        ("OPSGENIE_WEBHOOK_TOKEN", OG_TOKEN),
+        ("GITHUB_APPROVERS", "octocat"),
+    ]
+    .iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    for (k, v) in extra {
+        vars.insert(k.to_string(), v.to_string());
+    }
+    vars
+}
+
+pub struct TestRelay {
+    pub relay: Option<Relay>,
+    pub addr: SocketAddr,
+    pub p0: MockServer,
+    pub dir: tempfile::TempDir,
+    pub http: reqwest::Client,
+}
+
+/// Options for `spawn_with`.
+pub struct Setup {
+    pub vars: Vec<(&'static str, String)>,
+    /// Extra YAML appended to the generated relay.yaml sections.
+    pub inbound: String,
+    pub p0_extra: String,
+    pub mappings_dir: Option<PathBuf>,
+    pub dry_run: bool,
+    pub store_path: Option<PathBuf>,
+}
+
+impl Default for Setup {
+    fn default() -> Self {
+        Setup {
+            vars: Vec::new(),
+            inbound: String::new(),
+            p0_extra: String::new(),
+            mappings_dir: None,
+            dry_run: false,
+            store_path: None,
+        }
+    }
+}
+
+pub async fn spawn() -> TestRelay {
+    spawn_with(Setup::default()).await
+}
+
+pub fn write_config(dir: &Path, p0_url: &str, setup: &Setup) -> PathBuf {
+    let mappings = setup
+        .mappings_dir
+        .clone()
+        .unwrap_or_else(|| repo().join("mappings"));
+    let store = setup
+        .store_path
+        .clone()
+        .unwrap_or_else(|| dir.join("relay.db"));
+    let config = format!(
+        r#"
+listen: 127.0.0.1:0
+mappings: {mappings}
+p0:
+  base_url: {p0_url}
+  org: ${{P0_ORG_ID}}
+  token: ${{P0_API_TOKEN:-}}
+  timeout: 2s
+  rate_per_second: 0
+  retry:
+    base_delay: 10ms
+    max_delay: 50ms
+{p0_extra}
+decisions:
+  default_expiration: 1h
+  max_expiration: 12h
+store:
+  path: {store}
+inbound:
+  rate_per_second: 0
+  read_timeout: 2s
+{inbound}
+"#,
+        mappings = mappings.display(),
+        store = store.display(),
+        p0_extra = setup.p0_extra,
+        inbound = setup.inbound,
+    );
+    let path = dir.join("relay.yaml");
+    std::fs::write(&path, config).expect("write config");
+    path
+}
+
+pub async fn spawn_with(setup: Setup) -> TestRelay {
+    let p0 = MockServer::start().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let extra: Vec<(&str, &str)> = setup.vars.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let env = Env::default().overlay(&test_env(&extra));
+    let config = write_config(dir.path(), &p0.uri(), &setup);
+    let settings = Settings::load(&config, &env).unwrap_or_else(|e| panic!("config: {e:?}"));
+    let opts = Options {
+        dry_run: setup.dry_run,
+        drain: Duration::from_secs(2),
+        reload_poll: Duration::from_millis(100),
+        ..Options::default()
+    };
+    let relay = Relay::start(settings, env, opts).await.expect("relay starts");
+    TestRelay {
+        addr: relay.addr,
+        relay: Some(relay),
+        p0,
+        dir,
+        http: reqwest::Client::new(),
+    }
+}
+
+/// A webhook as a provider sends it.
+pub struct Hook {
+    pub source: &'static str,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Hook {
+    pub fn github(event: &str, delivery: &str, body: &[u8], secret: &str) -> Hook {
+        Hook {
+            source: "github",
+            headers: vec![
+                ("X-GitHub-Event".into(), event.into()),
+                ("X-GitHub-Delivery".into(), delivery.into()),
+                ("X-Hub-Signature-256".into(), format!("sha256={}", sign_hex(secret, body))),
+                ("User-Agent".into(), "GitHub-Hookshot/a1b2c3".into()),
+                ("Content-Type".into(), "application/json".into()),
+            ],
+            body: body.to_vec(),
+        }
+    }
+
+    pub fn pagerduty(webhook_id: &str, body: &[u8]) -> Hook {
+        Hook {
+            source: "pagerduty",
+            headers: vec![
+                ("X-Webhook-Id".into(), webhook_id.into()),
+                ("X-PagerDuty-Signature".into(), format!("v1={}", sign_hex(PD_SECRET, body))),
+                ("X-Webhook-Subscription".into(), "PSUB123".into()),
+                ("User-Agent".into(), "PagerDuty-Webhook/V3.0".into()),
+                ("Content-Type".into(), "application/json".into()),
+            ],
+            body: body.to_vec(),
+        }
+    }
+
+    pub fn opsgenie(body: &[u8]) -> Hook {
+        Hook {
+            source: "opsgenie",
+            headers: vec![
+                ("Authorization".into(), format!("Bearer {OG_TOKEN}")),
+                ("Content-Type".into(), "application/json".into()),
+            ],
+            body: body.to_vec(),
+        }
+    }
+
+    pub fn header(mut self, name: &str, value: &str) -> Hook {
+        self.headers.retain(|(k, _)| !k.eq_ignore_ascii_case(name));
+        self.headers.push((name.into(), value.into()));
+        self
+    }
+}
+
+/// A GitHub issue comment payload with the given body and author.
+pub fn github_comment(body: &str, login: &str) -> Vec<u8> {
+    let mut v: Value = serde_json::from_slice(&testdata("github/issue_comment_created.json")).unwrap();
+    v["comment"]["body"] = body.into();
+    v["comment"]["user"]["login"] = login.into();
+    v["sender"]["login"] = login.into();
+    serde_json::to_vec(&v).unwrap()
+}
+
+impl TestRelay {
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    pub async fn post(&self, hook: &Hook) -> (u16, Value) {
+        let mut req = self.http.post(self.url(&format!("/webhooks/{}", hook.source)));
+        for (k, v) in &hook.headers {
+            req = req.header(k, v);
+        }
+        let resp = req.body(hook.body.clone()).send().await.expect("send");
+        let status = resp.status().as_u16();
+        let text = resp.text().await.unwrap_or_default();
+        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+    }
+
+    pub async fn get(&self, path: &str) -> (u16, String) {
+        let resp = self.http.get(self.url(path)).send().await.expect("get");
+        (resp.status().as_u16(), resp.text().await.unwrap_or_default())
+    }
+
+    /// Mounts a P0 that answers 200 to every call.
+    pub async fn p0_ok(&self) {
+        Mock::given(method("POST"))
+            .respond_with(ResponseTemplate::new(200).set_body_json(serde_json::json!({"ok": true})))
+            .mount(&self.p0)
+            .await;
+    }
+
+    pub async fn p0_calls(&self) -> Vec<Request> {
+        self.p0.received_requests().await.unwrap_or_default()
+    }
+
+    /// Waits until P0 has received `n` calls (or fails after a few seconds).
+    pub async fn wait_for_calls(&self, n: usize) -> Vec<Request> {
+        for _ in 0..400 {
+            let calls = self.p0_calls().await;
+            if calls.len() >= n {
+                return calls;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        let calls = self.p0_calls().await;
+        panic!("expected {n} P0 calls, got {}: {:?}", calls.len(), summarize(&calls));
+    }
+
+    /// Gives the worker time to (not) act, then returns every call P0 received.
+    pub async fn settle(&self) -> Vec<Request> {
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        self.p0_calls().await
+    }
+
+    pub async fn metric(&self, line_prefix: &str) -> Option<f64> {
+        let (_, text) = self.get("/metrics").await;
+        text.lines()
+            .find(|l| l.starts_with(line_prefix))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+    }
+
+    pub async fn stop(&mut self) {
+        if let Some(r) = self.relay.take() {
+            r.stop().await;
+        }
+    }
+}
+
+/// `(path, authorization, body)` of each call, for assertions.
+pub fn summarize(calls: &[Request]) -> Vec<(String, String, Value)> {
+    calls
+        .iter()
+        .map(|r| {
+            (
+                r.url.path().to_owned(),
+                r.headers
+                    .get("authorization")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("")
+                    .to_owned(),
+                serde_json::from_slice(&r.body).unwrap_or(Value::Null),
+            )
+        })
+        .collect()
+}
+
+/// The call P0 should have received for one decision.
+pub fn call(action: &str, request_id: &str, body: Value) -> (String, String, Value) {
+    (
+        format!("/o/{ORG}/permission-requests/{request_id}/{action}"),
+        format!("Bearer {TOKEN}"),
+        body,
+    )
+}
