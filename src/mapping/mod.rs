@@ -683,3 +683,114 @@ fn extract(raw: &RawExtract) -> Result<Extract, String> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::{HeaderMap, HeaderValue};
+    use serde_json::json;
+
+    fn defaults() -> Defaults {
+        Defaults {
+            org: "acme".into(),
+            expiration: Expiration::parse("1h").unwrap(),
+            max_expiration: Some(Expiration::parse("12h").unwrap()),
+        }
+    }
+
+    fn mapping(rules: Value) -> Mapping {
+        let tree = json!({ "verify": { "scheme": "token", "secrets": "t" }, "rules": rules });
+        compile("src", Path::new("src.yaml"), tree, &Env::default(), &defaults()).unwrap()
+    }
+
+    /// Runs `payload` (with header `x-kind: kind`) through `rules` and describes the verdict.
+    fn check(rules: &Value, kind: &str, payload: Value) -> String {
+        let m = mapping(rules.clone());
+        let mut headers = HeaderMap::new();
+        headers.insert("x-kind", HeaderValue::from_str(kind).unwrap());
+        cases::describe(&m.decide(Input { headers: &headers, body: &payload }))
+    }
+
+    #[test]
+    fn conditions_extraction_and_rule_order() {
+        let rules = json!([
+            { "name": "by-header", "when": [ { "header": "X-Kind", "equals": "cmd" } ],
+              "command": { "path": "$.text" } },
+            { "name": "numbers", "when": [ { "path": "$.n", "equals": 5 } ],
+              "action": "deny", "request_id": { "path": "$.id" } },
+            { "name": "one-of", "when": [ { "path": "$.kind", "one_of": ["ack", "res"] },
+                                           { "not": { "path": "$.skip", "exists": true } } ],
+              "action": { "path": "$.kind", "map": { "ack": "approve", "res": "revoke" } },
+              "request_id": { "path": "$.title", "regex": "\\[p0:([^\\]]+)\\]" },
+              "expiration": { "path": "$.for", "default": "2h" } },
+            { "name": "many", "when": [ { "path": "$.ids", "exists": true } ],
+              "action": "revoke", "request_id": { "path": "$.ids[*]" } },
+            { "name": "regex", "when": [ { "path": "$.body", "matches": "(?i)^grant" } ],
+              "action": "approve", "request_id": { "path": "$.body", "regex": "(?i)grant (\\S+)" } }
+        ]);
+        let cases: &[(&str, Value, &str)] = &[
+            ("cmd", json!({ "text": "/p0 approve r-1 2h" }), "rule `by-header` decided [approve r-1 2h in org acme]"),
+            ("cmd", json!({ "text": "no command" }), "ignored"),
+            ("x", json!({ "n": 5, "id": "r-2" }), "rule `numbers` decided [deny r-2 in org acme]"),
+            ("x", json!({ "n": "5", "id": "r-2" }), "rule `numbers` decided [deny r-2 in org acme]"),
+            ("x", json!({ "n": 6, "id": "r-2" }), "ignored"),
+            ("x", json!({ "kind": "ack", "title": "[p0:r-3] db" }), "rule `one-of` decided [approve r-3 2h in org acme]"),
+            ("x", json!({ "kind": "ack", "title": "[p0:r-3] db", "for": "30m" }), "rule `one-of` decided [approve r-3 30m in org acme]"),
+            ("x", json!({ "kind": "res", "title": "[p0:r-3] [p0:r-4]" }), "rule `one-of` decided [revoke r-3 in org acme, revoke r-4 in org acme]"),
+            ("x", json!({ "kind": "ack", "title": "[p0:r-3]", "skip": true }), "ignored"),
+            ("x", json!({ "kind": "ack", "title": "no tag" }), "rejected by rule `one-of`: request_id: /\\[p0:([^\\]]+)\\]/ did not match `no tag`"),
+            ("x", json!({ "ids": ["a", "b", "a"] }), "rule `many` decided [revoke a in org acme, revoke b in org acme]"),
+            ("x", json!({ "ids": [] }), "rejected by rule `many`: request_id: $.ids[*] yielded nothing"),
+            ("x", json!({ "body": "GRANT r-9 please" }), "rule `regex` decided [approve r-9 1h in org acme]"),
+            ("x", json!({ "body": null }), "ignored"),
+            ("x", json!([1, 2, 3]), "ignored"),
+            ("x", json!("just a string"), "ignored"),
+        ];
+        for (kind, payload, want) in cases {
+            assert_eq!(&check(&rules, kind, payload.clone()), want, "{payload}");
+        }
+    }
+
+    #[test]
+    fn compile_errors_name_rule_and_field() {
+        let tree = json!({
+            "verify": { "scheme": "token", "secrets": "t" },
+            "rules": [
+                { "name": "a", "action": "grant", "request_id": { "path": "$.id" } },
+                { "name": "a", "command": { "path": "$.x" } },
+                { "name": "b", "when": [ { "path": "$.x" } ], "command": { "header": "bad header" } },
+                { "name": "c", "action": "approve" },
+                { "name": "d", "command": { "path": "$.x" }, "max_expiration": "forever" }
+            ]
+        });
+        let errors = compile("s", Path::new("s.yaml"), tree, &Env::default(), &defaults()).unwrap_err();
+        let all = errors.join("\n");
+        for fragment in [
+            "s.yaml: rule `a`: action: `grant` is not approve, deny or revoke",
+            "s.yaml: rule `a`: duplicate rule name",
+            "s.yaml: rule `b`: when[0]: needs exactly one of",
+            "s.yaml: rule `b`: command: `bad header` is not a valid header name",
+            "s.yaml: rule `c`: needs either `command`, or both `action` and `request_id`",
+            "s.yaml: rule `d`: max_expiration: expiration `forever`",
+        ] {
+            assert!(all.contains(fragment), "missing {fragment:?} in:\n{all}");
+        }
+    }
+
+    #[test]
+    fn dedup_keys() {
+        let tree = json!({
+            "verify": { "scheme": "token", "secrets": "t" },
+            "dedup": { "key": [ { "header": "X-Id" } ], "fallback": [ { "path": "$.a" }, { "path": "$.b" } ] },
+            "rules": [ { "name": "r", "command": { "path": "$.x" } } ]
+        });
+        let m = compile("s", Path::new("s.yaml"), tree, &Env::default(), &defaults()).unwrap();
+        let mut headers = HeaderMap::new();
+        let body = json!({ "a": "x", "b": 1764239100456000123u64 });
+        let key = |h: &HeaderMap, b: &Value| m.dedup_key(Input { headers: h, body: b }, b"raw");
+        assert_eq!(key(&headers, &body), "x|1764239100456000123");
+        assert!(key(&headers, &json!({ "a": "x" })).starts_with("sha256:"));
+        headers.insert("x-id", HeaderValue::from_static("abc"));
+        assert_eq!(key(&headers, &body), "abc");
+    }
+}
