@@ -22,6 +22,12 @@ pub const GITHUB_SECRET_OLD: &str = "gh-secret-old-9a7e";
 pub const PD_SECRET: &str = "pd-secret-5d3b";
 pub const OG_TOKEN: &str = "og-token-77aa";
 
+/// An HTTP client for tests (the TLS provider installed first, as the relay does).
+pub fn client() -> reqwest::Client {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::new()
+}
+
 pub fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
@@ -66,6 +72,8 @@ pub struct Setup {
     pub mappings_dir: Option<PathBuf>,
     pub dry_run: bool,
     pub store_path: Option<PathBuf>,
+    /// Variables to leave unset.
+    pub unset: Vec<&'static str>,
 }
 
 impl Default for Setup {
@@ -77,6 +85,7 @@ impl Default for Setup {
             mappings_dir: None,
             dry_run: false,
             store_path: None,
+            unset: Vec::new(),
         }
     }
 }
@@ -132,7 +141,11 @@ pub async fn spawn_with(setup: Setup) -> TestRelay {
     let p0 = MockServer::start().await;
     let dir = tempfile::tempdir().expect("tempdir");
     let extra: Vec<(&str, &str)> = setup.vars.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    let env = Env::default().overlay(&test_env(&extra));
+    let mut vars = test_env(&extra);
+    for name in &setup.unset {
+        vars.remove(*name);
+    }
+    let env = Env::default().overlay(&vars);
     let config = write_config(dir.path(), &p0.uri(), &setup);
     let settings = Settings::load(&config, &env).unwrap_or_else(|e| panic!("config: {e:?}"));
     let opts = Options {
@@ -147,7 +160,7 @@ pub async fn spawn_with(setup: Setup) -> TestRelay {
         relay: Some(relay),
         p0,
         dir,
-        http: reqwest::Client::new(),
+        http: client(),
     }
 }
 
@@ -305,5 +318,101 @@ pub fn call(action: &str, request_id: &str, body: Value) -> (String, String, Val
         format!("/o/{ORG}/permission-requests/{request_id}/{action}"),
         format!("Bearer {TOKEN}"),
         body,
+    )
+}
+
+/// The real binary, started as a separate process (for tests where a process must die or
+/// where its whole output is inspected).
+pub struct BinRelay {
+    pub child: std::process::Child,
+    pub addr: SocketAddr,
+    pub log: PathBuf,
+}
+
+/// A free loopback port (bound, then released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+impl BinRelay {
+    /// Starts `p0-relay serve` with `config` and `vars`, and waits until it is ready.
+    pub async fn start(config: &Path, vars: &HashMap<String, String>, log: PathBuf, extra_args: &[&str]) -> BinRelay {
+        let port = free_port();
+        let text = std::fs::read_to_string(config).unwrap();
+        let text = text.replace("listen: 127.0.0.1:0", &format!("listen: 127.0.0.1:{port}"));
+        std::fs::write(config, text).unwrap();
+        let out = std::fs::OpenOptions::new().create(true).append(true).open(&log).unwrap();
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_p0-relay"))
+            .env_clear()
+            .envs(vars)
+            .arg("serve")
+            .arg("--config")
+            .arg(config)
+            .args(extra_args)
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .expect("start p0-relay");
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let http = client();
+        for _ in 0..200 {
+            if let Ok(r) = http.get(format!("http://{addr}/readyz")).send().await
+                && r.status().is_success()
+            {
+                return BinRelay { child, addr, log };
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("relay did not become ready: {}", std::fs::read_to_string(&log).unwrap_or_default());
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let status = std::process::Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .expect("kill");
+        assert!(status.success());
+    }
+
+    pub async fn post(&self, hook: &Hook) -> (u16, Value) {
+        let mut req = client().post(format!("http://{}/webhooks/{}", self.addr, hook.source));
+        for (k, v) in &hook.headers {
+            req = req.header(k, v);
+        }
+        let resp = req.body(hook.body.clone()).send().await.expect("send");
+        let status = resp.status().as_u16();
+        let text = resp.text().await.unwrap_or_default();
+        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+    }
+
+    /// Waits for the process to exit and returns its exit code.
+    pub fn wait(mut self) -> Option<i32> {
+        for _ in 0..400 {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+        let _ = self.child.kill();
+        panic!("relay did not exit");
+    }
+}
+
+/// Runs a `p0-relay` command to completion with only `vars` in its environment.
+pub fn run_cli(args: &[&str], vars: &HashMap<String, String>) -> (Option<i32>, String) {
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_p0-relay"))
+        .current_dir(repo())
+        .env_clear()
+        .envs(vars)
+        .args(args)
+        .output()
+        .expect("run p0-relay");
+    (
+        o.status.code(),
+        format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr)),
     )
 }

@@ -1,0 +1,120 @@
+//! Secrets never leave the relay: a full run of the real binary at debug level, its metrics
+//! and every CLI command are scraped for each configured secret. Also: SIGTERM stops it
+//! cleanly, and secrets can come from files.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use wiremock::matchers::{method, path_regex};
+use wiremock::{Mock, MockServer, ResponseTemplate};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_secret_appears_in_logs_metrics_or_cli_output() {
+    let p0 = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path_regex("req-unauth"))
+        .respond_with(ResponseTemplate::new(401).set_body_json(serde_json::json!({"error": "Unauthorized"})))
+        .mount(&p0)
+        .await;
+    Mock::given(method("POST")).respond_with(ResponseTemplate::new(200)).mount(&p0).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &p0.uri(), &Setup::default());
+    let mut vars = test_env(&[]);
+    vars.insert("RUST_LOG".into(), "debug".into());
+    let log = dir.path().join("relay.log");
+    let relay = BinRelay::start(&config, &vars, log.clone(), &[]).await;
+
+    let comment = testdata("github/issue_comment_created.json");
+    let hooks = vec![
+        Hook::github("issue_comment", "s-1", &comment, GITHUB_SECRET_NEW),
+        Hook::github("issue_comment", "s-3", &comment, "forged"),
+        Hook::pagerduty("s-4", &testdata("pagerduty/incident_annotated.json")),
+        Hook::opsgenie(&testdata("opsgenie/acknowledge.json")),
+        Hook::opsgenie(&testdata("opsgenie/close.json")).header("Authorization", "Bearer wrong"),
+        // Last, so no later success clears the not-ready state it causes.
+        Hook::github("issue_comment", "s-2", &github_comment("/p0 approve req-unauth", "octocat"), GITHUB_SECRET_OLD),
+    ];
+    for hook in &hooks {
+        relay.post(hook).await;
+    }
+    for _ in 0..200 {
+        if p0.received_requests().await.unwrap_or_default().len() >= 4 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let metrics = client().get(format!("http://{}/metrics", relay.addr)).send().await.unwrap().text().await.unwrap();
+    let mut readyz = String::new();
+    for _ in 0..200 {
+        readyz = client().get(format!("http://{}/readyz", relay.addr)).send().await.unwrap().text().await.unwrap();
+        if readyz.contains("P0 rejected") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(readyz.contains("P0 rejected the API token"), "{readyz}\n{}", std::fs::read_to_string(&log).unwrap());
+    relay.signal("TERM");
+    assert_eq!(relay.wait(), Some(0), "SIGTERM exits 0");
+
+    let mut outputs = vec![
+        ("log".to_owned(), std::fs::read_to_string(&log).unwrap()),
+        ("metrics".to_owned(), metrics),
+        ("readyz".to_owned(), readyz),
+    ];
+    let cfg = config.to_str().unwrap();
+    let payload = testdata_path("github/issue_comment_created.json");
+    for args in [
+        vec!["check", "--config", cfg],
+        vec!["test", "--config", cfg],
+        vec!["explain", "--config", cfg, "--source", "github", "-H", "X-GitHub-Event: issue_comment", &payload],
+        vec!["jobs", "--config", cfg, "list"],
+        vec!["jobs", "--config", cfg, "list", "--json"],
+        vec!["jobs", "--config", cfg, "show", "1"],
+        vec!["jobs", "--config", cfg, "show", "4"],
+    ] {
+        let (code, out) = run_cli(&args, &vars);
+        assert_eq!(code, Some(0), "{args:?}: {out}");
+        outputs.push((args.join(" "), out));
+    }
+    let log_text = &outputs[0].1;
+    assert!(log_text.contains("P0 rejected the relay's API token"), "the 401 is logged loudly");
+    assert!(log_text.contains("outcome=\"unauthorized\""), "{log_text}");
+    for (what, text) in &outputs {
+        for secret in [TOKEN, GITHUB_SECRET_NEW, GITHUB_SECRET_OLD, PD_SECRET, OG_TOKEN] {
+            assert!(!text.contains(secret), "{what} contains a secret:\n{text}");
+        }
+    }
+}
+
+fn testdata_path(rel: &str) -> String {
+    repo().join("mappings/testdata").join(rel).to_string_lossy().into_owned()
+}
+
+#[tokio::test]
+async fn secrets_can_come_from_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("gh-secret");
+    std::fs::write(&file, "from-a-file\n").unwrap();
+    let t = spawn_with(Setup {
+        vars: vec![
+            ("GITHUB_WEBHOOK_SECRET_FILE", file.to_string_lossy().into_owned()),
+        ],
+        unset: vec!["GITHUB_WEBHOOK_SECRET"],
+        ..Setup::default()
+    })
+    .await;
+    let ping = testdata("github/ping.json");
+    let (status, _) = t.post(&Hook::github("ping", "f-1", &ping, "from-a-file")).await;
+    assert_eq!(status, 200);
+    let (status, _) = t.post(&Hook::github("ping", "f-2", &ping, GITHUB_SECRET_NEW)).await;
+    assert_eq!(status, 401);
+
+    let env = p0_relay::config::env::Env::default().overlay(
+        &[("TOKEN_FILE".to_owned(), file.to_string_lossy().into_owned())]
+            .into_iter()
+            .collect(),
+    );
+    assert_eq!(env.expand("${TOKEN}").as_deref(), Ok("from-a-file"));
+}
