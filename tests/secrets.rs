@@ -1,4 +1,4 @@
-//! Secrets never leave the relay: a full run of the real binary at debug level, its metrics
+//! Secrets never leave the relay: a full run of the real binary at trace level, its metrics
 //! and every CLI command are scraped for each configured secret. Also: SIGTERM stops it
 //! cleanly, and secrets can come from files.
 
@@ -22,7 +22,7 @@ async fn no_secret_appears_in_logs_metrics_or_cli_output() {
     let dir = tempfile::tempdir().unwrap();
     let config = write_config(dir.path(), &p0.uri(), &Setup::default());
     let mut vars = test_env(&[]);
-    vars.insert("RUST_LOG".into(), "debug".into());
+    vars.insert("RUST_LOG".into(), "trace".into());
     let log = dir.path().join("relay.log");
     let relay = BinRelay::start(&config, &vars, log.clone(), &[]).await;
 

@@ -69,6 +69,8 @@ pub struct Setup {
     /// Extra YAML appended to the generated relay.yaml sections.
     pub inbound: String,
     pub p0_extra: String,
+    /// Extra top-level YAML.
+    pub top: String,
     pub mappings_dir: Option<PathBuf>,
     pub dry_run: bool,
     pub store_path: Option<PathBuf>,
@@ -82,6 +84,7 @@ impl Default for Setup {
             vars: Vec::new(),
             inbound: String::new(),
             p0_extra: String::new(),
+            top: String::new(),
             mappings_dir: None,
             dry_run: false,
             store_path: None,
@@ -126,11 +129,13 @@ inbound:
   rate_per_second: 0
   read_timeout: 2s
 {inbound}
+{top}
 "#,
         mappings = mappings.display(),
         store = store.display(),
         p0_extra = setup.p0_extra,
         inbound = setup.inbound,
+        top = setup.top,
     );
     let path = dir.join("relay.yaml");
     std::fs::write(&path, config).expect("write config");

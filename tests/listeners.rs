@@ -1,0 +1,52 @@
+//! Listener options: TLS on the inbound listener, and `/metrics` served on a listener apart.
+
+mod common;
+
+use common::*;
+
+#[tokio::test]
+async fn tls_listener_serves_webhooks() {
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let cert_path = dir.path().join("cert.pem");
+    let key_path = dir.path().join("key.pem");
+    std::fs::write(&cert_path, cert.cert.pem()).unwrap();
+    std::fs::write(&key_path, cert.signing_key.serialize_pem()).unwrap();
+    let t = spawn_with(Setup {
+        inbound: format!("  tls: {{ cert: {}, key: {} }}\n", cert_path.display(), key_path.display()),
+        ..Setup::default()
+    })
+    .await;
+    let https = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(cert.cert.pem().as_bytes()).unwrap())
+        .resolve("localhost", t.addr)
+        .build()
+        .unwrap();
+    let body = testdata("github/ping.json");
+    let hook = Hook::github("ping", "tls-1", &body, GITHUB_SECRET_NEW);
+    let mut req = https.post(format!("https://localhost:{}/webhooks/github", t.addr.port()));
+    for (k, v) in &hook.headers {
+        req = req.header(k, v);
+    }
+    let resp = req.body(body).send().await.unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    // Plain HTTP on the TLS port gets nowhere.
+    assert!(client().get(t.url("/healthz")).send().await.is_err());
+}
+
+#[tokio::test]
+async fn metrics_can_have_a_listener_of_their_own() {
+    let mut t = spawn().await;
+    assert_eq!(t.get("/metrics").await.0, 200);
+    t.stop().await;
+
+    let t = spawn_with(Setup {
+        top: "metrics:\n  listen: 127.0.0.1:0\n".into(),
+        ..Setup::default()
+    })
+    .await;
+    let metrics_addr = t.relay.as_ref().and_then(|r| r.metrics_addr).expect("metrics listener");
+    assert_eq!(t.get("/metrics").await.0, 404);
+    let text = client().get(format!("http://{metrics_addr}/metrics")).send().await.unwrap().text().await.unwrap();
+    assert!(text.contains("p0_relay_build_info"), "{text}");
+}
