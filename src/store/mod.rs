@@ -184,7 +184,7 @@ pub enum StoreError {
     Sqlite(#[from] rusqlite::Error),
     #[error("store: {0}")]
     Io(#[from] std::io::Error),
-    #[error("store: {0}")]
+    #[error("{0}")]
     Invalid(String),
     #[error("store is shut down")]
     Closed,
