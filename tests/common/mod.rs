@@ -74,6 +74,8 @@ pub struct Setup {
     pub mappings_dir: Option<PathBuf>,
     pub dry_run: bool,
     pub store_path: Option<PathBuf>,
+    /// Webhooks per second per source (0 = off).
+    pub inbound_rate: u32,
     /// Variables to leave unset.
     pub unset: Vec<&'static str>,
 }
@@ -89,6 +91,7 @@ impl Default for Setup {
             dry_run: false,
             store_path: None,
             unset: Vec::new(),
+            inbound_rate: 0,
         }
     }
 }
@@ -126,7 +129,7 @@ decisions:
 store:
   path: {store}
 inbound:
-  rate_per_second: 0
+  rate_per_second: {inbound_rate}
   read_timeout: 2s
 {inbound}
 {top}
@@ -136,6 +139,7 @@ inbound:
         p0_extra = setup.p0_extra,
         inbound = setup.inbound,
         top = setup.top,
+        inbound_rate = setup.inbound_rate,
     );
     let path = dir.join("relay.yaml");
     std::fs::write(&path, config).expect("write config");
