@@ -75,7 +75,10 @@ impl Relay {
                     settings.file.display()
                 )
             })?;
-            Some(p0::Client::new(settings.p0.base_url.clone(), token, settings.p0.timeout).map_err(|e| anyhow!(e))?)
+            Some(
+                p0::Client::new(settings.p0.base_url.clone(), token, settings.p0.timeout)
+                    .map_err(|e| anyhow!(e))?,
+            )
         };
         let mut store = SqliteStore::open(
             &settings.store.path,
@@ -88,7 +91,10 @@ impl Relay {
         .with_context(|| format!("cannot open the store at {}", settings.store.path.display()))?;
         let resumed = store.recover()?;
         if resumed > 0 {
-            tracing::warn!(resumed, "decisions in flight at the last stop are queued again");
+            tracing::warn!(
+                resumed,
+                "decisions in flight at the last stop are queued again"
+            );
         }
         let (store, writer) = StoreHandle::spawn(Box::new(store), opts.group_commit)?;
 
@@ -98,10 +104,17 @@ impl Relay {
             .with_context(|| format!("cannot listen on {}", settings.listen))?;
         let addr = listener.local_addr()?;
         let metrics_listener = match settings.metrics_listen {
-            Some(a) => Some(TcpListener::bind(a).await.with_context(|| format!("cannot listen on {a}"))?),
+            Some(a) => Some(
+                TcpListener::bind(a)
+                    .await
+                    .with_context(|| format!("cannot listen on {a}"))?,
+            ),
             None => None,
         };
-        let metrics_addr = metrics_listener.as_ref().map(|l| l.local_addr()).transpose()?;
+        let metrics_addr = metrics_listener
+            .as_ref()
+            .map(|l| l.local_addr())
+            .transpose()?;
         let tls = match &settings.inbound.tls {
             Some(t) => Some(server::tls_acceptor(&t.cert, &t.key).map_err(|e| anyhow!(e))?),
             None => None,
@@ -161,7 +174,11 @@ impl Relay {
             opts.reload_poll,
             shutdown.clone(),
         ));
-        let pruner = tokio::spawn(prune_loop(store.clone(), settings.store.dedup_window, shutdown.clone()));
+        let pruner = tokio::spawn(prune_loop(
+            store.clone(),
+            settings.store.dedup_window,
+            shutdown.clone(),
+        ));
         tracing::info!(%addr, sources = ?receiver.mappings.load().mappings.keys().collect::<Vec<_>>(), "relay listening");
 
         let done = tokio::spawn(async move {
@@ -209,16 +226,26 @@ pub fn reload(receiver: &Receiver, env: &Env, defaults: &Defaults) -> Result<(),
     let dir = receiver.mappings.load().dir.clone();
     match MappingSet::load(&dir, env, defaults) {
         Ok(set) => {
-            receiver.metrics.add_sources(set.mappings.keys().map(String::as_str));
+            receiver
+                .metrics
+                .add_sources(set.mappings.keys().map(String::as_str));
             let sources: Vec<String> = set.mappings.keys().cloned().collect();
             receiver.mappings.store(Arc::new(set));
-            receiver.metrics.mapping_reloads.with_label_values(&["success"]).inc();
+            receiver
+                .metrics
+                .mapping_reloads
+                .with_label_values(&["success"])
+                .inc();
             receiver.health.set_reload_error(None);
             tracing::info!(?sources, "mappings reloaded");
             Ok(())
         }
         Err(errors) => {
-            receiver.metrics.mapping_reloads.with_label_values(&["error"]).inc();
+            receiver
+                .metrics
+                .mapping_reloads
+                .with_label_values(&["error"])
+                .inc();
             for e in &errors {
                 tracing::error!("mapping reload failed, previous mappings kept: {e}");
             }
@@ -237,14 +264,24 @@ fn fingerprint(dir: &Path) -> Fingerprint {
         .filter_map(|e| e.ok())
         .filter_map(|e| {
             let meta = e.metadata().ok()?;
-            Some((e.file_name().to_string_lossy().into_owned(), meta.len(), meta.modified().ok()))
+            Some((
+                e.file_name().to_string_lossy().into_owned(),
+                meta.len(),
+                meta.modified().ok(),
+            ))
         })
         .collect();
     out.sort();
     out
 }
 
-async fn reload_loop(receiver: Arc<Receiver>, env: Env, defaults: Defaults, poll: Duration, shutdown: CancellationToken) {
+async fn reload_loop(
+    receiver: Arc<Receiver>,
+    env: Env,
+    defaults: Defaults,
+    poll: Duration,
+    shutdown: CancellationToken,
+) {
     let dir = receiver.mappings.load().dir.clone();
     let mut last = fingerprint(&dir);
     #[cfg(unix)]
@@ -275,7 +312,10 @@ async fn reload_loop(receiver: Arc<Receiver>, env: Env, defaults: Defaults, poll
 async fn prune_loop(store: StoreHandle, retention: Duration, shutdown: CancellationToken) {
     loop {
         match store.prune(now_ms() - retention.as_millis() as i64).await {
-            Ok(n) if n > 0 => tracing::info!(rows = n, "pruned finished decisions past the retention window"),
+            Ok(n) if n > 0 => tracing::info!(
+                rows = n,
+                "pruned finished decisions past the retention window"
+            ),
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "prune failed"),
         }

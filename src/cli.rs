@@ -14,7 +14,11 @@ use crate::mapping::{Input, MappingSet, cases};
 use crate::store::{ListFilter, Replay, SqliteStore, State, Store, Windows, now_ms};
 
 #[derive(Parser)]
-#[command(name = "p0-relay", version, about = "Turns PagerDuty, Opsgenie and GitHub webhooks into P0 access decisions")]
+#[command(
+    name = "p0-relay",
+    version,
+    about = "Turns PagerDuty, Opsgenie and GitHub webhooks into P0 access decisions"
+)]
 struct Cli {
     /// Read `KEY=VALUE` lines from this file for `${VAR}` references (the environment wins).
     #[arg(long, global = true, value_name = "FILE")]
@@ -120,7 +124,11 @@ pub fn main() -> ExitCode {
             headers,
             payload,
         } => explain(&config.config, &env, &source, &headers, &payload),
-        Command::Jobs { config, db, command } => jobs(&config.config, &env, db, command),
+        Command::Jobs {
+            config,
+            db,
+            command,
+        } => jobs(&config.config, &env, db, command),
     }
 }
 
@@ -216,9 +224,17 @@ fn check(config: &Path, env: &Env) -> ExitCode {
         println!("note: p0.token is empty: `serve` will need --dry-run or P0_API_TOKEN");
     }
     for (source, m) in &mappings.mappings {
-        println!("ok: {source} ({}, verified by {})", m.file.display(), m.verifier.scheme());
+        println!(
+            "ok: {source} ({}, verified by {})",
+            m.file.display(),
+            m.verifier.scheme()
+        );
     }
-    println!("{}: valid, {} mapping(s)", config.display(), mappings.mappings.len());
+    println!(
+        "{}: valid, {} mapping(s)",
+        config.display(),
+        mappings.mappings.len()
+    );
     ExitCode::SUCCESS
 }
 
@@ -239,7 +255,10 @@ fn test(config: &Path, env: &Env, names: &[String]) -> ExitCode {
         .collect();
     for w in &wanted {
         if !mappings.mappings.contains_key(w) {
-            return fail(&[format!("no mapping named `{w}` in {}", settings.mappings_dir.display())]);
+            return fail(&[format!(
+                "no mapping named `{w}` in {}",
+                settings.mappings_dir.display()
+            )]);
         }
     }
     let (mut passed, mut failed) = (0, 0);
@@ -261,7 +280,11 @@ fn test(config: &Path, env: &Env, names: &[String]) -> ExitCode {
         }
     }
     println!("{passed} passed, {failed} failed");
-    if failed == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+    if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
 }
 
 fn explain(config: &Path, env: &Env, source: &str, headers: &[String], payload: &Path) -> ExitCode {
@@ -271,14 +294,19 @@ fn explain(config: &Path, env: &Env, source: &str, headers: &[String], payload: 
     };
     let Some(mapping) = mappings.get(source) else {
         let known: Vec<&String> = mappings.mappings.keys().collect();
-        return fail(&[format!("no mapping for source `{source}` (known: {known:?})")]);
+        return fail(&[format!(
+            "no mapping for source `{source}` (known: {known:?})"
+        )]);
     };
     let mut map = HeaderMap::new();
     for h in headers {
         let Some((k, v)) = h.split_once(':') else {
             return fail(&[format!("--header `{h}`: write it as `Name: value`")]);
         };
-        match (HeaderName::from_bytes(k.trim().as_bytes()), HeaderValue::from_str(v.trim())) {
+        match (
+            HeaderName::from_bytes(k.trim().as_bytes()),
+            HeaderValue::from_str(v.trim()),
+        ) {
             (Ok(k), Ok(v)) => {
                 map.append(k, v);
             }
@@ -393,7 +421,10 @@ fn jobs(config: &Path, env: &Env, db: Option<PathBuf>, command: JobsCommand) -> 
             None => println!("no job {id}"),
             Some(d) => {
                 let j = &d.job;
-                println!("job {}: {} {} in org {} ({})", j.id, j.action, j.request_id, j.org, j.state);
+                println!(
+                    "job {}: {} {} in org {} ({})",
+                    j.id, j.action, j.request_id, j.org, j.state
+                );
                 if let Some(e) = &j.expiration {
                     println!("  expiration: {e}");
                 }
@@ -421,7 +452,9 @@ fn jobs(config: &Path, env: &Env, db: Option<PathBuf>, command: JobsCommand) -> 
                         "  {}  {:<12} status {:<4} {:>5} ms  {}",
                         time(a.at_ms),
                         a.result,
-                        a.status.map(|s| s.to_string()).unwrap_or_else(|| "-".into()),
+                        a.status
+                            .map(|s| s.to_string())
+                            .unwrap_or_else(|| "-".into()),
                         a.duration_ms,
                         a.error.as_deref().unwrap_or("")
                     );
@@ -441,7 +474,9 @@ fn jobs(config: &Path, env: &Env, db: Option<PathBuf>, command: JobsCommand) -> 
                 if ids.is_empty() {
                     println!("nothing to replay (only dead or rejected jobs can be replayed)");
                 } else {
-                    println!("queued again: {ids:?}; a running relay picks them up within a second");
+                    println!(
+                        "queued again: {ids:?}; a running relay picks them up within a second"
+                    );
                 }
             })
         }
@@ -451,4 +486,3 @@ fn jobs(config: &Path, env: &Env, db: Option<PathBuf>, command: JobsCommand) -> 
         Err(e) => fail(&[e.to_string()]),
     }
 }
-

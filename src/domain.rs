@@ -100,7 +100,9 @@ impl Expiration {
             "w" => 604_800,
             _ => return Err(bad()),
         };
-        if digits.is_empty() || digits.starts_with('0') || !digits.bytes().all(|b| b.is_ascii_digit())
+        if digits.is_empty()
+            || digits.starts_with('0')
+            || !digits.bytes().all(|b| b.is_ascii_digit())
         {
             return Err(bad());
         }
@@ -146,7 +148,17 @@ mod tests {
             assert!(Id::parse(ok).is_ok(), "{ok}");
         }
         for bad in [
-            "", "../../x", "a/b", "a%2Fb", ".a", "-a", "a b", "é", " a", "a\n", &"a".repeat(129),
+            "",
+            "../../x",
+            "a/b",
+            "a%2Fb",
+            ".a",
+            "-a",
+            "a b",
+            "é",
+            " a",
+            "a\n",
+            &"a".repeat(129),
         ] {
             assert!(Id::parse(bad).is_err(), "{bad:?}");
         }
@@ -154,13 +166,28 @@ mod tests {
 
     #[test]
     fn expirations() {
-        for (text, secs) in [("30m", 1800), ("2h", 7200), ("7d", 604_800), ("1w", 604_800), ("45s", 45)] {
-            assert_eq!(Expiration::parse(text).map(|e| e.seconds()), Ok(secs), "{text}");
+        for (text, secs) in [
+            ("30m", 1800),
+            ("2h", 7200),
+            ("7d", 604_800),
+            ("1w", 604_800),
+            ("45s", 45),
+        ] {
+            assert_eq!(
+                Expiration::parse(text).map(|e| e.seconds()),
+                Ok(secs),
+                "{text}"
+            );
         }
-        for bad in ["0h", "-1h", "1h30m", "h", "2", "2H", "02h", "1.5h", "", "2 h"] {
+        for bad in [
+            "0h", "-1h", "1h30m", "h", "2", "2H", "02h", "1.5h", "", "2 h",
+        ] {
             assert!(Expiration::parse(bad).is_err(), "{bad:?}");
         }
-        assert_eq!(Expiration::parse("99999999999999999999999d").map(|e| e.seconds()), Ok(u64::MAX));
+        assert_eq!(
+            Expiration::parse("99999999999999999999999d").map(|e| e.seconds()),
+            Ok(u64::MAX)
+        );
     }
 
     #[test]

@@ -48,19 +48,32 @@ fn opts(name: &str, help: &str) -> Opts {
 
 impl Metrics {
     /// Registers every family; `sources` are the mapped sources, for zeroed series.
-    pub fn new<'a>(sources: impl IntoIterator<Item = &'a str>) -> Result<Metrics, prometheus::Error> {
+    pub fn new<'a>(
+        sources: impl IntoIterator<Item = &'a str>,
+    ) -> Result<Metrics, prometheus::Error> {
         let registry = Registry::new();
         let webhooks = IntCounterVec::new(
-            opts("webhooks_total", "Webhooks received, by source and the answer given."),
+            opts(
+                "webhooks_total",
+                "Webhooks received, by source and the answer given.",
+            ),
             &["source", "outcome"],
         )?;
         let webhook_duration = HistogramVec::new(
-            HistogramOpts::from(opts("webhook_duration_seconds", "Time from receipt to answer."))
-                .buckets(vec![0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5]),
+            HistogramOpts::from(opts(
+                "webhook_duration_seconds",
+                "Time from receipt to answer.",
+            ))
+            .buckets(vec![
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+            ]),
             &["source"],
         )?;
         let decisions = IntCounterVec::new(
-            opts("decisions_total", "Decisions accepted, by source and action."),
+            opts(
+                "decisions_total",
+                "Decisions accepted, by source and action.",
+            ),
             &["source", "action"],
         )?;
         let p0_requests = IntCounterVec::new(
@@ -68,8 +81,13 @@ impl Metrics {
             &["action", "result"],
         )?;
         let p0_request_duration = HistogramVec::new(
-            HistogramOpts::from(opts("p0_request_duration_seconds", "Duration of calls to P0."))
-                .buckets(vec![0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]),
+            HistogramOpts::from(opts(
+                "p0_request_duration_seconds",
+                "Duration of calls to P0.",
+            ))
+            .buckets(vec![
+                0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+            ]),
             &["action"],
         )?;
         let delivery_lag = Histogram::with_opts(
@@ -77,20 +95,28 @@ impl Metrics {
                 "delivery_lag_seconds",
                 "Time from a webhook's acceptance to P0's success.",
             ))
-            .buckets(vec![0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0, 60.0, 300.0, 1800.0, 3600.0, 21600.0]),
+            .buckets(vec![
+                0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0, 60.0, 300.0, 1800.0, 3600.0, 21600.0,
+            ]),
         )?;
-        let queue_depth = IntGauge::with_opts(opts("queue_depth", "Decisions waiting to reach P0."))?;
+        let queue_depth =
+            IntGauge::with_opts(opts("queue_depth", "Decisions waiting to reach P0."))?;
         let dead_letters = IntGauge::with_opts(opts(
             "dead_letters",
             "Decisions that gave up on P0 and wait for a replay.",
         ))?;
-        let retries = IntCounter::with_opts(opts("retries_total", "Calls to P0 scheduled again after a transient failure."))?;
+        let retries = IntCounter::with_opts(opts(
+            "retries_total",
+            "Calls to P0 scheduled again after a transient failure.",
+        ))?;
         let mapping_reloads = IntCounterVec::new(
             opts("mapping_reloads_total", "Mapping reloads, by result."),
             &["result"],
         )?;
         let build_info = IntGaugeVec::new(opts("build_info", "The running build."), &["version"])?;
-        build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
 
         registry.register(Box::new(webhooks.clone()))?;
         registry.register(Box::new(webhook_duration.clone()))?;
@@ -148,7 +174,10 @@ impl Metrics {
     /// The Prometheus text exposition of every family.
     pub fn render(&self) -> String {
         let mut buf = Vec::new();
-        if TextEncoder::new().encode(&self.registry.gather(), &mut buf).is_err() {
+        if TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buf)
+            .is_err()
+        {
             return String::new();
         }
         String::from_utf8(buf).unwrap_or_default()

@@ -84,7 +84,13 @@ impl Client {
     }
 
     /// Sends one decision. `expiration` is required for approve and ignored otherwise.
-    pub async fn send(&self, org: &Id, request_id: &Id, action: Action, expiration: Option<&str>) -> Outcome {
+    pub async fn send(
+        &self,
+        org: &Id,
+        request_id: &Id,
+        action: Action,
+        expiration: Option<&str>,
+    ) -> Outcome {
         let body = match (action, expiration) {
             (Action::Approve, Some(e)) => serde_json::json!({ "expirationLength": e }),
             (Action::Approve, None) => {
@@ -165,7 +171,10 @@ pub fn classify(status: StatusCode, body: &str, retry_after: Option<Duration>) -
             error,
             retry_after,
         },
-        _ => Outcome::Rejected { status: code, error },
+        _ => Outcome::Rejected {
+            status: code,
+            error,
+        },
     }
 }
 
@@ -176,7 +185,10 @@ pub fn parse_retry_after(value: &str) -> Option<Duration> {
         return Some(Duration::from_secs(secs));
     }
     let when = httpdate::parse_http_date(value).ok()?;
-    Some(when.duration_since(std::time::SystemTime::now()).unwrap_or(Duration::ZERO))
+    Some(
+        when.duration_since(std::time::SystemTime::now())
+            .unwrap_or(Duration::ZERO),
+    )
 }
 
 #[cfg(test)]
@@ -201,7 +213,11 @@ mod tests {
             assert_eq!(got.label(), want, "{code}");
         }
         assert_eq!(
-            classify(StatusCode::BAD_REQUEST, r#"{"error":"Invalid or expired request"}"#, None),
+            classify(
+                StatusCode::BAD_REQUEST,
+                r#"{"error":"Invalid or expired request"}"#,
+                None
+            ),
             Outcome::Rejected {
                 status: 400,
                 error: "Invalid or expired request".into()
@@ -212,7 +228,10 @@ mod tests {
     #[test]
     fn retry_after() {
         assert_eq!(parse_retry_after("7"), Some(Duration::from_secs(7)));
-        assert_eq!(parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT"), Some(Duration::ZERO));
+        assert_eq!(
+            parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT"),
+            Some(Duration::ZERO)
+        );
         assert_eq!(parse_retry_after("soon"), None);
     }
 

@@ -152,8 +152,13 @@ mod tests {
         actor: Option<&str>,
         p: Proposal,
     ) -> Result<(Action, Option<String>, Option<String>), String> {
-        decide(&policy(actors), actor, &[p])
-            .map(|d| (d[0].action, d[0].expiration.clone(), d[0].clamped_from.clone()))
+        decide(&policy(actors), actor, &[p]).map(|d| {
+            (
+                d[0].action,
+                d[0].expiration.clone(),
+                d[0].clamped_from.clone(),
+            )
+        })
     }
 
     #[test]
@@ -162,21 +167,91 @@ mod tests {
         let s = |x: &str| Some(x.to_string());
         type Want = Result<(Action, Option<String>, Option<String>), &'static str>;
         let cases: Vec<(Option<&str>, Option<&str>, Proposal, Want)> = vec![
-            (Some("alice,bob"), Some("bob"), ask("approve", "r1", Some("2h")), Ok((Approve, s("2h"), None))),
-            (Some("alice"), Some("mallory"), ask("approve", "r1", None), Err("`mallory` is not allowed")),
-            (Some(""), Some("alice"), ask("approve", "r1", None), Err("not allowed")),
-            (Some("alice"), None, ask("approve", "r1", None), Err("names no actor")),
-            (Some("*"), None, ask("approve", "r1", None), Ok((Approve, s("1h"), None))),
-            (None, Some("anyone"), ask("approve", "r1", None), Ok((Approve, s("1h"), None))),
-            (None, None, ask("approve", "r1", Some("24h")), Ok((Approve, s("12h"), s("24h")))),
-            (None, None, ask("approve", "r1", Some("99999999999d")), Ok((Approve, s("12h"), s("99999999999d")))),
-            (None, None, ask("approve", "r1", Some("0h")), Err("not a positive whole number")),
-            (None, None, ask("approve", "r1", Some("-1h")), Err("not a positive whole number")),
-            (None, None, ask("approve", "r1", Some("1h30m")), Err("not a positive whole number")),
-            (None, None, ask("revoke", "r1", Some("2h")), Ok((Revoke, None, None))),
-            (None, None, ask("deny", "r1", None), Err("`deny` is not allowed")),
+            (
+                Some("alice,bob"),
+                Some("bob"),
+                ask("approve", "r1", Some("2h")),
+                Ok((Approve, s("2h"), None)),
+            ),
+            (
+                Some("alice"),
+                Some("mallory"),
+                ask("approve", "r1", None),
+                Err("`mallory` is not allowed"),
+            ),
+            (
+                Some(""),
+                Some("alice"),
+                ask("approve", "r1", None),
+                Err("not allowed"),
+            ),
+            (
+                Some("alice"),
+                None,
+                ask("approve", "r1", None),
+                Err("names no actor"),
+            ),
+            (
+                Some("*"),
+                None,
+                ask("approve", "r1", None),
+                Ok((Approve, s("1h"), None)),
+            ),
+            (
+                None,
+                Some("anyone"),
+                ask("approve", "r1", None),
+                Ok((Approve, s("1h"), None)),
+            ),
+            (
+                None,
+                None,
+                ask("approve", "r1", Some("24h")),
+                Ok((Approve, s("12h"), s("24h"))),
+            ),
+            (
+                None,
+                None,
+                ask("approve", "r1", Some("99999999999d")),
+                Ok((Approve, s("12h"), s("99999999999d"))),
+            ),
+            (
+                None,
+                None,
+                ask("approve", "r1", Some("0h")),
+                Err("not a positive whole number"),
+            ),
+            (
+                None,
+                None,
+                ask("approve", "r1", Some("-1h")),
+                Err("not a positive whole number"),
+            ),
+            (
+                None,
+                None,
+                ask("approve", "r1", Some("1h30m")),
+                Err("not a positive whole number"),
+            ),
+            (
+                None,
+                None,
+                ask("revoke", "r1", Some("2h")),
+                Ok((Revoke, None, None)),
+            ),
+            (
+                None,
+                None,
+                ask("deny", "r1", None),
+                Err("`deny` is not allowed"),
+            ),
             (None, None, ask("grant", "r1", None), Err("unknown action")),
-            (None, None, ask("approve", "../../x", None), Err("request ID")),
+            (
+                None,
+                None,
+                ask("approve", "../../x", None),
+                Err("request ID"),
+            ),
             (None, None, ask("approve", "a%2Fb", None), Err("request ID")),
         ];
         for (i, (actors, actor, p, want)) in cases.into_iter().enumerate() {
@@ -197,7 +272,11 @@ mod tests {
             &[ask("approve", "ok-1", None), ask("approve", "bad/2", None)],
         );
         assert!(got.is_err());
-        let twice = decide(&policy(None), None, &[ask("approve", "a", None), ask("approve", "a", None)]);
+        let twice = decide(
+            &policy(None),
+            None,
+            &[ask("approve", "a", None), ask("approve", "a", None)],
+        );
         assert_eq!(twice.map(|d| d.len()), Ok(1));
     }
 }

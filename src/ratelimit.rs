@@ -54,7 +54,10 @@ mod tests {
         assert!(l.check("a").is_ok());
         assert!(l.check("a").is_ok());
         let wait = l.check("a").unwrap_err();
-        assert!(wait > Duration::ZERO && wait <= Duration::from_millis(500), "{wait:?}");
+        assert!(
+            wait > Duration::ZERO && wait <= Duration::from_millis(500),
+            "{wait:?}"
+        );
         assert!(l.check("b").is_ok());
         let off = KeyedLimit::per_second(0, 2);
         assert!((0..10_000).all(|_| off.check("a").is_ok()));

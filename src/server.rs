@@ -80,7 +80,9 @@ pub async fn serve(
                 let timeout = limits.header_read_timeout;
                 let watcher = graceful.watcher();
                 tokio::spawn(async move {
-                    let Ok(Ok(stream)) = tokio::time::timeout(timeout, acceptor.accept(stream)).await else {
+                    let Ok(Ok(stream)) =
+                        tokio::time::timeout(timeout, acceptor.accept(stream)).await
+                    else {
                         return;
                     };
                     let conn = http.serve_connection(TokioIo::new(stream), service);
@@ -91,7 +93,10 @@ pub async fn serve(
         }
     }
     drop(listener);
-    if tokio::time::timeout(drain, graceful.shutdown()).await.is_err() {
+    if tokio::time::timeout(drain, graceful.shutdown())
+        .await
+        .is_err()
+    {
         tracing::warn!("connections still open at the shutdown deadline were closed");
     }
 }
@@ -104,7 +109,8 @@ pub fn tls_acceptor(cert: &std::path::Path, key: &std::path::Path) -> Result<Tls
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
         .and_then(|it| it.collect())
         .map_err(|e| format!("{}: cannot read certificates: {e}", cert.display()))?;
-    let key = PrivateKeyDer::from_pem_file(key).map_err(|e| format!("{}: cannot read private key: {e}", key.display()))?;
+    let key = PrivateKeyDer::from_pem_file(key)
+        .map_err(|e| format!("{}: cannot read private key: {e}", key.display()))?;
     let config = rustls::ServerConfig::builder()
         .with_no_client_auth()
         .with_single_cert(certs, key)

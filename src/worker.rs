@@ -74,7 +74,9 @@ impl Worker {
                 Duration::ZERO
             } else {
                 match this.store.next_due().await {
-                    Ok(Some(due)) => Duration::from_millis((due - now_ms()).max(0) as u64).min(IDLE_POLL),
+                    Ok(Some(due)) => {
+                        Duration::from_millis((due - now_ms()).max(0) as u64).min(IDLE_POLL)
+                    }
                     _ => IDLE_POLL,
                 }
             };
@@ -102,7 +104,11 @@ impl Worker {
         self.pacing.wait(&job.org).await;
         let started = Instant::now();
         let action = job.action;
-        let outcome = match (&self.client, Id::parse(&job.org), Id::parse(&job.request_id)) {
+        let outcome = match (
+            &self.client,
+            Id::parse(&job.org),
+            Id::parse(&job.request_id),
+        ) {
             (None, _, _) => {
                 tracing::info!(
                     job_id = job.id, action = %action, org = %job.org, request_id = %job.request_id,
@@ -112,10 +118,18 @@ impl Worker {
                 None
             }
             (Some(client), Ok(org), Ok(id)) => {
-                let o = client.send(&org, &id, action, job.expiration.as_deref()).await;
+                let o = client
+                    .send(&org, &id, action, job.expiration.as_deref())
+                    .await;
                 let secs = started.elapsed().as_secs_f64();
-                self.metrics.p0_requests.with_label_values(&[action.as_str(), o.label()]).inc();
-                self.metrics.p0_request_duration.with_label_values(&[action.as_str()]).observe(secs);
+                self.metrics
+                    .p0_requests
+                    .with_label_values(&[action.as_str(), o.label()])
+                    .inc();
+                self.metrics
+                    .p0_request_duration
+                    .with_label_values(&[action.as_str()])
+                    .observe(secs);
                 Some(o)
             }
             (Some(_), _, _) => Some(Outcome::Rejected {
@@ -174,11 +188,14 @@ impl Worker {
                 rec.state = State::Dead;
                 rec.error = Some(format!("P0 rejected the API token: {error}"));
             }
-            Outcome::Transient { error, retry_after, .. } => {
+            Outcome::Transient {
+                error, retry_after, ..
+            } => {
                 rec.error = Some(error);
                 let delay = backoff(&self.retry, attempts, retry_after);
                 let age = Duration::from_millis((now - job.window_start_ms).max(0) as u64);
-                let out_of_attempts = self.retry.max_attempts > 0 && attempts >= self.retry.max_attempts;
+                let out_of_attempts =
+                    self.retry.max_attempts > 0 && attempts >= self.retry.max_attempts;
                 if out_of_attempts || age + delay > self.retry.max_age {
                     rec.state = State::Dead;
                 } else {
@@ -200,7 +217,6 @@ pub fn backoff(retry: &RetrySettings, attempt: u32, retry_after: Option<Duration
     let jittered = Duration::from_millis(rand::random_range(0..=ceiling.as_millis() as u64));
     jittered.max(retry_after.unwrap_or(Duration::ZERO))
 }
-
 
 #[cfg(test)]
 mod tests {

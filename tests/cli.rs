@@ -20,14 +20,22 @@ fn relay(args: &[&str], vars: &[(&str, &str)]) -> Output {
 }
 
 fn text(o: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
 }
 
 #[test]
 fn check_passes_on_the_shipped_config_with_its_environment_set() {
     let o = relay(&["check", "--env-file", "demo.env"], &[]);
     assert!(o.status.success(), "{}", text(&o));
-    assert!(text(&o).contains("relay.yaml: valid, 3 mapping(s)"), "{}", text(&o));
+    assert!(
+        text(&o).contains("relay.yaml: valid, 3 mapping(s)"),
+        "{}",
+        text(&o)
+    );
 }
 
 #[test]
@@ -60,8 +68,14 @@ fn check_names_the_file_rule_and_field_of_a_bad_mapping() {
     let o = relay(&["check", "--config", config.to_str().unwrap()], &[]);
     assert_eq!(o.status.code(), Some(1));
     let out = text(&o);
-    assert!(out.contains("custom.yaml: rule `broken`: when[0]: `$.a[` is not valid JSONPath"), "{out}");
-    assert!(out.contains("custom.yaml: rule `broken`: request_id: `(` is not a valid regex"), "{out}");
+    assert!(
+        out.contains("custom.yaml: rule `broken`: when[0]: `$.a[` is not valid JSONPath"),
+        "{out}"
+    );
+    assert!(
+        out.contains("custom.yaml: rule `broken`: request_id: `(` is not a valid regex"),
+        "{out}"
+    );
 }
 
 #[test]
@@ -74,7 +88,11 @@ fn a_source_without_verification_refuses_unless_marked_insecure() {
     let config = dir.path().join("relay.yaml");
     let o = relay(&["check", "--config", config.to_str().unwrap()], &[]);
     assert_eq!(o.status.code(), Some(1));
-    assert!(text(&o).contains("open.yaml: verify: missing"), "{}", text(&o));
+    assert!(
+        text(&o).contains("open.yaml: verify: missing"),
+        "{}",
+        text(&o)
+    );
 
     std::fs::write(
         dir.path().join("mappings/open.yaml"),
@@ -91,8 +109,14 @@ fn test_runs_every_mapping_case() {
     let o = relay(&["test", "--env-file", "demo.env"], &[]);
     let out = text(&o);
     assert!(o.status.success(), "{out}");
-    assert!(out.contains("ok   github: an approver's comment command approves for the asked duration"), "{out}");
-    let last = out.lines().rfind(|l| l.contains("passed")).unwrap_or_default();
+    assert!(
+        out.contains("ok   github: an approver's comment command approves for the asked duration"),
+        "{out}"
+    );
+    let last = out
+        .lines()
+        .rfind(|l| l.contains("passed"))
+        .unwrap_or_default();
     assert!(last.ends_with(" passed, 0 failed"), "{last}");
     let passed: usize = last.split(' ').next().unwrap().parse().unwrap();
     assert!(passed >= 25, "{last}");
@@ -120,7 +144,10 @@ tests:
     .unwrap();
     std::fs::write(dir.path().join("relay.yaml"), "p0: { org: acme }\n").unwrap();
     let config = dir.path().join("relay.yaml");
-    let o = relay(&["test", "--config", config.to_str().unwrap(), "custom"], &[]);
+    let o = relay(
+        &["test", "--config", config.to_str().unwrap(), "custom"],
+        &[],
+    );
     assert_eq!(o.status.code(), Some(1));
     let out = text(&o);
     assert!(out.contains("ok   custom: right"), "{out}");
@@ -146,15 +173,26 @@ fn explain_says_why_each_rule_did_or_did_not_match() {
     let out = text(&o);
     assert!(o.status.success(), "{out}");
     assert!(out.contains("no    rule `comment-command`: condition 1 failed: header x-github-event equals `issue_comment` (saw `pull_request_review`)"), "{out}");
-    assert!(out.contains("no    rule `review-command`: no /p0 command in $.review.body"), "{out}");
+    assert!(
+        out.contains("no    rule `review-command`: no /p0 command in $.review.body"),
+        "{out}"
+    );
     assert!(out.contains("MATCH rule `approved-review`"), "{out}");
-    assert!(out.contains("decision: rule `approved-review` decided [approve req-456 1h in org demo-org]"), "{out}");
+    assert!(
+        out.contains(
+            "decision: rule `approved-review` decided [approve req-456 1h in org demo-org]"
+        ),
+        "{out}"
+    );
     assert!(!out.contains("demo-github-secret"), "{out}");
 }
 
 #[test]
 fn serve_without_a_token_refuses_to_start_naming_the_setting() {
-    let o = relay(&["serve", "--env-file", "demo.env"], &[("P0_RELAY_DB", "/nonexistent/x.db")]);
+    let o = relay(
+        &["serve", "--env-file", "demo.env"],
+        &[("P0_RELAY_DB", "/nonexistent/x.db")],
+    );
     assert_eq!(o.status.code(), Some(1));
     assert!(text(&o).contains("P0_API_TOKEN"), "{}", text(&o));
 }

@@ -14,13 +14,23 @@ use wiremock::matchers::method;
 use wiremock::{Mock, MockServer, ResponseTemplate};
 
 fn comment_hook(delivery: &str, command: &str) -> Hook {
-    Hook::github("issue_comment", delivery, &github_comment(command, "octocat"), GITHUB_SECRET_NEW)
+    Hook::github(
+        "issue_comment",
+        delivery,
+        &github_comment(command, "octocat"),
+        GITHUB_SECRET_NEW,
+    )
 }
 
 fn ids(calls: &[wiremock::Request]) -> BTreeMap<String, usize> {
     let mut counts = BTreeMap::new();
     for c in calls {
-        let id = c.url.path_segments().and_then(|s| s.rev().nth(1)).unwrap_or("").to_owned();
+        let id = c
+            .url
+            .path_segments()
+            .and_then(|s| s.rev().nth(1))
+            .unwrap_or("")
+            .to_owned();
         *counts.entry(id).or_insert(0) += 1;
     }
     counts
@@ -51,15 +61,29 @@ async fn five_503s_then_200_make_exactly_one_successful_call() {
     let (status, _) = t.post(&comment_hook("r-1", "/p0 approve req-1 2h")).await;
     assert_eq!(status, 202);
     let calls = t.wait_for_calls(6).await;
-    assert_eq!(t.settle().await.len(), 6, "five failures and one success, nothing more");
-    assert!(summarize(&calls).iter().all(|c| *c == call("approve", "req-1", json!({"expirationLength": "2h"}))));
+    assert_eq!(
+        t.settle().await.len(),
+        6,
+        "five failures and one success, nothing more"
+    );
+    assert!(
+        summarize(&calls)
+            .iter()
+            .all(|c| *c == call("approve", "req-1", json!({"expirationLength": "2h"})))
+    );
     tokio::time::sleep(Duration::from_millis(1200)).await;
     let m = |l: &'static str| {
         let t = &t;
         async move { t.metric(l).await }
     };
-    assert_eq!(m("p0_relay_p0_requests_total{action=\"approve\",result=\"transient\"}").await, Some(5.0));
-    assert_eq!(m("p0_relay_p0_requests_total{action=\"approve\",result=\"success\"}").await, Some(1.0));
+    assert_eq!(
+        m("p0_relay_p0_requests_total{action=\"approve\",result=\"transient\"}").await,
+        Some(5.0)
+    );
+    assert_eq!(
+        m("p0_relay_p0_requests_total{action=\"approve\",result=\"success\"}").await,
+        Some(1.0)
+    );
     assert_eq!(m("p0_relay_retries_total").await, Some(5.0));
     assert_eq!(m("p0_relay_queue_depth").await, Some(0.0));
 }
@@ -68,14 +92,18 @@ async fn five_503s_then_200_make_exactly_one_successful_call() {
 async fn webhooks_accepted_while_p0_is_unreachable_all_arrive_once_it_is_back() {
     // Nothing listens on this port until P0 "comes back".
     let port = free_port();
-    let mut setup = Setup::default();
-    setup.p0_extra = "  concurrency: 8\n".into();
+    let setup = Setup {
+        p0_extra: "  concurrency: 8\n".into(),
+        ..Setup::default()
+    };
     let p0_url = format!("http://127.0.0.1:{port}");
     let dir = tempfile::tempdir().unwrap();
     let config = write_config(dir.path(), &p0_url, &setup);
     let env = p0_relay::config::env::Env::default().overlay(&test_env(&[]));
     let settings = p0_relay::config::Settings::load(&config, &env).unwrap();
-    let relay = p0_relay::app::Relay::start(settings, env, Default::default()).await.unwrap();
+    let relay = p0_relay::app::Relay::start(settings, env, Default::default())
+        .await
+        .unwrap();
     let http = client();
     for i in 0..50 {
         let hook = comment_hook(&format!("down-{i}"), &format!("/p0 approve req-{i} 1h"));
@@ -83,22 +111,19 @@ async fn webhooks_accepted_while_p0_is_unreachable_all_arrive_once_it_is_back() 
         for (k, v) in &hook.headers {
             req = req.header(k, v);
         }
-        assert_eq!(req.body(hook.body).send().await.unwrap().status().as_u16(), 202);
+        assert_eq!(
+            req.body(hook.body).send().await.unwrap().status().as_u16(),
+            202
+        );
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
     let listener = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
     let p0 = MockServer::builder().listener(listener).start().await;
-    Mock::given(method("POST")).respond_with(ResponseTemplate::new(200)).mount(&p0).await;
-    let mut calls = Vec::new();
-    for _ in 0..400 {
-        calls = p0.received_requests().await.unwrap_or_default();
-        if calls.len() >= 50 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let counts = ids(&p0.received_requests().await.unwrap_or_default());
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(200))
+        .mount(&p0)
+        .await;
+    let counts = ids(&received_at_least(&p0, 50).await);
     assert_eq!(counts.len(), 50, "every decision arrived: {counts:?}");
     assert!(counts.values().all(|&n| n == 1), "none twice: {counts:?}");
     relay.stop().await;
@@ -122,31 +147,40 @@ async fn after_kill_9_every_accepted_decision_reaches_p0_once_except_those_in_fl
     let log = dir.path().join("relay.log");
     let relay = BinRelay::start(&config, &vars, log.clone(), &[]).await;
     for i in 0..20 {
-        let (status, answer) = relay.post(&comment_hook(&format!("k-{i}"), &format!("/p0 revoke req-{i}"))).await;
+        let (status, answer) = relay
+            .post(&comment_hook(
+                &format!("k-{i}"),
+                &format!("/p0 revoke req-{i}"),
+            ))
+            .await;
         assert_eq!(status, 202, "{answer}");
     }
     relay.signal("KILL");
     relay.wait();
     let in_flight = ids(&slow.received_requests().await.unwrap_or_default());
-    assert!(in_flight.len() <= 2, "at most `concurrency` calls were in flight: {in_flight:?}");
+    assert!(
+        in_flight.len() <= 2,
+        "at most `concurrency` calls were in flight: {in_flight:?}"
+    );
 
     // Restarted on the same store against a P0 "B" that answers at once.
     let fast = MockServer::start().await;
-    Mock::given(method("POST")).respond_with(ResponseTemplate::new(200)).mount(&fast).await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(200))
+        .mount(&fast)
+        .await;
     let config = write_config(dir.path(), &fast.uri(), &setup);
     let relay = BinRelay::start(&config, &vars, log.clone(), &[]).await;
-    let mut counts = BTreeMap::new();
-    for _ in 0..400 {
-        counts = ids(&fast.received_requests().await.unwrap_or_default());
-        if counts.len() >= 20 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let counts = ids(&fast.received_requests().await.unwrap_or_default());
-    assert_eq!(counts.len(), 20, "every accepted decision reached P0: {counts:?}");
-    assert!(counts.values().all(|&n| n == 1), "none twice after the restart: {counts:?}");
+    let counts = ids(&received_at_least(&fast, 20).await);
+    assert_eq!(
+        counts.len(),
+        20,
+        "every accepted decision reached P0: {counts:?}"
+    );
+    assert!(
+        counts.values().all(|&n| n == 1),
+        "none twice after the restart: {counts:?}"
+    );
     relay.signal("TERM");
     assert_eq!(relay.wait(), Some(0));
 }
@@ -168,14 +202,25 @@ async fn the_same_delivery_twice_and_the_same_decision_twice_each_make_one_call(
     assert_eq!(a3["decisions"][0]["job_id"], a1["decisions"][0]["job_id"]);
     t.wait_for_calls(1).await;
     assert_eq!(t.settle().await.len(), 1);
-    assert_eq!(t.metric("p0_relay_webhooks_total{outcome=\"duplicate\",source=\"github\"}").await, Some(1.0));
+    assert_eq!(
+        t.metric("p0_relay_webhooks_total{outcome=\"duplicate\",source=\"github\"}")
+            .await,
+        Some(1.0)
+    );
 }
 
 #[tokio::test]
 async fn approve_revoke_approve_is_three_calls() {
     let t = spawn().await;
     t.p0_ok().await;
-    for (i, cmd) in ["/p0 approve req-1 1h", "/p0 revoke req-1", "/p0 approve req-1 1h"].iter().enumerate() {
+    for (i, cmd) in [
+        "/p0 approve req-1 1h",
+        "/p0 revoke req-1",
+        "/p0 approve req-1 1h",
+    ]
+    .iter()
+    .enumerate()
+    {
         assert_eq!(t.post(&comment_hook(&format!("arb-{i}"), cmd)).await.0, 202);
         t.wait_for_calls(i + 1).await;
     }
@@ -191,7 +236,10 @@ async fn approve_revoke_approve_is_three_calls() {
 async fn a_400_from_p0_is_final_and_visible_in_jobs_show() {
     let t = spawn().await;
     Mock::given(method("POST"))
-        .respond_with(ResponseTemplate::new(400).set_body_json(json!({"error": "Invalid or expired request"})))
+        .respond_with(
+            ResponseTemplate::new(400)
+                .set_body_json(json!({"error": "Invalid or expired request"})),
+        )
         .mount(&t.p0)
         .await;
     let (status, answer) = t.post(&comment_hook("bad-1", "/p0 deny req-gone")).await;
@@ -200,12 +248,37 @@ async fn a_400_from_p0_is_final_and_visible_in_jobs_show() {
     t.wait_for_calls(1).await;
     assert_eq!(t.settle().await.len(), 1, "never retried");
     let db = t.dir.path().join("relay.db");
-    let (code, out) = run_cli(&["jobs", "--db", db.to_str().unwrap(), "show", &job.to_string()], &Default::default());
+    let (code, out) = run_cli(
+        &[
+            "jobs",
+            "--db",
+            db.to_str().unwrap(),
+            "show",
+            &job.to_string(),
+        ],
+        &Default::default(),
+    );
     assert_eq!(code, Some(0), "{out}");
-    assert!(out.contains(&format!("job {job}: deny req-gone in org {ORG} (rejected)")), "{out}");
-    assert!(out.contains("last error: Invalid or expired request"), "{out}");
+    assert!(
+        out.contains(&format!("job {job}: deny req-gone in org {ORG} (rejected)")),
+        "{out}"
+    );
+    assert!(
+        out.contains("last error: Invalid or expired request"),
+        "{out}"
+    );
     assert!(out.contains("rejected     status 400"), "{out}");
-    let (_, list) = run_cli(&["jobs", "--db", db.to_str().unwrap(), "list", "--state", "rejected"], &Default::default());
+    let (_, list) = run_cli(
+        &[
+            "jobs",
+            "--db",
+            db.to_str().unwrap(),
+            "list",
+            "--state",
+            "rejected",
+        ],
+        &Default::default(),
+    );
     assert!(list.contains("req-gone"), "{list}");
 }
 
@@ -223,7 +296,9 @@ async fn a_dead_letter_is_delivered_by_jobs_replay() {
         .mount(&t.p0)
         .await;
     t.p0_ok().await;
-    let (_, answer) = t.post(&comment_hook("dead-1", "/p0 approve req-7 3h")).await;
+    let (_, answer) = t
+        .post(&comment_hook("dead-1", "/p0 approve req-7 3h"))
+        .await;
     let job = answer["decisions"][0]["job_id"].as_i64().unwrap();
     t.wait_for_calls(1).await;
     assert_eq!(t.settle().await.len(), 1, "a 401 is not retried");
@@ -234,12 +309,28 @@ async fn a_dead_letter_is_delivered_by_jobs_replay() {
     assert_eq!(t.metric("p0_relay_dead_letters").await, Some(1.0));
 
     let db = t.dir.path().join("relay.db");
-    let (code, out) = run_cli(&["jobs", "--db", db.to_str().unwrap(), "replay", &job.to_string()], &Default::default());
+    let (code, out) = run_cli(
+        &[
+            "jobs",
+            "--db",
+            db.to_str().unwrap(),
+            "replay",
+            &job.to_string(),
+        ],
+        &Default::default(),
+    );
     assert_eq!(code, Some(0), "{out}");
     assert!(out.contains(&format!("queued again: [{job}]")), "{out}");
     let calls = t.wait_for_calls(2).await;
-    assert_eq!(summarize(&calls)[1], call("approve", "req-7", json!({"expirationLength": "3h"})));
-    assert_eq!(t.get("/readyz").await.0, 200, "a success shows the token works again");
+    assert_eq!(
+        summarize(&calls)[1],
+        call("approve", "req-7", json!({"expirationLength": "3h"}))
+    );
+    assert_eq!(
+        t.get("/readyz").await.0,
+        200,
+        "a success shows the token works again"
+    );
     let detail = open_store(&db).show(job).unwrap().unwrap();
     assert_eq!(detail.job.state, "succeeded");
     assert_eq!(detail.attempts.len(), 2);
@@ -252,12 +343,18 @@ async fn transient_failures_past_the_attempt_limit_are_dead_lettered() {
         ..Setup::default()
     })
     .await;
-    Mock::given(method("POST")).respond_with(ResponseTemplate::new(500)).mount(&t.p0).await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(500))
+        .mount(&t.p0)
+        .await;
     let (_, answer) = t.post(&comment_hook("lim-1", "/p0 approve req-8")).await;
     let job = answer["decisions"][0]["job_id"].as_i64().unwrap();
     t.wait_for_calls(3).await;
     assert_eq!(t.settle().await.len(), 3);
-    let detail = open_store(&t.dir.path().join("relay.db")).show(job).unwrap().unwrap();
+    let detail = open_store(&t.dir.path().join("relay.db"))
+        .show(job)
+        .unwrap()
+        .unwrap();
     assert_eq!(detail.job.state, "dead");
 }
 
@@ -272,8 +369,14 @@ async fn a_stop_lets_calls_in_flight_finish() {
     let job = answer["decisions"][0]["job_id"].as_i64().unwrap();
     t.wait_for_calls(1).await;
     t.stop().await;
-    let detail = open_store(&t.dir.path().join("relay.db")).show(job).unwrap().unwrap();
-    assert_eq!(detail.job.state, "succeeded", "the call in flight was finished and recorded");
+    let detail = open_store(&t.dir.path().join("relay.db"))
+        .show(job)
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        detail.job.state, "succeeded",
+        "the call in flight was finished and recorded"
+    );
 }
 
 /// A store whose disk is gone: every write fails.
@@ -284,13 +387,25 @@ impl Store for BrokenStore {
         &mut self,
         _: &[p0_relay::store::NewDelivery],
         _: i64,
-    ) -> Result<Vec<Result<p0_relay::store::Accepted, p0_relay::store::StoreError>>, p0_relay::store::StoreError> {
-        Err(p0_relay::store::StoreError::Invalid("disk I/O error".into()))
+    ) -> Result<
+        Vec<Result<p0_relay::store::Accepted, p0_relay::store::StoreError>>,
+        p0_relay::store::StoreError,
+    > {
+        Err(p0_relay::store::StoreError::Invalid(
+            "disk I/O error".into(),
+        ))
     }
-    fn claim_due(&mut self, _: i64, _: usize) -> Result<Vec<p0_relay::store::Job>, p0_relay::store::StoreError> {
+    fn claim_due(
+        &mut self,
+        _: i64,
+        _: usize,
+    ) -> Result<Vec<p0_relay::store::Job>, p0_relay::store::StoreError> {
         Ok(Vec::new())
     }
-    fn record(&mut self, _: &[p0_relay::store::AttemptRecord]) -> Result<(), p0_relay::store::StoreError> {
+    fn record(
+        &mut self,
+        _: &[p0_relay::store::AttemptRecord],
+    ) -> Result<(), p0_relay::store::StoreError> {
         Ok(())
     }
     fn next_due(&mut self) -> Result<Option<i64>, p0_relay::store::StoreError> {
@@ -302,13 +417,23 @@ impl Store for BrokenStore {
     fn counts(&mut self) -> Result<p0_relay::store::Counts, p0_relay::store::StoreError> {
         Ok(Default::default())
     }
-    fn list(&mut self, _: &p0_relay::store::ListFilter) -> Result<Vec<p0_relay::store::JobSummary>, p0_relay::store::StoreError> {
+    fn list(
+        &mut self,
+        _: &p0_relay::store::ListFilter,
+    ) -> Result<Vec<p0_relay::store::JobSummary>, p0_relay::store::StoreError> {
         Ok(Vec::new())
     }
-    fn show(&mut self, _: i64) -> Result<Option<p0_relay::store::JobDetail>, p0_relay::store::StoreError> {
+    fn show(
+        &mut self,
+        _: i64,
+    ) -> Result<Option<p0_relay::store::JobDetail>, p0_relay::store::StoreError> {
         Ok(None)
     }
-    fn replay(&mut self, _: p0_relay::store::Replay, _: i64) -> Result<Vec<i64>, p0_relay::store::StoreError> {
+    fn replay(
+        &mut self,
+        _: p0_relay::store::Replay,
+        _: i64,
+    ) -> Result<Vec<i64>, p0_relay::store::StoreError> {
         Ok(Vec::new())
     }
     fn prune(&mut self, _: i64) -> Result<usize, p0_relay::store::StoreError> {
@@ -325,7 +450,8 @@ async fn a_store_that_cannot_write_answers_503_and_readyz_says_why() {
     let config = write_config(dir.path(), "http://127.0.0.1:9", &Setup::default());
     let settings = Settings::load(&config, &env).unwrap();
     let mappings = MappingSet::load(&settings.mappings_dir, &env, &settings.defaults).unwrap();
-    let (store, _thread) = p0_relay::store::StoreHandle::spawn(Box::new(BrokenStore), true).unwrap();
+    let (store, _thread) =
+        p0_relay::store::StoreHandle::spawn(Box::new(BrokenStore), true).unwrap();
     let receiver = Arc::new(p0_relay::receiver::Receiver {
         mappings: Arc::new(arc_swap::ArcSwap::from_pointee(mappings)),
         store,
@@ -346,8 +472,23 @@ async fn a_store_that_cannot_write_answers_503_and_readyz_says_why() {
     }
     let resp = req.body(hook.body).send().await.unwrap();
     assert_eq!(resp.status().as_u16(), 503);
-    assert_eq!(resp.headers().get("retry-after").and_then(|v| v.to_str().ok()), Some("5"));
-    let ready = client().get(format!("http://{addr}/readyz")).send().await.unwrap();
+    assert_eq!(
+        resp.headers()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok()),
+        Some("5")
+    );
+    let ready = client()
+        .get(format!("http://{addr}/readyz"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(ready.status().as_u16(), 503);
-    assert!(ready.text().await.unwrap().contains("store not writable: disk I/O error"));
+    assert!(
+        ready
+            .text()
+            .await
+            .unwrap()
+            .contains("store not writable: disk I/O error")
+    );
 }

@@ -12,7 +12,12 @@ async fn github_comment_command_signed_with_the_older_secret_approves() {
     t.p0_ok().await;
     let body = testdata("github/issue_comment_created.json");
     let (status, answer) = t
-        .post(&Hook::github("issue_comment", "gh-delivery-1", &body, GITHUB_SECRET_OLD))
+        .post(&Hook::github(
+            "issue_comment",
+            "gh-delivery-1",
+            &body,
+            GITHUB_SECRET_OLD,
+        ))
         .await;
     assert_eq!(status, 202, "{answer}");
     assert_eq!(answer["status"], "accepted");
@@ -20,19 +25,31 @@ async fn github_comment_command_signed_with_the_older_secret_approves() {
     assert_eq!(answer["delivery"], "gh-delivery-1");
     let d = &answer["decisions"][0];
     assert_eq!(
-        (d["action"].as_str(), d["request_id"].as_str(), d["expiration"].as_str(), d["org"].as_str()),
+        (
+            d["action"].as_str(),
+            d["request_id"].as_str(),
+            d["expiration"].as_str(),
+            d["org"].as_str()
+        ),
         (Some("approve"), Some("req-123"), Some("2h"), Some(ORG))
     );
     assert!(d["job_id"].as_i64().is_some());
     let calls = t.wait_for_calls(1).await;
     assert_eq!(calls[0].method.as_str(), "POST");
     assert_eq!(
-        calls[0].headers.get("content-type").and_then(|v| v.to_str().ok()),
+        calls[0]
+            .headers
+            .get("content-type")
+            .and_then(|v| v.to_str().ok()),
         Some("application/json")
     );
     assert_eq!(
         summarize(&calls),
-        vec![call("approve", "req-123", json!({"expirationLength": "2h"}))]
+        vec![call(
+            "approve",
+            "req-123",
+            json!({"expirationLength": "2h"})
+        )]
     );
     assert_eq!(t.settle().await.len(), 1, "exactly one call");
 }
@@ -43,14 +60,23 @@ async fn github_approved_review_of_a_pull_request_naming_its_request_approves() 
     t.p0_ok().await;
     let body = testdata("github/pull_request_review_approved.json");
     let (status, answer) = t
-        .post(&Hook::github("pull_request_review", "gh-review-1", &body, GITHUB_SECRET_NEW))
+        .post(&Hook::github(
+            "pull_request_review",
+            "gh-review-1",
+            &body,
+            GITHUB_SECRET_NEW,
+        ))
         .await;
     assert_eq!(status, 202, "{answer}");
     assert_eq!(answer["rule"], "approved-review");
     let calls = t.wait_for_calls(1).await;
     assert_eq!(
         summarize(&calls),
-        vec![call("approve", "req-456", json!({"expirationLength": "1h"}))]
+        vec![call(
+            "approve",
+            "req-456",
+            json!({"expirationLength": "1h"})
+        )]
     );
 }
 
@@ -59,13 +85,26 @@ async fn github_form_encoded_delivery_works() {
     let t = spawn().await;
     t.p0_ok().await;
     let json_body = testdata("github/issue_comment_created.json");
-    let form = serde_urlencoded::to_string([("payload", String::from_utf8(json_body).unwrap())]).unwrap();
-    let hook = Hook::github("issue_comment", "gh-form-1", form.as_bytes(), GITHUB_SECRET_NEW)
-        .header("Content-Type", "application/x-www-form-urlencoded");
+    let form =
+        serde_urlencoded::to_string([("payload", String::from_utf8(json_body).unwrap())]).unwrap();
+    let hook = Hook::github(
+        "issue_comment",
+        "gh-form-1",
+        form.as_bytes(),
+        GITHUB_SECRET_NEW,
+    )
+    .header("Content-Type", "application/x-www-form-urlencoded");
     let (status, answer) = t.post(&hook).await;
     assert_eq!(status, 202, "{answer}");
     let calls = t.wait_for_calls(1).await;
-    assert_eq!(summarize(&calls), vec![call("approve", "req-123", json!({"expirationLength": "2h"}))]);
+    assert_eq!(
+        summarize(&calls),
+        vec![call(
+            "approve",
+            "req-123",
+            json!({"expirationLength": "2h"})
+        )]
+    );
 }
 
 #[tokio::test]
@@ -76,7 +115,14 @@ async fn pagerduty_note_command_approves() {
     let (status, answer) = t.post(&Hook::pagerduty("pd-note-1", &body)).await;
     assert_eq!(status, 202, "{answer}");
     let calls = t.wait_for_calls(1).await;
-    assert_eq!(summarize(&calls), vec![call("approve", "req-321", json!({"expirationLength": "30m"}))]);
+    assert_eq!(
+        summarize(&calls),
+        vec![call(
+            "approve",
+            "req-321",
+            json!({"expirationLength": "30m"})
+        )]
+    );
 }
 
 #[tokio::test]
@@ -84,12 +130,18 @@ async fn pagerduty_acknowledge_then_resolve_approves_then_revokes() {
     let t = spawn().await;
     t.p0_ok().await;
     let (status, _) = t
-        .post(&Hook::pagerduty("pd-ack-1", &testdata("pagerduty/incident_acknowledged.json")))
+        .post(&Hook::pagerduty(
+            "pd-ack-1",
+            &testdata("pagerduty/incident_acknowledged.json"),
+        ))
         .await;
     assert_eq!(status, 202);
     t.wait_for_calls(1).await;
     let (status, answer) = t
-        .post(&Hook::pagerduty("pd-res-1", &testdata("pagerduty/incident_resolved.json")))
+        .post(&Hook::pagerduty(
+            "pd-res-1",
+            &testdata("pagerduty/incident_resolved.json"),
+        ))
         .await;
     assert_eq!(status, 202, "{answer}");
     let calls = t.wait_for_calls(2).await;
@@ -106,11 +158,14 @@ async fn pagerduty_acknowledge_then_resolve_approves_then_revokes() {
 async fn opsgenie_acknowledge_then_close_approves_then_revokes() {
     let t = spawn().await;
     t.p0_ok().await;
-    let (status, _) = t.post(&Hook::opsgenie(&testdata("opsgenie/acknowledge.json"))).await;
+    let (status, _) = t
+        .post(&Hook::opsgenie(&testdata("opsgenie/acknowledge.json")))
+        .await;
     assert_eq!(status, 202);
     t.wait_for_calls(1).await;
     // The X-Relay-Token header works as well as a bearer token.
-    let mut hook = Hook::opsgenie(&testdata("opsgenie/close.json")).header("X-Relay-Token", OG_TOKEN);
+    let mut hook =
+        Hook::opsgenie(&testdata("opsgenie/close.json")).header("X-Relay-Token", OG_TOKEN);
     hook.headers.retain(|(k, _)| k != "Authorization");
     let (status, answer) = t.post(&hook).await;
     assert_eq!(status, 202, "{answer}");
@@ -128,10 +183,19 @@ async fn opsgenie_acknowledge_then_close_approves_then_revokes() {
 async fn opsgenie_note_command_approves() {
     let t = spawn().await;
     t.p0_ok().await;
-    let (status, answer) = t.post(&Hook::opsgenie(&testdata("opsgenie/addnote.json"))).await;
+    let (status, answer) = t
+        .post(&Hook::opsgenie(&testdata("opsgenie/addnote.json")))
+        .await;
     assert_eq!(status, 202, "{answer}");
     let calls = t.wait_for_calls(1).await;
-    assert_eq!(summarize(&calls), vec![call("approve", "req-987", json!({"expirationLength": "2h"}))]);
+    assert_eq!(
+        summarize(&calls),
+        vec![call(
+            "approve",
+            "req-987",
+            json!({"expirationLength": "2h"})
+        )]
+    );
 }
 
 #[tokio::test]
@@ -140,8 +204,23 @@ async fn what_is_not_for_the_relay_gets_its_answer_and_no_call() {
     t.p0_ok().await;
     let comment = testdata("github/issue_comment_created.json");
     let cases: Vec<(&str, Hook, u16, &str)> = vec![
-        ("github ping", Hook::github("ping", "g-ping", &testdata("github/ping.json"), GITHUB_SECRET_NEW), 200, "ignored"),
-        ("pagerduty ping", Hook::pagerduty("pd-ping", &testdata("pagerduty/ping.json")), 200, "ignored"),
+        (
+            "github ping",
+            Hook::github(
+                "ping",
+                "g-ping",
+                &testdata("github/ping.json"),
+                GITHUB_SECRET_NEW,
+            ),
+            200,
+            "ignored",
+        ),
+        (
+            "pagerduty ping",
+            Hook::pagerduty("pd-ping", &testdata("pagerduty/ping.json")),
+            200,
+            "ignored",
+        ),
         (
             "unmapped event",
             Hook::pagerduty("pd-trig", &testdata("pagerduty/incident_triggered.json")),
@@ -150,19 +229,34 @@ async fn what_is_not_for_the_relay_gets_its_answer_and_no_call() {
         ),
         (
             "a stranger's command",
-            Hook::github("issue_comment", "g-stranger", &github_comment("/p0 approve req-123 2h", "mallory"), GITHUB_SECRET_NEW),
+            Hook::github(
+                "issue_comment",
+                "g-stranger",
+                &github_comment("/p0 approve req-123 2h", "mallory"),
+                GITHUB_SECRET_NEW,
+            ),
             200,
             "rejected",
         ),
         (
             "a path-traversing request ID",
-            Hook::github("issue_comment", "g-traversal", &github_comment("/p0 approve ../../x", "octocat"), GITHUB_SECRET_NEW),
+            Hook::github(
+                "issue_comment",
+                "g-traversal",
+                &github_comment("/p0 approve ../../x", "octocat"),
+                GITHUB_SECRET_NEW,
+            ),
             200,
             "rejected",
         ),
         (
             "malformed JSON, correctly signed",
-            Hook::github("issue_comment", "g-bad-json", b"{\"action\": \"created\",", GITHUB_SECRET_NEW),
+            Hook::github(
+                "issue_comment",
+                "g-bad-json",
+                b"{\"action\": \"created\",",
+                GITHUB_SECRET_NEW,
+            ),
             400,
             "invalid",
         ),
@@ -175,13 +269,23 @@ async fn what_is_not_for_the_relay_gets_its_answer_and_no_call() {
     ];
     for (what, hook, want_status, want_word) in cases {
         let (status, answer) = t.post(&hook).await;
-        assert_eq!((status, answer["status"].as_str()), (want_status, Some(want_word)), "{what}: {answer}");
+        assert_eq!(
+            (status, answer["status"].as_str()),
+            (want_status, Some(want_word)),
+            "{what}: {answer}"
+        );
         if want_word == "rejected" {
-            assert!(answer["reason"].as_str().is_some_and(|r| !r.is_empty()), "{what}: {answer}");
+            assert!(
+                answer["reason"].as_str().is_some_and(|r| !r.is_empty()),
+                "{what}: {answer}"
+            );
         }
     }
     let (status, answer) = t
-        .post(&Hook { source: "gitlab", ..Hook::github("push", "x", b"{}", GITHUB_SECRET_NEW) })
+        .post(&Hook {
+            source: "gitlab",
+            ..Hook::github("push", "x", b"{}", GITHUB_SECRET_NEW)
+        })
         .await;
     assert_eq!(status, 404, "{answer}");
     assert!(t.settle().await.is_empty(), "P0 must receive nothing");
@@ -198,7 +302,12 @@ async fn dry_run_records_decisions_and_calls_nothing() {
     t.p0_ok().await;
     let body = testdata("github/issue_comment_created.json");
     let (status, answer) = t
-        .post(&Hook::github("issue_comment", "dry-1", &body, GITHUB_SECRET_NEW))
+        .post(&Hook::github(
+            "issue_comment",
+            "dry-1",
+            &body,
+            GITHUB_SECRET_NEW,
+        ))
         .await;
     assert_eq!(status, 202, "{answer}");
     assert!(t.settle().await.is_empty());
@@ -207,8 +316,7 @@ async fn dry_run_records_decisions_and_calls_nothing() {
 #[tokio::test]
 async fn without_a_token_serve_refuses_to_start_unless_dry_run() {
     let dir = tempfile::tempdir().unwrap();
-    let env = p0_relay::config::env::Env::default()
-        .overlay(&test_env(&[("P0_API_TOKEN", "")]));
+    let env = p0_relay::config::env::Env::default().overlay(&test_env(&[("P0_API_TOKEN", "")]));
     let config = write_config(dir.path(), "http://127.0.0.1:9", &Setup::default());
     let settings = p0_relay::config::Settings::load(&config, &env).unwrap();
     let err = p0_relay::app::Relay::start(settings, env, Default::default())

@@ -12,7 +12,8 @@ use p0_relay::verify::sign_hex;
 use serde_json::json;
 
 fn pd_title(title: &str) -> Vec<u8> {
-    let mut v: serde_json::Value = serde_json::from_slice(&testdata("pagerduty/incident_acknowledged.json")).unwrap();
+    let mut v: serde_json::Value =
+        serde_json::from_slice(&testdata("pagerduty/incident_acknowledged.json")).unwrap();
     v["event"]["data"]["title"] = title.into();
     serde_json::to_vec(&v).unwrap()
 }
@@ -39,7 +40,8 @@ async fn hostile_input_gets_its_answer_and_never_reaches_p0() {
     let og = testdata("opsgenie/acknowledge.json");
 
     let mut dup = gh(&body);
-    dup.headers.push(("X-Hub-Signature-256".into(), good_sig.clone()));
+    dup.headers
+        .push(("X-Hub-Signature-256".into(), good_sig.clone()));
     let mut no_sig = gh(&body);
     no_sig.headers.retain(|(k, _)| k != "X-Hub-Signature-256");
     let mut og_none = Hook::opsgenie(&og);
@@ -47,41 +49,177 @@ async fn hostile_input_gets_its_answer_and_never_reaches_p0() {
 
     let cases: Vec<(&str, Hook, u16, &str)> = vec![
         // Forged signatures.
-        ("wrong secret", Hook::github("issue_comment", "d", &body, "guess"), 401, "unauthorized"),
-        ("wrong prefix", gh(&body).header("X-Hub-Signature-256", &good_sig.replace("sha256=", "sha1=")), 401, "unauthorized"),
-        ("truncated", gh(&body).header("X-Hub-Signature-256", &good_sig[..good_sig.len() - 2]), 401, "unauthorized"),
-        ("tampered body", gh(&body).header("X-Hub-Signature-256", &good_sig).tap(|h| h.body = tampered.clone()), 401, "unauthorized"),
-        ("empty header", gh(&body).header("X-Hub-Signature-256", ""), 401, "unauthorized"),
+        (
+            "wrong secret",
+            Hook::github("issue_comment", "d", &body, "guess"),
+            401,
+            "unauthorized",
+        ),
+        (
+            "wrong prefix",
+            gh(&body).header("X-Hub-Signature-256", &good_sig.replace("sha256=", "sha1=")),
+            401,
+            "unauthorized",
+        ),
+        (
+            "truncated",
+            gh(&body).header("X-Hub-Signature-256", &good_sig[..good_sig.len() - 2]),
+            401,
+            "unauthorized",
+        ),
+        (
+            "tampered body",
+            gh(&body)
+                .header("X-Hub-Signature-256", &good_sig)
+                .tap(|h| h.body = tampered.clone()),
+            401,
+            "unauthorized",
+        ),
+        (
+            "empty header",
+            gh(&body).header("X-Hub-Signature-256", ""),
+            401,
+            "unauthorized",
+        ),
         ("duplicate headers", dup, 401, "unauthorized"),
         ("missing header", no_sig, 401, "unauthorized"),
-        ("pagerduty wrong secret", Hook::pagerduty("p", &pd).header("X-PagerDuty-Signature", &format!("v1={}", sign_hex("guess", &pd))), 401, "unauthorized"),
-        ("pagerduty other scheme only", Hook::pagerduty("p", &pd).header("X-PagerDuty-Signature", &format!("v0={}", sign_hex(PD_SECRET, &pd))), 401, "unauthorized"),
-        ("opsgenie wrong token", Hook::opsgenie(&og).header("Authorization", "Bearer guess"), 401, "unauthorized"),
-        ("opsgenie basic auth", Hook::opsgenie(&og).header("Authorization", &format!("Basic {OG_TOKEN}")), 401, "unauthorized"),
+        (
+            "pagerduty wrong secret",
+            Hook::pagerduty("p", &pd).header(
+                "X-PagerDuty-Signature",
+                &format!("v1={}", sign_hex("guess", &pd)),
+            ),
+            401,
+            "unauthorized",
+        ),
+        (
+            "pagerduty other scheme only",
+            Hook::pagerduty("p", &pd).header(
+                "X-PagerDuty-Signature",
+                &format!("v0={}", sign_hex(PD_SECRET, &pd)),
+            ),
+            401,
+            "unauthorized",
+        ),
+        (
+            "opsgenie wrong token",
+            Hook::opsgenie(&og).header("Authorization", "Bearer guess"),
+            401,
+            "unauthorized",
+        ),
+        (
+            "opsgenie basic auth",
+            Hook::opsgenie(&og).header("Authorization", &format!("Basic {OG_TOKEN}")),
+            401,
+            "unauthorized",
+        ),
         ("opsgenie no token", og_none, 401, "unauthorized"),
         // A real sender, but not allowed.
-        ("stranger", Hook::github("issue_comment", "d", &github_comment("/p0 approve req-1 1h", "mallory"), GITHUB_SECRET_NEW), 200, "rejected"),
+        (
+            "stranger",
+            Hook::github(
+                "issue_comment",
+                "d",
+                &github_comment("/p0 approve req-1 1h", "mallory"),
+                GITHUB_SECRET_NEW,
+            ),
+            200,
+            "rejected",
+        ),
         // Request IDs that could reshape the URL or are not IDs.
         ("slash", gh(&comment("/p0 approve a/b")), 200, "rejected"),
-        ("dot-dot", gh(&comment("/p0 approve ../../x")), 200, "rejected"),
-        ("encoded slash", gh(&comment("/p0 approve a%2Fb")), 200, "rejected"),
-        ("whitespace", Hook::pagerduty("p", &pd_title("[p0:req 1] db")), 200, "rejected"),
-        ("tab", Hook::pagerduty("p", &pd_title("[p0:req\t1] db")), 200, "rejected"),
-        ("unicode", gh(&comment("/p0 approve réq-1")), 200, "rejected"),
-        ("500 chars", gh(&comment(&format!("/p0 approve {}", "a".repeat(500)))), 200, "rejected"),
-        ("query", gh(&comment("/p0 approve req?x=1")), 200, "rejected"),
+        (
+            "dot-dot",
+            gh(&comment("/p0 approve ../../x")),
+            200,
+            "rejected",
+        ),
+        (
+            "encoded slash",
+            gh(&comment("/p0 approve a%2Fb")),
+            200,
+            "rejected",
+        ),
+        (
+            "whitespace",
+            Hook::pagerduty("p", &pd_title("[p0:req 1] db")),
+            200,
+            "rejected",
+        ),
+        (
+            "tab",
+            Hook::pagerduty("p", &pd_title("[p0:req\t1] db")),
+            200,
+            "rejected",
+        ),
+        (
+            "unicode",
+            gh(&comment("/p0 approve réq-1")),
+            200,
+            "rejected",
+        ),
+        (
+            "500 chars",
+            gh(&comment(&format!("/p0 approve {}", "a".repeat(500)))),
+            200,
+            "rejected",
+        ),
+        (
+            "query",
+            gh(&comment("/p0 approve req?x=1")),
+            200,
+            "rejected",
+        ),
         // Expirations outside the grammar.
         ("0h", gh(&comment("/p0 approve req-1 0h")), 200, "rejected"),
-        ("-1h", gh(&comment("/p0 approve req-1 -1h")), 200, "rejected"),
-        ("1h30m", gh(&comment("/p0 approve req-1 1h30m")), 200, "rejected"),
-        ("1.5h", gh(&comment("/p0 approve req-1 1.5h")), 200, "rejected"),
+        (
+            "-1h",
+            gh(&comment("/p0 approve req-1 -1h")),
+            200,
+            "rejected",
+        ),
+        (
+            "1h30m",
+            gh(&comment("/p0 approve req-1 1h30m")),
+            200,
+            "rejected",
+        ),
+        (
+            "1.5h",
+            gh(&comment("/p0 approve req-1 1.5h")),
+            200,
+            "rejected",
+        ),
         // Bodies that are not what they claim.
         ("not JSON, signed", gh(b"hello"), 400, "invalid"),
-        ("truncated JSON, signed", gh(&body[..body.len() / 2]), 400, "invalid"),
-        ("deeply nested, signed", gh(nested.as_bytes()), 400, "invalid"),
-        ("form without payload, signed", gh(b"other=1").header("Content-Type", "application/x-www-form-urlencoded"), 400, "invalid"),
+        (
+            "truncated JSON, signed",
+            gh(&body[..body.len() / 2]),
+            400,
+            "invalid",
+        ),
+        (
+            "deeply nested, signed",
+            gh(nested.as_bytes()),
+            400,
+            "invalid",
+        ),
+        (
+            "form without payload, signed",
+            gh(b"other=1").header("Content-Type", "application/x-www-form-urlencoded"),
+            400,
+            "invalid",
+        ),
         ("2 MiB body", gh(&big), 413, "too_large"),
-        ("unknown source", Hook { source: "jenkins", ..gh(&body) }, 404, "unknown_source"),
+        (
+            "unknown source",
+            Hook {
+                source: "jenkins",
+                ..gh(&body)
+            },
+            404,
+            "unknown_source",
+        ),
     ];
     for (what, hook, status, word) in cases {
         let (got_status, answer) = t.post(&hook).await;
@@ -93,19 +231,28 @@ async fn hostile_input_gets_its_answer_and_never_reaches_p0() {
     }
     assert!(t.settle().await.is_empty(), "P0 must receive nothing");
     // Nothing was stored either: a replay of every case leaves no job behind.
-    assert_eq!(t.metric("p0_relay_decisions_total{action=\"approve\",source=\"github\"}").await, Some(0.0));
+    assert_eq!(
+        t.metric("p0_relay_decisions_total{action=\"approve\",source=\"github\"}")
+            .await,
+        Some(0.0)
+    );
 }
 
 #[tokio::test]
 async fn an_absurd_expiration_is_clamped_to_the_cap_and_the_answer_says_so() {
     let t = spawn().await;
     t.p0_ok().await;
-    let (status, answer) = t.post(&gh(&comment("/p0 approve req-1 99999999999d"))).await;
+    let (status, answer) = t
+        .post(&gh(&comment("/p0 approve req-1 99999999999d")))
+        .await;
     assert_eq!(status, 202, "{answer}");
     assert_eq!(answer["decisions"][0]["expiration"], "12h");
     assert_eq!(answer["decisions"][0]["clamped_from"], "99999999999d");
     let calls = t.wait_for_calls(1).await;
-    assert_eq!(summarize(&calls), vec![call("approve", "req-1", json!({"expirationLength": "12h"}))]);
+    assert_eq!(
+        summarize(&calls),
+        vec![call("approve", "req-1", json!({"expirationLength": "12h"}))]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -147,7 +294,9 @@ async fn a_slow_client_is_cut_off_while_other_deliveries_are_answered() {
             match s.read(&mut buf) {
                 Ok(0) => return started.elapsed(),
                 Ok(_) => return started.elapsed(),
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::TimedOut => {}
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::WouldBlock
+                        || e.kind() == std::io::ErrorKind::TimedOut => {}
                 Err(_) => return started.elapsed(),
             }
             std::thread::sleep(Duration::from_millis(150));
@@ -158,13 +307,20 @@ async fn a_slow_client_is_cut_off_while_other_deliveries_are_answered() {
     for i in 0..5 {
         let started = Instant::now();
         let (status, answer) = t
-            .post(&Hook::github("ping", &format!("p-{i}"), &testdata("github/ping.json"), GITHUB_SECRET_NEW))
+            .post(&Hook::github(
+                "ping",
+                &format!("p-{i}"),
+                &testdata("github/ping.json"),
+                GITHUB_SECRET_NEW,
+            ))
             .await;
         assert_eq!(status, 200, "{answer}");
         assert!(started.elapsed() < Duration::from_millis(500));
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let cut_after = tokio::task::spawn_blocking(move || slow.join().unwrap()).await.unwrap();
+    let cut_after = tokio::task::spawn_blocking(move || slow.join().unwrap())
+        .await
+        .unwrap();
     assert!(
         cut_after >= Duration::from_millis(1500) && cut_after < Duration::from_secs(6),
         "cut off after {cut_after:?}, deadline is 2s"
@@ -197,12 +353,22 @@ async fn sender_networks_are_enforced_with_a_trusted_proxy_header() {
     })
     .await;
     let ping = testdata("github/ping.json");
-    let allowed = Hook::github("ping", "n-1", &ping, GITHUB_SECRET_NEW).header("X-Forwarded-For", "198.51.100.9, 203.0.113.7");
+    let allowed = Hook::github("ping", "n-1", &ping, GITHUB_SECRET_NEW)
+        .header("X-Forwarded-For", "198.51.100.9, 203.0.113.7");
     let (status, answer) = t.post(&allowed).await;
-    assert_eq!((status, answer["status"].as_str()), (200, Some("ignored")), "{answer}");
-    let spoofed = Hook::github("ping", "n-2", &ping, GITHUB_SECRET_NEW).header("X-Forwarded-For", "203.0.113.7, 198.51.100.9");
+    assert_eq!(
+        (status, answer["status"].as_str()),
+        (200, Some("ignored")),
+        "{answer}"
+    );
+    let spoofed = Hook::github("ping", "n-2", &ping, GITHUB_SECRET_NEW)
+        .header("X-Forwarded-For", "203.0.113.7, 198.51.100.9");
     let (status, answer) = t.post(&spoofed).await;
-    assert_eq!((status, answer["status"].as_str()), (403, Some("unauthorized")), "{answer}");
+    assert_eq!(
+        (status, answer["status"].as_str()),
+        (403, Some("unauthorized")),
+        "{answer}"
+    );
     let absent = Hook::github("ping", "n-3", &ping, GITHUB_SECRET_NEW);
     assert_eq!(t.post(&absent).await.0, 403);
     // Opsgenie is not listed, so it is open to every network.

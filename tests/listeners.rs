@@ -13,7 +13,11 @@ async fn tls_listener_serves_webhooks() {
     std::fs::write(&cert_path, cert.cert.pem()).unwrap();
     std::fs::write(&key_path, cert.signing_key.serialize_pem()).unwrap();
     let t = spawn_with(Setup {
-        inbound: format!("  tls: {{ cert: {}, key: {} }}\n", cert_path.display(), key_path.display()),
+        inbound: format!(
+            "  tls: {{ cert: {}, key: {} }}\n",
+            cert_path.display(),
+            key_path.display()
+        ),
         ..Setup::default()
     })
     .await;
@@ -24,7 +28,10 @@ async fn tls_listener_serves_webhooks() {
         .unwrap();
     let body = testdata("github/ping.json");
     let hook = Hook::github("ping", "tls-1", &body, GITHUB_SECRET_NEW);
-    let mut req = https.post(format!("https://localhost:{}/webhooks/github", t.addr.port()));
+    let mut req = https.post(format!(
+        "https://localhost:{}/webhooks/github",
+        t.addr.port()
+    ));
     for (k, v) in &hook.headers {
         req = req.header(k, v);
     }
@@ -45,8 +52,19 @@ async fn metrics_can_have_a_listener_of_their_own() {
         ..Setup::default()
     })
     .await;
-    let metrics_addr = t.relay.as_ref().and_then(|r| r.metrics_addr).expect("metrics listener");
+    let metrics_addr = t
+        .relay
+        .as_ref()
+        .and_then(|r| r.metrics_addr)
+        .expect("metrics listener");
     assert_eq!(t.get("/metrics").await.0, 404);
-    let text = client().get(format!("http://{metrics_addr}/metrics")).send().await.unwrap().text().await.unwrap();
+    let text = client()
+        .get(format!("http://{metrics_addr}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     assert!(text.contains("p0_relay_build_info"), "{text}");
 }

@@ -11,7 +11,12 @@ use wiremock::matchers::{method, path_regex};
 use wiremock::{Mock, ResponseTemplate};
 
 fn comment_hook(delivery: &str, command: &str) -> Hook {
-    Hook::github("issue_comment", delivery, &github_comment(command, "octocat"), GITHUB_SECRET_NEW)
+    Hook::github(
+        "issue_comment",
+        delivery,
+        &github_comment(command, "octocat"),
+        GITHUB_SECRET_NEW,
+    )
 }
 
 #[tokio::test]
@@ -19,7 +24,10 @@ async fn metrics_count_a_known_sequence() {
     let t = spawn().await;
     Mock::given(method("POST"))
         .and(path_regex("req-gone"))
-        .respond_with(ResponseTemplate::new(400).set_body_json(json!({"error": "Invalid or expired request"})))
+        .respond_with(
+            ResponseTemplate::new(400)
+                .set_body_json(json!({"error": "Invalid or expired request"})),
+        )
         .mount(&t.p0)
         .await;
     t.p0_ok().await;
@@ -55,26 +63,78 @@ async fn metrics_count_a_known_sequence() {
     for hook in &sequence {
         t.post(hook).await;
     }
-    t.post(&Hook { source: "nope", ..comment_hook("m-8", "x") }).await;
+    t.post(&Hook {
+        source: "nope",
+        ..comment_hook("m-8", "x")
+    })
+    .await;
     t.wait_for_calls(3).await;
     tokio::time::sleep(Duration::from_millis(1200)).await;
     let expect = [
-        ("p0_relay_webhooks_total{outcome=\"accepted\",source=\"github\"}", 2.0),
-        ("p0_relay_webhooks_total{outcome=\"duplicate\",source=\"github\"}", 1.0),
-        ("p0_relay_webhooks_total{outcome=\"ignored\",source=\"github\"}", 1.0),
-        ("p0_relay_webhooks_total{outcome=\"rejected\",source=\"github\"}", 1.0),
-        ("p0_relay_webhooks_total{outcome=\"unauthorized\",source=\"github\"}", 1.0),
-        ("p0_relay_webhooks_total{outcome=\"invalid\",source=\"github\"}", 1.0),
-        ("p0_relay_webhooks_total{outcome=\"accepted\",source=\"pagerduty\"}", 1.0),
-        ("p0_relay_webhooks_total{outcome=\"invalid\",source=\"unknown\"}", 1.0),
-        ("p0_relay_webhook_duration_seconds_count{source=\"github\"}", 7.0),
-        ("p0_relay_decisions_total{action=\"approve\",source=\"github\"}", 1.0),
-        ("p0_relay_decisions_total{action=\"deny\",source=\"github\"}", 1.0),
-        ("p0_relay_decisions_total{action=\"revoke\",source=\"pagerduty\"}", 1.0),
-        ("p0_relay_p0_requests_total{action=\"approve\",result=\"success\"}", 1.0),
-        ("p0_relay_p0_requests_total{action=\"deny\",result=\"rejected\"}", 1.0),
-        ("p0_relay_p0_requests_total{action=\"revoke\",result=\"success\"}", 1.0),
-        ("p0_relay_p0_request_duration_seconds_count{action=\"deny\"}", 1.0),
+        (
+            "p0_relay_webhooks_total{outcome=\"accepted\",source=\"github\"}",
+            2.0,
+        ),
+        (
+            "p0_relay_webhooks_total{outcome=\"duplicate\",source=\"github\"}",
+            1.0,
+        ),
+        (
+            "p0_relay_webhooks_total{outcome=\"ignored\",source=\"github\"}",
+            1.0,
+        ),
+        (
+            "p0_relay_webhooks_total{outcome=\"rejected\",source=\"github\"}",
+            1.0,
+        ),
+        (
+            "p0_relay_webhooks_total{outcome=\"unauthorized\",source=\"github\"}",
+            1.0,
+        ),
+        (
+            "p0_relay_webhooks_total{outcome=\"invalid\",source=\"github\"}",
+            1.0,
+        ),
+        (
+            "p0_relay_webhooks_total{outcome=\"accepted\",source=\"pagerduty\"}",
+            1.0,
+        ),
+        (
+            "p0_relay_webhooks_total{outcome=\"invalid\",source=\"unknown\"}",
+            1.0,
+        ),
+        (
+            "p0_relay_webhook_duration_seconds_count{source=\"github\"}",
+            7.0,
+        ),
+        (
+            "p0_relay_decisions_total{action=\"approve\",source=\"github\"}",
+            1.0,
+        ),
+        (
+            "p0_relay_decisions_total{action=\"deny\",source=\"github\"}",
+            1.0,
+        ),
+        (
+            "p0_relay_decisions_total{action=\"revoke\",source=\"pagerduty\"}",
+            1.0,
+        ),
+        (
+            "p0_relay_p0_requests_total{action=\"approve\",result=\"success\"}",
+            1.0,
+        ),
+        (
+            "p0_relay_p0_requests_total{action=\"deny\",result=\"rejected\"}",
+            1.0,
+        ),
+        (
+            "p0_relay_p0_requests_total{action=\"revoke\",result=\"success\"}",
+            1.0,
+        ),
+        (
+            "p0_relay_p0_request_duration_seconds_count{action=\"deny\"}",
+            1.0,
+        ),
         ("p0_relay_delivery_lag_seconds_count", 2.0),
         ("p0_relay_queue_depth", 0.0),
         ("p0_relay_dead_letters", 0.0),
@@ -89,7 +149,10 @@ async fn metrics_count_a_known_sequence() {
             .and_then(|v| v.parse::<f64>().ok());
         assert_eq!(got, Some(want), "{series}");
     }
-    assert!(!text.contains("req-1") && !text.contains("octocat"), "labels never carry IDs or actors");
+    assert!(
+        !text.contains("req-1") && !text.contains("octocat"),
+        "labels never carry IDs or actors"
+    );
     promtool_check(&text);
 }
 
@@ -111,10 +174,22 @@ fn promtool_check(text: &str) {
         }
         Err(e) => panic!("promtool is required in CI: {e}"),
     };
-    child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
     let out = child.wait_with_output().unwrap();
-    let report = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success() && report.trim().is_empty(), "promtool: {report}");
+    let report = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() && report.trim().is_empty(),
+        "promtool: {report}"
+    );
 }
 
 #[tokio::test]
@@ -127,7 +202,17 @@ async fn over_the_inbound_limit_the_answer_is_429_with_retry_after() {
     let ping = testdata("github/ping.json");
     // A burst of twice the rate passes, then the limit holds.
     for i in 0..2 {
-        assert_eq!(t.post(&Hook::github("ping", &format!("rl-{i}"), &ping, GITHUB_SECRET_NEW)).await.0, 200);
+        assert_eq!(
+            t.post(&Hook::github(
+                "ping",
+                &format!("rl-{i}"),
+                &ping,
+                GITHUB_SECRET_NEW
+            ))
+            .await
+            .0,
+            200
+        );
     }
     let hook = Hook::github("ping", "rl-3", &ping, GITHUB_SECRET_NEW);
     let mut req = t.http.post(t.url("/webhooks/github"));
@@ -136,12 +221,26 @@ async fn over_the_inbound_limit_the_answer_is_429_with_retry_after() {
     }
     let resp = req.body(hook.body).send().await.unwrap();
     assert_eq!(resp.status().as_u16(), 429);
-    assert_eq!(resp.headers().get("retry-after").and_then(|v| v.to_str().ok()), Some("1"));
+    assert_eq!(
+        resp.headers()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok()),
+        Some("1")
+    );
     let body: serde_json::Value = serde_json::from_str(&resp.text().await.unwrap()).unwrap();
     assert_eq!(body["status"], "rate_limited");
     // Other sources have limits of their own.
-    assert_eq!(t.post(&Hook::pagerduty("rl-pd", &testdata("pagerduty/ping.json"))).await.0, 200);
-    assert_eq!(t.metric("p0_relay_webhooks_total{outcome=\"rate_limited\",source=\"github\"}").await, Some(1.0));
+    assert_eq!(
+        t.post(&Hook::pagerduty("rl-pd", &testdata("pagerduty/ping.json")))
+            .await
+            .0,
+        200
+    );
+    assert_eq!(
+        t.metric("p0_relay_webhooks_total{outcome=\"rate_limited\",source=\"github\"}")
+            .await,
+        Some(1.0)
+    );
 }
 
 fn copy_mappings(to: &std::path::Path) {
@@ -175,23 +274,41 @@ async fn a_changed_mapping_is_reloaded_and_a_broken_one_keeps_the_old_set() {
 
     std::fs::write(mappings.path().join("custom.yaml"), CUSTOM).unwrap();
     wait_until(|| async { t.post(&custom("req-a")).await.0 == 202 }).await;
-    assert_eq!(t.metric("p0_relay_mapping_reloads_total{result=\"success\"}").await, Some(1.0));
+    assert_eq!(
+        t.metric("p0_relay_mapping_reloads_total{result=\"success\"}")
+            .await,
+        Some(1.0)
+    );
 
     // Broken: the old set (with `custom`) keeps serving, and the error names file and rule.
     std::fs::write(
         mappings.path().join("custom.yaml"),
-        CUSTOM.replace("$.id", "\"$.id[\"").replace("take", "take-broken"),
+        CUSTOM
+            .replace("$.id", "\"$.id[\"")
+            .replace("take", "take-broken"),
     )
     .unwrap();
-    wait_until(|| async { t.metric("p0_relay_mapping_reloads_total{result=\"error\"}").await == Some(1.0) }).await;
+    wait_until(|| async {
+        t.metric("p0_relay_mapping_reloads_total{result=\"error\"}")
+            .await
+            == Some(1.0)
+    })
+    .await;
     let (status, answer) = t.post(&custom("req-b")).await;
     assert_eq!(status, 202, "{answer}");
     let (status, ready) = t.get("/readyz").await;
     assert_eq!(status, 200, "the old set still serves: {ready}");
-    assert!(ready.contains("custom.yaml: rule `take-broken`: request_id: `$.id[` is not valid JSONPath"), "{ready}");
+    assert!(
+        ready
+            .contains("custom.yaml: rule `take-broken`: request_id: `$.id[` is not valid JSONPath"),
+        "{ready}"
+    );
     let calls = t.wait_for_calls(2).await;
     let paths: Vec<String> = summarize(&calls).into_iter().map(|c| c.0).collect();
-    assert_eq!(paths, ["req-a", "req-b"].map(|id| format!("/o/{ORG}/permission-requests/{id}/revoke")));
+    assert_eq!(
+        paths,
+        ["req-a", "req-b"].map(|id| format!("/o/{ORG}/permission-requests/{id}/revoke"))
+    );
 }
 
 async fn wait_until<F, Fut>(mut check: F)
@@ -224,12 +341,20 @@ async fn sighup_reloads_and_json_logs_are_one_object_per_line() {
     );
     let log = dir.path().join("relay.log");
     let relay = BinRelay::start(&config, &test_env(&[]), log.clone(), &[]).await;
-    relay.post(&Hook::github("ping", "j-1", &testdata("github/ping.json"), GITHUB_SECRET_NEW)).await;
+    relay
+        .post(&Hook::github(
+            "ping",
+            "j-1",
+            &testdata("github/ping.json"),
+            GITHUB_SECRET_NEW,
+        ))
+        .await;
     relay.signal("HUP");
-    let mut text = String::new();
     for _ in 0..100 {
-        text = std::fs::read_to_string(&log).unwrap();
-        if text.contains("mappings reloaded") {
+        if std::fs::read_to_string(&log)
+            .unwrap()
+            .contains("mappings reloaded")
+        {
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -240,7 +365,8 @@ async fn sighup_reloads_and_json_logs_are_one_object_per_line() {
     assert!(text.contains("mappings reloaded"), "{text}");
     let mut saw_webhook = false;
     for line in text.lines() {
-        let v: serde_json::Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
         if v["message"] == "webhook" {
             saw_webhook = true;
             assert_eq!(v["source"], "github");

@@ -18,8 +18,8 @@ fn json() -> impl Strategy<Value = Value> {
     let leaf = prop_oneof![
         Just(Value::Null),
         any::<bool>().prop_map(Value::Bool),
-        any::<i64>().prop_map(|n| Value::from(n)),
-        any::<u64>().prop_map(|n| Value::from(n)),
+        any::<i64>().prop_map(Value::from),
+        any::<u64>().prop_map(Value::from),
         "[a-zA-Z0-9 /:\\[\\]._-]{0,40}".prop_map(Value::String),
         commandish().prop_map(Value::String),
         Just(Value::String("incident.acknowledged".into())),

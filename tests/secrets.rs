@@ -15,10 +15,15 @@ async fn no_secret_appears_in_logs_metrics_or_cli_output() {
     let p0 = MockServer::start().await;
     Mock::given(method("POST"))
         .and(path_regex("req-unauth"))
-        .respond_with(ResponseTemplate::new(401).set_body_json(serde_json::json!({"error": "Unauthorized"})))
+        .respond_with(
+            ResponseTemplate::new(401).set_body_json(serde_json::json!({"error": "Unauthorized"})),
+        )
         .mount(&p0)
         .await;
-    Mock::given(method("POST")).respond_with(ResponseTemplate::new(200)).mount(&p0).await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(200))
+        .mount(&p0)
+        .await;
     let dir = tempfile::tempdir().unwrap();
     let config = write_config(dir.path(), &p0.uri(), &Setup::default());
     let mut vars = test_env(&[]);
@@ -34,7 +39,12 @@ async fn no_secret_appears_in_logs_metrics_or_cli_output() {
         Hook::opsgenie(&testdata("opsgenie/acknowledge.json")),
         Hook::opsgenie(&testdata("opsgenie/close.json")).header("Authorization", "Bearer wrong"),
         // Last, so no later success clears the not-ready state it causes.
-        Hook::github("issue_comment", "s-2", &github_comment("/p0 approve req-unauth", "octocat"), GITHUB_SECRET_OLD),
+        Hook::github(
+            "issue_comment",
+            "s-2",
+            &github_comment("/p0 approve req-unauth", "octocat"),
+            GITHUB_SECRET_OLD,
+        ),
     ];
     for hook in &hooks {
         relay.post(hook).await;
@@ -45,16 +55,34 @@ async fn no_secret_appears_in_logs_metrics_or_cli_output() {
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
-    let metrics = client().get(format!("http://{}/metrics", relay.addr)).send().await.unwrap().text().await.unwrap();
+    let metrics = client()
+        .get(format!("http://{}/metrics", relay.addr))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     let mut readyz = String::new();
     for _ in 0..200 {
-        readyz = client().get(format!("http://{}/readyz", relay.addr)).send().await.unwrap().text().await.unwrap();
+        readyz = client()
+            .get(format!("http://{}/readyz", relay.addr))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
         if readyz.contains("P0 rejected") {
             break;
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
-    assert!(readyz.contains("P0 rejected the API token"), "{readyz}\n{}", std::fs::read_to_string(&log).unwrap());
+    assert!(
+        readyz.contains("P0 rejected the API token"),
+        "{readyz}\n{}",
+        std::fs::read_to_string(&log).unwrap()
+    );
     relay.signal("TERM");
     assert_eq!(relay.wait(), Some(0), "SIGTERM exits 0");
 
@@ -68,7 +96,16 @@ async fn no_secret_appears_in_logs_metrics_or_cli_output() {
     for args in [
         vec!["check", "--config", cfg],
         vec!["test", "--config", cfg],
-        vec!["explain", "--config", cfg, "--source", "github", "-H", "X-GitHub-Event: issue_comment", &payload],
+        vec![
+            "explain",
+            "--config",
+            cfg,
+            "--source",
+            "github",
+            "-H",
+            "X-GitHub-Event: issue_comment",
+            &payload,
+        ],
         vec!["jobs", "--config", cfg, "list"],
         vec!["jobs", "--config", cfg, "list", "--json"],
         vec!["jobs", "--config", cfg, "show", "1"],
@@ -79,17 +116,30 @@ async fn no_secret_appears_in_logs_metrics_or_cli_output() {
         outputs.push((args.join(" "), out));
     }
     let log_text = &outputs[0].1;
-    assert!(log_text.contains("P0 rejected the relay's API token"), "the 401 is logged loudly");
+    assert!(
+        log_text.contains("P0 rejected the relay's API token"),
+        "the 401 is logged loudly"
+    );
     assert!(log_text.contains("outcome=\"unauthorized\""), "{log_text}");
     for (what, text) in &outputs {
-        for secret in [TOKEN, GITHUB_SECRET_NEW, GITHUB_SECRET_OLD, PD_SECRET, OG_TOKEN] {
+        for secret in [
+            TOKEN,
+            GITHUB_SECRET_NEW,
+            GITHUB_SECRET_OLD,
+            PD_SECRET,
+            OG_TOKEN,
+        ] {
             assert!(!text.contains(secret), "{what} contains a secret:\n{text}");
         }
     }
 }
 
 fn testdata_path(rel: &str) -> String {
-    repo().join("mappings/testdata").join(rel).to_string_lossy().into_owned()
+    repo()
+        .join("mappings/testdata")
+        .join(rel)
+        .to_string_lossy()
+        .into_owned()
 }
 
 #[tokio::test]
@@ -98,17 +148,22 @@ async fn secrets_can_come_from_files() {
     let file = dir.path().join("gh-secret");
     std::fs::write(&file, "from-a-file\n").unwrap();
     let t = spawn_with(Setup {
-        vars: vec![
-            ("GITHUB_WEBHOOK_SECRET_FILE", file.to_string_lossy().into_owned()),
-        ],
+        vars: vec![(
+            "GITHUB_WEBHOOK_SECRET_FILE",
+            file.to_string_lossy().into_owned(),
+        )],
         unset: vec!["GITHUB_WEBHOOK_SECRET"],
         ..Setup::default()
     })
     .await;
     let ping = testdata("github/ping.json");
-    let (status, _) = t.post(&Hook::github("ping", "f-1", &ping, "from-a-file")).await;
+    let (status, _) = t
+        .post(&Hook::github("ping", "f-1", &ping, "from-a-file"))
+        .await;
     assert_eq!(status, 200);
-    let (status, _) = t.post(&Hook::github("ping", "f-2", &ping, GITHUB_SECRET_NEW)).await;
+    let (status, _) = t
+        .post(&Hook::github("ping", "f-2", &ping, GITHUB_SECRET_NEW))
+        .await;
     assert_eq!(status, 401);
 
     let env = p0_relay::config::env::Env::default().overlay(

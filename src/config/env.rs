@@ -37,7 +37,8 @@ impl Env {
     /// Variables that take precedence over everything else (mapping test cases set these).
     pub fn overlay(&self, vars: &HashMap<String, String>) -> Env {
         let mut env = self.clone();
-        env.overlay.extend(vars.iter().map(|(k, v)| (k.clone(), v.clone())));
+        env.overlay
+            .extend(vars.iter().map(|(k, v)| (k.clone(), v.clone())));
         env
     }
 
@@ -87,8 +88,7 @@ impl Env {
                     Some((n, d)) => (n, Some(d)),
                     None => (inner, None),
                 };
-                if name.is_empty()
-                    || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+                if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
                 {
                     return Err(format!("`${{{inner}}}` is not a valid variable reference"));
                 }

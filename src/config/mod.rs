@@ -195,7 +195,9 @@ fn flexible_num<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error
             .parse()
             .map(Some)
             .map_err(|_| serde::de::Error::custom(format!("`{s}` is not a whole number ≥ 0"))),
-        Some(other) => Err(serde::de::Error::custom(format!("`{other}` is not a whole number"))),
+        Some(other) => Err(serde::de::Error::custom(format!(
+            "`{other}` is not a whole number"
+        ))),
     }
 }
 
@@ -204,7 +206,9 @@ fn flexible_bool<'de, D: Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
         Value::Bool(b) => Ok(b),
         Value::String(s) if s == "true" => Ok(true),
         Value::String(s) if s == "false" || s.is_empty() => Ok(false),
-        other => Err(serde::de::Error::custom(format!("`{other}` is not true or false"))),
+        other => Err(serde::de::Error::custom(format!(
+            "`{other}` is not true or false"
+        ))),
     }
 }
 
@@ -213,17 +217,22 @@ impl Settings {
     /// file and the key.
     pub fn load(file: &Path, env: &Env) -> Result<Settings, Vec<String>> {
         let at = file.display().to_string();
-        let text = std::fs::read_to_string(file).map_err(|e| vec![format!("{at}: cannot read: {e}")])?;
+        let text =
+            std::fs::read_to_string(file).map_err(|e| vec![format!("{at}: cannot read: {e}")])?;
         let mut tree: Value = serde_saphyr::from_str(&text)
             .map_err(|e| vec![format!("{at}: not valid YAML: {e}")])?;
-        env.expand_tree(&mut tree, "").map_err(|e| vec![format!("{at}: {e}")])?;
+        env.expand_tree(&mut tree, "")
+            .map_err(|e| vec![format!("{at}: {e}")])?;
         let raw: Raw = serde_path_to_error::deserialize(tree)
             .map_err(|e| vec![format!("{at}: {}: {}", e.path(), e.inner())])?;
         let base = file.parent().unwrap_or(Path::new(".")).to_owned();
         let mut errors = Vec::new();
         let settings = build(raw, &base, &mut errors);
         match settings {
-            Some(s) if errors.is_empty() => Ok(Settings { file: file.to_owned(), ..s }),
+            Some(s) if errors.is_empty() => Ok(Settings {
+                file: file.to_owned(),
+                ..s
+            }),
             _ => Err(errors.into_iter().map(|e| format!("{at}: {e}")).collect()),
         }
     }
@@ -234,7 +243,9 @@ fn duration(key: &str, value: Option<&str>, default: &str, errors: &mut Vec<Stri
     match humantime::parse_duration(text.trim()) {
         Ok(d) => d,
         Err(e) => {
-            errors.push(format!("{key}: `{text}` is not a duration like 500ms, 10s, 5m, 7d: {e}"));
+            errors.push(format!(
+                "{key}: `{text}` is not a duration like 500ms, 10s, 5m, 7d: {e}"
+            ));
             Duration::ZERO
         }
     }
@@ -244,7 +255,9 @@ fn addr(key: &str, text: &str, errors: &mut Vec<String>) -> Option<SocketAddr> {
     match text.trim().parse() {
         Ok(a) => Some(a),
         Err(_) => {
-            errors.push(format!("{key}: `{text}` is not an address like 0.0.0.0:8080"));
+            errors.push(format!(
+                "{key}: `{text}` is not an address like 0.0.0.0:8080"
+            ));
             None
         }
     }
@@ -253,23 +266,41 @@ fn addr(key: &str, text: &str, errors: &mut Vec<String>) -> Option<SocketAddr> {
 fn build(raw: Raw, base: &Path, errors: &mut Vec<String>) -> Option<Settings> {
     let resolve = |p: &str| {
         let p = Path::new(p);
-        if p.is_absolute() { p.to_owned() } else { base.join(p) }
+        if p.is_absolute() {
+            p.to_owned()
+        } else {
+            base.join(p)
+        }
     };
-    let listen = addr("listen", raw.listen.as_deref().unwrap_or("0.0.0.0:8080"), errors);
+    let listen = addr(
+        "listen",
+        raw.listen.as_deref().unwrap_or("0.0.0.0:8080"),
+        errors,
+    );
     let metrics_listen = match raw.metrics.listen.as_deref().map(str::trim) {
         None | Some("") => None,
         Some(a) => addr("metrics.listen", a, errors),
     };
     let base_url_text = raw.p0.base_url.as_deref().unwrap_or("https://api.p0.app");
     let base_url = match reqwest::Url::parse(base_url_text.trim()) {
-        Ok(u) if matches!(u.scheme(), "http" | "https") && !u.cannot_be_a_base() && u.query().is_none() => Some(u),
+        Ok(u)
+            if matches!(u.scheme(), "http" | "https")
+                && !u.cannot_be_a_base()
+                && u.query().is_none() =>
+        {
+            Some(u)
+        }
         _ => {
-            errors.push(format!("p0.base_url: `{base_url_text}` is not an http(s) URL without a query"));
+            errors.push(format!(
+                "p0.base_url: `{base_url_text}` is not an http(s) URL without a query"
+            ));
             None
         }
     };
     if let Err(e) = Id::parse(&raw.p0.org) {
-        errors.push(format!("p0.org: {e} (set P0_ORG_ID to the org you use with `p0 login <org>`)"));
+        errors.push(format!(
+            "p0.org: {e} (set P0_ORG_ID to the org you use with `p0 login <org>`)"
+        ));
     }
     let token = raw
         .p0
@@ -285,7 +316,12 @@ fn build(raw: Raw, base: &Path, errors: &mut Vec<String>) -> Option<Settings> {
             }
         }
     };
-    let default_expiration = exp("decisions.default_expiration", raw.decisions.default_expiration.as_deref(), "1h", errors);
+    let default_expiration = exp(
+        "decisions.default_expiration",
+        raw.decisions.default_expiration.as_deref(),
+        "1h",
+        errors,
+    );
     let max_expiration = match raw.decisions.max_expiration.as_deref().map(str::trim) {
         None | Some("") => None,
         Some(t) => exp("decisions.max_expiration", Some(t), "", errors),
@@ -294,10 +330,14 @@ fn build(raw: Raw, base: &Path, errors: &mut Vec<String>) -> Option<Settings> {
     for (source, nets) in raw.inbound.networks {
         let mut parsed = Vec::new();
         for n in nets {
-            let net = n.parse::<IpNet>().or_else(|_| n.parse::<std::net::IpAddr>().map(IpNet::from));
+            let net = n
+                .parse::<IpNet>()
+                .or_else(|_| n.parse::<std::net::IpAddr>().map(IpNet::from));
             match net {
                 Ok(net) => parsed.push(net),
-                Err(_) => errors.push(format!("inbound.networks.{source}: `{n}` is not a CIDR like 10.0.0.0/8")),
+                Err(_) => errors.push(format!(
+                    "inbound.networks.{source}: `{n}` is not a CIDR like 10.0.0.0/8"
+                )),
             }
         }
         networks.insert(source, parsed);
@@ -307,7 +347,9 @@ fn build(raw: Raw, base: &Path, errors: &mut Vec<String>) -> Option<Settings> {
         Some(h) => match axum::http::HeaderName::from_bytes(h.as_bytes()) {
             Ok(h) => Some(h),
             Err(_) => {
-                errors.push(format!("inbound.client_ip_header: `{h}` is not a header name"));
+                errors.push(format!(
+                    "inbound.client_ip_header: `{h}` is not a header name"
+                ));
                 None
             }
         },
@@ -333,9 +375,25 @@ fn build(raw: Raw, base: &Path, errors: &mut Vec<String>) -> Option<Settings> {
         metrics_listen,
         mappings_dir: resolve(raw.mappings.as_deref().unwrap_or("mappings")),
         store: StoreSettings {
-            path: resolve(raw.store.path.as_deref().filter(|p| !p.is_empty()).unwrap_or("data/relay.db")),
-            dedup_window: duration("store.dedup_window", raw.store.dedup_window.as_deref(), "7d", errors),
-            coalesce_window: duration("store.coalesce_window", raw.store.coalesce_window.as_deref(), "10m", errors),
+            path: resolve(
+                raw.store
+                    .path
+                    .as_deref()
+                    .filter(|p| !p.is_empty())
+                    .unwrap_or("data/relay.db"),
+            ),
+            dedup_window: duration(
+                "store.dedup_window",
+                raw.store.dedup_window.as_deref(),
+                "7d",
+                errors,
+            ),
+            coalesce_window: duration(
+                "store.coalesce_window",
+                raw.store.coalesce_window.as_deref(),
+                "10m",
+                errors,
+            ),
             store_payloads: raw.store.store_payloads,
         },
         p0: P0Settings {
@@ -343,13 +401,30 @@ fn build(raw: Raw, base: &Path, errors: &mut Vec<String>) -> Option<Settings> {
             org: raw.p0.org.clone(),
             token,
             timeout: duration("p0.timeout", raw.p0.timeout.as_deref(), "10s", errors),
-            rate_per_second: u32::try_from(raw.p0.rate_per_second.unwrap_or(20)).unwrap_or(u32::MAX),
+            rate_per_second: u32::try_from(raw.p0.rate_per_second.unwrap_or(20))
+                .unwrap_or(u32::MAX),
             concurrency: positive("p0.concurrency", raw.p0.concurrency, 16, errors) as usize,
             retry: RetrySettings {
-                base_delay: duration("p0.retry.base_delay", raw.p0.retry.base_delay.as_deref(), "1s", errors),
-                max_delay: duration("p0.retry.max_delay", raw.p0.retry.max_delay.as_deref(), "5m", errors),
-                max_age: duration("p0.retry.max_age", raw.p0.retry.max_age.as_deref(), "48h", errors),
-                max_attempts: u32::try_from(raw.p0.retry.max_attempts.unwrap_or(0)).unwrap_or(u32::MAX),
+                base_delay: duration(
+                    "p0.retry.base_delay",
+                    raw.p0.retry.base_delay.as_deref(),
+                    "1s",
+                    errors,
+                ),
+                max_delay: duration(
+                    "p0.retry.max_delay",
+                    raw.p0.retry.max_delay.as_deref(),
+                    "5m",
+                    errors,
+                ),
+                max_age: duration(
+                    "p0.retry.max_age",
+                    raw.p0.retry.max_age.as_deref(),
+                    "48h",
+                    errors,
+                ),
+                max_attempts: u32::try_from(raw.p0.retry.max_attempts.unwrap_or(0))
+                    .unwrap_or(u32::MAX),
             },
         },
         defaults: Defaults {
@@ -358,12 +433,38 @@ fn build(raw: Raw, base: &Path, errors: &mut Vec<String>) -> Option<Settings> {
             max_expiration,
         },
         inbound: InboundSettings {
-            rate_per_second: u32::try_from(raw.inbound.rate_per_second.unwrap_or(500)).unwrap_or(u32::MAX),
-            max_body_bytes: positive("inbound.max_body_bytes", raw.inbound.max_body_bytes, 1 << 20, errors) as usize,
-            max_header_bytes: positive("inbound.max_header_bytes", raw.inbound.max_header_bytes, 16 * 1024, errors) as usize,
-            read_timeout: duration("inbound.read_timeout", raw.inbound.read_timeout.as_deref(), "10s", errors),
-            max_connections: positive("inbound.max_connections", raw.inbound.max_connections, 1024, errors) as usize,
-            max_json_depth: positive("inbound.max_json_depth", raw.inbound.max_json_depth, 64, errors) as usize,
+            rate_per_second: u32::try_from(raw.inbound.rate_per_second.unwrap_or(500))
+                .unwrap_or(u32::MAX),
+            max_body_bytes: positive(
+                "inbound.max_body_bytes",
+                raw.inbound.max_body_bytes,
+                1 << 20,
+                errors,
+            ) as usize,
+            max_header_bytes: positive(
+                "inbound.max_header_bytes",
+                raw.inbound.max_header_bytes,
+                16 * 1024,
+                errors,
+            ) as usize,
+            read_timeout: duration(
+                "inbound.read_timeout",
+                raw.inbound.read_timeout.as_deref(),
+                "10s",
+                errors,
+            ),
+            max_connections: positive(
+                "inbound.max_connections",
+                raw.inbound.max_connections,
+                1024,
+                errors,
+            ) as usize,
+            max_json_depth: positive(
+                "inbound.max_json_depth",
+                raw.inbound.max_json_depth,
+                64,
+                errors,
+            ) as usize,
             networks,
             client_ip_header,
             tls: raw.inbound.tls.map(|t| TlsSettings {

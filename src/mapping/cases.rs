@@ -45,7 +45,12 @@ pub fn run(mapping: &Mapping, env: &Env, defaults: &Defaults) -> Vec<CaseResult>
         .collect()
 }
 
-fn run_case(mapping: &Mapping, case: &RawCase, env: &Env, defaults: &Defaults) -> Result<(), String> {
+fn run_case(
+    mapping: &Mapping,
+    case: &RawCase,
+    env: &Env,
+    defaults: &Defaults,
+) -> Result<(), String> {
     let recompiled;
     let m = if case.env.is_empty() {
         mapping
@@ -74,7 +79,8 @@ fn run_case(mapping: &Mapping, case: &RawCase, env: &Env, defaults: &Defaults) -
     };
     let mut headers = HeaderMap::new();
     for (k, v) in &case.headers {
-        let name = HeaderName::from_bytes(k.as_bytes()).map_err(|_| format!("bad header name `{k}`"))?;
+        let name =
+            HeaderName::from_bytes(k.as_bytes()).map_err(|_| format!("bad header name `{k}`"))?;
         let value = HeaderValue::from_str(v).map_err(|_| format!("bad value for header `{k}`"))?;
         headers.append(name, value);
     }
@@ -128,7 +134,9 @@ fn check(expect: &RawExpect, verdict: &Verdict, default_org: &str) -> Result<(),
             }
             (None, Some(fragment)) => match verdict {
                 Verdict::Rejected { reason, .. } if reason.contains(fragment.as_str()) => Ok(()),
-                _ => Err(format!("expected rejected containing `{fragment}`, got {got}")),
+                _ => Err(format!(
+                    "expected rejected containing `{fragment}`, got {got}"
+                )),
             },
             _ => Err("expect: give `decisions` or `rejected`".into()),
         },
@@ -151,7 +159,9 @@ pub fn describe(verdict: &Verdict) -> String {
     match verdict {
         Verdict::Ignored => "ignored".into(),
         Verdict::Rejected { rule, reason } => format!("rejected by rule `{rule}`: {reason}"),
-        Verdict::Decided { rule, decisions, .. } => {
+        Verdict::Decided {
+            rule, decisions, ..
+        } => {
             let items: Vec<String> = decisions
                 .iter()
                 .map(|d| {

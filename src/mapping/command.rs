@@ -22,9 +22,9 @@ pub fn parse(text: &str) -> Result<Vec<Command>, String> {
             _ => continue,
         }
         let line_no = n + 1;
-        let verb = words
-            .next()
-            .ok_or_else(|| format!("line {line_no}: `/p0` needs a verb: approve, deny or revoke"))?;
+        let verb = words.next().ok_or_else(|| {
+            format!("line {line_no}: `/p0` needs a verb: approve, deny or revoke")
+        })?;
         let action = Action::parse(verb).ok_or_else(|| {
             format!(
                 "line {line_no}: unknown verb `{}` (approve, deny or revoke)",
@@ -36,7 +36,9 @@ pub fn parse(text: &str) -> Result<Vec<Command>, String> {
             .ok_or_else(|| format!("line {line_no}: `/p0 {action}` needs a request ID"))?;
         let duration = words.next();
         if words.next().is_some() {
-            return Err(format!("line {line_no}: too many words after `/p0 {action}`"));
+            return Err(format!(
+                "line {line_no}: too many words after `/p0 {action}`"
+            ));
         }
         if duration.is_some() && action != Action::Approve {
             return Err(format!("line {line_no}: `/p0 {action}` takes no duration"));
@@ -66,11 +68,17 @@ mod tests {
     fn grammar() {
         use Action::*;
         let ok: &[(&str, Vec<Command>)] = &[
-            ("/p0 approve req-1 2h", vec![cmd(Approve, "req-1", Some("2h"))]),
+            (
+                "/p0 approve req-1 2h",
+                vec![cmd(Approve, "req-1", Some("2h"))],
+            ),
             ("/p0 approve req-1", vec![cmd(Approve, "req-1", None)]),
             ("/P0 APPROVE req-1", vec![cmd(Approve, "req-1", None)]),
             ("  /p0   Deny   req-2  ", vec![cmd(Deny, "req-2", None)]),
-            ("LGTM\r\n/p0 revoke r3\r\nthanks", vec![cmd(Revoke, "r3", None)]),
+            (
+                "LGTM\r\n/p0 revoke r3\r\nthanks",
+                vec![cmd(Revoke, "r3", None)],
+            ),
             (
                 "/p0 approve a 1h\n/p0 deny b",
                 vec![cmd(Approve, "a", Some("1h")), cmd(Deny, "b", None)],

@@ -90,7 +90,7 @@ impl Condition {
             Condition::Test { selector, test } => {
                 let values = selector.values(input);
                 match test {
-                    Test::Exists(want) => !values.is_empty() == *want,
+                    Test::Exists(want) => values.is_empty() != *want,
                     Test::Equals(x) => values.iter().any(|v| v == x),
                     Test::OneOf(xs) => values.iter().any(|v| xs.iter().any(|x| v == x)),
                     Test::Matches(re) => values.iter().any(|v| re.is_match(v)),

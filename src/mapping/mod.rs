@@ -84,11 +84,14 @@ struct Rule {
 #[derive(Debug)]
 enum Produce {
     Command(Selector),
-    Fields {
-        action: Extract,
-        request_id: Extract,
-        expiration: Option<Extract>,
-    },
+    Fields(Box<Fields>),
+}
+
+#[derive(Debug)]
+struct Fields {
+    action: Extract,
+    request_id: Extract,
+    expiration: Option<Extract>,
 }
 
 impl Mapping {
@@ -151,29 +154,23 @@ impl Mapping {
                         }
                     }
                     if proposals.is_empty() {
-                        note(
-                            rule,
-                            false,
-                            format!("no /p0 command in {}", sel.describe()),
-                        );
+                        note(rule, false, format!("no /p0 command in {}", sel.describe()));
                         continue 'rules;
                     }
                     proposals
                 }
-                Produce::Fields {
-                    action,
-                    request_id,
-                    expiration,
-                } => match fields(input, action, request_id, expiration.as_ref()) {
-                    Ok(p) => p,
-                    Err(reason) => {
-                        note(rule, true, reason.clone());
-                        return Verdict::Rejected {
-                            rule: rule.name.clone(),
-                            reason,
-                        };
+                Produce::Fields(f) => {
+                    match fields(input, &f.action, &f.request_id, f.expiration.as_ref()) {
+                        Ok(p) => p,
+                        Err(reason) => {
+                            note(rule, true, reason.clone());
+                            return Verdict::Rejected {
+                                rule: rule.name.clone(),
+                                reason,
+                            };
+                        }
                     }
-                },
+                }
             };
             let actor = rule
                 .actor
@@ -231,7 +228,9 @@ fn fields(
     expiration: Option<&Extract>,
 ) -> Result<Vec<Proposal>, String> {
     let action = action.first(input).map_err(|e| format!("action: {e}"))?;
-    let ids = request_id.all(input).map_err(|e| format!("request_id: {e}"))?;
+    let ids = request_id
+        .all(input)
+        .map_err(|e| format!("request_id: {e}"))?;
     let expiration = expiration
         .map(|e| e.first(input))
         .transpose()
@@ -257,8 +256,12 @@ impl MappingSet {
     /// Loads and compiles every `*.yaml` / `*.yml` file in `dir`. All errors are returned,
     /// each naming its file, rule and field.
     pub fn load(dir: &Path, env: &Env, defaults: &Defaults) -> Result<MappingSet, Vec<String>> {
-        let entries = std::fs::read_dir(dir)
-            .map_err(|e| vec![format!("{}: cannot read mappings folder: {e}", dir.display())])?;
+        let entries = std::fs::read_dir(dir).map_err(|e| {
+            vec![format!(
+                "{}: cannot read mappings folder: {e}",
+                dir.display()
+            )]
+        })?;
         let mut files: Vec<PathBuf> = entries
             .filter_map(|e| e.ok().map(|e| e.path()))
             .filter(|p| {
@@ -322,7 +325,12 @@ impl MappingSet {
     }
 }
 
-fn load_file(file: &Path, source: &str, env: &Env, defaults: &Defaults) -> Result<Mapping, Vec<String>> {
+fn load_file(
+    file: &Path,
+    source: &str,
+    env: &Env,
+    defaults: &Defaults,
+) -> Result<Mapping, Vec<String>> {
     let text = std::fs::read_to_string(file)
         .map_err(|e| vec![format!("{}: cannot read: {e}", file.display())])?;
     let tree: Value = serde_saphyr::from_str(&text)
@@ -348,11 +356,12 @@ pub fn compile(
             map.insert("tests".into(), tests);
         }
     } else {
-        return Err(vec![format!("{at}: a mapping file is a YAML mapping (verify, dedup, rules, tests)")]);
+        return Err(vec![format!(
+            "{at}: a mapping file is a YAML mapping (verify, dedup, rules, tests)"
+        )]);
     }
-    let raw: RawMapping = serde_path_to_error::deserialize(expanded).map_err(|e| {
-        vec![format!("{at}: {}: {}", e.path(), e.inner())]
-    })?;
+    let raw: RawMapping = serde_path_to_error::deserialize(expanded)
+        .map_err(|e| vec![format!("{at}: {}: {}", e.path(), e.inner())])?;
 
     let mut errors = Vec::new();
     let mut warnings = Vec::new();
@@ -367,7 +376,11 @@ pub fn compile(
         None => None,
         Some(d) => {
             let key = d.key.iter().map(selector).collect::<Result<Vec<_>, _>>();
-            let fallback = d.fallback.iter().map(selector).collect::<Result<Vec<_>, _>>();
+            let fallback = d
+                .fallback
+                .iter()
+                .map(selector)
+                .collect::<Result<Vec<_>, _>>();
             match (key, fallback) {
                 (Ok(k), Ok(f)) => Some((k, f)),
                 (Err(e), _) | (_, Err(e)) => {
@@ -411,7 +424,11 @@ pub fn compile(
     }
 }
 
-fn compile_verify(raw: &RawMapping, source: &str, warnings: &mut Vec<String>) -> Result<Verifier, String> {
+fn compile_verify(
+    raw: &RawMapping,
+    source: &str,
+    warnings: &mut Vec<String>,
+) -> Result<Verifier, String> {
     let Some(v) = &raw.verify else {
         return Err(
             "missing; a source without verification must say `verify: { scheme: none, insecure: true }`"
@@ -421,7 +438,10 @@ fn compile_verify(raw: &RawMapping, source: &str, warnings: &mut Vec<String>) ->
     let secrets = || {
         let list = Secrets::from_list(v.secrets.as_deref().unwrap_or(""));
         if list.is_empty() {
-            Err(format!("scheme `{}` needs `secrets`, and they are empty", v.scheme))
+            Err(format!(
+                "scheme `{}` needs `secrets`, and they are empty",
+                v.scheme
+            ))
         } else {
             Ok(list)
         }
@@ -478,17 +498,22 @@ fn compile_rule(
                 .map(extract)
                 .transpose()
                 .map_err(|e| format!("expiration: {e}"));
-            if let Ok(Extract { from: From::Constant(c), .. }) = &action
+            if let Ok(Extract {
+                from: From::Constant(c),
+                ..
+            }) = &action
                 && Action::parse(c).is_none()
             {
                 errors.push(format!("action: `{c}` is not approve, deny or revoke"));
             }
             match (action, request_id, expiration) {
-                (Ok(action), Ok(request_id), Ok(expiration)) => Some(Produce::Fields {
-                    action,
-                    request_id,
-                    expiration,
-                }),
+                (Ok(action), Ok(request_id), Ok(expiration)) => {
+                    Some(Produce::Fields(Box::new(Fields {
+                        action,
+                        request_id,
+                        expiration,
+                    })))
+                }
                 (a, i, e) => {
                     errors.extend(a.err());
                     errors.extend(i.err());
@@ -498,7 +523,10 @@ fn compile_rule(
             }
         }
         (Some(_), _, _) => {
-            errors.push("`command` decides action and request ID itself: drop `action` / `request_id`".into());
+            errors.push(
+                "`command` decides action and request ID itself: drop `action` / `request_id`"
+                    .into(),
+            );
             None
         }
         _ => {
@@ -589,7 +617,8 @@ fn compile_rule(
 fn selector(raw: &RawSelector) -> Result<Selector, String> {
     match (&raw.path, &raw.header) {
         (Some(p), None) => {
-            let query = parse_json_path(p).map_err(|e| format!("`{p}` is not valid JSONPath: {e}"))?;
+            let query =
+                parse_json_path(p).map_err(|e| format!("`{p}` is not valid JSONPath: {e}"))?;
             Ok(Selector::Path {
                 text: p.clone(),
                 query,
@@ -612,8 +641,12 @@ fn regex(text: &str) -> Result<Regex, String> {
 
 fn condition(c: &RawCondition) -> Result<Condition, String> {
     if let Some(inner) = &c.not {
-        if c.path.is_some() || c.header.is_some() || c.equals.is_some() || c.one_of.is_some()
-            || c.matches.is_some() || c.exists.is_some()
+        if c.path.is_some()
+            || c.header.is_some()
+            || c.equals.is_some()
+            || c.one_of.is_some()
+            || c.matches.is_some()
+            || c.exists.is_some()
         {
             return Err("`not` stands alone: put the condition inside it".into());
         }
@@ -700,7 +733,14 @@ mod tests {
 
     fn mapping(rules: Value) -> Mapping {
         let tree = json!({ "verify": { "scheme": "token", "secrets": "t" }, "rules": rules });
-        compile("src", Path::new("src.yaml"), tree, &Env::default(), &defaults()).unwrap()
+        compile(
+            "src",
+            Path::new("src.yaml"),
+            tree,
+            &Env::default(),
+            &defaults(),
+        )
+        .unwrap()
     }
 
     /// Runs `payload` (with header `x-kind: kind`) through `rules` and describes the verdict.
@@ -708,7 +748,10 @@ mod tests {
         let m = mapping(rules.clone());
         let mut headers = HeaderMap::new();
         headers.insert("x-kind", HeaderValue::from_str(kind).unwrap());
-        cases::describe(&m.decide(Input { headers: &headers, body: &payload }))
+        cases::describe(&m.decide(Input {
+            headers: &headers,
+            body: &payload,
+        }))
     }
 
     #[test]
@@ -729,19 +772,63 @@ mod tests {
               "action": "approve", "request_id": { "path": "$.body", "regex": "(?i)grant (\\S+)" } }
         ]);
         let cases: &[(&str, Value, &str)] = &[
-            ("cmd", json!({ "text": "/p0 approve r-1 2h" }), "rule `by-header` decided [approve r-1 2h in org acme]"),
+            (
+                "cmd",
+                json!({ "text": "/p0 approve r-1 2h" }),
+                "rule `by-header` decided [approve r-1 2h in org acme]",
+            ),
             ("cmd", json!({ "text": "no command" }), "ignored"),
-            ("x", json!({ "n": 5, "id": "r-2" }), "rule `numbers` decided [deny r-2 in org acme]"),
-            ("x", json!({ "n": "5", "id": "r-2" }), "rule `numbers` decided [deny r-2 in org acme]"),
+            (
+                "x",
+                json!({ "n": 5, "id": "r-2" }),
+                "rule `numbers` decided [deny r-2 in org acme]",
+            ),
+            (
+                "x",
+                json!({ "n": "5", "id": "r-2" }),
+                "rule `numbers` decided [deny r-2 in org acme]",
+            ),
             ("x", json!({ "n": 6, "id": "r-2" }), "ignored"),
-            ("x", json!({ "kind": "ack", "title": "[p0:r-3] db" }), "rule `one-of` decided [approve r-3 2h in org acme]"),
-            ("x", json!({ "kind": "ack", "title": "[p0:r-3] db", "for": "30m" }), "rule `one-of` decided [approve r-3 30m in org acme]"),
-            ("x", json!({ "kind": "res", "title": "[p0:r-3] [p0:r-4]" }), "rule `one-of` decided [revoke r-3 in org acme, revoke r-4 in org acme]"),
-            ("x", json!({ "kind": "ack", "title": "[p0:r-3]", "skip": true }), "ignored"),
-            ("x", json!({ "kind": "ack", "title": "no tag" }), "rejected by rule `one-of`: request_id: /\\[p0:([^\\]]+)\\]/ did not match `no tag`"),
-            ("x", json!({ "ids": ["a", "b", "a"] }), "rule `many` decided [revoke a in org acme, revoke b in org acme]"),
-            ("x", json!({ "ids": [] }), "rejected by rule `many`: request_id: $.ids[*] yielded nothing"),
-            ("x", json!({ "body": "GRANT r-9 please" }), "rule `regex` decided [approve r-9 1h in org acme]"),
+            (
+                "x",
+                json!({ "kind": "ack", "title": "[p0:r-3] db" }),
+                "rule `one-of` decided [approve r-3 2h in org acme]",
+            ),
+            (
+                "x",
+                json!({ "kind": "ack", "title": "[p0:r-3] db", "for": "30m" }),
+                "rule `one-of` decided [approve r-3 30m in org acme]",
+            ),
+            (
+                "x",
+                json!({ "kind": "res", "title": "[p0:r-3] [p0:r-4]" }),
+                "rule `one-of` decided [revoke r-3 in org acme, revoke r-4 in org acme]",
+            ),
+            (
+                "x",
+                json!({ "kind": "ack", "title": "[p0:r-3]", "skip": true }),
+                "ignored",
+            ),
+            (
+                "x",
+                json!({ "kind": "ack", "title": "no tag" }),
+                "rejected by rule `one-of`: request_id: /\\[p0:([^\\]]+)\\]/ did not match `no tag`",
+            ),
+            (
+                "x",
+                json!({ "ids": ["a", "b", "a"] }),
+                "rule `many` decided [revoke a in org acme, revoke b in org acme]",
+            ),
+            (
+                "x",
+                json!({ "ids": [] }),
+                "rejected by rule `many`: request_id: $.ids[*] yielded nothing",
+            ),
+            (
+                "x",
+                json!({ "body": "GRANT r-9 please" }),
+                "rule `regex` decided [approve r-9 1h in org acme]",
+            ),
             ("x", json!({ "body": null }), "ignored"),
             ("x", json!([1, 2, 3]), "ignored"),
             ("x", json!("just a string"), "ignored"),
@@ -763,7 +850,8 @@ mod tests {
                 { "name": "d", "command": { "path": "$.x" }, "max_expiration": "forever" }
             ]
         });
-        let errors = compile("s", Path::new("s.yaml"), tree, &Env::default(), &defaults()).unwrap_err();
+        let errors =
+            compile("s", Path::new("s.yaml"), tree, &Env::default(), &defaults()).unwrap_err();
         let all = errors.join("\n");
         for fragment in [
             "s.yaml: rule `a`: action: `grant` is not approve, deny or revoke",
@@ -787,7 +875,15 @@ mod tests {
         let m = compile("s", Path::new("s.yaml"), tree, &Env::default(), &defaults()).unwrap();
         let mut headers = HeaderMap::new();
         let body = json!({ "a": "x", "b": 1764239100456000123u64 });
-        let key = |h: &HeaderMap, b: &Value| m.dedup_key(Input { headers: h, body: b }, b"raw");
+        let key = |h: &HeaderMap, b: &Value| {
+            m.dedup_key(
+                Input {
+                    headers: h,
+                    body: b,
+                },
+                b"raw",
+            )
+        };
         assert_eq!(key(&headers, &body), "x|1764239100456000123");
         assert!(key(&headers, &json!({ "a": "x" })).starts_with("sha256:"));
         headers.insert("x-id", HeaderValue::from_static("abc"));

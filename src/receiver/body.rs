@@ -11,7 +11,12 @@ use serde_json::Value;
 use super::answer::Answer;
 
 /// The raw body bytes, or the answer to give instead.
-pub async fn read(headers: &HeaderMap, body: Body, max: usize, deadline: Duration) -> Result<Bytes, Answer> {
+pub async fn read(
+    headers: &HeaderMap,
+    body: Body,
+    max: usize,
+    deadline: Duration,
+) -> Result<Bytes, Answer> {
     let too_large = || {
         Answer::new(StatusCode::PAYLOAD_TOO_LARGE, "too_large")
             .reason(format!("body is larger than {max} bytes"))
@@ -25,11 +30,18 @@ pub async fn read(headers: &HeaderMap, body: Body, max: usize, deadline: Duratio
     }
     let limited = http_body_util::Limited::new(body, max);
     match tokio::time::timeout(deadline, limited.collect()).await {
-        Err(_) => Err(Answer::new(StatusCode::REQUEST_TIMEOUT, "invalid")
-            .reason(format!("body not received within {}s", deadline.as_secs_f64()))),
+        Err(_) => Err(
+            Answer::new(StatusCode::REQUEST_TIMEOUT, "invalid").reason(format!(
+                "body not received within {}s",
+                deadline.as_secs_f64()
+            )),
+        ),
         Ok(Ok(collected)) => Ok(collected.to_bytes()),
         Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
-        Ok(Err(_)) => Err(Answer::new(StatusCode::BAD_REQUEST, "invalid").reason("body could not be read".into())),
+        Ok(Err(_)) => {
+            Err(Answer::new(StatusCode::BAD_REQUEST, "invalid")
+                .reason("body could not be read".into()))
+        }
     }
 }
 
@@ -38,7 +50,11 @@ pub fn parse(headers: &HeaderMap, bytes: &[u8], max_depth: usize) -> Result<Valu
     let is_form = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|ct| ct.trim_start().to_ascii_lowercase().starts_with("application/x-www-form-urlencoded"));
+        .is_some_and(|ct| {
+            ct.trim_start()
+                .to_ascii_lowercase()
+                .starts_with("application/x-www-form-urlencoded")
+        });
     let form_payload;
     let json: &[u8] = if is_form {
         form_payload = serde_urlencoded::from_bytes::<Vec<(String, String)>>(bytes)
@@ -98,11 +114,26 @@ mod tests {
     #[test]
     fn form_bodies() {
         let mut headers = HeaderMap::new();
-        headers.insert(header::CONTENT_TYPE, "application/x-www-form-urlencoded".parse().unwrap());
+        headers.insert(
+            header::CONTENT_TYPE,
+            "application/x-www-form-urlencoded".parse().unwrap(),
+        );
         let v = parse(&headers, b"payload=%7B%22a%22%3A1%7D", 64).unwrap();
         assert_eq!(v["a"], 1);
-        assert!(parse(&headers, b"other=1", 64).unwrap_err().contains("payload"));
-        assert!(parse(&HeaderMap::new(), b"{\"a\":", 64).unwrap_err().contains("not JSON"));
-        assert!(parse(&HeaderMap::new(), "[".repeat(100).as_bytes(), 64).unwrap_err().contains("deeper"));
+        assert!(
+            parse(&headers, b"other=1", 64)
+                .unwrap_err()
+                .contains("payload")
+        );
+        assert!(
+            parse(&HeaderMap::new(), b"{\"a\":", 64)
+                .unwrap_err()
+                .contains("not JSON")
+        );
+        assert!(
+            parse(&HeaderMap::new(), "[".repeat(100).as_bytes(), 64)
+                .unwrap_err()
+                .contains("deeper")
+        );
     }
 }

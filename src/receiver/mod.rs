@@ -40,7 +40,10 @@ pub struct Receiver {
 pub fn router(receiver: Arc<Receiver>, with_metrics: bool) -> Router {
     let mut router = Router::new()
         .route("/webhooks/{source}", post(webhook))
-        .route("/healthz", get(|| async { Answer::new(StatusCode::OK, "ok").into_response() }))
+        .route(
+            "/healthz",
+            get(|| async { Answer::new(StatusCode::OK, "ok").into_response() }),
+        )
         .route("/readyz", get(readyz));
     if with_metrics {
         router = router.route("/metrics", get(metrics));
@@ -50,12 +53,17 @@ pub fn router(receiver: Arc<Receiver>, with_metrics: bool) -> Router {
 
 /// A router serving `/metrics` alone, for a separate listener.
 pub fn metrics_router(receiver: Arc<Receiver>) -> Router {
-    Router::new().route("/metrics", get(metrics)).with_state(receiver)
+    Router::new()
+        .route("/metrics", get(metrics))
+        .with_state(receiver)
 }
 
 async fn metrics(State(r): State<Arc<Receiver>>) -> Response {
     (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
         r.metrics.render(),
     )
         .into_response()
@@ -67,7 +75,11 @@ async fn readyz(State(r): State<Arc<Receiver>>) -> Response {
     if sources.is_empty() {
         problems.push("no mappings loaded".into());
     }
-    let status = if problems.is_empty() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let status = if problems.is_empty() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
     let body = serde_json::json!({
         "ready": problems.is_empty(),
         "problems": problems,
@@ -88,7 +100,10 @@ async fn webhook(
         None => (
             UNKNOWN_SOURCE,
             Answer::new(StatusCode::NOT_FOUND, "unknown_source")
-                .reason(format!("no mapping for source `{}`", crate::domain::printable(&source)))
+                .reason(format!(
+                    "no mapping for source `{}`",
+                    crate::domain::printable(&source)
+                ))
                 .outcome("invalid"),
         ),
         Some(mapping) => {
@@ -96,11 +111,17 @@ async fn webhook(
                 .extensions()
                 .get::<ConnectInfo<SocketAddr>>()
                 .map(|ConnectInfo(a)| a.ip());
-            (mapping.source.as_str(), handle(&r, mapping, peer, request).await)
+            (
+                mapping.source.as_str(),
+                handle(&r, mapping, peer, request).await,
+            )
         }
     };
     let outcome = answer.outcome_label();
-    r.metrics.webhooks.with_label_values(&[label, outcome]).inc();
+    r.metrics
+        .webhooks
+        .with_label_values(&[label, outcome])
+        .inc();
     r.metrics
         .webhook_duration
         .with_label_values(&[label])
@@ -121,7 +142,11 @@ async fn webhook(
 
 /// The address to judge the sender by: the peer, or the last address of the trusted proxy
 /// header when one is configured.
-fn client_ip(inbound: &InboundSettings, headers: &HeaderMap, peer: Option<IpAddr>) -> Option<IpAddr> {
+fn client_ip(
+    inbound: &InboundSettings,
+    headers: &HeaderMap,
+    peer: Option<IpAddr>,
+) -> Option<IpAddr> {
     match &inbound.client_ip_header {
         None => peer,
         Some(name) => headers
@@ -148,10 +173,19 @@ async fn handle(r: &Receiver, mapping: &Mapping, peer: Option<IpAddr>, request: 
     if let Err(wait) = r.limits.check(source) {
         let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
         return Answer::new(StatusCode::TOO_MANY_REQUESTS, "rate_limited")
-            .reason(format!("more than the configured webhooks per second for `{source}`"))
+            .reason(format!(
+                "more than the configured webhooks per second for `{source}`"
+            ))
             .retry_after(secs);
     }
-    let bytes = match body::read(&parts.headers, body, r.inbound.max_body_bytes, r.inbound.read_timeout).await {
+    let bytes = match body::read(
+        &parts.headers,
+        body,
+        r.inbound.max_body_bytes,
+        r.inbound.read_timeout,
+    )
+    .await
+    {
         Ok(b) => b,
         Err(answer) => return answer,
     };
@@ -175,7 +209,11 @@ async fn handle(r: &Receiver, mapping: &Mapping, peer: Option<IpAddr>, request: 
             .rule(rule)
             .reason(reason)
             .delivery(delivery),
-        Verdict::Decided { rule, actor, decisions } => {
+        Verdict::Decided {
+            rule,
+            actor,
+            decisions,
+        } => {
             let new = NewDelivery {
                 source: source.to_owned(),
                 dedup_key: delivery.clone(),
@@ -190,7 +228,10 @@ async fn handle(r: &Receiver, mapping: &Mapping, peer: Option<IpAddr>, request: 
                     r.health.set_store_error(None);
                     r.wake.notify_one();
                     for d in &decisions {
-                        r.metrics.decisions.with_label_values(&[source, d.action.as_str()]).inc();
+                        r.metrics
+                            .decisions
+                            .with_label_values(&[source, d.action.as_str()])
+                            .inc();
                     }
                     Answer::new(StatusCode::ACCEPTED, "accepted")
                         .rule(rule)
@@ -212,4 +253,3 @@ async fn handle(r: &Receiver, mapping: &Mapping, peer: Option<IpAddr>, request: 
         }
     }
 }
-

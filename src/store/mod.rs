@@ -196,8 +196,11 @@ pub trait Store: Send {
     /// Stores each delivery with its decisions, deduplicating by (source, dedup key) and
     /// coalescing repeated decisions, all in one transaction. A delivery that fails is rolled
     /// back alone; the outer error means nothing was committed.
-    fn accept(&mut self, batch: &[NewDelivery], now_ms: i64)
-    -> Result<Vec<Result<Accepted, StoreError>>, StoreError>;
+    fn accept(
+        &mut self,
+        batch: &[NewDelivery],
+        now_ms: i64,
+    ) -> Result<Vec<Result<Accepted, StoreError>>, StoreError>;
     /// Marks up to `limit` due pending jobs as sending and returns them.
     fn claim_due(&mut self, now_ms: i64, limit: usize) -> Result<Vec<Job>, StoreError>;
     /// Records attempt outcomes.
@@ -255,9 +258,15 @@ impl StoreHandle {
         Ok((StoreHandle { tx }, thread))
     }
 
-    async fn call<T>(&self, op: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> Op) -> Result<T, StoreError> {
+    async fn call<T>(
+        &self,
+        op: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> Op,
+    ) -> Result<T, StoreError> {
         let (reply, rx) = oneshot::channel();
-        self.tx.send(op(reply)).await.map_err(|_| StoreError::Closed)?;
+        self.tx
+            .send(op(reply))
+            .await
+            .map_err(|_| StoreError::Closed)?;
         rx.await.map_err(|_| StoreError::Closed)?
     }
 

@@ -63,7 +63,11 @@ pub struct SqliteStore {
 
 impl SqliteStore {
     /// Opens (creating it and its folder when missing) and migrates the store at `path`.
-    pub fn open(path: &Path, windows: Windows, store_payloads: bool) -> Result<SqliteStore, StoreError> {
+    pub fn open(
+        path: &Path,
+        windows: Windows,
+        store_payloads: bool,
+    ) -> Result<SqliteStore, StoreError> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir)?;
         }
@@ -82,7 +86,9 @@ impl SqliteStore {
     }
 
     fn migrate(&mut self) -> Result<(), StoreError> {
-        let version: i64 = self.conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+        let version: i64 = self
+            .conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))?;
         let known = MIGRATIONS.len() as i64;
         if version > known {
             return Err(StoreError::Invalid(format!(
@@ -129,7 +135,11 @@ fn accept_one(
         d.received_at_ms,
         d.rule,
         d.actor,
-        if store_payloads { d.payload.as_deref() } else { None }
+        if store_payloads {
+            d.payload.as_deref()
+        } else {
+            None
+        }
     ])?;
     let delivery_id = tx.last_insert_rowid();
     let coalesce_since = now_ms - windows.coalesce.as_millis() as i64;
@@ -142,14 +152,18 @@ fn accept_one(
                 "SELECT id, action, state, created_at FROM jobs WHERE org = ?1 AND request_id = ?2
                  ORDER BY id DESC LIMIT 1",
             )?
-            .query_row(params![decision.org.as_str(), decision.request_id.as_str()], |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
-            })
+            .query_row(
+                params![decision.org.as_str(), decision.request_id.as_str()],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+            )
             .optional()?;
         if let Some((id, action, state, created)) = latest
             && action == decision.action.as_str()
             && created >= coalesce_since
-            && matches!(state.as_str(), "pending" | "sending" | "succeeded" | "dry_run")
+            && matches!(
+                state.as_str(),
+                "pending" | "sending" | "succeeded" | "dry_run"
+            )
         {
             jobs.push(JobRef {
                 job_id: id,
@@ -254,8 +268,9 @@ impl Store for SqliteStore {
             let mut jobs = Vec::new();
             for row in rows {
                 let (action, mut job) = row?;
-                job.action = Action::parse(&action)
-                    .ok_or_else(|| StoreError::Invalid(format!("job {}: unknown action `{action}`", job.id)))?;
+                job.action = Action::parse(&action).ok_or_else(|| {
+                    StoreError::Invalid(format!("job {}: unknown action `{action}`", job.id))
+                })?;
                 jobs.push(job);
             }
             jobs.sort_by_key(|j| j.id);
@@ -285,7 +300,14 @@ impl Store for SqliteStore {
                 "INSERT INTO attempts (job_id, at, status, result, error, duration_ms)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
             )?
-            .execute(params![rec.job_id, rec.at_ms, rec.status, rec.result, rec.error, rec.duration_ms])?;
+            .execute(params![
+                rec.job_id,
+                rec.at_ms,
+                rec.status,
+                rec.result,
+                rec.error,
+                rec.duration_ms
+            ])?;
         }
         tx.commit()?;
         Ok(())
@@ -299,9 +321,10 @@ impl Store for SqliteStore {
     }
 
     fn recover(&mut self) -> Result<usize, StoreError> {
-        Ok(self
-            .conn
-            .execute("UPDATE jobs SET state = 'pending' WHERE state = 'sending'", [])?)
+        Ok(self.conn.execute(
+            "UPDATE jobs SET state = 'pending' WHERE state = 'sending'",
+            [],
+        )?)
     }
 
     fn counts(&mut self) -> Result<Counts, StoreError> {
@@ -405,8 +428,14 @@ impl Store for SqliteStore {
     fn prune(&mut self, older_than_ms: i64) -> Result<usize, StoreError> {
         let tx = self.conn.transaction()?;
         let finished = "SELECT id FROM jobs WHERE state IN ('succeeded', 'rejected', 'dry_run') AND updated_at < ?1";
-        tx.execute(&format!("DELETE FROM attempts WHERE job_id IN ({finished})"), [older_than_ms])?;
-        let jobs = tx.execute(&format!("DELETE FROM jobs WHERE id IN ({finished})"), [older_than_ms])?;
+        tx.execute(
+            &format!("DELETE FROM attempts WHERE job_id IN ({finished})"),
+            [older_than_ms],
+        )?;
+        let jobs = tx.execute(
+            &format!("DELETE FROM jobs WHERE id IN ({finished})"),
+            [older_than_ms],
+        )?;
         let deliveries = tx.execute(
             "DELETE FROM deliveries WHERE received_at < ?1
              AND NOT EXISTS (SELECT 1 FROM jobs WHERE jobs.delivery_id = deliveries.id)",

@@ -23,7 +23,11 @@ pub fn verify(secrets: &Secrets, headers: &HeaderMap, body: &[u8]) -> Result<(),
     for secret in secrets.iter() {
         ok |= hmac_matches(secret.expose().as_bytes(), body, &sig);
     }
-    if ok { Ok(()) } else { Err(VerifyError::Mismatch) }
+    if ok {
+        Ok(())
+    } else {
+        Err(VerifyError::Mismatch)
+    }
 }
 
 #[cfg(test)]
@@ -41,23 +45,45 @@ mod tests {
         verify(&Secrets::from_list(secrets), &headers, body)
     }
 
+    type Case<'a> = (&'a str, &'a [&'a str], &'a [u8], Result<(), VerifyError>);
+
     #[test]
     fn table() {
         let secret = "It's a Secret to Everybody";
         let body = b"Hello, World!";
         let upper = format!("sha256={}", VECTOR[7..].to_uppercase());
-        let cases: &[(&str, &[&str], &[u8], Result<(), VerifyError>)] = &[
+        let cases: &[Case] = &[
             (secret, &[VECTOR], body, Ok(())),
             // Rotation: the matching secret may be the older, second one.
             (&format!("newer-secret,{secret}"), &[VECTOR], body, Ok(())),
             (secret, &[&upper], body, Ok(())),
             ("wrong", &[VECTOR], body, Err(VerifyError::Mismatch)),
-            (secret, &[VECTOR], b"Hello, World?", Err(VerifyError::Mismatch)),
-            (secret, &[&VECTOR.replace("sha256=", "sha1=")], body, Err(VerifyError::Malformed(HEADER))),
-            (secret, &[&VECTOR[..40]], body, Err(VerifyError::Malformed(HEADER))),
+            (
+                secret,
+                &[VECTOR],
+                b"Hello, World?",
+                Err(VerifyError::Mismatch),
+            ),
+            (
+                secret,
+                &[&VECTOR.replace("sha256=", "sha1=")],
+                body,
+                Err(VerifyError::Malformed(HEADER)),
+            ),
+            (
+                secret,
+                &[&VECTOR[..40]],
+                body,
+                Err(VerifyError::Malformed(HEADER)),
+            ),
             (secret, &[""], body, Err(VerifyError::Malformed(HEADER))),
             (secret, &[], body, Err(VerifyError::Missing(HEADER))),
-            (secret, &[VECTOR, VECTOR], body, Err(VerifyError::Repeated(HEADER))),
+            (
+                secret,
+                &[VECTOR, VECTOR],
+                body,
+                Err(VerifyError::Repeated(HEADER)),
+            ),
             ("", &[VECTOR], body, Err(VerifyError::Mismatch)),
         ];
         for (i, (secrets, sigs, body, want)) in cases.iter().enumerate() {

@@ -37,7 +37,11 @@ pub fn verify(secrets: &Secrets, headers: &HeaderMap, body: &[u8]) -> Result<(),
             ok |= hmac_matches(secret.expose().as_bytes(), body, sig);
         }
     }
-    if ok { Ok(()) } else { Err(VerifyError::Mismatch) }
+    if ok {
+        Ok(())
+    } else {
+        Err(VerifyError::Mismatch)
+    }
 }
 
 #[cfg(test)]
@@ -57,11 +61,13 @@ mod tests {
         verify(&Secrets::from_list(secrets), &headers, body)
     }
 
+    type Case<'a> = (&'a str, &'a [&'a str], &'a [u8], Result<(), VerifyError>);
+
     #[test]
     fn table() {
         let both = format!("{SIG1},{SIG2}");
         let upper = SIG2.to_uppercase().replace("V1=", "v1=");
-        let cases: &[(&str, &[&str], &[u8], Result<(), VerifyError>)] = &[
+        let cases: &[Case] = &[
             ("pd-secret-1", &[&both], BODY, Ok(())),
             ("pd-secret-2", &[&both], BODY, Ok(())),
             ("pd-secret-2", &[SIG2], BODY, Ok(())),
@@ -72,9 +78,24 @@ mod tests {
             ("pd-secret-3", &[&both], BODY, Err(VerifyError::Mismatch)),
             ("pd-secret-1", &[SIG2], BODY, Err(VerifyError::Mismatch)),
             ("pd-secret-1", &[&both], b"{}", Err(VerifyError::Mismatch)),
-            ("pd-secret-1", &[&SIG1.replace("v1=", "v2=")], BODY, Err(VerifyError::Malformed(HEADER))),
-            ("pd-secret-1", &[&SIG1[..30]], BODY, Err(VerifyError::Malformed(HEADER))),
-            ("pd-secret-1", &[""], BODY, Err(VerifyError::Malformed(HEADER))),
+            (
+                "pd-secret-1",
+                &[&SIG1.replace("v1=", "v2=")],
+                BODY,
+                Err(VerifyError::Malformed(HEADER)),
+            ),
+            (
+                "pd-secret-1",
+                &[&SIG1[..30]],
+                BODY,
+                Err(VerifyError::Malformed(HEADER)),
+            ),
+            (
+                "pd-secret-1",
+                &[""],
+                BODY,
+                Err(VerifyError::Malformed(HEADER)),
+            ),
             ("pd-secret-1", &[], BODY, Err(VerifyError::Missing(HEADER))),
         ];
         for (i, (secrets, header, body, want)) in cases.iter().enumerate() {

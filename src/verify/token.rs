@@ -36,7 +36,11 @@ pub fn verify(tokens: &Secrets, headers: &HeaderMap) -> Result<(), VerifyError> 
         let want = Sha256::digest(token.expose().as_bytes());
         ok |= got.as_slice().ct_eq(want.as_slice());
     }
-    if bool::from(ok) { Ok(()) } else { Err(VerifyError::BadToken) }
+    if bool::from(ok) {
+        Ok(())
+    } else {
+        Err(VerifyError::BadToken)
+    }
 }
 
 #[cfg(test)]
@@ -47,24 +51,49 @@ mod tests {
     fn check(tokens: &str, headers: &[(&str, &str)]) -> Result<(), VerifyError> {
         let mut map = HeaderMap::new();
         for (k, v) in headers {
-            map.append(HeaderName::from_bytes(k.as_bytes()).unwrap(), HeaderValue::from_str(v).unwrap());
+            map.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
         }
         verify(&Secrets::from_list(tokens), &map)
     }
 
+    type Case<'a> = (&'a str, &'a [(&'a str, &'a str)], Result<(), VerifyError>);
+
     #[test]
     fn table() {
-        let cases: &[(&str, &[(&str, &str)], Result<(), VerifyError>)] = &[
+        let cases: &[Case] = &[
             ("tok", &[("authorization", "Bearer tok")], Ok(())),
             ("tok", &[("authorization", "bearer  tok ")], Ok(())),
             ("tok", &[("x-relay-token", "tok")], Ok(())),
             ("new,tok", &[("x-relay-token", "tok")], Ok(())),
-            ("tok", &[("x-relay-token", "tok2")], Err(VerifyError::BadToken)),
+            (
+                "tok",
+                &[("x-relay-token", "tok2")],
+                Err(VerifyError::BadToken),
+            ),
             ("tok", &[("x-relay-token", "")], Err(VerifyError::BadToken)),
-            ("tok", &[("authorization", "Basic tok")], Err(VerifyError::Malformed(AUTHORIZATION))),
-            ("tok", &[("authorization", "tok")], Err(VerifyError::Malformed(AUTHORIZATION))),
-            ("tok", &[("x-relay-token", "tok"), ("x-relay-token", "tok")], Err(VerifyError::Repeated(RELAY_TOKEN))),
-            ("tok", &[], Err(VerifyError::Missing("Authorization or X-Relay-Token"))),
+            (
+                "tok",
+                &[("authorization", "Basic tok")],
+                Err(VerifyError::Malformed(AUTHORIZATION)),
+            ),
+            (
+                "tok",
+                &[("authorization", "tok")],
+                Err(VerifyError::Malformed(AUTHORIZATION)),
+            ),
+            (
+                "tok",
+                &[("x-relay-token", "tok"), ("x-relay-token", "tok")],
+                Err(VerifyError::Repeated(RELAY_TOKEN)),
+            ),
+            (
+                "tok",
+                &[],
+                Err(VerifyError::Missing("Authorization or X-Relay-Token")),
+            ),
             ("", &[("x-relay-token", "tok")], Err(VerifyError::BadToken)),
         ];
         for (i, (tokens, headers, want)) in cases.iter().enumerate() {

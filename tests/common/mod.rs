@@ -41,7 +41,10 @@ pub fn test_env(extra: &[(&str, &str)]) -> HashMap<String, String> {
     let mut vars: HashMap<String, String> = [
         ("P0_ORG_ID", ORG),
         ("P0_API_TOKEN", TOKEN),
-        ("GITHUB_WEBHOOK_SECRET", &format!("{GITHUB_SECRET_NEW},{GITHUB_SECRET_OLD}") as &str),
+        (
+            "GITHUB_WEBHOOK_SECRET",
+            &format!("{GITHUB_SECRET_NEW},{GITHUB_SECRET_OLD}") as &str,
+        ),
         ("PAGERDUTY_WEBHOOK_SECRET", PD_SECRET),
         ("OPSGENIE_WEBHOOK_TOKEN", OG_TOKEN),
         ("GITHUB_APPROVERS", "octocat"),
@@ -64,6 +67,7 @@ pub struct TestRelay {
 }
 
 /// Options for `spawn_with`.
+#[derive(Default)]
 pub struct Setup {
     pub vars: Vec<(&'static str, String)>,
     /// Extra YAML appended to the generated relay.yaml sections.
@@ -78,22 +82,6 @@ pub struct Setup {
     pub inbound_rate: u32,
     /// Variables to leave unset.
     pub unset: Vec<&'static str>,
-}
-
-impl Default for Setup {
-    fn default() -> Self {
-        Setup {
-            vars: Vec::new(),
-            inbound: String::new(),
-            p0_extra: String::new(),
-            top: String::new(),
-            mappings_dir: None,
-            dry_run: false,
-            store_path: None,
-            unset: Vec::new(),
-            inbound_rate: 0,
-        }
-    }
 }
 
 pub async fn spawn() -> TestRelay {
@@ -163,7 +151,9 @@ pub async fn spawn_with(setup: Setup) -> TestRelay {
         reload_poll: Duration::from_millis(100),
         ..Options::default()
     };
-    let relay = Relay::start(settings, env, opts).await.expect("relay starts");
+    let relay = Relay::start(settings, env, opts)
+        .await
+        .expect("relay starts");
     TestRelay {
         addr: relay.addr,
         relay: Some(relay),
@@ -187,7 +177,10 @@ impl Hook {
             headers: vec![
                 ("X-GitHub-Event".into(), event.into()),
                 ("X-GitHub-Delivery".into(), delivery.into()),
-                ("X-Hub-Signature-256".into(), format!("sha256={}", sign_hex(secret, body))),
+                (
+                    "X-Hub-Signature-256".into(),
+                    format!("sha256={}", sign_hex(secret, body)),
+                ),
                 ("User-Agent".into(), "GitHub-Hookshot/a1b2c3".into()),
                 ("Content-Type".into(), "application/json".into()),
             ],
@@ -200,7 +193,10 @@ impl Hook {
             source: "pagerduty",
             headers: vec![
                 ("X-Webhook-Id".into(), webhook_id.into()),
-                ("X-PagerDuty-Signature".into(), format!("v1={}", sign_hex(PD_SECRET, body))),
+                (
+                    "X-PagerDuty-Signature".into(),
+                    format!("v1={}", sign_hex(PD_SECRET, body)),
+                ),
                 ("X-Webhook-Subscription".into(), "PSUB123".into()),
                 ("User-Agent".into(), "PagerDuty-Webhook/V3.0".into()),
                 ("Content-Type".into(), "application/json".into()),
@@ -229,7 +225,8 @@ impl Hook {
 
 /// A GitHub issue comment payload with the given body and author.
 pub fn github_comment(body: &str, login: &str) -> Vec<u8> {
-    let mut v: Value = serde_json::from_slice(&testdata("github/issue_comment_created.json")).unwrap();
+    let mut v: Value =
+        serde_json::from_slice(&testdata("github/issue_comment_created.json")).unwrap();
     v["comment"]["body"] = body.into();
     v["comment"]["user"]["login"] = login.into();
     v["sender"]["login"] = login.into();
@@ -242,19 +239,27 @@ impl TestRelay {
     }
 
     pub async fn post(&self, hook: &Hook) -> (u16, Value) {
-        let mut req = self.http.post(self.url(&format!("/webhooks/{}", hook.source)));
+        let mut req = self
+            .http
+            .post(self.url(&format!("/webhooks/{}", hook.source)));
         for (k, v) in &hook.headers {
             req = req.header(k, v);
         }
         let resp = req.body(hook.body.clone()).send().await.expect("send");
         let status = resp.status().as_u16();
         let text = resp.text().await.unwrap_or_default();
-        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
     }
 
     pub async fn get(&self, path: &str) -> (u16, String) {
         let resp = self.http.get(self.url(path)).send().await.expect("get");
-        (resp.status().as_u16(), resp.text().await.unwrap_or_default())
+        (
+            resp.status().as_u16(),
+            resp.text().await.unwrap_or_default(),
+        )
     }
 
     /// Mounts a P0 that answers 200 to every call.
@@ -279,7 +284,11 @@ impl TestRelay {
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
         let calls = self.p0_calls().await;
-        panic!("expected {n} P0 calls, got {}: {:?}", calls.len(), summarize(&calls));
+        panic!(
+            "expected {n} P0 calls, got {}: {:?}",
+            calls.len(),
+            summarize(&calls)
+        );
     }
 
     /// Gives the worker time to (not) act, then returns every call P0 received.
@@ -348,12 +357,23 @@ pub fn free_port() -> u16 {
 
 impl BinRelay {
     /// Starts `p0-relay serve` with `config` and `vars`, and waits until it is ready.
-    pub async fn start(config: &Path, vars: &HashMap<String, String>, log: PathBuf, extra_args: &[&str]) -> BinRelay {
+    // The child is reaped by `wait` or, failing that, by `Drop`.
+    #[allow(clippy::zombie_processes)]
+    pub async fn start(
+        config: &Path,
+        vars: &HashMap<String, String>,
+        log: PathBuf,
+        extra_args: &[&str],
+    ) -> BinRelay {
         let port = free_port();
         let text = std::fs::read_to_string(config).unwrap();
         let text = text.replace("listen: 127.0.0.1:0", &format!("listen: 127.0.0.1:{port}"));
         std::fs::write(config, text).unwrap();
-        let out = std::fs::OpenOptions::new().create(true).append(true).open(&log).unwrap();
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap();
         let child = std::process::Command::new(env!("CARGO_BIN_EXE_p0-relay"))
             .env_clear()
             .envs(vars)
@@ -375,7 +395,10 @@ impl BinRelay {
             }
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
-        panic!("relay did not become ready: {}", std::fs::read_to_string(&log).unwrap_or_default());
+        panic!(
+            "relay did not become ready: {}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
     }
 
     pub fn signal(&self, sig: &str) {
@@ -395,7 +418,10 @@ impl BinRelay {
         let resp = req.body(hook.body.clone()).send().await.expect("send");
         let status = resp.status().as_u16();
         let text = resp.text().await.unwrap_or_default();
-        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
     }
 
     /// Waits for the process to exit and returns its exit code.
@@ -406,8 +432,16 @@ impl BinRelay {
             }
             std::thread::sleep(Duration::from_millis(25));
         }
-        let _ = self.child.kill();
         panic!("relay did not exit");
+    }
+}
+
+impl Drop for BinRelay {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
     }
 }
 
@@ -422,6 +456,23 @@ pub fn run_cli(args: &[&str], vars: &HashMap<String, String>) -> (Option<i32>, S
         .expect("run p0-relay");
     (
         o.status.code(),
-        format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr)),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        ),
     )
+}
+
+/// Waits until `server` has received `n` requests (or a few seconds pass), then a little
+/// longer for any extra ones, and returns them all.
+pub async fn received_at_least(server: &MockServer, n: usize) -> Vec<Request> {
+    for _ in 0..400 {
+        if server.received_requests().await.unwrap_or_default().len() >= n {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    server.received_requests().await.unwrap_or_default()
 }
