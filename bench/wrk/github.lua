@@ -1,0 +1,77 @@
+-- wrk script: real GitHub issue_comment deliveries, each with a unique delivery ID and
+-- request ID, signed per request with HMAC-SHA256 (LuaJIT FFI to the libcrypto wrk links).
+-- Environment: BENCH_SECRET (signing secret), BENCH_RATE (requests/s per connection, 0 = as
+-- fast as possible), BENCH_PAYLOAD (the payload template file).
+local ffi = require("ffi")
+ffi.cdef[[
+  typedef struct evp_md_st EVP_MD;
+  const EVP_MD *EVP_sha256(void);
+  unsigned char *HMAC(const EVP_MD *evp_md, const void *key, int key_len,
+                      const unsigned char *d, size_t n, unsigned char *md, unsigned int *md_len);
+]]
+local ok, crypto = pcall(ffi.load, "crypto")
+if not ok then crypto = ffi.C end
+
+local secret = os.getenv("BENCH_SECRET") or "bench-secret"
+local rate = tonumber(os.getenv("BENCH_RATE") or "0")
+local f = assert(io.open(os.getenv("BENCH_PAYLOAD"), "rb"))
+local template = f:read("*a")
+f:close()
+
+local md = ffi.new("unsigned char[32]")
+local md_len = ffi.new("unsigned int[1]")
+local function hmac_hex(body)
+  crypto.HMAC(crypto.EVP_sha256(), secret, #secret, body, #body, md, md_len)
+  local out = {}
+  for i = 0, 31 do out[#out + 1] = string.format("%02x", md[i]) end
+  return table.concat(out)
+end
+
+local threads = {}
+local counter = 0
+
+function setup(thread)
+  counter = counter + 1
+  thread:set("tid", counter)
+  table.insert(threads, thread)
+end
+
+function init(args)
+  n = 0
+  accepted = 0
+  other = 0
+  prefix = string.format("t%d-%d-", tid, math.random(1, 1000000000))
+end
+
+function request()
+  n = n + 1
+  local id = prefix .. n
+  local body = template:gsub("req%-123 2h", "req-" .. id .. " 2h")
+  local headers = {
+    ["Content-Type"] = "application/json",
+    ["X-GitHub-Event"] = "issue_comment",
+    ["X-GitHub-Delivery"] = "d-" .. id,
+    ["X-Hub-Signature-256"] = "sha256=" .. hmac_hex(body),
+  }
+  return wrk.format("POST", "/webhooks/github", headers, body)
+end
+
+function response(status, headers, body)
+  if status == 202 or status == 200 then accepted = accepted + 1 else other = other + 1 end
+end
+
+function delay()
+  if rate > 0 then return 1000 / rate end
+  return 0
+end
+
+function done(summary, latency, requests)
+  local acc, oth = 0, 0
+  for _, t in ipairs(threads) do
+    acc = acc + t:get("accepted")
+    oth = oth + t:get("other")
+  end
+  io.write(string.format("RESULT accepted=%d other=%d seconds=%.3f p50_ms=%.3f p99_ms=%.3f errors=%d\n",
+    acc, oth, summary.duration / 1e6, latency:percentile(50) / 1000, latency:percentile(99) / 1000,
+    summary.errors.connect + summary.errors.read + summary.errors.write + summary.errors.timeout))
+end
