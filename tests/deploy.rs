@@ -7,9 +7,17 @@ use common::*;
 
 /// Runs a tool that CI installs; elsewhere, skips with a notice when it is missing.
 fn tool(cmd: &str, args: &[&str]) -> Option<String> {
-    match std::process::Command::new(cmd).args(args).current_dir(repo()).output() {
+    match std::process::Command::new(cmd)
+        .args(args)
+        .current_dir(repo())
+        .output()
+    {
         Ok(o) => {
-            let text = format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+            let text = format!(
+                "{}{}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            );
             assert!(o.status.success(), "{cmd} {args:?} failed:\n{text}");
             Some(text)
         }
@@ -41,13 +49,20 @@ fn alerting_rules_are_valid() {
 async fn every_metric_the_dashboard_and_alerts_use_is_exported() {
     let t = spawn().await;
     let (_, exposition) = t.get("/metrics").await;
-    let dashboard = std::fs::read_to_string(repo().join("deploy/grafana/dashboards/p0-relay.json")).unwrap();
+    let dashboard =
+        std::fs::read_to_string(repo().join("deploy/grafana/dashboards/p0-relay.json")).unwrap();
     let alerts = std::fs::read_to_string(repo().join("deploy/alerts.yml")).unwrap();
     let mut checked = 0;
     for text in [&dashboard, &alerts] {
         for (i, _) in text.match_indices("p0_relay_") {
-            let name: String = text[i..].chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect();
-            assert!(exposition.contains(&format!("\n{name}")), "`{name}` is not exported");
+            let name: String = text[i..]
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            assert!(
+                exposition.contains(&format!("\n{name}")),
+                "`{name}` is not exported"
+            );
             checked += 1;
         }
     }
@@ -57,7 +72,8 @@ async fn every_metric_the_dashboard_and_alerts_use_is_exported() {
 #[test]
 fn the_mock_p0_serves_the_shared_contract() {
     let copy: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(repo().join("deploy/mock-p0/openapi.json")).unwrap()).unwrap();
+        serde_json::from_slice(&std::fs::read(repo().join("deploy/mock-p0/openapi.json")).unwrap())
+            .unwrap();
     for action in ["approve", "deny", "revoke"] {
         let path = format!("/o/{{orgId}}/permission-requests/{{requestId}}/{action}");
         assert!(copy["paths"][&path]["post"].is_object(), "{path}");
@@ -65,6 +81,9 @@ fn the_mock_p0_serves_the_shared_contract() {
     let shared = repo().join("../shared/contracts/p0-access-requests.openapi.json");
     if let Ok(bytes) = std::fs::read(&shared) {
         let original: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
-        assert_eq!(copy, original, "deploy/mock-p0/openapi.json drifted from the shared contract");
+        assert_eq!(
+            copy, original,
+            "deploy/mock-p0/openapi.json drifted from the shared contract"
+        );
     }
 }

@@ -8,7 +8,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
-use p0_relay::store::{SqliteStore, Store, Windows};
+use p0_relay::store::{
+    Accepted, AttemptRecord, Counts, Job, JobDetail, JobSummary, ListFilter, NewDelivery, Replay,
+    SqliteStore, Store, StoreError, StoreHandle, Windows,
+};
 use serde_json::json;
 use wiremock::matchers::method;
 use wiremock::{Mock, MockServer, ResponseTemplate};
@@ -383,60 +386,36 @@ async fn a_stop_lets_calls_in_flight_finish() {
 struct BrokenStore;
 
 impl Store for BrokenStore {
-    fn accept(
+    fn write(
         &mut self,
-        _: &[p0_relay::store::NewDelivery],
+        _: &[NewDelivery],
+        _: &[AttemptRecord],
         _: i64,
-    ) -> Result<
-        Vec<Result<p0_relay::store::Accepted, p0_relay::store::StoreError>>,
-        p0_relay::store::StoreError,
-    > {
-        Err(p0_relay::store::StoreError::Invalid(
-            "disk I/O error".into(),
-        ))
+    ) -> Result<Vec<Result<Accepted, StoreError>>, StoreError> {
+        Err(StoreError::Invalid("disk I/O error".into()))
     }
-    fn claim_due(
-        &mut self,
-        _: i64,
-        _: usize,
-    ) -> Result<Vec<p0_relay::store::Job>, p0_relay::store::StoreError> {
+    fn claim_due(&mut self, _: i64, _: usize) -> Result<Vec<Job>, StoreError> {
         Ok(Vec::new())
     }
-    fn record(
-        &mut self,
-        _: &[p0_relay::store::AttemptRecord],
-    ) -> Result<(), p0_relay::store::StoreError> {
-        Ok(())
-    }
-    fn next_due(&mut self) -> Result<Option<i64>, p0_relay::store::StoreError> {
+    fn next_due(&mut self) -> Result<Option<i64>, StoreError> {
         Ok(None)
     }
-    fn recover(&mut self) -> Result<usize, p0_relay::store::StoreError> {
+    fn recover(&mut self) -> Result<usize, StoreError> {
         Ok(0)
     }
-    fn counts(&mut self) -> Result<p0_relay::store::Counts, p0_relay::store::StoreError> {
+    fn counts(&mut self) -> Result<Counts, StoreError> {
         Ok(Default::default())
     }
-    fn list(
-        &mut self,
-        _: &p0_relay::store::ListFilter,
-    ) -> Result<Vec<p0_relay::store::JobSummary>, p0_relay::store::StoreError> {
+    fn list(&mut self, _: &ListFilter) -> Result<Vec<JobSummary>, StoreError> {
         Ok(Vec::new())
     }
-    fn show(
-        &mut self,
-        _: i64,
-    ) -> Result<Option<p0_relay::store::JobDetail>, p0_relay::store::StoreError> {
+    fn show(&mut self, _: i64) -> Result<Option<JobDetail>, StoreError> {
         Ok(None)
     }
-    fn replay(
-        &mut self,
-        _: p0_relay::store::Replay,
-        _: i64,
-    ) -> Result<Vec<i64>, p0_relay::store::StoreError> {
+    fn replay(&mut self, _: Replay, _: i64) -> Result<Vec<i64>, StoreError> {
         Ok(Vec::new())
     }
-    fn prune(&mut self, _: i64) -> Result<usize, p0_relay::store::StoreError> {
+    fn prune(&mut self, _: i64) -> Result<usize, StoreError> {
         Ok(0)
     }
 }
@@ -450,8 +429,7 @@ async fn a_store_that_cannot_write_answers_503_and_readyz_says_why() {
     let config = write_config(dir.path(), "http://127.0.0.1:9", &Setup::default());
     let settings = Settings::load(&config, &env).unwrap();
     let mappings = MappingSet::load(&settings.mappings_dir, &env, &settings.defaults).unwrap();
-    let (store, _thread) =
-        p0_relay::store::StoreHandle::spawn(Box::new(BrokenStore), true).unwrap();
+    let (store, _thread) = StoreHandle::spawn(Box::new(BrokenStore), true).unwrap();
     let receiver = Arc::new(p0_relay::receiver::Receiver {
         mappings: Arc::new(arc_swap::ArcSwap::from_pointee(mappings)),
         store,

@@ -193,18 +193,18 @@ pub enum StoreError {
 /// The durable store. Each call that writes is one transaction, committed and synced before
 /// it returns. Narrow enough that a PostgreSQL implementation can follow.
 pub trait Store: Send {
-    /// Stores each delivery with its decisions, deduplicating by (source, dedup key) and
-    /// coalescing repeated decisions, all in one transaction. A delivery that fails is rolled
-    /// back alone; the outer error means nothing was committed.
-    fn accept(
+    /// Stores each delivery with its decisions (deduplicating by source and dedup key,
+    /// coalescing repeated decisions) and records attempt outcomes, all in one transaction
+    /// synced once. A delivery that fails is left out alone; the outer error means nothing
+    /// was committed.
+    fn write(
         &mut self,
-        batch: &[NewDelivery],
+        deliveries: &[NewDelivery],
+        records: &[AttemptRecord],
         now_ms: i64,
     ) -> Result<Vec<Result<Accepted, StoreError>>, StoreError>;
     /// Marks up to `limit` due pending jobs as sending and returns them.
     fn claim_due(&mut self, now_ms: i64, limit: usize) -> Result<Vec<Job>, StoreError>;
-    /// Records attempt outcomes.
-    fn record(&mut self, records: &[AttemptRecord]) -> Result<(), StoreError>;
     /// When the earliest pending job falls due.
     fn next_due(&mut self) -> Result<Option<i64>, StoreError>;
     /// Returns jobs left `sending` by a stop to `pending`; returns how many.
@@ -291,78 +291,70 @@ impl StoreHandle {
 }
 
 fn writer(mut store: Box<dyn Store>, mut rx: mpsc::Receiver<Op>, max_batch: usize) {
-    let mut pending: Option<Op> = None;
-    loop {
-        let first = match pending.take() {
-            Some(op) => op,
-            None => match rx.blocking_recv() {
-                Some(op) => op,
-                None => return,
-            },
-        };
-        match first {
-            Op::Accept(d, reply) => {
-                let mut deliveries = vec![d];
-                let mut replies = vec![reply];
-                while deliveries.len() < max_batch {
-                    match rx.try_recv() {
-                        Ok(Op::Accept(d, r)) => {
-                            deliveries.push(d);
-                            replies.push(r);
-                        }
-                        Ok(other) => {
-                            pending = Some(other);
-                            break;
-                        }
-                        Err(_) => break,
+    let mut deliveries = Vec::new();
+    let mut accept_replies = Vec::new();
+    let mut records = Vec::new();
+    let mut record_replies = Vec::new();
+    let mut others = Vec::new();
+    while let Some(first) = rx.blocking_recv() {
+        // Everything waiting now goes into one transaction and one sync (group commit).
+        let mut next = Some(first);
+        let mut taken = 0;
+        while let Some(op) = next.take() {
+            taken += 1;
+            match op {
+                Op::Accept(d, reply) => {
+                    deliveries.push(d);
+                    accept_replies.push(reply);
+                }
+                Op::Record(r, reply) => {
+                    records.push(r);
+                    record_replies.push(reply);
+                }
+                other => others.push(other),
+            }
+            if taken < max_batch {
+                next = rx.try_recv().ok();
+            }
+        }
+        if !deliveries.is_empty() || !records.is_empty() {
+            match store.write(&deliveries, &records, now_ms()) {
+                Ok(results) => {
+                    for (reply, result) in accept_replies.drain(..).zip(results) {
+                        let _ = reply.send(result);
+                    }
+                    for reply in record_replies.drain(..) {
+                        let _ = reply.send(Ok(()));
                     }
                 }
-                match store.accept(&deliveries, now_ms()) {
-                    Ok(results) => {
-                        for (reply, result) in replies.into_iter().zip(results) {
-                            let _ = reply.send(result);
-                        }
+                Err(e) => {
+                    let text = e.to_string();
+                    for reply in accept_replies.drain(..) {
+                        let _ = reply.send(Err(StoreError::Invalid(text.clone())));
                     }
-                    Err(e) => {
-                        let text = e.to_string();
-                        for reply in replies {
-                            let _ = reply.send(Err(StoreError::Invalid(text.clone())));
-                        }
+                    for reply in record_replies.drain(..) {
+                        let _ = reply.send(Err(StoreError::Invalid(text.clone())));
                     }
                 }
             }
-            Op::Record(rec, reply) => {
-                let mut records = vec![rec];
-                let mut replies = vec![reply];
-                while records.len() < MAX_BATCH {
-                    match rx.try_recv() {
-                        Ok(Op::Record(r, s)) => {
-                            records.push(r);
-                            replies.push(s);
-                        }
-                        Ok(other) => {
-                            pending = Some(other);
-                            break;
-                        }
-                        Err(_) => break,
-                    }
+            deliveries.clear();
+            records.clear();
+        }
+        for op in others.drain(..) {
+            match op {
+                Op::Claim(limit, reply) => {
+                    let _ = reply.send(store.claim_due(now_ms(), limit));
                 }
-                let result = store.record(&records).map_err(|e| e.to_string());
-                for reply in replies {
-                    let _ = reply.send(result.clone().map_err(StoreError::Invalid));
+                Op::NextDue(reply) => {
+                    let _ = reply.send(store.next_due());
                 }
-            }
-            Op::Claim(limit, reply) => {
-                let _ = reply.send(store.claim_due(now_ms(), limit));
-            }
-            Op::NextDue(reply) => {
-                let _ = reply.send(store.next_due());
-            }
-            Op::Counts(reply) => {
-                let _ = reply.send(store.counts());
-            }
-            Op::Prune(before, reply) => {
-                let _ = reply.send(store.prune(before));
+                Op::Counts(reply) => {
+                    let _ = reply.send(store.counts());
+                }
+                Op::Prune(before, reply) => {
+                    let _ = reply.send(store.prune(before));
+                }
+                Op::Accept(..) | Op::Record(..) => {}
             }
         }
     }
