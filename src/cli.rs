@@ -139,25 +139,19 @@ fn fail(errors: &[String]) -> ExitCode {
     ExitCode::FAILURE
 }
 
-/// Logs go to stderr through a writer thread, so a webhook never waits on the terminal or a
-/// pipe; the buffer blocks rather than drops when full. Keep the guard: dropping it flushes.
-fn init_logs(json: bool) -> tracing_appender::non_blocking::WorkerGuard {
-    use std::io::IsTerminal;
+fn init_logs(json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
-        .lossy(false)
-        .finish(std::io::stderr());
+    use std::io::IsTerminal;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(writer);
+        .with_writer(std::io::stderr);
     if json {
         builder.json().flatten_event(true).init();
     } else {
         builder.init();
     }
-    guard
 }
 
 fn load(config: &Path, env: &Env) -> Result<(Settings, MappingSet), Vec<String>> {
@@ -171,7 +165,7 @@ fn serve(config: &Path, env: Env, dry_run: bool) -> ExitCode {
         Ok(s) => s,
         Err(errors) => return fail(&errors),
     };
-    let _logs = init_logs(settings.log_json);
+    init_logs(settings.log_json);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
         Err(e) => return fail(&[format!("cannot start the runtime: {e}")]),
