@@ -14,6 +14,7 @@ if not ok then crypto = ffi.C end
 
 local secret = os.getenv("BENCH_SECRET") or "bench-secret"
 local rate = tonumber(os.getenv("BENCH_RATE") or "0")
+local path = os.getenv("BENCH_PATH") or "/webhooks/github"
 local f = assert(io.open(os.getenv("BENCH_PAYLOAD"), "rb"))
 local template = f:read("*a")
 f:close()
@@ -38,7 +39,8 @@ end
 
 function init(args)
   n = 0
-  accepted = 0
+  s202 = 0
+  s200 = 0
   other = 0
   prefix = string.format("t%d-%d-", tid, math.random(1, 1000000000))
 end
@@ -53,11 +55,11 @@ function request()
     ["X-GitHub-Delivery"] = "d-" .. id,
     ["X-Hub-Signature-256"] = "sha256=" .. hmac_hex(body),
   }
-  return wrk.format("POST", "/webhooks/github", headers, body)
+  return wrk.format("POST", path, headers, body)
 end
 
 function response(status, headers, body)
-  if status == 202 or status == 200 then accepted = accepted + 1 else other = other + 1 end
+  if status == 202 then s202 = s202 + 1 elseif status == 200 then s200 = s200 + 1 else other = other + 1 end
 end
 
 function delay()
@@ -66,12 +68,13 @@ function delay()
 end
 
 function done(summary, latency, requests)
-  local acc, oth = 0, 0
+  local a202, a200, oth = 0, 0, 0
   for _, t in ipairs(threads) do
-    acc = acc + t:get("accepted")
+    a202 = a202 + t:get("s202")
+    a200 = a200 + t:get("s200")
     oth = oth + t:get("other")
   end
-  io.write(string.format("RESULT accepted=%d other=%d seconds=%.3f p50_ms=%.3f p99_ms=%.3f errors=%d\n",
-    acc, oth, summary.duration / 1e6, latency:percentile(50) / 1000, latency:percentile(99) / 1000,
+  io.write(string.format("RESULT s202=%d s200=%d other=%d seconds=%.3f p50_ms=%.3f p99_ms=%.3f errors=%d\n",
+    a202, a200, oth, summary.duration / 1e6, latency:percentile(50) / 1000, latency:percentile(99) / 1000,
     summary.errors.connect + summary.errors.read + summary.errors.write + summary.errors.timeout))
 end

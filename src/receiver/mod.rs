@@ -2,7 +2,7 @@
 //! answers the sender; it never calls P0 (the worker does, from the store).
 
 mod answer;
-mod body;
+pub mod body;
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;

@@ -1,0 +1,87 @@
+#!/usr/bin/env bash
+# Shared by bench/run.sh and bench/compare.sh: start the stand-in P0 and the relay, drive them
+# with wrk, and read the results. Sourced, not run.
+
+CONN=${CONNECTIONS:-64}
+SINK=127.0.0.1:14010
+RELAY=127.0.0.1:18080
+export BENCH_SECRET=bench-secret
+export BENCH_PAYLOAD=$PWD/mappings/testdata/github/issue_comment_created.json
+
+for tool in wrk webhook curl; do
+  command -v "$tool" >/dev/null || { echo "missing $tool (apt-get install wrk webhook curl)"; exit 1; }
+done
+work=$(mktemp -d)
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
+trap cleanup EXIT
+
+wait_port() { for _ in $(seq 1 100); do curl -s -o /dev/null "http://$1/" && return 0; sleep 0.05; done; }
+field() { sed -n "s/.*$1=\([0-9.]*\).*/\1/p" <<<"$2"; }
+hwm_mib() { awk '/VmHWM/ {printf "%.1f", $2/1024}' "/proc/$1/status"; }
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN {printf "%.2f", (b > 0 ? a/b : 0)}'; }
+per_second() { awk -v n="$1" -v s="$2" 'BEGIN {printf "%.0f", (s > 0 ? n/s : 0)}'; }
+
+# run_wrk URL PATH SECONDS CONNECTIONS RATE_PER_CONNECTION: prints wrk's RESULT line.
+run_wrk() {
+  BENCH_PATH=$2 BENCH_RATE=$5 wrk -t2 -c"$4" -d"$3"s -s bench/wrk/github.lua "$1" | grep '^RESULT'
+}
+
+start_sink() { target/release/examples/p0_sink "$SINK" & sink_pid=$!; pids+=("$sink_pid"); wait_port "$SINK"; }
+
+# drain N: waits until the stand-in P0 has seen N distinct decisions, or 10 s without progress.
+drain() {
+  local last=-1 same=0 now
+  while :; do
+    now=$(curl -s "http://$SINK/count" | cut -d' ' -f2)
+    [ "$now" -ge "$1" ] && break
+    if [ "$now" = "$last" ]; then same=$((same + 1)); [ $same -ge 20 ] && break; else same=0; fi
+    last=$now; sleep 0.5
+  done
+}
+
+# start_relay BINARY TAG: the relay with a fresh store on disk, pacing and limits off.
+start_relay() {
+  cat >"$work/env" <<ENV
+P0_ORG_ID=bench
+P0_API_TOKEN=bench-token
+P0_BASE_URL=http://$SINK
+GITHUB_WEBHOOK_SECRET=bench-secret
+PAGERDUTY_WEBHOOK_SECRET=unused
+OPSGENIE_WEBHOOK_TOKEN=unused
+GITHUB_APPROVERS=octocat
+P0_RELAY_LISTEN=$RELAY
+P0_RELAY_DB=$work/relay-$2.db
+P0_RELAY_INBOUND_LIMIT=0
+P0_RELAY_P0_RATE=0
+ENV
+  "$1" serve --env-file "$work/env" 2>"$work/relay-$2.log" & relay_pid=$!
+  pids+=("$relay_pid"); wait_port "$RELAY"
+}
+
+stop_both() { kill "$relay_pid" "$sink_pid" 2>/dev/null || true; wait "$relay_pid" "$sink_pid" 2>/dev/null || true; }
+
+# relay_storm BINARY TAG SECONDS: a storm at full rate, then a drain. Sets answered_rate,
+# accepted, distinct, dupes, calls_rate, lost, hwm_storm, hwm, non202.
+relay_storm() {
+  start_sink; start_relay "$1" "$2"
+  local r secs t0 t1 calls span
+  t0=$(date +%s.%N)
+  r=$(run_wrk "http://$RELAY" /webhooks/github "$3" "$CONN" 0)
+  hwm_storm=$(hwm_mib "$relay_pid")
+  secs=$(field seconds "$r")
+  non202=$(( $(field s200 "$r") + $(field other "$r") ))
+  answered_rate=$(per_second "$(field s202 "$r")" "$secs")
+  # The relay's own count: wrk does not see answers to requests in flight when it stops,
+  # and those finish (and are counted) a moment later.
+  sleep 1
+  accepted=$(curl -s "http://$RELAY/metrics" | awk '/^p0_relay_webhooks_total\{outcome="accepted",source="github"\}/ {print $2}')
+  drain "$accepted"
+  t1=$(date +%s.%N)
+  read -r calls distinct span < <(curl -s "http://$SINK/count"; echo)
+  hwm=$(hwm_mib "$relay_pid")
+  calls_rate=$(awk -v n="$distinct" -v a="$t0" -v b="$t1" 'BEGIN {printf "%.0f", n/(b-a)}')
+  lost=$((accepted - distinct))
+  dupes=$((calls - distinct))
+  stop_both
+}

@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# End-to-end load benchmark, one command, one run: the ceiling (bare axum answering 202), the
+# relay (release build, store on disk, pacing and inbound limits off, forwarding to a
+# stand-in P0 that answers 200 at once) and the peer (adnanh/webhook running curl), all driven
+# by wrk with real GitHub issue_comment deliveries, each with unique IDs, signed per request.
+#
+#   bench/run.sh                       # full run (about 4 minutes)
+#   STORM_SECONDS=20 bench/run.sh      # shorter storm
+#
+# Needs wrk, webhook and curl (Debian: apt-get install wrk webhook curl).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source bench/lib.sh
+
+STORM=${STORM_SECONDS:-60}
+PEER=${PEER_SECONDS:-30}
+CEIL=${CEILING_SECONDS:-15}
+LAT=${LATENCY_SECONDS:-20}
+
+cargo build --release --quiet --bin p0-relay --example p0_sink --example ceiling
+echo "machine: $(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB; $(uname -sr); $(git rev-parse --short HEAD)"
+
+# 1. The ceiling.
+target/release/examples/ceiling 127.0.0.1:18090 & ceiling_pid=$!; pids+=("$ceiling_pid")
+wait_port 127.0.0.1:18090
+r=$(run_wrk http://127.0.0.1:18090 /webhooks/github "$CEIL" "$CONN" 0)
+ceiling=$(per_second "$(field s202 "$r")" "$(field seconds "$r")")
+kill "$ceiling_pid"
+
+# 2. The relay in a storm at full rate, then drained.
+relay_storm target/release/p0-relay storm "$STORM"
+
+# 3. Answer latency at a fixed, moderate rate: 10 connections, each pausing 1/110 s between
+#    requests, which with the answer time comes to about 1,000 webhooks/s.
+start_sink; start_relay target/release/p0-relay latency
+r=$(run_wrk "http://$RELAY" /webhooks/github "$LAT" 10 110)
+lat_rate=$(per_second "$(field s202 "$r")" "$(field seconds "$r")")
+p50=$(field p50_ms "$r"); p99=$(field p99_ms "$r")
+stop_both
+
+# 4. The peer: webhook + curl against the same stand-in.
+start_sink
+(cd bench/peer && P0_BASE_URL=http://$SINK PATH=$PWD:$PATH exec webhook -hooks hooks.json -ip 127.0.0.1 -port 9000 >"$work/webhook.log" 2>&1) &
+pids+=($!); sleep 0.5
+peer_pid=$(pgrep -n -x webhook)
+r=$(run_wrk http://127.0.0.1:9000 /hooks/github "$PEER" "$CONN" 0)
+peer_hwm=$(hwm_mib "$peer_pid")
+peer_accepted=$(( $(field s200 "$r") + $(field s202 "$r") ))
+peer_accept_rate=$(per_second "$peer_accepted" "$(field seconds "$r")")
+drain "$peer_accepted"
+read -r _ pdistinct pspan < <(curl -s "http://$SINK/count"; echo)
+peer_calls_rate=$(per_second "$pdistinct" "$pspan")
+peer_lost=$((peer_accepted - pdistinct))
+
+cat <<OUT
+
+| measure | ceiling (bare axum) | p0-relay | webhook + curl |
+|---|---|---|---|
+| webhooks accepted/s (${CONN} connections) | $ceiling | $answered_rate | $peer_accept_rate |
+| P0 calls completed/s, end to end | - | $calls_rate | $peer_calls_rate |
+| accepted / reached P0 / lost | - | $accepted / $distinct / $lost | $peer_accepted / $pdistinct / $peer_lost |
+| peak RSS, MiB | - | $hwm_storm (storm, ${STORM} s), $hwm (after drain) | $peer_hwm |
+| answer latency at ${lat_rate}/s, p50 / p99 ms | - | $p50 / $p99 | - |
+
+relay accepted / ceiling              = $(ratio "$answered_rate" "$ceiling")   (target >= 0.25)
+relay P0 calls/s / peer P0 calls/s    = $(ratio "$calls_rate" "$peer_calls_rate")   (target >= 25)
+relay lost                            = $lost   (target 0; duplicate calls: $dupes; non-202 answers: $non202)
+relay p99 at ~1,000/s                 = $p99 ms   (target <= 5)
+relay peak RSS                        = $hwm MiB   (target <= 64)
+OUT
