@@ -91,13 +91,16 @@ impl Expiration {
             )
         };
         let text = text.trim();
-        let (digits, unit) = text.split_at(text.len().saturating_sub(1));
+        let Some(unit) = text.chars().last() else {
+            return Err(bad());
+        };
+        let digits = &text[..text.len() - unit.len_utf8()];
         let unit_seconds: u64 = match unit {
-            "s" => 1,
-            "m" => 60,
-            "h" => 3600,
-            "d" => 86_400,
-            "w" => 604_800,
+            's' => 1,
+            'm' => 60,
+            'h' => 3600,
+            'd' => 86_400,
+            'w' => 604_800,
             _ => return Err(bad()),
         };
         if digits.is_empty()
@@ -179,8 +182,21 @@ mod tests {
                 "{text}"
             );
         }
+        // Regression: a multi-byte last character once split the text inside a character.
         for bad in [
-            "0h", "-1h", "1h30m", "h", "2", "2H", "02h", "1.5h", "", "2 h",
+            "0h",
+            "-1h",
+            "1h30m",
+            "h",
+            "2",
+            "2H",
+            "02h",
+            "1.5h",
+            "",
+            "2 h",
+            "2é",
+            "é",
+            "2h\u{301}",
         ] {
             assert!(Expiration::parse(bad).is_err(), "{bad:?}");
         }

@@ -190,6 +190,13 @@ async fn hostile_input_gets_its_answer_and_never_reaches_p0() {
             200,
             "rejected",
         ),
+        // Regression: a multi-byte unit once panicked the duration parser.
+        (
+            "multi-byte unit",
+            gh(&comment("/p0 approve req-1 2é")),
+            200,
+            "rejected",
+        ),
         // Bodies that are not what they claim.
         ("not JSON, signed", gh(b"hello"), 400, "invalid"),
         (

@@ -74,6 +74,7 @@ fn commandish() -> impl Strategy<Value = String> {
         Just("req-1".to_owned()),
         Just("P0-Request:".to_owned()),
         "[ -~]{0,12}",
+        "[0-9]{1,3}\\PC",
         "\\PC{0,4}",
     ];
     let sep = prop_oneof![Just(" "), Just("  "), Just("\n"), Just("\r\n"), Just("\t")];
