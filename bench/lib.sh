@@ -62,7 +62,7 @@ ENV
 stop_both() { kill "$relay_pid" "$sink_pid" 2>/dev/null || true; wait "$relay_pid" "$sink_pid" 2>/dev/null || true; }
 
 # relay_storm BINARY TAG SECONDS: a storm at full rate, then a drain. Sets answered_rate,
-# accepted, distinct, dupes, calls_rate, lost, hwm_storm, hwm, non202.
+# accepted, committed, distinct, dupes, calls_rate, lost, hwm_storm, hwm, non202.
 relay_storm() {
   start_sink; start_relay "$1" "$2"
   local r secs t0 t1 calls span
@@ -71,17 +71,19 @@ relay_storm() {
   hwm_storm=$(hwm_mib "$relay_pid")
   secs=$(field seconds "$r")
   non202=$(( $(field s200 "$r") + $(field other "$r") ))
-  answered_rate=$(per_second "$(field s202 "$r")" "$secs")
-  # The relay's own count: wrk does not see answers to requests in flight when it stops,
-  # and those finish (and are counted) a moment later.
+  accepted=$(field s202 "$r")
+  answered_rate=$(per_second "$accepted" "$secs")
+  # The relay's own count also has the requests still in flight when wrk stopped: committed
+  # (and so delivered) though wrk never read their answer.
   sleep 1
-  accepted=$(curl -s "http://$RELAY/metrics" | awk '/^p0_relay_webhooks_total\{outcome="accepted",source="github"\}/ {print $2}')
-  drain "$accepted"
+  committed=$(curl -s "http://$RELAY/metrics" | awk '/^p0_relay_webhooks_total\{outcome="accepted",source="github"\}/ {print $2}')
+  drain "$committed"
   t1=$(date +%s.%N)
   read -r calls distinct span < <(curl -s "http://$SINK/count"; echo)
   hwm=$(hwm_mib "$relay_pid")
   calls_rate=$(awk -v n="$distinct" -v a="$t0" -v b="$t1" 'BEGIN {printf "%.0f", n/(b-a)}')
-  lost=$((accepted - distinct))
+  # Lost: acknowledged with 202 but never delivered.
+  lost=$(( accepted > distinct ? accepted - distinct : 0 ))
   dupes=$((calls - distinct))
   stop_both
 }

@@ -50,7 +50,7 @@ peer_accept_rate=$(per_second "$peer_accepted" "$(field seconds "$r")")
 drain "$peer_accepted"
 read -r _ pdistinct pspan < <(curl -s "http://$SINK/count"; echo)
 peer_calls_rate=$(per_second "$pdistinct" "$pspan")
-peer_lost=$((peer_accepted - pdistinct))
+peer_lost=$(( peer_accepted > pdistinct ? peer_accepted - pdistinct : 0 ))
 
 cat <<OUT
 
@@ -58,13 +58,13 @@ cat <<OUT
 |---|---|---|---|
 | webhooks accepted/s (${CONN} connections) | $ceiling | $answered_rate | $peer_accept_rate |
 | P0 calls completed/s, end to end | - | $calls_rate | $peer_calls_rate |
-| accepted / reached P0 / lost | - | $accepted / $distinct / $lost | $peer_accepted / $pdistinct / $peer_lost |
+| acknowledged / reached P0 / lost | - | $accepted / $distinct / $lost | $peer_accepted / $pdistinct / $peer_lost |
 | peak RSS, MiB | - | $hwm_storm (storm, ${STORM} s), $hwm (after drain) | $peer_hwm |
 | answer latency at ${lat_rate}/s, p50 / p99 ms | - | $p50 / $p99 | - |
 
 relay accepted / ceiling              = $(ratio "$answered_rate" "$ceiling")   (target >= 0.25)
 relay P0 calls/s / peer P0 calls/s    = $(ratio "$calls_rate" "$peer_calls_rate")   (target >= 25)
-relay lost                            = $lost   (target 0; duplicate calls: $dupes; non-202 answers: $non202)
+relay lost                            = $lost   (target 0; committed: $committed; duplicate calls: $dupes; non-202 answers: $non202)
 relay p99 at ~1,000/s                 = $p99 ms   (target <= 5)
 relay peak RSS                        = $hwm MiB   (target <= 64)
 OUT

@@ -94,6 +94,17 @@ async fn webhook(
     Path(source): Path<String>,
     request: Request,
 ) -> Response {
+    // In a task of its own: a sender that hangs up cannot cancel a delivery half-way, between
+    // its commit and its count in the metrics and the log.
+    match tokio::spawn(process(r, source, request)).await {
+        Ok(response) => response,
+        Err(_) => Answer::new(StatusCode::INTERNAL_SERVER_ERROR, "unavailable")
+            .reason("internal error".into())
+            .into_response(),
+    }
+}
+
+async fn process(r: Arc<Receiver>, source: String, request: Request) -> Response {
     let started = Instant::now();
     let mappings = r.mappings.load_full();
     let (label, answer) = match mappings.get(&source) {
