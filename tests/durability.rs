@@ -110,14 +110,8 @@ async fn webhooks_accepted_while_p0_is_unreachable_all_arrive_once_it_is_back() 
     let http = client();
     for i in 0..50 {
         let hook = comment_hook(&format!("down-{i}"), &format!("/p0 approve req-{i} 1h"));
-        let mut req = http.post(format!("http://{}/webhooks/github", relay.addr));
-        for (k, v) in &hook.headers {
-            req = req.header(k, v);
-        }
-        assert_eq!(
-            req.body(hook.body).send().await.unwrap().status().as_u16(),
-            202
-        );
+        let resp = send(&http, &format!("http://{}", relay.addr), &hook).await;
+        assert_eq!(resp.status().as_u16(), 202);
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
     let listener = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
@@ -444,11 +438,7 @@ async fn a_store_that_cannot_write_answers_503_and_readyz_says_why() {
     let addr = listener.local_addr().unwrap();
     tokio::spawn(axum::serve(listener, p0_relay::receiver::router(receiver, true)).into_future());
     let hook = comment_hook("s-1", "/p0 approve req-1");
-    let mut req = client().post(format!("http://{addr}/webhooks/github"));
-    for (k, v) in &hook.headers {
-        req = req.header(k, v);
-    }
-    let resp = req.body(hook.body).send().await.unwrap();
+    let resp = send(&client(), &format!("http://{addr}"), &hook).await;
     assert_eq!(resp.status().as_u16(), 503);
     assert_eq!(
         resp.headers()

@@ -28,14 +28,12 @@ async fn tls_listener_serves_webhooks() {
         .unwrap();
     let body = testdata("github/ping.json");
     let hook = Hook::github("ping", "tls-1", &body, GITHUB_SECRET_NEW);
-    let mut req = https.post(format!(
-        "https://localhost:{}/webhooks/github",
-        t.addr.port()
-    ));
-    for (k, v) in &hook.headers {
-        req = req.header(k, v);
-    }
-    let resp = req.body(body).send().await.unwrap();
+    let resp = send(
+        &https,
+        &format!("https://localhost:{}", t.addr.port()),
+        &hook,
+    )
+    .await;
     assert_eq!(resp.status().as_u16(), 200);
     // Plain HTTP on the TLS port gets nowhere.
     assert!(client().get(t.url("/healthz")).send().await.is_err());

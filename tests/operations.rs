@@ -215,11 +215,7 @@ async fn over_the_inbound_limit_the_answer_is_429_with_retry_after() {
         );
     }
     let hook = Hook::github("ping", "rl-3", &ping, GITHUB_SECRET_NEW);
-    let mut req = t.http.post(t.url("/webhooks/github"));
-    for (k, v) in &hook.headers {
-        req = req.header(k, v);
-    }
-    let resp = req.body(hook.body).send().await.unwrap();
+    let resp = send(&t.http, &t.url(""), &hook).await;
     assert_eq!(resp.status().as_u16(), 429);
     assert_eq!(
         resp.headers()

@@ -223,6 +223,25 @@ impl Hook {
     }
 }
 
+/// Sends `hook` to the relay at `base` (`http://127.0.0.1:8080`) as its provider would.
+pub async fn send(http: &reqwest::Client, base: &str, hook: &Hook) -> reqwest::Response {
+    let mut req = http.post(format!("{base}/webhooks/{}", hook.source));
+    for (k, v) in &hook.headers {
+        req = req.header(k, v);
+    }
+    req.body(hook.body.clone()).send().await.expect("send")
+}
+
+/// The status and JSON answer of a response.
+pub async fn answer(resp: reqwest::Response) -> (u16, Value) {
+    let status = resp.status().as_u16();
+    let text = resp.text().await.unwrap_or_default();
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
+}
+
 /// A GitHub issue comment payload with the given body and author.
 pub fn github_comment(body: &str, login: &str) -> Vec<u8> {
     let mut v: Value =
@@ -239,19 +258,18 @@ impl TestRelay {
     }
 
     pub async fn post(&self, hook: &Hook) -> (u16, Value) {
-        let mut req = self
-            .http
-            .post(self.url(&format!("/webhooks/{}", hook.source)));
-        for (k, v) in &hook.headers {
-            req = req.header(k, v);
+        answer(send(&self.http, &self.url(""), hook).await).await
+    }
+
+    /// Posts each hook in turn, each answered 202 and delivered before the next, and returns
+    /// every call P0 received as `summarize` shows it.
+    pub async fn deliver(&self, hooks: &[Hook]) -> Vec<(String, String, Value)> {
+        for (i, hook) in hooks.iter().enumerate() {
+            let (status, answer) = self.post(hook).await;
+            assert_eq!(status, 202, "hook {i}: {answer}");
+            self.wait_for_calls(i + 1).await;
         }
-        let resp = req.body(hook.body.clone()).send().await.expect("send");
-        let status = resp.status().as_u16();
-        let text = resp.text().await.unwrap_or_default();
-        (
-            status,
-            serde_json::from_str(&text).unwrap_or(Value::String(text)),
-        )
+        summarize(&self.settle().await)
     }
 
     pub async fn get(&self, path: &str) -> (u16, String) {
@@ -411,17 +429,7 @@ impl BinRelay {
     }
 
     pub async fn post(&self, hook: &Hook) -> (u16, Value) {
-        let mut req = client().post(format!("http://{}/webhooks/{}", self.addr, hook.source));
-        for (k, v) in &hook.headers {
-            req = req.header(k, v);
-        }
-        let resp = req.body(hook.body.clone()).send().await.expect("send");
-        let status = resp.status().as_u16();
-        let text = resp.text().await.unwrap_or_default();
-        (
-            status,
-            serde_json::from_str(&text).unwrap_or(Value::String(text)),
-        )
+        answer(send(&client(), &format!("http://{}", self.addr), hook).await).await
     }
 
     /// Waits for the process to exit and returns its exit code.
