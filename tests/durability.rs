@@ -16,15 +16,6 @@ use serde_json::json;
 use wiremock::matchers::method;
 use wiremock::{Mock, MockServer, ResponseTemplate};
 
-fn comment_hook(delivery: &str, command: &str) -> Hook {
-    Hook::github(
-        "issue_comment",
-        delivery,
-        &github_comment(command, "octocat"),
-        GITHUB_SECRET_NEW,
-    )
-}
-
 fn ids(calls: &[wiremock::Request]) -> BTreeMap<String, usize> {
     let mut counts = BTreeMap::new();
     for c in calls {
@@ -61,7 +52,7 @@ async fn five_503s_then_200_make_exactly_one_successful_call() {
         .mount(&t.p0)
         .await;
     t.p0_ok().await;
-    let (status, _) = t.post(&comment_hook("r-1", "/p0 approve req-1 2h")).await;
+    let (status, _) = t.post(&Hook::comment("r-1", "/p0 approve req-1 2h")).await;
     assert_eq!(status, 202);
     let calls = t.wait_for_calls(6).await;
     assert_eq!(
@@ -109,7 +100,7 @@ async fn webhooks_accepted_while_p0_is_unreachable_all_arrive_once_it_is_back() 
         .unwrap();
     let http = client();
     for i in 0..50 {
-        let hook = comment_hook(&format!("down-{i}"), &format!("/p0 approve req-{i} 1h"));
+        let hook = Hook::comment(&format!("down-{i}"), &format!("/p0 approve req-{i} 1h"));
         let resp = send(&http, &format!("http://{}", relay.addr), &hook).await;
         assert_eq!(resp.status().as_u16(), 202);
     }
@@ -145,7 +136,7 @@ async fn after_kill_9_every_accepted_decision_reaches_p0_once_except_those_in_fl
     let relay = BinRelay::start(&config, &vars, log.clone(), &[]).await;
     for i in 0..20 {
         let (status, answer) = relay
-            .post(&comment_hook(
+            .post(&Hook::comment(
                 &format!("k-{i}"),
                 &format!("/p0 revoke req-{i}"),
             ))
@@ -186,14 +177,16 @@ async fn after_kill_9_every_accepted_decision_reaches_p0_once_except_those_in_fl
 async fn the_same_delivery_twice_and_the_same_decision_twice_each_make_one_call() {
     let t = spawn().await;
     t.p0_ok().await;
-    let hook = comment_hook("dup-1", "/p0 approve req-1 2h");
+    let hook = Hook::comment("dup-1", "/p0 approve req-1 2h");
     let (s1, a1) = t.post(&hook).await;
     let (s2, a2) = t.post(&hook).await;
     assert_eq!((s1, s2), (202, 200));
     assert_eq!(a2["status"], "duplicate");
     assert_eq!(a2["job_ids"], json!([a1["decisions"][0]["job_id"]]));
     // Another delivery carrying the same decision is coalesced onto the first job.
-    let (s3, a3) = t.post(&comment_hook("dup-2", "/p0 approve req-1 2h")).await;
+    let (s3, a3) = t
+        .post(&Hook::comment("dup-2", "/p0 approve req-1 2h"))
+        .await;
     assert_eq!(s3, 202, "{a3}");
     assert_eq!(a3["decisions"][0]["coalesced"], true);
     assert_eq!(a3["decisions"][0]["job_id"], a1["decisions"][0]["job_id"]);
@@ -218,7 +211,10 @@ async fn approve_revoke_approve_is_three_calls() {
     .iter()
     .enumerate()
     {
-        assert_eq!(t.post(&comment_hook(&format!("arb-{i}"), cmd)).await.0, 202);
+        assert_eq!(
+            t.post(&Hook::comment(&format!("arb-{i}"), cmd)).await.0,
+            202
+        );
         t.wait_for_calls(i + 1).await;
     }
     let calls = t.settle().await;
@@ -239,7 +235,7 @@ async fn a_400_from_p0_is_final_and_visible_in_jobs_show() {
         )
         .mount(&t.p0)
         .await;
-    let (status, answer) = t.post(&comment_hook("bad-1", "/p0 deny req-gone")).await;
+    let (status, answer) = t.post(&Hook::comment("bad-1", "/p0 deny req-gone")).await;
     assert_eq!(status, 202);
     let job = answer["decisions"][0]["job_id"].as_i64().unwrap();
     t.wait_for_calls(1).await;
@@ -294,7 +290,7 @@ async fn a_dead_letter_is_delivered_by_jobs_replay() {
         .await;
     t.p0_ok().await;
     let (_, answer) = t
-        .post(&comment_hook("dead-1", "/p0 approve req-7 3h"))
+        .post(&Hook::comment("dead-1", "/p0 approve req-7 3h"))
         .await;
     let job = answer["decisions"][0]["job_id"].as_i64().unwrap();
     t.wait_for_calls(1).await;
@@ -344,7 +340,7 @@ async fn transient_failures_past_the_attempt_limit_are_dead_lettered() {
         .respond_with(ResponseTemplate::new(500))
         .mount(&t.p0)
         .await;
-    let (_, answer) = t.post(&comment_hook("lim-1", "/p0 approve req-8")).await;
+    let (_, answer) = t.post(&Hook::comment("lim-1", "/p0 approve req-8")).await;
     let job = answer["decisions"][0]["job_id"].as_i64().unwrap();
     t.wait_for_calls(3).await;
     assert_eq!(t.settle().await.len(), 3);
@@ -362,7 +358,7 @@ async fn a_stop_lets_calls_in_flight_finish() {
         .respond_with(ResponseTemplate::new(200).set_delay(Duration::from_millis(600)))
         .mount(&t.p0)
         .await;
-    let (_, answer) = t.post(&comment_hook("stop-1", "/p0 revoke req-9")).await;
+    let (_, answer) = t.post(&Hook::comment("stop-1", "/p0 revoke req-9")).await;
     let job = answer["decisions"][0]["job_id"].as_i64().unwrap();
     t.wait_for_calls(1).await;
     t.stop().await;
@@ -437,7 +433,7 @@ async fn a_store_that_cannot_write_answers_503_and_readyz_says_why() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(axum::serve(listener, p0_relay::receiver::router(receiver, true)).into_future());
-    let hook = comment_hook("s-1", "/p0 approve req-1");
+    let hook = Hook::comment("s-1", "/p0 approve req-1");
     let resp = send(&client(), &format!("http://{addr}"), &hook).await;
     assert_eq!(resp.status().as_u16(), 503);
     assert_eq!(

@@ -56,13 +56,6 @@ async fn metrics_can_have_a_listener_of_their_own() {
         .and_then(|r| r.metrics_addr)
         .expect("metrics listener");
     assert_eq!(t.get("/metrics").await.0, 404);
-    let text = client()
-        .get(format!("http://{metrics_addr}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = get_text(&format!("http://{metrics_addr}/metrics")).await;
     assert!(text.contains("p0_relay_build_info"), "{text}");
 }

@@ -10,15 +10,6 @@ use serde_json::json;
 use wiremock::matchers::{method, path_regex};
 use wiremock::{Mock, ResponseTemplate};
 
-fn comment_hook(delivery: &str, command: &str) -> Hook {
-    Hook::github(
-        "issue_comment",
-        delivery,
-        &github_comment(command, "octocat"),
-        GITHUB_SECRET_NEW,
-    )
-}
-
 #[tokio::test]
 async fn metrics_count_a_known_sequence() {
     let t = spawn().await;
@@ -51,11 +42,11 @@ async fn metrics_count_a_known_sequence() {
     }
 
     let sequence = vec![
-        comment_hook("m-1", "/p0 approve req-1 2h"),
-        comment_hook("m-1", "/p0 approve req-1 2h"),
-        comment_hook("m-2", "/p0 deny req-gone"),
-        comment_hook("m-3", "no command"),
-        comment_hook("m-4", "/p0 approve ../x"),
+        Hook::comment("m-1", "/p0 approve req-1 2h"),
+        Hook::comment("m-1", "/p0 approve req-1 2h"),
+        Hook::comment("m-2", "/p0 deny req-gone"),
+        Hook::comment("m-3", "no command"),
+        Hook::comment("m-4", "/p0 approve ../x"),
         Hook::github("issue_comment", "m-5", b"{}", "forged"),
         Hook::github("issue_comment", "m-6", b"not json", GITHUB_SECRET_NEW),
         Hook::pagerduty("m-7", &testdata("pagerduty/incident_resolved.json")),
@@ -65,7 +56,7 @@ async fn metrics_count_a_known_sequence() {
     }
     t.post(&Hook {
         source: "nope",
-        ..comment_hook("m-8", "x")
+        ..Hook::comment("m-8", "x")
     })
     .await;
     t.wait_for_calls(3).await;

@@ -55,24 +55,10 @@ async fn no_secret_appears_in_logs_metrics_or_cli_output() {
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
-    let metrics = client()
-        .get(format!("http://{}/metrics", relay.addr))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = get_text(&format!("http://{}/metrics", relay.addr)).await;
     let mut readyz = String::new();
     for _ in 0..200 {
-        readyz = client()
-            .get(format!("http://{}/readyz", relay.addr))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        readyz = get_text(&format!("http://{}/readyz", relay.addr)).await;
         if readyz.contains("P0 rejected") {
             break;
         }

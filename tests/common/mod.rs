@@ -216,6 +216,17 @@ impl Hook {
         }
     }
 
+    /// An `issue_comment` by the approver `octocat` with `text` as its body, signed with the
+    /// newer GitHub secret.
+    pub fn comment(delivery: &str, text: &str) -> Hook {
+        Hook::github(
+            "issue_comment",
+            delivery,
+            &github_comment(text, "octocat"),
+            GITHUB_SECRET_NEW,
+        )
+    }
+
     pub fn header(mut self, name: &str, value: &str) -> Hook {
         self.headers.retain(|(k, _)| !k.eq_ignore_ascii_case(name));
         self.headers.push((name.into(), value.into()));
@@ -230,6 +241,18 @@ pub async fn send(http: &reqwest::Client, base: &str, hook: &Hook) -> reqwest::R
         req = req.header(k, v);
     }
     req.body(hook.body.clone()).send().await.expect("send")
+}
+
+/// The body of a GET, as text.
+pub async fn get_text(url: &str) -> String {
+    client()
+        .get(url)
+        .send()
+        .await
+        .expect("get")
+        .text()
+        .await
+        .unwrap_or_default()
 }
 
 /// The status and JSON answer of a response.
