@@ -393,3 +393,46 @@ impl Tap for Hook {
         self
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_headers_are_refused() {
+    let t = spawn().await;
+    let mut s = TcpStream::connect(t.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let padding = "a".repeat(40 * 1024);
+    write!(
+        s,
+        "POST /webhooks/github HTTP/1.1\r\nHost: relay\r\nX-Padding: {padding}\r\nContent-Length: 2\r\n\r\n{{}}"
+    )
+    .unwrap();
+    let mut buf = [0u8; 512];
+    let n = s.read(&mut buf).unwrap_or(0);
+    let head = String::from_utf8_lossy(&buf[..n]);
+    assert!(head.starts_with("HTTP/1.1 431"), "{head}");
+    // The relay goes on serving.
+    assert_eq!(t.get("/healthz").await.0, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_beyond_the_cap_wait_their_turn() {
+    let t = spawn_with(Setup {
+        inbound: "  max_connections: 2\n".into(),
+        ..Setup::default()
+    })
+    .await;
+    // Two idle connections take both places.
+    let idle: Vec<TcpStream> = (0..2)
+        .map(|_| TcpStream::connect(t.addr).unwrap())
+        .collect();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let waiting = tokio::time::timeout(Duration::from_millis(500), t.get("/healthz")).await;
+    assert!(
+        waiting.is_err(),
+        "a third connection is not served while two are open"
+    );
+    drop(idle);
+    let (status, _) = tokio::time::timeout(Duration::from_secs(3), t.get("/healthz"))
+        .await
+        .expect("served once a place is free");
+    assert_eq!(status, 200);
+}
