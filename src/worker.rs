@@ -39,7 +39,8 @@ impl Worker {
         let this = Arc::new(self);
         let permits = Arc::new(Semaphore::new(this.concurrency));
         let mut tasks = JoinSet::new();
-        let mut last_gauges = Instant::now() - Duration::from_secs(60);
+        // (Not `Instant::now() - 60 s`: that underflows on a machine up for less than a minute.)
+        let mut last_gauges: Option<Instant> = None;
         loop {
             while tasks.try_join_next().is_some() {}
             let free = permits.available_permits();
@@ -63,12 +64,12 @@ impl Worker {
                     Err(e) => tracing::error!(error = %e, "cannot claim decisions from the store"),
                 }
             }
-            if last_gauges.elapsed() >= Duration::from_secs(1) {
+            if last_gauges.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
                 if let Ok(c) = this.store.counts().await {
                     this.metrics.queue_depth.set(c.pending as i64);
                     this.metrics.dead_letters.set(c.dead as i64);
                 }
-                last_gauges = Instant::now();
+                last_gauges = Some(Instant::now());
             }
             let wait = if claimed_all {
                 Duration::ZERO
