@@ -47,6 +47,8 @@ pub async fn read(
 
 /// The JSON document in `bytes`: the body itself, or the `payload` field of a form body.
 pub fn parse(headers: &HeaderMap, bytes: &[u8], max_depth: usize) -> Result<Value, String> {
+    // GitHub's form deliveries carry the JSON in `payload`. A JSON body sent with a form
+    // content type (curl's default) is still read as JSON.
     let is_form = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -54,7 +56,11 @@ pub fn parse(headers: &HeaderMap, bytes: &[u8], max_depth: usize) -> Result<Valu
             ct.trim_start()
                 .to_ascii_lowercase()
                 .starts_with("application/x-www-form-urlencoded")
-        });
+        })
+        && !matches!(
+            bytes.iter().find(|b| !b.is_ascii_whitespace()),
+            Some(b'{' | b'[')
+        );
     let form_payload;
     let json: &[u8] = if is_form {
         form_payload = serde_urlencoded::from_bytes::<Vec<(String, String)>>(bytes)
@@ -125,6 +131,8 @@ mod tests {
                 .unwrap_err()
                 .contains("payload")
         );
+        // A JSON body sent with curl's default form content type is still JSON.
+        assert_eq!(parse(&headers, b" {\"a\":2}", 64).unwrap()["a"], 2);
         assert!(
             parse(&HeaderMap::new(), b"{\"a\":", 64)
                 .unwrap_err()
