@@ -65,7 +65,12 @@ async fn five_503s_then_200_make_exactly_one_successful_call() {
             .iter()
             .all(|c| *c == call("approve", "req-1", json!({"expirationLength": "2h"})))
     );
-    tokio::time::sleep(Duration::from_millis(1200)).await;
+    t.wait_metric(
+        "p0_relay_p0_requests_total{action=\"approve\",result=\"success\"}",
+        1.0,
+    )
+    .await;
+    t.wait_metric("p0_relay_queue_depth", 0.0).await;
     let m = |l: &'static str| {
         let t = &t;
         async move { t.metric(l).await }
@@ -298,8 +303,7 @@ async fn a_dead_letter_is_delivered_by_jobs_replay() {
     let (status, ready) = t.get("/readyz").await;
     assert_eq!(status, 503);
     assert!(ready.contains("P0 rejected the API token"), "{ready}");
-    tokio::time::sleep(Duration::from_millis(1100)).await;
-    assert_eq!(t.metric("p0_relay_dead_letters").await, Some(1.0));
+    t.wait_metric("p0_relay_dead_letters", 1.0).await;
 
     let db = t.dir.path().join("relay.db");
     let (code, out) = run_cli(

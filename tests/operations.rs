@@ -60,7 +60,14 @@ async fn metrics_count_a_known_sequence() {
     })
     .await;
     t.wait_for_calls(3).await;
-    tokio::time::sleep(Duration::from_millis(1200)).await;
+    t.wait_metric("p0_relay_delivery_lag_seconds_count", 2.0)
+        .await;
+    t.wait_metric(
+        "p0_relay_p0_requests_total{action=\"deny\",result=\"rejected\"}",
+        1.0,
+    )
+    .await;
+    t.wait_metric("p0_relay_queue_depth", 0.0).await;
     let expect = [
         (
             "p0_relay_webhooks_total{outcome=\"accepted\",source=\"github\"}",

@@ -346,6 +346,19 @@ impl TestRelay {
             .and_then(|v| v.parse().ok())
     }
 
+    /// Waits (up to 5 s) until the series `line_prefix` shows `value`; gauges refresh about
+    /// once a second.
+    pub async fn wait_metric(&self, line_prefix: &str, value: f64) {
+        for _ in 0..100 {
+            if self.metric(line_prefix).await == Some(value) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let got = self.metric(line_prefix).await;
+        panic!("{line_prefix}: expected {value}, got {got:?}");
+    }
+
     pub async fn stop(&mut self) {
         if let Some(r) = self.relay.take() {
             r.stop().await;
