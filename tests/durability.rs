@@ -42,6 +42,20 @@ fn open_store(path: &std::path::Path) -> SqliteStore {
     .unwrap()
 }
 
+/// Waits (up to 5 s) until `job` in the store at `db` is in `state`; returns its detail.
+async fn wait_for_state(db: &std::path::Path, job: i64, state: &str) -> JobDetail {
+    for _ in 0..100 {
+        if let Some(d) = open_store(db).show(job).unwrap()
+            && d.job.state == state
+        {
+            return d;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let now = open_store(db).show(job).unwrap().map(|d| d.job.state);
+    panic!("job {job}: expected state {state}, got {now:?}");
+}
+
 #[tokio::test]
 async fn five_503s_then_200_make_exactly_one_successful_call() {
     let t = spawn().await;
@@ -246,6 +260,7 @@ async fn a_400_from_p0_is_final_and_visible_in_jobs_show() {
     t.wait_for_calls(1).await;
     assert_eq!(t.settle().await.len(), 1, "never retried");
     let db = t.dir.path().join("relay.db");
+    wait_for_state(&db, job, "rejected").await;
     let (code, out) = run_cli(
         &[
             "jobs",
@@ -328,8 +343,7 @@ async fn a_dead_letter_is_delivered_by_jobs_replay() {
         200,
         "a success shows the token works again"
     );
-    let detail = open_store(&db).show(job).unwrap().unwrap();
-    assert_eq!(detail.job.state, "succeeded");
+    let detail = wait_for_state(&db, job, "succeeded").await;
     assert_eq!(detail.attempts.len(), 2);
 }
 
@@ -348,11 +362,7 @@ async fn transient_failures_past_the_attempt_limit_are_dead_lettered() {
     let job = answer["decisions"][0]["job_id"].as_i64().unwrap();
     t.wait_for_calls(3).await;
     assert_eq!(t.settle().await.len(), 3);
-    let detail = open_store(&t.dir.path().join("relay.db"))
-        .show(job)
-        .unwrap()
-        .unwrap();
-    assert_eq!(detail.job.state, "dead");
+    wait_for_state(&t.dir.path().join("relay.db"), job, "dead").await;
 }
 
 #[tokio::test]
