@@ -400,15 +400,17 @@ async fn oversized_headers_are_refused() {
     let mut s = TcpStream::connect(t.addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     let padding = "a".repeat(40 * 1024);
-    write!(
+    // The relay may answer and close before all of this is written: a failed write is fine.
+    let _ = write!(
         s,
         "POST /webhooks/github HTTP/1.1\r\nHost: relay\r\nX-Padding: {padding}\r\nContent-Length: 2\r\n\r\n{{}}"
-    )
-    .unwrap();
+    );
     let mut buf = [0u8; 512];
     let n = s.read(&mut buf).unwrap_or(0);
     let head = String::from_utf8_lossy(&buf[..n]);
-    assert!(head.starts_with("HTTP/1.1 431"), "{head}");
+    // Either the 431 arrives, or the reset that closed the connection overtook it; what must
+    // never come is an answer to the request itself.
+    assert!(n == 0 || head.starts_with("HTTP/1.1 431"), "{head}");
     // The relay goes on serving.
     assert_eq!(t.get("/healthz").await.0, 200);
 }
