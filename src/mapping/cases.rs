@@ -173,9 +173,7 @@ pub fn describe(verdict: &Verdict) -> String {
                     if let Some(c) = &d.clamped_from {
                         s.push_str(&format!(" (clamped from {c})"));
                     }
-                    if d.org.as_str() != "" {
-                        s.push_str(&format!(" in org {}", d.org));
-                    }
+                    s.push_str(&format!(" in org {}", d.org));
                     s
                 })
                 .collect();

@@ -225,9 +225,15 @@ pub fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
+/// What the writer thread is asked to do: writes, which share one transaction per batch, and
+/// other requests, answered after it.
 enum Op {
     Accept(NewDelivery, oneshot::Sender<Result<Accepted, StoreError>>),
     Record(AttemptRecord, oneshot::Sender<Result<(), StoreError>>),
+    Other(Other),
+}
+
+enum Other {
     Claim(usize, oneshot::Sender<Result<Vec<Job>, StoreError>>),
     NextDue(oneshot::Sender<Result<Option<i64>, StoreError>>),
     Counts(oneshot::Sender<Result<Counts, StoreError>>),
@@ -277,16 +283,17 @@ impl StoreHandle {
         self.call(|r| Op::Record(rec, r)).await
     }
     pub async fn claim_due(&self, limit: usize) -> Result<Vec<Job>, StoreError> {
-        self.call(|r| Op::Claim(limit, r)).await
+        self.call(|r| Op::Other(Other::Claim(limit, r))).await
     }
     pub async fn next_due(&self) -> Result<Option<i64>, StoreError> {
-        self.call(Op::NextDue).await
+        self.call(|r| Op::Other(Other::NextDue(r))).await
     }
     pub async fn counts(&self) -> Result<Counts, StoreError> {
-        self.call(Op::Counts).await
+        self.call(|r| Op::Other(Other::Counts(r))).await
     }
     pub async fn prune(&self, older_than_ms: i64) -> Result<usize, StoreError> {
-        self.call(|r| Op::Prune(older_than_ms, r)).await
+        self.call(|r| Op::Other(Other::Prune(older_than_ms, r)))
+            .await
     }
 }
 
@@ -311,7 +318,7 @@ fn writer(mut store: Box<dyn Store>, mut rx: mpsc::Receiver<Op>, max_batch: usiz
                     records.push(r);
                     record_replies.push(reply);
                 }
-                other => others.push(other),
+                Op::Other(other) => others.push(other),
             }
             if taken < max_batch {
                 next = rx.try_recv().ok();
@@ -342,19 +349,18 @@ fn writer(mut store: Box<dyn Store>, mut rx: mpsc::Receiver<Op>, max_batch: usiz
         }
         for op in others.drain(..) {
             match op {
-                Op::Claim(limit, reply) => {
+                Other::Claim(limit, reply) => {
                     let _ = reply.send(store.claim_due(now_ms(), limit));
                 }
-                Op::NextDue(reply) => {
+                Other::NextDue(reply) => {
                     let _ = reply.send(store.next_due());
                 }
-                Op::Counts(reply) => {
+                Other::Counts(reply) => {
                     let _ = reply.send(store.counts());
                 }
-                Op::Prune(before, reply) => {
+                Other::Prune(before, reply) => {
                     let _ = reply.send(store.prune(before));
                 }
-                Op::Accept(..) | Op::Record(..) => {}
             }
         }
     }
