@@ -1,5 +1,7 @@
 //! Test cases written inside mapping files: a payload, headers and the expected verdict, run by
 //! `p0-relay test` and by the test suite. Configuration is code and gets its own tests.
+//! A case checks `freshness` only when it names its own clock (`now`), so cases never depend
+//! on the day they run.
 
 use std::collections::HashMap;
 
@@ -84,10 +86,25 @@ fn run_case(
         let value = HeaderValue::from_str(v).map_err(|_| format!("bad value for header `{k}`"))?;
         headers.append(name, value);
     }
-    let verdict = m.decide(Input {
+    let now = match &case.now {
+        None => None,
+        Some(t) => Some(
+            super::parse_rfc3339(t)
+                .ok_or_else(|| format!("now: `{t}` is not an RFC 3339 time"))?,
+        ),
+    };
+    let input = Input {
         headers: &headers,
         body: &payload,
-    });
+    };
+    if let Some(want) = &case.dedup {
+        let body = serde_json::to_vec(&payload).unwrap_or_default();
+        let got = m.dedup_key(input, &body);
+        if &got != want {
+            return Err(format!("expected dedup key `{want}`, got `{got}`"));
+        }
+    }
+    let verdict = m.decide(input, now);
     check(&case.expect, &verdict, &defaults.org)
 }
 
