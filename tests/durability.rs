@@ -413,7 +413,10 @@ async fn a_store_that_cannot_write_answers_503_and_readyz_says_why() {
 
     lock.execute_batch("ROLLBACK").unwrap();
     let (status, body) = t.post(&hook).await;
-    assert_eq!(status, 202, "nothing was stored by the refused attempt: {body}");
+    assert_eq!(
+        status, 202,
+        "nothing was stored by the refused attempt: {body}"
+    );
     assert_eq!(body["decisions"][0]["job_id"], 1, "{body}");
     t.wait_for_calls(1).await;
 }

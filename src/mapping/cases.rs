@@ -89,8 +89,7 @@ fn run_case(
     let now = match &case.now {
         None => None,
         Some(t) => Some(
-            super::parse_rfc3339(t)
-                .ok_or_else(|| format!("now: `{t}` is not an RFC 3339 time"))?,
+            super::parse_rfc3339(t).ok_or_else(|| format!("now: `{t}` is not an RFC 3339 time"))?,
         ),
     };
     let input = Input {

@@ -25,9 +25,9 @@ use crate::secret::Secrets;
 use crate::verify::Verifier;
 
 pub use eval::Input;
-pub use replay::parse_rfc3339;
 use eval::{Condition, Extract, From, Selector, Test};
 use model::{RawCondition, RawExtract, RawMapping, RawRule, RawSelector};
+pub use replay::parse_rfc3339;
 
 /// Relay-wide values a mapping falls back on.
 #[derive(Debug, Clone)]
@@ -111,9 +111,9 @@ impl Mapping {
         (verdict, trace)
     }
 
-    /// Whether the mapping refuses stale events (`freshness` with a `max_age`).
-    pub fn checks_freshness(&self) -> bool {
-        self.freshness.is_some()
+    /// The oldest event the mapping acts on (`freshness.max_age`), when it checks freshness.
+    pub fn max_event_age(&self) -> Option<std::time::Duration> {
+        self.freshness.as_ref().map(|f| f.max_age)
     }
 
     fn run(
@@ -934,7 +934,10 @@ mod tests {
         let all = compile("s", Path::new("s.yaml"), tree, &Env::default(), &defaults())
             .unwrap_err()
             .join("\n");
-        assert!(all.contains("s.yaml: dedup[2].kye: unknown field `kye`"), "{all}");
+        assert!(
+            all.contains("s.yaml: dedup[2].kye: unknown field `kye`"),
+            "{all}"
+        );
         let tree = json!({
             "verify": { "scheme": "token", "secrets": "t" },
             "dedup": [ { "name": "a b", "key": [ { "path": "$[" } ] }, { "key": [] } ],
@@ -965,8 +968,14 @@ mod tests {
                 "rules": [ { "name": "r", "command": { "path": "$.x" } } ]
             })
         };
-        let m = compile("s", Path::new("s.yaml"), tree("10m"), &Env::default(), &defaults())
-            .unwrap();
+        let m = compile(
+            "s",
+            Path::new("s.yaml"),
+            tree("10m"),
+            &Env::default(),
+            &defaults(),
+        )
+        .unwrap();
         let now = parse_rfc3339("2026-11-27T10:15:00Z").unwrap();
         let headers = HeaderMap::new();
         let verdict = |body: Value, now: Option<SystemTime>| {
@@ -1006,13 +1015,22 @@ mod tests {
         }
         // Without a clock (test cases that name no `now`) the check is skipped.
         assert_eq!(
-            verdict(json!({ "x": cmd, "created_at": "2020-01-01T00:00:00Z" }), None),
+            verdict(
+                json!({ "x": cmd, "created_at": "2020-01-01T00:00:00Z" }),
+                None
+            ),
             decided
         );
         // An empty max_age (`${GITHUB_MAX_EVENT_AGE:-}` unset) turns it off.
-        let off = compile("s", Path::new("s.yaml"), tree(""), &Env::default(), &defaults())
-            .unwrap();
-        assert!(!off.checks_freshness());
-        assert!(m.checks_freshness());
+        let off = compile(
+            "s",
+            Path::new("s.yaml"),
+            tree(""),
+            &Env::default(),
+            &defaults(),
+        )
+        .unwrap();
+        assert_eq!(off.max_event_age(), None);
+        assert_eq!(m.max_event_age(), Some(std::time::Duration::from_secs(600)));
     }
 }

@@ -58,7 +58,9 @@ impl Dedup {
             }
             if let Some(name) = &alt.name
                 && (name.is_empty()
-                    || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-'))
+                    || !name
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-'))
             {
                 errors.push(format!(
                     "{at}: name: `{name}` is not letters, digits, - and _"
@@ -122,7 +124,7 @@ fn bracket(path: &serde_path_to_error::Path) -> String {
 #[derive(Debug)]
 pub(super) struct Freshness {
     time: Vec<Selector>,
-    max_age: Duration,
+    pub(super) max_age: Duration,
     max_skew: Duration,
 }
 
@@ -162,7 +164,8 @@ impl Freshness {
         let max_age = duration("max_age", raw.max_age.as_deref());
         let max_skew = duration("max_skew", raw.max_skew.as_deref()).unwrap_or(DEFAULT_SKEW);
         if matches!(max_age, Some(d) if d.is_zero()) {
-            errors.push("freshness: max_age: must be more than zero (leave it empty for off)".into());
+            errors
+                .push("freshness: max_age: must be more than zero (leave it empty for off)".into());
         }
         if !errors.is_empty() {
             return Err(errors);
@@ -243,7 +246,11 @@ pub fn parse_rfc3339(text: &str) -> Option<SystemTime> {
         (l, sign * (h * 3600 + m * 60))
     };
     // humantime reads the local part as UTC (`T` required, at most nanosecond precision).
-    if local.as_bytes().get(10).is_none_or(|b| !matches!(b, b'T' | b't')) {
+    if local
+        .as_bytes()
+        .get(10)
+        .is_none_or(|b| !matches!(b, b'T' | b't'))
+    {
         return None;
     }
     let utc = humantime::parse_rfc3339_weak(&local.replacen('t', "T", 1)).ok()?;

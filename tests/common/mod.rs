@@ -220,12 +220,9 @@ impl Hook {
     /// newer GitHub secret. Each delivery ID is a comment of its own (its `comment.id` derives
     /// from it), as on GitHub, where a new delivery of a new comment has a new comment ID.
     pub fn comment(delivery: &str, text: &str) -> Hook {
-        let id = delivery
-            .bytes()
-            .fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
-                (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
-            })
-            >> 12;
+        let id = delivery.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+        }) >> 12;
         Hook::github(
             "issue_comment",
             delivery,
