@@ -68,14 +68,17 @@ fn run_case(
         .map_err(|e| e.join("; "))?;
         &recompiled
     };
-    let payload: Value = match (&case.payload, &case.payload_file) {
-        (Some(p), None) => p.clone(),
+    // The body as sent (the file's bytes, or the inline payload as JSON) and as parsed.
+    let (raw, payload): (Vec<u8>, Value) = match (&case.payload, &case.payload_file) {
+        (Some(p), None) => (serde_json::to_vec(p).unwrap_or_default(), p.clone()),
         (None, Some(f)) => {
             let dir = mapping.file.parent().unwrap_or(std::path::Path::new("."));
             let path = dir.join("testdata").join(f);
             let text = std::fs::read_to_string(&path)
                 .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-            serde_json::from_str(&text).map_err(|e| format!("{}: not JSON: {e}", path.display()))?
+            let value = serde_json::from_str(&text)
+                .map_err(|e| format!("{}: not JSON: {e}", path.display()))?;
+            (text.into_bytes(), value)
         }
         _ => return Err("give exactly one of `payload` and `payload_file`".into()),
     };
@@ -97,8 +100,7 @@ fn run_case(
         body: &payload,
     };
     if let Some(want) = &case.dedup {
-        let body = serde_json::to_vec(&payload).unwrap_or_default();
-        let got = m.dedup_key(input, &body);
+        let got = m.dedup_key(input, &raw);
         if &got != want {
             return Err(format!("expected dedup key `{want}`, got `{got}`"));
         }
