@@ -89,6 +89,10 @@ fn mappings() -> &'static MappingSet {
             ("GITHUB_WEBHOOK_SECRET", "s"),
             ("PAGERDUTY_WEBHOOK_SECRET", "s"),
             ("OPSGENIE_WEBHOOK_TOKEN", "s"),
+            ("ALERTMANAGER_WEBHOOK_TOKEN", "s"),
+            ("GRAFANA_WEBHOOK_SECRET", "s"),
+            ("INCIDENTIO_WEBHOOK_SECRET", "whsec_c2VjcmV0"),
+            ("JSM_WEBHOOK_TOKEN", "s"),
             ("GITHUB_APPROVERS", "octocat,req-1"),
         ]
         .iter()
@@ -98,6 +102,7 @@ fn mappings() -> &'static MappingSet {
             org: "acme".into(),
             expiration: Expiration::parse("1h").unwrap(),
             max_expiration: Some(Expiration::parse("12h").unwrap()),
+            sources: p0_relay::mapping::Enabled::All,
         };
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("mappings");
         MappingSet::load(&dir, &Env::default().overlay(&vars), &defaults).expect("shipped mappings")
