@@ -516,8 +516,8 @@ impl MappingSet {
         if let Enabled::Only(names) = &defaults.sources {
             for name in names.iter().filter(|n| !seen.contains(*n)) {
                 errors.push(format!(
-                    "sources: `{name}` is enabled, but {} has no {name}.yaml",
-                    dir.display()
+                    "sources: `{name}` is enabled, but there is no {}",
+                    dir.join(format!("{name}.yaml")).display()
                 ));
             }
         }
