@@ -145,30 +145,32 @@ impl Verifier {
     }
 }
 
-/// The first scheme that verifies wins. Otherwise the most telling refusal: one from a scheme
-/// whose header was present, else the first "missing".
+/// The first scheme that verifies wins. Otherwise the most telling refusal: from a scheme that
+/// understood what it was sent (a wrong secret, a stale time), else a malformed header, else
+/// the first "missing".
 fn any_of(
     list: &[Verifier],
     headers: &HeaderMap,
     body: &[u8],
     now: i64,
 ) -> Result<Verified, VerifyError> {
-    let mut missing = None;
-    let mut refused = None;
+    let rank = |e: &VerifyError| match e {
+        VerifyError::Missing(_) => 0,
+        VerifyError::Malformed(_) | VerifyError::Repeated(_) => 1,
+        _ => 2,
+    };
+    let mut best: Option<VerifyError> = None;
     for v in list {
         match v.verify_at(headers, body, now) {
             Ok(found) => return Ok(found),
-            Err(e @ VerifyError::Missing(_)) => {
-                missing.get_or_insert(e);
-            }
             Err(e) => {
-                refused.get_or_insert(e);
+                if best.as_ref().is_none_or(|b| rank(&e) > rank(b)) {
+                    best = Some(e);
+                }
             }
         }
     }
-    Err(refused
-        .or(missing)
-        .unwrap_or(VerifyError::Missing("authentication".into())))
+    Err(best.unwrap_or(VerifyError::Missing("authentication".into())))
 }
 
 /// The current time in Unix seconds.
@@ -237,4 +239,62 @@ pub(crate) fn single_header_named<'h>(
         return Err(VerifyError::Repeated(label));
     }
     first.to_str().map_err(|_| VerifyError::Malformed(label))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::HeaderValue;
+    use base64::Engine;
+
+    fn either() -> Verifier {
+        Verifier::AnyOf(vec![
+            Verifier::Token(Secrets::from_list("tok")),
+            Verifier::Basic(Basic {
+                username: Secret::new("am"),
+                passwords: Secrets::from_list("tok"),
+            }),
+        ])
+    }
+
+    fn check(auth: Option<&str>) -> Result<Verified, VerifyError> {
+        let mut h = HeaderMap::new();
+        if let Some(a) = auth {
+            h.insert("authorization", HeaderValue::from_str(a).unwrap());
+        }
+        either().verify_at(&h, b"{}", 0)
+    }
+
+    #[test]
+    fn any_of_several_schemes() {
+        let basic = |u: &str, p: &str| {
+            format!(
+                "Basic {}",
+                base64::engine::general_purpose::STANDARD.encode(format!("{u}:{p}"))
+            )
+        };
+        assert_eq!(check(Some("Bearer tok")).unwrap().scheme, "token");
+        let v = check(Some(&basic("am", "tok"))).unwrap();
+        assert_eq!(
+            v.to_string(),
+            "basic, header Authorization, secret #1 of the list"
+        );
+        // The refusal that says most: a wrong password, not "malformed" from the token scheme.
+        assert_eq!(
+            check(Some(&basic("am", "x"))),
+            Err(VerifyError::BadCredentials)
+        );
+        assert_eq!(check(Some("Bearer x")), Err(VerifyError::BadToken));
+        assert_eq!(
+            check(Some("Digest x")),
+            Err(VerifyError::Malformed("authorization".into()))
+        );
+        assert_eq!(
+            check(None),
+            Err(VerifyError::Missing(
+                "Authorization or X-Relay-Token".into()
+            ))
+        );
+        assert_eq!(either().scheme(), "token or basic");
+    }
 }
