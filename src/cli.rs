@@ -362,9 +362,9 @@ fn explain(
     let now = at.unwrap_or_else(crate::verify::unix_now);
     match mapping.verifier.verify_at(&map, &text, now) {
         Ok(v) => println!("verified: {v}"),
+        // The refusal names headers from the mapping file, never the request's values.
         Err(e) => println!(
-            "verified: NO, {} ({}): a live relay answers 401",
-            crate::domain::printable(&e.to_string()),
+            "verified: NO, {e} ({}): a live relay answers 401",
             mapping.verifier.scheme()
         ),
     }

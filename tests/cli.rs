@@ -277,3 +277,57 @@ fn serve_without_a_token_refuses_to_start_naming_the_setting() {
     assert_eq!(o.status.code(), Some(1));
     assert!(text(&o).contains("P0_API_TOKEN"), "{}", text(&o));
 }
+
+#[test]
+fn explain_shows_which_header_and_which_secret_verified() {
+    let demo = "whsec_ZGVtby1pbmNpZGVudGlvLXNpZ25pbmcta2V5LTAwMDE=";
+    let body =
+        std::fs::read(repo().join("mappings/testdata/incidentio/incident_live.json")).unwrap();
+    let ts = 1764288000;
+    let sig = p0_relay::verify::sign_standard_webhooks(demo, "msg_x1", ts, &body).unwrap();
+    let args = |at: &str| {
+        vec![
+            "explain".to_owned(),
+            "--env-file".into(),
+            "demo.env".into(),
+            "--source".into(),
+            "incidentio".into(),
+            "-H".into(),
+            "webhook-id: msg_x1".into(),
+            "-H".into(),
+            format!("webhook-timestamp: {ts}"),
+            "-H".into(),
+            format!("webhook-signature: {sig}"),
+            "--at".into(),
+            at.into(),
+            "mappings/testdata/incidentio/incident_live.json".into(),
+        ]
+    };
+    // The demo secret rotated in second place.
+    let rotated = format!("whsec_b3RoZXItc2VjcmV0LW9mLTMyLWJ5dGVzLTAwMDAwMDAw,{demo}");
+    let vars = [("INCIDENTIO_WEBHOOK_SECRET", rotated.as_str())];
+    let run = |at: &str| {
+        let a = args(at);
+        let a: Vec<&str> = a.iter().map(String::as_str).collect();
+        text(&relay(&a, &vars))
+    };
+    let out = run(&(ts + 60).to_string());
+    assert!(
+        out.contains(
+            "verified: standard-webhooks, header webhook-signature, secret #2 of the list"
+        ),
+        "{out}"
+    );
+    assert!(
+        out.contains(
+            "decision: rule `incident-status` decided [approve req-inc-301 1h in org demo-org]"
+        ),
+        "{out}"
+    );
+    assert!(!out.contains(demo) && !out.contains("b3RoZXIt"), "{out}");
+    let out = run(&(ts + 600).to_string());
+    assert!(
+        out.contains("verified: NO, webhook-timestamp is too far from the relay's clock (replayed or delayed) (standard-webhooks): a live relay answers 401"),
+        "{out}"
+    );
+}

@@ -77,6 +77,14 @@ mod tests {
         format!("Basic {}", STANDARD.encode(format!("{user}:{password}")))
     }
 
+    /// Name, configured passwords, `Authorization` values, the secret position or the refusal.
+    type Case<'a> = (
+        &'a str,
+        &'a str,
+        Vec<&'a str>,
+        Result<Option<usize>, VerifyError>,
+    );
+
     #[test]
     fn hostile_table() {
         let good = basic("alertmanager", "pw-old");
@@ -87,7 +95,7 @@ mod tests {
         );
         let no_colon = format!("Basic {}", STANDARD.encode("pw-old"));
         let malformed = Err(VerifyError::Malformed("Authorization".into()));
-        let cases: Vec<(&str, &str, Vec<&str>, Result<Option<usize>, VerifyError>)> = vec![
+        let cases: Vec<Case> = vec![
             ("good", "pw-old", vec![&good], Ok(Some(0))),
             (
                 "rotation: the older password",

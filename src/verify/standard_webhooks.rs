@@ -187,6 +187,16 @@ mod tests {
         );
     }
 
+    /// Name, secrets, headers, body, now, the secret position or the refusal.
+    type Case<'a> = (
+        &'a str,
+        &'a str,
+        HeaderMap,
+        &'a [u8],
+        i64,
+        Result<Option<usize>, VerifyError>,
+    );
+
     #[test]
     fn hostile_table() {
         let other = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
@@ -195,14 +205,7 @@ mod tests {
         let mut tampered = BODY.to_vec();
         tampered.push(b' ');
         let both = format!("{other},{SECRET}");
-        let cases: Vec<(
-            &str,
-            &str,
-            HeaderMap,
-            &[u8],
-            i64,
-            Result<Option<usize>, VerifyError>,
-        )> = vec![
+        let cases: Vec<Case> = vec![
             (
                 "rotation: the second secret",
                 &both,
