@@ -1070,6 +1070,75 @@ mod tests {
     }
 
     #[test]
+    fn for_each_decides_per_element() {
+        let rules = json!([
+            { "name": "alerts",
+              "for_each": { "path": "$.alerts[*]", "key": [ { "path": "@.fp" }, { "path": "@.status" } ] },
+              "when": [ { "path": "@.status", "one_of": ["firing", "resolved"] },
+                        { "path": "@.labels.req", "exists": true },
+                        { "path": "$.kind", "equals": "group" } ],
+              "action": { "path": "@.status", "map": { "firing": "approve", "resolved": "revoke" } },
+              "request_id": { "path": "@.labels.req" },
+              "expiration": { "path": "@.labels.for", "default": "1h" } }
+        ]);
+        let group = |alerts: Value| json!({ "kind": "group", "alerts": alerts });
+        let cases: &[(Value, &str)] = &[
+            (
+                group(json!([
+                    { "fp": "a", "status": "firing", "labels": { "req": "r-1", "for": "2h" } },
+                    { "fp": "b", "status": "firing", "labels": {} },
+                    { "fp": "c", "status": "resolved", "labels": { "req": "r-2" } }
+                ])),
+                "rule `alerts` decided [approve r-1 2h in org acme, revoke r-2 in org acme]",
+            ),
+            (
+                group(json!([{ "fp": "b", "status": "firing", "labels": {} }])),
+                "ignored",
+            ),
+            (group(json!([])), "ignored"),
+            (
+                json!({ "kind": "other", "alerts": [ { "status": "firing", "labels": { "req": "r-1" } } ] }),
+                "ignored",
+            ),
+            (
+                group(json!([
+                    { "fp": "a", "status": "firing", "labels": { "req": "r-1" } },
+                    { "fp": "c", "status": "firing", "labels": { "req": "r 2" } }
+                ])),
+                "rejected by rule `alerts`: element 2 of $.alerts[*]: request ID `r 2`",
+            ),
+        ];
+        for (payload, want) in cases {
+            let got = check(&rules, "x", payload.clone());
+            assert!(got.starts_with(want), "{payload}: {got}");
+        }
+        // Each deciding element: its key, actor and share of the decisions.
+        let m = mapping(rules);
+        let headers = HeaderMap::new();
+        let body = group(json!([
+            { "fp": "a", "status": "firing", "labels": { "req": "r-1" } },
+            { "status": "resolved", "labels": { "req": "r-2" } }
+        ]));
+        let Verdict::Decided { elements, .. } = m.decide(Input {
+            headers: &headers,
+            body: &body,
+        }) else {
+            panic!("no decision");
+        };
+        assert_eq!(elements.len(), 2);
+        assert_eq!(
+            (elements[0].key.as_str(), elements[0].decisions),
+            ("a|firing", 1)
+        );
+        assert!(
+            elements[1].key.starts_with("sha256:"),
+            "no fingerprint: a digest of the element"
+        );
+        assert_eq!(element_key("grp", "a|firing"), "grp#a|firing");
+        assert!(element_key(&"g".repeat(300), "a").starts_with("sha256:"));
+    }
+
+    #[test]
     fn compile_errors_name_rule_and_field() {
         let tree = json!({
             "verify": { "scheme": "token", "secrets": "t" },
@@ -1078,7 +1147,9 @@ mod tests {
                 { "name": "a", "command": { "path": "$.x" } },
                 { "name": "b", "when": [ { "path": "$.x" } ], "command": { "header": "bad header" } },
                 { "name": "c", "action": "approve" },
-                { "name": "d", "command": { "path": "$.x" }, "max_expiration": "forever" }
+                { "name": "d", "command": { "path": "$.x" }, "max_expiration": "forever" },
+                { "name": "e", "action": "approve", "request_id": { "path": "@.id" } },
+                { "name": "f", "for_each": { "path": "$.a[" }, "action": "approve", "request_id": { "path": "@.id" } }
             ]
         });
         let errors =
@@ -1091,6 +1162,8 @@ mod tests {
             "s.yaml: rule `b`: command: `bad header` is not a valid header name",
             "s.yaml: rule `c`: needs either `command`, or both `action` and `request_id`",
             "s.yaml: rule `d`: max_expiration: expiration `forever`",
+            "s.yaml: rule `e`: request_id: `@.id` reads a `for_each` element, and this rule has no `for_each`",
+            "s.yaml: rule `f`: for_each.path: `$.a[` is not valid JSONPath",
         ] {
             assert!(all.contains(fragment), "missing {fragment:?} in:\n{all}");
         }

@@ -226,3 +226,97 @@ fn hmac(v: &RawVerify, secrets: Secrets) -> Result<HmacHeader, String> {
         secrets,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn err(v: Value) -> String {
+        compile(Some(&v), "s", &mut Vec::new()).unwrap_err()
+    }
+
+    #[test]
+    fn every_scheme_compiles_and_mistakes_are_named() {
+        let ok = |v: Value| compile(Some(&v), "s", &mut Vec::new()).unwrap().scheme();
+        assert_eq!(
+            ok(json!({ "scheme": "hmac", "header": "X-Sig", "secrets": "a,b" })),
+            "hmac"
+        );
+        assert_eq!(
+            ok(json!({ "scheme": "standard-webhooks", "secrets": "whsec_c2VjcmV0" })),
+            "standard-webhooks"
+        );
+        assert_eq!(
+            ok(json!([
+                { "scheme": "token", "secrets": "t" },
+                { "scheme": "basic", "username": "u", "secrets": "t" }
+            ])),
+            "token or basic"
+        );
+        for (raw, want) in [
+            (
+                json!({ "scheme": "hmac", "secrets": "a" }),
+                "scheme `hmac` needs `header`",
+            ),
+            (
+                json!({ "scheme": "hmac", "header": "X", "algorithm": "md5", "secrets": "a" }),
+                "algorithm: `md5` is not sha1, sha256 or sha512",
+            ),
+            (
+                json!({ "scheme": "hmac", "header": "X", "encoding": "b32", "secrets": "a" }),
+                "encoding: `b32` is not hex or base64",
+            ),
+            (
+                json!({ "scheme": "hmac", "header": "bad header", "secrets": "a" }),
+                "header: `bad header` is not a valid header name",
+            ),
+            (
+                json!({ "scheme": "hmac", "header": "X", "timestamp_header": "X-T", "message": "{body}", "secrets": "a" }),
+                "the message must sign {timestamp}",
+            ),
+            (
+                json!({ "scheme": "hmac", "header": "X", "message": "{timestamp}.{body}", "secrets": "a" }),
+                "{timestamp} needs a `timestamp_header`",
+            ),
+            (
+                json!({ "scheme": "hmac", "header": "X", "tolerance": "5m", "secrets": "a" }),
+                "tolerance: applies only with a `timestamp_header`",
+            ),
+            (
+                json!({ "scheme": "hmac", "header": "X", "timestamp_header": "X-T", "tolerance": "0s", "secrets": "a" }),
+                "must be more than zero",
+            ),
+            (
+                json!({ "scheme": "hmac", "header": "X", "secrets": "" }),
+                "scheme `hmac` needs `secrets`, and they are empty",
+            ),
+            (
+                json!({ "scheme": "github", "header": "X", "secrets": "a" }),
+                "`header` does not apply to scheme `github`",
+            ),
+            (
+                json!({ "scheme": "basic", "secrets": "a" }),
+                "scheme `basic` needs `username`",
+            ),
+            (
+                json!({ "scheme": "standard-webhooks", "secrets": "whsec_c2VjcmV0,hunter2!" }),
+                "secret #2 is not a Standard Webhooks secret",
+            ),
+            (
+                json!([{ "scheme": "none", "insecure": true }]),
+                "[0]: `none` cannot be one of several schemes",
+            ),
+            (json!([]), "an empty list"),
+            (
+                json!({ "scheme": "hmac", "header": "X", "secret": "a" }),
+                "unknown field `secret`",
+            ),
+            (json!({ "scheme": "rot13" }), "unknown scheme `rot13`"),
+        ] {
+            let e = err(raw.clone());
+            assert!(e.contains(want), "{raw}: {e}");
+            assert!(!e.contains("hunter2"), "a secret in an error: {e}");
+        }
+    }
+}
