@@ -255,8 +255,8 @@ async fn jsm_alerts_act_like_opsgenie_ones() {
     assert_eq!(
         calls,
         [
-            call("approve", "req-654", json!({ "expirationLength": "1h" })),
-            call("revoke", "req-654", json!({})),
+            call("approve", "req-jsm-654", json!({ "expirationLength": "1h" })),
+            call("revoke", "req-jsm-654", json!({})),
         ]
     );
     let (status, _) = t
