@@ -325,6 +325,14 @@ fn explain(
         Err(errors) => return fail(&errors),
     };
     let Some(mapping) = mappings.get(source) else {
+        if ["yaml", "yml"]
+            .iter()
+            .any(|ext| mappings.dir.join(format!("{source}.{ext}")).is_file())
+        {
+            return fail(&[format!(
+                "source `{source}` is not enabled: add it to P0_RELAY_SOURCES (relay.yaml `sources`)"
+            )]);
+        }
         let known: Vec<&String> = mappings.mappings.keys().collect();
         return fail(&[format!(
             "no mapping for source `{source}` (known: {known:?})"
