@@ -17,7 +17,7 @@ use crate::store::{ListFilter, Replay, SqliteStore, State, Store, Windows, now_m
 #[command(
     name = "p0-relay",
     version,
-    about = "Turns PagerDuty, Opsgenie and GitHub webhooks into P0 access decisions"
+    about = "Turns webhooks from incident, alerting and code-hosting tools into P0 access decisions"
 )]
 struct Cli {
     /// Read `KEY=VALUE` lines from this file for `${VAR}` references (the environment wins).

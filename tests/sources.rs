@@ -255,7 +255,11 @@ async fn jsm_alerts_act_like_opsgenie_ones() {
     assert_eq!(
         calls,
         [
-            call("approve", "req-jsm-654", json!({ "expirationLength": "1h" })),
+            call(
+                "approve",
+                "req-jsm-654",
+                json!({ "expirationLength": "1h" })
+            ),
             call("revoke", "req-jsm-654", json!({})),
         ]
     );
