@@ -20,6 +20,7 @@ use crate::config::InboundSettings;
 use crate::health::Health;
 use crate::mapping::{Element, Input, Mapping, MappingSet, Verdict, element_key};
 use crate::metrics::{Metrics, UNKNOWN_SOURCE};
+use crate::policy::Decision;
 use crate::ratelimit::KeyedLimit;
 use crate::store::{Accepted, JobRef, NewDelivery, StoreHandle, now_ms};
 use answer::Answer;
@@ -236,10 +237,12 @@ async fn handle(r: &Receiver, mapping: &Mapping, peer: Option<IpAddr>, request: 
                 decisions,
             };
             let units = split(new, &elements);
-            match r.store.accept_each(units.clone()).await {
+            // Each unit's decisions, for the answer (the units themselves go to the store).
+            let shares: Vec<Vec<Decision>> = units.iter().map(|u| u.decisions.clone()).collect();
+            match r.store.accept_each(units).await {
                 Ok(results) => {
                     r.health.set_store_error(None);
-                    accepted(r, source, rule, delivery, &units, results)
+                    accepted(r, source, rule, delivery, shares, results)
                 }
                 Err(e) => {
                     tracing::error!(source, error = %e, "cannot store a delivery");
@@ -282,7 +285,7 @@ fn accepted(
     source: &str,
     rule: String,
     delivery: String,
-    units: &[NewDelivery],
+    shares: Vec<Vec<Decision>>,
     results: Vec<Accepted>,
 ) -> Answer {
     if results
@@ -304,10 +307,10 @@ fn accepted(
     r.wake.notify_one();
     let mut decisions = Vec::new();
     let mut jobs = Vec::new();
-    for (unit, result) in units.iter().zip(results) {
+    for (share, result) in shares.into_iter().zip(results) {
         match result {
             Accepted::New { jobs: refs } => {
-                for d in &unit.decisions {
+                for d in &share {
                     r.metrics
                         .decisions
                         .with_label_values(&[source, d.action.as_str()])
@@ -322,7 +325,7 @@ fn accepted(
                 }))
             }
         }
-        decisions.extend(unit.decisions.iter().cloned());
+        decisions.extend(share);
     }
     Answer::new(StatusCode::ACCEPTED, "accepted")
         .rule(rule)
