@@ -9,7 +9,7 @@ use axum::http::{HeaderMap, HeaderValue};
 use criterion::{Criterion, criterion_group, criterion_main};
 use p0_relay::config::env::Env;
 use p0_relay::domain::Expiration;
-use p0_relay::mapping::{Defaults, Input, MappingSet, Verdict};
+use p0_relay::mapping::{Defaults, Enabled, Input, MappingSet, Verdict};
 use p0_relay::receiver::body;
 use p0_relay::verify::sign_hex;
 
@@ -27,6 +27,7 @@ fn mappings() -> MappingSet {
         org: "bench".into(),
         expiration: Expiration::parse("1h").expect("1h"),
         max_expiration: Expiration::parse("12h").ok(),
+        sources: Enabled::parse(Enabled::DEFAULT).expect("default sources"),
     };
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("mappings");
     MappingSet::load(&dir, &Env::default().overlay(&vars), &defaults).expect("mappings")

@@ -17,7 +17,7 @@ use crate::store::{ListFilter, Replay, SqliteStore, State, Store, Windows, now_m
 #[command(
     name = "p0-relay",
     version,
-    about = "Turns PagerDuty, Opsgenie and GitHub webhooks into P0 access decisions"
+    about = "Turns webhooks from incident, alerting and code-hosting tools into P0 access decisions"
 )]
 struct Cli {
     /// Read `KEY=VALUE` lines from this file for `${VAR}` references (the environment wins).
@@ -65,6 +65,9 @@ enum Command {
         /// A header as `Name: value`; repeatable.
         #[arg(long = "header", short = 'H')]
         headers: Vec<String>,
+        /// Check signed timestamps as if it were this Unix time (for a captured delivery).
+        #[arg(long, value_name = "UNIX_SECONDS")]
+        at: Option<i64>,
         payload: PathBuf,
     },
     /// Inspect stored decisions and replay dead letters.
@@ -122,8 +125,9 @@ pub fn main() -> ExitCode {
             config,
             source,
             headers,
+            at,
             payload,
-        } => explain(&config.config, &env, &source, &headers, &payload),
+        } => explain(&config.config, &env, &source, &headers, at, &payload),
         Command::Jobs {
             config,
             db,
@@ -212,8 +216,15 @@ async fn wait_for_signal() {
     }
 }
 
+/// The config and every mapping file, enabled or not (for `check` and `test`).
+fn load_every(config: &Path, env: &Env) -> Result<(Settings, MappingSet), Vec<String>> {
+    let settings = Settings::load(config, env)?;
+    let mappings = MappingSet::load_every(&settings.mappings_dir, env, &settings.defaults)?;
+    Ok((settings, mappings))
+}
+
 fn check(config: &Path, env: &Env) -> ExitCode {
-    let (settings, mappings) = match load(config, env) {
+    let (settings, mappings) = match load_every(config, env) {
         Ok(x) => x,
         Err(errors) => return fail(&errors),
     };
@@ -230,6 +241,13 @@ fn check(config: &Path, env: &Env) -> ExitCode {
             m.verifier.scheme()
         );
     }
+    for (source, m) in &mappings.disabled {
+        println!(
+            "ok: {source} ({}, verified by {}; not enabled, syntax checked)",
+            m.file.display(),
+            m.verifier.scheme()
+        );
+    }
     println!(
         "{}: valid, {} mapping(s)",
         config.display(),
@@ -239,7 +257,7 @@ fn check(config: &Path, env: &Env) -> ExitCode {
 }
 
 fn test(config: &Path, env: &Env, names: &[String]) -> ExitCode {
-    let (settings, mappings) = match load(config, env) {
+    let (settings, mappings) = match load_every(config, env) {
         Ok(x) => x,
         Err(errors) => return fail(&errors),
     };
@@ -254,7 +272,7 @@ fn test(config: &Path, env: &Env, names: &[String]) -> ExitCode {
         })
         .collect();
     for w in &wanted {
-        if !mappings.mappings.contains_key(w) {
+        if !mappings.mappings.contains_key(w) && !mappings.disabled.contains_key(w) {
             return fail(&[format!(
                 "no mapping named `{w}` in {}",
                 settings.mappings_dir.display()
@@ -262,7 +280,14 @@ fn test(config: &Path, env: &Env, names: &[String]) -> ExitCode {
         }
     }
     let (mut passed, mut failed) = (0, 0);
-    for (source, mapping) in &mappings.mappings {
+    // Sources not enabled are tested too, with stand-ins for their unset variables.
+    let stand_in = env.with_stand_ins();
+    let every = mappings
+        .mappings
+        .iter()
+        .map(|m| (m, env))
+        .chain(mappings.disabled.iter().map(|m| (m, &stand_in)));
+    for ((source, mapping), env) in every {
         if !wanted.is_empty() && !wanted.contains(source) {
             continue;
         }
@@ -287,12 +312,27 @@ fn test(config: &Path, env: &Env, names: &[String]) -> ExitCode {
     }
 }
 
-fn explain(config: &Path, env: &Env, source: &str, headers: &[String], payload: &Path) -> ExitCode {
+fn explain(
+    config: &Path,
+    env: &Env,
+    source: &str,
+    headers: &[String],
+    at: Option<i64>,
+    payload: &Path,
+) -> ExitCode {
     let (_, mappings) = match load(config, env) {
         Ok(x) => x,
         Err(errors) => return fail(&errors),
     };
     let Some(mapping) = mappings.get(source) else {
+        if ["yaml", "yml"]
+            .iter()
+            .any(|ext| mappings.dir.join(format!("{source}.{ext}")).is_file())
+        {
+            return fail(&[format!(
+                "source `{source}` is not enabled: add it to P0_RELAY_SOURCES (relay.yaml `sources`)"
+            )]);
+        }
         let known: Vec<&String> = mappings.mappings.keys().collect();
         return fail(&[format!(
             "no mapping for source `{source}` (known: {known:?})"
@@ -327,12 +367,32 @@ fn explain(config: &Path, env: &Env, source: &str, headers: &[String], payload: 
     };
     let (verdict, trace) = mapping.explain(input, Some(std::time::SystemTime::now()));
     println!("source:   {source} ({})", mapping.file.display());
-    println!("delivery: {}", mapping.dedup_key(input, &text));
+    let now = at.unwrap_or_else(crate::verify::unix_now);
+    match mapping.verifier.verify_at(&map, &text, now) {
+        Ok(v) => println!("verified: {v}"),
+        // The refusal names headers from the mapping file, never the request's values.
+        Err(e) => println!(
+            "verified: NO, {e} ({}): a live relay answers 401",
+            mapping.verifier.scheme()
+        ),
+    }
+    let delivery = mapping.dedup_key(input, &text);
+    println!("delivery: {}", crate::domain::printable(&delivery));
     for t in &trace {
         let mark = if t.matched { "MATCH" } else { "no   " };
         println!("  {mark} rule `{}`: {}", t.rule, t.detail);
     }
     println!("decision: {}", cases::describe(&verdict));
+    if let crate::mapping::Verdict::Decided { elements, .. } = &verdict {
+        for e in elements {
+            println!(
+                "  element {} ({} decision(s)), stored as delivery {}",
+                crate::domain::printable(&e.key),
+                e.decisions,
+                crate::domain::printable(&crate::mapping::element_key(&delivery, &e.key))
+            );
+        }
+    }
     ExitCode::SUCCESS
 }
 

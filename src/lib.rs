@@ -1,4 +1,6 @@
-//! p0-relay turns webhooks from PagerDuty, Opsgenie and GitHub into access decisions in P0.
+//! p0-relay turns webhooks from incident, alerting and code-hosting tools (PagerDuty, Opsgenie,
+//! GitHub, Alertmanager, Grafana, incident.io, Jira Service Management, or any sender a mapping
+//! file describes) into access decisions in P0.
 //!
 //! The path of one webhook, in module order: `server` accepts the connection, `receiver`
 //! reads the body, `verify` checks its signature, `mapping` (pure) turns it into proposals,

@@ -32,9 +32,78 @@ fn check_passes_on_the_shipped_config_with_its_environment_set() {
     let o = relay(&["check", "--env-file", "demo.env"], &[]);
     assert!(o.status.success(), "{}", text(&o));
     assert!(
-        text(&o).contains("relay.yaml: valid, 3 mapping(s)"),
+        text(&o).contains("relay.yaml: valid, 7 mapping(s)"),
         "{}",
         text(&o)
+    );
+}
+
+#[test]
+fn check_serves_the_enabled_sources_and_checks_the_syntax_of_the_others() {
+    // The three default sources, and none of the other sources' secrets set.
+    let vars = [
+        ("P0_ORG_ID", "acme"),
+        ("GITHUB_WEBHOOK_SECRET", "s1"),
+        ("PAGERDUTY_WEBHOOK_SECRET", "s2"),
+        ("OPSGENIE_WEBHOOK_TOKEN", "t1"),
+    ];
+    let o = relay(&["check"], &vars);
+    let out = text(&o);
+    assert!(o.status.success(), "{out}");
+    assert!(out.contains("relay.yaml: valid, 3 mapping(s)"), "{out}");
+    assert!(
+        out.contains(
+            "ok: grafana (mappings/grafana.yaml, verified by hmac; not enabled, syntax checked)"
+        ),
+        "{out}"
+    );
+    assert!(
+        out.contains(
+            "ok: alertmanager (mappings/alertmanager.yaml, verified by token or basic; not enabled"
+        ),
+        "{out}"
+    );
+
+    // Enabled, its secret is needed.
+    let mut with_grafana = vars.to_vec();
+    with_grafana.push(("P0_RELAY_SOURCES", "github,grafana"));
+    let o = relay(&["check"], &with_grafana);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(
+        text(&o).contains("GRAFANA_WEBHOOK_SECRET is not set"),
+        "{}",
+        text(&o)
+    );
+
+    // A syntax error in a file that is not enabled still fails `check`.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("mappings")).unwrap();
+    std::fs::write(
+        dir.path().join("mappings/custom.yaml"),
+        "verify: { scheme: token, secrets: t }\nrules: [ { name: r, action: approve, request_id: { path: $.id } } ]\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("mappings/later.yaml"),
+        "verify: { scheme: hmac, header: X-Sig, secrets: \"${LATER_SECRET}\" }\nrules:\n  - { name: r, for_each: { path: \"$.items[*]\" }, action: approve, request_id: { path: \"@.id[\" } }\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("relay.yaml"),
+        "p0: { org: acme }\nsources: custom\n",
+    )
+    .unwrap();
+    let config = dir.path().join("relay.yaml");
+    let o = relay(&["check", "--config", config.to_str().unwrap()], &[]);
+    let out = text(&o);
+    assert_eq!(o.status.code(), Some(1), "{out}");
+    assert!(
+        out.contains("later.yaml: rule `r`: request_id: `@.id[` is not valid JSONPath"),
+        "{out}"
+    );
+    assert!(
+        !out.contains("LATER_SECRET"),
+        "an unset variable of a disabled source is fine: {out}"
     );
 }
 
@@ -63,7 +132,11 @@ fn check_names_the_file_rule_and_field_of_a_bad_mapping() {
         "verify: { scheme: token, secrets: t }\nrules:\n  - name: broken\n    when:\n      - path: $.a[\n        equals: x\n    action: approve\n    request_id: { path: $.id, regex: '(' }\n",
     )
     .unwrap();
-    std::fs::write(dir.path().join("relay.yaml"), "p0: { org: acme }\n").unwrap();
+    std::fs::write(
+        dir.path().join("relay.yaml"),
+        "p0: { org: acme }\nsources: all\n",
+    )
+    .unwrap();
     let config = dir.path().join("relay.yaml");
     let o = relay(&["check", "--config", config.to_str().unwrap()], &[]);
     assert_eq!(o.status.code(), Some(1));
@@ -84,7 +157,11 @@ fn a_source_without_verification_refuses_unless_marked_insecure() {
     std::fs::create_dir(dir.path().join("mappings")).unwrap();
     let rule = "rules:\n  - { name: r, action: approve, request_id: { path: $.id } }\n";
     std::fs::write(dir.path().join("mappings/open.yaml"), rule).unwrap();
-    std::fs::write(dir.path().join("relay.yaml"), "p0: { org: acme }\n").unwrap();
+    std::fs::write(
+        dir.path().join("relay.yaml"),
+        "p0: { org: acme }\nsources: all\n",
+    )
+    .unwrap();
     let config = dir.path().join("relay.yaml");
     let o = relay(&["check", "--config", config.to_str().unwrap()], &[]);
     assert_eq!(o.status.code(), Some(1));
@@ -142,7 +219,11 @@ tests:
 "#,
     )
     .unwrap();
-    std::fs::write(dir.path().join("relay.yaml"), "p0: { org: acme }\n").unwrap();
+    std::fs::write(
+        dir.path().join("relay.yaml"),
+        "p0: { org: acme }\nsources: all\n",
+    )
+    .unwrap();
     let config = dir.path().join("relay.yaml");
     let o = relay(
         &["test", "--config", config.to_str().unwrap(), "custom"],
@@ -195,4 +276,58 @@ fn serve_without_a_token_refuses_to_start_naming_the_setting() {
     );
     assert_eq!(o.status.code(), Some(1));
     assert!(text(&o).contains("P0_API_TOKEN"), "{}", text(&o));
+}
+
+#[test]
+fn explain_shows_which_header_and_which_secret_verified() {
+    let demo = "whsec_ZGVtby1pbmNpZGVudGlvLXNpZ25pbmcta2V5LTAwMDE=";
+    let body =
+        std::fs::read(repo().join("mappings/testdata/incidentio/incident_live.json")).unwrap();
+    let ts = 1764288000;
+    let sig = p0_relay::verify::sign_standard_webhooks(demo, "msg_x1", ts, &body).unwrap();
+    let args = |at: &str| {
+        vec![
+            "explain".to_owned(),
+            "--env-file".into(),
+            "demo.env".into(),
+            "--source".into(),
+            "incidentio".into(),
+            "-H".into(),
+            "webhook-id: msg_x1".into(),
+            "-H".into(),
+            format!("webhook-timestamp: {ts}"),
+            "-H".into(),
+            format!("webhook-signature: {sig}"),
+            "--at".into(),
+            at.into(),
+            "mappings/testdata/incidentio/incident_live.json".into(),
+        ]
+    };
+    // The demo secret rotated in second place.
+    let rotated = format!("whsec_b3RoZXItc2VjcmV0LW9mLTMyLWJ5dGVzLTAwMDAwMDAw,{demo}");
+    let vars = [("INCIDENTIO_WEBHOOK_SECRET", rotated.as_str())];
+    let run = |at: &str| {
+        let a = args(at);
+        let a: Vec<&str> = a.iter().map(String::as_str).collect();
+        text(&relay(&a, &vars))
+    };
+    let out = run(&(ts + 60).to_string());
+    assert!(
+        out.contains(
+            "verified: standard-webhooks, header webhook-signature, secret #2 of the list"
+        ),
+        "{out}"
+    );
+    assert!(
+        out.contains(
+            "decision: rule `incident-status` decided [approve req-inc-301 1h in org demo-org]"
+        ),
+        "{out}"
+    );
+    assert!(!out.contains(demo) && !out.contains("b3RoZXIt"), "{out}");
+    let out = run(&(ts + 600).to_string());
+    assert!(
+        out.contains("verified: NO, webhook-timestamp is too far from the relay's clock (replayed or delayed) (standard-webhooks): a live relay answers 401"),
+        "{out}"
+    );
 }

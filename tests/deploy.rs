@@ -87,3 +87,70 @@ fn the_mock_p0_serves_the_shared_contract() {
         );
     }
 }
+
+/// `deploy/post-samples.sh` against a real relay serving every source with `demo.env`: every
+/// sample is accepted, so a newcomer sees each source go through.
+#[tokio::test]
+async fn the_sample_script_gets_every_source_accepted() {
+    for cmd in ["curl", "openssl"] {
+        if std::process::Command::new(cmd)
+            .arg("--version")
+            .output()
+            .is_err()
+        {
+            assert!(std::env::var_os("CI").is_none(), "{cmd} is required in CI");
+            eprintln!("{cmd} not installed: skipped (CI runs it)");
+            return;
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(
+        dir.path(),
+        "http://127.0.0.1:9",
+        &Setup {
+            top: "sources: all\n".into(),
+            ..Setup::default()
+        },
+    );
+    let demo = std::fs::read_to_string(repo().join("demo.env")).unwrap();
+    let mut vars: std::collections::HashMap<String, String> = demo
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+    vars.insert("P0_ORG_ID".into(), ORG.into());
+    let relay = BinRelay::start(&config, &vars, dir.path().join("relay.log"), &["--dry-run"]).await;
+    let out = std::process::Command::new("sh")
+        .arg(repo().join("deploy/post-samples.sh"))
+        .arg(format!("http://{}", relay.addr))
+        .output()
+        .expect("run the script");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let sources = [
+        "github",
+        "pagerduty",
+        "opsgenie",
+        "jsm",
+        "alertmanager",
+        "grafana",
+        "incidentio",
+    ];
+    for source in sources {
+        let line = text
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(source))
+            .unwrap_or_else(|| panic!("no line for {source}:\n{text}"));
+        assert!(
+            line.contains(" 202 ") && line.contains(r#""status":"accepted""#),
+            "{line}"
+        );
+    }
+    relay.signal("TERM");
+    assert_eq!(relay.wait(), Some(0));
+}

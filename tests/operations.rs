@@ -255,6 +255,7 @@ async fn a_changed_mapping_is_reloaded_and_a_broken_one_keeps_the_old_set() {
     copy_mappings(mappings.path());
     let t = spawn_with(Setup {
         mappings_dir: Some(mappings.path().to_owned()),
+        top: "sources: all\n".into(),
         ..Setup::default()
     })
     .await;

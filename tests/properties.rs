@@ -10,7 +10,10 @@ use p0_relay::domain::Expiration;
 use p0_relay::mapping::command;
 use p0_relay::mapping::{Defaults, Input, MappingSet, Verdict};
 use p0_relay::secret::Secrets;
-use p0_relay::verify::{sign_hex, verify_github, verify_pagerduty, verify_token};
+use p0_relay::verify::{
+    Algorithm, Encoding, HmacHeader, StandardWebhooks, Template, sign_hex, sign_standard_webhooks,
+    verify_github, verify_pagerduty, verify_token,
+};
 use proptest::prelude::*;
 use serde_json::Value;
 
@@ -89,6 +92,10 @@ fn mappings() -> &'static MappingSet {
             ("GITHUB_WEBHOOK_SECRET", "s"),
             ("PAGERDUTY_WEBHOOK_SECRET", "s"),
             ("OPSGENIE_WEBHOOK_TOKEN", "s"),
+            ("ALERTMANAGER_WEBHOOK_TOKEN", "s"),
+            ("GRAFANA_WEBHOOK_SECRET", "s"),
+            ("INCIDENTIO_WEBHOOK_SECRET", "whsec_c2VjcmV0"),
+            ("JSM_WEBHOOK_TOKEN", "s"),
             ("GITHUB_APPROVERS", "octocat,req-1"),
         ]
         .iter()
@@ -98,6 +105,7 @@ fn mappings() -> &'static MappingSet {
             org: "acme".into(),
             expiration: Expiration::parse("1h").unwrap(),
             max_expiration: Some(Expiration::parse("12h").unwrap()),
+            sources: p0_relay::mapping::Enabled::All,
         };
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("mappings");
         MappingSet::load(&dir, &Env::default().overlay(&vars), &defaults).expect("shipped mappings")
@@ -143,6 +151,39 @@ proptest! {
         let headers = header_map(&[("authorization", auth.clone()), ("x-relay-token", relay.clone())]);
         if verify_token(&tokens, &headers).is_ok() {
             prop_assert!(relay.trim() == "tok-1");
+        }
+    }
+
+    #[test]
+    fn generic_hmac_accepts_only_a_real_signature(body in prop::collection::vec(any::<u8>(), 0..256), sig in "[ -~]{0,120}", ts in "[ -~]{0,12}") {
+        let scheme = HmacHeader {
+            headers: vec![HeaderName::from_static("x-sig")],
+            algorithm: Algorithm::Sha256,
+            encoding: Encoding::Hex,
+            prefix: "sha256=".into(),
+            timestamp: Some((HeaderName::from_static("x-ts"), 300)),
+            message: Template::parse("{timestamp}:{body}").unwrap(),
+            secrets: Secrets::from_list("k1,k2"),
+        };
+        let now = 1_764_288_000i64;
+        let headers = header_map(&[("x-sig", sig.clone()), ("x-ts", ts.clone())]);
+        if scheme.verify(&headers, &body, now).is_ok() {
+            let real = |k: &str| scheme.sign(k, ts.trim(), &body);
+            prop_assert!(sig.contains(&real("k1")[7..]) || sig.contains(&real("k2")[7..]));
+        }
+        let good = header_map(&[("x-sig", scheme.sign("k2", &now.to_string(), &body)), ("x-ts", now.to_string())]);
+        prop_assert_eq!(scheme.verify(&good, &body, now).map(|v| v.secret), Ok(Some(1)));
+    }
+
+    #[test]
+    fn standard_webhooks_accept_only_a_real_signature(body in prop::collection::vec(any::<u8>(), 0..256), sig in "[ -~]{0,120}", id in "[a-zA-Z0-9_]{0,20}") {
+        let secret = "whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD";
+        let scheme = StandardWebhooks::new(Secrets::from_list(secret), 300).unwrap();
+        let now = 1_764_288_000i64;
+        let headers = header_map(&[("webhook-id", id.clone()), ("webhook-timestamp", now.to_string()), ("webhook-signature", sig.clone())]);
+        if scheme.verify(&headers, &body, now).is_ok() {
+            let real = sign_standard_webhooks(secret, &id, now, &body).unwrap();
+            prop_assert!(sig.split_whitespace().any(|s| s == real));
         }
     }
 

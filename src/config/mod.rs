@@ -12,7 +12,7 @@ use serde::{Deserialize, Deserializer};
 use serde_json::Value;
 
 use crate::domain::{Expiration, Id};
-use crate::mapping::Defaults;
+use crate::mapping::{Defaults, Enabled};
 use crate::secret::Secret;
 use env::Env;
 
@@ -87,6 +87,8 @@ pub struct TlsSettings {
 struct Raw {
     listen: Option<String>,
     mappings: Option<String>,
+    /// Enabled sources: `all` or a comma-separated list.
+    sources: Option<String>,
     #[serde(default)]
     store: RawStore,
     p0: RawP0,
@@ -322,6 +324,15 @@ fn build(raw: Raw, base: &Path, errors: &mut Vec<String>) -> Option<Settings> {
         "1h",
         errors,
     );
+    let sources_text = raw
+        .sources
+        .as_deref()
+        .filter(|s| !s.trim().is_empty())
+        .unwrap_or(Enabled::DEFAULT);
+    let sources = Enabled::parse(sources_text).unwrap_or_else(|e| {
+        errors.push(format!("sources: {e}"));
+        Enabled::All
+    });
     let max_expiration = match raw.decisions.max_expiration.as_deref().map(str::trim) {
         None | Some("") => None,
         Some(t) => exp("decisions.max_expiration", Some(t), "", errors),
@@ -431,6 +442,7 @@ fn build(raw: Raw, base: &Path, errors: &mut Vec<String>) -> Option<Settings> {
             org: raw.p0.org,
             expiration: default_expiration?,
             max_expiration,
+            sources,
         },
         inbound: InboundSettings {
             rate_per_second: u32::try_from(raw.inbound.rate_per_second.unwrap_or(500))

@@ -19,22 +19,46 @@ pub struct Input<'a> {
     pub body: &'a Value,
 }
 
-/// Where values come from: a compiled JSONPath into the body, or a header.
+/// Where a rule looks: the webhook, and the element a `for_each` rule is deciding on.
+#[derive(Clone, Copy)]
+pub struct Scope<'a> {
+    pub input: Input<'a>,
+    pub element: Option<&'a Value>,
+}
+
+impl<'a> std::convert::From<Input<'a>> for Scope<'a> {
+    fn from(input: Input<'a>) -> Scope<'a> {
+        Scope {
+            input,
+            element: None,
+        }
+    }
+}
+
+/// Where values come from: a compiled JSONPath into the body (`$...`) or into the current
+/// `for_each` element (`@...`), or a header.
 #[derive(Debug, Clone)]
 pub enum Selector {
     Path { text: String, query: JpQuery },
+    Element { text: String, query: JpQuery },
     Header(HeaderName),
 }
 
 impl Selector {
     /// Every non-null value the selector yields, as text (numbers and booleans in JSON form,
-    /// arrays and objects as JSON).
+    /// arrays and objects as JSON). Element paths yield nothing outside a `for_each`.
     pub fn values<'a>(&self, input: Input<'a>) -> Vec<Cow<'a, str>> {
+        self.values_in(input.into())
+    }
+
+    /// As `values`, with element paths reading `scope.element`.
+    pub fn values_in<'a>(&self, scope: Scope<'a>) -> Vec<Cow<'a, str>> {
         match self {
-            Selector::Path { query, .. } => js_path_process(query, input.body)
-                .map(|refs| refs.into_iter().filter_map(|r| text(r.val())).collect())
-                .unwrap_or_default(),
-            Selector::Header(name) => input
+            Selector::Path { .. } | Selector::Element { .. } => {
+                self.nodes(scope).into_iter().filter_map(text).collect()
+            }
+            Selector::Header(name) => scope
+                .input
                 .headers
                 .get_all(name)
                 .iter()
@@ -44,9 +68,24 @@ impl Selector {
         }
     }
 
+    /// The JSON values a path selects (none for a header).
+    pub fn nodes<'a>(&self, scope: Scope<'a>) -> Vec<&'a Value> {
+        let (query, root) = match self {
+            Selector::Path { query, .. } => (query, scope.input.body),
+            Selector::Element { query, .. } => match scope.element {
+                Some(e) => (query, e),
+                None => return Vec::new(),
+            },
+            Selector::Header(_) => return Vec::new(),
+        };
+        js_path_process(query, root)
+            .map(|refs| refs.into_iter().map(|r| r.val()).collect())
+            .unwrap_or_default()
+    }
+
     pub fn describe(&self) -> String {
         match self {
-            Selector::Path { text, .. } => text.clone(),
+            Selector::Path { text, .. } | Selector::Element { text, .. } => text.clone(),
             Selector::Header(name) => format!("header {name}"),
         }
     }
@@ -84,11 +123,11 @@ pub enum Condition {
 
 impl Condition {
     /// Whether the condition holds: a test holds when any value the selector yields passes.
-    pub fn holds(&self, input: Input<'_>) -> bool {
+    pub fn holds(&self, input: Scope<'_>) -> bool {
         match self {
             Condition::Not(inner) => !inner.holds(input),
             Condition::Test { selector, test } => {
-                let values = selector.values(input);
+                let values = selector.values_in(input);
                 match test {
                     Test::Exists(want) => values.is_empty() != *want,
                     Test::Equals(x) => values.iter().any(|v| v == x),
@@ -117,11 +156,11 @@ impl Condition {
     }
 
     /// What the condition's selector saw, for `explain`.
-    pub fn seen(&self, input: Input<'_>) -> String {
+    pub fn seen(&self, input: Scope<'_>) -> String {
         match self {
             Condition::Not(inner) => inner.seen(input),
             Condition::Test { selector, .. } => {
-                let values = selector.values(input);
+                let values = selector.values_in(input);
                 if values.is_empty() {
                     "nothing".into()
                 } else {
@@ -156,10 +195,10 @@ pub enum From {
 impl Extract {
     /// Every value, in order and without repeats; the default when there is none; otherwise an
     /// error saying why nothing came out.
-    pub fn all(&self, input: Input<'_>) -> Result<Vec<String>, String> {
+    pub fn all(&self, input: Scope<'_>) -> Result<Vec<String>, String> {
         let raw: Vec<Cow<'_, str>> = match &self.from {
             From::Constant(c) => vec![Cow::Borrowed(c.as_str())],
-            From::Select(sel) => sel.values(input),
+            From::Select(sel) => sel.values_in(input),
         };
         let mut why = match &self.from {
             From::Select(sel) => format!("{} yielded nothing", sel.describe()),
@@ -209,7 +248,7 @@ impl Extract {
     }
 
     /// The first value (see `all`).
-    pub fn first(&self, input: Input<'_>) -> Result<String, String> {
+    pub fn first(&self, input: Scope<'_>) -> Result<String, String> {
         self.all(input)?
             .into_iter()
             .next()

@@ -6,6 +6,7 @@ pub mod command;
 mod eval;
 pub mod model;
 mod replay;
+mod verify;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -17,15 +18,15 @@ use jsonpath_rust::parser::parse_json_path;
 use regex::Regex;
 use serde::Serialize;
 use serde_json::Value;
+use sha2::{Digest, Sha256};
 
 use crate::config::env::Env;
 use crate::domain::{Action, Expiration};
 use crate::policy::{self, Allowlist, Decision, Proposal, RulePolicy};
-use crate::secret::Secrets;
 use crate::verify::Verifier;
 
 pub use eval::Input;
-use eval::{Condition, Extract, From, Selector, Test};
+use eval::{Condition, Extract, From, Scope, Selector, Test};
 use model::{RawCondition, RawExtract, RawMapping, RawRule, RawSelector};
 pub use replay::parse_rfc3339;
 
@@ -35,6 +36,56 @@ pub struct Defaults {
     pub org: String,
     pub expiration: Expiration,
     pub max_expiration: Option<Expiration>,
+    /// The sources served; the other mapping files are only checked.
+    pub sources: Enabled,
+}
+
+/// Which mapping files the relay serves (`sources`, `P0_RELAY_SOURCES`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Enabled {
+    /// Every mapping file in the folder.
+    All,
+    Only(BTreeSet<String>),
+}
+
+impl Enabled {
+    /// Without a setting: the three sources the relay started with.
+    pub const DEFAULT: &'static str = "github,pagerduty,opsgenie";
+
+    /// `all`, or a comma-separated list of source names.
+    pub fn parse(text: &str) -> Result<Enabled, String> {
+        if text.trim().eq_ignore_ascii_case("all") {
+            return Ok(Enabled::All);
+        }
+        let mut set = BTreeSet::new();
+        for name in text.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+            if !is_source_name(name) {
+                return Err(format!(
+                    "`{}` is not a source name (lower-case letters, digits, - and _)",
+                    crate::domain::printable(name)
+                ));
+            }
+            set.insert(name.to_owned());
+        }
+        if set.is_empty() {
+            return Err("names no source: list some (github,pagerduty) or say `all`".into());
+        }
+        Ok(Enabled::Only(set))
+    }
+
+    pub fn includes(&self, source: &str) -> bool {
+        match self {
+            Enabled::All => true,
+            Enabled::Only(set) => set.contains(source),
+        }
+    }
+}
+
+fn is_source_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
 }
 
 /// What a mapping makes of one webhook.
@@ -47,9 +98,35 @@ pub enum Verdict {
     /// A rule matched and produced decisions.
     Decided {
         rule: String,
+        /// The actor (of the first element, for a `for_each` rule).
         actor: Option<String>,
         decisions: Vec<Decision>,
+        /// For a `for_each` rule, the elements that decided, in order: each owns the next
+        /// `decisions` of the list and is stored and deduplicated as a delivery of its own.
+        /// Empty for other rules.
+        elements: Vec<Element>,
     },
+}
+
+/// One element of a `for_each` rule that produced decisions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Element {
+    /// Names the element within its delivery (see `element_key`).
+    pub key: String,
+    pub actor: Option<String>,
+    /// How many of the verdict's decisions are this element's.
+    pub decisions: usize,
+}
+
+/// The dedup key of one element: the delivery's key and the element's, joined; a digest when
+/// that would be longer than a stored key may be.
+pub fn element_key(delivery: &str, element: &str) -> String {
+    let key = format!("{delivery}#{element}");
+    if key.len() <= 256 {
+        key
+    } else {
+        format!("sha256:{}", hex::encode(Sha256::digest(key.as_bytes())))
+    }
 }
 
 /// Why one rule did or did not decide, for `explain`.
@@ -78,10 +155,53 @@ pub struct Mapping {
 #[derive(Debug)]
 struct Rule {
     name: String,
+    for_each: Option<ForEach>,
     when: Vec<Condition>,
     produce: Produce,
     actor: Option<Selector>,
     policy: RulePolicy,
+}
+
+/// A rule's `for_each`: the elements, and the parts that name one.
+#[derive(Debug)]
+struct ForEach {
+    path: Selector,
+    key: Vec<Selector>,
+}
+
+impl ForEach {
+    /// The element's key: its `key` parts joined, or a digest of the element when a part is
+    /// missing or none are configured.
+    fn key(&self, scope: Scope<'_>) -> String {
+        let parts: Option<Vec<String>> = self
+            .key
+            .iter()
+            .map(|p| {
+                p.values_in(scope)
+                    .into_iter()
+                    .next()
+                    .map(|v| v.into_owned())
+            })
+            .collect();
+        match parts {
+            Some(parts) if !parts.is_empty() => parts.join("|"),
+            _ => {
+                let text = scope.element.map(Value::to_string).unwrap_or_default();
+                format!("sha256:{}", hex::encode(Sha256::digest(text.as_bytes())))
+            }
+        }
+    }
+}
+
+/// What one rule made of one scope (the webhook, or one element of it).
+enum Applied {
+    NoMatch(String),
+    /// The reason, and the line for `explain`.
+    Rejected(String, String),
+    Decided {
+        actor: Option<String>,
+        decisions: Vec<Decision>,
+    },
 }
 
 #[derive(Debug)]
@@ -116,6 +236,16 @@ impl Mapping {
         self.freshness.as_ref().map(|f| f.max_age)
     }
 
+    /// Why a matched rule may not act on this event: it is older (or further in the future)
+    /// than the mapping's `freshness` allows. A captured delivery replayed after `max_age` is
+    /// refused, whatever its dedup key.
+    fn stale(&self, input: Input<'_>, now: Option<SystemTime>) -> Option<String> {
+        match (&self.freshness, now) {
+            (Some(fresh), Some(now)) => fresh.check(input, now).err(),
+            _ => None,
+        }
+    }
+
     fn run(
         &self,
         input: Input<'_>,
@@ -131,93 +261,105 @@ impl Mapping {
                 });
             }
         };
-        'rules: for rule in &self.rules {
-            for (i, cond) in rule.when.iter().enumerate() {
-                if !cond.holds(input) {
-                    note(
-                        rule,
-                        false,
-                        format!(
-                            "condition {} failed: {} (saw {})",
-                            i + 1,
-                            cond.describe(),
-                            cond.seen(input)
-                        ),
-                    );
-                    continue 'rules;
+        for rule in &self.rules {
+            let Some(each) = &rule.for_each else {
+                let applied = apply(rule, input.into());
+                if !matches!(applied, Applied::NoMatch(_))
+                    && let Some(reason) = self.stale(input, now)
+                {
+                    note(rule, true, reason.clone());
+                    return Verdict::Rejected {
+                        rule: rule.name.clone(),
+                        reason,
+                    };
+                }
+                match applied {
+                    Applied::NoMatch(why) => note(rule, false, why),
+                    Applied::Rejected(reason, line) => {
+                        note(rule, true, line);
+                        return Verdict::Rejected {
+                            rule: rule.name.clone(),
+                            reason,
+                        };
+                    }
+                    Applied::Decided { actor, decisions } => {
+                        note(rule, true, format!("{} decision(s)", decisions.len()));
+                        return Verdict::Decided {
+                            rule: rule.name.clone(),
+                            actor,
+                            decisions,
+                            elements: Vec::new(),
+                        };
+                    }
+                }
+                continue;
+            };
+            let nodes = each.path.nodes(input.into());
+            let mut elements = Vec::new();
+            let mut decisions = Vec::new();
+            let mut skipped = Vec::new();
+            for (i, node) in nodes.iter().enumerate() {
+                let scope = Scope {
+                    input,
+                    element: Some(node),
+                };
+                match apply(rule, scope) {
+                    Applied::NoMatch(why) => skipped.push(format!("element {}: {why}", i + 1)),
+                    Applied::Rejected(reason, line) => {
+                        note(rule, true, format!("element {}: {line}", i + 1));
+                        return Verdict::Rejected {
+                            rule: rule.name.clone(),
+                            reason: format!(
+                                "element {} of {}: {reason}",
+                                i + 1,
+                                each.path.describe()
+                            ),
+                        };
+                    }
+                    Applied::Decided {
+                        actor,
+                        decisions: mut ds,
+                    } => {
+                        elements.push(Element {
+                            key: each.key(scope),
+                            actor,
+                            decisions: ds.len(),
+                        });
+                        decisions.append(&mut ds);
+                    }
                 }
             }
-            let proposals = match &rule.produce {
-                Produce::Command(sel) => {
-                    let mut proposals = Vec::new();
-                    for text in sel.values(input) {
-                        match command::parse(&text) {
-                            Ok(cmds) => proposals.extend(cmds.into_iter().map(|c| Proposal {
-                                action: c.action.as_str().to_owned(),
-                                request_id: c.request_id,
-                                expiration: c.duration,
-                            })),
-                            Err(reason) => {
-                                let reason = format!("malformed /p0 command: {reason}");
-                                note(rule, true, reason.clone());
-                                return Verdict::Rejected {
-                                    rule: rule.name.clone(),
-                                    reason,
-                                };
-                            }
-                        }
-                    }
-                    if proposals.is_empty() {
-                        note(rule, false, format!("no /p0 command in {}", sel.describe()));
-                        continue 'rules;
-                    }
-                    proposals
-                }
-                Produce::Fields(f) => {
-                    match fields(input, &f.action, &f.request_id, f.expiration.as_ref()) {
-                        Ok(p) => p,
-                        Err(reason) => {
-                            note(rule, true, reason.clone());
-                            return Verdict::Rejected {
-                                rule: rule.name.clone(),
-                                reason,
-                            };
-                        }
-                    }
-                }
-            };
-            // A matched rule acts only on a fresh event: a captured delivery replayed after
-            // `max_age` is refused, whatever its dedup key.
-            if let (Some(fresh), Some(now)) = (&self.freshness, now)
-                && let Err(reason) = fresh.check(input, now)
-            {
+            if elements.is_empty() {
+                let why = if nodes.is_empty() {
+                    format!("for_each {} yielded nothing", each.path.describe())
+                } else {
+                    format!("no element decided ({})", skipped.join("; "))
+                };
+                note(rule, false, why);
+                continue;
+            }
+            if let Some(reason) = self.stale(input, now) {
                 note(rule, true, reason.clone());
                 return Verdict::Rejected {
                     rule: rule.name.clone(),
                     reason,
                 };
             }
-            let actor = rule
-                .actor
-                .as_ref()
-                .and_then(|sel| sel.values(input).into_iter().next())
-                .map(|a| a.into_owned());
-            return match policy::decide(&rule.policy, actor.as_deref(), &proposals) {
-                Ok(decisions) => {
-                    note(rule, true, format!("{} decision(s)", decisions.len()));
-                    Verdict::Decided {
-                        rule: rule.name.clone(),
-                        actor,
-                        decisions,
-                    }
-                }
-                Err(reason) => {
-                    note(rule, true, format!("refused: {reason}"));
-                    Verdict::Rejected {
-                        rule: rule.name.clone(),
-                        reason,
-                    }
-                }
+            note(
+                rule,
+                true,
+                format!(
+                    "{} decision(s) from {} of {} element(s)",
+                    decisions.len(),
+                    elements.len(),
+                    nodes.len()
+                ),
+            );
+            return Verdict::Decided {
+                rule: rule.name.clone(),
+                actor: elements[0].actor.clone(),
+                decisions,
+                elements,
             };
         }
         Verdict::Ignored
@@ -231,8 +373,62 @@ impl Mapping {
     }
 }
 
+/// Runs one rule's conditions, extraction and policy on one scope.
+fn apply(rule: &Rule, scope: Scope<'_>) -> Applied {
+    for (i, cond) in rule.when.iter().enumerate() {
+        if !cond.holds(scope) {
+            return Applied::NoMatch(format!(
+                "condition {} failed: {} (saw {})",
+                i + 1,
+                cond.describe(),
+                cond.seen(scope)
+            ));
+        }
+    }
+    let proposals = match &rule.produce {
+        Produce::Command(sel) => {
+            let mut proposals = Vec::new();
+            for text in sel.values_in(scope) {
+                match command::parse(&text) {
+                    Ok(cmds) => proposals.extend(cmds.into_iter().map(|c| Proposal {
+                        action: c.action.as_str().to_owned(),
+                        request_id: c.request_id,
+                        expiration: c.duration,
+                    })),
+                    Err(reason) => {
+                        let reason = format!("malformed /p0 command: {reason}");
+                        return Applied::Rejected(reason.clone(), reason);
+                    }
+                }
+            }
+            if proposals.is_empty() {
+                return Applied::NoMatch(format!("no /p0 command in {}", sel.describe()));
+            }
+            proposals
+        }
+        Produce::Fields(f) => {
+            match fields(scope, &f.action, &f.request_id, f.expiration.as_ref()) {
+                Ok(p) => p,
+                Err(reason) => return Applied::Rejected(reason.clone(), reason),
+            }
+        }
+    };
+    let actor = rule
+        .actor
+        .as_ref()
+        .and_then(|sel| sel.values_in(scope).into_iter().next())
+        .map(|a| a.into_owned());
+    match policy::decide(&rule.policy, actor.as_deref(), &proposals) {
+        Ok(decisions) => Applied::Decided { actor, decisions },
+        Err(reason) => {
+            let line = format!("refused: {reason}");
+            Applied::Rejected(reason, line)
+        }
+    }
+}
+
 fn fields(
-    input: Input<'_>,
+    input: Scope<'_>,
     action: &Extract,
     request_id: &Extract,
     expiration: Option<&Extract>,
@@ -259,13 +455,37 @@ fn fields(
 #[derive(Debug, Default)]
 pub struct MappingSet {
     pub dir: PathBuf,
+    /// The enabled sources: served at `/webhooks/<source>`.
     pub mappings: BTreeMap<String, Arc<Mapping>>,
+    /// Mapping files of sources not enabled, compiled only by `load_every` (for `check` and
+    /// `test`), with stand-ins for the variables they reference that are unset. Never served.
+    pub disabled: BTreeMap<String, Arc<Mapping>>,
 }
 
 impl MappingSet {
-    /// Loads and compiles every `*.yaml` / `*.yml` file in `dir`. All errors are returned,
-    /// each naming its file, rule and field.
+    /// Loads and compiles the mapping file of every enabled source (`defaults.sources`) in
+    /// `dir`. All errors are returned, each naming its file, rule and field; an enabled
+    /// source without a file is one.
     pub fn load(dir: &Path, env: &Env, defaults: &Defaults) -> Result<MappingSet, Vec<String>> {
+        Self::load_with(dir, env, defaults, false)
+    }
+
+    /// As `load`, and also compiles the files of sources that are not enabled, for `check`
+    /// and `test`: their syntax must hold even though their secrets need not be set.
+    pub fn load_every(
+        dir: &Path,
+        env: &Env,
+        defaults: &Defaults,
+    ) -> Result<MappingSet, Vec<String>> {
+        Self::load_with(dir, env, defaults, true)
+    }
+
+    fn load_with(
+        dir: &Path,
+        env: &Env,
+        defaults: &Defaults,
+        every: bool,
+    ) -> Result<MappingSet, Vec<String>> {
         let entries = std::fs::read_dir(dir).map_err(|e| {
             vec![format!(
                 "{}: cannot read mappings folder: {e}",
@@ -280,37 +500,52 @@ impl MappingSet {
             })
             .collect();
         files.sort();
+        let stand_in = env.with_stand_ins();
         let mut errors = Vec::new();
+        let mut seen = BTreeSet::new();
         let mut mappings = BTreeMap::new();
+        let mut disabled = BTreeMap::new();
         for file in files {
             let source = file
                 .file_stem()
                 .and_then(|s| s.to_str())
                 .unwrap_or_default()
                 .to_owned();
-            if source.is_empty()
-                || !source
-                    .bytes()
-                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
-            {
+            if !is_source_name(&source) {
                 errors.push(format!(
                     "{}: a source name (the file stem) is lower-case letters, digits, - and _",
                     file.display()
                 ));
                 continue;
             }
-            if mappings.contains_key(&source) {
+            if !seen.insert(source.clone()) {
                 errors.push(format!(
                     "{}: source `{source}` is defined twice (one of .yaml and .yml)",
                     file.display()
                 ));
                 continue;
             }
+            let enabled = defaults.sources.includes(&source);
+            if !enabled && !every {
+                continue;
+            }
+            let env = if enabled { env } else { &stand_in };
             match load_file(&file, &source, env, defaults) {
-                Ok(m) => {
+                Ok(m) if enabled => {
                     mappings.insert(source, Arc::new(m));
                 }
+                Ok(m) => {
+                    disabled.insert(source, Arc::new(m));
+                }
                 Err(mut errs) => errors.append(&mut errs),
+            }
+        }
+        if let Enabled::Only(names) = &defaults.sources {
+            for name in names.iter().filter(|n| !seen.contains(*n)) {
+                errors.push(format!(
+                    "sources: `{name}` is enabled, but there is no {}",
+                    dir.join(format!("{name}.yaml")).display()
+                ));
             }
         }
         if mappings.is_empty() && errors.is_empty() {
@@ -320,6 +555,7 @@ impl MappingSet {
             Ok(MappingSet {
                 dir: dir.to_owned(),
                 mappings,
+                disabled,
             })
         } else {
             Err(errors)
@@ -375,7 +611,7 @@ pub fn compile(
 
     let mut errors = Vec::new();
     let mut warnings = Vec::new();
-    let verifier = match compile_verify(&raw, source, &mut warnings) {
+    let verifier = match verify::compile(raw.verify.as_ref(), source, &mut warnings) {
         Ok(v) => Some(v),
         Err(e) => {
             errors.push(format!("{at}: verify: {e}"));
@@ -425,45 +661,6 @@ pub fn compile(
     }
 }
 
-fn compile_verify(
-    raw: &RawMapping,
-    source: &str,
-    warnings: &mut Vec<String>,
-) -> Result<Verifier, String> {
-    let Some(v) = &raw.verify else {
-        return Err(
-            "missing; a source without verification must say `verify: { scheme: none, insecure: true }`"
-                .into(),
-        );
-    };
-    let secrets = || {
-        let list = Secrets::from_list(v.secrets.as_deref().unwrap_or(""));
-        if list.is_empty() {
-            Err(format!(
-                "scheme `{}` needs `secrets`, and they are empty",
-                v.scheme
-            ))
-        } else {
-            Ok(list)
-        }
-    };
-    match v.scheme.as_str() {
-        "github" => Ok(Verifier::GitHub(secrets()?)),
-        "pagerduty" => Ok(Verifier::PagerDuty(secrets()?)),
-        "token" => Ok(Verifier::Token(secrets()?)),
-        "none" if v.insecure => {
-            warnings.push(format!(
-                "source `{source}` accepts webhooks without any verification (insecure: true)"
-            ));
-            Ok(Verifier::Insecure)
-        }
-        "none" => Err("scheme `none` must also say `insecure: true`".into()),
-        other => Err(format!(
-            "unknown scheme `{other}` (github, pagerduty, token or none)"
-        )),
-    }
-}
-
 fn compile_rule(
     r: &RawRule,
     raw: &RawMapping,
@@ -475,15 +672,37 @@ fn compile_rule(
     if r.name.trim().is_empty() {
         errors.push("name: empty".to_owned());
     }
+    // `@` paths read the element of a `for_each` rule, and only such rules have one.
+    let el = r.for_each.is_some();
+    let for_each = r.for_each.as_ref().and_then(|f| {
+        let path = match selector(&RawSelector {
+            path: Some(f.path.clone()),
+            header: None,
+        }) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                errors.push(format!("for_each.path: {e}"));
+                None
+            }
+        };
+        let mut key = Vec::new();
+        for (i, k) in f.key.iter().enumerate() {
+            match selector_in(k, true) {
+                Ok(k) => key.push(k),
+                Err(e) => errors.push(format!("for_each.key[{i}]: {e}")),
+            }
+        }
+        path.map(|path| ForEach { path, key })
+    });
     let mut when = Vec::new();
     for (i, c) in r.when.iter().enumerate() {
-        match condition(c) {
+        match condition(c, el) {
             Ok(c) => when.push(c),
             Err(e) => errors.push(format!("when[{i}]: {e}")),
         }
     }
     let produce = match (&r.command, &r.action, &r.request_id) {
-        (Some(cmd), None, None) => match selector(cmd) {
+        (Some(cmd), None, None) => match selector_in(cmd, el) {
             Ok(s) => Some(Produce::Command(s)),
             Err(e) => {
                 errors.push(format!("command: {e}"));
@@ -491,12 +710,12 @@ fn compile_rule(
             }
         },
         (None, Some(a), Some(id)) => {
-            let action = extract(a).map_err(|e| format!("action: {e}"));
-            let request_id = extract(id).map_err(|e| format!("request_id: {e}"));
+            let action = extract(a, el).map_err(|e| format!("action: {e}"));
+            let request_id = extract(id, el).map_err(|e| format!("request_id: {e}"));
             let expiration = r
                 .expiration
                 .as_ref()
-                .map(extract)
+                .map(|x| extract(x, el))
                 .transpose()
                 .map_err(|e| format!("expiration: {e}"));
             if let Ok(Extract {
@@ -538,10 +757,13 @@ fn compile_rule(
     let (actor, actors) = match &r.actor {
         None => (None, None),
         Some(a) => {
-            let sel = selector(&RawSelector {
-                path: a.path.clone(),
-                header: a.header.clone(),
-            });
+            let sel = selector_in(
+                &RawSelector {
+                    path: a.path.clone(),
+                    header: a.header.clone(),
+                },
+                el,
+            );
             let allow = a.allow.as_deref().map(Allowlist::parse);
             match &allow {
                 Some(Allowlist::Anyone) | None => warnings.push(format!(
@@ -600,6 +822,7 @@ fn compile_rule(
     match produce {
         Some(produce) if errors.is_empty() => Ok(Rule {
             name: r.name.clone(),
+            for_each,
             when,
             produce,
             actor,
@@ -616,7 +839,25 @@ fn compile_rule(
 }
 
 fn selector(raw: &RawSelector) -> Result<Selector, String> {
+    selector_in(raw, false)
+}
+
+/// A selector; `@` paths (relative to a `for_each` element) only where `element` says so.
+fn selector_in(raw: &RawSelector, element: bool) -> Result<Selector, String> {
     match (&raw.path, &raw.header) {
+        (Some(p), None) if p.starts_with('@') => {
+            if !element {
+                return Err(format!(
+                    "`{p}` reads a `for_each` element, and this rule has no `for_each`"
+                ));
+            }
+            let query = parse_json_path(&format!("${}", &p[1..]))
+                .map_err(|e| format!("`{p}` is not valid JSONPath: {e}"))?;
+            Ok(Selector::Element {
+                text: p.clone(),
+                query,
+            })
+        }
         (Some(p), None) => {
             let query =
                 parse_json_path(p).map_err(|e| format!("`{p}` is not valid JSONPath: {e}"))?;
@@ -640,7 +881,7 @@ fn regex(text: &str) -> Result<Regex, String> {
         .map_err(|e| format!("`{text}` is not a valid regex: {e}"))
 }
 
-fn condition(c: &RawCondition) -> Result<Condition, String> {
+fn condition(c: &RawCondition, el: bool) -> Result<Condition, String> {
     if let Some(inner) = &c.not {
         if c.path.is_some()
             || c.header.is_some()
@@ -651,12 +892,15 @@ fn condition(c: &RawCondition) -> Result<Condition, String> {
         {
             return Err("`not` stands alone: put the condition inside it".into());
         }
-        return Ok(Condition::Not(Box::new(condition(inner)?)));
+        return Ok(Condition::Not(Box::new(condition(inner, el)?)));
     }
-    let selector = selector(&RawSelector {
-        path: c.path.clone(),
-        header: c.header.clone(),
-    })?;
+    let selector = selector_in(
+        &RawSelector {
+            path: c.path.clone(),
+            header: c.header.clone(),
+        },
+        el,
+    )?;
     let mut tests = Vec::new();
     if let Some(v) = &c.equals {
         tests.push(Test::Equals(eval::scalar_text(v)));
@@ -679,7 +923,7 @@ fn condition(c: &RawCondition) -> Result<Condition, String> {
     })
 }
 
-fn extract(raw: &RawExtract) -> Result<Extract, String> {
+fn extract(raw: &RawExtract, el: bool) -> Result<Extract, String> {
     match raw {
         RawExtract::Constant(c) => Ok(Extract {
             from: From::Constant(c.clone()),
@@ -693,10 +937,13 @@ fn extract(raw: &RawExtract) -> Result<Extract, String> {
                     Some(d) => From::Constant(d.clone()),
                     None => return Err("needs `path`, `header` or `default`".into()),
                 },
-                _ => From::Select(selector(&RawSelector {
-                    path: s.path.clone(),
-                    header: s.header.clone(),
-                })?),
+                _ => From::Select(selector_in(
+                    &RawSelector {
+                        path: s.path.clone(),
+                        header: s.header.clone(),
+                    },
+                    el,
+                )?),
             };
             let regex = match &s.regex {
                 Some(r) => {
@@ -729,6 +976,7 @@ mod tests {
             org: "acme".into(),
             expiration: Expiration::parse("1h").unwrap(),
             max_expiration: Some(Expiration::parse("12h").unwrap()),
+            sources: Enabled::All,
         }
     }
 
@@ -843,6 +1091,78 @@ mod tests {
     }
 
     #[test]
+    fn for_each_decides_per_element() {
+        let rules = json!([
+            { "name": "alerts",
+              "for_each": { "path": "$.alerts[*]", "key": [ { "path": "@.fp" }, { "path": "@.status" } ] },
+              "when": [ { "path": "@.status", "one_of": ["firing", "resolved"] },
+                        { "path": "@.labels.req", "exists": true },
+                        { "path": "$.kind", "equals": "group" } ],
+              "action": { "path": "@.status", "map": { "firing": "approve", "resolved": "revoke" } },
+              "request_id": { "path": "@.labels.req" },
+              "expiration": { "path": "@.labels.for", "default": "1h" } }
+        ]);
+        let group = |alerts: Value| json!({ "kind": "group", "alerts": alerts });
+        let cases: &[(Value, &str)] = &[
+            (
+                group(json!([
+                    { "fp": "a", "status": "firing", "labels": { "req": "r-1", "for": "2h" } },
+                    { "fp": "b", "status": "firing", "labels": {} },
+                    { "fp": "c", "status": "resolved", "labels": { "req": "r-2" } }
+                ])),
+                "rule `alerts` decided [approve r-1 2h in org acme, revoke r-2 in org acme]",
+            ),
+            (
+                group(json!([{ "fp": "b", "status": "firing", "labels": {} }])),
+                "ignored",
+            ),
+            (group(json!([])), "ignored"),
+            (
+                json!({ "kind": "other", "alerts": [ { "status": "firing", "labels": { "req": "r-1" } } ] }),
+                "ignored",
+            ),
+            (
+                group(json!([
+                    { "fp": "a", "status": "firing", "labels": { "req": "r-1" } },
+                    { "fp": "c", "status": "firing", "labels": { "req": "r 2" } }
+                ])),
+                "rejected by rule `alerts`: element 2 of $.alerts[*]: request ID `r 2`",
+            ),
+        ];
+        for (payload, want) in cases {
+            let got = check(&rules, "x", payload.clone());
+            assert!(got.starts_with(want), "{payload}: {got}");
+        }
+        // Each deciding element: its key, actor and share of the decisions.
+        let m = mapping(rules);
+        let headers = HeaderMap::new();
+        let body = group(json!([
+            { "fp": "a", "status": "firing", "labels": { "req": "r-1" } },
+            { "status": "resolved", "labels": { "req": "r-2" } }
+        ]));
+        let Verdict::Decided { elements, .. } = m.decide(
+            Input {
+                headers: &headers,
+                body: &body,
+            },
+            None,
+        ) else {
+            panic!("no decision");
+        };
+        assert_eq!(elements.len(), 2);
+        assert_eq!(
+            (elements[0].key.as_str(), elements[0].decisions),
+            ("a|firing", 1)
+        );
+        assert!(
+            elements[1].key.starts_with("sha256:"),
+            "no fingerprint: a digest of the element"
+        );
+        assert_eq!(element_key("grp", "a|firing"), "grp#a|firing");
+        assert!(element_key(&"g".repeat(300), "a").starts_with("sha256:"));
+    }
+
+    #[test]
     fn compile_errors_name_rule_and_field() {
         let tree = json!({
             "verify": { "scheme": "token", "secrets": "t" },
@@ -851,7 +1171,9 @@ mod tests {
                 { "name": "a", "command": { "path": "$.x" } },
                 { "name": "b", "when": [ { "path": "$.x" } ], "command": { "header": "bad header" } },
                 { "name": "c", "action": "approve" },
-                { "name": "d", "command": { "path": "$.x" }, "max_expiration": "forever" }
+                { "name": "d", "command": { "path": "$.x" }, "max_expiration": "forever" },
+                { "name": "e", "action": "approve", "request_id": { "path": "@.id" } },
+                { "name": "f", "for_each": { "path": "$.a[" }, "action": "approve", "request_id": { "path": "@.id" } }
             ]
         });
         let errors =
@@ -864,6 +1186,8 @@ mod tests {
             "s.yaml: rule `b`: command: `bad header` is not a valid header name",
             "s.yaml: rule `c`: needs either `command`, or both `action` and `request_id`",
             "s.yaml: rule `d`: max_expiration: expiration `forever`",
+            "s.yaml: rule `e`: request_id: `@.id` reads a `for_each` element, and this rule has no `for_each`",
+            "s.yaml: rule `f`: for_each.path: `$.a[` is not valid JSONPath",
         ] {
             assert!(all.contains(fragment), "missing {fragment:?} in:\n{all}");
         }

@@ -8,7 +8,8 @@ use serde_json::Value;
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawMapping {
-    pub verify: Option<RawVerify>,
+    /// One scheme (`RawVerify`), or a list of them of which any may verify.
+    pub verify: Option<Value>,
     /// A list of `RawDedupAlternative`s, or the older `{key, fallback}` form (`RawDedupPair`);
     /// read by `compile`, which names the field in its errors.
     pub dedup: Option<Value>,
@@ -24,13 +25,47 @@ pub struct RawMapping {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawVerify {
-    /// `github`, `pagerduty`, `token` or `none`.
+    /// `github`, `pagerduty`, `token`, `hmac`, `standard-webhooks`, `basic` or `none`.
     pub scheme: String,
-    /// Comma-separated secrets or tokens, newest first.
+    /// Comma-separated secrets, tokens or passwords, newest first.
     pub secrets: Option<String>,
     /// Must be `true` for `scheme: none`.
     #[serde(default)]
     pub insecure: bool,
+    /// `hmac`: the header carrying the signature, or several names tried in order.
+    pub header: Option<OneOrMany>,
+    /// `hmac`: sha1, sha256 (default) or sha512.
+    pub algorithm: Option<String>,
+    /// `hmac`: hex (default) or base64.
+    pub encoding: Option<String>,
+    /// `hmac`: text before each signature, such as `sha256=`.
+    pub prefix: Option<String>,
+    /// `hmac`: the header holding the signed Unix time; empty for none.
+    pub timestamp_header: Option<String>,
+    /// `hmac`: the signed message, such as `{timestamp}:{body}` (default `{body}`, or
+    /// `{timestamp}:{body}` with a timestamp header).
+    pub message: Option<String>,
+    /// `hmac` with a timestamp, `standard-webhooks`: how far the signed time may be from now.
+    pub tolerance: Option<String>,
+    /// `basic`: the user name.
+    pub username: Option<String>,
+}
+
+/// One value or a list of them.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl OneOrMany {
+    pub fn to_vec(&self) -> Vec<String> {
+        match self {
+            OneOrMany::One(s) => vec![s.clone()],
+            OneOrMany::Many(v) => v.clone(),
+        }
+    }
 }
 
 /// One way to name a delivery: the first alternative whose parts are all present is used.
@@ -115,6 +150,8 @@ pub struct RawActor {
 #[serde(deny_unknown_fields)]
 pub struct RawRule {
     pub name: String,
+    /// Decide once per element of a list (`$.alerts[*]`); `@` paths read the element.
+    pub for_each: Option<RawForEach>,
     #[serde(default)]
     pub when: Vec<RawCondition>,
     /// Text holding `/p0 <verb> <id> [<duration>]` lines.
@@ -127,6 +164,17 @@ pub struct RawRule {
     pub actor: Option<RawActor>,
     pub actions: Option<Vec<String>>,
     pub org: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawForEach {
+    /// A JSONPath into the body naming the elements.
+    pub path: String,
+    /// Parts naming an element within its delivery, for deduplication (`@.fingerprint`);
+    /// default: a digest of the element.
+    #[serde(default)]
+    pub key: Vec<RawSelector>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

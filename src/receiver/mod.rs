@@ -18,10 +18,11 @@ use tokio::sync::Notify;
 
 use crate::config::InboundSettings;
 use crate::health::Health;
-use crate::mapping::{Input, Mapping, MappingSet, Verdict};
+use crate::mapping::{Element, Input, Mapping, MappingSet, Verdict, element_key};
 use crate::metrics::{Metrics, UNKNOWN_SOURCE};
+use crate::policy::Decision;
 use crate::ratelimit::KeyedLimit;
-use crate::store::{Accepted, NewDelivery, StoreHandle, now_ms};
+use crate::store::{Accepted, JobRef, NewDelivery, StoreHandle, now_ms};
 use answer::Answer;
 
 /// What the handlers share.
@@ -224,6 +225,7 @@ async fn handle(r: &Receiver, mapping: &Mapping, peer: Option<IpAddr>, request: 
             rule,
             actor,
             decisions,
+            elements,
         } => {
             let new = NewDelivery {
                 source: source.to_owned(),
@@ -232,27 +234,16 @@ async fn handle(r: &Receiver, mapping: &Mapping, peer: Option<IpAddr>, request: 
                 rule: rule.clone(),
                 actor,
                 payload: r.store_payloads.then(|| bytes.to_vec()),
-                decisions: decisions.clone(),
+                decisions,
             };
-            match r.store.accept(new).await {
-                Ok(Accepted::New { jobs }) => {
+            let units = split(new, &elements);
+            // Each unit's decisions, for the answer (the units themselves go to the store).
+            let shares: Vec<Vec<Decision>> = units.iter().map(|u| u.decisions.clone()).collect();
+            match r.store.accept_each(units).await {
+                Ok(results) => {
                     r.health.set_store_error(None);
-                    r.wake.notify_one();
-                    for d in &decisions {
-                        r.metrics
-                            .decisions
-                            .with_label_values(&[source, d.action.as_str()])
-                            .inc();
-                    }
-                    Answer::new(StatusCode::ACCEPTED, "accepted")
-                        .rule(rule)
-                        .delivery(delivery)
-                        .decisions(&decisions, &jobs)
+                    accepted(r, source, rule, delivery, shares, results)
                 }
-                Ok(Accepted::Duplicate { job_ids }) => Answer::new(StatusCode::OK, "duplicate")
-                    .delivery(delivery)
-                    .reason("this delivery was accepted before".into())
-                    .job_ids(job_ids),
                 Err(e) => {
                     tracing::error!(source, error = %e, "cannot store a delivery");
                     r.health.set_store_error(Some(e.to_string()));
@@ -263,4 +254,81 @@ async fn handle(r: &Receiver, mapping: &Mapping, peer: Option<IpAddr>, request: 
             }
         }
     }
+}
+
+/// The deliveries to store: the webhook whole, or one per `for_each` element, each under its
+/// own dedup key (the delivery's key and the element's), so each is deduplicated on its own.
+fn split(new: NewDelivery, elements: &[Element]) -> Vec<NewDelivery> {
+    if elements.is_empty() {
+        return vec![new];
+    }
+    let mut rest = new.decisions.into_iter();
+    elements
+        .iter()
+        .map(|e| NewDelivery {
+            source: new.source.clone(),
+            dedup_key: element_key(&new.dedup_key, &e.key),
+            received_at_ms: new.received_at_ms,
+            rule: new.rule.clone(),
+            actor: e.actor.clone(),
+            payload: new.payload.clone(),
+            decisions: rest.by_ref().take(e.decisions).collect(),
+        })
+        .collect()
+}
+
+/// The answer once every unit is stored: `duplicate` when all were seen before, else
+/// `accepted` with every decision (a duplicate element's decisions as `coalesced`: no second
+/// call is made for them).
+fn accepted(
+    r: &Receiver,
+    source: &str,
+    rule: String,
+    delivery: String,
+    shares: Vec<Vec<Decision>>,
+    results: Vec<Accepted>,
+) -> Answer {
+    if results
+        .iter()
+        .all(|a| matches!(a, Accepted::Duplicate { .. }))
+    {
+        let job_ids = results
+            .into_iter()
+            .flat_map(|a| match a {
+                Accepted::Duplicate { job_ids } => job_ids,
+                Accepted::New { .. } => Vec::new(),
+            })
+            .collect();
+        return Answer::new(StatusCode::OK, "duplicate")
+            .delivery(delivery)
+            .reason("this delivery was accepted before".into())
+            .job_ids(job_ids);
+    }
+    r.wake.notify_one();
+    let mut decisions = Vec::new();
+    let mut jobs = Vec::new();
+    for (share, result) in shares.into_iter().zip(results) {
+        match result {
+            Accepted::New { jobs: refs } => {
+                for d in &share {
+                    r.metrics
+                        .decisions
+                        .with_label_values(&[source, d.action.as_str()])
+                        .inc();
+                }
+                jobs.extend(refs);
+            }
+            Accepted::Duplicate { job_ids } => {
+                jobs.extend(job_ids.into_iter().map(|job_id| JobRef {
+                    job_id,
+                    coalesced: true,
+                }))
+            }
+        }
+        decisions.extend(share);
+    }
+    Answer::new(StatusCode::ACCEPTED, "accepted")
+        .rule(rule)
+        .delivery(delivery)
+        .decisions(&decisions, &jobs)
 }

@@ -279,6 +279,25 @@ impl StoreHandle {
     pub async fn accept(&self, d: NewDelivery) -> Result<Accepted, StoreError> {
         self.call(|r| Op::Accept(d, r)).await
     }
+    /// Stores several deliveries (the elements of one webhook): all are queued before any
+    /// reply is awaited, so they normally share one transaction. The first error is returned;
+    /// what was stored before it stays stored, and a retry finds it a duplicate.
+    pub async fn accept_each(&self, ds: Vec<NewDelivery>) -> Result<Vec<Accepted>, StoreError> {
+        let mut replies = Vec::with_capacity(ds.len());
+        for d in ds {
+            let (reply, rx) = oneshot::channel();
+            self.tx
+                .send(Op::Accept(d, reply))
+                .await
+                .map_err(|_| StoreError::Closed)?;
+            replies.push(rx);
+        }
+        let mut out = Vec::with_capacity(replies.len());
+        for rx in replies {
+            out.push(rx.await.map_err(|_| StoreError::Closed)??);
+        }
+        Ok(out)
+    }
     pub async fn record(&self, rec: AttemptRecord) -> Result<(), StoreError> {
         self.call(|r| Op::Record(rec, r)).await
     }

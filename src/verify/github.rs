@@ -3,31 +3,26 @@
 
 use axum::http::HeaderMap;
 
-use super::{VerifyError, hmac_matches, single_header};
+use super::{VerifyError, first_match, hmac_matches, single_header};
 use crate::secret::Secrets;
 
 const HEADER: &str = "x-hub-signature-256";
 
-pub fn verify(secrets: &Secrets, headers: &HeaderMap, body: &[u8]) -> Result<(), VerifyError> {
+/// The position of the secret that signed the body.
+pub fn verify(secrets: &Secrets, headers: &HeaderMap, body: &[u8]) -> Result<usize, VerifyError> {
     let value = single_header(headers, HEADER)?;
     let hex_sig = value
         .trim()
         .strip_prefix("sha256=")
-        .ok_or(VerifyError::Malformed(HEADER))?;
-    let sig = hex::decode(hex_sig).map_err(|_| VerifyError::Malformed(HEADER))?;
+        .ok_or(VerifyError::Malformed(HEADER.into()))?;
+    let sig = hex::decode(hex_sig).map_err(|_| VerifyError::Malformed(HEADER.into()))?;
     if sig.len() != 32 {
-        return Err(VerifyError::Malformed(HEADER));
+        return Err(VerifyError::Malformed(HEADER.into()));
     }
-    // Try every secret, without stopping early, so timing does not reveal which one matched.
-    let mut ok = false;
-    for secret in secrets.iter() {
-        ok |= hmac_matches(secret.expose().as_bytes(), body, &sig);
-    }
-    if ok {
-        Ok(())
-    } else {
-        Err(VerifyError::Mismatch)
-    }
+    first_match(secrets, |secret| {
+        hmac_matches(secret.expose().as_bytes(), body, &sig)
+    })
+    .ok_or(VerifyError::Mismatch)
 }
 
 #[cfg(test)]
@@ -42,7 +37,7 @@ mod tests {
         for s in sigs {
             headers.append(HEADER, HeaderValue::from_str(s).unwrap());
         }
-        verify(&Secrets::from_list(secrets), &headers, body)
+        verify(&Secrets::from_list(secrets), &headers, body).map(|_| ())
     }
 
     type Case<'a> = (&'a str, &'a [&'a str], &'a [u8], Result<(), VerifyError>);
@@ -68,21 +63,26 @@ mod tests {
                 secret,
                 &[&VECTOR.replace("sha256=", "sha1=")],
                 body,
-                Err(VerifyError::Malformed(HEADER)),
+                Err(VerifyError::Malformed(HEADER.into())),
             ),
             (
                 secret,
                 &[&VECTOR[..40]],
                 body,
-                Err(VerifyError::Malformed(HEADER)),
+                Err(VerifyError::Malformed(HEADER.into())),
             ),
-            (secret, &[""], body, Err(VerifyError::Malformed(HEADER))),
-            (secret, &[], body, Err(VerifyError::Missing(HEADER))),
+            (
+                secret,
+                &[""],
+                body,
+                Err(VerifyError::Malformed(HEADER.into())),
+            ),
+            (secret, &[], body, Err(VerifyError::Missing(HEADER.into()))),
             (
                 secret,
                 &[VECTOR, VECTOR],
                 body,
-                Err(VerifyError::Repeated(HEADER)),
+                Err(VerifyError::Repeated(HEADER.into())),
             ),
             ("", &[VECTOR], body, Err(VerifyError::Mismatch)),
         ];

@@ -3,18 +3,21 @@
 
 use axum::http::HeaderMap;
 
-use super::{VerifyError, hmac_matches};
+use super::{VerifyError, first_match, hmac_matches};
 use crate::secret::Secrets;
 
 const HEADER: &str = "x-pagerduty-signature";
 
-pub fn verify(secrets: &Secrets, headers: &HeaderMap, body: &[u8]) -> Result<(), VerifyError> {
+/// The position of the secret that signed the body.
+pub fn verify(secrets: &Secrets, headers: &HeaderMap, body: &[u8]) -> Result<usize, VerifyError> {
     let mut seen_header = false;
     let mut candidates: Vec<[u8; 32]> = Vec::new();
     // Several header lines are one comma-separated list (RFC 9110, section 5.3).
     for value in headers.get_all(HEADER) {
         seen_header = true;
-        let text = value.to_str().map_err(|_| VerifyError::Malformed(HEADER))?;
+        let text = value
+            .to_str()
+            .map_err(|_| VerifyError::Malformed(HEADER.into()))?;
         for entry in text.split(',').map(str::trim) {
             let Some(hex_sig) = entry.strip_prefix("v1=") else {
                 continue;
@@ -26,22 +29,19 @@ pub fn verify(secrets: &Secrets, headers: &HeaderMap, body: &[u8]) -> Result<(),
         }
     }
     if !seen_header {
-        return Err(VerifyError::Missing(HEADER));
+        return Err(VerifyError::Missing(HEADER.into()));
     }
     if candidates.is_empty() {
-        return Err(VerifyError::Malformed(HEADER));
+        return Err(VerifyError::Malformed(HEADER.into()));
     }
-    let mut ok = false;
-    for secret in secrets.iter() {
+    first_match(secrets, |secret| {
+        let mut ok = false;
         for sig in &candidates {
             ok |= hmac_matches(secret.expose().as_bytes(), body, sig);
         }
-    }
-    if ok {
-        Ok(())
-    } else {
-        Err(VerifyError::Mismatch)
-    }
+        ok
+    })
+    .ok_or(VerifyError::Mismatch)
 }
 
 #[cfg(test)]
@@ -58,7 +58,7 @@ mod tests {
         for h in header {
             headers.append(HEADER, HeaderValue::from_str(h).unwrap());
         }
-        verify(&Secrets::from_list(secrets), &headers, body)
+        verify(&Secrets::from_list(secrets), &headers, body).map(|_| ())
     }
 
     type Case<'a> = (&'a str, &'a [&'a str], &'a [u8], Result<(), VerifyError>);
@@ -82,21 +82,26 @@ mod tests {
                 "pd-secret-1",
                 &[&SIG1.replace("v1=", "v2=")],
                 BODY,
-                Err(VerifyError::Malformed(HEADER)),
+                Err(VerifyError::Malformed(HEADER.into())),
             ),
             (
                 "pd-secret-1",
                 &[&SIG1[..30]],
                 BODY,
-                Err(VerifyError::Malformed(HEADER)),
+                Err(VerifyError::Malformed(HEADER.into())),
             ),
             (
                 "pd-secret-1",
                 &[""],
                 BODY,
-                Err(VerifyError::Malformed(HEADER)),
+                Err(VerifyError::Malformed(HEADER.into())),
             ),
-            ("pd-secret-1", &[], BODY, Err(VerifyError::Missing(HEADER))),
+            (
+                "pd-secret-1",
+                &[],
+                BODY,
+                Err(VerifyError::Missing(HEADER.into())),
+            ),
         ];
         for (i, (secrets, header, body, want)) in cases.iter().enumerate() {
             assert_eq!(&check(secrets, header, body), want, "case {i}");

@@ -5,42 +5,48 @@ use axum::http::HeaderMap;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-use super::{VerifyError, single_header};
+use super::{VerifyError, first_match, single_header};
 use crate::secret::Secrets;
 
 const AUTHORIZATION: &str = "authorization";
 const RELAY_TOKEN: &str = "x-relay-token";
 
 pub fn verify(tokens: &Secrets, headers: &HeaderMap) -> Result<(), VerifyError> {
-    let presented = if headers.contains_key(RELAY_TOKEN) {
-        single_header(headers, RELAY_TOKEN)?.trim()
+    verify_named(tokens, headers).map(|_| ())
+}
+
+/// The header that carried the token and the position of the token it matched.
+pub fn verify_named(
+    tokens: &Secrets,
+    headers: &HeaderMap,
+) -> Result<(&'static str, usize), VerifyError> {
+    let (header, presented) = if headers.contains_key(RELAY_TOKEN) {
+        ("X-Relay-Token", single_header(headers, RELAY_TOKEN)?.trim())
     } else if headers.contains_key(AUTHORIZATION) {
         let value = single_header(headers, AUTHORIZATION)?.trim();
         let (scheme, rest) = value
             .split_once(' ')
-            .ok_or(VerifyError::Malformed(AUTHORIZATION))?;
+            .ok_or(VerifyError::Malformed(AUTHORIZATION.into()))?;
         if !scheme.eq_ignore_ascii_case("bearer") {
-            return Err(VerifyError::Malformed(AUTHORIZATION));
+            return Err(VerifyError::Malformed(AUTHORIZATION.into()));
         }
-        rest.trim()
+        ("Authorization", rest.trim())
     } else {
-        return Err(VerifyError::Missing("Authorization or X-Relay-Token"));
+        return Err(VerifyError::Missing(
+            "Authorization or X-Relay-Token".into(),
+        ));
     };
     if presented.is_empty() {
         return Err(VerifyError::BadToken);
     }
     // Digests make the comparison independent of both lengths.
     let got = Sha256::digest(presented.as_bytes());
-    let mut ok = subtle::Choice::from(0);
-    for token in tokens.iter() {
+    first_match(tokens, |token| {
         let want = Sha256::digest(token.expose().as_bytes());
-        ok |= got.as_slice().ct_eq(want.as_slice());
-    }
-    if bool::from(ok) {
-        Ok(())
-    } else {
-        Err(VerifyError::BadToken)
-    }
+        bool::from(got.as_slice().ct_eq(want.as_slice()))
+    })
+    .map(|i| (header, i))
+    .ok_or(VerifyError::BadToken)
 }
 
 #[cfg(test)]
@@ -77,22 +83,24 @@ mod tests {
             (
                 "tok",
                 &[("authorization", "Basic tok")],
-                Err(VerifyError::Malformed(AUTHORIZATION)),
+                Err(VerifyError::Malformed(AUTHORIZATION.into())),
             ),
             (
                 "tok",
                 &[("authorization", "tok")],
-                Err(VerifyError::Malformed(AUTHORIZATION)),
+                Err(VerifyError::Malformed(AUTHORIZATION.into())),
             ),
             (
                 "tok",
                 &[("x-relay-token", "tok"), ("x-relay-token", "tok")],
-                Err(VerifyError::Repeated(RELAY_TOKEN)),
+                Err(VerifyError::Repeated(RELAY_TOKEN.into())),
             ),
             (
                 "tok",
                 &[],
-                Err(VerifyError::Missing("Authorization or X-Relay-Token")),
+                Err(VerifyError::Missing(
+                    "Authorization or X-Relay-Token".into(),
+                )),
             ),
             ("", &[("x-relay-token", "tok")], Err(VerifyError::BadToken)),
         ];

@@ -21,6 +21,11 @@ pub const GITHUB_SECRET_NEW: &str = "gh-secret-new-2f1c";
 pub const GITHUB_SECRET_OLD: &str = "gh-secret-old-9a7e";
 pub const PD_SECRET: &str = "pd-secret-5d3b";
 pub const OG_TOKEN: &str = "og-token-77aa";
+pub const AM_TOKEN: &str = "am-token-4c1d";
+pub const GRAFANA_SECRET: &str = "gf-secret-93be";
+/// `whsec_` and the base64 of `incidentio-test-signing-key-01`.
+pub const INCIDENTIO_SECRET: &str = "whsec_aW5jaWRlbnRpby10ZXN0LXNpZ25pbmcta2V5LTAx";
+pub const JSM_TOKEN: &str = "jsm-token-5e0f";
 
 /// An HTTP client for tests (the TLS provider installed first, as the relay does).
 pub fn client() -> reqwest::Client {
@@ -47,6 +52,10 @@ pub fn test_env(extra: &[(&str, &str)]) -> HashMap<String, String> {
         ),
         ("PAGERDUTY_WEBHOOK_SECRET", PD_SECRET),
         ("OPSGENIE_WEBHOOK_TOKEN", OG_TOKEN),
+        ("ALERTMANAGER_WEBHOOK_TOKEN", AM_TOKEN),
+        ("GRAFANA_WEBHOOK_SECRET", GRAFANA_SECRET),
+        ("INCIDENTIO_WEBHOOK_SECRET", INCIDENTIO_SECRET),
+        ("JSM_WEBHOOK_TOKEN", JSM_TOKEN),
         ("GITHUB_APPROVERS", "octocat"),
     ]
     .iter()
@@ -210,6 +219,63 @@ impl Hook {
             source: "opsgenie",
             headers: vec![
                 ("Authorization".into(), format!("Bearer {OG_TOKEN}")),
+                ("Content-Type".into(), "application/json".into()),
+            ],
+            body: body.to_vec(),
+        }
+    }
+
+    /// An Alertmanager group notification with its bearer token.
+    pub fn alertmanager(body: &[u8]) -> Hook {
+        Hook {
+            source: "alertmanager",
+            headers: vec![
+                ("Authorization".into(), format!("Bearer {AM_TOKEN}")),
+                ("Content-Type".into(), "application/json".into()),
+                ("User-Agent".into(), "Alertmanager/0.28.1".into()),
+            ],
+            body: body.to_vec(),
+        }
+    }
+
+    /// A Grafana Alerting notification signed as the webhook contact point signs it.
+    pub fn grafana(body: &[u8]) -> Hook {
+        Hook {
+            source: "grafana",
+            headers: vec![
+                (
+                    "X-Grafana-Alerting-Signature".into(),
+                    sign_hex(GRAFANA_SECRET, body),
+                ),
+                ("Content-Type".into(), "application/json".into()),
+                ("User-Agent".into(), "Grafana".into()),
+            ],
+            body: body.to_vec(),
+        }
+    }
+
+    /// An incident.io delivery signed with Standard Webhooks at `timestamp` (Unix seconds).
+    pub fn incidentio(id: &str, timestamp: i64, body: &[u8]) -> Hook {
+        let sig = p0_relay::verify::sign_standard_webhooks(INCIDENTIO_SECRET, id, timestamp, body)
+            .expect("a valid secret");
+        Hook {
+            source: "incidentio",
+            headers: vec![
+                ("webhook-id".into(), id.into()),
+                ("webhook-timestamp".into(), timestamp.to_string()),
+                ("webhook-signature".into(), sig),
+                ("Content-Type".into(), "application/json".into()),
+            ],
+            body: body.to_vec(),
+        }
+    }
+
+    /// A Jira Service Management alert webhook with its token header.
+    pub fn jsm(body: &[u8]) -> Hook {
+        Hook {
+            source: "jsm",
+            headers: vec![
+                ("X-Relay-Token".into(), JSM_TOKEN.into()),
                 ("Content-Type".into(), "application/json".into()),
             ],
             body: body.to_vec(),

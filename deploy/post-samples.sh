@@ -1,0 +1,61 @@
+#!/bin/sh
+# Posts one sample delivery of every source to a running relay, each signed or authenticated
+# the way its provider does it (curl and openssl only), and prints each answer.
+#
+#   docker compose up --build -d      # the relay, with demo.env, serving every source
+#   deploy/post-samples.sh            # or: deploy/post-samples.sh http://relay:8080
+#
+# Secrets come from demo.env (ENV_FILE=... names another file). Run it twice: the second run
+# answers `duplicate` for the sources whose dedup key is in the payload (Opsgenie, JSM,
+# Alertmanager, Grafana), which is deduplication at work; the others get fresh delivery IDs.
+set -eu
+cd "$(dirname "$0")/.."
+BASE=${1:-http://localhost:8080}
+# shellcheck disable=SC1090
+. "./${ENV_FILE:-demo.env}"
+RUN=$(date +%s)
+DATA=mappings/testdata
+OUT=$(mktemp)
+trap 'rm -f "$OUT"' EXIT
+
+hmac_hex() { # SECRET FILE: lowercase hex HMAC-SHA256 of the file's bytes
+    openssl dgst -sha256 -hmac "$1" <"$2" | sed 's/^.* //'
+}
+
+post() { # SOURCE FILE [HEADER]...: posts the file's bytes with the headers, prints the answer
+    source=$1 file=$2
+    shift 2
+    status=$(curl -sS -o "$OUT" -w '%{http_code}' "$BASE/webhooks/$source" \
+        -H 'Content-Type: application/json' "$@" --data-binary "@$file")
+    printf '%-13s %s %s\n' "$source" "$status" "$(cat "$OUT")"
+}
+
+# GitHub: X-Hub-Signature-256, sha256=<hex HMAC of the body>.
+f=$DATA/github/issue_comment_created.json
+post github "$f" -H 'X-GitHub-Event: issue_comment' -H "X-GitHub-Delivery: sample-$RUN" \
+    -H "X-Hub-Signature-256: sha256=$(hmac_hex "$GITHUB_WEBHOOK_SECRET" "$f")"
+
+# PagerDuty: X-PagerDuty-Signature, v1=<hex HMAC of the body>.
+f=$DATA/pagerduty/incident_acknowledged.json
+post pagerduty "$f" -H "X-Webhook-Id: sample-$RUN" \
+    -H "X-PagerDuty-Signature: v1=$(hmac_hex "$PAGERDUTY_WEBHOOK_SECRET" "$f")"
+
+# Opsgenie and Jira Service Management: a shared token in a custom header.
+post opsgenie $DATA/opsgenie/acknowledge.json -H "Authorization: Bearer $OPSGENIE_WEBHOOK_TOKEN"
+post jsm $DATA/jsm/acknowledge.json -H "X-Relay-Token: $JSM_WEBHOOK_TOKEN"
+
+# Alertmanager: http_config.authorization, a bearer token (basic auth works too).
+post alertmanager $DATA/alertmanager/firing.json -H "Authorization: Bearer $ALERTMANAGER_WEBHOOK_TOKEN"
+
+# Grafana: X-Grafana-Alerting-Signature, hex HMAC of the body, no prefix.
+f=$DATA/grafana/firing.json
+post grafana "$f" -H "X-Grafana-Alerting-Signature: $(hmac_hex "$GRAFANA_WEBHOOK_SECRET" "$f")"
+
+# incident.io (Standard Webhooks): v1,<base64 HMAC of "{id}.{timestamp}.{body}">, keyed with
+# the base64-decoded secret after `whsec_`.
+f=$DATA/incidentio/incident_live.json
+id="msg_sample_$RUN"
+key=$(printf '%s' "${INCIDENTIO_WEBHOOK_SECRET#whsec_}" | openssl base64 -d -A | od -An -v -tx1 | tr -d ' \n')
+sig=$({ printf '%s.%s.' "$id" "$RUN"; cat "$f"; } |
+    openssl dgst -sha256 -mac HMAC -macopt "hexkey:$key" -binary | openssl base64 -A)
+post incidentio "$f" -H "webhook-id: $id" -H "webhook-timestamp: $RUN" -H "webhook-signature: v1,$sig"
