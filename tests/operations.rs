@@ -371,3 +371,56 @@ async fn sighup_reloads_and_json_logs_are_one_object_per_line() {
     }
     assert!(saw_webhook, "{text}");
 }
+
+/// Regression: posts to a source no mapping names were neither limited nor sampled in the log.
+#[tokio::test]
+async fn a_burst_to_an_unknown_source_is_rate_limited_and_counted_as_unknown() {
+    let t = spawn_with(Setup {
+        inbound_rate: 5,
+        ..Setup::default()
+    })
+    .await;
+    let mut statuses = Vec::new();
+    for i in 0..40 {
+        let source = if i % 2 == 0 { "nope" } else { "other-nope" };
+        let resp = t
+            .http
+            .post(t.url(&format!("/webhooks/{source}")))
+            .body("{}")
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status().as_u16();
+        if status == 429 {
+            assert!(resp.headers().contains_key("retry-after"));
+        }
+        statuses.push(status);
+    }
+    // Every unknown source shares one budget: twice the rate passes, then the limit holds.
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 404).count(),
+        10,
+        "{statuses:?}"
+    );
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 429).count(),
+        30,
+        "{statuses:?}"
+    );
+    assert_eq!(
+        t.metric("p0_relay_webhooks_total{outcome=\"rate_limited\",source=\"unknown\"}")
+            .await,
+        Some(30.0)
+    );
+    assert_eq!(
+        t.metric("p0_relay_webhooks_total{outcome=\"invalid\",source=\"unknown\"}")
+            .await,
+        Some(10.0)
+    );
+    // Known sources keep a budget of their own.
+    let ping = testdata("github/ping.json");
+    let (status, _) = t
+        .post(&Hook::github("ping", "u-1", &ping, GITHUB_SECRET_NEW))
+        .await;
+    assert_eq!(status, 200);
+}
