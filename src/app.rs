@@ -311,7 +311,8 @@ async fn reload_loop(
 
 async fn prune_loop(store: StoreHandle, retention: Duration, shutdown: CancellationToken) {
     loop {
-        match store.prune(now_ms() - retention.as_millis() as i64).await {
+        let retention_ms = i64::try_from(retention.as_millis()).unwrap_or(i64::MAX);
+        match store.prune(now_ms().saturating_sub(retention_ms)).await {
             Ok(n) if n > 0 => tracing::info!(
                 rows = n,
                 "pruned finished decisions past the retention window"

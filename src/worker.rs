@@ -66,8 +66,8 @@ impl Worker {
             }
             if last_gauges.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
                 if let Ok(c) = this.store.counts().await {
-                    this.metrics.queue_depth.set(c.pending as i64);
-                    this.metrics.dead_letters.set(c.dead as i64);
+                    this.metrics.queue_depth.set(saturating_i64(c.pending));
+                    this.metrics.dead_letters.set(saturating_i64(c.dead));
                 }
                 last_gauges = Some(Instant::now());
             }
@@ -75,9 +75,7 @@ impl Worker {
                 Duration::ZERO
             } else {
                 match this.store.next_due().await {
-                    Ok(Some(due)) => {
-                        Duration::from_millis((due - now_ms()).max(0) as u64).min(IDLE_POLL)
-                    }
+                    Ok(Some(due)) => millis_until(due, now_ms()).min(IDLE_POLL),
                     _ => IDLE_POLL,
                 }
             };
@@ -162,7 +160,7 @@ impl Worker {
             status: None,
             result: "dry_run",
             error: None,
-            duration_ms: took.as_millis() as i64,
+            duration_ms: i64::try_from(took.as_millis()).unwrap_or(i64::MAX),
         };
         let Some(outcome) = outcome else {
             return rec;
@@ -173,7 +171,7 @@ impl Worker {
             Outcome::Success { .. } => {
                 rec.state = State::Succeeded;
                 self.health.set_token_rejected(false);
-                let lag = (now - job.accepted_at_ms).max(0) as f64 / 1000.0;
+                let lag = now.saturating_sub(job.accepted_at_ms).max(0) as f64 / 1000.0;
                 self.metrics.delivery_lag.observe(lag);
             }
             Outcome::Rejected { error, .. } => {
@@ -193,16 +191,13 @@ impl Worker {
                 error, retry_after, ..
             } => {
                 rec.error = Some(error);
-                let delay = backoff(&self.retry, attempts, retry_after);
-                let age = Duration::from_millis((now - job.window_start_ms).max(0) as u64);
-                let out_of_attempts =
-                    self.retry.max_attempts > 0 && attempts >= self.retry.max_attempts;
-                if out_of_attempts || age + delay > self.retry.max_age {
-                    rec.state = State::Dead;
-                } else {
-                    rec.state = State::Pending;
-                    rec.next_attempt_at_ms = now + delay.as_millis() as i64;
-                    self.metrics.retries.inc();
+                match retry_at(&self.retry, attempts, now, job.window_start_ms, retry_after) {
+                    None => rec.state = State::Dead,
+                    Some(at) => {
+                        rec.state = State::Pending;
+                        rec.next_attempt_at_ms = at;
+                        self.metrics.retries.inc();
+                    }
                 }
             }
         }
@@ -211,12 +206,43 @@ impl Worker {
 }
 
 /// Exponential backoff with full jitter: a random delay up to `base × 2^(attempt-1)`, capped
-/// at `max_delay`; never sooner than P0's `Retry-After`.
+/// at `max_delay`; never sooner than P0's `Retry-After`, which is itself capped at `max_delay`
+/// (it comes from the network, so it may say anything).
 pub fn backoff(retry: &RetrySettings, attempt: u32, retry_after: Option<Duration>) -> Duration {
     let exp = 2u32.saturating_pow(attempt.saturating_sub(1).min(30));
     let ceiling = retry.base_delay.saturating_mul(exp).min(retry.max_delay);
-    let jittered = Duration::from_millis(rand::random_range(0..=ceiling.as_millis() as u64));
-    jittered.max(retry_after.unwrap_or(Duration::ZERO))
+    let ceiling_ms = u64::try_from(ceiling.as_millis()).unwrap_or(u64::MAX);
+    let jittered = Duration::from_millis(rand::random_range(0..=ceiling_ms));
+    jittered.max(retry_after.unwrap_or(Duration::ZERO).min(retry.max_delay))
+}
+
+/// When attempt `attempts` (just failed) should be followed by another, or `None` when the
+/// decision is out of attempts or would be retried past `max_age` from `window_start_ms`.
+pub fn retry_at(
+    retry: &RetrySettings,
+    attempts: u32,
+    now_ms: i64,
+    window_start_ms: i64,
+    retry_after: Option<Duration>,
+) -> Option<i64> {
+    if retry.max_attempts > 0 && attempts >= retry.max_attempts {
+        return None;
+    }
+    let delay = backoff(retry, attempts, retry_after);
+    let age = millis_until(now_ms, window_start_ms);
+    if age.saturating_add(delay) > retry.max_age {
+        return None;
+    }
+    Some(now_ms.saturating_add(saturating_i64(delay.as_millis())))
+}
+
+/// The time from `from_ms` until `to_ms`; zero when that is past.
+fn millis_until(to_ms: i64, from_ms: i64) -> Duration {
+    Duration::from_millis(u64::try_from(to_ms.saturating_sub(from_ms)).unwrap_or(0))
+}
+
+fn saturating_i64(n: impl TryInto<i64>) -> i64 {
+    n.try_into().unwrap_or(i64::MAX)
 }
 
 #[cfg(test)]
@@ -237,5 +263,38 @@ mod tests {
             assert!(d <= ceiling, "attempt {attempt}: {d:?}");
         }
         assert!(backoff(&r, 1, Some(Duration::from_secs(7))) >= Duration::from_secs(7));
+        assert_eq!(
+            backoff(&r, 1, Some(Duration::from_secs(u64::MAX))),
+            r.max_delay,
+            "Retry-After is capped at max_delay"
+        );
+    }
+
+    #[test]
+    fn retry_times_never_overflow() {
+        let r = RetrySettings {
+            base_delay: Duration::from_secs(1),
+            max_delay: Duration::from_secs(300),
+            max_age: Duration::from_secs(3600),
+            max_attempts: 0,
+        };
+        let huge = Some(Duration::from_secs(u64::MAX));
+        let now = 1_700_000_000_000;
+        let at = retry_at(&r, 4, now, now - 2_000, huge).unwrap();
+        assert_eq!(at, now + 300_000);
+        assert_eq!(
+            retry_at(&r, 4, now, now - 3_500_000, huge),
+            None,
+            "past max_age"
+        );
+        for (now, start) in [(i64::MAX, i64::MIN), (i64::MIN, i64::MAX), (0, 0)] {
+            let _ = retry_at(&r, u32::MAX, now, start, huge);
+        }
+        let limited = RetrySettings {
+            max_attempts: 3,
+            ..r.clone()
+        };
+        assert_eq!(retry_at(&limited, 3, now, now, None), None);
+        assert!(retry_at(&limited, 2, now, now, None).is_some());
     }
 }

@@ -470,3 +470,41 @@ async fn a_store_that_cannot_write_answers_503_and_readyz_says_why() {
             .contains("store not writable: disk I/O error")
     );
 }
+
+/// Regression: P0 answering 503 three times and then 429 with `Retry-After:
+/// 18446744073709551615` overflowed `age + delay` and panicked the call's task, which left the
+/// decision `sending` for good.
+#[tokio::test]
+async fn an_absurd_retry_after_is_capped_at_max_delay() {
+    let t = spawn().await;
+    // Slow 503s age the decision past a second, as real retries would.
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(503).set_delay(Duration::from_millis(400)))
+        .up_to_n_times(3)
+        .with_priority(1)
+        .mount(&t.p0)
+        .await;
+    Mock::given(method("POST"))
+        .respond_with(
+            ResponseTemplate::new(429).insert_header("Retry-After", "18446744073709551615"),
+        )
+        .up_to_n_times(1)
+        .with_priority(2)
+        .mount(&t.p0)
+        .await;
+    t.p0_ok().await;
+    let (_, answer) = t.post(&Hook::comment("ra-1", "/p0 revoke req-ra")).await;
+    let job = answer["decisions"][0]["job_id"].as_i64().unwrap();
+    let calls = t.wait_for_calls(5).await;
+    assert_eq!(
+        summarize(&calls)[4],
+        call("revoke", "req-ra", json!({})),
+        "retried after max_delay (50 ms), not never"
+    );
+    let detail = wait_for_state(&t.dir.path().join("relay.db"), job, "succeeded").await;
+    let statuses: Vec<Option<u16>> = detail.attempts.iter().map(|a| a.status).collect();
+    assert_eq!(
+        statuses,
+        [Some(503), Some(503), Some(503), Some(429), Some(200)]
+    );
+}

@@ -490,3 +490,41 @@ async fn the_last_entry_of_the_proxy_header_decides_and_an_unparsable_one_is_ref
         );
     }
 }
+
+/// Regression: `Semaphore::new` panicked on a huge `p0.concurrency` or
+/// `inbound.max_connections` (inside a task, unseen), and durations too long for the store's
+/// millisecond clock overflowed its arithmetic.
+#[test]
+fn absurd_numbers_and_durations_in_relay_yaml_are_refused_naming_the_setting() {
+    use p0_relay::config::{Settings, env::Env};
+    let dir = tempfile::tempdir().unwrap();
+    let env = Env::default().overlay(&test_env(&[]));
+    let config = write_config(
+        dir.path(),
+        "http://127.0.0.1:9",
+        &Setup {
+            p0_extra: "    max_age: 1000000000y\n  concurrency: 18446744073709551615\n".into(),
+            inbound: "  max_connections: 18446744073709551615\n".into(),
+            ..Setup::default()
+        },
+    );
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("store:\n", "store:\n  dedup_window: 1000000000y\n");
+    std::fs::write(&config, text).unwrap();
+    let errors = Settings::load(&config, &env)
+        .expect_err("refused")
+        .join("\n");
+    let at = config.display().to_string();
+    for setting in [
+        "p0.concurrency: must be at most 1024",
+        "inbound.max_connections: must be at most 1000000",
+        "store.dedup_window: must be at most 3650d",
+        "p0.retry.max_age: must be at most 3650d",
+    ] {
+        assert!(
+            errors.contains(&format!("{at}: {setting}")),
+            "{setting}:\n{errors}"
+        );
+    }
+}
