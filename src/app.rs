@@ -174,6 +174,11 @@ impl Relay {
             opts.reload_poll,
             shutdown.clone(),
         ));
+        let prober = tokio::spawn(probe_loop(
+            store.clone(),
+            receiver.health.clone(),
+            shutdown.clone(),
+        ));
         let pruner = tokio::spawn(prune_loop(
             store.clone(),
             settings.store.dedup_window,
@@ -189,6 +194,7 @@ impl Relay {
             let _ = worker.await;
             let _ = reloader.await;
             let _ = pruner.await;
+            let _ = prober.await;
             // The writer thread ends once every handle is gone and the queue is drained.
             drop(receiver);
             drop(store);
@@ -305,6 +311,56 @@ async fn reload_loop(
         if forced || now != last {
             last = now;
             let _ = reload(&receiver, &env, &defaults);
+        }
+    }
+}
+
+/// How often the store is probed for `/readyz`.
+const PROBE_EVERY: Duration = Duration::from_secs(1);
+/// How long a probe may wait for the store before the store counts as not answering.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Keeps the store flag of `/readyz` true to the present: set when a probe fails or does not
+/// come back in time, cleared by the next probe that succeeds (the receiver also sets it when
+/// an accept fails, so readiness drops at once rather than at the next probe).
+async fn probe_loop(store: StoreHandle, health: Arc<Health>, shutdown: CancellationToken) {
+    let mut failing = false;
+    loop {
+        let probe = store.probe();
+        tokio::pin!(probe);
+        let result = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = &mut probe => r.map_err(|e| e.to_string()),
+            _ = tokio::time::sleep(PROBE_TIMEOUT) => {
+                health.set_store_error(Some(format!(
+                    "the store has not answered for {} s", PROBE_TIMEOUT.as_secs()
+                )));
+                // Wait for this probe rather than queue more behind it.
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    r = &mut probe => r.map_err(|e| e.to_string()),
+                }
+            }
+        };
+        match result {
+            Ok(()) => {
+                if failing {
+                    tracing::info!("the store takes writes again: ready");
+                }
+                failing = false;
+                health.set_store_error(None);
+            }
+            Err(e) => {
+                if !failing {
+                    tracing::error!(error = %e, "the store cannot take writes: not ready");
+                }
+                failing = true;
+                health.set_store_error(Some(e));
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(PROBE_EVERY) => {}
         }
     }
 }

@@ -136,7 +136,7 @@ impl Worker {
                 error: "stored IDs are not valid".into(),
             }),
         };
-        let record = self.next_state(&job, outcome, started.elapsed());
+        let record = self.next_state(&job, outcome, started);
         tracing::info!(
             job_id = job.id, action = %action, result = record.result, status = ?record.status,
             attempt = record.attempts, state = record.state.as_str(),
@@ -148,7 +148,8 @@ impl Worker {
         }
     }
 
-    fn next_state(&self, job: &Job, outcome: Option<Outcome>, took: Duration) -> AttemptRecord {
+    fn next_state(&self, job: &Job, outcome: Option<Outcome>, started: Instant) -> AttemptRecord {
+        let took = started.elapsed();
         let now = now_ms();
         let attempts = job.attempts.saturating_add(1);
         let mut rec = AttemptRecord {
@@ -170,7 +171,7 @@ impl Worker {
         match outcome {
             Outcome::Success { .. } => {
                 rec.state = State::Succeeded;
-                self.health.set_token_rejected(false);
+                self.health.token_answer(started, true);
                 let lag = now.saturating_sub(job.accepted_at_ms).max(0) as f64 / 1000.0;
                 self.metrics.delivery_lag.observe(lag);
             }
@@ -183,7 +184,7 @@ impl Worker {
                     job_id = job.id,
                     "P0 rejected the relay's API token (401): check P0_API_TOKEN; the decision is dead-lettered"
                 );
-                self.health.set_token_rejected(true);
+                self.health.token_answer(started, false);
                 rec.state = State::Dead;
                 rec.error = Some(format!("P0 rejected the API token: {error}"));
             }

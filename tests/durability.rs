@@ -422,6 +422,9 @@ impl Store for BrokenStore {
     fn prune(&mut self, _: i64) -> Result<usize, StoreError> {
         Ok(0)
     }
+    fn probe(&mut self) -> Result<(), StoreError> {
+        Err(StoreError::Invalid("disk I/O error".into()))
+    }
 }
 
 #[tokio::test]
@@ -506,5 +509,52 @@ async fn an_absurd_retry_after_is_capped_at_max_delay() {
     assert_eq!(
         statuses,
         [Some(503), Some(503), Some(503), Some(429), Some(200)]
+    );
+}
+
+/// Waits (up to 20 s) until `/readyz` answers `status`, and returns its body.
+async fn wait_ready_status(t: &TestRelay, status: u16) -> String {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let (got, body) = t.get("/readyz").await;
+        if got == status {
+            return body;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "readyz stayed {got}: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Regression: the store flag of `/readyz` was set by a failed accept and cleared only by a
+/// later successful one, which a not-ready relay never gets. Now a probe sets and clears it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_follows_the_store_both_ways_without_traffic() {
+    let t = spawn().await;
+    t.p0_ok().await;
+    assert_eq!(t.get("/readyz").await.0, 200);
+    let db = t.dir.path().join("relay.db");
+    // Another writer holds the store's write lock: the relay cannot commit.
+    let other = rusqlite::Connection::open(&db).unwrap();
+    other.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let (status, answer) = t.post(&Hook::comment("lock-1", "/p0 revoke req-l")).await;
+    assert_eq!(status, 503, "{answer}");
+    let body = wait_ready_status(&t, 503).await;
+    assert!(body.contains("store not writable"), "{body}");
+    other.execute_batch("ROLLBACK").unwrap();
+    // Ready again by itself, with no webhook to prove it.
+    wait_ready_status(&t, 200).await;
+
+    // The probe alone notices a store that cannot write, with nothing posted.
+    other.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let body = wait_ready_status(&t, 503).await;
+    assert!(body.contains("store not writable"), "{body}");
+    other.execute_batch("ROLLBACK").unwrap();
+    wait_ready_status(&t, 200).await;
+    assert_eq!(
+        t.post(&Hook::comment("lock-2", "/p0 revoke req-l")).await.0,
+        202
     );
 }

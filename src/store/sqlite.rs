@@ -465,6 +465,20 @@ impl Store for SqliteStore {
         Ok(ids)
     }
 
+    fn probe(&mut self) -> Result<(), StoreError> {
+        // The file may have been opened read-only (SQLite falls back to that silently), and
+        // `BEGIN IMMEDIATE` takes the write lock, so it fails while the file is locked, gone
+        // read-only, or the disk refuses; nothing is written.
+        if self.conn.is_readonly(rusqlite::MAIN_DB)? {
+            return Err(StoreError::Invalid("store: the file is read-only".into()));
+        }
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        tx.rollback()?;
+        Ok(())
+    }
+
     fn prune(&mut self, older_than_ms: i64) -> Result<usize, StoreError> {
         let tx = self.conn.transaction()?;
         let finished = "SELECT id FROM jobs WHERE state IN ('succeeded', 'rejected', 'dry_run') AND updated_at < ?1";
