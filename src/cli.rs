@@ -185,8 +185,11 @@ fn serve(config: &Path, env: Env, dry_run: bool) -> ExitCode {
             tracing::info!("stopping: no new webhooks; finishing calls in flight");
             token.cancel();
         });
-        relay.wait().await;
-        ExitCode::SUCCESS
+        // A part of the relay that failed has been logged; the exit status says so too.
+        match relay.wait().await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(failure) => fail(&[format!("the relay stopped because {failure}")]),
+        }
     })
 }
 

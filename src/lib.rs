@@ -19,5 +19,6 @@ pub mod receiver;
 pub mod secret;
 pub mod server;
 pub mod store;
+pub mod supervise;
 pub mod verify;
 pub mod worker;

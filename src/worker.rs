@@ -1,11 +1,12 @@
 //! The worker: claims due decisions from the store, calls P0 with bounded concurrency paced
 //! per org, records each outcome, and schedules retries with exponential backoff and jitter.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::{Notify, Semaphore};
-use tokio::task::JoinSet;
+use tokio::task::{self, JoinSet};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::RetrySettings;
@@ -39,10 +40,14 @@ impl Worker {
         let this = Arc::new(self);
         let permits = Arc::new(Semaphore::new(this.concurrency));
         let mut tasks = JoinSet::new();
+        // The job each call task carries, so a task that panics can give its job back.
+        let mut in_flight: HashMap<task::Id, Job> = HashMap::new();
         // (Not `Instant::now() - 60 s`: that underflows on a machine up for less than a minute.)
         let mut last_gauges: Option<Instant> = None;
         loop {
-            while tasks.try_join_next().is_some() {}
+            while let Some(done) = tasks.try_join_next_with_id() {
+                this.finished(done, &mut in_flight).await;
+            }
             let free = permits.available_permits();
             let mut claimed_all = false;
             if free > 0 {
@@ -54,11 +59,13 @@ impl Worker {
                                 break;
                             };
                             let w = this.clone();
-                            tasks.spawn(async move {
+                            let carried = job.clone();
+                            let handle = tasks.spawn(async move {
                                 w.execute(job).await;
                                 drop(permit);
                                 w.wake.notify_one();
                             });
+                            in_flight.insert(handle.id(), carried);
                         }
                     }
                     Err(e) => tracing::error!(error = %e, "cannot claim decisions from the store"),
@@ -89,7 +96,10 @@ impl Worker {
         tokio::pin!(deadline);
         loop {
             tokio::select! {
-                next = tasks.join_next() => if next.is_none() { break },
+                next = tasks.join_next_with_id() => match next {
+                    None => break,
+                    Some(done) => this.finished(done, &mut in_flight).await,
+                },
                 _ = &mut deadline => {
                     tracing::warn!(in_flight = tasks.len(), "shutdown deadline reached; unfinished calls stay queued");
                     tasks.abort_all();
@@ -99,8 +109,61 @@ impl Worker {
         }
     }
 
+    /// Accounts for a call task that ended. One that panicked (a bug in the relay, not an
+    /// answer from P0) gives its decision back: pending again after a backoff, or dead when
+    /// out of attempts, like a transient failure. One cancelled at the shutdown deadline stays
+    /// `sending` and is resumed at the next start.
+    async fn finished(
+        &self,
+        done: Result<(task::Id, ()), task::JoinError>,
+        in_flight: &mut HashMap<task::Id, Job>,
+    ) {
+        let (id, failure) = match done {
+            Ok((id, ())) => (id, None),
+            Err(e) => (e.id(), Some(e)),
+        };
+        let job = in_flight.remove(&id);
+        let (Some(failure), Some(job)) = (failure, job) else {
+            return;
+        };
+        if !failure.is_panic() {
+            return;
+        }
+        let why = crate::supervise::panic_message(failure.into_panic());
+        let now = now_ms();
+        let attempts = job.attempts.saturating_add(1);
+        let next = retry_at(&self.retry, attempts, now, job.window_start_ms, None);
+        tracing::error!(
+            job_id = job.id, error = %why, attempt = attempts,
+            "a P0 call failed inside the relay (a bug); the decision is queued again"
+        );
+        let record = AttemptRecord {
+            job_id: job.id,
+            at_ms: now,
+            state: if next.is_some() {
+                State::Pending
+            } else {
+                State::Dead
+            },
+            attempts,
+            next_attempt_at_ms: next.unwrap_or(now),
+            status: None,
+            result: "internal_error",
+            error: Some(format!("the relay failed during the call: {why}")),
+            duration_ms: 0,
+        };
+        if let Err(e) = self.store.record(record).await {
+            tracing::error!(job_id = job.id, error = %e, "cannot record the outcome of a P0 call");
+        }
+    }
+
     async fn execute(&self, job: Job) {
         self.pacing.wait(&job.org).await;
+        // A fault for the unit tests: the first attempt of `panic-*` requests panics.
+        #[cfg(test)]
+        if job.request_id.starts_with("panic-") && job.attempts == 0 {
+            panic!("injected panic for {}", job.request_id);
+        }
         let started = Instant::now();
         let action = job.action;
         let outcome = match (
@@ -249,6 +312,88 @@ fn saturating_i64(n: impl TryInto<i64>) -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::domain::Action;
+    use crate::policy::Decision;
+    use crate::secret::Secret;
+    use crate::store::{NewDelivery, SqliteStore, Store, Windows};
+    use wiremock::{Mock, MockServer, ResponseTemplate, matchers::method};
+
+    /// Regression: a call task that panicked was dropped silently and left its decision
+    /// `sending` until the next restart.
+    #[tokio::test]
+    async fn a_call_that_panics_returns_its_decision_to_pending_and_it_is_sent_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("relay.db");
+        let windows = Windows {
+            dedup: Duration::from_secs(3600),
+            coalesce: Duration::from_secs(600),
+        };
+        let sqlite = SqliteStore::open(&db, windows, false).unwrap();
+        let (store, _writer) = StoreHandle::spawn(Box::new(sqlite), true).unwrap();
+        let p0 = MockServer::start().await;
+        Mock::given(method("POST"))
+            .respond_with(ResponseTemplate::new(200))
+            .mount(&p0)
+            .await;
+        store
+            .accept(NewDelivery {
+                source: "github".into(),
+                dedup_key: "d-1".into(),
+                received_at_ms: now_ms(),
+                rule: "comment-command".into(),
+                actor: None,
+                payload: None,
+                decisions: vec![Decision {
+                    org: Id::parse("acme").unwrap(),
+                    request_id: Id::parse("panic-1").unwrap(),
+                    action: Action::Revoke,
+                    expiration: None,
+                    clamped_from: None,
+                }],
+            })
+            .await
+            .unwrap();
+        let worker = Worker {
+            store: store.clone(),
+            client: Some(
+                p0::Client::new(
+                    p0.uri().parse().unwrap(),
+                    Secret::new("t"),
+                    Duration::from_secs(2),
+                )
+                .unwrap(),
+            ),
+            pacing: Arc::new(KeyedLimit::per_second(0, 1)),
+            metrics: Metrics::new(["github"]).unwrap(),
+            retry: RetrySettings {
+                base_delay: Duration::from_millis(10),
+                max_delay: Duration::from_millis(50),
+                max_age: Duration::from_secs(3600),
+                max_attempts: 0,
+            },
+            concurrency: 2,
+            wake: Arc::new(Notify::new()),
+            health: Arc::new(Health::default()),
+        };
+        let shutdown = CancellationToken::new();
+        let run = tokio::spawn(worker.run(shutdown.clone(), Duration::from_secs(1)));
+        let mut reader = SqliteStore::open(&db, windows, false).unwrap();
+        let mut state = String::new();
+        for _ in 0..200 {
+            state = reader.show(1).unwrap().unwrap().job.state;
+            if state == "succeeded" {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        shutdown.cancel();
+        run.await.unwrap();
+        assert_eq!(state, "succeeded");
+        let detail = reader.show(1).unwrap().unwrap();
+        let results: Vec<&str> = detail.attempts.iter().map(|a| a.result.as_str()).collect();
+        assert_eq!(results, ["internal_error", "success"]);
+        assert_eq!(p0.received_requests().await.unwrap().len(), 1);
+    }
 
     #[test]
     fn backoff_is_bounded_and_honours_retry_after() {

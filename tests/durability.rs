@@ -558,3 +558,27 @@ async fn readiness_follows_the_store_both_ways_without_traffic() {
         202
     );
 }
+
+/// Regression: a worker, reloader, pruner or server that panicked was invisible; the relay
+/// went on answering 202 with nothing delivering. Now the relay stops with the failure, and
+/// `serve` turns it into a non-zero exit.
+#[tokio::test]
+async fn a_part_of_the_relay_that_panics_stops_it_with_a_failure() {
+    for name in ["server", "worker", "reloader", "store-probe", "pruner"] {
+        let mut t = spawn_with(Setup {
+            panic_in: Some(name),
+            ..Setup::default()
+        })
+        .await;
+        let relay = t.relay.take().unwrap();
+        let failure = tokio::time::timeout(Duration::from_secs(10), relay.wait())
+            .await
+            .expect("the relay stops by itself")
+            .expect_err("a failure");
+        assert_eq!(failure.component, name);
+        assert_eq!(
+            failure.reason,
+            format!("panicked: injected fault in `{name}`")
+        );
+    }
+}
