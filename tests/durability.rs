@@ -582,3 +582,46 @@ async fn a_part_of_the_relay_that_panics_stops_it_with_a_failure() {
         );
     }
 }
+
+/// Regression: `serve` kept running, and exited 0 when stopped, after a part of it had
+/// panicked. Debug builds (the test suite's) take `P0_RELAY_TEST_PANIC_IN` to fail a part on
+/// purpose.
+#[test]
+fn serve_exits_non_zero_when_a_part_of_the_relay_fails() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), "http://127.0.0.1:9", &Setup::default());
+    let vars = test_env(&[("P0_RELAY_TEST_PANIC_IN", "worker")]);
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_p0-relay"))
+        .env_clear()
+        .envs(&vars)
+        .arg("serve")
+        .arg("--config")
+        .arg(&config)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("serve went on running after a part of it failed");
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    };
+    let out = child.wait_with_output().unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("the relay stopped because `worker` panicked: injected fault in `worker`"),
+        "{text}"
+    );
+}
