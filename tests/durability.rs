@@ -625,3 +625,47 @@ fn serve_exits_non_zero_when_a_part_of_the_relay_fails() {
         "{text}"
     );
 }
+
+/// What clears the token flag of a relay that balancers have taken out of rotation: work it
+/// already holds. A retry of an earlier decision that P0 now answers 200 makes it ready again,
+/// with no webhook posted after the 401.
+#[tokio::test]
+async fn a_rejected_token_is_cleared_by_the_next_success_from_stored_work() {
+    use wiremock::matchers::path_regex;
+    let t = spawn().await;
+    Mock::given(method("POST"))
+        .and(path_regex("req-tok-x"))
+        .respond_with(ResponseTemplate::new(401).set_body_json(json!({"error": "Unauthorized"})))
+        .mount(&t.p0)
+        .await;
+    Mock::given(method("POST"))
+        .and(path_regex("req-tok-y"))
+        .respond_with(ResponseTemplate::new(500).set_delay(Duration::from_millis(150)))
+        .up_to_n_times(8)
+        .with_priority(1)
+        .mount(&t.p0)
+        .await;
+    t.p0_ok().await;
+    assert_eq!(
+        t.post(&Hook::comment("tok-y", "/p0 revoke req-tok-y"))
+            .await
+            .0,
+        202
+    );
+    assert_eq!(
+        t.post(&Hook::comment("tok-x", "/p0 revoke req-tok-x"))
+            .await
+            .0,
+        202
+    );
+    let body = wait_ready_status(&t, 503).await;
+    assert!(body.contains("P0 rejected the API token"), "{body}");
+    // Nothing more is posted: the retries of req-tok-y are the proof.
+    wait_ready_status(&t, 200).await;
+    let calls = summarize(&t.p0_calls().await);
+    assert_eq!(
+        calls.last(),
+        Some(&call("revoke", "req-tok-y", json!({}))),
+        "{calls:?}"
+    );
+}
