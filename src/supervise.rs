@@ -29,7 +29,7 @@ pub struct Components {
 }
 
 /// How often a watched thread is checked for having ended.
-const THREAD_POLL: Duration = Duration::from_millis(200);
+const THREAD_POLL: Duration = Duration::from_millis(100);
 
 impl Components {
     pub fn new(panic_in: Option<&'static str>) -> Components {

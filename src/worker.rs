@@ -135,7 +135,8 @@ impl Worker {
         let next = retry_at(&self.retry, attempts, now, job.window_start_ms, None);
         tracing::error!(
             job_id = job.id, error = %why, attempt = attempts,
-            "a P0 call failed inside the relay (a bug); the decision is queued again"
+            state = if next.is_some() { "pending" } else { "dead" },
+            "a P0 call failed inside the relay (a bug); the decision is given back"
         );
         let record = AttemptRecord {
             job_id: job.id,

@@ -467,8 +467,9 @@ impl Store for SqliteStore {
 
     fn probe(&mut self) -> Result<(), StoreError> {
         // The file may have been opened read-only (SQLite falls back to that silently), and
-        // `BEGIN IMMEDIATE` takes the write lock, so it fails while the file is locked, gone
-        // read-only, or the disk refuses; nothing is written.
+        // `BEGIN IMMEDIATE` takes the write lock, so this fails while the file is read-only,
+        // gone, or locked by another writer past the busy timeout. It writes nothing, so a
+        // full disk shows only when a real write fails (the receiver flags that at once).
         if self.conn.is_readonly(rusqlite::MAIN_DB)? {
             return Err(StoreError::Invalid("store: the file is read-only".into()));
         }
