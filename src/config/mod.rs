@@ -508,6 +508,9 @@ fn build(raw: Raw, base: &Path, errors: &mut Vec<String>) -> Option<Settings> {
     if settings.inbound.read_timeout.is_zero() {
         errors.push("inbound.read_timeout: must be more than zero".into());
     }
+    if settings.p0.timeout.is_zero() {
+        errors.push("p0.timeout: must be more than zero".into());
+    }
     Some(settings)
 }
 
