@@ -108,7 +108,8 @@ async fn webhook(
 async fn process(r: Arc<Receiver>, source: String, request: Request) -> Response {
     let started = Instant::now();
     let mappings = r.mappings.load_full();
-    let (label, answer) = match mappings.get(&source) {
+    let known = mappings.get(&source);
+    let (label, answer) = match known {
         // Every unknown source shares one limit, so guessing names buys no extra budget.
         None => match rate_limited(&r.limits, UNKNOWN_LIMIT_KEY) {
             Some(limited) => (
@@ -149,7 +150,7 @@ async fn process(r: Arc<Receiver>, source: String, request: Request) -> Response
         .observe(started.elapsed().as_secs_f64());
     // Anyone can post to any name: lines about unknown sources are sampled so that a flood
     // cannot flood the log as well.
-    let suppressed = if label == UNKNOWN_SOURCE {
+    let suppressed = if known.is_none() {
         match UNKNOWN_LOG.admit(now_ms()) {
             Some(suppressed) => suppressed,
             None => return answer.into_response(),
