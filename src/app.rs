@@ -1,6 +1,7 @@
 //! Wiring: from validated settings to a running relay (listeners, store, worker, reloader),
 //! and an orderly stop. Tests start it on port 0 and stop it at will.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
@@ -23,6 +24,7 @@ use crate::ratelimit::KeyedLimit;
 use crate::receiver::{self, Receiver};
 use crate::server::{self, ConnLimits};
 use crate::store::{SqliteStore, Store, StoreHandle, Windows, now_ms};
+use crate::supervise::{Components, Failure};
 use crate::worker::Worker;
 
 /// How the relay runs, beyond its settings.
@@ -36,6 +38,9 @@ pub struct Options {
     pub drain: Duration,
     /// How often the mappings folder is checked for changes.
     pub reload_poll: Duration,
+    /// For tests of supervision: the component of this name panics as it starts.
+    #[doc(hidden)]
+    pub panic_in: Option<&'static str>,
 }
 
 impl Default for Options {
@@ -45,6 +50,7 @@ impl Default for Options {
             group_commit: true,
             drain: Duration::from_secs(10),
             reload_poll: Duration::from_secs(1),
+            panic_in: None,
         }
     }
 }
@@ -54,7 +60,13 @@ pub struct Relay {
     pub addr: SocketAddr,
     pub metrics_addr: Option<SocketAddr>,
     shutdown: CancellationToken,
-    done: JoinHandle<()>,
+    done: JoinHandle<Result<(), Failure>>,
+}
+
+/// A component that has no error of its own to report.
+async fn ok_when_done(task: impl Future<Output = ()>) -> Result<(), String> {
+    task.await;
+    Ok(())
 }
 
 impl Relay {
@@ -148,52 +160,73 @@ impl Relay {
             header_read_timeout: settings.inbound.read_timeout,
             max_header_bytes: settings.inbound.max_header_bytes,
         };
-        let main_server = tokio::spawn(server::serve(
+        let mut components = Components::new(opts.panic_in);
+        let main_server = server::serve(
             listener,
             receiver::router(receiver.clone(), metrics_listener.is_none()),
             limits.clone(),
             tls,
             shutdown.clone(),
             opts.drain,
-        ));
-        let metrics_server = metrics_listener.map(|l| {
-            tokio::spawn(server::serve(
+        );
+        components.spawn("server", ok_when_done(main_server));
+        if let Some(l) = metrics_listener {
+            let metrics_server = server::serve(
                 l,
                 receiver::metrics_router(receiver.clone()),
                 limits,
                 None,
                 shutdown.clone(),
                 opts.drain,
-            ))
-        });
-        let worker = tokio::spawn(worker.run(shutdown.clone(), opts.drain));
-        let reloader = tokio::spawn(reload_loop(
-            receiver.clone(),
-            env,
-            settings.defaults.clone(),
-            opts.reload_poll,
-            shutdown.clone(),
-        ));
-        let pruner = tokio::spawn(prune_loop(
-            store.clone(),
-            settings.store.dedup_window,
-            shutdown.clone(),
-        ));
+            );
+            components.spawn("metrics-server", ok_when_done(metrics_server));
+        }
+        components.spawn(
+            "worker",
+            ok_when_done(worker.run(shutdown.clone(), opts.drain)),
+        );
+        components.spawn(
+            "reloader",
+            ok_when_done(reload_loop(
+                receiver.clone(),
+                env,
+                settings.defaults.clone(),
+                opts.reload_poll,
+                shutdown.clone(),
+            )),
+        );
+        components.spawn(
+            "store-probe",
+            ok_when_done(probe_loop(
+                store.clone(),
+                receiver.health.clone(),
+                shutdown.clone(),
+            )),
+        );
+        components.spawn(
+            "pruner",
+            ok_when_done(prune_loop(
+                store.clone(),
+                settings.store.dedup_window,
+                shutdown.clone(),
+            )),
+        );
+        // The writer thread ends once every handle is gone (every component above has ended)
+        // and its queue is drained.
+        components.watch_thread("store-writer", writer);
         tracing::info!(%addr, sources = ?receiver.mappings.load().mappings.keys().collect::<Vec<_>>(), "relay listening");
 
+        let health = receiver.health.clone();
+        drop(receiver);
+        drop(store);
+        let stopping = shutdown.clone();
         let done = tokio::spawn(async move {
-            let _ = main_server.await;
-            if let Some(m) = metrics_server {
-                let _ = m.await;
+            let result = components.run(stopping, &health).await;
+            match &result {
+                Ok(()) => tracing::info!("relay stopped"),
+                Err(failure) => tracing::error!(%failure, "relay stopped after a failure"),
             }
-            let _ = worker.await;
-            let _ = reloader.await;
-            let _ = pruner.await;
-            // The writer thread ends once every handle is gone and the queue is drained.
-            drop(receiver);
-            drop(store);
-            let _ = tokio::task::spawn_blocking(move || writer.join()).await;
-            tracing::info!("relay stopped");
+            result
         });
         Ok(Relay {
             addr,
@@ -208,15 +241,22 @@ impl Relay {
         self.shutdown.clone()
     }
 
-    /// Waits until the relay has stopped.
-    pub async fn wait(self) {
-        let _ = self.done.await;
+    /// Waits until the relay has stopped: `Err` when it stopped because a part of it failed
+    /// (the process should then exit non-zero).
+    pub async fn wait(self) -> Result<(), Failure> {
+        match self.done.await {
+            Ok(result) => result,
+            Err(e) => Err(Failure {
+                component: "supervisor".into(),
+                reason: format!("ended abnormally: {e}"),
+            }),
+        }
     }
 
-    /// Stops the relay and waits for it.
+    /// Stops the relay and waits for it; a failure on the way is logged.
     pub async fn stop(self) {
         self.shutdown.cancel();
-        self.wait().await;
+        let _ = self.wait().await;
     }
 }
 
@@ -309,9 +349,60 @@ async fn reload_loop(
     }
 }
 
+/// How often the store is probed for `/readyz`.
+const PROBE_EVERY: Duration = Duration::from_secs(1);
+/// How long a probe may wait for the store before the store counts as not answering.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Keeps the store flag of `/readyz` true to the present: set when a probe fails or does not
+/// come back in time, cleared by the next probe that succeeds (the receiver also sets it when
+/// an accept fails, so readiness drops at once rather than at the next probe).
+async fn probe_loop(store: StoreHandle, health: Arc<Health>, shutdown: CancellationToken) {
+    let mut failing = false;
+    loop {
+        let probe = store.probe();
+        tokio::pin!(probe);
+        let result = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = &mut probe => r.map_err(|e| e.to_string()),
+            _ = tokio::time::sleep(PROBE_TIMEOUT) => {
+                health.set_store_error(Some(format!(
+                    "the store has not answered for {} s", PROBE_TIMEOUT.as_secs()
+                )));
+                // Wait for this probe rather than queue more behind it.
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    r = &mut probe => r.map_err(|e| e.to_string()),
+                }
+            }
+        };
+        match result {
+            Ok(()) => {
+                if failing {
+                    tracing::info!("the store takes writes again: ready");
+                }
+                failing = false;
+                health.set_store_error(None);
+            }
+            Err(e) => {
+                if !failing {
+                    tracing::error!(error = %e, "the store cannot take writes: not ready");
+                }
+                failing = true;
+                health.set_store_error(Some(e));
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(PROBE_EVERY) => {}
+        }
+    }
+}
+
 async fn prune_loop(store: StoreHandle, retention: Duration, shutdown: CancellationToken) {
     loop {
-        match store.prune(now_ms() - retention.as_millis() as i64).await {
+        let retention_ms = i64::try_from(retention.as_millis()).unwrap_or(i64::MAX);
+        match store.prune(now_ms().saturating_sub(retention_ms)).await {
             Ok(n) if n > 0 => tracing::info!(
                 rows = n,
                 "pruned finished decisions past the retention window"

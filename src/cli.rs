@@ -177,6 +177,7 @@ fn serve(config: &Path, env: Env, dry_run: bool) -> ExitCode {
     runtime.block_on(async move {
         let opts = Options {
             dry_run,
+            panic_in: injected_fault(),
             ..Options::default()
         };
         let relay = match Relay::start(settings, env, opts).await {
@@ -189,9 +190,22 @@ fn serve(config: &Path, env: Env, dry_run: bool) -> ExitCode {
             tracing::info!("stopping: no new webhooks; finishing calls in flight");
             token.cancel();
         });
-        relay.wait().await;
-        ExitCode::SUCCESS
+        // A part of the relay that failed has been logged; the exit status says so too.
+        match relay.wait().await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(failure) => fail(&[format!("the relay stopped because {failure}")]),
+        }
     })
+}
+
+/// Debug builds only (the test suite's): `P0_RELAY_TEST_PANIC_IN=<component>` makes that part
+/// of the relay panic as it starts, to test supervision end to end. Release builds ignore it.
+fn injected_fault() -> Option<&'static str> {
+    if !cfg!(debug_assertions) {
+        return None;
+    }
+    let name = std::env::var("P0_RELAY_TEST_PANIC_IN").ok()?;
+    Some(Box::leak(name.into_boxed_str()))
 }
 
 async fn wait_for_signal() {

@@ -1,18 +1,37 @@
-//! What `/readyz` reports: shared flags that the receiver, the worker and the reloader set.
+//! What `/readyz` reports: shared flags that the store probe, the receiver, the worker, the
+//! reloader and the supervisor set. Each says what is true now and clears by itself when it
+//! stops being true.
 
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
 
 #[derive(Debug, Default)]
 pub struct Health {
-    token_rejected: AtomicBool,
+    token: Mutex<TokenState>,
     store_error: Mutex<Option<String>>,
     reload_error: Mutex<Option<String>>,
+    stopped: Mutex<Option<String>>,
+}
+
+/// P0's latest word on the token, and when the call that said it started.
+#[derive(Debug, Default)]
+struct TokenState {
+    rejected: bool,
+    said_by_call_started: Option<Instant>,
 }
 
 impl Health {
-    pub fn set_token_rejected(&self, rejected: bool) {
-        self.token_rejected.store(rejected, Ordering::Relaxed);
+    /// P0's answer to a call that started at `started`: a 401 (`accepted: false`) marks the
+    /// token rejected, any success clears that. An answer to a call that started before the
+    /// one that last spoke is older news and ignored, so a slow success cannot hide a newer
+    /// 401, nor a slow 401 a newer success.
+    pub fn token_answer(&self, started: Instant, accepted: bool) {
+        if let Ok(mut t) = self.token.lock()
+            && t.said_by_call_started.is_none_or(|last| started >= last)
+        {
+            t.rejected = !accepted;
+            t.said_by_call_started = Some(started);
+        }
     }
 
     pub fn set_store_error(&self, error: Option<String>) {
@@ -27,11 +46,26 @@ impl Health {
         }
     }
 
+    /// A long-running part of the relay has ended unexpectedly: the relay is stopping and is
+    /// not ready for the rest of its life.
+    pub fn set_stopped(&self, why: String) {
+        if let Ok(mut slot) = self.stopped.lock()
+            && slot.is_none()
+        {
+            *slot = Some(why);
+        }
+    }
+
     /// Why the relay is not ready; empty when it is. A failed reload is reported but does not
     /// make the relay unready: the previous mappings still serve.
     pub fn problems(&self) -> (Vec<String>, Option<String>) {
         let mut out = Vec::new();
-        if self.token_rejected.load(Ordering::Relaxed) {
+        if let Ok(slot) = self.stopped.lock()
+            && let Some(why) = slot.as_ref()
+        {
+            out.push(format!("stopping: {why}"));
+        }
+        if self.token.lock().is_ok_and(|t| t.rejected) {
             out.push("P0 rejected the API token (401): fix P0_API_TOKEN".to_owned());
         }
         if let Ok(slot) = self.store_error.lock()
@@ -41,5 +75,32 @@ impl Health {
         }
         let reload = self.reload_error.lock().ok().and_then(|s| s.clone());
         (out, reload)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn token_rejected(h: &Health) -> bool {
+        h.problems().0.iter().any(|p| p.contains("token"))
+    }
+
+    #[test]
+    fn the_token_flag_follows_the_newest_call_not_the_last_answer() {
+        let h = Health::default();
+        let t0 = Instant::now();
+        let (t1, t2) = (t0 + Duration::from_millis(1), t0 + Duration::from_millis(2));
+        h.token_answer(t1, false);
+        assert!(token_rejected(&h));
+        // A success from a call sent before the 401 says nothing about the token now.
+        h.token_answer(t0, true);
+        assert!(token_rejected(&h));
+        h.token_answer(t2, true);
+        assert!(!token_rejected(&h));
+        // Nor does a late 401 from an older call undo a newer success.
+        h.token_answer(t1, false);
+        assert!(!token_rejected(&h));
     }
 }

@@ -21,5 +21,6 @@ pub mod receiver;
 pub mod secret;
 pub mod server;
 pub mod store;
+pub mod supervise;
 pub mod verify;
 pub mod worker;

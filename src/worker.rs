@@ -1,11 +1,12 @@
 //! The worker: claims due decisions from the store, calls P0 with bounded concurrency paced
 //! per org, records each outcome, and schedules retries with exponential backoff and jitter.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::{Notify, Semaphore};
-use tokio::task::JoinSet;
+use tokio::task::{self, JoinSet};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::RetrySettings;
@@ -39,10 +40,14 @@ impl Worker {
         let this = Arc::new(self);
         let permits = Arc::new(Semaphore::new(this.concurrency));
         let mut tasks = JoinSet::new();
+        // The job each call task carries, so a task that panics can give its job back.
+        let mut in_flight: HashMap<task::Id, Job> = HashMap::new();
         // (Not `Instant::now() - 60 s`: that underflows on a machine up for less than a minute.)
         let mut last_gauges: Option<Instant> = None;
         loop {
-            while tasks.try_join_next().is_some() {}
+            while let Some(done) = tasks.try_join_next_with_id() {
+                this.finished(done, &mut in_flight).await;
+            }
             let free = permits.available_permits();
             let mut claimed_all = false;
             if free > 0 {
@@ -54,11 +59,13 @@ impl Worker {
                                 break;
                             };
                             let w = this.clone();
-                            tasks.spawn(async move {
+                            let carried = job.clone();
+                            let handle = tasks.spawn(async move {
                                 w.execute(job).await;
                                 drop(permit);
                                 w.wake.notify_one();
                             });
+                            in_flight.insert(handle.id(), carried);
                         }
                     }
                     Err(e) => tracing::error!(error = %e, "cannot claim decisions from the store"),
@@ -66,8 +73,8 @@ impl Worker {
             }
             if last_gauges.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
                 if let Ok(c) = this.store.counts().await {
-                    this.metrics.queue_depth.set(c.pending as i64);
-                    this.metrics.dead_letters.set(c.dead as i64);
+                    this.metrics.queue_depth.set(saturating_i64(c.pending));
+                    this.metrics.dead_letters.set(saturating_i64(c.dead));
                 }
                 last_gauges = Some(Instant::now());
             }
@@ -75,9 +82,7 @@ impl Worker {
                 Duration::ZERO
             } else {
                 match this.store.next_due().await {
-                    Ok(Some(due)) => {
-                        Duration::from_millis((due - now_ms()).max(0) as u64).min(IDLE_POLL)
-                    }
+                    Ok(Some(due)) => millis_until(due, now_ms()).min(IDLE_POLL),
                     _ => IDLE_POLL,
                 }
             };
@@ -91,7 +96,10 @@ impl Worker {
         tokio::pin!(deadline);
         loop {
             tokio::select! {
-                next = tasks.join_next() => if next.is_none() { break },
+                next = tasks.join_next_with_id() => match next {
+                    None => break,
+                    Some(done) => this.finished(done, &mut in_flight).await,
+                },
                 _ = &mut deadline => {
                     tracing::warn!(in_flight = tasks.len(), "shutdown deadline reached; unfinished calls stay queued");
                     tasks.abort_all();
@@ -101,8 +109,62 @@ impl Worker {
         }
     }
 
+    /// Accounts for a call task that ended. One that panicked (a bug in the relay, not an
+    /// answer from P0) gives its decision back: pending again after a backoff, or dead when
+    /// out of attempts, like a transient failure. One cancelled at the shutdown deadline stays
+    /// `sending` and is resumed at the next start.
+    async fn finished(
+        &self,
+        done: Result<(task::Id, ()), task::JoinError>,
+        in_flight: &mut HashMap<task::Id, Job>,
+    ) {
+        let (id, failure) = match done {
+            Ok((id, ())) => (id, None),
+            Err(e) => (e.id(), Some(e)),
+        };
+        let job = in_flight.remove(&id);
+        let (Some(failure), Some(job)) = (failure, job) else {
+            return;
+        };
+        if !failure.is_panic() {
+            return;
+        }
+        let why = crate::supervise::panic_message(failure.into_panic());
+        let now = now_ms();
+        let attempts = job.attempts.saturating_add(1);
+        let next = retry_at(&self.retry, attempts, now, job.window_start_ms, None);
+        tracing::error!(
+            job_id = job.id, error = %why, attempt = attempts,
+            state = if next.is_some() { "pending" } else { "dead" },
+            "a P0 call failed inside the relay (a bug); the decision is given back"
+        );
+        let record = AttemptRecord {
+            job_id: job.id,
+            at_ms: now,
+            state: if next.is_some() {
+                State::Pending
+            } else {
+                State::Dead
+            },
+            attempts,
+            next_attempt_at_ms: next.unwrap_or(now),
+            status: None,
+            result: "internal_error",
+            error: Some(format!("the relay failed during the call: {why}")),
+            duration_ms: 0,
+        };
+        if let Err(e) = self.store.record(record).await {
+            tracing::error!(job_id = job.id, error = %e, "cannot record the outcome of a P0 call");
+        }
+    }
+
     async fn execute(&self, job: Job) {
         self.pacing.wait(&job.org).await;
+        // A fault for the unit tests: the first attempt of `panic-*` requests panics.
+        #[cfg(test)]
+        if job.request_id.starts_with("panic-") && job.attempts == 0 {
+            panic!("injected panic for {}", job.request_id);
+        }
         let started = Instant::now();
         let action = job.action;
         let outcome = match (
@@ -138,7 +200,7 @@ impl Worker {
                 error: "stored IDs are not valid".into(),
             }),
         };
-        let record = self.next_state(&job, outcome, started.elapsed());
+        let record = self.next_state(&job, outcome, started);
         tracing::info!(
             job_id = job.id, action = %action, result = record.result, status = ?record.status,
             attempt = record.attempts, state = record.state.as_str(),
@@ -150,7 +212,8 @@ impl Worker {
         }
     }
 
-    fn next_state(&self, job: &Job, outcome: Option<Outcome>, took: Duration) -> AttemptRecord {
+    fn next_state(&self, job: &Job, outcome: Option<Outcome>, started: Instant) -> AttemptRecord {
+        let took = started.elapsed();
         let now = now_ms();
         let attempts = job.attempts.saturating_add(1);
         let mut rec = AttemptRecord {
@@ -162,7 +225,7 @@ impl Worker {
             status: None,
             result: "dry_run",
             error: None,
-            duration_ms: took.as_millis() as i64,
+            duration_ms: i64::try_from(took.as_millis()).unwrap_or(i64::MAX),
         };
         let Some(outcome) = outcome else {
             return rec;
@@ -172,8 +235,8 @@ impl Worker {
         match outcome {
             Outcome::Success { .. } => {
                 rec.state = State::Succeeded;
-                self.health.set_token_rejected(false);
-                let lag = (now - job.accepted_at_ms).max(0) as f64 / 1000.0;
+                self.health.token_answer(started, true);
+                let lag = now.saturating_sub(job.accepted_at_ms).max(0) as f64 / 1000.0;
                 self.metrics.delivery_lag.observe(lag);
             }
             Outcome::Rejected { error, .. } => {
@@ -185,7 +248,7 @@ impl Worker {
                     job_id = job.id,
                     "P0 rejected the relay's API token (401): check P0_API_TOKEN; the decision is dead-lettered"
                 );
-                self.health.set_token_rejected(true);
+                self.health.token_answer(started, false);
                 rec.state = State::Dead;
                 rec.error = Some(format!("P0 rejected the API token: {error}"));
             }
@@ -193,16 +256,13 @@ impl Worker {
                 error, retry_after, ..
             } => {
                 rec.error = Some(error);
-                let delay = backoff(&self.retry, attempts, retry_after);
-                let age = Duration::from_millis((now - job.window_start_ms).max(0) as u64);
-                let out_of_attempts =
-                    self.retry.max_attempts > 0 && attempts >= self.retry.max_attempts;
-                if out_of_attempts || age + delay > self.retry.max_age {
-                    rec.state = State::Dead;
-                } else {
-                    rec.state = State::Pending;
-                    rec.next_attempt_at_ms = now + delay.as_millis() as i64;
-                    self.metrics.retries.inc();
+                match retry_at(&self.retry, attempts, now, job.window_start_ms, retry_after) {
+                    None => rec.state = State::Dead,
+                    Some(at) => {
+                        rec.state = State::Pending;
+                        rec.next_attempt_at_ms = at;
+                        self.metrics.retries.inc();
+                    }
                 }
             }
         }
@@ -211,17 +271,130 @@ impl Worker {
 }
 
 /// Exponential backoff with full jitter: a random delay up to `base × 2^(attempt-1)`, capped
-/// at `max_delay`; never sooner than P0's `Retry-After`.
+/// at `max_delay`; never sooner than P0's `Retry-After`, which is itself capped at `max_delay`
+/// (it comes from the network, so it may say anything).
 pub fn backoff(retry: &RetrySettings, attempt: u32, retry_after: Option<Duration>) -> Duration {
     let exp = 2u32.saturating_pow(attempt.saturating_sub(1).min(30));
     let ceiling = retry.base_delay.saturating_mul(exp).min(retry.max_delay);
-    let jittered = Duration::from_millis(rand::random_range(0..=ceiling.as_millis() as u64));
-    jittered.max(retry_after.unwrap_or(Duration::ZERO))
+    let ceiling_ms = u64::try_from(ceiling.as_millis()).unwrap_or(u64::MAX);
+    let jittered = Duration::from_millis(rand::random_range(0..=ceiling_ms));
+    jittered.max(retry_after.unwrap_or(Duration::ZERO).min(retry.max_delay))
+}
+
+/// When attempt `attempts` (just failed) should be followed by another, or `None` when the
+/// decision is out of attempts or would be retried past `max_age` from `window_start_ms`.
+pub fn retry_at(
+    retry: &RetrySettings,
+    attempts: u32,
+    now_ms: i64,
+    window_start_ms: i64,
+    retry_after: Option<Duration>,
+) -> Option<i64> {
+    if retry.max_attempts > 0 && attempts >= retry.max_attempts {
+        return None;
+    }
+    let delay = backoff(retry, attempts, retry_after);
+    let age = millis_until(now_ms, window_start_ms);
+    if age.saturating_add(delay) > retry.max_age {
+        return None;
+    }
+    Some(now_ms.saturating_add(saturating_i64(delay.as_millis())))
+}
+
+/// The time from `from_ms` until `to_ms`; zero when that is past.
+fn millis_until(to_ms: i64, from_ms: i64) -> Duration {
+    Duration::from_millis(u64::try_from(to_ms.saturating_sub(from_ms)).unwrap_or(0))
+}
+
+fn saturating_i64(n: impl TryInto<i64>) -> i64 {
+    n.try_into().unwrap_or(i64::MAX)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::domain::Action;
+    use crate::policy::Decision;
+    use crate::secret::Secret;
+    use crate::store::{NewDelivery, SqliteStore, Store, Windows};
+    use wiremock::{Mock, MockServer, ResponseTemplate, matchers::method};
+
+    /// Regression: a call task that panicked was dropped silently and left its decision
+    /// `sending` until the next restart.
+    #[tokio::test]
+    async fn a_call_that_panics_returns_its_decision_to_pending_and_it_is_sent_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("relay.db");
+        let windows = Windows {
+            dedup: Duration::from_secs(3600),
+            coalesce: Duration::from_secs(600),
+        };
+        let sqlite = SqliteStore::open(&db, windows, false).unwrap();
+        let (store, _writer) = StoreHandle::spawn(Box::new(sqlite), true).unwrap();
+        let p0 = MockServer::start().await;
+        Mock::given(method("POST"))
+            .respond_with(ResponseTemplate::new(200))
+            .mount(&p0)
+            .await;
+        store
+            .accept(NewDelivery {
+                source: "github".into(),
+                dedup_key: "d-1".into(),
+                received_at_ms: now_ms(),
+                rule: "comment-command".into(),
+                actor: None,
+                payload: None,
+                decisions: vec![Decision {
+                    org: Id::parse("acme").unwrap(),
+                    request_id: Id::parse("panic-1").unwrap(),
+                    action: Action::Revoke,
+                    expiration: None,
+                    clamped_from: None,
+                }],
+            })
+            .await
+            .unwrap();
+        let worker = Worker {
+            store: store.clone(),
+            client: Some(
+                p0::Client::new(
+                    p0.uri().parse().unwrap(),
+                    Secret::new("t"),
+                    Duration::from_secs(2),
+                )
+                .unwrap(),
+            ),
+            pacing: Arc::new(KeyedLimit::per_second(0, 1)),
+            metrics: Metrics::new(["github"]).unwrap(),
+            retry: RetrySettings {
+                base_delay: Duration::from_millis(10),
+                max_delay: Duration::from_millis(50),
+                max_age: Duration::from_secs(3600),
+                max_attempts: 0,
+            },
+            concurrency: 2,
+            wake: Arc::new(Notify::new()),
+            health: Arc::new(Health::default()),
+        };
+        let shutdown = CancellationToken::new();
+        let run = tokio::spawn(worker.run(shutdown.clone(), Duration::from_secs(1)));
+        let mut reader = SqliteStore::open(&db, windows, false).unwrap();
+        let mut state = String::new();
+        for _ in 0..200 {
+            state = reader.show(1).unwrap().unwrap().job.state;
+            if state == "succeeded" {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        shutdown.cancel();
+        run.await.unwrap();
+        assert_eq!(state, "succeeded");
+        let detail = reader.show(1).unwrap().unwrap();
+        let results: Vec<&str> = detail.attempts.iter().map(|a| a.result.as_str()).collect();
+        assert_eq!(results, ["internal_error", "success"]);
+        assert_eq!(p0.received_requests().await.unwrap().len(), 1);
+    }
 
     #[test]
     fn backoff_is_bounded_and_honours_retry_after() {
@@ -237,5 +410,38 @@ mod tests {
             assert!(d <= ceiling, "attempt {attempt}: {d:?}");
         }
         assert!(backoff(&r, 1, Some(Duration::from_secs(7))) >= Duration::from_secs(7));
+        assert_eq!(
+            backoff(&r, 1, Some(Duration::from_secs(u64::MAX))),
+            r.max_delay,
+            "Retry-After is capped at max_delay"
+        );
+    }
+
+    #[test]
+    fn retry_times_never_overflow() {
+        let r = RetrySettings {
+            base_delay: Duration::from_secs(1),
+            max_delay: Duration::from_secs(300),
+            max_age: Duration::from_secs(3600),
+            max_attempts: 0,
+        };
+        let huge = Some(Duration::from_secs(u64::MAX));
+        let now = 1_700_000_000_000;
+        let at = retry_at(&r, 4, now, now - 2_000, huge).unwrap();
+        assert_eq!(at, now + 300_000);
+        assert_eq!(
+            retry_at(&r, 4, now, now - 3_500_000, huge),
+            None,
+            "past max_age"
+        );
+        for (now, start) in [(i64::MAX, i64::MIN), (i64::MIN, i64::MAX), (0, 0)] {
+            let _ = retry_at(&r, u32::MAX, now, start, huge);
+        }
+        let limited = RetrySettings {
+            max_attempts: 3,
+            ..r.clone()
+        };
+        assert_eq!(retry_at(&limited, 3, now, now, None), None);
+        assert!(retry_at(&limited, 2, now, now, None).is_some());
     }
 }

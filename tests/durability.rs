@@ -420,3 +420,199 @@ async fn a_store_that_cannot_write_answers_503_and_readyz_says_why() {
     assert_eq!(body["decisions"][0]["job_id"], 1, "{body}");
     t.wait_for_calls(1).await;
 }
+
+/// Regression: P0 answering 503 three times and then 429 with `Retry-After:
+/// 18446744073709551615` overflowed `age + delay` and panicked the call's task, which left the
+/// decision `sending` for good.
+#[tokio::test]
+async fn an_absurd_retry_after_is_capped_at_max_delay() {
+    let t = spawn().await;
+    // Slow 503s age the decision past a second, as real retries would.
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(503).set_delay(Duration::from_millis(400)))
+        .up_to_n_times(3)
+        .with_priority(1)
+        .mount(&t.p0)
+        .await;
+    Mock::given(method("POST"))
+        .respond_with(
+            ResponseTemplate::new(429).insert_header("Retry-After", "18446744073709551615"),
+        )
+        .up_to_n_times(1)
+        .with_priority(2)
+        .mount(&t.p0)
+        .await;
+    t.p0_ok().await;
+    let (_, answer) = t.post(&Hook::comment("ra-1", "/p0 revoke req-ra")).await;
+    let job = answer["decisions"][0]["job_id"].as_i64().unwrap();
+    let calls = t.wait_for_calls(5).await;
+    assert_eq!(
+        summarize(&calls)[4],
+        call("revoke", "req-ra", json!({})),
+        "retried after max_delay (50 ms), not never"
+    );
+    let detail = wait_for_state(&t.dir.path().join("relay.db"), job, "succeeded").await;
+    let statuses: Vec<Option<u16>> = detail.attempts.iter().map(|a| a.status).collect();
+    assert_eq!(
+        statuses,
+        [Some(503), Some(503), Some(503), Some(429), Some(200)]
+    );
+}
+
+/// Waits (up to 20 s) until `/readyz` answers `status`, and returns its body.
+async fn wait_ready_status(t: &TestRelay, status: u16) -> String {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let (got, body) = t.get("/readyz").await;
+        if got == status {
+            return body;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "readyz stayed {got}: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Regression: the store flag of `/readyz` was set by a failed accept and cleared only by a
+/// later successful one, which a not-ready relay never gets. Now a probe sets and clears it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_follows_the_store_both_ways_without_traffic() {
+    let t = spawn().await;
+    t.p0_ok().await;
+    assert_eq!(t.get("/readyz").await.0, 200);
+    let db = t.dir.path().join("relay.db");
+    // Another writer holds the store's write lock: the relay cannot commit.
+    let other = rusqlite::Connection::open(&db).unwrap();
+    other.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let (status, answer) = t.post(&Hook::comment("lock-1", "/p0 revoke req-l")).await;
+    assert_eq!(status, 503, "{answer}");
+    let body = wait_ready_status(&t, 503).await;
+    assert!(body.contains("store not writable"), "{body}");
+    other.execute_batch("ROLLBACK").unwrap();
+    // Ready again by itself, with no webhook to prove it.
+    wait_ready_status(&t, 200).await;
+
+    // The probe alone notices a store that cannot write, with nothing posted.
+    other.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let body = wait_ready_status(&t, 503).await;
+    assert!(body.contains("store not writable"), "{body}");
+    other.execute_batch("ROLLBACK").unwrap();
+    wait_ready_status(&t, 200).await;
+    assert_eq!(
+        t.post(&Hook::comment("lock-2", "/p0 revoke req-l")).await.0,
+        202
+    );
+}
+
+/// Regression: a worker, reloader, pruner or server that panicked was invisible; the relay
+/// went on answering 202 with nothing delivering. Now the relay stops with the failure, and
+/// `serve` turns it into a non-zero exit.
+#[tokio::test]
+async fn a_part_of_the_relay_that_panics_stops_it_with_a_failure() {
+    for name in ["server", "worker", "reloader", "store-probe", "pruner"] {
+        let mut t = spawn_with(Setup {
+            panic_in: Some(name),
+            ..Setup::default()
+        })
+        .await;
+        let relay = t.relay.take().unwrap();
+        let failure = tokio::time::timeout(Duration::from_secs(10), relay.wait())
+            .await
+            .expect("the relay stops by itself")
+            .expect_err("a failure");
+        assert_eq!(failure.component, name);
+        assert_eq!(
+            failure.reason,
+            format!("panicked: injected fault in `{name}`")
+        );
+    }
+}
+
+/// Regression: `serve` kept running, and exited 0 when stopped, after a part of it had
+/// panicked. Debug builds (the test suite's) take `P0_RELAY_TEST_PANIC_IN` to fail a part on
+/// purpose.
+#[test]
+fn serve_exits_non_zero_when_a_part_of_the_relay_fails() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), "http://127.0.0.1:9", &Setup::default());
+    let vars = test_env(&[("P0_RELAY_TEST_PANIC_IN", "worker")]);
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_p0-relay"))
+        .env_clear()
+        .envs(&vars)
+        .arg("serve")
+        .arg("--config")
+        .arg(&config)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("serve went on running after a part of it failed");
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    };
+    let out = child.wait_with_output().unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("the relay stopped because `worker` panicked: injected fault in `worker`"),
+        "{text}"
+    );
+}
+
+/// What clears the token flag of a relay that balancers have taken out of rotation: work it
+/// already holds. A retry of an earlier decision that P0 now answers 200 makes it ready again,
+/// with no webhook posted after the 401.
+#[tokio::test]
+async fn a_rejected_token_is_cleared_by_the_next_success_from_stored_work() {
+    use wiremock::matchers::path_regex;
+    let t = spawn().await;
+    Mock::given(method("POST"))
+        .and(path_regex("req-tok-x"))
+        .respond_with(ResponseTemplate::new(401).set_body_json(json!({"error": "Unauthorized"})))
+        .mount(&t.p0)
+        .await;
+    Mock::given(method("POST"))
+        .and(path_regex("req-tok-y"))
+        .respond_with(ResponseTemplate::new(500).set_delay(Duration::from_millis(150)))
+        .up_to_n_times(8)
+        .with_priority(1)
+        .mount(&t.p0)
+        .await;
+    t.p0_ok().await;
+    assert_eq!(
+        t.post(&Hook::comment("tok-y", "/p0 revoke req-tok-y"))
+            .await
+            .0,
+        202
+    );
+    assert_eq!(
+        t.post(&Hook::comment("tok-x", "/p0 revoke req-tok-x"))
+            .await
+            .0,
+        202
+    );
+    let body = wait_ready_status(&t, 503).await;
+    assert!(body.contains("P0 rejected the API token"), "{body}");
+    // Nothing more is posted: the retries of req-tok-y are the proof.
+    wait_ready_status(&t, 200).await;
+    let calls = summarize(&t.p0_calls().await);
+    assert_eq!(
+        calls.last(),
+        Some(&call("revoke", "req-tok-y", json!({}))),
+        "{calls:?}"
+    );
+}

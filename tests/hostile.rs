@@ -438,3 +438,95 @@ async fn connections_beyond_the_cap_wait_their_turn() {
         .expect("served once a place is free");
     assert_eq!(status, 200);
 }
+
+/// Regression: entries of the proxy header that did not parse were skipped, so a client could
+/// append `203.0.113.9:4711` behind a spoofed allowed address and be judged by the spoofed one.
+#[tokio::test]
+async fn the_last_entry_of_the_proxy_header_decides_and_an_unparsable_one_is_refused() {
+    let t = spawn_with(Setup {
+        inbound: "  networks:\n    github: [127.0.0.2, \"2001:db8::1\"]\n  client_ip_header: X-Forwarded-For\n".into(),
+        ..Setup::default()
+    })
+    .await;
+    let ping = testdata("github/ping.json");
+    let post = |xff: Vec<&'static str>| {
+        let mut hook = Hook::github("ping", "ip-1", &ping, GITHUB_SECRET_NEW);
+        for value in xff {
+            hook.headers.push(("X-Forwarded-For".into(), value.into()));
+        }
+        let t = &t;
+        async move { t.post(&hook).await }
+    };
+    for refused in [
+        vec!["127.0.0.2, 203.0.113.9:4711"],
+        vec!["127.0.0.2, 203.0.113.9"],
+        vec!["127.0.0.2, not-an-address"],
+        vec!["127.0.0.2, "],
+        vec!["127.0.0.2:4711, [2001:db8::2]:443"],
+        vec!["127.0.0.2", "203.0.113.9"],
+        vec!["127.0.0.2:99999"],
+    ] {
+        let (status, answer) = post(refused.clone()).await;
+        assert_eq!(
+            (status, answer["status"].as_str()),
+            (403, Some("unauthorized")),
+            "{refused:?}: {answer}"
+        );
+    }
+    for allowed in [
+        vec!["127.0.0.2"],
+        vec!["203.0.113.9, 127.0.0.2"],
+        vec!["203.0.113.9:4711, 127.0.0.2:4711"],
+        vec![" 198.51.100.1 ,127.0.0.2 "],
+        vec!["2001:db8::1"],
+        vec!["[2001:db8::1]:443"],
+        vec!["203.0.113.9", "10.0.0.1, 127.0.0.2"],
+    ] {
+        let (status, answer) = post(allowed.clone()).await;
+        assert_eq!(
+            (status, answer["status"].as_str()),
+            (200, Some("ignored")),
+            "{allowed:?}: {answer}"
+        );
+    }
+}
+
+/// Regression: `Semaphore::new` panicked on a huge `p0.concurrency` or
+/// `inbound.max_connections` (inside a task, unseen), and durations too long for the store's
+/// millisecond clock overflowed its arithmetic.
+#[test]
+fn absurd_numbers_and_durations_in_relay_yaml_are_refused_naming_the_setting() {
+    use p0_relay::config::{Settings, env::Env};
+    let dir = tempfile::tempdir().unwrap();
+    let env = Env::default().overlay(&test_env(&[]));
+    let config = write_config(
+        dir.path(),
+        "http://127.0.0.1:9",
+        &Setup {
+            p0_extra: "    max_age: 1000000000y\n  concurrency: 18446744073709551615\n".into(),
+            inbound: "  max_connections: 18446744073709551615\n".into(),
+            ..Setup::default()
+        },
+    );
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("store:\n", "store:\n  dedup_window: 1000000000y\n")
+        .replace("timeout: 2s", "timeout: 0s");
+    std::fs::write(&config, text).unwrap();
+    let errors = Settings::load(&config, &env)
+        .expect_err("refused")
+        .join("\n");
+    let at = config.display().to_string();
+    for setting in [
+        "p0.concurrency: must be at most 1024",
+        "inbound.max_connections: must be at most 1000000",
+        "store.dedup_window: must be at most 3650d",
+        "p0.retry.max_age: must be at most 3650d",
+        "p0.timeout: must be more than zero",
+    ] {
+        assert!(
+            errors.contains(&format!("{at}: {setting}")),
+            "{setting}:\n{errors}"
+        );
+    }
+}

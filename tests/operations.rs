@@ -372,3 +372,122 @@ async fn sighup_reloads_and_json_logs_are_one_object_per_line() {
     }
     assert!(saw_webhook, "{text}");
 }
+
+/// Regression: posts to a source no mapping names were neither limited nor sampled in the log.
+#[tokio::test]
+async fn a_burst_to_an_unknown_source_is_rate_limited_and_counted_as_unknown() {
+    let t = spawn_with(Setup {
+        inbound_rate: 5,
+        ..Setup::default()
+    })
+    .await;
+    let mut statuses = Vec::new();
+    for i in 0..40 {
+        let source = if i % 2 == 0 { "nope" } else { "other-nope" };
+        let resp = t
+            .http
+            .post(t.url(&format!("/webhooks/{source}")))
+            .body("{}")
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status().as_u16();
+        if status == 429 {
+            assert!(resp.headers().contains_key("retry-after"));
+        }
+        statuses.push(status);
+    }
+    // Every unknown source shares one budget: twice the rate passes, then the limit holds.
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 404).count(),
+        10,
+        "{statuses:?}"
+    );
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 429).count(),
+        30,
+        "{statuses:?}"
+    );
+    assert_eq!(
+        t.metric("p0_relay_webhooks_total{outcome=\"rate_limited\",source=\"unknown\"}")
+            .await,
+        Some(30.0)
+    );
+    assert_eq!(
+        t.metric("p0_relay_webhooks_total{outcome=\"invalid\",source=\"unknown\"}")
+            .await,
+        Some(10.0)
+    );
+    // Known sources keep a budget of their own.
+    let ping = testdata("github/ping.json");
+    let (status, _) = t
+        .post(&Hook::github("ping", "u-1", &ping, GITHUB_SECRET_NEW))
+        .await;
+    assert_eq!(status, 200);
+}
+
+/// The log lines about unknown sources in `log`, as JSON objects.
+fn unknown_source_lines(log: &std::path::Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["message"] == "webhook" && v["source"] == "unknown")
+        .collect()
+}
+
+/// Regression: every post to an unknown source wrote a log line, so a flood of them flooded
+/// the log. Now at most one a second is written, saying how many were left out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn posts_to_unknown_sources_are_logged_at_most_once_a_second() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(
+        dir.path(),
+        "http://127.0.0.1:9",
+        &Setup {
+            top: "log:\n  format: json\n".into(),
+            ..Setup::default()
+        },
+    );
+    let log = dir.path().join("relay.log");
+    let relay = BinRelay::start(&config, &test_env(&[]), log.clone(), &[]).await;
+    let http = client();
+    let post = || async {
+        http.post(format!("http://{}/webhooks/nope", relay.addr))
+            .body("{}")
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16()
+    };
+    let started = std::time::Instant::now();
+    for _ in 0..50 {
+        assert_eq!(post().await, 404);
+    }
+    let burst = started.elapsed();
+    // Posting on until a line reports what it left out.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !unknown_source_lines(&log)
+        .iter()
+        .any(|v| v["suppressed"].as_u64() > Some(0))
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no line said what it left out: {}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        assert_eq!(post().await, 404);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    relay.signal("TERM");
+    assert_eq!(relay.wait(), Some(0));
+    let lines = unknown_source_lines(&log);
+    let windows = 2 + started.elapsed().as_secs() as usize;
+    assert!(
+        lines.len() <= windows,
+        "{} lines for 50+ posts in {burst:?} (burst), {:?} in all",
+        lines.len(),
+        started.elapsed()
+    );
+}

@@ -240,9 +240,17 @@ impl Settings {
     }
 }
 
+/// The longest duration any setting takes. Times are kept as milliseconds since 1970 in an
+/// `i64`; a cap far below its range keeps every sum and difference of them exact.
+const MAX_DURATION: Duration = Duration::from_secs(3650 * 24 * 3600);
+
 fn duration(key: &str, value: Option<&str>, default: &str, errors: &mut Vec<String>) -> Duration {
     let text = value.filter(|v| !v.trim().is_empty()).unwrap_or(default);
     match humantime::parse_duration(text.trim()) {
+        Ok(d) if d > MAX_DURATION => {
+            errors.push(format!("{key}: must be at most 3650d, not `{text}`"));
+            Duration::ZERO
+        }
         Ok(d) => d,
         Err(e) => {
             errors.push(format!(
@@ -252,6 +260,11 @@ fn duration(key: &str, value: Option<&str>, default: &str, errors: &mut Vec<Stri
         }
     }
 }
+
+/// The most calls to P0 in flight `p0.concurrency` may ask for.
+pub const MAX_CONCURRENCY: usize = 1024;
+/// The most open connections `inbound.max_connections` may ask for.
+pub const MAX_CONNECTIONS: usize = 1_000_000;
 
 fn addr(key: &str, text: &str, errors: &mut Vec<String>) -> Option<SocketAddr> {
     match text.trim().parse() {
@@ -378,7 +391,15 @@ fn build(raw: Raw, base: &Path, errors: &mut Vec<String>) -> Option<Settings> {
         if v == 0 {
             errors.push(format!("{key}: must be at least 1"));
         }
-        v
+        usize::try_from(v).unwrap_or(usize::MAX)
+    };
+    // Semaphores hold these as permits: far below what they can count, and what one process
+    // can use.
+    let at_most = |key: &str, v: usize, max: usize, errors: &mut Vec<String>| {
+        if v > max {
+            errors.push(format!("{key}: must be at most {max}, not {v}"));
+        }
+        v.min(max)
     };
     let settings = Settings {
         file: PathBuf::new(),
@@ -414,7 +435,12 @@ fn build(raw: Raw, base: &Path, errors: &mut Vec<String>) -> Option<Settings> {
             timeout: duration("p0.timeout", raw.p0.timeout.as_deref(), "10s", errors),
             rate_per_second: u32::try_from(raw.p0.rate_per_second.unwrap_or(20))
                 .unwrap_or(u32::MAX),
-            concurrency: positive("p0.concurrency", raw.p0.concurrency, 16, errors) as usize,
+            concurrency: at_most(
+                "p0.concurrency",
+                positive("p0.concurrency", raw.p0.concurrency, 16, errors),
+                MAX_CONCURRENCY,
+                errors,
+            ),
             retry: RetrySettings {
                 base_delay: duration(
                     "p0.retry.base_delay",
@@ -452,31 +478,36 @@ fn build(raw: Raw, base: &Path, errors: &mut Vec<String>) -> Option<Settings> {
                 raw.inbound.max_body_bytes,
                 1 << 20,
                 errors,
-            ) as usize,
+            ),
             max_header_bytes: positive(
                 "inbound.max_header_bytes",
                 raw.inbound.max_header_bytes,
                 16 * 1024,
                 errors,
-            ) as usize,
+            ),
             read_timeout: duration(
                 "inbound.read_timeout",
                 raw.inbound.read_timeout.as_deref(),
                 "10s",
                 errors,
             ),
-            max_connections: positive(
+            max_connections: at_most(
                 "inbound.max_connections",
-                raw.inbound.max_connections,
-                1024,
+                positive(
+                    "inbound.max_connections",
+                    raw.inbound.max_connections,
+                    1024,
+                    errors,
+                ),
+                MAX_CONNECTIONS,
                 errors,
-            ) as usize,
+            ),
             max_json_depth: positive(
                 "inbound.max_json_depth",
                 raw.inbound.max_json_depth,
                 64,
                 errors,
-            ) as usize,
+            ),
             networks,
             client_ip_header,
             tls: raw.inbound.tls.map(|t| TlsSettings {
@@ -488,6 +519,9 @@ fn build(raw: Raw, base: &Path, errors: &mut Vec<String>) -> Option<Settings> {
     };
     if settings.inbound.read_timeout.is_zero() {
         errors.push("inbound.read_timeout: must be more than zero".into());
+    }
+    if settings.p0.timeout.is_zero() {
+        errors.push("p0.timeout: must be more than zero".into());
     }
     Some(settings)
 }

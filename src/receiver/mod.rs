@@ -6,6 +6,7 @@ pub mod body;
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::Instant;
 
 use arc_swap::ArcSwap;
@@ -108,16 +109,26 @@ async fn webhook(
 async fn process(r: Arc<Receiver>, source: String, request: Request) -> Response {
     let started = Instant::now();
     let mappings = r.mappings.load_full();
-    let (label, answer) = match mappings.get(&source) {
-        None => (
-            UNKNOWN_SOURCE,
-            Answer::new(StatusCode::NOT_FOUND, "unknown_source")
-                .reason(format!(
-                    "no mapping for source `{}`",
-                    crate::domain::printable(&source)
-                ))
-                .outcome("invalid"),
-        ),
+    let known = mappings.get(&source);
+    let (label, answer) = match known {
+        // Every unknown source shares one limit, so guessing names buys no extra budget.
+        None => match rate_limited(&r.limits, UNKNOWN_LIMIT_KEY) {
+            Some(limited) => (
+                UNKNOWN_SOURCE,
+                limited.reason(
+                    "more than the configured webhooks per second to unknown sources".into(),
+                ),
+            ),
+            None => (
+                UNKNOWN_SOURCE,
+                Answer::new(StatusCode::NOT_FOUND, "unknown_source")
+                    .reason(format!(
+                        "no mapping for source `{}`",
+                        crate::domain::printable(&source)
+                    ))
+                    .outcome("invalid"),
+            ),
+        },
         Some(mapping) => {
             let peer = request
                 .extensions()
@@ -138,6 +149,16 @@ async fn process(r: Arc<Receiver>, source: String, request: Request) -> Response
         .webhook_duration
         .with_label_values(&[label])
         .observe(started.elapsed().as_secs_f64());
+    // Anyone can post to any name: lines about unknown sources are sampled so that a flood
+    // cannot flood the log as well.
+    let suppressed = if known.is_none() {
+        match UNKNOWN_LOG.admit(now_ms()) {
+            Some(suppressed) => suppressed,
+            None => return answer.into_response(),
+        }
+    } else {
+        0
+    };
     tracing::info!(
         source = label,
         delivery = answer.delivery.as_deref().unwrap_or(""),
@@ -146,14 +167,67 @@ async fn process(r: Arc<Receiver>, source: String, request: Request) -> Response
         rule = answer.rule.as_deref().unwrap_or(""),
         job_ids = ?answer.job_ids_all(),
         reason = answer.reason.as_deref().unwrap_or(""),
-        duration_us = started.elapsed().as_micros() as u64,
+        duration_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
+        suppressed,
         "webhook"
     );
     answer.into_response()
 }
 
-/// The address to judge the sender by: the peer, or the last address of the trusted proxy
-/// header when one is configured.
+/// The limiter key all unknown sources share (a mapping file name cannot contain `/`).
+const UNKNOWN_LIMIT_KEY: &str = "/unknown";
+
+/// The 429 answer when `key` is over its limit.
+fn rate_limited(limits: &KeyedLimit, key: &str) -> Option<Answer> {
+    let wait = limits.check(key).err()?;
+    let secs = wait
+        .as_secs()
+        .saturating_add(u64::from(wait.subsec_nanos() > 0))
+        .max(1);
+    Some(Answer::new(StatusCode::TOO_MANY_REQUESTS, "rate_limited").retry_after(secs))
+}
+
+/// Lets at most one log line a second through and counts the rest.
+struct LogSampler {
+    next_ms: AtomicI64,
+    suppressed: AtomicU64,
+}
+
+static UNKNOWN_LOG: LogSampler = LogSampler::new();
+
+impl LogSampler {
+    const fn new() -> LogSampler {
+        LogSampler {
+            next_ms: AtomicI64::new(i64::MIN),
+            suppressed: AtomicU64::new(0),
+        }
+    }
+
+    /// `Some(lines left out since the last one)` when a line may be written now.
+    fn admit(&self, now_ms: i64) -> Option<u64> {
+        let next = self.next_ms.load(Ordering::Relaxed);
+        if now_ms >= next
+            && self
+                .next_ms
+                .compare_exchange(
+                    next,
+                    now_ms.saturating_add(1000),
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                )
+                .is_ok()
+        {
+            return Some(self.suppressed.swap(0, Ordering::Relaxed));
+        }
+        self.suppressed.fetch_add(1, Ordering::Relaxed);
+        None
+    }
+}
+
+/// The address to judge the sender by: the peer, or the last entry of the trusted proxy
+/// header when one is configured (the proxy appends the address it saw, so only the last entry
+/// is the proxy's word; everything before it came from the client). `None`, and so a refusal,
+/// when that last entry is not an address.
 fn client_ip(
     inbound: &InboundSettings,
     headers: &HeaderMap,
@@ -161,14 +235,20 @@ fn client_ip(
 ) -> Option<IpAddr> {
     match &inbound.client_ip_header {
         None => peer,
-        Some(name) => headers
-            .get_all(name)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .filter_map(|s| s.trim().parse().ok())
-            .next_back(),
+        Some(name) => {
+            let last = headers.get_all(name).iter().next_back()?;
+            let entry = last.to_str().ok()?.rsplit(',').next()?;
+            parse_forwarded_ip(entry.trim())
+        }
     }
+}
+
+/// One address as proxies write it: `ip`, `ip:port` or `[v6]:port`.
+fn parse_forwarded_ip(entry: &str) -> Option<IpAddr> {
+    entry
+        .parse::<IpAddr>()
+        .ok()
+        .or_else(|| entry.parse::<SocketAddr>().ok().map(|a| a.ip()))
 }
 
 async fn handle(r: &Receiver, mapping: &Mapping, peer: Option<IpAddr>, request: Request) -> Answer {
@@ -182,13 +262,10 @@ async fn handle(r: &Receiver, mapping: &Mapping, peer: Option<IpAddr>, request: 
                 .reason("sender address is not allowed for this source".into());
         }
     }
-    if let Err(wait) = r.limits.check(source) {
-        let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
-        return Answer::new(StatusCode::TOO_MANY_REQUESTS, "rate_limited")
-            .reason(format!(
-                "more than the configured webhooks per second for `{source}`"
-            ))
-            .retry_after(secs);
+    if let Some(limited) = rate_limited(&r.limits, source) {
+        return limited.reason(format!(
+            "more than the configured webhooks per second for `{source}`"
+        ));
     }
     let bytes = match body::read(
         &parts.headers,
@@ -331,4 +408,39 @@ fn accepted(
         .rule(rule)
         .delivery(delivery)
         .decisions(&decisions, &jobs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_log_sampler_lets_one_line_a_second_through_and_counts_the_rest() {
+        let s = LogSampler::new();
+        assert_eq!(s.admit(10_000), Some(0));
+        assert_eq!(s.admit(10_001), None);
+        assert_eq!(s.admit(10_999), None);
+        assert_eq!(s.admit(11_000), Some(2));
+        assert_eq!(s.admit(11_500), None);
+        // No overflow at the end of time.
+        assert_eq!(s.admit(i64::MAX), Some(1));
+    }
+
+    #[test]
+    fn forwarded_addresses_in_the_forms_proxies_write() {
+        let cases = [
+            ("127.0.0.2", Some("127.0.0.2")),
+            ("127.0.0.2:4711", Some("127.0.0.2")),
+            ("2001:db8::1", Some("2001:db8::1")),
+            ("[2001:db8::1]:443", Some("2001:db8::1")),
+            ("[2001:db8::1]", None),
+            ("127.0.0.2:99999", None),
+            ("unknown", None),
+            ("", None),
+        ];
+        for (text, want) in cases {
+            let want: Option<IpAddr> = want.map(|w| w.parse().unwrap());
+            assert_eq!(parse_forwarded_ip(text), want, "{text}");
+        }
+    }
 }

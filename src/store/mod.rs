@@ -216,6 +216,9 @@ pub trait Store: Send {
     fn replay(&mut self, which: Replay, now_ms: i64) -> Result<Vec<i64>, StoreError>;
     /// Forgets finished jobs and deliveries older than `older_than_ms`.
     fn prune(&mut self, older_than_ms: i64) -> Result<usize, StoreError>;
+    /// A cheap check, run every second or so, that the store can take a write now; what
+    /// `/readyz` reports about the store comes from it.
+    fn probe(&mut self) -> Result<(), StoreError>;
 }
 
 pub fn now_ms() -> i64 {
@@ -238,6 +241,7 @@ enum Other {
     NextDue(oneshot::Sender<Result<Option<i64>, StoreError>>),
     Counts(oneshot::Sender<Result<Counts, StoreError>>),
     Prune(i64, oneshot::Sender<Result<usize, StoreError>>),
+    Probe(oneshot::Sender<Result<(), StoreError>>),
 }
 
 /// The async face of a store: cheap to clone, bounded, one writer thread behind it.
@@ -314,6 +318,11 @@ impl StoreHandle {
         self.call(|r| Op::Other(Other::Prune(older_than_ms, r)))
             .await
     }
+    /// Whether the store can take a write now. It goes through the writer thread like any
+    /// request, so a dead or stuck writer fails it too.
+    pub async fn probe(&self) -> Result<(), StoreError> {
+        self.call(|r| Op::Other(Other::Probe(r))).await
+    }
 }
 
 fn writer(mut store: Box<dyn Store>, mut rx: mpsc::Receiver<Op>, max_batch: usize) {
@@ -379,6 +388,9 @@ fn writer(mut store: Box<dyn Store>, mut rx: mpsc::Receiver<Op>, max_batch: usiz
                 }
                 Other::Prune(before, reply) => {
                     let _ = reply.send(store.prune(before));
+                }
+                Other::Probe(reply) => {
+                    let _ = reply.send(store.probe());
                 }
             }
         }

@@ -465,6 +465,21 @@ impl Store for SqliteStore {
         Ok(ids)
     }
 
+    fn probe(&mut self) -> Result<(), StoreError> {
+        // The file may have been opened read-only (SQLite falls back to that silently), and
+        // `BEGIN IMMEDIATE` takes the write lock, so this fails while the file is read-only,
+        // gone, or locked by another writer past the busy timeout. It writes nothing, so a
+        // full disk shows only when a real write fails (the receiver flags that at once).
+        if self.conn.is_readonly(rusqlite::MAIN_DB)? {
+            return Err(StoreError::Invalid("store: the file is read-only".into()));
+        }
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        tx.rollback()?;
+        Ok(())
+    }
+
     fn prune(&mut self, older_than_ms: i64) -> Result<usize, StoreError> {
         let tx = self.conn.transaction()?;
         let finished = "SELECT id FROM jobs WHERE state IN ('succeeded', 'rejected', 'dry_run') AND updated_at < ?1";

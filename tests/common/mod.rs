@@ -91,6 +91,8 @@ pub struct Setup {
     pub inbound_rate: u32,
     /// Variables to leave unset.
     pub unset: Vec<&'static str>,
+    /// The relay component that panics as it starts (a test of supervision).
+    pub panic_in: Option<&'static str>,
 }
 
 pub async fn spawn() -> TestRelay {
@@ -158,6 +160,7 @@ pub async fn spawn_with(setup: Setup) -> TestRelay {
         dry_run: setup.dry_run,
         drain: Duration::from_secs(2),
         reload_poll: Duration::from_millis(100),
+        panic_in: setup.panic_in,
         ..Options::default()
     };
     let relay = Relay::start(settings, env, opts)
