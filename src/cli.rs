@@ -77,6 +77,19 @@ enum Command {
         headers: Vec<String>,
         payload: PathBuf,
     },
+    /// Ask a running relay whether it is ready (`/readyz`); exit 0 when it is, 1 otherwise
+    /// with the reason on one line. For container health checks.
+    Health {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// The readiness URL; by default the config's listen address on loopback
+        /// (`http://127.0.0.1:8080/readyz`, `https://` when the relay serves TLS).
+        #[arg(long)]
+        url: Option<String>,
+        /// How long to wait for the answer.
+        #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+        timeout: std::time::Duration,
+    },
     /// Inspect stored decisions and replay dead letters.
     Jobs {
         #[command(flatten)]
@@ -134,6 +147,11 @@ pub fn main() -> ExitCode {
             headers,
             payload,
         } => explain(&config.config, &env, &source, &headers, &payload),
+        Command::Health {
+            config,
+            url,
+            timeout,
+        } => health(&config.config, &env, url, timeout),
         Command::Jobs {
             config,
             db,
@@ -404,6 +422,98 @@ fn explain(config: &Path, env: &Env, source: &str, headers: &[String], payload: 
     }
     say!("decision: {}", cases::describe(&verdict));
     ExitCode::SUCCESS
+}
+
+/// Where a relay's own readiness is asked: the listen address from the config, on loopback
+/// when it listens on every address.
+fn readiness_url(settings: &Settings) -> String {
+    let mut addr = settings.listen;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(match addr {
+            std::net::SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            std::net::SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    let scheme = if settings.inbound.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    format!("{scheme}://{addr}/readyz")
+}
+
+fn health(config: &Path, env: &Env, url: Option<String>, timeout: std::time::Duration) -> ExitCode {
+    // The relay's own address comes from its config; it is asked over loopback and is sent
+    // nothing secret, so its certificate (often issued for another name) is not verified.
+    // A URL given on the command line is verified as usual.
+    let (url, own) = match url {
+        Some(u) => (u, false),
+        None => match Settings::load(config, env) {
+            Ok(s) => (readiness_url(&s), true),
+            Err(errors) => {
+                say!(
+                    "not ready: cannot read the relay's address: {}",
+                    errors.join("; ")
+                );
+                return ExitCode::FAILURE;
+            }
+        },
+    };
+    let result = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the runtime: {e}"))
+        .and_then(|rt| rt.block_on(ask_ready(&url, own, timeout)));
+    match result {
+        Ok(()) => {
+            say!("ready: {url}");
+            ExitCode::SUCCESS
+        }
+        Err(why) => {
+            say!("not ready: {why}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `Ok` when `url` answers 200 with `"ready": true`; otherwise why not, in one line.
+async fn ask_ready(url: &str, own: bool, timeout: std::time::Duration) -> Result<(), String> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let http = reqwest::Client::builder()
+        .timeout(timeout)
+        .no_proxy()
+        .redirect(reqwest::redirect::Policy::none())
+        .tls_danger_accept_invalid_certs(own)
+        .build()
+        .map_err(|e| format!("cannot build an HTTP client: {e}"))?;
+    let response = http.get(url).send().await.map_err(|e| {
+        let kind = if e.is_timeout() {
+            "no answer in time"
+        } else if e.is_connect() {
+            "cannot connect"
+        } else {
+            "request failed"
+        };
+        format!("{url}: {kind}")
+    })?;
+    let status = response.status();
+    let body = response.text().await.unwrap_or_default();
+    let answer: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+    if status.is_success() && answer["ready"] == true {
+        return Ok(());
+    }
+    let problems: Vec<&str> = answer["problems"]
+        .as_array()
+        .map(|list| list.iter().filter_map(|p| p.as_str()).collect())
+        .unwrap_or_default();
+    if problems.is_empty() {
+        Err(format!("{url} answered {status}"))
+    } else {
+        Err(format!(
+            "{url} answered {status}: {}",
+            problems.join("; ").replace('\n', " ")
+        ))
+    }
 }
 
 fn time(ms: i64) -> String {
