@@ -56,7 +56,10 @@ fuzz_target!(|data: &[u8]| {
             assert!(bytes.len() <= max_bytes);
             assert_eq!(&got[..], bytes);
         }
-        Err(_) => assert!(bytes.len() > max_bytes, "a body within the limit was refused"),
+        Err(_) => assert!(
+            bytes.len() > max_bytes,
+            "a body within the limit was refused"
+        ),
     }
 
     let parsed = body::parse(&headers, bytes, max_depth);

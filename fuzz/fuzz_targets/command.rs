@@ -26,6 +26,10 @@ fuzz_target!(|data: &[u8]| {
             Some(d) => format!("/p0 {} {} {d}", c.action, c.request_id),
             None => format!("/p0 {} {}", c.action, c.request_id),
         };
-        assert_eq!(parse(&line).as_deref(), Ok(std::slice::from_ref(c)), "{line:?}");
+        assert_eq!(
+            parse(&line).as_deref(),
+            Ok(std::slice::from_ref(c)),
+            "{line:?}"
+        );
     }
 });

@@ -57,7 +57,10 @@ fuzz_target!(|data: &[u8]| {
         let (explained, _trace) = mapping.explain(input);
         assert_eq!(verdict, explained, "{source}: explain differs from decide");
         let key = mapping.dedup_key(input, bytes);
-        assert!(key.len() <= 256 || key.starts_with("sha256:"), "{source}: {key}");
+        assert!(
+            key.len() <= 256 || key.starts_with("sha256:"),
+            "{source}: {key}"
+        );
         if let Verdict::Decided {
             actor, decisions, ..
         } = &verdict
@@ -65,7 +68,10 @@ fuzz_target!(|data: &[u8]| {
             for d in decisions {
                 match d.action {
                     Action::Approve => {
-                        let e = d.expiration.as_deref().expect("approval without expiration");
+                        let e = d
+                            .expiration
+                            .as_deref()
+                            .expect("approval without expiration");
                         let e = Expiration::parse(e).expect("expiration in P0's grammar");
                         assert!(e.seconds() <= 12 * 3600, "{source}: {e} exceeds the cap");
                     }
@@ -74,7 +80,10 @@ fuzz_target!(|data: &[u8]| {
             }
             if source == "github" {
                 assert_eq!(actor.as_deref(), Some("octocat"));
-                assert_eq!(body["sender"]["login"], "octocat", "decided for another sender");
+                assert_eq!(
+                    body["sender"]["login"], "octocat",
+                    "decided for another sender"
+                );
             }
         }
     }

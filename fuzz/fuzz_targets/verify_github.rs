@@ -21,7 +21,10 @@ fuzz_target!(|data: &[u8]| {
     if flags & 1 == 1 {
         let secret = common::SECRETS[usize::from(flags >> 1 & 1)];
         let value = format!("sha256={}", sign_hex(secret, body));
-        headers.append("x-hub-signature-256", HeaderValue::from_str(&value).unwrap());
+        headers.append(
+            "x-hub-signature-256",
+            HeaderValue::from_str(&value).unwrap(),
+        );
     }
     let verdict = verify_github(&secrets, &headers, body);
     if verdict.is_ok() {

@@ -32,7 +32,12 @@ fuzz_target!(|data: &[u8]| {
         let presented = match headers.get("x-relay-token") {
             Some(v) => v.to_str().unwrap().trim().to_owned(),
             None => {
-                let v = headers.get("authorization").unwrap().to_str().unwrap().trim();
+                let v = headers
+                    .get("authorization")
+                    .unwrap()
+                    .to_str()
+                    .unwrap()
+                    .trim();
                 v.split_once(' ').unwrap().1.trim().to_owned()
             }
         };
