@@ -1,6 +1,9 @@
-//! The `p0-relay` command line: `serve`, `check`, `test`, `explain` and `jobs`. Each command
-//! loads the config the same way and reports problems naming the file, rule and field.
+//! The `p0-relay` command line: `serve`, `check`, `test`, `explain`, `jobs` and `health`. Each
+//! command loads the config the same way and reports problems naming the file, rule and field.
+//! Everything it prints passes through `terminal_safe` (or `json_safe`): text from senders, P0
+//! and mapping files never reaches a terminal with its control characters raw.
 
+use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -12,6 +15,13 @@ use crate::config::Settings;
 use crate::config::env::Env;
 use crate::mapping::{Input, MappingSet, cases};
 use crate::store::{ListFilter, Replay, SqliteStore, State, Store, Windows, now_ms};
+
+/// `println!` for this module: the line is printed through `terminal_safe`.
+macro_rules! say {
+    ($($arg:tt)*) => {
+        println!("{}", terminal_safe(&format!($($arg)*)))
+    };
+}
 
 #[derive(Parser)]
 #[command(
@@ -69,6 +79,19 @@ enum Command {
         #[arg(long, value_name = "UNIX_SECONDS")]
         at: Option<i64>,
         payload: PathBuf,
+    },
+    /// Ask a running relay whether it is ready (`/readyz`); exit 0 when it is, 1 otherwise
+    /// with the reason on one line. For container health checks.
+    Health {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// The readiness URL; by default the config's listen address on loopback
+        /// (`http://127.0.0.1:8080/readyz`, `https://` when the relay serves TLS).
+        #[arg(long)]
+        url: Option<String>,
+        /// How long to wait for the answer.
+        #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+        timeout: std::time::Duration,
     },
     /// Inspect stored decisions and replay dead letters.
     Jobs {
@@ -128,6 +151,11 @@ pub fn main() -> ExitCode {
             at,
             payload,
         } => explain(&config.config, &env, &source, &headers, at, &payload),
+        Command::Health {
+            config,
+            url,
+            timeout,
+        } => health(&config.config, &env, url, timeout),
         Command::Jobs {
             config,
             db,
@@ -138,9 +166,68 @@ pub fn main() -> ExitCode {
 
 fn fail(errors: &[String]) -> ExitCode {
     for e in errors {
-        eprintln!("error: {e}");
+        // Some errors (YAML's) show the offending lines: keep their line breaks.
+        let lines: Vec<Cow<'_, str>> = e.split('\n').map(terminal_safe).collect();
+        eprintln!("error: {}", lines.join("\n"));
     }
     ExitCode::FAILURE
+}
+
+/// True for characters a terminal acts on or hides rather than shows: control characters
+/// (C0, DEL, C1) and the invisible format characters that reorder or hide text (bidirectional
+/// overrides and isolates, zero-width characters, the byte-order mark, tags).
+fn hidden_or_control(c: char) -> bool {
+    c.is_control()
+        || matches!(
+            c,
+            '\u{61c}'
+                | '\u{200b}'..='\u{200f}'
+                | '\u{2028}'..='\u{202e}'
+                | '\u{2060}'..='\u{206f}'
+                | '\u{feff}'
+                | '\u{fff9}'..='\u{fffb}'
+                | '\u{e0000}'..='\u{e007f}'
+        )
+}
+
+/// `text` made safe to print: the characters `hidden_or_control` names written as escapes
+/// (`\n`, `\r`, `\t`, else `\u{1b}`). Everything else (any script, emoji, backslashes, so
+/// regexes read as written) is shown as it is.
+pub fn terminal_safe(text: &str) -> Cow<'_, str> {
+    if !text.chars().any(hidden_or_control) {
+        return Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 16);
+    for c in text.chars() {
+        match c {
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if hidden_or_control(c) => out.push_str(&format!("\\u{{{:x}}}", u32::from(c))),
+            c => out.push(c),
+        }
+    }
+    Cow::Owned(out)
+}
+
+/// Serialized JSON made safe to print: the characters `hidden_or_control` names (which can
+/// only occur inside its strings) written as `\uXXXX` escapes; the value is unchanged.
+pub fn json_safe(json: &str) -> Cow<'_, str> {
+    if !json.chars().any(hidden_or_control) {
+        return Cow::Borrowed(json);
+    }
+    let mut out = String::with_capacity(json.len() + 16);
+    for c in json.chars() {
+        if hidden_or_control(c) {
+            let mut units = [0u16; 2];
+            for u in c.encode_utf16(&mut units) {
+                out.push_str(&format!("\\u{u:04x}"));
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    Cow::Owned(out)
 }
 
 fn init_logs(json: bool) {
@@ -243,26 +330,26 @@ fn check(config: &Path, env: &Env) -> ExitCode {
         Err(errors) => return fail(&errors),
     };
     for w in crate::config::audit(&settings, &mappings) {
-        println!("warning: {w}");
+        say!("warning: {w}");
     }
     if settings.p0.token.is_none() {
-        println!("note: p0.token is empty: `serve` will need --dry-run or P0_API_TOKEN");
+        say!("note: p0.token is empty: `serve` will need --dry-run or P0_API_TOKEN");
     }
     for (source, m) in &mappings.mappings {
-        println!(
+        say!(
             "ok: {source} ({}, verified by {})",
             m.file.display(),
             m.verifier.scheme()
         );
     }
     for (source, m) in &mappings.disabled {
-        println!(
+        say!(
             "ok: {source} ({}, verified by {}; not enabled, syntax checked)",
             m.file.display(),
             m.verifier.scheme()
         );
     }
-    println!(
+    say!(
         "{}: valid, {} mapping(s)",
         config.display(),
         mappings.mappings.len()
@@ -309,16 +396,16 @@ fn test(config: &Path, env: &Env, names: &[String]) -> ExitCode {
             match &result.failure {
                 None => {
                     passed += 1;
-                    println!("ok   {}: {}", result.source, result.name);
+                    say!("ok   {}: {}", result.source, result.name);
                 }
                 Some(why) => {
                     failed += 1;
-                    println!("FAIL {}: {}: {why}", result.source, result.name);
+                    say!("FAIL {}: {}: {why}", result.source, result.name);
                 }
             }
         }
     }
-    println!("{passed} passed, {failed} failed");
+    say!("{passed} passed, {failed} failed");
     if failed == 0 {
         ExitCode::SUCCESS
     } else {
@@ -380,34 +467,126 @@ fn explain(
         body: &body,
     };
     let (verdict, trace) = mapping.explain(input, Some(std::time::SystemTime::now()));
-    println!("source:   {source} ({})", mapping.file.display());
+    say!("source:   {source} ({})", mapping.file.display());
     let now = at.unwrap_or_else(crate::verify::unix_now);
     match mapping.verifier.verify_at(&map, &text, now) {
-        Ok(v) => println!("verified: {v}"),
+        Ok(v) => say!("verified: {v}"),
         // The refusal names headers from the mapping file, never the request's values.
-        Err(e) => println!(
+        Err(e) => say!(
             "verified: NO, {e} ({}): a live relay answers 401",
             mapping.verifier.scheme()
         ),
     }
     let delivery = mapping.dedup_key(input, &text);
-    println!("delivery: {}", crate::domain::printable(&delivery));
+    say!("delivery: {}", delivery);
     for t in &trace {
         let mark = if t.matched { "MATCH" } else { "no   " };
-        println!("  {mark} rule `{}`: {}", t.rule, t.detail);
+        say!("  {mark} rule `{}`: {}", t.rule, t.detail);
     }
-    println!("decision: {}", cases::describe(&verdict));
+    say!("decision: {}", cases::describe(&verdict));
     if let crate::mapping::Verdict::Decided { elements, .. } = &verdict {
         for e in elements {
-            println!(
+            say!(
                 "  element {} ({} decision(s)), stored as delivery {}",
-                crate::domain::printable(&e.key),
+                e.key,
                 e.decisions,
-                crate::domain::printable(&crate::mapping::element_key(&delivery, &e.key))
+                crate::mapping::element_key(&delivery, &e.key)
             );
         }
     }
     ExitCode::SUCCESS
+}
+
+/// Where a relay's own readiness is asked: the listen address from the config, on loopback
+/// when it listens on every address.
+fn readiness_url(settings: &Settings) -> String {
+    let mut addr = settings.listen;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(match addr {
+            std::net::SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            std::net::SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    let scheme = if settings.inbound.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    format!("{scheme}://{addr}/readyz")
+}
+
+fn health(config: &Path, env: &Env, url: Option<String>, timeout: std::time::Duration) -> ExitCode {
+    // The relay's own address comes from its config; it is asked over loopback and is sent
+    // nothing secret, so its certificate (often issued for another name) is not verified.
+    // A URL given on the command line is verified as usual.
+    let (url, own) = match url {
+        Some(u) => (u, false),
+        None => match Settings::load(config, env) {
+            Ok(s) => (readiness_url(&s), true),
+            Err(errors) => {
+                say!(
+                    "not ready: cannot read the relay's address: {}",
+                    errors.join("; ")
+                );
+                return ExitCode::FAILURE;
+            }
+        },
+    };
+    let result = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the runtime: {e}"))
+        .and_then(|rt| rt.block_on(ask_ready(&url, own, timeout)));
+    match result {
+        Ok(()) => {
+            say!("ready: {url}");
+            ExitCode::SUCCESS
+        }
+        Err(why) => {
+            say!("not ready: {why}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `Ok` when `url` answers 200 with `"ready": true`; otherwise why not, in one line.
+async fn ask_ready(url: &str, own: bool, timeout: std::time::Duration) -> Result<(), String> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let http = reqwest::Client::builder()
+        .timeout(timeout)
+        .no_proxy()
+        .redirect(reqwest::redirect::Policy::none())
+        .tls_danger_accept_invalid_certs(own)
+        .build()
+        .map_err(|e| format!("cannot build an HTTP client: {e}"))?;
+    let response = http.get(url).send().await.map_err(|e| {
+        let kind = if e.is_timeout() {
+            "no answer in time"
+        } else if e.is_connect() {
+            "cannot connect"
+        } else {
+            "request failed"
+        };
+        format!("{url}: {kind}")
+    })?;
+    let status = response.status();
+    let body = response.text().await.unwrap_or_default();
+    let answer: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+    if status.is_success() && answer["ready"] == true {
+        return Ok(());
+    }
+    let problems: Vec<&str> = answer["problems"]
+        .as_array()
+        .map(|list| list.iter().filter_map(|p| p.as_str()).collect())
+        .unwrap_or_default();
+    if problems.is_empty() {
+        Err(format!("{url} answered {status}"))
+    } else {
+        Err(format!(
+            "{url} answered {status}: {}",
+            problems.join("; ").replace('\n', " ")
+        ))
+    }
 }
 
 fn time(ms: i64) -> String {
@@ -461,10 +640,10 @@ fn jobs(config: &Path, env: &Env, db: Option<PathBuf>, command: JobsCommand) -> 
             store.list(&ListFilter { state, source, limit }).map(|rows| {
                 if json {
                     for r in rows {
-                        println!("{}", serde_json::to_string(&r).unwrap_or_default());
+                        println!("{}", json_safe(&serde_json::to_string(&r).unwrap_or_default()));
                     }
                 } else {
-                    println!(
+                    say!(
                         "{:>6}  {:<9}  {:<7}  {:<12}  {:<24}  {:<5}  {:>3}  {:<10}  {:<20}  LAST",
                         "ID", "STATE", "ACTION", "ORG", "REQUEST", "EXP", "TRY", "SOURCE", "UPDATED"
                     );
@@ -475,7 +654,7 @@ fn jobs(config: &Path, env: &Env, db: Option<PathBuf>, command: JobsCommand) -> 
                             (None, Some(e)) => e.clone(),
                             (None, None) => String::new(),
                         };
-                        println!(
+                        say!(
                             "{:>6}  {:<9}  {:<7}  {:<12}  {:<24}  {:<5}  {:>3}  {:<10}  {:<20}  {last}",
                             r.id,
                             r.state,
@@ -492,26 +671,30 @@ fn jobs(config: &Path, env: &Env, db: Option<PathBuf>, command: JobsCommand) -> 
             })
         }
         JobsCommand::Show { id } => store.show(id).map(|found| match found {
-            None => println!("no job {id}"),
+            None => say!("no job {id}"),
             Some(d) => {
                 let j = &d.job;
-                println!(
+                say!(
                     "job {}: {} {} in org {} ({})",
-                    j.id, j.action, j.request_id, j.org, j.state
+                    j.id,
+                    j.action,
+                    j.request_id,
+                    j.org,
+                    j.state
                 );
                 if let Some(e) = &j.expiration {
-                    println!("  expiration: {e}");
+                    say!("  expiration: {e}");
                 }
-                println!("  attempts:   {}", j.attempts);
-                println!("  created:    {}", time(j.created_at_ms));
+                say!("  attempts:   {}", j.attempts);
+                say!("  created:    {}", time(j.created_at_ms));
                 if j.state == "pending" {
-                    println!("  next try:   {}", time(j.next_attempt_at_ms));
+                    say!("  next try:   {}", time(j.next_attempt_at_ms));
                 }
                 if let Some(e) = &j.last_error {
-                    println!("  last error: {e}");
+                    say!("  last error: {e}");
                 }
                 let dl = &d.delivery;
-                println!(
+                say!(
                     "delivery {}: source {}, key {}, received {}, rule `{}`, actor {}",
                     dl.id,
                     dl.source,
@@ -520,9 +703,9 @@ fn jobs(config: &Path, env: &Env, db: Option<PathBuf>, command: JobsCommand) -> 
                     dl.rule,
                     dl.actor.as_deref().unwrap_or("-")
                 );
-                println!("history:");
+                say!("history:");
                 for a in &d.attempts {
-                    println!(
+                    say!(
                         "  {}  {:<12} status {:<4} {:>5} ms  {}",
                         time(a.at_ms),
                         a.result,
@@ -534,7 +717,7 @@ fn jobs(config: &Path, env: &Env, db: Option<PathBuf>, command: JobsCommand) -> 
                     );
                 }
                 if d.attempts.is_empty() {
-                    println!("  (no attempts yet)");
+                    say!("  (no attempts yet)");
                 }
             }
         }),
@@ -546,11 +729,9 @@ fn jobs(config: &Path, env: &Env, db: Option<PathBuf>, command: JobsCommand) -> 
             };
             store.replay(which, now_ms()).map(|ids| {
                 if ids.is_empty() {
-                    println!("nothing to replay (only dead or rejected jobs can be replayed)");
+                    say!("nothing to replay (only dead or rejected jobs can be replayed)");
                 } else {
-                    println!(
-                        "queued again: {ids:?}; a running relay picks them up within a second"
-                    );
+                    say!("queued again: {ids:?}; a running relay picks them up within a second");
                 }
             })
         }
@@ -558,5 +739,31 @@ fn jobs(config: &Path, env: &Env, db: Option<PathBuf>, command: JobsCommand) -> 
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(&[e.to_string()]),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn terminal_safe_escapes_what_a_terminal_would_act_on() {
+        assert_eq!(terminal_safe("req-1 Jörg 🚀"), "req-1 Jörg 🚀");
+        assert_eq!(
+            terminal_safe("a\u{1b}[2J\r\n\t\\S+\u{9b}\u{202e}\u{7f}\u{e0041}"),
+            "a\\u{1b}[2J\\r\\n\\t\\S+\\u{9b}\\u{202e}\\u{7f}\\u{e0041}"
+        );
+    }
+
+    #[test]
+    fn json_safe_keeps_the_value() {
+        let value = serde_json::json!({ "e": "\u{1b}]0;x\u{7}\u{85}\u{202e}\u{e0041}\\\"" });
+        let text = serde_json::to_string(&value).unwrap();
+        let safe = json_safe(&text);
+        assert!(!safe.chars().any(hidden_or_control), "{safe}");
+        assert_eq!(
+            serde_json::from_str::<serde_json::Value>(&safe).unwrap(),
+            value
+        );
     }
 }

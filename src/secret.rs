@@ -1,10 +1,14 @@
 //! Secrets typed so they cannot be printed: `Debug` and `Display` redact, and the bytes are
-//! reachable only through `expose`, which verification code alone calls.
+//! reachable only through `expose`, which verification code alone calls. They cannot be
+//! compared with `==` (not constant-time; compare digests with `subtle`, as `verify` does), and
+//! their memory is overwritten with zeros when they are dropped.
 
 use std::fmt;
 
+use zeroize::Zeroize;
+
 /// One secret value (a webhook secret, a shared token, the P0 API key).
-#[derive(Clone, PartialEq, Eq)]
+#[derive(Clone)]
 pub struct Secret(String);
 
 impl Secret {
@@ -17,6 +21,20 @@ impl Secret {
         &self.0
     }
 }
+
+impl Zeroize for Secret {
+    fn zeroize(&mut self) {
+        self.0.zeroize();
+    }
+}
+
+impl Drop for Secret {
+    fn drop(&mut self) {
+        self.zeroize();
+    }
+}
+
+impl zeroize::ZeroizeOnDrop for Secret {}
 
 impl fmt::Debug for Secret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -31,7 +49,7 @@ impl fmt::Display for Secret {
 }
 
 /// Several secrets, newest first, accepted side by side while one is rotated out.
-#[derive(Clone, Default, PartialEq, Eq)]
+#[derive(Clone, Default)]
 pub struct Secrets(Vec<Secret>);
 
 impl Secrets {
@@ -68,6 +86,30 @@ impl fmt::Debug for Secrets {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Compiles only while `T` has no `PartialEq`: with one, both impls below apply and the
+    /// `_` in `not_comparable` is ambiguous (the trick `static_assertions::assert_not_impl_any`
+    /// uses). `==` on a secret would be a comparison that is not constant-time.
+    trait AmbiguousIfComparable<A> {
+        fn check() {}
+    }
+    impl<T: ?Sized> AmbiguousIfComparable<()> for T {}
+    impl<T: ?Sized + PartialEq> AmbiguousIfComparable<u8> for T {}
+
+    #[test]
+    fn secrets_cannot_be_compared_with_eq() {
+        <Secret as AmbiguousIfComparable<_>>::check();
+        <Secrets as AmbiguousIfComparable<_>>::check();
+    }
+
+    #[test]
+    fn dropped_secrets_are_zeroized() {
+        fn zeroized_on_drop<T: zeroize::ZeroizeOnDrop>() {}
+        zeroized_on_drop::<Secret>();
+        let mut s = Secret::new("hunter2");
+        s.zeroize();
+        assert_eq!(s.expose(), "");
+    }
 
     #[test]
     fn debug_and_display_redact() {

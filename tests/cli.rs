@@ -1,8 +1,11 @@
 //! The command line as a user runs it: `check`, `test`, `explain`, and `serve` refusing to
-//! start without what it needs. Each runs the real binary with a controlled environment.
+//! start without what it needs, and every command keeping text from outside off the terminal
+//! raw. Each runs the real binary with a controlled environment.
 
 use std::path::Path;
 use std::process::{Command, Output};
+
+mod common;
 
 fn repo() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -330,4 +333,163 @@ fn explain_shows_which_header_and_which_secret_verified() {
         out.contains("verified: NO, webhook-timestamp is too far from the relay's clock (replayed or delayed) (standard-webhooks): a live relay answers 401"),
         "{out}"
     );
+}
+
+/// Text a sender (or P0, or a mapping file) controls: a title-setting OSC, a screen clear, a
+/// carriage return, a backspace, NUL, 8-bit CSI and NEL (C1), a right-to-left override, DEL.
+const EVIL: &str =
+    "\u{1b}]0;pwned\u{7}\u{1b}[2J\rX\u{8}\u{0}\u{9b}31m\u{85}\u{202e}gnp.exe\u{7f}\u{2066}";
+
+/// Characters that must never reach a terminal raw: every control character but the line
+/// break between lines, and the invisible bidirectional and format controls.
+fn unsafe_for_terminal(c: char) -> bool {
+    (c.is_control() && c != '\n')
+        || matches!(c, '\u{61c}' | '\u{200b}'..='\u{200f}' | '\u{2028}'..='\u{202e}')
+        || matches!(c, '\u{2060}'..='\u{206f}' | '\u{feff}' | '\u{fff9}'..='\u{fffb}')
+}
+
+/// JSON with every non-ASCII and control character escaped, so it is also YAML a strict parser accepts.
+fn ascii_json(v: &serde_json::Value) -> String {
+    let mut out = String::new();
+    for c in v.to_string().chars() {
+        if c.is_ascii() && !c.is_control() {
+            out.push(c);
+        } else {
+            let mut units = [0u16; 2];
+            for u in c.encode_utf16(&mut units) {
+                out.push_str(&format!("\\u{u:04x}"));
+            }
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_sender_or_p0_text_reaches_the_terminal_raw() {
+    use serde_json::json;
+    use wiremock::matchers::method;
+    use wiremock::{Mock, MockServer, ResponseTemplate};
+
+    // P0 refuses every call with an error text full of escape sequences.
+    let p0 = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(400).set_body_json(json!({ "error": EVIL })))
+        .mount(&p0)
+        .await;
+
+    // The shipped mappings and one whose rule, condition and test case names carry EVIL.
+    let dir = tempfile::tempdir().unwrap();
+    let mappings = dir.path().join("mappings");
+    std::fs::create_dir(&mappings).unwrap();
+    for source in ["github", "pagerduty", "opsgenie"] {
+        std::fs::copy(
+            repo().join(format!("mappings/{source}.yaml")),
+            mappings.join(format!("{source}.yaml")),
+        )
+        .unwrap();
+    }
+    let evil_mapping = json!({
+        "verify": { "scheme": "token", "secrets": "t" },
+        "rules": [{
+            "name": format!("rule{EVIL}"),
+            "when": [{ "path": "$.kind", "equals": EVIL }],
+            "action": "approve",
+            "request_id": { "path": "$.id" },
+        }],
+        "tests": [{
+            "name": format!("case{EVIL}"),
+            "payload": { "id": "req-1", "kind": EVIL },
+            "expect": "ignored",
+        }],
+    });
+    std::fs::write(mappings.join("evil.yaml"), ascii_json(&evil_mapping)).unwrap();
+    let config = common::write_config(
+        dir.path(),
+        &p0.uri(),
+        &common::Setup {
+            mappings_dir: Some(mappings.clone()),
+            ..common::Setup::default()
+        },
+    );
+    let vars = common::test_env(&[]);
+    let relay = common::BinRelay::start(&config, &vars, dir.path().join("relay.log"), &[]).await;
+
+    // Every field a sender controls that is stored: the dedup key (from the body when no
+    // delivery header is sent) and the actor.
+    let mut note: serde_json::Value =
+        serde_json::from_slice(&common::testdata("pagerduty/incident_annotated.json")).unwrap();
+    note["event"]["id"] = EVIL.into();
+    note["event"]["agent"]["id"] = EVIL.into();
+    let note = serde_json::to_vec(&note).unwrap();
+    let mut hook = common::Hook::pagerduty("unused", &note);
+    hook.headers.retain(|(k, _)| k != "X-Webhook-Id");
+    let (status, answer) = relay.post(&hook).await;
+    assert_eq!(status, 202, "{answer}");
+
+    let mut og: serde_json::Value =
+        serde_json::from_slice(&common::testdata("opsgenie/addnote.json")).unwrap();
+    og["alert"]["alertId"] = EVIL.into();
+    og["alert"]["username"] = EVIL.into();
+    og["alert"]["updatedAt"] = EVIL.into();
+    let og = serde_json::to_vec(&og).unwrap();
+    let (status, answer) = relay.post(&common::Hook::opsgenie(&og)).await;
+    assert_eq!(status, 202, "{answer}");
+
+    let cfg = config.to_str().unwrap();
+    let mut rejected = String::new();
+    for _ in 0..200 {
+        rejected = common::run_cli(&["jobs", "--config", cfg, "list", "--json"], &vars).1;
+        if rejected.matches("\"state\":\"rejected\"").count() == 2 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    assert_eq!(
+        rejected.matches("\"state\":\"rejected\"").count(),
+        2,
+        "{rejected}"
+    );
+
+    let payload = dir.path().join("payload.json");
+    std::fs::write(&payload, &note).unwrap();
+    let evil_payload = dir.path().join("evil.json");
+    std::fs::write(
+        &evil_payload,
+        json!({ "id": "req-2", "kind": EVIL }).to_string(),
+    )
+    .unwrap();
+    let other_payload = dir.path().join("other.json");
+    std::fs::write(
+        &other_payload,
+        json!({ "id": "req-2", "kind": "x" }).to_string(),
+    )
+    .unwrap();
+    let (p, e, o) = (
+        payload.to_str().unwrap(),
+        evil_payload.to_str().unwrap(),
+        other_payload.to_str().unwrap(),
+    );
+    let mut seen = String::new();
+    for args in [
+        vec!["jobs", "--config", cfg, "list"],
+        vec!["jobs", "--config", cfg, "list", "--json"],
+        vec!["jobs", "--config", cfg, "show", "1"],
+        vec!["jobs", "--config", cfg, "show", "2"],
+        vec!["explain", "--config", cfg, "--source", "pagerduty", p],
+        vec!["explain", "--config", cfg, "--source", "evil", e],
+        vec!["explain", "--config", cfg, "--source", "evil", o],
+        vec!["test", "--config", cfg, "evil"],
+        vec!["check", "--config", cfg],
+    ] {
+        let (_, out) = common::run_cli(&args, &vars);
+        let raw: Vec<char> = out.chars().filter(|&c| unsafe_for_terminal(c)).collect();
+        assert!(raw.is_empty(), "{args:?} printed {raw:?}:\n{out:?}");
+        seen.push_str(&out);
+    }
+    // The text is shown, escaped: nothing was simply dropped.
+    for shown in ["pwned", "gnp.exe", "rule", "case"] {
+        assert!(seen.contains(shown), "{shown} missing:\n{seen}");
+    }
+    assert!(seen.contains("\\u{1b}]0;pwned\\u{7}"), "{seen}");
+    drop(relay);
 }

@@ -218,11 +218,16 @@ impl Settings {
     /// Reads, expands and validates `file`. Every problem found is returned, each naming the
     /// file and the key.
     pub fn load(file: &Path, env: &Env) -> Result<Settings, Vec<String>> {
+        let text = std::fs::read_to_string(file)
+            .map_err(|e| vec![format!("{}: cannot read: {e}", file.display())])?;
+        Settings::from_text(file, &text, env)
+    }
+
+    /// Validates `text` as if read from `file` (relative paths resolve against its folder).
+    pub fn from_text(file: &Path, text: &str, env: &Env) -> Result<Settings, Vec<String>> {
         let at = file.display().to_string();
-        let text =
-            std::fs::read_to_string(file).map_err(|e| vec![format!("{at}: cannot read: {e}")])?;
-        let mut tree: Value = serde_saphyr::from_str(&text)
-            .map_err(|e| vec![format!("{at}: not valid YAML: {e}")])?;
+        let mut tree: Value =
+            serde_saphyr::from_str(text).map_err(|e| vec![format!("{at}: not valid YAML: {e}")])?;
         env.expand_tree(&mut tree, "")
             .map_err(|e| vec![format!("{at}: {e}")])?;
         let raw: Raw = serde_path_to_error::deserialize(tree)

@@ -579,7 +579,18 @@ fn load_file(
 ) -> Result<Mapping, Vec<String>> {
     let text = std::fs::read_to_string(file)
         .map_err(|e| vec![format!("{}: cannot read: {e}", file.display())])?;
-    let tree: Value = serde_saphyr::from_str(&text)
+    from_text(source, file, &text, env, defaults)
+}
+
+/// Parses and compiles a mapping file's text as if read from `file`.
+pub fn from_text(
+    source: &str,
+    file: &Path,
+    text: &str,
+    env: &Env,
+    defaults: &Defaults,
+) -> Result<Mapping, Vec<String>> {
+    let tree: Value = serde_saphyr::from_str(text)
         .map_err(|e| vec![format!("{}: not valid YAML: {e}", file.display())])?;
     compile(source, file, tree, env, defaults)
 }
