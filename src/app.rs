@@ -22,7 +22,7 @@ use crate::p0;
 use crate::ratelimit::KeyedLimit;
 use crate::receiver::{self, Receiver};
 use crate::server::{self, ConnLimits};
-use crate::store::{SqliteStore, Store, StoreHandle, Windows, now_ms};
+use crate::store::{self, StoreHandle, Windows, now_ms};
 use crate::worker::Worker;
 
 /// How the relay runs, beyond its settings.
@@ -80,23 +80,18 @@ impl Relay {
                     .map_err(|e| anyhow!(e))?,
             )
         };
-        let mut store = SqliteStore::open(
-            &settings.store.path,
+        let (store, writer) = store::open(
+            &settings.store.location,
             Windows {
                 dedup: settings.store.dedup_window,
                 coalesce: settings.store.coalesce_window,
             },
             settings.store.store_payloads,
+            settings.store.claim_lease,
+            opts.group_commit,
         )
-        .with_context(|| format!("cannot open the store at {}", settings.store.path.display()))?;
-        let resumed = store.recover()?;
-        if resumed > 0 {
-            tracing::warn!(
-                resumed,
-                "decisions in flight at the last stop are queued again"
-            );
-        }
-        let (store, writer) = StoreHandle::spawn(Box::new(store), opts.group_commit)?;
+        .await
+        .with_context(|| format!("cannot open the store at {}", settings.store.location))?;
 
         let metrics = Metrics::new(mappings.mappings.keys().map(String::as_str))?;
         let listener = TcpListener::bind(settings.listen)
@@ -121,6 +116,7 @@ impl Relay {
         };
 
         let wake = Arc::new(Notify::new());
+        store.wake_on_new_work(wake.clone());
         let health = Arc::new(Health::default());
         let receiver = Arc::new(Receiver {
             mappings: Arc::new(ArcSwap::from_pointee(mappings)),
@@ -189,10 +185,10 @@ impl Relay {
             let _ = worker.await;
             let _ = reloader.await;
             let _ = pruner.await;
-            // The writer thread ends once every handle is gone and the queue is drained.
+            // The writer ends once every handle is gone and the queue is drained.
             drop(receiver);
             drop(store);
-            let _ = tokio::task::spawn_blocking(move || writer.join()).await;
+            writer.join().await;
             tracing::info!("relay stopped");
         });
         Ok(Relay {

@@ -102,6 +102,20 @@ impl Worker {
     }
 
     async fn execute(&self, job: Job) {
+        // The claim is held (its lease renewed) while the call is under way; if it is lost,
+        // another relay owns the decision now and this call is dropped.
+        let record = tokio::select! {
+            record = self.attempt(&job) => record,
+            () = self.store.hold_claim(&job) => return,
+        };
+        if let Err(e) = self.store.record(record).await {
+            // The job stays `sending` and is retried after the next start (or, on a shared
+            // store, once its lease runs out).
+            tracing::error!(job_id = job.id, error = %e, "cannot record the outcome of a P0 call");
+        }
+    }
+
+    async fn attempt(&self, job: &Job) -> AttemptRecord {
         self.pacing.wait(&job.org).await;
         let started = Instant::now();
         let action = job.action;
@@ -138,16 +152,13 @@ impl Worker {
                 error: "stored IDs are not valid".into(),
             }),
         };
-        let record = self.next_state(&job, outcome, started.elapsed());
+        let record = self.next_state(job, outcome, started.elapsed());
         tracing::info!(
             job_id = job.id, action = %action, result = record.result, status = ?record.status,
             attempt = record.attempts, state = record.state.as_str(),
             duration_ms = record.duration_ms, "P0 call"
         );
-        if let Err(e) = self.store.record(record).await {
-            // The job stays `sending` and is retried after the next start.
-            tracing::error!(job_id = job.id, error = %e, "cannot record the outcome of a P0 call");
-        }
+        record
     }
 
     fn next_state(&self, job: &Job, outcome: Option<Outcome>, took: Duration) -> AttemptRecord {
@@ -155,6 +166,7 @@ impl Worker {
         let attempts = job.attempts.saturating_add(1);
         let mut rec = AttemptRecord {
             job_id: job.id,
+            claim: job.claim,
             at_ms: now,
             state: State::DryRun,
             attempts,
