@@ -223,6 +223,12 @@ fn check(config: &Path, env: &Env) -> ExitCode {
     if settings.p0.token.is_none() {
         println!("note: p0.token is empty: `serve` will need --dry-run or P0_API_TOKEN");
     }
+    let backend = if settings.store.location.is_postgres() {
+        "PostgreSQL"
+    } else {
+        "SQLite"
+    };
+    println!("store: {} ({backend})", settings.store.location);
     for (source, m) in &mappings.mappings {
         println!(
             "ok: {source} ({}, verified by {})",

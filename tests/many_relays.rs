@@ -318,3 +318,72 @@ async fn get_status(url: &str) -> (u16, String) {
         resp.text().await.unwrap_or_default(),
     )
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_list_show_and_replay_work_against_the_database_url() {
+    let Some(db) = TestDb::create().await else {
+        return;
+    };
+    let p0 = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(
+            ResponseTemplate::new(400)
+                .set_body_json(serde_json::json!({"error": "Invalid or expired request"})),
+        )
+        .up_to_n_times(1)
+        .mount(&p0)
+        .await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(serde_json::json!({"ok": true})))
+        .mount(&p0)
+        .await;
+    let fleet = fleet(1, &db.url(), &p0.uri()).await;
+    let (status, answer) = fleet.relays[0].post(&command(1, "/p0 deny req-cli")).await;
+    assert_eq!(status, 202, "{answer}");
+    let job = answer["decisions"][0]["job_id"]
+        .as_i64()
+        .unwrap()
+        .to_string();
+    let url = db.url();
+    let vars = std::collections::HashMap::new();
+    let mut out = String::new();
+    for _ in 0..100 {
+        out = run_cli(
+            &["jobs", "list", "--db", &url, "--state", "rejected"],
+            &vars,
+        )
+        .1;
+        if out.contains("req-cli") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        out.contains("rejected") && out.contains("400 Invalid or expired request"),
+        "{out}"
+    );
+    let (code, out) = run_cli(&["jobs", "show", &job, "--db", &url], &vars);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(
+        out.contains(&format!("job {job}: deny req-cli in org acme (rejected)")),
+        "{out}"
+    );
+    assert!(out.contains("rejected     status 400"), "{out}");
+    let (code, out) = run_cli(&["jobs", "replay", &job, "--db", &url], &vars);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains(&format!("queued again: [{job}]")), "{out}");
+    // The running relay is woken by the replay and sends it again.
+    wait_for_requests(&p0, &["req-cli".to_owned()], Duration::from_secs(5)).await;
+    let started = Instant::now();
+    while p0.received_requests().await.unwrap_or_default().len() < 2 {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "replayed call not sent"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The password never shows; a bad URL is an error naming the option.
+    let (code, out) = run_cli(&["jobs", "list", "--db", "mysql://root:pw-9@db/x"], &vars);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("--db") && !out.contains("pw-9"), "{out}");
+}

@@ -126,11 +126,7 @@ impl Backend {
         }
     }
     async fn accept(&mut self, d: NewDelivery, now: i64) -> Accepted {
-        self.write(&[d], &[], now)
-            .await
-            .unwrap()
-            .remove(0)
-            .unwrap()
+        self.write(&[d], &[], now).await.unwrap().remove(0).unwrap()
     }
     async fn claim_due(&mut self, now: i64, limit: usize) -> Vec<Job> {
         match self {
@@ -527,7 +523,10 @@ async fn the_same_delivery_at_two_relays_at_once_is_accepted_once() {
             a.write(std::slice::from_ref(&d), &[], 1_000),
             b.write(std::slice::from_ref(&d), &[], 1_000)
         );
-        let (ra, rb) = (ra.unwrap().remove(0).unwrap(), rb.unwrap().remove(0).unwrap());
+        let (ra, rb) = (
+            ra.unwrap().remove(0).unwrap(),
+            rb.unwrap().remove(0).unwrap(),
+        );
         let (new, dup) = match (&ra, &rb) {
             (Accepted::New { jobs }, Accepted::Duplicate { job_ids }) => (jobs, job_ids),
             (Accepted::Duplicate { job_ids }, Accepted::New { jobs }) => (jobs, job_ids),
@@ -655,11 +654,15 @@ async fn ten_relays_opening_a_fresh_database_at_once_migrate_it_once() {
     assert_eq!(rows.len(), MIGRATIONS_PG_LEN);
     // And every one of them works.
     for (i, s) in stores.iter().enumerate() {
-        s.write(&[delivery(&format!("k{i}"), &[(Action::Deny, "r")])], &[], 1_000)
-            .await
-            .unwrap()
-            .remove(0)
-            .unwrap();
+        s.write(
+            &[delivery(&format!("k{i}"), &[(Action::Deny, "r")])],
+            &[],
+            1_000,
+        )
+        .await
+        .unwrap()
+        .remove(0)
+        .unwrap();
     }
 }
 
@@ -686,10 +689,17 @@ async fn pruning_is_done_by_one_relay_at_a_time() {
     assert_eq!(a.prune(10_000).await.unwrap(), 0);
     assert!(a.show(job.id).await.unwrap().is_some());
     other
-        .execute("SELECT pg_advisory_unlock($1)", &[&0x7030_7265_6c61_7902_i64])
+        .execute(
+            "SELECT pg_advisory_unlock($1)",
+            &[&0x7030_7265_6c61_7902_i64],
+        )
         .await
         .unwrap();
-    assert_eq!(a.prune(10_000).await.unwrap(), 2, "the job and its delivery");
+    assert_eq!(
+        a.prune(10_000).await.unwrap(),
+        2,
+        "the job and its delivery"
+    );
     assert!(a.show(job.id).await.unwrap().is_none());
 }
 

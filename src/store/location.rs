@@ -83,7 +83,10 @@ impl StoreLocation {
             }));
         };
         let shown = redact(text);
-        if !matches!(scheme.to_ascii_lowercase().as_str(), "postgres" | "postgresql") {
+        if !matches!(
+            scheme.to_ascii_lowercase().as_str(),
+            "postgres" | "postgresql"
+        ) {
             return Err(format!(
                 "{key}: `{shown}` is a URL but not a PostgreSQL one: use a file path (SQLite) \
                  or postgres://user@host:5432/database"
@@ -268,7 +271,10 @@ mod tests {
         for (text, want) in [
             ("data/relay.db", "/etc/relay/data/relay.db"),
             ("/var/lib/relay.db", "/var/lib/relay.db"),
-            ("./postgres-data/relay.db", "/etc/relay/./postgres-data/relay.db"),
+            (
+                "./postgres-data/relay.db",
+                "/etc/relay/./postgres-data/relay.db",
+            ),
             ("postgres:relay.db", "/etc/relay/postgres:relay.db"),
         ] {
             match parse(text) {
@@ -291,7 +297,11 @@ mod tests {
             let p = pg(&format!("postgresql://u@h/d?sslmode={mode}"));
             assert_eq!(format!("{:?}", p.ssl_mode()), want);
         }
-        assert_eq!(p.verify, Verify::None, "require encrypts without verifying, as libpq");
+        assert_eq!(
+            p.verify,
+            Verify::None,
+            "require encrypts without verifying, as libpq"
+        );
         let p = pg("postgres://u@h/d?sslmode=verify-full&sslrootcert=ca.pem");
         assert!(matches!(p.ssl_mode(), SslMode::Require));
         assert_eq!(
@@ -349,7 +359,10 @@ mod tests {
             "redis://cache:6379",
         ] {
             let e = parse(text).unwrap_err();
-            assert!(e.contains("store.path") && e.contains("not a PostgreSQL"), "{e}");
+            assert!(
+                e.contains("store.path") && e.contains("not a PostgreSQL"),
+                "{e}"
+            );
         }
         let e = parse("postgres://u@h/d?sslmode=sometimes").unwrap_err();
         assert!(e.contains("sslmode"), "{e}");

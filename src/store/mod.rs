@@ -257,7 +257,10 @@ enum Other {
     NextDue(oneshot::Sender<Result<Option<i64>, StoreError>>),
     Counts(oneshot::Sender<Result<Counts, StoreError>>),
     Prune(i64, oneshot::Sender<Result<usize, StoreError>>),
-    List(ListFilter, oneshot::Sender<Result<Vec<JobSummary>, StoreError>>),
+    List(
+        ListFilter,
+        oneshot::Sender<Result<Vec<JobSummary>, StoreError>>,
+    ),
     Show(i64, oneshot::Sender<Result<Option<JobDetail>, StoreError>>),
     Replay(Replay, oneshot::Sender<Result<Vec<i64>, StoreError>>),
 }
@@ -308,7 +311,15 @@ pub async fn open(
     claim_lease: Duration,
     group_commit: bool,
 ) -> Result<(StoreHandle, StoreTask), StoreError> {
-    open_for(location, windows, store_payloads, claim_lease, group_commit, true).await
+    open_for(
+        location,
+        windows,
+        store_payloads,
+        claim_lease,
+        group_commit,
+        true,
+    )
+    .await
 }
 
 /// Opens the store for inspection (`p0-relay jobs`): nothing in flight is touched, so relays

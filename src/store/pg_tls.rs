@@ -18,7 +18,9 @@ pub enum Verify {
     /// Encryption against eavesdroppers only (libpq's `prefer` and `require`).
     None,
     /// The chain against the system's roots or `sslrootcert`, and the host name.
-    Full { root_cert: Option<std::path::PathBuf> },
+    Full {
+        root_cert: Option<std::path::PathBuf>,
+    },
 }
 
 /// The connector for `verify`.

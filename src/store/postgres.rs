@@ -373,11 +373,7 @@ impl PgStore {
         );
         let payloads: Vec<Option<&[u8]>> = deliveries
             .iter()
-            .map(|d| {
-                d.payload
-                    .as_deref()
-                    .filter(|_| self.store_payloads)
-            })
+            .map(|d| d.payload.as_deref().filter(|_| self.store_payloads))
             .collect();
         let recs = Value::Array(
             records

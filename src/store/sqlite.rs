@@ -13,7 +13,8 @@ use super::{
 use crate::domain::Action;
 
 /// Each entry moves the schema one version forward; never edit one that has shipped.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE deliveries (
     id          INTEGER PRIMARY KEY,
     source      TEXT NOT NULL,
@@ -53,9 +54,11 @@ CREATE TABLE attempts (
     duration_ms INTEGER NOT NULL
 );
 CREATE INDEX attempts_job ON attempts (job_id);
-"#, r#"
+"#,
+    r#"
 ALTER TABLE jobs ADD COLUMN claim_token INTEGER NOT NULL DEFAULT 0;
-"#];
+"#,
+];
 
 pub struct SqliteStore {
     pub(super) conn: Connection,

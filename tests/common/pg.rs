@@ -67,7 +67,8 @@ impl TestDb {
             .split_once('@')
             .and_then(|(_, rest)| rest.split('/').next())
             .unwrap_or("127.0.0.1:5432");
-        host.parse().unwrap_or_else(|_| "127.0.0.1:5432".parse().unwrap())
+        host.parse()
+            .unwrap_or_else(|_| "127.0.0.1:5432".parse().unwrap())
     }
 
     pub async fn query_i64(&self, sql: &str) -> i64 {
