@@ -50,7 +50,7 @@ impl TestDb {
 
     pub fn location(&self) -> PgLocation {
         match StoreLocation::parse("test", &self.url, std::path::Path::new(".")) {
-            Ok(StoreLocation::Postgres(p)) => p,
+            Ok(StoreLocation::Postgres(p)) => *p,
             other => panic!("{other:?}"),
         }
     }
@@ -94,6 +94,7 @@ const WINDOWS: Windows = Windows {
 const LEASE: Duration = Duration::from_secs(30);
 
 /// A store under test, with explicit time.
+#[allow(clippy::large_enum_variant)]
 enum Backend {
     Sqlite(tempfile::TempDir, SqliteStore),
     Pg(TestDb, PgStore),
@@ -735,7 +736,7 @@ async fn an_unreachable_database_is_unavailable_not_a_hang() {
         &format!("postgres://postgres@127.0.0.1:{port}/relay"),
         std::path::Path::new("."),
     ) {
-        Ok(StoreLocation::Postgres(p)) => p,
+        Ok(StoreLocation::Postgres(p)) => *p,
         other => panic!("{other:?}"),
     };
     let started = std::time::Instant::now();

@@ -13,7 +13,7 @@ use crate::secret::Secret;
 #[derive(Clone)]
 pub enum StoreLocation {
     Sqlite(PathBuf),
-    Postgres(PgLocation),
+    Postgres(Box<PgLocation>),
 }
 
 /// A PostgreSQL database, as a libpq URL names it.
@@ -124,12 +124,12 @@ impl StoreLocation {
             },
             v => v,
         };
-        Ok(StoreLocation::Postgres(PgLocation {
+        Ok(StoreLocation::Postgres(Box::new(PgLocation {
             config,
             password,
             verify,
             shown,
-        }))
+        })))
     }
 
     pub fn is_postgres(&self) -> bool {
@@ -261,7 +261,7 @@ mod tests {
 
     fn pg(text: &str) -> PgLocation {
         match parse(text) {
-            Ok(StoreLocation::Postgres(p)) => p,
+            Ok(StoreLocation::Postgres(p)) => *p,
             other => panic!("{text}: {other:?}"),
         }
     }
