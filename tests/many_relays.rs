@@ -50,6 +50,10 @@ struct Fleet {
 
 /// `n` relay processes on the database at `url`, calling the fake P0 at `p0`.
 async fn fleet(n: usize, url: &str, p0: &str) -> Fleet {
+    fleet_with(n, url, p0, &[]).await
+}
+
+async fn fleet_with(n: usize, url: &str, p0: &str, vars: &[(&str, &str)]) -> Fleet {
     let mut relays = Vec::new();
     let mut dirs = Vec::new();
     for _ in 0..n {
@@ -62,7 +66,7 @@ async fn fleet(n: usize, url: &str, p0: &str) -> Fleet {
         };
         let config = write_config(dir.path(), p0, &setup);
         let log = dir.path().join("relay.log");
-        relays.push(BinRelay::start(&config, &test_env(&[]), log, &[]).await);
+        relays.push(BinRelay::start(&config, &test_env(vars), log, &[]).await);
         dirs.push(dir);
     }
     Fleet {
@@ -248,7 +252,13 @@ async fn with_the_database_cut_off_nothing_is_acknowledged_and_accepts_resume_by
     };
     let proxy = Proxy::start(db.server()).await;
     let p0 = p0_ok(Duration::ZERO).await;
-    let fleet = fleet(2, &db.url_via(proxy.addr), &p0.uri()).await;
+    // A password in the URL (the server trusts local connections and ignores it) must not
+    // show in any log line, even at debug level and through connection errors.
+    let password = "pw-outage-7c1e";
+    let url = db
+        .url_via(proxy.addr)
+        .replace("postgres@", &format!("postgres:{password}@"));
+    let fleet = fleet_with(2, &url, &p0.uri(), &[("RUST_LOG", "debug")]).await;
     let r = &fleet.relays;
     let mut acknowledged = Vec::new();
     let mut n = 0;
@@ -309,6 +319,13 @@ async fn with_the_database_cut_off_nothing_is_acknowledged_and_accepts_resume_by
     }
     // Nothing acknowledged was lost, before or after the outage.
     wait_for_requests(&p0, &acknowledged, Duration::from_secs(15)).await;
+    for relay in r {
+        let log = std::fs::read_to_string(&relay.log).unwrap();
+        assert!(log.contains("store unavailable"), "the outage is logged");
+        assert!(!log.contains(password), "the password leaked into the log");
+        let metrics = get_status(&format!("http://{}/metrics", relay.addr)).await.1;
+        assert!(!metrics.contains(password));
+    }
 }
 
 async fn get_status(url: &str) -> (u16, String) {

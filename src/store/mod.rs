@@ -209,8 +209,9 @@ pub enum StoreError {
     Closed,
 }
 
-/// The durable store. Each call that writes is one transaction, committed and synced before
-/// it returns. Narrow enough that a PostgreSQL implementation can follow.
+/// The durable store, as the SQLite writer thread drives it. Each call that writes is one
+/// transaction, committed and synced before it returns. `PgStore` offers the same operations,
+/// async and safe for many relays at once; `contract.rs` holds both to the same tests.
 pub trait Store: Send {
     /// Stores each delivery with its decisions (deduplicating by source and dedup key,
     /// coalescing repeated decisions) and records attempt outcomes, all in one transaction
