@@ -156,6 +156,11 @@ async fn the_same_delivery_posted_to_three_relays_at_once_is_accepted_once_and_s
         assert!(c.0.ends_with("/approve"), "{c:?}");
         assert_eq!(c.2, serde_json::json!({"expirationLength": "2h"}));
     }
+    // Each stops cleanly on SIGTERM.
+    for relay in fleet.relays {
+        relay.signal("TERM");
+        assert_eq!(relay.wait(), Some(0));
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -323,7 +328,9 @@ async fn with_the_database_cut_off_nothing_is_acknowledged_and_accepts_resume_by
         let log = std::fs::read_to_string(&relay.log).unwrap();
         assert!(log.contains("store unavailable"), "the outage is logged");
         assert!(!log.contains(password), "the password leaked into the log");
-        let metrics = get_status(&format!("http://{}/metrics", relay.addr)).await.1;
+        let metrics = get_status(&format!("http://{}/metrics", relay.addr))
+            .await
+            .1;
         assert!(!metrics.contains(password));
     }
 }

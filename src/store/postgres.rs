@@ -236,6 +236,13 @@ impl PgStore {
         if config.get_application_name().is_none() {
             config.application_name("p0-relay");
         }
+        // A relay cut off mid-transaction must not hold its locks (delivery keys, coalescing
+        // locks) until the server notices the dead connection: it gives them up after this.
+        let options = match config.get_options() {
+            Some(o) => format!("{o} -c idle_in_transaction_session_timeout=15s"),
+            None => "-c idle_in_transaction_session_timeout=15s".to_owned(),
+        };
+        config.options(options);
         let manager = Manager::from_config(
             config,
             tls.clone(),
