@@ -50,17 +50,17 @@ struct Fleet {
 
 /// `n` relay processes on the database at `url`, calling the fake P0 at `p0`.
 async fn fleet(n: usize, url: &str, p0: &str) -> Fleet {
-    fleet_with(n, url, p0, &[]).await
+    fleet_with(n, url, p0, &[], "3s").await
 }
 
-async fn fleet_with(n: usize, url: &str, p0: &str, vars: &[(&str, &str)]) -> Fleet {
+async fn fleet_with(n: usize, url: &str, p0: &str, vars: &[(&str, &str)], lease: &str) -> Fleet {
     let mut relays = Vec::new();
     let mut dirs = Vec::new();
     for _ in 0..n {
         let dir = tempfile::tempdir().unwrap();
         let setup = Setup {
             store_url: Some(url.to_owned()),
-            store_extra: "  claim_lease: 3s\n".into(),
+            store_extra: format!("  claim_lease: {lease}\n"),
             p0_extra: "  concurrency: 4\n".into(),
             ..Setup::default()
         };
@@ -263,7 +263,7 @@ async fn with_the_database_cut_off_nothing_is_acknowledged_and_accepts_resume_by
     let url = db
         .url_via(proxy.addr)
         .replace("postgres@", &format!("postgres:{password}@"));
-    let fleet = fleet_with(2, &url, &p0.uri(), &[("RUST_LOG", "debug")]).await;
+    let fleet = fleet_with(2, &url, &p0.uri(), &[("RUST_LOG", "debug")], "3s").await;
     let r = &fleet.relays;
     let mut acknowledged = Vec::new();
     let mut n = 0;
@@ -276,6 +276,31 @@ async fn with_the_database_cut_off_nothing_is_acknowledged_and_accepts_resume_by
         n += 1;
     }
 
+    // A stream of webhooks runs through the cut and the return: whatever was answered 202
+    // must reach P0, whatever else is 503.
+    let stream_bases: Vec<String> = r.iter().map(|x| format!("http://{}", x.addr)).collect();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stream = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let http = client();
+            let (mut acked, mut statuses) = (Vec::new(), BTreeMap::new());
+            let mut i = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                let hook = command(10_000 + i, &format!("/p0 revoke stream-{i}"));
+                let base = &stream_bases[(i % 2) as usize];
+                let (status, _) = answer(send(&http, base, &hook).await).await;
+                *statuses.entry(status).or_insert(0) += 1;
+                if status == 202 {
+                    acked.push(format!("stream-{i}"));
+                }
+                i += 1;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            (acked, statuses)
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
     proxy.cut().await;
     let http = client();
     for i in 0..6 {
@@ -322,7 +347,16 @@ async fn with_the_database_cut_off_nothing_is_acknowledged_and_accepts_resume_by
         let (status, body) = get_status(&format!("http://{}/readyz", relay.addr)).await;
         assert_eq!(status, 200, "ready again: {body}");
     }
-    // Nothing acknowledged was lost, before or after the outage.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let (streamed, statuses) = stream.await.unwrap();
+    assert!(
+        statuses.keys().all(|s| *s == 202 || *s == 503),
+        "{statuses:?}"
+    );
+    assert!(statuses.get(&503).is_some_and(|n| *n > 0), "{statuses:?}");
+    acknowledged.extend(streamed);
+    // Nothing acknowledged was lost, before, during or after the outage.
     wait_for_requests(&p0, &acknowledged, Duration::from_secs(15)).await;
     for relay in r {
         let log = std::fs::read_to_string(&relay.log).unwrap();
@@ -410,4 +444,34 @@ async fn jobs_list_show_and_replay_work_against_the_database_url() {
     let (code, out) = run_cli(&["jobs", "list", "--db", "mysql://root:pw-9@db/x"], &vars);
     assert_eq!(code, Some(1), "{out}");
     assert!(out.contains("--db") && !out.contains("pw-9"), "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_longer_than_the_lease_is_not_sent_twice() {
+    let Some(db) = TestDb::create().await else {
+        return;
+    };
+    // P0 takes 1.8 s; the lease is 1 s. The relay that claimed the decision renews its lease
+    // while the call is under way, so the other relay never takes it over.
+    let p0 = p0_ok(Duration::from_millis(1800)).await;
+    let fleet = fleet_with(2, &db.url(), &p0.uri(), &[], "1s").await;
+    let (status, answer) = fleet.relays[0].post(&command(7, "/p0 revoke slow-1")).await;
+    assert_eq!(status, 202, "{answer}");
+    let started = Instant::now();
+    while db
+        .query_i64("SELECT COUNT(*) FROM jobs WHERE state = 'succeeded'")
+        .await
+        < 1
+    {
+        assert!(started.elapsed() < Duration::from_secs(10), "not delivered");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let calls = p0.received_requests().await.unwrap_or_default();
+    assert_eq!(calls.len(), 1, "one call: {:?}", per_request(&calls));
+    assert_eq!(
+        db.query_i64("SELECT COUNT(*) FROM attempts").await,
+        1,
+        "one attempt recorded"
+    );
 }
