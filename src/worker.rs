@@ -102,16 +102,34 @@ impl Worker {
     }
 
     async fn execute(&self, job: Job) {
-        // The claim is held (its lease renewed) while the call is under way; if it is lost,
-        // another relay owns the decision now and this call is dropped.
+        // The claim is held (its lease renewed) while the call is under way and until its
+        // outcome is recorded; if it is lost, another relay owns the decision now and this
+        // relay lets go (on SQLite the claim is never lost).
+        let hold = self.store.hold_claim(&job);
+        tokio::pin!(hold);
         let record = tokio::select! {
             record = self.attempt(&job) => record,
-            () = self.store.hold_claim(&job) => return,
+            () = &mut hold => return,
         };
-        if let Err(e) = self.store.record(record).await {
-            // The job stays `sending` and is retried after the next start (or, on a shared
-            // store, once its lease runs out).
-            tracing::error!(job_id = job.id, error = %e, "cannot record the outcome of a P0 call");
+        // A store that cannot write now (a database outage) gets the outcome later, with
+        // backoff, for as long as the claim holds; after that the decision is sent again by
+        // whichever relay claims it next (and after a stop, at the next start).
+        let mut wait = Duration::from_millis(200);
+        loop {
+            let result = tokio::select! {
+                r = self.store.record(record.clone()) => r,
+                () = &mut hold => return,
+            };
+            let Err(e) = result else {
+                return;
+            };
+            tracing::error!(job_id = job.id, error = %e, retry_in_ms = wait.as_millis() as u64,
+                "cannot record the outcome of a P0 call");
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                () = &mut hold => return,
+            }
+            wait = (wait * 2).min(Duration::from_secs(5));
         }
     }
 

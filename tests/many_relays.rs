@@ -475,3 +475,41 @@ async fn a_call_longer_than_the_lease_is_not_sent_twice() {
         "one attempt recorded"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outcome_that_cannot_be_recorded_in_an_outage_is_recorded_after_it_not_sent_again() {
+    let Some(db) = TestDb::create().await else {
+        return;
+    };
+    let proxy = Proxy::start(db.server()).await;
+    let p0 = p0_ok(Duration::from_millis(1500)).await;
+    let fleet = fleet_with(1, &db.url_via(proxy.addr), &p0.uri(), &[], "10s").await;
+    let (status, answer) = fleet.relays[0]
+        .post(&command(9, "/p0 revoke in-flight-1"))
+        .await;
+    assert_eq!(status, 202, "{answer}");
+    // The call is under way; the database goes away before its answer comes back.
+    let started = Instant::now();
+    while p0.received_requests().await.unwrap_or_default().is_empty() {
+        assert!(started.elapsed() < Duration::from_secs(5), "no call");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    proxy.cut().await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    proxy.restore();
+    // Recorded once the database is back, well within the lease: not sent a second time.
+    let started = Instant::now();
+    while db
+        .query_i64("SELECT COUNT(*) FROM jobs WHERE state = 'succeeded'")
+        .await
+        < 1
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(6),
+            "outcome not recorded after the outage"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(p0.received_requests().await.unwrap_or_default().len(), 1);
+    assert_eq!(db.query_i64("SELECT COUNT(*) FROM attempts").await, 1);
+}
