@@ -344,8 +344,6 @@ async fn with_the_database_cut_off_nothing_is_acknowledged_and_accepts_resume_by
             n += 1;
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
-        let (status, body) = get_status(&format!("http://{}/readyz", relay.addr)).await;
-        assert_eq!(status, 200, "ready again: {body}");
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
@@ -356,6 +354,16 @@ async fn with_the_database_cut_off_nothing_is_acknowledged_and_accepts_resume_by
     );
     assert!(statuses.get(&503).is_some_and(|n| *n > 0), "{statuses:?}");
     acknowledged.extend(streamed);
+    for relay in r {
+        let (status, answer) = relay
+            .post(&command(n, &format!("/p0 revoke out-{n}")))
+            .await;
+        assert_eq!(status, 202, "{answer}");
+        acknowledged.push(format!("out-{n}"));
+        n += 1;
+        let (status, body) = get_status(&format!("http://{}/readyz", relay.addr)).await;
+        assert_eq!(status, 200, "ready again: {body}");
+    }
     // Nothing acknowledged was lost, before, during or after the outage.
     wait_for_requests(&p0, &acknowledged, Duration::from_secs(15)).await;
     for relay in r {
