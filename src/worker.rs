@@ -129,7 +129,7 @@ impl Worker {
                 _ = tokio::time::sleep(wait) => {}
                 () = &mut hold => return,
             }
-            wait = (wait * 2).min(Duration::from_secs(5));
+            wait = (wait * 2).min(Duration::from_secs(2));
         }
     }
 
