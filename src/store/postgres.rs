@@ -332,7 +332,7 @@ impl PgStore {
                 let version: i32 = tx
                     .query_one("SELECT COALESCE(MAX(version), 0) FROM p0_relay_schema", &[])
                     .await?
-                    .get(0);
+                    .try_get(0)?;
                 if version > known {
                     return Ok(version);
                 }
@@ -466,21 +466,21 @@ impl PgStore {
             .await?;
         let mut jobs = Vec::with_capacity(rows.len());
         for r in rows {
-            let action: String = r.get(4);
-            let id: i64 = r.get(0);
+            let action: String = r.try_get(4)?;
+            let id: i64 = r.try_get(0)?;
             jobs.push(Job {
                 id,
-                source: r.get(1),
-                org: r.get(2),
-                request_id: r.get(3),
+                source: r.try_get(1)?,
+                org: r.try_get(2)?,
+                request_id: r.try_get(3)?,
                 action: Action::parse(&action).ok_or_else(|| {
                     StoreError::Invalid(format!("job {id}: unknown action `{action}`"))
                 })?,
-                expiration: r.get(5),
-                attempts: r.get::<_, i32>(6).max(0) as u32,
-                accepted_at_ms: r.get(7),
-                window_start_ms: r.get(8),
-                claim: r.get(9),
+                expiration: r.try_get(5)?,
+                attempts: r.try_get::<_, i32>(6)?.max(0) as u32,
+                accepted_at_ms: r.try_get(7)?,
+                window_start_ms: r.try_get(8)?,
+                claim: r.try_get(9)?,
             });
         }
         jobs.sort_by_key(|j| j.id);
@@ -500,7 +500,7 @@ impl PgStore {
                     )
                     .await?;
                 let rows = c.query(&stmt, &[&now_ms]).await?;
-                Ok(rows.iter().map(|r| r.get(0)).collect())
+                rows.iter().map(|r| r.try_get(0)).collect()
             })
             .await?;
         if !ids.is_empty() {
@@ -577,7 +577,7 @@ impl PgStore {
             .await?;
         let mut counts = Counts::default();
         for r in rows {
-            let (state, n): (String, i64) = (r.get(0), r.get(1));
+            let (state, n): (String, i64) = (r.try_get(0)?, r.try_get(1)?);
             match state.as_str() {
                 "dead" => counts.dead += n as u64,
                 _ => counts.pending += n as u64,
@@ -600,7 +600,7 @@ impl PgStore {
                 c.query(&sql, &[&state, &source, &limit]).await
             })
             .await?;
-        Ok(rows.iter().map(summary).collect())
+        Ok(rows.iter().map(summary).collect::<Result<_, _>>()?)
     }
 
     pub async fn show(&self, id: i64) -> Result<Option<JobDetail>, StoreError> {
@@ -609,8 +609,8 @@ impl PgStore {
             let Some(row) = c.query_opt(&sql, &[&id]).await? else {
                 return Ok(None);
             };
-            let job = summary(&row);
-            let delivery_id: i64 = row.get(13);
+            let job = summary(&row)?;
+            let delivery_id: i64 = row.try_get(13)?;
             let d = c
                 .query_one(
                     "SELECT id, source, dedup_key, received_at, rule, actor FROM deliveries
@@ -626,23 +626,27 @@ impl PgStore {
                 )
                 .await?
                 .iter()
-                .map(|r| AttemptRow {
-                    at_ms: r.get(0),
-                    status: r.get::<_, Option<i32>>(1).map(|s| s.clamp(0, 999) as u16),
-                    result: r.get(2),
-                    error: r.get(3),
-                    duration_ms: r.get(4),
+                .map(|r| {
+                    Ok(AttemptRow {
+                        at_ms: r.try_get(0)?,
+                        status: r
+                            .try_get::<_, Option<i32>>(1)?
+                            .map(|s| s.clamp(0, 999) as u16),
+                        result: r.try_get(2)?,
+                        error: r.try_get(3)?,
+                        duration_ms: r.try_get(4)?,
+                    })
                 })
-                .collect();
+                .collect::<Result<_, tokio_postgres::Error>>()?;
             Ok(Some(JobDetail {
                 job,
                 delivery: DeliveryInfo {
-                    id: d.get(0),
-                    source: d.get(1),
-                    dedup_key: d.get(2),
-                    received_at_ms: d.get(3),
-                    rule: d.get(4),
-                    actor: d.get(5),
+                    id: d.try_get(0)?,
+                    source: d.try_get(1)?,
+                    dedup_key: d.try_get(2)?,
+                    received_at_ms: d.try_get(3)?,
+                    rule: d.try_get(4)?,
+                    actor: d.try_get(5)?,
                 },
                 attempts,
             }))
@@ -672,8 +676,8 @@ impl PgStore {
                 .query(sql, &[&now_ms, &arg])
                 .await?
                 .iter()
-                .map(|r| r.get(0))
-                .collect();
+                .map(|r| r.try_get(0))
+                .collect::<Result<_, _>>()?;
             if !ids.is_empty() {
                 tx.execute("SELECT pg_notify($1, '')", &[&CHANNEL]).await?;
             }
@@ -833,22 +837,24 @@ fn parse_result(v: &Value) -> Result<Accepted, StoreError> {
 const SUMMARY: &str = "id, source, org, request_id, action, expiration, state, attempts,
     created_at, updated_at, next_attempt_at, last_status, last_error";
 
-fn summary(r: &tokio_postgres::Row) -> JobSummary {
-    JobSummary {
-        id: r.get(0),
-        source: r.get(1),
-        org: r.get(2),
-        request_id: r.get(3),
-        action: r.get(4),
-        expiration: r.get(5),
-        state: r.get(6),
-        attempts: r.get::<_, i32>(7).max(0) as u32,
-        created_at_ms: r.get(8),
-        updated_at_ms: r.get(9),
-        next_attempt_at_ms: r.get(10),
-        last_status: r.get::<_, Option<i32>>(11).map(|s| s.clamp(0, 999) as u16),
-        last_error: r.get(12),
-    }
+fn summary(r: &tokio_postgres::Row) -> Result<JobSummary, tokio_postgres::Error> {
+    Ok(JobSummary {
+        id: r.try_get(0)?,
+        source: r.try_get(1)?,
+        org: r.try_get(2)?,
+        request_id: r.try_get(3)?,
+        action: r.try_get(4)?,
+        expiration: r.try_get(5)?,
+        state: r.try_get(6)?,
+        attempts: r.try_get::<_, i32>(7)?.max(0) as u32,
+        created_at_ms: r.try_get(8)?,
+        updated_at_ms: r.try_get(9)?,
+        next_attempt_at_ms: r.try_get(10)?,
+        last_status: r
+            .try_get::<_, Option<i32>>(11)?
+            .map(|s| s.clamp(0, 999) as u16),
+        last_error: r.try_get(12)?,
+    })
 }
 
 /// A write for the batch writer.
