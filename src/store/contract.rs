@@ -747,3 +747,46 @@ async fn an_unreachable_database_is_unavailable_not_a_hang() {
     assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
     assert!(started.elapsed() < Duration::from_secs(10));
 }
+
+#[tokio::test]
+async fn tls_as_libpq_require_encrypts_and_verify_full_checks_the_certificate() {
+    let Some(db) = TestDb::create().await else {
+        return;
+    };
+    let raw = db.raw().await;
+    let ssl: String = raw.query_one("SHOW ssl", &[]).await.unwrap().get(0);
+    if ssl != "on" {
+        eprintln!("the server has no TLS (ssl = {ssl}): skipped");
+        return;
+    }
+    let with_mode = |mode: &str| {
+        let url = db
+            .url
+            .replace("sslmode=disable", &format!("sslmode={mode}"));
+        match StoreLocation::parse("test", &url, std::path::Path::new(".")) {
+            Ok(StoreLocation::Postgres(p)) => *p,
+            other => panic!("{other:?}"),
+        }
+    };
+    // `require`: encrypted, the (self-signed) certificate not checked, as libpq does.
+    let s = PgStore::open(&with_mode("require"), WINDOWS, false, LEASE)
+        .await
+        .unwrap();
+    s.probe().await.unwrap();
+    let c = s.client().await.unwrap();
+    let encrypted: bool = c
+        .query_one(
+            "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(encrypted, "the connection is TLS");
+    // `verify-full`: a certificate the system does not trust is refused.
+    let err = PgStore::open(&with_mode("verify-full"), WINDOWS, false, LEASE)
+        .await
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("certificate"), "{err}");
+}

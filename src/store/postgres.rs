@@ -217,6 +217,20 @@ fn unavailable(what: &str, e: impl std::fmt::Display) -> StoreError {
     StoreError::Unavailable(format!("PostgreSQL {what}: {e}"))
 }
 
+/// An error with its causes (a TLS handshake failure says why: an untrusted certificate...).
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let more = c.to_string();
+        if !text.contains(&more) {
+            text = format!("{text}: {more}");
+        }
+        cause = c.source();
+    }
+    text
+}
+
 fn ms(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
@@ -279,11 +293,11 @@ impl PgStore {
         self.lease
     }
 
-    async fn client(&self) -> Result<Object, StoreError> {
+    pub(super) async fn client(&self) -> Result<Object, StoreError> {
         self.pool
             .get()
             .await
-            .map_err(|e| unavailable("unreachable", e))
+            .map_err(|e| unavailable("unreachable", chain(&e)))
     }
 
     /// Runs `work` on a pooled connection within `limit`; a connection that timed out is
