@@ -41,6 +41,7 @@ drain() {
 }
 
 # start_relay BINARY TAG: the relay with a fresh store on disk, pacing and limits off.
+# STORE_URL (a postgres:// URL) and LISTEN override the store and the address.
 start_relay() {
   cat >"$work/env" <<ENV
 P0_ORG_ID=bench
@@ -50,13 +51,13 @@ GITHUB_WEBHOOK_SECRET=bench-secret
 PAGERDUTY_WEBHOOK_SECRET=unused
 OPSGENIE_WEBHOOK_TOKEN=unused
 GITHUB_APPROVERS=octocat
-P0_RELAY_LISTEN=$RELAY
-P0_RELAY_DB=$work/relay-$2.db
+P0_RELAY_LISTEN=${LISTEN:-$RELAY}
+P0_RELAY_DB=${STORE_URL:-$work/relay-$2.db}
 P0_RELAY_INBOUND_LIMIT=0
 P0_RELAY_P0_RATE=0
 ENV
   "$1" serve --env-file "$work/env" 2>"$work/relay-$2.log" & relay_pid=$!
-  pids+=("$relay_pid"); wait_port "$RELAY"
+  pids+=("$relay_pid"); wait_port "${LISTEN:-$RELAY}"
 }
 
 stop_both() { kill "$relay_pid" "$sink_pid" 2>/dev/null || true; wait "$relay_pid" "$sink_pid" 2>/dev/null || true; }

@@ -23,7 +23,7 @@ use crate::p0;
 use crate::ratelimit::KeyedLimit;
 use crate::receiver::{self, Receiver};
 use crate::server::{self, ConnLimits};
-use crate::store::{SqliteStore, Store, StoreHandle, Windows, now_ms};
+use crate::store::{self, StoreHandle, StoreTask, Windows, now_ms};
 use crate::supervise::{Components, Failure};
 use crate::worker::Worker;
 
@@ -92,23 +92,18 @@ impl Relay {
                     .map_err(|e| anyhow!(e))?,
             )
         };
-        let mut store = SqliteStore::open(
-            &settings.store.path,
+        let (store, writer) = store::open(
+            &settings.store.location,
             Windows {
                 dedup: settings.store.dedup_window,
                 coalesce: settings.store.coalesce_window,
             },
             settings.store.store_payloads,
+            settings.store.claim_lease,
+            opts.group_commit,
         )
-        .with_context(|| format!("cannot open the store at {}", settings.store.path.display()))?;
-        let resumed = store.recover()?;
-        if resumed > 0 {
-            tracing::warn!(
-                resumed,
-                "decisions in flight at the last stop are queued again"
-            );
-        }
-        let (store, writer) = StoreHandle::spawn(Box::new(store), opts.group_commit)?;
+        .await
+        .with_context(|| format!("cannot open the store at {}", settings.store.location))?;
 
         let metrics = Metrics::new(mappings.mappings.keys().map(String::as_str))?;
         let listener = TcpListener::bind(settings.listen)
@@ -133,6 +128,7 @@ impl Relay {
         };
 
         let wake = Arc::new(Notify::new());
+        store.wake_on_new_work(wake.clone());
         let health = Arc::new(Health::default());
         let receiver = Arc::new(Receiver {
             mappings: Arc::new(ArcSwap::from_pointee(mappings)),
@@ -213,7 +209,12 @@ impl Relay {
         );
         // The writer thread ends once every handle is gone (every component above has ended)
         // and its queue is drained.
-        components.watch_thread("store-writer", writer);
+        match writer {
+            StoreTask::Thread(thread) => components.watch_thread("store-writer", thread),
+            StoreTask::Task(task) => components.spawn("store-writer", async move {
+                task.await.map_err(|e| format!("ended abnormally: {e}"))
+            }),
+        }
         tracing::info!(%addr, sources = ?receiver.mappings.load().mappings.keys().collect::<Vec<_>>(), "relay listening");
 
         let health = receiver.health.clone();

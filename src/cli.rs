@@ -14,7 +14,7 @@ use crate::app::{Options, Relay};
 use crate::config::Settings;
 use crate::config::env::Env;
 use crate::mapping::{Input, MappingSet, cases};
-use crate::store::{ListFilter, Replay, SqliteStore, State, Store, Windows, now_ms};
+use crate::store::{self, ListFilter, Replay, State, StoreLocation, Windows};
 
 /// `println!` for this module: the line is printed through `terminal_safe`.
 macro_rules! say {
@@ -97,9 +97,9 @@ enum Command {
     Jobs {
         #[command(flatten)]
         config: ConfigArg,
-        /// The store file, instead of the one the config names.
-        #[arg(long, global = true)]
-        db: Option<PathBuf>,
+        /// The store (a SQLite file or a postgres:// URL), instead of the one the config names.
+        #[arg(long, global = true, value_name = "PATH|URL")]
+        db: Option<String>,
         #[command(subcommand)]
         command: JobsCommand,
     },
@@ -335,6 +335,12 @@ fn check(config: &Path, env: &Env) -> ExitCode {
     if settings.p0.token.is_none() {
         say!("note: p0.token is empty: `serve` will need --dry-run or P0_API_TOKEN");
     }
+    let backend = if settings.store.location.is_postgres() {
+        "PostgreSQL"
+    } else {
+        "SQLite"
+    };
+    println!("store: {} ({backend})", settings.store.location);
     for (source, m) in &mappings.mappings {
         say!(
             "ok: {source} ({}, verified by {})",
@@ -594,18 +600,21 @@ fn time(ms: i64) -> String {
     humantime::format_rfc3339_seconds(t).to_string()
 }
 
-fn jobs(config: &Path, env: &Env, db: Option<PathBuf>, command: JobsCommand) -> ExitCode {
-    let (path, windows) = match db {
-        Some(p) => (
-            p,
-            Windows {
-                dedup: std::time::Duration::from_secs(7 * 86_400),
-                coalesce: std::time::Duration::from_secs(600),
-            },
-        ),
+fn jobs(config: &Path, env: &Env, db: Option<String>, command: JobsCommand) -> ExitCode {
+    let (location, windows) = match db {
+        Some(text) => match StoreLocation::parse("--db", &text, Path::new(".")) {
+            Ok(l) => (
+                l,
+                Windows {
+                    dedup: std::time::Duration::from_secs(7 * 86_400),
+                    coalesce: std::time::Duration::from_secs(600),
+                },
+            ),
+            Err(e) => return fail(&[e]),
+        },
         None => match Settings::load(config, env) {
             Ok(s) => (
-                s.store.path.clone(),
+                s.store.location.clone(),
                 Windows {
                     dedup: s.store.dedup_window,
                     coalesce: s.store.coalesce_window,
@@ -614,13 +623,31 @@ fn jobs(config: &Path, env: &Env, db: Option<PathBuf>, command: JobsCommand) -> 
             Err(errors) => return fail(&errors),
         },
     };
-    if !path.exists() {
+    if let StoreLocation::Sqlite(path) = &location
+        && !path.exists()
+    {
         return fail(&[format!("{}: no store here yet", path.display())]);
     }
-    let mut store = match SqliteStore::open(&path, windows, false) {
-        Ok(s) => s,
-        Err(e) => return fail(&[format!("{}: {e}", path.display())]),
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => return fail(&[format!("cannot start the runtime: {e}")]),
     };
+    runtime.block_on(async {
+        let (store, writer) = match store::inspect(&location, windows).await {
+            Ok(s) => s,
+            Err(e) => return fail(&[format!("{location}: {e}")]),
+        };
+        let code = jobs_command(&store, command).await;
+        drop(store);
+        writer.join().await;
+        code
+    })
+}
+
+async fn jobs_command(store: &store::StoreHandle, command: JobsCommand) -> ExitCode {
     let result = match command {
         JobsCommand::List {
             state,
@@ -637,7 +664,7 @@ fn jobs(config: &Path, env: &Env, db: Option<PathBuf>, command: JobsCommand) -> 
                     )]);
                 }
             };
-            store.list(&ListFilter { state, source, limit }).map(|rows| {
+            store.list(ListFilter { state, source, limit }).await.map(|rows| {
                 if json {
                     for r in rows {
                         println!("{}", json_safe(&serde_json::to_string(&r).unwrap_or_default()));
@@ -670,7 +697,7 @@ fn jobs(config: &Path, env: &Env, db: Option<PathBuf>, command: JobsCommand) -> 
                 }
             })
         }
-        JobsCommand::Show { id } => store.show(id).map(|found| match found {
+        JobsCommand::Show { id } => store.show(id).await.map(|found| match found {
             None => say!("no job {id}"),
             Some(d) => {
                 let j = &d.job;
@@ -727,7 +754,7 @@ fn jobs(config: &Path, env: &Env, db: Option<PathBuf>, command: JobsCommand) -> 
                 (None, true) => Replay::AllDead,
                 _ => return fail(&["name a job ID or --dead".into()]),
             };
-            store.replay(which, now_ms()).map(|ids| {
+            store.replay(which).await.map(|ids| {
                 if ids.is_empty() {
                     say!("nothing to replay (only dead or rejected jobs can be replayed)");
                 } else {

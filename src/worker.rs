@@ -140,6 +140,7 @@ impl Worker {
         );
         let record = AttemptRecord {
             job_id: job.id,
+            claim: job.claim,
             at_ms: now,
             state: if next.is_some() {
                 State::Pending
@@ -159,6 +160,38 @@ impl Worker {
     }
 
     async fn execute(&self, job: Job) {
+        // The claim is held (its lease renewed) while the call is under way and until its
+        // outcome is recorded; if it is lost, another relay owns the decision now and this
+        // relay lets go (on SQLite the claim is never lost).
+        let hold = self.store.hold_claim(&job);
+        tokio::pin!(hold);
+        let record = tokio::select! {
+            record = self.attempt(&job) => record,
+            () = &mut hold => return,
+        };
+        // A store that cannot write now (a database outage) gets the outcome later, with
+        // backoff, for as long as the claim holds; after that the decision is sent again by
+        // whichever relay claims it next (and after a stop, at the next start).
+        let mut wait = Duration::from_millis(200);
+        loop {
+            let result = tokio::select! {
+                r = self.store.record(record.clone()) => r,
+                () = &mut hold => return,
+            };
+            let Err(e) = result else {
+                return;
+            };
+            tracing::error!(job_id = job.id, error = %e, retry_in_ms = wait.as_millis() as u64,
+                "cannot record the outcome of a P0 call");
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                () = &mut hold => return,
+            }
+            wait = (wait * 2).min(Duration::from_secs(2));
+        }
+    }
+
+    async fn attempt(&self, job: &Job) -> AttemptRecord {
         self.pacing.wait(&job.org).await;
         // A fault for the unit tests: the first attempt of `panic-*` requests panics.
         #[cfg(test)]
@@ -200,16 +233,13 @@ impl Worker {
                 error: "stored IDs are not valid".into(),
             }),
         };
-        let record = self.next_state(&job, outcome, started);
+        let record = self.next_state(job, outcome, started);
         tracing::info!(
             job_id = job.id, action = %action, result = record.result, status = ?record.status,
             attempt = record.attempts, state = record.state.as_str(),
             duration_ms = record.duration_ms, "P0 call"
         );
-        if let Err(e) = self.store.record(record).await {
-            // The job stays `sending` and is retried after the next start.
-            tracing::error!(job_id = job.id, error = %e, "cannot record the outcome of a P0 call");
-        }
+        record
     }
 
     fn next_state(&self, job: &Job, outcome: Option<Outcome>, started: Instant) -> AttemptRecord {
@@ -218,6 +248,7 @@ impl Worker {
         let attempts = job.attempts.saturating_add(1);
         let mut rec = AttemptRecord {
             job_id: job.id,
+            claim: job.claim,
             at_ms: now,
             state: State::DryRun,
             attempts,

@@ -493,3 +493,72 @@ async fn no_sender_or_p0_text_reaches_the_terminal_raw() {
     assert!(seen.contains("\\u{1b}]0;pwned\\u{7}"), "{seen}");
     drop(relay);
 }
+
+#[test]
+fn check_names_a_postgres_store_without_its_password() {
+    let url = "postgres://relay:pw-4f8a1c@db.internal:5432/relay?sslmode=require";
+    let o = relay(
+        &["check", "--env-file", "demo.env"],
+        &[("P0_RELAY_DB", url)],
+    );
+    let out = text(&o);
+    assert!(o.status.success(), "{out}");
+    assert!(
+        out.contains(
+            "store: postgres://relay:***@db.internal:5432/relay?sslmode=require (PostgreSQL)"
+        ),
+        "{out}"
+    );
+    assert!(!out.contains("pw-4f8a1c"), "{out}");
+    // The URL may come from a file (a mounted secret), as every setting may.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("db-url");
+    std::fs::write(&file, format!("{url}\n")).unwrap();
+    let o = relay(
+        &["check", "--env-file", "demo.env"],
+        &[("P0_RELAY_DB_FILE", file.to_str().unwrap())],
+    );
+    let out = text(&o);
+    assert!(o.status.success(), "{out}");
+    assert!(
+        out.contains("store: postgres://relay:***@db.internal"),
+        "{out}"
+    );
+    assert!(!out.contains("pw-4f8a1c"), "{out}");
+}
+
+#[test]
+fn a_url_that_is_not_postgres_is_refused_never_taken_for_a_file_name() {
+    for url in [
+        "mysql://root:pw-4f8a1c@db/relay",
+        "sqlite:///var/lib/relay.db",
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let o = Command::new(env!("CARGO_BIN_EXE_p0-relay"))
+            .current_dir(dir.path())
+            .env_clear()
+            .env("P0_RELAY_DB", url)
+            .args([
+                "serve",
+                "--dry-run",
+                "--config",
+                repo().join("relay.yaml").to_str().unwrap(),
+                "--env-file",
+                repo().join("demo.env").to_str().unwrap(),
+            ])
+            .output()
+            .unwrap();
+        let out = text(&o);
+        assert_eq!(o.status.code(), Some(1), "{out}");
+        assert!(
+            out.contains("store.path") && out.contains("not a PostgreSQL"),
+            "{out}"
+        );
+        assert!(!out.contains("pw-4f8a1c"), "{out}");
+        assert_eq!(
+            std::fs::read_dir(dir.path()).unwrap().count(),
+            0,
+            "nothing created"
+        );
+    }
+}

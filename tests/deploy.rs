@@ -40,7 +40,15 @@ fn tool(cmd: &str, args: &[&str]) -> Option<String> {
 #[test]
 fn compose_file_is_valid() {
     if let Some(out) = tool("docker-compose", &["config"]) {
-        for service in ["relay:", "mock-p0:", "prometheus:", "grafana:"] {
+        for service in [
+            "postgres:",
+            "relay-1:",
+            "relay-2:",
+            "lb:",
+            "mock-p0:",
+            "prometheus:",
+            "grafana:",
+        ] {
             assert!(out.contains(service), "{out}");
         }
     }

@@ -1,7 +1,8 @@
 -- wrk script: real GitHub issue_comment deliveries, each with a unique delivery ID and
 -- request ID, signed per request with HMAC-SHA256 (LuaJIT FFI to the libcrypto wrk links).
 -- Environment: BENCH_SECRET (signing secret), BENCH_RATE (requests/s per connection, 0 = as
--- fast as possible), BENCH_PAYLOAD (the payload template file).
+-- fast as possible), BENCH_PAYLOAD (the payload template file), BENCH_SALT (distinguishes
+-- the IDs of several wrk processes run at once).
 local ffi = require("ffi")
 ffi.cdef[[
   typedef struct evp_md_st EVP_MD;
@@ -42,7 +43,7 @@ function init(args)
   s202 = 0
   s200 = 0
   other = 0
-  prefix = string.format("t%d-%d-", tid, math.random(1, 1000000000))
+  prefix = string.format("%st%d-%d-", os.getenv("BENCH_SALT") or "", tid, math.random(1, 1000000000))
 end
 
 function request()

@@ -14,6 +14,7 @@ use serde_json::Value;
 use crate::domain::{Expiration, Id};
 use crate::mapping::{Defaults, Enabled};
 use crate::secret::Secret;
+use crate::store::StoreLocation;
 use env::Env;
 
 /// Validated settings. Relative paths are resolved against the config file's folder.
@@ -32,10 +33,13 @@ pub struct Settings {
 
 #[derive(Debug, Clone)]
 pub struct StoreSettings {
-    pub path: PathBuf,
+    /// A SQLite file or a PostgreSQL database (`store.path`, `P0_RELAY_DB`).
+    pub location: StoreLocation,
     pub dedup_window: Duration,
     pub coalesce_window: Duration,
     pub store_payloads: bool,
+    /// How long a relay's claim on a decision lasts without renewal (PostgreSQL).
+    pub claim_lease: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -110,6 +114,7 @@ struct RawStore {
     coalesce_window: Option<String>,
     #[serde(default, deserialize_with = "flexible_bool")]
     store_payloads: bool,
+    claim_lease: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -391,6 +396,30 @@ fn build(raw: Raw, base: &Path, errors: &mut Vec<String>) -> Option<Settings> {
             false
         }
     };
+    let location = match StoreLocation::parse(
+        "store.path",
+        raw.store
+            .path
+            .as_deref()
+            .filter(|p| !p.trim().is_empty())
+            .unwrap_or("data/relay.db"),
+        base,
+    ) {
+        Ok(l) => Some(l),
+        Err(e) => {
+            errors.push(e);
+            None
+        }
+    };
+    let claim_lease = duration(
+        "store.claim_lease",
+        raw.store.claim_lease.as_deref(),
+        "30s",
+        errors,
+    );
+    if claim_lease < Duration::from_secs(1) {
+        errors.push("store.claim_lease: must be at least 1s".into());
+    }
     let positive = |key: &str, v: Option<u64>, default: u64, errors: &mut Vec<String>| {
         let v = v.unwrap_or(default);
         if v == 0 {
@@ -412,13 +441,7 @@ fn build(raw: Raw, base: &Path, errors: &mut Vec<String>) -> Option<Settings> {
         metrics_listen,
         mappings_dir: resolve(raw.mappings.as_deref().unwrap_or("mappings")),
         store: StoreSettings {
-            path: resolve(
-                raw.store
-                    .path
-                    .as_deref()
-                    .filter(|p| !p.is_empty())
-                    .unwrap_or("data/relay.db"),
-            ),
+            location: location?,
             dedup_window: duration(
                 "store.dedup_window",
                 raw.store.dedup_window.as_deref(),
@@ -432,6 +455,7 @@ fn build(raw: Raw, base: &Path, errors: &mut Vec<String>) -> Option<Settings> {
                 errors,
             ),
             store_payloads: raw.store.store_payloads,
+            claim_lease,
         },
         p0: P0Settings {
             base_url: base_url?,

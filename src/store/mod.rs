@@ -1,17 +1,26 @@
 //! Durable deliveries and decisions behind one interface (`Store`), and the handle the async
-//! relay uses: a dedicated thread that commits everything waiting in one transaction and one
-//! sync (group commit), so durability does not cost throughput.
+//! relay uses, `StoreHandle`: on SQLite a dedicated thread that commits everything waiting in
+//! one transaction and one sync (group commit), on PostgreSQL a task that does the same over a
+//! connection pool, so durability does not cost throughput.
 
+#[cfg(test)]
+mod contract;
+pub mod location;
+pub mod pg_tls;
+pub mod postgres;
 pub mod sqlite;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Serialize;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Notify, mpsc, oneshot};
 
 use crate::domain::Action;
 use crate::policy::Decision;
 
+pub use location::{PgLocation, StoreLocation};
+pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
 
 /// A decision's life: `pending` → `sending` → `succeeded` | `rejected` | `dead` (or `dry_run`).
@@ -93,12 +102,17 @@ pub struct Job {
     pub accepted_at_ms: i64,
     /// When the retry clock started: acceptance, or the last replay.
     pub window_start_ms: i64,
+    /// The claim token: a job's outcome is recorded only with the token of its current claim,
+    /// so a relay whose claim was taken over cannot overwrite another's outcome.
+    pub claim: i64,
 }
 
 /// The outcome of one attempt, and the state it leaves the job in.
 #[derive(Debug, Clone)]
 pub struct AttemptRecord {
     pub job_id: i64,
+    /// The token of the claim this attempt was made under (`Job::claim`).
+    pub claim: i64,
     pub at_ms: i64,
     pub state: State,
     pub attempts: u32,
@@ -184,14 +198,20 @@ pub enum StoreError {
     Sqlite(#[from] rusqlite::Error),
     #[error("store: {0}")]
     Io(#[from] std::io::Error),
+    #[error("store: {0}")]
+    Postgres(#[from] tokio_postgres::Error),
+    /// The database cannot be reached now (the receiver answers 503 with `Retry-After`).
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
     #[error("{0}")]
     Invalid(String),
     #[error("store is shut down")]
     Closed,
 }
 
-/// The durable store. Each call that writes is one transaction, committed and synced before
-/// it returns. Narrow enough that a PostgreSQL implementation can follow.
+/// The durable store, as the SQLite writer thread drives it. Each call that writes is one
+/// transaction, committed and synced before it returns. `PgStore` offers the same operations,
+/// async and safe for many relays at once; `contract.rs` holds both to the same tests.
 pub trait Store: Send {
     /// Stores each delivery with its decisions (deduplicating by source and dedup key,
     /// coalescing repeated decisions) and records attempt outcomes, all in one transaction
@@ -242,16 +262,118 @@ enum Other {
     Counts(oneshot::Sender<Result<Counts, StoreError>>),
     Prune(i64, oneshot::Sender<Result<usize, StoreError>>),
     Probe(oneshot::Sender<Result<(), StoreError>>),
+    List(
+        ListFilter,
+        oneshot::Sender<Result<Vec<JobSummary>, StoreError>>,
+    ),
+    Show(i64, oneshot::Sender<Result<Option<JobDetail>, StoreError>>),
+    Replay(Replay, oneshot::Sender<Result<Vec<i64>, StoreError>>),
 }
 
-/// The async face of a store: cheap to clone, bounded, one writer thread behind it.
+/// The async face of a store, the one the receiver, the worker and the command line use:
+/// cheap to clone, bounded; a writer thread (SQLite) or a writer task and a pool (PostgreSQL)
+/// behind it.
 #[derive(Clone)]
 pub struct StoreHandle {
-    tx: mpsc::Sender<Op>,
+    backend: Backend,
+}
+
+#[derive(Clone)]
+enum Backend {
+    Sqlite(mpsc::Sender<Op>),
+    Postgres(Arc<postgres::Shared>),
 }
 
 /// How many waiting operations one transaction may take.
 const MAX_BATCH: usize = 1024;
+
+/// What keeps a store's writer running; `join` waits for it to finish once every handle is
+/// gone and its queue is drained.
+pub enum StoreTask {
+    Thread(std::thread::JoinHandle<()>),
+    Task(tokio::task::JoinHandle<()>),
+}
+
+impl StoreTask {
+    pub async fn join(self) {
+        match self {
+            StoreTask::Thread(t) => {
+                let _ = tokio::task::spawn_blocking(move || t.join()).await;
+            }
+            StoreTask::Task(t) => {
+                let _ = t.await;
+            }
+        }
+    }
+}
+
+/// Opens the store at `location` for a relay (creating or migrating it), returns decisions
+/// left in flight by a stop to pending, and starts its writer.
+pub async fn open(
+    location: &StoreLocation,
+    windows: Windows,
+    store_payloads: bool,
+    claim_lease: Duration,
+    group_commit: bool,
+) -> Result<(StoreHandle, StoreTask), StoreError> {
+    open_for(
+        location,
+        windows,
+        store_payloads,
+        claim_lease,
+        group_commit,
+        true,
+    )
+    .await
+}
+
+/// Opens the store for inspection (`p0-relay jobs`): nothing in flight is touched, so relays
+/// running on the same store go on undisturbed.
+pub async fn inspect(
+    location: &StoreLocation,
+    windows: Windows,
+) -> Result<(StoreHandle, StoreTask), StoreError> {
+    let lease = Duration::from_secs(30);
+    open_for(location, windows, false, lease, true, false).await
+}
+
+async fn open_for(
+    location: &StoreLocation,
+    windows: Windows,
+    store_payloads: bool,
+    claim_lease: Duration,
+    group_commit: bool,
+    recover: bool,
+) -> Result<(StoreHandle, StoreTask), StoreError> {
+    let max = if group_commit { MAX_BATCH } else { 1 };
+    match location {
+        StoreLocation::Sqlite(path) => {
+            let mut store = SqliteStore::open(path, windows, store_payloads)?;
+            let resumed = if recover { store.recover()? } else { 0 };
+            if resumed > 0 {
+                tracing::warn!(
+                    resumed,
+                    "decisions in flight at the last stop are queued again"
+                );
+            }
+            let (handle, thread) = StoreHandle::spawn(Box::new(store), group_commit)?;
+            Ok((handle, StoreTask::Thread(thread)))
+        }
+        StoreLocation::Postgres(pg) => {
+            let store = PgStore::open(pg, windows, store_payloads, claim_lease).await?;
+            if recover {
+                store.recover(now_ms()).await?;
+            }
+            let (shared, task) = postgres::Shared::spawn(store, max, MAX_BATCH * 4);
+            Ok((
+                StoreHandle {
+                    backend: Backend::Postgres(Arc::new(shared)),
+                },
+                StoreTask::Task(task),
+            ))
+        }
+    }
+}
 
 impl StoreHandle {
     /// Starts the writer thread. With `group_commit` off every delivery gets its own
@@ -265,23 +387,48 @@ impl StoreHandle {
         let thread = std::thread::Builder::new()
             .name("store-writer".into())
             .spawn(move || writer(store, rx, max))?;
-        Ok((StoreHandle { tx }, thread))
+        Ok((
+            StoreHandle {
+                backend: Backend::Sqlite(tx),
+            },
+            thread,
+        ))
     }
 
     async fn call<T>(
-        &self,
+        tx: &mpsc::Sender<Op>,
         op: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> Op,
     ) -> Result<T, StoreError> {
         let (reply, rx) = oneshot::channel();
-        self.tx
+        tx.send(op(reply)).await.map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    async fn write<T>(
+        pg: &postgres::Shared,
+        op: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> postgres::Write,
+    ) -> Result<T, StoreError> {
+        let (reply, rx) = oneshot::channel();
+        pg.writes
             .send(op(reply))
             .await
             .map_err(|_| StoreError::Closed)?;
         rx.await.map_err(|_| StoreError::Closed)?
     }
 
+    /// The PostgreSQL store behind this handle, if that is the backend.
+    pub fn postgres(&self) -> Option<&PgStore> {
+        match &self.backend {
+            Backend::Sqlite(_) => None,
+            Backend::Postgres(pg) => Some(&pg.store),
+        }
+    }
+
     pub async fn accept(&self, d: NewDelivery) -> Result<Accepted, StoreError> {
-        self.call(|r| Op::Accept(d, r)).await
+        match &self.backend {
+            Backend::Sqlite(tx) => Self::call(tx, |r| Op::Accept(d, r)).await,
+            Backend::Postgres(pg) => Self::write(pg, |r| postgres::Write::Accept(d, r)).await,
+        }
     }
     /// Stores several deliveries (the elements of one webhook): all are queued before any
     /// reply is awaited, so they normally share one transaction. The first error is returned;
@@ -290,10 +437,17 @@ impl StoreHandle {
         let mut replies = Vec::with_capacity(ds.len());
         for d in ds {
             let (reply, rx) = oneshot::channel();
-            self.tx
-                .send(Op::Accept(d, reply))
-                .await
-                .map_err(|_| StoreError::Closed)?;
+            let sent = match &self.backend {
+                Backend::Sqlite(tx) => tx.send(Op::Accept(d, reply)).await.is_ok(),
+                Backend::Postgres(pg) => pg
+                    .writes
+                    .send(postgres::Write::Accept(d, reply))
+                    .await
+                    .is_ok(),
+            };
+            if !sent {
+                return Err(StoreError::Closed);
+            }
             replies.push(rx);
         }
         let mut out = Vec::with_capacity(replies.len());
@@ -303,25 +457,81 @@ impl StoreHandle {
         Ok(out)
     }
     pub async fn record(&self, rec: AttemptRecord) -> Result<(), StoreError> {
-        self.call(|r| Op::Record(rec, r)).await
+        match &self.backend {
+            Backend::Sqlite(tx) => Self::call(tx, |r| Op::Record(rec, r)).await,
+            Backend::Postgres(pg) => Self::write(pg, |r| postgres::Write::Record(rec, r)).await,
+        }
     }
     pub async fn claim_due(&self, limit: usize) -> Result<Vec<Job>, StoreError> {
-        self.call(|r| Op::Other(Other::Claim(limit, r))).await
+        match &self.backend {
+            Backend::Sqlite(tx) => Self::call(tx, |r| Op::Other(Other::Claim(limit, r))).await,
+            Backend::Postgres(pg) => pg.store.claim_due(now_ms(), limit).await,
+        }
     }
     pub async fn next_due(&self) -> Result<Option<i64>, StoreError> {
-        self.call(|r| Op::Other(Other::NextDue(r))).await
+        match &self.backend {
+            Backend::Sqlite(tx) => Self::call(tx, |r| Op::Other(Other::NextDue(r))).await,
+            Backend::Postgres(pg) => pg.store.next_due().await,
+        }
     }
     pub async fn counts(&self) -> Result<Counts, StoreError> {
-        self.call(|r| Op::Other(Other::Counts(r))).await
+        match &self.backend {
+            Backend::Sqlite(tx) => Self::call(tx, |r| Op::Other(Other::Counts(r))).await,
+            Backend::Postgres(pg) => pg.store.counts().await,
+        }
     }
     pub async fn prune(&self, older_than_ms: i64) -> Result<usize, StoreError> {
-        self.call(|r| Op::Other(Other::Prune(older_than_ms, r)))
-            .await
+        match &self.backend {
+            Backend::Sqlite(tx) => {
+                Self::call(tx, |r| Op::Other(Other::Prune(older_than_ms, r))).await
+            }
+            Backend::Postgres(pg) => pg.store.prune(older_than_ms).await,
+        }
     }
-    /// Whether the store can take a write now. It goes through the writer thread like any
-    /// request, so a dead or stuck writer fails it too.
+    pub async fn list(&self, filter: ListFilter) -> Result<Vec<JobSummary>, StoreError> {
+        match &self.backend {
+            Backend::Sqlite(tx) => Self::call(tx, |r| Op::Other(Other::List(filter, r))).await,
+            Backend::Postgres(pg) => pg.store.list(&filter).await,
+        }
+    }
+    pub async fn show(&self, id: i64) -> Result<Option<JobDetail>, StoreError> {
+        match &self.backend {
+            Backend::Sqlite(tx) => Self::call(tx, |r| Op::Other(Other::Show(id, r))).await,
+            Backend::Postgres(pg) => pg.store.show(id).await,
+        }
+    }
+    pub async fn replay(&self, which: Replay) -> Result<Vec<i64>, StoreError> {
+        match &self.backend {
+            Backend::Sqlite(tx) => Self::call(tx, |r| Op::Other(Other::Replay(which, r))).await,
+            Backend::Postgres(pg) => pg.store.replay(which, now_ms()).await,
+        }
+    }
+
+    /// Wakes `wake` whenever any relay sharing the store commits new work (PostgreSQL's
+    /// LISTEN/NOTIFY); on SQLite the relay is alone and wakes itself.
+    pub fn wake_on_new_work(&self, wake: Arc<Notify>) {
+        if let Backend::Postgres(pg) = &self.backend {
+            pg.listen(wake);
+        }
+    }
+
+    /// Keeps the claim on `job` while its call is under way (renewing its lease); returns only
+    /// if the claim is lost, and then the call must be dropped. Never returns on SQLite, where
+    /// one relay owns the store.
+    pub async fn hold_claim(&self, job: &Job) {
+        match &self.backend {
+            Backend::Sqlite(_) => std::future::pending().await,
+            Backend::Postgres(pg) => pg.hold_claim(job).await,
+        }
+    }
+    /// Whether the store can take a write now. On SQLite it goes through the writer thread
+    /// like any request, so a dead or stuck writer fails it too; on PostgreSQL it asks a pooled
+    /// connection for `SELECT 1` within a short deadline.
     pub async fn probe(&self) -> Result<(), StoreError> {
-        self.call(|r| Op::Other(Other::Probe(r))).await
+        match &self.backend {
+            Backend::Sqlite(tx) => Self::call(tx, |r| Op::Other(Other::Probe(r))).await,
+            Backend::Postgres(pg) => pg.store.probe().await,
+        }
     }
 }
 
@@ -391,6 +601,15 @@ fn writer(mut store: Box<dyn Store>, mut rx: mpsc::Receiver<Op>, max_batch: usiz
                 }
                 Other::Probe(reply) => {
                     let _ = reply.send(store.probe());
+                }
+                Other::List(filter, reply) => {
+                    let _ = reply.send(store.list(&filter));
+                }
+                Other::Show(id, reply) => {
+                    let _ = reply.send(store.show(id));
+                }
+                Other::Replay(which, reply) => {
+                    let _ = reply.send(store.replay(which, now_ms()));
                 }
             }
         }

@@ -13,7 +13,8 @@ use super::{
 use crate::domain::Action;
 
 /// Each entry moves the schema one version forward; never edit one that has shipped.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE deliveries (
     id          INTEGER PRIMARY KEY,
     source      TEXT NOT NULL,
@@ -53,10 +54,14 @@ CREATE TABLE attempts (
     duration_ms INTEGER NOT NULL
 );
 CREATE INDEX attempts_job ON attempts (job_id);
-"#];
+"#,
+    r#"
+ALTER TABLE jobs ADD COLUMN claim_token INTEGER NOT NULL DEFAULT 0;
+"#,
+];
 
 pub struct SqliteStore {
-    conn: Connection,
+    pub(super) conn: Connection,
     windows: Windows,
     store_payloads: bool,
 }
@@ -116,10 +121,11 @@ impl SqliteStore {
         let tx = self.conn.transaction()?;
         let jobs = {
             let mut stmt = tx.prepare_cached(
-                "UPDATE jobs SET state = 'sending', updated_at = ?1
+                "UPDATE jobs SET state = 'sending', updated_at = ?1, claim_token = claim_token + 1
                  WHERE id IN (SELECT id FROM jobs WHERE state = 'pending' AND next_attempt_at <= ?1
                               ORDER BY next_attempt_at, id LIMIT ?2)
-                 RETURNING id, source, org, request_id, action, expiration, attempts, created_at, window_start",
+                 RETURNING id, source, org, request_id, action, expiration, attempts, created_at, window_start,
+                           claim_token",
             )?;
             let rows = stmt.query_map(params![now_ms, limit as i64], |r| {
                 let action: String = r.get(4)?;
@@ -135,6 +141,7 @@ impl SqliteStore {
                         attempts: r.get(6)?,
                         accepted_at_ms: r.get(7)?,
                         window_start_ms: r.get(8)?,
+                        claim: r.get(9)?,
                     },
                 ))
             })?;
@@ -266,19 +273,30 @@ fn accept_one(
 
 fn record_all(tx: &Connection, records: &[AttemptRecord]) -> Result<(), StoreError> {
     for rec in records {
-        tx.prepare_cached(
-            "UPDATE jobs SET state = ?2, attempts = ?3, next_attempt_at = ?4, last_status = ?5,
-                             last_error = ?6, updated_at = ?7 WHERE id = ?1",
-        )?
-        .execute(params![
-            rec.job_id,
-            rec.state.as_str(),
-            rec.attempts,
-            rec.next_attempt_at_ms,
-            rec.status,
-            rec.error,
-            rec.at_ms
-        ])?;
+        // Only the current claim may record an outcome.
+        let changed = tx
+            .prepare_cached(
+                "UPDATE jobs SET state = ?2, attempts = ?3, next_attempt_at = ?4, last_status = ?5,
+                             last_error = ?6, updated_at = ?7
+                 WHERE id = ?1 AND claim_token = ?8 AND state = 'sending'",
+            )?
+            .execute(params![
+                rec.job_id,
+                rec.state.as_str(),
+                rec.attempts,
+                rec.next_attempt_at_ms,
+                rec.status,
+                rec.error,
+                rec.at_ms,
+                rec.claim
+            ])?;
+        if changed == 0 {
+            tracing::warn!(
+                job_id = rec.job_id,
+                "outcome ignored: the job is no longer held by that claim"
+            );
+            continue;
+        }
         tx.prepare_cached(
             "INSERT INTO attempts (job_id, at, status, result, error, duration_ms)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
@@ -498,241 +516,5 @@ impl Store for SqliteStore {
         )?;
         tx.commit()?;
         Ok(jobs + deliveries)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::domain::Id;
-    use crate::policy::Decision;
-
-    fn store() -> (tempfile::TempDir, SqliteStore) {
-        let dir = tempfile::tempdir().unwrap();
-        let windows = Windows {
-            dedup: Duration::from_secs(3600),
-            coalesce: Duration::from_secs(600),
-        };
-        let s = SqliteStore::open(&dir.path().join("nested/relay.db"), windows, false).unwrap();
-        (dir, s)
-    }
-
-    fn delivery(key: &str, decisions: &[(Action, &str)]) -> NewDelivery {
-        NewDelivery {
-            source: "github".into(),
-            dedup_key: key.into(),
-            received_at_ms: 1_000,
-            rule: "r".into(),
-            actor: Some("octocat".into()),
-            payload: None,
-            decisions: decisions
-                .iter()
-                .map(|(action, id)| Decision {
-                    org: Id::parse("acme").unwrap(),
-                    request_id: Id::parse(id).unwrap(),
-                    action: *action,
-                    expiration: (*action == Action::Approve).then(|| "1h".to_owned()),
-                    clamped_from: None,
-                })
-                .collect(),
-        }
-    }
-
-    fn done(job_id: i64, state: State) -> AttemptRecord {
-        AttemptRecord {
-            job_id,
-            at_ms: 2_000,
-            state,
-            attempts: 1,
-            next_attempt_at_ms: 2_000,
-            status: Some(200),
-            result: "success",
-            error: None,
-            duration_ms: 1,
-        }
-    }
-
-    fn jobs(a: &Accepted) -> Vec<(i64, bool)> {
-        match a {
-            Accepted::New { jobs } => jobs.iter().map(|j| (j.job_id, j.coalesced)).collect(),
-            Accepted::Duplicate { job_ids } => job_ids.iter().map(|&id| (id, true)).collect(),
-        }
-    }
-
-    #[test]
-    fn dedup_coalescing_and_the_latest_action_rule() {
-        let (_dir, mut s) = store();
-        let now = 1_000;
-        let r = s
-            .write(
-                &[
-                    delivery("d1", &[(Action::Approve, "r1"), (Action::Deny, "r2")]),
-                    delivery("d1", &[(Action::Approve, "r1")]),
-                    delivery("d2", &[(Action::Approve, "r1")]),
-                ],
-                &[],
-                now,
-            )
-            .unwrap();
-        let r: Vec<Accepted> = r.into_iter().map(Result::unwrap).collect();
-        assert_eq!(jobs(&r[0]), vec![(1, false), (2, false)]);
-        assert_eq!(
-            r[1],
-            Accepted::Duplicate {
-                job_ids: vec![1, 2]
-            }
-        );
-        assert_eq!(
-            jobs(&r[2]),
-            vec![(1, true)],
-            "same decision again: coalesced"
-        );
-        // Once revoked, approving again is a new job, not the old approve.
-        let r = s
-            .write(&[delivery("d3", &[(Action::Revoke, "r1")])], &[], now)
-            .unwrap();
-        assert_eq!(jobs(r[0].as_ref().unwrap()), vec![(3, false)]);
-        let r = s
-            .write(&[delivery("d4", &[(Action::Approve, "r1")])], &[], now)
-            .unwrap();
-        assert_eq!(jobs(r[0].as_ref().unwrap()), vec![(4, false)]);
-        // A rejected decision does not absorb a later identical one.
-        s.write(&[], &[done(2, State::Rejected)], now).unwrap();
-        let r = s
-            .write(&[delivery("d5", &[(Action::Deny, "r2")])], &[], now)
-            .unwrap();
-        assert_eq!(jobs(r[0].as_ref().unwrap()), vec![(5, false)]);
-        // Outside the coalescing window, the same decision is sent again.
-        let later = now + 601_000;
-        let r = s
-            .write(&[delivery("d6", &[(Action::Approve, "r1")])], &[], later)
-            .unwrap();
-        assert_eq!(jobs(r[0].as_ref().unwrap()), vec![(6, false)]);
-    }
-
-    #[test]
-    fn a_failing_delivery_is_left_out_whole_and_the_rest_kept() {
-        let (_dir, mut s) = store();
-        s.conn
-            .execute_batch(
-                "CREATE TEMP TRIGGER boom BEFORE INSERT ON jobs WHEN NEW.request_id = 'boom'
-                 BEGIN SELECT RAISE(ABORT, 'disk says no'); END;",
-            )
-            .unwrap();
-        let r = s
-            .write(
-                &[
-                    delivery("ok-1", &[(Action::Approve, "a")]),
-                    delivery("bad", &[(Action::Approve, "b"), (Action::Approve, "boom")]),
-                    delivery("ok-2", &[(Action::Revoke, "c")]),
-                ],
-                &[],
-                1_000,
-            )
-            .unwrap();
-        assert!(r[0].is_ok() && r[2].is_ok());
-        assert!(
-            r[1].as_ref()
-                .unwrap_err()
-                .to_string()
-                .contains("disk says no")
-        );
-        let listed: Vec<String> = s
-            .list(&ListFilter::default())
-            .unwrap()
-            .into_iter()
-            .map(|j| j.request_id)
-            .collect();
-        assert_eq!(
-            listed,
-            vec!["c", "a"],
-            "nothing of the failed delivery was kept"
-        );
-        // Its dedup key was not taken either: the sender's retry is accepted.
-        s.conn.execute_batch("DROP TRIGGER boom").unwrap();
-        let retry = s
-            .write(&[delivery("bad", &[(Action::Approve, "b")])], &[], 1_000)
-            .unwrap();
-        assert!(matches!(retry[0], Ok(Accepted::New { .. })));
-    }
-
-    #[test]
-    fn claims_recovery_replay_and_prune() {
-        let (_dir, mut s) = store();
-        s.write(
-            &[delivery(
-                "d1",
-                &[(Action::Approve, "a"), (Action::Deny, "b")],
-            )],
-            &[],
-            1_000,
-        )
-        .unwrap();
-        assert_eq!(s.next_due().unwrap(), Some(1_000));
-        let claimed = s.claim_due(1_000, 1).unwrap();
-        assert_eq!(claimed.iter().map(|j| j.id).collect::<Vec<_>>(), vec![1]);
-        assert_eq!(claimed[0].action, Action::Approve);
-        assert_eq!(claimed[0].expiration.as_deref(), Some("1h"));
-        assert_eq!(
-            s.claim_due(1_000, 10).unwrap().len(),
-            1,
-            "only the unclaimed one is left"
-        );
-        assert!(s.claim_due(1_000, 10).unwrap().is_empty());
-        assert_eq!(
-            s.counts().unwrap(),
-            Counts {
-                pending: 2,
-                dead: 0
-            }
-        );
-        // A stop while both were in flight: both return to pending.
-        assert_eq!(s.recover().unwrap(), 2);
-        assert_eq!(s.claim_due(1_000, 10).unwrap().len(), 2);
-        s.write(
-            &[],
-            &[done(1, State::Succeeded), done(2, State::Dead)],
-            2_000,
-        )
-        .unwrap();
-        assert_eq!(
-            s.counts().unwrap(),
-            Counts {
-                pending: 0,
-                dead: 1
-            }
-        );
-        assert_eq!(
-            s.replay(Replay::One(1), 3_000).unwrap(),
-            Vec::<i64>::new(),
-            "succeeded is not replayable"
-        );
-        assert_eq!(s.replay(Replay::AllDead, 3_000).unwrap(), vec![2]);
-        let detail = s.show(2).unwrap().unwrap();
-        assert_eq!(
-            (detail.job.state.as_str(), detail.job.attempts),
-            ("pending", 0)
-        );
-        assert_eq!(detail.attempts.len(), 1, "history is kept across a replay");
-        assert_eq!(detail.delivery.dedup_key, "d1");
-        // Prune forgets finished jobs; the pending one and its delivery stay.
-        assert_eq!(s.prune(10_000).unwrap(), 1);
-        assert!(s.show(1).unwrap().is_none());
-        assert!(s.show(2).unwrap().is_some());
-    }
-
-    #[test]
-    fn a_newer_schema_is_refused() {
-        let (dir, s) = store();
-        s.conn.pragma_update(None, "user_version", 99).unwrap();
-        drop(s);
-        let windows = Windows {
-            dedup: Duration::from_secs(1),
-            coalesce: Duration::from_secs(1),
-        };
-        let err = SqliteStore::open(&dir.path().join("nested/relay.db"), windows, false)
-            .err()
-            .unwrap();
-        assert!(err.to_string().contains("schema version 99"), "{err}");
     }
 }

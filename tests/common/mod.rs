@@ -2,6 +2,8 @@
 //! fresh store, and helpers that sign and post webhooks the way each provider does.
 #![allow(dead_code)]
 
+pub mod pg;
+
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -87,6 +89,10 @@ pub struct Setup {
     pub mappings_dir: Option<PathBuf>,
     pub dry_run: bool,
     pub store_path: Option<PathBuf>,
+    /// A store URL (`postgres://...`) instead of a file.
+    pub store_url: Option<String>,
+    /// Extra YAML under `store:`.
+    pub store_extra: String,
     /// Webhooks per second per source (0 = off).
     pub inbound_rate: u32,
     /// Variables to leave unset.
@@ -104,10 +110,14 @@ pub fn write_config(dir: &Path, p0_url: &str, setup: &Setup) -> PathBuf {
         .mappings_dir
         .clone()
         .unwrap_or_else(|| repo().join("mappings"));
-    let store = setup
-        .store_path
-        .clone()
-        .unwrap_or_else(|| dir.join("relay.db"));
+    let store = setup.store_url.clone().unwrap_or_else(|| {
+        setup
+            .store_path
+            .clone()
+            .unwrap_or_else(|| dir.join("relay.db"))
+            .display()
+            .to_string()
+    });
     let config = format!(
         r#"
 listen: 127.0.0.1:0
@@ -126,7 +136,8 @@ decisions:
   default_expiration: 1h
   max_expiration: 12h
 store:
-  path: {store}
+  path: "{store}"
+{store_extra}
 inbound:
   rate_per_second: {inbound_rate}
   read_timeout: 2s
@@ -134,7 +145,8 @@ inbound:
 {top}
 "#,
         mappings = mappings.display(),
-        store = store.display(),
+        store = store,
+        store_extra = setup.store_extra,
         p0_extra = setup.p0_extra,
         inbound = setup.inbound,
         top = setup.top,

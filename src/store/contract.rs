@@ -1,0 +1,792 @@
+//! The store contract: one set of tests run against SQLite and PostgreSQL alike, and the
+//! PostgreSQL-only tests of what several relays on one database must hold (dedup and
+//! coalescing across stores, disjoint claims, leases and claim tokens, migrations under a
+//! lock, pruning by one at a time, wake-ups). PostgreSQL tests skip with a notice when
+//! 127.0.0.1:5432 does not answer, and fail instead when CI=true.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::*;
+use crate::domain::Id;
+
+/// The server the PostgreSQL tests use (`P0_RELAY_TEST_PG` overrides), trust auth.
+fn admin_url() -> String {
+    std::env::var("P0_RELAY_TEST_PG")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+}
+
+/// A database of its own for one test, dropped after it.
+pub(crate) struct TestDb {
+    name: String,
+    pub url: String,
+}
+
+impl TestDb {
+    /// A fresh database, or `None` with a printed reason when PostgreSQL is not reachable;
+    /// with CI=true that is a failure instead.
+    pub async fn create() -> Option<TestDb> {
+        let admin = admin_url();
+        let (client, conn) = match tokio_postgres::connect(&admin, tokio_postgres::NoTls).await {
+            Ok(c) => c,
+            Err(e) if std::env::var("CI").as_deref() != Ok("true") => {
+                eprintln!("PostgreSQL not reachable ({e}): skipped (CI runs it)");
+                return None;
+            }
+            Err(e) => panic!("PostgreSQL is required in CI: {e}"),
+        };
+        tokio::spawn(conn);
+        let name = format!("relay_{:016x}", rand::random::<u64>());
+        client
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .await
+            .unwrap();
+        let base = admin.rsplit_once('/').map(|(b, _)| b).unwrap_or(&admin);
+        Some(TestDb {
+            url: format!("{base}/{name}?sslmode=disable"),
+            name,
+        })
+    }
+
+    pub fn location(&self) -> PgLocation {
+        match StoreLocation::parse("test", &self.url, std::path::Path::new(".")) {
+            Ok(StoreLocation::Postgres(p)) => *p,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// A plain connection to this database, for what the test does behind the store's back.
+    pub async fn raw(&self) -> tokio_postgres::Client {
+        let (client, conn) = tokio_postgres::connect(&self.url, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        client
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let (admin, name) = (admin_url(), self.name.clone());
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                if let Ok((c, conn)) = tokio_postgres::connect(&admin, tokio_postgres::NoTls).await
+                {
+                    tokio::spawn(conn);
+                    let _ = c
+                        .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                        .await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+const WINDOWS: Windows = Windows {
+    dedup: Duration::from_secs(3600),
+    coalesce: Duration::from_secs(600),
+};
+const LEASE: Duration = Duration::from_secs(30);
+
+/// A store under test, with explicit time.
+#[allow(clippy::large_enum_variant)]
+enum Backend {
+    Sqlite(tempfile::TempDir, SqliteStore),
+    Pg(TestDb, PgStore),
+}
+
+async fn sqlite() -> Option<Backend> {
+    let dir = tempfile::tempdir().unwrap();
+    let s = SqliteStore::open(&dir.path().join("nested/relay.db"), WINDOWS, false).unwrap();
+    Some(Backend::Sqlite(dir, s))
+}
+
+async fn pg() -> Option<Backend> {
+    let db = TestDb::create().await?;
+    let s = PgStore::open(&db.location(), WINDOWS, false, LEASE)
+        .await
+        .unwrap();
+    Some(Backend::Pg(db, s))
+}
+
+impl Backend {
+    async fn write(
+        &mut self,
+        d: &[NewDelivery],
+        r: &[AttemptRecord],
+        now: i64,
+    ) -> Result<Vec<Result<Accepted, StoreError>>, StoreError> {
+        match self {
+            Backend::Sqlite(_, s) => s.write(d, r, now),
+            Backend::Pg(_, s) => s.write(d, r, now).await,
+        }
+    }
+    async fn accept(&mut self, d: NewDelivery, now: i64) -> Accepted {
+        self.write(&[d], &[], now).await.unwrap().remove(0).unwrap()
+    }
+    async fn claim_due(&mut self, now: i64, limit: usize) -> Vec<Job> {
+        match self {
+            Backend::Sqlite(_, s) => s.claim_due(now, limit).unwrap(),
+            Backend::Pg(_, s) => s.claim_due(now, limit).await.unwrap(),
+        }
+    }
+    async fn next_due(&mut self) -> Option<i64> {
+        match self {
+            Backend::Sqlite(_, s) => s.next_due().unwrap(),
+            Backend::Pg(_, s) => s.next_due().await.unwrap(),
+        }
+    }
+    /// Claims whose lease ran out by `now` back to pending (on SQLite, every claim: one
+    /// relay owns the file, so any claim found at start is from a stop).
+    async fn recover(&mut self, now: i64) -> usize {
+        match self {
+            Backend::Sqlite(_, s) => s.recover().unwrap(),
+            Backend::Pg(_, s) => s.recover(now).await.unwrap(),
+        }
+    }
+    async fn counts(&mut self) -> Counts {
+        match self {
+            Backend::Sqlite(_, s) => s.counts().unwrap(),
+            Backend::Pg(_, s) => s.counts().await.unwrap(),
+        }
+    }
+    async fn list(&mut self, f: &ListFilter) -> Vec<JobSummary> {
+        match self {
+            Backend::Sqlite(_, s) => s.list(f).unwrap(),
+            Backend::Pg(_, s) => s.list(f).await.unwrap(),
+        }
+    }
+    async fn show(&mut self, id: i64) -> Option<JobDetail> {
+        match self {
+            Backend::Sqlite(_, s) => s.show(id).unwrap(),
+            Backend::Pg(_, s) => s.show(id).await.unwrap(),
+        }
+    }
+    async fn replay(&mut self, which: Replay, now: i64) -> Vec<i64> {
+        match self {
+            Backend::Sqlite(_, s) => s.replay(which, now).unwrap(),
+            Backend::Pg(_, s) => s.replay(which, now).await.unwrap(),
+        }
+    }
+    async fn prune(&mut self, before: i64) -> usize {
+        match self {
+            Backend::Sqlite(_, s) => s.prune(before).unwrap(),
+            Backend::Pg(_, s) => s.prune(before).await.unwrap(),
+        }
+    }
+    /// From now on, storing a decision for request `boom` fails inside the database.
+    async fn break_request_boom(&mut self, broken: bool) {
+        match self {
+            Backend::Sqlite(_, s) => s
+                .conn
+                .execute_batch(if broken {
+                    "CREATE TEMP TRIGGER boom BEFORE INSERT ON jobs WHEN NEW.request_id = 'boom'
+                     BEGIN SELECT RAISE(ABORT, 'disk says no'); END;"
+                } else {
+                    "DROP TRIGGER boom"
+                })
+                .unwrap(),
+            Backend::Pg(db, _) => db
+                .raw()
+                .await
+                .batch_execute(if broken {
+                    "CREATE FUNCTION boom() RETURNS trigger LANGUAGE plpgsql AS $$
+                     BEGIN IF NEW.request_id = 'boom' THEN RAISE EXCEPTION 'disk says no'; END IF;
+                     RETURN NEW; END $$;
+                     CREATE TRIGGER boom BEFORE INSERT ON jobs FOR EACH ROW EXECUTE FUNCTION boom();"
+                } else {
+                    "DROP TRIGGER boom ON jobs"
+                })
+                .await
+                .unwrap(),
+        }
+    }
+    /// Marks the store as written by a newer relay, then opens it again.
+    async fn reopen_after_a_newer_relay(self) -> Result<(), StoreError> {
+        match self {
+            Backend::Sqlite(dir, s) => {
+                s.conn.pragma_update(None, "user_version", 99).unwrap();
+                drop(s);
+                SqliteStore::open(&dir.path().join("nested/relay.db"), WINDOWS, false).map(drop)
+            }
+            Backend::Pg(db, s) => {
+                db.raw()
+                    .await
+                    .batch_execute("INSERT INTO p0_relay_schema (version) VALUES (99)")
+                    .await
+                    .unwrap();
+                drop(s);
+                PgStore::open(&db.location(), WINDOWS, false, LEASE)
+                    .await
+                    .map(drop)
+            }
+        }
+    }
+}
+
+fn delivery(key: &str, decisions: &[(Action, &str)]) -> NewDelivery {
+    NewDelivery {
+        source: "github".into(),
+        dedup_key: key.into(),
+        received_at_ms: 1_000,
+        rule: "r".into(),
+        actor: Some("octocat".into()),
+        payload: None,
+        decisions: decisions
+            .iter()
+            .map(|(action, id)| Decision {
+                org: Id::parse("acme").unwrap(),
+                request_id: Id::parse(id).unwrap(),
+                action: *action,
+                expiration: (*action == Action::Approve).then(|| "1h".to_owned()),
+                clamped_from: None,
+            })
+            .collect(),
+    }
+}
+
+fn done(job: &Job, state: State) -> AttemptRecord {
+    AttemptRecord {
+        job_id: job.id,
+        claim: job.claim,
+        at_ms: 2_000,
+        state,
+        attempts: 1,
+        next_attempt_at_ms: 2_000,
+        status: Some(200),
+        result: "success",
+        error: None,
+        duration_ms: 1,
+    }
+}
+
+fn jobs(a: &Accepted) -> Vec<(i64, bool)> {
+    match a {
+        Accepted::New { jobs } => jobs.iter().map(|j| (j.job_id, j.coalesced)).collect(),
+        Accepted::Duplicate { job_ids } => job_ids.iter().map(|&id| (id, true)).collect(),
+    }
+}
+
+fn claimed(all: &[Job], id: i64) -> &Job {
+    all.iter().find(|j| j.id == id).unwrap()
+}
+
+/// Runs a contract test against both backends.
+macro_rules! contract {
+    ($name:ident) => {
+        mod $name {
+            #[tokio::test]
+            async fn sqlite() {
+                if let Some(b) = super::sqlite().await {
+                    super::$name(b).await
+                }
+            }
+            #[tokio::test]
+            async fn postgres() {
+                if let Some(b) = super::pg().await {
+                    super::$name(b).await
+                }
+            }
+        }
+    };
+}
+
+contract!(dedup_coalescing_and_the_latest_action_rule);
+async fn dedup_coalescing_and_the_latest_action_rule(mut s: Backend) {
+    let now = 1_000;
+    let r = s
+        .write(
+            &[
+                delivery("d1", &[(Action::Approve, "r1"), (Action::Deny, "r2")]),
+                delivery("d1", &[(Action::Approve, "r1")]),
+                delivery("d2", &[(Action::Approve, "r1")]),
+            ],
+            &[],
+            now,
+        )
+        .await
+        .unwrap();
+    let r: Vec<Accepted> = r.into_iter().map(Result::unwrap).collect();
+    assert_eq!(jobs(&r[0]), vec![(1, false), (2, false)]);
+    assert_eq!(
+        r[1],
+        Accepted::Duplicate {
+            job_ids: vec![1, 2]
+        }
+    );
+    assert_eq!(
+        jobs(&r[2]),
+        vec![(1, true)],
+        "same decision again: coalesced"
+    );
+    // Once revoked, approving again is a new job, not the old approve.
+    let r = s
+        .accept(delivery("d3", &[(Action::Revoke, "r1")]), now)
+        .await;
+    assert_eq!(jobs(&r), vec![(3, false)]);
+    let r = s
+        .accept(delivery("d4", &[(Action::Approve, "r1")]), now)
+        .await;
+    assert_eq!(jobs(&r), vec![(4, false)]);
+    // A rejected decision does not absorb a later identical one.
+    let all = s.claim_due(now, 10).await;
+    s.write(&[], &[done(claimed(&all, 2), State::Rejected)], now)
+        .await
+        .unwrap();
+    let r = s.accept(delivery("d5", &[(Action::Deny, "r2")]), now).await;
+    assert_eq!(jobs(&r), vec![(5, false)]);
+    // Outside the coalescing window, the same decision is sent again.
+    let later = now + 601_000;
+    let r = s
+        .accept(delivery("d6", &[(Action::Approve, "r1")]), later)
+        .await;
+    assert_eq!(jobs(&r), vec![(6, false)]);
+    // Outside the dedup window, the same delivery is new again.
+    let much_later = now + 3_601_000;
+    let mut again = delivery("d1", &[(Action::Deny, "r9")]);
+    again.received_at_ms = much_later;
+    let r = s.accept(again, much_later).await;
+    assert!(matches!(r, Accepted::New { .. }), "{r:?}");
+}
+
+contract!(a_failing_delivery_is_left_out_whole_and_the_rest_kept);
+async fn a_failing_delivery_is_left_out_whole_and_the_rest_kept(mut s: Backend) {
+    s.break_request_boom(true).await;
+    let r = s
+        .write(
+            &[
+                delivery("ok-1", &[(Action::Approve, "a")]),
+                delivery("bad", &[(Action::Approve, "b"), (Action::Approve, "boom")]),
+                delivery("ok-2", &[(Action::Revoke, "c")]),
+            ],
+            &[],
+            1_000,
+        )
+        .await
+        .unwrap();
+    assert!(r[0].is_ok() && r[2].is_ok(), "{r:?}");
+    assert!(
+        r[1].as_ref()
+            .unwrap_err()
+            .to_string()
+            .contains("disk says no")
+    );
+    let listed: Vec<String> = s
+        .list(&ListFilter::default())
+        .await
+        .into_iter()
+        .map(|j| j.request_id)
+        .collect();
+    assert_eq!(
+        listed,
+        vec!["c", "a"],
+        "nothing of the failed delivery was kept"
+    );
+    // Its dedup key was not taken either: the sender's retry is accepted.
+    s.break_request_boom(false).await;
+    let retry = s
+        .accept(delivery("bad", &[(Action::Approve, "b")]), 1_000)
+        .await;
+    assert!(matches!(retry, Accepted::New { .. }));
+}
+
+contract!(claims_recovery_replay_and_prune);
+async fn claims_recovery_replay_and_prune(mut s: Backend) {
+    s.accept(
+        delivery("d1", &[(Action::Approve, "a"), (Action::Deny, "b")]),
+        1_000,
+    )
+    .await;
+    assert_eq!(s.next_due().await, Some(1_000));
+    let first = s.claim_due(1_000, 1).await;
+    assert_eq!(first.iter().map(|j| j.id).collect::<Vec<_>>(), vec![1]);
+    assert_eq!(first[0].action, Action::Approve);
+    assert_eq!(first[0].expiration.as_deref(), Some("1h"));
+    assert_eq!(
+        s.claim_due(1_000, 10).await.len(),
+        1,
+        "only the unclaimed one is left"
+    );
+    assert!(s.claim_due(1_000, 10).await.is_empty());
+    assert_eq!(
+        s.counts().await,
+        Counts {
+            pending: 2,
+            dead: 0
+        }
+    );
+    // A stop while both were in flight: once their claims have run out, both are pending.
+    let after_lease = 1_000 + LEASE.as_millis() as i64 + 1;
+    assert_eq!(s.recover(after_lease).await, 2);
+    let all = s.claim_due(after_lease, 10).await;
+    assert_eq!(all.len(), 2);
+    s.write(
+        &[],
+        &[
+            done(claimed(&all, 1), State::Succeeded),
+            done(claimed(&all, 2), State::Dead),
+        ],
+        2_000,
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        s.counts().await,
+        Counts {
+            pending: 0,
+            dead: 1
+        }
+    );
+    assert_eq!(
+        s.replay(Replay::One(1), 3_000).await,
+        Vec::<i64>::new(),
+        "succeeded is not replayable"
+    );
+    assert_eq!(s.replay(Replay::AllDead, 3_000).await, vec![2]);
+    let detail = s.show(2).await.unwrap();
+    assert_eq!(
+        (detail.job.state.as_str(), detail.job.attempts),
+        ("pending", 0)
+    );
+    assert_eq!(detail.attempts.len(), 1, "history is kept across a replay");
+    assert_eq!(detail.delivery.dedup_key, "d1");
+    // Prune forgets finished jobs; the pending one and its delivery stay.
+    assert_eq!(s.prune(10_000).await, 1);
+    assert!(s.show(1).await.is_none());
+    assert!(s.show(2).await.is_some());
+}
+
+contract!(an_outcome_counts_only_from_the_current_claim);
+async fn an_outcome_counts_only_from_the_current_claim(mut s: Backend) {
+    s.accept(delivery("d1", &[(Action::Approve, "a")]), 1_000)
+        .await;
+    let old = s.claim_due(1_000, 1).await.remove(0);
+    // The claim runs out (on SQLite: the relay stopped), and the job is claimed again.
+    let later = 1_000 + LEASE.as_millis() as i64 + 1;
+    assert_eq!(s.recover(later).await, 1);
+    let new = s.claim_due(later, 1).await.remove(0);
+    assert_eq!(new.id, old.id);
+    assert_ne!(new.claim, old.claim, "a new claim has a new token");
+    // The late outcome of the old claim is ignored...
+    s.write(&[], &[done(&old, State::Dead)], later)
+        .await
+        .unwrap();
+    let d = s.show(old.id).await.unwrap();
+    assert_eq!(d.job.state, "sending");
+    assert!(d.attempts.is_empty());
+    // ...the current claim's is recorded.
+    s.write(&[], &[done(&new, State::Succeeded)], later)
+        .await
+        .unwrap();
+    let d = s.show(old.id).await.unwrap();
+    assert_eq!((d.job.state.as_str(), d.attempts.len()), ("succeeded", 1));
+    // A second record from the same claim changes nothing either.
+    s.write(&[], &[done(&new, State::Dead)], later)
+        .await
+        .unwrap();
+    assert_eq!(s.show(old.id).await.unwrap().job.state, "succeeded");
+}
+
+contract!(a_newer_schema_is_refused);
+async fn a_newer_schema_is_refused(s: Backend) {
+    let err = s.reopen_after_a_newer_relay().await.err().unwrap();
+    assert!(err.to_string().contains("schema version 99"), "{err}");
+}
+
+// PostgreSQL only: several relays (stores) on one database.
+
+async fn two_stores() -> Option<(TestDb, PgStore, PgStore)> {
+    let db = TestDb::create().await?;
+    let a = PgStore::open(&db.location(), WINDOWS, false, LEASE)
+        .await
+        .unwrap();
+    let b = PgStore::open(&db.location(), WINDOWS, false, LEASE)
+        .await
+        .unwrap();
+    Some((db, a, b))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_delivery_at_two_relays_at_once_is_accepted_once() {
+    let Some((_db, a, b)) = two_stores().await else {
+        return;
+    };
+    for i in 0..30 {
+        let key = format!("d{i}");
+        let req = format!("r{i}");
+        let d = delivery(&key, &[(Action::Approve, &req)]);
+        let (ra, rb) = tokio::join!(
+            a.write(std::slice::from_ref(&d), &[], 1_000),
+            b.write(std::slice::from_ref(&d), &[], 1_000)
+        );
+        let (ra, rb) = (
+            ra.unwrap().remove(0).unwrap(),
+            rb.unwrap().remove(0).unwrap(),
+        );
+        let (new, dup) = match (&ra, &rb) {
+            (Accepted::New { jobs }, Accepted::Duplicate { job_ids }) => (jobs, job_ids),
+            (Accepted::Duplicate { job_ids }, Accepted::New { jobs }) => (jobs, job_ids),
+            _ => panic!("{i}: {ra:?} / {rb:?}"),
+        };
+        assert_eq!(
+            new.iter().map(|j| j.job_id).collect::<Vec<_>>(),
+            *dup,
+            "the duplicate names the original job ids"
+        );
+    }
+    assert_eq!(a.counts().await.unwrap().pending, 30);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_decision_at_two_relays_at_once_is_one_job() {
+    let Some((_db, a, b)) = two_stores().await else {
+        return;
+    };
+    for i in 0..30 {
+        let req = format!("r{i}");
+        let da = [delivery(&format!("a{i}"), &[(Action::Approve, &req)])];
+        let db = [delivery(&format!("b{i}"), &[(Action::Approve, &req)])];
+        let (ra, rb) = tokio::join!(a.write(&da, &[], 1_000), b.write(&db, &[], 1_000));
+        let mut both = jobs(&ra.unwrap().remove(0).unwrap());
+        both.extend(jobs(&rb.unwrap().remove(0).unwrap()));
+        both.sort_by_key(|(_, coalesced)| *coalesced);
+        assert_eq!(both.len(), 2);
+        assert_eq!(both[0].0, both[1].0, "{i}: one job");
+        assert_eq!((both[0].1, both[1].1), (false, true), "{i}");
+    }
+    assert_eq!(a.counts().await.unwrap().pending, 30);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_that_cross_in_opposite_orders_do_not_deadlock() {
+    let Some((_db, a, b)) = two_stores().await else {
+        return;
+    };
+    let batch: Vec<NewDelivery> = (0..40)
+        .map(|i| delivery(&format!("k{i}"), &[(Action::Approve, &format!("r{i}"))]))
+        .collect();
+    let mut reversed = batch.clone();
+    reversed.reverse();
+    let (ra, rb) = tokio::join!(a.write(&batch, &[], 1_000), b.write(&reversed, &[], 1_000));
+    let (ra, rb) = (ra.unwrap(), rb.unwrap());
+    let news = ra
+        .iter()
+        .chain(rb.iter())
+        .filter(|r| matches!(r, Ok(Accepted::New { .. })))
+        .count();
+    assert!(ra.iter().chain(rb.iter()).all(Result::is_ok));
+    assert_eq!(news, 40, "each delivery accepted once");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claims_by_two_relays_never_overlap() {
+    let Some((_db, a, b)) = two_stores().await else {
+        return;
+    };
+    let batch: Vec<NewDelivery> = (0..60)
+        .map(|i| delivery(&format!("k{i}"), &[(Action::Approve, &format!("r{i}"))]))
+        .collect();
+    a.write(&batch, &[], 1_000).await.unwrap();
+    let (mut seen_a, mut seen_b) = (Vec::new(), Vec::new());
+    loop {
+        let (ja, jb) = tokio::join!(a.claim_due(1_000, 7), b.claim_due(1_000, 7));
+        let (ja, jb) = (ja.unwrap(), jb.unwrap());
+        if ja.is_empty() && jb.is_empty() {
+            break;
+        }
+        seen_a.extend(ja.iter().map(|j| j.id));
+        seen_b.extend(jb.iter().map(|j| j.id));
+    }
+    let mut all: Vec<i64> = seen_a.iter().chain(seen_b.iter()).copied().collect();
+    all.sort();
+    all.dedup();
+    assert_eq!(all.len(), 60);
+    assert_eq!(seen_a.len() + seen_b.len(), 60, "no job claimed twice");
+}
+
+#[tokio::test]
+async fn a_renewed_lease_is_not_taken_over_and_a_lost_one_cannot_be_renewed() {
+    let Some((_db, a, b)) = two_stores().await else {
+        return;
+    };
+    a.write(&[delivery("d", &[(Action::Approve, "r")])], &[], 1_000)
+        .await
+        .unwrap();
+    let job = a.claim_due(1_000, 1).await.unwrap().remove(0);
+    let lease = LEASE.as_millis() as i64;
+    // Renewed just before it ran out: another relay finds nothing to take over.
+    assert!(a.renew(job.id, job.claim, 1_000 + lease - 1).await.unwrap());
+    assert_eq!(b.expire_leases(1_000 + lease + 1).await.unwrap(), 0);
+    assert!(b.claim_due(1_000 + lease + 1, 10).await.unwrap().is_empty());
+    // Not renewed: it runs out, the other relay claims it, and the first cannot renew.
+    let late = 1_000 + 2 * lease + 1;
+    assert_eq!(b.expire_leases(late).await.unwrap(), 1);
+    let taken = b.claim_due(late, 10).await.unwrap().remove(0);
+    assert_eq!(taken.id, job.id);
+    assert!(!a.renew(job.id, job.claim, late).await.unwrap());
+    assert!(b.renew(taken.id, taken.claim, late).await.unwrap());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_relays_opening_a_fresh_database_at_once_migrate_it_once() {
+    let Some(db) = TestDb::create().await else {
+        return;
+    };
+    let loc = db.location();
+    let opens = (0..10).map(|_| {
+        let loc = loc.clone();
+        tokio::spawn(async move { PgStore::open(&loc, WINDOWS, false, LEASE).await })
+    });
+    let mut stores = Vec::new();
+    for o in opens {
+        stores.push(o.await.unwrap().unwrap());
+    }
+    let rows = db
+        .raw()
+        .await
+        .query("SELECT version FROM p0_relay_schema", &[])
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), MIGRATIONS_PG_LEN);
+    // And every one of them works.
+    for (i, s) in stores.iter().enumerate() {
+        s.write(
+            &[delivery(&format!("k{i}"), &[(Action::Deny, "r")])],
+            &[],
+            1_000,
+        )
+        .await
+        .unwrap()
+        .remove(0)
+        .unwrap();
+    }
+}
+
+const MIGRATIONS_PG_LEN: usize = 1;
+
+#[tokio::test]
+async fn pruning_is_done_by_one_relay_at_a_time() {
+    let Some((db, a, _b)) = two_stores().await else {
+        return;
+    };
+    a.write(&[delivery("d", &[(Action::Approve, "r")])], &[], 1_000)
+        .await
+        .unwrap();
+    let job = a.claim_due(1_000, 1).await.unwrap().remove(0);
+    a.write(&[], &[done(&job, State::Succeeded)], 2_000)
+        .await
+        .unwrap();
+    // Another relay is pruning (holds the lock): this one skips its round.
+    let other = db.raw().await;
+    other
+        .execute("SELECT pg_advisory_lock($1)", &[&0x7030_7265_6c61_7902_i64])
+        .await
+        .unwrap();
+    assert_eq!(a.prune(10_000).await.unwrap(), 0);
+    assert!(a.show(job.id).await.unwrap().is_some());
+    other
+        .execute(
+            "SELECT pg_advisory_unlock($1)",
+            &[&0x7030_7265_6c61_7902_i64],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        a.prune(10_000).await.unwrap(),
+        2,
+        "the job and its delivery"
+    );
+    assert!(a.show(job.id).await.unwrap().is_none());
+}
+
+#[tokio::test]
+async fn a_relay_is_woken_when_another_commits_new_work() {
+    let Some((_db, a, b)) = two_stores().await else {
+        return;
+    };
+    let wake = Arc::new(tokio::sync::Notify::new());
+    let listener = a.spawn_listener(wake.clone());
+    // The first wake-up comes when the listener is connected.
+    tokio::time::timeout(Duration::from_secs(5), wake.notified())
+        .await
+        .expect("listening");
+    b.write(&[delivery("d", &[(Action::Approve, "r")])], &[], 1_000)
+        .await
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(5), wake.notified())
+        .await
+        .expect("woken by the other relay's commit");
+    listener.abort();
+}
+
+#[tokio::test]
+async fn an_unreachable_database_is_unavailable_not_a_hang() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let loc = match StoreLocation::parse(
+        "test",
+        &format!("postgres://postgres@127.0.0.1:{port}/relay"),
+        std::path::Path::new("."),
+    ) {
+        Ok(StoreLocation::Postgres(p)) => *p,
+        other => panic!("{other:?}"),
+    };
+    let started = std::time::Instant::now();
+    let err = PgStore::open(&loc, WINDOWS, false, LEASE)
+        .await
+        .err()
+        .unwrap();
+    assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
+    assert!(started.elapsed() < Duration::from_secs(10));
+}
+
+#[tokio::test]
+async fn tls_as_libpq_require_encrypts_and_verify_full_checks_the_certificate() {
+    let Some(db) = TestDb::create().await else {
+        return;
+    };
+    let raw = db.raw().await;
+    let ssl: String = raw.query_one("SHOW ssl", &[]).await.unwrap().get(0);
+    if ssl != "on" {
+        eprintln!("the server has no TLS (ssl = {ssl}): skipped");
+        return;
+    }
+    let with_mode = |mode: &str| {
+        let url = db
+            .url
+            .replace("sslmode=disable", &format!("sslmode={mode}"));
+        match StoreLocation::parse("test", &url, std::path::Path::new(".")) {
+            Ok(StoreLocation::Postgres(p)) => *p,
+            other => panic!("{other:?}"),
+        }
+    };
+    // `require`: encrypted, the (self-signed) certificate not checked, as libpq does.
+    let s = PgStore::open(&with_mode("require"), WINDOWS, false, LEASE)
+        .await
+        .unwrap();
+    s.probe().await.unwrap();
+    let c = s.client().await.unwrap();
+    let encrypted: bool = c
+        .query_one(
+            "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(encrypted, "the connection is TLS");
+    // `verify-full`: a certificate the system does not trust is refused.
+    let err = PgStore::open(&with_mode("verify-full"), WINDOWS, false, LEASE)
+        .await
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("certificate"), "{err}");
+}

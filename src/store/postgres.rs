@@ -1,0 +1,1022 @@
+//! The shared store: PostgreSQL, for any number of relays on one database. A batch of
+//! deliveries and attempt outcomes is one transaction and one round trip (the function
+//! `p0_relay_write`, installed by the migrations, deduplicates, coalesces and records on the
+//! server). Claims take rows with `FOR UPDATE SKIP LOCKED` under a lease and a claim token;
+//! new work is announced with NOTIFY on commit.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::{Duration, Instant};
+
+use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime};
+use serde_json::{Value, json};
+use tokio::sync::{Notify, Semaphore, mpsc, oneshot};
+use tokio_postgres::AsyncMessage;
+use tokio_postgres_rustls::MakeRustlsConnect;
+
+use super::location::PgLocation;
+use super::{
+    Accepted, AttemptRecord, AttemptRow, Counts, DeliveryInfo, Job, JobDetail, JobRef, JobSummary,
+    ListFilter, NewDelivery, Replay, State, StoreError, Windows, now_ms, pg_tls,
+};
+use crate::domain::Action;
+
+/// Each entry moves the schema one version forward; never edit one that has shipped.
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE deliveries (
+    id          BIGSERIAL PRIMARY KEY,
+    source      TEXT NOT NULL,
+    dedup_key   TEXT NOT NULL,
+    received_at BIGINT NOT NULL,
+    rule        TEXT NOT NULL,
+    actor       TEXT,
+    job_ids     BIGINT[] NOT NULL DEFAULT '{}',
+    payload     BYTEA
+);
+CREATE INDEX deliveries_received ON deliveries (received_at);
+-- One row per delivery key: the unique constraint is what makes a delivery accepted once
+-- across every relay.
+CREATE TABLE dedup (
+    source      TEXT NOT NULL,
+    dedup_key   TEXT NOT NULL,
+    delivery_id BIGINT NOT NULL,
+    received_at BIGINT NOT NULL,
+    PRIMARY KEY (source, dedup_key)
+);
+CREATE TABLE jobs (
+    id              BIGSERIAL PRIMARY KEY,
+    delivery_id     BIGINT NOT NULL REFERENCES deliveries (id),
+    source          TEXT NOT NULL,
+    org             TEXT NOT NULL,
+    request_id      TEXT NOT NULL,
+    action          TEXT NOT NULL,
+    expiration      TEXT,
+    state           TEXT NOT NULL,
+    attempts        INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at BIGINT NOT NULL,
+    window_start    BIGINT NOT NULL,
+    created_at      BIGINT NOT NULL,
+    updated_at      BIGINT NOT NULL,
+    last_status     INTEGER,
+    last_error      TEXT,
+    claim_token     BIGINT NOT NULL DEFAULT 0,
+    lease_until     BIGINT
+);
+CREATE INDEX jobs_due ON jobs (next_attempt_at, id) WHERE state = 'pending';
+CREATE INDEX jobs_leased ON jobs (lease_until) WHERE state = 'sending';
+CREATE INDEX jobs_decision ON jobs (org, request_id, id);
+CREATE INDEX jobs_state ON jobs (state, updated_at);
+CREATE TABLE attempts (
+    id          BIGSERIAL PRIMARY KEY,
+    job_id      BIGINT NOT NULL REFERENCES jobs (id),
+    at          BIGINT NOT NULL,
+    status      INTEGER,
+    result      TEXT NOT NULL,
+    error       TEXT,
+    duration_ms BIGINT NOT NULL
+);
+CREATE INDEX attempts_job ON attempts (job_id);
+
+-- A batch of deliveries and attempt outcomes in one call. Returns, per delivery in the order
+-- given, {"jobs": [[id, coalesced], ...]}, {"dup": [job ids]} or {"error": text}, and the
+-- records ignored because their claim was no longer held.
+CREATE FUNCTION p0_relay_write(deliveries JSONB, payloads BYTEA[], records JSONB,
+                               now_ms BIGINT, dedup_since BIGINT, coalesce_since BIGINT)
+RETURNS JSONB LANGUAGE plpgsql AS $fn$
+DECLARE
+    k          INTEGER;
+    d          RECORD;
+    dcn        JSONB;
+    outcome        JSONB;
+    results    JSONB[] := array_fill(NULL::JSONB, ARRAY[jsonb_array_length(deliveries)]);
+    ignored    BIGINT[] := '{}';
+    del_id     BIGINT;
+    taken      BIGINT;
+    latest     RECORD;
+    jid        BIGINT;
+    job_list   JSONB;
+    id_list    BIGINT[];
+    created    BOOLEAN := false;
+BEGIN
+    -- Coalescing is serialised per (org, request) across relays: every key this batch
+    -- touches is locked first, in one global order, so two batches never wait on each other
+    -- in a cycle.
+    FOR k IN
+        SELECT DISTINCT hashtext((x ->> 'org') || '/' || (x ->> 'request_id'))
+        FROM jsonb_array_elements(deliveries) e, jsonb_array_elements(e -> 'decisions') x
+        ORDER BY 1
+    LOOP
+        PERFORM pg_advisory_xact_lock(7001, k);
+    END LOOP;
+    -- Delivery keys are taken in one global order too (the unique index makes a second
+    -- taker wait for the first to commit or roll back).
+    FOR d IN
+        SELECT e.value AS v, e.ordinality::INTEGER AS i
+        FROM jsonb_array_elements(deliveries) WITH ORDINALITY e
+        ORDER BY e.value ->> 'source' COLLATE "C", e.value ->> 'dedup_key' COLLATE "C", e.ordinality
+    LOOP
+        BEGIN  -- a savepoint: a delivery that fails is left out whole
+            del_id := nextval(pg_get_serial_sequence('deliveries', 'id'));
+            taken := NULL;
+            INSERT INTO dedup AS x (source, dedup_key, delivery_id, received_at)
+            VALUES (d.v ->> 'source', d.v ->> 'dedup_key', del_id, (d.v ->> 'received_at')::BIGINT)
+            ON CONFLICT (source, dedup_key) DO UPDATE
+                SET delivery_id = EXCLUDED.delivery_id, received_at = EXCLUDED.received_at
+                WHERE x.received_at < dedup_since
+            RETURNING x.delivery_id INTO taken;
+            IF taken IS NULL THEN
+                SELECT dl.job_ids INTO id_list FROM dedup x JOIN deliveries dl ON dl.id = x.delivery_id
+                WHERE x.source = d.v ->> 'source' AND x.dedup_key = d.v ->> 'dedup_key';
+                results[d.i] := jsonb_build_object('dup', to_jsonb(COALESCE(id_list, '{}')));
+                CONTINUE;
+            END IF;
+            INSERT INTO deliveries (id, source, dedup_key, received_at, rule, actor, payload)
+            VALUES (del_id, d.v ->> 'source', d.v ->> 'dedup_key', (d.v ->> 'received_at')::BIGINT,
+                    d.v ->> 'rule', d.v ->> 'actor', payloads[d.i]);
+            job_list := '[]';
+            id_list := '{}';
+            FOR dcn IN SELECT value FROM jsonb_array_elements(d.v -> 'decisions') LOOP
+                -- The latest job for this request decides: the same action still pending or
+                -- done recently is not sent again, but approve, revoke, approve is three calls.
+                SELECT j.id, j.action, j.state, j.created_at INTO latest FROM jobs j
+                WHERE j.org = dcn ->> 'org' AND j.request_id = dcn ->> 'request_id'
+                ORDER BY j.id DESC LIMIT 1;
+                IF FOUND AND latest.action = dcn ->> 'action' AND latest.created_at >= coalesce_since
+                   AND latest.state IN ('pending', 'sending', 'succeeded', 'dry_run') THEN
+                    jid := latest.id;
+                    job_list := job_list || jsonb_build_array(jsonb_build_array(jid, true));
+                ELSE
+                    INSERT INTO jobs (delivery_id, source, org, request_id, action, expiration, state,
+                                      next_attempt_at, window_start, created_at, updated_at)
+                    VALUES (del_id, d.v ->> 'source', dcn ->> 'org', dcn ->> 'request_id',
+                            dcn ->> 'action', dcn ->> 'expiration', 'pending',
+                            now_ms, now_ms, now_ms, now_ms)
+                    RETURNING id INTO jid;
+                    job_list := job_list || jsonb_build_array(jsonb_build_array(jid, false));
+                    created := true;
+                END IF;
+                id_list := id_list || jid;
+            END LOOP;
+            UPDATE deliveries SET job_ids = id_list WHERE id = del_id;
+            results[d.i] := jsonb_build_object('jobs', job_list);
+        EXCEPTION WHEN OTHERS THEN
+            results[d.i] := jsonb_build_object('error', SQLERRM);
+        END;
+    END LOOP;
+    -- An outcome counts only from the relay that holds the claim (its token, still sending).
+    FOR outcome IN SELECT value FROM jsonb_array_elements(records) ORDER BY (value ->> 'job_id')::BIGINT LOOP
+        UPDATE jobs SET state = outcome ->> 'state', attempts = (outcome ->> 'attempts')::INTEGER,
+                        next_attempt_at = (outcome ->> 'next_attempt_at')::BIGINT,
+                        last_status = (outcome ->> 'status')::INTEGER, last_error = outcome ->> 'error',
+                        updated_at = (outcome ->> 'at')::BIGINT, lease_until = NULL
+        WHERE id = (outcome ->> 'job_id')::BIGINT AND claim_token = (outcome ->> 'claim')::BIGINT
+          AND state = 'sending';
+        IF FOUND THEN
+            INSERT INTO attempts (job_id, at, status, result, error, duration_ms)
+            VALUES ((outcome ->> 'job_id')::BIGINT, (outcome ->> 'at')::BIGINT, (outcome ->> 'status')::INTEGER,
+                    outcome ->> 'result', outcome ->> 'error', (outcome ->> 'duration_ms')::BIGINT);
+        ELSE
+            ignored := ignored || (outcome ->> 'job_id')::BIGINT;
+        END IF;
+    END LOOP;
+    IF created THEN
+        PERFORM pg_notify('p0_relay_jobs', '');
+    END IF;
+    RETURN jsonb_build_object('results', to_jsonb(results), 'ignored', to_jsonb(ignored));
+END
+$fn$;
+"#];
+
+/// Advisory lock keys (one 64-bit space; coalescing uses the separate two-key space).
+const MIGRATE_LOCK: i64 = 0x7030_7265_6c61_7901;
+const PRUNE_LOCK: i64 = 0x7030_7265_6c61_7902;
+/// The channel new work is announced on.
+pub const CHANNEL: &str = "p0_relay_jobs";
+
+/// Connections per relay: batch writers, the worker's claims and renewals, gauges, probes.
+const POOL_SIZE: usize = 10;
+/// Batches committing at once per relay (each on its own connection).
+const WRITERS: usize = 3;
+/// The longest any one operation may take before the database counts as unreachable.
+const OP_TIMEOUT: Duration = Duration::from_secs(5);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A PostgreSQL store: a connection pool and the settings every relay on it must share.
+pub struct PgStore {
+    pool: Pool,
+    location: PgLocation,
+    tls: MakeRustlsConnect,
+    windows: Windows,
+    store_payloads: bool,
+    lease: Duration,
+    last_expiry_ms: AtomicI64,
+}
+
+fn unavailable(what: &str, e: impl std::fmt::Display) -> StoreError {
+    StoreError::Unavailable(format!("PostgreSQL {what}: {e}"))
+}
+
+/// An error with its causes (a TLS handshake failure says why: an untrusted certificate...).
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let more = c.to_string();
+        if !text.contains(&more) {
+            text = format!("{text}: {more}");
+        }
+        cause = c.source();
+    }
+    text
+}
+
+fn ms(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+impl PgStore {
+    /// Connects (lazily, through the pool) and migrates the schema under an advisory lock,
+    /// so any number of relays may start at once.
+    pub async fn open(
+        location: &PgLocation,
+        windows: Windows,
+        store_payloads: bool,
+        lease: Duration,
+    ) -> Result<PgStore, StoreError> {
+        let tls = pg_tls::connector(&location.verify).map_err(StoreError::Invalid)?;
+        let mut config = location.connect_config();
+        config.connect_timeout(CONNECT_TIMEOUT);
+        if config.get_application_name().is_none() {
+            config.application_name("p0-relay");
+        }
+        // A relay cut off mid-transaction must not hold its locks (delivery keys, coalescing
+        // locks) until the server notices the dead connection: it gives them up after this.
+        let options = match config.get_options() {
+            Some(o) => format!("{o} -c idle_in_transaction_session_timeout=15s"),
+            None => "-c idle_in_transaction_session_timeout=15s".to_owned(),
+        };
+        config.options(options);
+        let manager = Manager::from_config(
+            config,
+            tls.clone(),
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(POOL_SIZE)
+            .runtime(Runtime::Tokio1)
+            .wait_timeout(Some(OP_TIMEOUT))
+            .create_timeout(Some(CONNECT_TIMEOUT))
+            .recycle_timeout(Some(CONNECT_TIMEOUT))
+            .build()
+            .map_err(|e| StoreError::Invalid(format!("PostgreSQL pool: {e}")))?;
+        let store = PgStore {
+            pool,
+            location: location.clone(),
+            tls,
+            windows,
+            store_payloads,
+            lease,
+            last_expiry_ms: AtomicI64::new(i64::MIN),
+        };
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    pub fn location(&self) -> &PgLocation {
+        &self.location
+    }
+
+    pub fn lease(&self) -> Duration {
+        self.lease
+    }
+
+    pub(super) async fn client(&self) -> Result<Object, StoreError> {
+        self.pool
+            .get()
+            .await
+            .map_err(|e| unavailable("unreachable", chain(&e)))
+    }
+
+    /// Runs `work` on a pooled connection within `limit`; a connection that timed out is
+    /// closed rather than returned to the pool with a statement still running on it.
+    async fn run<T>(
+        &self,
+        what: &str,
+        limit: Duration,
+        work: impl AsyncFnOnce(&mut Object) -> Result<T, tokio_postgres::Error>,
+    ) -> Result<T, StoreError> {
+        let mut client = self.client().await?;
+        match tokio::time::timeout(limit, work(&mut client)).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => {
+                if e.is_closed() || e.as_db_error().is_none() {
+                    drop(Object::take(client));
+                    Err(unavailable(what, e))
+                } else {
+                    Err(StoreError::Postgres(e))
+                }
+            }
+            Err(_) => {
+                drop(Object::take(client));
+                Err(unavailable(
+                    what,
+                    format!("no answer within {}s", limit.as_secs_f64()),
+                ))
+            }
+        }
+    }
+
+    async fn migrate(&self) -> Result<(), StoreError> {
+        let known = MIGRATIONS.len() as i32;
+        let version = self
+            .run("migration", Duration::from_secs(60), async |c| {
+                let tx = c.transaction().await?;
+                // Ten relays starting together: one migrates, the others wait and find it done.
+                tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATE_LOCK])
+                    .await?;
+                tx.batch_execute(
+                    "CREATE TABLE IF NOT EXISTS p0_relay_schema (
+                         version    INTEGER PRIMARY KEY,
+                         applied_at TIMESTAMPTZ NOT NULL DEFAULT now())",
+                )
+                .await?;
+                let version: i32 = tx
+                    .query_one("SELECT COALESCE(MAX(version), 0) FROM p0_relay_schema", &[])
+                    .await?
+                    .try_get(0)?;
+                if version > known {
+                    return Ok(version);
+                }
+                for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+                    tx.batch_execute(sql).await?;
+                    tx.execute(
+                        "INSERT INTO p0_relay_schema (version) VALUES ($1)",
+                        &[&(i as i32 + 1)],
+                    )
+                    .await?;
+                }
+                tx.commit().await?;
+                Ok(version)
+            })
+            .await?;
+        if version > known {
+            return Err(StoreError::Invalid(format!(
+                "the database has schema version {version}, newer than this relay knows ({known})"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Stores deliveries and records outcomes in one transaction (see `Store::write`).
+    pub async fn write(
+        &self,
+        deliveries: &[NewDelivery],
+        records: &[AttemptRecord],
+        now_ms: i64,
+    ) -> Result<Vec<Result<Accepted, StoreError>>, StoreError> {
+        let batch = Value::Array(
+            deliveries
+                .iter()
+                .map(|d| {
+                    json!({
+                        "source": d.source, "dedup_key": d.dedup_key,
+                        "received_at": d.received_at_ms, "rule": d.rule, "actor": d.actor,
+                        "decisions": d.decisions.iter().map(|x| json!({
+                            "org": x.org.as_str(), "request_id": x.request_id.as_str(),
+                            "action": x.action.as_str(), "expiration": x.expiration,
+                        })).collect::<Vec<_>>(),
+                    })
+                })
+                .collect(),
+        );
+        let payloads: Vec<Option<&[u8]>> = deliveries
+            .iter()
+            .map(|d| d.payload.as_deref().filter(|_| self.store_payloads))
+            .collect();
+        let recs = Value::Array(
+            records
+                .iter()
+                .map(|r| {
+                    json!({
+                        "job_id": r.job_id, "claim": r.claim, "at": r.at_ms,
+                        "state": r.state.as_str(), "attempts": r.attempts,
+                        "next_attempt_at": r.next_attempt_at_ms, "status": r.status,
+                        "result": r.result, "error": r.error, "duration_ms": r.duration_ms,
+                    })
+                })
+                .collect(),
+        );
+        let dedup_since = now_ms.saturating_sub(ms(self.windows.dedup));
+        let coalesce_since = now_ms.saturating_sub(ms(self.windows.coalesce));
+        let out: Value = self
+            .run("write", OP_TIMEOUT, async |c| {
+                let tx = c.transaction().await?;
+                let stmt = tx
+                    .prepare_cached("SELECT p0_relay_write($1, $2, $3, $4, $5, $6)")
+                    .await?;
+                let row = tx
+                    .query_one(
+                        &stmt,
+                        &[
+                            &batch,
+                            &payloads,
+                            &recs,
+                            &now_ms,
+                            &dedup_since,
+                            &coalesce_since,
+                        ],
+                    )
+                    .await?;
+                tx.commit().await?;
+                row.try_get(0)
+            })
+            .await?;
+        if let Some(ignored) = out["ignored"].as_array().filter(|a| !a.is_empty()) {
+            tracing::warn!(
+                job_ids = ?ignored,
+                "outcomes ignored: the claim had expired and another relay holds the decision now"
+            );
+        }
+        let results = out["results"].as_array().cloned().unwrap_or_default();
+        if results.len() != deliveries.len() {
+            return Err(StoreError::Invalid(format!(
+                "p0_relay_write answered {} results for {} deliveries",
+                results.len(),
+                deliveries.len()
+            )));
+        }
+        Ok(results.iter().map(parse_result).collect())
+    }
+
+    /// Claims up to `limit` due jobs: each becomes `sending` under a lease with a new claim
+    /// token. Leases that expired (a relay killed mid-call) are returned to pending first.
+    pub async fn claim_due(&self, now_ms: i64, limit: usize) -> Result<Vec<Job>, StoreError> {
+        let last = self.last_expiry_ms.load(Ordering::Relaxed);
+        if now_ms.saturating_sub(last) >= 1000 {
+            self.last_expiry_ms.store(now_ms, Ordering::Relaxed);
+            self.expire_leases(now_ms).await?;
+        }
+        let lease_until = now_ms.saturating_add(ms(self.lease));
+        let limit = limit as i64;
+        let rows = self
+            .run("claim", OP_TIMEOUT, async |c| {
+                let stmt = c
+                    .prepare_cached(
+                        "UPDATE jobs SET state = 'sending', claim_token = claim_token + 1,
+                                lease_until = $3, updated_at = $1
+                         WHERE id IN (SELECT id FROM jobs
+                                      WHERE state = 'pending' AND next_attempt_at <= $1
+                                      ORDER BY next_attempt_at, id LIMIT $2
+                                      FOR UPDATE SKIP LOCKED)
+                         RETURNING id, source, org, request_id, action, expiration, attempts,
+                                   created_at, window_start, claim_token",
+                    )
+                    .await?;
+                c.query(&stmt, &[&now_ms, &limit, &lease_until]).await
+            })
+            .await?;
+        let mut jobs = Vec::with_capacity(rows.len());
+        for r in rows {
+            let action: String = r.try_get(4)?;
+            let id: i64 = r.try_get(0)?;
+            jobs.push(Job {
+                id,
+                source: r.try_get(1)?,
+                org: r.try_get(2)?,
+                request_id: r.try_get(3)?,
+                action: Action::parse(&action).ok_or_else(|| {
+                    StoreError::Invalid(format!("job {id}: unknown action `{action}`"))
+                })?,
+                expiration: r.try_get(5)?,
+                attempts: r.try_get::<_, i32>(6)?.max(0) as u32,
+                accepted_at_ms: r.try_get(7)?,
+                window_start_ms: r.try_get(8)?,
+                claim: r.try_get(9)?,
+            });
+        }
+        jobs.sort_by_key(|j| j.id);
+        Ok(jobs)
+    }
+
+    /// Returns jobs whose lease ran out to pending, whichever relay claimed them.
+    pub async fn expire_leases(&self, now_ms: i64) -> Result<usize, StoreError> {
+        let ids: Vec<i64> = self
+            .run("lease expiry", OP_TIMEOUT, async |c| {
+                let stmt = c
+                    .prepare_cached(
+                        "UPDATE jobs SET state = 'pending', lease_until = NULL, updated_at = $1
+                         WHERE id IN (SELECT id FROM jobs WHERE state = 'sending' AND lease_until < $1
+                                      FOR UPDATE SKIP LOCKED)
+                         RETURNING id",
+                    )
+                    .await?;
+                let rows = c.query(&stmt, &[&now_ms]).await?;
+                rows.iter().map(|r| r.try_get(0)).collect()
+            })
+            .await?;
+        if !ids.is_empty() {
+            tracing::warn!(
+                job_ids = ?ids,
+                "claims whose lease expired (a relay stopped mid-call) are queued again"
+            );
+        }
+        Ok(ids.len())
+    }
+
+    /// Extends the lease on a claimed job; `false` when the claim is no longer this one.
+    pub async fn renew(&self, job_id: i64, claim: i64, now_ms: i64) -> Result<bool, StoreError> {
+        let until = now_ms.saturating_add(ms(self.lease));
+        let limit = (self.lease / 3).clamp(Duration::from_millis(200), OP_TIMEOUT);
+        let n = self
+            .run("lease renewal", limit, async |c| {
+                let stmt = c
+                    .prepare_cached(
+                        "UPDATE jobs SET lease_until = $3
+                         WHERE id = $1 AND claim_token = $2 AND state = 'sending'",
+                    )
+                    .await?;
+                c.execute(&stmt, &[&job_id, &claim, &until]).await
+            })
+            .await?;
+        Ok(n == 1)
+    }
+
+    /// A cheap "can I reach the database" check: `SELECT 1` on a pooled connection.
+    pub async fn probe(&self) -> Result<(), StoreError> {
+        let get = tokio::time::timeout(PROBE_TIMEOUT, self.client())
+            .await
+            .map_err(|_| unavailable("unreachable", "no connection within 2s"))??;
+        match tokio::time::timeout(PROBE_TIMEOUT, get.simple_query("SELECT 1")).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => {
+                drop(Object::take(get));
+                Err(unavailable("unreachable", e))
+            }
+            Err(_) => {
+                drop(Object::take(get));
+                Err(unavailable("unreachable", "no answer within 2s"))
+            }
+        }
+    }
+
+    pub async fn next_due(&self) -> Result<Option<i64>, StoreError> {
+        self.run("next due", OP_TIMEOUT, async |c| {
+            let stmt = c
+                .prepare_cached("SELECT MIN(next_attempt_at) FROM jobs WHERE state = 'pending'")
+                .await?;
+            c.query_one(&stmt, &[]).await?.try_get(0)
+        })
+        .await
+    }
+
+    /// At start: leases that ran out are returned to pending (claims of live relays stay).
+    pub async fn recover(&self, now_ms: i64) -> Result<usize, StoreError> {
+        self.expire_leases(now_ms).await
+    }
+
+    pub async fn counts(&self) -> Result<Counts, StoreError> {
+        let rows = self
+            .run("counts", OP_TIMEOUT, async |c| {
+                let stmt = c
+                    .prepare_cached(
+                        "SELECT state, COUNT(*) FROM jobs
+                         WHERE state IN ('pending', 'sending', 'dead') GROUP BY state",
+                    )
+                    .await?;
+                c.query(&stmt, &[]).await
+            })
+            .await?;
+        let mut counts = Counts::default();
+        for r in rows {
+            let (state, n): (String, i64) = (r.try_get(0)?, r.try_get(1)?);
+            match state.as_str() {
+                "dead" => counts.dead += n as u64,
+                _ => counts.pending += n as u64,
+            }
+        }
+        Ok(counts)
+    }
+
+    pub async fn list(&self, filter: &ListFilter) -> Result<Vec<JobSummary>, StoreError> {
+        let state = filter.state.map(State::as_str);
+        let source = filter.source.clone();
+        let limit = if filter.limit == 0 { 100 } else { filter.limit } as i64;
+        let sql = format!(
+            "SELECT {SUMMARY} FROM jobs
+             WHERE ($1::TEXT IS NULL OR state = $1) AND ($2::TEXT IS NULL OR source = $2)
+             ORDER BY id DESC LIMIT $3"
+        );
+        let rows = self
+            .run("list", OP_TIMEOUT, async |c| {
+                c.query(&sql, &[&state, &source, &limit]).await
+            })
+            .await?;
+        Ok(rows.iter().map(summary).collect::<Result<_, _>>()?)
+    }
+
+    pub async fn show(&self, id: i64) -> Result<Option<JobDetail>, StoreError> {
+        let sql = format!("SELECT {SUMMARY}, delivery_id FROM jobs WHERE id = $1");
+        self.run("show", OP_TIMEOUT, async |c| {
+            let Some(row) = c.query_opt(&sql, &[&id]).await? else {
+                return Ok(None);
+            };
+            let job = summary(&row)?;
+            let delivery_id: i64 = row.try_get(13)?;
+            let d = c
+                .query_one(
+                    "SELECT id, source, dedup_key, received_at, rule, actor FROM deliveries
+                     WHERE id = $1",
+                    &[&delivery_id],
+                )
+                .await?;
+            let attempts = c
+                .query(
+                    "SELECT at, status, result, error, duration_ms FROM attempts
+                     WHERE job_id = $1 ORDER BY id",
+                    &[&id],
+                )
+                .await?
+                .iter()
+                .map(|r| {
+                    Ok(AttemptRow {
+                        at_ms: r.try_get(0)?,
+                        status: r
+                            .try_get::<_, Option<i32>>(1)?
+                            .map(|s| s.clamp(0, 999) as u16),
+                        result: r.try_get(2)?,
+                        error: r.try_get(3)?,
+                        duration_ms: r.try_get(4)?,
+                    })
+                })
+                .collect::<Result<_, tokio_postgres::Error>>()?;
+            Ok(Some(JobDetail {
+                job,
+                delivery: DeliveryInfo {
+                    id: d.try_get(0)?,
+                    source: d.try_get(1)?,
+                    dedup_key: d.try_get(2)?,
+                    received_at_ms: d.try_get(3)?,
+                    rule: d.try_get(4)?,
+                    actor: d.try_get(5)?,
+                },
+                attempts,
+            }))
+        })
+        .await
+    }
+
+    /// Makes dead (or rejected, when named) jobs pending again and announces them.
+    pub async fn replay(&self, which: Replay, now_ms: i64) -> Result<Vec<i64>, StoreError> {
+        let (sql, arg) = match which {
+            Replay::One(id) => (
+                "UPDATE jobs SET state = 'pending', attempts = 0, next_attempt_at = $1,
+                        window_start = $1, updated_at = $1
+                 WHERE id = $2 AND state IN ('dead', 'rejected') RETURNING id",
+                Some(id),
+            ),
+            Replay::AllDead => (
+                "UPDATE jobs SET state = 'pending', attempts = 0, next_attempt_at = $1,
+                        window_start = $1, updated_at = $1
+                 WHERE state = 'dead' AND $2::BIGINT IS NULL RETURNING id",
+                None,
+            ),
+        };
+        self.run("replay", OP_TIMEOUT, async |c| {
+            let tx = c.transaction().await?;
+            let ids: Vec<i64> = tx
+                .query(sql, &[&now_ms, &arg])
+                .await?
+                .iter()
+                .map(|r| r.try_get(0))
+                .collect::<Result<_, _>>()?;
+            if !ids.is_empty() {
+                tx.execute("SELECT pg_notify($1, '')", &[&CHANNEL]).await?;
+            }
+            tx.commit().await?;
+            Ok(ids)
+        })
+        .await
+    }
+
+    /// Forgets finished jobs and deliveries older than `older_than_ms`. One relay at a time:
+    /// the others find the lock taken and skip this round.
+    pub async fn prune(&self, older_than_ms: i64) -> Result<usize, StoreError> {
+        self.run("prune", Duration::from_secs(300), async |c| {
+            let tx = c.transaction().await?;
+            let mine: bool = tx
+                .query_one("SELECT pg_try_advisory_xact_lock($1)", &[&PRUNE_LOCK])
+                .await?
+                .get(0);
+            if !mine {
+                return Ok(0);
+            }
+            let finished = "SELECT id FROM jobs WHERE state IN ('succeeded', 'rejected', 'dry_run')
+                            AND updated_at < $1";
+            tx.execute(
+                &format!("DELETE FROM attempts WHERE job_id IN ({finished})"),
+                &[&older_than_ms],
+            )
+            .await?;
+            let jobs = tx
+                .execute(
+                    &format!("DELETE FROM jobs WHERE id IN ({finished})"),
+                    &[&older_than_ms],
+                )
+                .await?;
+            let deliveries = tx
+                .execute(
+                    "DELETE FROM deliveries d WHERE received_at < $1
+                     AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.delivery_id = d.id)",
+                    &[&older_than_ms],
+                )
+                .await?;
+            tx.execute(
+                "DELETE FROM dedup WHERE received_at < $1",
+                &[&older_than_ms],
+            )
+            .await?;
+            tx.commit().await?;
+            Ok((jobs + deliveries) as usize)
+        })
+        .await
+    }
+
+    /// Wakes `wake` whenever any relay commits new work (LISTEN), reconnecting with backoff;
+    /// also once after each (re)connection, for anything committed while not listening.
+    pub fn spawn_listener(&self, wake: Arc<Notify>) -> tokio::task::JoinHandle<()> {
+        let mut config = self.location.connect_config();
+        config.connect_timeout(CONNECT_TIMEOUT);
+        let tls = self.tls.clone();
+        tokio::spawn(async move {
+            let mut backoff = Duration::from_millis(100);
+            loop {
+                let (listened, error) = listen(&config, tls.clone(), &wake).await;
+                if listened {
+                    backoff = Duration::from_millis(100);
+                }
+                tracing::warn!(error = %error, retry_in_ms = backoff.as_millis() as u64,
+                    "PostgreSQL listener disconnected; reconnecting");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        })
+    }
+}
+
+/// One listening connection, until it fails: whether LISTEN took, and why it ended.
+async fn listen(
+    config: &tokio_postgres::Config,
+    tls: MakeRustlsConnect,
+    wake: &Arc<Notify>,
+) -> (bool, String) {
+    let (client, mut connection) = match config.connect(tls).await {
+        Ok(c) => c,
+        Err(e) => return (false, e.to_string()),
+    };
+    let waker = wake.clone();
+    let mut driver = tokio::spawn(async move {
+        loop {
+            match std::future::poll_fn(|cx| connection.poll_message(cx)).await {
+                Some(Ok(AsyncMessage::Notification(_))) => waker.notify_one(),
+                Some(Ok(_)) => {}
+                Some(Err(e)) => return e.to_string(),
+                None => return "connection closed".to_owned(),
+            }
+        }
+    });
+    let sql = format!("LISTEN {CHANNEL}");
+    let listened = tokio::select! {
+        r = client.batch_execute(&sql) => r,
+        _ = tokio::time::sleep(OP_TIMEOUT) => {
+            driver.abort();
+            return (false, "LISTEN not answered".into());
+        }
+    };
+    if let Err(e) = listened {
+        driver.abort();
+        return (false, e.to_string());
+    }
+    wake.notify_one();
+    // A connection that silently stopped answering is found by a periodic query.
+    let reason = loop {
+        tokio::select! {
+            r = &mut driver => break r.unwrap_or_else(|e| e.to_string()),
+            _ = tokio::time::sleep(Duration::from_secs(10)) => {
+                match tokio::time::timeout(OP_TIMEOUT, client.simple_query("SELECT 1")).await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => break e.to_string(),
+                    Err(_) => break "no answer to a keepalive query".into(),
+                }
+            }
+        }
+    };
+    driver.abort();
+    (true, reason)
+}
+
+fn parse_result(v: &Value) -> Result<Accepted, StoreError> {
+    let ids = |v: &Value| -> Vec<i64> {
+        v.as_array()
+            .map(|a| a.iter().filter_map(Value::as_i64).collect())
+            .unwrap_or_default()
+    };
+    if let Some(e) = v.get("error") {
+        return Err(StoreError::Invalid(format!(
+            "store: {}",
+            e.as_str().unwrap_or("unknown error")
+        )));
+    }
+    if let Some(dup) = v.get("dup") {
+        return Ok(Accepted::Duplicate { job_ids: ids(dup) });
+    }
+    let jobs = v["jobs"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|pair| {
+                    Some(JobRef {
+                        job_id: pair.get(0)?.as_i64()?,
+                        coalesced: pair.get(1)?.as_bool()?,
+                    })
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    Ok(Accepted::New { jobs })
+}
+
+const SUMMARY: &str = "id, source, org, request_id, action, expiration, state, attempts,
+    created_at, updated_at, next_attempt_at, last_status, last_error";
+
+fn summary(r: &tokio_postgres::Row) -> Result<JobSummary, tokio_postgres::Error> {
+    Ok(JobSummary {
+        id: r.try_get(0)?,
+        source: r.try_get(1)?,
+        org: r.try_get(2)?,
+        request_id: r.try_get(3)?,
+        action: r.try_get(4)?,
+        expiration: r.try_get(5)?,
+        state: r.try_get(6)?,
+        attempts: r.try_get::<_, i32>(7)?.max(0) as u32,
+        created_at_ms: r.try_get(8)?,
+        updated_at_ms: r.try_get(9)?,
+        next_attempt_at_ms: r.try_get(10)?,
+        last_status: r
+            .try_get::<_, Option<i32>>(11)?
+            .map(|s| s.clamp(0, 999) as u16),
+        last_error: r.try_get(12)?,
+    })
+}
+
+/// A write for the batch writer.
+pub(super) enum Write {
+    Accept(NewDelivery, oneshot::Sender<Result<Accepted, StoreError>>),
+    Record(AttemptRecord, oneshot::Sender<Result<(), StoreError>>),
+}
+
+/// The shared state behind a PostgreSQL `StoreHandle`.
+pub(super) struct Shared {
+    pub store: Arc<PgStore>,
+    pub writes: mpsc::Sender<Write>,
+    listener: std::sync::Mutex<Option<tokio::task::AbortHandle>>,
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        if let Ok(mut slot) = self.listener.lock()
+            && let Some(h) = slot.take()
+        {
+            h.abort();
+        }
+    }
+}
+
+impl Shared {
+    /// Starts the batch writer; it ends once every handle is gone and the queue is drained.
+    pub fn spawn(
+        store: PgStore,
+        max_batch: usize,
+        queue: usize,
+    ) -> (Shared, tokio::task::JoinHandle<()>) {
+        let store = Arc::new(store);
+        let (tx, rx) = mpsc::channel(queue);
+        let task = tokio::spawn(writer(store.clone(), rx, max_batch));
+        (
+            Shared {
+                store,
+                writes: tx,
+                listener: std::sync::Mutex::new(None),
+            },
+            task,
+        )
+    }
+
+    pub fn listen(&self, wake: Arc<Notify>) {
+        let handle = self.store.spawn_listener(wake);
+        if let Ok(mut slot) = self.listener.lock()
+            && let Some(old) = slot.replace(handle.abort_handle())
+        {
+            old.abort();
+        }
+    }
+
+    /// Keeps the lease on `job` alive; returns only when the claim is lost (taken over, or
+    /// not renewable for as long as the lease lasts), after which its call must be dropped.
+    pub async fn hold_claim(&self, job: &Job) {
+        let lease = self.store.lease;
+        let margin = lease / 6;
+        let mut deadline = Instant::now() + lease - margin;
+        loop {
+            tokio::time::sleep(lease / 3).await;
+            match self.store.renew(job.id, job.claim, now_ms()).await {
+                Ok(true) => deadline = Instant::now() + lease - margin,
+                Ok(false) => {
+                    tracing::warn!(
+                        job_id = job.id,
+                        "claim taken over by another relay; this relay drops its call"
+                    );
+                    return;
+                }
+                Err(e) if Instant::now() >= deadline => {
+                    tracing::warn!(job_id = job.id, error = %e,
+                        "claim lease could not be renewed before it ran out; this relay drops its call");
+                    return;
+                }
+                Err(e) => tracing::warn!(job_id = job.id, error = %e, "cannot renew a claim lease"),
+            }
+        }
+    }
+}
+
+async fn writer(store: Arc<PgStore>, mut rx: mpsc::Receiver<Write>, max_batch: usize) {
+    let slots = Arc::new(Semaphore::new(WRITERS));
+    let mut running = tokio::task::JoinSet::new();
+    loop {
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            break;
+        };
+        let Some(first) = rx.recv().await else {
+            break;
+        };
+        // Everything waiting now goes into one transaction (group commit).
+        let mut batch = vec![first];
+        while batch.len() < max_batch {
+            match rx.try_recv() {
+                Ok(w) => batch.push(w),
+                Err(_) => break,
+            }
+        }
+        let store = store.clone();
+        running.spawn(async move {
+            commit(&store, batch).await;
+            drop(slot);
+        });
+        while running.try_join_next().is_some() {}
+    }
+    while running.join_next().await.is_some() {}
+}
+
+async fn commit(store: &PgStore, batch: Vec<Write>) {
+    let mut deliveries = Vec::new();
+    let mut accept_replies = Vec::new();
+    let mut records = Vec::new();
+    let mut record_replies = Vec::new();
+    for w in batch {
+        match w {
+            Write::Accept(d, r) => {
+                deliveries.push(d);
+                accept_replies.push(r);
+            }
+            Write::Record(rec, r) => {
+                records.push(rec);
+                record_replies.push(r);
+            }
+        }
+    }
+    match store.write(&deliveries, &records, now_ms()).await {
+        Ok(results) => {
+            for (reply, result) in accept_replies.into_iter().zip(results) {
+                let _ = reply.send(result);
+            }
+            for reply in record_replies {
+                let _ = reply.send(Ok(()));
+            }
+        }
+        Err(e) => {
+            let text = e.to_string();
+            let err = || match &e {
+                StoreError::Unavailable(_) => StoreError::Unavailable(text.clone()),
+                _ => StoreError::Invalid(text.clone()),
+            };
+            for reply in accept_replies {
+                let _ = reply.send(Err(err()));
+            }
+            for reply in record_replies {
+                let _ = reply.send(Err(err()));
+            }
+        }
+    }
+}
