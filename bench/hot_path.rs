@@ -75,7 +75,7 @@ fn hot_path(c: &mut Criterion) {
                     body: &value,
                 };
                 let key = mapping.dedup_key(input, &body);
-                let verdict = mapping.decide(input);
+                let verdict = mapping.decide(input, Some(std::time::SystemTime::now()));
                 assert!(matches!(verdict, Verdict::Decided { .. }));
                 (key, verdict)
             })

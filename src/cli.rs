@@ -331,7 +331,7 @@ fn explain(config: &Path, env: &Env, source: &str, headers: &[String], payload: 
         headers: &map,
         body: &body,
     };
-    let (verdict, trace) = mapping.explain(input);
+    let (verdict, trace) = mapping.explain(input, Some(std::time::SystemTime::now()));
     println!("source:   {source} ({})", mapping.file.display());
     println!("delivery: {}", mapping.dedup_key(input, &text));
     for t in &trace {

@@ -4,14 +4,10 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
-use p0_relay::store::{
-    Accepted, AttemptRecord, Counts, Job, JobDetail, JobSummary, ListFilter, NewDelivery, Replay,
-    SqliteStore, Store, StoreError, StoreHandle, Windows,
-};
+use p0_relay::store::{JobDetail, SqliteStore, Store, Windows};
 use serde_json::json;
 use wiremock::matchers::method;
 use wiremock::{Mock, MockServer, ResponseTemplate};
@@ -386,69 +382,18 @@ async fn a_stop_lets_calls_in_flight_finish() {
     );
 }
 
-/// A store whose disk is gone: every write fails.
-struct BrokenStore;
-
-impl Store for BrokenStore {
-    fn write(
-        &mut self,
-        _: &[NewDelivery],
-        _: &[AttemptRecord],
-        _: i64,
-    ) -> Result<Vec<Result<Accepted, StoreError>>, StoreError> {
-        Err(StoreError::Invalid("disk I/O error".into()))
-    }
-    fn claim_due(&mut self, _: i64, _: usize) -> Result<Vec<Job>, StoreError> {
-        Ok(Vec::new())
-    }
-    fn next_due(&mut self) -> Result<Option<i64>, StoreError> {
-        Ok(None)
-    }
-    fn recover(&mut self) -> Result<usize, StoreError> {
-        Ok(0)
-    }
-    fn counts(&mut self) -> Result<Counts, StoreError> {
-        Ok(Default::default())
-    }
-    fn list(&mut self, _: &ListFilter) -> Result<Vec<JobSummary>, StoreError> {
-        Ok(Vec::new())
-    }
-    fn show(&mut self, _: i64) -> Result<Option<JobDetail>, StoreError> {
-        Ok(None)
-    }
-    fn replay(&mut self, _: Replay, _: i64) -> Result<Vec<i64>, StoreError> {
-        Ok(Vec::new())
-    }
-    fn prune(&mut self, _: i64) -> Result<usize, StoreError> {
-        Ok(0)
-    }
-}
-
+/// Another process holds the store's write lock (a `jobs` command gone astray, a backup tool):
+/// the real relay cannot commit, so it answers 503 with `Retry-After` and `/readyz` says why;
+/// once the lock is gone the same delivery is accepted.
 #[tokio::test]
 async fn a_store_that_cannot_write_answers_503_and_readyz_says_why() {
-    use p0_relay::config::{Settings, env::Env};
-    use p0_relay::mapping::MappingSet;
-    let dir = tempfile::tempdir().unwrap();
-    let env = Env::default().overlay(&test_env(&[]));
-    let config = write_config(dir.path(), "http://127.0.0.1:9", &Setup::default());
-    let settings = Settings::load(&config, &env).unwrap();
-    let mappings = MappingSet::load(&settings.mappings_dir, &env, &settings.defaults).unwrap();
-    let (store, _thread) = StoreHandle::spawn(Box::new(BrokenStore), true).unwrap();
-    let receiver = Arc::new(p0_relay::receiver::Receiver {
-        mappings: Arc::new(arc_swap::ArcSwap::from_pointee(mappings)),
-        store,
-        metrics: p0_relay::metrics::Metrics::new(["github"]).unwrap(),
-        inbound: settings.inbound.clone(),
-        limits: p0_relay::ratelimit::KeyedLimit::per_second(0, 2),
-        wake: Arc::new(tokio::sync::Notify::new()),
-        health: Arc::new(Default::default()),
-        store_payloads: false,
-    });
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(axum::serve(listener, p0_relay::receiver::router(receiver, true)).into_future());
+    let t = spawn().await;
+    t.p0_ok().await;
+    let db = t.dir.path().join("relay.db");
+    let lock = rusqlite::Connection::open(&db).unwrap();
+    lock.execute_batch("BEGIN IMMEDIATE").unwrap();
     let hook = Hook::comment("s-1", "/p0 approve req-1");
-    let resp = send(&client(), &format!("http://{addr}"), &hook).await;
+    let resp = send(&t.http, &t.url(""), &hook).await;
     assert_eq!(resp.status().as_u16(), 503);
     assert_eq!(
         resp.headers()
@@ -456,17 +401,22 @@ async fn a_store_that_cannot_write_answers_503_and_readyz_says_why() {
             .and_then(|v| v.to_str().ok()),
         Some("5")
     );
-    let ready = client()
-        .get(format!("http://{addr}/readyz"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(ready.status().as_u16(), 503);
+    let (_, body) = answer(resp).await;
+    assert_eq!(body["status"], "unavailable", "{body}");
+    let (status, ready) = t.get("/readyz").await;
+    assert_eq!(status, 503, "{ready}");
     assert!(
-        ready
-            .text()
-            .await
-            .unwrap()
-            .contains("store not writable: disk I/O error")
+        ready.contains("store not writable") && ready.contains("database is locked"),
+        "{ready}"
     );
+    assert!(t.p0_calls().await.is_empty());
+
+    lock.execute_batch("ROLLBACK").unwrap();
+    let (status, body) = t.post(&hook).await;
+    assert_eq!(
+        status, 202,
+        "nothing was stored by the refused attempt: {body}"
+    );
+    assert_eq!(body["decisions"][0]["job_id"], 1, "{body}");
+    t.wait_for_calls(1).await;
 }

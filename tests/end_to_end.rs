@@ -22,7 +22,10 @@ async fn github_comment_command_signed_with_the_older_secret_approves() {
     assert_eq!(status, 202, "{answer}");
     assert_eq!(answer["status"], "accepted");
     assert_eq!(answer["rule"], "comment-command");
-    assert_eq!(answer["delivery"], "gh-delivery-1");
+    assert_eq!(
+        answer["delivery"],
+        "comment:1710001|created|2026-11-27T10:15:00Z"
+    );
     let d = &answer["decisions"][0];
     assert_eq!(
         (

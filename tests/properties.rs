@@ -164,7 +164,7 @@ proptest! {
         for mapping in mappings().mappings.values() {
             let input = Input { headers: &headers, body: &body };
             let _ = mapping.dedup_key(input, b"raw");
-            if let Verdict::Decided { decisions, .. } = mapping.decide(input) {
+            if let Verdict::Decided { decisions, .. } = mapping.decide(input, Some(std::time::SystemTime::now())) {
                 prop_assert!(!decisions.is_empty());
                 for d in decisions {
                     prop_assert!(p0_relay::domain::Id::parse(d.request_id.as_str()).is_ok());
@@ -192,7 +192,7 @@ proptest! {
         og["alert"]["note"] = text.clone().into();
         let headers = header_map(&[("x-github-event", "issue_comment".to_owned())]);
         for (source, body) in [("github", &gh), ("pagerduty", &pd), ("opsgenie", &og)] {
-            let verdict = mappings().get(source).unwrap().decide(Input { headers: &headers, body });
+            let verdict = mappings().get(source).unwrap().decide(Input { headers: &headers, body }, None);
             if let Verdict::Decided { decisions, .. } = verdict {
                 for d in decisions {
                     prop_assert!(text.contains(d.request_id.as_str()));

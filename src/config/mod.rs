@@ -505,9 +505,20 @@ fn build(raw: Raw, base: &Path, errors: &mut Vec<String>) -> Option<Settings> {
 }
 
 /// Warnings an operator should see at every start: insecure sources, open or empty approver
-/// lists, a plaintext P0 URL that leaves the machine.
+/// lists, a plaintext P0 URL that leaves the machine, a replay window left open.
 pub fn audit(settings: &Settings, mappings: &crate::mapping::MappingSet) -> Vec<String> {
     let mut out: Vec<String> = mappings.warnings().cloned().collect();
+    let window = settings.store.dedup_window;
+    for m in mappings.mappings.values() {
+        if let Some(age) = m.max_event_age().filter(|age| *age > window) {
+            out.push(format!(
+                "source `{}`: freshness max_age {} is longer than store.dedup_window {}: a delivery replayed between the two is accepted again",
+                m.source,
+                humantime::format_duration(age),
+                humantime::format_duration(window)
+            ));
+        }
+    }
     let url = &settings.p0.base_url;
     let loopback = match url.host() {
         Some(url::Host::Domain(d)) => d == "localhost",

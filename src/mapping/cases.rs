@@ -1,5 +1,7 @@
 //! Test cases written inside mapping files: a payload, headers and the expected verdict, run by
 //! `p0-relay test` and by the test suite. Configuration is code and gets its own tests.
+//! A case checks `freshness` only when it names its own clock (`now`), so cases never depend
+//! on the day they run.
 
 use std::collections::HashMap;
 
@@ -66,14 +68,17 @@ fn run_case(
         .map_err(|e| e.join("; "))?;
         &recompiled
     };
-    let payload: Value = match (&case.payload, &case.payload_file) {
-        (Some(p), None) => p.clone(),
+    // The body as sent (the file's bytes, or the inline payload as JSON) and as parsed.
+    let (raw, payload): (Vec<u8>, Value) = match (&case.payload, &case.payload_file) {
+        (Some(p), None) => (serde_json::to_vec(p).unwrap_or_default(), p.clone()),
         (None, Some(f)) => {
             let dir = mapping.file.parent().unwrap_or(std::path::Path::new("."));
             let path = dir.join("testdata").join(f);
             let text = std::fs::read_to_string(&path)
                 .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-            serde_json::from_str(&text).map_err(|e| format!("{}: not JSON: {e}", path.display()))?
+            let value = serde_json::from_str(&text)
+                .map_err(|e| format!("{}: not JSON: {e}", path.display()))?;
+            (text.into_bytes(), value)
         }
         _ => return Err("give exactly one of `payload` and `payload_file`".into()),
     };
@@ -84,10 +89,23 @@ fn run_case(
         let value = HeaderValue::from_str(v).map_err(|_| format!("bad value for header `{k}`"))?;
         headers.append(name, value);
     }
-    let verdict = m.decide(Input {
+    let now = match &case.now {
+        None => None,
+        Some(t) => Some(
+            super::parse_rfc3339(t).ok_or_else(|| format!("now: `{t}` is not an RFC 3339 time"))?,
+        ),
+    };
+    let input = Input {
         headers: &headers,
         body: &payload,
-    });
+    };
+    if let Some(want) = &case.dedup {
+        let got = m.dedup_key(input, &raw);
+        if &got != want {
+            return Err(format!("expected dedup key `{want}`, got `{got}`"));
+        }
+    }
+    let verdict = m.decide(input, now);
     check(&case.expect, &verdict, &defaults.org)
 }
 

@@ -5,17 +5,18 @@ pub mod cases;
 pub mod command;
 mod eval;
 pub mod model;
+mod replay;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use axum::http::HeaderName;
 use jsonpath_rust::parser::parse_json_path;
 use regex::Regex;
 use serde::Serialize;
 use serde_json::Value;
-use sha2::{Digest, Sha256};
 
 use crate::config::env::Env;
 use crate::domain::{Action, Expiration};
@@ -26,6 +27,7 @@ use crate::verify::Verifier;
 pub use eval::Input;
 use eval::{Condition, Extract, From, Selector, Test};
 use model::{RawCondition, RawExtract, RawMapping, RawRule, RawSelector};
+pub use replay::parse_rfc3339;
 
 /// Relay-wide values a mapping falls back on.
 #[derive(Debug, Clone)]
@@ -64,7 +66,8 @@ pub struct Mapping {
     pub source: String,
     pub file: PathBuf,
     pub verifier: Verifier,
-    dedup: Option<(Vec<Selector>, Vec<Selector>)>,
+    dedup: replay::Dedup,
+    freshness: Option<replay::Freshness>,
     rules: Vec<Rule>,
     /// The file as parsed, before expansion: test cases recompile it under their own env.
     pub(crate) tree: Value,
@@ -95,19 +98,30 @@ struct Fields {
 }
 
 impl Mapping {
-    /// The decision for one verified webhook.
-    pub fn decide(&self, input: Input<'_>) -> Verdict {
-        self.run(input, None)
+    /// The decision for one verified webhook. `now` is the clock the mapping's `freshness`
+    /// check judges the event time by; `None` skips that check (test cases without `now`).
+    pub fn decide(&self, input: Input<'_>, now: Option<SystemTime>) -> Verdict {
+        self.run(input, now, None)
     }
 
     /// The decision and, for every rule tried, why it did or did not match.
-    pub fn explain(&self, input: Input<'_>) -> (Verdict, Vec<RuleTrace>) {
+    pub fn explain(&self, input: Input<'_>, now: Option<SystemTime>) -> (Verdict, Vec<RuleTrace>) {
         let mut trace = Vec::new();
-        let verdict = self.run(input, Some(&mut trace));
+        let verdict = self.run(input, now, Some(&mut trace));
         (verdict, trace)
     }
 
-    fn run(&self, input: Input<'_>, mut trace: Option<&mut Vec<RuleTrace>>) -> Verdict {
+    /// The oldest event the mapping acts on (`freshness.max_age`), when it checks freshness.
+    pub fn max_event_age(&self) -> Option<std::time::Duration> {
+        self.freshness.as_ref().map(|f| f.max_age)
+    }
+
+    fn run(
+        &self,
+        input: Input<'_>,
+        now: Option<SystemTime>,
+        mut trace: Option<&mut Vec<RuleTrace>>,
+    ) -> Verdict {
         let mut note = |rule: &Rule, matched: bool, detail: String| {
             if let Some(t) = trace.as_deref_mut() {
                 t.push(RuleTrace {
@@ -172,6 +186,17 @@ impl Mapping {
                     }
                 }
             };
+            // A matched rule acts only on a fresh event: a captured delivery replayed after
+            // `max_age` is refused, whatever its dedup key.
+            if let (Some(fresh), Some(now)) = (&self.freshness, now)
+                && let Err(reason) = fresh.check(input, now)
+            {
+                note(rule, true, reason.clone());
+                return Verdict::Rejected {
+                    rule: rule.name.clone(),
+                    reason,
+                };
+            }
             let actor = rule
                 .actor
                 .as_ref()
@@ -198,26 +223,11 @@ impl Mapping {
         Verdict::Ignored
     }
 
-    /// The delivery's dedup key: the configured parts joined, else the fallback parts, else a
-    /// digest of the body (the same bytes delivered twice are the same delivery).
+    /// The delivery's dedup key: the first `dedup` alternative whose parts are all present
+    /// (`name:` then the parts joined with `|`), else a digest of the body (the same bytes
+    /// delivered twice are the same delivery).
     pub fn dedup_key(&self, input: Input<'_>, body: &[u8]) -> String {
-        if let Some((key, fallback)) = &self.dedup {
-            for parts in [key, fallback] {
-                if parts.is_empty() {
-                    continue;
-                }
-                let values: Option<Vec<String>> = parts
-                    .iter()
-                    .map(|p| p.values(input).into_iter().next().map(|v| v.into_owned()))
-                    .collect();
-                if let Some(values) = values {
-                    let mut key = values.join("|");
-                    key.truncate(key.floor_char_boundary(256));
-                    return key;
-                }
-            }
-        }
-        format!("sha256:{}", hex::encode(Sha256::digest(body)))
+        self.dedup.key(input, body)
     }
 }
 
@@ -372,24 +382,14 @@ pub fn compile(
             None
         }
     };
-    let dedup = match &raw.dedup {
-        None => None,
-        Some(d) => {
-            let key = d.key.iter().map(selector).collect::<Result<Vec<_>, _>>();
-            let fallback = d
-                .fallback
-                .iter()
-                .map(selector)
-                .collect::<Result<Vec<_>, _>>();
-            match (key, fallback) {
-                (Ok(k), Ok(f)) => Some((k, f)),
-                (Err(e), _) | (_, Err(e)) => {
-                    errors.push(format!("{at}: dedup: {e}"));
-                    None
-                }
-            }
-        }
-    };
+    let dedup = replay::Dedup::compile(raw.dedup.as_ref()).unwrap_or_else(|errs| {
+        errors.extend(errs.into_iter().map(|e| format!("{at}: {e}")));
+        replay::Dedup::default()
+    });
+    let freshness = replay::Freshness::compile(raw.freshness.as_ref()).unwrap_or_else(|errs| {
+        errors.extend(errs.into_iter().map(|e| format!("{at}: {e}")));
+        None
+    });
     let mut rules = Vec::new();
     let mut names = BTreeSet::new();
     if raw.rules.is_empty() {
@@ -416,6 +416,7 @@ pub fn compile(
             file: file.to_owned(),
             verifier,
             dedup,
+            freshness,
             rules,
             tree,
             warnings,
@@ -748,10 +749,13 @@ mod tests {
         let m = mapping(rules.clone());
         let mut headers = HeaderMap::new();
         headers.insert("x-kind", HeaderValue::from_str(kind).unwrap());
-        cases::describe(&m.decide(Input {
-            headers: &headers,
-            body: &payload,
-        }))
+        cases::describe(&m.decide(
+            Input {
+                headers: &headers,
+                body: &payload,
+            },
+            None,
+        ))
     }
 
     #[test]
@@ -888,5 +892,145 @@ mod tests {
         assert!(key(&headers, &json!({ "a": "x" })).starts_with("sha256:"));
         headers.insert("x-id", HeaderValue::from_static("abc"));
         assert_eq!(key(&headers, &body), "abc");
+    }
+
+    #[test]
+    fn dedup_alternatives_signed_content_first() {
+        let tree = json!({
+            "verify": { "scheme": "token", "secrets": "t" },
+            "dedup": [
+                { "name": "comment", "key": [ { "path": "$.comment.id" }, { "path": "$.action" } ] },
+                { "key": [ { "header": "X-Id" } ] }
+            ],
+            "rules": [ { "name": "r", "command": { "path": "$.x" } } ]
+        });
+        let m = compile("s", Path::new("s.yaml"), tree, &Env::default(), &defaults()).unwrap();
+        let mut headers = HeaderMap::new();
+        headers.insert("x-id", HeaderValue::from_static("fresh-header"));
+        let key = |b: &Value| {
+            m.dedup_key(
+                Input {
+                    headers: &headers,
+                    body: b,
+                },
+                b"raw",
+            )
+        };
+        assert_eq!(
+            key(&json!({ "comment": { "id": 17 }, "action": "created" })),
+            "comment:17|created"
+        );
+        assert_eq!(key(&json!({ "zen": "ping" })), "fresh-header");
+    }
+
+    #[test]
+    fn dedup_and_freshness_errors_name_file_and_field() {
+        let tree = json!({
+            "verify": { "scheme": "token", "secrets": "t" },
+            "dedup": [ { "name": "a b", "key": [ { "path": "$[" } ] }, { "key": [] }, { "kye": [] } ],
+            "freshness": { "time": [ { "header": "bad header" } ], "max_age": "soon" },
+            "rules": [ { "name": "r", "command": { "path": "$.x" } } ]
+        });
+        let all = compile("s", Path::new("s.yaml"), tree, &Env::default(), &defaults())
+            .unwrap_err()
+            .join("\n");
+        assert!(
+            all.contains("s.yaml: dedup[2].kye: unknown field `kye`"),
+            "{all}"
+        );
+        let tree = json!({
+            "verify": { "scheme": "token", "secrets": "t" },
+            "dedup": [ { "name": "a b", "key": [ { "path": "$[" } ] }, { "key": [] } ],
+            "freshness": { "time": [ { "header": "bad header" } ], "max_age": "soon" },
+            "rules": [ { "name": "r", "command": { "path": "$.x" } } ]
+        });
+        let all = compile("s", Path::new("s.yaml"), tree, &Env::default(), &defaults())
+            .unwrap_err()
+            .join("\n");
+        for fragment in [
+            "s.yaml: dedup[0]: name: `a b` is not letters",
+            "s.yaml: dedup[0]: key[0]: `$[` is not valid JSONPath",
+            "s.yaml: dedup[1]: key: at least one part is needed",
+            "s.yaml: freshness: time[0]: `bad header` is not a valid header name",
+            "s.yaml: freshness: max_age: `soon` is not a duration",
+        ] {
+            assert!(all.contains(fragment), "missing {fragment:?} in:\n{all}");
+        }
+    }
+
+    #[test]
+    fn freshness_refuses_old_and_future_events_and_is_off_without_max_age() {
+        let tree = |max_age: &str| {
+            json!({
+                "verify": { "scheme": "token", "secrets": "t" },
+                "freshness": { "time": [ { "path": "$.created_at" }, { "path": "$.submitted_at" } ],
+                               "max_age": max_age },
+                "rules": [ { "name": "r", "command": { "path": "$.x" } } ]
+            })
+        };
+        let m = compile(
+            "s",
+            Path::new("s.yaml"),
+            tree("10m"),
+            &Env::default(),
+            &defaults(),
+        )
+        .unwrap();
+        let now = parse_rfc3339("2026-11-27T10:15:00Z").unwrap();
+        let headers = HeaderMap::new();
+        let verdict = |body: Value, now: Option<SystemTime>| {
+            cases::describe(&m.decide(
+                Input {
+                    headers: &headers,
+                    body: &body,
+                },
+                now,
+            ))
+        };
+        let cmd = "/p0 deny r-1";
+        let decided = "rule `r` decided [deny r-1 in org acme]";
+        for (body, want) in [
+            (json!({ "x": cmd, "created_at": "2026-11-27T10:06:00Z" }), decided.to_owned()),
+            (json!({ "x": cmd, "submitted_at": "2026-11-27T10:15:59+00:00" }), decided.to_owned()),
+            (
+                json!({ "x": cmd, "created_at": "2026-11-27T10:04:59Z" }),
+                "rejected by rule `r`: freshness: event time 2026-11-27T10:04:59Z ($.created_at) is 10m 1s old, more than the 10m allowed".into(),
+            ),
+            (
+                json!({ "x": cmd, "created_at": "2026-11-27T10:17:00Z" }),
+                "rejected by rule `r`: freshness: event time 2026-11-27T10:17:00Z ($.created_at) is 2m in the future, more than the 1m of clock skew allowed".into(),
+            ),
+            (
+                json!({ "x": cmd }),
+                "rejected by rule `r`: freshness: no event time at $.created_at or $.submitted_at".into(),
+            ),
+            (
+                json!({ "x": cmd, "created_at": 1764238500 }),
+                "rejected by rule `r`: freshness: event time `1764238500` at $.created_at is not RFC 3339".into(),
+            ),
+            // Freshness guards actions only: what no rule matches stays ignored.
+            (json!({ "created_at": "2020-01-01T00:00:00Z" }), "ignored".into()),
+        ] {
+            assert_eq!(verdict(body.clone(), Some(now)), want, "{body}");
+        }
+        // Without a clock (test cases that name no `now`) the check is skipped.
+        assert_eq!(
+            verdict(
+                json!({ "x": cmd, "created_at": "2020-01-01T00:00:00Z" }),
+                None
+            ),
+            decided
+        );
+        // An empty max_age (`${GITHUB_MAX_EVENT_AGE:-}` unset) turns it off.
+        let off = compile(
+            "s",
+            Path::new("s.yaml"),
+            tree(""),
+            &Env::default(),
+            &defaults(),
+        )
+        .unwrap();
+        assert_eq!(off.max_event_age(), None);
+        assert_eq!(m.max_event_age(), Some(std::time::Duration::from_secs(600)));
     }
 }

@@ -9,7 +9,10 @@ use serde_json::Value;
 #[serde(deny_unknown_fields)]
 pub struct RawMapping {
     pub verify: Option<RawVerify>,
-    pub dedup: Option<RawDedup>,
+    /// A list of `RawDedupAlternative`s, or the older `{key, fallback}` form (`RawDedupPair`);
+    /// read by `compile`, which names the field in its errors.
+    pub dedup: Option<Value>,
+    pub freshness: Option<RawFreshness>,
     /// The P0 org for every rule of this source, unless a rule names its own.
     pub org: Option<String>,
     #[serde(default)]
@@ -30,13 +33,34 @@ pub struct RawVerify {
     pub insecure: bool,
 }
 
+/// One way to name a delivery: the first alternative whose parts are all present is used.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawDedup {
-    /// Parts joined into the key; when any is missing, `fallback` is tried.
+pub struct RawDedupAlternative {
+    /// Written before the parts (`comment:...`), so keys of different alternatives never meet.
+    pub name: Option<String>,
+    pub key: Vec<RawSelector>,
+}
+
+/// The older form: `key`, then `fallback` when a part of `key` is missing.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDedupPair {
     pub key: Vec<RawSelector>,
     #[serde(default)]
     pub fallback: Vec<RawSelector>,
+}
+
+/// Refuse deliveries whose signed event time is too old (or too far in the future).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawFreshness {
+    /// Where the event time (RFC 3339) is: the first selector that yields a value.
+    pub time: Vec<RawSelector>,
+    /// The oldest event acted on, as a duration (`10m`); empty turns the check off.
+    pub max_age: Option<String>,
+    /// How far in the future an event time may be (clock skew); default `1m`.
+    pub max_skew: Option<String>,
 }
 
 /// Where a value comes from: a JSONPath into the body or a header name.
@@ -116,6 +140,10 @@ pub struct RawCase {
     pub payload: Option<Value>,
     /// A file under `mappings/testdata/`.
     pub payload_file: Option<String>,
+    /// The clock for `freshness` (RFC 3339); without it the case does not check freshness.
+    pub now: Option<String>,
+    /// The dedup key the delivery must get.
+    pub dedup: Option<String>,
     pub expect: RawExpect,
 }
 

@@ -212,7 +212,7 @@ async fn handle(r: &Receiver, mapping: &Mapping, peer: Option<IpAddr>, request: 
         body: &value,
     };
     let delivery = mapping.dedup_key(input, &bytes);
-    match mapping.decide(input) {
+    match mapping.decide(input, Some(std::time::SystemTime::now())) {
         Verdict::Ignored => Answer::new(StatusCode::OK, "ignored")
             .reason("no rule matched".into())
             .delivery(delivery),

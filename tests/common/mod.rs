@@ -229,12 +229,16 @@ impl Hook {
     }
 
     /// An `issue_comment` by the approver `octocat` with `text` as its body, signed with the
-    /// newer GitHub secret.
+    /// newer GitHub secret. Each delivery ID is a comment of its own (its `comment.id` derives
+    /// from it), as on GitHub, where a new delivery of a new comment has a new comment ID.
     pub fn comment(delivery: &str, text: &str) -> Hook {
+        let id = delivery.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+        }) >> 12;
         Hook::github(
             "issue_comment",
             delivery,
-            &github_comment(text, "octocat"),
+            &github_comment_with_id(text, "octocat", id),
             GITHUB_SECRET_NEW,
         )
     }
@@ -277,10 +281,19 @@ pub async fn answer(resp: reqwest::Response) -> (u16, Value) {
     )
 }
 
-/// A GitHub issue comment payload with the given body and author.
+/// A GitHub issue comment payload with the given body and author: a new comment (a comment
+/// ID of its own) at every call.
 pub fn github_comment(body: &str, login: &str) -> Vec<u8> {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    github_comment_with_id(body, login, 1_900_000_000 + n)
+}
+
+/// A GitHub issue comment payload with the given body, author and comment ID.
+pub fn github_comment_with_id(body: &str, login: &str, id: u64) -> Vec<u8> {
     let mut v: Value =
         serde_json::from_slice(&testdata("github/issue_comment_created.json")).unwrap();
+    v["comment"]["id"] = id.into();
     v["comment"]["body"] = body.into();
     v["comment"]["user"]["login"] = login.into();
     v["sender"]["login"] = login.into();

@@ -1,0 +1,292 @@
+//! Replay protection in a mapping: the dedup key that names a delivery (ordered alternatives,
+//! signed content first) and the freshness check on a signed event time. Pure: the clock is a
+//! value passed in.
+
+use std::time::{Duration, SystemTime};
+
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+use super::eval::{Input, Selector};
+use super::model::{RawDedupAlternative, RawDedupPair, RawFreshness};
+use super::selector;
+
+/// Longest dedup key stored; longer keys are cut at a character boundary.
+const MAX_KEY: usize = 256;
+
+/// One way to name a delivery.
+#[derive(Debug)]
+pub(super) struct Alternative {
+    name: Option<String>,
+    parts: Vec<Selector>,
+}
+
+/// The compiled `dedup:` section: alternatives tried in order.
+#[derive(Debug, Default)]
+pub(super) struct Dedup(Vec<Alternative>);
+
+impl Dedup {
+    /// Reads `dedup:`: a list of `{name, key}` alternatives, or the older `{key, fallback}`.
+    pub(super) fn compile(raw: Option<&Value>) -> Result<Dedup, Vec<String>> {
+        let Some(raw) = raw else {
+            return Ok(Dedup::default());
+        };
+        let alternatives: Vec<RawDedupAlternative> = match raw {
+            Value::Array(_) => serde_path_to_error::deserialize(raw.clone())
+                .map_err(|e| vec![format!("dedup{}: {}", bracket(e.path()), e.inner())])?,
+            Value::Object(_) => {
+                let pair: RawDedupPair = serde_path_to_error::deserialize(raw.clone())
+                    .map_err(|e| vec![format!("dedup.{}: {}", e.path(), e.inner())])?;
+                [pair.key, pair.fallback]
+                    .into_iter()
+                    .filter(|k| !k.is_empty())
+                    .map(|key| RawDedupAlternative { name: None, key })
+                    .collect()
+            }
+            _ => {
+                return Err(vec![
+                    "dedup: a list of alternatives (`- { name: ..., key: [...] }`)".into(),
+                ]);
+            }
+        };
+        let mut errors = Vec::new();
+        let mut out = Vec::new();
+        for (i, alt) in alternatives.into_iter().enumerate() {
+            let at = format!("dedup[{i}]");
+            if alt.key.is_empty() {
+                errors.push(format!("{at}: key: at least one part is needed"));
+            }
+            if let Some(name) = &alt.name
+                && (name.is_empty()
+                    || !name
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-'))
+            {
+                errors.push(format!(
+                    "{at}: name: `{name}` is not letters, digits, - and _"
+                ));
+            }
+            let parts: Vec<Selector> = alt
+                .key
+                .iter()
+                .enumerate()
+                .filter_map(|(j, p)| {
+                    selector(p)
+                        .map_err(|e| errors.push(format!("{at}: key[{j}]: {e}")))
+                        .ok()
+                })
+                .collect();
+            out.push(Alternative {
+                name: alt.name,
+                parts,
+            });
+        }
+        if errors.is_empty() {
+            Ok(Dedup(out))
+        } else {
+            Err(errors)
+        }
+    }
+
+    /// The delivery's key: the first alternative whose parts all yield a value, its parts
+    /// joined with `|` after `name:`; else a digest of the body (the same bytes delivered twice
+    /// are the same delivery).
+    pub(super) fn key(&self, input: Input<'_>, body: &[u8]) -> String {
+        for alt in &self.0 {
+            let values: Option<Vec<String>> = alt
+                .parts
+                .iter()
+                .map(|p| p.values(input).into_iter().next().map(|v| v.into_owned()))
+                .collect();
+            if let Some(values) = values {
+                let mut key = match &alt.name {
+                    Some(name) => format!("{name}:{}", values.join("|")),
+                    None => values.join("|"),
+                };
+                key.truncate(key.floor_char_boundary(MAX_KEY));
+                return key;
+            }
+        }
+        format!("sha256:{}", hex::encode(Sha256::digest(body)))
+    }
+}
+
+/// `[0].key` after `dedup`, nothing for the whole value.
+fn bracket(path: &serde_path_to_error::Path) -> String {
+    match path.to_string() {
+        t if t == "." => String::new(),
+        t if t.starts_with('[') => t,
+        t => format!(".{t}"),
+    }
+}
+
+/// The compiled `freshness:` section, when it is on.
+#[derive(Debug)]
+pub(super) struct Freshness {
+    time: Vec<Selector>,
+    pub(super) max_age: Duration,
+    max_skew: Duration,
+}
+
+/// Future event times within this are accepted unless `max_skew` says otherwise.
+const DEFAULT_SKEW: Duration = Duration::from_secs(60);
+
+impl Freshness {
+    /// `None` when the section is absent or `max_age` is empty (the check is off).
+    pub(super) fn compile(raw: Option<&RawFreshness>) -> Result<Option<Freshness>, Vec<String>> {
+        let Some(raw) = raw else { return Ok(None) };
+        let mut errors = Vec::new();
+        if raw.time.is_empty() {
+            errors.push("freshness: time: name at least one `path` (or `header`)".into());
+        }
+        let time: Vec<Selector> = raw
+            .time
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| {
+                selector(s)
+                    .map_err(|e| errors.push(format!("freshness: time[{i}]: {e}")))
+                    .ok()
+            })
+            .collect();
+        let mut duration = |field: &str, text: Option<&str>| -> Option<Duration> {
+            let text = text.map(str::trim).filter(|t| !t.is_empty())?;
+            match humantime::parse_duration(text) {
+                Ok(d) => Some(d),
+                Err(e) => {
+                    errors.push(format!(
+                        "freshness: {field}: `{text}` is not a duration like `10m`: {e}"
+                    ));
+                    None
+                }
+            }
+        };
+        let max_age = duration("max_age", raw.max_age.as_deref());
+        let max_skew = duration("max_skew", raw.max_skew.as_deref()).unwrap_or(DEFAULT_SKEW);
+        if matches!(max_age, Some(d) if d.is_zero()) {
+            errors
+                .push("freshness: max_age: must be more than zero (leave it empty for off)".into());
+        }
+        if !errors.is_empty() {
+            return Err(errors);
+        }
+        Ok(max_age.map(|max_age| Freshness {
+            time,
+            max_age,
+            max_skew,
+        }))
+    }
+
+    /// `Err(reason)` when the event time is missing, unreadable, older than `max_age` or
+    /// further than `max_skew` in the future, as seen at `now`.
+    pub(super) fn check(&self, input: Input<'_>, now: SystemTime) -> Result<(), String> {
+        let Some((sel, text)) = self.time.iter().find_map(|s| {
+            s.values(input)
+                .into_iter()
+                .next()
+                .map(|v| (s.describe(), v.into_owned()))
+        }) else {
+            let wheres: Vec<String> = self.time.iter().map(Selector::describe).collect();
+            return Err(format!(
+                "freshness: no event time at {}",
+                wheres.join(" or ")
+            ));
+        };
+        let at = parse_rfc3339(&text).ok_or_else(|| {
+            format!(
+                "freshness: event time `{}` at {sel} is not RFC 3339",
+                crate::domain::printable(&text)
+            )
+        })?;
+        let shown = crate::domain::printable(&text);
+        match now.duration_since(at) {
+            Ok(age) if age > self.max_age => Err(format!(
+                "freshness: event time {shown} ({sel}) is {} old, more than the {} allowed",
+                rounded(age),
+                rounded(self.max_age)
+            )),
+            Ok(_) => Ok(()),
+            Err(e) if e.duration() > self.max_skew => Err(format!(
+                "freshness: event time {shown} ({sel}) is {} in the future, more than the {} of clock skew allowed",
+                rounded(e.duration()),
+                rounded(self.max_skew)
+            )),
+            Err(_) => Ok(()),
+        }
+    }
+}
+
+fn rounded(d: Duration) -> humantime::FormattedDuration {
+    humantime::format_duration(Duration::from_secs(d.as_secs()))
+}
+
+/// An RFC 3339 time: `Z` or a numeric offset, optional fractional seconds.
+pub fn parse_rfc3339(text: &str) -> Option<SystemTime> {
+    let text = text.trim();
+    if text.len() < 20 || !text.is_ascii() {
+        return None;
+    }
+    let (local, offset_secs): (&str, i64) = if let Some(l) = text.strip_suffix(['Z', 'z']) {
+        (l, 0)
+    } else {
+        let (l, off) = text.split_at(text.len() - 6);
+        let sign = match off.as_bytes()[0] {
+            b'+' => 1,
+            b'-' => -1,
+            _ => return None,
+        };
+        let (h, m) = off[1..].split_once(':')?;
+        if h.len() != 2 || m.len() != 2 {
+            return None;
+        }
+        let (h, m): (i64, i64) = (h.parse().ok()?, m.parse().ok()?);
+        if h > 23 || m > 59 {
+            return None;
+        }
+        (l, sign * (h * 3600 + m * 60))
+    };
+    // humantime reads the local part as UTC (`T` required, at most nanosecond precision).
+    if local
+        .as_bytes()
+        .get(10)
+        .is_none_or(|b| !matches!(b, b'T' | b't'))
+    {
+        return None;
+    }
+    let utc = humantime::parse_rfc3339_weak(&local.replacen('t', "T", 1)).ok()?;
+    let shift = Duration::from_secs(offset_secs.unsigned_abs());
+    if offset_secs >= 0 {
+        utc.checked_sub(shift)
+    } else {
+        utc.checked_add(shift)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc3339_with_zones_and_fractions() {
+        let base = humantime::parse_rfc3339("2026-11-27T10:15:00Z").unwrap();
+        for (text, want) in [
+            ("2026-11-27T10:15:00Z", Some(base)),
+            ("2026-11-27t10:15:00z", Some(base)),
+            (
+                "2026-11-27T10:15:00.250Z",
+                Some(base + Duration::from_millis(250)),
+            ),
+            ("2026-11-27T11:15:00+01:00", Some(base)),
+            ("2026-11-27T05:45:00-04:30", Some(base)),
+            ("2026-11-27 10:15:00Z", None),
+            ("2026-11-27T10:15:00", None),
+            ("2026-11-27T10:15:00+0100", None),
+            ("2026-13-27T10:15:00Z", None),
+            ("yesterday", None),
+            ("", None),
+            ("2026-11-27T10:15:00Zé", None),
+        ] {
+            assert_eq!(parse_rfc3339(text), want, "{text}");
+        }
+    }
+}
