@@ -13,6 +13,7 @@ use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use crate::answers::{self, Answerer};
 use crate::config::env::Env;
 use crate::config::{Settings, audit};
 use crate::health::Health;
@@ -115,6 +116,16 @@ impl Relay {
             None => None,
         };
 
+        for off in &settings.answers.off {
+            tracing::info!("{off}");
+        }
+        let answer_client = answers::Client::new(settings.answers.clone()).map_err(|e| anyhow!(e))?;
+        let answer_via = if opts.dry_run {
+            Vec::new()
+        } else {
+            answer_client.enabled()
+        };
+        let answer_wake = Arc::new(Notify::new());
         let wake = Arc::new(Notify::new());
         store.wake_on_new_work(wake.clone());
         let health = Arc::new(Health::default());
@@ -138,6 +149,17 @@ impl Relay {
             concurrency: settings.p0.concurrency,
             wake,
             health,
+            answer_via,
+            answer_wake: answer_wake.clone(),
+        };
+        let answerer = Answerer {
+            store: store.clone(),
+            client: answer_client,
+            pacing: Arc::new(KeyedLimit::per_second(settings.answers.rate_per_second, 1)),
+            metrics: metrics.clone(),
+            retry: settings.answers.retry.clone(),
+            concurrency: settings.answers.concurrency,
+            wake: answer_wake,
         };
         let limits = ConnLimits {
             max_connections: settings.inbound.max_connections,
@@ -163,6 +185,7 @@ impl Relay {
             ))
         });
         let worker = tokio::spawn(worker.run(shutdown.clone(), opts.drain));
+        let answerer = tokio::spawn(answerer.run(shutdown.clone(), opts.drain));
         let reloader = tokio::spawn(reload_loop(
             receiver.clone(),
             env,
@@ -183,6 +206,7 @@ impl Relay {
                 let _ = m.await;
             }
             let _ = worker.await;
+            let _ = answerer.await;
             let _ = reloader.await;
             let _ = pruner.await;
             // The writer ends once every handle is gone and the queue is drained.

@@ -10,6 +10,7 @@ use clap::{Args, Parser, Subcommand};
 use crate::app::{Options, Relay};
 use crate::config::Settings;
 use crate::config::env::Env;
+use crate::domain::printable;
 use crate::mapping::{Input, MappingSet, cases};
 use crate::store::{self, ListFilter, Replay, State, StoreLocation, Windows};
 
@@ -87,6 +88,9 @@ enum JobsCommand {
         state: Option<String>,
         #[arg(long)]
         source: Option<String>,
+        /// Only decisions asked on this subject (an incident or alert ID, `owner/repo#12`).
+        #[arg(long)]
+        subject: Option<String>,
         #[arg(long, default_value_t = 50)]
         limit: usize,
         /// One JSON object per line.
@@ -294,7 +298,7 @@ fn test(config: &Path, env: &Env, names: &[String]) -> ExitCode {
 }
 
 fn explain(config: &Path, env: &Env, source: &str, headers: &[String], payload: &Path) -> ExitCode {
-    let (_, mappings) = match load(config, env) {
+    let (settings, mappings) = match load(config, env) {
         Ok(x) => x,
         Err(errors) => return fail(&errors),
     };
@@ -339,7 +343,79 @@ fn explain(config: &Path, env: &Env, source: &str, headers: &[String], payload: 
         println!("  {mark} rule `{}`: {}", t.rule, t.detail);
     }
     println!("decision: {}", cases::describe(&verdict));
+    if let crate::mapping::Verdict::Decided { binding, .. } = &verdict {
+        match &binding.subject {
+            Some(s) => println!("subject:  {}", printable(s)),
+            None => println!("subject:  none (a later subject end cannot revoke these)"),
+        }
+        if let (Some(subject), true) = (&binding.subject, binding.ends_subject) {
+            println!(
+                "ends subject: revokes every request approved under `{}` (source {source}) and not yet revoked",
+                printable(subject)
+            );
+            for line in would_revoke(&settings, source, subject) {
+                println!("  {line}");
+            }
+        }
+    }
     ExitCode::SUCCESS
+}
+
+/// What ending `subject` would revoke now, as the store (if there is one yet) sees it.
+fn would_revoke(settings: &Settings, source: &str, subject: &str) -> Vec<String> {
+    let location = &settings.store.location;
+    if let StoreLocation::Sqlite(path) = location
+        && !path.exists()
+    {
+        return vec!["(no store yet: nothing approved under it)".into()];
+    }
+    let windows = Windows {
+        dedup: settings.store.dedup_window,
+        coalesce: settings.store.coalesce_window,
+    };
+    let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    else {
+        return Vec::new();
+    };
+    runtime.block_on(async {
+        let (store, writer) = match store::inspect(location, windows).await {
+            Ok(s) => s,
+            Err(e) => return vec![format!("(cannot read the store: {e})")],
+        };
+        let filter = ListFilter {
+            source: Some(source.to_owned()),
+            subject: Some(subject.to_owned()),
+            limit: 1000,
+            ..ListFilter::default()
+        };
+        let rows = store.list(filter).await.unwrap_or_default();
+        drop(store);
+        writer.join().await;
+        // Newest first: the first job seen per request is its latest under this subject.
+        let mut seen = std::collections::BTreeSet::new();
+        let mut out = Vec::new();
+        for r in rows {
+            if !seen.insert((r.org.clone(), r.request_id.clone())) {
+                continue;
+            }
+            let live = matches!(
+                r.state.as_str(),
+                "pending" | "sending" | "succeeded" | "dry_run"
+            );
+            if r.action == "approve" && live {
+                out.push(format!(
+                    "would revoke {} in org {} (approved by job {}, {})",
+                    r.request_id, r.org, r.id, r.state
+                ));
+            }
+        }
+        if out.is_empty() {
+            out.push("(nothing approved under it is still granted)".into());
+        }
+        out
+    })
 }
 
 fn time(ms: i64) -> String {
@@ -399,6 +475,7 @@ async fn jobs_command(store: &store::StoreHandle, command: JobsCommand) -> ExitC
         JobsCommand::List {
             state,
             source,
+            subject,
             limit,
             json,
         } => {
@@ -411,15 +488,22 @@ async fn jobs_command(store: &store::StoreHandle, command: JobsCommand) -> ExitC
                     )]);
                 }
             };
-            store.list(ListFilter { state, source, limit }).await.map(|rows| {
+            let filter = ListFilter {
+                state,
+                source,
+                subject,
+                limit,
+            };
+            store.list(filter).await.map(|rows| {
                 if json {
                     for r in rows {
                         println!("{}", serde_json::to_string(&r).unwrap_or_default());
                     }
                 } else {
                     println!(
-                        "{:>6}  {:<9}  {:<7}  {:<12}  {:<24}  {:<5}  {:>3}  {:<10}  {:<20}  LAST",
-                        "ID", "STATE", "ACTION", "ORG", "REQUEST", "EXP", "TRY", "SOURCE", "UPDATED"
+                        "{:>6}  {:<9}  {:<7}  {:<12}  {:<24}  {:<5}  {:>3}  {:<10}  {:<20}  {:<24}  LAST",
+                        "ID", "STATE", "ACTION", "ORG", "REQUEST", "EXP", "TRY", "SOURCE", "UPDATED",
+                        "SUBJECT"
                     );
                     for r in rows {
                         let last = match (r.last_status, &r.last_error) {
@@ -429,7 +513,7 @@ async fn jobs_command(store: &store::StoreHandle, command: JobsCommand) -> ExitC
                             (None, None) => String::new(),
                         };
                         println!(
-                            "{:>6}  {:<9}  {:<7}  {:<12}  {:<24}  {:<5}  {:>3}  {:<10}  {:<20}  {last}",
+                            "{:>6}  {:<9}  {:<7}  {:<12}  {:<24}  {:<5}  {:>3}  {:<10}  {:<20}  {:<24}  {last}",
                             r.id,
                             r.state,
                             r.action,
@@ -438,7 +522,8 @@ async fn jobs_command(store: &store::StoreHandle, command: JobsCommand) -> ExitC
                             r.expiration.as_deref().unwrap_or("-"),
                             r.attempts,
                             r.source,
-                            time(r.updated_at_ms)
+                            time(r.updated_at_ms),
+                            r.subject.as_deref().map(printable).unwrap_or_else(|| "-".into())
                         );
                     }
                 }
@@ -454,6 +539,12 @@ async fn jobs_command(store: &store::StoreHandle, command: JobsCommand) -> ExitC
                 );
                 if let Some(e) = &j.expiration {
                     println!("  expiration: {e}");
+                }
+                if let Some(s) = &j.subject {
+                    println!("  subject:    {}", printable(s));
+                }
+                if let Some(by) = j.ended_by {
+                    println!("  bound:      revoked because delivery {by} ended its subject");
                 }
                 println!("  attempts:   {}", j.attempts);
                 println!("  created:    {}", time(j.created_at_ms));
@@ -488,6 +579,27 @@ async fn jobs_command(store: &store::StoreHandle, command: JobsCommand) -> ExitC
                 }
                 if d.attempts.is_empty() {
                     println!("  (no attempts yet)");
+                }
+                if !d.answers.is_empty() {
+                    println!("answers back:");
+                    for a in &d.answers {
+                        println!(
+                            "  {} {:<9} {:<8} {:<9} tries {:<3} status {:<4} {}  {}",
+                            a.id,
+                            a.via,
+                            a.kind,
+                            a.state,
+                            a.attempts,
+                            a.last_status
+                                .map(|s| s.to_string())
+                                .unwrap_or_else(|| "-".into()),
+                            time(a.updated_at_ms),
+                            a.last_error
+                                .as_deref()
+                                .map(printable)
+                                .unwrap_or_else(|| printable(&a.body))
+                        );
+                    }
                 }
             }
         }),

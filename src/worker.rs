@@ -8,8 +8,9 @@ use tokio::sync::{Notify, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use crate::answers::compose::{self, Final};
 use crate::config::RetrySettings;
-use crate::domain::Id;
+use crate::domain::{Id, Via};
 use crate::health::Health;
 use crate::metrics::Metrics;
 use crate::p0::{self, Outcome};
@@ -26,6 +27,10 @@ pub struct Worker {
     pub concurrency: usize,
     pub wake: Arc<Notify>,
     pub health: Arc<Health>,
+    /// Providers answers back go through (their token is set); empty, none.
+    pub answer_via: Vec<Via>,
+    /// Wakes the answer loop when an outcome brought answers.
+    pub answer_wake: Arc<Notify>,
 }
 
 /// How long the worker idles before looking at the store again (jobs replayed by
@@ -108,10 +113,13 @@ impl Worker {
             record = self.attempt(&job) => record,
             () = self.store.hold_claim(&job) => return,
         };
+        let answers = !record.answers.is_empty();
         if let Err(e) = self.store.record(record).await {
             // The job stays `sending` and is retried after the next start (or, on a shared
             // store, once its lease runs out).
             tracing::error!(job_id = job.id, error = %e, "cannot record the outcome of a P0 call");
+        } else if answers {
+            self.answer_wake.notify_one();
         }
     }
 
@@ -175,6 +183,7 @@ impl Worker {
             result: "dry_run",
             error: None,
             duration_ms: took.as_millis() as i64,
+            answers: Vec::new(),
         };
         let Some(outcome) = outcome else {
             return rec;
@@ -184,12 +193,21 @@ impl Worker {
         match outcome {
             Outcome::Success { .. } => {
                 rec.state = State::Succeeded;
+                rec.answers = compose::answers(job, &Final::Done, &self.answer_via);
                 self.health.set_token_rejected(false);
                 let lag = (now - job.accepted_at_ms).max(0) as f64 / 1000.0;
                 self.metrics.delivery_lag.observe(lag);
             }
-            Outcome::Rejected { error, .. } => {
+            Outcome::Rejected { status, error } => {
                 rec.state = State::Rejected;
+                rec.answers = compose::answers(
+                    job,
+                    &Final::Refused {
+                        status: Some(status).filter(|s| *s != 0),
+                        reason: &error,
+                    },
+                    &self.answer_via,
+                );
                 rec.error = Some(error);
             }
             Outcome::Unauthorized { error } => {

@@ -224,7 +224,9 @@ async fn handle(r: &Receiver, mapping: &Mapping, peer: Option<IpAddr>, request: 
             rule,
             actor,
             decisions,
+            binding,
         } => {
+            let subject = binding.subject.clone();
             let new = NewDelivery {
                 source: source.to_owned(),
                 dedup_key: delivery.clone(),
@@ -233,9 +235,10 @@ async fn handle(r: &Receiver, mapping: &Mapping, peer: Option<IpAddr>, request: 
                 actor,
                 payload: r.store_payloads.then(|| bytes.to_vec()),
                 decisions: decisions.clone(),
+                binding,
             };
             match r.store.accept(new).await {
-                Ok(Accepted::New { jobs }) => {
+                Ok(Accepted::New { jobs, bound }) => {
                     r.health.set_store_error(None);
                     r.wake.notify_one();
                     for d in &decisions {
@@ -244,10 +247,23 @@ async fn handle(r: &Receiver, mapping: &Mapping, peer: Option<IpAddr>, request: 
                             .with_label_values(&[source, d.action.as_str()])
                             .inc();
                     }
+                    if !bound.is_empty() {
+                        let n = bound.len() as u64;
+                        r.metrics
+                            .decisions
+                            .with_label_values(&[source, "revoke"])
+                            .inc_by(n);
+                        r.metrics
+                            .bound_revocations
+                            .with_label_values(&[source])
+                            .inc_by(n);
+                    }
                     Answer::new(StatusCode::ACCEPTED, "accepted")
                         .rule(rule)
                         .delivery(delivery)
                         .decisions(&decisions, &jobs)
+                        .subject(subject)
+                        .revoked(bound)
                 }
                 Ok(Accepted::Duplicate { job_ids }) => Answer::new(StatusCode::OK, "duplicate")
                     .delivery(delivery)
