@@ -119,7 +119,8 @@ impl Relay {
         for off in &settings.answers.off {
             tracing::info!("{off}");
         }
-        let answer_client = answers::Client::new(settings.answers.clone()).map_err(|e| anyhow!(e))?;
+        let answer_client =
+            answers::Client::new(settings.answers.clone()).map_err(|e| anyhow!(e))?;
         let answer_via = if opts.dry_run {
             Vec::new()
         } else {

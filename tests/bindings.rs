@@ -28,7 +28,9 @@ impl Providers {
     async fn start() -> Providers {
         let github = MockServer::start().await;
         Mock::given(method("POST"))
-            .and(path_regex(r"^/repos/[^/]+/[^/]+/issues/comments/[0-9]+/reactions$"))
+            .and(path_regex(
+                r"^/repos/[^/]+/[^/]+/issues/comments/[0-9]+/reactions$",
+            ))
             .respond_with(
                 ResponseTemplate::new(201).set_body_json(json!({"id": 1, "content": "+1"})),
             )
@@ -64,7 +66,11 @@ impl Providers {
 
     /// The `answers:` section pointing at these fakes (tokens from the environment).
     fn yaml(&self) -> String {
-        answers_yaml(&self.github.uri(), &self.pagerduty.uri(), &self.opsgenie.uri())
+        answers_yaml(
+            &self.github.uri(),
+            &self.pagerduty.uri(),
+            &self.opsgenie.uri(),
+        )
     }
 }
 
@@ -109,7 +115,10 @@ async fn exactly(server: &MockServer, n: usize) -> Vec<Request> {
         n,
         "expected {n} calls, got {:?}",
         got.iter()
-            .map(|r| (r.url.path().to_owned(), String::from_utf8_lossy(&r.body).into_owned()))
+            .map(|r| (
+                r.url.path().to_owned(),
+                String::from_utf8_lossy(&r.body).into_owned()
+            ))
             .collect::<Vec<_>>()
     );
     got
@@ -205,7 +214,10 @@ fn check_contract(spec: &Value, req: &Request) -> Result<(), String> {
         let mut params = Vec::new();
         let matched = parts.iter().zip(&segments).all(|(p, s)| {
             if p.starts_with('{') {
-                params.push((p.trim_matches(|c| c == '{' || c == '}').to_owned(), s.clone()));
+                params.push((
+                    p.trim_matches(|c| c == '{' || c == '}').to_owned(),
+                    s.clone(),
+                ));
                 true
             } else {
                 p == s
@@ -252,8 +264,14 @@ fn check_contract(spec: &Value, req: &Request) -> Result<(), String> {
                 .get(name)
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_owned),
-            "query" => query.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone()),
-            "path" => params.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone()),
+            "query" => query
+                .iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.clone()),
+            "path" => params
+                .iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.clone()),
             _ => None,
         };
         let Some(value) = value else {
@@ -265,10 +283,14 @@ fn check_contract(spec: &Value, req: &Request) -> Result<(), String> {
         if let Some(allowed) = schema["enum"].as_array()
             && !allowed.iter().any(|a| a.as_str() == Some(value.as_str()))
         {
-            return Err(format!("{template}: `{name}` = `{value}` is not one of {allowed:?}"));
+            return Err(format!(
+                "{template}: `{name}` = `{value}` is not one of {allowed:?}"
+            ));
         }
         if schema["type"] == "integer" && value.parse::<i64>().is_err() {
-            return Err(format!("{template}: `{name}` = `{value}` is not an integer"));
+            return Err(format!(
+                "{template}: `{name}` = `{value}` is not an integer"
+            ));
         }
         if schema["format"] == "email" && !value.contains('@') {
             return Err(format!("{template}: `{name}` = `{value}` is not an email"));
@@ -279,7 +301,9 @@ fn check_contract(spec: &Value, req: &Request) -> Result<(), String> {
             .iter()
             .any(|p| p["in"] == "query" && p["name"] == k.as_str())
         {
-            return Err(format!("{template}: query parameter `{k}` is not described"));
+            return Err(format!(
+                "{template}: query parameter `{k}` is not described"
+            ));
         }
     }
     let schema = &op["requestBody"]["content"]["application/json"]["schema"];
@@ -326,7 +350,11 @@ fn the_contract_check_can_fail() {
         .insert("authorization", "Bearer t".parse().unwrap());
     req.headers
         .insert("content-type", "application/json".parse().unwrap());
-    assert!(check_contract(&spec, &req).unwrap_err().contains("thumbs-up"));
+    assert!(
+        check_contract(&spec, &req)
+            .unwrap_err()
+            .contains("thumbs-up")
+    );
     req.body = br#"{"content":"+1"}"#.to_vec();
     check_contract(&spec, &req).unwrap();
     req.url = "http://x/repos/acme/infra/issues/comments/abc/reactions"
@@ -350,7 +378,10 @@ async fn a_pagerduty_note_approval_is_revoked_when_the_incident_resolves_untagge
     let notes = exactly(&providers.pagerduty, 1).await;
     let n = &notes[0];
     assert_eq!(n.url.path(), "/incidents/PINC001/notes");
-    assert_eq!(header(n, "authorization"), format!("Token token={PD_TOKEN}"));
+    assert_eq!(
+        header(n, "authorization"),
+        format!("Token token={PD_TOKEN}")
+    );
     assert_eq!(header(n, "from"), PD_FROM);
     assert_eq!(
         header(n, "accept"),
@@ -445,7 +476,10 @@ async fn an_opsgenie_note_approval_is_revoked_when_the_alert_closes() {
     let notes = exactly(&providers.opsgenie, 1).await;
     assert_eq!(notes[0].url.path(), format!("/v2/alerts/{alert}/notes"));
     assert_eq!(notes[0].url.query(), Some("identifierType=id"));
-    assert_eq!(header(&notes[0], "authorization"), format!("GenieKey {OG_KEY}"));
+    assert_eq!(
+        header(&notes[0], "authorization"),
+        format!("GenieKey {OG_KEY}")
+    );
     assert_eq!(
         body(&notes[0]),
         json!({"note": "p0-relay: P0 approved request req-987 for 2h (access expires then).",
@@ -519,9 +553,12 @@ async fn a_github_comment_approval_is_revoked_when_the_issue_closes() {
 async fn a_refused_approval_is_answered_with_p0s_reason_and_not_revoked() {
     let (t, providers) = relay().await;
     Mock::given(method("POST"))
-        .and(path(format!("/o/{ORG}/permission-requests/req-gone/approve")))
+        .and(path(format!(
+            "/o/{ORG}/permission-requests/req-gone/approve"
+        )))
         .respond_with(
-            ResponseTemplate::new(400).set_body_json(json!({"error": "Invalid or expired request"})),
+            ResponseTemplate::new(400)
+                .set_body_json(json!({"error": "Invalid or expired request"})),
         )
         .mount(&t.p0)
         .await;
@@ -564,7 +601,9 @@ async fn a_subject_that_ends_before_its_approval_reached_p0_still_ends_with_no_a
     let (t, _providers) = relay().await;
     // P0 is down for the approve's first attempts: the revoke must wait behind it.
     Mock::given(method("POST"))
-        .and(path(format!("/o/{ORG}/permission-requests/req-slow/approve")))
+        .and(path(format!(
+            "/o/{ORG}/permission-requests/req-slow/approve"
+        )))
         .respond_with(ResponseTemplate::new(503))
         .up_to_n_times(3)
         .mount(&t.p0)
@@ -590,9 +629,7 @@ async fn a_provider_refusing_an_answer_for_good_is_counted_not_retried() {
     let providers = Providers::start().await;
     let github = MockServer::start().await;
     Mock::given(method("POST"))
-        .respond_with(
-            ResponseTemplate::new(404).set_body_json(json!({"message": "Not Found"})),
-        )
+        .respond_with(ResponseTemplate::new(404).set_body_json(json!({"message": "Not Found"})))
         .mount(&github)
         .await;
     let t = spawn_with(Setup {
@@ -695,7 +732,11 @@ async fn an_answer_pending_at_a_kill_is_sent_once_after_the_restart() {
     // First life: GitHub cannot be reached, so the answer stays queued after P0's answer.
     let closed = format!("http://127.0.0.1:{}", free_port());
     let setup = Setup {
-        top: answers_yaml(&closed, &providers.pagerduty.uri(), &providers.opsgenie.uri()),
+        top: answers_yaml(
+            &closed,
+            &providers.pagerduty.uri(),
+            &providers.opsgenie.uri(),
+        ),
         ..Setup::default()
     };
     let config = write_config(dir.path(), &p0.uri(), &setup);

@@ -70,7 +70,10 @@ impl Client {
             return failed("stored target is not JSON".into());
         };
         let Some(url) = url(api, via, &answer.kind, &target) else {
-            return failed(format!("stored target does not name a {via} {}", answer.kind));
+            return failed(format!(
+                "stored target does not name a {via} {}",
+                answer.kind
+            ));
         };
         let req = self
             .http
@@ -144,12 +147,7 @@ fn url(api: &ProviderApi, via: Via, kind: &str, target: &Value) -> Option<Url> {
             segments.extend(["incidents".into(), text("incident")?, "notes".into()]);
         }
         (Via::Opsgenie | Via::Jsm, "note") => {
-            segments.extend([
-                "v2".into(),
-                "alerts".into(),
-                text("alert")?,
-                "notes".into(),
-            ]);
+            segments.extend(["v2".into(), "alerts".into(), text("alert")?, "notes".into()]);
         }
         _ => return None,
     }
@@ -187,8 +185,7 @@ pub fn classify(status: StatusCode, headers: &header::HeaderMap, body: &str) -> 
         });
     let exhausted = get("x-ratelimit-remaining").is_some_and(|v| v.trim() == "0");
     let error = error_text(status, body);
-    let rate_limited =
-        code == 429 || (code == 403 && (retry_after.is_some() || exhausted));
+    let rate_limited = code == 429 || (code == 403 && (retry_after.is_some() || exhausted));
     if rate_limited {
         return Sent::Retry {
             status: Some(code),

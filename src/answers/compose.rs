@@ -11,7 +11,10 @@ use crate::store::{Job, NewAnswer};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Final<'a> {
     Done,
-    Refused { status: Option<u16>, reason: &'a str },
+    Refused {
+        status: Option<u16>,
+        reason: &'a str,
+    },
 }
 
 /// The answers for `job` after P0's final answer, through the providers in `enabled`. None
@@ -47,10 +50,9 @@ pub fn answers(job: &Job, outcome: &Final<'_>, enabled: &[Via]) -> Vec<NewAnswer
                 );
                 return Vec::new();
             };
-            let comment = reply
-                .comment
-                .as_deref()
-                .filter(|c| !c.is_empty() && c.len() <= 20 && c.bytes().all(|b| b.is_ascii_digit()));
+            let comment = reply.comment.as_deref().filter(|c| {
+                !c.is_empty() && c.len() <= 20 && c.bytes().all(|b| b.is_ascii_digit())
+            });
             let mut out = Vec::new();
             let done = *outcome == Final::Done;
             if let Some(comment) = comment.filter(|_| !job.bound) {
@@ -98,8 +100,7 @@ pub fn github_issue(subject: &str) -> Option<(String, u64)> {
             && s.len() <= 100
             && s != "."
             && s != ".."
-            && s
-                .bytes()
+            && s.bytes()
                 .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
     };
     if !ok(owner) || !ok(name) {
@@ -116,7 +117,10 @@ pub fn message(job: &Job, subject: &str, outcome: &Final<'_>) -> String {
         Final::Done => match job.action {
             Action::Approve => format!(
                 "p0-relay: P0 approved request {id} for {} (access expires then).",
-                job.expiration.as_deref().map(|e| safe(e, 16)).unwrap_or_else(|| "its default time".into())
+                job.expiration
+                    .as_deref()
+                    .map(|e| safe(e, 16))
+                    .unwrap_or_else(|| "its default time".into())
             ),
             Action::Deny => format!("p0-relay: P0 denied request {id}."),
             Action::Revoke if job.bound => format!(

@@ -596,45 +596,42 @@ fn http_url(key: &str, text: &str, errors: &mut Vec<String>) -> Option<reqwest::
 
 fn answer_settings(raw: &RawAnswers, errors: &mut Vec<String>) -> AnswerSettings {
     let mut off = Vec::new();
-    let mut provider = |name: &str,
-                        var: &str,
-                        default_url: &str,
-                        p: &RawProvider,
-                        errors: &mut Vec<String>| {
-        let token = p.token.as_deref().map(str::trim).unwrap_or("");
-        let url = http_url(
-            &format!("answers.{name}.api_url"),
-            p.api_url
+    let mut provider =
+        |name: &str, var: &str, default_url: &str, p: &RawProvider, errors: &mut Vec<String>| {
+            let token = p.token.as_deref().map(str::trim).unwrap_or("");
+            let url = http_url(
+                &format!("answers.{name}.api_url"),
+                p.api_url
+                    .as_deref()
+                    .filter(|u| !u.trim().is_empty())
+                    .unwrap_or(default_url),
+                errors,
+            );
+            if token.is_empty() {
+                off.push(format!(
+                    "answers back through {name} are off: answers.{name}.token ({var}) is not set"
+                ));
+                return None;
+            }
+            let from = p
+                .from
                 .as_deref()
-                .filter(|u| !u.trim().is_empty())
-                .unwrap_or(default_url),
-            errors,
-        );
-        if token.is_empty() {
-            off.push(format!(
-                "answers back through {name} are off: answers.{name}.token ({var}) is not set"
-            ));
-            return None;
-        }
-        let from = p
-            .from
-            .as_deref()
-            .map(str::trim)
-            .filter(|f| !f.is_empty())
-            .map(str::to_owned);
-        if name == "pagerduty" && from.as_deref().is_none_or(|f| !f.contains('@')) {
-            errors.push(
+                .map(str::trim)
+                .filter(|f| !f.is_empty())
+                .map(str::to_owned);
+            if name == "pagerduty" && from.as_deref().is_none_or(|f| !f.contains('@')) {
+                errors.push(
                 "answers.pagerduty.from: PagerDuty needs the email of one of its users as `From` \
                  (set PAGERDUTY_FROM) when answers.pagerduty.token is set"
                     .into(),
             );
-        }
-        Some(ProviderApi {
-            url: url?,
-            token: Secret::new(token),
-            from,
-        })
-    };
+            }
+            Some(ProviderApi {
+                url: url?,
+                token: Secret::new(token),
+                from,
+            })
+        };
     let github = provider(
         "github",
         "GITHUB_TOKEN",

@@ -214,10 +214,7 @@ pub fn describe(verdict: &Verdict) -> String {
                 .collect();
             let mut out = format!("rule `{rule}` decided [{}]", items.join(", "));
             if let Some(s) = &binding.subject {
-                out.push_str(&format!(
-                    " on subject `{}`",
-                    crate::domain::printable(s)
-                ));
+                out.push_str(&format!(" on subject `{}`", crate::domain::printable(s)));
             }
             if binding.ends_subject {
                 out.push_str(", ending it (revokes every request approved under it)");

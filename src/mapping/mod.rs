@@ -609,12 +609,17 @@ fn compile_rule(
     };
     if r.ends_subject {
         if r.command.is_some() {
-            errors.push("ends_subject: a rule that ends its subject only revokes; drop `command`".into());
+            errors.push(
+                "ends_subject: a rule that ends its subject only revokes; drop `command`".into(),
+            );
         }
         if let Some(a) = &r.action
             && !matches!(a, RawExtract::Constant(c) if Action::parse(c) == Some(Action::Revoke))
         {
-            errors.push("ends_subject: a rule that ends its subject only revokes: `action: revoke` or none".into());
+            errors.push(
+                "ends_subject: a rule that ends its subject only revokes: `action: revoke` or none"
+                    .into(),
+            );
         }
         if r.subject.is_none() && raw.subject.is_none() {
             errors.push("ends_subject: needs a `subject` (here or for the whole file)".into());

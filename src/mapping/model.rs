@@ -201,4 +201,3 @@ pub struct RawExpectDecision {
     pub expiration: Option<String>,
     pub org: Option<String>,
 }
-

@@ -131,7 +131,11 @@ impl Answer {
         if self.decisions.is_empty() {
             self.job_ids.iter().copied().chain(bound).collect()
         } else {
-            self.decisions.iter().map(|d| d.job_id).chain(bound).collect()
+            self.decisions
+                .iter()
+                .map(|d| d.job_id)
+                .chain(bound)
+                .collect()
         }
     }
 }

@@ -768,12 +768,7 @@ impl Backend {
 }
 
 /// A delivery on `subject` (ending it when `ends`).
-fn on_subject(
-    key: &str,
-    decisions: &[(Action, &str)],
-    subject: &str,
-    ends: bool,
-) -> NewDelivery {
+fn on_subject(key: &str, decisions: &[(Action, &str)], subject: &str, ends: bool) -> NewDelivery {
     let mut d = delivery(key, decisions);
     d.binding = crate::domain::Binding {
         subject: Some(subject.into()),
@@ -804,8 +799,11 @@ async fn a_subject_end_revokes_what_was_granted_under_it_in_order(mut s: Backend
         ("d3", "c", "P1"),
         ("d4", "x", "P2"),
     ] {
-        s.accept(on_subject(key, &[(Action::Approve, id)], subject, false), 1_000)
-            .await;
+        s.accept(
+            on_subject(key, &[(Action::Approve, id)], subject, false),
+            1_000,
+        )
+        .await;
     }
     let all = s.claim_due(1_000, 10).await;
     assert_eq!(all.len(), 4);
@@ -818,9 +816,13 @@ async fn a_subject_end_revokes_what_was_granted_under_it_in_order(mut s: Backend
     // a: P0 approved; b: P0 refused; c: still on its way to P0.
     let mut refused = done(claimed(&all, 2), State::Rejected);
     refused.status = Some(400);
-    s.write(&[], &[done(claimed(&all, 1), State::Succeeded), refused], 2_000)
-        .await
-        .unwrap();
+    s.write(
+        &[],
+        &[done(claimed(&all, 1), State::Succeeded), refused],
+        2_000,
+    )
+    .await
+    .unwrap();
     let end = s.accept(on_subject("d5", &[], "P1", true), 3_000).await;
     let revoked = bound(&end);
     assert_eq!(
@@ -837,7 +839,9 @@ async fn a_subject_end_revokes_what_was_granted_under_it_in_order(mut s: Backend
     // The revoke of `c` waits for its approve; the revoke of `a` goes now.
     let next = s.claim_due(3_000, 10).await;
     assert_eq!(
-        next.iter().map(|j| (j.request_id.as_str(), j.action, j.bound)).collect::<Vec<_>>(),
+        next.iter()
+            .map(|j| (j.request_id.as_str(), j.action, j.bound))
+            .collect::<Vec<_>>(),
         vec![("a", Action::Revoke, true)]
     );
     assert_eq!(s.next_due().await, None, "nothing else can go yet");
@@ -846,7 +850,9 @@ async fn a_subject_end_revokes_what_was_granted_under_it_in_order(mut s: Backend
         .unwrap();
     let next = s.claim_due(4_000, 10).await;
     assert_eq!(
-        next.iter().map(|j| (j.request_id.as_str(), j.action)).collect::<Vec<_>>(),
+        next.iter()
+            .map(|j| (j.request_id.as_str(), j.action))
+            .collect::<Vec<_>>(),
         vec![("c", Action::Revoke)]
     );
     // Ending it again revokes nothing more; the other subject is untouched.
@@ -866,8 +872,11 @@ async fn a_subject_end_revokes_what_was_granted_under_it_in_order(mut s: Backend
 
 contract!(answers_are_created_with_the_final_outcome_and_claimed_once);
 async fn answers_are_created_with_the_final_outcome_and_claimed_once(mut s: Backend) {
-    s.accept(on_subject("d1", &[(Action::Approve, "a")], "P1", false), 1_000)
-        .await;
+    s.accept(
+        on_subject("d1", &[(Action::Approve, "a")], "P1", false),
+        1_000,
+    )
+    .await;
     let job = s.claim_due(1_000, 1).await.remove(0);
     let mut rec = done(&job, State::Succeeded);
     rec.answers = vec![NewAnswer {
@@ -884,7 +893,9 @@ async fn answers_are_created_with_the_final_outcome_and_claimed_once(mut s: Back
     assert!(s.claim_answers(2_000, 10).await.is_empty(), "claimed once");
     // A stop while it was in flight: it is sent again after the start.
     assert_eq!(s.recover(2_000 + LEASE.as_millis() as i64 + 1).await, 0);
-    let again = s.claim_answers(2_000 + LEASE.as_millis() as i64 + 1, 10).await;
+    let again = s
+        .claim_answers(2_000 + LEASE.as_millis() as i64 + 1, 10)
+        .await;
     assert_eq!(again.len(), 1);
     assert_ne!(again[0].claim, claimed[0].claim);
     let rec = |a: &AnswerJob, state| AnswerRecord {

@@ -363,10 +363,7 @@ enum Other {
     Show(i64, oneshot::Sender<Result<Option<JobDetail>, StoreError>>),
     Replay(Replay, oneshot::Sender<Result<Vec<i64>, StoreError>>),
     ClaimAnswers(usize, oneshot::Sender<Result<Vec<AnswerJob>, StoreError>>),
-    RecordAnswer(
-        Box<AnswerRecord>,
-        oneshot::Sender<Result<(), StoreError>>,
-    ),
+    RecordAnswer(Box<AnswerRecord>, oneshot::Sender<Result<(), StoreError>>),
     NextAnswerDue(oneshot::Sender<Result<Option<i64>, StoreError>>),
 }
 
@@ -592,10 +589,7 @@ impl StoreHandle {
     pub async fn record_answer(&self, rec: AnswerRecord) -> Result<(), StoreError> {
         match &self.backend {
             Backend::Sqlite(tx) => {
-                Self::call(tx, |r| {
-                    Op::Other(Other::RecordAnswer(Box::new(rec), r))
-                })
-                .await
+                Self::call(tx, |r| Op::Other(Other::RecordAnswer(Box::new(rec), r))).await
             }
             Backend::Postgres(pg) => pg.store.record_answer(&rec).await,
         }

@@ -187,7 +187,8 @@ BEGIN
     RETURN jsonb_build_object('results', to_jsonb(results), 'ignored', to_jsonb(ignored));
 END
 $fn$;
-"#, r#"
+"#,
+    r#"
 -- Subjects, subject ends and answers back.
 ALTER TABLE jobs ADD COLUMN subject TEXT, ADD COLUMN reply TEXT, ADD COLUMN ended_by BIGINT;
 CREATE INDEX jobs_subject ON jobs (source, subject, id) WHERE subject IS NOT NULL;
@@ -363,7 +364,8 @@ BEGIN
     RETURN jsonb_build_object('results', to_jsonb(results), 'ignored', to_jsonb(ignored));
 END
 $fn$;
-"#];
+"#,
+];
 
 /// Advisory lock keys (one 64-bit space; coalescing uses the separate two-key space).
 const MIGRATE_LOCK: i64 = 0x7030_7265_6c61_7901;

@@ -305,7 +305,9 @@ fn accept_one(
         });
     }
     let bound = match (&d.binding.subject, d.binding.ends_subject) {
-        (Some(subject), true) => end_subject(tx, d, subject, delivery_id, reply.as_deref(), now_ms)?,
+        (Some(subject), true) => {
+            end_subject(tx, d, subject, delivery_id, reply.as_deref(), now_ms)?
+        }
         _ => Vec::new(),
     };
     let ids: Vec<String> = jobs
@@ -410,7 +412,9 @@ fn record_all(tx: &Connection, records: &[AttemptRecord]) -> Result<(), StoreErr
                                       window_start, created_at, updated_at)
                  VALUES (?1, ?2, ?3, ?4, ?5, 'pending', ?6, ?6, ?6, ?6)",
             )?
-            .execute(params![rec.job_id, a.via, a.kind, a.target, a.body, rec.at_ms])?;
+            .execute(params![
+                rec.job_id, a.via, a.kind, a.target, a.body, rec.at_ms
+            ])?;
         }
     }
     Ok(())
