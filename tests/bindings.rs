@@ -422,6 +422,30 @@ async fn a_pagerduty_note_approval_is_revoked_when_the_incident_resolves_untagge
         2.0,
     )
     .await;
+
+    // The operator sees the binding and the answers.
+    let db = t.dir.path().join("relay.db").display().to_string();
+    let vars = test_env(&[]);
+    let (code, out) = run_cli(
+        &["jobs", "list", "--subject", "PINC001", "--db", &db],
+        &vars,
+    );
+    assert_eq!(code, Some(0), "{out}");
+    assert_eq!(
+        out.lines().filter(|l| l.contains("PINC001")).count(),
+        2,
+        "{out}"
+    );
+    let revoke_job = ans["revoked"][0]["job_id"].to_string();
+    let (code, out) = run_cli(&["jobs", "show", &revoke_job, "--db", &db], &vars);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("subject:    PINC001"), "{out}");
+    assert!(out.contains("revoked because delivery"), "{out}");
+    assert!(out.contains("answers back:"), "{out}");
+    assert!(out.contains("pagerduty note     succeeded"), "{out}");
+    assert!(!out.contains(PD_TOKEN), "{out}");
+    let (_, out) = run_cli(&["jobs", "list", "--subject", "PNOPE", "--db", &db], &vars);
+    assert!(!out.contains("req-321"), "{out}");
 }
 
 #[tokio::test]

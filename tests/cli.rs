@@ -188,6 +188,30 @@ fn explain_says_why_each_rule_did_or_did_not_match() {
 }
 
 #[test]
+fn explain_shows_the_subject_and_what_its_end_would_revoke() {
+    let o = relay(
+        &[
+            "explain",
+            "--env-file",
+            "demo.env",
+            "--source",
+            "pagerduty",
+            "mappings/testdata/pagerduty/incident_resolved.json",
+        ],
+        &[("P0_RELAY_DB", "/nonexistent-dir/relay.db")],
+    );
+    let out = text(&o);
+    assert!(o.status.success(), "{out}");
+    assert!(out.contains("MATCH rule `incident-resolved`"), "{out}");
+    assert!(out.contains("subject:  PGR0VU2"), "{out}");
+    assert!(
+        out.contains("ends subject: revokes every request approved under `PGR0VU2`"),
+        "{out}"
+    );
+    assert!(out.contains("(no store yet"), "{out}");
+}
+
+#[test]
 fn serve_without_a_token_refuses_to_start_naming_the_setting() {
     let o = relay(
         &["serve", "--env-file", "demo.env"],
