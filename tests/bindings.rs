@@ -809,3 +809,36 @@ async fn an_answer_pending_at_a_kill_is_sent_once_after_the_restart() {
         assert!(!log.contains(secret), "a token leaked into the log");
     }
 }
+
+#[tokio::test]
+async fn on_postgresql_a_resolve_revokes_and_answers_too() {
+    let Some(db) = common::pg::TestDb::create().await else {
+        return;
+    };
+    let providers = Providers::start().await;
+    let t = spawn_with(Setup {
+        vars: answer_vars(),
+        top: providers.yaml(),
+        store_url: Some(db.url()),
+        ..Setup::default()
+    })
+    .await;
+    t.p0_ok().await;
+    for (event, id) in [("01PGA", "req-pg-1"), ("01PGB", "req-pg-2")] {
+        let (status, ans) = t
+            .post(&pd_note(event, "PINCPG", &format!("/p0 approve {id} 1h")))
+            .await;
+        assert_eq!(status, 202, "{ans}");
+    }
+    t.wait_for_calls(2).await;
+    let (status, ans) = t.post(&pd_resolved("01PGEND", "PINCPG")).await;
+    assert_eq!(status, 202, "{ans}");
+    assert_eq!(ans["revoked"].as_array().map(Vec::len), Some(2), "{ans}");
+    t.wait_for_calls(4).await;
+    let calls = p0_actions(&t).await;
+    for id in ["req-pg-1", "req-pg-2"] {
+        assert!(calls.contains(&("revoke".into(), id.into())), "{calls:?}");
+    }
+    let notes = exactly(&providers.pagerduty, 4).await;
+    conforms("pagerduty-feedback.json", &notes);
+}

@@ -79,6 +79,42 @@ fn check_names_the_file_rule_and_field_of_a_bad_mapping() {
 }
 
 #[test]
+fn check_names_the_field_of_a_bad_binding() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("mappings")).unwrap();
+    std::fs::write(
+        dir.path().join("mappings/custom.yaml"),
+        r#"verify: { scheme: token, secrets: t }
+answer: { via: slack }
+rules:
+  - name: ends-without-subject
+    when: [ { path: $.done, exists: true } ]
+    ends_subject: true
+    action: approve
+  - name: bad-template
+    when: [ { path: $.x, exists: true } ]
+    action: approve
+    request_id: { path: $.id }
+    subject: { template: "{$.repo" }
+"#,
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("relay.yaml"), "p0: { org: acme }\n").unwrap();
+    let config = dir.path().join("relay.yaml");
+    let o = relay(&["check", "--config", config.to_str().unwrap()], &[]);
+    assert_eq!(o.status.code(), Some(1));
+    let out = text(&o);
+    for want in [
+        "custom.yaml: rule `ends-without-subject`: ends_subject: needs a `subject`",
+        "custom.yaml: rule `ends-without-subject`: ends_subject: a rule that ends its subject only revokes",
+        "custom.yaml: rule `ends-without-subject`: answer: via: `slack` is not github, pagerduty, opsgenie, jsm or none",
+        "custom.yaml: rule `bad-template`: subject: template `{$.repo`: a `{` without its `}`",
+    ] {
+        assert!(out.contains(want), "missing `{want}` in:\n{out}");
+    }
+}
+
+#[test]
 fn a_source_without_verification_refuses_unless_marked_insecure() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::create_dir(dir.path().join("mappings")).unwrap();
