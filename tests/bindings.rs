@@ -389,7 +389,7 @@ async fn a_pagerduty_note_approval_is_revoked_when_the_incident_resolves_untagge
     );
     assert_eq!(
         body(n),
-        json!({"note": {"content": "p0-relay: P0 approved request req-321 for 30m (access expires then)."}})
+        json!({"note": {"content": "p0-relay: P0 approved request req-321; access expires in 30m."}})
     );
 
     // Resolved by automation (no agent), its title naming no request.
@@ -506,7 +506,7 @@ async fn an_opsgenie_note_approval_is_revoked_when_the_alert_closes() {
     );
     assert_eq!(
         body(&notes[0]),
-        json!({"note": "p0-relay: P0 approved request req-987 for 2h (access expires then).",
+        json!({"note": "p0-relay: P0 approved request req-987; access expires in 2h.",
                "user": "p0-relay", "source": "p0-relay"})
     );
     // Closed by someone else; the alert's details name no request.

@@ -115,13 +115,13 @@ pub fn message(job: &Job, subject: &str, outcome: &Final<'_>) -> String {
     let id = safe(&job.request_id, 128);
     match outcome {
         Final::Done => match job.action {
-            Action::Approve => format!(
-                "p0-relay: P0 approved request {id} for {} (access expires then).",
-                job.expiration
-                    .as_deref()
-                    .map(|e| safe(e, 16))
-                    .unwrap_or_else(|| "its default time".into())
-            ),
+            Action::Approve => match job.expiration.as_deref() {
+                Some(e) => format!(
+                    "p0-relay: P0 approved request {id}; access expires in {}.",
+                    safe(e, 16)
+                ),
+                None => format!("p0-relay: P0 approved request {id}."),
+            },
             Action::Deny => format!("p0-relay: P0 denied request {id}."),
             Action::Revoke if job.bound => format!(
                 "p0-relay: P0 revoked request {id}: access granted under {} ends with it.",
@@ -214,6 +214,28 @@ mod tests {
         assert!(refused[1].body.contains("HTTP 400"), "{}", refused[1].body);
         assert!(!refused[1].body.contains("@team"), "{}", refused[1].body);
         assert!(answers(&j, &Final::Done, &[Via::PagerDuty]).is_empty());
+    }
+
+    #[test]
+    fn a_review_command_or_a_subject_end_is_answered_with_a_comment() {
+        let mut j = job(Action::Approve, r#"{"via":"github"}"#, "acme/infra#77");
+        let done = answers(&j, &Final::Done, &[Via::GitHub]);
+        assert_eq!(done.len(), 1);
+        assert_eq!(done[0].kind, "comment");
+        assert_eq!(done[0].target, r#"{"number":77,"repo":"acme/infra"}"#);
+        assert_eq!(
+            done[0].body,
+            r#"{"body":"p0-relay: P0 approved request req-1; access expires in 2h."}"#
+        );
+        j.action = Action::Revoke;
+        j.bound = true;
+        j.reply = Some(r#"{"via":"github","comment":"5"}"#.into());
+        let done = answers(&j, &Final::Done, &[Via::GitHub]);
+        assert_eq!(
+            done.iter().map(|a| a.kind.as_str()).collect::<Vec<_>>(),
+            vec!["comment"],
+            "a revocation by subject end is not a reaction to someone's comment"
+        );
     }
 
     #[test]
