@@ -842,3 +842,42 @@ async fn on_postgresql_a_resolve_revokes_and_answers_too() {
     let notes = exactly(&providers.pagerduty, 4).await;
     conforms("pagerduty-feedback.json", &notes);
 }
+
+#[tokio::test]
+async fn an_answer_that_keeps_failing_is_dead_after_its_max_age() {
+    let providers = Providers::start().await;
+    let opsgenie = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(503))
+        .mount(&opsgenie)
+        .await;
+    let yaml = answers_yaml(
+        &providers.github.uri(),
+        &providers.pagerduty.uri(),
+        &opsgenie.uri(),
+    )
+    .replace("max_age: 1h", "max_age: 300ms");
+    let t = spawn_with(Setup {
+        vars: answer_vars(),
+        top: yaml,
+        ..Setup::default()
+    })
+    .await;
+    t.p0_ok().await;
+    let (status, _) = t
+        .post(&Hook::opsgenie(&testdata("opsgenie/addnote.json")))
+        .await;
+    assert_eq!(status, 202);
+    t.wait_metric(
+        "p0_relay_answers_total{result=\"dead\",source=\"opsgenie\"}",
+        1.0,
+    )
+    .await;
+    let tries = opsgenie.received_requests().await.unwrap().len();
+    assert!(tries >= 2, "retried before giving up: {tries}");
+    assert_eq!(
+        received_at_least(&opsgenie, tries).await.len(),
+        tries,
+        "and not after"
+    );
+}
