@@ -221,6 +221,16 @@ impl Mapping {
                 .as_ref()
                 .and_then(|sel| sel.values(input).into_iter().next())
                 .map(|a| a.into_owned());
+            // A malformed request named by an ending event must not keep the subject from
+            // ending: it is dropped, and the end's own revocations go ahead.
+            let proposals = if rule.ends_subject {
+                proposals
+                    .into_iter()
+                    .filter(|p| crate::domain::Id::parse(&p.request_id).is_ok())
+                    .collect()
+            } else {
+                proposals
+            };
             let subject = match rule.subject.as_ref().map(|s| s.first(input)) {
                 None => None,
                 Some(Ok(s)) => Some(s),
