@@ -863,8 +863,9 @@ impl PgStore {
         .await
     }
 
-    /// Claims up to `limit` due answers (and answers whose claim lease ran out: a relay
-    /// stopped while sending them), each under a new claim token.
+    /// Claims up to `limit` due answers, and up to `limit` answers whose claim lease ran out
+    /// (a relay stopped while sending them), each under a new claim token. Two index scans,
+    /// one per partial index, rather than one scan of the whole table.
     pub async fn claim_answers(
         &self,
         now_ms: i64,
@@ -879,10 +880,12 @@ impl PgStore {
                         "UPDATE answers SET state = 'sending', claim_token = claim_token + 1,
                                 lease_until = $3, updated_at = $1
                          WHERE id IN (SELECT id FROM answers
-                                      WHERE (state = 'pending' AND next_attempt_at <= $1)
-                                         OR (state = 'sending' AND lease_until < $1)
+                                      WHERE state = 'pending' AND next_attempt_at <= $1
                                       ORDER BY next_attempt_at, id LIMIT $2
                                       FOR UPDATE SKIP LOCKED)
+                            OR id IN (SELECT id FROM answers
+                                      WHERE state = 'sending' AND lease_until < $1
+                                      LIMIT $2 FOR UPDATE SKIP LOCKED)
                          RETURNING id, job_id, via, kind, target, body, attempts, window_start,
                                    claim_token",
                     )
