@@ -348,6 +348,16 @@ fn explain(config: &Path, env: &Env, source: &str, headers: &[String], payload: 
             Some(s) => println!("subject:  {}", printable(s)),
             None => println!("subject:  none (a later subject end cannot revoke these)"),
         }
+        if let Some(reply) = &binding.reply {
+            let on = match &reply.comment {
+                Some(c) => format!(", reacting on comment {}", printable(c)),
+                None => String::new(),
+            };
+            println!(
+                "answer:   through {} on the subject{on}, once P0 has answered",
+                reply.via
+            );
+        }
         if let (Some(subject), true) = (&binding.subject, binding.ends_subject) {
             println!(
                 "ends subject: revokes every request approved under `{}` (source {source}) and not yet revoked",

@@ -245,6 +245,10 @@ fn explain_shows_the_subject_and_what_its_end_would_revoke() {
         "{out}"
     );
     assert!(out.contains("(no store yet"), "{out}");
+    assert!(
+        out.contains("answer:   through pagerduty on the subject, once P0 has answered"),
+        "{out}"
+    );
 }
 
 #[test]
