@@ -86,10 +86,10 @@ CREATE INDEX answers_job ON answers (job_id);
 "#,
 ];
 
-/// Due pending jobs that no earlier decision on the same request is still waiting for: a
+/// Pending jobs that no earlier decision on the same request is still waiting for: a
 /// request's decisions reach P0 in the order they were stored (approve, then the revoke its
 /// subject's end made).
-const CLAIMABLE: &str = "state = 'pending' AND next_attempt_at <= ?1
+const IN_TURN: &str = "state = 'pending'
     AND NOT EXISTS (SELECT 1 FROM jobs e WHERE e.org = jobs.org AND e.request_id = jobs.request_id
                     AND e.id < jobs.id AND e.state IN ('pending', 'sending'))";
 
@@ -155,7 +155,7 @@ impl SqliteStore {
         let jobs = {
             let mut stmt = tx.prepare_cached(&format!(
                 "UPDATE jobs SET state = 'sending', updated_at = ?1, claim_token = claim_token + 1
-                 WHERE id IN (SELECT id FROM jobs WHERE {CLAIMABLE}
+                 WHERE id IN (SELECT id FROM jobs WHERE {IN_TURN} AND next_attempt_at <= ?1
                               ORDER BY next_attempt_at, id LIMIT ?2)
                  RETURNING id, source, org, request_id, action, expiration, attempts, created_at, window_start,
                            claim_token, subject, reply, ended_by IS NOT NULL"
@@ -484,8 +484,7 @@ impl Store for SqliteStore {
         Ok(self
             .conn
             .prepare_cached(&format!(
-                "SELECT MIN(next_attempt_at) FROM jobs WHERE {}",
-                CLAIMABLE.replace("next_attempt_at <= ?1", "1")
+                "SELECT MIN(next_attempt_at) FROM jobs WHERE {IN_TURN}"
             ))?
             .query_row([], |r| r.get(0))?)
     }
