@@ -14,6 +14,7 @@ use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use crate::answers::{self, Answerer};
 use crate::config::env::Env;
 use crate::config::{Settings, audit};
 use crate::health::Health;
@@ -127,6 +128,17 @@ impl Relay {
             None => None,
         };
 
+        for off in &settings.answers.off {
+            tracing::info!("{off}");
+        }
+        let answer_client =
+            answers::Client::new(settings.answers.clone()).map_err(|e| anyhow!(e))?;
+        let answer_via = if opts.dry_run {
+            Vec::new()
+        } else {
+            answer_client.enabled()
+        };
+        let answer_wake = Arc::new(Notify::new());
         let wake = Arc::new(Notify::new());
         store.wake_on_new_work(wake.clone());
         let health = Arc::new(Health::default());
@@ -150,6 +162,17 @@ impl Relay {
             concurrency: settings.p0.concurrency,
             wake,
             health,
+            answer_via,
+            answer_wake: answer_wake.clone(),
+        };
+        let answerer = Answerer {
+            store: store.clone(),
+            client: answer_client,
+            pacing: Arc::new(KeyedLimit::per_second(settings.answers.rate_per_second, 1)),
+            metrics: metrics.clone(),
+            retry: settings.answers.retry.clone(),
+            concurrency: settings.answers.concurrency,
+            wake: answer_wake,
         };
         let limits = ConnLimits {
             max_connections: settings.inbound.max_connections,
@@ -180,6 +203,10 @@ impl Relay {
         components.spawn(
             "worker",
             ok_when_done(worker.run(shutdown.clone(), opts.drain)),
+        );
+        components.spawn(
+            "answerer",
+            ok_when_done(answerer.run(shutdown.clone(), opts.drain)),
         );
         components.spawn(
             "reloader",

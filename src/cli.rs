@@ -13,6 +13,7 @@ use clap::{Args, Parser, Subcommand};
 use crate::app::{Options, Relay};
 use crate::config::Settings;
 use crate::config::env::Env;
+use crate::domain::printable;
 use crate::mapping::{Input, MappingSet, cases};
 use crate::store::{self, ListFilter, Replay, State, StoreLocation, Windows};
 
@@ -113,6 +114,9 @@ enum JobsCommand {
         state: Option<String>,
         #[arg(long)]
         source: Option<String>,
+        /// Only decisions asked on this subject (an incident or alert ID, `owner/repo#12`).
+        #[arg(long)]
+        subject: Option<String>,
         #[arg(long, default_value_t = 50)]
         limit: usize,
         /// One JSON object per line.
@@ -340,7 +344,7 @@ fn check(config: &Path, env: &Env) -> ExitCode {
     } else {
         "SQLite"
     };
-    println!("store: {} ({backend})", settings.store.location);
+    say!("store: {} ({backend})", settings.store.location);
     for (source, m) in &mappings.mappings {
         say!(
             "ok: {source} ({}, verified by {})",
@@ -427,7 +431,7 @@ fn explain(
     at: Option<i64>,
     payload: &Path,
 ) -> ExitCode {
-    let (_, mappings) = match load(config, env) {
+    let (settings, mappings) = match load(config, env) {
         Ok(x) => x,
         Err(errors) => return fail(&errors),
     };
@@ -498,6 +502,32 @@ fn explain(
                 e.decisions,
                 crate::mapping::element_key(&delivery, &e.key)
             );
+        }
+    }
+    say!("decision: {}", cases::describe(&verdict));
+    if let crate::mapping::Verdict::Decided { binding, .. } = &verdict {
+        match &binding.subject {
+            Some(s) => say!("subject:  {}", printable(s)),
+            None => say!("subject:  none (a later subject end cannot revoke these)"),
+        }
+        if let Some(reply) = &binding.reply {
+            let on = match &reply.comment {
+                Some(c) => format!(", reacting on comment {}", printable(c)),
+                None => String::new(),
+            };
+            say!(
+                "answer:   through {} on the subject{on}, once P0 has answered",
+                reply.via
+            );
+        }
+        if let (Some(subject), true) = (&binding.subject, binding.ends_subject) {
+            say!(
+                "ends subject: revokes every request approved under `{}` (source {source}) and not yet revoked",
+                printable(subject)
+            );
+            for line in would_revoke(&settings, source, subject) {
+                say!("  {line}");
+            }
         }
     }
     ExitCode::SUCCESS
@@ -595,6 +625,63 @@ async fn ask_ready(url: &str, own: bool, timeout: std::time::Duration) -> Result
     }
 }
 
+/// What ending `subject` would revoke now, as the store (if there is one yet) sees it.
+fn would_revoke(settings: &Settings, source: &str, subject: &str) -> Vec<String> {
+    let location = &settings.store.location;
+    if let StoreLocation::Sqlite(path) = location
+        && !path.exists()
+    {
+        return vec!["(no store yet: nothing approved under it)".into()];
+    }
+    let windows = Windows {
+        dedup: settings.store.dedup_window,
+        coalesce: settings.store.coalesce_window,
+    };
+    let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    else {
+        return Vec::new();
+    };
+    runtime.block_on(async {
+        let (store, writer) = match store::inspect(location, windows).await {
+            Ok(s) => s,
+            Err(e) => return vec![format!("(cannot read the store: {e})")],
+        };
+        let filter = ListFilter {
+            source: Some(source.to_owned()),
+            subject: Some(subject.to_owned()),
+            limit: 1000,
+            ..ListFilter::default()
+        };
+        let rows = store.list(filter).await.unwrap_or_default();
+        drop(store);
+        writer.join().await;
+        // Newest first: the first job seen per request is its latest under this subject.
+        let mut seen = std::collections::BTreeSet::new();
+        let mut out = Vec::new();
+        for r in rows {
+            if !seen.insert((r.org.clone(), r.request_id.clone())) {
+                continue;
+            }
+            let live = matches!(
+                r.state.as_str(),
+                "pending" | "sending" | "succeeded" | "dry_run"
+            );
+            if r.action == "approve" && live {
+                out.push(format!(
+                    "would revoke {} in org {} (approved by job {}, {})",
+                    r.request_id, r.org, r.id, r.state
+                ));
+            }
+        }
+        if out.is_empty() {
+            out.push("(nothing approved under it is still granted)".into());
+        }
+        out
+    })
+}
+
 fn time(ms: i64) -> String {
     let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms.max(0) as u64);
     humantime::format_rfc3339_seconds(t).to_string()
@@ -652,6 +739,7 @@ async fn jobs_command(store: &store::StoreHandle, command: JobsCommand) -> ExitC
         JobsCommand::List {
             state,
             source,
+            subject,
             limit,
             json,
         } => {
@@ -664,15 +752,22 @@ async fn jobs_command(store: &store::StoreHandle, command: JobsCommand) -> ExitC
                     )]);
                 }
             };
-            store.list(ListFilter { state, source, limit }).await.map(|rows| {
+            let filter = ListFilter {
+                state,
+                source,
+                subject,
+                limit,
+            };
+            store.list(filter).await.map(|rows| {
                 if json {
                     for r in rows {
                         println!("{}", json_safe(&serde_json::to_string(&r).unwrap_or_default()));
                     }
                 } else {
                     say!(
-                        "{:>6}  {:<9}  {:<7}  {:<12}  {:<24}  {:<5}  {:>3}  {:<10}  {:<20}  LAST",
-                        "ID", "STATE", "ACTION", "ORG", "REQUEST", "EXP", "TRY", "SOURCE", "UPDATED"
+                        "{:>6}  {:<9}  {:<7}  {:<12}  {:<24}  {:<5}  {:>3}  {:<10}  {:<20}  {:<24}  LAST",
+                        "ID", "STATE", "ACTION", "ORG", "REQUEST", "EXP", "TRY", "SOURCE", "UPDATED",
+                        "SUBJECT"
                     );
                     for r in rows {
                         let last = match (r.last_status, &r.last_error) {
@@ -682,7 +777,7 @@ async fn jobs_command(store: &store::StoreHandle, command: JobsCommand) -> ExitC
                             (None, None) => String::new(),
                         };
                         say!(
-                            "{:>6}  {:<9}  {:<7}  {:<12}  {:<24}  {:<5}  {:>3}  {:<10}  {:<20}  {last}",
+                            "{:>6}  {:<9}  {:<7}  {:<12}  {:<24}  {:<5}  {:>3}  {:<10}  {:<20}  {:<24}  {last}",
                             r.id,
                             r.state,
                             r.action,
@@ -691,7 +786,8 @@ async fn jobs_command(store: &store::StoreHandle, command: JobsCommand) -> ExitC
                             r.expiration.as_deref().unwrap_or("-"),
                             r.attempts,
                             r.source,
-                            time(r.updated_at_ms)
+                            time(r.updated_at_ms),
+                            r.subject.as_deref().map(printable).unwrap_or_else(|| "-".into())
                         );
                     }
                 }
@@ -711,6 +807,12 @@ async fn jobs_command(store: &store::StoreHandle, command: JobsCommand) -> ExitC
                 );
                 if let Some(e) = &j.expiration {
                     say!("  expiration: {e}");
+                }
+                if let Some(s) = &j.subject {
+                    say!("  subject:    {}", printable(s));
+                }
+                if let Some(by) = j.ended_by {
+                    say!("  bound:      revoked because delivery {by} ended its subject");
                 }
                 say!("  attempts:   {}", j.attempts);
                 say!("  created:    {}", time(j.created_at_ms));
@@ -745,6 +847,27 @@ async fn jobs_command(store: &store::StoreHandle, command: JobsCommand) -> ExitC
                 }
                 if d.attempts.is_empty() {
                     say!("  (no attempts yet)");
+                }
+                if !d.answers.is_empty() {
+                    say!("answers back:");
+                    for a in &d.answers {
+                        say!(
+                            "  {} {:<9} {:<8} {:<9} tries {:<3} status {:<4} {}  {}",
+                            a.id,
+                            a.via,
+                            a.kind,
+                            a.state,
+                            a.attempts,
+                            a.last_status
+                                .map(|s| s.to_string())
+                                .unwrap_or_else(|| "-".into()),
+                            time(a.updated_at_ms),
+                            a.last_error
+                                .as_deref()
+                                .map(printable)
+                                .unwrap_or_else(|| printable(&a.body))
+                        );
+                    }
                 }
             }
         }),

@@ -132,6 +132,57 @@ impl fmt::Display for Expiration {
     }
 }
 
+/// A provider API the relay answers back through.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Via {
+    GitHub,
+    PagerDuty,
+    Opsgenie,
+    Jsm,
+}
+
+impl Via {
+    pub const ALL: [Via; 4] = [Via::GitHub, Via::PagerDuty, Via::Opsgenie, Via::Jsm];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Via::GitHub => "github",
+            Via::PagerDuty => "pagerduty",
+            Via::Opsgenie => "opsgenie",
+            Via::Jsm => "jsm",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Via> {
+        Via::ALL.into_iter().find(|v| v.as_str() == text)
+    }
+}
+
+impl fmt::Display for Via {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Where a decision is answered back: the provider, and for GitHub the comment that asked.
+/// The issue, incident or alert answered on is the decision's subject.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reply {
+    pub via: Via,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub comment: Option<String>,
+}
+
+/// What a decision is bound to: its subject, where to answer, and whether the event that
+/// made it ends the subject (revoking every request approved under it).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Binding {
+    pub subject: Option<String>,
+    pub reply: Option<Reply>,
+    pub ends_subject: bool,
+}
+
 /// Shortens untrusted text for a message: at most 64 characters, control characters escaped.
 pub fn printable(text: &str) -> String {
     let mut out: String = text.chars().take(64).flat_map(char::escape_debug).collect();

@@ -6,7 +6,9 @@
 //! reads the body, `verify` checks its signature, `mapping` (pure) turns it into proposals,
 //! `policy` (pure) into decisions, `store` commits them durably before the sender hears 202,
 //! and `worker` delivers them through `p0`, paced by `ratelimit`, counted in `metrics`.
+//! Once P0 has answered, `answers` tells the asker where they asked.
 
+pub mod answers;
 pub mod app;
 pub mod cli;
 pub mod config;

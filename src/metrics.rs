@@ -6,7 +6,7 @@ use prometheus::{
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
-use crate::domain::Action;
+use crate::domain::{Action, Via};
 
 /// Webhook outcomes, as answered to the sender.
 pub const OUTCOMES: [&str; 9] = [
@@ -24,6 +24,10 @@ pub const OUTCOMES: [&str; 9] = [
 /// P0 call results.
 pub const RESULTS: [&str; 4] = ["success", "rejected", "unauthorized", "transient"];
 
+/// Results of answers back: sent (2xx), retried (a transient failure, tried again), failed
+/// (refused for good: 401, 403, 404, 422 and other 4xx), dead (gave up after the max age).
+pub const ANSWER_RESULTS: [&str; 4] = ["sent", "retried", "failed", "dead"];
+
 /// The label for requests to a source no mapping names.
 pub const UNKNOWN_SOURCE: &str = "unknown";
 
@@ -40,6 +44,8 @@ pub struct Metrics {
     pub dead_letters: IntGauge,
     pub retries: IntCounter,
     pub mapping_reloads: IntCounterVec,
+    pub answers: IntCounterVec,
+    pub bound_revocations: IntCounterVec,
 }
 
 fn opts(name: &str, help: &str) -> Opts {
@@ -113,6 +119,20 @@ impl Metrics {
             opts("mapping_reloads_total", "Mapping reloads, by result."),
             &["result"],
         )?;
+        let answers = IntCounterVec::new(
+            opts(
+                "answers_total",
+                "Answers back to the provider where a decision was asked, by provider and result.",
+            ),
+            &["source", "result"],
+        )?;
+        let bound_revocations = IntCounterVec::new(
+            opts(
+                "bound_revocations_total",
+                "Revocations made because the subject a request was approved under ended.",
+            ),
+            &["source"],
+        )?;
         let build_info = IntGaugeVec::new(opts("build_info", "The running build."), &["version"])?;
         build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
@@ -128,7 +148,14 @@ impl Metrics {
         registry.register(Box::new(dead_letters.clone()))?;
         registry.register(Box::new(retries.clone()))?;
         registry.register(Box::new(mapping_reloads.clone()))?;
+        registry.register(Box::new(answers.clone()))?;
+        registry.register(Box::new(bound_revocations.clone()))?;
         registry.register(Box::new(build_info))?;
+        for via in Via::ALL {
+            for result in ANSWER_RESULTS {
+                answers.with_label_values(&[via.as_str(), result]);
+            }
+        }
 
         for action in Action::ALL {
             for result in RESULTS {
@@ -151,6 +178,8 @@ impl Metrics {
             dead_letters,
             retries,
             mapping_reloads,
+            answers,
+            bound_revocations,
         };
         metrics.add_sources(sources.into_iter().chain([UNKNOWN_SOURCE]));
         Ok(metrics)
@@ -167,6 +196,7 @@ impl Metrics {
                 for action in Action::ALL {
                     self.decisions.with_label_values(&[source, action.as_str()]);
                 }
+                self.bound_revocations.with_label_values(&[source]);
             }
         }
     }

@@ -9,8 +9,9 @@ use tokio::sync::{Notify, Semaphore};
 use tokio::task::{self, JoinSet};
 use tokio_util::sync::CancellationToken;
 
+use crate::answers::compose::{self, Final};
 use crate::config::RetrySettings;
-use crate::domain::Id;
+use crate::domain::{Id, Via};
 use crate::health::Health;
 use crate::metrics::Metrics;
 use crate::p0::{self, Outcome};
@@ -27,6 +28,10 @@ pub struct Worker {
     pub concurrency: usize,
     pub wake: Arc<Notify>,
     pub health: Arc<Health>,
+    /// Providers answers back go through (their token is set); empty, none.
+    pub answer_via: Vec<Via>,
+    /// Wakes the answer loop when an outcome brought answers.
+    pub answer_wake: Arc<Notify>,
 }
 
 /// How long the worker idles before looking at the store again (jobs replayed by
@@ -153,9 +158,13 @@ impl Worker {
             result: "internal_error",
             error: Some(format!("the relay failed during the call: {why}")),
             duration_ms: 0,
+            answers: Vec::new(),
         };
+        let answers = !record.answers.is_empty();
         if let Err(e) = self.store.record(record).await {
             tracing::error!(job_id = job.id, error = %e, "cannot record the outcome of a P0 call");
+        } else if answers {
+            self.answer_wake.notify_one();
         }
     }
 
@@ -257,6 +266,7 @@ impl Worker {
             result: "dry_run",
             error: None,
             duration_ms: i64::try_from(took.as_millis()).unwrap_or(i64::MAX),
+            answers: Vec::new(),
         };
         let Some(outcome) = outcome else {
             return rec;
@@ -266,12 +276,21 @@ impl Worker {
         match outcome {
             Outcome::Success { .. } => {
                 rec.state = State::Succeeded;
+                rec.answers = compose::answers(job, &Final::Done, &self.answer_via);
                 self.health.token_answer(started, true);
                 let lag = now.saturating_sub(job.accepted_at_ms).max(0) as f64 / 1000.0;
                 self.metrics.delivery_lag.observe(lag);
             }
-            Outcome::Rejected { error, .. } => {
+            Outcome::Rejected { status, error } => {
                 rec.state = State::Rejected;
+                rec.answers = compose::answers(
+                    job,
+                    &Final::Refused {
+                        status: Some(status).filter(|s| *s != 0),
+                        reason: &error,
+                    },
+                    &self.answer_via,
+                );
                 rec.error = Some(error);
             }
             Outcome::Unauthorized { error } => {
@@ -382,6 +401,7 @@ mod tests {
                     expiration: None,
                     clamped_from: None,
                 }],
+                binding: Default::default(),
             })
             .await
             .unwrap();
@@ -405,6 +425,8 @@ mod tests {
             },
             concurrency: 2,
             wake: Arc::new(Notify::new()),
+            answer_via: Vec::new(),
+            answer_wake: Arc::new(Notify::new()),
             health: Arc::new(Health::default()),
         };
         let shutdown = CancellationToken::new();

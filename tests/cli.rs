@@ -155,6 +155,42 @@ fn check_names_the_file_rule_and_field_of_a_bad_mapping() {
 }
 
 #[test]
+fn check_names_the_field_of_a_bad_binding() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("mappings")).unwrap();
+    std::fs::write(
+        dir.path().join("mappings/custom.yaml"),
+        r#"verify: { scheme: token, secrets: t }
+answer: { via: slack }
+rules:
+  - name: ends-without-subject
+    when: [ { path: $.done, exists: true } ]
+    ends_subject: true
+    action: approve
+  - name: bad-template
+    when: [ { path: $.x, exists: true } ]
+    action: approve
+    request_id: { path: $.id }
+    subject: { template: "{$.repo" }
+"#,
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("relay.yaml"), "p0: { org: acme }\n").unwrap();
+    let config = dir.path().join("relay.yaml");
+    let o = relay(&["check", "--config", config.to_str().unwrap()], &[]);
+    assert_eq!(o.status.code(), Some(1));
+    let out = text(&o);
+    for want in [
+        "custom.yaml: rule `ends-without-subject`: ends_subject: needs a `subject`",
+        "custom.yaml: rule `ends-without-subject`: ends_subject: a rule that ends its subject only revokes",
+        "custom.yaml: rule `ends-without-subject`: answer: via: `slack` is not github, pagerduty, opsgenie, jsm or none",
+        "custom.yaml: rule `bad-template`: subject: template `{$.repo`: a `{` without its `}`",
+    ] {
+        assert!(out.contains(want), "missing `{want}` in:\n{out}");
+    }
+}
+
+#[test]
 fn a_source_without_verification_refuses_unless_marked_insecure() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::create_dir(dir.path().join("mappings")).unwrap();
@@ -269,6 +305,34 @@ fn explain_says_why_each_rule_did_or_did_not_match() {
         "{out}"
     );
     assert!(!out.contains("demo-github-secret"), "{out}");
+}
+
+#[test]
+fn explain_shows_the_subject_and_what_its_end_would_revoke() {
+    let o = relay(
+        &[
+            "explain",
+            "--env-file",
+            "demo.env",
+            "--source",
+            "pagerduty",
+            "mappings/testdata/pagerduty/incident_resolved.json",
+        ],
+        &[("P0_RELAY_DB", "/nonexistent-dir/relay.db")],
+    );
+    let out = text(&o);
+    assert!(o.status.success(), "{out}");
+    assert!(out.contains("MATCH rule `incident-resolved`"), "{out}");
+    assert!(out.contains("subject:  PGR0VU2"), "{out}");
+    assert!(
+        out.contains("ends subject: revokes every request approved under `PGR0VU2`"),
+        "{out}"
+    );
+    assert!(out.contains("(no store yet"), "{out}");
+    assert!(
+        out.contains("answer:   through pagerduty on the subject, once P0 has answered"),
+        "{out}"
+    );
 }
 
 #[test]

@@ -335,3 +335,29 @@ async fn the_sample_script_gets_every_source_accepted() {
     relay.signal("TERM");
     assert_eq!(relay.wait(), Some(0));
 }
+
+#[test]
+fn the_answer_back_contracts_are_copies_of_the_shared_excerpts() {
+    for (name, path) in [
+        (
+            "github-feedback.json",
+            "/repos/{owner}/{repo}/issues/comments/{comment_id}/reactions",
+        ),
+        ("pagerduty-feedback.json", "/incidents/{id}/notes"),
+        ("opsgenie-feedback.json", "/v2/alerts/{identifier}/notes"),
+    ] {
+        let copy: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(repo().join("deploy/contracts").join(name)).unwrap(),
+        )
+        .unwrap();
+        assert!(copy["paths"][path]["post"].is_object(), "{name}: {path}");
+        let shared = repo().join("../shared/contracts").join(name);
+        if let Ok(bytes) = std::fs::read(&shared) {
+            let original: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+            assert_eq!(
+                copy, original,
+                "deploy/contracts/{name} drifted from shared/"
+            );
+        }
+    }
+}

@@ -12,6 +12,11 @@ use wiremock::{Mock, MockServer, ResponseTemplate};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_secret_appears_in_logs_metrics_or_cli_output() {
+    const ANSWER_TOKENS: [(&str, &str); 3] = [
+        ("GITHUB_TOKEN", "ghp-secret-answer-7f7f"),
+        ("PAGERDUTY_API_TOKEN", "pd-secret-answer-8e8e"),
+        ("OPSGENIE_API_KEY", "og-secret-answer-9d9d"),
+    ];
     let p0 = MockServer::start().await;
     Mock::given(method("POST"))
         .and(path_regex("req-unauth"))
@@ -24,10 +29,29 @@ async fn no_secret_appears_in_logs_metrics_or_cli_output() {
         .respond_with(ResponseTemplate::new(200))
         .mount(&p0)
         .await;
+    // The providers' APIs for answers back, one fake for all three.
+    let providers = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(201))
+        .mount(&providers)
+        .await;
+    let api = providers.uri();
+    let answers = format!(
+        "answers:\n  github: {{ token: \"${{GITHUB_TOKEN}}\", api_url: \"{api}\" }}\n  \
+         pagerduty: {{ token: \"${{PAGERDUTY_API_TOKEN}}\", from: a@b.example, api_url: \"{api}\" }}\n  \
+         opsgenie: {{ token: \"${{OPSGENIE_API_KEY}}\", api_url: \"{api}\" }}\n"
+    );
     let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path(), &p0.uri(), &Setup::default());
+    let setup = Setup {
+        top: answers,
+        ..Setup::default()
+    };
+    let config = write_config(dir.path(), &p0.uri(), &setup);
     let mut vars = test_env(&[]);
     vars.insert("RUST_LOG".into(), "trace".into());
+    for (k, v) in ANSWER_TOKENS {
+        vars.insert(k.into(), v.into());
+    }
     let log = dir.path().join("relay.log");
     let relay = BinRelay::start(&config, &vars, log.clone(), &[]).await;
 
@@ -55,6 +79,27 @@ async fn no_secret_appears_in_logs_metrics_or_cli_output() {
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
+    // Answers back were sent (with their tokens), and traced.
+    for _ in 0..200 {
+        if providers
+            .received_requests()
+            .await
+            .unwrap_or_default()
+            .len()
+            >= 2
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(
+        providers
+            .received_requests()
+            .await
+            .unwrap_or_default()
+            .len()
+            >= 2
+    );
     let metrics = get_text(&format!("http://{}/metrics", relay.addr)).await;
     let mut readyz = String::new();
     for _ in 0..200 {
@@ -114,6 +159,9 @@ async fn no_secret_appears_in_logs_metrics_or_cli_output() {
             GITHUB_SECRET_OLD,
             PD_SECRET,
             OG_TOKEN,
+            ANSWER_TOKENS[0].1,
+            ANSWER_TOKENS[1].1,
+            ANSWER_TOKENS[2].1,
         ] {
             assert!(!text.contains(secret), "{what} contains a secret:\n{text}");
         }

@@ -28,7 +28,46 @@ pub struct Settings {
     pub p0: P0Settings,
     pub defaults: Defaults,
     pub inbound: InboundSettings,
+    pub answers: AnswerSettings,
     pub log_json: bool,
+}
+
+/// Answering back where a decision was asked (`answers:`): one API per provider, each on
+/// only when its token is set.
+#[derive(Debug, Clone)]
+pub struct AnswerSettings {
+    pub github: Option<ProviderApi>,
+    pub pagerduty: Option<ProviderApi>,
+    pub opsgenie: Option<ProviderApi>,
+    pub jsm: Option<ProviderApi>,
+    /// Answers in flight at once (apart from P0 calls).
+    pub concurrency: usize,
+    /// Answers per second per provider; 0 means unpaced.
+    pub rate_per_second: u32,
+    pub timeout: Duration,
+    pub retry: RetrySettings,
+    /// Why a provider answers nothing (its token unset), said once at start.
+    pub off: Vec<String>,
+}
+
+/// One provider's API: where, and the credential (and PagerDuty's `From` user).
+#[derive(Debug, Clone)]
+pub struct ProviderApi {
+    pub url: reqwest::Url,
+    pub token: Secret,
+    pub from: Option<String>,
+}
+
+impl AnswerSettings {
+    pub fn api(&self, via: crate::domain::Via) -> Option<&ProviderApi> {
+        use crate::domain::Via;
+        match via {
+            Via::GitHub => self.github.as_ref(),
+            Via::PagerDuty => self.pagerduty.as_ref(),
+            Via::Opsgenie => self.opsgenie.as_ref(),
+            Via::Jsm => self.jsm.as_ref(),
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -104,6 +143,37 @@ struct Raw {
     metrics: RawMetrics,
     #[serde(default)]
     log: RawLog,
+    #[serde(default)]
+    answers: RawAnswers,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawAnswers {
+    #[serde(default)]
+    github: RawProvider,
+    #[serde(default)]
+    pagerduty: RawProvider,
+    #[serde(default)]
+    opsgenie: RawProvider,
+    #[serde(default)]
+    jsm: RawProvider,
+    #[serde(default, deserialize_with = "flexible_num")]
+    concurrency: Option<u64>,
+    #[serde(default, deserialize_with = "flexible_num")]
+    rate_per_second: Option<u64>,
+    timeout: Option<String>,
+    #[serde(default)]
+    retry: RawRetry,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawProvider {
+    token: Option<String>,
+    api_url: Option<String>,
+    /// PagerDuty: the email of a PagerDuty user, sent as `From`.
+    from: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -435,8 +505,10 @@ fn build(raw: Raw, base: &Path, errors: &mut Vec<String>) -> Option<Settings> {
         }
         v.min(max)
     };
+    let answers = answer_settings(&raw.answers, errors);
     let settings = Settings {
         file: PathBuf::new(),
+        answers,
         listen: listen?,
         metrics_listen,
         mappings_dir: resolve(raw.mappings.as_deref().unwrap_or("mappings")),
@@ -553,6 +625,136 @@ fn build(raw: Raw, base: &Path, errors: &mut Vec<String>) -> Option<Settings> {
         errors.push("p0.timeout: must be more than zero".into());
     }
     Some(settings)
+}
+
+fn http_url(key: &str, text: &str, errors: &mut Vec<String>) -> Option<reqwest::Url> {
+    match reqwest::Url::parse(text.trim()) {
+        Ok(u)
+            if matches!(u.scheme(), "http" | "https")
+                && !u.cannot_be_a_base()
+                && u.query().is_none() =>
+        {
+            Some(u)
+        }
+        _ => {
+            errors.push(format!(
+                "{key}: `{text}` is not an http(s) URL without a query"
+            ));
+            None
+        }
+    }
+}
+
+fn answer_settings(raw: &RawAnswers, errors: &mut Vec<String>) -> AnswerSettings {
+    let mut off = Vec::new();
+    let mut provider =
+        |name: &str, var: &str, default_url: &str, p: &RawProvider, errors: &mut Vec<String>| {
+            let token = p.token.as_deref().map(str::trim).unwrap_or("");
+            let url = http_url(
+                &format!("answers.{name}.api_url"),
+                p.api_url
+                    .as_deref()
+                    .filter(|u| !u.trim().is_empty())
+                    .unwrap_or(default_url),
+                errors,
+            );
+            if token.is_empty() {
+                off.push(format!(
+                    "answers back through {name} are off: answers.{name}.token ({var}) is not set"
+                ));
+                return None;
+            }
+            let from = p
+                .from
+                .as_deref()
+                .map(str::trim)
+                .filter(|f| !f.is_empty())
+                .map(str::to_owned);
+            if name == "pagerduty" && from.as_deref().is_none_or(|f| !f.contains('@')) {
+                errors.push(
+                "answers.pagerduty.from: PagerDuty needs the email of one of its users as `From` \
+                 (set PAGERDUTY_FROM) when answers.pagerduty.token is set"
+                    .into(),
+            );
+            }
+            Some(ProviderApi {
+                url: url?,
+                token: Secret::new(token),
+                from,
+            })
+        };
+    let github = provider(
+        "github",
+        "GITHUB_TOKEN",
+        "https://api.github.com",
+        &raw.github,
+        errors,
+    );
+    let pagerduty = provider(
+        "pagerduty",
+        "PAGERDUTY_API_TOKEN",
+        "https://api.pagerduty.com",
+        &raw.pagerduty,
+        errors,
+    );
+    let opsgenie = provider(
+        "opsgenie",
+        "OPSGENIE_API_KEY",
+        "https://api.opsgenie.com",
+        &raw.opsgenie,
+        errors,
+    );
+    let jsm = provider(
+        "jsm",
+        "JSM_API_KEY",
+        "https://api.atlassian.com/jsm/ops/integration",
+        &raw.jsm,
+        errors,
+    );
+    let concurrency = match raw.answers_concurrency() {
+        0 => {
+            errors.push("answers.concurrency: must be more than zero".into());
+            1
+        }
+        n => n,
+    };
+    AnswerSettings {
+        github,
+        pagerduty,
+        opsgenie,
+        jsm,
+        concurrency,
+        rate_per_second: u32::try_from(raw.rate_per_second.unwrap_or(5)).unwrap_or(u32::MAX),
+        timeout: duration("answers.timeout", raw.timeout.as_deref(), "10s", errors),
+        retry: RetrySettings {
+            base_delay: duration(
+                "answers.retry.base_delay",
+                raw.retry.base_delay.as_deref(),
+                "1s",
+                errors,
+            ),
+            max_delay: duration(
+                "answers.retry.max_delay",
+                raw.retry.max_delay.as_deref(),
+                "5m",
+                errors,
+            ),
+            max_age: duration(
+                "answers.retry.max_age",
+                raw.retry.max_age.as_deref(),
+                "6h",
+                errors,
+            ),
+            max_attempts: u32::try_from(raw.retry.max_attempts.unwrap_or(0)).unwrap_or(u32::MAX),
+        },
+        off,
+    }
+}
+
+impl RawAnswers {
+    fn answers_concurrency(&self) -> usize {
+        usize::try_from(self.concurrency.unwrap_or(4)).unwrap_or(usize::MAX)
+    }
 }
 
 /// Warnings an operator should see at every start: insecure sources, open or empty approver

@@ -125,9 +125,23 @@ fn check(expect: &RawExpect, verdict: &Verdict, default_org: &str) -> Result<(),
         )),
         RawExpect::Spec(spec) => match (&spec.decisions, &spec.rejected) {
             (Some(want), None) => {
-                let Verdict::Decided { decisions, .. } = verdict else {
+                let Verdict::Decided {
+                    decisions, binding, ..
+                } = verdict
+                else {
                     return Err(format!("expected decisions, got {got}"));
                 };
+                if let Some(want) = &spec.subject {
+                    let have = binding.subject.as_deref().unwrap_or("none");
+                    if have != want {
+                        return Err(format!("expected subject `{want}`, got {got}"));
+                    }
+                }
+                if let Some(want) = spec.ends_subject
+                    && want != binding.ends_subject
+                {
+                    return Err(format!("expected ends_subject: {want}, got {got}"));
+                }
                 let have: Vec<RawExpectDecision> = decisions
                     .iter()
                     .map(|d| RawExpectDecision {
@@ -178,7 +192,10 @@ pub fn describe(verdict: &Verdict) -> String {
         Verdict::Ignored => "ignored".into(),
         Verdict::Rejected { rule, reason } => format!("rejected by rule `{rule}`: {reason}"),
         Verdict::Decided {
-            rule, decisions, ..
+            rule,
+            decisions,
+            binding,
+            ..
         } => {
             let items: Vec<String> = decisions
                 .iter()
@@ -195,7 +212,14 @@ pub fn describe(verdict: &Verdict) -> String {
                     s
                 })
                 .collect();
-            format!("rule `{rule}` decided [{}]", items.join(", "))
+            let mut out = format!("rule `{rule}` decided [{}]", items.join(", "));
+            if let Some(s) = &binding.subject {
+                out.push_str(&format!(" on subject `{}`", crate::domain::printable(s)));
+            }
+            if binding.ends_subject {
+                out.push_str(", ending it (revokes every request approved under it)");
+            }
+            out
         }
     }
 }

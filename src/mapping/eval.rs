@@ -190,19 +190,58 @@ pub struct Extract {
 pub enum From {
     Constant(String),
     Select(Selector),
+    /// Literal text and placeholders, joined into one value.
+    Template(Vec<Part>),
+}
+
+/// A piece of a template: literal text, or the first value of the first selector that
+/// yields one.
+#[derive(Debug, Clone)]
+pub enum Part {
+    Text(String),
+    Value(Vec<Selector>),
+}
+
+/// The one value a template makes, or which placeholder yielded nothing.
+fn fill(parts: &[Part], input: Scope<'_>) -> Result<String, String> {
+    let mut out = String::new();
+    for part in parts {
+        match part {
+            Part::Text(t) => out.push_str(t),
+            Part::Value(alternatives) => {
+                let value = alternatives
+                    .iter()
+                    .find_map(|sel| sel.values_in(input).into_iter().next())
+                    .ok_or_else(|| {
+                        let names: Vec<String> =
+                            alternatives.iter().map(Selector::describe).collect();
+                        format!("{} yielded nothing", names.join(" | "))
+                    })?;
+                out.push_str(&value);
+            }
+        }
+    }
+    Ok(out)
 }
 
 impl Extract {
     /// Every value, in order and without repeats; the default when there is none; otherwise an
     /// error saying why nothing came out.
     pub fn all(&self, input: Scope<'_>) -> Result<Vec<String>, String> {
+        let mut why = match &self.from {
+            From::Select(sel) => format!("{} yielded nothing", sel.describe()),
+            From::Constant(_) | From::Template(_) => String::new(),
+        };
         let raw: Vec<Cow<'_, str>> = match &self.from {
             From::Constant(c) => vec![Cow::Borrowed(c.as_str())],
             From::Select(sel) => sel.values_in(input),
-        };
-        let mut why = match &self.from {
-            From::Select(sel) => format!("{} yielded nothing", sel.describe()),
-            From::Constant(_) => String::new(),
+            From::Template(parts) => match fill(parts, input) {
+                Ok(v) => vec![Cow::Owned(v)],
+                Err(e) => {
+                    why = e;
+                    Vec::new()
+                }
+            },
         };
         let mut out: Vec<String> = Vec::new();
         for value in &raw {

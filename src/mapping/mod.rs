@@ -21,13 +21,14 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 use crate::config::env::Env;
-use crate::domain::{Action, Expiration};
+use crate::domain::printable;
+use crate::domain::{Action, Binding, Expiration, Reply, Via};
 use crate::policy::{self, Allowlist, Decision, Proposal, RulePolicy};
 use crate::verify::Verifier;
 
 pub use eval::Input;
-use eval::{Condition, Extract, From, Scope, Selector, Test};
-use model::{RawCondition, RawExtract, RawMapping, RawRule, RawSelector};
+use eval::{Condition, Extract, From, Part, Scope, Selector, Test};
+use model::{RawAnswer, RawCondition, RawExtract, RawMapping, RawRule, RawSelector};
 pub use replay::parse_rfc3339;
 
 /// Relay-wide values a mapping falls back on.
@@ -105,6 +106,9 @@ pub enum Verdict {
         /// `decisions` of the list and is stored and deduplicated as a delivery of its own.
         /// Empty for other rules.
         elements: Vec<Element>,
+        /// The subject, where to answer, and whether the event ends the subject (for a
+        /// `for_each` rule, the first element's; each element carries its own).
+        binding: Binding,
     },
 }
 
@@ -116,6 +120,8 @@ pub struct Element {
     pub actor: Option<String>,
     /// How many of the verdict's decisions are this element's.
     pub decisions: usize,
+    /// The element's subject (an alert's fingerprint), where to answer, and whether it ends.
+    pub binding: Binding,
 }
 
 /// The dedup key of one element: the delivery's key and the element's, joined; a digest when
@@ -160,6 +166,16 @@ struct Rule {
     produce: Produce,
     actor: Option<Selector>,
     policy: RulePolicy,
+    subject: Option<Extract>,
+    ends_subject: bool,
+    answer: Option<Answer>,
+}
+
+/// Where a rule answers back (compiled `answer:`).
+#[derive(Debug)]
+struct Answer {
+    via: Via,
+    comment: Option<Extract>,
 }
 
 /// A rule's `for_each`: the elements, and the parts that name one.
@@ -201,6 +217,9 @@ enum Applied {
     Decided {
         actor: Option<String>,
         decisions: Vec<Decision>,
+        binding: Binding,
+        /// What `explain` says about the decisions and the binding.
+        detail: String,
     },
 }
 
@@ -208,6 +227,8 @@ enum Applied {
 enum Produce {
     Command(Selector),
     Fields(Box<Fields>),
+    /// A subject end naming no request: only the revocations the end makes.
+    Nothing,
 }
 
 #[derive(Debug)]
@@ -282,13 +303,19 @@ impl Mapping {
                             reason,
                         };
                     }
-                    Applied::Decided { actor, decisions } => {
-                        note(rule, true, format!("{} decision(s)", decisions.len()));
+                    Applied::Decided {
+                        actor,
+                        decisions,
+                        binding,
+                        detail,
+                    } => {
+                        note(rule, true, detail);
                         return Verdict::Decided {
                             rule: rule.name.clone(),
                             actor,
                             decisions,
                             elements: Vec::new(),
+                            binding,
                         };
                     }
                 }
@@ -319,11 +346,14 @@ impl Mapping {
                     Applied::Decided {
                         actor,
                         decisions: mut ds,
+                        binding,
+                        ..
                     } => {
                         elements.push(Element {
                             key: each.key(scope),
                             actor,
                             decisions: ds.len(),
+                            binding,
                         });
                         decisions.append(&mut ds);
                     }
@@ -358,6 +388,7 @@ impl Mapping {
             return Verdict::Decided {
                 rule: rule.name.clone(),
                 actor: elements[0].actor.clone(),
+                binding: elements[0].binding.clone(),
                 decisions,
                 elements,
             };
@@ -406,9 +437,13 @@ fn apply(rule: &Rule, scope: Scope<'_>) -> Applied {
             }
             proposals
         }
+        Produce::Nothing => Vec::new(),
         Produce::Fields(f) => {
             match fields(scope, &f.action, &f.request_id, f.expiration.as_ref()) {
                 Ok(p) => p,
+                // An ending event may name a request too; when it names none, only the end's
+                // own revocations are made.
+                Err(_) if rule.ends_subject => Vec::new(),
                 Err(reason) => return Applied::Rejected(reason.clone(), reason),
             }
         }
@@ -418,8 +453,56 @@ fn apply(rule: &Rule, scope: Scope<'_>) -> Applied {
         .as_ref()
         .and_then(|sel| sel.values_in(scope).into_iter().next())
         .map(|a| a.into_owned());
+    // A malformed request named by an ending event must not keep the subject from ending: it
+    // is dropped, and the end's own revocations go ahead.
+    let proposals = if rule.ends_subject {
+        proposals
+            .into_iter()
+            .filter(|p| crate::domain::Id::parse(&p.request_id).is_ok())
+            .collect()
+    } else {
+        proposals
+    };
+    let subject = match rule.subject.as_ref().map(|s| s.first(scope)) {
+        None => None,
+        Some(Ok(s)) => Some(s),
+        Some(Err(why)) if rule.ends_subject => {
+            let reason = format!("subject: {why}");
+            return Applied::Rejected(reason.clone(), reason);
+        }
+        Some(Err(_)) => None,
+    };
+    let reply = match (&rule.answer, &subject) {
+        (Some(a), Some(_)) => Some(Reply {
+            via: a.via,
+            comment: a.comment.as_ref().and_then(|c| c.first(scope).ok()),
+        }),
+        _ => None,
+    };
+    let binding = Binding {
+        subject,
+        reply,
+        ends_subject: rule.ends_subject,
+    };
     match policy::decide(&rule.policy, actor.as_deref(), &proposals) {
-        Ok(decisions) => Applied::Decided { actor, decisions },
+        Ok(decisions) => {
+            let mut detail = format!("{} decision(s)", decisions.len());
+            match &binding.subject {
+                Some(s) => detail.push_str(&format!("; subject `{}`", printable(s))),
+                None => detail.push_str("; no subject"),
+            }
+            if binding.ends_subject {
+                detail.push_str(
+                    "; ends the subject: every request approved under it and not yet revoked is revoked",
+                );
+            }
+            Applied::Decided {
+                actor,
+                decisions,
+                binding,
+                detail,
+            }
+        }
         Err(reason) => {
             let line = format!("refused: {reason}");
             Applied::Rejected(reason, line)
@@ -760,8 +843,64 @@ fn compile_rule(
             );
             None
         }
+        (None, None, None) if r.ends_subject => Some(Produce::Nothing),
+        (None, None, Some(id)) if r.ends_subject => match extract(id, el) {
+            Ok(request_id) => Some(Produce::Fields(Box::new(Fields {
+                action: Extract {
+                    from: From::Constant("revoke".into()),
+                    regex: None,
+                    map: None,
+                    default: None,
+                },
+                request_id,
+                expiration: None,
+            }))),
+            Err(e) => {
+                errors.push(format!("request_id: {e}"));
+                None
+            }
+        },
         _ => {
             errors.push("needs either `command`, or both `action` and `request_id`".into());
+            None
+        }
+    };
+    if r.ends_subject {
+        if r.command.is_some() {
+            errors.push(
+                "ends_subject: a rule that ends its subject only revokes; drop `command`".into(),
+            );
+        }
+        if let Some(a) = &r.action
+            && !matches!(a, RawExtract::Constant(c) if Action::parse(c) == Some(Action::Revoke))
+        {
+            errors.push(
+                "ends_subject: a rule that ends its subject only revokes: `action: revoke` or none"
+                    .into(),
+            );
+        }
+        if r.subject.is_none() && raw.subject.is_none() {
+            errors.push("ends_subject: needs a `subject` (here or for the whole file)".into());
+        }
+    }
+    let subject = match r
+        .subject
+        .as_ref()
+        .or(raw.subject.as_ref())
+        .map(|x| extract(x, el))
+    {
+        None => None,
+        Some(Ok(e)) => Some(e),
+        Some(Err(e)) => {
+            errors.push(format!("subject: {e}"));
+            None
+        }
+    };
+    let answer = match r.answer.as_ref().or(raw.answer.as_ref()).map(answer) {
+        None | Some(Ok(None)) => None,
+        Some(Ok(Some(a))) => Some(a),
+        Some(Err(e)) => {
+            errors.push(format!("answer: {e}"));
             None
         }
     };
@@ -777,6 +916,8 @@ fn compile_rule(
             );
             let allow = a.allow.as_deref().map(Allowlist::parse);
             match &allow {
+                // Ending access is always allowed: approver lists gate grants only.
+                _ if r.ends_subject => {}
                 Some(Allowlist::Anyone) | None => warnings.push(format!(
                     "source `{source}`, rule `{}`: any authenticated actor may act (no approvers set)",
                     r.name
@@ -788,6 +929,7 @@ fn compile_rule(
                 _ => {}
             }
             match sel {
+                Ok(s) if r.ends_subject => (Some(s), None),
                 Ok(s) => (Some(s), Some(allow.unwrap_or(Allowlist::Anyone))),
                 Err(e) => {
                     errors.push(format!("actor: {e}"));
@@ -797,6 +939,7 @@ fn compile_rule(
         }
     };
     let actions = match &r.actions {
+        None if r.ends_subject => vec![Action::Revoke],
         None => Action::ALL.to_vec(),
         Some(list) => {
             let mut out = Vec::new();
@@ -844,6 +987,9 @@ fn compile_rule(
                 max_expiration,
                 org,
             },
+            subject,
+            ends_subject: r.ends_subject,
+            answer,
         }),
         _ => Err(errors),
     }
@@ -883,6 +1029,70 @@ fn selector_in(raw: &RawSelector, element: bool) -> Result<Selector, String> {
         (Some(_), Some(_)) => Err("give `path` or `header`, not both".into()),
         (None, None) => Err("needs `path` or `header`".into()),
     }
+}
+
+/// Compiles a template: literal text and `{...}` placeholders, each holding
+/// `|`-separated alternatives (a JSONPath, or `header:Name`).
+fn template(text: &str) -> Result<Vec<Part>, String> {
+    let mut parts = Vec::new();
+    let mut rest = text;
+    while let Some(open) = rest.find('{') {
+        if open > 0 {
+            parts.push(Part::Text(rest[..open].to_owned()));
+        }
+        let after = &rest[open + 1..];
+        let close = after
+            .find('}')
+            .ok_or_else(|| format!("template `{text}`: a `{{` without its `}}`"))?;
+        let mut alternatives = Vec::new();
+        for alt in after[..close].split('|').map(str::trim) {
+            let raw = match alt.strip_prefix("header:") {
+                Some(h) => RawSelector {
+                    path: None,
+                    header: Some(h.trim().to_owned()),
+                },
+                None => RawSelector {
+                    path: Some(alt.to_owned()),
+                    header: None,
+                },
+            };
+            alternatives.push(selector(&raw).map_err(|e| format!("template `{text}`: {e}"))?);
+        }
+        parts.push(Part::Value(alternatives));
+        rest = &after[close + 1..];
+    }
+    if !rest.is_empty() {
+        parts.push(Part::Text(rest.to_owned()));
+    }
+    if !parts.iter().any(|p| matches!(p, Part::Value(_))) {
+        return Err(format!(
+            "template `{text}` has no `{{$.path}}` placeholder (a constant needs no template)"
+        ));
+    }
+    Ok(parts)
+}
+
+/// Compiles `answer:`; `via: none` answers nothing.
+fn answer(raw: &RawAnswer) -> Result<Option<Answer>, String> {
+    if raw.via == "none" {
+        return Ok(None);
+    }
+    let via = Via::parse(&raw.via).ok_or_else(|| {
+        format!(
+            "via: `{}` is not github, pagerduty, opsgenie, jsm or none",
+            raw.via
+        )
+    })?;
+    let comment = raw
+        .comment
+        .as_ref()
+        .map(|x| extract(x, false))
+        .transpose()
+        .map_err(|e| format!("comment: {e}"))?;
+    if comment.is_some() && via != Via::GitHub {
+        return Err("comment: only GitHub answers on a comment".into());
+    }
+    Ok(Some(Answer { via, comment }))
 }
 
 fn regex(text: &str) -> Result<Regex, String> {
@@ -943,8 +1153,12 @@ fn extract(raw: &RawExtract, el: bool) -> Result<Extract, String> {
             default: None,
         }),
         RawExtract::Spec(s) => {
-            let from = match (&s.path, &s.header) {
-                (None, None) => match &s.default {
+            let from = match (&s.path, &s.header, &s.template) {
+                (None, None, Some(t)) => From::Template(template(t)?),
+                (_, _, Some(_)) => {
+                    return Err("give one of `path`, `header` or `template`".into());
+                }
+                (None, None, None) => match &s.default {
                     Some(d) => From::Constant(d.clone()),
                     None => return Err("needs `path`, `header` or `default`".into()),
                 },

@@ -16,6 +16,11 @@ pub struct RawMapping {
     pub freshness: Option<RawFreshness>,
     /// The P0 org for every rule of this source, unless a rule names its own.
     pub org: Option<String>,
+    /// The subject of every rule of this source (what a decision is asked on), unless a rule
+    /// names its own.
+    pub subject: Option<RawExtract>,
+    /// Where every rule of this source answers back, unless a rule names its own.
+    pub answer: Option<RawAnswer>,
     #[serde(default)]
     pub rules: Vec<RawRule>,
     #[serde(default)]
@@ -132,6 +137,9 @@ pub enum RawExtract {
 pub struct RawExtractSpec {
     pub path: Option<String>,
     pub header: Option<String>,
+    /// Text with `{$.json.path}` / `{header:Name}` placeholders, each the first value its
+    /// selector yields; `{$.a|$.b}` takes the first alternative that yields one.
+    pub template: Option<String>,
     pub regex: Option<String>,
     pub map: Option<BTreeMap<String, String>>,
     pub default: Option<String>,
@@ -164,6 +172,24 @@ pub struct RawRule {
     pub actor: Option<RawActor>,
     pub actions: Option<Vec<String>>,
     pub org: Option<String>,
+    /// What the decisions are asked on (an incident, an alert, `owner/repo#number`).
+    pub subject: Option<RawExtract>,
+    /// The event ends its subject: every request approved under it is revoked.
+    #[serde(default)]
+    pub ends_subject: bool,
+    /// Where the relay answers once P0 has answered.
+    pub answer: Option<RawAnswer>,
+}
+
+/// Where to answer back: a provider's API and, for GitHub, the comment to react to. The
+/// issue, incident or alert answered on is the rule's subject.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAnswer {
+    /// `github`, `pagerduty`, `opsgenie` or `jsm`; `none` answers nothing.
+    pub via: String,
+    /// GitHub: the comment the command was written in (a reaction goes on it).
+    pub comment: Option<RawExtract>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -207,6 +233,10 @@ pub enum RawExpect {
 #[serde(deny_unknown_fields)]
 pub struct RawExpectSpec {
     pub decisions: Option<Vec<RawExpectDecision>>,
+    /// The subject the decisions are bound to (`none` for no subject).
+    pub subject: Option<String>,
+    /// Whether the event ends its subject (revoking what was approved under it).
+    pub ends_subject: Option<bool>,
     /// A fragment the rejection reason must contain.
     pub rejected: Option<String>,
 }

@@ -7,7 +7,7 @@ use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
 use crate::policy::Decision;
-use crate::store::JobRef;
+use crate::store::{BoundRevocation, JobRef};
 
 #[derive(Debug, Serialize)]
 pub struct DecisionAnswer {
@@ -37,6 +37,12 @@ pub struct Answer {
     pub decisions: Vec<DecisionAnswer>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub job_ids: Vec<i64>,
+    /// What the decisions were asked on.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub subject: Option<String>,
+    /// The revocations the end of the subject made (`ends_subject` rules).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub revoked: Option<Vec<BoundRevocation>>,
 }
 
 impl Answer {
@@ -51,6 +57,8 @@ impl Answer {
             delivery: None,
             decisions: Vec::new(),
             job_ids: Vec::new(),
+            subject: None,
+            revoked: None,
         }
     }
 
@@ -98,6 +106,20 @@ impl Answer {
         self
     }
 
+    pub fn subject(mut self, subject: Option<String>) -> Answer {
+        self.subject = subject;
+        self
+    }
+
+    /// The revocations a subject end made; an empty list is shown only when the subject
+    /// ended with nothing to revoke.
+    pub fn revoked(mut self, bound: Vec<BoundRevocation>) -> Answer {
+        if !bound.is_empty() || self.decisions.is_empty() {
+            self.revoked = Some(bound);
+        }
+        self
+    }
+
     /// The `webhooks_total` outcome label.
     pub fn outcome_label(&self) -> &'static str {
         self.outcome.unwrap_or(self.word)
@@ -105,10 +127,15 @@ impl Answer {
 
     /// Every job ID the answer names, for the log line.
     pub fn job_ids_all(&self) -> Vec<i64> {
+        let bound = self.revoked.iter().flatten().map(|b| b.job_id);
         if self.decisions.is_empty() {
-            self.job_ids.clone()
+            self.job_ids.iter().copied().chain(bound).collect()
         } else {
-            self.decisions.iter().map(|d| d.job_id).collect()
+            self.decisions
+                .iter()
+                .map(|d| d.job_id)
+                .chain(bound)
+                .collect()
         }
     }
 }

@@ -303,7 +303,9 @@ async fn handle(r: &Receiver, mapping: &Mapping, peer: Option<IpAddr>, request: 
             actor,
             decisions,
             elements,
+            binding,
         } => {
+            let subject = binding.subject.clone();
             let new = NewDelivery {
                 source: source.to_owned(),
                 dedup_key: delivery.clone(),
@@ -312,6 +314,7 @@ async fn handle(r: &Receiver, mapping: &Mapping, peer: Option<IpAddr>, request: 
                 actor,
                 payload: r.store_payloads.then(|| bytes.to_vec()),
                 decisions,
+                binding,
             };
             let units = split(new, &elements);
             // Each unit's decisions, for the answer (the units themselves go to the store).
@@ -319,7 +322,7 @@ async fn handle(r: &Receiver, mapping: &Mapping, peer: Option<IpAddr>, request: 
             match r.store.accept_each(units).await {
                 Ok(results) => {
                     r.health.set_store_error(None);
-                    accepted(r, source, rule, delivery, shares, results)
+                    accepted(r, source, rule, delivery, subject, shares, results)
                 }
                 Err(e) => {
                     tracing::error!(source, error = %e, "cannot store a delivery");
@@ -350,6 +353,7 @@ fn split(new: NewDelivery, elements: &[Element]) -> Vec<NewDelivery> {
             actor: e.actor.clone(),
             payload: new.payload.clone(),
             decisions: rest.by_ref().take(e.decisions).collect(),
+            binding: e.binding.clone(),
         })
         .collect()
 }
@@ -362,6 +366,7 @@ fn accepted(
     source: &str,
     rule: String,
     delivery: String,
+    subject: Option<String>,
     shares: Vec<Vec<Decision>>,
     results: Vec<Accepted>,
 ) -> Answer {
@@ -384,16 +389,29 @@ fn accepted(
     r.wake.notify_one();
     let mut decisions = Vec::new();
     let mut jobs = Vec::new();
+    let mut revoked = Vec::new();
     for (share, result) in shares.into_iter().zip(results) {
         match result {
-            Accepted::New { jobs: refs } => {
+            Accepted::New { jobs: refs, bound } => {
                 for d in &share {
                     r.metrics
                         .decisions
                         .with_label_values(&[source, d.action.as_str()])
                         .inc();
                 }
+                if !bound.is_empty() {
+                    let n = bound.len() as u64;
+                    r.metrics
+                        .decisions
+                        .with_label_values(&[source, "revoke"])
+                        .inc_by(n);
+                    r.metrics
+                        .bound_revocations
+                        .with_label_values(&[source])
+                        .inc_by(n);
+                }
                 jobs.extend(refs);
+                revoked.extend(bound);
             }
             Accepted::Duplicate { job_ids } => {
                 jobs.extend(job_ids.into_iter().map(|job_id| JobRef {
@@ -408,6 +426,8 @@ fn accepted(
         .rule(rule)
         .delivery(delivery)
         .decisions(&decisions, &jobs)
+        .subject(subject)
+        .revoked(revoked)
 }
 
 #[cfg(test)]

@@ -247,6 +247,7 @@ fn delivery(key: &str, decisions: &[(Action, &str)]) -> NewDelivery {
                 clamped_from: None,
             })
             .collect(),
+        binding: crate::domain::Binding::default(),
     }
 }
 
@@ -262,12 +263,13 @@ fn done(job: &Job, state: State) -> AttemptRecord {
         result: "success",
         error: None,
         duration_ms: 1,
+        answers: Vec::new(),
     }
 }
 
 fn jobs(a: &Accepted) -> Vec<(i64, bool)> {
     match a {
-        Accepted::New { jobs } => jobs.iter().map(|j| (j.job_id, j.coalesced)).collect(),
+        Accepted::New { jobs, .. } => jobs.iter().map(|j| (j.job_id, j.coalesced)).collect(),
         Accepted::Duplicate { job_ids } => job_ids.iter().map(|&id| (id, true)).collect(),
     }
 }
@@ -529,8 +531,8 @@ async fn the_same_delivery_at_two_relays_at_once_is_accepted_once() {
             rb.unwrap().remove(0).unwrap(),
         );
         let (new, dup) = match (&ra, &rb) {
-            (Accepted::New { jobs }, Accepted::Duplicate { job_ids }) => (jobs, job_ids),
-            (Accepted::Duplicate { job_ids }, Accepted::New { jobs }) => (jobs, job_ids),
+            (Accepted::New { jobs, .. }, Accepted::Duplicate { job_ids }) => (jobs, job_ids),
+            (Accepted::Duplicate { job_ids }, Accepted::New { jobs, .. }) => (jobs, job_ids),
             _ => panic!("{i}: {ra:?} / {rb:?}"),
         };
         assert_eq!(
@@ -667,7 +669,7 @@ async fn ten_relays_opening_a_fresh_database_at_once_migrate_it_once() {
     }
 }
 
-const MIGRATIONS_PG_LEN: usize = 1;
+const MIGRATIONS_PG_LEN: usize = 2;
 
 #[tokio::test]
 async fn pruning_is_done_by_one_relay_at_a_time() {
@@ -789,4 +791,176 @@ async fn tls_as_libpq_require_encrypts_and_verify_full_checks_the_certificate() 
         .err()
         .unwrap();
     assert!(err.to_string().contains("certificate"), "{err}");
+}
+
+// Subjects, subject ends and answers back.
+
+impl Backend {
+    async fn claim_answers(&mut self, now: i64, limit: usize) -> Vec<AnswerJob> {
+        match self {
+            Backend::Sqlite(_, s) => s.claim_answers(now, limit).unwrap(),
+            Backend::Pg(_, s) => s.claim_answers(now, limit).await.unwrap(),
+        }
+    }
+    async fn record_answer(&mut self, rec: &AnswerRecord) {
+        match self {
+            Backend::Sqlite(_, s) => s.record_answer(rec).unwrap(),
+            Backend::Pg(_, s) => s.record_answer(rec).await.unwrap(),
+        }
+    }
+}
+
+/// A delivery on `subject` (ending it when `ends`).
+fn on_subject(key: &str, decisions: &[(Action, &str)], subject: &str, ends: bool) -> NewDelivery {
+    let mut d = delivery(key, decisions);
+    d.binding = crate::domain::Binding {
+        subject: Some(subject.into()),
+        reply: Some(crate::domain::Reply {
+            via: crate::domain::Via::PagerDuty,
+            comment: None,
+        }),
+        ends_subject: ends,
+    };
+    d
+}
+
+fn bound(a: &Accepted) -> Vec<(String, i64)> {
+    match a {
+        Accepted::New { bound, .. } => bound
+            .iter()
+            .map(|b| (b.request_id.clone(), b.job_id))
+            .collect(),
+        Accepted::Duplicate { .. } => panic!("duplicate"),
+    }
+}
+
+contract!(a_subject_end_revokes_what_was_granted_under_it_in_order);
+async fn a_subject_end_revokes_what_was_granted_under_it_in_order(mut s: Backend) {
+    for (key, id, subject) in [
+        ("d1", "a", "P1"),
+        ("d2", "b", "P1"),
+        ("d3", "c", "P1"),
+        ("d4", "x", "P2"),
+    ] {
+        s.accept(
+            on_subject(key, &[(Action::Approve, id)], subject, false),
+            1_000,
+        )
+        .await;
+    }
+    let all = s.claim_due(1_000, 10).await;
+    assert_eq!(all.len(), 4);
+    assert_eq!(all[0].subject.as_deref(), Some("P1"));
+    assert_eq!(
+        all[0].reply.as_deref(),
+        Some(r#"{"via":"pagerduty"}"#),
+        "the reply target is stored with the decision"
+    );
+    // a: P0 approved; b: P0 refused; c: still on its way to P0.
+    let mut refused = done(claimed(&all, 2), State::Rejected);
+    refused.status = Some(400);
+    s.write(
+        &[],
+        &[done(claimed(&all, 1), State::Succeeded), refused],
+        2_000,
+    )
+    .await
+    .unwrap();
+    let end = s.accept(on_subject("d5", &[], "P1", true), 3_000).await;
+    let revoked = bound(&end);
+    assert_eq!(
+        revoked.iter().map(|(r, _)| r.as_str()).collect::<Vec<_>>(),
+        vec!["a", "c"],
+        "the refused request is not revoked; the one still in flight is"
+    );
+    let detail = s.show(revoked[0].1).await.unwrap();
+    assert_eq!(
+        (detail.job.action.as_str(), detail.job.subject.as_deref()),
+        ("revoke", Some("P1"))
+    );
+    assert!(detail.job.ended_by.is_some());
+    // The revoke of `c` waits for its approve; the revoke of `a` goes now.
+    let next = s.claim_due(3_000, 10).await;
+    assert_eq!(
+        next.iter()
+            .map(|j| (j.request_id.as_str(), j.action, j.bound))
+            .collect::<Vec<_>>(),
+        vec![("a", Action::Revoke, true)]
+    );
+    assert_eq!(s.next_due().await, None, "nothing else can go yet");
+    s.write(&[], &[done(claimed(&all, 3), State::Succeeded)], 4_000)
+        .await
+        .unwrap();
+    let next = s.claim_due(4_000, 10).await;
+    assert_eq!(
+        next.iter()
+            .map(|j| (j.request_id.as_str(), j.action))
+            .collect::<Vec<_>>(),
+        vec![("c", Action::Revoke)]
+    );
+    // Ending it again revokes nothing more; the other subject is untouched.
+    let again = s.accept(on_subject("d6", &[], "P1", true), 5_000).await;
+    assert!(bound(&again).is_empty());
+    let p2 = s
+        .list(&ListFilter {
+            subject: Some("P2".into()),
+            ..ListFilter::default()
+        })
+        .await;
+    assert_eq!(
+        p2.iter().map(|j| j.request_id.as_str()).collect::<Vec<_>>(),
+        vec!["x"]
+    );
+}
+
+contract!(answers_are_created_with_the_final_outcome_and_claimed_once);
+async fn answers_are_created_with_the_final_outcome_and_claimed_once(mut s: Backend) {
+    s.accept(
+        on_subject("d1", &[(Action::Approve, "a")], "P1", false),
+        1_000,
+    )
+    .await;
+    let job = s.claim_due(1_000, 1).await.remove(0);
+    let mut rec = done(&job, State::Succeeded);
+    rec.answers = vec![NewAnswer {
+        via: "pagerduty".into(),
+        kind: "note".into(),
+        target: r#"{"incident":"P1"}"#.into(),
+        body: r#"{"note":{"content":"done"}}"#.into(),
+    }];
+    s.write(&[], &[rec], 2_000).await.unwrap();
+    let claimed = s.claim_answers(2_000, 10).await;
+    assert_eq!(claimed.len(), 1);
+    assert_eq!(claimed[0].job_id, job.id);
+    assert_eq!(claimed[0].body, r#"{"note":{"content":"done"}}"#);
+    assert!(s.claim_answers(2_000, 10).await.is_empty(), "claimed once");
+    // A stop while it was in flight: it is sent again after the start.
+    assert_eq!(s.recover(2_000 + LEASE.as_millis() as i64 + 1).await, 0);
+    let again = s
+        .claim_answers(2_000 + LEASE.as_millis() as i64 + 1, 10)
+        .await;
+    assert_eq!(again.len(), 1);
+    assert_ne!(again[0].claim, claimed[0].claim);
+    let rec = |a: &AnswerJob, state| AnswerRecord {
+        id: a.id,
+        claim: a.claim,
+        at_ms: 40_000,
+        state,
+        attempts: 1,
+        next_attempt_at_ms: 40_000,
+        status: Some(201),
+        error: None,
+    };
+    // The stale claim's outcome is ignored; the current one's is kept.
+    s.record_answer(&rec(&claimed[0], State::Dead)).await;
+    s.record_answer(&rec(&again[0], State::Succeeded)).await;
+    let d = s.show(job.id).await.unwrap();
+    assert_eq!(d.answers.len(), 1);
+    assert_eq!(
+        (d.answers[0].state.as_str(), d.answers[0].last_status),
+        ("succeeded", Some(201))
+    );
+    // Pruning the finished decision takes its answers with it.
+    assert_eq!(s.prune(100_000).await, 2);
+    assert!(s.show(job.id).await.is_none());
 }

@@ -16,7 +16,7 @@ use std::time::Duration;
 use serde::Serialize;
 use tokio::sync::{Notify, mpsc, oneshot};
 
-use crate::domain::Action;
+use crate::domain::{Action, Binding};
 use crate::policy::Decision;
 
 pub use location::{PgLocation, StoreLocation};
@@ -71,13 +71,31 @@ pub struct NewDelivery {
     pub actor: Option<String>,
     pub payload: Option<Vec<u8>>,
     pub decisions: Vec<Decision>,
+    /// The subject the decisions are bound to, where to answer, and whether this delivery
+    /// ends the subject (then every request approved under it is revoked, in the same
+    /// transaction).
+    pub binding: Binding,
+}
+
+impl NewDelivery {
+    /// The reply target as stored with each job (JSON), if any.
+    pub fn reply_json(&self) -> Option<String> {
+        self.binding
+            .reply
+            .as_ref()
+            .and_then(|r| serde_json::to_string(r).ok())
+    }
 }
 
 /// What storing a delivery did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Accepted {
-    /// Stored; one job per decision (an existing one when the decision was coalesced).
-    New { jobs: Vec<JobRef> },
+    /// Stored; one job per decision (an existing one when the decision was coalesced), and
+    /// the revocations its subject end made.
+    New {
+        jobs: Vec<JobRef>,
+        bound: Vec<BoundRevocation>,
+    },
     /// The same delivery was stored before: nothing new was stored.
     Duplicate { job_ids: Vec<i64> },
 }
@@ -87,6 +105,14 @@ pub struct JobRef {
     pub job_id: i64,
     /// The same decision was already pending or done: no second call will be made.
     pub coalesced: bool,
+}
+
+/// A revocation made because its subject ended: the request approved under it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct BoundRevocation {
+    pub job_id: i64,
+    pub org: String,
+    pub request_id: String,
 }
 
 /// A decision claimed for delivery to P0.
@@ -105,6 +131,11 @@ pub struct Job {
     /// The claim token: a job's outcome is recorded only with the token of its current claim,
     /// so a relay whose claim was taken over cannot overwrite another's outcome.
     pub claim: i64,
+    /// What the decision was asked on, where to answer (JSON `domain::Reply`), and whether
+    /// it is a revocation made by its subject's end.
+    pub subject: Option<String>,
+    pub reply: Option<String>,
+    pub bound: bool,
 }
 
 /// The outcome of one attempt, and the state it leaves the job in.
@@ -121,6 +152,63 @@ pub struct AttemptRecord {
     pub result: &'static str,
     pub error: Option<String>,
     pub duration_ms: i64,
+    /// Answers back to create with this outcome (P0's final answer), in the same transaction.
+    pub answers: Vec<NewAnswer>,
+}
+
+/// One call answering back at a provider, as the worker composes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewAnswer {
+    /// `github`, `pagerduty`, `opsgenie`, `jsm`.
+    pub via: String,
+    /// `reaction`, `comment` or `note`.
+    pub kind: String,
+    /// Where (JSON: repository, number, comment; or the incident or alert ID).
+    pub target: String,
+    /// The JSON body to send.
+    pub body: String,
+}
+
+/// An answer claimed for sending.
+#[derive(Debug, Clone)]
+pub struct AnswerJob {
+    pub id: i64,
+    pub job_id: i64,
+    pub via: String,
+    pub kind: String,
+    pub target: String,
+    pub body: String,
+    pub attempts: u32,
+    /// When its retry clock started (its creation).
+    pub window_start_ms: i64,
+    pub claim: i64,
+}
+
+/// The outcome of one answer attempt.
+#[derive(Debug, Clone)]
+pub struct AnswerRecord {
+    pub id: i64,
+    pub claim: i64,
+    pub at_ms: i64,
+    pub state: State,
+    pub attempts: u32,
+    pub next_attempt_at_ms: i64,
+    pub status: Option<u16>,
+    pub error: Option<String>,
+}
+
+/// An answer as `jobs show` lists it under its decision.
+#[derive(Debug, Clone, Serialize)]
+pub struct AnswerRow {
+    pub id: i64,
+    pub via: String,
+    pub kind: String,
+    pub body: String,
+    pub state: String,
+    pub attempts: u32,
+    pub updated_at_ms: i64,
+    pub last_status: Option<u16>,
+    pub last_error: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -138,6 +226,9 @@ pub struct JobSummary {
     pub next_attempt_at_ms: i64,
     pub last_status: Option<u16>,
     pub last_error: Option<String>,
+    pub subject: Option<String>,
+    /// The delivery whose subject end made this revocation.
+    pub ended_by: Option<i64>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -164,12 +255,14 @@ pub struct JobDetail {
     pub job: JobSummary,
     pub delivery: DeliveryInfo,
     pub attempts: Vec<AttemptRow>,
+    pub answers: Vec<AnswerRow>,
 }
 
 #[derive(Debug, Clone, Default)]
 pub struct ListFilter {
     pub state: Option<State>,
     pub source: Option<String>,
+    pub subject: Option<String>,
     pub limit: usize,
 }
 
@@ -239,6 +332,12 @@ pub trait Store: Send {
     /// A cheap check, run every second or so, that the store can take a write now; what
     /// `/readyz` reports about the store comes from it.
     fn probe(&mut self) -> Result<(), StoreError>;
+    /// Marks up to `limit` due pending answers as sending and returns them.
+    fn claim_answers(&mut self, now_ms: i64, limit: usize) -> Result<Vec<AnswerJob>, StoreError>;
+    /// Records an answer attempt (only under the claim it was made with).
+    fn record_answer(&mut self, rec: &AnswerRecord) -> Result<(), StoreError>;
+    /// When the earliest pending answer falls due.
+    fn next_answer_due(&mut self) -> Result<Option<i64>, StoreError>;
 }
 
 pub fn now_ms() -> i64 {
@@ -268,6 +367,9 @@ enum Other {
     ),
     Show(i64, oneshot::Sender<Result<Option<JobDetail>, StoreError>>),
     Replay(Replay, oneshot::Sender<Result<Vec<i64>, StoreError>>),
+    ClaimAnswers(usize, oneshot::Sender<Result<Vec<AnswerJob>, StoreError>>),
+    RecordAnswer(Box<AnswerRecord>, oneshot::Sender<Result<(), StoreError>>),
+    NextAnswerDue(oneshot::Sender<Result<Option<i64>, StoreError>>),
 }
 
 /// The async face of a store, the one the receiver, the worker and the command line use:
@@ -507,6 +609,29 @@ impl StoreHandle {
         }
     }
 
+    pub async fn claim_answers(&self, limit: usize) -> Result<Vec<AnswerJob>, StoreError> {
+        match &self.backend {
+            Backend::Sqlite(tx) => {
+                Self::call(tx, |r| Op::Other(Other::ClaimAnswers(limit, r))).await
+            }
+            Backend::Postgres(pg) => pg.store.claim_answers(now_ms(), limit).await,
+        }
+    }
+    pub async fn record_answer(&self, rec: AnswerRecord) -> Result<(), StoreError> {
+        match &self.backend {
+            Backend::Sqlite(tx) => {
+                Self::call(tx, |r| Op::Other(Other::RecordAnswer(Box::new(rec), r))).await
+            }
+            Backend::Postgres(pg) => pg.store.record_answer(&rec).await,
+        }
+    }
+    pub async fn next_answer_due(&self) -> Result<Option<i64>, StoreError> {
+        match &self.backend {
+            Backend::Sqlite(tx) => Self::call(tx, |r| Op::Other(Other::NextAnswerDue(r))).await,
+            Backend::Postgres(pg) => pg.store.next_answer_due().await,
+        }
+    }
+
     /// Wakes `wake` whenever any relay sharing the store commits new work (PostgreSQL's
     /// LISTEN/NOTIFY); on SQLite the relay is alone and wakes itself.
     pub fn wake_on_new_work(&self, wake: Arc<Notify>) {
@@ -610,6 +735,15 @@ fn writer(mut store: Box<dyn Store>, mut rx: mpsc::Receiver<Op>, max_batch: usiz
                 }
                 Other::Replay(which, reply) => {
                     let _ = reply.send(store.replay(which, now_ms()));
+                }
+                Other::ClaimAnswers(limit, reply) => {
+                    let _ = reply.send(store.claim_answers(now_ms(), limit));
+                }
+                Other::RecordAnswer(rec, reply) => {
+                    let _ = reply.send(store.record_answer(&rec));
+                }
+                Other::NextAnswerDue(reply) => {
+                    let _ = reply.send(store.next_answer_due());
                 }
             }
         }

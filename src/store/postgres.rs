@@ -16,13 +16,15 @@ use tokio_postgres_rustls::MakeRustlsConnect;
 
 use super::location::PgLocation;
 use super::{
-    Accepted, AttemptRecord, AttemptRow, Counts, DeliveryInfo, Job, JobDetail, JobRef, JobSummary,
-    ListFilter, NewDelivery, Replay, State, StoreError, Windows, now_ms, pg_tls,
+    Accepted, AnswerJob, AnswerRecord, AnswerRow, AttemptRecord, AttemptRow, BoundRevocation,
+    Counts, DeliveryInfo, Job, JobDetail, JobRef, JobSummary, ListFilter, NewDelivery, Replay,
+    State, StoreError, Windows, now_ms, pg_tls,
 };
 use crate::domain::Action;
 
 /// Each entry moves the schema one version forward; never edit one that has shipped.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE deliveries (
     id          BIGSERIAL PRIMARY KEY,
     source      TEXT NOT NULL,
@@ -185,7 +187,185 @@ BEGIN
     RETURN jsonb_build_object('results', to_jsonb(results), 'ignored', to_jsonb(ignored));
 END
 $fn$;
-"#];
+"#,
+    r#"
+-- Subjects, subject ends and answers back.
+ALTER TABLE jobs ADD COLUMN subject TEXT, ADD COLUMN reply TEXT, ADD COLUMN ended_by BIGINT;
+CREATE INDEX jobs_subject ON jobs (source, subject, id) WHERE subject IS NOT NULL;
+CREATE TABLE answers (
+    id              BIGSERIAL PRIMARY KEY,
+    job_id          BIGINT NOT NULL REFERENCES jobs (id),
+    via             TEXT NOT NULL,
+    kind            TEXT NOT NULL,
+    target          TEXT NOT NULL,
+    body            TEXT NOT NULL,
+    state           TEXT NOT NULL,
+    attempts        INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at BIGINT NOT NULL,
+    window_start    BIGINT NOT NULL,
+    created_at      BIGINT NOT NULL,
+    updated_at      BIGINT NOT NULL,
+    last_status     INTEGER,
+    last_error      TEXT,
+    claim_token     BIGINT NOT NULL DEFAULT 0,
+    lease_until     BIGINT
+);
+CREATE INDEX answers_due ON answers (next_attempt_at, id) WHERE state = 'pending';
+CREATE INDEX answers_leased ON answers (lease_until) WHERE state = 'sending';
+CREATE INDEX answers_job ON answers (job_id);
+
+CREATE OR REPLACE FUNCTION p0_relay_write(deliveries JSONB, payloads BYTEA[], records JSONB,
+                               now_ms BIGINT, dedup_since BIGINT, coalesce_since BIGINT)
+RETURNS JSONB LANGUAGE plpgsql AS $fn$
+DECLARE
+    k          INTEGER;
+    d          RECORD;
+    dcn        JSONB;
+    outcome        JSONB;
+    results    JSONB[] := array_fill(NULL::JSONB, ARRAY[jsonb_array_length(deliveries)]);
+    ignored    BIGINT[] := '{}';
+    del_id     BIGINT;
+    taken      BIGINT;
+    latest     RECORD;
+    jid        BIGINT;
+    job_list   JSONB;
+    id_list    BIGINT[];
+    created    BOOLEAN := false;
+    g          RECORD;
+    bound_list JSONB;
+BEGIN
+    -- Decisions on a subject and the end of that subject are serialised across relays: an
+    -- approve committed by one relay is seen by the end another relay commits after it.
+    FOR k IN
+        SELECT DISTINCT hashtext((e ->> 'source') || '/' || (e ->> 'subject'))
+        FROM jsonb_array_elements(deliveries) e
+        WHERE e ->> 'subject' IS NOT NULL
+        ORDER BY 1
+    LOOP
+        PERFORM pg_advisory_xact_lock(7002, k);
+    END LOOP;
+    -- Coalescing is serialised per (org, request) across relays: every key this batch
+    -- touches is locked first, in one global order, so two batches never wait on each other
+    -- in a cycle.
+    FOR k IN
+        SELECT DISTINCT hashtext((x ->> 'org') || '/' || (x ->> 'request_id'))
+        FROM jsonb_array_elements(deliveries) e, jsonb_array_elements(e -> 'decisions') x
+        ORDER BY 1
+    LOOP
+        PERFORM pg_advisory_xact_lock(7001, k);
+    END LOOP;
+    -- Delivery keys are taken in one global order too (the unique index makes a second
+    -- taker wait for the first to commit or roll back).
+    FOR d IN
+        SELECT e.value AS v, e.ordinality::INTEGER AS i
+        FROM jsonb_array_elements(deliveries) WITH ORDINALITY e
+        ORDER BY e.value ->> 'source' COLLATE "C", e.value ->> 'dedup_key' COLLATE "C", e.ordinality
+    LOOP
+        BEGIN  -- a savepoint: a delivery that fails is left out whole
+            del_id := nextval(pg_get_serial_sequence('deliveries', 'id'));
+            taken := NULL;
+            INSERT INTO dedup AS x (source, dedup_key, delivery_id, received_at)
+            VALUES (d.v ->> 'source', d.v ->> 'dedup_key', del_id, (d.v ->> 'received_at')::BIGINT)
+            ON CONFLICT (source, dedup_key) DO UPDATE
+                SET delivery_id = EXCLUDED.delivery_id, received_at = EXCLUDED.received_at
+                WHERE x.received_at < dedup_since
+            RETURNING x.delivery_id INTO taken;
+            IF taken IS NULL THEN
+                SELECT dl.job_ids INTO id_list FROM dedup x JOIN deliveries dl ON dl.id = x.delivery_id
+                WHERE x.source = d.v ->> 'source' AND x.dedup_key = d.v ->> 'dedup_key';
+                results[d.i] := jsonb_build_object('dup', to_jsonb(COALESCE(id_list, '{}')));
+                CONTINUE;
+            END IF;
+            INSERT INTO deliveries (id, source, dedup_key, received_at, rule, actor, payload)
+            VALUES (del_id, d.v ->> 'source', d.v ->> 'dedup_key', (d.v ->> 'received_at')::BIGINT,
+                    d.v ->> 'rule', d.v ->> 'actor', payloads[d.i]);
+            job_list := '[]';
+            id_list := '{}';
+            FOR dcn IN SELECT value FROM jsonb_array_elements(d.v -> 'decisions') LOOP
+                -- The latest job for this request decides: the same action still pending or
+                -- done recently is not sent again, but approve, revoke, approve is three calls.
+                SELECT j.id, j.action, j.state, j.created_at INTO latest FROM jobs j
+                WHERE j.org = dcn ->> 'org' AND j.request_id = dcn ->> 'request_id'
+                ORDER BY j.id DESC LIMIT 1;
+                IF FOUND AND latest.action = dcn ->> 'action' AND latest.created_at >= coalesce_since
+                   AND latest.state IN ('pending', 'sending', 'succeeded', 'dry_run') THEN
+                    jid := latest.id;
+                    job_list := job_list || jsonb_build_array(jsonb_build_array(jid, true));
+                ELSE
+                    INSERT INTO jobs (delivery_id, source, org, request_id, action, expiration, state,
+                                      next_attempt_at, window_start, created_at, updated_at,
+                                      subject, reply)
+                    VALUES (del_id, d.v ->> 'source', dcn ->> 'org', dcn ->> 'request_id',
+                            dcn ->> 'action', dcn ->> 'expiration', 'pending',
+                            now_ms, now_ms, now_ms, now_ms, d.v ->> 'subject', d.v ->> 'reply')
+                    RETURNING id INTO jid;
+                    job_list := job_list || jsonb_build_array(jsonb_build_array(jid, false));
+                    created := true;
+                END IF;
+                id_list := id_list || jid;
+            END LOOP;
+            -- The end of a subject revokes every request still granted under it: the latest
+            -- decision on it is an approve under this subject, pending, sending, succeeded or
+            -- dry run. Each revoke is queued behind its approve.
+            bound_list := '[]';
+            IF (d.v ->> 'ends_subject')::BOOLEAN AND d.v ->> 'subject' IS NOT NULL THEN
+                FOR g IN
+                    SELECT j.org, j.request_id FROM jobs j
+                    WHERE j.source = d.v ->> 'source' AND j.subject = d.v ->> 'subject'
+                      AND j.action = 'approve'
+                      AND j.state IN ('pending', 'sending', 'succeeded', 'dry_run')
+                      AND j.id = (SELECT MAX(x.id) FROM jobs x
+                                  WHERE x.org = j.org AND x.request_id = j.request_id)
+                    ORDER BY j.id
+                LOOP
+                    INSERT INTO jobs (delivery_id, source, org, request_id, action, state,
+                                      next_attempt_at, window_start, created_at, updated_at,
+                                      subject, reply, ended_by)
+                    VALUES (del_id, d.v ->> 'source', g.org, g.request_id, 'revoke', 'pending',
+                            now_ms, now_ms, now_ms, now_ms, d.v ->> 'subject', d.v ->> 'reply', del_id)
+                    RETURNING id INTO jid;
+                    bound_list := bound_list || jsonb_build_array(jsonb_build_array(jid, g.org, g.request_id));
+                    id_list := id_list || jid;
+                    created := true;
+                END LOOP;
+            END IF;
+            UPDATE deliveries SET job_ids = id_list WHERE id = del_id;
+            results[d.i] := jsonb_build_object('jobs', job_list, 'bound', bound_list);
+        EXCEPTION WHEN OTHERS THEN
+            results[d.i] := jsonb_build_object('error', SQLERRM);
+        END;
+    END LOOP;
+    -- An outcome counts only from the relay that holds the claim (its token, still sending).
+    FOR outcome IN SELECT value FROM jsonb_array_elements(records) ORDER BY (value ->> 'job_id')::BIGINT LOOP
+        UPDATE jobs SET state = outcome ->> 'state', attempts = (outcome ->> 'attempts')::INTEGER,
+                        next_attempt_at = (outcome ->> 'next_attempt_at')::BIGINT,
+                        last_status = (outcome ->> 'status')::INTEGER, last_error = outcome ->> 'error',
+                        updated_at = (outcome ->> 'at')::BIGINT, lease_until = NULL
+        WHERE id = (outcome ->> 'job_id')::BIGINT AND claim_token = (outcome ->> 'claim')::BIGINT
+          AND state = 'sending';
+        IF FOUND THEN
+            INSERT INTO attempts (job_id, at, status, result, error, duration_ms)
+            VALUES ((outcome ->> 'job_id')::BIGINT, (outcome ->> 'at')::BIGINT, (outcome ->> 'status')::INTEGER,
+                    outcome ->> 'result', outcome ->> 'error', (outcome ->> 'duration_ms')::BIGINT);
+            -- Answers back are created with P0's final answer, in the same transaction.
+            INSERT INTO answers (job_id, via, kind, target, body, state, next_attempt_at,
+                                 window_start, created_at, updated_at)
+            SELECT (outcome ->> 'job_id')::BIGINT, a ->> 'via', a ->> 'kind', a ->> 'target',
+                   a ->> 'body', 'pending', (outcome ->> 'at')::BIGINT, (outcome ->> 'at')::BIGINT,
+                   (outcome ->> 'at')::BIGINT, (outcome ->> 'at')::BIGINT
+            FROM jsonb_array_elements(COALESCE(outcome -> 'answers', '[]')) a;
+        ELSE
+            ignored := ignored || (outcome ->> 'job_id')::BIGINT;
+        END IF;
+    END LOOP;
+    IF created THEN
+        PERFORM pg_notify('p0_relay_jobs', '');
+    END IF;
+    RETURN jsonb_build_object('results', to_jsonb(results), 'ignored', to_jsonb(ignored));
+END
+$fn$;
+"#,
+];
 
 /// Advisory lock keys (one 64-bit space; coalescing uses the separate two-key space).
 const MIGRATE_LOCK: i64 = 0x7030_7265_6c61_7901;
@@ -384,6 +564,8 @@ impl PgStore {
                     json!({
                         "source": d.source, "dedup_key": d.dedup_key,
                         "received_at": d.received_at_ms, "rule": d.rule, "actor": d.actor,
+                        "subject": d.binding.subject, "reply": d.reply_json(),
+                        "ends_subject": d.binding.ends_subject,
                         "decisions": d.decisions.iter().map(|x| json!({
                             "org": x.org.as_str(), "request_id": x.request_id.as_str(),
                             "action": x.action.as_str(), "expiration": x.expiration,
@@ -405,6 +587,9 @@ impl PgStore {
                         "state": r.state.as_str(), "attempts": r.attempts,
                         "next_attempt_at": r.next_attempt_at_ms, "status": r.status,
                         "result": r.result, "error": r.error, "duration_ms": r.duration_ms,
+                        "answers": r.answers.iter().map(|a| json!({
+                            "via": a.via, "kind": a.kind, "target": a.target, "body": a.body,
+                        })).collect::<Vec<_>>(),
                     })
                 })
                 .collect(),
@@ -469,10 +654,14 @@ impl PgStore {
                                 lease_until = $3, updated_at = $1
                          WHERE id IN (SELECT id FROM jobs
                                       WHERE state = 'pending' AND next_attempt_at <= $1
+                                        AND NOT EXISTS (SELECT 1 FROM jobs e
+                                            WHERE e.org = jobs.org AND e.request_id = jobs.request_id
+                                              AND e.id < jobs.id AND e.state IN ('pending', 'sending'))
                                       ORDER BY next_attempt_at, id LIMIT $2
                                       FOR UPDATE SKIP LOCKED)
                          RETURNING id, source, org, request_id, action, expiration, attempts,
-                                   created_at, window_start, claim_token",
+                                   created_at, window_start, claim_token, subject, reply,
+                                   ended_by IS NOT NULL",
                     )
                     .await?;
                 c.query(&stmt, &[&now_ms, &limit, &lease_until]).await
@@ -495,6 +684,9 @@ impl PgStore {
                 accepted_at_ms: r.try_get(7)?,
                 window_start_ms: r.try_get(8)?,
                 claim: r.try_get(9)?,
+                subject: r.try_get(10)?,
+                reply: r.try_get(11)?,
+                bound: r.try_get(12)?,
             });
         }
         jobs.sort_by_key(|j| j.id);
@@ -565,7 +757,12 @@ impl PgStore {
     pub async fn next_due(&self) -> Result<Option<i64>, StoreError> {
         self.run("next due", OP_TIMEOUT, async |c| {
             let stmt = c
-                .prepare_cached("SELECT MIN(next_attempt_at) FROM jobs WHERE state = 'pending'")
+                .prepare_cached(
+                    "SELECT MIN(next_attempt_at) FROM jobs WHERE state = 'pending'
+                       AND NOT EXISTS (SELECT 1 FROM jobs e
+                           WHERE e.org = jobs.org AND e.request_id = jobs.request_id
+                             AND e.id < jobs.id AND e.state IN ('pending', 'sending'))",
+                )
                 .await?;
             c.query_one(&stmt, &[]).await?.try_get(0)
         })
@@ -603,15 +800,17 @@ impl PgStore {
     pub async fn list(&self, filter: &ListFilter) -> Result<Vec<JobSummary>, StoreError> {
         let state = filter.state.map(State::as_str);
         let source = filter.source.clone();
+        let subject = filter.subject.clone();
         let limit = if filter.limit == 0 { 100 } else { filter.limit } as i64;
         let sql = format!(
             "SELECT {SUMMARY} FROM jobs
              WHERE ($1::TEXT IS NULL OR state = $1) AND ($2::TEXT IS NULL OR source = $2)
+               AND ($4::TEXT IS NULL OR subject = $4)
              ORDER BY id DESC LIMIT $3"
         );
         let rows = self
             .run("list", OP_TIMEOUT, async |c| {
-                c.query(&sql, &[&state, &source, &limit]).await
+                c.query(&sql, &[&state, &source, &limit, &subject]).await
             })
             .await?;
         Ok(rows.iter().map(summary).collect::<Result<_, _>>()?)
@@ -624,7 +823,7 @@ impl PgStore {
                 return Ok(None);
             };
             let job = summary(&row)?;
-            let delivery_id: i64 = row.try_get(13)?;
+            let delivery_id: i64 = row.try_get(15)?;
             let d = c
                 .query_one(
                     "SELECT id, source, dedup_key, received_at, rule, actor FROM deliveries
@@ -652,6 +851,30 @@ impl PgStore {
                     })
                 })
                 .collect::<Result<_, tokio_postgres::Error>>()?;
+            let answers = c
+                .query(
+                    "SELECT id, via, kind, body, state, attempts, updated_at, last_status, last_error
+                     FROM answers WHERE job_id = $1 ORDER BY id",
+                    &[&id],
+                )
+                .await?
+                .iter()
+                .map(|r| {
+                    Ok(AnswerRow {
+                        id: r.try_get(0)?,
+                        via: r.try_get(1)?,
+                        kind: r.try_get(2)?,
+                        body: r.try_get(3)?,
+                        state: r.try_get(4)?,
+                        attempts: r.try_get::<_, i32>(5)?.max(0) as u32,
+                        updated_at_ms: r.try_get(6)?,
+                        last_status: r
+                            .try_get::<_, Option<i32>>(7)?
+                            .map(|s| s.clamp(0, 999) as u16),
+                        last_error: r.try_get(8)?,
+                    })
+                })
+                .collect::<Result<_, tokio_postgres::Error>>()?;
             Ok(Some(JobDetail {
                 job,
                 delivery: DeliveryInfo {
@@ -663,7 +886,98 @@ impl PgStore {
                     actor: d.try_get(5)?,
                 },
                 attempts,
+                answers,
             }))
+        })
+        .await
+    }
+
+    /// Claims up to `limit` due answers, and up to `limit` answers whose claim lease ran out
+    /// (a relay stopped while sending them), each under a new claim token. Two index scans,
+    /// one per partial index, rather than one scan of the whole table.
+    pub async fn claim_answers(
+        &self,
+        now_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<AnswerJob>, StoreError> {
+        let lease_until = now_ms.saturating_add(ms(self.lease));
+        let limit = limit as i64;
+        let rows = self
+            .run("answer claim", OP_TIMEOUT, async |c| {
+                let stmt = c
+                    .prepare_cached(
+                        "UPDATE answers SET state = 'sending', claim_token = claim_token + 1,
+                                lease_until = $3, updated_at = $1
+                         WHERE id IN (SELECT id FROM answers
+                                      WHERE state = 'pending' AND next_attempt_at <= $1
+                                      ORDER BY next_attempt_at, id LIMIT $2
+                                      FOR UPDATE SKIP LOCKED)
+                            OR id IN (SELECT id FROM answers
+                                      WHERE state = 'sending' AND lease_until < $1
+                                      LIMIT $2 FOR UPDATE SKIP LOCKED)
+                         RETURNING id, job_id, via, kind, target, body, attempts, window_start,
+                                   claim_token",
+                    )
+                    .await?;
+                c.query(&stmt, &[&now_ms, &limit, &lease_until]).await
+            })
+            .await?;
+        let mut out: Vec<AnswerJob> = rows
+            .iter()
+            .map(|r| AnswerJob {
+                id: r.get(0),
+                job_id: r.get(1),
+                via: r.get(2),
+                kind: r.get(3),
+                target: r.get(4),
+                body: r.get(5),
+                attempts: r.get::<_, i32>(6).max(0) as u32,
+                window_start_ms: r.get(7),
+                claim: r.get(8),
+            })
+            .collect();
+        out.sort_by_key(|a| a.id);
+        Ok(out)
+    }
+
+    /// Records an answer attempt, only under the claim it was made with.
+    pub async fn record_answer(&self, rec: &AnswerRecord) -> Result<(), StoreError> {
+        let status = rec.status.map(i32::from);
+        let attempts = rec.attempts as i32;
+        let state = rec.state.as_str();
+        self.run("answer record", OP_TIMEOUT, async |c| {
+            let stmt = c
+                .prepare_cached(
+                    "UPDATE answers SET state = $2, attempts = $3, next_attempt_at = $4,
+                            last_status = $5, last_error = $6, updated_at = $7, lease_until = NULL
+                     WHERE id = $1 AND claim_token = $8 AND state = 'sending'",
+                )
+                .await?;
+            c.execute(
+                &stmt,
+                &[
+                    &rec.id,
+                    &state,
+                    &attempts,
+                    &rec.next_attempt_at_ms,
+                    &status,
+                    &rec.error,
+                    &rec.at_ms,
+                    &rec.claim,
+                ],
+            )
+            .await
+        })
+        .await?;
+        Ok(())
+    }
+
+    pub async fn next_answer_due(&self) -> Result<Option<i64>, StoreError> {
+        self.run("next answer due", OP_TIMEOUT, async |c| {
+            let stmt = c
+                .prepare_cached("SELECT MIN(next_attempt_at) FROM answers WHERE state = 'pending'")
+                .await?;
+            c.query_one(&stmt, &[]).await?.try_get(0)
         })
         .await
     }
@@ -717,6 +1031,11 @@ impl PgStore {
                             AND updated_at < $1";
             tx.execute(
                 &format!("DELETE FROM attempts WHERE job_id IN ({finished})"),
+                &[&older_than_ms],
+            )
+            .await?;
+            tx.execute(
+                &format!("DELETE FROM answers WHERE job_id IN ({finished})"),
                 &[&older_than_ms],
             )
             .await?;
@@ -845,11 +1164,25 @@ fn parse_result(v: &Value) -> Result<Accepted, StoreError> {
                 .collect()
         })
         .unwrap_or_default();
-    Ok(Accepted::New { jobs })
+    let bound = v["bound"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|b| {
+                    Some(BoundRevocation {
+                        job_id: b.get(0)?.as_i64()?,
+                        org: b.get(1)?.as_str()?.to_owned(),
+                        request_id: b.get(2)?.as_str()?.to_owned(),
+                    })
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    Ok(Accepted::New { jobs, bound })
 }
 
 const SUMMARY: &str = "id, source, org, request_id, action, expiration, state, attempts,
-    created_at, updated_at, next_attempt_at, last_status, last_error";
+    created_at, updated_at, next_attempt_at, last_status, last_error, subject, ended_by";
 
 fn summary(r: &tokio_postgres::Row) -> Result<JobSummary, tokio_postgres::Error> {
     Ok(JobSummary {
@@ -868,6 +1201,8 @@ fn summary(r: &tokio_postgres::Row) -> Result<JobSummary, tokio_postgres::Error>
             .try_get::<_, Option<i32>>(11)?
             .map(|s| s.clamp(0, 999) as u16),
         last_error: r.try_get(12)?,
+        subject: r.try_get(13)?,
+        ended_by: r.try_get(14)?,
     })
 }
 

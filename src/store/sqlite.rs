@@ -7,8 +7,9 @@ use std::time::Duration;
 use rusqlite::{Connection, OptionalExtension, params};
 
 use super::{
-    Accepted, AttemptRecord, AttemptRow, Counts, DeliveryInfo, Job, JobDetail, JobRef, JobSummary,
-    ListFilter, NewDelivery, Replay, State, Store, StoreError, Windows,
+    Accepted, AnswerJob, AnswerRecord, AnswerRow, AttemptRecord, AttemptRow, BoundRevocation,
+    Counts, DeliveryInfo, Job, JobDetail, JobRef, JobSummary, ListFilter, NewDelivery, Replay,
+    State, Store, StoreError, Windows,
 };
 use crate::domain::Action;
 
@@ -58,7 +59,39 @@ CREATE INDEX attempts_job ON attempts (job_id);
     r#"
 ALTER TABLE jobs ADD COLUMN claim_token INTEGER NOT NULL DEFAULT 0;
 "#,
+    r#"
+ALTER TABLE jobs ADD COLUMN subject TEXT;
+ALTER TABLE jobs ADD COLUMN reply TEXT;
+ALTER TABLE jobs ADD COLUMN ended_by INTEGER;
+CREATE INDEX jobs_subject ON jobs (source, subject, id);
+CREATE TABLE answers (
+    id              INTEGER PRIMARY KEY,
+    job_id          INTEGER NOT NULL REFERENCES jobs (id),
+    via             TEXT NOT NULL,
+    kind            TEXT NOT NULL,
+    target          TEXT NOT NULL,
+    body            TEXT NOT NULL,
+    state           TEXT NOT NULL,
+    attempts        INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at INTEGER NOT NULL,
+    window_start    INTEGER NOT NULL,
+    created_at      INTEGER NOT NULL,
+    updated_at      INTEGER NOT NULL,
+    last_status     INTEGER,
+    last_error      TEXT,
+    claim_token     INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX answers_due ON answers (state, next_attempt_at);
+CREATE INDEX answers_job ON answers (job_id);
+"#,
 ];
+
+/// Pending jobs that no earlier decision on the same request is still waiting for: a
+/// request's decisions reach P0 in the order they were stored (approve, then the revoke its
+/// subject's end made).
+const IN_TURN: &str = "state = 'pending'
+    AND NOT EXISTS (SELECT 1 FROM jobs e WHERE e.org = jobs.org AND e.request_id = jobs.request_id
+                    AND e.id < jobs.id AND e.state IN ('pending', 'sending'))";
 
 pub struct SqliteStore {
     pub(super) conn: Connection,
@@ -120,13 +153,13 @@ impl SqliteStore {
     fn claim_unsynced(&mut self, now_ms: i64, limit: usize) -> Result<Vec<Job>, StoreError> {
         let tx = self.conn.transaction()?;
         let jobs = {
-            let mut stmt = tx.prepare_cached(
+            let mut stmt = tx.prepare_cached(&format!(
                 "UPDATE jobs SET state = 'sending', updated_at = ?1, claim_token = claim_token + 1
-                 WHERE id IN (SELECT id FROM jobs WHERE state = 'pending' AND next_attempt_at <= ?1
+                 WHERE id IN (SELECT id FROM jobs WHERE {IN_TURN} AND next_attempt_at <= ?1
                               ORDER BY next_attempt_at, id LIMIT ?2)
                  RETURNING id, source, org, request_id, action, expiration, attempts, created_at, window_start,
-                           claim_token",
-            )?;
+                           claim_token, subject, reply, ended_by IS NOT NULL"
+            ))?;
             let rows = stmt.query_map(params![now_ms, limit as i64], |r| {
                 let action: String = r.get(4)?;
                 Ok((
@@ -142,6 +175,9 @@ impl SqliteStore {
                         accepted_at_ms: r.get(7)?,
                         window_start_ms: r.get(8)?,
                         claim: r.get(9)?,
+                        subject: r.get(10)?,
+                        reply: r.get(11)?,
+                        bound: r.get(12)?,
                     },
                 ))
             })?;
@@ -218,6 +254,7 @@ fn accept_one(
     ])?;
     let delivery_id = tx.last_insert_rowid();
     let coalesce_since = now_ms - windows.coalesce.as_millis() as i64;
+    let reply = d.reply_json();
     let mut jobs = Vec::with_capacity(d.decisions.len());
     for decision in &d.decisions {
         // The latest job for this request decides: the same action still pending or done
@@ -248,8 +285,8 @@ fn accept_one(
         }
         tx.prepare_cached(
             "INSERT INTO jobs (delivery_id, source, org, request_id, action, expiration, state,
-                               next_attempt_at, window_start, created_at, updated_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'pending', ?7, ?7, ?7, ?7)",
+                               next_attempt_at, window_start, created_at, updated_at, subject, reply)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'pending', ?7, ?7, ?7, ?7, ?8, ?9)",
         )?
         .execute(params![
             delivery_id,
@@ -258,17 +295,77 @@ fn accept_one(
             decision.request_id.as_str(),
             decision.action.as_str(),
             decision.expiration,
-            now_ms
+            now_ms,
+            d.binding.subject,
+            reply
         ])?;
         jobs.push(JobRef {
             job_id: tx.last_insert_rowid(),
             coalesced: false,
         });
     }
-    let ids: Vec<String> = jobs.iter().map(|j| j.job_id.to_string()).collect();
+    let bound = match (&d.binding.subject, d.binding.ends_subject) {
+        (Some(subject), true) => {
+            end_subject(tx, d, subject, delivery_id, reply.as_deref(), now_ms)?
+        }
+        _ => Vec::new(),
+    };
+    let ids: Vec<String> = jobs
+        .iter()
+        .map(|j| j.job_id)
+        .chain(bound.iter().map(|b| b.job_id))
+        .map(|id| id.to_string())
+        .collect();
     tx.prepare_cached("UPDATE deliveries SET job_ids = ?1 WHERE id = ?2")?
         .execute(params![ids.join(","), delivery_id])?;
-    Ok(Accepted::New { jobs })
+    Ok(Accepted::New { jobs, bound })
+}
+
+/// Requests approved under a subject that are still granted (or on their way to P0): the
+/// latest decision on the request is an approve under this subject, pending, sending,
+/// succeeded or recorded in a dry run. Refused, failed, denied and revoked ones are left.
+const STILL_GRANTED: &str = "SELECT j.org, j.request_id FROM jobs j
+     WHERE j.source = ?1 AND j.subject = ?2 AND j.action = 'approve'
+       AND j.state IN ('pending', 'sending', 'succeeded', 'dry_run')
+       AND j.id = (SELECT MAX(k.id) FROM jobs k WHERE k.org = j.org AND k.request_id = j.request_id)
+     ORDER BY j.id";
+
+/// Ends `subject`: one revoke per request still granted under it, queued behind its approve.
+fn end_subject(
+    tx: &Connection,
+    d: &NewDelivery,
+    subject: &str,
+    delivery_id: i64,
+    reply: Option<&str>,
+    now_ms: i64,
+) -> Result<Vec<BoundRevocation>, StoreError> {
+    let granted: Vec<(String, String)> = tx
+        .prepare_cached(STILL_GRANTED)?
+        .query_map(params![d.source, subject], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<Result<_, _>>()?;
+    let mut bound = Vec::with_capacity(granted.len());
+    for (org, request_id) in granted {
+        tx.prepare_cached(
+            "INSERT INTO jobs (delivery_id, source, org, request_id, action, state, next_attempt_at,
+                               window_start, created_at, updated_at, subject, reply, ended_by)
+             VALUES (?1, ?2, ?3, ?4, 'revoke', 'pending', ?5, ?5, ?5, ?5, ?6, ?7, ?1)",
+        )?
+        .execute(params![
+            delivery_id,
+            d.source,
+            org,
+            request_id,
+            now_ms,
+            subject,
+            reply
+        ])?;
+        bound.push(BoundRevocation {
+            job_id: tx.last_insert_rowid(),
+            org,
+            request_id,
+        });
+    }
+    Ok(bound)
 }
 
 fn record_all(tx: &Connection, records: &[AttemptRecord]) -> Result<(), StoreError> {
@@ -309,12 +406,22 @@ fn record_all(tx: &Connection, records: &[AttemptRecord]) -> Result<(), StoreErr
             rec.error,
             rec.duration_ms
         ])?;
+        for a in &rec.answers {
+            tx.prepare_cached(
+                "INSERT INTO answers (job_id, via, kind, target, body, state, next_attempt_at,
+                                      window_start, created_at, updated_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, 'pending', ?6, ?6, ?6, ?6)",
+            )?
+            .execute(params![
+                rec.job_id, a.via, a.kind, a.target, a.body, rec.at_ms
+            ])?;
+        }
     }
     Ok(())
 }
 
 const SUMMARY_COLUMNS: &str = "id, source, org, request_id, action, expiration, state, attempts,
-    created_at, updated_at, next_attempt_at, last_status, last_error";
+    created_at, updated_at, next_attempt_at, last_status, last_error, subject, ended_by";
 
 fn summary(r: &rusqlite::Row<'_>) -> rusqlite::Result<JobSummary> {
     Ok(JobSummary {
@@ -331,6 +438,8 @@ fn summary(r: &rusqlite::Row<'_>) -> rusqlite::Result<JobSummary> {
         next_attempt_at_ms: r.get(10)?,
         last_status: r.get(11)?,
         last_error: r.get(12)?,
+        subject: r.get(13)?,
+        ended_by: r.get(14)?,
     })
 }
 
@@ -374,11 +483,17 @@ impl Store for SqliteStore {
     fn next_due(&mut self) -> Result<Option<i64>, StoreError> {
         Ok(self
             .conn
-            .prepare_cached("SELECT MIN(next_attempt_at) FROM jobs WHERE state = 'pending'")?
+            .prepare_cached(&format!(
+                "SELECT MIN(next_attempt_at) FROM jobs WHERE {IN_TURN}"
+            ))?
             .query_row([], |r| r.get(0))?)
     }
 
     fn recover(&mut self) -> Result<usize, StoreError> {
+        self.conn.execute(
+            "UPDATE answers SET state = 'pending' WHERE state = 'sending'",
+            [],
+        )?;
         Ok(self.conn.execute(
             "UPDATE jobs SET state = 'pending' WHERE state = 'sending'",
             [],
@@ -405,12 +520,18 @@ impl Store for SqliteStore {
         let sql = format!(
             "SELECT {SUMMARY_COLUMNS} FROM jobs
              WHERE (?1 IS NULL OR state = ?1) AND (?2 IS NULL OR source = ?2)
+               AND (?4 IS NULL OR subject = ?4)
              ORDER BY id DESC LIMIT ?3"
         );
         let mut stmt = self.conn.prepare(&sql)?;
         let limit = if filter.limit == 0 { 100 } else { filter.limit } as i64;
         let rows = stmt.query_map(
-            params![filter.state.map(State::as_str), filter.source, limit],
+            params![
+                filter.state.map(State::as_str),
+                filter.source,
+                limit,
+                filter.subject
+            ],
             summary,
         )?;
         Ok(rows.collect::<Result<_, _>>()?)
@@ -420,7 +541,7 @@ impl Store for SqliteStore {
         let sql = format!("SELECT {SUMMARY_COLUMNS}, delivery_id FROM jobs WHERE id = ?1");
         let found = self
             .conn
-            .query_row(&sql, [id], |r| Ok((summary(r)?, r.get::<_, i64>(13)?)))
+            .query_row(&sql, [id], |r| Ok((summary(r)?, r.get::<_, i64>(15)?)))
             .optional()?;
         let Some((job, delivery_id)) = found else {
             return Ok(None);
@@ -453,10 +574,30 @@ impl Store for SqliteStore {
                 })
             })?
             .collect::<Result<_, _>>()?;
+        let mut stmt = self.conn.prepare(
+            "SELECT id, via, kind, body, state, attempts, updated_at, last_status, last_error
+             FROM answers WHERE job_id = ?1 ORDER BY id",
+        )?;
+        let answers = stmt
+            .query_map([id], |r| {
+                Ok(AnswerRow {
+                    id: r.get(0)?,
+                    via: r.get(1)?,
+                    kind: r.get(2)?,
+                    body: r.get(3)?,
+                    state: r.get(4)?,
+                    attempts: r.get(5)?,
+                    updated_at_ms: r.get(6)?,
+                    last_status: r.get(7)?,
+                    last_error: r.get(8)?,
+                })
+            })?
+            .collect::<Result<_, _>>()?;
         Ok(Some(JobDetail {
             job,
             delivery,
             attempts,
+            answers,
         }))
     }
 
@@ -505,6 +646,10 @@ impl Store for SqliteStore {
             &format!("DELETE FROM attempts WHERE job_id IN ({finished})"),
             [older_than_ms],
         )?;
+        tx.execute(
+            &format!("DELETE FROM answers WHERE job_id IN ({finished})"),
+            [older_than_ms],
+        )?;
         let jobs = tx.execute(
             &format!("DELETE FROM jobs WHERE id IN ({finished})"),
             [older_than_ms],
@@ -516,5 +661,62 @@ impl Store for SqliteStore {
         )?;
         tx.commit()?;
         Ok(jobs + deliveries)
+    }
+
+    fn claim_answers(&mut self, now_ms: i64, limit: usize) -> Result<Vec<AnswerJob>, StoreError> {
+        let tx = self.conn.transaction()?;
+        let answers = {
+            let mut stmt = tx.prepare_cached(
+                "UPDATE answers SET state = 'sending', updated_at = ?1, claim_token = claim_token + 1
+                 WHERE id IN (SELECT id FROM answers WHERE state = 'pending' AND next_attempt_at <= ?1
+                              ORDER BY next_attempt_at, id LIMIT ?2)
+                 RETURNING id, job_id, via, kind, target, body, attempts, window_start, claim_token",
+            )?;
+            let rows = stmt.query_map(params![now_ms, limit as i64], |r| {
+                Ok(AnswerJob {
+                    id: r.get(0)?,
+                    job_id: r.get(1)?,
+                    via: r.get(2)?,
+                    kind: r.get(3)?,
+                    target: r.get(4)?,
+                    body: r.get(5)?,
+                    attempts: r.get(6)?,
+                    window_start_ms: r.get(7)?,
+                    claim: r.get(8)?,
+                })
+            })?;
+            let mut out: Vec<AnswerJob> = rows.collect::<Result<_, _>>()?;
+            out.sort_by_key(|a| a.id);
+            out
+        };
+        tx.commit()?;
+        Ok(answers)
+    }
+
+    fn record_answer(&mut self, rec: &AnswerRecord) -> Result<(), StoreError> {
+        self.conn
+            .prepare_cached(
+                "UPDATE answers SET state = ?2, attempts = ?3, next_attempt_at = ?4, last_status = ?5,
+                                    last_error = ?6, updated_at = ?7
+                 WHERE id = ?1 AND claim_token = ?8 AND state = 'sending'",
+            )?
+            .execute(params![
+                rec.id,
+                rec.state.as_str(),
+                rec.attempts,
+                rec.next_attempt_at_ms,
+                rec.status,
+                rec.error,
+                rec.at_ms,
+                rec.claim
+            ])?;
+        Ok(())
+    }
+
+    fn next_answer_due(&mut self) -> Result<Option<i64>, StoreError> {
+        Ok(self
+            .conn
+            .prepare_cached("SELECT MIN(next_attempt_at) FROM answers WHERE state = 'pending'")?
+            .query_row([], |r| r.get(0))?)
     }
 }

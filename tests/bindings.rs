@@ -1,0 +1,883 @@
+//! Bindings and answers back, black-box: the real relay on port 0 against a fake P0 and fake
+//! GitHub, PagerDuty and Opsgenie APIs. A subject's end revokes what was approved under it;
+//! once P0 has answered, the relay answers where it was asked, with exactly the calls the
+//! providers' API descriptions (deploy/contracts/) allow.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use serde_json::{Value, json};
+use wiremock::matchers::{method, path, path_regex};
+use wiremock::{Mock, MockServer, Request, ResponseTemplate};
+
+const GH_TOKEN: &str = "ghp-answer-token-0a1b";
+const PD_TOKEN: &str = "pd-answer-token-2c3d";
+const PD_FROM: &str = "relay-bot@acme.example";
+const OG_KEY: &str = "og-answer-key-4e5f";
+
+/// Fake provider APIs, each answering as the real one does on success.
+struct Providers {
+    github: MockServer,
+    pagerduty: MockServer,
+    opsgenie: MockServer,
+}
+
+impl Providers {
+    async fn start() -> Providers {
+        let github = MockServer::start().await;
+        Mock::given(method("POST"))
+            .and(path_regex(
+                r"^/repos/[^/]+/[^/]+/issues/comments/[0-9]+/reactions$",
+            ))
+            .respond_with(
+                ResponseTemplate::new(201).set_body_json(json!({"id": 1, "content": "+1"})),
+            )
+            .mount(&github)
+            .await;
+        Mock::given(method("POST"))
+            .and(path_regex(r"^/repos/[^/]+/[^/]+/issues/[0-9]+/comments$"))
+            .respond_with(ResponseTemplate::new(201).set_body_json(json!({"id": 2})))
+            .mount(&github)
+            .await;
+        let pagerduty = MockServer::start().await;
+        Mock::given(method("POST"))
+            .and(path_regex(r"^/incidents/[^/]+/notes$"))
+            .respond_with(
+                ResponseTemplate::new(201).set_body_json(json!({"note": {"id": "PNOTE1"}})),
+            )
+            .mount(&pagerduty)
+            .await;
+        let opsgenie = MockServer::start().await;
+        Mock::given(method("POST"))
+            .and(path_regex(r"^/v2/alerts/[^/]+/notes$"))
+            .respond_with(ResponseTemplate::new(202).set_body_json(
+                json!({"result": "Request will be processed", "took": 0.2, "requestId": "r-1"}),
+            ))
+            .mount(&opsgenie)
+            .await;
+        Providers {
+            github,
+            pagerduty,
+            opsgenie,
+        }
+    }
+
+    /// The `answers:` section pointing at these fakes (tokens from the environment).
+    fn yaml(&self) -> String {
+        answers_yaml(
+            &self.github.uri(),
+            &self.pagerduty.uri(),
+            &self.opsgenie.uri(),
+        )
+    }
+}
+
+fn answers_yaml(github: &str, pagerduty: &str, opsgenie: &str) -> String {
+    format!(
+        r#"
+answers:
+  github: {{ token: "${{GITHUB_TOKEN:-}}", api_url: "{github}" }}
+  pagerduty: {{ token: "${{PAGERDUTY_API_TOKEN:-}}", from: "${{PAGERDUTY_FROM:-}}", api_url: "{pagerduty}" }}
+  opsgenie: {{ token: "${{OPSGENIE_API_KEY:-}}", api_url: "{opsgenie}" }}
+  rate_per_second: 0
+  retry: {{ base_delay: 20ms, max_delay: 2s, max_age: 1h }}
+"#
+    )
+}
+
+fn answer_vars() -> Vec<(&'static str, String)> {
+    vec![
+        ("GITHUB_TOKEN", GH_TOKEN.into()),
+        ("PAGERDUTY_API_TOKEN", PD_TOKEN.into()),
+        ("PAGERDUTY_FROM", PD_FROM.into()),
+        ("OPSGENIE_API_KEY", OG_KEY.into()),
+    ]
+}
+
+async fn relay() -> (TestRelay, Providers) {
+    let providers = Providers::start().await;
+    let relay = spawn_with(Setup {
+        vars: answer_vars(),
+        top: providers.yaml(),
+        ..Setup::default()
+    })
+    .await;
+    (relay, providers)
+}
+
+/// Waits until `server` has received exactly `n` requests (failing on more or fewer).
+async fn exactly(server: &MockServer, n: usize) -> Vec<Request> {
+    let got = received_at_least(server, n).await;
+    assert_eq!(
+        got.len(),
+        n,
+        "expected {n} calls, got {:?}",
+        got.iter()
+            .map(|r| (
+                r.url.path().to_owned(),
+                String::from_utf8_lossy(&r.body).into_owned()
+            ))
+            .collect::<Vec<_>>()
+    );
+    got
+}
+
+fn body(r: &Request) -> Value {
+    serde_json::from_slice(&r.body).unwrap_or(Value::Null)
+}
+
+fn header<'a>(r: &'a Request, name: &str) -> &'a str {
+    r.headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+}
+
+/// The P0 calls made, as (action, request ID), in order.
+async fn p0_actions(t: &TestRelay) -> Vec<(String, String)> {
+    t.p0_calls()
+        .await
+        .iter()
+        .map(|r| {
+            let segs: Vec<&str> = r.url.path().rsplit('/').take(2).collect();
+            (segs[0].to_owned(), segs[1].to_owned())
+        })
+        .collect()
+}
+
+// --- Payloads, in the providers' shapes (from mappings/testdata) ---
+
+fn pd_note(event_id: &str, incident: &str, content: &str) -> Hook {
+    let mut v: Value =
+        serde_json::from_slice(&testdata("pagerduty/incident_annotated.json")).unwrap();
+    v["event"]["id"] = event_id.into();
+    v["event"]["data"]["incident"]["id"] = incident.into();
+    v["event"]["data"]["content"] = content.into();
+    Hook::pagerduty(&format!("wh-{event_id}"), &serde_json::to_vec(&v).unwrap())
+}
+
+/// An `incident.resolved` by automation (no agent) whose title names no request.
+fn pd_resolved(event_id: &str, incident: &str) -> Hook {
+    let mut v: Value =
+        serde_json::from_slice(&testdata("pagerduty/incident_resolved.json")).unwrap();
+    v["event"]["id"] = event_id.into();
+    v["event"]["agent"] = Value::Null;
+    v["event"]["data"]["id"] = incident.into();
+    v["event"]["data"]["title"] = "Orders DB replica lag above 5 minutes".into();
+    Hook::pagerduty(&format!("wh-{event_id}"), &serde_json::to_vec(&v).unwrap())
+}
+
+fn gh_issue_closed(number: u64) -> Hook {
+    let body = json!({
+        "action": "closed",
+        "issue": { "number": number, "state": "closed", "updated_at": "2026-11-27T12:00:00Z" },
+        "repository": { "id": 70112233, "full_name": "acme/infra" },
+        "sender": { "login": "someone-else", "type": "User" }
+    });
+    Hook::github(
+        "issues",
+        "close-delivery-1",
+        &serde_json::to_vec(&body).unwrap(),
+        GITHUB_SECRET_NEW,
+    )
+}
+
+fn comment_id(hook: &Hook) -> u64 {
+    let v: Value = serde_json::from_slice(&hook.body).unwrap();
+    v["comment"]["id"].as_u64().unwrap()
+}
+
+// --- The contract excerpts: every answer-back call must be one they describe ---
+
+fn spec(name: &str) -> Value {
+    let text = std::fs::read_to_string(repo().join("deploy/contracts").join(name)).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+/// Checks one request against an OpenAPI excerpt: a described path and method, the
+/// security scheme's header, every required header and query parameter (enums and email
+/// format), path parameters of their type, and the JSON body against the request schema.
+fn check_contract(spec: &Value, req: &Request) -> Result<(), String> {
+    let segments: Vec<String> = req
+        .url
+        .path_segments()
+        .map(|s| s.map(|x| x.to_owned()).collect())
+        .unwrap_or_default();
+    let mut found = None;
+    for (template, item) in spec["paths"].as_object().unwrap() {
+        let parts: Vec<&str> = template.trim_start_matches('/').split('/').collect();
+        if parts.len() != segments.len() {
+            continue;
+        }
+        let mut params = Vec::new();
+        let matched = parts.iter().zip(&segments).all(|(p, s)| {
+            if p.starts_with('{') {
+                params.push((
+                    p.trim_matches(|c| c == '{' || c == '}').to_owned(),
+                    s.clone(),
+                ));
+                true
+            } else {
+                p == s
+            }
+        });
+        if matched {
+            found = Some((template.clone(), item, params));
+            break;
+        }
+    }
+    let (template, item, params) =
+        found.ok_or_else(|| format!("no path in the contract matches {}", req.url.path()))?;
+    let op = &item[req.method.as_str().to_lowercase()];
+    if op.is_null() {
+        return Err(format!("{template}: no {} operation", req.method));
+    }
+    for sec in spec["security"].as_array().unwrap() {
+        for (name, _) in sec.as_object().unwrap() {
+            let scheme = &spec["components"]["securitySchemes"][name];
+            match scheme["type"].as_str() {
+                Some("http") => {
+                    if !header(req, "authorization").starts_with("Bearer ") {
+                        return Err(format!("{template}: no bearer Authorization"));
+                    }
+                }
+                Some("apiKey") => {
+                    let h = scheme["name"].as_str().unwrap();
+                    if header(req, h).is_empty() {
+                        return Err(format!("{template}: no {h} header"));
+                    }
+                }
+                other => return Err(format!("unknown security scheme {other:?}")),
+            }
+        }
+    }
+    let query: Vec<(String, String)> = req.url.query_pairs().into_owned().collect();
+    let declared = op["parameters"].as_array().cloned().unwrap_or_default();
+    for p in &declared {
+        let name = p["name"].as_str().unwrap();
+        let schema = &p["schema"];
+        let value: Option<String> = match p["in"].as_str().unwrap() {
+            "header" => req
+                .headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned),
+            "query" => query
+                .iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.clone()),
+            "path" => params
+                .iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.clone()),
+            _ => None,
+        };
+        let Some(value) = value else {
+            if p["required"].as_bool() == Some(true) {
+                return Err(format!("{template}: missing required {} `{name}`", p["in"]));
+            }
+            continue;
+        };
+        if let Some(allowed) = schema["enum"].as_array()
+            && !allowed.iter().any(|a| a.as_str() == Some(value.as_str()))
+        {
+            return Err(format!(
+                "{template}: `{name}` = `{value}` is not one of {allowed:?}"
+            ));
+        }
+        if schema["type"] == "integer" && value.parse::<i64>().is_err() {
+            return Err(format!(
+                "{template}: `{name}` = `{value}` is not an integer"
+            ));
+        }
+        if schema["format"] == "email" && !value.contains('@') {
+            return Err(format!("{template}: `{name}` = `{value}` is not an email"));
+        }
+    }
+    for (k, _) in &query {
+        if !declared
+            .iter()
+            .any(|p| p["in"] == "query" && p["name"] == k.as_str())
+        {
+            return Err(format!(
+                "{template}: query parameter `{k}` is not described"
+            ));
+        }
+    }
+    let schema = &op["requestBody"]["content"]["application/json"]["schema"];
+    if !schema.is_null() {
+        if !header(req, "content-type").starts_with("application/json") {
+            return Err(format!("{template}: body is not sent as application/json"));
+        }
+        let instance: Value = serde_json::from_slice(&req.body)
+            .map_err(|e| format!("{template}: body is not JSON: {e}"))?;
+        let validator = jsonschema::validator_for(schema).map_err(|e| e.to_string())?;
+        let errors: Vec<String> = validator
+            .iter_errors(&instance)
+            .map(|e| e.to_string())
+            .collect();
+        if !errors.is_empty() {
+            return Err(format!("{template}: body {instance}: {errors:?}"));
+        }
+    }
+    Ok(())
+}
+
+fn conforms(spec_file: &str, calls: &[Request]) {
+    let spec = spec(spec_file);
+    for c in calls {
+        if let Err(e) = check_contract(&spec, c) {
+            panic!("{spec_file}: {e}");
+        }
+    }
+}
+
+#[test]
+fn the_contract_check_can_fail() {
+    let spec = spec("github-feedback.json");
+    let mut req = Request {
+        url: "http://x/repos/acme/infra/issues/comments/12/reactions"
+            .parse()
+            .unwrap(),
+        method: wiremock::http::Method::POST,
+        headers: Default::default(),
+        body: br#"{"content":"thumbs-up"}"#.to_vec(),
+    };
+    assert!(check_contract(&spec, &req).unwrap_err().contains("bearer"));
+    req.headers
+        .insert("authorization", "Bearer t".parse().unwrap());
+    req.headers
+        .insert("content-type", "application/json".parse().unwrap());
+    assert!(
+        check_contract(&spec, &req)
+            .unwrap_err()
+            .contains("thumbs-up")
+    );
+    req.body = br#"{"content":"+1"}"#.to_vec();
+    check_contract(&spec, &req).unwrap();
+    req.url = "http://x/repos/acme/infra/issues/comments/abc/reactions"
+        .parse()
+        .unwrap();
+    assert!(check_contract(&spec, &req).unwrap_err().contains("integer"));
+}
+
+// --- The scenarios ---
+
+#[tokio::test]
+async fn a_pagerduty_note_approval_is_revoked_when_the_incident_resolves_untagged() {
+    let (t, providers) = relay().await;
+    t.p0_ok().await;
+    let (status, ans) = t
+        .post(&pd_note("01NOTE1", "PINC001", "/p0 approve req-321 30m"))
+        .await;
+    assert_eq!(status, 202, "{ans}");
+    assert_eq!(ans["subject"], "PINC001");
+    t.wait_for_calls(1).await;
+    let notes = exactly(&providers.pagerduty, 1).await;
+    let n = &notes[0];
+    assert_eq!(n.url.path(), "/incidents/PINC001/notes");
+    assert_eq!(
+        header(n, "authorization"),
+        format!("Token token={PD_TOKEN}")
+    );
+    assert_eq!(header(n, "from"), PD_FROM);
+    assert_eq!(
+        header(n, "accept"),
+        "application/vnd.pagerduty+json;version=2"
+    );
+    assert_eq!(
+        body(n),
+        json!({"note": {"content": "p0-relay: P0 approved request req-321; access expires in 30m."}})
+    );
+
+    // Resolved by automation (no agent), its title naming no request.
+    let (status, ans) = t.post(&pd_resolved("01RESOLVE1", "PINC001")).await;
+    assert_eq!(status, 202, "{ans}");
+    assert_eq!(ans["revoked"][0]["request_id"], "req-321", "{ans}");
+    t.wait_for_calls(2).await;
+    assert_eq!(
+        p0_actions(&t).await,
+        vec![
+            ("approve".into(), "req-321".into()),
+            ("revoke".into(), "req-321".into())
+        ]
+    );
+    assert_eq!(body(&t.p0_calls().await[1]), json!({}));
+    let notes = exactly(&providers.pagerduty, 2).await;
+    assert_eq!(notes[1].url.path(), "/incidents/PINC001/notes");
+    assert_eq!(
+        body(&notes[1]),
+        json!({"note": {"content": "p0-relay: P0 revoked request req-321: access granted under PINC001 ends with it."}})
+    );
+    conforms("pagerduty-feedback.json", &notes);
+    t.wait_metric(
+        "p0_relay_bound_revocations_total{source=\"pagerduty\"}",
+        1.0,
+    )
+    .await;
+    t.wait_metric(
+        "p0_relay_answers_total{result=\"sent\",source=\"pagerduty\"}",
+        2.0,
+    )
+    .await;
+
+    // The operator sees the binding and the answers.
+    let db = t.dir.path().join("relay.db").display().to_string();
+    let vars = test_env(&[]);
+    let (code, out) = run_cli(
+        &["jobs", "list", "--subject", "PINC001", "--db", &db],
+        &vars,
+    );
+    assert_eq!(code, Some(0), "{out}");
+    assert_eq!(
+        out.lines().filter(|l| l.contains("PINC001")).count(),
+        2,
+        "{out}"
+    );
+    let revoke_job = ans["revoked"][0]["job_id"].to_string();
+    let (code, out) = run_cli(&["jobs", "show", &revoke_job, "--db", &db], &vars);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("subject:    PINC001"), "{out}");
+    assert!(out.contains("revoked because delivery"), "{out}");
+    assert!(out.contains("answers back:"), "{out}");
+    assert!(out.contains("pagerduty note     succeeded"), "{out}");
+    assert!(!out.contains(PD_TOKEN), "{out}");
+    let (_, out) = run_cli(&["jobs", "list", "--subject", "PNOPE", "--db", &db], &vars);
+    assert!(!out.contains("req-321"), "{out}");
+}
+
+#[tokio::test]
+async fn two_approvals_on_one_incident_are_both_revoked_and_others_are_not() {
+    let (t, providers) = relay().await;
+    t.p0_ok().await;
+    for (event, id) in [("01A", "req-1"), ("01B", "req-2")] {
+        let (status, ans) = t
+            .post(&pd_note(event, "PINC002", &format!("/p0 approve {id} 1h")))
+            .await;
+        assert_eq!(status, 202, "{ans}");
+    }
+    let (status, _) = t
+        .post(&pd_note("01C", "POTHER1", "/p0 approve req-other 1h"))
+        .await;
+    assert_eq!(status, 202);
+    t.wait_for_calls(3).await;
+    let (status, ans) = t.post(&pd_resolved("01END", "PINC002")).await;
+    assert_eq!(status, 202, "{ans}");
+    let revoked: Vec<&str> = ans["revoked"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["request_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(revoked, vec!["req-1", "req-2"]);
+    t.wait_for_calls(5).await;
+    let calls = p0_actions(&t).await;
+    assert_eq!(calls.len(), 5, "{calls:?}");
+    for id in ["req-1", "req-2"] {
+        assert!(calls.contains(&("revoke".into(), id.into())), "{calls:?}");
+    }
+    assert!(!calls.contains(&("revoke".into(), "req-other".into())));
+    // Three approvals and two revocations, each noted on its incident.
+    let notes = exactly(&providers.pagerduty, 5).await;
+    conforms("pagerduty-feedback.json", &notes);
+    // The same end delivered again revokes nothing more.
+    let (status, ans) = t.post(&pd_resolved("01END", "PINC002")).await;
+    assert_eq!((status, ans["status"].as_str()), (200, Some("duplicate")));
+}
+
+#[tokio::test]
+async fn an_opsgenie_note_approval_is_revoked_when_the_alert_closes() {
+    let (t, providers) = relay().await;
+    t.p0_ok().await;
+    let (status, ans) = t
+        .post(&Hook::opsgenie(&testdata("opsgenie/addnote.json")))
+        .await;
+    assert_eq!(status, 202, "{ans}");
+    t.wait_for_calls(1).await;
+    let alert = "a1b2c3d4-e5f6-47a8-9b0c-1d2e3f4a5b6c-1764238800123";
+    let notes = exactly(&providers.opsgenie, 1).await;
+    assert_eq!(notes[0].url.path(), format!("/v2/alerts/{alert}/notes"));
+    assert_eq!(notes[0].url.query(), Some("identifierType=id"));
+    assert_eq!(
+        header(&notes[0], "authorization"),
+        format!("GenieKey {OG_KEY}")
+    );
+    assert_eq!(
+        body(&notes[0]),
+        json!({"note": "p0-relay: P0 approved request req-987; access expires in 2h.",
+               "user": "p0-relay", "source": "p0-relay"})
+    );
+    // Closed by someone else; the alert's details name no request.
+    let mut close: Value = serde_json::from_slice(&testdata("opsgenie/close.json")).unwrap();
+    close["alert"]["details"] = json!({});
+    close["alert"]["username"] = "someone.else@acme.example".into();
+    let (status, ans) = t
+        .post(&Hook::opsgenie(&serde_json::to_vec(&close).unwrap()))
+        .await;
+    assert_eq!(status, 202, "{ans}");
+    t.wait_for_calls(2).await;
+    assert_eq!(
+        p0_actions(&t).await[1],
+        ("revoke".to_owned(), "req-987".to_owned())
+    );
+    let notes = exactly(&providers.opsgenie, 2).await;
+    assert!(
+        body(&notes[1])["note"]
+            .as_str()
+            .unwrap()
+            .starts_with("p0-relay: P0 revoked request req-987"),
+        "{}",
+        body(&notes[1])
+    );
+    conforms("opsgenie-feedback.json", &notes);
+}
+
+#[tokio::test]
+async fn a_github_comment_approval_is_revoked_when_the_issue_closes() {
+    let (t, providers) = relay().await;
+    t.p0_ok().await;
+    let hook = Hook::comment("gh-approve-1", "/p0 approve req-123 2h");
+    let comment = comment_id(&hook);
+    let (status, ans) = t.post(&hook).await;
+    assert_eq!(status, 202, "{ans}");
+    assert_eq!(ans["subject"], "acme/infra#42");
+    t.wait_for_calls(1).await;
+    let calls = exactly(&providers.github, 1).await;
+    let r = &calls[0];
+    assert_eq!(
+        r.url.path(),
+        format!("/repos/acme/infra/issues/comments/{comment}/reactions")
+    );
+    assert_eq!(body(r), json!({"content": "+1"}));
+    assert_eq!(header(r, "authorization"), format!("Bearer {GH_TOKEN}"));
+    assert_eq!(header(r, "accept"), "application/vnd.github+json");
+    assert_eq!(header(r, "x-github-api-version"), "2022-11-28");
+    assert!(header(r, "user-agent").starts_with("p0-relay/"));
+
+    let (status, ans) = t.post(&gh_issue_closed(42)).await;
+    assert_eq!(status, 202, "{ans}");
+    assert_eq!(ans["revoked"][0]["request_id"], "req-123");
+    t.wait_for_calls(2).await;
+    assert_eq!(
+        p0_actions(&t).await[1],
+        ("revoke".to_owned(), "req-123".to_owned())
+    );
+    let calls = exactly(&providers.github, 2).await;
+    assert_eq!(calls[1].url.path(), "/repos/acme/infra/issues/42/comments");
+    assert_eq!(
+        body(&calls[1]),
+        json!({"body": "p0-relay: P0 revoked request req-123: access granted under acme/infra#\u{200b}42 ends with it."})
+    );
+    conforms("github-feedback.json", &calls);
+}
+
+#[tokio::test]
+async fn a_refused_approval_is_answered_with_p0s_reason_and_not_revoked() {
+    let (t, providers) = relay().await;
+    Mock::given(method("POST"))
+        .and(path(format!(
+            "/o/{ORG}/permission-requests/req-gone/approve"
+        )))
+        .respond_with(
+            ResponseTemplate::new(400)
+                .set_body_json(json!({"error": "Invalid or expired request"})),
+        )
+        .mount(&t.p0)
+        .await;
+    t.p0_ok().await;
+    let hook = Hook::comment("gh-refused-1", "/p0 approve req-gone 1h");
+    let comment = comment_id(&hook);
+    let (status, _) = t.post(&hook).await;
+    assert_eq!(status, 202);
+    t.wait_for_calls(1).await;
+    let calls = exactly(&providers.github, 2).await;
+    let reaction = calls
+        .iter()
+        .find(|c| c.url.path().ends_with("/reactions"))
+        .expect("a reaction");
+    assert_eq!(
+        reaction.url.path(),
+        format!("/repos/acme/infra/issues/comments/{comment}/reactions")
+    );
+    assert_eq!(body(reaction), json!({"content": "-1"}));
+    let reply = calls
+        .iter()
+        .find(|c| c.url.path() == "/repos/acme/infra/issues/42/comments")
+        .expect("a comment");
+    assert_eq!(
+        body(reply),
+        json!({"body": "p0-relay: P0 refused to approve request req-gone (HTTP 400): Invalid or expired request"})
+    );
+    conforms("github-feedback.json", &calls);
+
+    // Closing the issue revokes nothing: P0 never granted it.
+    let (status, ans) = t.post(&gh_issue_closed(42)).await;
+    assert_eq!(status, 202, "{ans}");
+    assert_eq!(ans["revoked"], json!([]), "{ans}");
+    assert_eq!(t.settle().await.len(), 1, "no revoke call");
+    exactly(&providers.github, 2).await;
+}
+
+#[tokio::test]
+async fn a_subject_that_ends_before_its_approval_reached_p0_still_ends_with_no_access() {
+    let (t, _providers) = relay().await;
+    // P0 is down for the approve's first attempts: the revoke must wait behind it.
+    Mock::given(method("POST"))
+        .and(path(format!(
+            "/o/{ORG}/permission-requests/req-slow/approve"
+        )))
+        .respond_with(ResponseTemplate::new(503))
+        .up_to_n_times(3)
+        .mount(&t.p0)
+        .await;
+    t.p0_ok().await;
+    let (status, _) = t
+        .post(&pd_note("01SLOW", "PINC003", "/p0 approve req-slow 1h"))
+        .await;
+    assert_eq!(status, 202);
+    let (status, ans) = t.post(&pd_resolved("01SLOWEND", "PINC003")).await;
+    assert_eq!(status, 202, "{ans}");
+    assert_eq!(ans["revoked"][0]["request_id"], "req-slow");
+    t.wait_for_calls(5).await;
+    let calls = p0_actions(&t).await;
+    let last_approve = calls.iter().rposition(|c| c.0 == "approve").unwrap();
+    let revoke = calls.iter().position(|c| c.0 == "revoke").unwrap();
+    assert!(last_approve < revoke, "approve, then revoke: {calls:?}");
+    assert_eq!(calls.len(), 5, "{calls:?}");
+}
+
+#[tokio::test]
+async fn a_provider_refusing_an_answer_for_good_is_counted_not_retried() {
+    let providers = Providers::start().await;
+    let github = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(404).set_body_json(json!({"message": "Not Found"})))
+        .mount(&github)
+        .await;
+    let t = spawn_with(Setup {
+        vars: answer_vars(),
+        top: answers_yaml(
+            &github.uri(),
+            &providers.pagerduty.uri(),
+            &providers.opsgenie.uri(),
+        ),
+        ..Setup::default()
+    })
+    .await;
+    t.p0_ok().await;
+    let (status, _) = t
+        .post(&Hook::comment("gh-404", "/p0 approve req-404 1h"))
+        .await;
+    assert_eq!(status, 202);
+    t.wait_metric(
+        "p0_relay_answers_total{result=\"failed\",source=\"github\"}",
+        1.0,
+    )
+    .await;
+    exactly(&github, 1).await;
+}
+
+#[tokio::test]
+async fn a_rate_limited_answer_waits_for_retry_after_then_is_sent() {
+    let providers = Providers::start().await;
+    let pagerduty = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(429).insert_header("Retry-After", "1"))
+        .up_to_n_times(1)
+        .mount(&pagerduty)
+        .await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(201).set_body_json(json!({"note": {}})))
+        .mount(&pagerduty)
+        .await;
+    let t = spawn_with(Setup {
+        vars: answer_vars(),
+        top: answers_yaml(
+            &providers.github.uri(),
+            &pagerduty.uri(),
+            &providers.opsgenie.uri(),
+        ),
+        ..Setup::default()
+    })
+    .await;
+    t.p0_ok().await;
+    let started = std::time::Instant::now();
+    let (status, _) = t
+        .post(&pd_note("01RL", "PINC004", "/p0 approve req-rl 1h"))
+        .await;
+    assert_eq!(status, 202);
+    exactly(&pagerduty, 2).await;
+    // The retry backoff alone is at most 20 ms here: the second try waited for Retry-After.
+    assert!(started.elapsed() >= Duration::from_secs(1));
+    t.wait_metric(
+        "p0_relay_answers_total{result=\"retried\",source=\"pagerduty\"}",
+        1.0,
+    )
+    .await;
+    t.wait_metric(
+        "p0_relay_answers_total{result=\"sent\",source=\"pagerduty\"}",
+        1.0,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn without_tokens_nothing_is_answered() {
+    let providers = Providers::start().await;
+    let t = spawn_with(Setup {
+        top: providers.yaml(),
+        ..Setup::default()
+    })
+    .await;
+    t.p0_ok().await;
+    let (status, _) = t
+        .post(&Hook::comment("gh-quiet", "/p0 approve req-q 1h"))
+        .await;
+    assert_eq!(status, 202);
+    t.wait_for_calls(1).await;
+    assert!(received_at_least(&providers.github, 1).await.is_empty());
+}
+
+#[tokio::test]
+async fn an_answer_pending_at_a_kill_is_sent_once_after_the_restart() {
+    let p0 = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({"ok": true})))
+        .mount(&p0)
+        .await;
+    let providers = Providers::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut vars = test_env(&[]);
+    for (k, v) in answer_vars() {
+        vars.insert(k.into(), v);
+    }
+    // First life: GitHub cannot be reached, so the answer stays queued after P0's answer.
+    let closed = format!("http://127.0.0.1:{}", free_port());
+    let setup = Setup {
+        top: answers_yaml(
+            &closed,
+            &providers.pagerduty.uri(),
+            &providers.opsgenie.uri(),
+        ),
+        ..Setup::default()
+    };
+    let config = write_config(dir.path(), &p0.uri(), &setup);
+    let relay = BinRelay::start(&config, &vars, dir.path().join("relay.log"), &[]).await;
+    let hook = Hook::comment("gh-kill-1", "/p0 approve req-kill 1h");
+    let comment = comment_id(&hook);
+    let (status, _) = relay.post(&hook).await;
+    assert_eq!(status, 202);
+    let metrics = format!("http://{}/metrics", relay.addr);
+    for _ in 0..200 {
+        if get_text(&metrics)
+            .await
+            .contains("p0_relay_answers_total{result=\"retried\",source=\"github\"} 1")
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(p0.received_requests().await.unwrap().len(), 1);
+    relay.signal("KILL");
+    relay.wait();
+
+    // Second life: the same store, GitHub reachable.
+    let setup = Setup {
+        top: providers.yaml(),
+        ..Setup::default()
+    };
+    let config = write_config(dir.path(), &p0.uri(), &setup);
+    let relay = BinRelay::start(&config, &vars, dir.path().join("relay2.log"), &[]).await;
+    let calls = exactly(&providers.github, 1).await;
+    assert_eq!(
+        calls[0].url.path(),
+        format!("/repos/acme/infra/issues/comments/{comment}/reactions")
+    );
+    assert_eq!(body(&calls[0]), json!({"content": "+1"}));
+    assert_eq!(
+        p0.received_requests().await.unwrap().len(),
+        1,
+        "P0 is not called again"
+    );
+    relay.signal("TERM");
+    relay.wait();
+    let log = std::fs::read_to_string(dir.path().join("relay.log")).unwrap()
+        + &std::fs::read_to_string(dir.path().join("relay2.log")).unwrap();
+    for secret in [GH_TOKEN, PD_TOKEN, OG_KEY] {
+        assert!(!log.contains(secret), "a token leaked into the log");
+    }
+}
+
+#[tokio::test]
+async fn on_postgresql_a_resolve_revokes_and_answers_too() {
+    let Some(db) = common::pg::TestDb::create().await else {
+        return;
+    };
+    let providers = Providers::start().await;
+    let t = spawn_with(Setup {
+        vars: answer_vars(),
+        top: providers.yaml(),
+        store_url: Some(db.url()),
+        ..Setup::default()
+    })
+    .await;
+    t.p0_ok().await;
+    for (event, id) in [("01PGA", "req-pg-1"), ("01PGB", "req-pg-2")] {
+        let (status, ans) = t
+            .post(&pd_note(event, "PINCPG", &format!("/p0 approve {id} 1h")))
+            .await;
+        assert_eq!(status, 202, "{ans}");
+    }
+    t.wait_for_calls(2).await;
+    let (status, ans) = t.post(&pd_resolved("01PGEND", "PINCPG")).await;
+    assert_eq!(status, 202, "{ans}");
+    assert_eq!(ans["revoked"].as_array().map(Vec::len), Some(2), "{ans}");
+    t.wait_for_calls(4).await;
+    let calls = p0_actions(&t).await;
+    for id in ["req-pg-1", "req-pg-2"] {
+        assert!(calls.contains(&("revoke".into(), id.into())), "{calls:?}");
+    }
+    let notes = exactly(&providers.pagerduty, 4).await;
+    conforms("pagerduty-feedback.json", &notes);
+}
+
+#[tokio::test]
+async fn an_answer_that_keeps_failing_is_dead_after_its_max_age() {
+    let providers = Providers::start().await;
+    let opsgenie = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(503))
+        .mount(&opsgenie)
+        .await;
+    let yaml = answers_yaml(
+        &providers.github.uri(),
+        &providers.pagerduty.uri(),
+        &opsgenie.uri(),
+    )
+    .replace("max_age: 1h", "max_age: 2s");
+    let t = spawn_with(Setup {
+        vars: answer_vars(),
+        top: yaml,
+        ..Setup::default()
+    })
+    .await;
+    t.p0_ok().await;
+    let (status, _) = t
+        .post(&Hook::opsgenie(&testdata("opsgenie/addnote.json")))
+        .await;
+    assert_eq!(status, 202);
+    t.wait_metric(
+        "p0_relay_answers_total{result=\"dead\",source=\"opsgenie\"}",
+        1.0,
+    )
+    .await;
+    let tries = opsgenie.received_requests().await.unwrap().len();
+    assert!(tries >= 2, "retried before giving up: {tries}");
+    assert_eq!(
+        received_at_least(&opsgenie, tries).await.len(),
+        tries,
+        "and not after"
+    );
+}
