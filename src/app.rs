@@ -15,7 +15,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::answers::{self, Answerer};
-use crate::config::env::Env;
+use crate::env::Env;
 use crate::config::{Settings, audit};
 use crate::health::Health;
 use crate::mapping::{Defaults, MappingSet};

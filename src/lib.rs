@@ -13,6 +13,7 @@ pub mod app;
 pub mod cli;
 pub mod config;
 pub mod domain;
+pub mod env;
 pub mod health;
 pub mod mapping;
 pub mod metrics;

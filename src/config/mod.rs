@@ -1,7 +1,8 @@
 //! `relay.yaml`: parsed, expanded from the environment, then validated into `Settings` (two
 //! phases: raw values as written, then typed values the rest of the relay can trust).
 
-pub mod env;
+/// The environment a config is read against (re-exported here, where it is read).
+pub use crate::env;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -15,7 +16,7 @@ use crate::domain::{Expiration, Id};
 use crate::mapping::{Defaults, Enabled};
 use crate::secret::Secret;
 use crate::store::StoreLocation;
-use env::Env;
+use crate::env::Env;
 
 /// Validated settings. Relative paths are resolved against the config file's folder.
 #[derive(Debug, Clone)]

@@ -10,7 +10,7 @@ use serde_json::Value;
 
 use super::model::{RawCase, RawExpect, RawExpectDecision};
 use super::{Defaults, Input, Mapping, Verdict, compile};
-use crate::config::env::Env;
+use crate::env::Env;
 
 /// The result of one case.
 #[derive(Debug, Clone)]

@@ -20,7 +20,7 @@ use serde::Serialize;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
-use crate::config::env::Env;
+use crate::env::Env;
 use crate::domain::printable;
 use crate::domain::{Action, Binding, Expiration, Reply, Via};
 use crate::policy::{self, Allowlist, Decision, Proposal, RulePolicy};
