@@ -15,8 +15,8 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::answers::{self, Answerer};
-use crate::env::Env;
 use crate::config::{Settings, audit};
+use crate::env::Env;
 use crate::health::Health;
 use crate::mapping::{Defaults, MappingSet};
 use crate::metrics::Metrics;

@@ -12,8 +12,8 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::app::{Options, Relay};
 use crate::config::Settings;
-use crate::env::Env;
 use crate::domain::printable;
+use crate::env::Env;
 use crate::mapping::{Input, MappingSet, cases};
 use crate::store::{self, ListFilter, Replay, State, StoreLocation, Windows};
 

@@ -21,6 +21,7 @@ pub mod p0;
 pub mod policy;
 pub mod ratelimit;
 pub mod receiver;
+pub mod retry;
 pub mod secret;
 pub mod server;
 pub mod store;

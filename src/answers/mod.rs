@@ -17,8 +17,8 @@ use tokio_util::sync::CancellationToken;
 use crate::config::RetrySettings;
 use crate::metrics::Metrics;
 use crate::ratelimit::KeyedLimit;
+use crate::retry::retry_at;
 use crate::store::{AnswerJob, AnswerRecord, State, StoreHandle, now_ms};
-use crate::worker::retry_at;
 
 pub use client::{Client, Sent};
 

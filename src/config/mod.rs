@@ -13,10 +13,10 @@ use serde::{Deserialize, Deserializer};
 use serde_json::Value;
 
 use crate::domain::{Expiration, Id};
+use crate::env::Env;
 use crate::mapping::{Defaults, Enabled};
 use crate::secret::Secret;
 use crate::store::StoreLocation;
-use crate::env::Env;
 
 /// Validated settings. Relative paths are resolved against the config file's folder.
 #[derive(Debug, Clone)]

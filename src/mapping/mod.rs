@@ -20,9 +20,9 @@ use serde::Serialize;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
-use crate::env::Env;
 use crate::domain::printable;
 use crate::domain::{Action, Binding, Expiration, Reply, Via};
+use crate::env::Env;
 use crate::policy::{self, Allowlist, Decision, Proposal, RulePolicy};
 use crate::verify::Verifier;
 
