@@ -57,7 +57,7 @@ fn compose_file_is_valid() {
 #[test]
 fn alerting_rules_are_valid() {
     if let Some(out) = tool("promtool", &["check", "rules", "deploy/alerts.yml"]) {
-        assert!(out.contains("SUCCESS: 5 rules found"), "{out}");
+        assert!(out.contains("SUCCESS: 6 rules found"), "{out}");
     }
 }
 
