@@ -7,6 +7,7 @@
 #
 #   bench/run.sh                       # full run (about 5 minutes)
 #   STORM_SECONDS=20 bench/run.sh      # shorter storm
+#   RELAY_BIN=path/to/p0-relay bench/run.sh   # another build of the relay (e.g. from compare.sh)
 #
 # Needs wrk, webhook and curl (Debian: apt-get install wrk webhook curl).
 set -euo pipefail
@@ -22,7 +23,8 @@ TRIMMED=$PWD/mappings/testdata/github/issue_comment_created.json
 TRIM=${TRIMMED_SECONDS:-20}
 
 cargo build --release --quiet --bin p0-relay --example p0_sink --example ceiling
-echo "machine: $(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB; $(uname -sr); $(git rev-parse --short HEAD)"
+RELAY_BIN=${RELAY_BIN:-$TARGET/release/p0-relay}
+echo "machine: $(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB; $(uname -sr); $(git rev-parse --short HEAD); relay $RELAY_BIN"
 echo "load average before: $(cut -d' ' -f1-3 /proc/loadavg)"
 echo "payload: $(basename "$BENCH_PAYLOAD") ($(wc -c <"$BENCH_PAYLOAD") bytes); trimmed: $(wc -c <"$TRIMMED") bytes"
 
@@ -38,10 +40,10 @@ ceil_p50=$(field p50_ms "$r"); ceil_p99=$(field p99_ms "$r")
 kill "$ceiling_pid"
 
 # 2. The relay in a storm at full rate, then drained.
-relay_storm "$TARGET/release/p0-relay" storm "$STORM"
+relay_storm "$RELAY_BIN" storm "$STORM"
 
 # 3. Answer latency at the same fixed, moderate rate.
-start_sink; start_relay "$TARGET/release/p0-relay" latency
+start_sink; start_relay "$RELAY_BIN" latency
 r=$(run_wrk "http://$RELAY" /webhooks/github "$LAT" 10 110)
 lat_rate=$(per_second "$(field s202 "$r")" "$(field seconds "$r")")
 p50=$(field p50_ms "$r"); p99=$(field p99_ms "$r")
@@ -49,7 +51,7 @@ stop_both
 
 # 4. The second row: the trimmed 1.1 KB test payload, same storm, shorter.
 storm_real=("$answered_rate" "$calls_rate" "$accepted" "$distinct" "$lost" "$hwm_storm" "$hwm" "$committed" "$dupes" "$non202")
-BENCH_PAYLOAD=$TRIMMED BENCH_COMMENT_ID=1710001 relay_storm "$TARGET/release/p0-relay" trimmed "$TRIM"
+BENCH_PAYLOAD=$TRIMMED BENCH_COMMENT_ID=1710001 relay_storm "$RELAY_BIN" trimmed "$TRIM"
 trimmed_rate=$answered_rate; trimmed_calls=$calls_rate; trimmed_lost=$lost; trimmed_hwm=$hwm
 read -r answered_rate calls_rate accepted distinct lost hwm_storm hwm committed dupes non202 <<<"${storm_real[*]}"
 

@@ -150,7 +150,15 @@ impl Projection {
             max_depth,
             too_deep: Cell::new(false),
         };
-        let mut de = serde_json::Deserializer::from_slice(json);
+        // Outside strings JSON is ASCII, so a body is valid UTF-8 exactly when its strings
+        // are: checked once for the whole body here (fast on ASCII), not string by string.
+        let text = std::str::from_utf8(json).map_err(|e| {
+            ParseError::Invalid(de::Error::custom(format_args!(
+                "invalid UTF-8 at byte {}",
+                e.valid_up_to()
+            )))
+        })?;
+        let mut de = serde_json::Deserializer::from_str(text);
         let seed = Build {
             members: match &self.0 {
                 Node::Whole => None,
