@@ -32,9 +32,9 @@ done
 [ -z "${BUILD_ONLY:-}" ] || exit 0
 echo "machine: $(nproc) cores; load average $(cut -d' ' -f1-3 /proc/loadavg); storm ${STORM} s at ${CONN} connections per revision; payload $(basename "$BENCH_PAYLOAD") ($(wc -c <"$BENCH_PAYLOAD") bytes)"
 echo
-echo "| revision | accepted/s | P0 calls/s end to end | lost | peak RSS MiB |"
-echo "|---|---|---|---|---|"
+echo "| revision | accepted/s | P0 calls/s end to end | lost | non-202 | peak RSS MiB |"
+echo "|---|---|---|---|---|---|"
 for rev in "$@"; do
   relay_storm "$work/p0-relay-$rev" "$rev" "$STORM"
-  echo "| $rev $(git log -1 --format=%s "$rev" | cut -c1-60) | $answered_rate | $calls_rate | $lost | $hwm |"
+  echo "| $rev $(git log -1 --format=%s "$rev" | cut -c1-60) | $answered_rate | $calls_rate | $lost | $non202 | $hwm |"
 done
