@@ -14,6 +14,15 @@ async fn main() {
         "/webhooks/{source}",
         post(|| async { (StatusCode::ACCEPTED, "{}") }),
     );
-    let listener = tokio::net::TcpListener::bind(&addr).await.expect("bind");
-    axum::serve(listener, app).await.expect("serve");
+    let listener = match tokio::net::TcpListener::bind(&addr).await {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("ceiling: cannot listen on {addr}: {e} (is another one running?)");
+            std::process::exit(1);
+        }
+    };
+    if let Err(e) = axum::serve(listener, app).await {
+        eprintln!("ceiling: {e}");
+        std::process::exit(1);
+    }
 }

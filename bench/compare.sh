@@ -4,6 +4,10 @@
 #
 #   bench/compare.sh 25585d6 ffdc728 30b36cb 95a68b8 c619d8b
 #   STORM_SECONDS=30 bench/compare.sh HEAD~1 HEAD
+#
+# Binaries are kept per commit in $CARGO_TARGET_DIR/compare (default target/compare), so a
+# revision built once is not built again (BUILD_ONLY=1 builds and stops, so the builds can run
+# before the machine is quiet). The payload is BENCH_PAYLOAD (see bench/lib.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source bench/lib.sh
@@ -11,18 +15,26 @@ source bench/lib.sh
 STORM=${STORM_SECONDS:-20}
 [ $# -ge 1 ] || { echo "usage: bench/compare.sh REV..."; exit 2; }
 cargo build --release --quiet --example p0_sink
+mkdir -p "$TARGET/compare"
 for rev in "$@"; do
-  git worktree add --quiet --detach "$work/src-$rev" "$rev"
-  CARGO_TARGET_DIR=$PWD/target/compare cargo build --release --quiet --locked \
-    --manifest-path "$work/src-$rev/Cargo.toml" --bin p0-relay
-  cp target/compare/release/p0-relay "$work/p0-relay-$rev"
-  git worktree remove --force "$work/src-$rev"
+  sha=$(git rev-parse --short=12 "$rev^{commit}")
+  bin="$TARGET/compare/p0-relay-$sha"
+  if [ ! -x "$bin" ]; then
+    git worktree add --quiet --detach "$work/src-$rev" "$rev"
+    # The same target dir as the current tree's release build: dependencies build once.
+    CARGO_TARGET_DIR=$TARGET cargo build --release --quiet --locked \
+      --manifest-path "$work/src-$rev/Cargo.toml" --bin p0-relay
+    cp "$TARGET/release/p0-relay" "$bin"
+    git worktree remove --force "$work/src-$rev"
+  fi
+  cp "$bin" "$work/p0-relay-$rev"
 done
-echo "machine: $(nproc) cores; storm ${STORM} s at ${CONN} connections per revision"
+[ -z "${BUILD_ONLY:-}" ] || exit 0
+echo "machine: $(nproc) cores; load average $(cut -d' ' -f1-3 /proc/loadavg); storm ${STORM} s at ${CONN} connections per revision; payload $(basename "$BENCH_PAYLOAD") ($(wc -c <"$BENCH_PAYLOAD") bytes)"
 echo
-echo "| revision | accepted/s | P0 calls/s end to end | lost | peak RSS MiB |"
-echo "|---|---|---|---|---|"
+echo "| revision | accepted/s | P0 calls/s end to end | lost | non-202 | peak RSS MiB |"
+echo "|---|---|---|---|---|---|"
 for rev in "$@"; do
   relay_storm "$work/p0-relay-$rev" "$rev" "$STORM"
-  echo "| $rev $(git log -1 --format=%s "$rev" | cut -c1-60) | $answered_rate | $calls_rate | $lost | $hwm |"
+  echo "| $rev $(git log -1 --format=%s "$rev" | cut -c1-60) | $answered_rate | $calls_rate | $lost | $non202 | $hwm |"
 done

@@ -6,7 +6,12 @@ CONN=${CONNECTIONS:-64}
 SINK=127.0.0.1:14010
 RELAY=127.0.0.1:18080
 export BENCH_SECRET=bench-secret
-export BENCH_PAYLOAD=$PWD/mappings/testdata/github/issue_comment_created.json
+# The real-size octokit example by default; the trimmed test payload is
+# BENCH_PAYLOAD=$PWD/mappings/testdata/github/issue_comment_created.json BENCH_COMMENT_ID=1710001.
+export BENCH_PAYLOAD=${BENCH_PAYLOAD:-$PWD/bench/payloads/github_issue_comment_created.json}
+export BENCH_COMMENT_ID=${BENCH_COMMENT_ID:-492700400}
+# Release builds go to CARGO_TARGET_DIR when it is set, as cargo's do.
+TARGET=${CARGO_TARGET_DIR:-$PWD/target}
 
 for tool in wrk webhook curl; do
   command -v "$tool" >/dev/null || { echo "missing $tool (apt-get install wrk webhook curl)"; exit 1; }
@@ -27,7 +32,7 @@ run_wrk() {
   BENCH_PATH=$2 BENCH_RATE=$5 wrk -t2 -c"$4" -d"$3"s -s bench/wrk/github.lua "$1" | grep '^RESULT'
 }
 
-start_sink() { target/release/examples/p0_sink "$SINK" & sink_pid=$!; pids+=("$sink_pid"); wait_port "$SINK"; }
+start_sink() { "$TARGET/release/examples/p0_sink" "$SINK" & sink_pid=$!; pids+=("$sink_pid"); wait_port "$SINK"; }
 
 # drain N: waits until the stand-in P0 has seen N distinct decisions, or 10 s without progress.
 drain() {

@@ -52,6 +52,15 @@ async fn main() {
         .route("/count", get(count))
         .fallback(post(call))
         .with_state(seen);
-    let listener = tokio::net::TcpListener::bind(&addr).await.expect("bind");
-    axum::serve(listener, app).await.expect("serve");
+    let listener = match tokio::net::TcpListener::bind(&addr).await {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("p0_sink: cannot listen on {addr}: {e} (is another one running?)");
+            std::process::exit(1);
+        }
+    };
+    if let Err(e) = axum::serve(listener, app).await {
+        eprintln!("p0_sink: {e}");
+        std::process::exit(1);
+    }
 }

@@ -245,3 +245,249 @@ proptest! {
         }
     }
 }
+
+/// Documents shaped like every shipped mapping's payloads: the member names their paths read,
+/// and values their conditions test.
+fn payloadish() -> impl Strategy<Value = Value> {
+    let leaf = prop_oneof![
+        Just(Value::Null),
+        any::<bool>().prop_map(Value::Bool),
+        any::<i64>().prop_map(Value::from),
+        any::<f64>().prop_map(Value::from),
+        "[a-zA-Z0-9 /:\\[\\]._-]{0,20}".prop_map(Value::String),
+        commandish().prop_map(Value::String),
+        prop_oneof![
+            Just("created"),
+            Just("submitted"),
+            Just("approved"),
+            Just("incident.acknowledged"),
+            Just("[p0:req-1] db"),
+            Just("Acknowledge"),
+            Just("AddNote"),
+            Just("firing"),
+            Just("resolved"),
+            Just("octocat"),
+            Just("req-1"),
+            Just("2026-11-27T10:15:00Z"),
+            Just("2026-11-27T09:00:00Z"),
+            Just("P0 request"),
+        ]
+        .prop_map(|s| Value::String(s.into())),
+    ];
+    leaf.prop_recursive(6, 96, 6, |inner| {
+        let keys = prop_oneof![
+            prop_oneof![
+                Just("action"),
+                Just("comment"),
+                Just("review"),
+                Just("issue"),
+                Just("pull_request"),
+                Just("repository"),
+                Just("sender"),
+                Just("login"),
+                Just("body"),
+                Just("id"),
+                Just("number"),
+                Just("state"),
+                Just("created_at"),
+                Just("updated_at"),
+                Just("submitted_at"),
+                Just("event"),
+                Just("event_type"),
+                Just("occurred_at"),
+                Just("data"),
+                Just("title"),
+                Just("content"),
+                Just("agent"),
+                Just("alert"),
+                Just("alertId"),
+                Just("updatedAt"),
+                Just("username"),
+                Just("note"),
+                Just("details"),
+                Just("p0_request_id"),
+                Just("alerts"),
+                Just("status"),
+                Just("fingerprint"),
+                Just("startsAt"),
+                Just("endsAt"),
+                Just("annotations"),
+                Just("groupKey"),
+                Just("incident"),
+                Just("incident_status"),
+                Just("category"),
+                Just("custom_field_entries"),
+                Just("custom_field"),
+                Just("name"),
+            ]
+            .prop_map(str::to_owned),
+            "[a-z]{1,6}",
+        ];
+        prop_oneof![
+            prop::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+            prop::collection::btree_map(keys, inner, 0..8)
+                .prop_map(|m| Value::Object(m.into_iter().collect())),
+        ]
+    })
+}
+
+/// Every shipped payload in `mappings/testdata`.
+fn shipped_payloads() -> &'static Vec<Value> {
+    static DOCS: OnceLock<Vec<Value>> = OnceLock::new();
+    DOCS.get_or_init(|| {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("mappings/testdata");
+        let mut files: Vec<_> = std::fs::read_dir(&root)
+            .unwrap()
+            .flat_map(|d| std::fs::read_dir(d.unwrap().path()).unwrap())
+            .map(|f| f.unwrap().path())
+            .collect();
+        files.sort();
+        files
+            .iter()
+            .map(|f| serde_json::from_slice(&std::fs::read(f).unwrap()).unwrap())
+            .collect()
+    })
+}
+
+/// Replaces (or removes) the value at a walk through `doc`, each step choosing a member or
+/// element by position.
+fn mutate(doc: &mut Value, walk: &[usize], with: Option<Value>) {
+    let Some((step, rest)) = walk.split_first() else {
+        if let Some(v) = with {
+            *doc = v;
+        }
+        return;
+    };
+    match doc {
+        Value::Object(m) if !m.is_empty() => {
+            let key = m.keys().nth(step % m.len()).unwrap().clone();
+            match (rest.is_empty(), with) {
+                (true, None) => drop(m.remove(&key)),
+                (_, with) => mutate(m.get_mut(&key).unwrap(), rest, with),
+            }
+        }
+        Value::Array(a) if !a.is_empty() => {
+            let n = step % a.len();
+            match (rest.is_empty(), with) {
+                (true, None) => drop(a.remove(n)),
+                (_, with) => mutate(&mut a[n], rest, with),
+            }
+        }
+        other => {
+            if let Some(v) = with {
+                *other = v;
+            }
+        }
+    }
+}
+
+/// Every shipped mapping decides the same, and names the delivery the same, on the document it
+/// projects as on the whole one; and both parses accept the same documents.
+fn projected_agrees(doc: &Value, headers: &HeaderMap) -> Result<(), TestCaseError> {
+    let bytes = serde_json::to_vec(doc).unwrap();
+    let full: Value = serde_json::from_slice(&bytes).unwrap();
+    let now = humantime::parse_rfc3339("2026-11-27T10:20:00Z").unwrap();
+    for (source, mapping) in &mappings().mappings {
+        let projected = mapping.projection().parse(&bytes, 64).unwrap();
+        let (f, p) = (
+            Input {
+                headers,
+                body: &full,
+            },
+            Input {
+                headers,
+                body: &projected,
+            },
+        );
+        prop_assert_eq!(
+            mapping.decide(p, Some(now)),
+            mapping.decide(f, Some(now)),
+            "{}",
+            source
+        );
+        prop_assert_eq!(
+            mapping.decide(p, None),
+            mapping.decide(f, None),
+            "{}",
+            source
+        );
+        prop_assert_eq!(
+            mapping.dedup_key(p, &bytes),
+            mapping.dedup_key(f, &bytes),
+            "{}",
+            source
+        );
+    }
+    Ok(())
+}
+
+fn event_headers() -> impl Strategy<Value = HeaderMap> {
+    (
+        prop_oneof![
+            Just("issue_comment"),
+            Just("pull_request_review"),
+            Just("ping"),
+            Just("push")
+        ],
+        prop::option::of("[a-z0-9-]{1,12}"),
+    )
+        .prop_map(|(event, id)| {
+            let mut pairs = vec![("x-github-event", event.to_owned())];
+            if let Some(id) = id {
+                pairs.push(("x-github-delivery", id.clone()));
+                pairs.push(("x-webhook-id", id));
+            }
+            header_map(&pairs)
+        })
+}
+
+proptest! {
+    #[test]
+    fn projected_and_full_evaluation_agree_on_arbitrary_documents(doc in payloadish(), headers in event_headers()) {
+        projected_agrees(&doc, &headers)?;
+    }
+
+    #[test]
+    fn projected_and_full_evaluation_agree_on_altered_real_payloads(
+        which in any::<prop::sample::Index>(),
+        walk in prop::collection::vec(any::<usize>(), 1..5),
+        with in prop::option::of(payloadish()),
+        headers in event_headers(),
+    ) {
+        let docs = shipped_payloads();
+        let mut doc = docs[which.index(docs.len())].clone();
+        mutate(&mut doc, &walk, with);
+        projected_agrees(&doc, &headers)?;
+    }
+
+    #[test]
+    fn projected_and_full_parses_accept_the_same_bodies(
+        doc in payloadish(),
+        at in any::<prop::sample::Index>(),
+        byte in any::<u8>(),
+        depth in 1usize..8,
+    ) {
+        let mut bytes = serde_json::to_vec(&doc).unwrap();
+        let n = at.index(bytes.len());
+        bytes[n] = byte;
+        let full = serde_json::from_slice::<Value>(&bytes).ok();
+        for mapping in mappings().mappings.values() {
+            let projected = mapping.projection().parse(&bytes, 64);
+            prop_assert_eq!(projected.is_ok(), full.is_some(), "{}", String::from_utf8_lossy(&bytes));
+            let whole = p0_relay::mapping::projection::Projection::full().parse(&bytes, 64).ok();
+            prop_assert_eq!(&whole, &full);
+            // The depth limit holds wherever the nesting is, read or skipped.
+            let deep = full.as_ref().is_some_and(|v| nesting(v) > depth);
+            let limited = mapping.projection().parse(&bytes, depth);
+            prop_assert_eq!(limited.is_ok(), full.is_some() && !deep);
+        }
+    }
+}
+
+fn nesting(v: &Value) -> usize {
+    match v {
+        Value::Array(a) => 1 + a.iter().map(nesting).max().unwrap_or(0),
+        Value::Object(m) => 1 + m.values().map(nesting).max().unwrap_or(0),
+        _ => 0,
+    }
+}

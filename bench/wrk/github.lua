@@ -1,8 +1,12 @@
--- wrk script: real GitHub issue_comment deliveries, each with a unique delivery ID and
--- request ID, signed per request with HMAC-SHA256 (LuaJIT FFI to the libcrypto wrk links).
+-- wrk script: real GitHub issue_comment deliveries, each with a unique comment ID, request ID
+-- and delivery ID, signed per request with HMAC-SHA256 (LuaJIT FFI to the libcrypto wrk links).
+-- The relay names a comment delivery by its signed `comment.id`, `action` and
+-- `comment.updated_at` (mappings/github.yaml `dedup`), so the comment ID must change per
+-- request, not only the delivery header, or every request after the first is a duplicate.
 -- Environment: BENCH_SECRET (signing secret), BENCH_RATE (requests/s per connection, 0 = as
--- fast as possible), BENCH_PAYLOAD (the payload template file), BENCH_SALT (distinguishes
--- the IDs of several wrk processes run at once).
+-- fast as possible), BENCH_PAYLOAD (the payload template file), BENCH_COMMENT_ID (the
+-- template's `comment.id`, replaced per request), BENCH_SALT (distinguishes the IDs of several
+-- wrk processes run at once).
 local ffi = require("ffi")
 ffi.cdef[[
   typedef struct evp_md_st EVP_MD;
@@ -16,9 +20,13 @@ if not ok then crypto = ffi.C end
 local secret = os.getenv("BENCH_SECRET") or "bench-secret"
 local rate = tonumber(os.getenv("BENCH_RATE") or "0")
 local path = os.getenv("BENCH_PATH") or "/webhooks/github"
+local comment_id = os.getenv("BENCH_COMMENT_ID") or "492700400"
 local f = assert(io.open(os.getenv("BENCH_PAYLOAD"), "rb"))
 local template = f:read("*a")
 f:close()
+local id_pattern = '("id":%s*)' .. comment_id .. '([,}%s])'
+local _, found = template:gsub(id_pattern, "")
+assert(found == 1, "BENCH_COMMENT_ID " .. comment_id .. " is not the template's comment.id")
 
 local md = ffi.new("unsigned char[32]")
 local md_len = ffi.new("unsigned int[1]")
@@ -43,13 +51,16 @@ function init(args)
   s202 = 0
   s200 = 0
   other = 0
-  prefix = string.format("%st%d-%d-", os.getenv("BENCH_SALT") or "", tid, math.random(1, 1000000000))
+  local r = math.random(1, 999999999)
+  prefix = string.format("%st%d-%d-", os.getenv("BENCH_SALT") or "", tid, r)
+  numeric = string.format("%d%09d", tid, r)
 end
 
 function request()
   n = n + 1
   local id = prefix .. n
   local body = template:gsub("req%-123 2h", "req-" .. id .. " 2h")
+  body = body:gsub(id_pattern, "%1" .. numeric .. string.format("%07d", n) .. "%2")
   local headers = {
     ["Content-Type"] = "application/json",
     ["X-GitHub-Event"] = "issue_comment",

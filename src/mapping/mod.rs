@@ -5,6 +5,7 @@ pub mod cases;
 pub mod command;
 mod eval;
 pub mod model;
+pub mod projection;
 mod replay;
 mod verify;
 
@@ -152,6 +153,8 @@ pub struct Mapping {
     dedup: replay::Dedup,
     freshness: Option<replay::Freshness>,
     rules: Vec<Rule>,
+    /// What of a body the mapping reads (`projection`), computed when it loads.
+    projection: projection::Projection,
     /// The file as parsed, before expansion: test cases recompile it under their own env.
     pub(crate) tree: Value,
     /// Things an operator should hear about at every start.
@@ -394,6 +397,12 @@ impl Mapping {
             };
         }
         Verdict::Ignored
+    }
+
+    /// What of a body this mapping reads: parse bodies with it (`Projection::parse`) to build
+    /// only that; evaluation on the result is the same as on the whole document.
+    pub fn projection(&self) -> &projection::Projection {
+        &self.projection
     }
 
     /// The delivery's dedup key: the first `dedup` alternative whose parts are all present
@@ -741,16 +750,21 @@ pub fn compile(
         }
     }
     match verifier {
-        Some(verifier) if errors.is_empty() => Ok(Mapping {
-            source: source.to_owned(),
-            file: file.to_owned(),
-            verifier,
-            dedup,
-            freshness,
-            rules,
-            tree,
-            warnings,
-        }),
+        Some(verifier) if errors.is_empty() => {
+            let mut mapping = Mapping {
+                source: source.to_owned(),
+                file: file.to_owned(),
+                verifier,
+                dedup,
+                freshness,
+                rules,
+                projection: projection::Projection::full(),
+                tree,
+                warnings,
+            };
+            mapping.projection = projection::Projection::of(&mapping);
+            Ok(mapping)
+        }
         _ => Err(errors),
     }
 }

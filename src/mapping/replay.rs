@@ -88,6 +88,11 @@ impl Dedup {
         }
     }
 
+    /// Every selector the alternatives read.
+    pub(super) fn selectors(&self) -> impl Iterator<Item = &Selector> {
+        self.0.iter().flat_map(|a| a.parts.iter())
+    }
+
     /// The delivery's key: the first alternative whose parts all yield a value, its parts
     /// joined with `|` after `name:`; else a digest of the body (the same bytes delivered twice
     /// are the same delivery).
@@ -175,6 +180,11 @@ impl Freshness {
             max_age,
             max_skew,
         }))
+    }
+
+    /// The selectors the event time is read from.
+    pub(super) fn selectors(&self) -> impl Iterator<Item = &Selector> {
+        self.time.iter()
     }
 
     /// `Err(reason)` when the event time is missing, unreadable, older than `max_age` or

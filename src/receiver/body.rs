@@ -9,6 +9,7 @@ use http_body_util::BodyExt;
 use serde_json::Value;
 
 use super::answer::Answer;
+use crate::mapping::projection::{ParseError, Projection};
 
 /// The raw body bytes, or the answer to give instead.
 pub async fn read(
@@ -45,8 +46,19 @@ pub async fn read(
     }
 }
 
-/// The JSON document in `bytes`: the body itself, or the `payload` field of a form body.
+/// The JSON document in `bytes`, whole: the body itself, or the `payload` field of a form body.
 pub fn parse(headers: &HeaderMap, bytes: &[u8], max_depth: usize) -> Result<Value, String> {
+    parse_projected(headers, bytes, max_depth, &Projection::full())
+}
+
+/// As `parse`, building only what `projection` keeps (a mapping's `projection()`): the whole
+/// document is still checked, in the same single pass that enforces `max_depth`.
+pub fn parse_projected(
+    headers: &HeaderMap,
+    bytes: &[u8],
+    max_depth: usize,
+    projection: &Projection,
+) -> Result<Value, String> {
     // GitHub's form deliveries carry the JSON in `payload`. A JSON body sent with a form
     // content type (curl's default) is still read as JSON.
     let is_form = headers
@@ -73,49 +85,15 @@ pub fn parse(headers: &HeaderMap, bytes: &[u8], max_depth: usize) -> Result<Valu
     } else {
         bytes
     };
-    let depth = nesting_depth(json);
-    if depth > max_depth {
-        return Err(format!("JSON nests deeper than {max_depth} levels"));
-    }
-    serde_json::from_slice(json).map_err(|e| format!("body is not JSON: {e}"))
-}
-
-/// The deepest nesting of arrays and objects, counted without parsing (strings skipped).
-pub fn nesting_depth(json: &[u8]) -> usize {
-    let (mut depth, mut max, mut in_string, mut escaped) = (0usize, 0usize, false, false);
-    for &b in json {
-        if in_string {
-            match b {
-                _ if escaped => escaped = false,
-                b'\\' => escaped = true,
-                b'"' => in_string = false,
-                _ => {}
-            }
-            continue;
-        }
-        match b {
-            b'"' => in_string = true,
-            b'[' | b'{' => {
-                depth += 1;
-                max = max.max(depth);
-            }
-            b']' | b'}' => depth = depth.saturating_sub(1),
-            _ => {}
-        }
-    }
-    max
+    projection.parse(json, max_depth).map_err(|e| match e {
+        ParseError::TooDeep => format!("JSON nests deeper than {max_depth} levels"),
+        ParseError::Invalid(e) => format!("body is not JSON: {e}"),
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn depth() {
-        assert_eq!(nesting_depth(br#"{"a":[1,{"b":"[[[["}]}"#), 3);
-        assert_eq!(nesting_depth(b"1"), 0);
-        assert_eq!(nesting_depth(br#"{"a":"\"{"}"#), 1);
-    }
 
     #[test]
     fn form_bodies() {
@@ -142,6 +120,15 @@ mod tests {
             parse(&HeaderMap::new(), "[".repeat(100).as_bytes(), 64)
                 .unwrap_err()
                 .contains("deeper")
+        );
+        // Brackets inside strings are not nesting.
+        assert!(parse(&HeaderMap::new(), br#"{"a":[1,{"b":"[[[["}]}"#, 3).is_ok());
+        assert!(parse(&HeaderMap::new(), br#"{"a":[1,{"b":[[]]}]}"#, 3).is_err());
+        // A form body is projected like a JSON one.
+        let projection = Projection::nothing();
+        assert_eq!(
+            parse_projected(&headers, b"payload=%7B%22a%22%3A1%7D", 64, &projection).unwrap(),
+            serde_json::json!({})
         );
     }
 }

@@ -281,7 +281,12 @@ async fn handle(r: &Receiver, mapping: &Mapping, peer: Option<IpAddr>, request: 
     if let Err(e) = mapping.verifier.verify(&parts.headers, &bytes) {
         return Answer::new(StatusCode::UNAUTHORIZED, "unauthorized").reason(e.to_string());
     }
-    let value = match body::parse(&parts.headers, &bytes, r.inbound.max_json_depth) {
+    let value = match body::parse_projected(
+        &parts.headers,
+        &bytes,
+        r.inbound.max_json_depth,
+        mapping.projection(),
+    ) {
         Ok(v) => v,
         Err(reason) => return Answer::new(StatusCode::BAD_REQUEST, "invalid").reason(reason),
     };
