@@ -18,7 +18,7 @@ use jsonpath_rust::parser::model::{JpQuery, Segment, Selector as Jp};
 use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::{Map, Number, Value};
 
-use super::eval::{Condition, Extract, From, Selector};
+use super::eval::{Condition, Extract, From, Part, Selector};
 use super::{Mapping, Produce};
 
 /// What of a body one mapping reads.
@@ -72,11 +72,15 @@ impl Projection {
             if let Some(each) = &rule.for_each {
                 // The elements are kept whole: `@` paths and the element digest read them.
                 p.add(&each.path);
+                for k in &each.key {
+                    p.add(k);
+                }
             }
             for c in &rule.when {
                 p.add_condition(c);
             }
             match &rule.produce {
+                Produce::Nothing => {}
                 Produce::Command(s) => p.add(s),
                 Produce::Fields(f) => {
                     for x in [Some(&f.action), Some(&f.request_id), f.expiration.as_ref()]
@@ -90,6 +94,12 @@ impl Projection {
             if let Some(a) = &rule.actor {
                 p.add(a);
             }
+            if let Some(x) = &rule.subject {
+                p.add_extract(x);
+            }
+            if let Some(x) = rule.answer.as_ref().and_then(|a| a.comment.as_ref()) {
+                p.add_extract(x);
+            }
         }
         p
     }
@@ -102,8 +112,18 @@ impl Projection {
     }
 
     fn add_extract(&mut self, x: &Extract) {
-        if let From::Select(s) = &x.from {
-            self.add(s);
+        match &x.from {
+            From::Constant(_) => {}
+            From::Select(s) => self.add(s),
+            From::Template(parts) => {
+                for part in parts {
+                    if let Part::Value(alternatives) = part {
+                        for s in alternatives {
+                            self.add(s);
+                        }
+                    }
+                }
+            }
         }
     }
 
