@@ -288,7 +288,10 @@ impl Mapping {
         for rule in &self.rules {
             let Some(each) = &rule.for_each else {
                 let applied = apply(rule, input.into());
+                // Ending a subject only takes access away: an old or replayed ending event is
+                // still honoured (and GitHub's close events carry no comment time).
                 if !matches!(applied, Applied::NoMatch(_))
+                    && !rule.ends_subject
                     && let Some(reason) = self.stale(input, now)
                 {
                     note(rule, true, reason.clone());
@@ -371,7 +374,9 @@ impl Mapping {
                 note(rule, false, why);
                 continue;
             }
-            if let Some(reason) = self.stale(input, now) {
+            if !rule.ends_subject
+                && let Some(reason) = self.stale(input, now)
+            {
                 note(rule, true, reason.clone());
                 return Verdict::Rejected {
                     rule: rule.name.clone(),

@@ -108,7 +108,11 @@ impl Dedup {
                     Some(name) => format!("{name}:{}", values.join("|")),
                     None => values.join("|"),
                 };
-                key.truncate(key.floor_char_boundary(MAX_KEY));
+                // A longer key is named by its digest: cutting it could make two deliveries
+                // that share a long prefix one.
+                if key.len() > MAX_KEY {
+                    key = format!("sha256:{}", hex::encode(Sha256::digest(key.as_bytes())));
+                }
                 return key;
             }
         }

@@ -58,14 +58,53 @@ fn redact(text: &str) -> String {
     let Some((scheme, rest)) = text.split_once("://") else {
         return text.to_owned();
     };
-    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    let (authority, tail) = rest.split_at(authority_end);
-    match authority.rsplit_once('@') {
-        Some((userinfo, host)) => match userinfo.split_once(':') {
-            Some((user, _)) => format!("{scheme}://{user}:***@{host}{tail}"),
-            None => text.to_owned(),
-        },
-        None => text.to_owned(),
+    // The user info runs to the last `@`, so a password holding an unencoded `/`, `?` or `#`
+    // is still hidden whole (an `@` further on hides more, never less).
+    let (userinfo, after) = match rest.rfind('@') {
+        Some(at) => (Some(&rest[..at]), &rest[at + 1..]),
+        None => (None, rest),
+    };
+    let mut out = format!("{scheme}://");
+    if let Some(userinfo) = userinfo {
+        match userinfo.split_once(':') {
+            Some((user, _)) => out.push_str(&format!("{user}:***@")),
+            None => out.push_str(&format!("{userinfo}@")),
+        }
+    }
+    // A `password=` parameter (libpq's form) is hidden too.
+    match after.split_once('?') {
+        Some((path, query)) => {
+            let query: Vec<String> = query
+                .split('&')
+                .map(|kv| match kv.split_once('=') {
+                    Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=***"),
+                    _ => kv.to_owned(),
+                })
+                .collect();
+            out.push_str(&format!("{path}?{}", query.join("&")));
+        }
+        None => out.push_str(after),
+    }
+    out
+}
+
+#[cfg(test)]
+mod redaction {
+    use super::redact;
+
+    #[test]
+    fn passwords_in_the_user_info_and_the_query_are_hidden() {
+        for (url, want) in [
+            ("postgres://u:pw@h:5432/db", "postgres://u:***@h:5432/db"),
+            ("postgres://u:p/w?x#y@h/db", "postgres://u:***@h/db"),
+            (
+                "postgres://u@h/db?sslmode=require&password=pw",
+                "postgres://u@h/db?sslmode=require&password=***",
+            ),
+            ("postgres://h/db", "postgres://h/db"),
+        ] {
+            assert_eq!(redact(url), want, "{url}");
+        }
     }
 }
 
