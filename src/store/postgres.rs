@@ -594,6 +594,9 @@ impl PgStore {
                 })
                 .collect(),
         );
+        let (mut batch, mut recs) = (batch, recs);
+        without_nul(&mut batch);
+        without_nul(&mut recs);
         let dedup_since = now_ms.saturating_sub(ms(self.windows.dedup));
         let coalesce_since = now_ms.saturating_sub(ms(self.windows.coalesce));
         let out: Value = self
@@ -1353,5 +1356,30 @@ async fn commit(store: &PgStore, batch: Vec<Write>) {
                 let _ = reply.send(Err(err()));
             }
         }
+    }
+}
+
+/// PostgreSQL refuses U+0000 in text and JSONB, so one sender's NUL (in an actor, a subject, a
+/// dedup key part, P0's error text) would fail the whole batch it shares with others: it is
+/// stored as U+FFFD instead.
+fn without_nul(value: &mut Value) {
+    match value {
+        Value::String(s) if s.contains('\0') => *s = s.replace('\0', "\u{fffd}"),
+        Value::Array(items) => items.iter_mut().for_each(without_nul),
+        Value::Object(map) => map.values_mut().for_each(without_nul),
+        _ => {}
+    }
+}
+
+#[cfg(test)]
+mod nul {
+    #[test]
+    fn nul_characters_become_replacement_characters() {
+        let mut v = serde_json::json!({"a": ["x\u{0}y", {"b": "\u{0}"}], "c": 1});
+        super::without_nul(&mut v);
+        assert_eq!(
+            v,
+            serde_json::json!({"a": ["x\u{fffd}y", {"b": "\u{fffd}"}], "c": 1})
+        );
     }
 }
