@@ -36,12 +36,12 @@ echo "machine: $(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB; $(uname
 echo "PostgreSQL: $(psql "$PG_ADMIN" -qAtc 'SHOW server_version'), synchronous_commit=$(psql "$PG_ADMIN" -qAtc 'SHOW synchronous_commit')"
 
 # 1. One relay on SQLite.
-relay_storm target/release/p0-relay sqlite "$STORM"
+relay_storm "$TARGET/release/p0-relay" sqlite "$STORM"
 sq=("$answered_rate" "$calls_rate" "$accepted" "$distinct" "$lost" "$dupes" "$hwm_storm" "$non202")
 
 # 2. One relay on PostgreSQL, same load.
 fresh_db one
-STORE_URL=$db_url relay_storm target/release/p0-relay pg-one "$STORM"
+STORE_URL=$db_url relay_storm "$TARGET/release/p0-relay" pg-one "$STORM"
 pg1=("$answered_rate" "$calls_rate" "$accepted" "$distinct" "$lost" "$dupes" "$hwm_storm" "$non202")
 
 # 3. Three relays on one PostgreSQL database, the connections split between them.
@@ -49,7 +49,7 @@ fresh_db three
 start_sink
 addrs=(127.0.0.1:18081 127.0.0.1:18082 127.0.0.1:18083)
 for i in 0 1 2; do
-  LISTEN=${addrs[$i]} STORE_URL=$db_url start_relay target/release/p0-relay "pg-three-$i"
+  LISTEN=${addrs[$i]} STORE_URL=$db_url start_relay "$TARGET/release/p0-relay" "pg-three-$i"
 done
 per=$(( CONN / 3 > 0 ? CONN / 3 : 1 ))
 t0=$(date +%s.%N)
