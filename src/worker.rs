@@ -161,11 +161,8 @@ impl Worker {
             duration_ms: 0,
             answers: Vec::new(),
         };
-        let answers = !record.answers.is_empty();
         if let Err(e) = self.store.record(record).await {
             tracing::error!(job_id = job.id, error = %e, "cannot record the outcome of a P0 call");
-        } else if answers {
-            self.answer_wake.notify_one();
         }
     }
 
@@ -182,6 +179,7 @@ impl Worker {
         // A store that cannot write now (a database outage) gets the outcome later, with
         // backoff, for as long as the claim holds; after that the decision is sent again by
         // whichever relay claims it next (and after a stop, at the next start).
+        let answers = !record.answers.is_empty();
         let mut wait = Duration::from_millis(200);
         loop {
             let result = tokio::select! {
@@ -189,6 +187,10 @@ impl Worker {
                 () = &mut hold => return,
             };
             let Err(e) = result else {
+                // The answers back created with this outcome go out now, not at the next poll.
+                if answers {
+                    self.answer_wake.notify_one();
+                }
                 return;
             };
             tracing::error!(job_id = job.id, error = %e, retry_in_ms = wait.as_millis() as u64,

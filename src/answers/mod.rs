@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::RetrySettings;
 use crate::metrics::Metrics;
 use crate::ratelimit::KeyedLimit;
-use crate::retry::retry_at;
+use crate::retry::{millis_until, retry_at};
 use crate::store::{AnswerJob, AnswerRecord, State, StoreHandle, now_ms};
 
 pub use client::{Client, Sent};
@@ -69,9 +69,7 @@ impl Answerer {
                 Duration::ZERO
             } else {
                 match this.store.next_answer_due().await {
-                    Ok(Some(due)) => {
-                        Duration::from_millis((due - now_ms()).max(0) as u64).min(IDLE_POLL)
-                    }
+                    Ok(Some(due)) => millis_until(due, now_ms()).min(IDLE_POLL),
                     _ => IDLE_POLL,
                 }
             };
