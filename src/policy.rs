@@ -78,6 +78,29 @@ pub fn decide(
     actor: Option<&str>,
     proposals: &[Proposal],
 ) -> Result<Vec<Decision>, String> {
+    check_actor(policy, actor)?;
+    decide_proposals(policy, proposals)
+}
+
+/// The decisions of an event that ends its subject: the approver list is not consulted,
+/// because ending access is always allowed; for that reason such an event only revokes.
+pub fn decide_revocations(
+    policy: &RulePolicy,
+    proposals: &[Proposal],
+) -> Result<Vec<Decision>, String> {
+    if let Some(p) = proposals
+        .iter()
+        .find(|p| Action::parse(&p.action) != Some(Action::Revoke))
+    {
+        return Err(format!(
+            "an event that ends its subject only revokes, not `{}`",
+            printable(&p.action)
+        ));
+    }
+    decide_proposals(policy, proposals)
+}
+
+fn check_actor(policy: &RulePolicy, actor: Option<&str>) -> Result<(), String> {
     if let Some(allowlist) = &policy.actors {
         match actor {
             Some(a) if allowlist.allows(a) => {}
@@ -88,6 +111,10 @@ pub fn decide(
             None => return Err("the event names no actor, and only listed actors may act".into()),
         }
     }
+    Ok(())
+}
+
+fn decide_proposals(policy: &RulePolicy, proposals: &[Proposal]) -> Result<Vec<Decision>, String> {
     let org = Id::parse(&policy.org).map_err(|e| format!("org ID {e}"))?;
     let mut decisions: Vec<Decision> = Vec::with_capacity(proposals.len());
     for p in proposals {

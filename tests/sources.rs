@@ -108,6 +108,101 @@ async fn alertmanager_decides_per_alert_and_deduplicates_per_alert() {
     );
 }
 
+/// The request IDs a subject end revoked, from an answer.
+fn revoked(answer: &Value) -> Vec<String> {
+    answer["revoked"]
+        .as_array()
+        .map(|rs| {
+            rs.iter()
+                .map(|r| r["request_id"].as_str().unwrap_or("").to_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn a_resolved_alert_ends_only_its_own_access_even_when_it_names_no_request() {
+    let t = spawn_all().await;
+    let mut group: Value = serde_json::from_slice(&testdata("alertmanager/firing.json")).unwrap();
+    let (status, answer) = t
+        .post(&Hook::alertmanager(&serde_json::to_vec(&group).unwrap()))
+        .await;
+    assert_eq!(status, 202, "{answer}");
+    assert_eq!(
+        decided(&answer),
+        [
+            d("req-am-101", "approve", "2h", false),
+            d("req-am-102", "approve", "1h", false)
+        ]
+    );
+    t.wait_for_calls(2).await;
+
+    // The first alert resolves; Alertmanager's resolved notification carries the alert's
+    // current labels and annotations, which here no longer name the request.
+    let alert = &mut group["alerts"][0];
+    alert["status"] = "resolved".into();
+    alert["endsAt"] = "2026-11-28T00:06:07.512Z".into();
+    alert["labels"]
+        .as_object_mut()
+        .unwrap()
+        .remove("p0_request_id");
+    alert["annotations"]
+        .as_object_mut()
+        .unwrap()
+        .remove("p0_expiration");
+    let (status, answer) = t
+        .post(&Hook::alertmanager(&serde_json::to_vec(&group).unwrap()))
+        .await;
+    assert_eq!(status, 202, "{answer}");
+    assert_eq!(revoked(&answer), ["req-am-101"]);
+    // The alert still firing keeps its access (its approve is coalesced, not sent again).
+    assert_eq!(decided(&answer), [d("req-am-102", "approve", "1h", true)]);
+    t.wait_for_calls(3).await;
+    let calls = summarize(&t.settle().await);
+    assert_eq!(calls.len(), 3, "{calls:?}");
+    assert_eq!(calls[2], call("revoke", "req-am-101", json!({})));
+    assert_eq!(
+        t.metric("p0_relay_bound_revocations_total{source=\"alertmanager\"}")
+            .await,
+        Some(1.0)
+    );
+}
+
+#[tokio::test]
+async fn an_incidentio_incident_canceled_after_its_field_was_cleared_still_revokes() {
+    let t = spawn_all().await;
+    let now = unix_now();
+    let live = Hook::incidentio(
+        "msg_end_live",
+        now,
+        &testdata("incidentio/incident_live.json"),
+    );
+    let (status, answer) = t.post(&live).await;
+    assert_eq!(status, 202, "{answer}");
+    t.wait_for_calls(1).await;
+    let mut canceled: Value =
+        serde_json::from_slice(&testdata("incidentio/incident_closed.json")).unwrap();
+    let incident = &mut canceled["public_incident.incident_updated_v2"]["incident"];
+    incident["incident_status"]["category"] = "canceled".into();
+    incident["custom_field_entries"] = json!([]);
+    let (status, answer) = t
+        .post(&Hook::incidentio(
+            "msg_end_canceled",
+            now,
+            &serde_json::to_vec(&canceled).unwrap(),
+        ))
+        .await;
+    assert_eq!(status, 202, "{answer}");
+    assert_eq!(decided(&answer), []);
+    assert_eq!(revoked(&answer), ["req-inc-301"]);
+    assert_eq!(answer["subject"], "01JDQ6K3W7E2M1V4B8R0T5YF9C");
+    t.wait_for_calls(2).await;
+    assert_eq!(
+        summarize(&t.settle().await)[1..],
+        [call("revoke", "req-inc-301", json!({}))]
+    );
+}
+
 #[tokio::test]
 async fn alertmanager_basic_auth_and_a_bad_element_refusing_the_group() {
     let t = spawn_all().await;

@@ -126,7 +126,10 @@ fn check(expect: &RawExpect, verdict: &Verdict, default_org: &str) -> Result<(),
         RawExpect::Spec(spec) => match (&spec.decisions, &spec.rejected) {
             (Some(want), None) => {
                 let Verdict::Decided {
-                    decisions, binding, ..
+                    decisions,
+                    binding,
+                    elements,
+                    ..
                 } = verdict
                 else {
                     return Err(format!("expected decisions, got {got}"));
@@ -141,6 +144,21 @@ fn check(expect: &RawExpect, verdict: &Verdict, default_org: &str) -> Result<(),
                     && want != binding.ends_subject
                 {
                     return Err(format!("expected ends_subject: {want}, got {got}"));
+                }
+                if let Some(want) = &spec.ends_subjects {
+                    let bindings: Vec<&crate::domain::Binding> = if elements.is_empty() {
+                        vec![binding]
+                    } else {
+                        elements.iter().map(|e| &e.binding).collect()
+                    };
+                    let have: Vec<&str> = bindings
+                        .iter()
+                        .filter(|b| b.ends_subject)
+                        .filter_map(|b| b.subject.as_deref())
+                        .collect();
+                    if &have != want {
+                        return Err(format!("expected ends_subjects {want:?}, got {have:?}"));
+                    }
                 }
                 let have: Vec<RawExpectDecision> = decisions
                     .iter()
@@ -195,6 +213,7 @@ pub fn describe(verdict: &Verdict) -> String {
             rule,
             decisions,
             binding,
+            elements,
             ..
         } => {
             let items: Vec<String> = decisions
@@ -213,6 +232,21 @@ pub fn describe(verdict: &Verdict) -> String {
                 })
                 .collect();
             let mut out = format!("rule `{rule}` decided [{}]", items.join(", "));
+            if !elements.is_empty() {
+                let ending: Vec<String> = elements
+                    .iter()
+                    .filter(|e| e.binding.ends_subject)
+                    .filter_map(|e| e.binding.subject.as_deref())
+                    .map(|s| format!("`{}`", crate::domain::printable(s)))
+                    .collect();
+                if !ending.is_empty() {
+                    out.push_str(&format!(
+                        ", ending subject(s) {} (revokes every request approved under each)",
+                        ending.join(", ")
+                    ));
+                }
+                return out;
+            }
             if let Some(s) = &binding.subject {
                 out.push_str(&format!(" on subject `{}`", crate::domain::printable(s)));
             }

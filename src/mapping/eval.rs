@@ -144,6 +144,7 @@ pub enum Test {
 pub enum Condition {
     Test { selector: Selector, test: Test },
     Not(Box<Condition>),
+    Any(Vec<Condition>),
 }
 
 impl Condition {
@@ -151,6 +152,7 @@ impl Condition {
     pub fn holds(&self, input: Scope<'_>) -> bool {
         match self {
             Condition::Not(inner) => !inner.holds(input),
+            Condition::Any(all) => all.iter().any(|c| c.holds(input)),
             Condition::Test { selector, test } => {
                 let values = selector.values_in(input);
                 match test {
@@ -167,6 +169,13 @@ impl Condition {
     pub fn describe(&self) -> String {
         match self {
             Condition::Not(inner) => format!("not ({})", inner.describe()),
+            Condition::Any(all) => format!(
+                "any of ({})",
+                all.iter()
+                    .map(|c| c.describe())
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            ),
             Condition::Test { selector, test } => {
                 let s = selector.describe();
                 match test {
@@ -184,6 +193,11 @@ impl Condition {
     pub fn seen(&self, input: Scope<'_>) -> String {
         match self {
             Condition::Not(inner) => inner.seen(input),
+            Condition::Any(all) => all
+                .iter()
+                .map(|c| c.seen(input))
+                .collect::<Vec<_>>()
+                .join("; "),
             Condition::Test { selector, .. } => {
                 let values = selector.values_in(input);
                 if values.is_empty() {

@@ -29,7 +29,7 @@ use crate::verify::Verifier;
 
 pub use eval::Input;
 use eval::{Condition, Extract, From, Part, Scope, Selector, Test};
-use model::{RawAnswer, RawCondition, RawExtract, RawMapping, RawRule, RawSelector};
+use model::{RawAnswer, RawCondition, RawEnds, RawExtract, RawMapping, RawRule, RawSelector};
 pub use replay::parse_rfc3339;
 
 /// Relay-wide values a mapping falls back on.
@@ -170,8 +170,35 @@ struct Rule {
     actor: Option<Selector>,
     policy: RulePolicy,
     subject: Option<Extract>,
-    ends_subject: bool,
+    ends_subject: Ends,
     answer: Option<Answer>,
+}
+
+/// When a rule's event ends its subject (compiled `ends_subject`).
+#[derive(Debug)]
+enum Ends {
+    Never,
+    Always,
+    /// When this holds for the event or the `for_each` element: an alert group mixes firing
+    /// alerts with resolved ones, and only the resolved ones end their subjects.
+    When(Condition),
+}
+
+impl Ends {
+    fn holds(&self, scope: Scope<'_>) -> bool {
+        match self {
+            Ends::Never => false,
+            Ends::Always => true,
+            Ends::When(c) => c.holds(scope),
+        }
+    }
+
+    fn condition(&self) -> Option<&Condition> {
+        match self {
+            Ends::When(c) => Some(c),
+            Ends::Never | Ends::Always => None,
+        }
+    }
 }
 
 /// Where a rule answers back (compiled `answer:`).
@@ -291,7 +318,7 @@ impl Mapping {
                 // Ending a subject only takes access away: an old or replayed ending event is
                 // still honoured (and GitHub's close events carry no comment time).
                 if !matches!(applied, Applied::NoMatch(_))
-                    && !rule.ends_subject
+                    && !rule.ends_subject.holds(input.into())
                     && let Some(reason) = self.stale(input, now)
                 {
                     note(rule, true, reason.clone());
@@ -331,6 +358,7 @@ impl Mapping {
             let mut elements = Vec::new();
             let mut decisions = Vec::new();
             let mut skipped = Vec::new();
+            let mut every_ends = true;
             for (i, node) in nodes.iter().enumerate() {
                 let scope = Scope {
                     input,
@@ -355,6 +383,7 @@ impl Mapping {
                         binding,
                         ..
                     } => {
+                        every_ends &= binding.ends_subject;
                         elements.push(Element {
                             key: each.key(scope),
                             actor,
@@ -374,9 +403,7 @@ impl Mapping {
                 note(rule, false, why);
                 continue;
             }
-            if !rule.ends_subject
-                && let Some(reason) = self.stale(input, now)
-            {
+            if !every_ends && let Some(reason) = self.stale(input, now) {
                 note(rule, true, reason.clone());
                 return Verdict::Rejected {
                     rule: rule.name.clone(),
@@ -420,6 +447,7 @@ impl Mapping {
 
 /// Runs one rule's conditions, extraction and policy on one scope.
 fn apply(rule: &Rule, scope: Scope<'_>) -> Applied {
+    let ends = rule.ends_subject.holds(scope);
     for (i, cond) in rule.when.iter().enumerate() {
         if !cond.holds(scope) {
             return Applied::NoMatch(format!(
@@ -457,7 +485,7 @@ fn apply(rule: &Rule, scope: Scope<'_>) -> Applied {
                 Ok(p) => p,
                 // An ending event may name a request too; when it names none, only the end's
                 // own revocations are made.
-                Err(_) if rule.ends_subject => Vec::new(),
+                Err(_) if ends => Vec::new(),
                 Err(reason) => return Applied::Rejected(reason.clone(), reason),
             }
         }
@@ -468,11 +496,14 @@ fn apply(rule: &Rule, scope: Scope<'_>) -> Applied {
         .and_then(|sel| sel.values_in(scope).into_iter().next())
         .map(|a| a.into_owned());
     // A malformed request named by an ending event must not keep the subject from ending: it
-    // is dropped, and the end's own revocations go ahead.
-    let proposals = if rule.ends_subject {
+    // is dropped, and the end's own revocations go ahead. An ending event only revokes.
+    let proposals = if ends {
         proposals
             .into_iter()
-            .filter(|p| crate::domain::Id::parse(&p.request_id).is_ok())
+            .filter(|p| {
+                Action::parse(&p.action) == Some(Action::Revoke)
+                    && crate::domain::Id::parse(&p.request_id).is_ok()
+            })
             .collect()
     } else {
         proposals
@@ -480,7 +511,7 @@ fn apply(rule: &Rule, scope: Scope<'_>) -> Applied {
     let subject = match rule.subject.as_ref().map(|s| s.first(scope)) {
         None => None,
         Some(Ok(s)) => Some(s),
-        Some(Err(why)) if rule.ends_subject => {
+        Some(Err(why)) if ends => {
             let reason = format!("subject: {why}");
             return Applied::Rejected(reason.clone(), reason);
         }
@@ -496,9 +527,15 @@ fn apply(rule: &Rule, scope: Scope<'_>) -> Applied {
     let binding = Binding {
         subject,
         reply,
-        ends_subject: rule.ends_subject,
+        ends_subject: ends,
     };
-    match policy::decide(&rule.policy, actor.as_deref(), &proposals) {
+    // Ending access is always allowed: approver lists gate grants, not revocations.
+    let decided = if ends {
+        policy::decide_revocations(&rule.policy, &proposals)
+    } else {
+        policy::decide(&rule.policy, actor.as_deref(), &proposals)
+    };
+    match decided {
         Ok(decisions) => {
             let mut detail = format!("{} decision(s)", decisions.len());
             match &binding.subject {
@@ -814,6 +851,21 @@ fn compile_rule(
             Err(e) => errors.push(format!("when[{i}]: {e}")),
         }
     }
+    let ends = match &r.ends_subject {
+        RawEnds::Always(false) => Ends::Never,
+        RawEnds::Always(true) => Ends::Always,
+        RawEnds::When(c) => match condition(c, el) {
+            Ok(c) => Ends::When(c),
+            Err(e) => {
+                errors.push(format!("ends_subject: {e}"));
+                Ends::Never
+            }
+        },
+    };
+    // A rule that always ends its subject only revokes; one that ends it under a condition
+    // also grants (an alert firing approves, the same alert resolved ends).
+    let always_ends = matches!(ends, Ends::Always);
+    let may_end = !matches!(r.ends_subject, RawEnds::Always(false));
     let produce = match (&r.command, &r.action, &r.request_id) {
         (Some(cmd), None, None) => match selector_in(cmd, el) {
             Ok(s) => Some(Produce::Command(s)),
@@ -862,8 +914,8 @@ fn compile_rule(
             );
             None
         }
-        (None, None, None) if r.ends_subject => Some(Produce::Nothing),
-        (None, None, Some(id)) if r.ends_subject => match extract(id, el) {
+        (None, None, None) if always_ends => Some(Produce::Nothing),
+        (None, None, Some(id)) if always_ends => match extract(id, el) {
             Ok(request_id) => Some(Produce::Fields(Box::new(Fields {
                 action: Extract {
                     from: From::Constant("revoke".into()),
@@ -884,13 +936,14 @@ fn compile_rule(
             None
         }
     };
-    if r.ends_subject {
+    if may_end {
         if r.command.is_some() {
             errors.push(
                 "ends_subject: a rule that ends its subject only revokes; drop `command`".into(),
             );
         }
         if let Some(a) = &r.action
+            && always_ends
             && !matches!(a, RawExtract::Constant(c) if Action::parse(c) == Some(Action::Revoke))
         {
             errors.push(
@@ -936,7 +989,7 @@ fn compile_rule(
             let allow = a.allow.as_deref().map(Allowlist::parse);
             match &allow {
                 // Ending access is always allowed: approver lists gate grants only.
-                _ if r.ends_subject => {}
+                _ if always_ends => {}
                 Some(Allowlist::Anyone) | None => warnings.push(format!(
                     "source `{source}`, rule `{}`: any authenticated actor may act (no approvers set)",
                     r.name
@@ -948,7 +1001,7 @@ fn compile_rule(
                 _ => {}
             }
             match sel {
-                Ok(s) if r.ends_subject => (Some(s), None),
+                Ok(s) if always_ends => (Some(s), None),
                 Ok(s) => (Some(s), Some(allow.unwrap_or(Allowlist::Anyone))),
                 Err(e) => {
                     errors.push(format!("actor: {e}"));
@@ -958,7 +1011,7 @@ fn compile_rule(
         }
     };
     let actions = match &r.actions {
-        None if r.ends_subject => vec![Action::Revoke],
+        None if always_ends => vec![Action::Revoke],
         None => Action::ALL.to_vec(),
         Some(list) => {
             let mut out = Vec::new();
@@ -1007,7 +1060,7 @@ fn compile_rule(
                 org,
             },
             subject,
-            ends_subject: r.ends_subject,
+            ends_subject: ends,
             answer,
         }),
         _ => Err(errors),
@@ -1122,17 +1175,33 @@ fn regex(text: &str) -> Result<Regex, String> {
 }
 
 fn condition(c: &RawCondition, el: bool) -> Result<Condition, String> {
-    if let Some(inner) = &c.not {
-        if c.path.is_some()
-            || c.header.is_some()
-            || c.equals.is_some()
-            || c.one_of.is_some()
-            || c.matches.is_some()
-            || c.exists.is_some()
-        {
+    let test_fields = c.path.is_some()
+        || c.header.is_some()
+        || c.equals.is_some()
+        || c.one_of.is_some()
+        || c.matches.is_some()
+        || c.exists.is_some();
+    match (&c.not, &c.any) {
+        (Some(_), Some(_)) => return Err("`not` and `any` are two conditions: nest one".into()),
+        (Some(_), None) if test_fields => {
             return Err("`not` stands alone: put the condition inside it".into());
         }
-        return Ok(Condition::Not(Box::new(condition(inner, el)?)));
+        (None, Some(_)) if test_fields => {
+            return Err("`any` stands alone: put the conditions inside it".into());
+        }
+        (Some(inner), None) => return Ok(Condition::Not(Box::new(condition(inner, el)?))),
+        (None, Some(all)) if all.is_empty() => {
+            return Err("`any` needs at least one condition".into());
+        }
+        (None, Some(all)) => {
+            return all
+                .iter()
+                .enumerate()
+                .map(|(i, c)| condition(c, el).map_err(|e| format!("any[{i}]: {e}")))
+                .collect::<Result<_, _>>()
+                .map(Condition::Any);
+        }
+        (None, None) => {}
     }
     let selector = selector_in(
         &RawSelector {
@@ -1407,6 +1476,89 @@ mod tests {
     }
 
     #[test]
+    fn an_element_ends_its_subject_when_the_condition_holds_and_then_only_revokes() {
+        // Approvers gate the firing alert's grant, not the resolved alert's end; an ending
+        // element that maps to something other than revoke decides nothing for it.
+        let tree = json!({
+            "verify": { "scheme": "token", "secrets": "t" },
+            "rules": [ {
+                "name": "alerts",
+                "for_each": { "path": "$.alerts[*]", "key": [ { "path": "@.fp" } ] },
+                "subject": { "path": "@.fp" },
+                "ends_subject": { "path": "@.status", "equals": "resolved" },
+                "when": [ { "any": [
+                    { "path": "@.req", "exists": true },
+                    { "path": "@.status", "equals": "resolved" }
+                ] } ],
+                "action": { "path": "@.action" },
+                "request_id": { "path": "@.req" },
+                "actor": { "path": "@.by", "allow": "alice" }
+            } ]
+        });
+        let m = compile("s", Path::new("s.yaml"), tree, &Env::default(), &defaults()).unwrap();
+        let headers = HeaderMap::new();
+        let body = json!({ "alerts": [
+            { "fp": "a", "status": "firing", "action": "approve", "req": "r-1", "by": "alice" },
+            { "fp": "b", "status": "resolved", "action": "revoke", "req": "r-2", "by": "bot" },
+            { "fp": "c", "status": "resolved", "by": "bot" },
+            { "fp": "d", "status": "resolved", "action": "approve", "req": "r-4" },
+            { "fp": "e", "status": "firing", "by": "alice" }
+        ] });
+        let Verdict::Decided {
+            elements,
+            decisions,
+            ..
+        } = m.decide(
+            Input {
+                headers: &headers,
+                body: &body,
+            },
+            None,
+        )
+        else {
+            panic!("no decision");
+        };
+        let got: Vec<(&str, bool, usize)> = elements
+            .iter()
+            .map(|e| {
+                (
+                    e.binding.subject.as_deref().unwrap_or(""),
+                    e.binding.ends_subject,
+                    e.decisions,
+                )
+            })
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("a", false, 1),
+                ("b", true, 1),
+                ("c", true, 0),
+                ("d", true, 0)
+            ]
+        );
+        let actions: Vec<(Action, &str)> = decisions
+            .iter()
+            .map(|d| (d.action, d.request_id.as_str()))
+            .collect();
+        assert_eq!(actions, [(Action::Approve, "r-1"), (Action::Revoke, "r-2")]);
+        // A firing element by someone not on the list still refuses the group.
+        let body = json!({ "alerts": [
+            { "fp": "a", "status": "firing", "action": "approve", "req": "r-1", "by": "mallory" }
+        ] });
+        assert!(matches!(
+            m.decide(
+                Input {
+                    headers: &headers,
+                    body: &body,
+                },
+                None,
+            ),
+            Verdict::Rejected { .. }
+        ));
+    }
+
+    #[test]
     fn compile_errors_name_rule_and_field() {
         let tree = json!({
             "verify": { "scheme": "token", "secrets": "t" },
@@ -1417,7 +1569,12 @@ mod tests {
                 { "name": "c", "action": "approve" },
                 { "name": "d", "command": { "path": "$.x" }, "max_expiration": "forever" },
                 { "name": "e", "action": "approve", "request_id": { "path": "@.id" } },
-                { "name": "f", "for_each": { "path": "$.a[" }, "action": "approve", "request_id": { "path": "@.id" } }
+                { "name": "f", "for_each": { "path": "$.a[" }, "action": "approve", "request_id": { "path": "@.id" } },
+                { "name": "g", "when": [ { "any": [] }, { "any": [ { "path": "$.x", "exists": true } ], "path": "$.y" } ],
+                  "action": "approve", "request_id": { "path": "$.id" } },
+                { "name": "h", "ends_subject": { "path": "$.s" }, "subject": { "path": "$.s" },
+                  "action": "approve", "request_id": { "path": "$.id" } },
+                { "name": "i", "ends_subject": { "path": "$.s", "equals": "done" }, "command": { "path": "$.x" } }
             ]
         });
         let errors =
@@ -1432,6 +1589,11 @@ mod tests {
             "s.yaml: rule `d`: max_expiration: expiration `forever`",
             "s.yaml: rule `e`: request_id: `@.id` reads a `for_each` element, and this rule has no `for_each`",
             "s.yaml: rule `f`: for_each.path: `$.a[` is not valid JSONPath",
+            "s.yaml: rule `g`: when[0]: `any` needs at least one condition",
+            "s.yaml: rule `g`: when[1]: `any` stands alone",
+            "s.yaml: rule `h`: ends_subject: needs exactly one of",
+            "s.yaml: rule `i`: ends_subject: a rule that ends its subject only revokes; drop `command`",
+            "s.yaml: rule `i`: ends_subject: needs a `subject`",
         ] {
             assert!(all.contains(fragment), "missing {fragment:?} in:\n{all}");
         }

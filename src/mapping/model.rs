@@ -121,6 +121,26 @@ pub struct RawCondition {
     pub matches: Option<String>,
     pub exists: Option<bool>,
     pub not: Option<Box<RawCondition>>,
+    /// Holds when any of these holds.
+    pub any: Option<Vec<RawCondition>>,
+}
+
+/// A rule's `ends_subject`: always, never, or when a condition holds for the event (or the
+/// `for_each` element).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(
+    untagged,
+    expecting = "`true`, `false`, or a condition (`path` with `equals`, `one_of`, `matches` or `exists`)"
+)]
+pub enum RawEnds {
+    Always(bool),
+    When(Box<RawCondition>),
+}
+
+impl Default for RawEnds {
+    fn default() -> Self {
+        RawEnds::Always(false)
+    }
 }
 
 /// A value to extract: a constant string, or a selector refined by a regex capture, a value
@@ -174,9 +194,10 @@ pub struct RawRule {
     pub org: Option<String>,
     /// What the decisions are asked on (an incident, an alert, `owner/repo#number`).
     pub subject: Option<RawExtract>,
-    /// The event ends its subject: every request approved under it is revoked.
+    /// The event ends its subject: every request approved under it is revoked. `true`, or a
+    /// condition for a rule whose events (or `for_each` elements) only sometimes end it.
     #[serde(default)]
-    pub ends_subject: bool,
+    pub ends_subject: RawEnds,
     /// Where the relay answers once P0 has answered.
     pub answer: Option<RawAnswer>,
 }
@@ -237,6 +258,8 @@ pub struct RawExpectSpec {
     pub subject: Option<String>,
     /// Whether the event ends its subject (revoking what was approved under it).
     pub ends_subject: Option<bool>,
+    /// Every subject the delivery ends, in element order (`for_each` rules end some).
+    pub ends_subjects: Option<Vec<String>>,
     /// A fragment the rejection reason must contain.
     pub rejected: Option<String>,
 }

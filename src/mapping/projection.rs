@@ -76,7 +76,7 @@ impl Projection {
                     p.add(k);
                 }
             }
-            for c in &rule.when {
+            for c in rule.when.iter().chain(rule.ends_subject.condition()) {
                 p.add_condition(c);
             }
             match &rule.produce {
@@ -107,6 +107,11 @@ impl Projection {
     fn add_condition(&mut self, c: &Condition) {
         match c {
             Condition::Not(inner) => self.add_condition(inner),
+            Condition::Any(all) => {
+                for c in all {
+                    self.add_condition(c);
+                }
+            }
             Condition::Test { selector, .. } => self.add(selector),
         }
     }
