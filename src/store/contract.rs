@@ -669,7 +669,7 @@ async fn ten_relays_opening_a_fresh_database_at_once_migrate_it_once() {
     }
 }
 
-const MIGRATIONS_PG_LEN: usize = 2;
+const MIGRATIONS_PG_LEN: usize = 3;
 
 #[tokio::test]
 async fn pruning_is_done_by_one_relay_at_a_time() {
@@ -963,4 +963,60 @@ async fn answers_are_created_with_the_final_outcome_and_claimed_once(mut s: Back
     // Pruning the finished decision takes its answers with it.
     assert_eq!(s.prune(100_000).await, 2);
     assert!(s.show(job.id).await.is_none());
+}
+
+/// A decision still committing holds its subject's lock shared: decisions on the same
+/// subject from other relays do not wait for it, and the subject's end does (so the end sees
+/// the approve and revokes it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn decisions_share_their_subjects_lock_and_only_an_end_waits_for_them() {
+    let Some((db, a, b)) = two_stores().await else {
+        return;
+    };
+    let mut holder = db.raw().await;
+    let in_flight = holder.transaction().await.unwrap();
+    in_flight
+        .execute(
+            "SELECT pg_advisory_xact_lock_shared(7002, hashtext('github/PBUSY'))",
+            &[],
+        )
+        .await
+        .unwrap();
+    let approve = on_subject("busy-1", &[(Action::Approve, "r-1")], "PBUSY", false);
+    let quick = tokio::time::timeout(Duration::from_secs(5), a.write(&[approve], &[], 1_000))
+        .await
+        .expect("a decision on a busy subject does not wait for the others on it")
+        .unwrap();
+    assert!(matches!(quick[0], Ok(Accepted::New { .. })));
+
+    let end = tokio::spawn(async move {
+        let end = on_subject("busy-end", &[], "PBUSY", true);
+        b.write(&[end], &[], 2_000).await
+    });
+    let watcher = db.raw().await;
+    let waiting = async {
+        loop {
+            let row = watcher
+                .query_one(
+                    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted",
+                    &[],
+                )
+                .await
+                .unwrap();
+            if row.get::<_, i64>(0) == 1 {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), waiting)
+        .await
+        .expect("the end waits for the decision still committing");
+    assert!(!end.is_finished());
+    in_flight.rollback().await.unwrap();
+    let ended = end.await.unwrap().unwrap().remove(0).unwrap();
+    assert_eq!(
+        bound(&ended).into_iter().map(|b| b.0).collect::<Vec<_>>(),
+        ["r-1"]
+    );
 }

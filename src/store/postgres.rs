@@ -365,6 +365,166 @@ BEGIN
 END
 $fn$;
 "#,
+    r#"
+-- Batches without savepoints (a batch that fails is retried one delivery at a time by the
+-- relay, so no subtransaction is opened per delivery), and a subject's lock shared by the
+-- decisions on it, taken alone only by its end.
+CREATE OR REPLACE FUNCTION p0_relay_write(deliveries JSONB, payloads BYTEA[], records JSONB,
+                               now_ms BIGINT, dedup_since BIGINT, coalesce_since BIGINT)
+RETURNS JSONB LANGUAGE plpgsql AS $fn$
+DECLARE
+    k          INTEGER;
+    ending     BOOLEAN;
+    d          RECORD;
+    dcn        JSONB;
+    outcome        JSONB;
+    results    JSONB[] := array_fill(NULL::JSONB, ARRAY[jsonb_array_length(deliveries)]);
+    ignored    BIGINT[] := '{}';
+    del_id     BIGINT;
+    taken      BIGINT;
+    latest     RECORD;
+    jid        BIGINT;
+    job_list   JSONB;
+    id_list    BIGINT[];
+    created    BOOLEAN := false;
+    g          RECORD;
+    bound_list JSONB;
+BEGIN
+    -- The end of a subject is serialised against decisions on it across relays: an end takes
+    -- the subject's lock alone and so waits for every approve under it still committing, and
+    -- sees it. Decisions that end nothing share the lock: one busy incident or issue does
+    -- not serialise its own commands.
+    FOR k, ending IN
+        SELECT hashtext((e ->> 'source') || '/' || (e ->> 'subject')),
+               bool_or(COALESCE((e ->> 'ends_subject')::BOOLEAN, false))
+        FROM jsonb_array_elements(deliveries) e
+        WHERE e ->> 'subject' IS NOT NULL
+        GROUP BY 1
+        ORDER BY 1
+    LOOP
+        IF ending THEN
+            PERFORM pg_advisory_xact_lock(7002, k);
+        ELSE
+            PERFORM pg_advisory_xact_lock_shared(7002, k);
+        END IF;
+    END LOOP;
+    -- Coalescing is serialised per (org, request) across relays: every key this batch
+    -- touches is locked first, in one global order, so two batches never wait on each other
+    -- in a cycle.
+    FOR k IN
+        SELECT DISTINCT hashtext((x ->> 'org') || '/' || (x ->> 'request_id'))
+        FROM jsonb_array_elements(deliveries) e, jsonb_array_elements(e -> 'decisions') x
+        ORDER BY 1
+    LOOP
+        PERFORM pg_advisory_xact_lock(7001, k);
+    END LOOP;
+    -- Delivery keys are taken in one global order too (the unique index makes a second
+    -- taker wait for the first to commit or roll back).
+    FOR d IN
+        SELECT e.value AS v, e.ordinality::INTEGER AS i
+        FROM jsonb_array_elements(deliveries) WITH ORDINALITY e
+        ORDER BY e.value ->> 'source' COLLATE "C", e.value ->> 'dedup_key' COLLATE "C", e.ordinality
+    LOOP
+        del_id := nextval(pg_get_serial_sequence('deliveries', 'id'));
+        taken := NULL;
+        INSERT INTO dedup AS x (source, dedup_key, delivery_id, received_at)
+        VALUES (d.v ->> 'source', d.v ->> 'dedup_key', del_id, (d.v ->> 'received_at')::BIGINT)
+        ON CONFLICT (source, dedup_key) DO UPDATE
+            SET delivery_id = EXCLUDED.delivery_id, received_at = EXCLUDED.received_at
+            WHERE x.received_at < dedup_since
+        RETURNING x.delivery_id INTO taken;
+        IF taken IS NULL THEN
+            SELECT dl.job_ids INTO id_list FROM dedup x JOIN deliveries dl ON dl.id = x.delivery_id
+            WHERE x.source = d.v ->> 'source' AND x.dedup_key = d.v ->> 'dedup_key';
+            results[d.i] := jsonb_build_object('dup', to_jsonb(COALESCE(id_list, '{}')));
+            CONTINUE;
+        END IF;
+        INSERT INTO deliveries (id, source, dedup_key, received_at, rule, actor, payload)
+        VALUES (del_id, d.v ->> 'source', d.v ->> 'dedup_key', (d.v ->> 'received_at')::BIGINT,
+                d.v ->> 'rule', d.v ->> 'actor', payloads[d.i]);
+        job_list := '[]';
+        id_list := '{}';
+        FOR dcn IN SELECT value FROM jsonb_array_elements(d.v -> 'decisions') LOOP
+            -- The latest job for this request decides: the same action still pending or
+            -- done recently is not sent again, but approve, revoke, approve is three calls.
+            SELECT j.id, j.action, j.state, j.created_at INTO latest FROM jobs j
+            WHERE j.org = dcn ->> 'org' AND j.request_id = dcn ->> 'request_id'
+            ORDER BY j.id DESC LIMIT 1;
+            IF FOUND AND latest.action = dcn ->> 'action' AND latest.created_at >= coalesce_since
+               AND latest.state IN ('pending', 'sending', 'succeeded', 'dry_run') THEN
+                jid := latest.id;
+                job_list := job_list || jsonb_build_array(jsonb_build_array(jid, true));
+            ELSE
+                INSERT INTO jobs (delivery_id, source, org, request_id, action, expiration, state,
+                                  next_attempt_at, window_start, created_at, updated_at,
+                                  subject, reply)
+                VALUES (del_id, d.v ->> 'source', dcn ->> 'org', dcn ->> 'request_id',
+                        dcn ->> 'action', dcn ->> 'expiration', 'pending',
+                        now_ms, now_ms, now_ms, now_ms, d.v ->> 'subject', d.v ->> 'reply')
+                RETURNING id INTO jid;
+                job_list := job_list || jsonb_build_array(jsonb_build_array(jid, false));
+                created := true;
+            END IF;
+            id_list := id_list || jid;
+        END LOOP;
+        -- The end of a subject revokes every request still granted under it: the latest
+        -- decision on it is an approve under this subject, pending, sending, succeeded or
+        -- dry run. Each revoke is queued behind its approve.
+        bound_list := '[]';
+        IF (d.v ->> 'ends_subject')::BOOLEAN AND d.v ->> 'subject' IS NOT NULL THEN
+            FOR g IN
+                SELECT j.org, j.request_id FROM jobs j
+                WHERE j.source = d.v ->> 'source' AND j.subject = d.v ->> 'subject'
+                  AND j.action = 'approve'
+                  AND j.state IN ('pending', 'sending', 'succeeded', 'dry_run')
+                  AND j.id = (SELECT MAX(x.id) FROM jobs x
+                              WHERE x.org = j.org AND x.request_id = j.request_id)
+                ORDER BY j.id
+            LOOP
+                INSERT INTO jobs (delivery_id, source, org, request_id, action, state,
+                                  next_attempt_at, window_start, created_at, updated_at,
+                                  subject, reply, ended_by)
+                VALUES (del_id, d.v ->> 'source', g.org, g.request_id, 'revoke', 'pending',
+                        now_ms, now_ms, now_ms, now_ms, d.v ->> 'subject', d.v ->> 'reply', del_id)
+                RETURNING id INTO jid;
+                bound_list := bound_list || jsonb_build_array(jsonb_build_array(jid, g.org, g.request_id));
+                id_list := id_list || jid;
+                created := true;
+            END LOOP;
+        END IF;
+        UPDATE deliveries SET job_ids = id_list WHERE id = del_id;
+        results[d.i] := jsonb_build_object('jobs', job_list, 'bound', bound_list);
+    END LOOP;
+    -- An outcome counts only from the relay that holds the claim (its token, still sending).
+    FOR outcome IN SELECT value FROM jsonb_array_elements(records) ORDER BY (value ->> 'job_id')::BIGINT LOOP
+        UPDATE jobs SET state = outcome ->> 'state', attempts = (outcome ->> 'attempts')::INTEGER,
+                        next_attempt_at = (outcome ->> 'next_attempt_at')::BIGINT,
+                        last_status = (outcome ->> 'status')::INTEGER, last_error = outcome ->> 'error',
+                        updated_at = (outcome ->> 'at')::BIGINT, lease_until = NULL
+        WHERE id = (outcome ->> 'job_id')::BIGINT AND claim_token = (outcome ->> 'claim')::BIGINT
+          AND state = 'sending';
+        IF FOUND THEN
+            INSERT INTO attempts (job_id, at, status, result, error, duration_ms)
+            VALUES ((outcome ->> 'job_id')::BIGINT, (outcome ->> 'at')::BIGINT, (outcome ->> 'status')::INTEGER,
+                    outcome ->> 'result', outcome ->> 'error', (outcome ->> 'duration_ms')::BIGINT);
+            -- Answers back are created with P0's final answer, in the same transaction.
+            INSERT INTO answers (job_id, via, kind, target, body, state, next_attempt_at,
+                                 window_start, created_at, updated_at)
+            SELECT (outcome ->> 'job_id')::BIGINT, a ->> 'via', a ->> 'kind', a ->> 'target',
+                   a ->> 'body', 'pending', (outcome ->> 'at')::BIGINT, (outcome ->> 'at')::BIGINT,
+                   (outcome ->> 'at')::BIGINT, (outcome ->> 'at')::BIGINT
+            FROM jsonb_array_elements(COALESCE(outcome -> 'answers', '[]')) a;
+        ELSE
+            ignored := ignored || (outcome ->> 'job_id')::BIGINT;
+        END IF;
+    END LOOP;
+    IF created THEN
+        PERFORM pg_notify('p0_relay_jobs', '');
+    END IF;
+    RETURN jsonb_build_object('results', to_jsonb(results), 'ignored', to_jsonb(ignored));
+END
+$fn$;
+"#,
 ];
 
 /// Advisory lock keys (one 64-bit space; coalescing uses the separate two-key space).
@@ -551,7 +711,47 @@ impl PgStore {
     }
 
     /// Stores deliveries and records outcomes in one transaction (see `Store::write`).
+    /// Commits deliveries and attempt outcomes in one transaction: per delivery, its result.
+    /// The transaction opens no savepoint per delivery (each would be a subtransaction, and
+    /// past 64 of them every other session's snapshots get slower), so when the database
+    /// refuses the batch it is written again in parts: the outcomes together, then each
+    /// delivery alone. One delivery that fails is left out whole and fails only its sender.
     pub async fn write(
+        &self,
+        deliveries: &[NewDelivery],
+        records: &[AttemptRecord],
+        now_ms: i64,
+    ) -> Result<Vec<Result<Accepted, StoreError>>, StoreError> {
+        match self.write_batch(deliveries, records, now_ms).await {
+            Err(StoreError::Postgres(e))
+                if deliveries.len() + usize::from(!records.is_empty()) > 1 =>
+            {
+                tracing::warn!(error = %e, "a batch was refused; writing its parts one by one");
+                if !records.is_empty() {
+                    self.write_batch(&[], records, now_ms).await?;
+                }
+                let mut results = Vec::with_capacity(deliveries.len());
+                for d in deliveries {
+                    let one = match self.write_batch(std::slice::from_ref(d), &[], now_ms).await {
+                        Err(StoreError::Postgres(e)) => {
+                            Err(StoreError::Invalid(format!("store: {}", chain(&e))))
+                        }
+                        other => other,
+                    };
+                    results.push(one.and_then(|mut r| match r.pop() {
+                        Some(result) if r.is_empty() => result,
+                        _ => Err(StoreError::Invalid(
+                            "p0_relay_write answered other than one result".into(),
+                        )),
+                    }));
+                }
+                Ok(results)
+            }
+            other => other,
+        }
+    }
+
+    async fn write_batch(
         &self,
         deliveries: &[NewDelivery],
         records: &[AttemptRecord],
