@@ -6,7 +6,7 @@ cd "$(dirname "$0")"
 root=..
 td=$root/mappings/testdata
 rm -rf seeds
-mkdir -p seeds/{verify_github,verify_pagerduty,verify_token,body,command,mapping_eval,mapping_load,config_load}
+mkdir -p seeds/{verify_github,verify_pagerduty,verify_token,verify_hmac,verify_standard_webhooks,verify_basic,body,body_projected,command,mapping_eval,mapping_load,config_load}
 
 # seed TARGET NAME FIRST-BYTES(printf format) HEADER-LINES BODY-FILE
 seed() {
@@ -45,6 +45,31 @@ printf '\x07\n\n' >seeds/verify_token/relay-token-signed
 printf '\x00Authorization: Bearer fuzz-secret-new\n\n' >seeds/verify_token/bearer
 printf '\x00X-Relay-Token:  fuzz-secret-old \n\n' >seeds/verify_token/relay-token
 printf '\x00Authorization: Basic Zm9vOmJhcg==\n\n' >seeds/verify_token/basic
+
+# The other alerting sources: their testdata for the mapping, projection and verifier targets.
+for f in "$td"/{alertmanager,grafana,incidentio,jsm}/*.json; do
+  n=$(basename "$(dirname "$f")")-$(basename "$f" .json)
+  seed mapping_eval "$n" '' "Content-Type: application/json" "$f"
+done
+for f in "$td"/grafana/*.json; do
+  n=$(basename "$f" .json)
+  seed verify_hmac "$n-signed" '\x01' "Content-Type: application/json" "$f"
+  seed verify_hmac "$n-timed-base64" '\x0f' "Content-Type: application/json" "$f"
+  seed verify_hmac "$n-forged" '\x10' "X-Grafana-Alerting-Signature: sha256=757107ea0eb2509fc211221cce984b8a37570b6d7586c22c46f4379c8b043e17" "$f"
+done
+for f in "$td"/incidentio/*.json; do
+  n=$(basename "$f" .json)
+  seed verify_standard_webhooks "$n-signed" '\x01' "Content-Type: application/json" "$f"
+  seed verify_standard_webhooks "$n-svix" '\x07' "Content-Type: application/json" "$f"
+  seed verify_standard_webhooks "$n-forged" '\x00' "webhook-id: msg_1
+webhook-timestamp: 1764288000
+webhook-signature: v1,K5oZfzN95Z9UVu1EsfQmfVNQhnkZ2pj9o9NDN/H/pI4= v2,abc" "$f"
+done
+printf '\x01\n\n' >seeds/verify_basic/signed
+printf '\x03\n\n' >seeds/verify_basic/old-password
+printf '\x00Authorization: Basic YWxlcnRtYW5hZ2VyOmZ1enotc2VjcmV0LW5ldw==\n\n' >seeds/verify_basic/written
+printf '\x00Authorization: Basic YWxlcnRtYW5hZ2VyOmd1ZXNz\n\n' >seeds/verify_basic/wrong
+cp seeds/mapping_eval/* seeds/body_projected/
 
 # body: first byte = form flag | depth limit << 1, second = declared length flag | size << 1
 for f in "$td"/*/*.json; do

@@ -84,8 +84,12 @@ impl Worker {
                 }
                 last_gauges = Some(Instant::now());
             }
+            // Every permit busy: a finishing call wakes the loop, so the store is not asked when
+            // the next job is due (under load that question would follow every call).
             let wait = if claimed_all {
                 Duration::ZERO
+            } else if free == 0 {
+                IDLE_POLL
             } else {
                 match this.store.next_due().await {
                     Ok(Some(due)) => millis_until(due, now_ms()).min(IDLE_POLL),

@@ -428,6 +428,21 @@ async fn hostile_input_to_every_generic_scheme_is_refused_and_never_reaches_p0()
             with_header(&fresh, "webhook-id", "msg_other"),
         ),
         (
+            // The dedup key reads `webhook-id` first: an unsigned one beside a delivery signed
+            // under Svix's names would let a captured delivery be replayed as new.
+            "incidentio: signed under svix- names, with another, unsigned webhook-id",
+            Hook {
+                source: fresh.source,
+                headers: fresh
+                    .headers
+                    .iter()
+                    .map(|(k, v)| (k.replace("webhook-", "svix-"), v.clone()))
+                    .collect(),
+                body: fresh.body.clone(),
+            }
+            .header("webhook-id", "msg_replayed_as_new"),
+        ),
+        (
             "incidentio: wrong version prefix",
             with_header(&fresh, "webhook-signature", &sig.replace("v1,", "v2,")),
         ),

@@ -65,8 +65,14 @@ function init(args)
   s200 = 0
   other = 0
   local r = math.random(1, 999999999)
-  prefix = string.format("%st%d-%d-", os.getenv("BENCH_SALT") or "", tid, r)
-  numeric = string.format("%d%09d", tid, r)
+  local salt = os.getenv("BENCH_SALT") or ""
+  prefix = string.format("%st%d-%d-", salt, tid, r)
+  -- LuaJIT seeds math.random the same in every process: the salt's number (`r2-` -> 3) keeps
+  -- the comment IDs of wrk processes run side by side apart, or their deliveries would be
+  -- duplicates of each other.
+  local lane = salt:match("%d+")
+  lane = lane and tostring(tonumber(lane) + 1) or ""
+  numeric = string.format("%s%d%09d", lane, tid, r)
 end
 
 function request()

@@ -7,38 +7,10 @@
 
 mod common;
 
-use std::collections::HashMap;
-use std::path::Path;
-use std::sync::OnceLock;
-
 use libfuzzer_sys::fuzz_target;
-use p0_relay::config::env::Env;
 use p0_relay::domain::{Action, Expiration};
-use p0_relay::mapping::{Defaults, Input, MappingSet, Verdict};
+use p0_relay::mapping::{Input, Verdict};
 use serde_json::Value;
-
-fn mappings() -> &'static MappingSet {
-    static SET: OnceLock<MappingSet> = OnceLock::new();
-    SET.get_or_init(|| {
-        let vars: HashMap<String, String> = [
-            ("GITHUB_WEBHOOK_SECRET", "s"),
-            ("PAGERDUTY_WEBHOOK_SECRET", "s"),
-            ("OPSGENIE_WEBHOOK_TOKEN", "s"),
-            ("GITHUB_APPROVERS", "octocat"),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_owned(), v.to_owned()))
-        .collect();
-        let env = Env::default().overlay(&vars);
-        let defaults = Defaults {
-            org: "acme".into(),
-            expiration: Expiration::parse("1h").unwrap(),
-            max_expiration: Some(Expiration::parse("12h").unwrap()),
-        };
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../mappings");
-        MappingSet::load(&dir, &env, &defaults).unwrap()
-    })
-}
 
 fuzz_target!(|data: &[u8]| {
     let (headers, bytes) = common::split_request(data);
@@ -52,9 +24,9 @@ fuzz_target!(|data: &[u8]| {
         headers: &headers,
         body: &body,
     };
-    for (source, mapping) in &mappings().mappings {
-        let verdict = mapping.decide(input);
-        let (explained, _trace) = mapping.explain(input);
+    for (source, mapping) in &common::mappings().mappings {
+        let verdict = mapping.decide(input, None);
+        let (explained, _trace) = mapping.explain(input, None);
         assert_eq!(verdict, explained, "{source}: explain differs from decide");
         let key = mapping.dedup_key(input, bytes);
         assert!(

@@ -1020,3 +1020,25 @@ async fn decisions_share_their_subjects_lock_and_only_an_end_waits_for_them() {
         ["r-1"]
     );
 }
+
+contract!(an_end_sees_the_approve_it_shares_a_batch_with);
+/// An approve and the end of its subject committed in one batch (they arrived within one
+/// group commit, the approve first): the end revokes it, whatever their dedup keys.
+async fn an_end_sees_the_approve_it_shares_a_batch_with(mut s: Backend) {
+    let r = s
+        .write(
+            &[
+                on_subject("z-approve", &[(Action::Approve, "late")], "P9", false),
+                on_subject("a-end", &[], "P9", true),
+            ],
+            &[],
+            1_000,
+        )
+        .await
+        .unwrap();
+    let end = r[1].as_ref().unwrap();
+    assert_eq!(
+        bound(end).into_iter().map(|b| b.0).collect::<Vec<_>>(),
+        ["late"]
+    );
+}

@@ -75,6 +75,20 @@ impl StandardWebhooks {
             return Err(VerifyError::Missing(STANDARD_NAMES.signature.into()));
         };
         let id = single_header(headers, names.id)?;
+        // Both flavours' ids, when present, must name the same message: dedup keys read
+        // `webhook-id` first, and one the signature does not cover would make a replay new.
+        let other = if names.id == STANDARD_NAMES.id {
+            SVIX_NAMES.id
+        } else {
+            STANDARD_NAMES.id
+        };
+        if headers
+            .get_all(other)
+            .iter()
+            .any(|v| v.as_bytes() != id.as_bytes())
+        {
+            return Err(VerifyError::Malformed(other.into()));
+        }
         let ts_text = single_header(headers, names.timestamp)?.trim();
         let ts: i64 = ts_text
             .parse()
@@ -166,6 +180,29 @@ mod tests {
 
     fn scheme(secrets: &str) -> StandardWebhooks {
         StandardWebhooks::new(Secrets::from_list(secrets), 300).unwrap()
+    }
+
+    #[test]
+    fn the_other_flavours_id_must_name_the_same_message() {
+        let ts = TS.to_string();
+        let mut svix = headers("svix-", ID, &ts, &[SIG]);
+        assert!(scheme(SECRET).verify(&svix, BODY, TS).is_ok());
+        svix.insert("webhook-id", HeaderValue::from_static(ID));
+        assert!(
+            scheme(SECRET).verify(&svix, BODY, TS).is_ok(),
+            "the same id twice"
+        );
+        svix.insert("webhook-id", HeaderValue::from_static("msg_replayed"));
+        assert_eq!(
+            scheme(SECRET).verify(&svix, BODY, TS),
+            Err(VerifyError::Malformed("webhook-id".into()))
+        );
+        let mut standard = headers("webhook-", ID, &ts, &[SIG]);
+        standard.append("svix-id", HeaderValue::from_static("msg_other"));
+        assert_eq!(
+            scheme(SECRET).verify(&standard, BODY, TS),
+            Err(VerifyError::Malformed("svix-id".into()))
+        );
     }
 
     #[test]
