@@ -18,7 +18,7 @@ use jsonpath_rust::parser::model::{JpQuery, Segment, Selector as Jp};
 use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::{Map, Number, Value};
 
-use super::eval::{Condition, Extract, From, Part, Selector};
+use super::expr::{Condition, Extract, From, Part, Selector};
 use super::{Mapping, Produce};
 
 /// What of a body one mapping reads.

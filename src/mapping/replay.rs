@@ -7,9 +7,9 @@ use std::time::{Duration, SystemTime};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
-use super::eval::{Input, Selector};
+use super::compile::selector;
+use super::expr::{Input, Selector};
 use super::model::{RawDedupAlternative, RawDedupPair, RawFreshness};
-use super::selector;
 
 /// Longest dedup key stored; longer keys are cut at a character boundary.
 const MAX_KEY: usize = 256;

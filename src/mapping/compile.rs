@@ -1,0 +1,564 @@
+//! Compiles a parsed mapping file into a `Mapping`: `${VAR}` expansion, every JSONPath, regex,
+//! template and policy checked once, errors naming the file, rule and field.
+
+use std::path::Path;
+
+use axum::http::HeaderName;
+use jsonpath_rust::parser::parse_json_path;
+use regex::Regex;
+use serde_json::Value;
+
+use super::expr::{self, Condition, Extract, From, Part, Selector, Test};
+use super::model::{
+    RawAnswer, RawCondition, RawEnds, RawExtract, RawMapping, RawRule, RawSelector,
+};
+use super::*;
+
+/// Compiles a parsed mapping file, expanding `${VAR}` references (outside `tests`) from `env`.
+pub fn compile(
+    source: &str,
+    file: &Path,
+    tree: Value,
+    env: &Env,
+    defaults: &Defaults,
+) -> Result<Mapping, Vec<String>> {
+    let at = file.display().to_string();
+    let mut expanded = tree.clone();
+    if let Value::Object(map) = &mut expanded {
+        let tests = map.remove("tests");
+        env.expand_tree(&mut expanded, "")
+            .map_err(|e| vec![format!("{at}: {e}")])?;
+        if let (Value::Object(map), Some(tests)) = (&mut expanded, tests) {
+            map.insert("tests".into(), tests);
+        }
+    } else {
+        return Err(vec![format!(
+            "{at}: a mapping file is a YAML mapping (verify, dedup, rules, tests)"
+        )]);
+    }
+    let raw: RawMapping = serde_path_to_error::deserialize(expanded)
+        .map_err(|e| vec![format!("{at}: {}: {}", e.path(), e.inner())])?;
+
+    let mut errors = Vec::new();
+    let mut warnings = Vec::new();
+    let verifier = match verify::compile(raw.verify.as_ref(), source, &mut warnings) {
+        Ok(v) => Some(v),
+        Err(e) => {
+            errors.push(format!("{at}: verify: {e}"));
+            None
+        }
+    };
+    let dedup = replay::Dedup::compile(raw.dedup.as_ref()).unwrap_or_else(|errs| {
+        errors.extend(errs.into_iter().map(|e| format!("{at}: {e}")));
+        replay::Dedup::default()
+    });
+    let freshness = replay::Freshness::compile(raw.freshness.as_ref()).unwrap_or_else(|errs| {
+        errors.extend(errs.into_iter().map(|e| format!("{at}: {e}")));
+        None
+    });
+    let mut rules = Vec::new();
+    let mut names = BTreeSet::new();
+    if raw.rules.is_empty() {
+        errors.push(format!("{at}: rules: at least one rule is needed"));
+    }
+    for (i, r) in raw.rules.iter().enumerate() {
+        let label = if r.name.trim().is_empty() {
+            format!("rules[{i}]")
+        } else {
+            format!("rule `{}`", r.name)
+        };
+        if !names.insert(r.name.clone()) {
+            errors.push(format!("{at}: {label}: duplicate rule name"));
+            continue;
+        }
+        match compile_rule(r, &raw, defaults, source, &mut warnings) {
+            Ok(rule) => rules.push(rule),
+            Err(errs) => errors.extend(errs.into_iter().map(|e| format!("{at}: {label}: {e}"))),
+        }
+    }
+    match verifier {
+        Some(verifier) if errors.is_empty() => {
+            let mut mapping = Mapping {
+                source: source.to_owned(),
+                file: file.to_owned(),
+                verifier,
+                dedup,
+                freshness,
+                rules,
+                projection: projection::Projection::full(),
+                tree,
+                warnings,
+            };
+            mapping.projection = projection::Projection::of(&mapping);
+            Ok(mapping)
+        }
+        _ => Err(errors),
+    }
+}
+
+fn compile_rule(
+    r: &RawRule,
+    raw: &RawMapping,
+    defaults: &Defaults,
+    source: &str,
+    warnings: &mut Vec<String>,
+) -> Result<Rule, Vec<String>> {
+    let mut errors = Vec::new();
+    if r.name.trim().is_empty() {
+        errors.push("name: empty".to_owned());
+    }
+    // `@` paths read the element of a `for_each` rule, and only such rules have one.
+    let el = r.for_each.is_some();
+    let for_each = r.for_each.as_ref().and_then(|f| {
+        let path = match selector(&RawSelector {
+            path: Some(f.path.clone()),
+            header: None,
+        }) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                errors.push(format!("for_each.path: {e}"));
+                None
+            }
+        };
+        let mut key = Vec::new();
+        for (i, k) in f.key.iter().enumerate() {
+            match selector_in(k, true) {
+                Ok(k) => key.push(k),
+                Err(e) => errors.push(format!("for_each.key[{i}]: {e}")),
+            }
+        }
+        path.map(|path| ForEach { path, key })
+    });
+    let mut when = Vec::new();
+    for (i, c) in r.when.iter().enumerate() {
+        match condition(c, el) {
+            Ok(c) => when.push(c),
+            Err(e) => errors.push(format!("when[{i}]: {e}")),
+        }
+    }
+    let ends = match &r.ends_subject {
+        RawEnds::Always(false) => Ends::Never,
+        RawEnds::Always(true) => Ends::Always,
+        RawEnds::When(c) => match condition(c, el) {
+            Ok(c) => Ends::When(c),
+            Err(e) => {
+                errors.push(format!("ends_subject: {e}"));
+                Ends::Never
+            }
+        },
+    };
+    // A rule that always ends its subject only revokes; one that ends it under a condition
+    // also grants (an alert firing approves, the same alert resolved ends).
+    let always_ends = matches!(ends, Ends::Always);
+    let may_end = !matches!(r.ends_subject, RawEnds::Always(false));
+    let produce = match (&r.command, &r.action, &r.request_id) {
+        (Some(cmd), None, None) => match selector_in(cmd, el) {
+            Ok(s) => Some(Produce::Command(s)),
+            Err(e) => {
+                errors.push(format!("command: {e}"));
+                None
+            }
+        },
+        (None, Some(a), Some(id)) => {
+            let action = extract(a, el).map_err(|e| format!("action: {e}"));
+            let request_id = extract(id, el).map_err(|e| format!("request_id: {e}"));
+            let expiration = r
+                .expiration
+                .as_ref()
+                .map(|x| extract(x, el))
+                .transpose()
+                .map_err(|e| format!("expiration: {e}"));
+            if let Ok(Extract {
+                from: From::Constant(c),
+                ..
+            }) = &action
+                && Action::parse(c).is_none()
+            {
+                errors.push(format!("action: `{c}` is not approve, deny or revoke"));
+            }
+            match (action, request_id, expiration) {
+                (Ok(action), Ok(request_id), Ok(expiration)) => {
+                    Some(Produce::Fields(Box::new(Fields {
+                        action,
+                        request_id,
+                        expiration,
+                    })))
+                }
+                (a, i, e) => {
+                    errors.extend(a.err());
+                    errors.extend(i.err());
+                    errors.extend(e.err());
+                    None
+                }
+            }
+        }
+        (Some(_), _, _) => {
+            errors.push(
+                "`command` decides action and request ID itself: drop `action` / `request_id`"
+                    .into(),
+            );
+            None
+        }
+        (None, None, None) if always_ends => Some(Produce::Nothing),
+        (None, None, Some(id)) if always_ends => match extract(id, el) {
+            Ok(request_id) => Some(Produce::Fields(Box::new(Fields {
+                action: Extract {
+                    from: From::Constant("revoke".into()),
+                    regex: None,
+                    map: None,
+                    default: None,
+                },
+                request_id,
+                expiration: None,
+            }))),
+            Err(e) => {
+                errors.push(format!("request_id: {e}"));
+                None
+            }
+        },
+        _ => {
+            errors.push("needs either `command`, or both `action` and `request_id`".into());
+            None
+        }
+    };
+    if may_end {
+        if r.command.is_some() {
+            errors.push(
+                "ends_subject: a rule that ends its subject only revokes; drop `command`".into(),
+            );
+        }
+        if let Some(a) = &r.action
+            && always_ends
+            && !matches!(a, RawExtract::Constant(c) if Action::parse(c) == Some(Action::Revoke))
+        {
+            errors.push(
+                "ends_subject: a rule that ends its subject only revokes: `action: revoke` or none"
+                    .into(),
+            );
+        }
+        if r.subject.is_none() && raw.subject.is_none() {
+            errors.push("ends_subject: needs a `subject` (here or for the whole file)".into());
+        }
+    }
+    let subject = match r
+        .subject
+        .as_ref()
+        .or(raw.subject.as_ref())
+        .map(|x| extract(x, el))
+    {
+        None => None,
+        Some(Ok(e)) => Some(e),
+        Some(Err(e)) => {
+            errors.push(format!("subject: {e}"));
+            None
+        }
+    };
+    let answer = match r.answer.as_ref().or(raw.answer.as_ref()).map(answer) {
+        None | Some(Ok(None)) => None,
+        Some(Ok(Some(a))) => Some(a),
+        Some(Err(e)) => {
+            errors.push(format!("answer: {e}"));
+            None
+        }
+    };
+    let (actor, actors) = match &r.actor {
+        None => (None, None),
+        Some(a) => {
+            let sel = selector_in(
+                &RawSelector {
+                    path: a.path.clone(),
+                    header: a.header.clone(),
+                },
+                el,
+            );
+            let allow = a.allow.as_deref().map(Allowlist::parse);
+            match &allow {
+                // Ending access is always allowed: approver lists gate grants only.
+                _ if always_ends => {}
+                Some(Allowlist::Anyone) | None => warnings.push(format!(
+                    "source `{source}`, rule `{}`: any authenticated actor may act (no approvers set)",
+                    r.name
+                )),
+                Some(Allowlist::Only(set)) if set.is_empty() => warnings.push(format!(
+                    "source `{source}`, rule `{}`: the approver list is empty, so nobody may act",
+                    r.name
+                )),
+                _ => {}
+            }
+            match sel {
+                Ok(s) if always_ends => (Some(s), None),
+                Ok(s) => (Some(s), Some(allow.unwrap_or(Allowlist::Anyone))),
+                Err(e) => {
+                    errors.push(format!("actor: {e}"));
+                    (None, None)
+                }
+            }
+        }
+    };
+    let actions = match &r.actions {
+        None if always_ends => vec![Action::Revoke],
+        None => Action::ALL.to_vec(),
+        Some(list) => {
+            let mut out = Vec::new();
+            for a in list {
+                match Action::parse(a) {
+                    Some(a) => out.push(a),
+                    None => errors.push(format!("actions: `{a}` is not approve, deny or revoke")),
+                }
+            }
+            out
+        }
+    };
+    let parse_exp = |field: &str, text: &Option<String>, errors: &mut Vec<String>| {
+        text.as_deref().and_then(|t| match Expiration::parse(t) {
+            Ok(e) => Some(e),
+            Err(e) => {
+                errors.push(format!("{field}: {e}"));
+                None
+            }
+        })
+    };
+    let default_expiration = parse_exp("default_expiration", &r.default_expiration, &mut errors)
+        .unwrap_or_else(|| defaults.expiration.clone());
+    let max_expiration = parse_exp("max_expiration", &r.max_expiration, &mut errors)
+        .or_else(|| defaults.max_expiration.clone());
+    let org = r
+        .org
+        .clone()
+        .or_else(|| raw.org.clone())
+        .unwrap_or_else(|| defaults.org.clone());
+    if let Err(e) = crate::domain::Id::parse(&org) {
+        errors.push(format!("org: {e}"));
+    }
+    match produce {
+        Some(produce) if errors.is_empty() => Ok(Rule {
+            name: r.name.clone(),
+            for_each,
+            when,
+            produce,
+            actor,
+            policy: RulePolicy {
+                actors,
+                actions,
+                default_expiration,
+                max_expiration,
+                org,
+            },
+            subject,
+            ends_subject: ends,
+            answer,
+        }),
+        _ => Err(errors),
+    }
+}
+
+pub(super) fn selector(raw: &RawSelector) -> Result<Selector, String> {
+    selector_in(raw, false)
+}
+
+/// A selector; `@` paths (relative to a `for_each` element) only where `element` says so.
+pub(super) fn selector_in(raw: &RawSelector, element: bool) -> Result<Selector, String> {
+    match (&raw.path, &raw.header) {
+        (Some(p), None) if p.starts_with('@') => {
+            if !element {
+                return Err(format!(
+                    "`{p}` reads a `for_each` element, and this rule has no `for_each`"
+                ));
+            }
+            let query = parse_json_path(&format!("${}", &p[1..]))
+                .map_err(|e| format!("`{p}` is not valid JSONPath: {e}"))?;
+            Ok(Selector::Element {
+                text: p.clone(),
+                query,
+            })
+        }
+        (Some(p), None) => {
+            let query =
+                parse_json_path(p).map_err(|e| format!("`{p}` is not valid JSONPath: {e}"))?;
+            Ok(Selector::Path {
+                text: p.clone(),
+                query,
+            })
+        }
+        (None, Some(h)) => HeaderName::from_bytes(h.as_bytes())
+            .map(Selector::Header)
+            .map_err(|_| format!("`{h}` is not a valid header name")),
+        (Some(_), Some(_)) => Err("give `path` or `header`, not both".into()),
+        (None, None) => Err("needs `path` or `header`".into()),
+    }
+}
+
+/// Compiles a template: literal text and `{...}` placeholders, each holding
+/// `|`-separated alternatives (a JSONPath, or `header:Name`).
+fn template(text: &str) -> Result<Vec<Part>, String> {
+    let mut parts = Vec::new();
+    let mut rest = text;
+    while let Some(open) = rest.find('{') {
+        if open > 0 {
+            parts.push(Part::Text(rest[..open].to_owned()));
+        }
+        let after = &rest[open + 1..];
+        let close = after
+            .find('}')
+            .ok_or_else(|| format!("template `{text}`: a `{{` without its `}}`"))?;
+        let mut alternatives = Vec::new();
+        for alt in after[..close].split('|').map(str::trim) {
+            let raw = match alt.strip_prefix("header:") {
+                Some(h) => RawSelector {
+                    path: None,
+                    header: Some(h.trim().to_owned()),
+                },
+                None => RawSelector {
+                    path: Some(alt.to_owned()),
+                    header: None,
+                },
+            };
+            alternatives.push(selector(&raw).map_err(|e| format!("template `{text}`: {e}"))?);
+        }
+        parts.push(Part::Value(alternatives));
+        rest = &after[close + 1..];
+    }
+    if !rest.is_empty() {
+        parts.push(Part::Text(rest.to_owned()));
+    }
+    if !parts.iter().any(|p| matches!(p, Part::Value(_))) {
+        return Err(format!(
+            "template `{text}` has no `{{$.path}}` placeholder (a constant needs no template)"
+        ));
+    }
+    Ok(parts)
+}
+
+/// Compiles `answer:`; `via: none` answers nothing.
+fn answer(raw: &RawAnswer) -> Result<Option<Answer>, String> {
+    if raw.via == "none" {
+        return Ok(None);
+    }
+    let via = Via::parse(&raw.via).ok_or_else(|| {
+        format!(
+            "via: `{}` is not github, pagerduty, opsgenie, jsm or none",
+            raw.via
+        )
+    })?;
+    let comment = raw
+        .comment
+        .as_ref()
+        .map(|x| extract(x, false))
+        .transpose()
+        .map_err(|e| format!("comment: {e}"))?;
+    if comment.is_some() && via != Via::GitHub {
+        return Err("comment: only GitHub answers on a comment".into());
+    }
+    Ok(Some(Answer { via, comment }))
+}
+
+fn regex(text: &str) -> Result<Regex, String> {
+    regex::RegexBuilder::new(text)
+        .size_limit(1 << 20)
+        .build()
+        .map_err(|e| format!("`{text}` is not a valid regex: {e}"))
+}
+
+fn condition(c: &RawCondition, el: bool) -> Result<Condition, String> {
+    let test_fields = c.path.is_some()
+        || c.header.is_some()
+        || c.equals.is_some()
+        || c.one_of.is_some()
+        || c.matches.is_some()
+        || c.exists.is_some();
+    match (&c.not, &c.any) {
+        (Some(_), Some(_)) => return Err("`not` and `any` are two conditions: nest one".into()),
+        (Some(_), None) if test_fields => {
+            return Err("`not` stands alone: put the condition inside it".into());
+        }
+        (None, Some(_)) if test_fields => {
+            return Err("`any` stands alone: put the conditions inside it".into());
+        }
+        (Some(inner), None) => return Ok(Condition::Not(Box::new(condition(inner, el)?))),
+        (None, Some(all)) if all.is_empty() => {
+            return Err("`any` needs at least one condition".into());
+        }
+        (None, Some(all)) => {
+            return all
+                .iter()
+                .enumerate()
+                .map(|(i, c)| condition(c, el).map_err(|e| format!("any[{i}]: {e}")))
+                .collect::<Result<_, _>>()
+                .map(Condition::Any);
+        }
+        (None, None) => {}
+    }
+    let selector = selector_in(
+        &RawSelector {
+            path: c.path.clone(),
+            header: c.header.clone(),
+        },
+        el,
+    )?;
+    let mut tests = Vec::new();
+    if let Some(v) = &c.equals {
+        tests.push(Test::Equals(expr::scalar_text(v)));
+    }
+    if let Some(vs) = &c.one_of {
+        tests.push(Test::OneOf(vs.iter().map(expr::scalar_text).collect()));
+    }
+    if let Some(re) = &c.matches {
+        tests.push(Test::Matches(regex(re)?));
+    }
+    if let Some(e) = c.exists {
+        tests.push(Test::Exists(e));
+    }
+    if tests.len() != 1 {
+        return Err("needs exactly one of `equals`, `one_of`, `matches`, `exists`".into());
+    }
+    Ok(Condition::Test {
+        selector,
+        test: tests.remove(0),
+    })
+}
+
+fn extract(raw: &RawExtract, el: bool) -> Result<Extract, String> {
+    match raw {
+        RawExtract::Constant(c) => Ok(Extract {
+            from: From::Constant(c.clone()),
+            regex: None,
+            map: None,
+            default: None,
+        }),
+        RawExtract::Spec(s) => {
+            let from = match (&s.path, &s.header, &s.template) {
+                (None, None, Some(t)) => From::Template(template(t)?),
+                (_, _, Some(_)) => {
+                    return Err("give one of `path`, `header` or `template`".into());
+                }
+                (None, None, None) => match &s.default {
+                    Some(d) => From::Constant(d.clone()),
+                    None => return Err("needs `path`, `header` or `default`".into()),
+                },
+                _ => From::Select(selector_in(
+                    &RawSelector {
+                        path: s.path.clone(),
+                        header: s.header.clone(),
+                    },
+                    el,
+                )?),
+            };
+            let regex = match &s.regex {
+                Some(r) => {
+                    let re = regex(r)?;
+                    if re.captures_len() > 2 {
+                        return Err(format!("regex `{r}`: use at most one capture group"));
+                    }
+                    Some(re)
+                }
+                None => None,
+            };
+            Ok(Extract {
+                from,
+                regex,
+                map: s.map.clone(),
+                default: s.default.clone(),
+            })
+        }
+    }
+}

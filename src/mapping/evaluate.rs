@@ -1,0 +1,324 @@
+//! Runs a compiled mapping on one webhook: each rule's conditions, extraction and policy, per
+//! `for_each` element where it has one, and the verdict with its trace for `explain`. Pure.
+
+use std::time::SystemTime;
+
+use super::expr::{Extract, Scope};
+use super::*;
+
+impl Mapping {
+    /// The decision for one verified webhook. `now` is the clock the mapping's `freshness`
+    /// check judges the event time by; `None` skips that check (test cases without `now`).
+    pub fn decide(&self, input: Input<'_>, now: Option<SystemTime>) -> Verdict {
+        self.run(input, now, None)
+    }
+
+    /// The decision and, for every rule tried, why it did or did not match.
+    pub fn explain(&self, input: Input<'_>, now: Option<SystemTime>) -> (Verdict, Vec<RuleTrace>) {
+        let mut trace = Vec::new();
+        let verdict = self.run(input, now, Some(&mut trace));
+        (verdict, trace)
+    }
+
+    /// The oldest event the mapping acts on (`freshness.max_age`), when it checks freshness.
+    pub fn max_event_age(&self) -> Option<std::time::Duration> {
+        self.freshness.as_ref().map(|f| f.max_age)
+    }
+
+    /// Why a matched rule may not act on this event: it is older (or further in the future)
+    /// than the mapping's `freshness` allows. A captured delivery replayed after `max_age` is
+    /// refused, whatever its dedup key.
+    fn stale(&self, input: Input<'_>, now: Option<SystemTime>) -> Option<String> {
+        match (&self.freshness, now) {
+            (Some(fresh), Some(now)) => fresh.check(input, now).err(),
+            _ => None,
+        }
+    }
+
+    fn run(
+        &self,
+        input: Input<'_>,
+        now: Option<SystemTime>,
+        mut trace: Option<&mut Vec<RuleTrace>>,
+    ) -> Verdict {
+        let mut note = |rule: &Rule, matched: bool, detail: String| {
+            if let Some(t) = trace.as_deref_mut() {
+                t.push(RuleTrace {
+                    rule: rule.name.clone(),
+                    matched,
+                    detail,
+                });
+            }
+        };
+        for rule in &self.rules {
+            let Some(each) = &rule.for_each else {
+                let applied = apply(rule, input.into());
+                // Ending a subject only takes access away: an old or replayed ending event is
+                // still honoured (and GitHub's close events carry no comment time).
+                if !matches!(applied, Applied::NoMatch(_))
+                    && !rule.ends_subject.holds(input.into())
+                    && let Some(reason) = self.stale(input, now)
+                {
+                    note(rule, true, reason.clone());
+                    return Verdict::Rejected {
+                        rule: rule.name.clone(),
+                        reason,
+                    };
+                }
+                match applied {
+                    Applied::NoMatch(why) => note(rule, false, why),
+                    Applied::Rejected(reason, line) => {
+                        note(rule, true, line);
+                        return Verdict::Rejected {
+                            rule: rule.name.clone(),
+                            reason,
+                        };
+                    }
+                    Applied::Decided {
+                        actor,
+                        decisions,
+                        binding,
+                        detail,
+                    } => {
+                        note(rule, true, detail);
+                        return Verdict::Decided {
+                            rule: rule.name.clone(),
+                            actor,
+                            decisions,
+                            elements: Vec::new(),
+                            binding,
+                        };
+                    }
+                }
+                continue;
+            };
+            let nodes = each.path.nodes(input.into());
+            let mut elements = Vec::new();
+            let mut decisions = Vec::new();
+            let mut skipped = Vec::new();
+            let mut every_ends = true;
+            for (i, node) in nodes.iter().enumerate() {
+                let scope = Scope {
+                    input,
+                    element: Some(node),
+                };
+                match apply(rule, scope) {
+                    Applied::NoMatch(why) => skipped.push(format!("element {}: {why}", i + 1)),
+                    Applied::Rejected(reason, line) => {
+                        note(rule, true, format!("element {}: {line}", i + 1));
+                        return Verdict::Rejected {
+                            rule: rule.name.clone(),
+                            reason: format!(
+                                "element {} of {}: {reason}",
+                                i + 1,
+                                each.path.describe()
+                            ),
+                        };
+                    }
+                    Applied::Decided {
+                        actor,
+                        decisions: mut ds,
+                        binding,
+                        ..
+                    } => {
+                        every_ends &= binding.ends_subject;
+                        elements.push(Element {
+                            key: each.key(scope),
+                            actor,
+                            decisions: ds.len(),
+                            binding,
+                        });
+                        decisions.append(&mut ds);
+                    }
+                }
+            }
+            if elements.is_empty() {
+                let why = if nodes.is_empty() {
+                    format!("for_each {} yielded nothing", each.path.describe())
+                } else {
+                    format!("no element decided ({})", skipped.join("; "))
+                };
+                note(rule, false, why);
+                continue;
+            }
+            if !every_ends && let Some(reason) = self.stale(input, now) {
+                note(rule, true, reason.clone());
+                return Verdict::Rejected {
+                    rule: rule.name.clone(),
+                    reason,
+                };
+            }
+            note(
+                rule,
+                true,
+                format!(
+                    "{} decision(s) from {} of {} element(s)",
+                    decisions.len(),
+                    elements.len(),
+                    nodes.len()
+                ),
+            );
+            return Verdict::Decided {
+                rule: rule.name.clone(),
+                actor: elements[0].actor.clone(),
+                binding: elements[0].binding.clone(),
+                decisions,
+                elements,
+            };
+        }
+        Verdict::Ignored
+    }
+
+    /// What of a body this mapping reads: parse bodies with it (`Projection::parse`) to build
+    /// only that; evaluation on the result is the same as on the whole document.
+    pub fn projection(&self) -> &projection::Projection {
+        &self.projection
+    }
+
+    /// The delivery's dedup key: the first `dedup` alternative whose parts are all present
+    /// (`name:` then the parts joined with `|`), else a digest of the body (the same bytes
+    /// delivered twice are the same delivery).
+    pub fn dedup_key(&self, input: Input<'_>, body: &[u8]) -> String {
+        self.dedup.key(input, body)
+    }
+}
+
+/// Runs one rule's conditions, extraction and policy on one scope.
+fn apply(rule: &Rule, scope: Scope<'_>) -> Applied {
+    let ends = rule.ends_subject.holds(scope);
+    for (i, cond) in rule.when.iter().enumerate() {
+        if !cond.holds(scope) {
+            return Applied::NoMatch(format!(
+                "condition {} failed: {} (saw {})",
+                i + 1,
+                cond.describe(),
+                cond.seen(scope)
+            ));
+        }
+    }
+    let proposals = match &rule.produce {
+        Produce::Command(sel) => {
+            let mut proposals = Vec::new();
+            for text in sel.values_in(scope) {
+                match command::parse(&text) {
+                    Ok(cmds) => proposals.extend(cmds.into_iter().map(|c| Proposal {
+                        action: c.action.as_str().to_owned(),
+                        request_id: c.request_id,
+                        expiration: c.duration,
+                    })),
+                    Err(reason) => {
+                        let reason = format!("malformed /p0 command: {reason}");
+                        return Applied::Rejected(reason.clone(), reason);
+                    }
+                }
+            }
+            if proposals.is_empty() {
+                return Applied::NoMatch(format!("no /p0 command in {}", sel.describe()));
+            }
+            proposals
+        }
+        Produce::Nothing => Vec::new(),
+        Produce::Fields(f) => {
+            match fields(scope, &f.action, &f.request_id, f.expiration.as_ref()) {
+                Ok(p) => p,
+                // An ending event may name a request too; when it names none, only the end's
+                // own revocations are made.
+                Err(_) if ends => Vec::new(),
+                Err(reason) => return Applied::Rejected(reason.clone(), reason),
+            }
+        }
+    };
+    let actor = rule
+        .actor
+        .as_ref()
+        .and_then(|sel| sel.values_in(scope).into_iter().next())
+        .map(|a| a.into_owned());
+    // A malformed request named by an ending event must not keep the subject from ending: it
+    // is dropped, and the end's own revocations go ahead. An ending event only revokes.
+    let proposals = if ends {
+        proposals
+            .into_iter()
+            .filter(|p| {
+                Action::parse(&p.action) == Some(Action::Revoke)
+                    && crate::domain::Id::parse(&p.request_id).is_ok()
+            })
+            .collect()
+    } else {
+        proposals
+    };
+    let subject = match rule.subject.as_ref().map(|s| s.first(scope)) {
+        None => None,
+        Some(Ok(s)) => Some(s),
+        Some(Err(why)) if ends => {
+            let reason = format!("subject: {why}");
+            return Applied::Rejected(reason.clone(), reason);
+        }
+        Some(Err(_)) => None,
+    };
+    let reply = match (&rule.answer, &subject) {
+        (Some(a), Some(_)) => Some(Reply {
+            via: a.via,
+            comment: a.comment.as_ref().and_then(|c| c.first(scope).ok()),
+        }),
+        _ => None,
+    };
+    let binding = Binding {
+        subject,
+        reply,
+        ends_subject: ends,
+    };
+    // Ending access is always allowed: approver lists gate grants, not revocations.
+    let decided = if ends {
+        policy::decide_revocations(&rule.policy, &proposals)
+    } else {
+        policy::decide(&rule.policy, actor.as_deref(), &proposals)
+    };
+    match decided {
+        Ok(decisions) => {
+            let mut detail = format!("{} decision(s)", decisions.len());
+            match &binding.subject {
+                Some(s) => detail.push_str(&format!("; subject `{}`", printable(s))),
+                None => detail.push_str("; no subject"),
+            }
+            if binding.ends_subject {
+                detail.push_str(
+                    "; ends the subject: every request approved under it and not yet revoked is revoked",
+                );
+            }
+            Applied::Decided {
+                actor,
+                decisions,
+                binding,
+                detail,
+            }
+        }
+        Err(reason) => {
+            let line = format!("refused: {reason}");
+            Applied::Rejected(reason, line)
+        }
+    }
+}
+
+fn fields(
+    input: Scope<'_>,
+    action: &Extract,
+    request_id: &Extract,
+    expiration: Option<&Extract>,
+) -> Result<Vec<Proposal>, String> {
+    let action = action.first(input).map_err(|e| format!("action: {e}"))?;
+    let ids = request_id
+        .all(input)
+        .map_err(|e| format!("request_id: {e}"))?;
+    let expiration = expiration
+        .map(|e| e.first(input))
+        .transpose()
+        .map_err(|e| format!("expiration: {e}"))?;
+    Ok(ids
+        .into_iter()
+        .map(|request_id| Proposal {
+            action: action.clone(),
+            request_id,
+            expiration: expiration.clone(),
+        })
+        .collect())
+}
