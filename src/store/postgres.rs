@@ -379,7 +379,7 @@ DECLARE
     k          INTEGER;
     ending     BOOLEAN;
     d          RECORD;
-    dcn        JSONB;
+    dcn        RECORD;
     results    JSONB[] := array_fill(NULL::JSONB, ARRAY[jsonb_array_length(deliveries)]);
     ignored    BIGINT[] := '{}';
     del_id     BIGINT;
@@ -424,37 +424,43 @@ BEGIN
     -- taker wait for the first to commit or roll back). Ends come after every other delivery
     -- of the batch, so an end sees the approves it shares a batch with.
     FOR d IN
-        SELECT e.value AS v, e.ordinality::INTEGER AS i
+        SELECT x.*, e.ordinality::INTEGER AS i
         FROM jsonb_array_elements(deliveries) WITH ORDINALITY e
-        ORDER BY COALESCE((e.value ->> 'ends_subject')::BOOLEAN, false),
-                 e.value ->> 'source' COLLATE "C", e.value ->> 'dedup_key' COLLATE "C", e.ordinality
+        CROSS JOIN LATERAL jsonb_to_record(e.value) AS x(
+            source TEXT, dedup_key TEXT, received_at BIGINT, rule TEXT, actor TEXT,
+            subject TEXT, reply TEXT, ends_subject BOOLEAN, decisions JSONB)
+        ORDER BY COALESCE(x.ends_subject, false), x.source COLLATE "C",
+                 x.dedup_key COLLATE "C", e.ordinality
     LOOP
         del_id := nextval('deliveries_id_seq');
         taken := NULL;
         INSERT INTO dedup AS x (source, dedup_key, delivery_id, received_at)
-        VALUES (d.v ->> 'source', d.v ->> 'dedup_key', del_id, (d.v ->> 'received_at')::BIGINT)
+        VALUES (d.source, d.dedup_key, del_id, d.received_at)
         ON CONFLICT (source, dedup_key) DO UPDATE
             SET delivery_id = EXCLUDED.delivery_id, received_at = EXCLUDED.received_at
             WHERE x.received_at < dedup_since
         RETURNING x.delivery_id INTO taken;
         IF taken IS NULL THEN
             SELECT dl.job_ids INTO id_list FROM dedup x JOIN deliveries dl ON dl.id = x.delivery_id
-            WHERE x.source = d.v ->> 'source' AND x.dedup_key = d.v ->> 'dedup_key';
+            WHERE x.source = d.source AND x.dedup_key = d.dedup_key;
             results[d.i] := jsonb_build_object('dup', to_jsonb(COALESCE(id_list, '{}')));
             CONTINUE;
         END IF;
         INSERT INTO deliveries (id, source, dedup_key, received_at, rule, actor, payload)
-        VALUES (del_id, d.v ->> 'source', d.v ->> 'dedup_key', (d.v ->> 'received_at')::BIGINT,
-                d.v ->> 'rule', d.v ->> 'actor', payloads[d.i]);
+        VALUES (del_id, d.source, d.dedup_key, d.received_at,
+                d.rule, d.actor, payloads[d.i]);
         job_list := '[]';
         id_list := '{}';
-        FOR dcn IN SELECT value FROM jsonb_array_elements(d.v -> 'decisions') LOOP
+        FOR dcn IN
+            SELECT * FROM jsonb_to_recordset(d.decisions)
+                AS y(org TEXT, request_id TEXT, action TEXT, expiration TEXT)
+        LOOP
             -- The latest job for this request decides: the same action still pending or
             -- done recently is not sent again, but approve, revoke, approve is three calls.
             SELECT j.id, j.action, j.state, j.created_at INTO latest FROM jobs j
-            WHERE j.org = dcn ->> 'org' AND j.request_id = dcn ->> 'request_id'
+            WHERE j.org = dcn.org AND j.request_id = dcn.request_id
             ORDER BY j.id DESC LIMIT 1;
-            IF FOUND AND latest.action = dcn ->> 'action' AND latest.created_at >= coalesce_since
+            IF FOUND AND latest.action = dcn.action AND latest.created_at >= coalesce_since
                AND latest.state IN ('pending', 'sending', 'succeeded', 'dry_run') THEN
                 jid := latest.id;
                 job_list := job_list || jsonb_build_array(jsonb_build_array(jid, true));
@@ -462,9 +468,9 @@ BEGIN
                 INSERT INTO jobs (delivery_id, source, org, request_id, action, expiration, state,
                                   next_attempt_at, window_start, created_at, updated_at,
                                   subject, reply)
-                VALUES (del_id, d.v ->> 'source', dcn ->> 'org', dcn ->> 'request_id',
-                        dcn ->> 'action', dcn ->> 'expiration', 'pending',
-                        now_ms, now_ms, now_ms, now_ms, d.v ->> 'subject', d.v ->> 'reply')
+                VALUES (del_id, d.source, dcn.org, dcn.request_id,
+                        dcn.action, dcn.expiration, 'pending',
+                        now_ms, now_ms, now_ms, now_ms, d.subject, d.reply)
                 RETURNING id INTO jid;
                 job_list := job_list || jsonb_build_array(jsonb_build_array(jid, false));
                 created := true;
@@ -475,10 +481,10 @@ BEGIN
         -- decision on it is an approve under this subject, pending, sending, succeeded or
         -- dry run. Each revoke is queued behind its approve.
         bound_list := '[]';
-        IF (d.v ->> 'ends_subject')::BOOLEAN AND d.v ->> 'subject' IS NOT NULL THEN
+        IF d.ends_subject AND d.subject IS NOT NULL THEN
             FOR g IN
                 SELECT j.org, j.request_id FROM jobs j
-                WHERE j.source = d.v ->> 'source' AND j.subject = d.v ->> 'subject'
+                WHERE j.source = d.source AND j.subject = d.subject
                   AND j.action = 'approve'
                   AND j.state IN ('pending', 'sending', 'succeeded', 'dry_run')
                   AND j.id = (SELECT MAX(x.id) FROM jobs x
@@ -488,8 +494,8 @@ BEGIN
                 INSERT INTO jobs (delivery_id, source, org, request_id, action, state,
                                   next_attempt_at, window_start, created_at, updated_at,
                                   subject, reply, ended_by)
-                VALUES (del_id, d.v ->> 'source', g.org, g.request_id, 'revoke', 'pending',
-                        now_ms, now_ms, now_ms, now_ms, d.v ->> 'subject', d.v ->> 'reply', del_id)
+                VALUES (del_id, d.source, g.org, g.request_id, 'revoke', 'pending',
+                        now_ms, now_ms, now_ms, now_ms, d.subject, d.reply, del_id)
                 RETURNING id INTO jid;
                 bound_list := bound_list || jsonb_build_array(jsonb_build_array(jid, g.org, g.request_id));
                 id_list := id_list || jid;
@@ -605,9 +611,10 @@ impl PgStore {
         }
         // A relay cut off mid-transaction must not hold its locks (delivery keys, coalescing
         // locks) until the server notices the dead connection: it gives them up after this.
+        const SESSION: &str = "-c idle_in_transaction_session_timeout=15s";
         let options = match config.get_options() {
-            Some(o) => format!("{o} -c idle_in_transaction_session_timeout=15s"),
-            None => "-c idle_in_transaction_session_timeout=15s".to_owned(),
+            Some(o) => format!("{o} {SESSION}"),
+            None => SESSION.to_owned(),
         };
         config.options(options);
         let manager = Manager::from_config(
