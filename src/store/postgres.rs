@@ -380,6 +380,7 @@ DECLARE
     ending     BOOLEAN;
     d          RECORD;
     dcn        RECORD;
+    outcome    JSONB;
     results    JSONB[] := array_fill(NULL::JSONB, ARRAY[jsonb_array_length(deliveries)]);
     ignored    BIGINT[] := '{}';
     del_id     BIGINT;
@@ -506,37 +507,31 @@ BEGIN
         results[d.i] := jsonb_build_object('jobs', job_list, 'bound', bound_list);
     END LOOP;
     -- An outcome counts only from the relay that holds the claim (its token, still sending).
-    -- One statement for every outcome of the batch: the jobs updated, their attempts and the
-    -- answers back created with P0's final answer; the others are returned as ignored.
-    IF jsonb_array_length(records) > 0 THEN
-        WITH r AS (
-            SELECT * FROM jsonb_to_recordset(records) AS x(
-                job_id BIGINT, claim BIGINT, at BIGINT, state TEXT, attempts INTEGER,
-                next_attempt_at BIGINT, status INTEGER, result TEXT, error TEXT,
-                duration_ms BIGINT, answers JSONB)
-        ), u AS (
-            UPDATE jobs j SET state = r.state, attempts = r.attempts,
-                              next_attempt_at = r.next_attempt_at, last_status = r.status,
-                              last_error = r.error, updated_at = r.at, lease_until = NULL
-            FROM r
-            WHERE j.id = r.job_id AND j.claim_token = r.claim AND j.state = 'sending'
-            RETURNING j.id
-        ), a AS (
+    -- One statement per outcome, each found by its primary key: a set-based UPDATE ... FROM
+    -- is planned from the table's statistics, and planned while the table was small it
+    -- scans every row ever claimed.
+    FOR outcome IN SELECT value FROM jsonb_array_elements(records) ORDER BY (value ->> 'job_id')::BIGINT LOOP
+        UPDATE jobs SET state = outcome ->> 'state', attempts = (outcome ->> 'attempts')::INTEGER,
+                        next_attempt_at = (outcome ->> 'next_attempt_at')::BIGINT,
+                        last_status = (outcome ->> 'status')::INTEGER, last_error = outcome ->> 'error',
+                        updated_at = (outcome ->> 'at')::BIGINT, lease_until = NULL
+        WHERE id = (outcome ->> 'job_id')::BIGINT AND claim_token = (outcome ->> 'claim')::BIGINT
+          AND state = 'sending';
+        IF FOUND THEN
             INSERT INTO attempts (job_id, at, status, result, error, duration_ms)
-            SELECT r.job_id, r.at, r.status, r.result, r.error, r.duration_ms
-            FROM r JOIN u ON u.id = r.job_id
-        ), b AS (
+            VALUES ((outcome ->> 'job_id')::BIGINT, (outcome ->> 'at')::BIGINT, (outcome ->> 'status')::INTEGER,
+                    outcome ->> 'result', outcome ->> 'error', (outcome ->> 'duration_ms')::BIGINT);
+            -- Answers back are created with P0's final answer, in the same transaction.
             INSERT INTO answers (job_id, via, kind, target, body, state, next_attempt_at,
                                  window_start, created_at, updated_at)
-            SELECT r.job_id, an ->> 'via', an ->> 'kind', an ->> 'target', an ->> 'body',
-                   'pending', r.at, r.at, r.at, r.at
-            FROM r JOIN u ON u.id = r.job_id,
-                 jsonb_array_elements(COALESCE(r.answers, '[]')) an
-        )
-        SELECT COALESCE(array_agg(r.job_id ORDER BY r.job_id) FILTER (WHERE u.id IS NULL), '{}')
-        INTO ignored
-        FROM r LEFT JOIN u ON u.id = r.job_id;
-    END IF;
+            SELECT (outcome ->> 'job_id')::BIGINT, a ->> 'via', a ->> 'kind', a ->> 'target',
+                   a ->> 'body', 'pending', (outcome ->> 'at')::BIGINT, (outcome ->> 'at')::BIGINT,
+                   (outcome ->> 'at')::BIGINT, (outcome ->> 'at')::BIGINT
+            FROM jsonb_array_elements(COALESCE(outcome -> 'answers', '[]')) a;
+        ELSE
+            ignored := ignored || (outcome ->> 'job_id')::BIGINT;
+        END IF;
+    END LOOP;
     IF created THEN
         PERFORM pg_notify('p0_relay_jobs', '');
     END IF;
