@@ -8,7 +8,7 @@
 //! the value at its last plain member (`$.alerts[*]` keeps `$.alerts`); a filter keeps the
 //! whole document (its expression may read `$`). A `for_each` path keeps its elements whole,
 //! so the `@` paths that read them need nothing more. Evaluating the mapping on the projected
-//! document gives what it gives on the full one (`tests/properties.rs` proves it on arbitrary
+//! document gives what it gives on the full one (`tests/api/properties.rs` proves it on arbitrary
 //! documents for every shipped mapping).
 
 use std::cell::Cell;

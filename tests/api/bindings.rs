@@ -3,11 +3,9 @@
 //! once P0 has answered, the relay answers where it was asked, with exactly the calls the
 //! providers' API descriptions (deploy/contracts/) allow.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use serde_json::{Value, json};
 use wiremock::matchers::{method, path, path_regex};
 use wiremock::{Mock, MockServer, Request, ResponseTemplate};
@@ -812,7 +810,7 @@ async fn an_answer_pending_at_a_kill_is_sent_once_after_the_restart() {
 
 #[tokio::test]
 async fn on_postgresql_a_resolve_revokes_and_answers_too() {
-    let Some(db) = common::pg::TestDb::create().await else {
+    let Some(db) = crate::common::pg::TestDb::create().await else {
         return;
     };
     let providers = Providers::start().await;

@@ -5,8 +5,6 @@
 use std::path::Path;
 use std::process::{Command, Output};
 
-mod common;
-
 fn repo() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
 }
@@ -467,42 +465,45 @@ async fn no_sender_or_p0_text_reaches_the_terminal_raw() {
         }],
     });
     std::fs::write(mappings.join("evil.yaml"), ascii_json(&evil_mapping)).unwrap();
-    let config = common::write_config(
+    let config = crate::common::write_config(
         dir.path(),
         &p0.uri(),
-        &common::Setup {
+        &crate::common::Setup {
             mappings_dir: Some(mappings.clone()),
-            ..common::Setup::default()
+            ..crate::common::Setup::default()
         },
     );
-    let vars = common::test_env(&[]);
-    let relay = common::BinRelay::start(&config, &vars, dir.path().join("relay.log"), &[]).await;
+    let vars = crate::common::test_env(&[]);
+    let relay =
+        crate::common::BinRelay::start(&config, &vars, dir.path().join("relay.log"), &[]).await;
 
     // Every field a sender controls that is stored: the dedup key (from the body when no
     // delivery header is sent) and the actor.
-    let mut note: serde_json::Value =
-        serde_json::from_slice(&common::testdata("pagerduty/incident_annotated.json")).unwrap();
+    let mut note: serde_json::Value = serde_json::from_slice(&crate::common::testdata(
+        "pagerduty/incident_annotated.json",
+    ))
+    .unwrap();
     note["event"]["id"] = EVIL.into();
     note["event"]["agent"]["id"] = EVIL.into();
     let note = serde_json::to_vec(&note).unwrap();
-    let mut hook = common::Hook::pagerduty("unused", &note);
+    let mut hook = crate::common::Hook::pagerduty("unused", &note);
     hook.headers.retain(|(k, _)| k != "X-Webhook-Id");
     let (status, answer) = relay.post(&hook).await;
     assert_eq!(status, 202, "{answer}");
 
     let mut og: serde_json::Value =
-        serde_json::from_slice(&common::testdata("opsgenie/addnote.json")).unwrap();
+        serde_json::from_slice(&crate::common::testdata("opsgenie/addnote.json")).unwrap();
     og["alert"]["alertId"] = EVIL.into();
     og["alert"]["username"] = EVIL.into();
     og["alert"]["updatedAt"] = EVIL.into();
     let og = serde_json::to_vec(&og).unwrap();
-    let (status, answer) = relay.post(&common::Hook::opsgenie(&og)).await;
+    let (status, answer) = relay.post(&crate::common::Hook::opsgenie(&og)).await;
     assert_eq!(status, 202, "{answer}");
 
     let cfg = config.to_str().unwrap();
     let mut rejected = String::new();
     for _ in 0..200 {
-        rejected = common::run_cli(&["jobs", "--config", cfg, "list", "--json"], &vars).1;
+        rejected = crate::common::run_cli(&["jobs", "--config", cfg, "list", "--json"], &vars).1;
         if rejected.matches("\"state\":\"rejected\"").count() == 2 {
             break;
         }
@@ -545,7 +546,7 @@ async fn no_sender_or_p0_text_reaches_the_terminal_raw() {
         vec!["test", "--config", cfg, "evil"],
         vec!["check", "--config", cfg],
     ] {
-        let (_, out) = common::run_cli(&args, &vars);
+        let (_, out) = crate::common::run_cli(&args, &vars);
         let raw: Vec<char> = out.chars().filter(|&c| unsafe_for_terminal(c)).collect();
         assert!(raw.is_empty(), "{args:?} printed {raw:?}:\n{out:?}");
         seen.push_str(&out);

@@ -2,14 +2,12 @@
 //! the dashboard (every metric it charts exists), the mock P0's copy of the contract, and the
 //! Dockerfile's health check, run as Docker runs it against a real relay.
 
-mod common;
-
 use std::collections::HashMap;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use wiremock::matchers::any;
 use wiremock::{Mock, MockServer, ResponseTemplate};
 

@@ -1,13 +1,14 @@
 //! Nothing lost, nothing twice: retries, an unreachable P0, a kill -9 between accepting and
 //! forwarding, duplicate deliveries and decisions, final rejections, dead letters and replay.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use common::*;
-use p0_relay::store::{JobDetail, SqliteStore, Store, Windows};
+use crate::common::*;
+use p0_relay::store::{
+    Accepted, AnswerJob, AnswerRecord, AttemptRecord, Counts, Job, JobDetail, JobSummary,
+    ListFilter, NewDelivery, Replay, SqliteStore, Store, StoreError, Windows,
+};
 use serde_json::json;
 use wiremock::matchers::method;
 use wiremock::{Mock, MockServer, ResponseTemplate};
@@ -614,5 +615,115 @@ async fn a_rejected_token_is_cleared_by_the_next_success_from_stored_work() {
         calls.last(),
         Some(&call("revoke", "req-tok-y", json!({}))),
         "{calls:?}"
+    );
+}
+
+/// A store that refuses every write while `refusing` is set (a disk gone read-only, say) and
+/// otherwise is the SQLite store it wraps.
+struct Refusing {
+    inner: SqliteStore,
+    refusing: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Refusing {
+    fn check(&self) -> Result<(), StoreError> {
+        match self.refusing.load(std::sync::atomic::Ordering::SeqCst) {
+            true => Err(StoreError::Unavailable("the disk is read-only".into())),
+            false => Ok(()),
+        }
+    }
+}
+
+impl Store for Refusing {
+    fn write(
+        &mut self,
+        deliveries: &[NewDelivery],
+        records: &[AttemptRecord],
+        now_ms: i64,
+    ) -> Result<Vec<Result<Accepted, StoreError>>, StoreError> {
+        self.check()?;
+        self.inner.write(deliveries, records, now_ms)
+    }
+    fn claim_due(&mut self, now_ms: i64, limit: usize) -> Result<Vec<Job>, StoreError> {
+        self.inner.claim_due(now_ms, limit)
+    }
+    fn next_due(&mut self) -> Result<Option<i64>, StoreError> {
+        self.inner.next_due()
+    }
+    fn recover(&mut self) -> Result<usize, StoreError> {
+        self.inner.recover()
+    }
+    fn counts(&mut self) -> Result<Counts, StoreError> {
+        self.inner.counts()
+    }
+    fn list(&mut self, filter: &ListFilter) -> Result<Vec<JobSummary>, StoreError> {
+        self.inner.list(filter)
+    }
+    fn show(&mut self, id: i64) -> Result<Option<JobDetail>, StoreError> {
+        self.inner.show(id)
+    }
+    fn replay(&mut self, which: Replay, now_ms: i64) -> Result<Vec<i64>, StoreError> {
+        self.inner.replay(which, now_ms)
+    }
+    fn prune(&mut self, older_than_ms: i64) -> Result<usize, StoreError> {
+        self.inner.prune(older_than_ms)
+    }
+    fn probe(&mut self) -> Result<(), StoreError> {
+        self.check()?;
+        self.inner.probe()
+    }
+    fn claim_answers(&mut self, now_ms: i64, limit: usize) -> Result<Vec<AnswerJob>, StoreError> {
+        self.inner.claim_answers(now_ms, limit)
+    }
+    fn record_answer(&mut self, rec: &AnswerRecord) -> Result<(), StoreError> {
+        self.inner.record_answer(rec)
+    }
+    fn next_answer_due(&mut self) -> Result<Option<i64>, StoreError> {
+        self.inner.next_answer_due()
+    }
+}
+
+/// The relay is built around a store handed to it (`Relay::build`): the one the settings name
+/// is never opened, a store refusing writes is answered 503 and makes no call, and once it
+/// takes writes again the same delivery is accepted and reaches P0.
+#[tokio::test]
+async fn a_store_handed_to_the_relay_is_the_one_it_uses() {
+    let elsewhere = tempfile::tempdir().unwrap();
+    let refusing = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let inner = SqliteStore::open(
+        &elsewhere.path().join("given.db"),
+        Windows {
+            dedup: Duration::from_secs(3600),
+            coalesce: Duration::from_secs(600),
+        },
+        false,
+    )
+    .unwrap();
+    let t = spawn_with(Setup {
+        store: Some(Box::new(Refusing {
+            inner,
+            refusing: refusing.clone(),
+        })),
+        ..Setup::default()
+    })
+    .await;
+    t.p0_ok().await;
+    let hook = Hook::comment("given-1", "/p0 approve req-given");
+    let (status, body) = t.post(&hook).await;
+    assert_eq!(
+        (status, body["status"].as_str()),
+        (503, Some("unavailable"))
+    );
+    assert!(t.p0_calls().await.is_empty());
+
+    refusing.store(false, std::sync::atomic::Ordering::SeqCst);
+    let (status, body) = t.post(&hook).await;
+    assert_eq!(status, 202, "{body}");
+    t.wait_for_calls(1).await;
+    let mut given = open_store(&elsewhere.path().join("given.db"));
+    assert_eq!(given.show(1).unwrap().unwrap().job.request_id, "req-given");
+    assert!(
+        !t.dir.path().join("relay.db").exists(),
+        "the store the settings name was never opened"
     );
 }

@@ -1,9 +1,7 @@
 //! End to end: real payloads from each source, signed as the provider signs them, become the
 //! exact P0 calls; what is not for the relay gets its documented answer and no call.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use serde_json::json;
 
 #[tokio::test]

@@ -1,13 +1,11 @@
 //! The trust boundary under attack: forged, malformed, oversized, slow and out-of-bounds input.
 //! Every case gets its exact answer and P0 receives nothing.
 
-mod common;
-
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use p0_relay::verify::sign_hex;
 use serde_json::json;
 

@@ -1,8 +1,6 @@
 //! Listener options: TLS on the inbound listener, and `/metrics` served on a listener apart.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 
 #[tokio::test]
 async fn tls_listener_serves_webhooks() {

@@ -3,13 +3,11 @@
 //! the database cut off and back. Skipped with a notice without PostgreSQL at 127.0.0.1:5432
 //! (a failure when CI=true).
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use common::pg::{Proxy, TestDb};
-use common::*;
+use crate::common::pg::{Proxy, TestDb};
+use crate::common::*;
 use serde_json::Value;
 use wiremock::matchers::method;
 use wiremock::{Mock, MockServer, ResponseTemplate};

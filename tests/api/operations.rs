@@ -1,11 +1,9 @@
 //! What SREs see: metrics after a known sequence, inbound rate limiting, hot reload of mappings
 //! (kept when broken), SIGHUP, and JSON logs.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use serde_json::json;
 use wiremock::matchers::{method, path_regex};
 use wiremock::{Mock, ResponseTemplate};

@@ -2,11 +2,9 @@
 //! `duplicate` for the whole dedup window and makes no P0 call; with a maximum event age set,
 //! stale (or future-dated) signed events are refused with the reason and store nothing.
 
-mod common;
-
 use std::time::{Duration, SystemTime};
 
-use common::*;
+use crate::common::*;
 use serde_json::{Value, json};
 
 /// `t` as RFC 3339 (seconds, UTC).

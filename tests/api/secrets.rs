@@ -2,11 +2,9 @@
 //! and every CLI command are scraped for each configured secret. Also: SIGTERM stops it
 //! cleanly, and secrets can come from files.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use wiremock::matchers::{method, path_regex};
 use wiremock::{Mock, MockServer, ResponseTemplate};
 

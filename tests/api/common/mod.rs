@@ -12,6 +12,7 @@ use std::time::Duration;
 use p0_relay::app::{Options, Relay};
 use p0_relay::config::Settings;
 use p0_relay::config::env::Env;
+use p0_relay::store::{StoreHandle, StoreTask};
 use p0_relay::verify::sign_hex;
 use serde_json::Value;
 use wiremock::matchers::method;
@@ -99,6 +100,8 @@ pub struct Setup {
     pub unset: Vec<&'static str>,
     /// The relay component that panics as it starts (a test of supervision).
     pub panic_in: Option<&'static str>,
+    /// A store handed to the relay in place of the one the settings name.
+    pub store: Option<Box<dyn p0_relay::store::Store>>,
 }
 
 pub async fn spawn() -> TestRelay {
@@ -175,9 +178,14 @@ pub async fn spawn_with(setup: Setup) -> TestRelay {
         panic_in: setup.panic_in,
         ..Options::default()
     };
-    let relay = Relay::start(settings, env, opts)
+    let store = setup.store.map(|given| {
+        let (handle, thread) = StoreHandle::spawn(given, true).expect("store writer starts");
+        (handle, StoreTask::Thread(thread))
+    });
+    let relay = Relay::build(settings, env, opts, store)
         .await
-        .expect("relay starts");
+        .expect("relay builds")
+        .run();
     TestRelay {
         addr: relay.addr,
         relay: Some(relay),

@@ -1,0 +1,20 @@
+//! The integration suite, one binary (each file a module, so the crate is linked once): the
+//! real relay started on port 0 against a fake P0 and fake providers, the CLI run as a user
+//! runs it, several relays on one PostgreSQL, and property tests. `cargo test --test api
+//! <module>` runs one part (`sources`, `many_relays`, ...).
+
+mod common;
+
+mod bindings;
+mod cli;
+mod deploy;
+mod durability;
+mod end_to_end;
+mod hostile;
+mod listeners;
+mod many_relays;
+mod operations;
+mod properties;
+mod replay;
+mod secrets;
+mod sources;
