@@ -56,6 +56,26 @@ impl Default for Options {
     }
 }
 
+/// Every part of a relay, built and bound to its addresses, nothing running yet
+/// (`Relay::build`); `run` starts it.
+pub struct Built {
+    pub addr: SocketAddr,
+    pub metrics_addr: Option<SocketAddr>,
+    listener: TcpListener,
+    metrics_listener: Option<TcpListener>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    receiver: Arc<Receiver>,
+    worker: Worker,
+    answerer: Answerer,
+    store: StoreHandle,
+    writer: StoreTask,
+    env: Env,
+    defaults: Defaults,
+    dedup_window: Duration,
+    limits: ConnLimits,
+    opts: Options,
+}
+
 /// A running relay.
 pub struct Relay {
     pub addr: SocketAddr,
@@ -73,6 +93,18 @@ async fn ok_when_done(task: impl Future<Output = ()>) -> Result<(), String> {
 impl Relay {
     /// Validates everything, opens the store, binds the listeners and starts serving.
     pub async fn start(settings: Settings, env: Env, opts: Options) -> anyhow::Result<Relay> {
+        Ok(Relay::build(settings, env, opts, None).await?.run())
+    }
+
+    /// Validates everything and builds every part around `store` without starting any: a
+    /// test may hand in a store of its own (`StoreHandle::spawn` over any `Store`); `None`
+    /// opens the one the settings name, once the rest has been validated.
+    pub async fn build(
+        settings: Settings,
+        env: Env,
+        opts: Options,
+        store: Option<(StoreHandle, StoreTask)>,
+    ) -> anyhow::Result<Built> {
         let mappings = MappingSet::load(&settings.mappings_dir, &env, &settings.defaults)
             .map_err(|errors| anyhow!("invalid mappings:\n  {}", errors.join("\n  ")))?;
         for warning in audit(&settings, &mappings) {
@@ -93,18 +125,21 @@ impl Relay {
                     .map_err(|e| anyhow!(e))?,
             )
         };
-        let (store, writer) = store::open(
-            &settings.store.location,
-            Windows {
-                dedup: settings.store.dedup_window,
-                coalesce: settings.store.coalesce_window,
-            },
-            settings.store.store_payloads,
-            settings.store.claim_lease,
-            opts.group_commit,
-        )
-        .await
-        .with_context(|| format!("cannot open the store at {}", settings.store.location))?;
+        let (store, writer) = match store {
+            Some(given) => given,
+            None => store::open(
+                &settings.store.location,
+                Windows {
+                    dedup: settings.store.dedup_window,
+                    coalesce: settings.store.coalesce_window,
+                },
+                settings.store.store_payloads,
+                settings.store.claim_lease,
+                opts.group_commit,
+            )
+            .await
+            .with_context(|| format!("cannot open the store at {}", settings.store.location))?,
+        };
 
         let metrics = Metrics::new(mappings.mappings.keys().map(String::as_str))?;
         let listener = TcpListener::bind(settings.listen)
@@ -152,7 +187,6 @@ impl Relay {
             health: health.clone(),
             store_payloads: settings.store.store_payloads,
         });
-        let shutdown = CancellationToken::new();
         let worker = Worker {
             store: store.clone(),
             client,
@@ -179,6 +213,70 @@ impl Relay {
             header_read_timeout: settings.inbound.read_timeout,
             max_header_bytes: settings.inbound.max_header_bytes,
         };
+        Ok(Built {
+            addr,
+            metrics_addr,
+            listener,
+            metrics_listener,
+            tls,
+            receiver,
+            worker,
+            answerer,
+            store,
+            writer,
+            env,
+            defaults: settings.defaults.clone(),
+            dedup_window: settings.store.dedup_window,
+            limits,
+            opts,
+        })
+    }
+
+    /// A token that stops the relay when cancelled.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    /// Waits until the relay has stopped: `Err` when it stopped because a part of it failed
+    /// (the process should then exit non-zero).
+    pub async fn wait(self) -> Result<(), Failure> {
+        match self.done.await {
+            Ok(result) => result,
+            Err(e) => Err(Failure {
+                component: "supervisor".into(),
+                reason: format!("ended abnormally: {e}"),
+            }),
+        }
+    }
+
+    /// Stops the relay and waits for it; a failure on the way is logged.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        let _ = self.wait().await;
+    }
+}
+
+impl Built {
+    /// Starts every part under supervision and serves.
+    pub fn run(self) -> Relay {
+        let Built {
+            addr,
+            metrics_addr,
+            listener,
+            metrics_listener,
+            tls,
+            receiver,
+            worker,
+            answerer,
+            store,
+            writer,
+            env,
+            defaults,
+            dedup_window,
+            limits,
+            opts,
+        } = self;
+        let shutdown = CancellationToken::new();
         let mut components = Components::new(opts.panic_in);
         let main_server = server::serve(
             listener,
@@ -213,7 +311,7 @@ impl Relay {
             ok_when_done(reload_loop(
                 receiver.clone(),
                 env,
-                settings.defaults.clone(),
+                defaults,
                 opts.reload_poll,
                 shutdown.clone(),
             )),
@@ -228,11 +326,7 @@ impl Relay {
         );
         components.spawn(
             "pruner",
-            ok_when_done(prune_loop(
-                store.clone(),
-                settings.store.dedup_window,
-                shutdown.clone(),
-            )),
+            ok_when_done(prune_loop(store.clone(), dedup_window, shutdown.clone())),
         );
         // The writer thread ends once every handle is gone (every component above has ended)
         // and its queue is drained.
@@ -256,35 +350,12 @@ impl Relay {
             }
             result
         });
-        Ok(Relay {
+        Relay {
             addr,
             metrics_addr,
             shutdown,
             done,
-        })
-    }
-
-    /// A token that stops the relay when cancelled.
-    pub fn shutdown_token(&self) -> CancellationToken {
-        self.shutdown.clone()
-    }
-
-    /// Waits until the relay has stopped: `Err` when it stopped because a part of it failed
-    /// (the process should then exit non-zero).
-    pub async fn wait(self) -> Result<(), Failure> {
-        match self.done.await {
-            Ok(result) => result,
-            Err(e) => Err(Failure {
-                component: "supervisor".into(),
-                reason: format!("ended abnormally: {e}"),
-            }),
         }
-    }
-
-    /// Stops the relay and waits for it; a failure on the way is logged.
-    pub async fn stop(self) {
-        self.shutdown.cancel();
-        let _ = self.wait().await;
     }
 }
 
@@ -411,6 +482,9 @@ async fn probe_loop(store: StoreHandle, health: Arc<Health>, shutdown: Cancellat
                 }
                 failing = false;
                 health.set_store_error(None);
+                if let Err(e) = store.upkeep().await {
+                    tracing::warn!(error = %e, "store upkeep failed");
+                }
             }
             Err(e) => {
                 if !failing {
