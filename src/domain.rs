@@ -126,6 +126,13 @@ impl Expiration {
     }
 }
 
+/// Written as P0 reads it (`"2h"`), in answers and logs.
+impl Serialize for Expiration {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.text)
+    }
+}
+
 impl fmt::Display for Expiration {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.text)

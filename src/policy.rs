@@ -47,7 +47,7 @@ pub struct RulePolicy {
     pub actions: Vec<Action>,
     pub default_expiration: Expiration,
     pub max_expiration: Option<Expiration>,
-    pub org: String,
+    pub org: Id,
 }
 
 /// What a mapping rule asks for, as extracted from the payload: untrusted text.
@@ -65,10 +65,10 @@ pub struct Decision {
     pub request_id: Id,
     pub action: Action,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub expiration: Option<String>,
+    pub expiration: Option<Expiration>,
     /// The longer expiration that was asked for, when it was clamped to the rule's maximum.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub clamped_from: Option<String>,
+    pub clamped_from: Option<Expiration>,
 }
 
 /// Applies `policy` to every proposal: all become decisions, or the first refusal is returned
@@ -115,7 +115,7 @@ fn check_actor(policy: &RulePolicy, actor: Option<&str>) -> Result<(), String> {
 }
 
 fn decide_proposals(policy: &RulePolicy, proposals: &[Proposal]) -> Result<Vec<Decision>, String> {
-    let org = Id::parse(&policy.org).map_err(|e| format!("org ID {e}"))?;
+    let org = &policy.org;
     let mut decisions: Vec<Decision> = Vec::with_capacity(proposals.len());
     for p in proposals {
         let action = Action::parse(&p.action)
@@ -130,10 +130,8 @@ fn decide_proposals(policy: &RulePolicy, proposals: &[Proposal]) -> Result<Vec<D
                 None => policy.default_expiration.clone(),
             };
             match &policy.max_expiration {
-                Some(max) if asked.seconds() > max.seconds() => {
-                    (Some(max.to_string()), Some(asked.to_string()))
-                }
-                _ => (Some(asked.to_string()), None),
+                Some(max) if asked.seconds() > max.seconds() => (Some(max.clone()), Some(asked)),
+                _ => (Some(asked), None),
             }
         } else {
             (None, None)
@@ -162,7 +160,7 @@ mod tests {
             actions: vec![Action::Approve, Action::Revoke],
             default_expiration: Expiration::parse("1h").unwrap(),
             max_expiration: Some(Expiration::parse("12h").unwrap()),
-            org: "acme".into(),
+            org: Id::parse("acme").unwrap(),
         }
     }
 
@@ -182,8 +180,8 @@ mod tests {
         decide(&policy(actors), actor, &[p]).map(|d| {
             (
                 d[0].action,
-                d[0].expiration.clone(),
-                d[0].clamped_from.clone(),
+                d[0].expiration.as_ref().map(ToString::to_string),
+                d[0].clamped_from.as_ref().map(ToString::to_string),
             )
         })
     }

@@ -165,7 +165,7 @@ fn check(expect: &RawExpect, verdict: &Verdict, default_org: &str) -> Result<(),
                     .map(|d| RawExpectDecision {
                         action: d.action.as_str().into(),
                         request_id: d.request_id.to_string(),
-                        expiration: d.expiration.clone(),
+                        expiration: d.expiration.as_ref().map(ToString::to_string),
                         org: Some(d.org.to_string()),
                     })
                     .collect();
@@ -222,7 +222,7 @@ pub fn describe(verdict: &Verdict) -> String {
                     let mut s = format!("{} {}", d.action, d.request_id);
                     if let Some(e) = &d.expiration {
                         s.push(' ');
-                        s.push_str(e);
+                        s.push_str(e.as_str());
                     }
                     if let Some(c) = &d.clamped_from {
                         s.push_str(&format!(" (clamped from {c})"));

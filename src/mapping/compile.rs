@@ -327,11 +327,11 @@ fn compile_rule(
         .clone()
         .or_else(|| raw.org.clone())
         .unwrap_or_else(|| defaults.org.clone());
-    if let Err(e) = crate::domain::Id::parse(&org) {
-        errors.push(format!("org: {e}"));
-    }
-    match produce {
-        Some(produce) if errors.is_empty() => Ok(Rule {
+    let org = crate::domain::Id::parse(&org)
+        .map_err(|e| errors.push(format!("org: {e}")))
+        .ok();
+    match (produce, org) {
+        (Some(produce), Some(org)) if errors.is_empty() => Ok(Rule {
             name: r.name.clone(),
             for_each,
             when,

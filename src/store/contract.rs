@@ -243,7 +243,8 @@ fn delivery(key: &str, decisions: &[(Action, &str)]) -> NewDelivery {
                 org: Id::parse("acme").unwrap(),
                 request_id: Id::parse(id).unwrap(),
                 action: *action,
-                expiration: (*action == Action::Approve).then(|| "1h".to_owned()),
+                expiration: (*action == Action::Approve)
+                    .then(|| crate::domain::Expiration::parse("1h").unwrap()),
                 clamped_from: None,
             })
             .collect(),

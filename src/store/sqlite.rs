@@ -11,7 +11,7 @@ use super::{
     Counts, DeliveryInfo, Job, JobDetail, JobRef, JobSummary, ListFilter, NewDelivery, Replay,
     State, Store, StoreError, Windows,
 };
-use crate::domain::Action;
+use crate::domain::{Action, Expiration};
 
 /// Each entry moves the schema one version forward; never edit one that has shipped.
 const MIGRATIONS: &[&str] = &[
@@ -294,7 +294,7 @@ fn accept_one(
             decision.org.as_str(),
             decision.request_id.as_str(),
             decision.action.as_str(),
-            decision.expiration,
+            decision.expiration.as_ref().map(Expiration::as_str),
             now_ms,
             d.binding.subject,
             reply
