@@ -658,6 +658,15 @@ impl StoreHandle {
             Backend::Postgres(pg) => pg.store.probe().await,
         }
     }
+
+    /// Upkeep between probes: on PostgreSQL, fresh planner statistics for the jobs table
+    /// (`PgStore::refresh_statistics`); nothing on SQLite.
+    pub async fn upkeep(&self) -> Result<(), StoreError> {
+        match &self.backend {
+            Backend::Sqlite(_) => Ok(()),
+            Backend::Postgres(pg) => pg.store.refresh_statistics(now_ms()).await.map(|_| ()),
+        }
+    }
 }
 
 fn writer(mut store: Box<dyn Store>, mut rx: mpsc::Receiver<Op>, max_batch: usize) {

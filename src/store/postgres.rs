@@ -20,7 +20,7 @@ use super::{
     Counts, DeliveryInfo, Job, JobDetail, JobRef, JobSummary, ListFilter, NewDelivery, Replay,
     State, StoreError, Windows, now_ms, pg_tls,
 };
-use crate::domain::Action;
+use crate::domain::{Action, Expiration};
 
 /// Each entry moves the schema one version forward; never edit one that has shipped.
 const MIGRATIONS: &[&str] = &[
@@ -548,6 +548,9 @@ $fn$;
 /// Advisory lock keys (one 64-bit space; coalescing uses the separate two-key space).
 const MIGRATE_LOCK: i64 = 0x7030_7265_6c61_7901;
 const PRUNE_LOCK: i64 = 0x7030_7265_6c61_7902;
+const STATISTICS_LOCK: i64 = 0x7030_7265_6c61_7903;
+/// How often a relay looks at whether the jobs table's statistics need refreshing.
+const STATISTICS_EVERY_MS: i64 = 5_000;
 /// The channel new work is announced on.
 pub const CHANNEL: &str = "p0_relay_jobs";
 
@@ -569,6 +572,7 @@ pub struct PgStore {
     store_payloads: bool,
     lease: Duration,
     last_expiry_ms: AtomicI64,
+    last_statistics_ms: AtomicI64,
 }
 
 fn unavailable(what: &str, e: impl std::fmt::Display) -> StoreError {
@@ -639,6 +643,7 @@ impl PgStore {
             store_payloads,
             lease,
             last_expiry_ms: AtomicI64::new(i64::MIN),
+            last_statistics_ms: AtomicI64::new(i64::MIN),
         };
         store.migrate().await?;
         Ok(store)
@@ -787,7 +792,7 @@ impl PgStore {
                         "ends_subject": d.binding.ends_subject,
                         "decisions": d.decisions.iter().map(|x| json!({
                             "org": x.org.as_str(), "request_id": x.request_id.as_str(),
-                            "action": x.action.as_str(), "expiration": x.expiration,
+                            "action": x.action.as_str(), "expiration": x.expiration.as_ref().map(Expiration::as_str),
                         })).collect::<Vec<_>>(),
                     })
                 })
@@ -959,6 +964,41 @@ impl PgStore {
     }
 
     /// A cheap "can I reach the database" check: `SELECT 1` on a pooled connection.
+    /// Keeps the planner's statistics of the jobs table current (one relay at a time, at most
+    /// every 5 s, only once a tenth of it has changed). The table is a queue that grows and
+    /// churns within seconds, far faster than autovacuum's minute: plans made from statistics
+    /// of a nearly empty table (a scan of every row ever claimed) would otherwise stay.
+    pub async fn refresh_statistics(&self, now_ms: i64) -> Result<bool, StoreError> {
+        let last = self.last_statistics_ms.load(Ordering::Relaxed);
+        if now_ms.saturating_sub(last) < STATISTICS_EVERY_MS {
+            return Ok(false);
+        }
+        self.last_statistics_ms.store(now_ms, Ordering::Relaxed);
+        self.run("statistics", Duration::from_secs(30), async |c| {
+            let tx = c.transaction().await?;
+            let mine: bool = tx
+                .query_one("SELECT pg_try_advisory_xact_lock($1)", &[&STATISTICS_LOCK])
+                .await?
+                .get(0);
+            let due = mine
+                && tx
+                    .query_one(
+                        "SELECT COALESCE(n_mod_since_analyze > 1000
+                                 AND n_mod_since_analyze * 10 > n_live_tup, false)
+                         FROM pg_stat_user_tables WHERE relid = 'jobs'::regclass",
+                        &[],
+                    )
+                    .await?
+                    .get::<_, bool>(0);
+            if due {
+                tx.batch_execute("ANALYZE jobs").await?;
+            }
+            tx.commit().await?;
+            Ok(due)
+        })
+        .await
+    }
+
     pub async fn probe(&self) -> Result<(), StoreError> {
         let get = tokio::time::timeout(PROBE_TIMEOUT, self.client())
             .await
