@@ -42,9 +42,9 @@ fuzz_target!(|data: &[u8]| {
                     Action::Approve => {
                         let e = d
                             .expiration
-                            .as_deref()
+                            .as_ref()
                             .expect("approval without expiration");
-                        let e = Expiration::parse(e).expect("expiration in P0's grammar");
+                        Expiration::parse(e.as_str()).expect("expiration in P0's grammar");
                         assert!(e.seconds() <= 12 * 3600, "{source}: {e} exceeds the cap");
                     }
                     _ => assert!(d.expiration.is_none()),
