@@ -325,6 +325,10 @@ impl Built {
             )),
         );
         components.spawn(
+            "store-upkeep",
+            ok_when_done(upkeep_loop(store.clone(), shutdown.clone())),
+        );
+        components.spawn(
             "pruner",
             ok_when_done(prune_loop(store.clone(), dedup_window, shutdown.clone())),
         );
@@ -482,9 +486,6 @@ async fn probe_loop(store: StoreHandle, health: Arc<Health>, shutdown: Cancellat
                 }
                 failing = false;
                 health.set_store_error(None);
-                if let Err(e) = store.upkeep().await {
-                    tracing::warn!(error = %e, "store upkeep failed");
-                }
             }
             Err(e) => {
                 if !failing {
@@ -497,6 +498,22 @@ async fn probe_loop(store: StoreHandle, health: Arc<Health>, shutdown: Cancellat
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(PROBE_EVERY) => {}
+        }
+    }
+}
+
+/// The store's upkeep every few seconds (PostgreSQL: the jobs table's planner statistics).
+async fn upkeep_loop(store: StoreHandle, shutdown: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = store.upkeep() => if let Err(e) = r {
+                tracing::warn!(error = %e, "store upkeep failed");
+            },
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(5)) => {}
         }
     }
 }

@@ -2,7 +2,8 @@
 //! headers and bodies. Flag bits: 0 the target signs the body itself, 1 which secret, 2 the
 //! `svix-` header names. Checks: no panic; accepted only when the signature header carries a
 //! real signature of `id.timestamp.body` for a configured secret, with a timestamp within
-//! the tolerance; a correct signature is always accepted.
+//! the tolerance, and the other flavour's id (if any) naming the same message; a correct
+//! signature is always accepted.
 #![no_main]
 
 mod common;
@@ -60,6 +61,11 @@ fuzz_target!(|data: &[u8]| {
                 .map(str::to_owned)
         };
         let (id, ts) = (get("id").unwrap(), get("timestamp").unwrap());
+        let other = if names == "svix" { "webhook-id" } else { "svix-id" };
+        assert!(
+            headers.get_all(other).iter().all(|v| v.as_bytes() == id.as_bytes()),
+            "accepted with another message's {other}"
+        );
         let at: i64 = ts.trim().parse().expect("accepted with an unparsable timestamp");
         assert!(NOW.abs_diff(at) <= 300, "accepted a stale timestamp {at}");
         let text: Vec<String> = headers

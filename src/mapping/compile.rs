@@ -297,6 +297,17 @@ fn compile_rule(
     };
     let actions = match &r.actions {
         None if always_ends => vec![Action::Revoke],
+        Some(list)
+            if may_end
+                && !list
+                    .iter()
+                    .any(|a| Action::parse(a) == Some(Action::Revoke)) =>
+        {
+            errors.push(
+                "actions: a rule that ends its subject must allow `revoke` (the end's own)".into(),
+            );
+            Vec::new()
+        }
         None => Action::ALL.to_vec(),
         Some(list) => {
             let mut out = Vec::new();

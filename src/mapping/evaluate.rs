@@ -93,10 +93,10 @@ impl Mapping {
                 continue;
             };
             let nodes = each.path.nodes(input.into());
-            let mut elements = Vec::new();
-            let mut decisions = Vec::new();
+            // Each deciding element with its own decisions; the first refusal, if any.
+            let mut decided: Vec<(Element, Vec<Decision>)> = Vec::new();
+            let mut refused: Option<String> = None;
             let mut skipped = Vec::new();
-            let mut every_ends = true;
             for (i, node) in nodes.iter().enumerate() {
                 let scope = Scope {
                     input,
@@ -106,33 +106,27 @@ impl Mapping {
                     Applied::NoMatch(why) => skipped.push(format!("element {}: {why}", i + 1)),
                     Applied::Rejected(reason, line) => {
                         note(rule, true, format!("element {}: {line}", i + 1));
-                        return Verdict::Rejected {
-                            rule: rule.name.clone(),
-                            reason: format!(
-                                "element {} of {}: {reason}",
-                                i + 1,
-                                each.path.describe()
-                            ),
-                        };
+                        refused.get_or_insert_with(|| {
+                            format!("element {} of {}: {reason}", i + 1, each.path.describe())
+                        });
                     }
                     Applied::Decided {
                         actor,
-                        decisions: mut ds,
+                        decisions: ds,
                         binding,
                         ..
-                    } => {
-                        every_ends &= binding.ends_subject;
-                        elements.push(Element {
+                    } => decided.push((
+                        Element {
                             key: each.key(scope),
                             actor,
                             decisions: ds.len(),
                             binding,
-                        });
-                        decisions.append(&mut ds);
-                    }
+                        },
+                        ds,
+                    )),
                 }
             }
-            if elements.is_empty() {
+            if decided.is_empty() && refused.is_none() {
                 let why = if nodes.is_empty() {
                     format!("for_each {} yielded nothing", each.path.describe())
                 } else {
@@ -141,12 +135,35 @@ impl Mapping {
                 note(rule, false, why);
                 continue;
             }
-            if !every_ends && let Some(reason) = self.stale(input, now) {
-                note(rule, true, reason.clone());
-                return Verdict::Rejected {
-                    rule: rule.name.clone(),
-                    reason,
-                };
+            // A refused element refuses the elements that grant, and so does a stale event;
+            // the elements that end their subjects still end them, since an end refused here
+            // is never sent again (alert groups mix firing alerts with resolved ones).
+            let grants = decided.iter().any(|(e, _)| !e.binding.ends_subject);
+            let refusal = match refused {
+                Some(reason) => Some(reason),
+                None if grants => self.stale(input, now),
+                None => None,
+            };
+            if let Some(reason) = refusal {
+                decided.retain(|(e, _)| e.binding.ends_subject);
+                if decided.is_empty() {
+                    note(rule, true, reason.clone());
+                    return Verdict::Rejected {
+                        rule: rule.name.clone(),
+                        reason,
+                    };
+                }
+                note(
+                    rule,
+                    true,
+                    format!("{reason}; the elements that end their subjects still do"),
+                );
+            }
+            let mut elements = Vec::with_capacity(decided.len());
+            let mut decisions = Vec::new();
+            for (e, mut ds) in decided {
+                elements.push(e);
+                decisions.append(&mut ds);
             }
             note(
                 rule,
@@ -182,6 +199,9 @@ impl Mapping {
         self.dedup.key(input, body)
     }
 }
+
+/// The longest subject a decision may be bound to, in bytes.
+const MAX_SUBJECT: usize = 256;
 
 /// Runs one rule's conditions, extraction and policy on one scope.
 fn apply(rule: &Rule, scope: Scope<'_>) -> Applied {
@@ -248,8 +268,15 @@ fn apply(rule: &Rule, scope: Scope<'_>) -> Applied {
     };
     let subject = match rule.subject.as_ref().map(|s| s.first(scope)) {
         None => None,
+        // Subjects name incidents, alerts and issues; a longer one is not one of those, and
+        // could not be stored in the index that finds what an end revokes.
+        Some(Ok(s)) if s.len() > MAX_SUBJECT => {
+            let reason = format!("subject: longer than {MAX_SUBJECT} bytes");
+            return Applied::Rejected(reason.clone(), reason);
+        }
         Some(Ok(s)) => Some(s),
-        Some(Err(why)) if ends => {
+        // A grant of a rule whose subject can end must be bound to it, or no end revokes it.
+        Some(Err(why)) if ends || !matches!(rule.ends_subject, Ends::Never) => {
             let reason = format!("subject: {why}");
             return Applied::Rejected(reason.clone(), reason);
         }

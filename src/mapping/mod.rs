@@ -536,20 +536,40 @@ mod tests {
             .map(|d| (d.action, d.request_id.as_str()))
             .collect();
         assert_eq!(actions, [(Action::Approve, "r-1"), (Action::Revoke, "r-2")]);
-        // A firing element by someone not on the list still refuses the group.
-        let body = json!({ "alerts": [
-            { "fp": "a", "status": "firing", "action": "approve", "req": "r-1", "by": "mallory" }
-        ] });
-        assert!(matches!(
+        // A firing element by someone not on the list refuses what the group grants...
+        let decide = |body: &Value| {
             m.decide(
                 Input {
                     headers: &headers,
-                    body: &body,
+                    body,
                 },
                 None,
-            ),
+            )
+        };
+        let firing = json!({ "fp": "a", "status": "firing", "action": "approve", "req": "r-1", "by": "mallory" });
+        assert!(matches!(
+            decide(&json!({ "alerts": [firing.clone()] })),
             Verdict::Rejected { .. }
         ));
+        // ...but not the ends beside it: a refused delivery is never sent again.
+        let resolved = json!({ "fp": "b", "status": "resolved", "by": "bot" });
+        let Verdict::Decided {
+            elements,
+            decisions,
+            ..
+        } = decide(&json!({ "alerts": [firing, resolved] }))
+        else {
+            panic!("the resolved alert's end was lost");
+        };
+        assert_eq!(elements.len(), 1);
+        assert_eq!(
+            (
+                elements[0].binding.subject.as_deref(),
+                elements[0].binding.ends_subject
+            ),
+            (Some("b"), true)
+        );
+        assert!(decisions.is_empty());
     }
 
     #[test]
@@ -568,7 +588,9 @@ mod tests {
                   "action": "approve", "request_id": { "path": "$.id" } },
                 { "name": "h", "ends_subject": { "path": "$.s" }, "subject": { "path": "$.s" },
                   "action": "approve", "request_id": { "path": "$.id" } },
-                { "name": "i", "ends_subject": { "path": "$.s", "equals": "done" }, "command": { "path": "$.x" } }
+                { "name": "i", "ends_subject": { "path": "$.s", "equals": "done" }, "command": { "path": "$.x" } },
+                { "name": "j", "ends_subject": { "path": "$.s", "equals": "done" }, "subject": { "path": "$.s" },
+                  "action": "approve", "request_id": { "path": "$.id" }, "actions": ["approve"] }
             ]
         });
         let errors =
@@ -588,6 +610,7 @@ mod tests {
             "s.yaml: rule `h`: ends_subject: needs exactly one of",
             "s.yaml: rule `i`: ends_subject: a rule that ends its subject only revokes; drop `command`",
             "s.yaml: rule `i`: ends_subject: needs a `subject`",
+            "s.yaml: rule `j`: actions: a rule that ends its subject must allow `revoke`",
         ] {
             assert!(all.contains(fragment), "missing {fragment:?} in:\n{all}");
         }

@@ -999,7 +999,9 @@ async fn decisions_share_their_subjects_lock_and_only_an_end_waits_for_them() {
         loop {
             let row = watcher
                 .query_one(
-                    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted",
+                    "SELECT count(*) FROM pg_locks l JOIN pg_database d ON d.oid = l.database
+                     WHERE l.locktype = 'advisory' AND NOT l.granted
+                       AND d.datname = current_database() AND l.classid = 7002",
                     &[],
                 )
                 .await
@@ -1042,4 +1044,70 @@ async fn an_end_sees_the_approve_it_shares_a_batch_with(mut s: Backend) {
         bound(end).into_iter().map(|b| b.0).collect::<Vec<_>>(),
         ["late"]
     );
+}
+
+contract!(an_end_that_arrived_first_still_sees_the_approve_in_its_batch);
+/// The same, the end arriving first: within one batch, ends are written after every other
+/// delivery (`batch_order`) on both stores.
+async fn an_end_that_arrived_first_still_sees_the_approve_in_its_batch(mut s: Backend) {
+    let r = s
+        .write(
+            &[
+                on_subject("end-first", &[], "P8", true),
+                on_subject("approve-second", &[(Action::Approve, "r-8")], "P8", false),
+            ],
+            &[],
+            1_000,
+        )
+        .await
+        .unwrap();
+    let end = r[0].as_ref().unwrap();
+    assert_eq!(
+        bound(end).into_iter().map(|b| b.0).collect::<Vec<_>>(),
+        ["r-8"]
+    );
+}
+
+contract!(a_decision_on_another_subject_is_not_coalesced_into_this_ones);
+/// Two alerts name the same request: each approve is a job bound to its alert, so the first
+/// alert's end does not take the access the second one still justifies.
+async fn a_decision_on_another_subject_is_not_coalesced_into_this_ones(mut s: Backend) {
+    let first = s
+        .accept(
+            on_subject("f1", &[(Action::Approve, "shared")], "F1", false),
+            1_000,
+        )
+        .await;
+    let second = s
+        .accept(
+            on_subject("f2", &[(Action::Approve, "shared")], "F2", false),
+            1_001,
+        )
+        .await;
+    assert!(!jobs(&second)[0].1, "not coalesced across subjects");
+    assert_ne!(jobs(&first)[0].0, jobs(&second)[0].0);
+    let end_f1 = s.accept(on_subject("f1-end", &[], "F1", true), 2_000).await;
+    assert!(
+        bound(&end_f1).is_empty(),
+        "F2 still justifies the request: F1's end leaves it"
+    );
+    let end_f2 = s.accept(on_subject("f2-end", &[], "F2", true), 3_000).await;
+    assert_eq!(
+        bound(&end_f2).into_iter().map(|b| b.0).collect::<Vec<_>>(),
+        ["shared"]
+    );
+    // The same subject still coalesces.
+    let again = s
+        .accept(
+            on_subject("f3", &[(Action::Approve, "other")], "F3", false),
+            4_000,
+        )
+        .await;
+    let same = s
+        .accept(
+            on_subject("f3-again", &[(Action::Approve, "other")], "F3", false),
+            4_001,
+        )
+        .await;
+    assert_eq!(jobs(&same), vec![(jobs(&again)[0].0, true)]);
 }

@@ -386,6 +386,15 @@ enum Backend {
     Postgres(Arc<postgres::Shared>),
 }
 
+/// The order a batch's deliveries are written in: arrival order, except that deliveries that
+/// end their subjects come after all the others, so an end sees every approve it shares a
+/// batch with (both stores, and the PostgreSQL function, keep this order).
+pub(crate) fn batch_order(deliveries: &[NewDelivery]) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..deliveries.len()).collect();
+    order.sort_by_key(|&i| deliveries[i].binding.ends_subject);
+    order
+}
+
 /// How many waiting operations one transaction may take.
 const MAX_BATCH: usize = 1024;
 

@@ -136,18 +136,19 @@ impl SqliteStore {
     ) -> Result<Vec<Result<Accepted, StoreError>>, StoreError> {
         let (windows, store_payloads) = (self.windows, self.store_payloads);
         let mut tx = self.conn.transaction()?;
-        let mut results = Vec::with_capacity(deliveries.len());
-        for d in deliveries {
+        let mut results: Vec<Option<Result<Accepted, StoreError>>> =
+            (0..deliveries.len()).map(|_| None).collect();
+        for i in super::batch_order(deliveries) {
             let sp = tx.savepoint()?;
-            let result = accept_one(&sp, d, now_ms, windows, store_payloads);
+            let result = accept_one(&sp, &deliveries[i], now_ms, windows, store_payloads);
             if result.is_ok() {
                 sp.commit()?;
             }
-            results.push(result);
+            results[i] = Some(result);
         }
         record_all(&tx, records)?;
         tx.commit()?;
-        Ok(results)
+        Ok(results.into_iter().flatten().collect())
     }
 
     fn claim_unsynced(&mut self, now_ms: i64, limit: usize) -> Result<Vec<Job>, StoreError> {
@@ -259,19 +260,33 @@ fn accept_one(
     for decision in &d.decisions {
         // The latest job for this request decides: the same action still pending or done
         // recently is not sent again, but approve → revoke → approve is three calls.
-        let latest: Option<(i64, String, String, i64)> = tx
+        type Latest = (i64, String, String, i64, String, Option<String>);
+        let latest: Option<Latest> = tx
             .prepare_cached(
-                "SELECT id, action, state, created_at FROM jobs WHERE org = ?1 AND request_id = ?2
-                 ORDER BY id DESC LIMIT 1",
+                "SELECT id, action, state, created_at, source, subject FROM jobs
+                 WHERE org = ?1 AND request_id = ?2 ORDER BY id DESC LIMIT 1",
             )?
             .query_row(
                 params![decision.org.as_str(), decision.request_id.as_str()],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+                |r| {
+                    Ok((
+                        r.get(0)?,
+                        r.get(1)?,
+                        r.get(2)?,
+                        r.get(3)?,
+                        r.get(4)?,
+                        r.get(5)?,
+                    ))
+                },
             )
             .optional()?;
-        if let Some((id, action, state, created)) = latest
+        // Only a decision asked on the same subject coalesces: one bound to another incident
+        // or alert is a job of its own, so that subject's end cannot take this one's access.
+        if let Some((id, action, state, created, source, subject)) = latest
             && action == decision.action.as_str()
             && created >= coalesce_since
+            && subject == d.binding.subject
+            && (subject.is_none() || source == d.source)
             && matches!(
                 state.as_str(),
                 "pending" | "sending" | "succeeded" | "dry_run"
@@ -452,10 +467,18 @@ impl Store for SqliteStore {
     ) -> Result<Vec<Result<Accepted, StoreError>>, StoreError> {
         let (windows, store_payloads) = (self.windows, self.store_payloads);
         let tx = self.conn.transaction()?;
-        let mut results = Vec::with_capacity(deliveries.len());
-        for d in deliveries {
-            results.push(accept_one(&tx, d, now_ms, windows, store_payloads));
+        let mut results: Vec<Option<Result<Accepted, StoreError>>> =
+            (0..deliveries.len()).map(|_| None).collect();
+        for i in super::batch_order(deliveries) {
+            results[i] = Some(accept_one(
+                &tx,
+                &deliveries[i],
+                now_ms,
+                windows,
+                store_payloads,
+            ));
         }
+        let results: Vec<Result<Accepted, StoreError>> = results.into_iter().flatten().collect();
         if results.iter().any(Result::is_err) {
             // Rare (a constraint or I/O error): start over with a savepoint per delivery, so
             // the failing one is left out whole and the others are kept.
