@@ -38,6 +38,6 @@ fuzz_target!(|data: &[u8]| {
         );
     }
     if flags & 1 == 1 && !fuzzed_sig {
-        assert_eq!(verdict, Ok(()), "a correct signature was refused");
+        assert!(verdict.is_ok(), "a correct signature was refused: {verdict:?}");
     }
 });
