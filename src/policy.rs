@@ -83,21 +83,21 @@ pub fn decide(
 }
 
 /// The decisions of an event that ends its subject: the approver list is not consulted,
-/// because ending access is always allowed; for that reason such an event only revokes.
+/// because ending access is always allowed, and for that reason such an event only revokes:
+/// anything else it names is dropped, as is a malformed request ID, so that nothing it names
+/// keeps the subject from ending (the end's own revocations are the store's).
 pub fn decide_revocations(
     policy: &RulePolicy,
     proposals: &[Proposal],
 ) -> Result<Vec<Decision>, String> {
-    if let Some(p) = proposals
+    let revocations: Vec<Proposal> = proposals
         .iter()
-        .find(|p| Action::parse(&p.action) != Some(Action::Revoke))
-    {
-        return Err(format!(
-            "an event that ends its subject only revokes, not `{}`",
-            printable(&p.action)
-        ));
-    }
-    decide_proposals(policy, proposals)
+        .filter(|p| {
+            Action::parse(&p.action) == Some(Action::Revoke) && Id::parse(&p.request_id).is_ok()
+        })
+        .cloned()
+        .collect();
+    decide_proposals(policy, &revocations)
 }
 
 fn check_actor(policy: &RulePolicy, actor: Option<&str>) -> Result<(), String> {

@@ -1,9 +1,37 @@
 //! When a failed call is tried again: exponential backoff with full jitter, the sender's
-//! `Retry-After` honoured up to a cap, and the retry window; shared by P0 calls and answers.
+//! `Retry-After` honoured up to a cap, and the retry window; and how long a claim loop rests
+//! between looks. Shared by P0 calls and answers.
 
+use std::future::Future;
 use std::time::Duration;
 
 use crate::config::RetrySettings;
+
+/// The longest a claim loop rests without looking at the store again (decisions replayed by
+/// `p0-relay jobs replay` from another process are found this way).
+pub const IDLE_POLL: Duration = Duration::from_millis(500);
+
+/// How long a claim loop (the worker's, the answerer's) rests before it claims again: not at
+/// all after a claim that filled every free permit; with every permit busy, until a finishing
+/// task wakes it, without asking the store (under load that question would follow every
+/// call); otherwise until the next item falls due (`next_due`, asked only then).
+pub async fn rest<E>(
+    claimed_all: bool,
+    free: usize,
+    next_due: impl Future<Output = Result<Option<i64>, E>>,
+    now_ms: impl FnOnce() -> i64,
+) -> Duration {
+    if claimed_all {
+        return Duration::ZERO;
+    }
+    if free == 0 {
+        return IDLE_POLL;
+    }
+    match next_due.await {
+        Ok(Some(due)) => millis_until(due, now_ms()).min(IDLE_POLL),
+        _ => IDLE_POLL,
+    }
+}
 
 /// Exponential backoff with full jitter: a random delay up to `base × 2^(attempt-1)`, capped
 /// at `max_delay`; never sooner than P0's `Retry-After`, which is itself capped at `max_delay`

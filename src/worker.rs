@@ -16,7 +16,7 @@ use crate::health::Health;
 use crate::metrics::Metrics;
 use crate::p0::{self, Outcome};
 use crate::ratelimit::KeyedLimit;
-use crate::retry::{millis_until, retry_at, saturating_i64};
+use crate::retry::{rest, retry_at, saturating_i64};
 use crate::store::{AttemptRecord, Job, State, StoreHandle, now_ms};
 
 /// Everything the worker needs; `client: None` is a dry run that calls nothing.
@@ -34,10 +34,6 @@ pub struct Worker {
     /// Wakes the answer loop when an outcome brought answers.
     pub answer_wake: Arc<Notify>,
 }
-
-/// How long the worker idles before looking at the store again (jobs replayed by
-/// `p0-relay jobs replay` from another process are found this way).
-const IDLE_POLL: Duration = Duration::from_millis(500);
 
 impl Worker {
     /// Runs until `shutdown`; then lets calls in flight finish within `drain`, leaving the
@@ -84,18 +80,7 @@ impl Worker {
                 }
                 last_gauges = Some(Instant::now());
             }
-            // Every permit busy: a finishing call wakes the loop, so the store is not asked when
-            // the next job is due (under load that question would follow every call).
-            let wait = if claimed_all {
-                Duration::ZERO
-            } else if free == 0 {
-                IDLE_POLL
-            } else {
-                match this.store.next_due().await {
-                    Ok(Some(due)) => millis_until(due, now_ms()).min(IDLE_POLL),
-                    _ => IDLE_POLL,
-                }
-            };
+            let wait = rest(claimed_all, free, this.store.next_due(), now_ms).await;
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 _ = this.wake.notified() => {}

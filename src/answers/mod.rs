@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::RetrySettings;
 use crate::metrics::Metrics;
 use crate::ratelimit::KeyedLimit;
-use crate::retry::{millis_until, retry_at};
+use crate::retry::{rest, retry_at};
 use crate::store::{AnswerJob, AnswerRecord, State, StoreHandle, now_ms};
 
 pub use client::{Client, Sent};
@@ -32,8 +32,6 @@ pub struct Answerer {
     pub concurrency: usize,
     pub wake: Arc<Notify>,
 }
-
-const IDLE_POLL: Duration = Duration::from_millis(500);
 
 impl Answerer {
     /// Runs until `shutdown`, then lets answers in flight finish within `drain`; the rest
@@ -65,14 +63,7 @@ impl Answerer {
                     Err(e) => tracing::error!(error = %e, "cannot claim answers from the store"),
                 }
             }
-            let wait = if claimed_all {
-                Duration::ZERO
-            } else {
-                match this.store.next_answer_due().await {
-                    Ok(Some(due)) => millis_until(due, now_ms()).min(IDLE_POLL),
-                    _ => IDLE_POLL,
-                }
-            };
+            let wait = rest(claimed_all, free, this.store.next_answer_due(), now_ms).await;
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 _ = this.wake.notified() => {}

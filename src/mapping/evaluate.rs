@@ -253,19 +253,6 @@ fn apply(rule: &Rule, scope: Scope<'_>) -> Applied {
         .as_ref()
         .and_then(|sel| sel.values_in(scope).into_iter().next())
         .map(|a| a.into_owned());
-    // A malformed request named by an ending event must not keep the subject from ending: it
-    // is dropped, and the end's own revocations go ahead. An ending event only revokes.
-    let proposals = if ends {
-        proposals
-            .into_iter()
-            .filter(|p| {
-                Action::parse(&p.action) == Some(Action::Revoke)
-                    && crate::domain::Id::parse(&p.request_id).is_ok()
-            })
-            .collect()
-    } else {
-        proposals
-    };
     let subject = match rule.subject.as_ref().map(|s| s.first(scope)) {
         None => None,
         // Subjects name incidents, alerts and issues; a longer one is not one of those, and

@@ -395,6 +395,13 @@ pub(crate) fn batch_order(deliveries: &[NewDelivery]) -> Vec<usize> {
     order
 }
 
+/// Results made in `order` (from `batch_order`), put back in arrival order.
+pub(crate) fn in_arrival_order<R>(order: &[usize], made: Vec<R>) -> Vec<R> {
+    let mut placed: Vec<(usize, R)> = order.iter().copied().zip(made).collect();
+    placed.sort_by_key(|(i, _)| *i);
+    placed.into_iter().map(|(_, r)| r).collect()
+}
+
 /// How many waiting operations one transaction may take.
 const MAX_BATCH: usize = 1024;
 

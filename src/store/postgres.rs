@@ -79,114 +79,8 @@ CREATE TABLE attempts (
 );
 CREATE INDEX attempts_job ON attempts (job_id);
 
--- A batch of deliveries and attempt outcomes in one call. Returns, per delivery in the order
--- given, {"jobs": [[id, coalesced], ...]}, {"dup": [job ids]} or {"error": text}, and the
--- records ignored because their claim was no longer held.
-CREATE FUNCTION p0_relay_write(deliveries JSONB, payloads BYTEA[], records JSONB,
-                               now_ms BIGINT, dedup_since BIGINT, coalesce_since BIGINT)
-RETURNS JSONB LANGUAGE plpgsql AS $fn$
-DECLARE
-    k          INTEGER;
-    d          RECORD;
-    dcn        JSONB;
-    outcome        JSONB;
-    results    JSONB[] := array_fill(NULL::JSONB, ARRAY[jsonb_array_length(deliveries)]);
-    ignored    BIGINT[] := '{}';
-    del_id     BIGINT;
-    taken      BIGINT;
-    latest     RECORD;
-    jid        BIGINT;
-    job_list   JSONB;
-    id_list    BIGINT[];
-    created    BOOLEAN := false;
-BEGIN
-    -- Coalescing is serialised per (org, request) across relays: every key this batch
-    -- touches is locked first, in one global order, so two batches never wait on each other
-    -- in a cycle.
-    FOR k IN
-        SELECT DISTINCT hashtext((x ->> 'org') || '/' || (x ->> 'request_id'))
-        FROM jsonb_array_elements(deliveries) e, jsonb_array_elements(e -> 'decisions') x
-        ORDER BY 1
-    LOOP
-        PERFORM pg_advisory_xact_lock(7001, k);
-    END LOOP;
-    -- Delivery keys are taken in one global order too (the unique index makes a second
-    -- taker wait for the first to commit or roll back).
-    FOR d IN
-        SELECT e.value AS v, e.ordinality::INTEGER AS i
-        FROM jsonb_array_elements(deliveries) WITH ORDINALITY e
-        ORDER BY e.value ->> 'source' COLLATE "C", e.value ->> 'dedup_key' COLLATE "C", e.ordinality
-    LOOP
-        BEGIN  -- a savepoint: a delivery that fails is left out whole
-            del_id := nextval(pg_get_serial_sequence('deliveries', 'id'));
-            taken := NULL;
-            INSERT INTO dedup AS x (source, dedup_key, delivery_id, received_at)
-            VALUES (d.v ->> 'source', d.v ->> 'dedup_key', del_id, (d.v ->> 'received_at')::BIGINT)
-            ON CONFLICT (source, dedup_key) DO UPDATE
-                SET delivery_id = EXCLUDED.delivery_id, received_at = EXCLUDED.received_at
-                WHERE x.received_at < dedup_since
-            RETURNING x.delivery_id INTO taken;
-            IF taken IS NULL THEN
-                SELECT dl.job_ids INTO id_list FROM dedup x JOIN deliveries dl ON dl.id = x.delivery_id
-                WHERE x.source = d.v ->> 'source' AND x.dedup_key = d.v ->> 'dedup_key';
-                results[d.i] := jsonb_build_object('dup', to_jsonb(COALESCE(id_list, '{}')));
-                CONTINUE;
-            END IF;
-            INSERT INTO deliveries (id, source, dedup_key, received_at, rule, actor, payload)
-            VALUES (del_id, d.v ->> 'source', d.v ->> 'dedup_key', (d.v ->> 'received_at')::BIGINT,
-                    d.v ->> 'rule', d.v ->> 'actor', payloads[d.i]);
-            job_list := '[]';
-            id_list := '{}';
-            FOR dcn IN SELECT value FROM jsonb_array_elements(d.v -> 'decisions') LOOP
-                -- The latest job for this request decides: the same action still pending or
-                -- done recently is not sent again, but approve, revoke, approve is three calls.
-                SELECT j.id, j.action, j.state, j.created_at INTO latest FROM jobs j
-                WHERE j.org = dcn ->> 'org' AND j.request_id = dcn ->> 'request_id'
-                ORDER BY j.id DESC LIMIT 1;
-                IF FOUND AND latest.action = dcn ->> 'action' AND latest.created_at >= coalesce_since
-                   AND latest.state IN ('pending', 'sending', 'succeeded', 'dry_run') THEN
-                    jid := latest.id;
-                    job_list := job_list || jsonb_build_array(jsonb_build_array(jid, true));
-                ELSE
-                    INSERT INTO jobs (delivery_id, source, org, request_id, action, expiration, state,
-                                      next_attempt_at, window_start, created_at, updated_at)
-                    VALUES (del_id, d.v ->> 'source', dcn ->> 'org', dcn ->> 'request_id',
-                            dcn ->> 'action', dcn ->> 'expiration', 'pending',
-                            now_ms, now_ms, now_ms, now_ms)
-                    RETURNING id INTO jid;
-                    job_list := job_list || jsonb_build_array(jsonb_build_array(jid, false));
-                    created := true;
-                END IF;
-                id_list := id_list || jid;
-            END LOOP;
-            UPDATE deliveries SET job_ids = id_list WHERE id = del_id;
-            results[d.i] := jsonb_build_object('jobs', job_list);
-        EXCEPTION WHEN OTHERS THEN
-            results[d.i] := jsonb_build_object('error', SQLERRM);
-        END;
-    END LOOP;
-    -- An outcome counts only from the relay that holds the claim (its token, still sending).
-    FOR outcome IN SELECT value FROM jsonb_array_elements(records) ORDER BY (value ->> 'job_id')::BIGINT LOOP
-        UPDATE jobs SET state = outcome ->> 'state', attempts = (outcome ->> 'attempts')::INTEGER,
-                        next_attempt_at = (outcome ->> 'next_attempt_at')::BIGINT,
-                        last_status = (outcome ->> 'status')::INTEGER, last_error = outcome ->> 'error',
-                        updated_at = (outcome ->> 'at')::BIGINT, lease_until = NULL
-        WHERE id = (outcome ->> 'job_id')::BIGINT AND claim_token = (outcome ->> 'claim')::BIGINT
-          AND state = 'sending';
-        IF FOUND THEN
-            INSERT INTO attempts (job_id, at, status, result, error, duration_ms)
-            VALUES ((outcome ->> 'job_id')::BIGINT, (outcome ->> 'at')::BIGINT, (outcome ->> 'status')::INTEGER,
-                    outcome ->> 'result', outcome ->> 'error', (outcome ->> 'duration_ms')::BIGINT);
-        ELSE
-            ignored := ignored || (outcome ->> 'job_id')::BIGINT;
-        END IF;
-    END LOOP;
-    IF created THEN
-        PERFORM pg_notify('p0_relay_jobs', '');
-    END IF;
-    RETURN jsonb_build_object('results', to_jsonb(results), 'ignored', to_jsonb(ignored));
-END
-$fn$;
+-- p0_relay_write, the function every batch is one call of, is defined by the latest
+-- migration that changes it (all pending migrations run in one transaction).
 "#,
     r#"
 -- Subjects, subject ends and answers back.
@@ -213,157 +107,6 @@ CREATE TABLE answers (
 CREATE INDEX answers_due ON answers (next_attempt_at, id) WHERE state = 'pending';
 CREATE INDEX answers_leased ON answers (lease_until) WHERE state = 'sending';
 CREATE INDEX answers_job ON answers (job_id);
-
-CREATE OR REPLACE FUNCTION p0_relay_write(deliveries JSONB, payloads BYTEA[], records JSONB,
-                               now_ms BIGINT, dedup_since BIGINT, coalesce_since BIGINT)
-RETURNS JSONB LANGUAGE plpgsql AS $fn$
-DECLARE
-    k          INTEGER;
-    d          RECORD;
-    dcn        JSONB;
-    outcome        JSONB;
-    results    JSONB[] := array_fill(NULL::JSONB, ARRAY[jsonb_array_length(deliveries)]);
-    ignored    BIGINT[] := '{}';
-    del_id     BIGINT;
-    taken      BIGINT;
-    latest     RECORD;
-    jid        BIGINT;
-    job_list   JSONB;
-    id_list    BIGINT[];
-    created    BOOLEAN := false;
-    g          RECORD;
-    bound_list JSONB;
-BEGIN
-    -- Decisions on a subject and the end of that subject are serialised across relays: an
-    -- approve committed by one relay is seen by the end another relay commits after it.
-    FOR k IN
-        SELECT DISTINCT hashtext((e ->> 'source') || '/' || (e ->> 'subject'))
-        FROM jsonb_array_elements(deliveries) e
-        WHERE e ->> 'subject' IS NOT NULL
-        ORDER BY 1
-    LOOP
-        PERFORM pg_advisory_xact_lock(7002, k);
-    END LOOP;
-    -- Coalescing is serialised per (org, request) across relays: every key this batch
-    -- touches is locked first, in one global order, so two batches never wait on each other
-    -- in a cycle.
-    FOR k IN
-        SELECT DISTINCT hashtext((x ->> 'org') || '/' || (x ->> 'request_id'))
-        FROM jsonb_array_elements(deliveries) e, jsonb_array_elements(e -> 'decisions') x
-        ORDER BY 1
-    LOOP
-        PERFORM pg_advisory_xact_lock(7001, k);
-    END LOOP;
-    -- Delivery keys are taken in one global order too (the unique index makes a second
-    -- taker wait for the first to commit or roll back).
-    FOR d IN
-        SELECT e.value AS v, e.ordinality::INTEGER AS i
-        FROM jsonb_array_elements(deliveries) WITH ORDINALITY e
-        ORDER BY e.value ->> 'source' COLLATE "C", e.value ->> 'dedup_key' COLLATE "C", e.ordinality
-    LOOP
-        BEGIN  -- a savepoint: a delivery that fails is left out whole
-            del_id := nextval(pg_get_serial_sequence('deliveries', 'id'));
-            taken := NULL;
-            INSERT INTO dedup AS x (source, dedup_key, delivery_id, received_at)
-            VALUES (d.v ->> 'source', d.v ->> 'dedup_key', del_id, (d.v ->> 'received_at')::BIGINT)
-            ON CONFLICT (source, dedup_key) DO UPDATE
-                SET delivery_id = EXCLUDED.delivery_id, received_at = EXCLUDED.received_at
-                WHERE x.received_at < dedup_since
-            RETURNING x.delivery_id INTO taken;
-            IF taken IS NULL THEN
-                SELECT dl.job_ids INTO id_list FROM dedup x JOIN deliveries dl ON dl.id = x.delivery_id
-                WHERE x.source = d.v ->> 'source' AND x.dedup_key = d.v ->> 'dedup_key';
-                results[d.i] := jsonb_build_object('dup', to_jsonb(COALESCE(id_list, '{}')));
-                CONTINUE;
-            END IF;
-            INSERT INTO deliveries (id, source, dedup_key, received_at, rule, actor, payload)
-            VALUES (del_id, d.v ->> 'source', d.v ->> 'dedup_key', (d.v ->> 'received_at')::BIGINT,
-                    d.v ->> 'rule', d.v ->> 'actor', payloads[d.i]);
-            job_list := '[]';
-            id_list := '{}';
-            FOR dcn IN SELECT value FROM jsonb_array_elements(d.v -> 'decisions') LOOP
-                -- The latest job for this request decides: the same action still pending or
-                -- done recently is not sent again, but approve, revoke, approve is three calls.
-                SELECT j.id, j.action, j.state, j.created_at INTO latest FROM jobs j
-                WHERE j.org = dcn ->> 'org' AND j.request_id = dcn ->> 'request_id'
-                ORDER BY j.id DESC LIMIT 1;
-                IF FOUND AND latest.action = dcn ->> 'action' AND latest.created_at >= coalesce_since
-                   AND latest.state IN ('pending', 'sending', 'succeeded', 'dry_run') THEN
-                    jid := latest.id;
-                    job_list := job_list || jsonb_build_array(jsonb_build_array(jid, true));
-                ELSE
-                    INSERT INTO jobs (delivery_id, source, org, request_id, action, expiration, state,
-                                      next_attempt_at, window_start, created_at, updated_at,
-                                      subject, reply)
-                    VALUES (del_id, d.v ->> 'source', dcn ->> 'org', dcn ->> 'request_id',
-                            dcn ->> 'action', dcn ->> 'expiration', 'pending',
-                            now_ms, now_ms, now_ms, now_ms, d.v ->> 'subject', d.v ->> 'reply')
-                    RETURNING id INTO jid;
-                    job_list := job_list || jsonb_build_array(jsonb_build_array(jid, false));
-                    created := true;
-                END IF;
-                id_list := id_list || jid;
-            END LOOP;
-            -- The end of a subject revokes every request still granted under it: the latest
-            -- decision on it is an approve under this subject, pending, sending, succeeded or
-            -- dry run. Each revoke is queued behind its approve.
-            bound_list := '[]';
-            IF (d.v ->> 'ends_subject')::BOOLEAN AND d.v ->> 'subject' IS NOT NULL THEN
-                FOR g IN
-                    SELECT j.org, j.request_id FROM jobs j
-                    WHERE j.source = d.v ->> 'source' AND j.subject = d.v ->> 'subject'
-                      AND j.action = 'approve'
-                      AND j.state IN ('pending', 'sending', 'succeeded', 'dry_run')
-                      AND j.id = (SELECT MAX(x.id) FROM jobs x
-                                  WHERE x.org = j.org AND x.request_id = j.request_id)
-                    ORDER BY j.id
-                LOOP
-                    INSERT INTO jobs (delivery_id, source, org, request_id, action, state,
-                                      next_attempt_at, window_start, created_at, updated_at,
-                                      subject, reply, ended_by)
-                    VALUES (del_id, d.v ->> 'source', g.org, g.request_id, 'revoke', 'pending',
-                            now_ms, now_ms, now_ms, now_ms, d.v ->> 'subject', d.v ->> 'reply', del_id)
-                    RETURNING id INTO jid;
-                    bound_list := bound_list || jsonb_build_array(jsonb_build_array(jid, g.org, g.request_id));
-                    id_list := id_list || jid;
-                    created := true;
-                END LOOP;
-            END IF;
-            UPDATE deliveries SET job_ids = id_list WHERE id = del_id;
-            results[d.i] := jsonb_build_object('jobs', job_list, 'bound', bound_list);
-        EXCEPTION WHEN OTHERS THEN
-            results[d.i] := jsonb_build_object('error', SQLERRM);
-        END;
-    END LOOP;
-    -- An outcome counts only from the relay that holds the claim (its token, still sending).
-    FOR outcome IN SELECT value FROM jsonb_array_elements(records) ORDER BY (value ->> 'job_id')::BIGINT LOOP
-        UPDATE jobs SET state = outcome ->> 'state', attempts = (outcome ->> 'attempts')::INTEGER,
-                        next_attempt_at = (outcome ->> 'next_attempt_at')::BIGINT,
-                        last_status = (outcome ->> 'status')::INTEGER, last_error = outcome ->> 'error',
-                        updated_at = (outcome ->> 'at')::BIGINT, lease_until = NULL
-        WHERE id = (outcome ->> 'job_id')::BIGINT AND claim_token = (outcome ->> 'claim')::BIGINT
-          AND state = 'sending';
-        IF FOUND THEN
-            INSERT INTO attempts (job_id, at, status, result, error, duration_ms)
-            VALUES ((outcome ->> 'job_id')::BIGINT, (outcome ->> 'at')::BIGINT, (outcome ->> 'status')::INTEGER,
-                    outcome ->> 'result', outcome ->> 'error', (outcome ->> 'duration_ms')::BIGINT);
-            -- Answers back are created with P0's final answer, in the same transaction.
-            INSERT INTO answers (job_id, via, kind, target, body, state, next_attempt_at,
-                                 window_start, created_at, updated_at)
-            SELECT (outcome ->> 'job_id')::BIGINT, a ->> 'via', a ->> 'kind', a ->> 'target',
-                   a ->> 'body', 'pending', (outcome ->> 'at')::BIGINT, (outcome ->> 'at')::BIGINT,
-                   (outcome ->> 'at')::BIGINT, (outcome ->> 'at')::BIGINT
-            FROM jsonb_array_elements(COALESCE(outcome -> 'answers', '[]')) a;
-        ELSE
-            ignored := ignored || (outcome ->> 'job_id')::BIGINT;
-        END IF;
-    END LOOP;
-    IF created THEN
-        PERFORM pg_notify('p0_relay_jobs', '');
-    END IF;
-    RETURN jsonb_build_object('results', to_jsonb(results), 'ignored', to_jsonb(ignored));
-END
-$fn$;
 "#,
     r#"
 -- Batches without savepoints (a batch that fails is retried one delivery at a time by the
@@ -376,6 +119,9 @@ ALTER TABLE attempts DROP CONSTRAINT IF EXISTS attempts_job_id_fkey;
 -- The jobs table is a queue: rows go pending, sending, done within seconds, so it is vacuumed
 -- and analysed sooner than the defaults would (dead rows slow every claim's index scan).
 ALTER TABLE jobs SET (autovacuum_vacuum_scale_factor = 0.02, autovacuum_analyze_scale_factor = 0.02);
+-- A batch of deliveries and attempt outcomes in one call. Returns, per delivery in the order
+-- given, {"jobs": [[id, coalesced], ...], "bound": [[id, org, request], ...]} or
+-- {"dup": [job ids]}, and the records ignored because their claim was no longer held.
 CREATE OR REPLACE FUNCTION p0_relay_write(deliveries JSONB, payloads BYTEA[], records JSONB,
                                now_ms BIGINT, dedup_since BIGINT, coalesce_since BIGINT)
 RETURNS JSONB LANGUAGE plpgsql AS $fn$
@@ -763,9 +509,9 @@ impl PgStore {
                 if !records.is_empty() {
                     self.write_batch(&[], records, now_ms).await?;
                 }
-                let mut results: Vec<Option<Result<Accepted, StoreError>>> =
-                    (0..deliveries.len()).map(|_| None).collect();
-                for i in super::batch_order(deliveries) {
+                let order = super::batch_order(deliveries);
+                let mut results = Vec::with_capacity(deliveries.len());
+                for &i in &order {
                     let d = &deliveries[i];
                     let one = match self.write_batch(std::slice::from_ref(d), &[], now_ms).await {
                         Err(StoreError::Postgres(e)) => {
@@ -773,14 +519,14 @@ impl PgStore {
                         }
                         other => other,
                     };
-                    results[i] = Some(one.and_then(|mut r| match r.pop() {
+                    results.push(one.and_then(|mut r| match r.pop() {
                         Some(result) if r.is_empty() => result,
                         _ => Err(StoreError::Invalid(
                             "p0_relay_write answered other than one result".into(),
                         )),
                     }));
                 }
-                Ok(results.into_iter().flatten().collect())
+                Ok(super::in_arrival_order(&order, results))
             }
             other => other,
         }
@@ -1422,12 +1168,6 @@ fn parse_result(v: &Value) -> Result<Accepted, StoreError> {
             .map(|a| a.iter().filter_map(Value::as_i64).collect())
             .unwrap_or_default()
     };
-    if let Some(e) = v.get("error") {
-        return Err(StoreError::Invalid(format!(
-            "store: {}",
-            e.as_str().unwrap_or("unknown error")
-        )));
-    }
     if let Some(dup) = v.get("dup") {
         return Ok(Accepted::Duplicate { job_ids: ids(dup) });
     }

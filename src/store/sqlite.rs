@@ -136,19 +136,19 @@ impl SqliteStore {
     ) -> Result<Vec<Result<Accepted, StoreError>>, StoreError> {
         let (windows, store_payloads) = (self.windows, self.store_payloads);
         let mut tx = self.conn.transaction()?;
-        let mut results: Vec<Option<Result<Accepted, StoreError>>> =
-            (0..deliveries.len()).map(|_| None).collect();
-        for i in super::batch_order(deliveries) {
+        let order = super::batch_order(deliveries);
+        let mut results = Vec::with_capacity(deliveries.len());
+        for &i in &order {
             let sp = tx.savepoint()?;
             let result = accept_one(&sp, &deliveries[i], now_ms, windows, store_payloads);
             if result.is_ok() {
                 sp.commit()?;
             }
-            results[i] = Some(result);
+            results.push(result);
         }
         record_all(&tx, records)?;
         tx.commit()?;
-        Ok(results.into_iter().flatten().collect())
+        Ok(super::in_arrival_order(&order, results))
     }
 
     fn claim_unsynced(&mut self, now_ms: i64, limit: usize) -> Result<Vec<Job>, StoreError> {
@@ -467,18 +467,12 @@ impl Store for SqliteStore {
     ) -> Result<Vec<Result<Accepted, StoreError>>, StoreError> {
         let (windows, store_payloads) = (self.windows, self.store_payloads);
         let tx = self.conn.transaction()?;
-        let mut results: Vec<Option<Result<Accepted, StoreError>>> =
-            (0..deliveries.len()).map(|_| None).collect();
-        for i in super::batch_order(deliveries) {
-            results[i] = Some(accept_one(
-                &tx,
-                &deliveries[i],
-                now_ms,
-                windows,
-                store_payloads,
-            ));
-        }
-        let results: Vec<Result<Accepted, StoreError>> = results.into_iter().flatten().collect();
+        let order = super::batch_order(deliveries);
+        let made = order
+            .iter()
+            .map(|&i| accept_one(&tx, &deliveries[i], now_ms, windows, store_payloads))
+            .collect();
+        let results = super::in_arrival_order(&order, made);
         if results.iter().any(Result::is_err) {
             // Rare (a constraint or I/O error): start over with a savepoint per delivery, so
             // the failing one is left out whole and the others are kept.
