@@ -1111,3 +1111,30 @@ async fn a_decision_on_another_subject_is_not_coalesced_into_this_ones(mut s: Ba
         .await;
     assert_eq!(jobs(&same), vec![(jobs(&again)[0].0, true)]);
 }
+
+/// SQLite compiles each statement once: the hot statements are not prepared again on every
+/// use (their bindings are cleared when they go back to the cache, which expires a statement
+/// whose plan depends on bound values unless plans are kept stable).
+#[test]
+fn sqlite_hot_statements_are_compiled_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = SqliteStore::open(&dir.path().join("relay.db"), WINDOWS, false).unwrap();
+    for round in 0..5 {
+        let batch: Vec<NewDelivery> = (0..3)
+            .map(|i| delivery(&format!("d{round}-{i}"), &[(Action::Approve, "r1")]))
+            .collect();
+        s.write(&batch, &[], 1_000 + round).unwrap();
+        for job in s.claim_due(2_000 + round, 1 + round as usize).unwrap() {
+            s.write(&[], &[done(&job, State::Succeeded)], 2_000)
+                .unwrap();
+        }
+    }
+    for sql in [sqlite::SEEN, sqlite::LATEST] {
+        let stmt = s.conn.prepare_cached(sql).unwrap();
+        assert_eq!(
+            stmt.get_status(rusqlite::StatementStatus::RePrepare),
+            0,
+            "compiled again: {sql}"
+        );
+    }
+}

@@ -115,6 +115,14 @@ impl SqliteStore {
             | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX;
         let conn = Connection::open_with_flags(path, flags)?;
         conn.set_prepared_statement_cache_capacity(64);
+        // Plans that do not depend on bound values. Without this, a cached statement whose
+        // plan the planner judged value-sensitive (an `=` on a bound value outside the index
+        // it weighed, a bound `LIMIT`) expires each time its bindings are cleared on return
+        // to the cache, and is compiled again on every use.
+        conn.set_db_config(
+            rusqlite::config::DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG,
+            true,
+        )?;
         conn.busy_timeout(Duration::from_secs(5))?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
@@ -217,6 +225,14 @@ impl SqliteStore {
     }
 }
 
+/// The delivery seen before under the same dedup key, within the window.
+pub(super) const SEEN: &str = "SELECT job_ids FROM deliveries
+    WHERE source = ?1 AND dedup_key = ?2 AND received_at >= ?3 ORDER BY id LIMIT 1";
+
+/// The latest decision stored on a request.
+pub(super) const LATEST: &str = "SELECT id, action, state, created_at, source, subject FROM jobs
+    WHERE org = ?1 AND request_id = ?2 ORDER BY id DESC LIMIT 1";
+
 fn accept_one(
     tx: &Connection,
     d: &NewDelivery,
@@ -226,10 +242,7 @@ fn accept_one(
 ) -> Result<Accepted, StoreError> {
     let dedup_since = now_ms - windows.dedup.as_millis() as i64;
     let seen: Option<String> = tx
-        .prepare_cached(
-            "SELECT job_ids FROM deliveries WHERE source = ?1 AND dedup_key = ?2 AND received_at >= ?3
-             ORDER BY id LIMIT 1",
-        )?
+        .prepare_cached(SEEN)?
         .query_row(params![d.source, d.dedup_key, dedup_since], |r| r.get(0))
         .optional()?;
     if let Some(ids) = seen {
@@ -262,10 +275,7 @@ fn accept_one(
         // recently is not sent again, but approve → revoke → approve is three calls.
         type Latest = (i64, String, String, i64, String, Option<String>);
         let latest: Option<Latest> = tx
-            .prepare_cached(
-                "SELECT id, action, state, created_at, source, subject FROM jobs
-                 WHERE org = ?1 AND request_id = ?2 ORDER BY id DESC LIMIT 1",
-            )?
+            .prepare_cached(LATEST)?
             .query_row(
                 params![decision.org.as_str(), decision.request_id.as_str()],
                 |r| {
