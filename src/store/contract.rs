@@ -398,6 +398,73 @@ async fn a_failing_delivery_is_left_out_whole_and_the_rest_kept(mut s: Backend) 
     assert!(matches!(retry, Accepted::New { .. }));
 }
 
+contract!(a_batch_of_distinct_deliveries_dedups_and_coalesces_against_earlier_ones);
+/// Batches whose deliveries and requests are all distinct (PostgreSQL writes them set-based,
+/// the others one by one) give the same answers: duplicates name the jobs first made, a
+/// decision already pending is coalesced, a delivery without decisions is stored with none.
+async fn a_batch_of_distinct_deliveries_dedups_and_coalesces_against_earlier_ones(mut s: Backend) {
+    let first = s
+        .write(
+            &[
+                delivery("a", &[(Action::Approve, "r1"), (Action::Deny, "r2")]),
+                delivery("b", &[(Action::Approve, "r3")]),
+            ],
+            &[],
+            1_000,
+        )
+        .await
+        .unwrap();
+    let first: Vec<Accepted> = first.into_iter().map(Result::unwrap).collect();
+    assert_eq!(jobs(&first[0]), vec![(1, false), (2, false)]);
+    assert_eq!(jobs(&first[1]), vec![(3, false)]);
+    let second = s
+        .write(
+            &[
+                delivery("c", &[(Action::Approve, "r1")]),
+                delivery("a", &[(Action::Approve, "r9")]),
+                delivery("d", &[(Action::Revoke, "r3"), (Action::Approve, "r4")]),
+                delivery("e", &[]),
+            ],
+            &[],
+            1_500,
+        )
+        .await
+        .unwrap();
+    let second: Vec<Accepted> = second.into_iter().map(Result::unwrap).collect();
+    assert_eq!(
+        jobs(&second[0]),
+        vec![(1, true)],
+        "pending approve: coalesced"
+    );
+    assert_eq!(
+        second[1],
+        Accepted::Duplicate {
+            job_ids: vec![1, 2]
+        }
+    );
+    assert_eq!(jobs(&second[2]), vec![(4, false), (5, false)]);
+    assert_eq!(jobs(&second[3]), vec![]);
+    assert_eq!(
+        s.accept(delivery("e", &[(Action::Approve, "r5")]), 1_600)
+            .await,
+        Accepted::Duplicate { job_ids: vec![] }
+    );
+    let claimed = s.claim_due(2_000, 10).await;
+    assert_eq!(
+        claimed
+            .iter()
+            .map(|j| (j.id, j.request_id.as_str(), j.action))
+            .collect::<Vec<_>>(),
+        vec![
+            (1, "r1", Action::Approve),
+            (2, "r2", Action::Deny),
+            (3, "r3", Action::Approve),
+            (5, "r4", Action::Approve),
+        ],
+        "r3's revoke waits for its approve"
+    );
+}
+
 contract!(claims_recovery_replay_and_prune);
 async fn claims_recovery_replay_and_prune(mut s: Backend) {
     s.accept(
@@ -670,7 +737,7 @@ async fn ten_relays_opening_a_fresh_database_at_once_migrate_it_once() {
     }
 }
 
-const MIGRATIONS_PG_LEN: usize = 3;
+const MIGRATIONS_PG_LEN: usize = 4;
 
 #[tokio::test]
 async fn pruning_is_done_by_one_relay_at_a_time() {

@@ -293,6 +293,130 @@ BEGIN
 END
 $fn$;
 "#,
+    r#"
+-- A batch that ends no subject and whose deliveries and requests are all distinct (a storm
+-- of different deliveries: the common case) is written in a few statements for the whole
+-- batch instead of several per delivery: each statement run from PL/pgSQL costs its own
+-- executor start, which was most of the database's work per delivery. Any other batch is
+-- written one delivery at a time by the function migration 3 defined, renamed
+-- p0_relay_write_each; outcomes always go through it. Both give the same results.
+ALTER FUNCTION p0_relay_write(JSONB, BYTEA[], JSONB, BIGINT, BIGINT, BIGINT)
+    RENAME TO p0_relay_write_each;
+CREATE FUNCTION p0_relay_write(deliveries JSONB, payloads BYTEA[], records JSONB,
+                               now_ms BIGINT, dedup_since BIGINT, coalesce_since BIGINT)
+RETURNS JSONB LANGUAGE plpgsql AS $fn$
+DECLARE
+    each_one BOOLEAN;
+    results  JSONB;
+    created  BOOLEAN;
+    dup      RECORD;
+    id_list  BIGINT[];
+    ignored  JSONB := '[]';
+BEGIN
+    SELECT bool_or(COALESCE((e ->> 'ends_subject')::BOOLEAN, false))
+           OR count(*) <> count(DISTINCT (e ->> 'source', e ->> 'dedup_key'))
+      INTO each_one FROM jsonb_array_elements(deliveries) e;
+    IF NOT COALESCE(each_one, true) THEN
+        SELECT count(*) <> count(DISTINCT (x ->> 'org', x ->> 'request_id')) INTO each_one
+        FROM jsonb_array_elements(deliveries) e, jsonb_array_elements(e -> 'decisions') x;
+    END IF;
+    IF each_one OR jsonb_array_length(deliveries) = 0 THEN
+        RETURN p0_relay_write_each(deliveries, payloads, records, now_ms, dedup_since,
+                                   coalesce_since);
+    END IF;
+    -- The same locks, in the same orders, as p0_relay_write_each takes (no end here, so every
+    -- subject's lock is shared).
+    PERFORM pg_advisory_xact_lock_shared(7002, k) FROM (
+        SELECT DISTINCT hashtext((e ->> 'source') || '/' || (e ->> 'subject')) AS k
+        FROM jsonb_array_elements(deliveries) e WHERE e ->> 'subject' IS NOT NULL ORDER BY 1) s;
+    PERFORM pg_advisory_xact_lock(7001, k) FROM (
+        SELECT DISTINCT hashtext((x ->> 'org') || '/' || (x ->> 'request_id')) AS k
+        FROM jsonb_array_elements(deliveries) e, jsonb_array_elements(e -> 'decisions') x
+        ORDER BY 1) s;
+    -- One statement, one snapshot taken after the locks: the dedup rows, the latest job of
+    -- each request (looked up by its index, one row each), the new jobs and the deliveries.
+    WITH d AS (
+        SELECT x.*, e.ordinality::INTEGER AS i
+        FROM jsonb_array_elements(deliveries) WITH ORDINALITY e
+        CROSS JOIN LATERAL jsonb_to_record(e.value) AS x(
+            source TEXT, dedup_key TEXT, received_at BIGINT, rule TEXT, actor TEXT,
+            subject TEXT, reply TEXT, decisions JSONB)
+    ), taken AS (
+        INSERT INTO dedup AS t (source, dedup_key, delivery_id, received_at)
+        SELECT source, dedup_key, nextval('deliveries_id_seq'), received_at FROM d
+        ORDER BY source COLLATE "C", dedup_key COLLATE "C"
+        ON CONFLICT (source, dedup_key) DO UPDATE
+            SET delivery_id = EXCLUDED.delivery_id, received_at = EXCLUDED.received_at
+            WHERE t.received_at < dedup_since
+        RETURNING t.source, t.dedup_key, t.delivery_id
+    ), fresh AS (
+        SELECT d.*, taken.delivery_id FROM d JOIN taken USING (source, dedup_key)
+    ), asked AS (
+        SELECT f.i, y.j, f.delivery_id, f.source, f.subject, f.reply, y.org, y.request_id,
+               y.action, y.expiration,
+               l.id AS latest,
+               COALESCE(l.action = y.action AND l.created_at >= coalesce_since
+                        AND l.state IN ('pending', 'sending', 'succeeded', 'dry_run')
+                        AND l.subject IS NOT DISTINCT FROM f.subject
+                        AND (f.subject IS NULL OR l.source = f.source), false) AS coalesced
+        FROM fresh f
+        CROSS JOIN LATERAL ROWS FROM (jsonb_to_recordset(f.decisions)
+            AS (org TEXT, request_id TEXT, action TEXT, expiration TEXT))
+            WITH ORDINALITY AS y(org, request_id, action, expiration, j)
+        LEFT JOIN LATERAL (SELECT jb.id, jb.action, jb.state, jb.created_at, jb.source,
+                                  jb.subject
+                           FROM jobs jb WHERE jb.org = y.org AND jb.request_id = y.request_id
+                           ORDER BY jb.id DESC LIMIT 1) l ON true
+    ), numbered AS (
+        SELECT a.*, CASE WHEN a.coalesced THEN a.latest ELSE nextval('jobs_id_seq') END AS jid
+        FROM (SELECT * FROM asked ORDER BY i, j) a
+    ), new_jobs AS (
+        INSERT INTO jobs (id, delivery_id, source, org, request_id, action, expiration, state,
+                          next_attempt_at, window_start, created_at, updated_at, subject, reply)
+        SELECT jid, delivery_id, source, org, request_id, action, expiration, 'pending',
+               now_ms, now_ms, now_ms, now_ms, subject, reply
+        FROM numbered WHERE NOT coalesced
+        RETURNING id
+    ), per_delivery AS (
+        SELECT i, array_agg(jid ORDER BY j) AS ids,
+               jsonb_agg(jsonb_build_array(jid, coalesced) ORDER BY j) AS jobs
+        FROM numbered GROUP BY i
+    ), new_deliveries AS (
+        INSERT INTO deliveries (id, source, dedup_key, received_at, rule, actor, payload, job_ids)
+        SELECT f.delivery_id, f.source, f.dedup_key, f.received_at, f.rule, f.actor,
+               payloads[f.i], COALESCE(p.ids, '{}')
+        FROM fresh f LEFT JOIN per_delivery p ON p.i = f.i
+    )
+    SELECT jsonb_agg(CASE WHEN f.i IS NULL THEN NULL
+                          ELSE jsonb_build_object('jobs', COALESCE(p.jobs, '[]'), 'bound', '[]'::JSONB)
+                     END ORDER BY d.i),
+           (SELECT count(*) > 0 FROM new_jobs)
+      INTO results, created
+    FROM d LEFT JOIN fresh f ON f.i = d.i LEFT JOIN per_delivery p ON p.i = d.i;
+    -- Deliveries seen before (rare: a sender's retry) are answered with the jobs they made,
+    -- read in a snapshot of their own, which sees a delivery committed while this one waited.
+    FOR dup IN
+        SELECT d.ordinality::INTEGER AS i, d.value ->> 'source' AS source,
+               d.value ->> 'dedup_key' AS dedup_key
+        FROM jsonb_array_elements(deliveries) WITH ORDINALITY d
+        WHERE results -> (d.ordinality::INTEGER - 1) = 'null'::JSONB
+    LOOP
+        SELECT dl.job_ids INTO id_list FROM dedup x JOIN deliveries dl ON dl.id = x.delivery_id
+        WHERE x.source = dup.source AND x.dedup_key = dup.dedup_key;
+        results := jsonb_set(results, ARRAY[(dup.i - 1)::TEXT],
+                             jsonb_build_object('dup', to_jsonb(COALESCE(id_list, '{}'))));
+    END LOOP;
+    IF jsonb_array_length(records) > 0 THEN
+        ignored := p0_relay_write_each('[]', '{}', records, now_ms, dedup_since, coalesce_since)
+                   -> 'ignored';
+    END IF;
+    IF created THEN
+        PERFORM pg_notify('p0_relay_jobs', '');
+    END IF;
+    RETURN jsonb_build_object('results', results, 'ignored', ignored);
+END
+$fn$;
+"#,
 ];
 
 /// Advisory lock keys (one 64-bit space; coalescing uses the separate two-key space).
@@ -582,11 +706,11 @@ impl PgStore {
         let coalesce_since = now_ms.saturating_sub(ms(self.windows.coalesce));
         let out: Value = self
             .run("write", OP_TIMEOUT, async |c| {
-                let tx = c.transaction().await?;
-                let stmt = tx
+                // One statement is its own transaction: no BEGIN and COMMIT round trips.
+                let stmt = c
                     .prepare_cached("SELECT p0_relay_write($1, $2, $3, $4, $5, $6)")
                     .await?;
-                let row = tx
+                let row = c
                     .query_one(
                         &stmt,
                         &[
@@ -599,7 +723,6 @@ impl PgStore {
                         ],
                     )
                     .await?;
-                tx.commit().await?;
                 row.try_get(0)
             })
             .await?;
