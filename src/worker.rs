@@ -41,6 +41,7 @@ impl Worker {
     pub async fn run(self, shutdown: CancellationToken, drain: Duration) {
         let this = Arc::new(self);
         let permits = Arc::new(Semaphore::new(this.concurrency));
+        let claim_batch = (this.concurrency / 4).clamp(1, 8);
         let mut tasks = JoinSet::new();
         // The job each call task carries, so a task that panics can give its job back.
         let mut in_flight: HashMap<task::Id, Job> = HashMap::new();
@@ -50,7 +51,12 @@ impl Worker {
             while let Some(done) = tasks.try_join_next_with_id() {
                 this.finished(done, &mut in_flight).await;
             }
-            let free = permits.available_permits();
+            // Under load, claims go in batches: with calls in flight, the worker waits until
+            // a quarter of its permits are free, rather than asking the store after each call.
+            let free = match permits.available_permits() {
+                n if tasks.is_empty() || n >= claim_batch => n,
+                _ => 0,
+            };
             let mut claimed_all = false;
             if free > 0 {
                 match this.store.claim_due(free).await {
