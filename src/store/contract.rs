@@ -1000,7 +1000,13 @@ async fn answers_are_created_with_the_final_outcome_and_claimed_once(mut s: Back
     let claimed = s.claim_answers(2_000, 10).await;
     assert_eq!(claimed.len(), 1);
     assert_eq!(claimed[0].job_id, job.id);
-    assert_eq!(claimed[0].body, r#"{"note":{"content":"done"}}"#);
+    let a = &claimed[0];
+    assert_eq!(
+        (a.via.as_str(), a.kind.as_str(), a.target.as_str()),
+        ("pagerduty", "note", r#"{"incident":"P1"}"#)
+    );
+    assert_eq!(a.body, r#"{"note":{"content":"done"}}"#);
+    assert_eq!((a.attempts, a.window_start_ms), (0, 2_000));
     assert!(s.claim_answers(2_000, 10).await.is_empty(), "claimed once");
     // A stop while it was in flight: it is sent again after the start.
     assert_eq!(s.recover(2_000 + LEASE.as_millis() as i64 + 1).await, 0);

@@ -295,35 +295,24 @@ $fn$;
 "#,
     r#"
 -- A batch that ends no subject and whose deliveries and requests are all distinct (a storm
--- of different deliveries: the common case) is written in a few statements for the whole
--- batch instead of several per delivery: each statement run from PL/pgSQL costs its own
--- executor start, which was most of the database's work per delivery. Any other batch is
+-- of different deliveries: the common case) is written by p0_relay_write_distinct in a few
+-- statements for the whole batch instead of several per delivery: each statement run from
+-- PL/pgSQL costs its own executor start, which was most of the database's work per
+-- delivery. Any other batch is
 -- written one delivery at a time by the function migration 3 defined, renamed
--- p0_relay_write_each; outcomes always go through it. Both give the same results.
+-- p0_relay_write_each. Both give the same results. Outcomes are recorded here for every
+-- batch, one statement each (the update, its attempt and its answers back together).
 ALTER FUNCTION p0_relay_write(JSONB, BYTEA[], JSONB, BIGINT, BIGINT, BIGINT)
     RENAME TO p0_relay_write_each;
-CREATE FUNCTION p0_relay_write(deliveries JSONB, payloads BYTEA[], records JSONB,
-                               now_ms BIGINT, dedup_since BIGINT, coalesce_since BIGINT)
+CREATE FUNCTION p0_relay_write_distinct(deliveries JSONB, payloads BYTEA[], now_ms BIGINT,
+                                        dedup_since BIGINT, coalesce_since BIGINT)
 RETURNS JSONB LANGUAGE plpgsql AS $fn$
 DECLARE
-    each_one BOOLEAN;
-    results  JSONB;
-    created  BOOLEAN;
-    dup      RECORD;
-    id_list  BIGINT[];
-    ignored  JSONB := '[]';
+    results JSONB;
+    created BOOLEAN;
+    dup     RECORD;
+    id_list BIGINT[];
 BEGIN
-    SELECT bool_or(COALESCE((e ->> 'ends_subject')::BOOLEAN, false))
-           OR count(*) <> count(DISTINCT (e ->> 'source', e ->> 'dedup_key'))
-      INTO each_one FROM jsonb_array_elements(deliveries) e;
-    IF NOT COALESCE(each_one, true) THEN
-        SELECT count(*) <> count(DISTINCT (x ->> 'org', x ->> 'request_id')) INTO each_one
-        FROM jsonb_array_elements(deliveries) e, jsonb_array_elements(e -> 'decisions') x;
-    END IF;
-    IF each_one OR jsonb_array_length(deliveries) = 0 THEN
-        RETURN p0_relay_write_each(deliveries, payloads, records, now_ms, dedup_since,
-                                   coalesce_since);
-    END IF;
     -- The same locks, in the same orders, as p0_relay_write_each takes (no end here, so every
     -- subject's lock is shared).
     PERFORM pg_advisory_xact_lock_shared(7002, k) FROM (
@@ -406,13 +395,72 @@ BEGIN
         results := jsonb_set(results, ARRAY[(dup.i - 1)::TEXT],
                              jsonb_build_object('dup', to_jsonb(COALESCE(id_list, '{}'))));
     END LOOP;
-    IF jsonb_array_length(records) > 0 THEN
-        ignored := p0_relay_write_each('[]', '{}', records, now_ms, dedup_since, coalesce_since)
-                   -> 'ignored';
-    END IF;
     IF created THEN
         PERFORM pg_notify('p0_relay_jobs', '');
     END IF;
+    RETURN results;
+END
+$fn$;
+-- A batch of deliveries and attempt outcomes in one call. Returns, per delivery in the order
+-- given, {"jobs": [[id, coalesced], ...], "bound": [[id, org, request], ...]} or
+-- {"dup": [job ids]}, and the records ignored because their claim was no longer held.
+CREATE FUNCTION p0_relay_write(deliveries JSONB, payloads BYTEA[], records JSONB,
+                               now_ms BIGINT, dedup_since BIGINT, coalesce_since BIGINT)
+RETURNS JSONB LANGUAGE plpgsql AS $fn$
+DECLARE
+    each_one BOOLEAN;
+    results  JSONB := '[]';
+    ignored  JSONB := '[]';
+    rec      RECORD;
+    applied  INTEGER;
+BEGIN
+    SELECT bool_or(COALESCE((e ->> 'ends_subject')::BOOLEAN, false))
+           OR count(*) <> count(DISTINCT (e ->> 'source', e ->> 'dedup_key'))
+      INTO each_one FROM jsonb_array_elements(deliveries) e;
+    IF NOT COALESCE(each_one, true) THEN
+        SELECT count(*) <> count(DISTINCT (x ->> 'org', x ->> 'request_id')) INTO each_one
+        FROM jsonb_array_elements(deliveries) e, jsonb_array_elements(e -> 'decisions') x;
+    END IF;
+    IF jsonb_array_length(deliveries) = 0 THEN
+        NULL;
+    ELSIF each_one THEN
+        results := p0_relay_write_each(deliveries, payloads, '[]', now_ms, dedup_since,
+                                       coalesce_since) -> 'results';
+    ELSE
+        results := p0_relay_write_distinct(deliveries, payloads, now_ms, dedup_since,
+                                           coalesce_since);
+    END IF;
+    -- An outcome counts only from the relay that holds the claim (its token, still sending),
+    -- in job order; each is found by its primary key.
+    FOR rec IN
+        SELECT * FROM jsonb_to_recordset(records) AS x(
+            job_id BIGINT, claim BIGINT, at BIGINT, state TEXT, attempts INTEGER,
+            next_attempt_at BIGINT, status INTEGER, result TEXT, error TEXT, duration_ms BIGINT,
+            answers JSONB)
+        ORDER BY job_id
+    LOOP
+        WITH done AS (
+            UPDATE jobs SET state = rec.state, attempts = rec.attempts,
+                            next_attempt_at = rec.next_attempt_at, last_status = rec.status,
+                            last_error = rec.error, updated_at = rec.at, lease_until = NULL
+            WHERE id = rec.job_id AND claim_token = rec.claim AND state = 'sending'
+            RETURNING id
+        ), attempt AS (
+            INSERT INTO attempts (job_id, at, status, result, error, duration_ms)
+            SELECT id, rec.at, rec.status, rec.result, rec.error, rec.duration_ms FROM done
+        ), answered AS (
+            -- Answers back are created with P0's final answer, in the same transaction.
+            INSERT INTO answers (job_id, via, kind, target, body, state, next_attempt_at,
+                                 window_start, created_at, updated_at)
+            SELECT done.id, a ->> 'via', a ->> 'kind', a ->> 'target', a ->> 'body', 'pending',
+                   rec.at, rec.at, rec.at, rec.at
+            FROM done, jsonb_array_elements(COALESCE(rec.answers, '[]')) a
+        )
+        SELECT count(*) INTO applied FROM done;
+        IF applied = 0 THEN
+            ignored := ignored || to_jsonb(rec.job_id);
+        END IF;
+    END LOOP;
     RETURN jsonb_build_object('results', results, 'ignored', ignored);
 END
 $fn$;
