@@ -35,6 +35,9 @@ pub struct Worker {
     pub answer_wake: Arc<Notify>,
 }
 
+/// The longest free permits wait for more to gather before the worker claims anyway.
+const CLAIM_GATHER: Duration = Duration::from_millis(5);
+
 impl Worker {
     /// Runs until `shutdown`; then lets calls in flight finish within `drain`, leaving the
     /// rest queued for the next start.
@@ -42,6 +45,7 @@ impl Worker {
         let this = Arc::new(self);
         let permits = Arc::new(Semaphore::new(this.concurrency));
         let claim_batch = (this.concurrency / 4).clamp(1, 8);
+        let mut last_claim = Instant::now();
         let mut tasks = JoinSet::new();
         // The job each call task carries, so a task that panics can give its job back.
         let mut in_flight: HashMap<task::Id, Job> = HashMap::new();
@@ -52,11 +56,16 @@ impl Worker {
                 this.finished(done, &mut in_flight).await;
             }
             // Under load, claims go in batches: with calls in flight, the worker waits until
-            // a quarter of its permits are free, rather than asking the store after each call.
-            let free = match permits.available_permits() {
-                n if tasks.is_empty() || n >= claim_batch => n,
-                _ => 0,
-            };
+            // a quarter of its permits (at most 8) are free, rather than asking the store after
+            // each call, but never longer than CLAIM_GATHER (calls held by pacing or a slow
+            // P0 must not keep free permits idle).
+            let available = permits.available_permits();
+            let gathering =
+                !tasks.is_empty() && available < claim_batch && last_claim.elapsed() < CLAIM_GATHER;
+            let free = if gathering { 0 } else { available };
+            if free > 0 {
+                last_claim = Instant::now();
+            }
             let mut claimed_all = false;
             if free > 0 {
                 match this.store.claim_due(free).await {
@@ -86,7 +95,10 @@ impl Worker {
                 }
                 last_gauges = Some(Instant::now());
             }
-            let wait = rest(claimed_all, free, this.store.next_due(), now_ms).await;
+            let mut wait = rest(claimed_all, free, this.store.next_due(), now_ms).await;
+            if gathering && available > 0 {
+                wait = wait.min(CLAIM_GATHER);
+            }
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 _ = this.wake.notified() => {}
