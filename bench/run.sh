@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # End-to-end load benchmark, one command, one run: the ceiling (bare axum answering 202), the
+# floor (the same server checking each body's signature and JSON, storing nothing), the
 # relay (release build, store on disk, pacing and inbound limits off, forwarding to a
 # stand-in P0 that answers 200 at once) and the peer (adnanh/webhook running curl), all driven
 # by wrk with real-size GitHub issue_comment deliveries (bench/payloads/), each with unique
@@ -37,7 +38,15 @@ ceiling=$(per_second "$(field s202 "$r")" "$(field seconds "$r")")
 r=$(run_wrk http://127.0.0.1:18090 /webhooks/github "$LAT" 10 110)
 ceil_lat_rate=$(per_second "$(field s202 "$r")" "$(field seconds "$r")")
 ceil_p50=$(field p50_ms "$r"); ceil_p99=$(field p99_ms "$r")
-kill "$ceiling_pid"
+kill "$ceiling_pid"; wait "$ceiling_pid" 2>/dev/null || true
+
+# 1b. The floor under any relay: the same server reading each body, checking its signature and
+#     that it is JSON, storing nothing. What lies between it and the relay is the relay's own.
+"$TARGET/release/examples/ceiling" 127.0.0.1:18090 floor "$BENCH_SECRET" & floor_pid=$!; pids+=("$floor_pid")
+wait_port 127.0.0.1:18090
+r=$(run_wrk http://127.0.0.1:18090 /webhooks/github "$CEIL" "$CONN" 0)
+floor=$(per_second "$(field s202 "$r")" "$(field seconds "$r")")
+kill "$floor_pid"; wait "$floor_pid" 2>/dev/null || true
 
 # 2. The relay in a storm at full rate, then drained.
 relay_storm "$RELAY_BIN" storm "$STORM"
@@ -75,13 +84,14 @@ cat <<OUT
 | measure | ceiling (bare axum) | p0-relay | webhook + curl |
 |---|---|---|---|
 | webhooks accepted/s (${CONN} connections) | $ceiling | $answered_rate | $peer_accept_rate |
+| floor: signature and JSON checked, nothing stored | $floor ($(ratio "$floor" "$ceiling") of the ceiling) | - | - |
 | same, trimmed 1.1 KB payload (${TRIM} s) | - | $trimmed_rate (P0 calls/s $trimmed_calls, lost $trimmed_lost, $trimmed_hwm MiB) | - |
 | P0 calls completed/s, end to end | - | $calls_rate | $peer_calls_rate |
 | acknowledged / reached P0 / lost | - | $accepted / $distinct / $lost | $peer_accepted / $pdistinct / $peer_lost |
 | peak RSS, MiB | - | $hwm_storm (storm, ${STORM} s), $hwm (after drain) | $peer_hwm |
 | answer latency p50 / p99 ms (10 connections at 110/s each) | $ceil_p50 / $ceil_p99 at ${ceil_lat_rate}/s | $p50 / $p99 at ${lat_rate}/s | - |
 
-relay accepted / ceiling              = $(ratio "$answered_rate" "$ceiling")   (target >= 0.50)
+relay accepted / ceiling              = $(ratio "$answered_rate" "$ceiling")   (target >= 0.50; the floor reaches $(ratio "$floor" "$ceiling"))
 relay P0 calls/s / peer P0 calls/s    = $(ratio "$calls_rate" "$peer_calls_rate")   (target >= 50)
 relay lost                            = $lost   (target 0; committed: $committed; duplicate calls: $dupes; non-202 answers: $non202)
 relay p99 at ~1,000/s                 = $p99 ms   (target <= 3; the ceiling's own p99: $ceil_p99 ms)
