@@ -34,7 +34,10 @@ echo "machine: $(nproc) cores; load average $(cut -d' ' -f1-3 /proc/loadavg); st
 echo
 echo "| revision | accepted/s | P0 calls/s end to end | lost | non-202 | peak RSS MiB |"
 echo "|---|---|---|---|---|---|"
+n=0
 for rev in "$@"; do
-  relay_storm "$work/p0-relay-$rev" "$rev" "$STORM"
+  # A store of its own per run, even for a revision given twice (wrk's IDs repeat per run).
+  n=$((n + 1))
+  relay_storm "$work/p0-relay-$rev" "$n-$rev" "$STORM"
   echo "| $rev $(git log -1 --format=%s "$rev" | cut -c1-60) | $answered_rate | $calls_rate | $lost | $non202 | $hwm |"
 done
