@@ -1211,3 +1211,93 @@ fn sqlite_hot_statements_are_compiled_once() {
         );
     }
 }
+
+/// A claim waiting beside writes is made in their transaction (SQLite): it takes the jobs the
+/// write just made and earlier due ones, each in its turn, and the write's answers are what
+/// `write` alone gives, on the fast path and on the one that isolates a failing delivery.
+#[test]
+fn sqlite_a_claim_beside_writes_is_made_in_their_transaction() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = SqliteStore::open(&dir.path().join("relay.db"), WINDOWS, false).unwrap();
+    let first = s
+        .write(&[delivery("d0", &[(Action::Approve, "r1")])], &[], 1_000)
+        .unwrap();
+    let approve_r1 = jobs(first[0].as_ref().unwrap())[0].0;
+    let w = s
+        .write_and_claim(
+            &[delivery(
+                "d1",
+                &[(Action::Revoke, "r1"), (Action::Approve, "r2")],
+            )],
+            &[],
+            10,
+            1_000,
+        )
+        .unwrap();
+    let made = jobs(w.accepted[0].as_ref().unwrap());
+    let (revoke_r1, approve_r2) = (made[0].0, made[1].0);
+    let taken = w.claimed.unwrap();
+    let ids: Vec<i64> = taken.iter().map(|j| j.id).collect();
+    // The revoke waits for the approve before it on the same request.
+    assert_eq!(ids, vec![approve_r1, approve_r2]);
+    assert!(s.claim_due(1_000, 10).unwrap().is_empty(), "claimed once");
+
+    // A failing delivery: the others are kept, and so is the claim.
+    s.conn
+        .execute_batch(
+            "CREATE TEMP TRIGGER boom BEFORE INSERT ON jobs WHEN NEW.request_id = 'boom'
+             BEGIN SELECT RAISE(ABORT, 'disk says no'); END;",
+        )
+        .unwrap();
+    let rec = [done(claimed(&taken, approve_r1), State::Succeeded)];
+    let w = s
+        .write_and_claim(
+            &[
+                delivery("d2", &[(Action::Approve, "boom")]),
+                delivery("d3", &[(Action::Approve, "r3")]),
+            ],
+            &rec,
+            10,
+            1_000,
+        )
+        .unwrap();
+    assert!(w.accepted[0].is_err());
+    let approve_r3 = jobs(w.accepted[1].as_ref().unwrap())[0].0;
+    let ids: Vec<i64> = w.claimed.unwrap().iter().map(|j| j.id).collect();
+    assert_eq!(
+        ids,
+        vec![revoke_r1, approve_r3],
+        "the revoke's turn came with the outcome"
+    );
+}
+
+/// ... and so it writes no page twice: the same work done as a write, then a claim of its own
+/// (as when no claim is waiting), appends more to the WAL.
+#[test]
+fn sqlite_a_claim_in_the_writes_transaction_appends_less_to_the_wal() {
+    fn frames(merged: bool) -> i64 {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = SqliteStore::open(&dir.path().join("relay.db"), WINDOWS, false).unwrap();
+        let batch: Vec<NewDelivery> = (0..20)
+            .map(|i| delivery(&format!("d{i}"), &[(Action::Approve, &format!("r{i}"))]))
+            .collect();
+        s.conn
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+            .unwrap();
+        let claimed = if merged {
+            s.write_and_claim(&batch, &[], 20, 1_000)
+                .unwrap()
+                .claimed
+                .unwrap()
+        } else {
+            s.write(&batch, &[], 1_000).unwrap();
+            s.claim_due(1_000, 20).unwrap()
+        };
+        assert_eq!(claimed.len(), 20);
+        s.conn
+            .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get(1))
+            .unwrap()
+    }
+    let (merged, apart) = (frames(true), frames(false));
+    assert!(merged < apart, "{merged} WAL frames merged, {apart} apart");
+}
