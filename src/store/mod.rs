@@ -316,22 +316,6 @@ pub trait Store: Send {
         records: &[AttemptRecord],
         now_ms: i64,
     ) -> Result<Vec<Result<Accepted, StoreError>>, StoreError>;
-    /// `write`, then up to `claim` due jobs claimed as `claim_due` claims them, in the same
-    /// transaction where the store can (one commit for both). The claim's own error does not
-    /// undo the write; the outer error means neither happened.
-    fn write_and_claim(
-        &mut self,
-        deliveries: &[NewDelivery],
-        records: &[AttemptRecord],
-        claim: usize,
-        now_ms: i64,
-    ) -> Result<Written, StoreError> {
-        let accepted = self.write(deliveries, records, now_ms)?;
-        Ok(Written {
-            accepted,
-            claimed: self.claim_due(now_ms, claim),
-        })
-    }
     /// Marks up to `limit` due pending jobs as sending and returns them.
     fn claim_due(&mut self, now_ms: i64, limit: usize) -> Result<Vec<Job>, StoreError>;
     /// When the earliest pending job falls due.
@@ -354,12 +338,6 @@ pub trait Store: Send {
     fn record_answer(&mut self, rec: &AnswerRecord) -> Result<(), StoreError>;
     /// When the earliest pending answer falls due.
     fn next_answer_due(&mut self) -> Result<Option<i64>, StoreError>;
-}
-
-/// What `Store::write_and_claim` did: each delivery's result, and the jobs claimed.
-pub struct Written {
-    pub accepted: Vec<Result<Accepted, StoreError>>,
-    pub claimed: Result<Vec<Job>, StoreError>,
 }
 
 pub fn now_ms() -> i64 {
@@ -735,26 +713,13 @@ fn writer(mut store: Box<dyn Store>, mut rx: mpsc::Receiver<Op>, max_batch: usiz
             }
         }
         if !deliveries.is_empty() || !records.is_empty() {
-            // A claim waiting beside writes rides in their transaction: the jobs it marks are
-            // mostly on pages the write has just changed, so it costs no commit of its own.
-            let claim = others
-                .iter()
-                .position(|o| matches!(o, Other::Claim(..)))
-                .and_then(|i| match others.remove(i) {
-                    Other::Claim(limit, reply) => Some((limit, reply)),
-                    _ => None,
-                });
-            let limit = claim.as_ref().map_or(0, |(limit, _)| *limit);
-            match store.write_and_claim(&deliveries, &records, limit, now_ms()) {
-                Ok(written) => {
-                    for (reply, result) in accept_replies.drain(..).zip(written.accepted) {
+            match store.write(&deliveries, &records, now_ms()) {
+                Ok(results) => {
+                    for (reply, result) in accept_replies.drain(..).zip(results) {
                         let _ = reply.send(result);
                     }
                     for reply in record_replies.drain(..) {
                         let _ = reply.send(Ok(()));
-                    }
-                    if let Some((_, reply)) = claim {
-                        let _ = reply.send(written.claimed);
                     }
                 }
                 Err(e) => {
@@ -764,9 +729,6 @@ fn writer(mut store: Box<dyn Store>, mut rx: mpsc::Receiver<Op>, max_batch: usiz
                     }
                     for reply in record_replies.drain(..) {
                         let _ = reply.send(Err(StoreError::Invalid(text.clone())));
-                    }
-                    if let Some((limit, reply)) = claim {
-                        let _ = reply.send(store.claim_due(now_ms(), limit));
                     }
                 }
             }

@@ -9,7 +9,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 use super::{
     Accepted, AnswerJob, AnswerRecord, AnswerRow, AttemptRecord, AttemptRow, BoundRevocation,
     Counts, DeliveryInfo, Job, JobDetail, JobRef, JobSummary, ListFilter, NewDelivery, Replay,
-    State, Store, StoreError, Windows, Written,
+    State, Store, StoreError, Windows,
 };
 use crate::domain::{Action, Expiration};
 
@@ -140,9 +140,8 @@ impl SqliteStore {
         &mut self,
         deliveries: &[NewDelivery],
         records: &[AttemptRecord],
-        claim: usize,
         now_ms: i64,
-    ) -> Result<Written, StoreError> {
+    ) -> Result<Vec<Result<Accepted, StoreError>>, StoreError> {
         let (windows, store_payloads) = (self.windows, self.store_payloads);
         let mut tx = self.conn.transaction()?;
         let order = super::batch_order(deliveries);
@@ -156,17 +155,52 @@ impl SqliteStore {
             results.push(result);
         }
         record_all(&tx, records)?;
-        let claimed = claim_within(&mut tx, now_ms, claim);
         tx.commit()?;
-        Ok(Written {
-            accepted: super::in_arrival_order(&order, results),
-            claimed,
-        })
+        Ok(super::in_arrival_order(&order, results))
     }
 
     fn claim_unsynced(&mut self, now_ms: i64, limit: usize) -> Result<Vec<Job>, StoreError> {
         let tx = self.conn.transaction()?;
-        let jobs = claim_in(&tx, now_ms, limit)?;
+        let jobs = {
+            let mut stmt = tx.prepare_cached(&format!(
+                "UPDATE jobs SET state = 'sending', updated_at = ?1, claim_token = claim_token + 1
+                 WHERE id IN (SELECT id FROM jobs WHERE {IN_TURN} AND next_attempt_at <= ?1
+                              ORDER BY next_attempt_at, id LIMIT ?2)
+                 RETURNING id, source, org, request_id, action, expiration, attempts, created_at, window_start,
+                           claim_token, subject, reply, ended_by IS NOT NULL"
+            ))?;
+            let rows = stmt.query_map(params![now_ms, limit as i64], |r| {
+                let action: String = r.get(4)?;
+                Ok((
+                    action,
+                    Job {
+                        id: r.get(0)?,
+                        source: r.get(1)?,
+                        org: r.get(2)?,
+                        request_id: r.get(3)?,
+                        action: Action::Approve,
+                        expiration: r.get(5)?,
+                        attempts: r.get(6)?,
+                        accepted_at_ms: r.get(7)?,
+                        window_start_ms: r.get(8)?,
+                        claim: r.get(9)?,
+                        subject: r.get(10)?,
+                        reply: r.get(11)?,
+                        bound: r.get(12)?,
+                    },
+                ))
+            })?;
+            let mut jobs = Vec::new();
+            for row in rows {
+                let (action, mut job) = row?;
+                job.action = Action::parse(&action).ok_or_else(|| {
+                    StoreError::Invalid(format!("job {}: unknown action `{action}`", job.id))
+                })?;
+                jobs.push(job);
+            }
+            jobs.sort_by_key(|j| j.id);
+            jobs
+        };
         tx.commit()?;
         Ok(jobs)
     }
@@ -198,64 +232,6 @@ pub(super) const SEEN: &str = "SELECT job_ids FROM deliveries
 /// The latest decision stored on a request.
 pub(super) const LATEST: &str = "SELECT id, action, state, created_at, source, subject FROM jobs
     WHERE org = ?1 AND request_id = ?2 ORDER BY id DESC LIMIT 1";
-
-/// Marks up to `limit` due jobs, each in its turn, as sending under a new claim, in `tx`.
-fn claim_in(tx: &Connection, now_ms: i64, limit: usize) -> Result<Vec<Job>, StoreError> {
-    let mut stmt = tx.prepare_cached(&format!(
-        "UPDATE jobs SET state = 'sending', updated_at = ?1, claim_token = claim_token + 1
-         WHERE id IN (SELECT id FROM jobs WHERE {IN_TURN} AND next_attempt_at <= ?1
-                      ORDER BY next_attempt_at, id LIMIT ?2)
-         RETURNING id, source, org, request_id, action, expiration, attempts, created_at, window_start,
-                   claim_token, subject, reply, ended_by IS NOT NULL"
-            ))?;
-    let rows = stmt.query_map(params![now_ms, limit as i64], |r| {
-        let action: String = r.get(4)?;
-        Ok((
-            action,
-            Job {
-                id: r.get(0)?,
-                source: r.get(1)?,
-                org: r.get(2)?,
-                request_id: r.get(3)?,
-                action: Action::Approve,
-                expiration: r.get(5)?,
-                attempts: r.get(6)?,
-                accepted_at_ms: r.get(7)?,
-                window_start_ms: r.get(8)?,
-                claim: r.get(9)?,
-                subject: r.get(10)?,
-                reply: r.get(11)?,
-                bound: r.get(12)?,
-            },
-        ))
-    })?;
-    let mut jobs = Vec::new();
-    for row in rows {
-        let (action, mut job) = row?;
-        job.action = Action::parse(&action).ok_or_else(|| {
-            StoreError::Invalid(format!("job {}: unknown action `{action}`", job.id))
-        })?;
-        jobs.push(job);
-    }
-    jobs.sort_by_key(|j| j.id);
-    Ok(jobs)
-}
-
-/// `claim_in` inside a savepoint of `tx`: a claim that fails leaves nothing marked, and the
-/// rest of the transaction stands.
-fn claim_within(
-    tx: &mut rusqlite::Transaction<'_>,
-    now_ms: i64,
-    limit: usize,
-) -> Result<Vec<Job>, StoreError> {
-    if limit == 0 {
-        return Ok(Vec::new());
-    }
-    let sp = tx.savepoint()?;
-    let jobs = claim_in(&sp, now_ms, limit)?;
-    sp.commit()?;
-    Ok(jobs)
-}
 
 fn accept_one(
     tx: &Connection,
@@ -499,20 +475,8 @@ impl Store for SqliteStore {
         records: &[AttemptRecord],
         now_ms: i64,
     ) -> Result<Vec<Result<Accepted, StoreError>>, StoreError> {
-        Ok(self
-            .write_and_claim(deliveries, records, 0, now_ms)?
-            .accepted)
-    }
-
-    fn write_and_claim(
-        &mut self,
-        deliveries: &[NewDelivery],
-        records: &[AttemptRecord],
-        claim: usize,
-        now_ms: i64,
-    ) -> Result<Written, StoreError> {
         let (windows, store_payloads) = (self.windows, self.store_payloads);
-        let mut tx = self.conn.transaction()?;
+        let tx = self.conn.transaction()?;
         let order = super::batch_order(deliveries);
         let made = order
             .iter()
@@ -523,16 +487,11 @@ impl Store for SqliteStore {
             // Rare (a constraint or I/O error): start over with a savepoint per delivery, so
             // the failing one is left out whole and the others are kept.
             drop(tx);
-            return self.write_isolated(deliveries, records, claim, now_ms);
+            return self.write_isolated(deliveries, records, now_ms);
         }
         record_all(&tx, records)?;
-        // Synced with the write; a claim alone skips the sync (`claim_due`).
-        let claimed = claim_within(&mut tx, now_ms, claim);
         tx.commit()?;
-        Ok(Written {
-            accepted: results,
-            claimed,
-        })
+        Ok(results)
     }
 
     fn claim_due(&mut self, now_ms: i64, limit: usize) -> Result<Vec<Job>, StoreError> {
