@@ -234,34 +234,20 @@ pub fn json_safe(json: &str) -> Cow<'_, str> {
     Cow::Owned(out)
 }
 
-/// Log lines are formatted where they happen and written by a thread of their own, through a
-/// buffer flushed whenever no line is waiting: a storm costs a few writes a second, not one
-/// per line. Nothing is dropped (a full queue makes the caller wait, as a blocking write
-/// would); dropping the guard writes out what is left.
-fn init_logs(json: bool) -> tracing_appender::non_blocking::WorkerGuard {
+fn init_logs(json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     use std::io::IsTerminal;
-    let ansi = std::io::stderr().is_terminal();
-    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
-        .lossy(false)
-        .buffered_lines_limit(LOG_QUEUE_LINES)
-        .thread_name("log-writer")
-        .finish(std::io::BufWriter::new(std::io::stderr()));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_ansi(ansi)
-        .with_writer(writer);
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr);
     if json {
         builder.json().flatten_event(true).init();
     } else {
         builder.init();
     }
-    guard
 }
-
-/// Lines that may wait for the log thread (about 1 MiB) before a caller waits instead.
-const LOG_QUEUE_LINES: usize = 4096;
 
 fn load(config: &Path, env: &Env) -> Result<(Settings, MappingSet), Vec<String>> {
     let settings = Settings::load(config, env)?;
@@ -274,20 +260,21 @@ fn serve(config: &Path, env: Env, dry_run: bool) -> ExitCode {
         Ok(s) => s,
         Err(errors) => return fail(&errors),
     };
-    let logs = init_logs(settings.log_json);
+    init_logs(settings.log_json);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
         Err(e) => return fail(&[format!("cannot start the runtime: {e}")]),
     };
-    let outcome = runtime.block_on(async move {
+    runtime.block_on(async move {
         let opts = Options {
             dry_run,
             panic_in: injected_fault(),
             ..Options::default()
         };
-        let relay = Relay::start(settings, env, opts)
-            .await
-            .map_err(|e| format!("{e:#}"))?;
+        let relay = match Relay::start(settings, env, opts).await {
+            Ok(r) => r,
+            Err(e) => return fail(&[format!("{e:#}")]),
+        };
         let token = relay.shutdown_token();
         tokio::spawn(async move {
             wait_for_signal().await;
@@ -295,18 +282,11 @@ fn serve(config: &Path, env: Env, dry_run: bool) -> ExitCode {
             token.cancel();
         });
         // A part of the relay that failed has been logged; the exit status says so too.
-        relay
-            .wait()
-            .await
-            .map_err(|failure| format!("the relay stopped because {failure}"))
-    });
-    // The log's last lines before the closing error, in the order they happened.
-    drop(runtime);
-    drop(logs);
-    match outcome {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => fail(&[e]),
-    }
+        match relay.wait().await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(failure) => fail(&[format!("the relay stopped because {failure}")]),
+        }
+    })
 }
 
 /// Debug builds only (the test suite's): `P0_RELAY_TEST_PANIC_IN=<component>` makes that part
