@@ -467,6 +467,7 @@ async fn open_for(
     match location {
         StoreLocation::Sqlite(path) => {
             let mut store = SqliteStore::open(path, windows, store_payloads)?;
+            store.checkpoint_in_background(path)?;
             let resumed = if recover { store.recover()? } else { 0 };
             if resumed > 0 {
                 tracing::warn!(

@@ -94,6 +94,9 @@ const IN_TURN: &str = "state = 'pending'
                     AND e.id < jobs.id AND e.state IN ('pending', 'sending'))";
 
 pub struct SqliteStore {
+    /// Declared before `conn`: stopped first, so the writer's connection is the last to close
+    /// (and checkpoints what is left).
+    checkpointer: Option<Checkpointer>,
     pub(super) conn: Connection,
     windows: Windows,
     store_payloads: bool,
@@ -127,13 +130,22 @@ impl SqliteStore {
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
+        conn.pragma_update(None, "wal_autocheckpoint", CHECKPOINT_BACKSTOP)?;
         let mut store = SqliteStore {
+            checkpointer: None,
             conn,
             windows,
             store_payloads,
         };
         store.migrate()?;
         Ok(store)
+    }
+
+    /// Starts checkpointing this store's WAL on a thread of its own (see `Checkpointer`);
+    /// it stops when the store is dropped.
+    pub fn checkpoint_in_background(&mut self, path: &Path) -> Result<(), StoreError> {
+        self.checkpointer = Some(Checkpointer::start(path)?);
+        Ok(())
     }
 
     fn write_isolated(
@@ -222,6 +234,65 @@ impl SqliteStore {
             tx.commit()?;
         }
         Ok(())
+    }
+}
+
+/// How often the checkpointer copies committed pages from the WAL into the database file.
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(250);
+
+/// WAL pages past which the writer checkpoints by itself (64 MiB): only when no checkpointer
+/// runs (tests, tools) or it falls behind.
+const CHECKPOINT_BACKSTOP: i64 = 16_384;
+
+/// Copies committed pages from the WAL into the database file on a thread of its own, with a
+/// connection of its own. SQLite otherwise checkpoints on the committing connection: the
+/// writer stopped for milliseconds several times a second, and every delivery waiting on it
+/// waited too. A passive checkpoint never blocks the writer, nor waits for it.
+struct Checkpointer {
+    stop: Option<std::sync::mpsc::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Checkpointer {
+    fn start(path: &Path) -> Result<Checkpointer, StoreError> {
+        let flags =
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        let conn = Connection::open_with_flags(path, flags)?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        let (stop, stopped) = std::sync::mpsc::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("wal-checkpoint".into())
+            .spawn(move || {
+                let mut failing = false;
+                while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+                    stopped.recv_timeout(CHECKPOINT_EVERY)
+                {
+                    match conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+                        Ok(()) => failing = false,
+                        Err(e) if !failing => {
+                            failing = true;
+                            tracing::warn!(
+                                error = %e,
+                                "cannot checkpoint the store's WAL; the writer does past {CHECKPOINT_BACKSTOP} pages"
+                            );
+                        }
+                        Err(_) => {}
+                    }
+                }
+            })?;
+        Ok(Checkpointer {
+            stop: Some(stop),
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for Checkpointer {
+    fn drop(&mut self) {
+        drop(self.stop.take());
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
     }
 }
 
