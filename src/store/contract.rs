@@ -1211,3 +1211,30 @@ fn sqlite_hot_statements_are_compiled_once() {
         );
     }
 }
+
+/// WAL pages reach the database file from the checkpointer's thread. The writer alone (which
+/// checkpoints by itself only past the backstop) leaves them in the WAL.
+#[test]
+fn sqlite_checkpoints_are_made_off_the_writer() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("relay.db");
+    let db_size = || std::fs::metadata(&path).unwrap().len();
+    let mut s = SqliteStore::open(&path, WINDOWS, false).unwrap();
+    let before = db_size();
+    for i in 0..50 {
+        let d = delivery(&format!("d{i}"), &[(Action::Approve, &format!("r{i}"))]);
+        s.write(&[d], &[], 1_000).unwrap();
+    }
+    assert_eq!(db_size(), before, "the writer checkpointed by itself");
+    s.checkpoint_in_background(&path).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while db_size() == before {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no checkpoint within 10 s"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    // The store stops its checkpointer when it goes.
+    drop(s);
+}

@@ -240,9 +240,10 @@ impl SqliteStore {
 /// How often the checkpointer copies committed pages from the WAL into the database file.
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(250);
 
-/// WAL pages past which the writer checkpoints by itself (64 MiB): only when no checkpointer
-/// runs (tests, tools) or it falls behind.
-const CHECKPOINT_BACKSTOP: i64 = 16_384;
+/// WAL pages past which the writer checkpoints by itself (16 MiB): only when no checkpointer
+/// runs (tests, tools) or it cannot catch up (a storm: every checkpoint it finishes, the
+/// writer has added more).
+const CHECKPOINT_BACKSTOP: i64 = 4_096;
 
 /// Copies committed pages from the WAL into the database file on a thread of its own, with a
 /// connection of its own. SQLite otherwise checkpoints on the committing connection: the
