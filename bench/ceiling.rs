@@ -64,7 +64,11 @@ fn floor(secret: &[u8], headers: &HeaderMap, body: &[u8]) -> StatusCode {
     if mac.verify_slice(&signature).is_err() {
         return StatusCode::UNAUTHORIZED;
     }
-    match serde_json::from_slice::<serde::de::IgnoredAny>(body) {
+    // As the relay does: UTF-8 checked for the whole body once, then the JSON syntax.
+    let Ok(text) = std::str::from_utf8(body) else {
+        return StatusCode::BAD_REQUEST;
+    };
+    match serde_json::from_str::<serde::de::IgnoredAny>(text) {
         Ok(_) => StatusCode::ACCEPTED,
         Err(_) => StatusCode::BAD_REQUEST,
     }

@@ -27,17 +27,17 @@ for rev in "$@"; do
     cp "$TARGET/release/p0-relay" "$bin"
     git worktree remove --force "$work/src-$rev"
   fi
-  cp "$bin" "$work/p0-relay-$rev"
+  cp "$bin" "$work/p0-relay-${rev//\//_}"
 done
 [ -z "${BUILD_ONLY:-}" ] || exit 0
 echo "machine: $(nproc) cores; load average $(cut -d' ' -f1-3 /proc/loadavg); storm ${STORM} s at ${CONN} connections per revision; payload $(basename "$BENCH_PAYLOAD") ($(wc -c <"$BENCH_PAYLOAD") bytes)"
 echo
-echo "| revision | accepted/s | P0 calls/s end to end | lost | non-202 | peak RSS MiB |"
-echo "|---|---|---|---|---|---|"
+echo "| revision | accepted/s | P0 calls/s end to end | lost | non-202 | peak RSS MiB | relay CPU us per webhook in the storm | per P0 call in the drain |"
+echo "|---|---|---|---|---|---|---|---|"
 n=0
 for rev in "$@"; do
   # A store of its own per run, even for a revision given twice (wrk's IDs repeat per run).
   n=$((n + 1))
-  relay_storm "$work/p0-relay-$rev" "$n-$rev" "$STORM"
-  echo "| $rev $(git log -1 --format=%s "$rev" | cut -c1-60) | $answered_rate | $calls_rate | $lost | $non202 | $hwm |"
+  relay_storm "$work/p0-relay-${rev//\//_}" "$n-${rev//\//_}" "$STORM"
+  echo "| $rev $(git log -1 --format=%s "$rev" | cut -c1-60) | $answered_rate | $calls_rate | $lost | $non202 | $hwm | $cpu | $drain_cpu |"
 done

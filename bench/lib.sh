@@ -27,6 +27,28 @@ hwm_mib() { awk '/VmHWM/ {printf "%.1f", $2/1024}' "/proc/$1/status"; }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN {printf "%.2f", (b > 0 ? a/b : 0)}'; }
 per_second() { awk -v n="$1" -v s="$2" 'BEGIN {printf "%.0f", (s > 0 ? n/s : 0)}'; }
 
+# thread_cpu PID: "name ticks" per thread name (summed over threads of one name), and
+# "~process ticks", which also holds threads that have ended. utime and stime are read after
+# the last ")" (a thread's name may hold spaces or parentheses).
+thread_cpu() {
+  {
+    for t in /proc/"$1"/task/*; do
+      printf '%s %s\n' "$(tr ' ' _ <"$t/comm")" "$(sed 's/.*) //' "$t/stat" | awk '{print $12 + $13}')"
+    done 2>/dev/null
+    printf '~process %s\n' "$(sed 's/.*) //' /proc/"$1"/stat | awk '{print $12 + $13}')"
+  } | awk '{a[$1] += $2} END {for (k in a) print k, a[k]}' | LC_ALL=C sort -k1,1
+}
+# cpu_per BEFORE AFTER N: CPU microseconds per item from two thread_cpu readings, per thread
+# name (those of at least 0.5 us) and for the whole process: "tokio-rt-worker=84
+# store-writer=38 total=122". A thread that started between the readings counts from zero.
+cpu_per() {
+  LC_ALL=C join -a 2 -e 0 -o 0,1.2,2.2 <(echo "$1") <(echo "$2") | awk -v n="$3" -v hz="$(getconf CLK_TCK)" '
+    {us = n > 0 ? ($3 - $2) * 1e6 / hz / n : 0}
+    $1 == "~process" {t = us; next}
+    us >= 0.5 {printf "%s=%.0f ", $1, us}
+    END {printf "total=%.0f", t}'
+}
+
 # run_wrk URL PATH SECONDS CONNECTIONS RATE_PER_CONNECTION: prints wrk's RESULT line.
 run_wrk() {
   BENCH_PATH=$2 BENCH_RATE=$5 wrk -t2 -c"$4" -d"$3"s -s bench/wrk/github.lua "$1" | grep '^RESULT'
@@ -68,12 +90,17 @@ ENV
 stop_both() { kill "$relay_pid" "$sink_pid" 2>/dev/null || true; wait "$relay_pid" "$sink_pid" 2>/dev/null || true; }
 
 # relay_storm BINARY TAG SECONDS: a storm at full rate, then a drain. Sets answered_rate,
-# accepted, committed, distinct, dupes, calls_rate, lost, hwm_storm, hwm, non202.
+# accepted, committed, distinct, dupes, calls_rate, lost, hwm_storm, hwm, non202; cpu, the
+# relay's CPU per accepted webhook during the storm (P0 calls made meanwhile included), and
+# drain_cpu, its CPU per P0 call made after the storm.
 relay_storm() {
   start_sink; start_relay "$1" "$2"
-  local r secs t0 t1 calls span
+  local r secs t0 t1 calls span cpu0 cpu1 early
+  cpu0=$(thread_cpu "$relay_pid")
   t0=$(date +%s.%N)
   r=$(run_wrk "http://$RELAY" /webhooks/github "$3" "$CONN" 0)
+  cpu1=$(thread_cpu "$relay_pid")
+  early=$(curl -s "http://$SINK/count" | cut -d' ' -f2)
   hwm_storm=$(hwm_mib "$relay_pid")
   secs=$(field seconds "$r")
   non202=$(( $(field s200 "$r") + $(field other "$r") ))
@@ -85,7 +112,9 @@ relay_storm() {
   committed=$(curl -s "http://$RELAY/metrics" | awk '/^p0_relay_webhooks_total\{outcome="accepted",source="github"\}/ {print $2}')
   drain "$committed"
   t1=$(date +%s.%N)
+  cpu=$(cpu_per "$cpu0" "$cpu1" "$accepted")
   read -r calls distinct span < <(curl -s "http://$SINK/count"; echo)
+  drain_cpu=$(cpu_per "$cpu1" "$(thread_cpu "$relay_pid")" $((distinct - early)))
   hwm=$(hwm_mib "$relay_pid")
   calls_rate=$(awk -v n="$distinct" -v a="$t0" -v b="$t1" 'BEGIN {printf "%.0f", n/(b-a)}')
   # Lost: acknowledged with 202 but never delivered.

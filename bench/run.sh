@@ -33,23 +33,30 @@ echo "payload: $(basename "$BENCH_PAYLOAD") ($(wc -c <"$BENCH_PAYLOAD") bytes); 
 #    1/110 s between requests, which with the answer time comes to about 1,000 webhooks/s).
 "$TARGET/release/examples/ceiling" 127.0.0.1:18090 & ceiling_pid=$!; pids+=("$ceiling_pid")
 wait_port 127.0.0.1:18090
+c0=$(thread_cpu "$ceiling_pid")
 r=$(run_wrk http://127.0.0.1:18090 /webhooks/github "$CEIL" "$CONN" 0)
 ceiling=$(per_second "$(field s202 "$r")" "$(field seconds "$r")")
+ceiling_cpu=$(cpu_per "$c0" "$(thread_cpu "$ceiling_pid")" "$(field s202 "$r")")
 r=$(run_wrk http://127.0.0.1:18090 /webhooks/github "$LAT" 10 110)
 ceil_lat_rate=$(per_second "$(field s202 "$r")" "$(field seconds "$r")")
 ceil_p50=$(field p50_ms "$r"); ceil_p99=$(field p99_ms "$r")
 kill "$ceiling_pid"; wait "$ceiling_pid" 2>/dev/null || true
 
 # 1b. The floor under any relay: the same server reading each body, checking its signature and
-#     that it is JSON, storing nothing. What lies between it and the relay is the relay's own.
+#     that it is JSON, storing nothing. What lies between it and the relay is, roughly, the
+#     relay's own work (the relay's HTTP setup differs a little: HTTP/1 only, TCP_NODELAY).
 "$TARGET/release/examples/ceiling" 127.0.0.1:18090 floor "$BENCH_SECRET" & floor_pid=$!; pids+=("$floor_pid")
 wait_port 127.0.0.1:18090
+c0=$(thread_cpu "$floor_pid")
 r=$(run_wrk http://127.0.0.1:18090 /webhooks/github "$CEIL" "$CONN" 0)
 floor=$(per_second "$(field s202 "$r")" "$(field seconds "$r")")
+floor_cpu=$(cpu_per "$c0" "$(thread_cpu "$floor_pid")" "$(field s202 "$r")")
+[ "$floor" -gt 0 ] || echo "the floor accepted nothing ($(field other "$r") other answers): its signature check disagrees with wrk's"
 kill "$floor_pid"; wait "$floor_pid" 2>/dev/null || true
 
 # 2. The relay in a storm at full rate, then drained.
 relay_storm "$RELAY_BIN" storm "$STORM"
+storm_cpu=$cpu; storm_drain_cpu=$drain_cpu
 
 # 3. Answer latency at the same fixed, moderate rate.
 start_sink; start_relay "$RELAY_BIN" latency
@@ -88,6 +95,8 @@ cat <<OUT
 | same, trimmed 1.1 KB payload (${TRIM} s) | - | $trimmed_rate (P0 calls/s $trimmed_calls, lost $trimmed_lost, $trimmed_hwm MiB) | - |
 | P0 calls completed/s, end to end | - | $calls_rate | $peer_calls_rate |
 | acknowledged / reached P0 / lost | - | $accepted / $distinct / $lost | $peer_accepted / $pdistinct / $peer_lost |
+| server CPU us per webhook in the storm | ${ceiling_cpu##*total=}; floor ${floor_cpu##*total=} | $storm_cpu | - |
+| relay CPU us per P0 call in the drain | - | $storm_drain_cpu | - |
 | peak RSS, MiB | - | $hwm_storm (storm, ${STORM} s), $hwm (after drain) | $peer_hwm |
 | answer latency p50 / p99 ms (10 connections at 110/s each) | $ceil_p50 / $ceil_p99 at ${ceil_lat_rate}/s | $p50 / $p99 at ${lat_rate}/s | - |
 
