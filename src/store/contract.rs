@@ -1226,6 +1226,11 @@ fn sqlite_checkpoints_are_made_off_the_writer() {
         s.write(&[d], &[], 1_000).unwrap();
     }
     assert_eq!(db_size(), before, "the writer checkpointed by itself");
+    let backstop: i64 = s
+        .conn
+        .query_row("PRAGMA wal_autocheckpoint", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(backstop, sqlite::CHECKPOINT_BACKSTOP);
     s.checkpoint_in_background(&path).unwrap();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     while db_size() == before {

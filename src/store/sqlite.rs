@@ -131,6 +131,8 @@ impl SqliteStore {
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.pragma_update(None, "wal_autocheckpoint", CHECKPOINT_BACKSTOP)?;
+        // A WAL grown past this (a long read held it in a storm) is cut back when it restarts.
+        conn.pragma_update(None, "journal_size_limit", 64 * 1024 * 1024)?;
         let mut store = SqliteStore {
             checkpointer: None,
             conn,
@@ -241,9 +243,9 @@ impl SqliteStore {
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(250);
 
 /// WAL pages past which the writer checkpoints by itself (16 MiB): only when no checkpointer
-/// runs (tests, tools) or it cannot catch up (a storm: every checkpoint it finishes, the
-/// writer has added more).
-const CHECKPOINT_BACKSTOP: i64 = 4_096;
+/// runs (a store opened without one, as in tests) or it cannot catch up (a storm: every
+/// checkpoint it finishes, the writer has added more).
+pub(super) const CHECKPOINT_BACKSTOP: i64 = 4_096;
 
 /// Copies committed pages from the WAL into the database file on a thread of its own, with a
 /// connection of its own. SQLite otherwise checkpoints on the committing connection: the
