@@ -63,11 +63,9 @@ impl Worker {
             let gathering =
                 !tasks.is_empty() && available < claim_batch && last_claim.elapsed() < CLAIM_GATHER;
             let free = if gathering { 0 } else { available };
-            if free > 0 {
-                last_claim = Instant::now();
-            }
             let mut claimed_all = false;
             if free > 0 {
+                last_claim = Instant::now();
                 match this.store.claim_due(free).await {
                     Ok(jobs) => {
                         claimed_all = jobs.len() == free;
