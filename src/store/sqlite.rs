@@ -150,48 +150,6 @@ impl SqliteStore {
         Ok(())
     }
 
-    /// Runs `f` with commits that do not wait for the disk (`synchronous = NORMAL`), for
-    /// writes whose loss to a power cut the relay recovers from; the setting is restored
-    /// whatever `f` returns.
-    fn unsynced<T>(
-        &mut self,
-        f: impl FnOnce(&mut Self) -> Result<T, StoreError>,
-    ) -> Result<T, StoreError> {
-        self.conn
-            .prepare_cached("PRAGMA synchronous = NORMAL")?
-            .execute([])?;
-        let result = f(self);
-        self.conn
-            .prepare_cached("PRAGMA synchronous = FULL")?
-            .execute([])?;
-        result
-    }
-
-    fn write_synced(
-        &mut self,
-        deliveries: &[NewDelivery],
-        records: &[AttemptRecord],
-        now_ms: i64,
-    ) -> Result<Vec<Result<Accepted, StoreError>>, StoreError> {
-        let (windows, store_payloads) = (self.windows, self.store_payloads);
-        let tx = self.conn.transaction()?;
-        let order = super::batch_order(deliveries);
-        let made = order
-            .iter()
-            .map(|&i| accept_one(&tx, &deliveries[i], now_ms, windows, store_payloads))
-            .collect();
-        let results = super::in_arrival_order(&order, made);
-        if results.iter().any(Result::is_err) {
-            // Rare (a constraint or I/O error): start over with a savepoint per delivery, so
-            // the failing one is left out whole and the others are kept.
-            drop(tx);
-            return self.write_isolated(deliveries, records, now_ms);
-        }
-        record_all(&tx, records)?;
-        tx.commit()?;
-        Ok(results)
-    }
-
     fn write_isolated(
         &mut self,
         deliveries: &[NewDelivery],
@@ -603,22 +561,36 @@ impl Store for SqliteStore {
         records: &[AttemptRecord],
         now_ms: i64,
     ) -> Result<Vec<Result<Accepted, StoreError>>, StoreError> {
-        if deliveries.is_empty() {
-            // Outcomes alone do not wait for the disk. The write is in the system's hands
-            // before this returns, so a crash of the relay loses nothing; a power cut may
-            // lose the last ones, and their decisions are sent again, as after a cut between
-            // a call and its record. The WAL is written in order, so any later synced commit
-            // (the next accepted webhook) or checkpoint makes them durable: nothing stored
-            // after an outcome outlives it.
-            return self.unsynced(|s| s.write_synced(&[], records, now_ms));
+        let (windows, store_payloads) = (self.windows, self.store_payloads);
+        let tx = self.conn.transaction()?;
+        let order = super::batch_order(deliveries);
+        let made = order
+            .iter()
+            .map(|&i| accept_one(&tx, &deliveries[i], now_ms, windows, store_payloads))
+            .collect();
+        let results = super::in_arrival_order(&order, made);
+        if results.iter().any(Result::is_err) {
+            // Rare (a constraint or I/O error): start over with a savepoint per delivery, so
+            // the failing one is left out whole and the others are kept.
+            drop(tx);
+            return self.write_isolated(deliveries, records, now_ms);
         }
-        self.write_synced(deliveries, records, now_ms)
+        record_all(&tx, records)?;
+        tx.commit()?;
+        Ok(results)
     }
 
     fn claim_due(&mut self, now_ms: i64, limit: usize) -> Result<Vec<Job>, StoreError> {
         // A claim need not reach the disk: after a crash, `recover` returns claimed jobs to
-        // pending anyway.
-        self.unsynced(|s| s.claim_unsynced(now_ms, limit))
+        // pending anyway, so this commit skips the sync that every other write pays.
+        self.conn
+            .prepare_cached("PRAGMA synchronous = NORMAL")?
+            .execute([])?;
+        let result = self.claim_unsynced(now_ms, limit);
+        self.conn
+            .prepare_cached("PRAGMA synchronous = FULL")?
+            .execute([])?;
+        result
     }
 
     fn next_due(&mut self) -> Result<Option<i64>, StoreError> {
