@@ -1243,3 +1243,44 @@ fn sqlite_checkpoints_are_made_off_the_writer() {
     // The store stops its checkpointer when it goes.
     drop(s);
 }
+
+/// A claim commits without waiting for the disk; every other write waits. The setting comes
+/// back after each claim, even one that fails, and what a claim marks is committed (a relay
+/// that stops and starts again finds the job claimed, for `recover` to return).
+#[test]
+fn sqlite_only_claims_skip_the_sync() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("relay.db");
+    let synchronous = |s: &SqliteStore| -> i64 {
+        s.conn
+            .query_row("PRAGMA synchronous", [], |r| r.get(0))
+            .unwrap()
+    };
+    const FULL: i64 = 2;
+    let mut s = SqliteStore::open(&path, WINDOWS, false).unwrap();
+    assert_eq!(synchronous(&s), FULL);
+    s.write(&[delivery("d1", &[(Action::Approve, "a")])], &[], 1_000)
+        .unwrap();
+    let job = s.claim_due(2_000, 1).unwrap().remove(0);
+    assert_eq!(synchronous(&s), FULL, "after a claim");
+    drop(s);
+    let mut s = SqliteStore::open(&path, WINDOWS, false).unwrap();
+    assert_eq!(s.show(job.id).unwrap().unwrap().job.state, "sending");
+    assert_eq!(synchronous(&s), FULL);
+    // A claim that fails (a row this relay cannot read) restores the setting too.
+    s.conn
+        .execute(
+            "UPDATE jobs SET state = 'pending', action = 'grant' WHERE id = ?1",
+            [job.id],
+        )
+        .unwrap();
+    assert!(s.claim_due(3_000, 1).is_err());
+    assert_eq!(synchronous(&s), FULL, "after a failed claim");
+    s.conn
+        .execute("UPDATE jobs SET action = 'approve' WHERE id = ?1", [job.id])
+        .unwrap();
+    let again = s.claim_due(3_000, 1).unwrap();
+    assert_eq!(again.len(), 1, "the failed claim changed nothing");
+    assert_eq!(again[0].claim, job.claim + 1);
+    assert_eq!(synchronous(&s), FULL, "after a claim");
+}
