@@ -1244,11 +1244,12 @@ fn sqlite_checkpoints_are_made_off_the_writer() {
     drop(s);
 }
 
-/// A claim commits without waiting for the disk; every other write waits. The setting comes
-/// back after each claim, even one that fails, and what a claim marks is committed (a relay
-/// that stops and starts again finds the job claimed, for `recover` to return).
+/// A claim commits without waiting for the disk, and every other write must still wait: the
+/// setting is back to FULL after each claim, even one that fails (which leaves no transaction
+/// open behind it), and what a claim marks is committed (a relay that stops and starts again
+/// finds the job claimed, for `recover` to return).
 #[test]
-fn sqlite_only_claims_skip_the_sync() {
+fn sqlite_claims_restore_the_full_sync() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("relay.db");
     let synchronous = |s: &SqliteStore| -> i64 {
@@ -1280,7 +1281,7 @@ fn sqlite_only_claims_skip_the_sync() {
         .execute("UPDATE jobs SET action = 'approve' WHERE id = ?1", [job.id])
         .unwrap();
     let again = s.claim_due(3_000, 1).unwrap();
-    assert_eq!(again.len(), 1, "the failed claim changed nothing");
+    assert_eq!(again.len(), 1, "the failed claim left no transaction open");
     assert_eq!(again[0].claim, job.claim + 1);
     assert_eq!(synchronous(&s), FULL, "after a claim");
 }
