@@ -131,8 +131,7 @@ impl SqliteStore {
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.pragma_update(None, "wal_autocheckpoint", CHECKPOINT_BACKSTOP)?;
-        // A WAL grown past this (a long read held it in a storm) is cut back when it restarts.
-        conn.pragma_update(None, "journal_size_limit", 64 * 1024 * 1024)?;
+        conn.pragma_update(None, "journal_size_limit", JOURNAL_SIZE_LIMIT)?;
         let mut store = SqliteStore {
             checkpointer: None,
             conn,
@@ -219,12 +218,7 @@ impl SqliteStore {
                 })?;
                 jobs.push(job);
             }
-            let mut mark = tx.prepare_cached(
-                "UPDATE jobs SET state = 'sending', updated_at = ?2, claim_token = ?3 WHERE id = ?1",
-            )?;
-            for job in &jobs {
-                mark.execute(params![job.id, now_ms, job.claim])?;
-            }
+            mark_sending(&tx, "jobs", jobs.iter().map(|j| (j.id, j.claim)), now_ms)?;
         }
         tx.commit()?;
         jobs.sort_by_key(|j| j.id);
@@ -250,6 +244,26 @@ impl SqliteStore {
         Ok(())
     }
 }
+
+/// Marks the rows a claim read from `table` (`jobs` or `answers`) as being sent, each under
+/// its new claim token: (ID, token) pairs, the token one past the one read.
+fn mark_sending(
+    tx: &Connection,
+    table: &str,
+    claimed: impl Iterator<Item = (i64, i64)>,
+    now_ms: i64,
+) -> Result<(), StoreError> {
+    let mut mark = tx.prepare_cached(&format!(
+        "UPDATE {table} SET state = 'sending', updated_at = ?2, claim_token = ?3 WHERE id = ?1"
+    ))?;
+    for (id, token) in claimed {
+        mark.execute(params![id, now_ms, token])?;
+    }
+    Ok(())
+}
+
+/// A WAL grown past this (a long read held it in a storm) is cut back to it when it restarts.
+const JOURNAL_SIZE_LIMIT: i64 = 64 * 1024 * 1024;
 
 /// How often the checkpointer copies committed pages from the WAL into the database file.
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(250);
@@ -805,12 +819,12 @@ impl Store for SqliteStore {
             for row in rows {
                 answers.push(row?);
             }
-            let mut mark = tx.prepare_cached(
-                "UPDATE answers SET state = 'sending', updated_at = ?2, claim_token = ?3 WHERE id = ?1",
+            mark_sending(
+                &tx,
+                "answers",
+                answers.iter().map(|a| (a.id, a.claim)),
+                now_ms,
             )?;
-            for answer in &answers {
-                mark.execute(params![answer.id, now_ms, answer.claim])?;
-            }
         }
         tx.commit()?;
         answers.sort_by_key(|a| a.id);
