@@ -16,7 +16,7 @@ use crate::health::Health;
 use crate::metrics::Metrics;
 use crate::p0::{self, Outcome};
 use crate::ratelimit::KeyedLimit;
-use crate::retry::{rest, retry_at, saturating_i64};
+use crate::retry::{IDLE_POLL, millis_until, retry_at, saturating_i64};
 use crate::store::{AttemptRecord, Job, State, StoreHandle, now_ms};
 
 /// Everything the worker needs; `client: None` is a dry run that calls nothing.
@@ -51,9 +51,19 @@ impl Worker {
         let mut in_flight: HashMap<task::Id, Job> = HashMap::new();
         // (Not `Instant::now() - 60 s`: that underflows on a machine up for less than a minute.)
         let mut last_gauges: Option<Instant> = None;
+        // Whether the store may hold due decisions this relay has not claimed: so after a wake
+        // (work accepted here, or by another relay), after a claim that took all it asked for,
+        // after a call that left its decision pending or let one waiting its turn go, and when
+        // the rest runs out. Otherwise a finished call does not send the worker back to the
+        // store: at moderate rates that claim came back empty after every call.
+        let mut look = true;
+        // From the last claim that took fewer than it could: when the next decision falls
+        // due, and whether a due one waits behind a decision in flight for the same request.
+        let mut next_due: Option<i64> = None;
+        let mut waiting = false;
         loop {
             while let Some(done) = tasks.try_join_next_with_id() {
-                this.finished(done, &mut in_flight).await;
+                look |= this.finished(done, &mut in_flight).await || waiting;
             }
             // Under load, claims go in batches: with calls in flight, the worker waits until
             // a quarter of its permits (at most 8) are free, rather than asking the store after
@@ -62,28 +72,32 @@ impl Worker {
             let available = permits.available_permits();
             let gathering =
                 !tasks.is_empty() && available < claim_batch && last_claim.elapsed() < CLAIM_GATHER;
-            let free = if gathering { 0 } else { available };
-            let mut claimed_all = false;
-            if free > 0 {
+            let mut failed = false;
+            if look && available > 0 && !gathering {
                 last_claim = Instant::now();
-                match this.store.claim_due(free).await {
-                    Ok(jobs) => {
-                        claimed_all = jobs.len() == free;
-                        for job in jobs {
+                match this.store.claim_due(available).await {
+                    Ok(claimed) => {
+                        look = claimed.jobs.len() == available;
+                        next_due = claimed.next_due;
+                        waiting = claimed.waiting;
+                        for job in claimed.jobs {
                             let Ok(permit) = permits.clone().acquire_owned().await else {
                                 break;
                             };
                             let w = this.clone();
                             let carried = job.clone();
                             let handle = tasks.spawn(async move {
-                                w.execute(job).await;
+                                let again = w.execute(job).await;
                                 drop(permit);
-                                w.wake.notify_one();
+                                again
                             });
                             in_flight.insert(handle.id(), carried);
                         }
                     }
-                    Err(e) => tracing::error!(error = %e, "cannot claim decisions from the store"),
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot claim decisions from the store");
+                        failed = true;
+                    }
                 }
             }
             if last_gauges.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
@@ -93,14 +107,26 @@ impl Worker {
                 }
                 last_gauges = Some(Instant::now());
             }
-            let mut wait = rest(claimed_all, free, this.store.next_due(), now_ms).await;
-            if gathering && available > 0 {
-                wait = wait.min(CLAIM_GATHER);
-            }
+            let wait = if failed || (look && permits.available_permits() == 0) {
+                // A failing store is asked again after a rest; with every permit busy, a
+                // finishing call ends the rest.
+                IDLE_POLL
+            } else if look {
+                if gathering {
+                    CLAIM_GATHER
+                } else {
+                    Duration::ZERO
+                }
+            } else {
+                next_due.map_or(IDLE_POLL, |due| millis_until(due, now_ms()).min(IDLE_POLL))
+            };
             tokio::select! {
                 _ = shutdown.cancelled() => break,
-                _ = this.wake.notified() => {}
-                _ = tokio::time::sleep(wait) => {}
+                _ = this.wake.notified() => look = true,
+                Some(done) = tasks.join_next_with_id() => {
+                    look |= this.finished(done, &mut in_flight).await || waiting;
+                }
+                _ = tokio::time::sleep(wait) => look = true,
             }
         }
         let deadline = tokio::time::sleep(drain);
@@ -109,7 +135,9 @@ impl Worker {
             tokio::select! {
                 next = tasks.join_next_with_id() => match next {
                     None => break,
-                    Some(done) => this.finished(done, &mut in_flight).await,
+                    Some(done) => {
+                        this.finished(done, &mut in_flight).await;
+                    }
                 },
                 _ = &mut deadline => {
                     tracing::warn!(in_flight = tasks.len(), "shutdown deadline reached; unfinished calls stay queued");
@@ -120,25 +148,26 @@ impl Worker {
         }
     }
 
-    /// Accounts for a call task that ended. One that panicked (a bug in the relay, not an
+    /// Accounts for a call task that ended, and says whether its decision may fall due again
+    /// (the worker then looks at the store). One that panicked (a bug in the relay, not an
     /// answer from P0) gives its decision back: pending again after a backoff, or dead when
     /// out of attempts, like a transient failure. One cancelled at the shutdown deadline stays
     /// `sending` and is resumed at the next start.
     async fn finished(
         &self,
-        done: Result<(task::Id, ()), task::JoinError>,
+        done: Result<(task::Id, bool), task::JoinError>,
         in_flight: &mut HashMap<task::Id, Job>,
-    ) {
-        let (id, failure) = match done {
-            Ok((id, ())) => (id, None),
-            Err(e) => (e.id(), Some(e)),
+    ) -> bool {
+        let (id, again, failure) = match done {
+            Ok((id, again)) => (id, again, None),
+            Err(e) => (e.id(), false, Some(e)),
         };
         let job = in_flight.remove(&id);
         let (Some(failure), Some(job)) = (failure, job) else {
-            return;
+            return again;
         };
         if !failure.is_panic() {
-            return;
+            return false;
         }
         let why = crate::supervise::panic_message(failure.into_panic());
         let now = now_ms();
@@ -169,9 +198,12 @@ impl Worker {
         if let Err(e) = self.store.record(record).await {
             tracing::error!(job_id = job.id, error = %e, "cannot record the outcome of a P0 call");
         }
+        true
     }
 
-    async fn execute(&self, job: Job) {
+    /// Calls P0 for `job` and records the outcome; true when the decision may fall due again
+    /// (a retry is scheduled, or the claim was lost), so the worker looks at the store.
+    async fn execute(&self, job: Job) -> bool {
         // The claim is held (its lease renewed) while the call is under way and until its
         // outcome is recorded; if it is lost, another relay owns the decision now and this
         // relay lets go (on SQLite the claim is never lost).
@@ -179,7 +211,7 @@ impl Worker {
         tokio::pin!(hold);
         let record = tokio::select! {
             record = self.attempt(&job) => record,
-            () = &mut hold => return,
+            () = &mut hold => return true,
         };
         // A store that cannot write now (a database outage) gets the outcome later, with
         // backoff, for as long as the claim holds; after that the decision is sent again by
@@ -189,20 +221,20 @@ impl Worker {
         loop {
             let result = tokio::select! {
                 r = self.store.record(record.clone()) => r,
-                () = &mut hold => return,
+                () = &mut hold => return true,
             };
             let Err(e) = result else {
                 // The answers back created with this outcome go out now, not at the next poll.
                 if answers {
                     self.answer_wake.notify_one();
                 }
-                return;
+                return record.state == State::Pending;
             };
             tracing::error!(job_id = job.id, error = %e, retry_in_ms = wait.as_millis() as u64,
                 "cannot record the outcome of a P0 call");
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
-                () = &mut hold => return,
+                () = &mut hold => return true,
             }
             wait = (wait * 2).min(Duration::from_secs(2));
         }

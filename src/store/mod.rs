@@ -266,6 +266,47 @@ pub struct ListFilter {
     pub limit: usize,
 }
 
+/// What one claim took and, when it took fewer than it asked for (every job due in its turn),
+/// what the store holds beyond it, asked in the same call: when the next job falls due, and
+/// whether a due job waits its turn behind one in flight (it falls due when that one ends).
+/// A claim that took all it asked for leaves both unasked (more may be due now). A failed
+/// question errs on the side of looking again; the claimed jobs are never given up for it.
+#[derive(Debug)]
+pub struct Claimed {
+    pub jobs: Vec<Job>,
+    pub next_due: Option<i64>,
+    pub waiting: bool,
+}
+
+impl Claimed {
+    fn full(jobs: Vec<Job>) -> Self {
+        Self {
+            jobs,
+            next_due: None,
+            waiting: false,
+        }
+    }
+
+    fn short(
+        jobs: Vec<Job>,
+        next_due: Result<Option<i64>, StoreError>,
+        waiting: Result<bool, StoreError>,
+    ) -> Self {
+        let (next_due, waiting) = match (next_due, waiting) {
+            (Ok(next_due), Ok(waiting)) => (next_due, waiting),
+            (Err(e), _) | (_, Err(e)) => {
+                tracing::warn!(error = %e, "cannot tell when the next decision falls due; looking again soon");
+                (None, true)
+            }
+        };
+        Self {
+            jobs,
+            next_due,
+            waiting,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Counts {
     pub pending: u64,
@@ -318,8 +359,12 @@ pub trait Store: Send {
     ) -> Result<Vec<Result<Accepted, StoreError>>, StoreError>;
     /// Marks up to `limit` due pending jobs as sending and returns them.
     fn claim_due(&mut self, now_ms: i64, limit: usize) -> Result<Vec<Job>, StoreError>;
-    /// When the earliest pending job falls due.
+    /// When the earliest pending job in its turn falls due.
     fn next_due(&mut self) -> Result<Option<i64>, StoreError>;
+    /// Whether a pending job is due by `now_ms`. Asked right after a claim that took every
+    /// job due in its turn, it says whether one waits behind another of the same request
+    /// (it falls due when that one ends).
+    fn waiting(&mut self, now_ms: i64) -> Result<bool, StoreError>;
     /// Returns jobs left `sending` by a stop to `pending`; returns how many.
     fn recover(&mut self) -> Result<usize, StoreError>;
     fn counts(&mut self) -> Result<Counts, StoreError>;
@@ -356,8 +401,7 @@ enum Op {
 }
 
 enum Other {
-    Claim(usize, oneshot::Sender<Result<Vec<Job>, StoreError>>),
-    NextDue(oneshot::Sender<Result<Option<i64>, StoreError>>),
+    Claim(usize, oneshot::Sender<Result<Claimed, StoreError>>),
     Counts(oneshot::Sender<Result<Counts, StoreError>>),
     Prune(i64, oneshot::Sender<Result<usize, StoreError>>),
     Probe(oneshot::Sender<Result<(), StoreError>>),
@@ -584,16 +628,20 @@ impl StoreHandle {
             Backend::Postgres(pg) => Self::write(pg, |r| postgres::Write::Record(rec, r)).await,
         }
     }
-    pub async fn claim_due(&self, limit: usize) -> Result<Vec<Job>, StoreError> {
+    /// Claims up to `limit` due decisions and, when fewer were due, says when the next one
+    /// falls due: one call (on SQLite one trip to the writer thread).
+    pub async fn claim_due(&self, limit: usize) -> Result<Claimed, StoreError> {
         match &self.backend {
             Backend::Sqlite(tx) => Self::call(tx, |r| Op::Other(Other::Claim(limit, r))).await,
-            Backend::Postgres(pg) => pg.store.claim_due(now_ms(), limit).await,
-        }
-    }
-    pub async fn next_due(&self) -> Result<Option<i64>, StoreError> {
-        match &self.backend {
-            Backend::Sqlite(tx) => Self::call(tx, |r| Op::Other(Other::NextDue(r))).await,
-            Backend::Postgres(pg) => pg.store.next_due().await,
+            Backend::Postgres(pg) => {
+                let now = now_ms();
+                let jobs = pg.store.claim_due(now, limit).await?;
+                if jobs.len() >= limit {
+                    return Ok(Claimed::full(jobs));
+                }
+                let (next_due, waiting) = tokio::join!(pg.store.next_due(), pg.store.waiting(now));
+                Ok(Claimed::short(jobs, next_due, waiting))
+            }
         }
     }
     pub async fn counts(&self) -> Result<Counts, StoreError> {
@@ -742,10 +790,15 @@ fn writer(mut store: Box<dyn Store>, mut rx: mpsc::Receiver<Op>, max_batch: usiz
         for op in others.drain(..) {
             match op {
                 Other::Claim(limit, reply) => {
-                    let _ = reply.send(store.claim_due(now_ms(), limit));
-                }
-                Other::NextDue(reply) => {
-                    let _ = reply.send(store.next_due());
+                    let now = now_ms();
+                    let claimed = store.claim_due(now, limit).map(|jobs| {
+                        if jobs.len() >= limit {
+                            return Claimed::full(jobs);
+                        }
+                        let next_due = store.next_due();
+                        Claimed::short(jobs, next_due, store.waiting(now))
+                    });
+                    let _ = reply.send(claimed);
                 }
                 Other::Counts(reply) => {
                     let _ = reply.send(store.counts());

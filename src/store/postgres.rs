@@ -966,6 +966,21 @@ impl PgStore {
         .await
     }
 
+    /// Whether a pending job is due by `now_ms` (`Store::waiting`); `jobs_due` answers it from
+    /// its first entry.
+    pub async fn waiting(&self, now_ms: i64) -> Result<bool, StoreError> {
+        self.run("waiting", OP_TIMEOUT, async |c| {
+            let stmt = c
+                .prepare_cached(
+                    "SELECT EXISTS (SELECT 1 FROM jobs
+                                     WHERE state = 'pending' AND next_attempt_at <= $1)",
+                )
+                .await?;
+            c.query_one(&stmt, &[&now_ms]).await?.try_get(0)
+        })
+        .await
+    }
+
     /// At start: leases that ran out are returned to pending (claims of live relays stay).
     pub async fn recover(&self, now_ms: i64) -> Result<usize, StoreError> {
         self.expire_leases(now_ms).await

@@ -607,6 +607,16 @@ impl Store for SqliteStore {
         result
     }
 
+    fn waiting(&mut self, now_ms: i64) -> Result<bool, StoreError> {
+        // `jobs_due` answers it from its first entry.
+        Ok(self
+            .conn
+            .prepare_cached(
+                "SELECT EXISTS (SELECT 1 FROM jobs WHERE state = 'pending' AND next_attempt_at <= ?1)",
+            )?
+            .query_row([now_ms], |r| r.get(0))?)
+    }
+
     fn next_due(&mut self) -> Result<Option<i64>, StoreError> {
         Ok(self
             .conn

@@ -650,6 +650,9 @@ impl Store for Refusing {
     fn next_due(&mut self) -> Result<Option<i64>, StoreError> {
         self.inner.next_due()
     }
+    fn waiting(&mut self, now_ms: i64) -> Result<bool, StoreError> {
+        self.inner.waiting(now_ms)
+    }
     fn recover(&mut self) -> Result<usize, StoreError> {
         self.inner.recover()
     }
