@@ -7,14 +7,16 @@ use std::time::Duration;
 
 use crate::config::RetrySettings;
 
-/// The longest a claim loop rests without looking at the store again (decisions replayed by
-/// `p0-relay jobs replay` from another process are found this way).
+/// The longest a claim loop (the worker's, the answer loop's) rests without looking at the
+/// store again (decisions replayed by `p0-relay jobs replay` from another process are found
+/// this way).
 pub const IDLE_POLL: Duration = Duration::from_millis(500);
 
-/// How long a claim loop (the worker's, the answerer's) rests before it claims again: not at
-/// all after a claim that filled every free permit; with every permit busy, until a finishing
-/// task wakes it, without asking the store (under load that question would follow every
-/// call); otherwise until the next item falls due (`next_due`, asked only then).
+/// How long the answer loop rests before it claims again: not at all after a claim that
+/// filled every free permit; with every permit busy, until a finishing task wakes it, without
+/// asking the store (under load that question would follow every call); otherwise until the
+/// next item falls due (`next_due`, asked only then). The P0 worker keeps its own account
+/// (`Worker::run`): its claims say when the next decision falls due.
 pub async fn rest<E>(
     claimed_all: bool,
     free: usize,

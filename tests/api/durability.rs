@@ -2,7 +2,9 @@
 //! forwarding, duplicate deliveries and decisions, final rejections, dead letters and replay.
 
 use std::collections::BTreeMap;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use crate::common::*;
 use p0_relay::store::{
@@ -618,23 +620,32 @@ async fn a_rejected_token_is_cleared_by_the_next_success_from_stored_work() {
     );
 }
 
-/// A store that refuses every write while `refusing` is set (a disk gone read-only, say) and
-/// otherwise is the SQLite store it wraps.
-struct Refusing {
+/// The SQLite store these tests hand the relay: it refuses every write while `refusing` is
+/// set (a disk gone read-only, say) and counts the claims that found nothing due.
+struct Watched {
     inner: SqliteStore,
-    refusing: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    refusing: Arc<AtomicBool>,
+    empty_claims: Arc<AtomicUsize>,
 }
 
-impl Refusing {
+impl Watched {
+    fn new(inner: SqliteStore) -> Self {
+        Self {
+            inner,
+            refusing: Arc::default(),
+            empty_claims: Arc::default(),
+        }
+    }
+
     fn check(&self) -> Result<(), StoreError> {
-        match self.refusing.load(std::sync::atomic::Ordering::SeqCst) {
+        match self.refusing.load(Ordering::SeqCst) {
             true => Err(StoreError::Unavailable("the disk is read-only".into())),
             false => Ok(()),
         }
     }
 }
 
-impl Store for Refusing {
+impl Store for Watched {
     fn write(
         &mut self,
         deliveries: &[NewDelivery],
@@ -645,7 +656,11 @@ impl Store for Refusing {
         self.inner.write(deliveries, records, now_ms)
     }
     fn claim_due(&mut self, now_ms: i64, limit: usize) -> Result<Vec<Job>, StoreError> {
-        self.inner.claim_due(now_ms, limit)
+        let jobs = self.inner.claim_due(now_ms, limit)?;
+        if jobs.is_empty() {
+            self.empty_claims.fetch_add(1, Ordering::SeqCst);
+        }
+        Ok(jobs)
     }
     fn next_due(&mut self) -> Result<Option<i64>, StoreError> {
         self.inner.next_due()
@@ -692,7 +707,6 @@ impl Store for Refusing {
 #[tokio::test]
 async fn a_store_handed_to_the_relay_is_the_one_it_uses() {
     let elsewhere = tempfile::tempdir().unwrap();
-    let refusing = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
     let inner = SqliteStore::open(
         &elsewhere.path().join("given.db"),
         Windows {
@@ -702,11 +716,11 @@ async fn a_store_handed_to_the_relay_is_the_one_it_uses() {
         false,
     )
     .unwrap();
+    let given = Watched::new(inner);
+    let refusing = given.refusing.clone();
+    refusing.store(true, Ordering::SeqCst);
     let t = spawn_with(Setup {
-        store: Some(Box::new(Refusing {
-            inner,
-            refusing: refusing.clone(),
-        })),
+        store: Some(Box::new(given)),
         ..Setup::default()
     })
     .await;
@@ -719,7 +733,7 @@ async fn a_store_handed_to_the_relay_is_the_one_it_uses() {
     );
     assert!(t.p0_calls().await.is_empty());
 
-    refusing.store(false, std::sync::atomic::Ordering::SeqCst);
+    refusing.store(false, Ordering::SeqCst);
     let (status, body) = t.post(&hook).await;
     assert_eq!(status, 202, "{body}");
     t.wait_for_calls(1).await;
@@ -728,5 +742,97 @@ async fn a_store_handed_to_the_relay_is_the_one_it_uses() {
     assert!(
         !t.dir.path().join("relay.db").exists(),
         "the store the settings name was never opened"
+    );
+}
+
+/// At a moderate rate every call used to send the worker back to the store, and that claim
+/// found nothing: a store transaction per webhook for nothing. A call that ends its decision
+/// no longer does: what finds nothing now is the worker's first look and its rests (one per
+/// 500 ms without new work).
+#[tokio::test]
+async fn a_call_that_ends_its_decision_does_not_send_the_worker_back_to_the_store() {
+    let started = Instant::now();
+    let elsewhere = tempfile::tempdir().unwrap();
+    let db = elsewhere.path().join("given.db");
+    let given = Watched::new(open_store(&db));
+    let empty_claims = given.empty_claims.clone();
+    let t = spawn_with(Setup {
+        store: Some(Box::new(given)),
+        ..Setup::default()
+    })
+    .await;
+    t.p0_ok().await;
+    const N: usize = 20;
+    for i in 0..N {
+        let hook = Hook::comment(&format!("quiet-{i}"), &format!("/p0 approve req-quiet-{i}"));
+        let (status, body) = t.post(&hook).await;
+        assert_eq!(status, 202, "{body}");
+        t.wait_for_calls(i + 1).await;
+    }
+    let mut reader = open_store(&db);
+    for _ in 0..400 {
+        if reader.show(N as i64).unwrap().unwrap().job.state == "succeeded" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let rests = started.elapsed().as_millis() as usize / 500;
+    let empty = empty_claims.load(Ordering::SeqCst);
+    assert!(
+        empty <= 1 + rests,
+        "{empty} claims found nothing for {N} webhooks in {} ms",
+        started.elapsed().as_millis()
+    );
+    assert_eq!(
+        summarize(&t.p0_calls().await),
+        (0..N)
+            .map(|i| call(
+                "approve",
+                &format!("req-quiet-{i}"),
+                json!({"expirationLength": "1h"})
+            ))
+            .collect::<Vec<_>>()
+    );
+}
+
+/// A revoke that arrives while its request's approve is being sent waits its turn; the end of
+/// the approve's call sends the worker back for it at once, not at its next rest (500 ms).
+#[tokio::test]
+async fn a_decision_waiting_its_turn_goes_as_soon_as_the_one_before_it_ends() {
+    struct Stamped(Arc<Mutex<Vec<Instant>>>);
+    impl wiremock::Respond for Stamped {
+        fn respond(&self, request: &wiremock::Request) -> ResponseTemplate {
+            self.0.lock().unwrap().push(Instant::now());
+            let slow = request.url.path().ends_with("/approve");
+            ResponseTemplate::new(200)
+                .set_body_json(json!({"ok": true}))
+                .set_delay(Duration::from_millis(if slow { 200 } else { 0 }))
+        }
+    }
+    let t = spawn().await;
+    let arrivals = Arc::new(Mutex::new(Vec::new()));
+    Mock::given(method("POST"))
+        .respond_with(Stamped(arrivals.clone()))
+        .mount(&t.p0)
+        .await;
+    let approve = Hook::comment("turn-1", "/p0 approve req-turn");
+    assert_eq!(t.post(&approve).await.0, 202);
+    t.wait_for_calls(1).await;
+    let revoke = Hook::comment("turn-2", "/p0 revoke req-turn");
+    assert_eq!(t.post(&revoke).await.0, 202);
+    let calls = t.wait_for_calls(2).await;
+    assert_eq!(
+        summarize(&calls),
+        vec![
+            call("approve", "req-turn", json!({"expirationLength": "1h"})),
+            call("revoke", "req-turn", json!({})),
+        ]
+    );
+    let at = arrivals.lock().unwrap().clone();
+    let gap = at[1] - at[0];
+    assert!(
+        gap < Duration::from_millis(400),
+        "the revoke reached P0 {} ms after the approve, which took 200 ms",
+        gap.as_millis()
     );
 }
