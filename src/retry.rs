@@ -2,36 +2,83 @@
 //! `Retry-After` honoured up to a cap, and the retry window; and how long a claim loop rests
 //! between looks. Shared by P0 calls and answers.
 
-use std::future::Future;
 use std::time::Duration;
 
 use crate::config::RetrySettings;
+use crate::store::Claimed;
 
 /// The longest a claim loop (the worker's, the answer loop's) rests without looking at the
 /// store again (decisions replayed by `p0-relay jobs replay` from another process are found
 /// this way).
 pub const IDLE_POLL: Duration = Duration::from_millis(500);
 
-/// How long the answer loop rests before it claims again: not at all after a claim that
-/// filled every free permit; with every permit busy, until a finishing task wakes it, without
-/// asking the store (under load that question would follow every call); otherwise until the
-/// next item falls due (`next_due`, asked only then). The P0 worker keeps its own account
-/// (`Worker::run`): its claims say when the next decision falls due.
-pub async fn rest<E>(
-    claimed_all: bool,
-    free: usize,
-    next_due: impl Future<Output = Result<Option<i64>, E>>,
-    now_ms: impl FnOnce() -> i64,
-) -> Duration {
-    if claimed_all {
-        return Duration::ZERO;
+/// When a claim loop (the worker's, the answer loop's) goes back to the store. It claims when
+/// the store may hold due items it has not claimed: at the start; when woken (new work, here
+/// or at another relay) or when its rest runs out (the next item's due time, at most
+/// `IDLE_POLL`); after a claim that took all it asked for; when a task leaves its item
+/// pending again, or ends while a due item waits its turn behind one in flight. Not after
+/// every task: at moderate rates that claim found nothing, a store round trip per item.
+#[derive(Debug)]
+pub struct Lookout {
+    look: bool,
+    failed: bool,
+    next_due: Option<i64>,
+    waiting: bool,
+}
+
+impl Default for Lookout {
+    fn default() -> Self {
+        Self {
+            look: true,
+            failed: false,
+            next_due: None,
+            waiting: false,
+        }
     }
-    if free == 0 {
-        return IDLE_POLL;
+}
+
+impl Lookout {
+    /// Whether to claim now (given free permits).
+    pub fn wants_claim(&self) -> bool {
+        self.look
     }
-    match next_due.await {
-        Ok(Some(due)) => millis_until(due, now_ms()).min(IDLE_POLL),
-        _ => IDLE_POLL,
+
+    /// After a claim of `asked` items.
+    pub fn claimed<T>(&mut self, asked: usize, claim: &Claimed<T>) {
+        self.look = claim.items.len() >= asked;
+        self.failed = false;
+        self.next_due = claim.next_due;
+        self.waiting = claim.waiting;
+    }
+
+    /// After a claim that failed: it is tried again after `IDLE_POLL`.
+    pub fn claim_failed(&mut self) {
+        self.look = true;
+        self.failed = true;
+    }
+
+    /// Woken by new work, or the rest ran out.
+    pub fn woken(&mut self) {
+        self.look = true;
+    }
+
+    /// A task ended; `again` when its item is pending again (or its fate is unknown).
+    pub fn task_ended(&mut self, again: bool) {
+        self.look |= again || self.waiting;
+    }
+
+    /// How long to rest with `free` permits free: not at all when more may be due now; with
+    /// every permit busy, until a task ends (at most `IDLE_POLL`); after a failed claim,
+    /// `IDLE_POLL`; otherwise until the next item falls due, at most `IDLE_POLL`.
+    pub fn rest(&self, free: usize, now_ms: i64) -> Duration {
+        if self.failed || (self.look && free == 0) {
+            IDLE_POLL
+        } else if self.look {
+            Duration::ZERO
+        } else {
+            self.next_due
+                .map_or(IDLE_POLL, |due| millis_until(due, now_ms).min(IDLE_POLL))
+        }
     }
 }
 
@@ -78,6 +125,55 @@ pub(crate) fn saturating_i64(n: impl TryInto<i64>) -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn claim(items: usize, next_due: Option<i64>, waiting: bool) -> Claimed<()> {
+        Claimed {
+            items: vec![(); items],
+            next_due,
+            waiting,
+        }
+    }
+
+    #[test]
+    fn a_claim_loop_goes_back_to_the_store_only_when_something_may_be_due() {
+        let mut l = Lookout::default();
+        assert!(l.wants_claim(), "at the start");
+        assert_eq!(l.rest(4, 0), Duration::ZERO);
+        l.claimed(4, &claim(4, None, false));
+        assert!(l.wants_claim(), "a full claim: more may be due");
+        assert_eq!(
+            l.rest(0, 0),
+            IDLE_POLL,
+            "every permit busy: until a task ends"
+        );
+        l.claimed(4, &claim(1, Some(1_200), false));
+        assert!(!l.wants_claim(), "took everything due");
+        assert_eq!(l.rest(3, 1_000), Duration::from_millis(200));
+        assert_eq!(l.rest(3, 2_000), Duration::ZERO, "overdue");
+        l.task_ended(false);
+        assert!(!l.wants_claim(), "a task that ended its item");
+        l.task_ended(true);
+        assert!(l.wants_claim(), "a task that left its item pending");
+        l.claimed(4, &claim(0, None, false));
+        assert_eq!(l.rest(4, 0), IDLE_POLL, "nothing due: the poll");
+        l.woken();
+        assert!(l.wants_claim());
+        l.claimed(4, &claim(1, None, true));
+        l.task_ended(false);
+        assert!(
+            l.wants_claim(),
+            "an item waited its turn behind the one that ended"
+        );
+        l.claim_failed();
+        assert_eq!(
+            l.rest(4, 0),
+            IDLE_POLL,
+            "a failing store is not asked at once"
+        );
+        assert!(l.wants_claim());
+        l.claimed(4, &claim(0, Some(10_000), false));
+        assert_eq!(l.rest(4, 0), IDLE_POLL, "at most IDLE_POLL");
+    }
 
     #[test]
     fn backoff_is_bounded_and_honours_retry_after() {

@@ -16,7 +16,7 @@ use crate::health::Health;
 use crate::metrics::Metrics;
 use crate::p0::{self, Outcome};
 use crate::ratelimit::KeyedLimit;
-use crate::retry::{IDLE_POLL, millis_until, retry_at, saturating_i64};
+use crate::retry::{Lookout, retry_at, saturating_i64};
 use crate::store::{AttemptRecord, Job, State, StoreHandle, now_ms};
 
 /// Everything the worker needs; `client: None` is a dry run that calls nothing.
@@ -51,36 +51,26 @@ impl Worker {
         let mut in_flight: HashMap<task::Id, Job> = HashMap::new();
         // (Not `Instant::now() - 60 s`: that underflows on a machine up for less than a minute.)
         let mut last_gauges: Option<Instant> = None;
-        // Whether the store may hold due decisions this relay has not claimed: so after a wake
-        // (work accepted here, or by another relay), after a claim that took all it asked for,
-        // after a call that left its decision pending or let one waiting its turn go, and when
-        // the rest runs out. Otherwise a finished call does not send the worker back to the
-        // store: at moderate rates that claim came back empty after every call.
-        let mut look = true;
-        // From the last claim that took fewer than it could: when the next decision falls
-        // due, and whether a due one waits behind a decision in flight for the same request.
-        let mut next_due: Option<i64> = None;
-        let mut waiting = false;
+        let mut lookout = Lookout::default();
         loop {
             while let Some(done) = tasks.try_join_next_with_id() {
-                look |= this.finished(done, &mut in_flight).await || waiting;
+                lookout.task_ended(this.finished(done, &mut in_flight).await);
             }
             // Under load, claims go in batches: with calls in flight, the worker waits until
             // a quarter of its permits (at most 8) are free, rather than asking the store after
             // each call, but never longer than CLAIM_GATHER (calls held by pacing or a slow
             // P0 must not keep free permits idle).
             let available = permits.available_permits();
-            let gathering =
-                !tasks.is_empty() && available < claim_batch && last_claim.elapsed() < CLAIM_GATHER;
-            let mut failed = false;
-            if look && available > 0 && !gathering {
+            let gathering = lookout.wants_claim()
+                && !tasks.is_empty()
+                && available < claim_batch
+                && last_claim.elapsed() < CLAIM_GATHER;
+            if lookout.wants_claim() && available > 0 && !gathering {
                 last_claim = Instant::now();
                 match this.store.claim_due(available).await {
                     Ok(claimed) => {
-                        look = claimed.jobs.len() == available;
-                        next_due = claimed.next_due;
-                        waiting = claimed.waiting;
-                        for job in claimed.jobs {
+                        lookout.claimed(available, &claimed);
+                        for job in claimed.items {
                             let Ok(permit) = permits.clone().acquire_owned().await else {
                                 break;
                             };
@@ -96,7 +86,7 @@ impl Worker {
                     }
                     Err(e) => {
                         tracing::error!(error = %e, "cannot claim decisions from the store");
-                        failed = true;
+                        lookout.claim_failed();
                     }
                 }
             }
@@ -107,26 +97,18 @@ impl Worker {
                 }
                 last_gauges = Some(Instant::now());
             }
-            let wait = if failed || (look && permits.available_permits() == 0) {
-                // A failing store is asked again after a rest; with every permit busy, a
-                // finishing call ends the rest.
-                IDLE_POLL
-            } else if look {
-                if gathering {
-                    CLAIM_GATHER
-                } else {
-                    Duration::ZERO
-                }
+            let wait = if gathering && available > 0 {
+                CLAIM_GATHER
             } else {
-                next_due.map_or(IDLE_POLL, |due| millis_until(due, now_ms()).min(IDLE_POLL))
+                lookout.rest(permits.available_permits(), now_ms())
             };
             tokio::select! {
                 _ = shutdown.cancelled() => break,
-                _ = this.wake.notified() => look = true,
+                _ = this.wake.notified() => lookout.woken(),
                 Some(done) = tasks.join_next_with_id() => {
-                    look |= this.finished(done, &mut in_flight).await || waiting;
+                    lookout.task_ended(this.finished(done, &mut in_flight).await);
                 }
-                _ = tokio::time::sleep(wait) => look = true,
+                _ = tokio::time::sleep(wait) => lookout.woken(),
             }
         }
         let deadline = tokio::time::sleep(drain);

@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::RetrySettings;
 use crate::metrics::Metrics;
 use crate::ratelimit::KeyedLimit;
-use crate::retry::{rest, retry_at};
+use crate::retry::{Lookout, retry_at};
 use crate::store::{AnswerJob, AnswerRecord, State, StoreHandle, now_ms};
 
 pub use client::{Client, Sent};
@@ -40,34 +40,40 @@ impl Answerer {
         let this = Arc::new(self);
         let permits = Arc::new(Semaphore::new(this.concurrency));
         let mut tasks = JoinSet::new();
+        let mut lookout = Lookout::default();
         loop {
-            while tasks.try_join_next().is_some() {}
+            while let Some(done) = tasks.try_join_next() {
+                lookout.task_ended(done.unwrap_or(true));
+            }
             let free = permits.available_permits();
-            let mut claimed_all = false;
-            if free > 0 {
+            if lookout.wants_claim() && free > 0 {
                 match this.store.claim_answers(free).await {
-                    Ok(answers) => {
-                        claimed_all = answers.len() == free;
-                        for answer in answers {
+                    Ok(claimed) => {
+                        lookout.claimed(free, &claimed);
+                        for answer in claimed.items {
                             let Ok(permit) = permits.clone().acquire_owned().await else {
                                 break;
                             };
                             let a = this.clone();
                             tasks.spawn(async move {
-                                a.execute(answer).await;
+                                let again = a.execute(answer).await;
                                 drop(permit);
-                                a.wake.notify_one();
+                                again
                             });
                         }
                     }
-                    Err(e) => tracing::error!(error = %e, "cannot claim answers from the store"),
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot claim answers from the store");
+                        lookout.claim_failed();
+                    }
                 }
             }
-            let wait = rest(claimed_all, free, this.store.next_answer_due(), now_ms).await;
+            let wait = lookout.rest(permits.available_permits(), now_ms());
             tokio::select! {
                 _ = shutdown.cancelled() => break,
-                _ = this.wake.notified() => {}
-                _ = tokio::time::sleep(wait) => {}
+                _ = this.wake.notified() => lookout.woken(),
+                Some(done) = tasks.join_next() => lookout.task_ended(done.unwrap_or(true)),
+                _ = tokio::time::sleep(wait) => lookout.woken(),
             }
         }
         let deadline = tokio::time::sleep(drain);
@@ -83,13 +89,18 @@ impl Answerer {
         }
     }
 
-    async fn execute(&self, answer: AnswerJob) {
+    /// Sends `answer` and records what came of it; true when it is pending again (a retry)
+    /// or its record failed, so the loop looks at the store.
+    async fn execute(&self, answer: AnswerJob) -> bool {
         self.pacing.wait(&answer.via).await;
         let sent = self.client.send(&answer).await;
         let record = self.next_state(&answer, sent);
+        let again = record.state == State::Pending;
         if let Err(e) = self.store.record_answer(record).await {
             tracing::error!(answer_id = answer.id, error = %e, "cannot record an answer back");
+            return true;
         }
+        again
     }
 
     fn next_state(&self, answer: &AnswerJob, sent: Sent) -> AnswerRecord {

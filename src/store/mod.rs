@@ -266,41 +266,42 @@ pub struct ListFilter {
     pub limit: usize,
 }
 
-/// What one claim took and, when it took fewer than it asked for (every job due in its turn),
-/// what the store holds beyond it, asked in the same call: when the next job falls due, and
-/// whether a due job waits its turn behind one in flight (it falls due when that one ends).
-/// A claim that took all it asked for leaves both unasked (more may be due now). A failed
-/// question errs on the side of looking again; the claimed jobs are never given up for it.
+/// What one claim (of P0 jobs or of answers) took and, when it took fewer than it asked for
+/// (every item due), what the store holds beyond it, asked in the same call: when the next
+/// item falls due, and whether a due job waits its turn behind one in flight (it falls due
+/// when that one ends; answers never wait). A claim that took all it asked for leaves both
+/// unasked (more may be due now). A failed question errs on the side of looking again; the
+/// claimed items are never given up for it.
 #[derive(Debug)]
-pub struct Claimed {
-    pub jobs: Vec<Job>,
+pub struct Claimed<T> {
+    pub items: Vec<T>,
     pub next_due: Option<i64>,
     pub waiting: bool,
 }
 
-impl Claimed {
-    fn full(jobs: Vec<Job>) -> Self {
+impl<T> Claimed<T> {
+    fn full(items: Vec<T>) -> Self {
         Self {
-            jobs,
+            items,
             next_due: None,
             waiting: false,
         }
     }
 
     fn short(
-        jobs: Vec<Job>,
+        items: Vec<T>,
         next_due: Result<Option<i64>, StoreError>,
         waiting: Result<bool, StoreError>,
     ) -> Self {
         let (next_due, waiting) = match (next_due, waiting) {
             (Ok(next_due), Ok(waiting)) => (next_due, waiting),
             (Err(e), _) | (_, Err(e)) => {
-                tracing::warn!(error = %e, "cannot tell when the next decision falls due; looking again soon");
+                tracing::warn!(error = %e, "cannot tell when the next item falls due; looking again soon");
                 (None, true)
             }
         };
         Self {
-            jobs,
+            items,
             next_due,
             waiting,
         }
@@ -401,7 +402,7 @@ enum Op {
 }
 
 enum Other {
-    Claim(usize, oneshot::Sender<Result<Claimed, StoreError>>),
+    Claim(usize, oneshot::Sender<Result<Claimed<Job>, StoreError>>),
     Counts(oneshot::Sender<Result<Counts, StoreError>>),
     Prune(i64, oneshot::Sender<Result<usize, StoreError>>),
     Probe(oneshot::Sender<Result<(), StoreError>>),
@@ -411,9 +412,11 @@ enum Other {
     ),
     Show(i64, oneshot::Sender<Result<Option<JobDetail>, StoreError>>),
     Replay(Replay, oneshot::Sender<Result<Vec<i64>, StoreError>>),
-    ClaimAnswers(usize, oneshot::Sender<Result<Vec<AnswerJob>, StoreError>>),
+    ClaimAnswers(
+        usize,
+        oneshot::Sender<Result<Claimed<AnswerJob>, StoreError>>,
+    ),
     RecordAnswer(Box<AnswerRecord>, oneshot::Sender<Result<(), StoreError>>),
-    NextAnswerDue(oneshot::Sender<Result<Option<i64>, StoreError>>),
 }
 
 /// The async face of a store, the one the receiver, the worker and the command line use:
@@ -630,7 +633,7 @@ impl StoreHandle {
     }
     /// Claims up to `limit` due decisions and, when fewer were due, says when the next one
     /// falls due: one call (on SQLite one trip to the writer thread).
-    pub async fn claim_due(&self, limit: usize) -> Result<Claimed, StoreError> {
+    pub async fn claim_due(&self, limit: usize) -> Result<Claimed<Job>, StoreError> {
         match &self.backend {
             Backend::Sqlite(tx) => Self::call(tx, |r| Op::Other(Other::Claim(limit, r))).await,
             Backend::Postgres(pg) => {
@@ -677,12 +680,21 @@ impl StoreHandle {
         }
     }
 
-    pub async fn claim_answers(&self, limit: usize) -> Result<Vec<AnswerJob>, StoreError> {
+    /// Claims up to `limit` due answers and, when fewer were due, says when the next one falls
+    /// due, in one call, as `claim_due` does.
+    pub async fn claim_answers(&self, limit: usize) -> Result<Claimed<AnswerJob>, StoreError> {
         match &self.backend {
             Backend::Sqlite(tx) => {
                 Self::call(tx, |r| Op::Other(Other::ClaimAnswers(limit, r))).await
             }
-            Backend::Postgres(pg) => pg.store.claim_answers(now_ms(), limit).await,
+            Backend::Postgres(pg) => {
+                let answers = pg.store.claim_answers(now_ms(), limit).await?;
+                if answers.len() >= limit {
+                    return Ok(Claimed::full(answers));
+                }
+                let next_due = pg.store.next_answer_due().await;
+                Ok(Claimed::short(answers, next_due, Ok(false)))
+            }
         }
     }
     pub async fn record_answer(&self, rec: AnswerRecord) -> Result<(), StoreError> {
@@ -691,12 +703,6 @@ impl StoreHandle {
                 Self::call(tx, |r| Op::Other(Other::RecordAnswer(Box::new(rec), r))).await
             }
             Backend::Postgres(pg) => pg.store.record_answer(&rec).await,
-        }
-    }
-    pub async fn next_answer_due(&self) -> Result<Option<i64>, StoreError> {
-        match &self.backend {
-            Backend::Sqlite(tx) => Self::call(tx, |r| Op::Other(Other::NextAnswerDue(r))).await,
-            Backend::Postgres(pg) => pg.store.next_answer_due().await,
         }
     }
 
@@ -819,13 +825,17 @@ fn writer(mut store: Box<dyn Store>, mut rx: mpsc::Receiver<Op>, max_batch: usiz
                     let _ = reply.send(store.replay(which, now_ms()));
                 }
                 Other::ClaimAnswers(limit, reply) => {
-                    let _ = reply.send(store.claim_answers(now_ms(), limit));
+                    let claimed = store.claim_answers(now_ms(), limit).map(|answers| {
+                        if answers.len() >= limit {
+                            return Claimed::full(answers);
+                        }
+                        let next_due = store.next_answer_due();
+                        Claimed::short(answers, next_due, Ok(false))
+                    });
+                    let _ = reply.send(claimed);
                 }
                 Other::RecordAnswer(rec, reply) => {
                     let _ = reply.send(store.record_answer(&rec));
-                }
-                Other::NextAnswerDue(reply) => {
-                    let _ = reply.send(store.next_answer_due());
                 }
             }
         }

@@ -6,6 +6,7 @@
 use std::time::Duration;
 
 use crate::common::*;
+use p0_relay::store::{SqliteStore, Windows};
 use serde_json::{Value, json};
 use wiremock::matchers::{method, path, path_regex};
 use wiremock::{Mock, MockServer, Request, ResponseTemplate};
@@ -877,5 +878,79 @@ async fn an_answer_that_keeps_failing_is_dead_after_its_max_age() {
         received_at_least(&opsgenie, tries).await.len(),
         tries,
         "and not after"
+    );
+}
+
+/// The answer loop, like the worker, does not go back to the store after every answer it
+/// sends: what finds nothing is its first look and its rests (one per 500 ms without new
+/// answers). Each comment's +1 still goes out once its approve is done.
+#[tokio::test]
+async fn an_answer_sent_does_not_send_the_answer_loop_back_to_the_store() {
+    let started = std::time::Instant::now();
+    let providers = Providers::start().await;
+    let elsewhere = tempfile::tempdir().unwrap();
+    let given = Watched::new(
+        SqliteStore::open(
+            &elsewhere.path().join("given.db"),
+            Windows {
+                dedup: Duration::from_secs(3600),
+                coalesce: Duration::from_secs(600),
+            },
+            false,
+        )
+        .unwrap(),
+    );
+    let empty = given.empty_answer_claims.clone();
+    let t = spawn_with(Setup {
+        vars: answer_vars(),
+        top: providers.yaml(),
+        store: Some(Box::new(given)),
+        ..Setup::default()
+    })
+    .await;
+    t.p0_ok().await;
+    const N: usize = 12;
+    let mut comments = Vec::new();
+    for i in 0..N {
+        let hook = Hook::comment(
+            &format!("quiet-answer-{i}"),
+            &format!("/p0 approve req-qa-{i}"),
+        );
+        comments.push(comment_id(&hook));
+        let (status, ans) = t.post(&hook).await;
+        assert_eq!(status, 202, "{ans}");
+        // (Not `received_at_least`: its closing wait would count as rests.)
+        for _ in 0..400 {
+            let seen = providers
+                .github
+                .received_requests()
+                .await
+                .unwrap_or_default();
+            if seen.len() > i {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    let calls = exactly(&providers.github, N).await;
+    assert_eq!(
+        calls
+            .iter()
+            .map(|r| (r.url.path().to_owned(), body(r)))
+            .collect::<Vec<_>>(),
+        comments
+            .iter()
+            .map(|c| (
+                format!("/repos/acme/infra/issues/comments/{c}/reactions"),
+                json!({"content": "+1"})
+            ))
+            .collect::<Vec<_>>()
+    );
+    let rests = started.elapsed().as_millis() as usize / 500;
+    let found_nothing = empty.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        found_nothing <= 1 + rests,
+        "{found_nothing} answer claims found nothing for {N} answers in {} ms",
+        started.elapsed().as_millis()
     );
 }

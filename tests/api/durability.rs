@@ -2,15 +2,12 @@
 //! forwarding, duplicate deliveries and decisions, final rejections, dead letters and replay.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::common::*;
-use p0_relay::store::{
-    Accepted, AnswerJob, AnswerRecord, AttemptRecord, Counts, Job, JobDetail, JobSummary,
-    ListFilter, NewDelivery, Replay, SqliteStore, Store, StoreError, Windows,
-};
+use p0_relay::store::{JobDetail, SqliteStore, Store, Windows};
 use serde_json::json;
 use wiremock::matchers::method;
 use wiremock::{Mock, MockServer, ResponseTemplate};
@@ -618,87 +615,6 @@ async fn a_rejected_token_is_cleared_by_the_next_success_from_stored_work() {
         Some(&call("revoke", "req-tok-y", json!({}))),
         "{calls:?}"
     );
-}
-
-/// The SQLite store these tests hand the relay: it refuses every write while `refusing` is
-/// set (a disk gone read-only, say) and counts the claims that found nothing due.
-struct Watched {
-    inner: SqliteStore,
-    refusing: Arc<AtomicBool>,
-    empty_claims: Arc<AtomicUsize>,
-}
-
-impl Watched {
-    fn new(inner: SqliteStore) -> Self {
-        Self {
-            inner,
-            refusing: Arc::default(),
-            empty_claims: Arc::default(),
-        }
-    }
-
-    fn check(&self) -> Result<(), StoreError> {
-        match self.refusing.load(Ordering::SeqCst) {
-            true => Err(StoreError::Unavailable("the disk is read-only".into())),
-            false => Ok(()),
-        }
-    }
-}
-
-impl Store for Watched {
-    fn write(
-        &mut self,
-        deliveries: &[NewDelivery],
-        records: &[AttemptRecord],
-        now_ms: i64,
-    ) -> Result<Vec<Result<Accepted, StoreError>>, StoreError> {
-        self.check()?;
-        self.inner.write(deliveries, records, now_ms)
-    }
-    fn claim_due(&mut self, now_ms: i64, limit: usize) -> Result<Vec<Job>, StoreError> {
-        let jobs = self.inner.claim_due(now_ms, limit)?;
-        if jobs.is_empty() {
-            self.empty_claims.fetch_add(1, Ordering::SeqCst);
-        }
-        Ok(jobs)
-    }
-    fn next_due(&mut self) -> Result<Option<i64>, StoreError> {
-        self.inner.next_due()
-    }
-    fn waiting(&mut self, now_ms: i64) -> Result<bool, StoreError> {
-        self.inner.waiting(now_ms)
-    }
-    fn recover(&mut self) -> Result<usize, StoreError> {
-        self.inner.recover()
-    }
-    fn counts(&mut self) -> Result<Counts, StoreError> {
-        self.inner.counts()
-    }
-    fn list(&mut self, filter: &ListFilter) -> Result<Vec<JobSummary>, StoreError> {
-        self.inner.list(filter)
-    }
-    fn show(&mut self, id: i64) -> Result<Option<JobDetail>, StoreError> {
-        self.inner.show(id)
-    }
-    fn replay(&mut self, which: Replay, now_ms: i64) -> Result<Vec<i64>, StoreError> {
-        self.inner.replay(which, now_ms)
-    }
-    fn prune(&mut self, older_than_ms: i64) -> Result<usize, StoreError> {
-        self.inner.prune(older_than_ms)
-    }
-    fn probe(&mut self) -> Result<(), StoreError> {
-        self.check()?;
-        self.inner.probe()
-    }
-    fn claim_answers(&mut self, now_ms: i64, limit: usize) -> Result<Vec<AnswerJob>, StoreError> {
-        self.inner.claim_answers(now_ms, limit)
-    }
-    fn record_answer(&mut self, rec: &AnswerRecord) -> Result<(), StoreError> {
-        self.inner.record_answer(rec)
-    }
-    fn next_answer_due(&mut self) -> Result<Option<i64>, StoreError> {
-        self.inner.next_answer_due()
-    }
 }
 
 /// The relay is built around a store handed to it (`Relay::build`): the one the settings name

@@ -7,12 +7,17 @@ pub mod pg;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use p0_relay::app::{Options, Relay};
 use p0_relay::config::Settings;
 use p0_relay::config::env::Env;
-use p0_relay::store::{StoreHandle, StoreTask};
+use p0_relay::store::{
+    Accepted, AnswerJob, AnswerRecord, AttemptRecord, Counts, Job, JobDetail, JobSummary,
+    ListFilter, NewDelivery, Replay, SqliteStore, Store, StoreError, StoreHandle, StoreTask,
+};
 use p0_relay::verify::sign_hex;
 use serde_json::Value;
 use wiremock::matchers::method;
@@ -621,4 +626,93 @@ pub async fn received_at_least(server: &MockServer, n: usize) -> Vec<Request> {
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
     server.received_requests().await.unwrap_or_default()
+}
+
+/// The SQLite store these tests hand the relay: it refuses every write while `refusing` is
+/// set (a disk gone read-only, say) and counts the claims that found nothing due.
+pub struct Watched {
+    inner: SqliteStore,
+    pub refusing: Arc<AtomicBool>,
+    /// Claims of P0 jobs that found nothing.
+    pub empty_claims: Arc<AtomicUsize>,
+    /// Claims of answers that found nothing.
+    pub empty_answer_claims: Arc<AtomicUsize>,
+}
+
+impl Watched {
+    pub fn new(inner: SqliteStore) -> Self {
+        Self {
+            inner,
+            refusing: Arc::default(),
+            empty_claims: Arc::default(),
+            empty_answer_claims: Arc::default(),
+        }
+    }
+
+    fn check(&self) -> Result<(), StoreError> {
+        match self.refusing.load(Ordering::SeqCst) {
+            true => Err(StoreError::Unavailable("the disk is read-only".into())),
+            false => Ok(()),
+        }
+    }
+}
+
+impl Store for Watched {
+    fn write(
+        &mut self,
+        deliveries: &[NewDelivery],
+        records: &[AttemptRecord],
+        now_ms: i64,
+    ) -> Result<Vec<Result<Accepted, StoreError>>, StoreError> {
+        self.check()?;
+        self.inner.write(deliveries, records, now_ms)
+    }
+    fn claim_due(&mut self, now_ms: i64, limit: usize) -> Result<Vec<Job>, StoreError> {
+        let jobs = self.inner.claim_due(now_ms, limit)?;
+        if jobs.is_empty() {
+            self.empty_claims.fetch_add(1, Ordering::SeqCst);
+        }
+        Ok(jobs)
+    }
+    fn next_due(&mut self) -> Result<Option<i64>, StoreError> {
+        self.inner.next_due()
+    }
+    fn waiting(&mut self, now_ms: i64) -> Result<bool, StoreError> {
+        self.inner.waiting(now_ms)
+    }
+    fn recover(&mut self) -> Result<usize, StoreError> {
+        self.inner.recover()
+    }
+    fn counts(&mut self) -> Result<Counts, StoreError> {
+        self.inner.counts()
+    }
+    fn list(&mut self, filter: &ListFilter) -> Result<Vec<JobSummary>, StoreError> {
+        self.inner.list(filter)
+    }
+    fn show(&mut self, id: i64) -> Result<Option<JobDetail>, StoreError> {
+        self.inner.show(id)
+    }
+    fn replay(&mut self, which: Replay, now_ms: i64) -> Result<Vec<i64>, StoreError> {
+        self.inner.replay(which, now_ms)
+    }
+    fn prune(&mut self, older_than_ms: i64) -> Result<usize, StoreError> {
+        self.inner.prune(older_than_ms)
+    }
+    fn probe(&mut self) -> Result<(), StoreError> {
+        self.check()?;
+        self.inner.probe()
+    }
+    fn claim_answers(&mut self, now_ms: i64, limit: usize) -> Result<Vec<AnswerJob>, StoreError> {
+        let answers = self.inner.claim_answers(now_ms, limit)?;
+        if answers.is_empty() {
+            self.empty_answer_claims.fetch_add(1, Ordering::SeqCst);
+        }
+        Ok(answers)
+    }
+    fn record_answer(&mut self, rec: &AnswerRecord) -> Result<(), StoreError> {
+        self.inner.record_answer(rec)
+    }
+    fn next_answer_due(&mut self) -> Result<Option<i64>, StoreError> {
+        self.inner.next_answer_due()
+    }
 }
