@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Shared by bench/run.sh and bench/compare.sh: start the stand-in P0 and the relay, drive them
+# Shared by the scripts in bench/: start the stand-in P0 and the relay, drive them
 # with wrk, and read the results. Sourced, not run.
 
 CONN=${CONNECTIONS:-64}
@@ -13,9 +13,14 @@ export BENCH_COMMENT_ID=${BENCH_COMMENT_ID:-492700400}
 # Release builds go to CARGO_TARGET_DIR when it is set, as cargo's do.
 TARGET=${CARGO_TARGET_DIR:-$PWD/target}
 
-for tool in wrk webhook curl; do
-  command -v "$tool" >/dev/null || { echo "missing $tool (apt-get install wrk webhook curl)"; exit 1; }
-done
+# needs TOOL...: stops with the package to install when a tool is missing (the Debian
+# package of each tool here has the tool's name).
+needs() {
+  for tool in "$@"; do
+    command -v "$tool" >/dev/null || { echo "missing $tool (apt-get install $*)"; exit 1; }
+  done
+}
+needs wrk curl
 work=$(mktemp -d)
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }

@@ -23,6 +23,7 @@ LAT=${LATENCY_SECONDS:-20}
 TRIMMED=$PWD/mappings/testdata/github/issue_comment_created.json
 TRIM=${TRIMMED_SECONDS:-20}
 
+needs webhook
 cargo build --release --quiet --bin p0-relay --example p0_sink --example ceiling
 RELAY_BIN=${RELAY_BIN:-$TARGET/release/p0-relay}
 echo "machine: $(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB; $(uname -sr); $(git rev-parse --short HEAD); relay $RELAY_BIN"
