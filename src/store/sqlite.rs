@@ -127,14 +127,10 @@ impl SqliteStore {
             true,
         )?;
         conn.busy_timeout(Duration::from_secs(5))?;
-        // Takes effect only on a new database (before WAL mode and the schema); an existing
-        // one keeps the page size it was made with.
-        conn.pragma_update(None, "page_size", PAGE_SIZE)?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
-        let page_size: i64 = conn.query_row("PRAGMA page_size", [], |r| r.get(0))?;
-        conn.pragma_update(None, "wal_autocheckpoint", backstop_pages(page_size))?;
+        conn.pragma_update(None, "wal_autocheckpoint", CHECKPOINT_BACKSTOP)?;
         conn.pragma_update(None, "journal_size_limit", JOURNAL_SIZE_LIMIT)?;
         let mut store = SqliteStore {
             checkpointer: None,
@@ -272,21 +268,10 @@ const JOURNAL_SIZE_LIMIT: i64 = 64 * 1024 * 1024;
 /// How often the checkpointer copies committed pages from the WAL into the database file.
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(250);
 
-/// The page size of a new database. Every commit writes each page it changed to the WAL
-/// whole; at moderate rates every webhook is its own commits (the delivery, the claim, the
-/// outcome), each changing a few pages of the tables and their indexes, so smaller pages
-/// mean fewer bytes copied, written and synced per webhook.
-const PAGE_SIZE: i64 = 1_024;
-
-/// WAL size past which the writer checkpoints by itself (16 MiB): only when no checkpointer
+/// WAL pages past which the writer checkpoints by itself (16 MiB): only when no checkpointer
 /// runs (a store opened without one, as in tests) or it cannot catch up (a storm: every
 /// checkpoint it finishes, the writer has added more).
-pub(super) const CHECKPOINT_BACKSTOP_BYTES: i64 = 16 * 1024 * 1024;
-
-/// `CHECKPOINT_BACKSTOP_BYTES` in pages of `page_size` (SQLite counts the WAL in pages).
-pub(super) fn backstop_pages(page_size: i64) -> i64 {
-    CHECKPOINT_BACKSTOP_BYTES / page_size.max(512)
-}
+pub(super) const CHECKPOINT_BACKSTOP: i64 = 4_096;
 
 /// Copies committed pages from the WAL into the database file on a thread of its own, with a
 /// connection of its own. SQLite otherwise checkpoints on the committing connection: the
@@ -317,7 +302,7 @@ impl Checkpointer {
                             failing = true;
                             tracing::warn!(
                                 error = %e,
-                                "cannot checkpoint the store's WAL; the writer does past {} MiB", CHECKPOINT_BACKSTOP_BYTES >> 20
+                                "cannot checkpoint the store's WAL; the writer does past {CHECKPOINT_BACKSTOP} pages"
                             );
                         }
                         Err(_) => {}
