@@ -14,14 +14,18 @@ pub const IDLE_POLL: Duration = Duration::from_millis(500);
 
 /// When a claim loop (the worker's, the answer loop's) goes back to the store. It claims when
 /// the store may hold due items it has not claimed: at the start; when woken (new work, here
-/// or at another relay) or when its rest runs out (the next item's due time, at most
-/// `IDLE_POLL`); after a claim that took all it asked for; when a task leaves its item
-/// pending again, or ends while a due item waits its turn behind one in flight. Not after
-/// every task: at moderate rates that claim found nothing, a store round trip per item.
+/// or at another relay); when its rest runs out (the next item's due time, and never later
+/// than `IDLE_POLL` after its last look, however often tasks end meanwhile); after a claim
+/// that took all it asked for or failed; when a task leaves its item pending again (or ends
+/// unseen: a lost claim, a panic), or ends while an item waits its turn behind one in
+/// flight. Not after every task: at moderate rates that claim found nothing, a store round
+/// trip per item.
 #[derive(Debug)]
 pub struct Lookout {
     look: bool,
     failed: bool,
+    /// When the loop last looked at the store (its last claim, or failed claim).
+    looked_at_ms: i64,
     next_due: Option<i64>,
     waiting: bool,
 }
@@ -31,6 +35,7 @@ impl Default for Lookout {
         Self {
             look: true,
             failed: false,
+            looked_at_ms: 0,
             next_due: None,
             waiting: false,
         }
@@ -43,18 +48,20 @@ impl Lookout {
         self.look
     }
 
-    /// After a claim of `asked` items.
-    pub fn claimed<T>(&mut self, asked: usize, claim: &Claimed<T>) {
+    /// After a claim of `asked` items, made at `now_ms`.
+    pub fn claimed<T>(&mut self, asked: usize, claim: &Claimed<T>, now_ms: i64) {
         self.look = claim.items.len() >= asked;
         self.failed = false;
+        self.looked_at_ms = now_ms;
         self.next_due = claim.next_due;
         self.waiting = claim.waiting;
     }
 
-    /// After a claim that failed: it is tried again after `IDLE_POLL`.
-    pub fn claim_failed(&mut self) {
+    /// After a claim that failed at `now_ms`: it is tried again after `IDLE_POLL`.
+    pub fn claim_failed(&mut self, now_ms: i64) {
         self.look = true;
         self.failed = true;
+        self.looked_at_ms = now_ms;
     }
 
     /// Woken by new work, or the rest ran out.
@@ -69,15 +76,17 @@ impl Lookout {
 
     /// How long to rest with `free` permits free: not at all when more may be due now; with
     /// every permit busy, until a task ends (at most `IDLE_POLL`); after a failed claim,
-    /// `IDLE_POLL`; otherwise until the next item falls due, at most `IDLE_POLL`.
+    /// `IDLE_POLL`; otherwise until the next item falls due, and at most until `IDLE_POLL`
+    /// after the last look (the poll is not put off by turns that do not look).
     pub fn rest(&self, free: usize, now_ms: i64) -> Duration {
         if self.failed || (self.look && free == 0) {
             IDLE_POLL
         } else if self.look {
             Duration::ZERO
         } else {
+            let poll = IDLE_POLL.saturating_sub(millis_until(now_ms, self.looked_at_ms));
             self.next_due
-                .map_or(IDLE_POLL, |due| millis_until(due, now_ms).min(IDLE_POLL))
+                .map_or(poll, |due| millis_until(due, now_ms).min(poll))
         }
     }
 }
@@ -139,14 +148,14 @@ mod tests {
         let mut l = Lookout::default();
         assert!(l.wants_claim(), "at the start");
         assert_eq!(l.rest(4, 0), Duration::ZERO);
-        l.claimed(4, &claim(4, None, false));
+        l.claimed(4, &claim(4, None, false), 0);
         assert!(l.wants_claim(), "a full claim: more may be due");
         assert_eq!(
             l.rest(0, 0),
             IDLE_POLL,
             "every permit busy: until a task ends"
         );
-        l.claimed(4, &claim(1, Some(1_200), false));
+        l.claimed(4, &claim(1, Some(1_200), false), 1_000);
         assert!(!l.wants_claim(), "took everything due");
         assert_eq!(l.rest(3, 1_000), Duration::from_millis(200));
         assert_eq!(l.rest(3, 2_000), Duration::ZERO, "overdue");
@@ -154,25 +163,45 @@ mod tests {
         assert!(!l.wants_claim(), "a task that ended its item");
         l.task_ended(true);
         assert!(l.wants_claim(), "a task that left its item pending");
-        l.claimed(4, &claim(0, None, false));
-        assert_eq!(l.rest(4, 0), IDLE_POLL, "nothing due: the poll");
+        l.claimed(4, &claim(0, None, false), 3_000);
+        assert_eq!(l.rest(4, 3_000), IDLE_POLL, "nothing due: the poll");
         l.woken();
         assert!(l.wants_claim());
-        l.claimed(4, &claim(1, None, true));
+        l.claimed(4, &claim(1, None, true), 4_000);
         l.task_ended(false);
         assert!(
             l.wants_claim(),
             "an item waited its turn behind the one that ended"
         );
-        l.claim_failed();
+        l.claim_failed(5_000);
         assert_eq!(
-            l.rest(4, 0),
+            l.rest(4, 5_000),
             IDLE_POLL,
             "a failing store is not asked at once"
         );
         assert!(l.wants_claim());
-        l.claimed(4, &claim(0, Some(10_000), false));
-        assert_eq!(l.rest(4, 0), IDLE_POLL, "at most IDLE_POLL");
+        l.claimed(4, &claim(0, Some(100_000), false), 6_000);
+        assert_eq!(l.rest(4, 6_000), IDLE_POLL, "at most IDLE_POLL");
+    }
+
+    /// Tasks ending every 100 ms, none of them a reason to look, do not put the poll off: it
+    /// comes 500 ms after the last look (work only a poll finds, such as a replay by another
+    /// process, is at most that late).
+    #[test]
+    fn the_poll_counts_from_the_last_look_not_from_the_last_turn() {
+        let mut l = Lookout::default();
+        l.claimed(4, &claim(2, None, false), 10_000);
+        for t in [10_100, 10_200, 10_300, 10_400] {
+            l.task_ended(false);
+            assert!(!l.wants_claim());
+            assert_eq!(
+                l.rest(4, t),
+                IDLE_POLL - Duration::from_millis((t - 10_000) as u64)
+            );
+        }
+        assert_eq!(l.rest(4, 10_600), Duration::ZERO, "the poll is due");
+        l.woken();
+        assert!(l.wants_claim());
     }
 
     #[test]

@@ -69,7 +69,7 @@ impl Worker {
                 last_claim = Instant::now();
                 match this.store.claim_due(available).await {
                     Ok(claimed) => {
-                        lookout.claimed(available, &claimed);
+                        lookout.claimed(available, &claimed, now_ms());
                         for job in claimed.items {
                             let Ok(permit) = permits.clone().acquire_owned().await else {
                                 break;
@@ -86,7 +86,7 @@ impl Worker {
                     }
                     Err(e) => {
                         tracing::error!(error = %e, "cannot claim decisions from the store");
-                        lookout.claim_failed();
+                        lookout.claim_failed(now_ms());
                     }
                 }
             }

@@ -49,7 +49,7 @@ impl Answerer {
             if lookout.wants_claim() && free > 0 {
                 match this.store.claim_answers(free).await {
                     Ok(claimed) => {
-                        lookout.claimed(free, &claimed);
+                        lookout.claimed(free, &claimed, now_ms());
                         for answer in claimed.items {
                             let Ok(permit) = permits.clone().acquire_owned().await else {
                                 break;
@@ -64,7 +64,7 @@ impl Answerer {
                     }
                     Err(e) => {
                         tracing::error!(error = %e, "cannot claim answers from the store");
-                        lookout.claim_failed();
+                        lookout.claim_failed(now_ms());
                     }
                 }
             }

@@ -267,16 +267,29 @@ pub struct ListFilter {
 }
 
 /// What one claim (of P0 jobs or of answers) took and, when it took fewer than it asked for
-/// (every item due), what the store holds beyond it, asked in the same call: when the next
-/// item falls due, and whether a due job waits its turn behind one in flight (it falls due
-/// when that one ends; answers never wait). A claim that took all it asked for leaves both
-/// unasked (more may be due now). A failed question errs on the side of looking again; the
-/// claimed items are never given up for it.
+/// (every item due), what the store holds beyond it, asked right after it (on SQLite in the
+/// same trip to the writer; on PostgreSQL in statements of their own, within
+/// `AFTER_CLAIM_DEADLINE`): when the next item falls due, and whether a job waits its turn
+/// behind one of the same request in flight (it falls due when that one ends; answers never
+/// wait). A claim that took all it asked for leaves both unasked (more may be due now). A
+/// failed or late question errs on the side of looking again; the claimed items are never
+/// given up for it.
 #[derive(Debug)]
 pub struct Claimed<T> {
     pub items: Vec<T>,
     pub next_due: Option<i64>,
     pub waiting: bool,
+}
+
+/// How long the questions after a short claim may take on PostgreSQL before the claimed items
+/// go out without their answers (their leases run from the claim).
+const AFTER_CLAIM_DEADLINE: Duration = Duration::from_millis(250);
+
+fn late() -> StoreError {
+    StoreError::Unavailable(format!(
+        "no answer within {} ms after a claim",
+        AFTER_CLAIM_DEADLINE.as_millis()
+    ))
 }
 
 impl<T> Claimed<T> {
@@ -362,10 +375,9 @@ pub trait Store: Send {
     fn claim_due(&mut self, now_ms: i64, limit: usize) -> Result<Vec<Job>, StoreError>;
     /// When the earliest pending job in its turn falls due.
     fn next_due(&mut self) -> Result<Option<i64>, StoreError>;
-    /// Whether a pending job is due by `now_ms`. Asked right after a claim that took every
-    /// job due in its turn, it says whether one waits behind another of the same request
-    /// (it falls due when that one ends).
-    fn waiting(&mut self, now_ms: i64) -> Result<bool, StoreError>;
+    /// Whether a pending job waits behind one of the same request in flight (`sending`): it
+    /// falls due when that one ends, so the end of that call is a reason to claim again.
+    fn waiting(&mut self) -> Result<bool, StoreError>;
     /// Returns jobs left `sending` by a stop to `pending`; returns how many.
     fn recover(&mut self) -> Result<usize, StoreError>;
     fn counts(&mut self) -> Result<Counts, StoreError>;
@@ -632,18 +644,24 @@ impl StoreHandle {
         }
     }
     /// Claims up to `limit` due decisions and, when fewer were due, says when the next one
-    /// falls due: one call (on SQLite one trip to the writer thread).
+    /// falls due and whether one waits its turn behind a call in flight (`Claimed`).
     pub async fn claim_due(&self, limit: usize) -> Result<Claimed<Job>, StoreError> {
         match &self.backend {
             Backend::Sqlite(tx) => Self::call(tx, |r| Op::Other(Other::Claim(limit, r))).await,
             Backend::Postgres(pg) => {
-                let now = now_ms();
-                let jobs = pg.store.claim_due(now, limit).await?;
+                let jobs = pg.store.claim_due(now_ms(), limit).await?;
                 if jobs.len() >= limit {
                     return Ok(Claimed::full(jobs));
                 }
-                let (next_due, waiting) = tokio::join!(pg.store.next_due(), pg.store.waiting(now));
-                Ok(Claimed::short(jobs, next_due, waiting))
+                // The claimed jobs' leases are running: the questions get a short deadline.
+                let asked = tokio::time::timeout(AFTER_CLAIM_DEADLINE, async {
+                    tokio::join!(pg.store.next_due(), pg.store.waiting())
+                })
+                .await;
+                Ok(match asked {
+                    Ok((next_due, waiting)) => Claimed::short(jobs, next_due, waiting),
+                    Err(_) => Claimed::short(jobs, Err(late()), Ok(true)),
+                })
             }
         }
     }
@@ -692,7 +710,10 @@ impl StoreHandle {
                 if answers.len() >= limit {
                     return Ok(Claimed::full(answers));
                 }
-                let next_due = pg.store.next_answer_due().await;
+                let next_due =
+                    tokio::time::timeout(AFTER_CLAIM_DEADLINE, pg.store.next_answer_due())
+                        .await
+                        .unwrap_or_else(|_| Err(late()));
                 Ok(Claimed::short(answers, next_due, Ok(false)))
             }
         }
@@ -796,13 +817,12 @@ fn writer(mut store: Box<dyn Store>, mut rx: mpsc::Receiver<Op>, max_batch: usiz
         for op in others.drain(..) {
             match op {
                 Other::Claim(limit, reply) => {
-                    let now = now_ms();
-                    let claimed = store.claim_due(now, limit).map(|jobs| {
+                    let claimed = store.claim_due(now_ms(), limit).map(|jobs| {
                         if jobs.len() >= limit {
                             return Claimed::full(jobs);
                         }
                         let next_due = store.next_due();
-                        Claimed::short(jobs, next_due, store.waiting(now))
+                        Claimed::short(jobs, next_due, store.waiting())
                     });
                     let _ = reply.send(claimed);
                 }

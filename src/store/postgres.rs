@@ -966,17 +966,19 @@ impl PgStore {
         .await
     }
 
-    /// Whether a pending job is due by `now_ms` (`Store::waiting`); `jobs_due` answers it from
-    /// its first entry.
-    pub async fn waiting(&self, now_ms: i64) -> Result<bool, StoreError> {
+    /// Whether a pending job waits behind one of the same request in flight at any relay
+    /// (`Store::waiting`): the jobs in flight (`jobs_leased`), each looked up in
+    /// `jobs_decision`.
+    pub async fn waiting(&self) -> Result<bool, StoreError> {
         self.run("waiting", OP_TIMEOUT, async |c| {
             let stmt = c
                 .prepare_cached(
-                    "SELECT EXISTS (SELECT 1 FROM jobs
-                                     WHERE state = 'pending' AND next_attempt_at <= $1)",
+                    "SELECT EXISTS (SELECT 1 FROM jobs s WHERE s.state = 'sending' AND EXISTS (
+                         SELECT 1 FROM jobs p WHERE p.org = s.org AND p.request_id = s.request_id
+                            AND p.id > s.id AND p.state = 'pending'))",
                 )
                 .await?;
-            c.query_one(&stmt, &[&now_ms]).await?.try_get(0)
+            c.query_one(&stmt, &[]).await?.try_get(0)
         })
         .await
     }

@@ -607,14 +607,17 @@ impl Store for SqliteStore {
         result
     }
 
-    fn waiting(&mut self, now_ms: i64) -> Result<bool, StoreError> {
-        // `jobs_due` answers it from its first entry.
+    fn waiting(&mut self) -> Result<bool, StoreError> {
+        // The jobs in flight (`jobs_due` by state), each looked up in `jobs_decision`: the cost
+        // grows with calls in flight, not with the queue.
         Ok(self
             .conn
             .prepare_cached(
-                "SELECT EXISTS (SELECT 1 FROM jobs WHERE state = 'pending' AND next_attempt_at <= ?1)",
+                "SELECT EXISTS (SELECT 1 FROM jobs s WHERE s.state = 'sending' AND EXISTS (
+                     SELECT 1 FROM jobs p WHERE p.org = s.org AND p.request_id = s.request_id
+                        AND p.id > s.id AND p.state = 'pending'))",
             )?
-            .query_row([now_ms], |r| r.get(0))?)
+            .query_row([], |r| r.get(0))?)
     }
 
     fn next_due(&mut self) -> Result<Option<i64>, StoreError> {

@@ -677,8 +677,8 @@ impl Store for Watched {
     fn next_due(&mut self) -> Result<Option<i64>, StoreError> {
         self.inner.next_due()
     }
-    fn waiting(&mut self, now_ms: i64) -> Result<bool, StoreError> {
-        self.inner.waiting(now_ms)
+    fn waiting(&mut self) -> Result<bool, StoreError> {
+        self.inner.waiting()
     }
     fn recover(&mut self) -> Result<usize, StoreError> {
         self.inner.recover()
