@@ -752,3 +752,31 @@ async fn a_decision_waiting_its_turn_goes_as_soon_as_the_one_before_it_ends() {
         gap.as_millis()
     );
 }
+
+/// The questions a short claim asks afterwards (when the next job falls due, whether one
+/// waits) failing never costs the jobs it claimed: they are sent, and the worker keeps
+/// looking (a revoke behind its approve still follows it).
+#[tokio::test]
+async fn a_failing_question_after_a_claim_does_not_give_up_the_claimed_jobs() {
+    let elsewhere = tempfile::tempdir().unwrap();
+    let given = Watched::new(open_store(&elsewhere.path().join("given.db")));
+    given.failing_questions.store(true, Ordering::SeqCst);
+    let t = spawn_with(Setup {
+        store: Some(Box::new(given)),
+        ..Setup::default()
+    })
+    .await;
+    t.p0_ok().await;
+    let approve = Hook::comment("ask-1", "/p0 approve req-ask");
+    assert_eq!(t.post(&approve).await.0, 202);
+    let revoke = Hook::comment("ask-2", "/p0 revoke req-ask");
+    assert_eq!(t.post(&revoke).await.0, 202);
+    let calls = t.wait_for_calls(2).await;
+    assert_eq!(
+        summarize(&calls),
+        vec![
+            call("approve", "req-ask", json!({"expirationLength": "1h"})),
+            call("revoke", "req-ask", json!({})),
+        ]
+    );
+}

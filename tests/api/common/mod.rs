@@ -637,6 +637,9 @@ pub struct Watched {
     pub empty_claims: Arc<AtomicUsize>,
     /// Claims of answers that found nothing.
     pub empty_answer_claims: Arc<AtomicUsize>,
+    /// While set, the questions after a claim (when the next job falls due, whether one
+    /// waits) fail.
+    pub failing_questions: Arc<AtomicBool>,
 }
 
 impl Watched {
@@ -646,6 +649,7 @@ impl Watched {
             refusing: Arc::default(),
             empty_claims: Arc::default(),
             empty_answer_claims: Arc::default(),
+            failing_questions: Arc::default(),
         }
     }
 
@@ -675,9 +679,15 @@ impl Store for Watched {
         Ok(jobs)
     }
     fn next_due(&mut self) -> Result<Option<i64>, StoreError> {
+        if self.failing_questions.load(Ordering::SeqCst) {
+            return Err(StoreError::Unavailable("next_due fails".into()));
+        }
         self.inner.next_due()
     }
     fn waiting(&mut self) -> Result<bool, StoreError> {
+        if self.failing_questions.load(Ordering::SeqCst) {
+            return Err(StoreError::Unavailable("waiting fails".into()));
+        }
         self.inner.waiting()
     }
     fn recover(&mut self) -> Result<usize, StoreError> {
