@@ -2,10 +2,10 @@
 //! `Retry-After` honoured up to a cap, and the retry window; and how long a claim loop rests
 //! between looks. Shared by P0 calls and answers.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::config::RetrySettings;
-use crate::store::Claimed;
+use crate::store::Beyond;
 
 /// The longest a claim loop (the worker's, the answer loop's) rests without looking at the
 /// store again (decisions replayed by `p0-relay jobs replay` from another process are found
@@ -14,20 +14,23 @@ pub const IDLE_POLL: Duration = Duration::from_millis(500);
 
 /// When a claim loop (the worker's, the answer loop's) goes back to the store. It claims when
 /// the store may hold due items it has not claimed: at the start; when woken (new work, here
-/// or at another relay); when its rest runs out (the next item's due time, and never later
-/// than `IDLE_POLL` after its last look, however often tasks end meanwhile); after a claim
-/// that took all it asked for or failed; when a task leaves its item pending again (or ends
-/// unseen: a lost claim, a panic), or ends while an item waits its turn behind one in
-/// flight. Not after every task: at moderate rates that claim found nothing, a store round
-/// trip per item.
+/// or at another relay); when its rest runs out (the next item's due time, and at the latest
+/// `IDLE_POLL` after its last look, however often tasks end meanwhile); after a claim that
+/// took all it asked for; when a task leaves its item pending again (or ends unseen: a lost
+/// claim, a panic); when a job ends that another of its request waits behind. After a
+/// failed claim it tries again at the next of these, and at the latest after `IDLE_POLL`.
+/// Not after every task: at moderate rates that claim found nothing, a store round trip per
+/// item.
 #[derive(Debug)]
 pub struct Lookout {
     look: bool,
     failed: bool,
-    /// When the loop last looked at the store (its last claim, or failed claim).
-    looked_at_ms: i64,
+    /// When the loop last looked at the store (a claim, or a failed one), on the monotonic
+    /// clock: a wall clock set back must not put the poll off.
+    looked_at: Instant,
     next_due: Option<i64>,
-    waiting: bool,
+    /// `Beyond::followed` of the last claim that took every item due.
+    followed: Option<Vec<i64>>,
 }
 
 impl Default for Lookout {
@@ -35,9 +38,9 @@ impl Default for Lookout {
         Self {
             look: true,
             failed: false,
-            looked_at_ms: 0,
+            looked_at: Instant::now(),
             next_due: None,
-            waiting: false,
+            followed: Some(Vec::new()),
         }
     }
 }
@@ -48,20 +51,27 @@ impl Lookout {
         self.look
     }
 
-    /// After a claim of `asked` items, made at `now_ms`.
-    pub fn claimed<T>(&mut self, asked: usize, claim: &Claimed<T>, now_ms: i64) {
-        self.look = claim.items.len() >= asked;
+    /// After a claim asked at `at` for `asked` items took `took`; what lies beyond it comes
+    /// with `learned`.
+    pub fn claimed(&mut self, asked: usize, took: usize, at: Instant) {
+        self.look = took >= asked;
         self.failed = false;
-        self.looked_at_ms = now_ms;
-        self.next_due = claim.next_due;
-        self.waiting = claim.waiting;
+        self.looked_at = at;
+        self.next_due = None;
+        self.followed = Some(Vec::new());
     }
 
-    /// After a claim that failed at `now_ms`: it is tried again after `IDLE_POLL`.
-    pub fn claim_failed(&mut self, now_ms: i64) {
+    /// What lies beyond the last claim.
+    pub fn learned(&mut self, beyond: Beyond) {
+        self.next_due = beyond.next_due;
+        self.followed = beyond.followed;
+    }
+
+    /// After a claim asked at `at` failed.
+    pub fn claim_failed(&mut self, at: Instant) {
         self.look = true;
         self.failed = true;
-        self.looked_at_ms = now_ms;
+        self.looked_at = at;
     }
 
     /// Woken by new work, or the rest ran out.
@@ -69,22 +79,24 @@ impl Lookout {
         self.look = true;
     }
 
-    /// A task ended; `again` when its item is pending again (or its fate is unknown).
-    pub fn task_ended(&mut self, again: bool) {
-        self.look |= again || self.waiting;
+    /// A task ended; `again` when its item is pending again (or its fate is unknown); `job`
+    /// the P0 job it carried, if any.
+    pub fn task_ended(&mut self, again: bool, job: Option<i64>) {
+        let followed = |id: i64| self.followed.as_ref().is_none_or(|f| f.contains(&id));
+        self.look |= again || job.is_some_and(followed);
     }
 
-    /// How long to rest with `free` permits free: not at all when more may be due now; with
-    /// every permit busy, until a task ends (at most `IDLE_POLL`); after a failed claim,
-    /// `IDLE_POLL`; otherwise until the next item falls due, and at most until `IDLE_POLL`
-    /// after the last look (the poll is not put off by turns that do not look).
-    pub fn rest(&self, free: usize, now_ms: i64) -> Duration {
+    /// How long to rest with `free` permits free, at `now_ms` (wall clock, as due times are)
+    /// and `now`: not at all when more may be due now; after a failed claim, or with `look`
+    /// set and every permit busy (a task's end ends the rest), `IDLE_POLL`; otherwise until
+    /// the next item falls due, and at the latest `IDLE_POLL` after the last look.
+    pub fn rest(&self, free: usize, now_ms: i64, now: Instant) -> Duration {
         if self.failed || (self.look && free == 0) {
             IDLE_POLL
         } else if self.look {
             Duration::ZERO
         } else {
-            let poll = IDLE_POLL.saturating_sub(millis_until(now_ms, self.looked_at_ms));
+            let poll = IDLE_POLL.saturating_sub(now.saturating_duration_since(self.looked_at));
             self.next_due
                 .map_or(poll, |due| millis_until(due, now_ms).min(poll))
         }
@@ -135,73 +147,86 @@ pub(crate) fn saturating_i64(n: impl TryInto<i64>) -> i64 {
 mod tests {
     use super::*;
 
-    fn claim(items: usize, next_due: Option<i64>, waiting: bool) -> Claimed<()> {
-        Claimed {
-            items: vec![(); items],
+    fn beyond(next_due: Option<i64>, followed: &[i64]) -> Beyond {
+        Beyond {
             next_due,
-            waiting,
+            followed: Some(followed.to_vec()),
         }
     }
 
     #[test]
     fn a_claim_loop_goes_back_to_the_store_only_when_something_may_be_due() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
         let mut l = Lookout::default();
         assert!(l.wants_claim(), "at the start");
-        assert_eq!(l.rest(4, 0), Duration::ZERO);
-        l.claimed(4, &claim(4, None, false), 0);
+        assert_eq!(l.rest(4, 0, t0), Duration::ZERO);
+        l.claimed(4, 4, t0);
         assert!(l.wants_claim(), "a full claim: more may be due");
         assert_eq!(
-            l.rest(0, 0),
+            l.rest(0, 0, t0),
             IDLE_POLL,
             "every permit busy: until a task ends"
         );
-        l.claimed(4, &claim(1, Some(1_200), false), 1_000);
+        l.claimed(4, 1, t0);
+        l.learned(beyond(Some(1_200), &[7]));
         assert!(!l.wants_claim(), "took everything due");
-        assert_eq!(l.rest(3, 1_000), Duration::from_millis(200));
-        assert_eq!(l.rest(3, 2_000), Duration::ZERO, "overdue");
-        l.task_ended(false);
-        assert!(!l.wants_claim(), "a task that ended its item");
-        l.task_ended(true);
+        assert_eq!(l.rest(3, 1_000, t0), ms(200));
+        assert_eq!(l.rest(3, 1_300, t0), Duration::ZERO, "overdue");
+        l.task_ended(false, Some(8));
+        assert!(!l.wants_claim(), "a job that nothing waits behind ended");
+        l.task_ended(false, None);
+        assert!(!l.wants_claim(), "an answer ended");
+        l.task_ended(false, Some(7));
+        assert!(l.wants_claim(), "a job ended that another waits behind");
+        l.claimed(4, 0, t0);
+        l.learned(beyond(None, &[]));
+        l.task_ended(true, Some(9));
         assert!(l.wants_claim(), "a task that left its item pending");
-        l.claimed(4, &claim(0, None, false), 3_000);
-        assert_eq!(l.rest(4, 3_000), IDLE_POLL, "nothing due: the poll");
+        l.claimed(4, 0, t0);
+        l.learned(Beyond {
+            next_due: None,
+            followed: None,
+        });
+        l.task_ended(false, Some(10));
+        assert!(l.wants_claim(), "not known what waits: any job's end");
+        l.claimed(4, 0, t0);
+        l.learned(beyond(None, &[]));
+        assert_eq!(l.rest(4, 0, t0), IDLE_POLL, "nothing due: the poll");
         l.woken();
         assert!(l.wants_claim());
-        l.claimed(4, &claim(1, None, true), 4_000);
-        l.task_ended(false);
-        assert!(
-            l.wants_claim(),
-            "an item waited its turn behind the one that ended"
-        );
-        l.claim_failed(5_000);
+        l.claim_failed(t0);
         assert_eq!(
-            l.rest(4, 5_000),
+            l.rest(4, 0, t0),
             IDLE_POLL,
             "a failing store is not asked at once"
         );
         assert!(l.wants_claim());
-        l.claimed(4, &claim(0, Some(100_000), false), 6_000);
-        assert_eq!(l.rest(4, 6_000), IDLE_POLL, "at most IDLE_POLL");
+        l.claimed(4, 0, t0);
+        l.learned(beyond(Some(100_000), &[]));
+        assert_eq!(l.rest(4, 0, t0), IDLE_POLL, "at most IDLE_POLL");
     }
 
     /// Tasks ending every 100 ms, none of them a reason to look, do not put the poll off: it
     /// comes 500 ms after the last look (work only a poll finds, such as a replay by another
-    /// process, is at most that late).
+    /// process, is at most that late). The wall clock plays no part in it.
     #[test]
     fn the_poll_counts_from_the_last_look_not_from_the_last_turn() {
+        let t0 = Instant::now();
         let mut l = Lookout::default();
-        l.claimed(4, &claim(2, None, false), 10_000);
-        for t in [10_100, 10_200, 10_300, 10_400] {
-            l.task_ended(false);
+        l.claimed(4, 2, t0);
+        l.learned(beyond(None, &[]));
+        for step in 1..5 {
+            l.task_ended(false, Some(step));
             assert!(!l.wants_claim());
-            assert_eq!(
-                l.rest(4, t),
-                IDLE_POLL - Duration::from_millis((t - 10_000) as u64)
-            );
+            let since = Duration::from_millis(100 * step as u64);
+            assert_eq!(l.rest(4, i64::MIN, t0 + since), IDLE_POLL - since);
         }
-        assert_eq!(l.rest(4, 10_600), Duration::ZERO, "the poll is due");
-        l.woken();
-        assert!(l.wants_claim());
+        assert_eq!(
+            l.rest(4, 0, t0 + Duration::from_millis(600)),
+            Duration::ZERO,
+            "the poll is due"
+        );
     }
 
     #[test]

@@ -54,7 +54,8 @@ impl Worker {
         let mut lookout = Lookout::default();
         loop {
             while let Some(done) = tasks.try_join_next_with_id() {
-                lookout.task_ended(this.finished(done, &mut in_flight).await);
+                let (again, job) = this.finished(done, &mut in_flight).await;
+                lookout.task_ended(again, job);
             }
             // Under load, claims go in batches: with calls in flight, the worker waits until
             // a quarter of its permits (at most 8) are free, rather than asking the store after
@@ -69,7 +70,7 @@ impl Worker {
                 last_claim = Instant::now();
                 match this.store.claim_due(available).await {
                     Ok(claimed) => {
-                        lookout.claimed(available, &claimed, now_ms());
+                        lookout.claimed(available, claimed.items.len(), last_claim);
                         for job in claimed.items {
                             let Ok(permit) = permits.clone().acquire_owned().await else {
                                 break;
@@ -83,10 +84,17 @@ impl Worker {
                             });
                             in_flight.insert(handle.id(), carried);
                         }
+                        // Asked after the calls started when the claim did not say (their
+                        // leases are running).
+                        let beyond = match claimed.beyond {
+                            Some(beyond) => beyond,
+                            None => this.store.after_claim().await,
+                        };
+                        lookout.learned(beyond);
                     }
                     Err(e) => {
                         tracing::error!(error = %e, "cannot claim decisions from the store");
-                        lookout.claim_failed(now_ms());
+                        lookout.claim_failed(last_claim);
                     }
                 }
             }
@@ -100,13 +108,14 @@ impl Worker {
             let wait = if gathering && available > 0 {
                 CLAIM_GATHER
             } else {
-                lookout.rest(permits.available_permits(), now_ms())
+                lookout.rest(permits.available_permits(), now_ms(), Instant::now())
             };
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 _ = this.wake.notified() => lookout.woken(),
                 Some(done) = tasks.join_next_with_id() => {
-                    lookout.task_ended(this.finished(done, &mut in_flight).await);
+                    let (again, job) = this.finished(done, &mut in_flight).await;
+                    lookout.task_ended(again, job);
                 }
                 _ = tokio::time::sleep(wait) => lookout.woken(),
             }
@@ -131,7 +140,7 @@ impl Worker {
     }
 
     /// Accounts for a call task that ended, and says whether its decision may fall due again
-    /// (the worker then looks at the store). One that panicked (a bug in the relay, not an
+    /// (the worker then looks at the store) and which job it carried. One that panicked (a bug in the relay, not an
     /// answer from P0) gives its decision back: pending again after a backoff, or dead when
     /// out of attempts, like a transient failure. One cancelled at the shutdown deadline stays
     /// `sending` and is resumed at the next start.
@@ -139,17 +148,18 @@ impl Worker {
         &self,
         done: Result<(task::Id, bool), task::JoinError>,
         in_flight: &mut HashMap<task::Id, Job>,
-    ) -> bool {
+    ) -> (bool, Option<i64>) {
         let (id, again, failure) = match done {
             Ok((id, again)) => (id, again, None),
             Err(e) => (e.id(), false, Some(e)),
         };
         let job = in_flight.remove(&id);
+        let job_id = job.as_ref().map(|j| j.id);
         let (Some(failure), Some(job)) = (failure, job) else {
-            return again;
+            return (again, job_id);
         };
         if !failure.is_panic() {
-            return false;
+            return (false, job_id);
         }
         let why = crate::supervise::panic_message(failure.into_panic());
         let now = now_ms();
@@ -180,7 +190,7 @@ impl Worker {
         if let Err(e) = self.store.record(record).await {
             tracing::error!(job_id = job.id, error = %e, "cannot record the outcome of a P0 call");
         }
-        true
+        (true, job_id)
     }
 
     /// Calls P0 for `job` and records the outcome; true when the decision may fall due again

@@ -8,7 +8,7 @@ pub mod client;
 pub mod compose;
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::{Notify, Semaphore};
 use tokio::task::JoinSet;
@@ -43,13 +43,14 @@ impl Answerer {
         let mut lookout = Lookout::default();
         loop {
             while let Some(done) = tasks.try_join_next() {
-                lookout.task_ended(done.unwrap_or(true));
+                lookout.task_ended(done.unwrap_or(true), None);
             }
             let free = permits.available_permits();
             if lookout.wants_claim() && free > 0 {
+                let asked_at = Instant::now();
                 match this.store.claim_answers(free).await {
                     Ok(claimed) => {
-                        lookout.claimed(free, &claimed, now_ms());
+                        lookout.claimed(free, claimed.items.len(), asked_at);
                         for answer in claimed.items {
                             let Ok(permit) = permits.clone().acquire_owned().await else {
                                 break;
@@ -61,18 +62,23 @@ impl Answerer {
                                 again
                             });
                         }
+                        let beyond = match claimed.beyond {
+                            Some(beyond) => beyond,
+                            None => this.store.after_answer_claim().await,
+                        };
+                        lookout.learned(beyond);
                     }
                     Err(e) => {
                         tracing::error!(error = %e, "cannot claim answers from the store");
-                        lookout.claim_failed(now_ms());
+                        lookout.claim_failed(asked_at);
                     }
                 }
             }
-            let wait = lookout.rest(permits.available_permits(), now_ms());
+            let wait = lookout.rest(permits.available_permits(), now_ms(), Instant::now());
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 _ = this.wake.notified() => lookout.woken(),
-                Some(done) = tasks.join_next() => lookout.task_ended(done.unwrap_or(true)),
+                Some(done) = tasks.join_next() => lookout.task_ended(done.unwrap_or(true), None),
                 _ = tokio::time::sleep(wait) => lookout.woken(),
             }
         }

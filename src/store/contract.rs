@@ -141,10 +141,10 @@ impl Backend {
             Backend::Pg(_, s) => s.next_due().await.unwrap(),
         }
     }
-    async fn waiting(&mut self) -> bool {
+    async fn followed(&mut self) -> Vec<i64> {
         match self {
-            Backend::Sqlite(_, s) => s.waiting().unwrap(),
-            Backend::Pg(_, s) => s.waiting().await.unwrap(),
+            Backend::Sqlite(_, s) => s.followed().unwrap(),
+            Backend::Pg(_, s) => s.followed().await.unwrap(),
         }
     }
     /// Claims whose lease ran out by `now` back to pending (on SQLite, every claim: one
@@ -539,37 +539,45 @@ async fn claims_recovery_replay_and_prune(mut s: Backend) {
 
 contract!(a_short_claim_tells_what_falls_due_next_and_what_waits_its_turn);
 /// What the worker learns after a claim that took every job due in its turn: when the next
-/// one falls due, and whether one waits behind a job of its request in flight (then the end
-/// of that call sends the worker back to the store; otherwise it does not go).
+/// one falls due, and which jobs in flight another of their request waits behind (the end of
+/// one of those sends the worker back to the store; another call's end does not).
 async fn a_short_claim_tells_what_falls_due_next_and_what_waits_its_turn(mut s: Backend) {
-    assert!(!s.waiting().await, "an empty store");
+    assert!(s.followed().await.is_empty(), "an empty store");
     s.accept(delivery("d1", &[(Action::Approve, "a")]), 1_000)
         .await;
     s.accept(delivery("d2", &[(Action::Revoke, "a")]), 1_100)
         .await;
-    s.accept(delivery("d3", &[(Action::Approve, "b")]), 5_000)
+    s.accept(delivery("d3", &[(Action::Approve, "b")]), 1_100)
+        .await;
+    s.accept(delivery("d4", &[(Action::Approve, "c")]), 5_000)
         .await;
     assert!(
-        !s.waiting().await,
+        s.followed().await.is_empty(),
         "a's revoke waits for its approve, but that is not in flight"
     );
     let first = s.claim_due(1_200, 10).await;
-    assert_eq!(first.iter().map(|j| j.id).collect::<Vec<_>>(), vec![1]);
-    assert!(
-        s.waiting().await,
-        "a's revoke waits for its approve in flight"
+    assert_eq!(first.iter().map(|j| j.id).collect::<Vec<_>>(), vec![1, 3]);
+    assert_eq!(
+        s.followed().await,
+        vec![1],
+        "a's revoke waits for its approve in flight; nothing waits for b's"
     );
-    assert_eq!(s.next_due().await, Some(5_000), "b, in its turn");
+    assert_eq!(s.next_due().await, Some(5_000), "c, in its turn");
     s.write(&[], &[done(claimed(&first, 1), State::Succeeded)], 2_000)
         .await
         .unwrap();
-    assert!(!s.waiting().await, "a's approve is done");
+    assert!(s.followed().await.is_empty(), "a's approve is done");
     let second = s.claim_due(2_000, 10).await;
     assert_eq!(second.iter().map(|j| j.id).collect::<Vec<_>>(), vec![2]);
     assert!(
-        !s.waiting().await,
+        s.followed().await.is_empty(),
         "a's revoke is in flight; nothing waits behind it"
     );
+    // A follower counts whether or not it is due yet: another decision on b, accepted later,
+    // with b's approve still in flight.
+    s.accept(delivery("d5", &[(Action::Revoke, "b")]), 9_000)
+        .await;
+    assert_eq!(s.followed().await, vec![3]);
 }
 
 contract!(an_outcome_counts_only_from_the_current_claim);

@@ -266,57 +266,40 @@ pub struct ListFilter {
     pub limit: usize,
 }
 
-/// What one claim (of P0 jobs or of answers) took and, when it took fewer than it asked for
-/// (every item due), what the store holds beyond it, asked right after it (on SQLite in the
-/// same trip to the writer; on PostgreSQL in statements of their own, within
-/// `AFTER_CLAIM_DEADLINE`): when the next item falls due, and whether a job waits its turn
-/// behind one of the same request in flight (it falls due when that one ends; answers never
-/// wait). A claim that took all it asked for leaves both unasked (more may be due now). A
-/// failed or late question errs on the side of looking again; the claimed items are never
-/// given up for it.
+/// What one claim (of P0 jobs or of answers) took, and what the store holds beyond it.
 #[derive(Debug)]
 pub struct Claimed<T> {
     pub items: Vec<T>,
+    /// Asked only when the claim took fewer than it asked for (a full claim means more may
+    /// be due now): on SQLite in the same trip to the writer; `None` on PostgreSQL, where the
+    /// claimed items go out first (their leases are running) and the loop asks afterwards
+    /// (`StoreHandle::after_claim`, `after_answer_claim`).
+    pub beyond: Option<Beyond>,
+}
+
+/// What the store holds beyond a claim that took every item due.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Beyond {
+    /// When the next item falls due.
     pub next_due: Option<i64>,
-    pub waiting: bool,
+    /// The jobs in flight that a pending job of the same request waits behind (its turn
+    /// comes when that one ends); `None` when that could not be told (any end is then a
+    /// reason to look). Answers never wait.
+    pub followed: Option<Vec<i64>>,
 }
 
-/// How long the questions after a short claim may take on PostgreSQL before the claimed items
-/// go out without their answers (their leases run from the claim).
-const AFTER_CLAIM_DEADLINE: Duration = Duration::from_millis(250);
-
-fn late() -> StoreError {
-    StoreError::Unavailable(format!(
-        "no answer within {} ms after a claim",
-        AFTER_CLAIM_DEADLINE.as_millis()
-    ))
-}
-
-impl<T> Claimed<T> {
-    fn full(items: Vec<T>) -> Self {
-        Self {
-            items,
-            next_due: None,
-            waiting: false,
-        }
-    }
-
-    fn short(
-        items: Vec<T>,
+impl Beyond {
+    /// From the store's answers; a failed question errs on the side of looking again.
+    fn from(
         next_due: Result<Option<i64>, StoreError>,
-        waiting: Result<bool, StoreError>,
+        followed: Result<Vec<i64>, StoreError>,
     ) -> Self {
-        let (next_due, waiting) = match (next_due, waiting) {
-            (Ok(next_due), Ok(waiting)) => (next_due, waiting),
-            (Err(e), _) | (_, Err(e)) => {
-                tracing::warn!(error = %e, "cannot tell when the next item falls due; looking again soon");
-                (None, true)
-            }
+        let warn = |e: &StoreError| {
+            tracing::warn!(error = %e, "cannot tell what falls due next; looking again soon");
         };
         Self {
-            items,
-            next_due,
-            waiting,
+            next_due: next_due.inspect_err(warn).ok().flatten(),
+            followed: followed.inspect_err(warn).ok(),
         }
     }
 }
@@ -375,9 +358,9 @@ pub trait Store: Send {
     fn claim_due(&mut self, now_ms: i64, limit: usize) -> Result<Vec<Job>, StoreError>;
     /// When the earliest pending job in its turn falls due.
     fn next_due(&mut self) -> Result<Option<i64>, StoreError>;
-    /// Whether a pending job waits behind one of the same request in flight (`sending`): it
-    /// falls due when that one ends, so the end of that call is a reason to claim again.
-    fn waiting(&mut self) -> Result<bool, StoreError>;
+    /// The jobs in flight (`sending`) that a pending job of the same request waits behind:
+    /// its turn comes when that one ends, so the end of that call is a reason to claim again.
+    fn followed(&mut self) -> Result<Vec<i64>, StoreError>;
     /// Returns jobs left `sending` by a stop to `pending`; returns how many.
     fn recover(&mut self) -> Result<usize, StoreError>;
     fn counts(&mut self) -> Result<Counts, StoreError>;
@@ -415,6 +398,9 @@ enum Op {
 
 enum Other {
     Claim(usize, oneshot::Sender<Result<Claimed<Job>, StoreError>>),
+    NextDue(oneshot::Sender<Result<Option<i64>, StoreError>>),
+    Followed(oneshot::Sender<Result<Vec<i64>, StoreError>>),
+    NextAnswerDue(oneshot::Sender<Result<Option<i64>, StoreError>>),
     Counts(oneshot::Sender<Result<Counts, StoreError>>),
     Prune(i64, oneshot::Sender<Result<usize, StoreError>>),
     Probe(oneshot::Sender<Result<(), StoreError>>),
@@ -643,25 +629,33 @@ impl StoreHandle {
             Backend::Postgres(pg) => Self::write(pg, |r| postgres::Write::Record(rec, r)).await,
         }
     }
-    /// Claims up to `limit` due decisions and, when fewer were due, says when the next one
-    /// falls due and whether one waits its turn behind a call in flight (`Claimed`).
+    /// Claims up to `limit` due decisions (`Claimed`: on SQLite with what lies beyond them
+    /// when they were fewer).
     pub async fn claim_due(&self, limit: usize) -> Result<Claimed<Job>, StoreError> {
         match &self.backend {
             Backend::Sqlite(tx) => Self::call(tx, |r| Op::Other(Other::Claim(limit, r))).await,
             Backend::Postgres(pg) => {
                 let jobs = pg.store.claim_due(now_ms(), limit).await?;
-                if jobs.len() >= limit {
-                    return Ok(Claimed::full(jobs));
-                }
-                // The claimed jobs' leases are running: the questions get a short deadline.
-                let asked = tokio::time::timeout(AFTER_CLAIM_DEADLINE, async {
-                    tokio::join!(pg.store.next_due(), pg.store.waiting())
+                let beyond = (jobs.len() >= limit).then(Beyond::default);
+                Ok(Claimed {
+                    items: jobs,
+                    beyond,
                 })
-                .await;
-                Ok(match asked {
-                    Ok((next_due, waiting)) => Claimed::short(jobs, next_due, waiting),
-                    Err(_) => Claimed::short(jobs, Err(late()), Ok(true)),
-                })
+            }
+        }
+    }
+    /// What lies beyond a claim of decisions that took every one due, when the claim did not
+    /// say (PostgreSQL).
+    pub async fn after_claim(&self) -> Beyond {
+        match &self.backend {
+            Backend::Sqlite(tx) => {
+                let next_due = Self::call(tx, |r| Op::Other(Other::NextDue(r))).await;
+                let followed = Self::call(tx, |r| Op::Other(Other::Followed(r))).await;
+                Beyond::from(next_due, followed)
+            }
+            Backend::Postgres(pg) => {
+                let (next_due, followed) = tokio::join!(pg.store.next_due(), pg.store.followed());
+                Beyond::from(next_due, followed)
             }
         }
     }
@@ -698,8 +692,7 @@ impl StoreHandle {
         }
     }
 
-    /// Claims up to `limit` due answers and, when fewer were due, says when the next one falls
-    /// due, in one call, as `claim_due` does.
+    /// Claims up to `limit` due answers, as `claim_due` does decisions.
     pub async fn claim_answers(&self, limit: usize) -> Result<Claimed<AnswerJob>, StoreError> {
         match &self.backend {
             Backend::Sqlite(tx) => {
@@ -707,16 +700,22 @@ impl StoreHandle {
             }
             Backend::Postgres(pg) => {
                 let answers = pg.store.claim_answers(now_ms(), limit).await?;
-                if answers.len() >= limit {
-                    return Ok(Claimed::full(answers));
-                }
-                let next_due =
-                    tokio::time::timeout(AFTER_CLAIM_DEADLINE, pg.store.next_answer_due())
-                        .await
-                        .unwrap_or_else(|_| Err(late()));
-                Ok(Claimed::short(answers, next_due, Ok(false)))
+                let beyond = (answers.len() >= limit).then(Beyond::default);
+                Ok(Claimed {
+                    items: answers,
+                    beyond,
+                })
             }
         }
+    }
+    /// What lies beyond a claim of answers that took every one due, when the claim did not
+    /// say (PostgreSQL).
+    pub async fn after_answer_claim(&self) -> Beyond {
+        let next_due = match &self.backend {
+            Backend::Sqlite(tx) => Self::call(tx, |r| Op::Other(Other::NextAnswerDue(r))).await,
+            Backend::Postgres(pg) => pg.store.next_answer_due().await,
+        };
+        Beyond::from(next_due, Ok(Vec::new()))
     }
     pub async fn record_answer(&self, rec: AnswerRecord) -> Result<(), StoreError> {
         match &self.backend {
@@ -818,13 +817,27 @@ fn writer(mut store: Box<dyn Store>, mut rx: mpsc::Receiver<Op>, max_batch: usiz
             match op {
                 Other::Claim(limit, reply) => {
                     let claimed = store.claim_due(now_ms(), limit).map(|jobs| {
-                        if jobs.len() >= limit {
-                            return Claimed::full(jobs);
+                        let beyond = if jobs.len() >= limit {
+                            Beyond::default()
+                        } else {
+                            let next_due = store.next_due();
+                            Beyond::from(next_due, store.followed())
+                        };
+                        Claimed {
+                            items: jobs,
+                            beyond: Some(beyond),
                         }
-                        let next_due = store.next_due();
-                        Claimed::short(jobs, next_due, store.waiting())
                     });
                     let _ = reply.send(claimed);
+                }
+                Other::NextDue(reply) => {
+                    let _ = reply.send(store.next_due());
+                }
+                Other::Followed(reply) => {
+                    let _ = reply.send(store.followed());
+                }
+                Other::NextAnswerDue(reply) => {
+                    let _ = reply.send(store.next_answer_due());
                 }
                 Other::Counts(reply) => {
                     let _ = reply.send(store.counts());
@@ -846,11 +859,15 @@ fn writer(mut store: Box<dyn Store>, mut rx: mpsc::Receiver<Op>, max_batch: usiz
                 }
                 Other::ClaimAnswers(limit, reply) => {
                     let claimed = store.claim_answers(now_ms(), limit).map(|answers| {
-                        if answers.len() >= limit {
-                            return Claimed::full(answers);
+                        let beyond = if answers.len() >= limit {
+                            Beyond::default()
+                        } else {
+                            Beyond::from(store.next_answer_due(), Ok(Vec::new()))
+                        };
+                        Claimed {
+                            items: answers,
+                            beyond: Some(beyond),
                         }
-                        let next_due = store.next_answer_due();
-                        Claimed::short(answers, next_due, Ok(false))
                     });
                     let _ = reply.send(claimed);
                 }

@@ -966,19 +966,23 @@ impl PgStore {
         .await
     }
 
-    /// Whether a pending job waits behind one of the same request in flight at any relay
-    /// (`Store::waiting`): the jobs in flight (`jobs_leased`), each looked up in
-    /// `jobs_decision`.
-    pub async fn waiting(&self) -> Result<bool, StoreError> {
-        self.run("waiting", OP_TIMEOUT, async |c| {
+    /// The jobs in flight at any relay that a pending job of the same request waits behind
+    /// (`Store::followed`; a relay looks again only when one of its own ends): the jobs in
+    /// flight (`jobs_leased`), each looked up in `jobs_decision`.
+    pub async fn followed(&self) -> Result<Vec<i64>, StoreError> {
+        self.run("followed", OP_TIMEOUT, async |c| {
             let stmt = c
                 .prepare_cached(
-                    "SELECT EXISTS (SELECT 1 FROM jobs s WHERE s.state = 'sending' AND EXISTS (
+                    "SELECT s.id FROM jobs s WHERE s.state = 'sending' AND EXISTS (
                          SELECT 1 FROM jobs p WHERE p.org = s.org AND p.request_id = s.request_id
-                            AND p.id > s.id AND p.state = 'pending'))",
+                            AND p.id > s.id AND p.state = 'pending')",
                 )
                 .await?;
-            c.query_one(&stmt, &[]).await?.try_get(0)
+            c.query(&stmt, &[])
+                .await?
+                .iter()
+                .map(|r| r.try_get(0))
+                .collect()
         })
         .await
     }

@@ -607,17 +607,16 @@ impl Store for SqliteStore {
         result
     }
 
-    fn waiting(&mut self) -> Result<bool, StoreError> {
+    fn followed(&mut self) -> Result<Vec<i64>, StoreError> {
         // The jobs in flight (`jobs_due` by state), each looked up in `jobs_decision`: the cost
-        // grows with calls in flight, not with the queue.
-        Ok(self
-            .conn
-            .prepare_cached(
-                "SELECT EXISTS (SELECT 1 FROM jobs s WHERE s.state = 'sending' AND EXISTS (
-                     SELECT 1 FROM jobs p WHERE p.org = s.org AND p.request_id = s.request_id
-                        AND p.id > s.id AND p.state = 'pending'))",
-            )?
-            .query_row([], |r| r.get(0))?)
+        // grows with calls in flight (at most the worker's concurrency), not with the queue.
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT s.id FROM jobs s WHERE s.state = 'sending' AND EXISTS (
+                 SELECT 1 FROM jobs p WHERE p.org = s.org AND p.request_id = s.request_id
+                    AND p.id > s.id AND p.state = 'pending')",
+        )?;
+        let ids = stmt.query_map([], |r| r.get(0))?;
+        Ok(ids.collect::<Result<_, _>>()?)
     }
 
     fn next_due(&mut self) -> Result<Option<i64>, StoreError> {

@@ -711,20 +711,23 @@ async fn a_call_that_ends_its_decision_does_not_send_the_worker_back_to_the_stor
     );
 }
 
+/// A fake P0 that notes when each call arrives and takes 200 ms over approvals.
+struct Stamped(Arc<Mutex<Vec<Instant>>>);
+
+impl wiremock::Respond for Stamped {
+    fn respond(&self, request: &wiremock::Request) -> ResponseTemplate {
+        self.0.lock().unwrap().push(Instant::now());
+        let slow = request.url.path().ends_with("/approve");
+        ResponseTemplate::new(200)
+            .set_body_json(json!({"ok": true}))
+            .set_delay(Duration::from_millis(if slow { 200 } else { 0 }))
+    }
+}
+
 /// A revoke that arrives while its request's approve is being sent waits its turn; the end of
 /// the approve's call sends the worker back for it at once, not at its next rest (500 ms).
 #[tokio::test]
 async fn a_decision_waiting_its_turn_goes_as_soon_as_the_one_before_it_ends() {
-    struct Stamped(Arc<Mutex<Vec<Instant>>>);
-    impl wiremock::Respond for Stamped {
-        fn respond(&self, request: &wiremock::Request) -> ResponseTemplate {
-            self.0.lock().unwrap().push(Instant::now());
-            let slow = request.url.path().ends_with("/approve");
-            ResponseTemplate::new(200)
-                .set_body_json(json!({"ok": true}))
-                .set_delay(Duration::from_millis(if slow { 200 } else { 0 }))
-        }
-    }
     let t = spawn().await;
     let arrivals = Arc::new(Mutex::new(Vec::new()));
     Mock::given(method("POST"))
@@ -753,9 +756,10 @@ async fn a_decision_waiting_its_turn_goes_as_soon_as_the_one_before_it_ends() {
     );
 }
 
-/// The questions a short claim asks afterwards (when the next job falls due, whether one
-/// waits) failing never costs the jobs it claimed: they are sent, and the worker keeps
-/// looking (a revoke behind its approve still follows it).
+/// The questions a short claim asks afterwards (when the next job falls due, which jobs in
+/// flight others wait behind) failing never costs the jobs it claimed: they are sent, and
+/// the worker, not knowing what waits, looks again when any call ends (a revoke behind its
+/// approve follows it at once, not at the next poll).
 #[tokio::test]
 async fn a_failing_question_after_a_claim_does_not_give_up_the_claimed_jobs() {
     let elsewhere = tempfile::tempdir().unwrap();
@@ -766,9 +770,14 @@ async fn a_failing_question_after_a_claim_does_not_give_up_the_claimed_jobs() {
         ..Setup::default()
     })
     .await;
-    t.p0_ok().await;
+    let arrivals = Arc::new(Mutex::new(Vec::new()));
+    Mock::given(method("POST"))
+        .respond_with(Stamped(arrivals.clone()))
+        .mount(&t.p0)
+        .await;
     let approve = Hook::comment("ask-1", "/p0 approve req-ask");
     assert_eq!(t.post(&approve).await.0, 202);
+    t.wait_for_calls(1).await;
     let revoke = Hook::comment("ask-2", "/p0 revoke req-ask");
     assert_eq!(t.post(&revoke).await.0, 202);
     let calls = t.wait_for_calls(2).await;
@@ -778,5 +787,12 @@ async fn a_failing_question_after_a_claim_does_not_give_up_the_claimed_jobs() {
             call("approve", "req-ask", json!({"expirationLength": "1h"})),
             call("revoke", "req-ask", json!({})),
         ]
+    );
+    let at = arrivals.lock().unwrap().clone();
+    let gap = at[1] - at[0];
+    assert!(
+        gap < Duration::from_millis(400),
+        "the revoke reached P0 {} ms after the approve, which took 200 ms",
+        gap.as_millis()
     );
 }

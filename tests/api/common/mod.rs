@@ -684,11 +684,11 @@ impl Store for Watched {
         }
         self.inner.next_due()
     }
-    fn waiting(&mut self) -> Result<bool, StoreError> {
+    fn followed(&mut self) -> Result<Vec<i64>, StoreError> {
         if self.failing_questions.load(Ordering::SeqCst) {
-            return Err(StoreError::Unavailable("waiting fails".into()));
+            return Err(StoreError::Unavailable("followed fails".into()));
         }
-        self.inner.waiting()
+        self.inner.followed()
     }
     fn recover(&mut self) -> Result<usize, StoreError> {
         self.inner.recover()
