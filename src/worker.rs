@@ -140,9 +140,9 @@ impl Worker {
     }
 
     /// Accounts for a call task that ended, and says whether its decision may fall due again
-    /// (the worker then looks at the store) and which job it carried. One that panicked (a bug in the relay, not an
-    /// answer from P0) gives its decision back: pending again after a backoff, or dead when
-    /// out of attempts, like a transient failure. One cancelled at the shutdown deadline stays
+    /// (the worker then looks at the store) and which job it carried. One that panicked (a
+    /// bug in the relay, not an answer from P0) gives its decision back: pending again after a
+    /// backoff, or dead when out of attempts, like a transient failure. One cancelled at the shutdown deadline stays
     /// `sending` and is resumed at the next start.
     async fn finished(
         &self,

@@ -271,9 +271,10 @@ pub struct ListFilter {
 pub struct Claimed<T> {
     pub items: Vec<T>,
     /// Asked only when the claim took fewer than it asked for (a full claim means more may
-    /// be due now): on SQLite in the same trip to the writer; `None` on PostgreSQL, where the
-    /// claimed items go out first (their leases are running) and the loop asks afterwards
-    /// (`StoreHandle::after_claim`, `after_answer_claim`).
+    /// be due now, and `Beyond::default()` stands for "not asked"): on SQLite in the same trip
+    /// to the writer; `None` after a short claim on PostgreSQL, where the claimed items go out
+    /// first (their leases are running) and the loop asks afterwards
+    /// (`StoreHandle::after_claim`, `after_answer_claim`: `followed` before `next_due`).
     pub beyond: Option<Beyond>,
 }
 
@@ -289,17 +290,24 @@ pub struct Beyond {
 }
 
 impl Beyond {
-    /// From the store's answers; a failed question errs on the side of looking again.
+    /// From the store's answers; a failed question errs on the side of looking again: the
+    /// end of any call in flight then sends the loop back (and the poll at the latest).
     fn from(
         next_due: Result<Option<i64>, StoreError>,
         followed: Result<Vec<i64>, StoreError>,
     ) -> Self {
-        let warn = |e: &StoreError| {
-            tracing::warn!(error = %e, "cannot tell what falls due next; looking again soon");
-        };
-        Self {
-            next_due: next_due.inspect_err(warn).ok().flatten(),
-            followed: followed.inspect_err(warn).ok(),
+        match (next_due, followed) {
+            (Ok(next_due), Ok(followed)) => Self {
+                next_due,
+                followed: Some(followed),
+            },
+            (Err(e), _) | (_, Err(e)) => {
+                tracing::warn!(error = %e, "cannot tell what falls due next; looking again when a call ends");
+                Self {
+                    next_due: None,
+                    followed: None,
+                }
+            }
         }
     }
 }
@@ -648,13 +656,16 @@ impl StoreHandle {
     /// say (PostgreSQL).
     pub async fn after_claim(&self) -> Beyond {
         match &self.backend {
+            // `followed` first, then `next_due`: a job that ends between the two is either
+            // listed (its end sends the worker back) or already over (its follower is due).
             Backend::Sqlite(tx) => {
-                let next_due = Self::call(tx, |r| Op::Other(Other::NextDue(r))).await;
                 let followed = Self::call(tx, |r| Op::Other(Other::Followed(r))).await;
+                let next_due = Self::call(tx, |r| Op::Other(Other::NextDue(r))).await;
                 Beyond::from(next_due, followed)
             }
             Backend::Postgres(pg) => {
-                let (next_due, followed) = tokio::join!(pg.store.next_due(), pg.store.followed());
+                let followed = pg.store.followed().await;
+                let next_due = pg.store.next_due().await;
                 Beyond::from(next_due, followed)
             }
         }
@@ -820,8 +831,8 @@ fn writer(mut store: Box<dyn Store>, mut rx: mpsc::Receiver<Op>, max_batch: usiz
                         let beyond = if jobs.len() >= limit {
                             Beyond::default()
                         } else {
-                            let next_due = store.next_due();
-                            Beyond::from(next_due, store.followed())
+                            let followed = store.followed();
+                            Beyond::from(store.next_due(), followed)
                         };
                         Claimed {
                             items: jobs,

@@ -637,8 +637,8 @@ pub struct Watched {
     pub empty_claims: Arc<AtomicUsize>,
     /// Claims of answers that found nothing.
     pub empty_answer_claims: Arc<AtomicUsize>,
-    /// While set, the questions after a claim (when the next job falls due, whether one
-    /// waits) fail.
+    /// While set, the questions after a claim (when the next job falls due, which jobs in
+    /// flight others wait behind) fail.
     pub failing_questions: Arc<AtomicBool>,
 }
 
