@@ -3,7 +3,6 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::common::*;
@@ -711,56 +710,12 @@ async fn a_call_that_ends_its_decision_does_not_send_the_worker_back_to_the_stor
     );
 }
 
-/// A fake P0 that notes when each call arrives and takes 200 ms over approvals.
-struct Stamped(Arc<Mutex<Vec<Instant>>>);
-
-impl wiremock::Respond for Stamped {
-    fn respond(&self, request: &wiremock::Request) -> ResponseTemplate {
-        self.0.lock().unwrap().push(Instant::now());
-        let slow = request.url.path().ends_with("/approve");
-        ResponseTemplate::new(200)
-            .set_body_json(json!({"ok": true}))
-            .set_delay(Duration::from_millis(if slow { 200 } else { 0 }))
-    }
-}
-
-/// Posts an approve of `req-{name}`, then, while P0 takes 200 ms over it, a revoke of the same
-/// request; both reach P0 in order, the revoke less than 400 ms after the approve (a worker
-/// that found it only at its next poll, 500 ms, would be later).
-async fn approve_then_revoke_promptly(t: &TestRelay, name: &str) {
-    let arrivals = Arc::new(Mutex::new(Vec::new()));
-    Mock::given(method("POST"))
-        .respond_with(Stamped(arrivals.clone()))
-        .mount(&t.p0)
-        .await;
-    let request = format!("req-{name}");
-    let approve = Hook::comment(&format!("{name}-1"), &format!("/p0 approve {request}"));
-    assert_eq!(t.post(&approve).await.0, 202);
-    t.wait_for_calls(1).await;
-    let revoke = Hook::comment(&format!("{name}-2"), &format!("/p0 revoke {request}"));
-    assert_eq!(t.post(&revoke).await.0, 202);
-    let calls = t.wait_for_calls(2).await;
-    assert_eq!(
-        summarize(&calls),
-        vec![
-            call("approve", &request, json!({"expirationLength": "1h"})),
-            call("revoke", &request, json!({})),
-        ]
-    );
-    let at = arrivals.lock().unwrap().clone();
-    let gap = at[1] - at[0];
-    assert!(
-        gap < Duration::from_millis(400),
-        "the revoke reached P0 {} ms after the approve, which took 200 ms",
-        gap.as_millis()
-    );
-}
-
 /// A revoke that arrives while its request's approve is being sent waits its turn; the end of
 /// the approve's call sends the worker back for it at once, not at its next rest (500 ms).
 #[tokio::test]
 async fn a_decision_waiting_its_turn_goes_as_soon_as_the_one_before_it_ends() {
-    approve_then_revoke_promptly(&spawn().await, "turn").await;
+    let t = spawn().await;
+    approve_then_revoke_promptly(&t.p0, "turn", &t.url(""), &t.url("")).await;
 }
 
 /// The questions a short claim asks afterwards (when the next job falls due, which jobs in
@@ -777,5 +732,5 @@ async fn a_failing_question_after_a_claim_does_not_give_up_the_claimed_jobs() {
         ..Setup::default()
     })
     .await;
-    approve_then_revoke_promptly(&t, "ask").await;
+    approve_then_revoke_promptly(&t.p0, "ask", &t.url(""), &t.url("")).await;
 }

@@ -452,6 +452,21 @@ async fn jobs_list_show_and_replay_work_against_the_database_url() {
     assert!(out.contains("--db") && !out.contains("pw-9"), "{out}");
 }
 
+/// A revoke posted to one relay while another relay's call approving the same request is
+/// under way waits its turn, and goes as soon as that call ends: the relay sending the
+/// approve learns, when the revoke's notice wakes it, that a decision waits behind its call,
+/// and looks again when the call ends (neither relay waits for its next poll, 500 ms).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_decision_posted_to_another_relay_goes_as_soon_as_the_one_before_it_ends() {
+    let Some(db) = TestDb::create().await else {
+        return;
+    };
+    let p0 = MockServer::start().await;
+    let fleet = fleet(2, &db.url(), &p0.uri()).await;
+    let [a, b] = [0, 1].map(|i| format!("http://{}", fleet.relays[i].addr));
+    approve_then_revoke_promptly(&p0, "elsewhere", &a, &b).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_call_longer_than_the_lease_is_not_sent_twice() {
     let Some(db) = TestDb::create().await else {

@@ -7,9 +7,9 @@ pub mod pg;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use p0_relay::app::{Options, Relay};
 use p0_relay::config::Settings;
@@ -424,19 +424,7 @@ impl TestRelay {
 
     /// Waits until P0 has received `n` calls (or fails after a few seconds).
     pub async fn wait_for_calls(&self, n: usize) -> Vec<Request> {
-        for _ in 0..400 {
-            let calls = self.p0_calls().await;
-            if calls.len() >= n {
-                return calls;
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-        let calls = self.p0_calls().await;
-        panic!(
-            "expected {n} P0 calls, got {}: {:?}",
-            calls.len(),
-            summarize(&calls)
-        );
+        wait_for_p0_calls(&self.p0, n).await
     }
 
     /// Gives the worker time to (not) act, then returns every call P0 received.
@@ -471,6 +459,75 @@ impl TestRelay {
             r.stop().await;
         }
     }
+}
+
+/// Waits until the fake P0 has received `n` calls (or fails after a few seconds).
+pub async fn wait_for_p0_calls(p0: &MockServer, n: usize) -> Vec<Request> {
+    for _ in 0..400 {
+        let calls = p0.received_requests().await.unwrap_or_default();
+        if calls.len() >= n {
+            return calls;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let calls = p0.received_requests().await.unwrap_or_default();
+    panic!(
+        "expected {n} P0 calls, got {}: {:?}",
+        calls.len(),
+        summarize(&calls)
+    );
+}
+
+/// A fake P0 that notes when each call arrives and takes 200 ms over approvals.
+pub struct Stamped(pub Arc<Mutex<Vec<Instant>>>);
+
+impl wiremock::Respond for Stamped {
+    fn respond(&self, request: &Request) -> ResponseTemplate {
+        self.0.lock().unwrap().push(Instant::now());
+        let slow = request.url.path().ends_with("/approve");
+        ResponseTemplate::new(200)
+            .set_body_json(serde_json::json!({"ok": true}))
+            .set_delay(Duration::from_millis(if slow { 200 } else { 0 }))
+    }
+}
+
+/// Posts an approve of `req-{name}` to the relay at `first`, then, while the fake P0 at `p0`
+/// takes 200 ms over it, a revoke of the same request to the relay at `second` (the same
+/// relay, or another on the same database); both reach P0 in order, the revoke less than
+/// 400 ms after the approve (a worker that found it only at its next poll, 500 ms, would be
+/// later).
+pub async fn approve_then_revoke_promptly(p0: &MockServer, name: &str, first: &str, second: &str) {
+    let arrivals = Arc::new(Mutex::new(Vec::new()));
+    Mock::given(method("POST"))
+        .respond_with(Stamped(arrivals.clone()))
+        .mount(p0)
+        .await;
+    let http = client();
+    let request = format!("req-{name}");
+    let approve = Hook::comment(&format!("{name}-1"), &format!("/p0 approve {request}"));
+    assert_eq!(answer(send(&http, first, &approve).await).await.0, 202);
+    wait_for_p0_calls(p0, 1).await;
+    let revoke = Hook::comment(&format!("{name}-2"), &format!("/p0 revoke {request}"));
+    assert_eq!(answer(send(&http, second, &revoke).await).await.0, 202);
+    let calls = wait_for_p0_calls(p0, 2).await;
+    assert_eq!(
+        summarize(&calls),
+        vec![
+            call(
+                "approve",
+                &request,
+                serde_json::json!({"expirationLength": "1h"})
+            ),
+            call("revoke", &request, serde_json::json!({})),
+        ]
+    );
+    let at = arrivals.lock().unwrap().clone();
+    let gap = at[1] - at[0];
+    assert!(
+        gap < Duration::from_millis(400),
+        "the revoke reached P0 {} ms after the approve, which took 200 ms",
+        gap.as_millis()
+    );
 }
 
 /// `(path, authorization, body)` of each call, for assertions.
