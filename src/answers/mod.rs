@@ -95,14 +95,27 @@ impl Answerer {
         }
     }
 
-    /// Sends `answer` and records what came of it; true when it is pending again (a retry)
-    /// or its record failed, so the loop looks at the store.
+    /// Sends `answer` and records what came of it; true when it is pending again (a retry),
+    /// its record failed or its claim was lost, so the loop looks at the store. The claim is
+    /// held (its lease renewed) until the outcome is recorded: a provider slower than the
+    /// lease does not get the answer twice.
     async fn execute(&self, answer: AnswerJob) -> bool {
-        self.pacing.wait(&answer.via).await;
-        let sent = self.client.send(&answer).await;
+        let hold = self.store.hold_answer_claim(&answer);
+        tokio::pin!(hold);
+        let sent = tokio::select! {
+            sent = async {
+                self.pacing.wait(&answer.via).await;
+                self.client.send(&answer).await
+            } => sent,
+            () = &mut hold => return true,
+        };
         let record = self.next_state(&answer, sent);
         let again = record.state == State::Pending;
-        if let Err(e) = self.store.record_answer(record).await {
+        let recorded = tokio::select! {
+            r = self.store.record_answer(record) => r,
+            () = &mut hold => return true,
+        };
+        if let Err(e) = recorded {
             tracing::error!(answer_id = answer.id, error = %e, "cannot record an answer back");
             return true;
         }

@@ -739,7 +739,11 @@ async fn a_renewed_lease_is_not_taken_over_and_a_lost_one_cannot_be_renewed() {
     let job = a.claim_due(1_000, 1).await.unwrap().remove(0);
     let lease = LEASE.as_millis() as i64;
     // Renewed just before it ran out: another relay finds nothing to take over.
-    assert!(a.renew(job.id, job.claim, 1_000 + lease - 1).await.unwrap());
+    assert!(
+        a.renew(Leased::Job, job.id, job.claim, 1_000 + lease - 1)
+            .await
+            .unwrap()
+    );
     assert_eq!(b.expire_leases(1_000 + lease + 1).await.unwrap(), 0);
     assert!(b.claim_due(1_000 + lease + 1, 10).await.unwrap().is_empty());
     // Not renewed: it runs out, the other relay claims it, and the first cannot renew.
@@ -747,8 +751,59 @@ async fn a_renewed_lease_is_not_taken_over_and_a_lost_one_cannot_be_renewed() {
     assert_eq!(b.expire_leases(late).await.unwrap(), 1);
     let taken = b.claim_due(late, 10).await.unwrap().remove(0);
     assert_eq!(taken.id, job.id);
-    assert!(!a.renew(job.id, job.claim, late).await.unwrap());
-    assert!(b.renew(taken.id, taken.claim, late).await.unwrap());
+    assert!(!a.renew(Leased::Job, job.id, job.claim, late).await.unwrap());
+    assert!(
+        b.renew(Leased::Job, taken.id, taken.claim, late)
+            .await
+            .unwrap()
+    );
+}
+
+#[tokio::test]
+async fn a_renewed_answer_lease_is_not_taken_over_and_a_lost_one_cannot_be_renewed() {
+    let Some((_db, a, b)) = two_stores().await else {
+        return;
+    };
+    a.write(&[delivery("d", &[(Action::Approve, "r")])], &[], 1_000)
+        .await
+        .unwrap();
+    let job = a.claim_due(1_000, 1).await.unwrap().remove(0);
+    let mut rec = done(&job, State::Succeeded);
+    rec.answers = vec![NewAnswer {
+        via: "pagerduty".into(),
+        kind: "note".into(),
+        target: r#"{"incident":"P1"}"#.into(),
+        body: r#"{"note":{"content":"done"}}"#.into(),
+    }];
+    a.write(&[], &[rec], 2_000).await.unwrap();
+    let answer = a.claim_answers(2_000, 1).await.unwrap().remove(0);
+    let lease = LEASE.as_millis() as i64;
+    // Renewed just before it ran out: another relay finds nothing to take over.
+    assert!(
+        a.renew(Leased::Answer, answer.id, answer.claim, 2_000 + lease - 1)
+            .await
+            .unwrap()
+    );
+    assert!(
+        b.claim_answers(2_000 + lease + 1, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    // Not renewed: it runs out, the other relay claims it, and the first cannot renew.
+    let late = 2_000 + 2 * lease + 1;
+    let taken = b.claim_answers(late, 10).await.unwrap().remove(0);
+    assert_eq!(taken.id, answer.id);
+    assert!(
+        !a.renew(Leased::Answer, answer.id, answer.claim, late)
+            .await
+            .unwrap()
+    );
+    assert!(
+        b.renew(Leased::Answer, taken.id, taken.claim, late)
+            .await
+            .unwrap()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

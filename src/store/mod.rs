@@ -20,7 +20,7 @@ use crate::domain::{Action, Binding};
 use crate::policy::Decision;
 
 pub use location::{PgLocation, StoreLocation};
-pub use postgres::PgStore;
+pub use postgres::{Leased, PgStore};
 pub use sqlite::SqliteStore;
 
 /// A decision's life: `pending` → `sending` → `succeeded` | `rejected` | `dead` (or `dry_run`).
@@ -749,9 +749,16 @@ impl StoreHandle {
     /// if the claim is lost, and then the call must be dropped. Never returns on SQLite, where
     /// one relay owns the store.
     pub async fn hold_claim(&self, job: &Job) {
+        self.hold(Leased::Job, job.id, job.claim).await;
+    }
+    /// Keeps the claim on `answer` while it is being sent, as `hold_claim` does for a job.
+    pub async fn hold_answer_claim(&self, answer: &AnswerJob) {
+        self.hold(Leased::Answer, answer.id, answer.claim).await;
+    }
+    async fn hold(&self, what: Leased, id: i64, claim: i64) {
         match &self.backend {
             Backend::Sqlite(_) => std::future::pending().await,
-            Backend::Postgres(pg) => pg.hold_claim(job).await,
+            Backend::Postgres(pg) => pg.hold_claim(what, id, claim).await,
         }
     }
     /// Whether the store can take a write now. On SQLite it goes through the writer thread

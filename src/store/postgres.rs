@@ -486,6 +486,36 @@ const POOL_SIZE: usize = 10;
 const WRITERS: usize = 2;
 /// The longest any one operation may take before the database counts as unreachable.
 const OP_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What a claim lease is held on: a P0 call's job, or an answer back. Each is renewed while
+/// its call is under way, so a call longer than the lease is not taken over and sent again.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Leased {
+    Job,
+    Answer,
+}
+
+impl Leased {
+    fn renewal(self) -> &'static str {
+        match self {
+            Leased::Job => {
+                "UPDATE jobs SET lease_until = $3
+                 WHERE id = $1 AND claim_token = $2 AND state = 'sending'"
+            }
+            Leased::Answer => {
+                "UPDATE answers SET lease_until = $3
+                 WHERE id = $1 AND claim_token = $2 AND state = 'sending'"
+            }
+        }
+    }
+
+    fn as_str(self) -> &'static str {
+        match self {
+            Leased::Job => "job",
+            Leased::Answer => "answer",
+        }
+    }
+}
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -874,18 +904,19 @@ impl PgStore {
     }
 
     /// Extends the lease on a claimed job; `false` when the claim is no longer this one.
-    pub async fn renew(&self, job_id: i64, claim: i64, now_ms: i64) -> Result<bool, StoreError> {
+    pub async fn renew(
+        &self,
+        what: Leased,
+        id: i64,
+        claim: i64,
+        now_ms: i64,
+    ) -> Result<bool, StoreError> {
         let until = now_ms.saturating_add(ms(self.lease));
         let limit = (self.lease / 3).clamp(Duration::from_millis(200), OP_TIMEOUT);
         let n = self
             .run("lease renewal", limit, async |c| {
-                let stmt = c
-                    .prepare_cached(
-                        "UPDATE jobs SET lease_until = $3
-                         WHERE id = $1 AND claim_token = $2 AND state = 'sending'",
-                    )
-                    .await?;
-                c.execute(&stmt, &[&job_id, &claim, &until]).await
+                let stmt = c.prepare_cached(what.renewal()).await?;
+                c.execute(&stmt, &[&id, &claim, &until]).await
             })
             .await?;
         Ok(n == 1)
@@ -1470,29 +1501,32 @@ impl Shared {
         }
     }
 
-    /// Keeps the lease on `job` alive; returns only when the claim is lost (taken over, or
-    /// not renewable for as long as the lease lasts), after which its call must be dropped.
-    pub async fn hold_claim(&self, job: &Job) {
+    /// Keeps the lease on `what` `id` (claimed as `claim`) alive; returns only when the claim
+    /// is lost (taken over, or not renewable for as long as the lease lasts), after which its
+    /// call must be dropped.
+    pub async fn hold_claim(&self, what: Leased, id: i64, claim: i64) {
         let lease = self.store.lease;
         let margin = lease / 6;
         let mut deadline = Instant::now() + lease - margin;
+        let held = what.as_str();
         loop {
             tokio::time::sleep(lease / 3).await;
-            match self.store.renew(job.id, job.claim, now_ms()).await {
+            match self.store.renew(what, id, claim, now_ms()).await {
                 Ok(true) => deadline = Instant::now() + lease - margin,
                 Ok(false) => {
                     tracing::warn!(
-                        job_id = job.id,
+                        held,
+                        id,
                         "claim taken over by another relay; this relay drops its call"
                     );
                     return;
                 }
                 Err(e) if Instant::now() >= deadline => {
-                    tracing::warn!(job_id = job.id, error = %e,
+                    tracing::warn!(held, id, error = %e,
                         "claim lease could not be renewed before it ran out; this relay drops its call");
                     return;
                 }
-                Err(e) => tracing::warn!(job_id = job.id, error = %e, "cannot renew a claim lease"),
+                Err(e) => tracing::warn!(held, id, error = %e, "cannot renew a claim lease"),
             }
         }
     }

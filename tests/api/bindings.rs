@@ -842,6 +842,67 @@ async fn on_postgresql_a_resolve_revokes_and_answers_too() {
     conforms("pagerduty-feedback.json", &notes);
 }
 
+/// On PostgreSQL an answer back held longer than the claim lease (a slow provider) is not
+/// sent twice: the relay sending it renews its claim while the call is under way, as it
+/// does for P0 calls, so neither it nor another relay on the database claims it again.
+/// (Unrenewed, every attempt is taken over before it ends: the answer is sent again and
+/// again and never recorded.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_postgresql_an_answer_longer_than_the_lease_is_not_sent_twice() {
+    let Some(db) = crate::common::pg::TestDb::create().await else {
+        return;
+    };
+    let github = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path_regex(r"/reactions$"))
+        .respond_with(
+            ResponseTemplate::new(201)
+                .set_body_json(json!({"id": 1, "content": "+1"}))
+                .set_delay(Duration::from_millis(1800)),
+        )
+        .mount(&github)
+        .await;
+    let elsewhere = MockServer::start().await;
+    let mut relays = Vec::new();
+    for _ in 0..2 {
+        let t = spawn_with(Setup {
+            vars: answer_vars(),
+            top: answers_yaml(&github.uri(), &elsewhere.uri(), &elsewhere.uri()),
+            store_url: Some(db.url()),
+            store_extra: "  claim_lease: 1s\n".into(),
+            ..Setup::default()
+        })
+        .await;
+        t.p0_ok().await;
+        relays.push(t);
+    }
+    let (status, ans) = relays[0]
+        .post(&Hook::comment("slow-answer", "/p0 approve req-slow-answer"))
+        .await;
+    assert_eq!(status, 202, "{ans}");
+    let started = std::time::Instant::now();
+    while db
+        .query_i64("SELECT COUNT(*) FROM answers WHERE state = 'succeeded'")
+        .await
+        < 1
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the answer was not recorded"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Long enough for a lease that was let go to run out and be claimed again.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let reactions = github.received_requests().await.unwrap_or_default();
+    assert_eq!(reactions.len(), 1, "one reaction, sent once");
+    assert_eq!(
+        db.query_i64("SELECT attempts::BIGINT FROM answers").await,
+        1,
+        "one attempt recorded"
+    );
+}
+
 #[tokio::test]
 async fn an_answer_that_keeps_failing_is_dead_after_its_max_age() {
     let providers = Providers::start().await;
