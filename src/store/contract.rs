@@ -806,6 +806,54 @@ async fn a_renewed_answer_lease_is_not_taken_over_and_a_lost_one_cannot_be_renew
     );
 }
 
+/// A subject's end on one relay and an approve of one of its requests under another subject
+/// on another relay, at the same moment, come out as if one came first: either the end
+/// revokes the request and the new approve follows the revoke, or the end finds the request
+/// granted under the other subject now and leaves it. Never a revoke queued behind the new
+/// approve, which would take away access the other subject still asks for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_end_and_an_approve_under_another_subject_at_once_come_out_in_some_order() {
+    let Some((db, a, b)) = two_stores().await else {
+        return;
+    };
+    let raw = db.raw().await;
+    for i in 0..100 {
+        let (req, s1, s2) = (format!("r{i}"), format!("S{i}"), format!("T{i}"));
+        let approve = on_subject(&format!("a{i}"), &[(Action::Approve, &req)], &s1, false);
+        a.write(&[approve], &[], 1_000).await.unwrap();
+        let end = [on_subject(&format!("e{i}"), &[], &s1, true)];
+        let other = [on_subject(
+            &format!("o{i}"),
+            &[(Action::Approve, &req)],
+            &s2,
+            false,
+        )];
+        let (ra, rb) = tokio::join!(a.write(&end, &[], 1_000), b.write(&other, &[], 1_000));
+        let (_ra, _rb) = (ra.unwrap(), rb.unwrap());
+        let order: Vec<String> = raw
+            .query(
+                "SELECT action || ' ' || subject FROM jobs WHERE request_id = $1 ORDER BY id",
+                &[&req],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        let first = format!("approve {s1}");
+        assert!(
+            order
+                == [
+                    first.clone(),
+                    format!("revoke {s1}"),
+                    format!("approve {s2}")
+                ]
+                || order == [first, format!("approve {s2}")],
+            "round {i}: {order:?}"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_relays_opening_a_fresh_database_at_once_migrate_it_once() {
     let Some(db) = TestDb::create().await else {
@@ -841,7 +889,77 @@ async fn ten_relays_opening_a_fresh_database_at_once_migrate_it_once() {
     }
 }
 
-const MIGRATIONS_PG_LEN: usize = 4;
+const MIGRATIONS_PG_LEN: usize = 5;
+
+/// A database left at the schema before the last (by relays of the previous release), with
+/// work in it, is migrated by a relay of this one at start, and that work goes on: here an
+/// approve taken before is revoked by its subject's end after.
+#[tokio::test]
+async fn a_database_at_the_previous_schema_is_migrated_and_its_work_goes_on() {
+    let Some(db) = TestDb::create().await else {
+        return;
+    };
+    let previous = super::postgres::MIGRATIONS.len() - 1;
+    {
+        let mut raw = db.raw().await;
+        let tx = raw.transaction().await.unwrap();
+        tx.batch_execute(
+            "CREATE TABLE p0_relay_schema (
+                 version INTEGER PRIMARY KEY, applied_at TIMESTAMPTZ NOT NULL DEFAULT now())",
+        )
+        .await
+        .unwrap();
+        for (i, sql) in super::postgres::MIGRATIONS[..previous].iter().enumerate() {
+            tx.batch_execute(sql).await.unwrap();
+            tx.execute(
+                "INSERT INTO p0_relay_schema (version) VALUES ($1)",
+                &[&(i as i32 + 1)],
+            )
+            .await
+            .unwrap();
+        }
+        tx.commit().await.unwrap();
+    }
+    // An approve written as the previous release writes it (the same function, called the
+    // same way), before the upgrade.
+    let raw = db.raw().await;
+    raw.execute(
+        "SELECT p0_relay_write($1::TEXT::JSONB, '{}'::BYTEA[], '[]'::JSONB, 1000, 0, 0)",
+        &[&serde_json::json!([{
+            "source": "pagerduty", "dedup_key": "before", "received_at": 1000, "rule": "r",
+            "actor": null, "subject": "P1", "reply": null, "ends_subject": false,
+            "decisions": [{"org": "acme", "request_id": "r1", "action": "approve",
+                           "expiration": "1h"}]
+        }])
+        .to_string()],
+    )
+    .await
+    .unwrap();
+    let s = PgStore::open(&db.location(), WINDOWS, false, LEASE)
+        .await
+        .unwrap();
+    let versions: i32 = raw
+        .query_one("SELECT MAX(version) FROM p0_relay_schema", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(versions as usize, MIGRATIONS_PG_LEN);
+    let mut end = on_subject("after", &[], "P1", true);
+    end.source = "pagerduty".into();
+    let accepted = s
+        .write(&[end], &[], 2_000)
+        .await
+        .unwrap()
+        .remove(0)
+        .unwrap();
+    assert_eq!(
+        bound(&accepted)
+            .iter()
+            .map(|(r, _)| r.as_str())
+            .collect::<Vec<_>>(),
+        vec!["r1"]
+    );
+}
 
 #[tokio::test]
 async fn pruning_is_done_by_one_relay_at_a_time() {

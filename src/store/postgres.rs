@@ -23,7 +23,7 @@ use super::{
 use crate::domain::{Action, Expiration};
 
 /// Each entry moves the schema one version forward; never edit one that has shipped.
-const MIGRATIONS: &[&str] = &[
+pub(super) const MIGRATIONS: &[&str] = &[
     r#"
 CREATE TABLE deliveries (
     id          BIGSERIAL PRIMARY KEY,
@@ -462,6 +462,58 @@ BEGIN
         END IF;
     END LOOP;
     RETURN jsonb_build_object('results', results, 'ignored', ignored);
+END
+$fn$;
+"#,
+    r#"
+-- The end of a subject also locks every request it may revoke. Its subject's lock keeps new
+-- approves under that subject out, but an approve of one of its requests under another
+-- subject, committing on another relay at the same moment, could be read too late: the end
+-- saw the request as still granted under its subject, the other saw the end's revoke not yet
+-- committed, and the revoke was queued behind the new approve, taking away access the other
+-- subject still asked for. Now the end takes each such request's coalescing lock (7001) as
+-- well, so the two come out in one order or the other. The requests are read once the
+-- subject's lock is held (no approve under it can be added meanwhile) and locked with the
+-- batch's own in one ordered pass; the function that writes the batch, renamed, takes the
+-- same locks again at no cost.
+ALTER FUNCTION p0_relay_write_each(JSONB, BYTEA[], JSONB, BIGINT, BIGINT, BIGINT)
+    RENAME TO p0_relay_write_each_locked;
+CREATE FUNCTION p0_relay_write_each(deliveries JSONB, payloads BYTEA[], records JSONB,
+                                    now_ms BIGINT, dedup_since BIGINT, coalesce_since BIGINT)
+RETURNS JSONB LANGUAGE plpgsql AS $fn$
+DECLARE
+    k      INTEGER;
+    ending BOOLEAN;
+BEGIN
+    FOR k, ending IN
+        SELECT hashtext((e ->> 'source') || '/' || (e ->> 'subject')),
+               bool_or(COALESCE((e ->> 'ends_subject')::BOOLEAN, false))
+        FROM jsonb_array_elements(deliveries) e
+        WHERE e ->> 'subject' IS NOT NULL
+        GROUP BY 1
+        ORDER BY 1
+    LOOP
+        IF ending THEN
+            PERFORM pg_advisory_xact_lock(7002, k);
+        ELSE
+            PERFORM pg_advisory_xact_lock_shared(7002, k);
+        END IF;
+    END LOOP;
+    FOR k IN
+        SELECT hashtext((x ->> 'org') || '/' || (x ->> 'request_id'))
+        FROM jsonb_array_elements(deliveries) e, jsonb_array_elements(e -> 'decisions') x
+        UNION
+        SELECT hashtext(j.org || '/' || j.request_id)
+        FROM jsonb_array_elements(deliveries) e
+        JOIN jobs j ON j.source = e ->> 'source' AND j.subject = e ->> 'subject'
+        WHERE COALESCE((e ->> 'ends_subject')::BOOLEAN, false)
+          AND j.action = 'approve' AND j.state IN ('pending', 'sending', 'succeeded', 'dry_run')
+        ORDER BY 1
+    LOOP
+        PERFORM pg_advisory_xact_lock(7001, k);
+    END LOOP;
+    RETURN p0_relay_write_each_locked(deliveries, payloads, records, now_ms, dedup_since,
+                                      coalesce_since);
 END
 $fn$;
 "#,
