@@ -728,6 +728,26 @@ async fn claims_by_two_relays_never_overlap() {
     assert_eq!(seen_a.len() + seen_b.len(), 60, "no job claimed twice");
 }
 
+/// Renewed just before it ran out, a lease is not taken over by another relay; not renewed,
+/// it runs out, the other relay claims what it held (`take`: that relay's claim at a time,
+/// giving IDs and claim tokens), and the first can no longer renew it.
+async fn renewal_keeps_a_claim(
+    (a, b): (&PgStore, &PgStore),
+    what: Leased,
+    (id, claim): (i64, i64),
+    at: i64,
+    take: impl AsyncFn(&PgStore, i64) -> Vec<(i64, i64)>,
+) {
+    let lease = LEASE.as_millis() as i64;
+    assert!(a.renew(what, id, claim, at + lease - 1).await.unwrap());
+    assert!(take(b, at + lease + 1).await.is_empty());
+    let late = at + 2 * lease + 1;
+    let taken = take(b, late).await;
+    assert_eq!(taken.iter().map(|t| t.0).collect::<Vec<_>>(), vec![id]);
+    assert!(!a.renew(what, id, claim, late).await.unwrap());
+    assert!(b.renew(what, taken[0].0, taken[0].1, late).await.unwrap());
+}
+
 #[tokio::test]
 async fn a_renewed_lease_is_not_taken_over_and_a_lost_one_cannot_be_renewed() {
     let Some((_db, a, b)) = two_stores().await else {
@@ -737,26 +757,11 @@ async fn a_renewed_lease_is_not_taken_over_and_a_lost_one_cannot_be_renewed() {
         .await
         .unwrap();
     let job = a.claim_due(1_000, 1).await.unwrap().remove(0);
-    let lease = LEASE.as_millis() as i64;
-    // Renewed just before it ran out: another relay finds nothing to take over.
-    assert!(
-        a.renew(Leased::Job, job.id, job.claim, 1_000 + lease - 1)
-            .await
-            .unwrap()
-    );
-    assert_eq!(b.expire_leases(1_000 + lease + 1).await.unwrap(), 0);
-    assert!(b.claim_due(1_000 + lease + 1, 10).await.unwrap().is_empty());
-    // Not renewed: it runs out, the other relay claims it, and the first cannot renew.
-    let late = 1_000 + 2 * lease + 1;
-    assert_eq!(b.expire_leases(late).await.unwrap(), 1);
-    let taken = b.claim_due(late, 10).await.unwrap().remove(0);
-    assert_eq!(taken.id, job.id);
-    assert!(!a.renew(Leased::Job, job.id, job.claim, late).await.unwrap());
-    assert!(
-        b.renew(Leased::Job, taken.id, taken.claim, late)
-            .await
-            .unwrap()
-    );
+    let take = async |s: &PgStore, at: i64| {
+        let jobs = s.claim_due(at, 10).await.unwrap();
+        jobs.iter().map(|j| (j.id, j.claim)).collect()
+    };
+    renewal_keeps_a_claim((&a, &b), Leased::Job, (job.id, job.claim), 1_000, take).await;
 }
 
 #[tokio::test]
@@ -777,40 +782,14 @@ async fn a_renewed_answer_lease_is_not_taken_over_and_a_lost_one_cannot_be_renew
     }];
     a.write(&[], &[rec], 2_000).await.unwrap();
     let answer = a.claim_answers(2_000, 1).await.unwrap().remove(0);
-    let lease = LEASE.as_millis() as i64;
-    // Renewed just before it ran out: another relay finds nothing to take over.
-    assert!(
-        a.renew(Leased::Answer, answer.id, answer.claim, 2_000 + lease - 1)
-            .await
-            .unwrap()
-    );
-    assert!(
-        b.claim_answers(2_000 + lease + 1, 10)
-            .await
-            .unwrap()
-            .is_empty()
-    );
-    // Not renewed: it runs out, the other relay claims it, and the first cannot renew.
-    let late = 2_000 + 2 * lease + 1;
-    let taken = b.claim_answers(late, 10).await.unwrap().remove(0);
-    assert_eq!(taken.id, answer.id);
-    assert!(
-        !a.renew(Leased::Answer, answer.id, answer.claim, late)
-            .await
-            .unwrap()
-    );
-    assert!(
-        b.renew(Leased::Answer, taken.id, taken.claim, late)
-            .await
-            .unwrap()
-    );
+    let take = async |s: &PgStore, at: i64| {
+        let answers = s.claim_answers(at, 10).await.unwrap();
+        answers.iter().map(|a| (a.id, a.claim)).collect()
+    };
+    let held = (answer.id, answer.claim);
+    renewal_keeps_a_claim((&a, &b), Leased::Answer, held, 2_000, take).await;
 }
 
-/// A subject's end on one relay and an approve of one of its requests under another subject
-/// on another relay, at the same moment, come out as if one came first: either the end
-/// revokes the request and the new approve follows the revoke, or the end finds the request
-/// granted under the other subject now and leaves it. Never a revoke queued behind the new
-/// approve, which would take away access the other subject still asks for.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_end_and_an_approve_under_another_subject_at_once_come_out_in_some_order() {
     let Some((db, a, b)) = two_stores().await else {
