@@ -1,7 +1,9 @@
 //! When a failed call is tried again: exponential backoff with full jitter, the sender's
-//! `Retry-After` honoured up to a cap, and the retry window; and how long a claim loop rests
-//! between looks. Shared by P0 calls and answers.
+//! `Retry-After` honoured up to a cap, and the retry window; how long a claim loop rests
+//! between looks; and an outcome's record tried again while its claim holds. Shared by P0
+//! calls and answers.
 
+use std::pin::Pin;
 use std::time::{Duration, Instant};
 
 use crate::config::RetrySettings;
@@ -100,6 +102,33 @@ impl Lookout {
             self.next_due
                 .map_or(poll, |due| millis_until(due, now_ms).min(poll))
         }
+    }
+}
+
+/// Stores an outcome that must not be lost while its claim holds: `record` is tried again
+/// after each failure (a database outage), 200 ms doubling to 2 s, until it succeeds (true)
+/// or `held` ends because the claim was lost (false; whoever holds it now sends the item
+/// again). `failed` is told each error and the wait before the next try.
+pub async fn until_recorded<E, F: Future<Output = Result<(), E>>>(
+    mut held: Pin<&mut impl Future<Output = ()>>,
+    mut record: impl FnMut() -> F,
+    failed: impl Fn(&E, Duration),
+) -> bool {
+    let mut wait = Duration::from_millis(200);
+    loop {
+        let result = tokio::select! {
+            r = record() => r,
+            () = held.as_mut() => return false,
+        };
+        let Err(e) = result else {
+            return true;
+        };
+        failed(&e, wait);
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            () = held.as_mut() => return false,
+        }
+        wait = (wait * 2).min(Duration::from_secs(2));
     }
 }
 

@@ -16,7 +16,7 @@ use crate::health::Health;
 use crate::metrics::Metrics;
 use crate::p0::{self, Outcome};
 use crate::ratelimit::KeyedLimit;
-use crate::retry::{Lookout, retry_at, saturating_i64};
+use crate::retry::{Lookout, retry_at, saturating_i64, until_recorded};
 use crate::store::{AttemptRecord, Job, State, StoreHandle, now_ms};
 
 /// Everything the worker needs; `client: None` is a dry run that calls nothing.
@@ -208,28 +208,23 @@ impl Worker {
         // A store that cannot write now (a database outage) gets the outcome later, with
         // backoff, for as long as the claim holds; after that the decision is sent again by
         // whichever relay claims it next (and after a stop, at the next start).
-        let answers = !record.answers.is_empty();
-        let mut wait = Duration::from_millis(200);
-        loop {
-            let result = tokio::select! {
-                r = self.store.record(record.clone()) => r,
-                () = &mut hold => return true,
-            };
-            let Err(e) = result else {
-                // The answers back created with this outcome go out now, not at the next poll.
-                if answers {
-                    self.answer_wake.notify_one();
-                }
-                return record.state == State::Pending;
-            };
-            tracing::error!(job_id = job.id, error = %e, retry_in_ms = wait.as_millis() as u64,
-                "cannot record the outcome of a P0 call");
-            tokio::select! {
-                _ = tokio::time::sleep(wait) => {}
-                () = &mut hold => return true,
-            }
-            wait = (wait * 2).min(Duration::from_secs(2));
+        let recorded = until_recorded(
+            hold,
+            || self.store.record(record.clone()),
+            |e, wait| {
+                tracing::error!(job_id = job.id, error = %e, retry_in_ms = wait.as_millis() as u64,
+                    "cannot record the outcome of a P0 call");
+            },
+        )
+        .await;
+        if !recorded {
+            return true;
         }
+        // The answers back created with this outcome go out now, not at the next poll.
+        if !record.answers.is_empty() {
+            self.answer_wake.notify_one();
+        }
+        record.state == State::Pending
     }
 
     async fn attempt(&self, job: &Job) -> AttemptRecord {

@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::RetrySettings;
 use crate::metrics::Metrics;
 use crate::ratelimit::KeyedLimit;
-use crate::retry::{Lookout, retry_at};
+use crate::retry::{Lookout, retry_at, until_recorded};
 use crate::store::{AnswerJob, AnswerRecord, State, StoreHandle, now_ms};
 
 pub use client::{Client, Sent};
@@ -95,10 +95,11 @@ impl Answerer {
         }
     }
 
-    /// Sends `answer` and records what came of it; true when it is pending again (a retry),
-    /// its record failed or its claim was lost, so the loop looks at the store. The claim is
-    /// held (its lease renewed) until the outcome is recorded: a provider slower than the
-    /// lease does not get the answer twice.
+    /// Sends `answer` and records what came of it; true when it is pending again (a retry) or
+    /// its claim was lost, so the loop looks at the store. The claim is held (its lease
+    /// renewed) until the outcome is recorded, and a record the store cannot take (an
+    /// outage) is tried again meanwhile, as the worker does: neither a provider slower than
+    /// the lease nor a short outage gets the answer sent twice.
     async fn execute(&self, answer: AnswerJob) -> bool {
         let hold = self.store.hold_answer_claim(&answer);
         tokio::pin!(hold);
@@ -110,16 +111,16 @@ impl Answerer {
             () = &mut hold => return true,
         };
         let record = self.next_state(&answer, sent);
-        let again = record.state == State::Pending;
-        let recorded = tokio::select! {
-            r = self.store.record_answer(record) => r,
-            () = &mut hold => return true,
-        };
-        if let Err(e) = recorded {
-            tracing::error!(answer_id = answer.id, error = %e, "cannot record an answer back");
-            return true;
-        }
-        again
+        let recorded = until_recorded(
+            hold,
+            || self.store.record_answer(record.clone()),
+            |e, wait| {
+                tracing::error!(answer_id = answer.id, error = %e,
+                    retry_in_ms = wait.as_millis() as u64, "cannot record an answer back");
+            },
+        )
+        .await;
+        !recorded || record.state == State::Pending
     }
 
     fn next_state(&self, answer: &AnswerJob, sent: Sent) -> AnswerRecord {

@@ -758,6 +758,7 @@ async fn a_renewed_lease_is_not_taken_over_and_a_lost_one_cannot_be_renewed() {
         .unwrap();
     let job = a.claim_due(1_000, 1).await.unwrap().remove(0);
     let take = async |s: &PgStore, at: i64| {
+        s.expire_leases(at).await.unwrap();
         let jobs = s.claim_due(at, 10).await.unwrap();
         jobs.iter().map(|j| (j.id, j.claim)).collect()
     };
@@ -899,21 +900,30 @@ async fn a_database_at_the_previous_schema_is_migrated_and_its_work_goes_on() {
         }
         tx.commit().await.unwrap();
     }
-    // An approve written as the previous release writes it (the same function, called the
-    // same way), before the upgrade.
+    // A relay of the previous release: an approve under P1, and an end of P0 (which sends its
+    // session through `p0_relay_write_each` before the upgrade).
     let raw = db.raw().await;
-    raw.execute(
-        "SELECT p0_relay_write($1::TEXT::JSONB, '{}'::BYTEA[], '[]'::JSONB, 1000, 0, 0)",
-        &[&serde_json::json!([{
-            "source": "pagerduty", "dedup_key": "before", "received_at": 1000, "rule": "r",
-            "actor": null, "subject": "P1", "reply": null, "ends_subject": false,
-            "decisions": [{"org": "acme", "request_id": "r1", "action": "approve",
-                           "expiration": "1h"}]
-        }])
-        .to_string()],
-    )
-    .await
-    .unwrap();
+    let write = async |key: &str, subject: &str, ends: bool, decisions: serde_json::Value| {
+        let batch = serde_json::json!([{
+            "source": "pagerduty", "dedup_key": key, "received_at": 1000, "rule": "r",
+            "actor": null, "subject": subject, "reply": null, "ends_subject": ends,
+            "decisions": decisions
+        }]);
+        let out: String = raw
+            .query_one(
+                "SELECT p0_relay_write($1::TEXT::JSONB, '{}'::BYTEA[], '[]'::JSONB, 1000, 0, 0)::TEXT",
+                &[&batch.to_string()],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        serde_json::from_str::<serde_json::Value>(&out).unwrap()
+    };
+    let approve = serde_json::json!([{"org": "acme", "request_id": "r1", "action": "approve",
+                                      "expiration": "1h"}]);
+    write("before", "P1", false, approve).await;
+    write("other", "P0", true, serde_json::json!([])).await;
+    // A relay of this release starts and migrates the database.
     let s = PgStore::open(&db.location(), WINDOWS, false, LEASE)
         .await
         .unwrap();
@@ -923,20 +933,17 @@ async fn a_database_at_the_previous_schema_is_migrated_and_its_work_goes_on() {
         .unwrap()
         .get(0);
     assert_eq!(versions as usize, MIGRATIONS_PG_LEN);
-    let mut end = on_subject("after", &[], "P1", true);
-    end.source = "pagerduty".into();
-    let accepted = s
-        .write(&[end], &[], 2_000)
-        .await
-        .unwrap()
-        .remove(0)
-        .unwrap();
+    // The old relay's session still writes; its end of P1 revokes the approve taken before.
+    let ended = write("after", "P1", true, serde_json::json!([])).await;
+    let bound = &ended["results"][0]["bound"];
+    assert_eq!(bound[0][2], "r1", "{ended}");
+    // And the new relay works on the same data.
+    let jobs = s.claim_due(2_000, 10).await.unwrap();
     assert_eq!(
-        bound(&accepted)
-            .iter()
-            .map(|(r, _)| r.as_str())
+        jobs.iter()
+            .map(|j| (j.request_id.as_str(), j.action.as_str()))
             .collect::<Vec<_>>(),
-        vec!["r1"]
+        vec![("r1", "approve")]
     );
 }
 

@@ -473,7 +473,8 @@ $fn$;
 -- committed, and the revoke was queued behind the new approve, taking away access the other
 -- subject still asked for. Now the end takes each such request's coalescing lock (7001) as
 -- well, so the two come out in one order or the other. The requests are read once the
--- subject's lock is held (no approve under it can be added meanwhile) and locked with the
+-- subject's lock is held (no approve under it can be added meanwhile), every approve under
+-- it whatever its state (one replayed meanwhile is pending again), and locked with the
 -- batch's own in one ordered pass; the function that writes the batch, renamed, takes the
 -- same locks again at no cost.
 ALTER FUNCTION p0_relay_write_each(JSONB, BYTEA[], JSONB, BIGINT, BIGINT, BIGINT)
@@ -506,8 +507,7 @@ BEGIN
         SELECT hashtext(j.org || '/' || j.request_id)
         FROM jsonb_array_elements(deliveries) e
         JOIN jobs j ON j.source = e ->> 'source' AND j.subject = e ->> 'subject'
-        WHERE COALESCE((e ->> 'ends_subject')::BOOLEAN, false)
-          AND j.action = 'approve' AND j.state IN ('pending', 'sending', 'succeeded', 'dry_run')
+        WHERE COALESCE((e ->> 'ends_subject')::BOOLEAN, false) AND j.action = 'approve'
         ORDER BY 1
     LOOP
         PERFORM pg_advisory_xact_lock(7001, k);
@@ -558,13 +558,6 @@ impl Leased {
                 "UPDATE answers SET lease_until = $3
                  WHERE id = $1 AND claim_token = $2 AND state = 'sending'"
             }
-        }
-    }
-
-    fn as_str(self) -> &'static str {
-        match self {
-            Leased::Job => "job",
-            Leased::Answer => "answer",
         }
     }
 }
@@ -1560,25 +1553,29 @@ impl Shared {
         let lease = self.store.lease;
         let margin = lease / 6;
         let mut deadline = Instant::now() + lease - margin;
-        let held = what.as_str();
+        // Logged as the rest of the relay names them.
+        let job_id = (what == Leased::Job).then_some(id);
+        let answer_id = (what == Leased::Answer).then_some(id);
         loop {
             tokio::time::sleep(lease / 3).await;
             match self.store.renew(what, id, claim, now_ms()).await {
                 Ok(true) => deadline = Instant::now() + lease - margin,
                 Ok(false) => {
                     tracing::warn!(
-                        held,
-                        id,
+                        job_id,
+                        answer_id,
                         "claim taken over by another relay; this relay drops its call"
                     );
                     return;
                 }
                 Err(e) if Instant::now() >= deadline => {
-                    tracing::warn!(held, id, error = %e,
+                    tracing::warn!(job_id, answer_id, error = %e,
                         "claim lease could not be renewed before it ran out; this relay drops its call");
                     return;
                 }
-                Err(e) => tracing::warn!(held, id, error = %e, "cannot renew a claim lease"),
+                Err(e) => {
+                    tracing::warn!(job_id, answer_id, error = %e, "cannot renew a claim lease")
+                }
             }
         }
     }

@@ -942,6 +942,88 @@ async fn an_answer_that_keeps_failing_is_dead_after_its_max_age() {
     );
 }
 
+/// An answer sent while the store cannot take its outcome (a disk gone read-only for a
+/// moment) is recorded once the store is back, and not sent again: the answer loop keeps
+/// trying the record, as the worker does with a P0 call's outcome.
+#[tokio::test]
+async fn an_answer_whose_outcome_cannot_be_stored_at_once_is_recorded_after_and_sent_once() {
+    let github = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path_regex(r"/reactions$"))
+        .respond_with(
+            ResponseTemplate::new(201)
+                .set_body_json(json!({"id": 1, "content": "+1"}))
+                .set_delay(Duration::from_millis(300)),
+        )
+        .mount(&github)
+        .await;
+    let elsewhere = tempfile::tempdir().unwrap();
+    let db = elsewhere.path().join("given.db");
+    let windows = Windows {
+        dedup: Duration::from_secs(3600),
+        coalesce: Duration::from_secs(600),
+    };
+    let given = Watched::new(SqliteStore::open(&db, windows, false).unwrap());
+    let (refusing, refused) = (given.refusing.clone(), given.refused_answer_records.clone());
+    let t = spawn_with(Setup {
+        vars: answer_vars(),
+        top: answers_yaml(&github.uri(), &github.uri(), &github.uri()),
+        store: Some(Box::new(given)),
+        ..Setup::default()
+    })
+    .await;
+    t.p0_ok().await;
+    let (status, ans) = t
+        .post(&Hook::comment(
+            "outage-answer",
+            "/p0 approve req-outage-answer",
+        ))
+        .await;
+    assert_eq!(status, 202, "{ans}");
+    // The reaction is under way (GitHub takes 300 ms): the store goes away meanwhile.
+    let started = std::time::Instant::now();
+    while github
+        .received_requests()
+        .await
+        .unwrap_or_default()
+        .is_empty()
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "no reaction sent"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    refusing.store(true, std::sync::atomic::Ordering::SeqCst);
+    while refused.load(std::sync::atomic::Ordering::SeqCst) < 1 {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "no record tried"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    refusing.store(false, std::sync::atomic::Ordering::SeqCst);
+    let store = rusqlite::Connection::open(&db).unwrap();
+    let started = std::time::Instant::now();
+    loop {
+        let (state, attempts): (String, i64) = store
+            .query_row("SELECT state, attempts FROM answers", [], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+            .unwrap();
+        if state == "succeeded" {
+            assert_eq!(attempts, 1);
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "the answer was not recorded after the outage: {state}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    exactly(&github, 1).await;
+}
+
 /// The answer loop, like the worker, does not go back to the store after every answer it
 /// sends: what finds nothing is its first look and its rests (one per 500 ms without new
 /// answers). Each comment's +1 still goes out once its approve is done.

@@ -697,6 +697,8 @@ pub struct Watched {
     /// While set, the questions after a claim (when the next job falls due, which jobs in
     /// flight others wait behind) fail.
     pub failing_questions: Arc<AtomicBool>,
+    /// Answer outcomes refused while `refusing` was set.
+    pub refused_answer_records: Arc<AtomicUsize>,
 }
 
 impl Watched {
@@ -707,6 +709,7 @@ impl Watched {
             empty_claims: Arc::default(),
             empty_answer_claims: Arc::default(),
             failing_questions: Arc::default(),
+            refused_answer_records: Arc::default(),
         }
     }
 
@@ -777,6 +780,10 @@ impl Store for Watched {
         Ok(answers)
     }
     fn record_answer(&mut self, rec: &AnswerRecord) -> Result<(), StoreError> {
+        if let Err(e) = self.check() {
+            self.refused_answer_records.fetch_add(1, Ordering::SeqCst);
+            return Err(e);
+        }
         self.inner.record_answer(rec)
     }
     fn next_answer_due(&mut self) -> Result<Option<i64>, StoreError> {
