@@ -15,7 +15,7 @@ use crate::config::Settings;
 use crate::domain::printable;
 use crate::env::Env;
 use crate::mapping::{Input, MappingSet, cases};
-use crate::store::{self, ListFilter, Replay, State, StoreLocation, Windows};
+use crate::store::{self, ListFilter, Replay, Replayed, State, StoreLocation, Windows};
 
 /// `println!` for this module: the line is printed through `terminal_safe`.
 macro_rules! say {
@@ -877,18 +877,37 @@ async fn jobs_command(store: &store::StoreHandle, command: JobsCommand) -> ExitC
                 (None, true) => Replay::AllDead,
                 _ => return fail(&["name a job ID or --dead".into()]),
             };
-            store.replay(which).await.map(|ids| {
-                if ids.is_empty() {
-                    say!("nothing to replay (only dead or rejected jobs can be replayed)");
-                } else {
-                    say!("queued again: {ids:?}; a running relay picks them up within a second");
-                }
-            })
+            match store.replay(which).await {
+                Ok(replayed) => return replay_said(&replayed, id),
+                Err(e) => Err(e),
+            }
         }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(&[e.to_string()]),
+    }
+}
+
+/// What `jobs replay` says, and its exit code: a named job left because a later decision on
+/// its request overtook it is a failure (exit 1); with `--dead`, those left are listed.
+fn replay_said(replayed: &Replayed, named: Option<i64>) -> ExitCode {
+    for (id, latest) in &replayed.overtaken {
+        say!(
+            "job {id} not replayed: job {latest} is a later decision on the same request, and sending job {id} now would undo it"
+        );
+    }
+    if !replayed.queued.is_empty() {
+        say!(
+            "queued again: {:?}; a running relay picks them up within a second",
+            replayed.queued
+        );
+    } else if replayed.overtaken.is_empty() {
+        say!("nothing to replay (only dead or rejected jobs can be replayed)");
+    }
+    match named {
+        Some(_) if !replayed.overtaken.is_empty() => ExitCode::FAILURE,
+        _ => ExitCode::SUCCESS,
     }
 }
 

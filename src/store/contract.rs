@@ -173,7 +173,7 @@ impl Backend {
             Backend::Pg(_, s) => s.show(id).await.unwrap(),
         }
     }
-    async fn replay(&mut self, which: Replay, now: i64) -> Vec<i64> {
+    async fn replay(&mut self, which: Replay, now: i64) -> Replayed {
         match self {
             Backend::Sqlite(_, s) => s.replay(which, now).unwrap(),
             Backend::Pg(_, s) => s.replay(which, now).await.unwrap(),
@@ -471,6 +471,49 @@ async fn a_batch_of_distinct_deliveries_dedups_and_coalesces_against_earlier_one
     );
 }
 
+contract!(a_replay_never_undoes_a_later_decision);
+async fn a_replay_never_undoes_a_later_decision(mut s: Backend) {
+    // r1: an approve that died, then a revoke that went through. r2: an approve that died.
+    s.accept(delivery("d1", &[(Action::Approve, "r1")]), 1_000)
+        .await;
+    s.accept(delivery("d2", &[(Action::Approve, "r2")]), 1_000)
+        .await;
+    let first = s.claim_due(1_000, 10).await;
+    let dead: Vec<AttemptRecord> = first.iter().map(|j| done(j, State::Dead)).collect();
+    s.write(&[], &dead, 2_000).await.unwrap();
+    s.accept(delivery("d3", &[(Action::Revoke, "r1")]), 2_000)
+        .await;
+    let revoke = s.claim_due(2_000, 10).await;
+    assert_eq!(revoke.len(), 1);
+    s.write(&[], &[done(&revoke[0], State::Succeeded)], 2_000)
+        .await
+        .unwrap();
+    let (approve_r1, approve_r2, revoke_r1) = (first[0].id, first[1].id, revoke[0].id);
+    // Named: r1's approve is left, with the revoke that overtook it.
+    assert_eq!(
+        s.replay(Replay::One(approve_r1), 3_000).await,
+        Replayed {
+            queued: vec![],
+            overtaken: vec![(approve_r1, revoke_r1)],
+        }
+    );
+    // All dead: r2's approve goes, r1's stays.
+    assert_eq!(
+        s.replay(Replay::AllDead, 3_000).await,
+        Replayed {
+            queued: vec![approve_r2],
+            overtaken: vec![(approve_r1, revoke_r1)],
+        }
+    );
+    let left = s.show(approve_r1).await.unwrap();
+    assert_eq!(left.job.state.as_str(), "dead");
+    let again = s.claim_due(3_000, 10).await;
+    assert_eq!(
+        again.iter().map(|j| j.id).collect::<Vec<_>>(),
+        vec![approve_r2]
+    );
+}
+
 contract!(claims_recovery_replay_and_prune);
 async fn claims_recovery_replay_and_prune(mut s: Backend) {
     s.accept(
@@ -520,10 +563,10 @@ async fn claims_recovery_replay_and_prune(mut s: Backend) {
     );
     assert_eq!(
         s.replay(Replay::One(1), 3_000).await,
-        Vec::<i64>::new(),
+        Replayed::default(),
         "succeeded is not replayable"
     );
-    assert_eq!(s.replay(Replay::AllDead, 3_000).await, vec![2]);
+    assert_eq!(s.replay(Replay::AllDead, 3_000).await.queued, vec![2]);
     let detail = s.show(2).await.unwrap();
     assert_eq!(
         (detail.job.state.as_str(), detail.job.attempts),

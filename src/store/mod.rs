@@ -324,6 +324,15 @@ pub enum Replay {
     AllDead,
 }
 
+/// What a replay did: the jobs queued again, and those left where they were because a later
+/// decision on their request has overtaken them (each with the latest job on its request):
+/// sent now, an old approve would undo the revoke after it (one a subject's end made, say).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Replayed {
+    pub queued: Vec<i64>,
+    pub overtaken: Vec<(i64, i64)>,
+}
+
 /// Windows that decide what counts as the same delivery or the same decision.
 #[derive(Debug, Clone, Copy)]
 pub struct Windows {
@@ -374,8 +383,9 @@ pub trait Store: Send {
     fn counts(&mut self) -> Result<Counts, StoreError>;
     fn list(&mut self, filter: &ListFilter) -> Result<Vec<JobSummary>, StoreError>;
     fn show(&mut self, id: i64) -> Result<Option<JobDetail>, StoreError>;
-    /// Makes dead (or rejected, when named) jobs pending again; returns their IDs.
-    fn replay(&mut self, which: Replay, now_ms: i64) -> Result<Vec<i64>, StoreError>;
+    /// Makes dead (or rejected, when named) jobs pending again, each only while it is still
+    /// the latest decision on its request.
+    fn replay(&mut self, which: Replay, now_ms: i64) -> Result<Replayed, StoreError>;
     /// Forgets finished jobs and deliveries older than `older_than_ms`.
     fn prune(&mut self, older_than_ms: i64) -> Result<usize, StoreError>;
     /// A cheap check, run every second or so, that the store can take a write now; what
@@ -417,7 +427,7 @@ enum Other {
         oneshot::Sender<Result<Vec<JobSummary>, StoreError>>,
     ),
     Show(i64, oneshot::Sender<Result<Option<JobDetail>, StoreError>>),
-    Replay(Replay, oneshot::Sender<Result<Vec<i64>, StoreError>>),
+    Replay(Replay, oneshot::Sender<Result<Replayed, StoreError>>),
     ClaimAnswers(
         usize,
         oneshot::Sender<Result<Claimed<AnswerJob>, StoreError>>,
@@ -696,7 +706,7 @@ impl StoreHandle {
             Backend::Postgres(pg) => pg.store.show(id).await,
         }
     }
-    pub async fn replay(&self, which: Replay) -> Result<Vec<i64>, StoreError> {
+    pub async fn replay(&self, which: Replay) -> Result<Replayed, StoreError> {
         match &self.backend {
             Backend::Sqlite(tx) => Self::call(tx, |r| Op::Other(Other::Replay(which, r))).await,
             Backend::Postgres(pg) => pg.store.replay(which, now_ms()).await,

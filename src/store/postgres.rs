@@ -18,7 +18,7 @@ use super::location::PgLocation;
 use super::{
     Accepted, AnswerJob, AnswerRecord, AnswerRow, AttemptRecord, AttemptRow, BoundRevocation,
     Counts, DeliveryInfo, Job, JobDetail, JobRef, JobSummary, ListFilter, NewDelivery, Replay,
-    State, StoreError, Windows, now_ms, pg_tls,
+    Replayed, State, StoreError, Windows, now_ms, pg_tls,
 };
 use crate::domain::{Action, Expiration};
 
@@ -1277,34 +1277,43 @@ impl PgStore {
     }
 
     /// Makes dead (or rejected, when named) jobs pending again and announces them.
-    pub async fn replay(&self, which: Replay, now_ms: i64) -> Result<Vec<i64>, StoreError> {
-        let (sql, arg) = match which {
-            Replay::One(id) => (
-                "UPDATE jobs SET state = 'pending', attempts = 0, next_attempt_at = $1,
-                        window_start = $1, updated_at = $1
-                 WHERE id = $2 AND state IN ('dead', 'rejected') RETURNING id",
-                Some(id),
-            ),
-            Replay::AllDead => (
-                "UPDATE jobs SET state = 'pending', attempts = 0, next_attempt_at = $1,
-                        window_start = $1, updated_at = $1
-                 WHERE state = 'dead' AND $2::BIGINT IS NULL RETURNING id",
-                None,
-            ),
+    pub async fn replay(&self, which: Replay, now_ms: i64) -> Result<Replayed, StoreError> {
+        let (which, named) = match which {
+            Replay::One(id) => ("j.id = $1 AND j.state IN ('dead', 'rejected')", Some(id)),
+            Replay::AllDead => ("j.state = 'dead' AND $1::BIGINT IS NULL", None),
         };
         self.run("replay", OP_TIMEOUT, async |c| {
             let tx = c.transaction().await?;
-            let ids: Vec<i64> = tx
-                .query(sql, &[&now_ms, &arg])
-                .await?
-                .iter()
-                .map(|r| r.try_get(0))
-                .collect::<Result<_, _>>()?;
-            if !ids.is_empty() {
+            // Each candidate, locked, with the latest job on its request (`jobs_decision`). A
+            // decision committed meanwhile gets a later ID, so it is sent after the replayed
+            // one, as it would have been.
+            let sql = format!(
+                "SELECT j.id, (SELECT MAX(k.id) FROM jobs k
+                                WHERE k.org = j.org AND k.request_id = j.request_id)
+                 FROM jobs j WHERE {which} ORDER BY j.id FOR UPDATE OF j"
+            );
+            let candidates = tx.query(&sql, &[&named]).await?;
+            let mut replayed = Replayed::default();
+            for row in candidates {
+                let (id, latest): (i64, i64) = (row.try_get(0)?, row.try_get(1)?);
+                if id == latest {
+                    replayed.queued.push(id);
+                } else {
+                    replayed.overtaken.push((id, latest));
+                }
+            }
+            tx.execute(
+                "UPDATE jobs SET state = 'pending', attempts = 0, next_attempt_at = $1,
+                        window_start = $1, updated_at = $1
+                 WHERE id = ANY($2)",
+                &[&now_ms, &replayed.queued],
+            )
+            .await?;
+            if !replayed.queued.is_empty() {
                 tx.execute("SELECT pg_notify($1, '')", &[&CHANNEL]).await?;
             }
             tx.commit().await?;
-            Ok(ids)
+            Ok(replayed)
         })
         .await
     }

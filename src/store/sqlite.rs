@@ -9,7 +9,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 use super::{
     Accepted, AnswerJob, AnswerRecord, AnswerRow, AttemptRecord, AttemptRow, BoundRevocation,
     Counts, DeliveryInfo, Job, JobDetail, JobRef, JobSummary, ListFilter, NewDelivery, Replay,
-    State, Store, StoreError, Windows,
+    Replayed, State, Store, StoreError, Windows,
 };
 use crate::domain::{Action, Expiration};
 
@@ -740,27 +740,36 @@ impl Store for SqliteStore {
         }))
     }
 
-    fn replay(&mut self, which: Replay, now_ms: i64) -> Result<Vec<i64>, StoreError> {
+    fn replay(&mut self, which: Replay, now_ms: i64) -> Result<Replayed, StoreError> {
         let tx = self.conn.transaction()?;
-        let ids: Vec<i64> = {
-            let (sql, arg) = match which {
-                Replay::One(id) => (
-                    "UPDATE jobs SET state = 'pending', attempts = 0, next_attempt_at = ?1, window_start = ?1,
-                     updated_at = ?1 WHERE id = ?2 AND state IN ('dead', 'rejected') RETURNING id",
-                    Some(id),
-                ),
-                Replay::AllDead => (
-                    "UPDATE jobs SET state = 'pending', attempts = 0, next_attempt_at = ?1, window_start = ?1,
-                     updated_at = ?1 WHERE state = 'dead' AND ?2 IS NULL RETURNING id",
-                    None,
-                ),
-            };
-            let mut stmt = tx.prepare(sql)?;
-            let rows = stmt.query_map(params![now_ms, arg], |r| r.get(0))?;
-            rows.collect::<Result<_, _>>()?
+        // Each candidate with the latest job on its request (`jobs_decision`).
+        let (which, named) = match which {
+            Replay::One(id) => ("j.id = ?1 AND j.state IN ('dead', 'rejected')", Some(id)),
+            Replay::AllDead => ("j.state = 'dead' AND ?1 IS NULL", None),
         };
+        let candidates: Vec<(i64, i64)> = tx
+            .prepare(&format!(
+                "SELECT j.id, (SELECT MAX(k.id) FROM jobs k
+                                WHERE k.org = j.org AND k.request_id = j.request_id)
+                 FROM jobs j WHERE {which} ORDER BY j.id"
+            ))?
+            .query_map(params![named], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect::<Result<_, _>>()?;
+        let mut replayed = Replayed::default();
+        for (id, latest) in candidates {
+            if id != latest {
+                replayed.overtaken.push((id, latest));
+                continue;
+            }
+            tx.prepare_cached(
+                "UPDATE jobs SET state = 'pending', attempts = 0, next_attempt_at = ?1,
+                                 window_start = ?1, updated_at = ?1 WHERE id = ?2",
+            )?
+            .execute(params![now_ms, id])?;
+            replayed.queued.push(id);
+        }
         tx.commit()?;
-        Ok(ids)
+        Ok(replayed)
     }
 
     fn probe(&mut self) -> Result<(), StoreError> {

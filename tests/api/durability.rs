@@ -290,6 +290,50 @@ async fn a_400_from_p0_is_final_and_visible_in_jobs_show() {
     assert!(list.contains("req-gone"), "{list}");
 }
 
+/// An approve P0 refused, then a revoke of the same request: replaying the approve would undo
+/// the revoke, so `jobs replay` leaves it, says why, and fails; P0 hears nothing more.
+#[tokio::test]
+async fn jobs_replay_refuses_a_decision_a_later_one_has_overtaken() {
+    let t = spawn().await;
+    Mock::given(method("POST"))
+        .and(wiremock::matchers::path_regex(r"/approve$"))
+        .respond_with(ResponseTemplate::new(400).set_body_json(json!({"error": "expired"})))
+        .with_priority(1)
+        .mount(&t.p0)
+        .await;
+    t.p0_ok().await;
+    let approve = Hook::comment("overtaken-1", "/p0 approve req-overtaken 2h");
+    let revoke = Hook::comment("overtaken-2", "/p0 revoke req-overtaken");
+    let calls = t.deliver(&[approve, revoke]).await;
+    assert_eq!(
+        calls,
+        vec![
+            call(
+                "approve",
+                "req-overtaken",
+                json!({"expirationLength": "2h"})
+            ),
+            call("revoke", "req-overtaken", json!({})),
+        ]
+    );
+    let db = t.dir.path().join("relay.db");
+    wait_for_state(&db, 1, "rejected").await;
+    wait_for_state(&db, 2, "succeeded").await;
+    let (code, out) = run_cli(
+        &["jobs", "--db", db.to_str().unwrap(), "replay", "1"],
+        &Default::default(),
+    );
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        out.contains(
+            "job 1 not replayed: job 2 is a later decision on the same request, and sending job 1 now would undo it"
+        ),
+        "{out}"
+    );
+    assert_eq!(t.settle().await.len(), 2, "nothing more reaches P0");
+    wait_for_state(&db, 1, "rejected").await;
+}
+
 #[tokio::test]
 async fn a_dead_letter_is_delivered_by_jobs_replay() {
     let t = spawn_with(Setup {

@@ -16,7 +16,8 @@ use p0_relay::config::Settings;
 use p0_relay::config::env::Env;
 use p0_relay::store::{
     Accepted, AnswerJob, AnswerRecord, AttemptRecord, Counts, Job, JobDetail, JobSummary,
-    ListFilter, NewDelivery, Replay, SqliteStore, Store, StoreError, StoreHandle, StoreTask,
+    ListFilter, NewDelivery, Replay, Replayed, SqliteStore, Store, StoreError, StoreHandle,
+    StoreTask,
 };
 use p0_relay::verify::sign_hex;
 use serde_json::Value;
@@ -762,7 +763,7 @@ impl Store for Watched {
     fn show(&mut self, id: i64) -> Result<Option<JobDetail>, StoreError> {
         self.inner.show(id)
     }
-    fn replay(&mut self, which: Replay, now_ms: i64) -> Result<Vec<i64>, StoreError> {
+    fn replay(&mut self, which: Replay, now_ms: i64) -> Result<Replayed, StoreError> {
         self.inner.replay(which, now_ms)
     }
     fn prune(&mut self, older_than_ms: i64) -> Result<usize, StoreError> {
