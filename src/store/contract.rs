@@ -507,6 +507,14 @@ async fn a_replay_never_undoes_a_later_decision(mut s: Backend) {
     );
     let left = s.show(approve_r1).await.unwrap();
     assert_eq!(left.job.state.as_str(), "dead");
+    // Pruning keeps the revoke while the approve it overtook is dead, so a later replay still
+    // cannot undo it.
+    s.prune(1_000_000).await;
+    assert!(s.show(revoke_r1).await.is_some(), "the revoke is kept");
+    assert_eq!(
+        s.replay(Replay::One(approve_r1), 1_000_000).await.overtaken,
+        vec![(approve_r1, revoke_r1)]
+    );
     let again = s.claim_due(3_000, 10).await;
     assert_eq!(
         again.iter().map(|j| j.id).collect::<Vec<_>>(),

@@ -1330,8 +1330,13 @@ impl PgStore {
             if !mine {
                 return Ok(0);
             }
+            // A finished job that overtook a dead one on its request is kept while that one
+            // is: gone, it would let a replay of the dead one undo it.
             let finished = "SELECT id FROM jobs WHERE state IN ('succeeded', 'rejected', 'dry_run')
-                            AND updated_at < $1";
+                            AND updated_at < $1
+                            AND NOT EXISTS (SELECT 1 FROM jobs d WHERE d.org = jobs.org
+                                AND d.request_id = jobs.request_id AND d.id < jobs.id
+                                AND d.state = 'dead')";
             tx.execute(
                 &format!("DELETE FROM attempts WHERE job_id IN ({finished})"),
                 &[&older_than_ms],

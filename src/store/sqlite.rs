@@ -789,7 +789,11 @@ impl Store for SqliteStore {
 
     fn prune(&mut self, older_than_ms: i64) -> Result<usize, StoreError> {
         let tx = self.conn.transaction()?;
-        let finished = "SELECT id FROM jobs WHERE state IN ('succeeded', 'rejected', 'dry_run') AND updated_at < ?1";
+        // A finished job that overtook a dead one on its request is kept while that one is:
+        // gone, it would let a replay of the dead one undo it.
+        let finished = "SELECT id FROM jobs WHERE state IN ('succeeded', 'rejected', 'dry_run') AND updated_at < ?1
+            AND NOT EXISTS (SELECT 1 FROM jobs d WHERE d.org = jobs.org AND d.request_id = jobs.request_id
+                                AND d.id < jobs.id AND d.state = 'dead')";
         tx.execute(
             &format!("DELETE FROM attempts WHERE job_id IN ({finished})"),
             [older_than_ms],
