@@ -842,6 +842,21 @@ async fn on_postgresql_a_resolve_revokes_and_answers_too() {
     conforms("pagerduty-feedback.json", &notes);
 }
 
+/// A GitHub that takes `delay` over each reaction.
+async fn slow_github(delay: Duration) -> MockServer {
+    let github = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path_regex(r"/reactions$"))
+        .respond_with(
+            ResponseTemplate::new(201)
+                .set_body_json(json!({"id": 1, "content": "+1"}))
+                .set_delay(delay),
+        )
+        .mount(&github)
+        .await;
+    github
+}
+
 /// On PostgreSQL an answer back held longer than the claim lease (a slow provider) is not
 /// sent twice: the relay sending it renews its claim while the call is under way, as it
 /// does for P0 calls, so neither it nor another relay on the database claims it again.
@@ -852,16 +867,7 @@ async fn on_postgresql_an_answer_longer_than_the_lease_is_not_sent_twice() {
     let Some(db) = crate::common::pg::TestDb::create().await else {
         return;
     };
-    let github = MockServer::start().await;
-    Mock::given(method("POST"))
-        .and(path_regex(r"/reactions$"))
-        .respond_with(
-            ResponseTemplate::new(201)
-                .set_body_json(json!({"id": 1, "content": "+1"}))
-                .set_delay(Duration::from_millis(1800)),
-        )
-        .mount(&github)
-        .await;
+    let github = slow_github(Duration::from_millis(1800)).await;
     let elsewhere = MockServer::start().await;
     let mut relays = Vec::new();
     for _ in 0..2 {
@@ -947,16 +953,7 @@ async fn an_answer_that_keeps_failing_is_dead_after_its_max_age() {
 /// trying the record, as the worker does with a P0 call's outcome.
 #[tokio::test]
 async fn an_answer_whose_outcome_cannot_be_stored_at_once_is_recorded_after_and_sent_once() {
-    let github = MockServer::start().await;
-    Mock::given(method("POST"))
-        .and(path_regex(r"/reactions$"))
-        .respond_with(
-            ResponseTemplate::new(201)
-                .set_body_json(json!({"id": 1, "content": "+1"}))
-                .set_delay(Duration::from_millis(300)),
-        )
-        .mount(&github)
-        .await;
+    let github = slow_github(Duration::from_millis(300)).await;
     let elsewhere = tempfile::tempdir().unwrap();
     let db = elsewhere.path().join("given.db");
     let windows = Windows {
