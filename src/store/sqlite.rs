@@ -741,7 +741,11 @@ impl Store for SqliteStore {
     }
 
     fn replay(&mut self, which: Replay, now_ms: i64) -> Result<Replayed, StoreError> {
-        let tx = self.conn.transaction()?;
+        // Immediate: it reads, then writes; a deferred transaction would fail at once (busy
+        // snapshot) if a running relay committed between the two.
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         // Each candidate with the latest job on its request (`jobs_decision`).
         let (which, named) = match which {
             Replay::One(id) => ("j.id = ?1 AND j.state IN ('dead', 'rejected')", Some(id)),
