@@ -1302,14 +1302,14 @@ impl PgStore {
                     replayed.overtaken.push((id, latest));
                 }
             }
-            tx.execute(
-                "UPDATE jobs SET state = 'pending', attempts = 0, next_attempt_at = $1,
-                        window_start = $1, updated_at = $1
-                 WHERE id = ANY($2)",
-                &[&now_ms, &replayed.queued],
-            )
-            .await?;
             if !replayed.queued.is_empty() {
+                tx.execute(
+                    "UPDATE jobs SET state = 'pending', attempts = 0, next_attempt_at = $1,
+                            window_start = $1, updated_at = $1
+                     WHERE id = ANY($2)",
+                    &[&now_ms, &replayed.queued],
+                )
+                .await?;
                 tx.execute("SELECT pg_notify($1, '')", &[&CHANNEL]).await?;
             }
             tx.commit().await?;
