@@ -17,7 +17,7 @@ seed() {
 for f in "$td"/github/*.json; do
   n=$(basename "$f" .json)
   event=issue_comment
-  case $n in pull_request_review*) event=pull_request_review ;; ping) event=ping ;; esac
+  case $n in pull_request_review*) event=pull_request_review ;; issues_*) event=issues ;; ping) event=ping ;; esac
   h="X-GitHub-Event: $event
 X-GitHub-Delivery: 72d3162e-cc78-11e3-81ab-4c9367dc0958
 Content-Type: application/json"

@@ -338,7 +338,9 @@ fn shipped_payloads() -> &'static Vec<Value> {
         let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("mappings/testdata");
         let mut files: Vec<_> = std::fs::read_dir(&root)
             .unwrap()
-            .flat_map(|d| std::fs::read_dir(d.unwrap().path()).unwrap())
+            .map(|d| d.unwrap().path())
+            .filter(|d| d.is_dir())
+            .flat_map(|d| std::fs::read_dir(d).unwrap())
             .map(|f| f.unwrap().path())
             .collect();
         files.sort();

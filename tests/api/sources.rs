@@ -180,7 +180,7 @@ async fn an_incidentio_incident_canceled_after_its_field_was_cleared_still_revok
     t.wait_for_calls(1).await;
     let mut canceled: Value =
         serde_json::from_slice(&testdata("incidentio/incident_closed.json")).unwrap();
-    let incident = &mut canceled["public_incident.incident_updated_v2"]["incident"];
+    let incident = &mut canceled["public_incident.incident_updated_v2"];
     incident["incident_status"]["category"] = "canceled".into();
     incident["custom_field_entries"] = json!([]);
     let (status, answer) = t
