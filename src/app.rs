@@ -24,7 +24,7 @@ use crate::p0;
 use crate::ratelimit::KeyedLimit;
 use crate::receiver::{self, Receiver};
 use crate::server::{self, ConnLimits};
-use crate::store::{self, StoreHandle, StoreTask, Windows, now_ms};
+use crate::store::{self, Prune, StoreHandle, StoreTask, Windows, now_ms};
 use crate::supervise::{Components, Failure};
 use crate::worker::Worker;
 
@@ -71,7 +71,8 @@ pub struct Built {
     writer: StoreTask,
     env: Env,
     defaults: Defaults,
-    dedup_window: Duration,
+    /// How long finished decisions, and subject ends, are kept.
+    retention: Retention,
     limits: ConnLimits,
     opts: Options,
 }
@@ -226,7 +227,10 @@ impl Relay {
             writer,
             env,
             defaults: settings.defaults.clone(),
-            dedup_window: settings.store.dedup_window,
+            retention: Retention {
+                finished: settings.store.dedup_window,
+                ends: settings.store.subject_end_window,
+            },
             limits,
             opts,
         })
@@ -272,7 +276,7 @@ impl Built {
             writer,
             env,
             defaults,
-            dedup_window,
+            retention,
             limits,
             opts,
         } = self;
@@ -330,7 +334,7 @@ impl Built {
         );
         components.spawn(
             "pruner",
-            ok_when_done(prune_loop(store.clone(), dedup_window, shutdown.clone())),
+            ok_when_done(prune_loop(store.clone(), retention, shutdown.clone())),
         );
         // The writer thread ends once every handle is gone (every component above has ended)
         // and its queue is drained.
@@ -518,13 +522,25 @@ async fn upkeep_loop(store: StoreHandle, shutdown: CancellationToken) {
     }
 }
 
-async fn prune_loop(store: StoreHandle, retention: Duration, shutdown: CancellationToken) {
+/// What the pruner keeps: finished decisions for the dedup window, subject ends for theirs.
+#[derive(Clone, Copy)]
+struct Retention {
+    finished: Duration,
+    ends: Duration,
+}
+
+async fn prune_loop(store: StoreHandle, retention: Retention, shutdown: CancellationToken) {
+    let ms = |d: Duration| i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
     loop {
-        let retention_ms = i64::try_from(retention.as_millis()).unwrap_or(i64::MAX);
-        match store.prune(now_ms().saturating_sub(retention_ms)).await {
+        let now = now_ms();
+        let before = Prune {
+            finished_before_ms: now.saturating_sub(ms(retention.finished)),
+            ends_before_ms: now.saturating_sub(ms(retention.ends)),
+        };
+        match store.prune(before).await {
             Ok(n) if n > 0 => tracing::info!(
                 rows = n,
-                "pruned finished decisions past the retention window"
+                "pruned finished decisions and subject ends past their retention windows"
             ),
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "prune failed"),

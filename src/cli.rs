@@ -574,8 +574,12 @@ fn health(config: &Path, env: &Env, url: Option<String>, timeout: std::time::Dur
         .map_err(|e| format!("cannot start the runtime: {e}"))
         .and_then(|rt| rt.block_on(ask_ready(&url, own, timeout)));
     match result {
-        Ok(()) => {
+        Ok(warnings) if warnings.is_empty() => {
             say!("ready: {url}");
+            ExitCode::SUCCESS
+        }
+        Ok(warnings) => {
+            say!("ready: {url} (warning: {})", warnings.join("; "));
             ExitCode::SUCCESS
         }
         Err(why) => {
@@ -585,8 +589,13 @@ fn health(config: &Path, env: &Env, url: Option<String>, timeout: std::time::Dur
     }
 }
 
-/// `Ok` when `url` answers 200 with `"ready": true`; otherwise why not, in one line.
-async fn ask_ready(url: &str, own: bool, timeout: std::time::Duration) -> Result<(), String> {
+/// `Ok` with the relay's warnings when `url` answers 200 with `"ready": true`; otherwise why
+/// not, in one line.
+async fn ask_ready(
+    url: &str,
+    own: bool,
+    timeout: std::time::Duration,
+) -> Result<Vec<String>, String> {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let http = reqwest::Client::builder()
         .timeout(timeout)
@@ -608,20 +617,25 @@ async fn ask_ready(url: &str, own: bool, timeout: std::time::Duration) -> Result
     let status = response.status();
     let body = response.text().await.unwrap_or_default();
     let answer: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+    let lines = |key: &str| -> Vec<String> {
+        answer[key]
+            .as_array()
+            .map(|list| {
+                list.iter()
+                    .filter_map(|p| p.as_str())
+                    .map(|p| p.replace('\n', " "))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
     if status.is_success() && answer["ready"] == true {
-        return Ok(());
+        return Ok(lines("warnings"));
     }
-    let problems: Vec<&str> = answer["problems"]
-        .as_array()
-        .map(|list| list.iter().filter_map(|p| p.as_str()).collect())
-        .unwrap_or_default();
+    let problems = lines("problems");
     if problems.is_empty() {
         Err(format!("{url} answered {status}"))
     } else {
-        Err(format!(
-            "{url} answered {status}: {}",
-            problems.join("; ").replace('\n', " ")
-        ))
+        Err(format!("{url} answered {status}: {}", problems.join("; ")))
     }
 }
 
@@ -889,24 +903,40 @@ async fn jobs_command(store: &store::StoreHandle, command: JobsCommand) -> ExitC
     }
 }
 
-/// What `jobs replay` says, and its exit code: a named job left because a later decision on
-/// its request overtook it is a failure (exit 1); with `--dead`, those left are listed.
+/// What `jobs replay` says, and its exit code: a named job left where it was (a later
+/// decision on its request overtook it, or its subject ended) is a failure (exit 1); with
+/// `--dead`, those left are listed.
 fn replay_said(replayed: &Replayed, named: Option<i64>) -> ExitCode {
-    for (id, latest) in &replayed.overtaken {
-        say!(
-            "job {id} not replayed: job {latest} is a later decision on the same request, and sending job {id} now would undo it"
-        );
+    for o in &replayed.overtaken {
+        let (job, by) = (o.job, o.by);
+        if o.by_action == o.action {
+            say!(
+                "job {job} ({}) not replayed: job {by} is a later {} of the same request; replay job {by} if that is the decision to send",
+                o.action,
+                o.by_action
+            );
+        } else {
+            say!(
+                "job {job} ({}) not replayed: job {by}, a later {} of the same request, would be undone by it",
+                o.action,
+                o.by_action
+            );
+        }
     }
+    for (id, reason) in &replayed.ended {
+        say!("job {id} (approve) not replayed: {reason}");
+    }
+    let left = !replayed.overtaken.is_empty() || !replayed.ended.is_empty();
     if !replayed.queued.is_empty() {
         say!(
             "queued again: {:?}; a running relay picks them up within a second",
             replayed.queued
         );
-    } else if replayed.overtaken.is_empty() {
+    } else if !left {
         say!("nothing to replay (only dead or rejected jobs can be replayed)");
     }
     match named {
-        Some(_) if !replayed.overtaken.is_empty() => ExitCode::FAILURE,
+        Some(_) if left => ExitCode::FAILURE,
         _ => ExitCode::SUCCESS,
     }
 }

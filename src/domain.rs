@@ -182,12 +182,14 @@ pub struct Reply {
 }
 
 /// What a decision is bound to: its subject, where to answer, and whether the event that
-/// made it ends the subject (revoking every request approved under it).
+/// made it ends the subject (revoking every request approved under it, and refusing every
+/// approve after it) or reopens one that ended (approves are taken again).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Binding {
     pub subject: Option<String>,
     pub reply: Option<Reply>,
     pub ends_subject: bool,
+    pub reopens_subject: bool,
 }
 
 /// Shortens untrusted text for a message: at most 64 characters, control characters escaped.

@@ -56,17 +56,28 @@ impl Health {
         }
     }
 
-    /// Why the relay is not ready; empty when it is. A failed reload is reported but does not
-    /// make the relay unready: the previous mappings still serve.
+    /// What P0 last said of the API token: `rejected` (a 401), `accepted`, or `unknown`
+    /// before any call.
+    pub fn token(&self) -> &'static str {
+        match self.token.lock() {
+            Ok(t) if t.rejected => "rejected",
+            Ok(t) if t.said_by_call_started.is_some() => "accepted",
+            _ => "unknown",
+        }
+    }
+
+    /// Why the relay is not ready; empty when it is. Only what stops it from accepting
+    /// deliveries durably counts. A failed reload is reported but does not make the relay
+    /// unready (the previous mappings still serve), and neither does a token P0 rejected:
+    /// deliveries are still stored durably (their decisions dead-lettered by the 401, to be
+    /// replayed once the token is fixed), while a load balancer that turned every replica
+    /// away would lose what senders do not retry.
     pub fn problems(&self) -> (Vec<String>, Option<String>) {
         let mut out = Vec::new();
         if let Ok(slot) = self.stopped.lock()
             && let Some(why) = slot.as_ref()
         {
             out.push(format!("stopping: {why}"));
-        }
-        if self.token.lock().is_ok_and(|t| t.rejected) {
-            out.push("P0 rejected the API token (401): fix P0_API_TOKEN".to_owned());
         }
         if let Ok(slot) = self.store_error.lock()
             && let Some(e) = slot.as_ref()
@@ -84,16 +95,21 @@ mod tests {
     use std::time::Duration;
 
     fn token_rejected(h: &Health) -> bool {
-        h.problems().0.iter().any(|p| p.contains("token"))
+        h.token() == "rejected"
     }
 
     #[test]
     fn the_token_flag_follows_the_newest_call_not_the_last_answer() {
         let h = Health::default();
+        assert_eq!(h.token(), "unknown");
         let t0 = Instant::now();
         let (t1, t2) = (t0 + Duration::from_millis(1), t0 + Duration::from_millis(2));
         h.token_answer(t1, false);
         assert!(token_rejected(&h));
+        assert!(
+            h.problems().0.is_empty(),
+            "a rejected token does not make the relay unready"
+        );
         // A success from a call sent before the 401 says nothing about the token now.
         h.token_answer(t0, true);
         assert!(token_rejected(&h));

@@ -46,6 +46,9 @@ pub struct Metrics {
     pub mapping_reloads: IntCounterVec,
     pub answers: IntCounterVec,
     pub bound_revocations: IntCounterVec,
+    pub refused: IntCounterVec,
+    pub truncated: IntCounterVec,
+    pub token_rejected: IntGauge,
 }
 
 fn opts(name: &str, help: &str) -> Opts {
@@ -133,6 +136,24 @@ impl Metrics {
             ),
             &["source"],
         )?;
+        let refused = IntCounterVec::new(
+            opts(
+                "refused_total",
+                "Decisions refused as they were stored (their subject had ended), by source.",
+            ),
+            &["source"],
+        )?;
+        let truncated = IntCounterVec::new(
+            opts(
+                "truncated_alerts_total",
+                "Alerts a sender left out of its deliveries (truncatedAlerts): their ends cannot be acted on.",
+            ),
+            &["source"],
+        )?;
+        let token_rejected = IntGauge::with_opts(opts(
+            "p0_token_rejected",
+            "1 while P0's latest answer rejected the API token (401), else 0.",
+        ))?;
         let build_info = IntGaugeVec::new(opts("build_info", "The running build."), &["version"])?;
         build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
@@ -150,6 +171,9 @@ impl Metrics {
         registry.register(Box::new(mapping_reloads.clone()))?;
         registry.register(Box::new(answers.clone()))?;
         registry.register(Box::new(bound_revocations.clone()))?;
+        registry.register(Box::new(refused.clone()))?;
+        registry.register(Box::new(truncated.clone()))?;
+        registry.register(Box::new(token_rejected.clone()))?;
         registry.register(Box::new(build_info))?;
         for via in Via::ALL {
             for result in ANSWER_RESULTS {
@@ -180,6 +204,9 @@ impl Metrics {
             mapping_reloads,
             answers,
             bound_revocations,
+            refused,
+            truncated,
+            token_rejected,
         };
         metrics.add_sources(sources.into_iter().chain([UNKNOWN_SOURCE]));
         Ok(metrics)
@@ -197,6 +224,8 @@ impl Metrics {
                     self.decisions.with_label_values(&[source, action.as_str()]);
                 }
                 self.bound_revocations.with_label_values(&[source]);
+                self.refused.with_label_values(&[source]);
+                self.truncated.with_label_values(&[source]);
             }
         }
     }

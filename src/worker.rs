@@ -228,6 +228,16 @@ impl Worker {
     }
 
     async fn attempt(&self, job: &Job) -> AttemptRecord {
+        // Refused as it was stored (its subject had ended): recorded and answered back, and
+        // P0 is never asked.
+        if let Some(reason) = &job.refused {
+            let record = self.refused(job, reason);
+            tracing::info!(
+                job_id = job.id, action = %job.action, result = record.result,
+                reason = %reason, "decision refused; P0 not called"
+            );
+            return record;
+        }
         self.pacing.wait(&job.org).await;
         // A fault for the unit tests: the first attempt of `panic-*` requests panics.
         #[cfg(test)]
@@ -278,6 +288,25 @@ impl Worker {
         record
     }
 
+    /// The record of a decision the store refused as it was accepted: rejected with the
+    /// reason, its answers back made as for any refusal.
+    fn refused(&self, job: &Job, reason: &str) -> AttemptRecord {
+        let now = now_ms();
+        AttemptRecord {
+            job_id: job.id,
+            claim: job.claim,
+            at_ms: now,
+            state: State::Rejected,
+            attempts: job.attempts.saturating_add(1),
+            next_attempt_at_ms: now,
+            status: None,
+            result: "refused",
+            error: Some(reason.to_owned()),
+            duration_ms: 0,
+            answers: compose::answers(job, &Final::NotSent { reason }, &self.answer_via),
+        }
+    }
+
     fn next_state(&self, job: &Job, outcome: Option<Outcome>, started: Instant) -> AttemptRecord {
         let took = started.elapsed();
         let now = now_ms();
@@ -305,6 +334,9 @@ impl Worker {
                 rec.state = State::Succeeded;
                 rec.answers = compose::answers(job, &Final::Done, &self.answer_via);
                 self.health.token_answer(started, true);
+                self.metrics
+                    .token_rejected
+                    .set(i64::from(self.health.token() == "rejected"));
                 let lag = now.saturating_sub(job.accepted_at_ms).max(0) as f64 / 1000.0;
                 self.metrics.delivery_lag.observe(lag);
             }
@@ -326,6 +358,9 @@ impl Worker {
                     "P0 rejected the relay's API token (401): check P0_API_TOKEN; the decision is dead-lettered"
                 );
                 self.health.token_answer(started, false);
+                self.metrics
+                    .token_rejected
+                    .set(i64::from(self.health.token() == "rejected"));
                 rec.state = State::Dead;
                 rec.error = Some(format!("P0 rejected the API token: {error}"));
             }

@@ -7,12 +7,16 @@ use serde_json::json;
 use crate::domain::{Action, Reply, Via};
 use crate::store::{Job, NewAnswer};
 
-/// P0's final answer for a decision, as far as the asker needs to know it.
+/// The final answer for a decision, as far as the asker needs to know it: P0's, or the
+/// relay's own refusal before any call (the decision's subject had ended).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Final<'a> {
     Done,
     Refused {
         status: Option<u16>,
+        reason: &'a str,
+    },
+    NotSent {
         reason: &'a str,
     },
 }
@@ -137,6 +141,11 @@ pub fn message(job: &Job, subject: &str, outcome: &Final<'_>) -> String {
                 safe(reason, 300)
             )
         }
+        Final::NotSent { reason } => format!(
+            "p0-relay: refused to {} request {id}, and did not ask P0: {}.",
+            job.action,
+            safe(reason, 300)
+        ),
     }
 }
 
@@ -186,6 +195,7 @@ mod tests {
             subject: Some(subject.into()),
             reply: Some(reply.into()),
             bound: false,
+            refused: None,
         }
     }
 

@@ -77,6 +77,9 @@ pub struct StoreSettings {
     pub location: StoreLocation,
     pub dedup_window: Duration,
     pub coalesce_window: Duration,
+    /// How long a subject's end is remembered: approves under it are refused this long after
+    /// it ended (and for as long as a job under it could be replayed).
+    pub subject_end_window: Duration,
     pub store_payloads: bool,
     /// How long a relay's claim on a decision lasts without renewal (PostgreSQL).
     pub claim_lease: Duration,
@@ -183,6 +186,7 @@ struct RawStore {
     path: Option<String>,
     dedup_window: Option<String>,
     coalesce_window: Option<String>,
+    subject_end_window: Option<String>,
     #[serde(default, deserialize_with = "flexible_bool")]
     store_payloads: bool,
     claim_lease: Option<String>,
@@ -525,6 +529,12 @@ fn build(raw: Raw, base: &Path, errors: &mut Vec<String>) -> Option<Settings> {
                 "store.coalesce_window",
                 raw.store.coalesce_window.as_deref(),
                 "10m",
+                errors,
+            ),
+            subject_end_window: duration(
+                "store.subject_end_window",
+                raw.store.subject_end_window.as_deref(),
+                "90d",
                 errors,
             ),
             store_payloads: raw.store.store_payloads,

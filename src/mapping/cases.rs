@@ -145,6 +145,11 @@ fn check(expect: &RawExpect, verdict: &Verdict, default_org: &str) -> Result<(),
                 {
                     return Err(format!("expected ends_subject: {want}, got {got}"));
                 }
+                if let Some(want) = spec.reopens_subject
+                    && want != binding.reopens_subject
+                {
+                    return Err(format!("expected reopens_subject: {want}, got {got}"));
+                }
                 if let Some(want) = &spec.ends_subjects {
                     let bindings: Vec<&crate::domain::Binding> = if elements.is_empty() {
                         vec![binding]
@@ -252,6 +257,9 @@ pub fn describe(verdict: &Verdict) -> String {
             }
             if binding.ends_subject {
                 out.push_str(", ending it (revokes every request approved under it)");
+            }
+            if binding.reopens_subject {
+                out.push_str(", reopening it");
             }
             out
         }

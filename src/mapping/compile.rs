@@ -10,7 +10,7 @@ use serde_json::Value;
 
 use super::expr::{self, Condition, Extract, From, Part, Selector, Test};
 use super::model::{
-    RawAnswer, RawCondition, RawEnds, RawExtract, RawMapping, RawRule, RawSelector,
+    RawAnswer, RawCondition, RawExtract, RawFlag, RawMapping, RawRule, RawSelector,
 };
 use super::*;
 
@@ -56,6 +56,11 @@ pub fn compile(
         errors.extend(errs.into_iter().map(|e| format!("{at}: {e}")));
         None
     });
+    let truncated = raw.truncated.as_ref().and_then(|t| {
+        selector(t)
+            .map_err(|e| errors.push(format!("{at}: truncated: {e}")))
+            .ok()
+    });
     let mut rules = Vec::new();
     let mut names = BTreeSet::new();
     if raw.rules.is_empty() {
@@ -84,6 +89,7 @@ pub fn compile(
                 verifier,
                 dedup,
                 freshness,
+                truncated,
                 rules,
                 projection: projection::Projection::full(),
                 tree,
@@ -136,21 +142,32 @@ fn compile_rule(
             Err(e) => errors.push(format!("when[{i}]: {e}")),
         }
     }
-    let ends = match &r.ends_subject {
-        RawEnds::Always(false) => Ends::Never,
-        RawEnds::Always(true) => Ends::Always,
-        RawEnds::When(c) => match condition(c, el) {
-            Ok(c) => Ends::When(c),
+    let flag = |raw: &RawFlag, field: &str, errors: &mut Vec<String>| match raw {
+        RawFlag::Always(false) => Flag::Never,
+        RawFlag::Always(true) => Flag::Always,
+        RawFlag::When(c) => match condition(c, el) {
+            Ok(c) => Flag::When(c),
             Err(e) => {
-                errors.push(format!("ends_subject: {e}"));
-                Ends::Never
+                errors.push(format!("{field}: {e}"));
+                Flag::Never
             }
         },
     };
+    let ends = flag(&r.ends_subject, "ends_subject", &mut errors);
+    let reopens = flag(&r.reopens_subject, "reopens_subject", &mut errors);
     // A rule that always ends its subject only revokes; one that ends it under a condition
     // also grants (an alert firing approves, the same alert resolved ends).
-    let always_ends = matches!(ends, Ends::Always);
-    let may_end = !matches!(r.ends_subject, RawEnds::Always(false));
+    let always_ends = matches!(ends, Flag::Always);
+    let may_end = !matches!(r.ends_subject, RawFlag::Always(false));
+    // A rule that always reopens its subject may decide nothing (GitHub's `reopened`).
+    let always_reopens = matches!(reopens, Flag::Always);
+    let may_reopen = !matches!(r.reopens_subject, RawFlag::Always(false));
+    if always_ends && always_reopens {
+        errors.push("reopens_subject: a rule that always ends its subject cannot reopen it".into());
+    }
+    if may_reopen && r.subject.is_none() && raw.subject.is_none() {
+        errors.push("reopens_subject: needs a `subject` (here or for the whole file)".into());
+    }
     let produce = match (&r.command, &r.action, &r.request_id) {
         (Some(cmd), None, None) => match selector_in(cmd, el) {
             Ok(s) => Some(Produce::Command(s)),
@@ -199,7 +216,7 @@ fn compile_rule(
             );
             None
         }
-        (None, None, None) if always_ends => Some(Produce::Nothing),
+        (None, None, None) if always_ends || always_reopens => Some(Produce::Nothing),
         (None, None, Some(id)) if always_ends => match extract(id, el) {
             Ok(request_id) => Some(Produce::Fields(Box::new(Fields {
                 action: Extract {
@@ -272,9 +289,15 @@ fn compile_rule(
                 el,
             );
             let allow = a.allow.as_deref().map(Allowlist::parse);
+            // Ending access is always allowed, and so is reopening a subject (it grants
+            // nothing by itself): approver lists gate grants only.
+            let grants_nothing = always_ends
+                || (always_reopens
+                    && r.command.is_none()
+                    && r.action.is_none()
+                    && r.request_id.is_none());
             match &allow {
-                // Ending access is always allowed: approver lists gate grants only.
-                _ if always_ends => {}
+                _ if grants_nothing => {}
                 Some(Allowlist::Anyone) | None => warnings.push(format!(
                     "source `{source}`, rule `{}`: any authenticated actor may act (no approvers set)",
                     r.name
@@ -286,7 +309,7 @@ fn compile_rule(
                 _ => {}
             }
             match sel {
-                Ok(s) if always_ends => (Some(s), None),
+                Ok(s) if grants_nothing => (Some(s), None),
                 Ok(s) => (Some(s), Some(allow.unwrap_or(Allowlist::Anyone))),
                 Err(e) => {
                     errors.push(format!("actor: {e}"));
@@ -357,6 +380,7 @@ fn compile_rule(
             },
             subject,
             ends_subject: ends,
+            reopens_subject: reopens,
             answer,
         }),
         _ => Err(errors),

@@ -53,10 +53,17 @@ impl Mapping {
         for rule in &self.rules {
             let Some(each) = &rule.for_each else {
                 let applied = apply(rule, input.into());
-                // Ending a subject only takes access away: an old or replayed ending event is
-                // still honoured (and GitHub's close events carry no comment time).
+                // Ending a subject only takes access away, and reopening one decides nothing
+                // by itself: an old or replayed such event is still honoured (and GitHub's
+                // close and reopen events carry no comment time).
+                let grants_nothing = rule.ends_subject.holds(input.into())
+                    || matches!(
+                        &applied,
+                        Applied::Decided { decisions, binding, .. }
+                            if decisions.is_empty() && binding.reopens_subject
+                    );
                 if !matches!(applied, Applied::NoMatch(_))
-                    && !rule.ends_subject.holds(input.into())
+                    && !grants_nothing
                     && let Some(reason) = self.stale(input, now)
                 {
                     note(rule, true, reason.clone());
@@ -198,6 +205,14 @@ impl Mapping {
     pub fn dedup_key(&self, input: Input<'_>, body: &[u8]) -> String {
         self.dedup.key(input, body)
     }
+
+    /// How many elements the sender says it left out of this delivery (`truncated`), when
+    /// it says so and the number is above zero.
+    pub fn truncated(&self, input: Input<'_>) -> Option<u64> {
+        let values = self.truncated.as_ref()?.values_in(input.into());
+        let n = values.first()?.parse::<u64>().ok()?;
+        (n > 0).then_some(n)
+    }
 }
 
 /// The longest subject a decision may be bound to, in bytes.
@@ -206,6 +221,8 @@ const MAX_SUBJECT: usize = 256;
 /// Runs one rule's conditions, extraction and policy on one scope.
 fn apply(rule: &Rule, scope: Scope<'_>) -> Applied {
     let ends = rule.ends_subject.holds(scope);
+    // An event that both ends and reopens (conditions that overlap) ends: the safe reading.
+    let reopens = !ends && rule.reopens_subject.holds(scope);
     for (i, cond) in rule.when.iter().enumerate() {
         if !cond.holds(scope) {
             return Applied::NoMatch(format!(
@@ -263,7 +280,12 @@ fn apply(rule: &Rule, scope: Scope<'_>) -> Applied {
         }
         Some(Ok(s)) => Some(s),
         // A grant of a rule whose subject can end must be bound to it, or no end revokes it.
-        Some(Err(why)) if ends || !matches!(rule.ends_subject, Ends::Never) => {
+        Some(Err(why))
+            if ends
+                || reopens
+                || !matches!(rule.ends_subject, Flag::Never)
+                || !matches!(rule.reopens_subject, Flag::Never) =>
+        {
             let reason = format!("subject: {why}");
             return Applied::Rejected(reason.clone(), reason);
         }
@@ -280,6 +302,7 @@ fn apply(rule: &Rule, scope: Scope<'_>) -> Applied {
         subject,
         reply,
         ends_subject: ends,
+        reopens_subject: reopens,
     };
     // Ending access is always allowed: approver lists gate grants, not revocations.
     let decided = if ends {
@@ -296,7 +319,12 @@ fn apply(rule: &Rule, scope: Scope<'_>) -> Applied {
             }
             if binding.ends_subject {
                 detail.push_str(
-                    "; ends the subject: every request approved under it and not yet revoked is revoked",
+                    "; ends the subject: every request approved under it and not yet revoked is revoked, and later approves under it are refused",
+                );
+            }
+            if binding.reopens_subject {
+                detail.push_str(
+                    "; reopens the subject if it ended: approves under it are taken again",
                 );
             }
             Applied::Decided {

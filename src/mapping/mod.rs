@@ -154,6 +154,8 @@ pub struct Mapping {
     pub verifier: Verifier,
     dedup: replay::Dedup,
     freshness: Option<replay::Freshness>,
+    /// Where a delivery says how many elements its sender left out (`truncated`).
+    truncated: Option<Selector>,
     rules: Vec<Rule>,
     /// What of a body the mapping reads (`projection`), computed when it loads.
     projection: projection::Projection,
@@ -172,13 +174,15 @@ struct Rule {
     actor: Option<Selector>,
     policy: RulePolicy,
     subject: Option<Extract>,
-    ends_subject: Ends,
+    ends_subject: Flag,
+    reopens_subject: Flag,
     answer: Option<Answer>,
 }
 
-/// When a rule's event ends its subject (compiled `ends_subject`).
+/// When a rule's event ends (or reopens) its subject: compiled `ends_subject` and
+/// `reopens_subject`.
 #[derive(Debug)]
-enum Ends {
+enum Flag {
     Never,
     Always,
     /// When this holds for the event or the `for_each` element: an alert group mixes firing
@@ -186,19 +190,19 @@ enum Ends {
     When(Condition),
 }
 
-impl Ends {
+impl Flag {
     fn holds(&self, scope: Scope<'_>) -> bool {
         match self {
-            Ends::Never => false,
-            Ends::Always => true,
-            Ends::When(c) => c.holds(scope),
+            Flag::Never => false,
+            Flag::Always => true,
+            Flag::When(c) => c.holds(scope),
         }
     }
 
     fn condition(&self) -> Option<&Condition> {
         match self {
-            Ends::When(c) => Some(c),
-            Ends::Never | Ends::Always => None,
+            Flag::When(c) => Some(c),
+            Flag::Never | Flag::Always => None,
         }
     }
 }

@@ -21,6 +21,9 @@ pub struct RawMapping {
     pub subject: Option<RawExtract>,
     /// Where every rule of this source answers back, unless a rule names its own.
     pub answer: Option<RawAnswer>,
+    /// How many elements the sender left out of a delivery (Alertmanager's and Grafana's
+    /// `truncatedAlerts`): counted and logged, since what was cut cannot be acted on.
+    pub truncated: Option<RawSelector>,
     #[serde(default)]
     pub rules: Vec<RawRule>,
     #[serde(default)]
@@ -125,21 +128,21 @@ pub struct RawCondition {
     pub any: Option<Vec<RawCondition>>,
 }
 
-/// A rule's `ends_subject`: always, never, or when a condition holds for the event (or the
-/// `for_each` element).
+/// A rule's `ends_subject` or `reopens_subject`: always, never, or when a condition holds
+/// for the event (or the `for_each` element).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(
     untagged,
     expecting = "`true`, `false`, or a condition (`path` with `equals`, `one_of`, `matches` or `exists`)"
 )]
-pub enum RawEnds {
+pub enum RawFlag {
     Always(bool),
     When(Box<RawCondition>),
 }
 
-impl Default for RawEnds {
+impl Default for RawFlag {
     fn default() -> Self {
-        RawEnds::Always(false)
+        RawFlag::Always(false)
     }
 }
 
@@ -197,7 +200,11 @@ pub struct RawRule {
     /// The event ends its subject: every request approved under it is revoked. `true`, or a
     /// condition for a rule whose events (or `for_each` elements) only sometimes end it.
     #[serde(default)]
-    pub ends_subject: RawEnds,
+    pub ends_subject: RawFlag,
+    /// The event reopens its subject after an end (a GitHub issue reopened, an alert firing
+    /// again): approves under it are taken again. `true`, or a condition.
+    #[serde(default)]
+    pub reopens_subject: RawFlag,
     /// Where the relay answers once P0 has answered.
     pub answer: Option<RawAnswer>,
 }
@@ -260,6 +267,8 @@ pub struct RawExpectSpec {
     pub ends_subject: Option<bool>,
     /// Every subject the delivery ends, in element order (`for_each` rules end some).
     pub ends_subjects: Option<Vec<String>>,
+    /// Whether the event reopens its subject.
+    pub reopens_subject: Option<bool>,
     /// A fragment the rejection reason must contain.
     pub rejected: Option<String>,
 }

@@ -68,6 +68,9 @@ impl Projection {
         for s in mapping.freshness.iter().flat_map(|f| f.selectors()) {
             p.add(s);
         }
+        if let Some(s) = &mapping.truncated {
+            p.add(s);
+        }
         for rule in &mapping.rules {
             if let Some(each) = &rule.for_each {
                 // The elements are kept whole: `@` paths and the element digest read them.
@@ -76,7 +79,12 @@ impl Projection {
                     p.add(k);
                 }
             }
-            for c in rule.when.iter().chain(rule.ends_subject.condition()) {
+            for c in rule
+                .when
+                .iter()
+                .chain(rule.ends_subject.condition())
+                .chain(rule.reopens_subject.condition())
+            {
                 p.add_condition(c);
             }
             match &rule.produce {

@@ -7,7 +7,7 @@ use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
 use crate::policy::Decision;
-use crate::store::{BoundRevocation, JobRef};
+use crate::store::BoundRevocation;
 
 #[derive(Debug, Serialize)]
 pub struct DecisionAnswer {
@@ -15,6 +15,21 @@ pub struct DecisionAnswer {
     #[serde(flatten)]
     pub decision: Decision,
     pub coalesced: bool,
+    /// The subject this decision is bound to (each alert of a group has its own).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub subject: Option<String>,
+    /// Why the store refused it (its subject had ended): it is answered back, never sent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub refused: Option<String>,
+}
+
+/// A revocation a subject's end made, and that subject.
+#[derive(Debug, Serialize)]
+pub struct Revoked {
+    #[serde(flatten)]
+    pub revocation: BoundRevocation,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub subject: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -37,12 +52,15 @@ pub struct Answer {
     pub decisions: Vec<DecisionAnswer>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub job_ids: Vec<i64>,
-    /// What the decisions were asked on.
+    /// What the decisions were asked on, when they share one subject.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub subject: Option<String>,
     /// The revocations the end of the subject made (`ends_subject` rules).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub revoked: Option<Vec<BoundRevocation>>,
+    pub revoked: Option<Vec<Revoked>>,
+    /// The subjects this delivery reopened after their end (`reopens_subject` rules).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub reopened: Vec<String>,
 }
 
 impl Answer {
@@ -59,6 +77,7 @@ impl Answer {
             job_ids: Vec::new(),
             subject: None,
             revoked: None,
+            reopened: Vec::new(),
         }
     }
 
@@ -93,16 +112,13 @@ impl Answer {
         self
     }
 
-    pub fn decisions(mut self, decisions: &[Decision], jobs: &[JobRef]) -> Answer {
-        self.decisions = decisions
-            .iter()
-            .zip(jobs)
-            .map(|(d, j)| DecisionAnswer {
-                job_id: j.job_id,
-                decision: d.clone(),
-                coalesced: j.coalesced,
-            })
-            .collect();
+    pub fn decisions(mut self, decisions: Vec<DecisionAnswer>) -> Answer {
+        self.decisions = decisions;
+        self
+    }
+
+    pub fn reopened(mut self, subjects: Vec<String>) -> Answer {
+        self.reopened = subjects;
         self
     }
 
@@ -111,10 +127,10 @@ impl Answer {
         self
     }
 
-    /// The revocations a subject end made; an empty list is shown only when the subject
-    /// ended with nothing to revoke.
-    pub fn revoked(mut self, bound: Vec<BoundRevocation>) -> Answer {
-        if !bound.is_empty() || self.decisions.is_empty() {
+    /// The revocations a subject end made; an empty list is shown only when a subject ended
+    /// with nothing to revoke and nothing else was decided.
+    pub fn revoked(mut self, bound: Vec<Revoked>, ended: bool) -> Answer {
+        if !bound.is_empty() || (ended && self.decisions.is_empty()) {
             self.revoked = Some(bound);
         }
         self
@@ -127,7 +143,7 @@ impl Answer {
 
     /// Every job ID the answer names, for the log line.
     pub fn job_ids_all(&self) -> Vec<i64> {
-        let bound = self.revoked.iter().flatten().map(|b| b.job_id);
+        let bound = self.revoked.iter().flatten().map(|b| b.revocation.job_id);
         if self.decisions.is_empty() {
             self.job_ids.iter().copied().chain(bound).collect()
         } else {

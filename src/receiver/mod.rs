@@ -82,11 +82,19 @@ async fn readyz(State(r): State<Arc<Receiver>>) -> Response {
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
+    let token = r.health.token();
     let body = serde_json::json!({
         "ready": problems.is_empty(),
         "problems": problems,
         "sources": sources,
         "last_reload_error": reload_error,
+        // Shown, not a reason to be unready: deliveries are still stored durably.
+        "p0_token": token,
+        "warnings": if token == "rejected" {
+            vec!["P0 rejected the API token (401): fix P0_API_TOKEN, then replay the dead-lettered decisions (p0-relay jobs replay --dead)"]
+        } else {
+            Vec::new()
+        },
     });
     (status, axum::Json(body)).into_response()
 }
@@ -295,6 +303,9 @@ async fn handle(r: &Receiver, mapping: &Mapping, peer: Option<IpAddr>, request: 
         body: &value,
     };
     let delivery = mapping.dedup_key(input, &bytes);
+    if let Some(cut) = mapping.truncated(input).filter(|n| *n > 0) {
+        note_truncated(r, source, &delivery, cut);
+    }
     match mapping.decide(input, Some(std::time::SystemTime::now())) {
         Verdict::Ignored => Answer::new(StatusCode::OK, "ignored")
             .reason("no rule matched".into())
@@ -322,8 +333,16 @@ async fn handle(r: &Receiver, mapping: &Mapping, peer: Option<IpAddr>, request: 
                 binding,
             };
             let units = split(new, &elements);
-            // Each unit's decisions, for the answer (the units themselves go to the store).
-            let shares: Vec<Vec<Decision>> = units.iter().map(|u| u.decisions.clone()).collect();
+            // Each unit's decisions and subject, for the answer (the units themselves go to
+            // the store).
+            let shares: Vec<Share> = units
+                .iter()
+                .map(|u| Share {
+                    decisions: u.decisions.clone(),
+                    subject: u.binding.subject.clone(),
+                    ends: u.binding.ends_subject,
+                })
+                .collect();
             match r.store.accept_each(units).await {
                 Ok(results) => {
                     r.health.set_store_error(None);
@@ -340,6 +359,24 @@ async fn handle(r: &Receiver, mapping: &Mapping, peer: Option<IpAddr>, request: 
         }
     }
 }
+
+/// A sender left `cut` elements out of a delivery (Alertmanager's and Grafana's
+/// `truncatedAlerts`): an alert resolved among them cannot be revoked by this delivery, only by
+/// a later one or by the decision's own expiry. Counted always; logged at most once a second.
+fn note_truncated(r: &Receiver, source: &str, delivery: &str, cut: u64) {
+    r.metrics.truncated.with_label_values(&[source]).inc_by(cut);
+    if let Some(suppressed) = TRUNCATED_LOG.admit(now_ms()) {
+        tracing::warn!(
+            source,
+            delivery,
+            truncated = cut,
+            suppressed,
+            "the sender left alerts out of this delivery: any of them that resolved is not revoked by it (raise the sender's max_alerts)"
+        );
+    }
+}
+
+static TRUNCATED_LOG: LogSampler = LogSampler::new();
 
 /// The deliveries to store: the webhook whole, or one per `for_each` element, each under its
 /// own dedup key (the delivery's key and the element's), so each is deduplicated on its own.
@@ -363,16 +400,25 @@ fn split(new: NewDelivery, elements: &[Element]) -> Vec<NewDelivery> {
         .collect()
 }
 
-/// The answer once every unit is stored: `duplicate` when all were seen before, else
-/// `accepted` with every decision (a duplicate element's decisions as `coalesced`: no second
-/// call is made for them).
+/// One stored unit's part of the answer: its decisions and the subject they are bound to.
+struct Share {
+    decisions: Vec<Decision>,
+    subject: Option<String>,
+    ends: bool,
+}
+
+/// The answer once every unit is stored: `duplicate` when all were seen before; `rejected`
+/// when every unit stored was refused (it asks to approve under a subject that has ended;
+/// its decisions are answered back as refused and never sent); else `accepted` with every
+/// decision and its own subject (a duplicate element's decisions as `coalesced`: no second
+/// call is made for them; a refused element's with why).
 fn accepted(
     r: &Receiver,
     source: &str,
     rule: String,
     delivery: String,
     subject: Option<String>,
-    shares: Vec<Vec<Decision>>,
+    shares: Vec<Share>,
     results: Vec<Accepted>,
 ) -> Answer {
     if results
@@ -392,17 +438,67 @@ fn accepted(
             .job_ids(job_ids);
     }
     r.wake.notify_one();
+    // One subject for the whole answer only when every unit shares it.
+    let one_subject = shares
+        .iter()
+        .all(|s| s.subject == subject)
+        .then_some(subject)
+        .flatten();
+    let refusal = results.iter().find_map(|a| match a {
+        Accepted::New {
+            refused: Some(why), ..
+        } => Some(why.clone()),
+        _ => None,
+    });
+    for (share, result) in shares.iter().zip(&results) {
+        if let Accepted::New {
+            refused: Some(_), ..
+        } = result
+        {
+            r.metrics
+                .refused
+                .with_label_values(&[source])
+                .inc_by(share.decisions.len() as u64);
+        }
+    }
+    let all_refused = results.iter().all(|a| match a {
+        Accepted::New { refused, .. } => refused.is_some(),
+        Accepted::Duplicate { .. } => true,
+    });
+    if let (Some(reason), true) = (refusal, all_refused) {
+        let job_ids = results
+            .into_iter()
+            .flat_map(|a| match a {
+                Accepted::New { jobs, .. } => jobs.into_iter().map(|j| j.job_id).collect(),
+                Accepted::Duplicate { job_ids } => job_ids,
+            })
+            .collect();
+        return Answer::new(StatusCode::OK, "rejected")
+            .rule(rule)
+            .delivery(delivery)
+            .reason(reason)
+            .subject(one_subject)
+            .job_ids(job_ids);
+    }
     let mut decisions = Vec::new();
-    let mut jobs = Vec::new();
     let mut revoked = Vec::new();
+    let mut reopened = Vec::new();
+    let ends = shares.iter().any(|s| s.ends);
     for (share, result) in shares.into_iter().zip(results) {
-        match result {
-            Accepted::New { jobs: refs, bound } => {
-                for d in &share {
-                    r.metrics
-                        .decisions
-                        .with_label_values(&[source, d.action.as_str()])
-                        .inc();
+        let (refs, refused) = match result {
+            Accepted::New {
+                jobs: refs,
+                bound,
+                refused,
+                reopened: was_reopened,
+            } => {
+                if refused.is_none() {
+                    for d in &share.decisions {
+                        r.metrics
+                            .decisions
+                            .with_label_values(&[source, d.action.as_str()])
+                            .inc();
+                    }
                 }
                 if !bound.is_empty() {
                     let n = bound.len() as u64;
@@ -415,24 +511,43 @@ fn accepted(
                         .with_label_values(&[source])
                         .inc_by(n);
                 }
-                jobs.extend(refs);
-                revoked.extend(bound);
+                revoked.extend(bound.into_iter().map(|b| answer::Revoked {
+                    revocation: b,
+                    subject: share.subject.clone(),
+                }));
+                if was_reopened && let Some(s) = &share.subject {
+                    reopened.push(s.clone());
+                }
+                (refs, refused)
             }
-            Accepted::Duplicate { job_ids } => {
-                jobs.extend(job_ids.into_iter().map(|job_id| JobRef {
-                    job_id,
-                    coalesced: true,
-                }))
-            }
+            Accepted::Duplicate { job_ids } => (
+                job_ids
+                    .into_iter()
+                    .map(|job_id| JobRef {
+                        job_id,
+                        coalesced: true,
+                    })
+                    .collect(),
+                None,
+            ),
+        };
+        for (decision, job) in share.decisions.into_iter().zip(refs) {
+            decisions.push(answer::DecisionAnswer {
+                job_id: job.job_id,
+                decision,
+                coalesced: job.coalesced,
+                subject: share.subject.clone(),
+                refused: refused.clone(),
+            });
         }
-        decisions.extend(share);
     }
     Answer::new(StatusCode::ACCEPTED, "accepted")
         .rule(rule)
         .delivery(delivery)
-        .decisions(&decisions, &jobs)
-        .subject(subject)
-        .revoked(revoked)
+        .decisions(decisions)
+        .subject(one_subject)
+        .revoked(revoked, ends)
+        .reopened(reopened)
 }
 
 #[cfg(test)]

@@ -179,10 +179,18 @@ impl Backend {
             Backend::Pg(_, s) => s.replay(which, now).await.unwrap(),
         }
     }
+    /// Prunes finished jobs and subject ends older than `before`.
     async fn prune(&mut self, before: i64) -> usize {
+        self.prune_with(Prune {
+            finished_before_ms: before,
+            ends_before_ms: before,
+        })
+        .await
+    }
+    async fn prune_with(&mut self, p: Prune) -> usize {
         match self {
-            Backend::Sqlite(_, s) => s.prune(before).unwrap(),
-            Backend::Pg(_, s) => s.prune(before).await.unwrap(),
+            Backend::Sqlite(_, s) => s.prune(p).unwrap(),
+            Backend::Pg(_, s) => s.prune(p).await.unwrap(),
         }
     }
     /// From now on, storing a decision for request `boom` fails inside the database.
@@ -494,7 +502,8 @@ async fn a_replay_never_undoes_a_later_decision(mut s: Backend) {
         s.replay(Replay::One(approve_r1), 3_000).await,
         Replayed {
             queued: vec![],
-            overtaken: vec![(approve_r1, revoke_r1)],
+            overtaken: vec![overtaken(approve_r1, revoke_r1)],
+            ended: vec![],
         }
     );
     // All dead: r2's approve goes, r1's stays.
@@ -502,7 +511,8 @@ async fn a_replay_never_undoes_a_later_decision(mut s: Backend) {
         s.replay(Replay::AllDead, 3_000).await,
         Replayed {
             queued: vec![approve_r2],
-            overtaken: vec![(approve_r1, revoke_r1)],
+            overtaken: vec![overtaken(approve_r1, revoke_r1)],
+            ended: vec![],
         }
     );
     let left = s.show(approve_r1).await.unwrap();
@@ -513,7 +523,7 @@ async fn a_replay_never_undoes_a_later_decision(mut s: Backend) {
     assert!(s.show(revoke_r1).await.is_some(), "the revoke is kept");
     assert_eq!(
         s.replay(Replay::One(approve_r1), 1_000_000).await.overtaken,
-        vec![(approve_r1, revoke_r1)]
+        vec![overtaken(approve_r1, revoke_r1)]
     );
     let again = s.claim_due(3_000, 10).await;
     assert_eq!(
@@ -920,7 +930,7 @@ async fn ten_relays_opening_a_fresh_database_at_once_migrate_it_once() {
     }
 }
 
-const MIGRATIONS_PG_LEN: usize = 5;
+const MIGRATIONS_PG_LEN: usize = 6;
 
 /// A database left at the schema before the last (by relays of the previous release), with
 /// work in it, is migrated by a relay of this one at start, and that work goes on: here an
@@ -1016,7 +1026,15 @@ async fn pruning_is_done_by_one_relay_at_a_time() {
         .execute("SELECT pg_advisory_lock($1)", &[&0x7030_7265_6c61_7902_i64])
         .await
         .unwrap();
-    assert_eq!(a.prune(10_000).await.unwrap(), 0);
+    assert_eq!(
+        a.prune(Prune {
+            finished_before_ms: 10_000,
+            ends_before_ms: 10_000
+        })
+        .await
+        .unwrap(),
+        0
+    );
     assert!(a.show(job.id).await.unwrap().is_some());
     other
         .execute(
@@ -1026,7 +1044,12 @@ async fn pruning_is_done_by_one_relay_at_a_time() {
         .await
         .unwrap();
     assert_eq!(
-        a.prune(10_000).await.unwrap(),
+        a.prune(Prune {
+            finished_before_ms: 10_000,
+            ends_before_ms: 10_000
+        })
+        .await
+        .unwrap(),
         2,
         "the job and its delivery"
     );
@@ -1147,6 +1170,7 @@ fn on_subject(key: &str, decisions: &[(Action, &str)], subject: &str, ends: bool
             comment: None,
         }),
         ends_subject: ends,
+        reopens_subject: false,
     };
     d
 }
@@ -1543,4 +1567,206 @@ fn sqlite_claims_restore_the_full_sync() {
     assert_eq!(again.len(), 1, "the failed claim left no transaction open");
     assert_eq!(again[0].claim, job.claim + 1);
     assert_eq!(synchronous(&s), FULL, "after a claim");
+}
+
+/// An approve `job` that the revoke `by` overtook.
+fn overtaken(job: i64, by: i64) -> Overtaken {
+    Overtaken {
+        job,
+        action: Action::Approve,
+        by,
+        by_action: Action::Revoke,
+    }
+}
+
+fn refusal(a: &Accepted) -> Option<&str> {
+    match a {
+        Accepted::New { refused, .. } => refused.as_deref(),
+        Accepted::Duplicate { .. } => panic!("duplicate"),
+    }
+}
+
+fn reopened(a: &Accepted) -> bool {
+    match a {
+        Accepted::New { reopened, .. } => *reopened,
+        Accepted::Duplicate { .. } => panic!("duplicate"),
+    }
+}
+
+/// A delivery on `subject` that reopens it.
+fn reopening(key: &str, decisions: &[(Action, &str)], subject: &str) -> NewDelivery {
+    let mut d = on_subject(key, decisions, subject, false);
+    d.binding.reopens_subject = true;
+    d
+}
+
+contract!(an_ended_subject_refuses_approves_until_it_reopens);
+/// After its end, a subject's approves are stored refused (never coalesced into a live job,
+/// never revoked by a later end), its denies and revokes with them; a reopening takes them
+/// again. The reason is the same on both stores.
+async fn an_ended_subject_refuses_approves_until_it_reopens(mut s: Backend) {
+    s.accept(on_subject("e1", &[], "P1", true), 1_000).await;
+    let want = ended_reason("P1", 1_000);
+    assert_eq!(want, "subject P1 ended at 1970-01-01T00:00:01Z");
+    let late = s
+        .accept(
+            on_subject(
+                "e2",
+                &[(Action::Approve, "r1"), (Action::Revoke, "r2")],
+                "P1",
+                false,
+            ),
+            2_000,
+        )
+        .await;
+    assert_eq!(refusal(&late), Some(want.as_str()));
+    let ids: Vec<i64> = jobs(&late).iter().map(|j| j.0).collect();
+    assert_eq!(ids.len(), 2);
+    // Stored to be answered back, each with the reason; not coalesced with each other or
+    // anything after.
+    let claimed = s.claim_due(2_000, 10).await;
+    assert_eq!(
+        claimed
+            .iter()
+            .map(|j| (j.id, j.refused.as_deref()))
+            .collect::<Vec<_>>(),
+        vec![(ids[0], Some(want.as_str())), (ids[1], Some(want.as_str()))]
+    );
+    s.write(
+        &[],
+        &claimed
+            .iter()
+            .map(|j| done(j, State::Rejected))
+            .collect::<Vec<_>>(),
+        2_100,
+    )
+    .await
+    .unwrap();
+    // Another subject is untouched.
+    let other = s
+        .accept(
+            on_subject("e3", &[(Action::Approve, "r1")], "P2", false),
+            2_200,
+        )
+        .await;
+    assert_eq!(refusal(&other), None);
+    // Ending it again: the refused approve is not revoked (it never reached P0).
+    let again = s.accept(on_subject("e4", &[], "P1", true), 3_000).await;
+    assert!(bound(&again).is_empty());
+    // A reopening: approves are taken again, and a later end revokes them.
+    let back = s.accept(reopening("e5", &[], "P1"), 4_000).await;
+    assert!(reopened(&back));
+    assert_eq!(refusal(&back), None);
+    let taken = s
+        .accept(
+            on_subject("e6", &[(Action::Approve, "r3")], "P1", false),
+            5_000,
+        )
+        .await;
+    assert_eq!(refusal(&taken), None);
+    let end = s.accept(on_subject("e7", &[], "P1", true), 6_000).await;
+    assert_eq!(
+        bound(&end).into_iter().map(|b| b.0).collect::<Vec<_>>(),
+        ["r3"]
+    );
+    // A reopening that carries its own approve is taken at once; one on a subject that never
+    // ended reopens nothing.
+    let both = s
+        .accept(reopening("e8", &[(Action::Approve, "r4")], "P1"), 7_000)
+        .await;
+    assert!(reopened(&both));
+    assert_eq!(refusal(&both), None);
+    let never = s.accept(reopening("e9", &[], "P3"), 7_000).await;
+    assert!(!reopened(&never));
+}
+
+contract!(replay_refuses_an_approve_whose_subject_ended_after_it);
+/// A dead approve, then its subject's end (nothing granted, so nothing revoked): replaying
+/// the approve is refused with the reason, alone or with every dead letter; after a reopening
+/// it still is (it was asked before the end: ask again).
+async fn replay_refuses_an_approve_whose_subject_ended_after_it(mut s: Backend) {
+    s.accept(
+        on_subject("d1", &[(Action::Approve, "r1")], "P1", false),
+        1_000,
+    )
+    .await;
+    s.accept(
+        on_subject("d2", &[(Action::Approve, "r2")], "P2", false),
+        1_000,
+    )
+    .await;
+    let first = s.claim_due(1_000, 10).await;
+    let dead: Vec<AttemptRecord> = first.iter().map(|j| done(j, State::Dead)).collect();
+    s.write(&[], &dead, 2_000).await.unwrap();
+    let end = s.accept(on_subject("d3", &[], "P1", true), 3_000).await;
+    assert!(bound(&end).is_empty(), "a dead approve granted nothing");
+    let (r1, r2) = (first[0].id, first[1].id);
+    let reason = ended_reason("P1", 3_000);
+    assert_eq!(
+        s.replay(Replay::One(r1), 4_000).await,
+        Replayed {
+            queued: vec![],
+            overtaken: vec![],
+            ended: vec![(r1, reason.clone())],
+        }
+    );
+    assert_eq!(
+        s.replay(Replay::AllDead, 4_000).await,
+        Replayed {
+            queued: vec![r2],
+            overtaken: vec![],
+            ended: vec![(r1, reason.clone())],
+        }
+    );
+    s.accept(reopening("d4", &[], "P1"), 5_000).await;
+    let after = s.replay(Replay::One(r1), 6_000).await;
+    assert_eq!(after.queued, Vec::<i64>::new());
+    assert_eq!(after.ended.len(), 1);
+    assert!(after.ended[0].1.starts_with(&reason), "{:?}", after.ended);
+    assert!(
+        after.ended[0].1.contains("reopened since"),
+        "{:?}",
+        after.ended
+    );
+    let again = s.claim_due(6_000, 10).await;
+    assert_eq!(again.iter().map(|j| j.id).collect::<Vec<_>>(), vec![r2]);
+}
+
+contract!(ends_are_pruned_only_when_nothing_could_be_replayed_under_them);
+/// Subject ends older than their window go, unless a dead approve under the subject could
+/// still be replayed: then the end stays to refuse it.
+async fn ends_are_pruned_only_when_nothing_could_be_replayed_under_them(mut s: Backend) {
+    s.accept(
+        on_subject("p1", &[(Action::Approve, "r1")], "P1", false),
+        1_000,
+    )
+    .await;
+    let job = s.claim_due(1_000, 1).await.remove(0);
+    s.write(&[], &[done(&job, State::Dead)], 1_100)
+        .await
+        .unwrap();
+    s.accept(on_subject("p2", &[], "P1", true), 2_000).await;
+    s.accept(on_subject("p3", &[], "P2", true), 2_000).await;
+    s.prune_with(Prune {
+        finished_before_ms: 0,
+        ends_before_ms: 10_000,
+    })
+    .await;
+    // P2's end is gone: an approve under it is taken again.
+    let p2 = s
+        .accept(
+            on_subject("p4", &[(Action::Approve, "r2")], "P2", false),
+            11_000,
+        )
+        .await;
+    assert_eq!(refusal(&p2), None);
+    // P1's stays while its dead approve could be replayed.
+    let p1 = s
+        .accept(
+            on_subject("p5", &[(Action::Approve, "r3")], "P1", false),
+            11_000,
+        )
+        .await;
+    assert_eq!(refusal(&p1), Some(ended_reason("P1", 2_000).as_str()));
+    assert_eq!(s.replay(Replay::One(job.id), 12_000).await.ended.len(), 1);
 }

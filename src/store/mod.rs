@@ -95,6 +95,12 @@ pub enum Accepted {
     New {
         jobs: Vec<JobRef>,
         bound: Vec<BoundRevocation>,
+        /// Why the delivery's decisions were refused (`subject ... ended at ...`: it asks to
+        /// approve under a subject that has ended): each is stored as a job that the worker
+        /// records as rejected, and answers back, without calling P0.
+        refused: Option<String>,
+        /// The delivery reopened its subject, which had ended.
+        reopened: bool,
     },
     /// The same delivery was stored before: nothing new was stored.
     Duplicate { job_ids: Vec<i64> },
@@ -136,6 +142,19 @@ pub struct Job {
     pub subject: Option<String>,
     pub reply: Option<String>,
     pub bound: bool,
+    /// Set when the store refused the decision as it was accepted (its subject had ended):
+    /// the worker records it rejected with this reason, and never calls P0 for it.
+    pub refused: Option<String>,
+}
+
+/// The reason an approve under an ended subject is refused, the same from every store.
+pub fn ended_reason(subject: &str, ended_at_ms: i64) -> String {
+    let at = std::time::UNIX_EPOCH
+        + Duration::from_millis(u64::try_from(ended_at_ms).unwrap_or_default());
+    format!(
+        "subject {subject} ended at {}",
+        humantime::format_rfc3339_seconds(at)
+    )
 }
 
 /// The outcome of one attempt, and the state it leaves the job in.
@@ -324,13 +343,74 @@ pub enum Replay {
     AllDead,
 }
 
-/// What a replay did: the jobs queued again, and those left where they were because a later
-/// decision on their request has overtaken them (each with the latest job on its request):
-/// sent now, an old approve would undo the revoke after it (one a subject's end made, say).
+/// What a replay did: the jobs queued again; those left where they were because a later
+/// decision on their request has overtaken them (sent now, an old approve would undo the
+/// revoke after it, one a subject's end made, say); and approves left because their subject
+/// has ended since they were asked, or is ended now (each with the reason).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Replayed {
     pub queued: Vec<i64>,
-    pub overtaken: Vec<(i64, i64)>,
+    pub overtaken: Vec<Overtaken>,
+    pub ended: Vec<(i64, String)>,
+}
+
+/// A job `replay` may queue again, as a store reads it: the latest job on its request, and its
+/// subject's end (when it ended, whether it reopened since).
+pub(crate) struct Candidate {
+    pub id: i64,
+    pub action: String,
+    pub latest: i64,
+    pub latest_action: String,
+    pub subject: Option<String>,
+    pub created_at: i64,
+    pub ended_at: Option<i64>,
+    pub reopened: bool,
+}
+
+impl Candidate {
+    /// Sorts the candidate into `replayed`; true when it is to be queued again. Only a
+    /// request's latest decision is; an approve never, while its subject is ended or when it
+    /// ended after the approve was asked (a reopened issue's old approval stays old).
+    pub(crate) fn sort(&self, replayed: &mut Replayed) -> Result<bool, StoreError> {
+        let action = |a: &str| {
+            Action::parse(a).ok_or_else(|| {
+                StoreError::Invalid(format!("job {}: unknown action `{a}`", self.id))
+            })
+        };
+        if self.id != self.latest {
+            replayed.overtaken.push(Overtaken {
+                job: self.id,
+                action: action(&self.action)?,
+                by: self.latest,
+                by_action: action(&self.latest_action)?,
+            });
+            return Ok(false);
+        }
+        if action(&self.action)? == Action::Approve
+            && let (Some(subject), Some(at)) = (&self.subject, self.ended_at)
+            && (!self.reopened || at >= self.created_at)
+        {
+            let mut reason = ended_reason(subject, at);
+            if self.reopened {
+                reason
+                    .push_str(", after this approve was asked (it has reopened since: ask again)");
+            }
+            replayed.ended.push((self.id, reason));
+            return Ok(false);
+        }
+        replayed.queued.push(self.id);
+        Ok(true)
+    }
+}
+
+/// A job a replay left because a later decision on its request overtook it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Overtaken {
+    pub job: i64,
+    pub action: Action,
+    /// The latest job on the request, and its action.
+    pub by: i64,
+    pub by_action: Action,
 }
 
 /// Windows that decide what counts as the same delivery or the same decision.
@@ -338,6 +418,15 @@ pub struct Replayed {
 pub struct Windows {
     pub dedup: Duration,
     pub coalesce: Duration,
+}
+
+/// What pruning forgets: finished jobs and deliveries older than `finished_before_ms`, and
+/// subject ends older than `ends_before_ms` (approves under such a subject are taken again)
+/// once no dead or rejected job under the subject remains that a replay could send.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Prune {
+    pub finished_before_ms: i64,
+    pub ends_before_ms: i64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -386,8 +475,8 @@ pub trait Store: Send {
     /// Makes dead (or rejected, when named) jobs pending again, each only while it is still
     /// the latest decision on its request.
     fn replay(&mut self, which: Replay, now_ms: i64) -> Result<Replayed, StoreError>;
-    /// Forgets finished jobs and deliveries older than `older_than_ms`.
-    fn prune(&mut self, older_than_ms: i64) -> Result<usize, StoreError>;
+    /// Forgets finished jobs, deliveries and subject ends past their windows (`Prune`).
+    fn prune(&mut self, before: Prune) -> Result<usize, StoreError>;
     /// A cheap check, run every second or so, that the store can take a write now; what
     /// `/readyz` reports about the store comes from it.
     fn probe(&mut self) -> Result<(), StoreError>;
@@ -420,7 +509,7 @@ enum Other {
     Followed(oneshot::Sender<Result<Vec<i64>, StoreError>>),
     NextAnswerDue(oneshot::Sender<Result<Option<i64>, StoreError>>),
     Counts(oneshot::Sender<Result<Counts, StoreError>>),
-    Prune(i64, oneshot::Sender<Result<usize, StoreError>>),
+    Prune(Prune, oneshot::Sender<Result<usize, StoreError>>),
     Probe(oneshot::Sender<Result<(), StoreError>>),
     List(
         ListFilter,
@@ -686,12 +775,10 @@ impl StoreHandle {
             Backend::Postgres(pg) => pg.store.counts().await,
         }
     }
-    pub async fn prune(&self, older_than_ms: i64) -> Result<usize, StoreError> {
+    pub async fn prune(&self, before: Prune) -> Result<usize, StoreError> {
         match &self.backend {
-            Backend::Sqlite(tx) => {
-                Self::call(tx, |r| Op::Other(Other::Prune(older_than_ms, r))).await
-            }
-            Backend::Postgres(pg) => pg.store.prune(older_than_ms).await,
+            Backend::Sqlite(tx) => Self::call(tx, |r| Op::Other(Other::Prune(before, r))).await,
+            Backend::Postgres(pg) => pg.store.prune(before).await,
         }
     }
     pub async fn list(&self, filter: ListFilter) -> Result<Vec<JobSummary>, StoreError> {

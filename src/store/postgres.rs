@@ -17,8 +17,8 @@ use tokio_postgres_rustls::MakeRustlsConnect;
 use super::location::PgLocation;
 use super::{
     Accepted, AnswerJob, AnswerRecord, AnswerRow, AttemptRecord, AttemptRow, BoundRevocation,
-    Counts, DeliveryInfo, Job, JobDetail, JobRef, JobSummary, ListFilter, NewDelivery, Replay,
-    Replayed, State, StoreError, Windows, now_ms, pg_tls,
+    Candidate, Counts, DeliveryInfo, Job, JobDetail, JobRef, JobSummary, ListFilter, NewDelivery,
+    Prune, Replay, Replayed, State, StoreError, Windows, now_ms, pg_tls,
 };
 use crate::domain::{Action, Expiration};
 
@@ -517,6 +517,393 @@ BEGIN
 END
 $fn$;
 "#,
+    r#"
+-- Subjects that ended stay ended. A delivery asking to approve under a subject that ended
+-- and did not reopen (GitHub `reopened`, an alert firing again) is refused whole: its
+-- decisions are stored with the reason in `refused`, which the worker records as rejected
+-- and answers back without calling P0. A delivery that reopens its subject takes the
+-- subject's lock alone, as an end does, and is written one at a time like an end. The
+-- functions that write batches are defined again here with these rules.
+CREATE TABLE subject_ends (
+    source      TEXT NOT NULL,
+    subject     TEXT NOT NULL,
+    ended_at    BIGINT NOT NULL,
+    delivery_id BIGINT NOT NULL,
+    reopened_at BIGINT,
+    PRIMARY KEY (source, subject)
+);
+CREATE INDEX subject_ends_at ON subject_ends (ended_at);
+ALTER TABLE jobs ADD COLUMN refused TEXT;
+-- The reason an approve under an ended subject is refused, as the relay words it.
+CREATE FUNCTION p0_relay_ended_reason(subject TEXT, ended_at BIGINT) RETURNS TEXT
+LANGUAGE sql STABLE AS $fn$
+    SELECT 'subject ' || subject || ' ended at '
+           || to_char(to_timestamp(ended_at / 1000) AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"')
+$fn$;
+CREATE OR REPLACE FUNCTION p0_relay_write_each(deliveries JSONB, payloads BYTEA[], records JSONB,
+                                    now_ms BIGINT, dedup_since BIGINT, coalesce_since BIGINT)
+RETURNS JSONB LANGUAGE plpgsql AS $fn$
+DECLARE
+    k      INTEGER;
+    alone  BOOLEAN;
+BEGIN
+    -- A subject's lock is taken alone by what changes whether it is ended (its end, its
+    -- reopening), shared by the decisions on it.
+    FOR k, alone IN
+        SELECT hashtext((e ->> 'source') || '/' || (e ->> 'subject')),
+               bool_or(COALESCE((e ->> 'ends_subject')::BOOLEAN, false)
+                       OR COALESCE((e ->> 'reopens_subject')::BOOLEAN, false))
+        FROM jsonb_array_elements(deliveries) e
+        WHERE e ->> 'subject' IS NOT NULL
+        GROUP BY 1
+        ORDER BY 1
+    LOOP
+        IF alone THEN
+            PERFORM pg_advisory_xact_lock(7002, k);
+        ELSE
+            PERFORM pg_advisory_xact_lock_shared(7002, k);
+        END IF;
+    END LOOP;
+    FOR k IN
+        SELECT hashtext((x ->> 'org') || '/' || (x ->> 'request_id'))
+        FROM jsonb_array_elements(deliveries) e, jsonb_array_elements(e -> 'decisions') x
+        UNION
+        SELECT hashtext(j.org || '/' || j.request_id)
+        FROM jsonb_array_elements(deliveries) e
+        JOIN jobs j ON j.source = e ->> 'source' AND j.subject = e ->> 'subject'
+        WHERE COALESCE((e ->> 'ends_subject')::BOOLEAN, false) AND j.action = 'approve'
+        ORDER BY 1
+    LOOP
+        PERFORM pg_advisory_xact_lock(7001, k);
+    END LOOP;
+    RETURN p0_relay_write_each_locked(deliveries, payloads, records, now_ms, dedup_since,
+                                      coalesce_since);
+END
+$fn$;
+-- Writes a batch one delivery at a time, its locks held (p0_relay_write_each takes them).
+-- Outcomes are recorded by p0_relay_write, which passes none here.
+CREATE OR REPLACE FUNCTION p0_relay_write_each_locked(deliveries JSONB, payloads BYTEA[],
+                               records JSONB, now_ms BIGINT, dedup_since BIGINT,
+                               coalesce_since BIGINT)
+RETURNS JSONB LANGUAGE plpgsql AS $fn$
+DECLARE
+    d            RECORD;
+    dcn          RECORD;
+    results      JSONB[] := array_fill(NULL::JSONB, ARRAY[jsonb_array_length(deliveries)]);
+    del_id       BIGINT;
+    taken        BIGINT;
+    latest       RECORD;
+    jid          BIGINT;
+    job_list     JSONB;
+    id_list      BIGINT[];
+    created      BOOLEAN := false;
+    g            RECORD;
+    bound_list   JSONB;
+    refusal      TEXT;
+    was_reopened BOOLEAN;
+    end_at       BIGINT;
+BEGIN
+    -- Delivery keys are taken in one global order (the unique index makes a second taker
+    -- wait for the first to commit or roll back). Ends come after every other delivery of
+    -- the batch, so an end sees the approves it shares a batch with.
+    FOR d IN
+        SELECT x.*, e.ordinality::INTEGER AS i
+        FROM jsonb_array_elements(deliveries) WITH ORDINALITY e
+        CROSS JOIN LATERAL jsonb_to_record(e.value) AS x(
+            source TEXT, dedup_key TEXT, received_at BIGINT, rule TEXT, actor TEXT,
+            subject TEXT, reply TEXT, ends_subject BOOLEAN, reopens_subject BOOLEAN,
+            decisions JSONB)
+        ORDER BY COALESCE(x.ends_subject, false), x.source COLLATE "C",
+                 x.dedup_key COLLATE "C", e.ordinality
+    LOOP
+        del_id := nextval('deliveries_id_seq');
+        taken := NULL;
+        INSERT INTO dedup AS x (source, dedup_key, delivery_id, received_at)
+        VALUES (d.source, d.dedup_key, del_id, d.received_at)
+        ON CONFLICT (source, dedup_key) DO UPDATE
+            SET delivery_id = EXCLUDED.delivery_id, received_at = EXCLUDED.received_at
+            WHERE x.received_at < dedup_since
+        RETURNING x.delivery_id INTO taken;
+        IF taken IS NULL THEN
+            SELECT dl.job_ids INTO id_list FROM dedup x JOIN deliveries dl ON dl.id = x.delivery_id
+            WHERE x.source = d.source AND x.dedup_key = d.dedup_key;
+            results[d.i] := jsonb_build_object('dup', to_jsonb(COALESCE(id_list, '{}')));
+            CONTINUE;
+        END IF;
+        -- A subject that ended stays ended: a delivery asking to approve under it is refused
+        -- whole, unless the delivery itself reopens it.
+        refusal := NULL;
+        was_reopened := false;
+        IF d.subject IS NOT NULL THEN
+            IF COALESCE(d.reopens_subject, false) THEN
+                UPDATE subject_ends se SET reopened_at = now_ms
+                WHERE se.source = d.source AND se.subject = d.subject AND se.reopened_at IS NULL;
+                was_reopened := FOUND;
+            ELSIF NOT COALESCE(d.ends_subject, false) AND EXISTS (
+                    SELECT 1 FROM jsonb_array_elements(d.decisions) y
+                    WHERE y ->> 'action' = 'approve') THEN
+                SELECT se.ended_at INTO end_at FROM subject_ends se
+                WHERE se.source = d.source AND se.subject = d.subject AND se.reopened_at IS NULL;
+                IF FOUND THEN
+                    refusal := p0_relay_ended_reason(d.subject, end_at);
+                END IF;
+            END IF;
+        END IF;
+        job_list := '[]';
+        id_list := '{}';
+        FOR dcn IN
+            SELECT * FROM jsonb_to_recordset(d.decisions)
+                AS y(org TEXT, request_id TEXT, action TEXT, expiration TEXT)
+        LOOP
+            -- The latest job for this request decides: the same action still pending or
+            -- done recently is not sent again, but approve, revoke, approve is three calls.
+            -- Only a decision asked on the same subject coalesces, and never into one that
+            -- was refused; a refused one is a job of its own.
+            jid := NULL;
+            IF refusal IS NULL THEN
+                SELECT j.id, j.action, j.state, j.created_at, j.source, j.subject, j.refused
+                INTO latest FROM jobs j
+                WHERE j.org = dcn.org AND j.request_id = dcn.request_id
+                ORDER BY j.id DESC LIMIT 1;
+                IF FOUND AND latest.action = dcn.action AND latest.created_at >= coalesce_since
+                   AND latest.state IN ('pending', 'sending', 'succeeded', 'dry_run')
+                   AND latest.refused IS NULL
+                   AND latest.subject IS NOT DISTINCT FROM d.subject
+                   AND (d.subject IS NULL OR latest.source = d.source) THEN
+                    jid := latest.id;
+                    job_list := job_list || jsonb_build_array(jsonb_build_array(jid, true));
+                END IF;
+            END IF;
+            IF jid IS NULL THEN
+                INSERT INTO jobs (delivery_id, source, org, request_id, action, expiration, state,
+                                  next_attempt_at, window_start, created_at, updated_at,
+                                  subject, reply, refused)
+                VALUES (del_id, d.source, dcn.org, dcn.request_id,
+                        dcn.action, dcn.expiration, 'pending',
+                        now_ms, now_ms, now_ms, now_ms, d.subject, d.reply, refusal)
+                RETURNING id INTO jid;
+                job_list := job_list || jsonb_build_array(jsonb_build_array(jid, false));
+                created := true;
+            END IF;
+            id_list := id_list || jid;
+        END LOOP;
+        -- The end of a subject is recorded, and revokes every request still granted under
+        -- it: the latest decision on it is an approve under this subject, not refused,
+        -- pending, sending, succeeded or dry run. Each revoke is queued behind its approve.
+        bound_list := '[]';
+        IF d.ends_subject AND d.subject IS NOT NULL THEN
+            INSERT INTO subject_ends AS se (source, subject, ended_at, delivery_id)
+            VALUES (d.source, d.subject, now_ms, del_id)
+            ON CONFLICT (source, subject) DO UPDATE
+                SET ended_at = EXCLUDED.ended_at, delivery_id = EXCLUDED.delivery_id,
+                    reopened_at = NULL;
+            FOR g IN
+                SELECT j.org, j.request_id FROM jobs j
+                WHERE j.source = d.source AND j.subject = d.subject
+                  AND j.action = 'approve' AND j.refused IS NULL
+                  AND j.state IN ('pending', 'sending', 'succeeded', 'dry_run')
+                  AND j.id = (SELECT MAX(x.id) FROM jobs x
+                              WHERE x.org = j.org AND x.request_id = j.request_id)
+                ORDER BY j.id
+            LOOP
+                INSERT INTO jobs (delivery_id, source, org, request_id, action, state,
+                                  next_attempt_at, window_start, created_at, updated_at,
+                                  subject, reply, ended_by)
+                VALUES (del_id, d.source, g.org, g.request_id, 'revoke', 'pending',
+                        now_ms, now_ms, now_ms, now_ms, d.subject, d.reply, del_id)
+                RETURNING id INTO jid;
+                bound_list := bound_list || jsonb_build_array(jsonb_build_array(jid, g.org, g.request_id));
+                id_list := id_list || jid;
+                created := true;
+            END LOOP;
+        END IF;
+        -- Written once its jobs are known (no foreign key orders it before them).
+        INSERT INTO deliveries (id, source, dedup_key, received_at, rule, actor, payload, job_ids)
+        VALUES (del_id, d.source, d.dedup_key, d.received_at,
+                d.rule, d.actor, payloads[d.i], id_list);
+        results[d.i] := jsonb_build_object('jobs', job_list, 'bound', bound_list,
+                                           'refused', refusal, 'reopened', was_reopened);
+    END LOOP;
+    IF created THEN
+        PERFORM pg_notify('p0_relay_jobs', '');
+    END IF;
+    RETURN jsonb_build_object('results', to_jsonb(results), 'ignored', '[]'::JSONB);
+END
+$fn$;
+CREATE OR REPLACE FUNCTION p0_relay_write_distinct(deliveries JSONB, payloads BYTEA[],
+                                        now_ms BIGINT, dedup_since BIGINT,
+                                        coalesce_since BIGINT)
+RETURNS JSONB LANGUAGE plpgsql AS $fn$
+DECLARE
+    results JSONB;
+    created BOOLEAN;
+    dup     RECORD;
+    id_list BIGINT[];
+BEGIN
+    -- The same locks, in the same orders, as p0_relay_write_each takes (no end or reopening
+    -- here, so every subject's lock is shared).
+    PERFORM pg_advisory_xact_lock_shared(7002, k) FROM (
+        SELECT DISTINCT hashtext((e ->> 'source') || '/' || (e ->> 'subject')) AS k
+        FROM jsonb_array_elements(deliveries) e WHERE e ->> 'subject' IS NOT NULL ORDER BY 1) s;
+    PERFORM pg_advisory_xact_lock(7001, k) FROM (
+        SELECT DISTINCT hashtext((x ->> 'org') || '/' || (x ->> 'request_id')) AS k
+        FROM jsonb_array_elements(deliveries) e, jsonb_array_elements(e -> 'decisions') x
+        ORDER BY 1) s;
+    -- One statement, one snapshot taken after the locks: the dedup rows, each delivery's
+    -- subject end (a delivery asking to approve under an ended subject is refused whole),
+    -- the latest job of each request (looked up by its index, one row each), the new jobs
+    -- and the deliveries.
+    WITH d AS (
+        SELECT x.*, e.ordinality::INTEGER AS i
+        FROM jsonb_array_elements(deliveries) WITH ORDINALITY e
+        CROSS JOIN LATERAL jsonb_to_record(e.value) AS x(
+            source TEXT, dedup_key TEXT, received_at BIGINT, rule TEXT, actor TEXT,
+            subject TEXT, reply TEXT, decisions JSONB)
+    ), taken AS (
+        INSERT INTO dedup AS t (source, dedup_key, delivery_id, received_at)
+        SELECT source, dedup_key, nextval('deliveries_id_seq'), received_at FROM d
+        ORDER BY source COLLATE "C", dedup_key COLLATE "C"
+        ON CONFLICT (source, dedup_key) DO UPDATE
+            SET delivery_id = EXCLUDED.delivery_id, received_at = EXCLUDED.received_at
+            WHERE t.received_at < dedup_since
+        RETURNING t.source, t.dedup_key, t.delivery_id
+    ), fresh AS (
+        SELECT d.*, taken.delivery_id,
+               (SELECT p0_relay_ended_reason(d.subject, se.ended_at) FROM subject_ends se
+                WHERE d.subject IS NOT NULL AND se.source = d.source
+                  AND se.subject = d.subject AND se.reopened_at IS NULL
+                  AND EXISTS (SELECT 1 FROM jsonb_array_elements(d.decisions) y
+                              WHERE y ->> 'action' = 'approve')) AS refusal
+        FROM d JOIN taken USING (source, dedup_key)
+    ), asked AS (
+        SELECT f.i, y.j, f.delivery_id, f.source, f.subject, f.reply, f.refusal, y.org,
+               y.request_id, y.action, y.expiration,
+               l.id AS latest,
+               COALESCE(f.refusal IS NULL AND l.refused IS NULL
+                        AND l.action = y.action AND l.created_at >= coalesce_since
+                        AND l.state IN ('pending', 'sending', 'succeeded', 'dry_run')
+                        AND l.subject IS NOT DISTINCT FROM f.subject
+                        AND (f.subject IS NULL OR l.source = f.source), false) AS coalesced
+        FROM fresh f
+        CROSS JOIN LATERAL ROWS FROM (jsonb_to_recordset(f.decisions)
+            AS (org TEXT, request_id TEXT, action TEXT, expiration TEXT))
+            WITH ORDINALITY AS y(org, request_id, action, expiration, j)
+        LEFT JOIN LATERAL (SELECT jb.id, jb.action, jb.state, jb.created_at, jb.source,
+                                  jb.subject, jb.refused
+                           FROM jobs jb WHERE jb.org = y.org AND jb.request_id = y.request_id
+                           ORDER BY jb.id DESC LIMIT 1) l ON true
+    ), numbered AS (
+        SELECT a.*, CASE WHEN a.coalesced THEN a.latest ELSE nextval('jobs_id_seq') END AS jid
+        FROM (SELECT * FROM asked ORDER BY i, j) a
+    ), new_jobs AS (
+        INSERT INTO jobs (id, delivery_id, source, org, request_id, action, expiration, state,
+                          next_attempt_at, window_start, created_at, updated_at, subject, reply,
+                          refused)
+        SELECT jid, delivery_id, source, org, request_id, action, expiration, 'pending',
+               now_ms, now_ms, now_ms, now_ms, subject, reply, refusal
+        FROM numbered WHERE NOT coalesced
+        RETURNING id
+    ), per_delivery AS (
+        SELECT i, array_agg(jid ORDER BY j) AS ids,
+               jsonb_agg(jsonb_build_array(jid, coalesced) ORDER BY j) AS jobs
+        FROM numbered GROUP BY i
+    ), new_deliveries AS (
+        INSERT INTO deliveries (id, source, dedup_key, received_at, rule, actor, payload, job_ids)
+        SELECT f.delivery_id, f.source, f.dedup_key, f.received_at, f.rule, f.actor,
+               payloads[f.i], COALESCE(p.ids, '{}')
+        FROM fresh f LEFT JOIN per_delivery p ON p.i = f.i
+    )
+    SELECT jsonb_agg(CASE WHEN f.i IS NULL THEN NULL
+                          ELSE jsonb_build_object('jobs', COALESCE(p.jobs, '[]'),
+                                                  'bound', '[]'::JSONB, 'refused', f.refusal,
+                                                  'reopened', false)
+                     END ORDER BY d.i),
+           (SELECT count(*) > 0 FROM new_jobs)
+      INTO results, created
+    FROM d LEFT JOIN fresh f ON f.i = d.i LEFT JOIN per_delivery p ON p.i = d.i;
+    -- Deliveries seen before (rare: a sender's retry) are answered with the jobs they made,
+    -- read in a snapshot of their own, which sees a delivery committed while this one waited.
+    FOR dup IN
+        SELECT d.ordinality::INTEGER AS i, d.value ->> 'source' AS source,
+               d.value ->> 'dedup_key' AS dedup_key
+        FROM jsonb_array_elements(deliveries) WITH ORDINALITY d
+        WHERE results -> (d.ordinality::INTEGER - 1) = 'null'::JSONB
+    LOOP
+        SELECT dl.job_ids INTO id_list FROM dedup x JOIN deliveries dl ON dl.id = x.delivery_id
+        WHERE x.source = dup.source AND x.dedup_key = dup.dedup_key;
+        results := jsonb_set(results, ARRAY[(dup.i - 1)::TEXT],
+                             jsonb_build_object('dup', to_jsonb(COALESCE(id_list, '{}'))));
+    END LOOP;
+    IF created THEN
+        PERFORM pg_notify('p0_relay_jobs', '');
+    END IF;
+    RETURN results;
+END
+$fn$;
+-- The batch's entry point: a batch that ends or reopens a subject, or repeats a delivery or
+-- a request, is written one delivery at a time; any other in a few statements.
+CREATE OR REPLACE FUNCTION p0_relay_write(deliveries JSONB, payloads BYTEA[], records JSONB,
+                               now_ms BIGINT, dedup_since BIGINT, coalesce_since BIGINT)
+RETURNS JSONB LANGUAGE plpgsql AS $fn$
+DECLARE
+    each_one BOOLEAN;
+    results  JSONB := '[]';
+    ignored  JSONB := '[]';
+    rec      RECORD;
+    applied  INTEGER;
+BEGIN
+    SELECT bool_or(COALESCE((e ->> 'ends_subject')::BOOLEAN, false)
+                   OR COALESCE((e ->> 'reopens_subject')::BOOLEAN, false))
+           OR count(*) <> count(DISTINCT (e ->> 'source', e ->> 'dedup_key'))
+      INTO each_one FROM jsonb_array_elements(deliveries) e;
+    IF NOT COALESCE(each_one, true) THEN
+        SELECT count(*) <> count(DISTINCT (x ->> 'org', x ->> 'request_id')) INTO each_one
+        FROM jsonb_array_elements(deliveries) e, jsonb_array_elements(e -> 'decisions') x;
+    END IF;
+    IF jsonb_array_length(deliveries) = 0 THEN
+        NULL;
+    ELSIF each_one THEN
+        results := p0_relay_write_each(deliveries, payloads, '[]', now_ms, dedup_since,
+                                       coalesce_since) -> 'results';
+    ELSE
+        results := p0_relay_write_distinct(deliveries, payloads, now_ms, dedup_since,
+                                           coalesce_since);
+    END IF;
+    -- An outcome counts only from the relay that holds the claim (its token, still sending),
+    -- in job order; each is found by its primary key.
+    FOR rec IN
+        SELECT * FROM jsonb_to_recordset(records) AS x(
+            job_id BIGINT, claim BIGINT, at BIGINT, state TEXT, attempts INTEGER,
+            next_attempt_at BIGINT, status INTEGER, result TEXT, error TEXT, duration_ms BIGINT,
+            answers JSONB)
+        ORDER BY job_id
+    LOOP
+        WITH done AS (
+            UPDATE jobs SET state = rec.state, attempts = rec.attempts,
+                            next_attempt_at = rec.next_attempt_at, last_status = rec.status,
+                            last_error = rec.error, updated_at = rec.at, lease_until = NULL
+            WHERE id = rec.job_id AND claim_token = rec.claim AND state = 'sending'
+            RETURNING id
+        ), attempt AS (
+            INSERT INTO attempts (job_id, at, status, result, error, duration_ms)
+            SELECT id, rec.at, rec.status, rec.result, rec.error, rec.duration_ms FROM done
+        ), answered AS (
+            -- Answers back are created with P0's final answer, in the same transaction.
+            INSERT INTO answers (job_id, via, kind, target, body, state, next_attempt_at,
+                                 window_start, created_at, updated_at)
+            SELECT done.id, a ->> 'via', a ->> 'kind', a ->> 'target', a ->> 'body', 'pending',
+                   rec.at, rec.at, rec.at, rec.at
+            FROM done, jsonb_array_elements(COALESCE(rec.answers, '[]')) a
+        )
+        SELECT count(*) INTO applied FROM done;
+        IF applied = 0 THEN
+            ignored := ignored || to_jsonb(rec.job_id);
+        END IF;
+    END LOOP;
+    RETURN jsonb_build_object('results', results, 'ignored', ignored);
+END
+$fn$;
+"#,
 ];
 
 /// Advisory lock keys (one 64-bit space; coalescing uses the separate two-key space).
@@ -794,6 +1181,7 @@ impl PgStore {
                         "received_at": d.received_at_ms, "rule": d.rule, "actor": d.actor,
                         "subject": d.binding.subject, "reply": d.reply_json(),
                         "ends_subject": d.binding.ends_subject,
+                        "reopens_subject": d.binding.reopens_subject,
                         "decisions": d.decisions.iter().map(|x| json!({
                             "org": x.org.as_str(), "request_id": x.request_id.as_str(),
                             "action": x.action.as_str(), "expiration": x.expiration.as_ref().map(Expiration::as_str),
@@ -891,7 +1279,7 @@ impl PgStore {
                                       FOR UPDATE SKIP LOCKED)
                          RETURNING id, source, org, request_id, action, expiration, attempts,
                                    created_at, window_start, claim_token, subject, reply,
-                                   ended_by IS NOT NULL",
+                                   ended_by IS NOT NULL, refused",
                     )
                     .await?;
                 c.query(&stmt, &[&now_ms, &limit, &lease_until]).await
@@ -917,6 +1305,7 @@ impl PgStore {
                 subject: r.try_get(10)?,
                 reply: r.try_get(11)?,
                 bound: r.try_get(12)?,
+                refused: r.try_get(13)?,
             });
         }
         jobs.sort_by_key(|j| j.id);
@@ -1276,7 +1665,12 @@ impl PgStore {
         .await
     }
 
-    /// Makes dead (or rejected, when named) jobs pending again and announces them.
+    /// Makes dead (or rejected, when named) jobs pending again and announces them: each only
+    /// while it is its request's latest decision, and an approve only while its subject has
+    /// not ended since it was asked (`Candidate::sort`). The locks the writes take on each
+    /// candidate's subject (shared) and request are taken first, in the same order, so an
+    /// end or a later decision committing on another relay comes either before the replay,
+    /// and is seen, or after it, and sees the job pending again.
     pub async fn replay(&self, which: Replay, now_ms: i64) -> Result<Replayed, StoreError> {
         let (which, named) = match which {
             Replay::One(id) => ("j.id = $1 AND j.state IN ('dead', 'rejected')", Some(id)),
@@ -1284,43 +1678,82 @@ impl PgStore {
         };
         self.run("replay", OP_TIMEOUT, async |c| {
             let tx = c.transaction().await?;
-            // Each candidate, locked, with the latest job on its request (`jobs_decision`). A
-            // decision committed meanwhile gets a later ID, so it is sent after the replayed
-            // one, as it would have been.
-            let sql = format!(
-                "SELECT j.id, (SELECT MAX(k.id) FROM jobs k
-                                WHERE k.org = j.org AND k.request_id = j.request_id)
-                 FROM jobs j WHERE {which} ORDER BY j.id FOR UPDATE OF j"
+            let keys = format!(
+                "SELECT j.source || '/' || j.subject, j.org || '/' || j.request_id
+                 FROM jobs j WHERE {which}"
             );
-            let candidates = tx.query(&sql, &[&named]).await?;
+            let rows = tx.query(&keys, &[&named]).await?;
+            let subjects: Vec<Option<String>> = rows
+                .iter()
+                .map(|r| r.try_get(0))
+                .collect::<Result<_, _>>()?;
+            let requests: Vec<String> = rows
+                .iter()
+                .map(|r| r.try_get(1))
+                .collect::<Result<_, _>>()?;
+            tx.execute(
+                "SELECT pg_advisory_xact_lock_shared(7002, k) FROM (
+                     SELECT DISTINCT hashtext(s) AS k FROM unnest($1::TEXT[]) s
+                     WHERE s IS NOT NULL ORDER BY 1) x",
+                &[&subjects],
+            )
+            .await?;
+            tx.execute(
+                "SELECT pg_advisory_xact_lock(7001, k) FROM (
+                     SELECT DISTINCT hashtext(r) AS k FROM unnest($1::TEXT[]) r ORDER BY 1) x",
+                &[&requests],
+            )
+            .await?;
+            // Each candidate (read again, now that the locks are held), locked, with the
+            // latest job on its request (`jobs_decision`) and its subject's end.
+            let sql = format!(
+                "SELECT j.id, j.action, l.id, l.action, j.subject, j.created_at, e.ended_at,
+                        e.reopened_at IS NOT NULL
+                 FROM jobs j
+                 JOIN jobs l ON l.id = (SELECT MAX(k.id) FROM jobs k
+                                        WHERE k.org = j.org AND k.request_id = j.request_id)
+                 LEFT JOIN subject_ends e ON e.source = j.source AND e.subject = j.subject
+                 WHERE {which} ORDER BY j.id FOR UPDATE OF j"
+            );
             let mut replayed = Replayed::default();
-            for row in candidates {
-                let (id, latest): (i64, i64) = (row.try_get(0)?, row.try_get(1)?);
-                if id == latest {
-                    replayed.queued.push(id);
-                } else {
-                    replayed.overtaken.push((id, latest));
+            let mut queued = Vec::new();
+            for row in tx.query(&sql, &[&named]).await? {
+                let candidate = Candidate {
+                    id: row.try_get(0)?,
+                    action: row.try_get(1)?,
+                    latest: row.try_get(2)?,
+                    latest_action: row.try_get(3)?,
+                    subject: row.try_get(4)?,
+                    created_at: row.try_get(5)?,
+                    ended_at: row.try_get(6)?,
+                    reopened: row.try_get(7)?,
+                };
+                match candidate.sort(&mut replayed) {
+                    Ok(true) => queued.push(candidate.id),
+                    Ok(false) => {}
+                    Err(e) => return Ok(Err(e)),
                 }
             }
-            if !replayed.queued.is_empty() {
+            if !queued.is_empty() {
                 tx.execute(
                     "UPDATE jobs SET state = 'pending', attempts = 0, next_attempt_at = $1,
-                            window_start = $1, updated_at = $1
+                            window_start = $1, updated_at = $1, refused = NULL
                      WHERE id = ANY($2)",
-                    &[&now_ms, &replayed.queued],
+                    &[&now_ms, &queued],
                 )
                 .await?;
                 tx.execute("SELECT pg_notify($1, '')", &[&CHANNEL]).await?;
             }
             tx.commit().await?;
-            Ok(replayed)
+            Ok(Ok(replayed))
         })
-        .await
+        .await?
     }
 
-    /// Forgets finished jobs and deliveries older than `older_than_ms`. One relay at a time:
-    /// the others find the lock taken and skip this round.
-    pub async fn prune(&self, older_than_ms: i64) -> Result<usize, StoreError> {
+    /// Forgets finished jobs, deliveries and subject ends past their windows (`Prune`). One
+    /// relay at a time: the others find the lock taken and skip this round.
+    pub async fn prune(&self, before: Prune) -> Result<usize, StoreError> {
+        let older_than_ms = before.finished_before_ms;
         self.run("prune", Duration::from_secs(300), async |c| {
             let tx = c.transaction().await?;
             let mine: bool = tx
@@ -1365,8 +1798,18 @@ impl PgStore {
                 &[&older_than_ms],
             )
             .await?;
+            // An end is kept while a job under its subject could still be replayed.
+            let ends = tx
+                .execute(
+                    "DELETE FROM subject_ends e WHERE ended_at < $1
+                     AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.source = e.source
+                                         AND j.subject = e.subject
+                                         AND j.state IN ('dead', 'rejected'))",
+                    &[&before.ends_before_ms],
+                )
+                .await?;
             tx.commit().await?;
-            Ok((jobs + deliveries) as usize)
+            Ok((jobs + deliveries + ends) as usize)
         })
         .await
     }
@@ -1480,7 +1923,12 @@ fn parse_result(v: &Value) -> Result<Accepted, StoreError> {
                 .collect()
         })
         .unwrap_or_default();
-    Ok(Accepted::New { jobs, bound })
+    Ok(Accepted::New {
+        jobs,
+        bound,
+        refused: v["refused"].as_str().map(str::to_owned),
+        reopened: v["reopened"].as_bool().unwrap_or(false),
+    })
 }
 
 const SUMMARY: &str = "id, source, org, request_id, action, expiration, state, attempts,

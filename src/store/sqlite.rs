@@ -8,8 +8,8 @@ use rusqlite::{Connection, OptionalExtension, params};
 
 use super::{
     Accepted, AnswerJob, AnswerRecord, AnswerRow, AttemptRecord, AttemptRow, BoundRevocation,
-    Counts, DeliveryInfo, Job, JobDetail, JobRef, JobSummary, ListFilter, NewDelivery, Replay,
-    Replayed, State, Store, StoreError, Windows,
+    Candidate, Counts, DeliveryInfo, Job, JobDetail, JobRef, JobSummary, ListFilter, NewDelivery,
+    Prune, Replay, Replayed, State, Store, StoreError, Windows,
 };
 use crate::domain::{Action, Expiration};
 
@@ -83,6 +83,21 @@ CREATE TABLE answers (
 );
 CREATE INDEX answers_due ON answers (state, next_attempt_at);
 CREATE INDEX answers_job ON answers (job_id);
+"#,
+    r#"
+-- Subjects that ended (an incident resolved, an alert closed, an issue closed): approves
+-- under one are refused until it reopens, and a replay never sends an approve asked before
+-- its subject's latest end. `refused` is why the store refused a job as it was accepted.
+CREATE TABLE subject_ends (
+    source      TEXT NOT NULL,
+    subject     TEXT NOT NULL,
+    ended_at    INTEGER NOT NULL,
+    delivery_id INTEGER NOT NULL,
+    reopened_at INTEGER,
+    PRIMARY KEY (source, subject)
+) WITHOUT ROWID;
+CREATE INDEX subject_ends_at ON subject_ends (ended_at);
+ALTER TABLE jobs ADD COLUMN refused TEXT;
 "#,
 ];
 
@@ -185,7 +200,7 @@ impl SqliteStore {
         {
             let mut due = tx.prepare_cached(&format!(
                 "SELECT id, source, org, request_id, action, expiration, attempts, created_at, window_start,
-                        claim_token, subject, reply, ended_by IS NOT NULL
+                        claim_token, subject, reply, ended_by IS NOT NULL, refused
                  FROM jobs WHERE {IN_TURN} AND next_attempt_at <= ?1
                  ORDER BY next_attempt_at, id LIMIT ?2"
             ))?;
@@ -208,6 +223,7 @@ impl SqliteStore {
                         subject: r.get(10)?,
                         reply: r.get(11)?,
                         bound: r.get(12)?,
+                        refused: r.get(13)?,
                     },
                 ))
             })?;
@@ -330,8 +346,12 @@ pub(super) const SEEN: &str = "SELECT job_ids FROM deliveries
     WHERE source = ?1 AND dedup_key = ?2 AND received_at >= ?3 ORDER BY id LIMIT 1";
 
 /// The latest decision stored on a request.
-pub(super) const LATEST: &str = "SELECT id, action, state, created_at, source, subject FROM jobs
-    WHERE org = ?1 AND request_id = ?2 ORDER BY id DESC LIMIT 1";
+pub(super) const LATEST: &str = "SELECT id, action, state, created_at, source, subject,
+    refused IS NOT NULL FROM jobs WHERE org = ?1 AND request_id = ?2 ORDER BY id DESC LIMIT 1";
+
+/// When a subject ended, if it is ended now (not reopened since).
+const ENDED: &str = "SELECT ended_at FROM subject_ends
+    WHERE source = ?1 AND subject = ?2 AND reopened_at IS NULL";
 
 fn accept_one(
     tx: &Connection,
@@ -369,34 +389,63 @@ fn accept_one(
     let delivery_id = tx.last_insert_rowid();
     let coalesce_since = now_ms - windows.coalesce.as_millis() as i64;
     let reply = d.reply_json();
+    // A subject that ended stays ended: a delivery that asks to approve under it is refused
+    // whole (its decisions are stored only to be recorded rejected and answered), unless the
+    // delivery itself reopens it.
+    let mut reopened = false;
+    let mut refused = None;
+    if let Some(subject) = &d.binding.subject {
+        if d.binding.reopens_subject {
+            reopened = tx
+                .prepare_cached(
+                    "UPDATE subject_ends SET reopened_at = ?3
+                     WHERE source = ?1 AND subject = ?2 AND reopened_at IS NULL",
+                )?
+                .execute(params![d.source, subject, now_ms])?
+                > 0;
+        } else if !d.binding.ends_subject && d.decisions.iter().any(|x| x.action == Action::Approve)
+        {
+            let ended: Option<i64> = tx
+                .prepare_cached(ENDED)?
+                .query_row(params![d.source, subject], |r| r.get(0))
+                .optional()?;
+            refused = ended.map(|at| super::ended_reason(subject, at));
+        }
+    }
     let mut jobs = Vec::with_capacity(d.decisions.len());
     for decision in &d.decisions {
         // The latest job for this request decides: the same action still pending or done
         // recently is not sent again, but approve → revoke → approve is three calls.
-        type Latest = (i64, String, String, i64, String, Option<String>);
-        let latest: Option<Latest> = tx
-            .prepare_cached(LATEST)?
-            .query_row(
-                params![decision.org.as_str(), decision.request_id.as_str()],
-                |r| {
-                    Ok((
-                        r.get(0)?,
-                        r.get(1)?,
-                        r.get(2)?,
-                        r.get(3)?,
-                        r.get(4)?,
-                        r.get(5)?,
-                    ))
-                },
-            )
-            .optional()?;
+        type Latest = (i64, String, String, i64, String, Option<String>, bool);
+        let latest: Option<Latest> = if refused.is_some() {
+            None
+        } else {
+            tx.prepare_cached(LATEST)?
+                .query_row(
+                    params![decision.org.as_str(), decision.request_id.as_str()],
+                    |r| {
+                        Ok((
+                            r.get(0)?,
+                            r.get(1)?,
+                            r.get(2)?,
+                            r.get(3)?,
+                            r.get(4)?,
+                            r.get(5)?,
+                            r.get(6)?,
+                        ))
+                    },
+                )
+                .optional()?
+        };
         // Only a decision asked on the same subject coalesces: one bound to another incident
         // or alert is a job of its own, so that subject's end cannot take this one's access.
-        if let Some((id, action, state, created, source, subject)) = latest
+        // A refused one never stands for a decision that will be sent.
+        if let Some((id, action, state, created, source, subject, was_refused)) = latest
             && action == decision.action.as_str()
             && created >= coalesce_since
             && subject == d.binding.subject
             && (subject.is_none() || source == d.source)
+            && !was_refused
             && matches!(
                 state.as_str(),
                 "pending" | "sending" | "succeeded" | "dry_run"
@@ -410,8 +459,9 @@ fn accept_one(
         }
         tx.prepare_cached(
             "INSERT INTO jobs (delivery_id, source, org, request_id, action, expiration, state,
-                               next_attempt_at, window_start, created_at, updated_at, subject, reply)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'pending', ?7, ?7, ?7, ?7, ?8, ?9)",
+                               next_attempt_at, window_start, created_at, updated_at, subject, reply,
+                               refused)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'pending', ?7, ?7, ?7, ?7, ?8, ?9, ?10)",
         )?
         .execute(params![
             delivery_id,
@@ -422,7 +472,8 @@ fn accept_one(
             decision.expiration.as_ref().map(Expiration::as_str),
             now_ms,
             d.binding.subject,
-            reply
+            reply,
+            refused
         ])?;
         jobs.push(JobRef {
             job_id: tx.last_insert_rowid(),
@@ -443,7 +494,12 @@ fn accept_one(
         .collect();
     tx.prepare_cached("UPDATE deliveries SET job_ids = ?1 WHERE id = ?2")?
         .execute(params![ids.join(","), delivery_id])?;
-    Ok(Accepted::New { jobs, bound })
+    Ok(Accepted::New {
+        jobs,
+        bound,
+        refused,
+        reopened,
+    })
 }
 
 /// Requests approved under a subject that are still granted (or on their way to P0): the
@@ -451,11 +507,12 @@ fn accept_one(
 /// succeeded or recorded in a dry run. Refused, failed, denied and revoked ones are left.
 const STILL_GRANTED: &str = "SELECT j.org, j.request_id FROM jobs j
      WHERE j.source = ?1 AND j.subject = ?2 AND j.action = 'approve'
-       AND j.state IN ('pending', 'sending', 'succeeded', 'dry_run')
+       AND j.state IN ('pending', 'sending', 'succeeded', 'dry_run') AND j.refused IS NULL
        AND j.id = (SELECT MAX(k.id) FROM jobs k WHERE k.org = j.org AND k.request_id = j.request_id)
      ORDER BY j.id";
 
-/// Ends `subject`: one revoke per request still granted under it, queued behind its approve.
+/// Ends `subject`: records the end (approves under it are refused from now on) and makes one
+/// revoke per request still granted under it, queued behind its approve.
 fn end_subject(
     tx: &Connection,
     d: &NewDelivery,
@@ -464,6 +521,12 @@ fn end_subject(
     reply: Option<&str>,
     now_ms: i64,
 ) -> Result<Vec<BoundRevocation>, StoreError> {
+    tx.prepare_cached(
+        "INSERT INTO subject_ends (source, subject, ended_at, delivery_id) VALUES (?1, ?2, ?3, ?4)
+         ON CONFLICT (source, subject) DO UPDATE
+             SET ended_at = excluded.ended_at, delivery_id = excluded.delivery_id, reopened_at = NULL",
+    )?
+    .execute(params![d.source, subject, now_ms, delivery_id])?;
     let granted: Vec<(String, String)> = tx
         .prepare_cached(STILL_GRANTED)?
         .query_map(params![d.source, subject], |r| Ok((r.get(0)?, r.get(1)?)))?
@@ -742,35 +805,49 @@ impl Store for SqliteStore {
 
     fn replay(&mut self, which: Replay, now_ms: i64) -> Result<Replayed, StoreError> {
         // Immediate: it reads, then writes; a deferred transaction would fail at once (busy
-        // snapshot) if a running relay committed between the two.
+        // snapshot) if a running relay committed between the two. The write lock also keeps
+        // out an end (or a later decision) committing between the read and the write.
         let tx = self
             .conn
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        // Each candidate with the latest job on its request (`jobs_decision`).
         let (which, named) = match which {
             Replay::One(id) => ("j.id = ?1 AND j.state IN ('dead', 'rejected')", Some(id)),
             Replay::AllDead => ("j.state = 'dead' AND ?1 IS NULL", None),
         };
-        let candidates: Vec<(i64, i64)> = tx
+        // Each candidate with the latest job on its request (`jobs_decision`) and its
+        // subject's end, if it has one.
+        let candidates: Vec<Candidate> = tx
             .prepare(&format!(
-                "SELECT j.id, (SELECT MAX(k.id) FROM jobs k
-                                WHERE k.org = j.org AND k.request_id = j.request_id)
-                 FROM jobs j WHERE {which} ORDER BY j.id"
+                "SELECT j.id, j.action, l.id, l.action, j.subject, j.created_at, e.ended_at,
+                        e.reopened_at IS NOT NULL
+                 FROM jobs j
+                 JOIN jobs l ON l.id = (SELECT MAX(k.id) FROM jobs k
+                                        WHERE k.org = j.org AND k.request_id = j.request_id)
+                 LEFT JOIN subject_ends e ON e.source = j.source AND e.subject = j.subject
+                 WHERE {which} ORDER BY j.id"
             ))?
-            .query_map(params![named], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .query_map(params![named], |r| {
+                Ok(Candidate {
+                    id: r.get(0)?,
+                    action: r.get(1)?,
+                    latest: r.get(2)?,
+                    latest_action: r.get(3)?,
+                    subject: r.get(4)?,
+                    created_at: r.get(5)?,
+                    ended_at: r.get(6)?,
+                    reopened: r.get(7)?,
+                })
+            })?
             .collect::<Result<_, _>>()?;
         let mut replayed = Replayed::default();
-        for (id, latest) in candidates {
-            if id != latest {
-                replayed.overtaken.push((id, latest));
-                continue;
+        for c in candidates {
+            if c.sort(&mut replayed)? {
+                tx.prepare_cached(
+                    "UPDATE jobs SET state = 'pending', attempts = 0, next_attempt_at = ?1,
+                                     window_start = ?1, updated_at = ?1, refused = NULL WHERE id = ?2",
+                )?
+                .execute(params![now_ms, c.id])?;
             }
-            tx.prepare_cached(
-                "UPDATE jobs SET state = 'pending', attempts = 0, next_attempt_at = ?1,
-                                 window_start = ?1, updated_at = ?1 WHERE id = ?2",
-            )?
-            .execute(params![now_ms, id])?;
-            replayed.queued.push(id);
         }
         tx.commit()?;
         Ok(replayed)
@@ -791,7 +868,8 @@ impl Store for SqliteStore {
         Ok(())
     }
 
-    fn prune(&mut self, older_than_ms: i64) -> Result<usize, StoreError> {
+    fn prune(&mut self, before: Prune) -> Result<usize, StoreError> {
+        let older_than_ms = before.finished_before_ms;
         let tx = self.conn.transaction()?;
         // A finished job that overtook a dead one on its request is kept while that one is:
         // gone, it would let a replay of the dead one undo it.
@@ -815,8 +893,16 @@ impl Store for SqliteStore {
              AND NOT EXISTS (SELECT 1 FROM jobs WHERE jobs.delivery_id = deliveries.id)",
             [older_than_ms],
         )?;
+        // An end is kept while a job under its subject could still be replayed.
+        let ends = tx.execute(
+            "DELETE FROM subject_ends WHERE ended_at < ?1
+             AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.source = subject_ends.source
+                                 AND j.subject = subject_ends.subject
+                                 AND j.state IN ('dead', 'rejected'))",
+            [before.ends_before_ms],
+        )?;
         tx.commit()?;
-        Ok(jobs + deliveries)
+        Ok(jobs + deliveries + ends)
     }
 
     fn claim_answers(&mut self, now_ms: i64, limit: usize) -> Result<Vec<AnswerJob>, StoreError> {

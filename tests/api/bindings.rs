@@ -1094,3 +1094,153 @@ async fn an_answer_sent_does_not_send_the_answer_loop_back_to_the_store() {
         started.elapsed().as_millis()
     );
 }
+
+// --- An ended subject stays ended ---
+
+/// An approve that arrives after its incident resolved (a late note, an acknowledge that
+/// PagerDuty retried after a 503) grants nothing: it is answered 200 `rejected` with the end,
+/// P0 hears nothing, and the refusal is noted on the incident where it was asked.
+#[tokio::test]
+async fn an_approve_after_its_incident_resolved_is_refused_and_answered_back() {
+    let (t, providers) = relay().await;
+    t.p0_ok().await;
+    let (status, ans) = t.post(&pd_resolved("01END1", "PGR0VU2")).await;
+    assert_eq!(status, 202, "{ans}");
+    assert_eq!(ans["revoked"], json!([]), "{ans}");
+
+    let (status, late) = t
+        .post(&pd_note("01LATE1", "PGR0VU2", "/p0 approve req-late 1h"))
+        .await;
+    assert_eq!(status, 200, "{late}");
+    assert_eq!(late["status"], "rejected", "{late}");
+    assert_eq!(late["rule"], "note-command", "{late}");
+    assert_eq!(late["subject"], "PGR0VU2", "{late}");
+    let reason = late["reason"].as_str().unwrap().to_owned();
+    assert!(reason.starts_with("subject PGR0VU2 ended at 20"), "{late}");
+    assert!(reason.ends_with('Z'), "{late}");
+
+    // The acknowledge PagerDuty retried after the resolve: refused the same way.
+    let mut ack: Value =
+        serde_json::from_slice(&testdata("pagerduty/incident_acknowledged.json")).unwrap();
+    ack["event"]["id"] = "01ACKRETRY".into();
+    let (status, retried) = t
+        .post(&Hook::pagerduty(
+            "wh-ack-retry",
+            &serde_json::to_vec(&ack).unwrap(),
+        ))
+        .await;
+    assert_eq!(status, 200, "{retried}");
+    assert_eq!(retried["status"], "rejected", "{retried}");
+    assert_eq!(retried["reason"], reason.as_str(), "{retried}");
+
+    // Both refusals are noted on the incident; P0 is never asked.
+    let notes = exactly(&providers.pagerduty, 2).await;
+    let mut texts: Vec<String> = notes
+        .iter()
+        .map(|n| {
+            assert_eq!(n.url.path(), "/incidents/PGR0VU2/notes");
+            body(n)["note"]["content"].as_str().unwrap().to_owned()
+        })
+        .collect();
+    texts.sort();
+    assert_eq!(
+        texts,
+        vec![
+            format!("p0-relay: refused to approve request req-789, and did not ask P0: {reason}."),
+            format!("p0-relay: refused to approve request req-late, and did not ask P0: {reason}."),
+        ]
+    );
+    conforms("pagerduty-feedback.json", &notes);
+    assert_eq!(t.settle().await.len(), 0, "P0 is never called");
+    t.wait_metric("p0_relay_refused_total{source=\"pagerduty\"}", 2.0)
+        .await;
+
+    // The operator sees why.
+    let db = t.dir.path().join("relay.db").display().to_string();
+    let job = late["job_ids"][0].to_string();
+    let (code, out) = run_cli(&["jobs", "show", &job, "--db", &db], &test_env(&[]));
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("rejected"), "{out}");
+    assert!(out.contains(&reason), "{out}");
+}
+
+fn gh_issue(action: &str, number: u64, updated_at: &str) -> Hook {
+    let body = json!({
+        "action": action,
+        "issue": { "number": number, "state": if action == "closed" { "closed" } else { "open" },
+                   "updated_at": updated_at },
+        "repository": { "id": 70112233, "full_name": "acme/infra" },
+        "sender": { "login": "someone-else", "type": "User" }
+    });
+    Hook::github(
+        "issues",
+        &format!("{action}-{number}-{updated_at}"),
+        &serde_json::to_vec(&body).unwrap(),
+        GITHUB_SECRET_NEW,
+    )
+}
+
+/// A command on a closed issue is refused, with a thumbs-down and a comment saying why;
+/// reopening the issue takes commands again.
+#[tokio::test]
+async fn a_command_on_a_closed_issue_is_refused_until_it_is_reopened() {
+    let (t, providers) = relay().await;
+    t.p0_ok().await;
+    let (status, ans) = t.post(&gh_issue_closed(42)).await;
+    assert_eq!(status, 202, "{ans}");
+
+    let hook = Hook::comment("gh-closed-1", "/p0 approve req-closed 1h");
+    let comment = comment_id(&hook);
+    let (status, ans) = t.post(&hook).await;
+    assert_eq!(status, 200, "{ans}");
+    assert_eq!(ans["status"], "rejected", "{ans}");
+    assert_eq!(ans["subject"], "acme/infra#42", "{ans}");
+    let reason = ans["reason"].as_str().unwrap().to_owned();
+    assert!(
+        reason.starts_with("subject acme/infra#42 ended at "),
+        "{ans}"
+    );
+    let calls = exactly(&providers.github, 2).await;
+    let reaction = calls
+        .iter()
+        .find(|c| c.url.path().ends_with("/reactions"))
+        .expect("a reaction");
+    assert_eq!(
+        reaction.url.path(),
+        format!("/repos/acme/infra/issues/comments/{comment}/reactions")
+    );
+    assert_eq!(body(reaction), json!({"content": "-1"}));
+    let reply = calls
+        .iter()
+        .find(|c| c.url.path() == "/repos/acme/infra/issues/42/comments")
+        .expect("a comment");
+    assert_eq!(
+        body(reply),
+        json!({"body": format!(
+            "p0-relay: refused to approve request req-closed, and did not ask P0: {}.",
+            reason.replace("#", "#\u{200b}")
+        )})
+    );
+    conforms("github-feedback.json", &calls);
+    assert_eq!(t.settle().await.len(), 0, "P0 is never called");
+
+    // Reopened: the same command, in a new comment, is taken.
+    let (status, ans) = t
+        .post(&gh_issue("reopened", 42, "2026-11-28T09:00:00Z"))
+        .await;
+    assert_eq!(status, 202, "{ans}");
+    assert_eq!(ans["reopened"], json!(["acme/infra#42"]), "{ans}");
+    let (status, ans) = t
+        .post(&Hook::comment("gh-reopened-1", "/p0 approve req-closed 1h"))
+        .await;
+    assert_eq!(status, 202, "{ans}");
+    assert_eq!(ans["decisions"][0]["subject"], "acme/infra#42", "{ans}");
+    assert_eq!(
+        summarize(&t.wait_for_calls(1).await),
+        vec![call(
+            "approve",
+            "req-closed",
+            json!({"expirationLength": "1h"})
+        )]
+    );
+}

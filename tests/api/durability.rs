@@ -38,7 +38,7 @@ fn open_store(path: &std::path::Path) -> SqliteStore {
 }
 
 /// Waits (up to 5 s) until `job` in the store at `db` is in `state`; returns its detail.
-async fn wait_for_state(db: &std::path::Path, job: i64, state: &str) -> JobDetail {
+pub(crate) async fn wait_for_state(db: &std::path::Path, job: i64, state: &str) -> JobDetail {
     for _ in 0..100 {
         if let Some(d) = open_store(db).show(job).unwrap()
             && d.job.state == state
@@ -326,7 +326,7 @@ async fn jobs_replay_refuses_a_decision_a_later_one_has_overtaken() {
     assert_eq!(code, Some(1), "{out}");
     assert!(
         out.contains(
-            "job 1 not replayed: job 2 is a later decision on the same request, and sending job 1 now would undo it"
+            "job 1 (approve) not replayed: job 2, a later revoke of the same request, would be undone by it"
         ),
         "{out}"
     );
@@ -354,10 +354,20 @@ async fn a_dead_letter_is_delivered_by_jobs_replay() {
     let job = answer["decisions"][0]["job_id"].as_i64().unwrap();
     t.wait_for_calls(1).await;
     assert_eq!(t.settle().await.len(), 1, "a 401 is not retried");
-    let (status, ready) = t.get("/readyz").await;
-    assert_eq!(status, 503);
-    assert!(ready.contains("P0 rejected the API token"), "{ready}");
     t.wait_metric("p0_relay_dead_letters", 1.0).await;
+    t.wait_metric("p0_relay_p0_token_rejected", 1.0).await;
+    // Still ready: deliveries are stored durably. The body says what P0 said of the token.
+    let (status, ready) = t.get("/readyz").await;
+    assert_eq!(status, 200, "{ready}");
+    let ready: serde_json::Value = serde_json::from_str(&ready).unwrap();
+    assert_eq!(ready["p0_token"], "rejected", "{ready}");
+    assert!(
+        ready["warnings"][0]
+            .as_str()
+            .unwrap()
+            .starts_with("P0 rejected the API token (401)"),
+        "{ready}"
+    );
 
     let db = t.dir.path().join("relay.db");
     let (code, out) = run_cli(
@@ -500,6 +510,24 @@ async fn an_absurd_retry_after_is_capped_at_max_delay() {
         statuses,
         [Some(503), Some(503), Some(503), Some(429), Some(200)]
     );
+}
+
+/// Waits (up to 20 s) until `/readyz` (ready all along) tells the token is `state`, and
+/// returns its body.
+async fn wait_token(t: &TestRelay, state: &str) -> String {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let (got, body) = t.get("/readyz").await;
+        assert_eq!(got, 200, "a token is never a reason to be unready: {body}");
+        if body.contains(&format!("\"p0_token\":\"{state}\"")) {
+            return body;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "token never {state}: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// Waits (up to 20 s) until `/readyz` answers `status`, and returns its body.
@@ -648,10 +676,15 @@ async fn a_rejected_token_is_cleared_by_the_next_success_from_stored_work() {
             .0,
         202
     );
-    let body = wait_ready_status(&t, 503).await;
-    assert!(body.contains("P0 rejected the API token"), "{body}");
+    t.wait_metric("p0_relay_p0_token_rejected", 1.0).await;
+    assert!(
+        wait_token(&t, "rejected")
+            .await
+            .contains("P0 rejected the API token")
+    );
     // Nothing more is posted: the retries of req-tok-y are the proof.
-    wait_ready_status(&t, 200).await;
+    wait_token(&t, "accepted").await;
+    t.wait_metric("p0_relay_p0_token_rejected", 0.0).await;
     let calls = summarize(&t.p0_calls().await);
     assert_eq!(
         calls.last(),

@@ -10,6 +10,7 @@ mod cli;
 mod deploy;
 mod durability;
 mod end_to_end;
+mod ended;
 mod hostile;
 mod listeners;
 mod many_relays;

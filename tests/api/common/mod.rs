@@ -766,8 +766,8 @@ impl Store for Watched {
     fn replay(&mut self, which: Replay, now_ms: i64) -> Result<Replayed, StoreError> {
         self.inner.replay(which, now_ms)
     }
-    fn prune(&mut self, older_than_ms: i64) -> Result<usize, StoreError> {
-        self.inner.prune(older_than_ms)
+    fn prune(&mut self, which: p0_relay::store::Prune) -> Result<usize, StoreError> {
+        self.inner.prune(which)
     }
     fn probe(&mut self) -> Result<(), StoreError> {
         self.check()?;
