@@ -111,6 +111,13 @@ impl Relay {
         for warning in audit(&settings, &mappings) {
             tracing::warn!("{warning}");
         }
+        let unchecked = crate::config::oncall_problems(&settings, &mappings);
+        if !unchecked.is_empty() {
+            return Err(anyhow!(
+                "on-call checks that cannot be made:\n  {}",
+                unchecked.join("\n  ")
+            ));
+        }
         let client = if opts.dry_run {
             tracing::warn!("dry run: decisions are recorded and logged, P0 is never called");
             None
@@ -188,6 +195,14 @@ impl Relay {
             health: health.clone(),
             store_payloads: settings.store.store_payloads,
         });
+        let oncall = Arc::new(
+            crate::oncall::Checker::new(
+                settings.answers.clone(),
+                settings.answers.oncall_cache,
+                metrics.clone(),
+            )
+            .map_err(|e| anyhow!(e))?,
+        );
         let worker = Worker {
             store: store.clone(),
             client,
@@ -199,6 +214,7 @@ impl Relay {
             health,
             answer_via,
             answer_wake: answer_wake.clone(),
+            oncall,
         };
         let answerer = Answerer {
             store: store.clone(),

@@ -336,6 +336,10 @@ fn check(config: &Path, env: &Env) -> ExitCode {
     for w in crate::config::audit(&settings, &mappings) {
         say!("warning: {w}");
     }
+    let unchecked = crate::config::oncall_problems(&settings, &mappings);
+    if !unchecked.is_empty() {
+        return fail(&unchecked);
+    }
     if settings.p0.token.is_none() {
         say!("note: p0.token is empty: `serve` will need --dry-run or P0_API_TOKEN");
     }
@@ -504,7 +508,6 @@ fn explain(
             );
         }
     }
-    say!("decision: {}", cases::describe(&verdict));
     if let crate::mapping::Verdict::Decided { binding, .. } = &verdict {
         match &binding.subject {
             Some(s) => say!("subject:  {}", printable(s)),
@@ -528,6 +531,16 @@ fn explain(
             for line in would_revoke(&settings, source, subject) {
                 say!("  {line}");
             }
+        }
+        if let Some(gate) = &binding.gate {
+            let asked = match settings.answers.api(gate.via()) {
+                Some(api) => format!("asks {}", api.url),
+                None => format!("has no {} API token: `serve` refuses to start", gate.via()),
+            };
+            say!(
+                "on call:  the worker checks before P0 is called ({asked}): {}",
+                gate.describe()
+            );
         }
     }
     ExitCode::SUCCESS
@@ -827,6 +840,16 @@ async fn jobs_command(store: &store::StoreHandle, command: JobsCommand) -> ExitC
                 }
                 if let Some(by) = j.ended_by {
                     say!("  bound:      revoked because delivery {by} ended its subject");
+                }
+                if let Some(gate) = &d.gate {
+                    let asked = serde_json::from_str::<crate::domain::Gate>(gate)
+                        .map(|g| g.describe())
+                        .unwrap_or_else(|_| printable(gate));
+                    say!("  on call:    checked before P0 is called: {asked}");
+                    match &d.evidence {
+                        Some(e) => say!("  evidence:   {e}"),
+                        None => say!("  evidence:   (not checked yet)"),
+                    }
                 }
                 say!("  attempts:   {}", j.attempts);
                 say!("  created:    {}", time(j.created_at_ms));

@@ -190,6 +190,117 @@ pub struct Binding {
     pub reply: Option<Reply>,
     pub ends_subject: bool,
     pub reopens_subject: bool,
+    /// The on-call check an approve must pass before it is sent (a rule's `oncall`).
+    pub gate: Option<Box<Gate>>,
+}
+
+/// An on-call check, as the mapping made it from one event: who to check, against what, and
+/// as of when. Stored with each approve it gates and run by the worker before P0 is called.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "check", rename_all = "lowercase")]
+pub enum Gate {
+    /// The PagerDuty user is on call for the incident's escalation policy (fetched from the
+    /// incident when the event does not carry it), at a level up to `max_level`, and, when
+    /// `schedules` are named, through one of them.
+    PagerDuty {
+        user: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        escalation_policy: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        incident: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        max_level: Option<u32>,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        schedules: Vec<String>,
+        at_ms: i64,
+    },
+    /// The Opsgenie (or JSM, through its Opsgenie-compatible API) user is an on-call
+    /// participant of one of `schedules` at the event's time.
+    Opsgenie {
+        #[serde(default)]
+        jsm: bool,
+        user: String,
+        schedules: Vec<String>,
+        at_ms: i64,
+    },
+    /// The GitHub user is an active member of one of `teams` of `org`.
+    GitHub {
+        user: String,
+        org: String,
+        teams: Vec<String>,
+    },
+}
+
+impl Gate {
+    /// The provider asked: a metric label and the answer settings to use.
+    pub fn via(&self) -> Via {
+        match self {
+            Gate::PagerDuty { .. } => Via::PagerDuty,
+            Gate::Opsgenie { jsm: false, .. } => Via::Opsgenie,
+            Gate::Opsgenie { jsm: true, .. } => Via::Jsm,
+            Gate::GitHub { .. } => Via::GitHub,
+        }
+    }
+
+    /// What would be checked, in one line (`explain`, `test`).
+    pub fn describe(&self) -> String {
+        match self {
+            Gate::PagerDuty {
+                user,
+                escalation_policy,
+                incident,
+                max_level,
+                schedules,
+                at_ms,
+            } => {
+                let mut out = format!("PagerDuty: {} on call for ", printable(user));
+                match (escalation_policy, incident) {
+                    (Some(ep), _) => out.push_str(&format!("escalation policy {}", printable(ep))),
+                    (None, Some(i)) => out.push_str(&format!(
+                        "the escalation policy of incident {}",
+                        printable(i)
+                    )),
+                    (None, None) => out.push_str("an escalation policy"),
+                }
+                if let Some(n) = max_level {
+                    out.push_str(&format!(" at level {n} or lower"));
+                }
+                if !schedules.is_empty() {
+                    out.push_str(&format!(" through schedule {}", schedules.join(" or ")));
+                }
+                out.push_str(&format!(", as of {}", at_text(*at_ms)));
+                out
+            }
+            Gate::Opsgenie {
+                jsm,
+                user,
+                schedules,
+                at_ms,
+            } => format!(
+                "{}: {} on call in schedule {}, as of {}",
+                if *jsm { "JSM" } else { "Opsgenie" },
+                printable(user),
+                schedules.join(" or "),
+                at_text(*at_ms)
+            ),
+            Gate::GitHub { user, org, teams } => format!(
+                "GitHub: {} an active member of {}",
+                printable(user),
+                teams
+                    .iter()
+                    .map(|t| format!("{org}/{t}"))
+                    .collect::<Vec<_>>()
+                    .join(" or ")
+            ),
+        }
+    }
+}
+
+/// An event time in Unix milliseconds, as RFC 3339 to the second.
+fn at_text(ms: i64) -> String {
+    let t =
+        std::time::UNIX_EPOCH + std::time::Duration::from_millis(u64::try_from(ms).unwrap_or(0));
+    humantime::format_rfc3339_seconds(t).to_string()
 }
 
 /// Shortens untrusted text for a message: at most 64 characters, control characters escaped.

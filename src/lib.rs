@@ -17,6 +17,7 @@ pub mod env;
 pub mod health;
 pub mod mapping;
 pub mod metrics;
+pub mod oncall;
 pub mod p0;
 pub mod policy;
 pub mod ratelimit;

@@ -49,6 +49,8 @@ pub struct Metrics {
     pub refused: IntCounterVec,
     pub truncated: IntCounterVec,
     pub token_rejected: IntGauge,
+    pub oncall_checks: IntCounterVec,
+    pub oncall_check_duration: HistogramVec,
 }
 
 fn opts(name: &str, help: &str) -> Opts {
@@ -154,6 +156,24 @@ impl Metrics {
             "p0_token_rejected",
             "1 while P0's latest answer rejected the API token (401), else 0.",
         ))?;
+        let oncall_checks = IntCounterVec::new(
+            opts(
+                "oncall_checks_total",
+                "On-call checks of gated approves, by provider and result (on_call, not_on_call, failed).",
+            ),
+            &["provider", "result"],
+        )?;
+        let oncall_check_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "oncall_check_duration_seconds",
+                "Duration of on-call checks, cached answers included.",
+            )
+            .namespace("p0_relay")
+            .buckets(vec![
+                0.0005, 0.005, 0.025, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+            ]),
+            &["provider"],
+        )?;
         let build_info = IntGaugeVec::new(opts("build_info", "The running build."), &["version"])?;
         build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
@@ -174,7 +194,15 @@ impl Metrics {
         registry.register(Box::new(refused.clone()))?;
         registry.register(Box::new(truncated.clone()))?;
         registry.register(Box::new(token_rejected.clone()))?;
+        registry.register(Box::new(oncall_checks.clone()))?;
+        registry.register(Box::new(oncall_check_duration.clone()))?;
         registry.register(Box::new(build_info))?;
+        for via in Via::ALL {
+            for result in ["on_call", "not_on_call", "failed"] {
+                oncall_checks.with_label_values(&[via.as_str(), result]);
+            }
+            oncall_check_duration.with_label_values(&[via.as_str()]);
+        }
         for via in Via::ALL {
             for result in ANSWER_RESULTS {
                 answers.with_label_values(&[via.as_str(), result]);
@@ -207,6 +235,8 @@ impl Metrics {
             refused,
             truncated,
             token_rejected,
+            oncall_checks,
+            oncall_check_duration,
         };
         metrics.add_sources(sources.into_iter().chain([UNKNOWN_SOURCE]));
         Ok(metrics)

@@ -11,9 +11,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::answers::compose::{self, Final};
 use crate::config::RetrySettings;
-use crate::domain::{Id, Via};
+use crate::domain::{Action, Id, Via};
 use crate::health::Health;
 use crate::metrics::Metrics;
+use crate::oncall::{Checker, Finding};
 use crate::p0::{self, Outcome};
 use crate::ratelimit::KeyedLimit;
 use crate::retry::{Lookout, retry_at, saturating_i64, until_recorded};
@@ -33,6 +34,8 @@ pub struct Worker {
     pub answer_via: Vec<Via>,
     /// Wakes the answer loop when an outcome brought answers.
     pub answer_wake: Arc<Notify>,
+    /// Runs the on-call checks gated approves must pass before P0 is called.
+    pub oncall: Arc<Checker>,
 }
 
 /// The longest free permits wait for more to gather before the worker claims anyway.
@@ -185,6 +188,7 @@ impl Worker {
             result: "internal_error",
             error: Some(format!("the relay failed during the call: {why}")),
             duration_ms: 0,
+            evidence: None,
             answers: Vec::new(),
         };
         if let Err(e) = self.store.record(record).await {
@@ -238,6 +242,36 @@ impl Worker {
             );
             return record;
         }
+        // A gated approve is checked first (once: a job with evidence passed its check), as
+        // of the event's time; a refusal is final, a check that cannot be made now is tried
+        // again with backoff until the decision's max age, and never approves on doubt.
+        let mut evidence = None;
+        if job.action == Action::Approve
+            && let Some(gate) = &job.gate
+            && job.evidence.is_none()
+        {
+            if self.client.is_none() {
+                tracing::info!(job_id = job.id, "dry run: on-call check not made");
+            } else {
+                let finding = self.oncall.check_stored(gate).await;
+                let checked = |e: String| {
+                    let at = std::time::UNIX_EPOCH
+                        + Duration::from_millis(u64::try_from(now_ms()).unwrap_or(0));
+                    format!("{e}; checked {}", humantime::format_rfc3339_seconds(at))
+                };
+                match finding {
+                    Finding::OnCall(e) => {
+                        let e = checked(e);
+                        tracing::info!(job_id = job.id, evidence = %e, "on-call check passed");
+                        evidence = Some(e);
+                    }
+                    Finding::NotOnCall(e) => return self.not_on_call(job, checked(e)),
+                    Finding::Unavailable { error, retry_after } => {
+                        return self.check_failed(job, error, retry_after);
+                    }
+                }
+            }
+        }
         self.pacing.wait(&job.org).await;
         // A fault for the unit tests: the first attempt of `panic-*` requests panics.
         #[cfg(test)]
@@ -279,7 +313,8 @@ impl Worker {
                 error: "stored IDs are not valid".into(),
             }),
         };
-        let record = self.next_state(job, outcome, started);
+        let mut record = self.next_state(job, outcome, started);
+        record.evidence = evidence;
         tracing::info!(
             job_id = job.id, action = %action, result = record.result, status = ?record.status,
             attempt = record.attempts, state = record.state.as_str(),
@@ -303,7 +338,69 @@ impl Worker {
             result: "refused",
             error: Some(reason.to_owned()),
             duration_ms: 0,
+            evidence: None,
             answers: compose::answers(job, &Final::NotSent { reason }, &self.answer_via),
+        }
+    }
+
+    /// The record of an approve whose actor the provider says was not on call: rejected, its
+    /// evidence kept, answered back as a refusal; P0 is never asked.
+    fn not_on_call(&self, job: &Job, evidence: String) -> AttemptRecord {
+        tracing::info!(job_id = job.id, evidence = %evidence, "on-call check refused the approve; P0 not called");
+        let mut rec = self.refused(job, &evidence);
+        rec.result = "not_on_call";
+        rec.evidence = Some(evidence);
+        rec
+    }
+
+    /// The record of an on-call check that could not be made: pending again after a backoff
+    /// (not before the provider's `Retry-After`), or dead past the decision's max age.
+    fn check_failed(
+        &self,
+        job: &Job,
+        error: String,
+        retry_after: Option<Duration>,
+    ) -> AttemptRecord {
+        let now = now_ms();
+        let attempts = job.attempts.saturating_add(1);
+        let next = retry_at(&self.retry, attempts, now, job.window_start_ms, retry_after);
+        tracing::warn!(
+            job_id = job.id, %error, attempt = attempts,
+            state = if next.is_some() { "pending" } else { "dead" },
+            "on-call check failed; P0 not called"
+        );
+        if next.is_some() {
+            self.metrics.retries.inc();
+        }
+        AttemptRecord {
+            job_id: job.id,
+            claim: job.claim,
+            at_ms: now,
+            state: if next.is_some() {
+                State::Pending
+            } else {
+                State::Dead
+            },
+            attempts,
+            next_attempt_at_ms: next.unwrap_or(now),
+            status: None,
+            result: "check_failed",
+            error: Some(format!("on-call check: {error}")),
+            duration_ms: 0,
+            evidence: None,
+            // Dead: nothing will send it, so the one who asked is told why.
+            answers: match next {
+                Some(_) => Vec::new(),
+                None => compose::answers(
+                    job,
+                    &Final::NotSent {
+                        reason: &format!(
+                            "the on-call check could not be made within the decision's max age ({error})"
+                        ),
+                    },
+                    &self.answer_via,
+                ),
+            },
         }
     }
 
@@ -322,6 +419,7 @@ impl Worker {
             result: "dry_run",
             error: None,
             duration_ms: i64::try_from(took.as_millis()).unwrap_or(i64::MAX),
+            evidence: None,
             answers: Vec::new(),
         };
         let Some(outcome) = outcome else {
@@ -427,6 +525,7 @@ mod tests {
             })
             .await
             .unwrap();
+        let metrics = Metrics::new(["github"]).unwrap();
         let worker = Worker {
             store: store.clone(),
             client: Some(
@@ -438,7 +537,31 @@ mod tests {
                 .unwrap(),
             ),
             pacing: Arc::new(KeyedLimit::per_second(0, 1)),
-            metrics: Metrics::new(["github"]).unwrap(),
+            oncall: Arc::new(
+                crate::oncall::Checker::new(
+                    crate::config::AnswerSettings {
+                        github: None,
+                        pagerduty: None,
+                        opsgenie: None,
+                        jsm: None,
+                        concurrency: 1,
+                        rate_per_second: 0,
+                        timeout: Duration::from_secs(2),
+                        retry: RetrySettings {
+                            base_delay: Duration::from_millis(10),
+                            max_delay: Duration::from_millis(50),
+                            max_age: Duration::from_secs(3600),
+                            max_attempts: 0,
+                        },
+                        oncall_cache: Duration::from_secs(60),
+                        off: Vec::new(),
+                    },
+                    Duration::from_secs(60),
+                    metrics.clone(),
+                )
+                .unwrap(),
+            ),
+            metrics,
             retry: RetrySettings {
                 base_delay: Duration::from_millis(10),
                 max_delay: Duration::from_millis(50),

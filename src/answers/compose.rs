@@ -196,6 +196,8 @@ mod tests {
             reply: Some(reply.into()),
             bound: false,
             refused: None,
+            gate: None,
+            evidence: None,
         }
     }
 

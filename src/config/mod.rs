@@ -47,6 +47,8 @@ pub struct AnswerSettings {
     pub rate_per_second: u32,
     pub timeout: Duration,
     pub retry: RetrySettings,
+    /// How long an on-call check's answer is reused (`answers.oncall_cache`).
+    pub oncall_cache: Duration,
     /// Why a provider answers nothing (its token unset), said once at start.
     pub off: Vec<String>,
 }
@@ -169,6 +171,7 @@ struct RawAnswers {
     timeout: Option<String>,
     #[serde(default)]
     retry: RawRetry,
+    oncall_cache: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -737,6 +740,12 @@ fn answer_settings(raw: &RawAnswers, errors: &mut Vec<String>) -> AnswerSettings
         concurrency,
         rate_per_second: u32::try_from(raw.rate_per_second.unwrap_or(5)).unwrap_or(u32::MAX),
         timeout: duration("answers.timeout", raw.timeout.as_deref(), "10s", errors),
+        oncall_cache: duration(
+            "answers.oncall_cache",
+            raw.oncall_cache.as_deref(),
+            "60s",
+            errors,
+        ),
         retry: RetrySettings {
             base_delay: duration(
                 "answers.retry.base_delay",
@@ -770,6 +779,28 @@ impl RawAnswers {
 
 /// Warnings an operator should see at every start: insecure sources, open or empty approver
 /// lists, a plaintext P0 URL that leaves the machine, a replay window left open.
+/// On-call checks that are on but could not be made: their provider's API token is unset.
+pub fn oncall_problems(settings: &Settings, mappings: &crate::mapping::MappingSet) -> Vec<String> {
+    let mut out = Vec::new();
+    for m in mappings.mappings.values() {
+        for (rule, via) in m.oncall_checks() {
+            if settings.answers.api(via).is_none() {
+                out.push(format!(
+                    "{}: rule `{rule}`: oncall: the {via} check needs answers.{via}.token ({})",
+                    m.file.display(),
+                    match via {
+                        crate::domain::Via::GitHub => "GITHUB_TOKEN",
+                        crate::domain::Via::PagerDuty => "PAGERDUTY_API_TOKEN",
+                        crate::domain::Via::Opsgenie => "OPSGENIE_API_KEY",
+                        crate::domain::Via::Jsm => "JSM_API_KEY",
+                    }
+                ));
+            }
+        }
+    }
+    out
+}
+
 pub fn audit(settings: &Settings, mappings: &crate::mapping::MappingSet) -> Vec<String> {
     let mut out: Vec<String> = mappings.warnings().cloned().collect();
     let window = settings.store.dedup_window;

@@ -150,6 +150,20 @@ fn check(expect: &RawExpect, verdict: &Verdict, default_org: &str) -> Result<(),
                 {
                     return Err(format!("expected reopens_subject: {want}, got {got}"));
                 }
+                if let Some(want) = &spec.oncall {
+                    let have = binding.gate.as_ref().map(|g| g.describe());
+                    let ok = match (want.as_str(), &have) {
+                        ("none", None) => true,
+                        (_, Some(have)) => have.contains(want.as_str()),
+                        _ => false,
+                    };
+                    if !ok {
+                        return Err(format!(
+                            "expected oncall `{want}`, got {}",
+                            have.as_deref().unwrap_or("none")
+                        ));
+                    }
+                }
                 if let Some(want) = &spec.ends_subjects {
                     let bindings: Vec<&crate::domain::Binding> = if elements.is_empty() {
                         vec![binding]
@@ -260,6 +274,9 @@ pub fn describe(verdict: &Verdict) -> String {
             }
             if binding.reopens_subject {
                 out.push_str(", reopening it");
+            }
+            if let Some(g) = &binding.gate {
+                out.push_str(&format!(", approves checked first: {}", g.describe()));
             }
             out
         }

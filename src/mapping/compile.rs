@@ -10,7 +10,7 @@ use serde_json::Value;
 
 use super::expr::{self, Condition, Extract, From, Part, Selector, Test};
 use super::model::{
-    RawAnswer, RawCondition, RawExtract, RawFlag, RawMapping, RawRule, RawSelector,
+    RawAnswer, RawCondition, RawExtract, RawFlag, RawMapping, RawOncall, RawRule, RawSelector,
 };
 use super::*;
 
@@ -318,6 +318,16 @@ fn compile_rule(
             }
         }
     };
+    let oncall = r
+        .oncall
+        .as_ref()
+        .and_then(|o| match oncall(o, el, actor.is_some()) {
+            Ok(o) => o,
+            Err(e) => {
+                errors.push(format!("oncall: {e}"));
+                None
+            }
+        });
     let actions = match &r.actions {
         None if always_ends => vec![Action::Revoke],
         Some(list)
@@ -382,9 +392,122 @@ fn compile_rule(
             ends_subject: ends,
             reopens_subject: reopens,
             answer,
+            oncall,
         }),
         _ => Err(errors),
     }
+}
+
+/// Compiles a rule's `oncall`; `None` when it is turned off.
+fn oncall(raw: &RawOncall, el: bool, has_actor: bool) -> Result<Option<Oncall>, String> {
+    let enabled = match raw.enabled.as_deref().map(str::trim) {
+        None => true,
+        Some("on" | "true") => true,
+        Some("off" | "false" | "") => false,
+        Some(other) => return Err(format!("enabled: `{other}` is not on or off")),
+    };
+    let list = |text: &Option<String>| -> Vec<String> {
+        text.as_deref()
+            .unwrap_or("")
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+            .collect()
+    };
+    let schedules = list(&raw.schedules);
+    let teams = list(&raw.teams);
+    let opt = |field: &str, x: &Option<RawExtract>| {
+        x.as_ref()
+            .map(|x| extract(x, el))
+            .transpose()
+            .map_err(|e| format!("{field}: {e}"))
+    };
+    let at = raw
+        .at
+        .as_ref()
+        .map(|a| selector_in(a, el))
+        .transpose()
+        .map_err(|e| format!("at: {e}"))?;
+    let not_for = |field: &str, present: bool, check: &str| {
+        if present {
+            Err(format!("{field}: not used by the `{check}` check"))
+        } else {
+            Ok(())
+        }
+    };
+    let compiled = match raw.check.as_str() {
+        "pagerduty" => {
+            not_for("org", raw.org.is_some(), "pagerduty")?;
+            not_for("teams", raw.teams.is_some(), "pagerduty")?;
+            let escalation_policy = opt("escalation_policy", &raw.escalation_policy)?;
+            let incident = opt("incident", &raw.incident)?;
+            if escalation_policy.is_none() && incident.is_none() {
+                return Err(
+                    "the pagerduty check needs `escalation_policy` or `incident` (whose escalation policy is fetched)"
+                        .into(),
+                );
+            }
+            let max_level = match raw.max_level.as_deref().map(str::trim) {
+                None | Some("") => None,
+                Some(t) => match t.parse::<u32>() {
+                    Ok(n) if n >= 1 => Some(n),
+                    _ => return Err(format!("max_level: `{t}` is not a level (1 or more)")),
+                },
+            };
+            Oncall::PagerDuty {
+                escalation_policy,
+                incident,
+                max_level,
+                schedules,
+                at,
+            }
+        }
+        check @ ("opsgenie" | "jsm") => {
+            for (field, present) in [
+                ("escalation_policy", raw.escalation_policy.is_some()),
+                ("incident", raw.incident.is_some()),
+                ("max_level", raw.max_level.is_some()),
+                ("org", raw.org.is_some()),
+                ("teams", raw.teams.is_some()),
+            ] {
+                not_for(field, present, check)?;
+            }
+            if enabled && schedules.is_empty() {
+                return Err(format!("the {check} check needs `schedules`"));
+            }
+            Oncall::Opsgenie {
+                jsm: check == "jsm",
+                schedules,
+                at,
+            }
+        }
+        "github" => {
+            for (field, present) in [
+                ("escalation_policy", raw.escalation_policy.is_some()),
+                ("incident", raw.incident.is_some()),
+                ("max_level", raw.max_level.is_some()),
+                ("schedules", raw.schedules.is_some()),
+                ("at", raw.at.is_some()),
+            ] {
+                not_for(field, present, "github")?;
+            }
+            let org = opt("org", &raw.org)?.ok_or("the github check needs `org`")?;
+            if enabled && teams.is_empty() {
+                return Err("the github check needs `teams`".into());
+            }
+            Oncall::GitHub { org, teams }
+        }
+        other => {
+            return Err(format!(
+                "check: `{other}` is not pagerduty, opsgenie, jsm or github"
+            ));
+        }
+    };
+    if !has_actor {
+        return Err("needs the rule's `actor`: the one whose on-call is checked".into());
+    }
+    Ok(enabled.then_some(compiled))
 }
 
 pub(super) fn selector(raw: &RawSelector) -> Result<Selector, String> {

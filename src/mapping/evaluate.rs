@@ -20,6 +20,22 @@ impl Mapping {
         (verdict, trace)
     }
 
+    /// Each rule's on-call check that is on: the rule, and the provider it asks.
+    pub fn oncall_checks(&self) -> Vec<(&str, Via)> {
+        self.rules
+            .iter()
+            .filter_map(|r| {
+                let via = match r.oncall.as_ref()? {
+                    Oncall::PagerDuty { .. } => Via::PagerDuty,
+                    Oncall::Opsgenie { jsm: false, .. } => Via::Opsgenie,
+                    Oncall::Opsgenie { jsm: true, .. } => Via::Jsm,
+                    Oncall::GitHub { .. } => Via::GitHub,
+                };
+                Some((r.name.as_str(), via))
+            })
+            .collect()
+    }
+
     /// The oldest event the mapping acts on (`freshness.max_age`), when it checks freshness.
     pub fn max_event_age(&self) -> Option<std::time::Duration> {
         self.freshness.as_ref().map(|f| f.max_age)
@@ -52,7 +68,7 @@ impl Mapping {
         };
         for rule in &self.rules {
             let Some(each) = &rule.for_each else {
-                let applied = apply(rule, input.into());
+                let applied = apply(rule, input.into(), now);
                 // Ending a subject only takes access away, and reopening one decides nothing
                 // by itself: an old or replayed such event is still honoured (and GitHub's
                 // close and reopen events carry no comment time).
@@ -109,7 +125,7 @@ impl Mapping {
                     input,
                     element: Some(node),
                 };
-                match apply(rule, scope) {
+                match apply(rule, scope, now) {
                     Applied::NoMatch(why) => skipped.push(format!("element {}: {why}", i + 1)),
                     Applied::Rejected(reason, line) => {
                         note(rule, true, format!("element {}: {line}", i + 1));
@@ -218,8 +234,9 @@ impl Mapping {
 /// The longest subject a decision may be bound to, in bytes.
 const MAX_SUBJECT: usize = 256;
 
-/// Runs one rule's conditions, extraction and policy on one scope.
-fn apply(rule: &Rule, scope: Scope<'_>) -> Applied {
+/// Runs one rule's conditions, extraction and policy on one scope; `now` (the time of
+/// receipt) is when an on-call check judges an event that carries no time of its own.
+fn apply(rule: &Rule, scope: Scope<'_>, now: Option<SystemTime>) -> Applied {
     let ends = rule.ends_subject.holds(scope);
     // An event that both ends and reopens (conditions that overlap) ends: the safe reading.
     let reopens = !ends && rule.reopens_subject.holds(scope);
@@ -298,11 +315,23 @@ fn apply(rule: &Rule, scope: Scope<'_>) -> Applied {
         }),
         _ => None,
     };
+    // Only a grant is checked against who is on call; ending access never is.
+    let gate = match (&rule.oncall, &actor) {
+        (Some(o), Some(user)) if !ends && grants(&proposals) => match gate(o, user, scope, now) {
+            Ok(g) => Some(Box::new(g)),
+            Err(why) => {
+                let reason = format!("oncall: {why}");
+                return Applied::Rejected(reason.clone(), reason);
+            }
+        },
+        _ => None,
+    };
     let binding = Binding {
         subject,
         reply,
         ends_subject: ends,
         reopens_subject: reopens,
+        gate,
     };
     // Ending access is always allowed: approver lists gate grants, not revocations.
     let decided = if ends {
@@ -327,6 +356,12 @@ fn apply(rule: &Rule, scope: Scope<'_>) -> Applied {
                     "; reopens the subject if it ended: approves under it are taken again",
                 );
             }
+            if let Some(g) = &binding.gate {
+                detail.push_str(&format!(
+                    "; approves are sent only once the worker has checked: {}",
+                    g.describe()
+                ));
+            }
             Applied::Decided {
                 actor,
                 decisions,
@@ -339,6 +374,86 @@ fn apply(rule: &Rule, scope: Scope<'_>) -> Applied {
             Applied::Rejected(reason, line)
         }
     }
+}
+
+/// Whether any proposal asks to approve.
+fn grants(proposals: &[Proposal]) -> bool {
+    proposals
+        .iter()
+        .any(|p| p.action.trim().eq_ignore_ascii_case("approve"))
+}
+
+/// The on-call check of one event: its values extracted, as of the event's time.
+fn gate(o: &Oncall, user: &str, scope: Scope<'_>, now: Option<SystemTime>) -> Result<Gate, String> {
+    let at_ms = |at: &Option<Selector>| -> Result<i64, String> {
+        let ms = |t: SystemTime| {
+            t.duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        };
+        let Some(sel) = at else {
+            return Ok(now.map_or(0, ms));
+        };
+        let Some(text) = sel.values_in(scope).into_iter().next() else {
+            return Ok(now.map_or(0, ms));
+        };
+        if let Ok(n) = text.parse::<i64>() {
+            // A Unix time, its unit read from its size (Opsgenie's `updatedAt` is nanoseconds,
+            // its `createdAt` milliseconds): seconds until 5138, then ms, µs and ns.
+            return Ok(if n < 100_000_000_000 {
+                n.saturating_mul(1000)
+            } else if n < 100_000_000_000_000 {
+                n
+            } else if n < 100_000_000_000_000_000 {
+                n / 1000
+            } else {
+                n / 1_000_000
+            });
+        }
+        super::replay::parse_rfc3339(&text).map(ms).ok_or_else(|| {
+            format!(
+                "at: `{}` ({}) is not RFC 3339 or a Unix time",
+                printable(&text),
+                sel.describe()
+            )
+        })
+    };
+    if user.is_empty() || user.len() > 256 {
+        return Err("the actor is empty or longer than 256 bytes".into());
+    }
+    Ok(match o {
+        Oncall::PagerDuty {
+            escalation_policy,
+            incident,
+            max_level,
+            schedules,
+            at,
+        } => {
+            let escalation_policy = escalation_policy.as_ref().and_then(|e| e.first(scope).ok());
+            let incident = incident.as_ref().and_then(|e| e.first(scope).ok());
+            if escalation_policy.is_none() && incident.is_none() {
+                return Err("no escalation policy and no incident in the event".into());
+            }
+            Gate::PagerDuty {
+                user: user.to_owned(),
+                escalation_policy,
+                incident,
+                max_level: *max_level,
+                schedules: schedules.clone(),
+                at_ms: at_ms(at)?,
+            }
+        }
+        Oncall::Opsgenie { jsm, schedules, at } => Gate::Opsgenie {
+            jsm: *jsm,
+            user: user.to_owned(),
+            schedules: schedules.clone(),
+            at_ms: at_ms(at)?,
+        },
+        Oncall::GitHub { org, teams } => Gate::GitHub {
+            user: user.to_owned(),
+            org: org.first(scope).map_err(|e| format!("org: {e}"))?,
+            teams: teams.clone(),
+        },
+    })
 }
 
 fn fields(

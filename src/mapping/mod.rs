@@ -23,7 +23,7 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 use crate::domain::printable;
-use crate::domain::{Action, Binding, Expiration, Reply, Via};
+use crate::domain::{Action, Binding, Expiration, Gate, Reply, Via};
 use crate::env::Env;
 use crate::policy::{self, Allowlist, Decision, Proposal, RulePolicy};
 use crate::verify::Verifier;
@@ -177,6 +177,30 @@ struct Rule {
     ends_subject: Flag,
     reopens_subject: Flag,
     answer: Option<Answer>,
+    oncall: Option<Oncall>,
+}
+
+/// A compiled `oncall`: what the worker checks before it sends an approve of this rule.
+/// Compiled once per rule, never copied per request, so its variants' sizes do not matter.
+#[derive(Debug)]
+#[allow(clippy::large_enum_variant)]
+enum Oncall {
+    PagerDuty {
+        escalation_policy: Option<Extract>,
+        incident: Option<Extract>,
+        max_level: Option<u32>,
+        schedules: Vec<String>,
+        at: Option<Selector>,
+    },
+    Opsgenie {
+        jsm: bool,
+        schedules: Vec<String>,
+        at: Option<Selector>,
+    },
+    GitHub {
+        org: Extract,
+        teams: Vec<String>,
+    },
 }
 
 /// When a rule's event ends (or reopens) its subject: compiled `ends_subject` and
@@ -617,6 +641,124 @@ mod tests {
             "s.yaml: rule `j`: actions: a rule that ends its subject must allow `revoke`",
         ] {
             assert!(all.contains(fragment), "missing {fragment:?} in:\n{all}");
+        }
+    }
+
+    #[test]
+    fn oncall_errors_name_rule_and_field() {
+        let rule = |name: &str, oncall: Value| json!({ "name": name, "command": { "path": "$.x" }, "actor": { "path": "$.by" }, "oncall": oncall });
+        let tree = json!({
+            "verify": { "scheme": "token", "secrets": "t" },
+            "rules": [
+                rule("a", json!({ "check": "github", "teams": "sre" })),
+                rule("b", json!({ "check": "github", "org": { "path": "$.o" } })),
+                rule("c", json!({ "check": "opsgenie", "enabled": "on" })),
+                rule("d", json!({ "check": "pagerduty" })),
+                rule("e", json!({ "check": "pagerduty", "incident": { "path": "$.i" }, "max_level": "0" })),
+                rule("f", json!({ "check": "pagerduty", "incident": { "path": "$.i" }, "teams": "x" })),
+                rule("g", json!({ "check": "pagerduty", "incident": { "path": "$.i" }, "enabled": "maybe" })),
+                rule("h", json!({ "check": "teleport" })),
+                { "name": "i", "command": { "path": "$.x" }, "oncall": { "check": "github", "org": { "path": "$.o" }, "teams": "sre" } },
+                rule("j", json!({ "check": "opsgenie", "enabled": "off" }))
+            ]
+        });
+        let errors =
+            compile("s", Path::new("s.yaml"), tree, &Env::default(), &defaults()).unwrap_err();
+        let all = errors.join("\n");
+        for fragment in [
+            "s.yaml: rule `a`: oncall: the github check needs `org`",
+            "s.yaml: rule `b`: oncall: the github check needs `teams`",
+            "s.yaml: rule `c`: oncall: the opsgenie check needs `schedules`",
+            "s.yaml: rule `d`: oncall: the pagerduty check needs `escalation_policy` or `incident`",
+            "s.yaml: rule `e`: oncall: max_level: `0` is not a level",
+            "s.yaml: rule `f`: oncall: teams: not used by the `pagerduty` check",
+            "s.yaml: rule `g`: oncall: enabled: `maybe` is not on or off",
+            "s.yaml: rule `h`: oncall: check: `teleport` is not pagerduty, opsgenie, jsm or github",
+            "s.yaml: rule `i`: oncall: needs the rule's `actor`",
+        ] {
+            assert!(all.contains(fragment), "missing {fragment:?} in:\n{all}");
+        }
+        assert!(
+            !all.contains("rule `j`"),
+            "a check turned off needs nothing:\n{all}"
+        );
+    }
+
+    #[test]
+    fn oncall_gates_grants_as_of_the_event() {
+        let tree = json!({
+            "verify": { "scheme": "token", "secrets": "t" },
+            "subject": { "path": "$.alert" },
+            "rules": [
+                { "name": "r", "action": { "path": "$.action" }, "request_id": { "path": "$.req" },
+                  "actor": { "path": "$.by" },
+                  "oncall": { "check": "opsgenie", "schedules": "primary, secondary", "at": { "path": "$.at" } } }
+            ]
+        });
+        let m = compile("s", Path::new("s.yaml"), tree, &Env::default(), &defaults()).unwrap();
+        let headers = HeaderMap::new();
+        let now = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_800_000_000);
+        let gate = |body: Value| match m.decide(
+            Input {
+                headers: &headers,
+                body: &body,
+            },
+            Some(now),
+        ) {
+            Verdict::Decided { binding, .. } => Ok(binding.gate.map(|g| *g)),
+            Verdict::Rejected { reason, .. } => Err(reason),
+            Verdict::Ignored => Err("ignored".into()),
+        };
+        let at = |at: Value| match gate(
+            json!({ "alert": "a", "action": "approve", "req": "r-1", "by": "Jane@acme.example", "at": at }),
+        ) {
+            Ok(Some(crate::domain::Gate::Opsgenie {
+                at_ms,
+                user,
+                schedules,
+                jsm,
+            })) => {
+                assert_eq!(
+                    (user.as_str(), schedules.len(), jsm),
+                    ("Jane@acme.example", 2, false)
+                );
+                Ok(at_ms)
+            }
+            other => Err(format!("{other:?}")),
+        };
+        // Opsgenie's updatedAt is nanoseconds, createdAt milliseconds; seconds and RFC 3339 too.
+        for (t, ms) in [
+            (json!(1764239100456000123u64), 1_764_239_100_456),
+            (json!(1764239100456u64), 1_764_239_100_456),
+            (json!(1764239100456000u64), 1_764_239_100_456),
+            (json!(1764239100), 1_764_239_100_000),
+            (json!("2025-11-27T10:25:00.456Z"), 1_764_239_100_456),
+        ] {
+            assert_eq!(at(t.clone()), Ok(ms), "{t}");
+        }
+        // Without a time the receipt's counts; a time that is neither refuses the grant.
+        let none =
+            gate(json!({ "alert": "a", "action": "approve", "req": "r-1", "by": "j" })).unwrap();
+        assert!(matches!(
+            none,
+            Some(crate::domain::Gate::Opsgenie {
+                at_ms: 1_800_000_000_000,
+                ..
+            })
+        ));
+        let bad = gate(
+            json!({ "alert": "a", "action": "approve", "req": "r-1", "by": "j", "at": "yesterday" }),
+        );
+        assert!(
+            bad.unwrap_err()
+                .contains("at: `yesterday` ($.at) is not RFC 3339 or a Unix time")
+        );
+        // Ending access is never checked.
+        for action in ["revoke", "deny"] {
+            let g = gate(
+                json!({ "alert": "a", "action": action, "req": "r-1", "by": "j", "at": "yesterday" }),
+            );
+            assert_eq!(g, Ok(None), "{action}");
         }
     }
 

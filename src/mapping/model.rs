@@ -207,6 +207,35 @@ pub struct RawRule {
     pub reopens_subject: RawFlag,
     /// Where the relay answers once P0 has answered.
     pub answer: Option<RawAnswer>,
+    /// An approve is sent only if its actor is on call (checked by the worker, before P0).
+    pub oncall: Option<RawOncall>,
+}
+
+/// A rule's `oncall`: which provider says who is on call, and what to check there.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawOncall {
+    /// `pagerduty`, `opsgenie`, `jsm` or `github`.
+    pub check: String,
+    /// `on` or `off` (`true`, `false`; empty is off); absent, on. The shipped mappings take
+    /// it from the environment, so each check is off unless configured.
+    pub enabled: Option<String>,
+    /// PagerDuty: the incident's escalation policy, when the event carries it.
+    pub escalation_policy: Option<RawExtract>,
+    /// PagerDuty: the incident, fetched for its escalation policy when the event lacks it.
+    pub incident: Option<RawExtract>,
+    /// PagerDuty: the highest escalation level that counts (empty: any).
+    pub max_level: Option<String>,
+    /// PagerDuty: only on-calls through these schedules count (comma-separated; empty: any).
+    /// Opsgenie / JSM: the schedules whose on-call participants may approve (required).
+    pub schedules: Option<String>,
+    /// GitHub: the organization whose teams are asked.
+    pub org: Option<RawExtract>,
+    /// GitHub: the teams whose active members may approve (comma-separated slugs).
+    pub teams: Option<String>,
+    /// The event's time (RFC 3339, or Unix milliseconds): on-call is judged as of then, so a
+    /// check made late still judges the moment of the event. Absent: the time of receipt.
+    pub at: Option<RawSelector>,
 }
 
 /// Where to answer back: a provider's API and, for GitHub, the comment to react to. The
@@ -269,6 +298,8 @@ pub struct RawExpectSpec {
     pub ends_subjects: Option<Vec<String>>,
     /// Whether the event reopens its subject.
     pub reopens_subject: Option<bool>,
+    /// A fragment of the on-call check its approves must pass (`explain`'s words), or `none`.
+    pub oncall: Option<String>,
     /// A fragment the rejection reason must contain.
     pub rejected: Option<String>,
 }

@@ -19,7 +19,7 @@ use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visit
 use serde_json::{Map, Number, Value};
 
 use super::expr::{Condition, Extract, From, Part, Selector};
-use super::{Mapping, Produce};
+use super::{Mapping, Oncall, Produce};
 
 /// What of a body one mapping reads.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -107,6 +107,25 @@ impl Projection {
             }
             if let Some(x) = rule.answer.as_ref().and_then(|a| a.comment.as_ref()) {
                 p.add_extract(x);
+            }
+            match &rule.oncall {
+                None => {}
+                Some(Oncall::PagerDuty {
+                    escalation_policy,
+                    incident,
+                    at,
+                    ..
+                }) => {
+                    for x in [escalation_policy, incident].into_iter().flatten() {
+                        p.add_extract(x);
+                    }
+                    if let Some(s) = at {
+                        p.add(s);
+                    }
+                }
+                Some(Oncall::Opsgenie { at: Some(s), .. }) => p.add(s),
+                Some(Oncall::Opsgenie { at: None, .. }) => {}
+                Some(Oncall::GitHub { org, .. }) => p.add_extract(org),
             }
         }
         p

@@ -279,6 +279,7 @@ fn done(job: &Job, state: State) -> AttemptRecord {
         error: None,
         duration_ms: 1,
         answers: Vec::new(),
+        evidence: None,
     }
 }
 
@@ -1171,6 +1172,7 @@ fn on_subject(key: &str, decisions: &[(Action, &str)], subject: &str, ends: bool
         }),
         ends_subject: ends,
         reopens_subject: false,
+        gate: None,
     };
     d
 }
@@ -1769,4 +1771,102 @@ async fn ends_are_pruned_only_when_nothing_could_be_replayed_under_them(mut s: B
         .await;
     assert_eq!(refusal(&p1), Some(ended_reason("P1", 2_000).as_str()));
     assert_eq!(s.replay(Replay::One(job.id), 12_000).await.ended.len(), 1);
+}
+
+/// A delivery whose approves must pass `gate` (a PagerDuty check of `user`).
+fn gated(key: &str, decisions: &[(Action, &str)], user: &str) -> NewDelivery {
+    let mut d = on_subject(key, decisions, "P1", false);
+    d.binding.gate = Some(Box::new(crate::domain::Gate::PagerDuty {
+        user: user.into(),
+        escalation_policy: Some("PEP1".into()),
+        incident: None,
+        max_level: Some(2),
+        schedules: Vec::new(),
+        at_ms: 1_000,
+    }));
+    d
+}
+
+contract!(an_on_call_check_is_stored_with_its_approve_and_its_evidence_recorded);
+/// A gated approve carries its check to the worker (a revoke beside it carries none); it
+/// coalesces only with an approve under the same check, alone or in a batch; the evidence a
+/// record brings stays through later records without any, and a replay clears it, so the
+/// decision is checked again.
+async fn an_on_call_check_is_stored_with_its_approve_and_its_evidence_recorded(mut s: Backend) {
+    let first = s
+        .accept(
+            gated(
+                "g1",
+                &[(Action::Approve, "r1"), (Action::Revoke, "r9")],
+                "PU1",
+            ),
+            1_000,
+        )
+        .await;
+    // Another check of the same request is a decision of its own; the same check coalesces,
+    // one at a time and within a batch.
+    let other = s
+        .accept(gated("g2", &[(Action::Approve, "r1")], "PU2"), 1_001)
+        .await;
+    assert!(!jobs(&other)[0].1, "a different check is not coalesced");
+    let batch = s
+        .write(
+            &[
+                gated("g3", &[(Action::Approve, "r1")], "PU2"),
+                gated("g4", &[(Action::Approve, "r2")], "PU1"),
+                gated("g5", &[(Action::Approve, "r2")], "PU1"),
+            ],
+            &[],
+            1_002,
+        )
+        .await
+        .unwrap();
+    let batch: Vec<Accepted> = batch.into_iter().map(Result::unwrap).collect();
+    assert_eq!(jobs(&batch[0]), vec![(jobs(&other)[0].0, true)]);
+    assert!(!jobs(&batch[1])[0].1);
+    assert_eq!(jobs(&batch[2]), vec![(jobs(&batch[1])[0].0, true)]);
+
+    let (approve, revoke) = (jobs(&first)[0].0, jobs(&first)[1].0);
+    let due = s.claim_due(2_000, 10).await;
+    let job = claimed(&due, approve).clone();
+    let gate: crate::domain::Gate = serde_json::from_str(job.gate.as_deref().unwrap()).unwrap();
+    assert!(
+        matches!(&gate, crate::domain::Gate::PagerDuty { user, max_level: Some(2), .. } if user == "PU1")
+    );
+    assert_eq!(job.evidence, None, "not checked yet");
+    assert_eq!(
+        claimed(&due, revoke).gate,
+        None,
+        "ending access is never gated"
+    );
+
+    // Checked and sent, P0 failing: retried with the evidence, which no later record erases.
+    // (On r2, whose latest decision it stays: r1's first approve was overtaken by PU2's.)
+    let approve = jobs(&batch[1])[0].0;
+    let job = claimed(&due, approve).clone();
+    let mut rec = done(&job, State::Pending);
+    rec.evidence = Some("on call: escalation policy PEP1 level 1".into());
+    s.write(&[], &[rec], 2_000).await.unwrap();
+    let detail = s.show(approve).await.unwrap();
+    assert_eq!(
+        detail.evidence.as_deref(),
+        Some("on call: escalation policy PEP1 level 1")
+    );
+    assert!(detail.gate.is_some());
+    let again = s.claim_due(3_000, 10).await;
+    let job = claimed(&again, approve).clone();
+    assert_eq!(
+        job.evidence.as_deref(),
+        Some("on call: escalation policy PEP1 level 1")
+    );
+    s.write(&[], &[done(&job, State::Dead)], 3_000)
+        .await
+        .unwrap();
+    assert!(s.show(approve).await.unwrap().evidence.is_some());
+
+    // Replayed, it is checked again.
+    let replayed = s.replay(Replay::One(approve), 4_000).await;
+    assert_eq!(replayed.queued, vec![approve]);
+    let detail = s.show(approve).await.unwrap();
+    assert_eq!((detail.evidence, detail.gate.is_some()), (None, true));
 }

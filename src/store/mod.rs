@@ -78,6 +78,14 @@ pub struct NewDelivery {
 }
 
 impl NewDelivery {
+    /// The on-call check its approves carry, as stored (JSON), if any.
+    pub fn gate_json(&self) -> Option<String> {
+        self.binding
+            .gate
+            .as_ref()
+            .and_then(|g| serde_json::to_string(g).ok())
+    }
+
     /// The reply target as stored with each job (JSON), if any.
     pub fn reply_json(&self) -> Option<String> {
         self.binding
@@ -145,6 +153,10 @@ pub struct Job {
     /// Set when the store refused the decision as it was accepted (its subject had ended):
     /// the worker records it rejected with this reason, and never calls P0 for it.
     pub refused: Option<String>,
+    /// The on-call check an approve must pass before it is sent (JSON of `domain::Gate`),
+    /// and what a check found; a job with evidence passed it (a refusal is final).
+    pub gate: Option<String>,
+    pub evidence: Option<String>,
 }
 
 /// The reason an approve under an ended subject is refused, the same from every store.
@@ -171,6 +183,8 @@ pub struct AttemptRecord {
     pub result: &'static str,
     pub error: Option<String>,
     pub duration_ms: i64,
+    /// What the decision's on-call check found, when this attempt ran it (kept on the job).
+    pub evidence: Option<String>,
     /// Answers back to create with this outcome (P0's final answer), in the same transaction.
     pub answers: Vec<NewAnswer>,
 }
@@ -272,6 +286,9 @@ pub struct AttemptRow {
 #[derive(Debug, Clone, Serialize)]
 pub struct JobDetail {
     pub job: JobSummary,
+    /// The on-call check the decision must pass (JSON of `domain::Gate`), and what it found.
+    pub gate: Option<String>,
+    pub evidence: Option<String>,
     pub delivery: DeliveryInfo,
     pub attempts: Vec<AttemptRow>,
     pub answers: Vec<AnswerRow>,

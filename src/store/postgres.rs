@@ -524,6 +524,9 @@ $fn$;
 -- and answers back without calling P0. A delivery that reopens its subject takes the
 -- subject's lock alone, as an end does, and is written one at a time like an end. The
 -- functions that write batches are defined again here with these rules.
+-- An approve may also carry an on-call check (`gate`, JSON), which the worker runs before it
+-- calls P0 and whose finding it records in `evidence`. A gated approve coalesces only into
+-- one with the same check.
 CREATE TABLE subject_ends (
     source      TEXT NOT NULL,
     subject     TEXT NOT NULL,
@@ -533,7 +536,7 @@ CREATE TABLE subject_ends (
     PRIMARY KEY (source, subject)
 );
 CREATE INDEX subject_ends_at ON subject_ends (ended_at);
-ALTER TABLE jobs ADD COLUMN refused TEXT;
+ALTER TABLE jobs ADD COLUMN refused TEXT, ADD COLUMN gate TEXT, ADD COLUMN evidence TEXT;
 -- The reason an approve under an ended subject is refused, as the relay words it.
 CREATE FUNCTION p0_relay_ended_reason(subject TEXT, ended_at BIGINT) RETURNS TEXT
 LANGUAGE sql STABLE AS $fn$
@@ -612,7 +615,7 @@ BEGIN
         CROSS JOIN LATERAL jsonb_to_record(e.value) AS x(
             source TEXT, dedup_key TEXT, received_at BIGINT, rule TEXT, actor TEXT,
             subject TEXT, reply TEXT, ends_subject BOOLEAN, reopens_subject BOOLEAN,
-            decisions JSONB)
+            gate TEXT, decisions JSONB)
         ORDER BY COALESCE(x.ends_subject, false), x.source COLLATE "C",
                  x.dedup_key COLLATE "C", e.ordinality
     LOOP
@@ -661,13 +664,16 @@ BEGIN
             -- was refused; a refused one is a job of its own.
             jid := NULL;
             IF refusal IS NULL THEN
-                SELECT j.id, j.action, j.state, j.created_at, j.source, j.subject, j.refused
+                SELECT j.id, j.action, j.state, j.created_at, j.source, j.subject, j.refused,
+                       j.gate
                 INTO latest FROM jobs j
                 WHERE j.org = dcn.org AND j.request_id = dcn.request_id
                 ORDER BY j.id DESC LIMIT 1;
                 IF FOUND AND latest.action = dcn.action AND latest.created_at >= coalesce_since
                    AND latest.state IN ('pending', 'sending', 'succeeded', 'dry_run')
                    AND latest.refused IS NULL
+                   AND latest.gate IS NOT DISTINCT FROM
+                       (CASE WHEN dcn.action = 'approve' THEN d.gate END)
                    AND latest.subject IS NOT DISTINCT FROM d.subject
                    AND (d.subject IS NULL OR latest.source = d.source) THEN
                     jid := latest.id;
@@ -677,10 +683,11 @@ BEGIN
             IF jid IS NULL THEN
                 INSERT INTO jobs (delivery_id, source, org, request_id, action, expiration, state,
                                   next_attempt_at, window_start, created_at, updated_at,
-                                  subject, reply, refused)
+                                  subject, reply, refused, gate)
                 VALUES (del_id, d.source, dcn.org, dcn.request_id,
                         dcn.action, dcn.expiration, 'pending',
-                        now_ms, now_ms, now_ms, now_ms, d.subject, d.reply, refusal)
+                        now_ms, now_ms, now_ms, now_ms, d.subject, d.reply, refusal,
+                        CASE WHEN dcn.action = 'approve' THEN d.gate END)
                 RETURNING id INTO jid;
                 job_list := job_list || jsonb_build_array(jsonb_build_array(jid, false));
                 created := true;
@@ -758,7 +765,7 @@ BEGIN
         FROM jsonb_array_elements(deliveries) WITH ORDINALITY e
         CROSS JOIN LATERAL jsonb_to_record(e.value) AS x(
             source TEXT, dedup_key TEXT, received_at BIGINT, rule TEXT, actor TEXT,
-            subject TEXT, reply TEXT, decisions JSONB)
+            subject TEXT, reply TEXT, gate TEXT, decisions JSONB)
     ), taken AS (
         INSERT INTO dedup AS t (source, dedup_key, delivery_id, received_at)
         SELECT source, dedup_key, nextval('deliveries_id_seq'), received_at FROM d
@@ -778,18 +785,21 @@ BEGIN
     ), asked AS (
         SELECT f.i, y.j, f.delivery_id, f.source, f.subject, f.reply, f.refusal, y.org,
                y.request_id, y.action, y.expiration,
+               CASE WHEN y.action = 'approve' THEN f.gate END AS gate,
                l.id AS latest,
                COALESCE(f.refusal IS NULL AND l.refused IS NULL
                         AND l.action = y.action AND l.created_at >= coalesce_since
                         AND l.state IN ('pending', 'sending', 'succeeded', 'dry_run')
                         AND l.subject IS NOT DISTINCT FROM f.subject
+                        AND l.gate IS NOT DISTINCT FROM
+                            CASE WHEN y.action = 'approve' THEN f.gate END
                         AND (f.subject IS NULL OR l.source = f.source), false) AS coalesced
         FROM fresh f
         CROSS JOIN LATERAL ROWS FROM (jsonb_to_recordset(f.decisions)
             AS (org TEXT, request_id TEXT, action TEXT, expiration TEXT))
             WITH ORDINALITY AS y(org, request_id, action, expiration, j)
         LEFT JOIN LATERAL (SELECT jb.id, jb.action, jb.state, jb.created_at, jb.source,
-                                  jb.subject, jb.refused
+                                  jb.subject, jb.refused, jb.gate
                            FROM jobs jb WHERE jb.org = y.org AND jb.request_id = y.request_id
                            ORDER BY jb.id DESC LIMIT 1) l ON true
     ), numbered AS (
@@ -798,9 +808,9 @@ BEGIN
     ), new_jobs AS (
         INSERT INTO jobs (id, delivery_id, source, org, request_id, action, expiration, state,
                           next_attempt_at, window_start, created_at, updated_at, subject, reply,
-                          refused)
+                          refused, gate)
         SELECT jid, delivery_id, source, org, request_id, action, expiration, 'pending',
-               now_ms, now_ms, now_ms, now_ms, subject, reply, refusal
+               now_ms, now_ms, now_ms, now_ms, subject, reply, refusal, gate
         FROM numbered WHERE NOT coalesced
         RETURNING id
     ), per_delivery AS (
@@ -875,13 +885,14 @@ BEGIN
         SELECT * FROM jsonb_to_recordset(records) AS x(
             job_id BIGINT, claim BIGINT, at BIGINT, state TEXT, attempts INTEGER,
             next_attempt_at BIGINT, status INTEGER, result TEXT, error TEXT, duration_ms BIGINT,
-            answers JSONB)
+            evidence TEXT, answers JSONB)
         ORDER BY job_id
     LOOP
         WITH done AS (
             UPDATE jobs SET state = rec.state, attempts = rec.attempts,
                             next_attempt_at = rec.next_attempt_at, last_status = rec.status,
-                            last_error = rec.error, updated_at = rec.at, lease_until = NULL
+                            last_error = rec.error, updated_at = rec.at, lease_until = NULL,
+                            evidence = COALESCE(rec.evidence, evidence)
             WHERE id = rec.job_id AND claim_token = rec.claim AND state = 'sending'
             RETURNING id
         ), attempt AS (
@@ -1182,6 +1193,7 @@ impl PgStore {
                         "subject": d.binding.subject, "reply": d.reply_json(),
                         "ends_subject": d.binding.ends_subject,
                         "reopens_subject": d.binding.reopens_subject,
+                        "gate": d.gate_json(),
                         "decisions": d.decisions.iter().map(|x| json!({
                             "org": x.org.as_str(), "request_id": x.request_id.as_str(),
                             "action": x.action.as_str(), "expiration": x.expiration.as_ref().map(Expiration::as_str),
@@ -1203,6 +1215,7 @@ impl PgStore {
                         "state": r.state.as_str(), "attempts": r.attempts,
                         "next_attempt_at": r.next_attempt_at_ms, "status": r.status,
                         "result": r.result, "error": r.error, "duration_ms": r.duration_ms,
+                        "evidence": r.evidence,
                         "answers": r.answers.iter().map(|a| json!({
                             "via": a.via, "kind": a.kind, "target": a.target, "body": a.body,
                         })).collect::<Vec<_>>(),
@@ -1279,7 +1292,7 @@ impl PgStore {
                                       FOR UPDATE SKIP LOCKED)
                          RETURNING id, source, org, request_id, action, expiration, attempts,
                                    created_at, window_start, claim_token, subject, reply,
-                                   ended_by IS NOT NULL, refused",
+                                   ended_by IS NOT NULL, refused, gate, evidence",
                     )
                     .await?;
                 c.query(&stmt, &[&now_ms, &limit, &lease_until]).await
@@ -1306,6 +1319,8 @@ impl PgStore {
                 reply: r.try_get(11)?,
                 bound: r.try_get(12)?,
                 refused: r.try_get(13)?,
+                gate: r.try_get(14)?,
+                evidence: r.try_get(15)?,
             });
         }
         jobs.sort_by_key(|j| j.id);
@@ -1500,13 +1515,14 @@ impl PgStore {
     }
 
     pub async fn show(&self, id: i64) -> Result<Option<JobDetail>, StoreError> {
-        let sql = format!("SELECT {SUMMARY}, delivery_id FROM jobs WHERE id = $1");
+        let sql = format!("SELECT {SUMMARY}, delivery_id, gate, evidence FROM jobs WHERE id = $1");
         self.run("show", OP_TIMEOUT, async |c| {
             let Some(row) = c.query_opt(&sql, &[&id]).await? else {
                 return Ok(None);
             };
             let job = summary(&row)?;
             let delivery_id: i64 = row.try_get(15)?;
+            let (gate, evidence) = (row.try_get(16)?, row.try_get(17)?);
             let d = c
                 .query_one(
                     "SELECT id, source, dedup_key, received_at, rule, actor FROM deliveries
@@ -1560,6 +1576,8 @@ impl PgStore {
                 .collect::<Result<_, tokio_postgres::Error>>()?;
             Ok(Some(JobDetail {
                 job,
+                gate,
+                evidence,
                 delivery: DeliveryInfo {
                     id: d.try_get(0)?,
                     source: d.try_get(1)?,
@@ -1737,7 +1755,7 @@ impl PgStore {
             if !queued.is_empty() {
                 tx.execute(
                     "UPDATE jobs SET state = 'pending', attempts = 0, next_attempt_at = $1,
-                            window_start = $1, updated_at = $1, refused = NULL
+                            window_start = $1, updated_at = $1, refused = NULL, evidence = NULL
                      WHERE id = ANY($2)",
                     &[&now_ms, &queued],
                 )

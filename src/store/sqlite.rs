@@ -88,6 +88,8 @@ CREATE INDEX answers_job ON answers (job_id);
 -- Subjects that ended (an incident resolved, an alert closed, an issue closed): approves
 -- under one are refused until it reopens, and a replay never sends an approve asked before
 -- its subject's latest end. `refused` is why the store refused a job as it was accepted.
+-- `gate` is the on-call check an approve must pass before it is sent (JSON), `evidence` what
+-- the check found.
 CREATE TABLE subject_ends (
     source      TEXT NOT NULL,
     subject     TEXT NOT NULL,
@@ -98,6 +100,8 @@ CREATE TABLE subject_ends (
 ) WITHOUT ROWID;
 CREATE INDEX subject_ends_at ON subject_ends (ended_at);
 ALTER TABLE jobs ADD COLUMN refused TEXT;
+ALTER TABLE jobs ADD COLUMN gate TEXT;
+ALTER TABLE jobs ADD COLUMN evidence TEXT;
 "#,
 ];
 
@@ -200,7 +204,7 @@ impl SqliteStore {
         {
             let mut due = tx.prepare_cached(&format!(
                 "SELECT id, source, org, request_id, action, expiration, attempts, created_at, window_start,
-                        claim_token, subject, reply, ended_by IS NOT NULL, refused
+                        claim_token, subject, reply, ended_by IS NOT NULL, refused, gate, evidence
                  FROM jobs WHERE {IN_TURN} AND next_attempt_at <= ?1
                  ORDER BY next_attempt_at, id LIMIT ?2"
             ))?;
@@ -224,6 +228,8 @@ impl SqliteStore {
                         reply: r.get(11)?,
                         bound: r.get(12)?,
                         refused: r.get(13)?,
+                        gate: r.get(14)?,
+                        evidence: r.get(15)?,
                     },
                 ))
             })?;
@@ -347,7 +353,7 @@ pub(super) const SEEN: &str = "SELECT job_ids FROM deliveries
 
 /// The latest decision stored on a request.
 pub(super) const LATEST: &str = "SELECT id, action, state, created_at, source, subject,
-    refused IS NOT NULL FROM jobs WHERE org = ?1 AND request_id = ?2 ORDER BY id DESC LIMIT 1";
+    refused IS NOT NULL, gate FROM jobs WHERE org = ?1 AND request_id = ?2 ORDER BY id DESC LIMIT 1";
 
 /// When a subject ended, if it is ended now (not reopened since).
 const ENDED: &str = "SELECT ended_at FROM subject_ends
@@ -416,7 +422,16 @@ fn accept_one(
     for decision in &d.decisions {
         // The latest job for this request decides: the same action still pending or done
         // recently is not sent again, but approve → revoke → approve is three calls.
-        type Latest = (i64, String, String, i64, String, Option<String>, bool);
+        type Latest = (
+            i64,
+            String,
+            String,
+            i64,
+            String,
+            Option<String>,
+            bool,
+            Option<String>,
+        );
         let latest: Option<Latest> = if refused.is_some() {
             None
         } else {
@@ -432,6 +447,7 @@ fn accept_one(
                             r.get(4)?,
                             r.get(5)?,
                             r.get(6)?,
+                            r.get(7)?,
                         ))
                     },
                 )
@@ -440,12 +456,17 @@ fn accept_one(
         // Only a decision asked on the same subject coalesces: one bound to another incident
         // or alert is a job of its own, so that subject's end cannot take this one's access.
         // A refused one never stands for a decision that will be sent.
-        if let Some((id, action, state, created, source, subject, was_refused)) = latest
+        // A gated approve coalesces only into one with the same on-call check.
+        let gate = (decision.action == Action::Approve)
+            .then(|| d.gate_json())
+            .flatten();
+        if let Some((id, action, state, created, source, subject, was_refused, was_gate)) = latest
             && action == decision.action.as_str()
             && created >= coalesce_since
             && subject == d.binding.subject
             && (subject.is_none() || source == d.source)
             && !was_refused
+            && was_gate == gate
             && matches!(
                 state.as_str(),
                 "pending" | "sending" | "succeeded" | "dry_run"
@@ -460,8 +481,8 @@ fn accept_one(
         tx.prepare_cached(
             "INSERT INTO jobs (delivery_id, source, org, request_id, action, expiration, state,
                                next_attempt_at, window_start, created_at, updated_at, subject, reply,
-                               refused)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'pending', ?7, ?7, ?7, ?7, ?8, ?9, ?10)",
+                               refused, gate)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'pending', ?7, ?7, ?7, ?7, ?8, ?9, ?10, ?11)",
         )?
         .execute(params![
             delivery_id,
@@ -473,7 +494,8 @@ fn accept_one(
             now_ms,
             d.binding.subject,
             reply,
-            refused
+            refused,
+            gate
         ])?;
         jobs.push(JobRef {
             job_id: tx.last_insert_rowid(),
@@ -562,7 +584,7 @@ fn record_all(tx: &Connection, records: &[AttemptRecord]) -> Result<(), StoreErr
         let changed = tx
             .prepare_cached(
                 "UPDATE jobs SET state = ?2, attempts = ?3, next_attempt_at = ?4, last_status = ?5,
-                             last_error = ?6, updated_at = ?7
+                             last_error = ?6, updated_at = ?7, evidence = COALESCE(?9, evidence)
                  WHERE id = ?1 AND claim_token = ?8 AND state = 'sending'",
             )?
             .execute(params![
@@ -573,7 +595,8 @@ fn record_all(tx: &Connection, records: &[AttemptRecord]) -> Result<(), StoreErr
                 rec.status,
                 rec.error,
                 rec.at_ms,
-                rec.claim
+                rec.claim,
+                rec.evidence
             ])?;
         if changed == 0 {
             tracing::warn!(
@@ -740,12 +763,17 @@ impl Store for SqliteStore {
     }
 
     fn show(&mut self, id: i64) -> Result<Option<JobDetail>, StoreError> {
-        let sql = format!("SELECT {SUMMARY_COLUMNS}, delivery_id FROM jobs WHERE id = ?1");
-        let found = self
+        let sql = format!(
+            "SELECT {SUMMARY_COLUMNS}, delivery_id, gate, evidence FROM jobs WHERE id = ?1"
+        );
+        type Found = (JobSummary, i64, Option<String>, Option<String>);
+        let found: Option<Found> = self
             .conn
-            .query_row(&sql, [id], |r| Ok((summary(r)?, r.get::<_, i64>(15)?)))
+            .query_row(&sql, [id], |r| {
+                Ok((summary(r)?, r.get(15)?, r.get(16)?, r.get(17)?))
+            })
             .optional()?;
-        let Some((job, delivery_id)) = found else {
+        let Some((job, delivery_id, gate, evidence)) = found else {
             return Ok(None);
         };
         let delivery = self.conn.query_row(
@@ -797,6 +825,8 @@ impl Store for SqliteStore {
             .collect::<Result<_, _>>()?;
         Ok(Some(JobDetail {
             job,
+            gate,
+            evidence,
             delivery,
             attempts,
             answers,
@@ -844,7 +874,7 @@ impl Store for SqliteStore {
             if c.sort(&mut replayed)? {
                 tx.prepare_cached(
                     "UPDATE jobs SET state = 'pending', attempts = 0, next_attempt_at = ?1,
-                                     window_start = ?1, updated_at = ?1, refused = NULL WHERE id = ?2",
+                                     window_start = ?1, updated_at = ?1, refused = NULL, evidence = NULL WHERE id = ?2",
                 )?
                 .execute(params![now_ms, c.id])?;
             }

@@ -11,20 +11,20 @@ use serde_json::{Value, json};
 use wiremock::matchers::{method, path, path_regex};
 use wiremock::{Mock, MockServer, Request, ResponseTemplate};
 
-const GH_TOKEN: &str = "ghp-answer-token-0a1b";
-const PD_TOKEN: &str = "pd-answer-token-2c3d";
-const PD_FROM: &str = "relay-bot@acme.example";
-const OG_KEY: &str = "og-answer-key-4e5f";
+pub(crate) const GH_TOKEN: &str = "ghp-answer-token-0a1b";
+pub(crate) const PD_TOKEN: &str = "pd-answer-token-2c3d";
+pub(crate) const PD_FROM: &str = "relay-bot@acme.example";
+pub(crate) const OG_KEY: &str = "og-answer-key-4e5f";
 
 /// Fake provider APIs, each answering as the real one does on success.
-struct Providers {
-    github: MockServer,
-    pagerduty: MockServer,
-    opsgenie: MockServer,
+pub(crate) struct Providers {
+    pub(crate) github: MockServer,
+    pub(crate) pagerduty: MockServer,
+    pub(crate) opsgenie: MockServer,
 }
 
 impl Providers {
-    async fn start() -> Providers {
+    pub(crate) async fn start() -> Providers {
         let github = MockServer::start().await;
         Mock::given(method("POST"))
             .and(path_regex(
@@ -64,7 +64,7 @@ impl Providers {
     }
 
     /// The `answers:` section pointing at these fakes (tokens from the environment).
-    fn yaml(&self) -> String {
+    pub(crate) fn yaml(&self) -> String {
         answers_yaml(
             &self.github.uri(),
             &self.pagerduty.uri(),
@@ -86,7 +86,7 @@ answers:
     )
 }
 
-fn answer_vars() -> Vec<(&'static str, String)> {
+pub(crate) fn answer_vars() -> Vec<(&'static str, String)> {
     vec![
         ("GITHUB_TOKEN", GH_TOKEN.into()),
         ("PAGERDUTY_API_TOKEN", PD_TOKEN.into()),
@@ -107,7 +107,7 @@ async fn relay() -> (TestRelay, Providers) {
 }
 
 /// Waits until `server` has received exactly `n` requests (failing on more or fewer).
-async fn exactly(server: &MockServer, n: usize) -> Vec<Request> {
+pub(crate) async fn exactly(server: &MockServer, n: usize) -> Vec<Request> {
     let got = received_at_least(server, n).await;
     assert_eq!(
         got.len(),
@@ -123,11 +123,11 @@ async fn exactly(server: &MockServer, n: usize) -> Vec<Request> {
     got
 }
 
-fn body(r: &Request) -> Value {
+pub(crate) fn body(r: &Request) -> Value {
     serde_json::from_slice(&r.body).unwrap_or(Value::Null)
 }
 
-fn header<'a>(r: &'a Request, name: &str) -> &'a str {
+pub(crate) fn header<'a>(r: &'a Request, name: &str) -> &'a str {
     r.headers
         .get(name)
         .and_then(|v| v.to_str().ok())
@@ -135,7 +135,7 @@ fn header<'a>(r: &'a Request, name: &str) -> &'a str {
 }
 
 /// The P0 calls made, as (action, request ID), in order.
-async fn p0_actions(t: &TestRelay) -> Vec<(String, String)> {
+pub(crate) async fn p0_actions(t: &TestRelay) -> Vec<(String, String)> {
     t.p0_calls()
         .await
         .iter()
@@ -148,7 +148,7 @@ async fn p0_actions(t: &TestRelay) -> Vec<(String, String)> {
 
 // --- Payloads, in the providers' shapes (from mappings/testdata) ---
 
-fn pd_note(event_id: &str, incident: &str, content: &str) -> Hook {
+pub(crate) fn pd_note(event_id: &str, incident: &str, content: &str) -> Hook {
     let mut v: Value =
         serde_json::from_slice(&testdata("pagerduty/incident_annotated.json")).unwrap();
     v["event"]["id"] = event_id.into();
@@ -190,19 +190,28 @@ fn comment_id(hook: &Hook) -> u64 {
 
 // --- The contract excerpts: every answer-back call must be one they describe ---
 
-fn spec(name: &str) -> Value {
+pub(crate) fn spec(name: &str) -> Value {
     let text = std::fs::read_to_string(repo().join("deploy/contracts").join(name)).unwrap();
     serde_json::from_str(&text).unwrap()
 }
 
 /// Checks one request against an OpenAPI excerpt: a described path and method, the
-/// security scheme's header, every required header and query parameter (enums and email
-/// format), path parameters of their type, and the JSON body against the request schema.
-fn check_contract(spec: &Value, req: &Request) -> Result<(), String> {
+/// security scheme's header, every required header and query parameter (enums, integers,
+/// booleans, date-times, emails; `name[]` arrays repeated), path parameters of their type,
+/// no undescribed query parameter, and the JSON body against the request schema.
+/// Parameters may be `$ref`s into `components/parameters`, on the operation or its path.
+pub(crate) fn check_contract(spec: &Value, req: &Request) -> Result<(), String> {
     let segments: Vec<String> = req
         .url
         .path_segments()
-        .map(|s| s.map(|x| x.to_owned()).collect())
+        .map(|s| {
+            s.map(|x| {
+                percent_encoding::percent_decode_str(x)
+                    .decode_utf8_lossy()
+                    .into_owned()
+            })
+            .collect()
+        })
         .unwrap_or_default();
     let mut found = None;
     for (template, item) in spec["paths"].as_object().unwrap() {
@@ -233,7 +242,12 @@ fn check_contract(spec: &Value, req: &Request) -> Result<(), String> {
     if op.is_null() {
         return Err(format!("{template}: no {} operation", req.method));
     }
-    for sec in spec["security"].as_array().unwrap() {
+    let security = op["security"]
+        .as_array()
+        .or(spec["security"].as_array())
+        .cloned()
+        .unwrap_or_default();
+    for sec in &security {
         for (name, _) in sec.as_object().unwrap() {
             let scheme = &spec["components"]["securitySchemes"][name];
             match scheme["type"].as_str() {
@@ -252,47 +266,64 @@ fn check_contract(spec: &Value, req: &Request) -> Result<(), String> {
             }
         }
     }
+    let resolve = |p: &Value| -> Value {
+        match p["$ref"].as_str() {
+            Some(r) => {
+                let pointer = r.trim_start_matches('#');
+                spec.pointer(pointer)
+                    .cloned()
+                    .unwrap_or_else(|| panic!("unresolved {r}"))
+            }
+            None => p.clone(),
+        }
+    };
     let query: Vec<(String, String)> = req.url.query_pairs().into_owned().collect();
-    let declared = op["parameters"].as_array().cloned().unwrap_or_default();
+    let declared: Vec<Value> = item["parameters"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .chain(op["parameters"].as_array().into_iter().flatten())
+        .map(resolve)
+        .collect();
     for p in &declared {
         let name = p["name"].as_str().unwrap();
         let schema = &p["schema"];
-        let value: Option<String> = match p["in"].as_str().unwrap() {
+        let values: Vec<String> = match p["in"].as_str().unwrap() {
             "header" => req
                 .headers
-                .get(name)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_owned),
+                .get_all(name)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .map(str::to_owned)
+                .collect(),
             "query" => query
                 .iter()
-                .find(|(k, _)| k == name)
-                .map(|(_, v)| v.clone()),
+                .filter(|(k, _)| k == name)
+                .map(|(_, v)| v.clone())
+                .collect(),
             "path" => params
                 .iter()
-                .find(|(k, _)| k == name)
-                .map(|(_, v)| v.clone()),
-            _ => None,
+                .filter(|(k, _)| k == name)
+                .map(|(_, v)| v.clone())
+                .collect(),
+            _ => Vec::new(),
         };
-        let Some(value) = value else {
+        if values.is_empty() {
             if p["required"].as_bool() == Some(true) {
                 return Err(format!("{template}: missing required {} `{name}`", p["in"]));
             }
             continue;
-        };
-        if let Some(allowed) = schema["enum"].as_array()
-            && !allowed.iter().any(|a| a.as_str() == Some(value.as_str()))
-        {
+        }
+        let array = schema["type"] == "array";
+        if !array && values.len() > 1 {
             return Err(format!(
-                "{template}: `{name}` = `{value}` is not one of {allowed:?}"
+                "{template}: `{name}` is given {} times",
+                values.len()
             ));
         }
-        if schema["type"] == "integer" && value.parse::<i64>().is_err() {
-            return Err(format!(
-                "{template}: `{name}` = `{value}` is not an integer"
-            ));
-        }
-        if schema["format"] == "email" && !value.contains('@') {
-            return Err(format!("{template}: `{name}` = `{value}` is not an email"));
+        let schema = if array { &schema["items"] } else { schema };
+        for value in &values {
+            check_value(&template, name, schema, value)?;
         }
     }
     for (k, _) in &query {
@@ -320,11 +351,85 @@ fn check_contract(spec: &Value, req: &Request) -> Result<(), String> {
         if !errors.is_empty() {
             return Err(format!("{template}: body {instance}: {errors:?}"));
         }
+    } else if !req.body.is_empty() {
+        return Err(format!("{template}: a body where none is described"));
     }
     Ok(())
 }
 
-fn conforms(spec_file: &str, calls: &[Request]) {
+/// One parameter value against its (scalar) schema.
+fn check_value(template: &str, name: &str, schema: &Value, value: &str) -> Result<(), String> {
+    if let Some(allowed) = schema["enum"].as_array()
+        && !allowed.iter().any(|a| a.as_str() == Some(value))
+    {
+        return Err(format!(
+            "{template}: `{name}` = `{value}` is not one of {allowed:?}"
+        ));
+    }
+    let ok = match (schema["type"].as_str(), schema["format"].as_str()) {
+        (Some("integer"), _) => value.parse::<i64>().is_ok(),
+        (Some("boolean"), _) => matches!(value, "true" | "false"),
+        (_, Some("date-time")) => humantime::parse_rfc3339(value).is_ok(),
+        (_, Some("email")) => value.contains('@'),
+        _ => true,
+    };
+    if !ok {
+        return Err(format!(
+            "{template}: `{name}` = `{value}` is not a valid {} {}",
+            schema["type"].as_str().unwrap_or("value"),
+            schema["format"].as_str().unwrap_or("")
+        ));
+    }
+    Ok(())
+}
+
+/// OpenAPI 3.0's `nullable: true` in JSON Schema's words: `null` is allowed beside the type.
+fn nullable_to_json_schema(v: &mut Value) {
+    match v {
+        Value::Object(map) => {
+            for child in map.values_mut() {
+                nullable_to_json_schema(child);
+            }
+            if map.remove("nullable") == Some(Value::Bool(true)) {
+                match map.get("type").cloned() {
+                    Some(Value::String(t)) => {
+                        map.insert("type".into(), json!([t, "null"]));
+                    }
+                    _ => {
+                        let inner = Value::Object(std::mem::take(map));
+                        map.insert("anyOf".into(), json!([inner, { "type": "null" }]));
+                    }
+                }
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(nullable_to_json_schema),
+        _ => {}
+    }
+}
+
+/// Checks a fake's answer against the response the excerpt describes for `status`, so the
+/// fakes answer in the shapes the real APIs do.
+pub(crate) fn check_response(spec: &Value, template: &str, verb: &str, status: u16, body: &Value) {
+    let response = &spec["paths"][template][verb]["responses"][status.to_string()];
+    assert!(
+        response.is_object(),
+        "{template}: no {status} response described"
+    );
+    let schema = &response["content"]["application/json"]["schema"];
+    if schema.is_null() {
+        return;
+    }
+    let mut root = json!({ "components": spec["components"].clone() });
+    for (k, v) in schema.as_object().unwrap() {
+        root[k] = v.clone();
+    }
+    nullable_to_json_schema(&mut root);
+    let validator = jsonschema::validator_for(&root).unwrap();
+    let errors: Vec<String> = validator.iter_errors(body).map(|e| e.to_string()).collect();
+    assert!(errors.is_empty(), "{template} {status}: {body}: {errors:?}");
+}
+
+pub(crate) fn conforms(spec_file: &str, calls: &[Request]) {
     let spec = spec(spec_file);
     for c in calls {
         if let Err(e) = check_contract(&spec, c) {

@@ -55,7 +55,7 @@ fn compose_file_is_valid() {
 #[test]
 fn alerting_rules_are_valid() {
     if let Some(out) = tool("promtool", &["check", "rules", "deploy/alerts.yml"]) {
-        assert!(out.contains("SUCCESS: 6 rules found"), "{out}");
+        assert!(out.contains("SUCCESS: 7 rules found"), "{out}");
     }
 }
 
@@ -342,20 +342,40 @@ async fn the_sample_script_gets_every_source_accepted() {
 }
 
 #[test]
-fn the_answer_back_contracts_are_copies_of_the_shared_excerpts() {
-    for (name, path) in [
+fn the_provider_contracts_are_copies_of_the_shared_excerpts() {
+    for (name, path, verb) in [
         (
             "github-feedback.json",
             "/repos/{owner}/{repo}/issues/comments/{comment_id}/reactions",
+            "post",
         ),
-        ("pagerduty-feedback.json", "/incidents/{id}/notes"),
-        ("opsgenie-feedback.json", "/v2/alerts/{identifier}/notes"),
+        ("pagerduty-feedback.json", "/incidents/{id}/notes", "post"),
+        (
+            "opsgenie-feedback.json",
+            "/v2/alerts/{identifier}/notes",
+            "post",
+        ),
+        ("pagerduty-oncall.json", "/oncalls", "get"),
+        ("pagerduty-oncall.json", "/incidents/{id}", "get"),
+        (
+            "opsgenie-oncall.json",
+            "/v2/schedules/{identifier}/on-calls",
+            "get",
+        ),
+        (
+            "github-teams.json",
+            "/orgs/{org}/teams/{team_slug}/memberships/{username}",
+            "get",
+        ),
     ] {
         let copy: serde_json::Value = serde_json::from_slice(
             &std::fs::read(repo().join("deploy/contracts").join(name)).unwrap(),
         )
         .unwrap();
-        assert!(copy["paths"][path]["post"].is_object(), "{name}: {path}");
+        assert!(
+            copy["paths"][path][verb].is_object(),
+            "{name}: {verb} {path}"
+        );
         let shared = repo().join("../shared/contracts").join(name);
         if let Ok(bytes) = std::fs::read(&shared) {
             let original: serde_json::Value = serde_json::from_slice(&bytes).unwrap();

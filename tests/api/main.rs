@@ -14,6 +14,7 @@ mod ended;
 mod hostile;
 mod listeners;
 mod many_relays;
+mod oncall;
 mod operations;
 mod properties;
 mod replay;

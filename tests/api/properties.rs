@@ -98,6 +98,15 @@ fn mappings() -> &'static MappingSet {
             ("INCIDENTIO_WEBHOOK_SECRET", "whsec_c2VjcmV0"),
             ("JSM_WEBHOOK_TOKEN", "s"),
             ("GITHUB_APPROVERS", "octocat,req-1"),
+            // Every on-call check on: what it reads must be projected too.
+            ("PAGERDUTY_ONCALL", "on"),
+            ("PAGERDUTY_ONCALL_MAX_LEVEL", "2"),
+            ("OPSGENIE_ONCALL", "on"),
+            ("OPSGENIE_ONCALL_SCHEDULES", "primary"),
+            ("JSM_ONCALL", "on"),
+            ("JSM_ONCALL_SCHEDULES", "primary"),
+            ("GITHUB_ONCALL", "on"),
+            ("GITHUB_ONCALL_TEAMS", "sre"),
         ]
         .iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
