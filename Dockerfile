@@ -1,4 +1,39 @@
 # p0-relay: a small runtime image with the binary, the shipped mappings and relay.yaml.
+#
+#   docker build -t p0-relay .        # the normal path: builds the binary, then the image
+#
+# `--target prebuilt --build-arg RELAY_BIN=<path in the context>` wraps a binary built
+# elsewhere (on Debian bookworm or its glibc) in the same runtime instead; the container test
+# does that with the binary CI built. The stages come in this order so that `--target
+# prebuilt` never builds the Rust stage, with BuildKit or without it.
+
+# The runtime's base: Debian bookworm (the container test may name a local copy of it).
+ARG BASE_IMAGE=debian:bookworm-slim
+
+# Everything the image holds but the binary.
+FROM ${BASE_IMAGE} AS runtime-base
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends ca-certificates \
+ && rm -rf /var/lib/apt/lists/* \
+ && groupadd --system --gid 10001 relay \
+ && useradd --system --uid 10001 --gid 10001 --home /app --no-create-home relay \
+ && mkdir -p /app/data && chown 10001:10001 /app/data
+WORKDIR /app
+COPY relay.yaml ./
+COPY mappings ./mappings
+# Numeric, so that Kubernetes' runAsNonRoot can check it.
+USER 10001:10001
+EXPOSE 8080
+VOLUME ["/app/data"]
+# Asks the relay's /readyz (address from relay.yaml); `|| exit 1` keeps Docker's codes 0 and 1.
+HEALTHCHECK --interval=10s --timeout=5s --start-period=10s CMD p0-relay health || exit 1
+ENTRYPOINT ["p0-relay"]
+CMD ["serve", "--config", "relay.yaml"]
+
+FROM runtime-base AS prebuilt
+ARG RELAY_BIN=p0-relay
+COPY ${RELAY_BIN} /usr/local/bin/p0-relay
+
 FROM rust:1.95-bookworm AS build
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
@@ -6,20 +41,5 @@ COPY src ./src
 COPY bench ./bench
 RUN cargo build --release --locked --bin p0-relay
 
-FROM debian:bookworm-slim
-RUN apt-get update \
- && apt-get install -y --no-install-recommends ca-certificates \
- && rm -rf /var/lib/apt/lists/* \
- && useradd --system --uid 10001 --home /app relay \
- && mkdir -p /app/data && chown relay /app/data
-WORKDIR /app
+FROM runtime-base AS runtime
 COPY --from=build /src/target/release/p0-relay /usr/local/bin/p0-relay
-COPY relay.yaml ./
-COPY mappings ./mappings
-USER relay
-EXPOSE 8080
-VOLUME ["/app/data"]
-# Asks the relay's /readyz (address from relay.yaml); `|| exit 1` keeps Docker's codes 0 and 1.
-HEALTHCHECK --interval=10s --timeout=5s --start-period=10s CMD p0-relay health || exit 1
-ENTRYPOINT ["p0-relay"]
-CMD ["serve", "--config", "relay.yaml"]

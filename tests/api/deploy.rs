@@ -11,28 +11,11 @@ use crate::common::*;
 use wiremock::matchers::any;
 use wiremock::{Mock, MockServer, ResponseTemplate};
 
-/// Runs a tool that CI installs; elsewhere, skips with a notice when it is missing.
+/// Runs a tool that CI installs, which must succeed; elsewhere, skips when it is missing.
 fn tool(cmd: &str, args: &[&str]) -> Option<String> {
-    match std::process::Command::new(cmd)
-        .args(args)
-        .current_dir(repo())
-        .output()
-    {
-        Ok(o) => {
-            let text = format!(
-                "{}{}",
-                String::from_utf8_lossy(&o.stdout),
-                String::from_utf8_lossy(&o.stderr)
-            );
-            assert!(o.status.success(), "{cmd} {args:?} failed:\n{text}");
-            Some(text)
-        }
-        Err(_) if std::env::var_os("CI").is_none() => {
-            eprintln!("{cmd} not installed: skipped (CI runs it)");
-            None
-        }
-        Err(e) => panic!("{cmd} is required in CI: {e}"),
-    }
+    let (ok, text) = ci_tool(cmd, args, &repo())?;
+    assert!(ok, "{cmd} {args:?} failed:\n{text}");
+    Some(text)
 }
 
 #[test]

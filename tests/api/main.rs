@@ -7,11 +7,13 @@ mod common;
 
 mod bindings;
 mod cli;
+mod container;
 mod deploy;
 mod durability;
 mod end_to_end;
 mod ended;
 mod hostile;
+mod kubernetes;
 mod listeners;
 mod many_relays;
 mod oncall;

@@ -791,3 +791,27 @@ impl Store for Watched {
         self.inner.next_answer_due()
     }
 }
+
+/// Runs a tool that CI installs in `dir`: whether it succeeded and what it printed. Elsewhere,
+/// `None` with a notice when it is missing; in CI (`CI` set) a missing tool fails the test.
+pub fn ci_tool(cmd: &str, args: &[&str], dir: &Path) -> Option<(bool, String)> {
+    match std::process::Command::new(cmd)
+        .args(args)
+        .current_dir(dir)
+        .output()
+    {
+        Ok(o) => Some((
+            o.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            ),
+        )),
+        Err(_) if std::env::var_os("CI").is_none() => {
+            eprintln!("{cmd} not installed: skipped (CI runs it)");
+            None
+        }
+        Err(e) => panic!("{cmd} is required in CI: {e}"),
+    }
+}

@@ -113,7 +113,12 @@ pub struct Proxy {
 
 impl Proxy {
     pub async fn start(target: SocketAddr) -> Proxy {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::start_on([127, 0, 0, 1].into(), target).await
+    }
+
+    /// A proxy listening on `ip` (an address containers reach, say).
+    pub async fn start_on(ip: std::net::IpAddr, target: SocketAddr) -> Proxy {
+        let listener = TcpListener::bind((ip, 0)).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let down = Arc::new(AtomicBool::new(false));
         let conns = Arc::new(Mutex::new(JoinSet::new()));
