@@ -7,6 +7,7 @@
 //! where no registry is reachable, makes the base image from Debian's packages
 //! (`P0_RELAY_TEST_BASE_IMAGE`).
 
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -114,6 +115,27 @@ fn inspect(container: &str, format: &str) -> String {
     docker_ok(&["inspect", "--format", format, container])
 }
 
+/// What the container printed, both streams.
+fn logs(container: &str) -> String {
+    Command::new("docker")
+        .args(["logs", container])
+        .output()
+        .map(|o| String::from_utf8_lossy(&[o.stdout, o.stderr].concat()).into_owned())
+        .unwrap_or_default()
+}
+
+/// `http://ADDRESS` where this machine reaches the container's `port`.
+fn published(container: &str, port: u64) -> String {
+    let (ok, out) = docker(&["port", container, &format!("{port}/tcp")]);
+    assert!(
+        ok,
+        "{container}: port {port} not published ({out}); it is {}; its log:\n{}",
+        inspect(container, "{{.State.Status}} (exit {{.State.ExitCode}})"),
+        logs(container)
+    );
+    format!("http://{}", out.lines().next().unwrap_or_default())
+}
+
 /// Waits until Docker reports the container's health as `want` (within `limit`), failing at
 /// once if the container exits or reports the other verdict.
 fn wait_health(container: &str, want: &str, limit: Duration) {
@@ -128,13 +150,7 @@ fn wait_health(container: &str, want: &str, limit: Duration) {
         if state == format!("running {want}") {
             return;
         }
-        let logs = || {
-            Command::new("docker")
-                .args(["logs", container])
-                .output()
-                .map(|o| String::from_utf8_lossy(&[o.stdout, o.stderr].concat()).into_owned())
-                .unwrap_or_default()
-        };
+        let logs = || logs(container);
         assert!(
             state.starts_with("running") && !state.ends_with(&format!(" {other}")),
             "{container} is {state}, not {want}; its log:\n{}",
@@ -251,8 +267,7 @@ async fn the_image_runs_healthy_non_root_and_keeps_its_decisions_across_a_stop()
     // Docker's own health check, on the Dockerfile's own schedule, says healthy.
     wait_health(&name, "healthy", Duration::from_secs(60));
     assert_eq!(docker_ok(&["exec", &name, "id", "-u"]), "10001");
-    let port = docker_ok(&["port", &name, "8080/tcp"]);
-    let base = format!("http://{}", port.lines().next().unwrap());
+    let base = published(&name, 8080);
 
     // A signed, real-size GitHub comment: accepted, and its decision reaches P0.
     let hook = Hook::comment("container-1", "/p0 approve req-container 2h");
@@ -299,8 +314,7 @@ async fn the_image_runs_healthy_non_root_and_keeps_its_decisions_across_a_stop()
     // again.
     docker_ok(&["start", &name]);
     wait_health(&name, "healthy", Duration::from_secs(60));
-    let port = docker_ok(&["port", &name, "8080/tcp"]);
-    let base = format!("http://{}", port.lines().next().unwrap());
+    let base = published(&name, 8080);
     let (status, body) = answer(send(&client(), &base, &hook).await).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["status"], "duplicate", "{body}");
@@ -452,6 +466,16 @@ async fn the_image_runs_as_the_kubernetes_deployment_runs_it() {
         .as_str()
         .unwrap()
         .to_owned();
+    // As the kubelet writes them: owned by root, the volume's defaultMode, the pod's
+    // fsGroup as their group (and a supplementary group of the container's).
+    let volume = pod["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "secrets")
+        .unwrap();
+    let mode = volume["secret"]["defaultMode"].as_u64().unwrap() as u32;
+    let fs_group = pod["securityContext"]["fsGroup"].as_u64().map(|g| g as u32);
     let secrets = tempfile::tempdir().unwrap();
     let db_url = db.url_via(proxy.addr);
     for (key, value) in [
@@ -461,11 +485,13 @@ async fn the_image_runs_as_the_kubernetes_deployment_runs_it() {
         ("PAGERDUTY_WEBHOOK_SECRET", PD_SECRET),
         ("OPSGENIE_WEBHOOK_TOKEN", OG_TOKEN),
     ] {
-        std::fs::write(secrets.path().join(key), value).unwrap();
+        let file = secrets.path().join(key);
+        std::fs::write(&file, value).unwrap();
+        std::os::unix::fs::chown(&file, Some(0), fs_group)
+            .expect("the container test runs as root, as the Docker engine does");
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(mode)).unwrap();
     }
-    let mut perms = std::fs::metadata(secrets.path()).unwrap().permissions();
-    std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o755);
-    std::fs::set_permissions(secrets.path(), perms).unwrap();
+    std::fs::set_permissions(secrets.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
 
     // The ConfigMap's variables, with this test's org, approver and P0; then the Deployment's.
     let mut env: Vec<String> = config["data"]
@@ -500,6 +526,8 @@ async fn the_image_runs_as_the_kubernetes_deployment_runs_it() {
         let secrets_mount = format!("{}:{mount}:ro", secrets.path().display());
         let publish_http = format!("127.0.0.1::{http_port}");
         let publish_metrics = format!("127.0.0.1::{metrics_port}");
+        // The kubelet adds fsGroup to the container's groups.
+        let groups = fs_group.map(|g| g.to_string());
         let mut run = vec![
             "run",
             "-d",
@@ -521,17 +549,20 @@ async fn the_image_runs_as_the_kubernetes_deployment_runs_it() {
             "-v",
             &secrets_mount,
         ];
+        if let Some(g) = &groups {
+            run.extend(["--group-add", g]);
+        }
         for e in &env {
             run.extend(["-e", e]);
         }
         run.push(&image);
         run.extend(args.iter().map(String::as_str));
         docker_ok(&run);
-        let at = |port: u64| {
-            let out = docker_ok(&["port", &name, &format!("{port}/tcp")]);
-            format!("http://{}", out.lines().next().unwrap())
-        };
-        bases.push((name.clone(), at(http_port), at(metrics_port)));
+        bases.push((
+            name.clone(),
+            published(&name, http_port),
+            published(&name, metrics_port),
+        ));
     }
     for (name, base, metrics) in &bases {
         wait_health(name, "healthy", Duration::from_secs(60));

@@ -253,6 +253,19 @@ fn problems(
     if !keys.contains("P0_RELAY_DB") {
         fail("Deployment: no P0_RELAY_DB_FILE: the relays would not share PostgreSQL".into());
     }
+    // The kubelet writes the Secret's files as root's, with defaultMode (0644 when unset) and
+    // the pod's fsGroup as their group: the relay's user must be able to read them.
+    let mode = secret_volume
+        .and_then(|v| v["secret"]["defaultMode"].as_u64())
+        .unwrap_or(0o644);
+    let by_group = mode & 0o040 != 0 && security["fsGroup"].as_u64().is_some();
+    if mode & 0o004 == 0 && !by_group {
+        fail(format!(
+            "Deployment: the Secret's files (mode {mode:o}, root's) are unreadable by user \
+             {}: set fsGroup, with group read in defaultMode",
+            security["runAsUser"]
+        ));
+    }
     match secret_name {
         None => fail("Deployment: no Secret volume".into()),
         Some(secret_name) => {
@@ -355,7 +368,18 @@ fn the_manifests_hang_together() {
 fn a_manifest_that_does_not_hang_together_is_refused() {
     let (kustomization, docs) = shipped();
     type Edit = fn(&mut Value);
-    let cases: [(&str, &str, Edit, &str); 10] = [
+    let cases: [(&str, &str, Edit, &str); 11] = [
+        (
+            "Deployment",
+            "secrets unreadable",
+            |d| {
+                d["spec"]["template"]["spec"]["securityContext"]
+                    .as_object_mut()
+                    .unwrap()
+                    .remove("fsGroup");
+            },
+            "unreadable by user 10001",
+        ),
         (
             "Deployment",
             "one replica",
