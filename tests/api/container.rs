@@ -614,7 +614,17 @@ async fn the_image_runs_as_the_kubernetes_deployment_runs_it() {
     proxy.restore();
     wait_status(&format!("{first}{readiness}"), 200).await;
 
+    // Stopped as the kubelet stops a pod: its preStop command, then SIGTERM.
+    let pre_stop: Vec<&str> = relay["lifecycle"]["preStop"]["exec"]["command"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
     for (name, _, _) in &bases {
+        let mut exec = vec!["exec", name.as_str()];
+        exec.extend(&pre_stop);
+        docker_ok(&exec);
         docker_ok(&["stop", "--time", "30", name]);
         assert_eq!(inspect(name, "{{.State.ExitCode}}"), "0", "{name}");
     }

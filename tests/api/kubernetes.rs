@@ -22,18 +22,35 @@ fn yaml(path: &Path) -> Value {
     serde_saphyr::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
-/// The kustomization and each manifest it lists, by file name.
+/// The overlay that adds the Prometheus Operator's ServiceMonitor to the base.
+const OVERLAY: &str = "prometheus-operator";
+
+/// The base kustomization, and each manifest it or the overlay lists, by path under
+/// `deploy/kubernetes`.
 fn shipped() -> (Value, Vec<(String, Value)>) {
     let kustomization = yaml(&dir().join("kustomization.yaml"));
-    let docs = kustomization["resources"]
-        .as_array()
-        .expect("kustomization.yaml: resources")
-        .iter()
-        .map(|f| {
-            let f = f.as_str().expect("a resource is a file name");
-            (f.to_owned(), yaml(&dir().join(f)))
-        })
-        .collect();
+    let overlay = yaml(&dir().join(OVERLAY).join("kustomization.yaml"));
+    assert!(
+        overlay["resources"]
+            .as_array()
+            .is_some_and(|r| r.iter().any(|r| r == "..")),
+        "{OVERLAY}/kustomization.yaml builds on the base"
+    );
+    let mut docs = Vec::new();
+    for (at, k) in [("", &kustomization), (OVERLAY, &overlay)] {
+        for f in k["resources"].as_array().expect("kustomization: resources") {
+            let f = f.as_str().expect("a resource is a path");
+            if f == ".." {
+                continue;
+            }
+            let path = if at.is_empty() {
+                f.to_owned()
+            } else {
+                format!("{at}/{f}")
+            };
+            docs.push((path.clone(), yaml(&dir().join(&path))));
+        }
+    }
     (kustomization, docs)
 }
 
@@ -69,7 +86,7 @@ fn problems(
 
     let listed: BTreeSet<String> = docs.iter().map(|(f, _)| f.clone()).collect();
     for f in files_on_disk.difference(&listed) {
-        fail(format!("{f} is not among kustomization.yaml's resources"));
+        fail(format!("{f} is not among the kustomizations' resources"));
     }
     let need = [
         "Namespace",
@@ -342,11 +359,19 @@ fn problems(
 }
 
 fn problems_of(kustomization: &Value, docs: &[(String, Value)]) -> Vec<String> {
-    let on_disk = std::fs::read_dir(dir())
-        .unwrap()
-        .filter_map(|e| e.ok()?.file_name().into_string().ok())
-        .filter(|f| f.ends_with(".yaml") && f != "kustomization.yaml")
-        .collect();
+    let mut on_disk = BTreeSet::new();
+    for at in ["", OVERLAY] {
+        for e in std::fs::read_dir(dir().join(at)).unwrap() {
+            let f = e.unwrap().file_name().into_string().unwrap();
+            if f.ends_with(".yaml") && f != "kustomization.yaml" {
+                on_disk.insert(if at.is_empty() {
+                    f
+                } else {
+                    format!("{at}/{f}")
+                });
+            }
+        }
+    }
     let read = |f: &str| std::fs::read_to_string(repo().join(f)).unwrap();
     problems(
         kustomization,
@@ -480,7 +505,7 @@ fn a_manifest_that_does_not_hang_together_is_refused() {
     let found = problems_of(&kustomization, &fewer);
     assert!(
         found.contains(
-            &"poddisruptionbudget.yaml is not among kustomization.yaml's resources".to_owned()
+            &"poddisruptionbudget.yaml is not among the kustomizations' resources".to_owned()
         ),
         "{found:?}"
     );
