@@ -1,11 +1,11 @@
 # p0-relay: a small runtime image with the binary, the shipped mappings and relay.yaml.
 #
-#   docker build -t p0-relay .        # the normal path: builds the binary, then the image
+#   docker build -t p0-relay .        # builds the binary, then the image
 #
-# `--target prebuilt --build-arg RELAY_BIN=<path in the context>` wraps a binary built
-# elsewhere (on Debian bookworm or its glibc) in the same runtime instead; the container test
-# does that with the binary CI built. The stages come in this order so that `--target
-# prebuilt` never builds the Rust stage, with BuildKit or without it.
+# `--target runtime-base` is the image without its binary, the first stage so that no builder
+# (BuildKit or the classic one, which builds every stage before its target) needs the Rust
+# stage for it: the container test adds the binary CI built to it (`FROM` it, `COPY` the
+# binary to /usr/local/bin/p0-relay); the entry point, user and health check come with it.
 
 # The runtime's base: Debian bookworm (the container test may name a local copy of it).
 ARG BASE_IMAGE=debian:bookworm-slim
@@ -29,10 +29,6 @@ VOLUME ["/app/data"]
 HEALTHCHECK --interval=10s --timeout=5s --start-period=10s CMD p0-relay health || exit 1
 ENTRYPOINT ["p0-relay"]
 CMD ["serve", "--config", "relay.yaml"]
-
-FROM runtime-base AS prebuilt
-ARG RELAY_BIN=p0-relay
-COPY ${RELAY_BIN} /usr/local/bin/p0-relay
 
 FROM rust:1.95-bookworm AS build
 WORKDIR /src

@@ -1,5 +1,5 @@
 //! The container image as platform teams run it, on a real Docker engine: the Dockerfile's
-//! runtime around the binary these tests built (`--target prebuilt`), run as its non-root user
+//! runtime (`--target runtime-base`) with the binary these tests built, run as its non-root user
 //! with its secrets as files and its store on a volume, healthy by Docker's own health check,
 //! a signed delivery accepted and sent to a fake P0, stopped by SIGTERM, its decision read
 //! back from the volume and the delivery a duplicate after a restart; and a Dockerfile whose
@@ -76,17 +76,21 @@ impl Drop for Cleanup {
     }
 }
 
-/// Builds the Dockerfile's `prebuilt` stage, with `dockerfile` as its text, around the
-/// binary these tests run, in a context of its own; returns the image's tag.
+/// Builds the Dockerfile (`dockerfile`, its text) to its `runtime-base` stage, then that with
+/// the binary these tests run as `/usr/local/bin/p0-relay`, each in a context of its own;
+/// returns the image's tag.
 fn build(name: &str, dockerfile: &str, cleanup: &mut Cleanup) -> String {
+    let pid = std::process::id();
+    let base_tag = format!("p0-relay-test/{name}-base:{pid}");
+    let tag = format!("p0-relay-test/{name}:{pid}");
+    cleanup.images.push(tag.clone());
+    cleanup.images.push(base_tag.clone());
+
     let ctx = tempfile::tempdir().unwrap();
     std::fs::write(ctx.path().join("Dockerfile"), dockerfile).unwrap();
     std::fs::copy(repo().join("relay.yaml"), ctx.path().join("relay.yaml")).unwrap();
     copy_dir(&repo().join("mappings"), &ctx.path().join("mappings"));
-    std::fs::copy(env!("CARGO_BIN_EXE_p0-relay"), ctx.path().join("p0-relay")).unwrap();
-    let tag = format!("p0-relay-test/{name}:{}", std::process::id());
-    cleanup.images.push(tag.clone());
-    let mut args = vec!["build", "-q", "--target", "prebuilt", "-t", &tag];
+    let mut args = vec!["build", "-q", "--target", "runtime-base", "-t", &base_tag];
     let base = std::env::var("P0_RELAY_TEST_BASE_IMAGE").ok();
     let base_arg = base.as_ref().map(|b| format!("BASE_IMAGE={b}"));
     if let Some(arg) = &base_arg {
@@ -95,6 +99,16 @@ fn build(name: &str, dockerfile: &str, cleanup: &mut Cleanup) -> String {
     let path = ctx.path().display().to_string();
     args.push(&path);
     docker_ok(&args);
+
+    let ctx = tempfile::tempdir().unwrap();
+    std::fs::write(
+        ctx.path().join("Dockerfile"),
+        format!("FROM {base_tag}\nCOPY p0-relay /usr/local/bin/p0-relay\n"),
+    )
+    .unwrap();
+    std::fs::copy(env!("CARGO_BIN_EXE_p0-relay"), ctx.path().join("p0-relay")).unwrap();
+    let path = ctx.path().display().to_string();
+    docker_ok(&["build", "-q", "-t", &tag, &path]);
     tag
 }
 
@@ -519,11 +533,13 @@ async fn the_image_runs_as_the_kubernetes_deployment_runs_it() {
         .map(|a| a.as_str().unwrap().to_owned())
         .collect();
 
+    let empty = tempfile::tempdir().unwrap();
     let mut bases = Vec::new();
     for n in 0..replicas {
         let name = format!("p0-relay-test-pod{n}-{}", std::process::id());
         cleanup.containers.push(name.clone());
         let secrets_mount = format!("{}:{mount}:ro", secrets.path().display());
+        let data_mount = format!("{}:/app/data:ro", empty.path().display());
         let publish_http = format!("127.0.0.1::{http_port}");
         let publish_metrics = format!("127.0.0.1::{metrics_port}");
         // The kubelet adds fsGroup to the container's groups.
@@ -538,6 +554,10 @@ async fn the_image_runs_as_the_kubernetes_deployment_runs_it() {
             "--read-only",
             "--tmpfs",
             "/tmp",
+            // Kubernetes ignores the image's VOLUME: /app/data is as read-only as the rest
+            // (an empty folder mounted read-only over the anonymous volume Docker would add).
+            "-v",
+            &data_mount,
             "--cap-drop",
             "ALL",
             "--security-opt",

@@ -101,10 +101,9 @@ fn problems(
             fail(format!("no {kind}"));
         }
     }
-    let (Some(config), Some(deploy), Some(service), Some(pdb), Some(monitor)) = (
+    let (Some(config), Some(deploy), Some(pdb), Some(monitor)) = (
         of_kind(docs, "ConfigMap"),
         of_kind(docs, "Deployment"),
-        of_kind(docs, "Service"),
         of_kind(docs, "PodDisruptionBudget"),
         of_kind(docs, "ServiceMonitor"),
     ) else {
@@ -312,20 +311,47 @@ fn problems(
         }
     }
 
-    // The Service, the budget and the monitor find the relays.
-    if !selects(&service["spec"]["selector"], pod_labels) {
-        fail("Service: selector does not match the pod's labels".into());
-    }
-    let service_ports = service["spec"]["ports"]
-        .as_array()
-        .cloned()
-        .unwrap_or_default();
-    for p in &service_ports {
-        if let Some(target) = p["targetPort"].as_str()
-            && container_port(target).is_none()
-        {
-            fail(format!("Service: targetPort {target} is no container port"));
+    // The Services, the budget and the monitor find the relays; webhooks and metrics are
+    // exposed apart, so that exposing one never exposes the other.
+    let services: Vec<&Value> = docs
+        .iter()
+        .map(|(_, d)| d)
+        .filter(|d| d["kind"] == "Service")
+        .collect();
+    let targets = |svc: &Value| -> Vec<String> {
+        svc["spec"]["ports"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|p| p["targetPort"].as_str().map(str::to_owned))
+            .collect()
+    };
+    for svc in &services {
+        let name = &svc["metadata"]["name"];
+        if !selects(&svc["spec"]["selector"], pod_labels) {
+            fail(format!(
+                "Service {name}: selector does not match the pod's labels"
+            ));
         }
+        let t = targets(svc);
+        for target in &t {
+            if container_port(target).is_none() {
+                fail(format!(
+                    "Service {name}: targetPort {target} is no container port"
+                ));
+            }
+        }
+        if t.iter().any(|t| t == "http") && t.iter().any(|t| t == "metrics") {
+            fail(format!(
+                "Service {name}: exposes both the webhooks and the metrics"
+            ));
+        }
+    }
+    if !services
+        .iter()
+        .any(|s| targets(s).iter().any(|t| t == "http"))
+    {
+        fail("no Service exposes the webhook port `http`".into());
     }
     if !selects(&pdb["spec"]["selector"]["matchLabels"], pod_labels) {
         fail("PodDisruptionBudget: selector does not match the pod's labels".into());
@@ -336,23 +362,38 @@ fn problems(
             "PodDisruptionBudget: minAvailable {min} is not at least 1 and below the replicas"
         ));
     }
-    if !selects(
-        &monitor["spec"]["selector"]["matchLabels"],
-        &service["metadata"]["labels"],
-    ) {
-        fail("ServiceMonitor: selector does not match the Service's labels".into());
+    if pdb["spec"]["unhealthyPodEvictionPolicy"] != "AlwaysAllow" {
+        fail("PodDisruptionBudget: relays not ready (the database down) would block drains".into());
+    }
+    let scraped: Vec<&&Value> = services
+        .iter()
+        .filter(|s| {
+            selects(
+                &monitor["spec"]["selector"]["matchLabels"],
+                &s["metadata"]["labels"],
+            )
+        })
+        .collect();
+    if scraped.is_empty() {
+        fail("ServiceMonitor: selector matches no Service's labels".into());
     }
     for e in monitor["spec"]["endpoints"]
         .as_array()
         .into_iter()
         .flatten()
     {
-        let port = service_ports.iter().find(|p| p["name"] == e["port"]);
-        if port.and_then(|p| p["targetPort"].as_str()) != Some("metrics") || e["path"] != "/metrics"
-        {
-            fail(format!(
-                "ServiceMonitor: endpoint {e} is not /metrics on the Service's metrics port"
-            ));
+        for svc in &scraped {
+            let port = svc["spec"]["ports"]
+                .as_array()
+                .and_then(|ps| ps.iter().find(|p| p["name"] == e["port"]));
+            if port.and_then(|p| p["targetPort"].as_str()) != Some("metrics")
+                || e["path"] != "/metrics"
+            {
+                fail(format!(
+                    "ServiceMonitor: endpoint {e} is not /metrics on Service {}'s metrics port",
+                    svc["metadata"]["name"]
+                ));
+            }
         }
     }
     out
@@ -393,7 +434,29 @@ fn the_manifests_hang_together() {
 fn a_manifest_that_does_not_hang_together_is_refused() {
     let (kustomization, docs) = shipped();
     type Edit = fn(&mut Value);
-    let cases: [(&str, &str, Edit, &str); 11] = [
+    let cases: [(&str, &str, Edit, &str); 13] = [
+        (
+            "Service",
+            "metrics beside the webhooks",
+            |d| {
+                d["spec"]["ports"]
+                    .as_array_mut()
+                    .unwrap()
+                    .push(json!({"name": "metrics", "port": 9090, "targetPort": "metrics"}))
+            },
+            "exposes both",
+        ),
+        (
+            "PodDisruptionBudget",
+            "held up by unready relays",
+            |d| {
+                d["spec"]
+                    .as_object_mut()
+                    .unwrap()
+                    .remove("unhealthyPodEvictionPolicy");
+            },
+            "would block drains",
+        ),
         (
             "Deployment",
             "secrets unreadable",
@@ -467,7 +530,7 @@ fn a_manifest_that_does_not_hang_together_is_refused() {
             "Service",
             "selects nothing",
             |d| d["spec"]["selector"] = json!({"app.kubernetes.io/name": "relay"}),
-            "Service: selector",
+            "Service \"p0-relay\": selector",
         ),
         (
             "PodDisruptionBudget",
