@@ -53,10 +53,16 @@ pub fn router(receiver: Arc<Receiver>, with_metrics: bool) -> Router {
     router.with_state(receiver)
 }
 
-/// A router serving `/metrics` alone, for a separate listener.
+/// The router of the separate metrics listener: `/metrics`, and `/healthz` and `/readyz` as
+/// on the main listener, so that probes need no place among the senders' connections.
 pub fn metrics_router(receiver: Arc<Receiver>) -> Router {
     Router::new()
         .route("/metrics", get(metrics))
+        .route(
+            "/healthz",
+            get(|| async { Answer::new(StatusCode::OK, "ok").into_response() }),
+        )
+        .route("/readyz", get(readyz))
         .with_state(receiver)
 }
 

@@ -457,8 +457,19 @@ async fn the_image_runs_as_the_kubernetes_deployment_runs_it() {
             .unwrap()
     };
     let (http_port, metrics_port) = (port("http"), port("metrics"));
-    let probe = |name: &str| relay[name]["httpGet"]["path"].as_str().unwrap().to_owned();
+    // Each probe: its path, and which port (by name) it asks.
+    let probe = |name: &str| {
+        let get = &relay[name]["httpGet"];
+        let (path, port) = (get["path"].as_str().unwrap(), get["port"].as_str().unwrap());
+        (path.to_owned(), port.to_owned())
+    };
     let (liveness, readiness) = (probe("livenessProbe"), probe("readinessProbe"));
+    // The container's memory limit, in Docker's units.
+    let memory = relay["resources"]["limits"]["memory"]
+        .as_str()
+        .unwrap()
+        .replace("Mi", "m")
+        .replace("Gi", "g");
 
     // The containers reach P0 and PostgreSQL over Docker's bridge.
     let gateway = bridge_gateway();
@@ -551,6 +562,8 @@ async fn the_image_runs_as_the_kubernetes_deployment_runs_it() {
             &name,
             "--user",
             &user,
+            "--memory",
+            &memory,
             "--read-only",
             "--tmpfs",
             "/tmp",
@@ -584,10 +597,20 @@ async fn the_image_runs_as_the_kubernetes_deployment_runs_it() {
             published(&name, metrics_port),
         ));
     }
-    for (name, base, metrics) in &bases {
+    // The URL where the kubelet's probe `(path, port)` asks replica `n`.
+    let probe_url = |n: usize, (path, port): &(String, String)| {
+        let (_, http, metrics) = &bases[n];
+        let base = match port.as_str() {
+            "http" => http,
+            "metrics" => metrics,
+            other => panic!("a probe on port {other}"),
+        };
+        format!("{base}{path}")
+    };
+    for (n, (name, base, metrics)) in bases.iter().enumerate() {
         wait_health(name, "healthy", Duration::from_secs(60));
-        assert_eq!(status_of(&format!("{base}{liveness}")).await, 200);
-        assert_eq!(status_of(&format!("{base}{readiness}")).await, 200);
+        assert_eq!(status_of(&probe_url(n, &liveness)).await, 200);
+        assert_eq!(status_of(&probe_url(n, &readiness)).await, 200);
         let text = get_text(&format!("{metrics}/metrics")).await;
         assert!(text.contains("p0_relay_webhooks_total{"), "{text}");
         assert_eq!(status_of(&format!("{base}/metrics")).await, 404, "{name}");
@@ -629,10 +652,10 @@ async fn the_image_runs_as_the_kubernetes_deployment_runs_it() {
     // The database gone: readiness says so (the pod leaves the Service), liveness does not
     // (it is not restarted); back, ready again.
     proxy.cut().await;
-    wait_status(&format!("{first}{readiness}"), 503).await;
-    assert_eq!(status_of(&format!("{first}{liveness}")).await, 200);
+    wait_status(&probe_url(0, &readiness), 503).await;
+    assert_eq!(status_of(&probe_url(0, &liveness)).await, 200);
     proxy.restore();
-    wait_status(&format!("{first}{readiness}"), 200).await;
+    wait_status(&probe_url(0, &readiness), 200).await;
 
     // Stopped as the kubelet stops a pod: its preStop command, then SIGTERM.
     let pre_stop: Vec<&str> = relay["lifecycle"]["preStop"]["exec"]["command"]

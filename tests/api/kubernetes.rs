@@ -72,7 +72,8 @@ fn port_of(addr: &str) -> Option<u64> {
 
 /// What does not hang together in the manifests, one line each; empty when all is well.
 /// `readme` is the README's text (the command that creates the Secret), `dockerfile` the
-/// image's (its user), `relay_yaml` the shipped config (its listen port).
+/// image's (its user), `relay_yaml` the shipped config (its listen port), `alerts` the
+/// alerting rules (the `job` they ask for).
 fn problems(
     kustomization: &Value,
     docs: &[(String, Value)],
@@ -80,6 +81,7 @@ fn problems(
     readme: &str,
     dockerfile: &str,
     relay_yaml: &str,
+    alerts: &str,
 ) -> Vec<String> {
     let mut out = Vec::new();
     let mut fail = |m: String| out.push(m);
@@ -196,9 +198,10 @@ fn problems(
         ("startupProbe", "/healthz"),
     ] {
         let get = &relay[probe]["httpGet"];
-        if get["path"] != path || get["port"] != "http" {
+        // On the metrics listener: the senders' connections cannot starve it.
+        if get["path"] != path || get["port"] != "metrics" {
             fail(format!(
-                "Deployment: {probe} is not GET {path} on port `http`: {get}"
+                "Deployment: {probe} is not GET {path} on port `metrics`: {get}"
             ));
         }
     }
@@ -377,6 +380,32 @@ fn problems(
     if scraped.is_empty() {
         fail("ServiceMonitor: selector matches no Service's labels".into());
     }
+    // The alerts' `job`: the Prometheus Operator takes it from the Service's `jobLabel`
+    // label, and from the Service's name without one.
+    let job = |svc: &Value| match monitor["spec"]["jobLabel"].as_str() {
+        Some(label) => svc["metadata"]["labels"][label].clone(),
+        None => svc["metadata"]["name"].clone(),
+    };
+    let wanted: BTreeSet<String> = alerts
+        .split("job=\"")
+        .skip(1)
+        .filter_map(|rest| rest.split('"').next())
+        .map(str::to_owned)
+        .collect();
+    if wanted.is_empty() {
+        fail(
+            "deploy/alerts.yml: no job=\"...\" matcher to check the ServiceMonitor against".into(),
+        );
+    }
+    for svc in &scraped {
+        let job = job(svc);
+        if wanted.iter().any(|w| job != w.as_str()) {
+            fail(format!(
+                "ServiceMonitor: Service {}'s series get job {job}, the alerts ask for {wanted:?}",
+                svc["metadata"]["name"]
+            ));
+        }
+    }
     for e in monitor["spec"]["endpoints"]
         .as_array()
         .into_iter()
@@ -421,6 +450,7 @@ fn problems_of(kustomization: &Value, docs: &[(String, Value)]) -> Vec<String> {
         &read("README.md"),
         &read("Dockerfile"),
         &read("relay.yaml"),
+        &read("deploy/alerts.yml"),
     )
 }
 
@@ -434,7 +464,15 @@ fn the_manifests_hang_together() {
 fn a_manifest_that_does_not_hang_together_is_refused() {
     let (kustomization, docs) = shipped();
     type Edit = fn(&mut Value);
-    let cases: [(&str, &str, Edit, &str); 13] = [
+    let cases: [(&str, &str, Edit, &str); 14] = [
+        (
+            "ServiceMonitor",
+            "job from the Service's name",
+            |d| {
+                d["spec"].as_object_mut().unwrap().remove("jobLabel");
+            },
+            "get job \"p0-relay-metrics\"",
+        ),
         (
             "Service",
             "metrics beside the webhooks",
@@ -503,7 +541,7 @@ fn a_manifest_that_does_not_hang_together_is_refused() {
             "liveness on another port",
             |d| {
                 d["spec"]["template"]["spec"]["containers"][0]["livenessProbe"]["httpGet"]["port"] =
-                    json!("metrics")
+                    json!("http")
             },
             "livenessProbe",
         ),
@@ -629,7 +667,7 @@ fn the_schema_validation_refuses_a_broken_manifest() {
         ),
         (
             "a probe without a handler's port",
-            "              path: /readyz\n              port: http\n",
+            "              path: /readyz\n              port: metrics\n",
             "              path: /readyz\n",
             "'port' is a required property",
         ),

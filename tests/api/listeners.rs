@@ -56,4 +56,35 @@ async fn metrics_can_have_a_listener_of_their_own() {
     assert_eq!(t.get("/metrics").await.0, 404);
     let text = get_text(&format!("http://{metrics_addr}/metrics")).await;
     assert!(text.contains("p0_relay_build_info"), "{text}");
+    // The probes too, so that they need no place among the senders' connections.
+    for path in ["/healthz", "/readyz"] {
+        let main = client().get(t.url(path)).send().await.unwrap();
+        let apart = client()
+            .get(format!("http://{metrics_addr}{path}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            (main.status().as_u16(), apart.status().as_u16()),
+            (200, 200),
+            "{path}"
+        );
+        assert_eq!(
+            main.text().await.unwrap(),
+            apart.text().await.unwrap(),
+            "{path}"
+        );
+    }
+    let readyz = get_text(&format!("http://{metrics_addr}/readyz")).await;
+    assert!(readyz.contains("\"sources\""), "{readyz}");
+    assert_eq!(
+        client()
+            .post(format!("http://{metrics_addr}/webhooks/github"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        404,
+        "webhooks only on the main listener"
+    );
 }
