@@ -42,10 +42,7 @@ pub struct Receiver {
 pub fn router(receiver: Arc<Receiver>, with_metrics: bool) -> Router {
     let mut router = Router::new()
         .route("/webhooks/{source}", post(webhook))
-        .route(
-            "/healthz",
-            get(|| async { Answer::new(StatusCode::OK, "ok").into_response() }),
-        )
+        .route("/healthz", get(healthz))
         .route("/readyz", get(readyz));
     if with_metrics {
         router = router.route("/metrics", get(metrics));
@@ -58,12 +55,13 @@ pub fn router(receiver: Arc<Receiver>, with_metrics: bool) -> Router {
 pub fn metrics_router(receiver: Arc<Receiver>) -> Router {
     Router::new()
         .route("/metrics", get(metrics))
-        .route(
-            "/healthz",
-            get(|| async { Answer::new(StatusCode::OK, "ok").into_response() }),
-        )
+        .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .with_state(receiver)
+}
+
+async fn healthz() -> Response {
+    Answer::new(StatusCode::OK, "ok").into_response()
 }
 
 async fn metrics(State(r): State<Arc<Receiver>>) -> Response {

@@ -203,6 +203,17 @@ fn bridge_gateway() -> String {
     std::net::Ipv4Addr::from(u32::from(net) + 1).to_string()
 }
 
+/// A fake P0 listening on `ip` (the bridge's gateway), answering every call 200.
+async fn p0_on(ip: &str) -> MockServer {
+    let listener = std::net::TcpListener::bind((ip, 0)).unwrap();
+    let p0 = MockServer::builder().listener(listener).start().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(serde_json::json!({"ok": true})))
+        .mount(&p0)
+        .await;
+    p0
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_image_runs_healthy_non_root_and_keeps_its_decisions_across_a_stop() {
     if !engine() {
@@ -215,12 +226,7 @@ async fn the_image_runs_healthy_non_root_and_keeps_its_decisions_across_a_stop()
 
     // A fake P0 the container reaches over Docker's bridge.
     let gateway = bridge_gateway();
-    let listener = std::net::TcpListener::bind((gateway.as_str(), 0)).unwrap();
-    let p0 = MockServer::builder().listener(listener).start().await;
-    Mock::given(method("POST"))
-        .respond_with(ResponseTemplate::new(200).set_body_json(serde_json::json!({"ok": true})))
-        .mount(&p0)
-        .await;
+    let p0 = p0_on(&gateway).await;
 
     // Secrets as files, as Docker and Kubernetes mount them, readable by the image's user.
     let secrets = tempfile::tempdir().unwrap();
@@ -473,12 +479,7 @@ async fn the_image_runs_as_the_kubernetes_deployment_runs_it() {
 
     // The containers reach P0 and PostgreSQL over Docker's bridge.
     let gateway = bridge_gateway();
-    let listener = std::net::TcpListener::bind((gateway.as_str(), 0)).unwrap();
-    let p0 = MockServer::builder().listener(listener).start().await;
-    Mock::given(method("POST"))
-        .respond_with(ResponseTemplate::new(200).set_body_json(serde_json::json!({"ok": true})))
-        .mount(&p0)
-        .await;
+    let p0 = p0_on(&gateway).await;
     let proxy = pg::Proxy::start_on(gateway.parse().unwrap(), db.server()).await;
 
     // The Secret's keys, each a file at the mount path.
