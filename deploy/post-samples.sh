@@ -5,9 +5,11 @@
 #   docker compose up --build -d      # the relay, with demo.env, serving every source
 #   deploy/post-samples.sh            # or: deploy/post-samples.sh http://relay:8080
 #
-# Secrets come from demo.env (ENV_FILE=... names another file). Run it twice: the second run
-# answers `duplicate` for the sources whose dedup key is in the payload (Opsgenie, JSM,
-# Alertmanager, Grafana), which is deduplication at work; the others get fresh delivery IDs.
+# Secrets come from demo.env (ENV_FILE=... names another file). Each sample's event time is set
+# to now first: grants must be fresh (an hour by default). Run it twice: the second run
+# answers `duplicate` for every source but incident.io, which is deduplication at work (each
+# delivery is keyed by what its sender signs or sends: the comment, the event, the alert); an
+# incident.io delivery gets a new signed `webhook-id` each second.
 set -eu
 cd "$(dirname "$0")/.."
 BASE=${1:-http://localhost:8080}
@@ -16,7 +18,16 @@ BASE=${1:-http://localhost:8080}
 RUN=$(date +%s)
 DATA=mappings/testdata
 OUT=$(mktemp)
-trap 'rm -f "$OUT"' EXIT
+NOW=$(mktemp)
+trap 'rm -f "$OUT" "$NOW"' EXIT
+
+fresh() { # FILE: the sample, its event times (occurred_at, created_at, submitted_at) now
+    s=$(date -u +%Y-%m-%dT%H:%M:%S)
+    sed -E -e "s/\"(occurred_at|created_at|submitted_at)\":\"[0-9:T-]{19}Z\"/\"\\1\":\"${s}Z\"/g" \
+        -e "s/\"(occurred_at|created_at|submitted_at)\":\"[0-9:T-]{19}\\.[0-9]{3}Z\"/\"\\1\":\"${s}.000Z\"/g" \
+        "$1" >"$NOW"
+    echo "$NOW"
+}
 
 hmac_hex() { # SECRET FILE: lowercase hex HMAC-SHA256 of the file's bytes
     openssl dgst -sha256 -hmac "$1" <"$2" | sed 's/^.* //'
@@ -31,12 +42,12 @@ post() { # SOURCE FILE [HEADER]...: posts the file's bytes with the headers, pri
 }
 
 # GitHub: X-Hub-Signature-256, sha256=<hex HMAC of the body>.
-f=$DATA/github/issue_comment_created.json
+f=$(fresh $DATA/github/issue_comment_created.json)
 post github "$f" -H 'X-GitHub-Event: issue_comment' -H "X-GitHub-Delivery: sample-$RUN" \
     -H "X-Hub-Signature-256: sha256=$(hmac_hex "$GITHUB_WEBHOOK_SECRET" "$f")"
 
 # PagerDuty: X-PagerDuty-Signature, v1=<hex HMAC of the body>.
-f=$DATA/pagerduty/incident_acknowledged.json
+f=$(fresh $DATA/pagerduty/incident_acknowledged.json)
 post pagerduty "$f" -H "X-Webhook-Id: sample-$RUN" \
     -H "X-PagerDuty-Signature: v1=$(hmac_hex "$PAGERDUTY_WEBHOOK_SECRET" "$f")"
 

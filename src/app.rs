@@ -111,11 +111,11 @@ impl Relay {
         for warning in audit(&settings, &mappings) {
             tracing::warn!("{warning}");
         }
-        let unchecked = crate::config::oncall_problems(&settings, &mappings);
-        if !unchecked.is_empty() {
+        let problems = crate::config::problems(&settings, &mappings);
+        if !problems.is_empty() {
             return Err(anyhow!(
-                "on-call checks that cannot be made:\n  {}",
-                unchecked.join("\n  ")
+                "the relay would not be safe to run:\n  {}",
+                problems.join("\n  ")
             ));
         }
         let client = if opts.dry_run {
@@ -185,8 +185,9 @@ impl Relay {
         let wake = Arc::new(Notify::new());
         store.wake_on_new_work(wake.clone());
         let health = Arc::new(Health::default());
+        let mappings = Arc::new(ArcSwap::from_pointee(mappings));
         let receiver = Arc::new(Receiver {
-            mappings: Arc::new(ArcSwap::from_pointee(mappings)),
+            mappings: mappings.clone(),
             store: store.clone(),
             metrics: metrics.clone(),
             inbound: settings.inbound.clone(),
@@ -215,6 +216,8 @@ impl Relay {
             answer_via,
             answer_wake: answer_wake.clone(),
             oncall,
+            mappings,
+            recheck_after: settings.answers.oncall_recheck_after,
         };
         let answerer = Answerer {
             store: store.clone(),

@@ -60,7 +60,10 @@ enum Command {
         #[command(flatten)]
         config: ConfigArg,
     },
-    /// Run the test cases written in mapping files.
+    /// Run the test cases written in mapping files. Each case sees the mapping file's own
+    /// defaults and its `env:` only, never this process's environment, so it passes or fails
+    /// the same on every machine. To see how this deployment's settings decide a payload, use
+    /// `explain` with the deployment's environment; `check` prints its grant policy.
     Test {
         #[command(flatten)]
         config: ConfigArg,
@@ -336,9 +339,9 @@ fn check(config: &Path, env: &Env) -> ExitCode {
     for w in crate::config::audit(&settings, &mappings) {
         say!("warning: {w}");
     }
-    let unchecked = crate::config::oncall_problems(&settings, &mappings);
-    if !unchecked.is_empty() {
-        return fail(&unchecked);
+    let problems = crate::config::problems(&settings, &mappings);
+    if !problems.is_empty() {
+        return fail(&problems);
     }
     if settings.p0.token.is_none() {
         say!("note: p0.token is empty: `serve` will need --dry-run or P0_API_TOKEN");
@@ -362,6 +365,13 @@ fn check(config: &Path, env: &Env) -> ExitCode {
             m.file.display(),
             m.verifier.scheme()
         );
+    }
+    // The grant policy in effect, one line per rule that may approve: who, through which
+    // on-call check and its pinned scope, how fresh, how long.
+    for m in mappings.mappings.values() {
+        for line in m.policy() {
+            say!("policy: {line}");
+        }
     }
     say!(
         "{}: valid, {} mapping(s)",
@@ -395,18 +405,13 @@ fn test(config: &Path, env: &Env, names: &[String]) -> ExitCode {
         }
     }
     let (mut passed, mut failed) = (0, 0);
-    // Sources not enabled are tested too, with stand-ins for their unset variables.
-    let stand_in = env.with_stand_ins();
-    let every = mappings
-        .mappings
-        .iter()
-        .map(|m| (m, env))
-        .chain(mappings.disabled.iter().map(|m| (m, &stand_in)));
-    for ((source, mapping), env) in every {
+    // Sources not enabled are tested too: every case sees only its own `env:`.
+    let every = mappings.mappings.iter().chain(mappings.disabled.iter());
+    for (source, mapping) in every {
         if !wanted.is_empty() && !wanted.contains(source) {
             continue;
         }
-        for result in cases::run(mapping, env, &settings.defaults) {
+        for result in cases::run(mapping, &settings.defaults) {
             match &result.failure {
                 None => {
                     passed += 1;

@@ -177,6 +177,11 @@ impl fmt::Display for Via {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Reply {
     pub via: Via,
+    /// Where to answer when that is not the subject itself: a GitHub issue by the current
+    /// name of its repository (`owner/repo#number`), while the subject is bound to the
+    /// repository's ID, which a rename or transfer does not change.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub comment: Option<String>,
 }
@@ -194,28 +199,33 @@ pub struct Binding {
     pub gate: Option<Box<Gate>>,
 }
 
-/// An on-call check, as the mapping made it from one event: who to check, against what, and
-/// as of when. Stored with each approve it gates and run by the worker before P0 is called.
+/// An on-call check, as the mapping made it from one event: who to check, about what, as of
+/// when, and the scope the operator pinned (`GateScope`). Stored with each approve it gates
+/// and run by the worker before P0 is called.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "check", rename_all = "lowercase")]
 pub enum Gate {
     /// The PagerDuty user is on call for the incident's escalation policy (fetched from the
-    /// incident when the event does not carry it), at a level up to `max_level`, and, when
-    /// `schedules` are named, through one of them.
+    /// incident when the event does not carry it), which must be one of the pinned
+    /// `escalation_policies` when any are pinned, at a level up to `max_level`, and, when
+    /// `schedules` are pinned, through one of them.
     PagerDuty {
         user: String,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         escalation_policy: Option<String>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         incident: Option<String>,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        escalation_policies: Vec<String>,
+        /// Absent only in checks stored before levels were pinned: judged as level 1.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         max_level: Option<u32>,
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         schedules: Vec<String>,
         at_ms: i64,
     },
-    /// The Opsgenie (or JSM, through its Opsgenie-compatible API) user is an on-call
-    /// participant of one of `schedules` at the event's time.
+    /// The Opsgenie (or JSM, through its Opsgenie-compatible API) user, by ID, is an on-call
+    /// participant of one of `schedules` at the time judged (the receipt of the event).
     Opsgenie {
         #[serde(default)]
         jsm: bool,
@@ -223,12 +233,66 @@ pub enum Gate {
         schedules: Vec<String>,
         at_ms: i64,
     },
-    /// The GitHub user is an active member of one of `teams` of `org`.
+    /// The GitHub user is an active member of one of `teams` of the pinned `org`.
     GitHub {
         user: String,
         org: String,
         teams: Vec<String>,
     },
+}
+
+/// What the operator pins of an on-call check: never read from a payload. A relay checks a
+/// stored approve against its own rule's scope as well as the scope it was stored with.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum GateScope {
+    PagerDuty {
+        escalation_policies: Vec<String>,
+        max_level: u32,
+        schedules: Vec<String>,
+    },
+    Opsgenie {
+        jsm: bool,
+        schedules: Vec<String>,
+    },
+    GitHub {
+        org: String,
+        teams: Vec<String>,
+    },
+}
+
+impl GateScope {
+    /// The pinned scope in a few words, for `check`'s policy lines.
+    pub fn describe(&self) -> String {
+        match self {
+            GateScope::PagerDuty {
+                escalation_policies,
+                max_level,
+                schedules,
+            } => {
+                let mut out = String::from("PagerDuty on call");
+                if !escalation_policies.is_empty() {
+                    out.push_str(&format!(
+                        " for escalation policy {}",
+                        escalation_policies.join(" or ")
+                    ));
+                }
+                out.push_str(&format!(" at level {max_level} or lower"));
+                if !schedules.is_empty() {
+                    out.push_str(&format!(" through schedule {}", schedules.join(" or ")));
+                }
+                out
+            }
+            GateScope::Opsgenie { jsm, schedules } => format!(
+                "{} on call (by user ID) in schedule {}",
+                if *jsm { "JSM" } else { "Opsgenie" },
+                schedules.join(" or ")
+            ),
+            GateScope::GitHub { org, teams } => format!(
+                "GitHub organization {org}, an active member of team {} (members of child teams count)",
+                teams.join(" or ")
+            ),
+        }
+    }
 }
 
 impl Gate {
@@ -242,6 +306,73 @@ impl Gate {
         }
     }
 
+    /// The scope this check was made with.
+    pub fn scope(&self) -> GateScope {
+        match self {
+            Gate::PagerDuty {
+                escalation_policies,
+                max_level,
+                schedules,
+                ..
+            } => GateScope::PagerDuty {
+                escalation_policies: escalation_policies.clone(),
+                max_level: max_level.unwrap_or(1),
+                schedules: schedules.clone(),
+            },
+            Gate::Opsgenie { jsm, schedules, .. } => GateScope::Opsgenie {
+                jsm: *jsm,
+                schedules: schedules.clone(),
+            },
+            Gate::GitHub { org, teams, .. } => GateScope::GitHub {
+                org: org.clone(),
+                teams: teams.clone(),
+            },
+        }
+    }
+
+    /// The same check (the same person, incident and time) under another pinned scope;
+    /// `None` when the scope is of another provider's check.
+    pub fn rescoped(&self, scope: &GateScope) -> Option<Gate> {
+        Some(match (self, scope) {
+            (
+                Gate::PagerDuty {
+                    user,
+                    escalation_policy,
+                    incident,
+                    at_ms,
+                    ..
+                },
+                GateScope::PagerDuty {
+                    escalation_policies,
+                    max_level,
+                    schedules,
+                },
+            ) => Gate::PagerDuty {
+                user: user.clone(),
+                escalation_policy: escalation_policy.clone(),
+                incident: incident.clone(),
+                escalation_policies: escalation_policies.clone(),
+                max_level: Some(*max_level),
+                schedules: schedules.clone(),
+                at_ms: *at_ms,
+            },
+            (Gate::Opsgenie { user, at_ms, .. }, GateScope::Opsgenie { jsm, schedules }) => {
+                Gate::Opsgenie {
+                    jsm: *jsm,
+                    user: user.clone(),
+                    schedules: schedules.clone(),
+                    at_ms: *at_ms,
+                }
+            }
+            (Gate::GitHub { user, .. }, GateScope::GitHub { org, teams }) => Gate::GitHub {
+                user: user.clone(),
+                org: org.clone(),
+                teams: teams.clone(),
+            },
+            _ => return None,
+        })
+    }
+
     /// What would be checked, in one line (`explain`, `test`).
     pub fn describe(&self) -> String {
         match self {
@@ -249,6 +380,7 @@ impl Gate {
                 user,
                 escalation_policy,
                 incident,
+                escalation_policies,
                 max_level,
                 schedules,
                 at_ms,
@@ -262,9 +394,10 @@ impl Gate {
                     )),
                     (None, None) => out.push_str("an escalation policy"),
                 }
-                if let Some(n) = max_level {
-                    out.push_str(&format!(" at level {n} or lower"));
+                if !escalation_policies.is_empty() {
+                    out.push_str(&format!(" (one of {})", escalation_policies.join(", ")));
                 }
+                out.push_str(&format!(" at level {} or lower", max_level.unwrap_or(1)));
                 if !schedules.is_empty() {
                     out.push_str(&format!(" through schedule {}", schedules.join(" or ")));
                 }
@@ -277,7 +410,7 @@ impl Gate {
                 schedules,
                 at_ms,
             } => format!(
-                "{}: {} on call in schedule {}, as of {}",
+                "{}: user {} on call in schedule {}, as of {}",
                 if *jsm { "JSM" } else { "Opsgenie" },
                 printable(user),
                 schedules.join(" or "),

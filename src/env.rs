@@ -127,6 +127,23 @@ impl Env {
         Ok(out)
     }
 
+    /// The variables `text` refers to (`${NAME}` and `${NAME:-default}`), in order: for
+    /// errors that name the setting an operator changes, not the field it lands in.
+    pub fn references(text: &str) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut rest = text;
+        while let Some(pos) = rest.find("${") {
+            let body = &rest[pos + 2..];
+            let Some(end) = body.find('}') else { break };
+            let name = body[..end].split(":-").next().unwrap_or("");
+            if !name.is_empty() && !out.iter().any(|n: &String| n == name) {
+                out.push(name.to_owned());
+            }
+            rest = &body[end + 1..];
+        }
+        out
+    }
+
     /// Expands references in every string of a parsed document, keys left as they are.
     /// Errors carry the dotted path of the value (`p0.token`).
     pub fn expand_tree(&self, value: &mut serde_json::Value, path: &str) -> Result<(), String> {
@@ -187,6 +204,15 @@ mod tests {
         assert!(err.contains("MISSING"), "{err}");
         assert!(e.expand("${A").is_err());
         assert!(e.expand("${A B}").is_err());
+    }
+
+    #[test]
+    fn references_name_the_variables() {
+        assert_eq!(
+            Env::references("${A:-*},${B} and ${A} $$C ${"),
+            vec!["A".to_owned(), "B".to_owned()]
+        );
+        assert!(Env::references("plain").is_empty());
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! On-call checks: asks PagerDuty, Opsgenie / JSM or GitHub whether the actor of a gated
-//! approve was on call (or in a team) at the event's time, with answers cached briefly and
-//! concurrent asks for the same answer made once. Run by the worker, never by the receiver.
+//! approve was on call (or in a team) at the moment judged, within the scope the operator
+//! pinned, with answers cached briefly and concurrent asks for the same answer made once.
+//! Run by the worker, never by the receiver.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -20,7 +21,8 @@ use crate::metrics::Metrics;
 pub enum Finding {
     /// The actor may approve: the evidence, in one line.
     OnCall(String),
-    /// A definite no (not on call, not a member, no such incident or schedule): refused.
+    /// A definite no (not on call, not a member, no such incident or schedule): refused. The
+    /// evidence names policies, schedules and teams; the asker is told only `public`.
     NotOnCall(String),
     /// The check could not be made now (rate limited, 5xx, timeout, a rejected token): try
     /// again later, not before `retry_after`.
@@ -51,8 +53,8 @@ enum Fetched {
     OnCalls(Vec<OnCall>),
     /// An incident's escalation policy.
     Policy(String),
-    /// Opsgenie on-call recipients of a schedule at a time, lowercased.
-    Recipients(Vec<String>),
+    /// The user IDs among a schedule's on-call participants at a time.
+    Participants(Vec<String>),
     /// A GitHub team membership's state.
     Membership(String),
     /// The provider answered 404: no such incident, schedule or membership.
@@ -63,13 +65,55 @@ enum Fetched {
 struct OnCall {
     level: u32,
     schedule: Option<String>,
-    start: Option<SystemTime>,
-    end: Option<SystemTime>,
+    start: Bound,
+    end: Bound,
+}
+
+/// One end of an on-call: PagerDuty leaves both `null` for an on-call that is not scheduled
+/// (a user named on the escalation policy itself); a time it cannot read counts for nothing.
+#[derive(Debug, Clone, Copy)]
+enum Bound {
+    Open,
+    At(SystemTime),
+    Unreadable,
+}
+
+impl Bound {
+    fn read(value: &Value) -> Bound {
+        match value {
+            Value::Null => Bound::Open,
+            Value::String(s) => {
+                crate::mapping::parse_rfc3339(s).map_or(Bound::Unreadable, Bound::At)
+            }
+            _ => Bound::Unreadable,
+        }
+    }
+
+    fn time(self) -> Option<SystemTime> {
+        match self {
+            Bound::At(t) => Some(t),
+            Bound::Open | Bound::Unreadable => None,
+        }
+    }
+}
+
+/// The public words of a refusal: what the asker reads where they asked (an issue or an
+/// incident others may read), without policy, schedule or team names.
+pub fn public_refusal(via: Via) -> &'static str {
+    match via {
+        Via::PagerDuty => "not on call for this incident",
+        Via::Opsgenie | Via::Jsm => "not on call for this alert",
+        Via::GitHub => "not an approver",
+    }
 }
 
 /// How long a PagerDuty on-call window asked for spans: every check of the same user and
 /// policy within it shares one answer.
 const WINDOW_MS: i64 = 10 * 60 * 1000;
+/// PagerDuty's page size, and the most pages read of one answer: a user's on-calls for one
+/// policy in ten minutes fit in one; past the bound the check is refused, not guessed.
+const PAGE: usize = 100;
+const MAX_PAGES: usize = 10;
 /// Entries kept before expired ones are swept.
 const SWEEP_AT: usize = 4096;
 
@@ -89,14 +133,6 @@ impl Checker {
             cache: Mutex::new(HashMap::new()),
             metrics,
         })
-    }
-
-    /// Checks one gate; the stored JSON of a job's gate.
-    pub async fn check_stored(&self, gate: &str) -> Finding {
-        match serde_json::from_str::<Gate>(gate) {
-            Ok(g) => self.check(&g).await,
-            Err(e) => Finding::NotOnCall(format!("the stored on-call check is unreadable: {e}")),
-        }
     }
 
     pub async fn check(&self, gate: &Gate) -> Finding {
@@ -137,6 +173,7 @@ impl Checker {
             user,
             escalation_policy,
             incident,
+            escalation_policies,
             max_level,
             schedules,
             at_ms,
@@ -144,85 +181,32 @@ impl Checker {
         else {
             return failure("not a PagerDuty check".into());
         };
-        let policy = match (escalation_policy, incident) {
-            (Some(p), _) => p.clone(),
-            (None, Some(incident)) => {
-                let key = format!("pd-incident\n{incident}");
-                let fetched = self
-                    .cached(key, || async {
-                        let url = join(&api.url, &["incidents", incident], &[]);
-                        let body = self.get(Via::PagerDuty, api, url).await?;
-                        match body {
-                            None => Ok(Fetched::Missing),
-                            Some(v) => v["incident"]["escalation_policy"]["id"]
-                                .as_str()
-                                .map(|p| Fetched::Policy(p.to_owned()))
-                                .ok_or_else(|| {
-                                    failure("the incident names no escalation policy".into())
-                                }),
-                        }
-                    })
-                    .await;
-                match fetched {
-                    Ok(Fetched::Policy(p)) => p,
-                    Ok(_) => {
-                        return Finding::NotOnCall(format!(
-                            "not on call: PagerDuty has no incident {}",
-                            printable(incident)
-                        ));
-                    }
-                    Err(f) => return f,
-                }
-            }
-            (None, None) => return Finding::NotOnCall("no escalation policy to check".into()),
+        // Only the operator's pins make a policy count: without them, any policy an incident
+        // is moved onto would (a check stored before pins were required has none).
+        if escalation_policies.is_empty() && schedules.is_empty() {
+            return Finding::NotOnCall(
+                "not on call: the check pins no escalation policy and no schedule".into(),
+            );
+        }
+        let policy = match self.incident_policy(api, escalation_policy, incident).await {
+            Ok(p) => p,
+            Err(f) => return f,
         };
+        if !escalation_policies.is_empty() && !escalation_policies.contains(&policy) {
+            return Finding::NotOnCall(format!(
+                "not on call: escalation policy {} of the incident is not one the check trusts ({})",
+                printable(&policy),
+                escalation_policies.join(", ")
+            ));
+        }
         let from = at_ms.div_euclid(WINDOW_MS) * WINDOW_MS;
-        let (since, until) = (rfc3339(from), rfc3339(from + WINDOW_MS));
         let key = format!(
-            "pd-oncalls\n{user}\n{policy}\n{}\n{since}",
+            "pd-oncalls\n{user}\n{policy}\n{}\n{from}",
             schedules.join(",")
         );
         let fetched = self
-            .cached(key, || async {
-                let mut query = vec![
-                    ("user_ids[]", user.clone()),
-                    ("escalation_policy_ids[]", policy.clone()),
-                    ("since", since.clone()),
-                    ("until", until.clone()),
-                    ("limit", "100".to_owned()),
-                ];
-                query.extend(schedules.iter().map(|s| ("schedule_ids[]", s.clone())));
-                let url = join(&api.url, &["oncalls"], &query);
-                match self.get(Via::PagerDuty, api, url).await? {
-                    None => Ok(Fetched::Missing),
-                    Some(v) => Ok(Fetched::OnCalls(
-                        v["oncalls"]
-                            .as_array()
-                            .map(|list| {
-                                list.iter()
-                                    .filter(|o| o["user"]["id"].as_str() == Some(user.as_str()))
-                                    .filter(|o| {
-                                        o["escalation_policy"]["id"].as_str()
-                                            == Some(policy.as_str())
-                                    })
-                                    .map(|o| OnCall {
-                                        level: o["escalation_level"]
-                                            .as_u64()
-                                            .and_then(|l| u32::try_from(l).ok())
-                                            .unwrap_or(u32::MAX),
-                                        schedule: o["schedule"]["id"].as_str().map(str::to_owned),
-                                        start: o["start"]
-                                            .as_str()
-                                            .and_then(crate::mapping::parse_rfc3339),
-                                        end: o["end"]
-                                            .as_str()
-                                            .and_then(crate::mapping::parse_rfc3339),
-                                    })
-                                    .collect()
-                            })
-                            .unwrap_or_default(),
-                    )),
-                }
+            .cached(key, || {
+                self.pagerduty_oncalls(api, user, &policy, schedules, from)
             })
             .await;
         let oncalls = match fetched {
@@ -231,9 +215,22 @@ impl Checker {
             Err(f) => return f,
         };
         let at = at_time(*at_ms);
+        let covers = |o: &&OnCall| {
+            let started = match o.start {
+                Bound::Open => true,
+                Bound::At(s) => s <= at,
+                Bound::Unreadable => false,
+            };
+            let running = match o.end {
+                Bound::Open => true,
+                Bound::At(e) => at < e,
+                Bound::Unreadable => false,
+            };
+            started && running
+        };
         let now: Vec<&OnCall> = oncalls
             .iter()
-            .filter(|o| o.start.is_none_or(|s| s <= at) && o.end.is_none_or(|e| at < e))
+            .filter(covers)
             .filter(|o| {
                 schedules.is_empty() || o.schedule.as_ref().is_some_and(|s| schedules.contains(s))
             })
@@ -245,14 +242,24 @@ impl Checker {
             } else {
                 format!(" through schedule {}", schedules.join(" or "))
             };
+            let unreadable = oncalls.iter().any(|o| {
+                matches!(
+                    (o.start, o.end),
+                    (Bound::Unreadable, _) | (_, Bound::Unreadable)
+                )
+            });
             return Finding::NotOnCall(format!(
-                "not on call: {who} is not on call for escalation policy {}{through}",
-                printable(&policy)
+                "not on call: {who} is not on call for escalation policy {}{through}{}",
+                printable(&policy),
+                if unreadable {
+                    " (an on-call whose start or end PagerDuty gave unreadably counts for nothing)"
+                } else {
+                    ""
+                }
             ));
         };
-        if let Some(max) = max_level
-            && best.level > *max
-        {
+        let max = max_level.unwrap_or(1);
+        if best.level > max {
             return Finding::NotOnCall(format!(
                 "not on call at level {max} or lower: {who} is on call for escalation policy {} only at level {}",
                 printable(&policy),
@@ -268,8 +275,99 @@ impl Checker {
             "on call: escalation policy {} level {}{through}, {} (PagerDuty, for {who})",
             printable(&policy),
             best.level,
-            span(best.start, best.end)
+            span(best.start.time(), best.end.time())
         ))
+    }
+
+    /// The incident's escalation policy: the event's, or fetched from the incident.
+    async fn incident_policy(
+        &self,
+        api: &ProviderApi,
+        escalation_policy: &Option<String>,
+        incident: &Option<String>,
+    ) -> Result<String, Finding> {
+        let incident = match (escalation_policy, incident) {
+            (Some(p), _) => return Ok(p.clone()),
+            (None, Some(incident)) => incident,
+            (None, None) => {
+                return Err(Finding::NotOnCall("no escalation policy to check".into()));
+            }
+        };
+        let key = format!("pd-incident\n{incident}");
+        let fetched = self
+            .cached(key, || async {
+                let url = join(&api.url, &["incidents", incident], &[]);
+                match self.get(Via::PagerDuty, api, url).await? {
+                    None => Ok(Fetched::Missing),
+                    Some(v) => v["incident"]["escalation_policy"]["id"]
+                        .as_str()
+                        .map(|p| Fetched::Policy(p.to_owned()))
+                        .ok_or_else(|| failure("the incident names no escalation policy".into())),
+                }
+            })
+            .await;
+        match fetched {
+            Ok(Fetched::Policy(p)) => Ok(p),
+            Ok(_) => Err(Finding::NotOnCall(format!(
+                "not on call: PagerDuty has no incident {}",
+                printable(incident)
+            ))),
+            Err(f) => Err(f),
+        }
+    }
+
+    /// The user's on-calls for `policy` in the window from `from`, every page of them (up to
+    /// `MAX_PAGES`; more is refused rather than read in part).
+    async fn pagerduty_oncalls(
+        &self,
+        api: &ProviderApi,
+        user: &str,
+        policy: &str,
+        schedules: &[String],
+        from: i64,
+    ) -> Result<Fetched, Finding> {
+        let (since, until) = (rfc3339(from), rfc3339(from + WINDOW_MS));
+        let mut found = Vec::new();
+        for page in 0..MAX_PAGES {
+            let mut query = vec![
+                ("user_ids[]", user.to_owned()),
+                ("escalation_policy_ids[]", policy.to_owned()),
+                ("since", since.clone()),
+                ("until", until.clone()),
+                ("limit", PAGE.to_string()),
+                ("offset", (page * PAGE).to_string()),
+            ];
+            query.extend(schedules.iter().map(|s| ("schedule_ids[]", s.clone())));
+            let url = join(&api.url, &["oncalls"], &query);
+            let Some(v) = self.get(Via::PagerDuty, api, url).await? else {
+                return Ok(Fetched::Missing);
+            };
+            let list = v["oncalls"]
+                .as_array()
+                .map(Vec::as_slice)
+                .unwrap_or_default();
+            found.extend(
+                list.iter()
+                    .filter(|o| o["user"]["id"].as_str() == Some(user))
+                    .filter(|o| o["escalation_policy"]["id"].as_str() == Some(policy))
+                    .map(|o| OnCall {
+                        level: o["escalation_level"]
+                            .as_u64()
+                            .and_then(|l| u32::try_from(l).ok())
+                            .unwrap_or(u32::MAX),
+                        schedule: o["schedule"]["id"].as_str().map(str::to_owned),
+                        start: Bound::read(&o["start"]),
+                        end: Bound::read(&o["end"]),
+                    }),
+            );
+            if v["more"].as_bool() != Some(true) || list.is_empty() {
+                return Ok(Fetched::OnCalls(found));
+            }
+        }
+        Err(Finding::NotOnCall(format!(
+            "not on call: PagerDuty listed more than {} on-calls of one user and policy in ten minutes",
+            PAGE * MAX_PAGES
+        )))
     }
 
     async fn opsgenie(&self, api: &ProviderApi, via: Via, gate: &Gate) -> Finding {
@@ -282,10 +380,8 @@ impl Checker {
         else {
             return failure("not an Opsgenie check".into());
         };
-        // Asked as of the minute of the event: a storm within it shares one answer.
-        let minute = at_ms.div_euclid(60_000) * 60_000;
-        let date = rfc3339(minute);
-        let wanted = user.to_lowercase();
+        // Asked about the moment judged itself, to the millisecond.
+        let date = rfc3339_ms(*at_ms);
         let name = if via == Via::Jsm { "JSM" } else { "Opsgenie" };
         let mut missing = Vec::new();
         for schedule in schedules {
@@ -302,30 +398,28 @@ impl Checker {
                         &["v2", "schedules", schedule, "on-calls"],
                         &[
                             ("scheduleIdentifierType", kind.to_owned()),
-                            ("flat", "true".to_owned()),
+                            ("flat", "false".to_owned()),
                             ("date", date.clone()),
                         ],
                     );
                     match self.get(via, api, url).await? {
                         None => Ok(Fetched::Missing),
-                        Some(v) => Ok(Fetched::Recipients(
-                            v["data"]["onCallRecipients"]
-                                .as_array()
-                                .map(|l| {
-                                    l.iter()
-                                        .filter_map(|r| r.as_str())
-                                        .map(str::to_lowercase)
-                                        .collect()
-                                })
-                                .unwrap_or_default(),
-                        )),
+                        Some(v) => {
+                            let mut ids = Vec::new();
+                            users(&v["data"]["onCallParticipants"], &mut ids, 0);
+                            Ok(Fetched::Participants(ids))
+                        }
                     }
                 })
                 .await;
             match fetched {
-                Ok(Fetched::Recipients(r)) if r.contains(&wanted) => {
+                // User IDs, not names: a name is free text an admin (or a token holder
+                // writing the webhook body) can make match anyone's.
+                Ok(Fetched::Participants(ids))
+                    if ids.iter().any(|id| id.eq_ignore_ascii_case(user)) =>
+                {
                     return Finding::OnCall(format!(
-                        "on call: schedule {} at {date} ({name}, for {})",
+                        "on call: schedule {} at {date} ({name}, for user {})",
                         printable(schedule),
                         printable(user)
                     ));
@@ -336,7 +430,7 @@ impl Checker {
             }
         }
         let mut why = format!(
-            "not on call: {} is not an on-call participant of schedule {} at {date}",
+            "not on call: user {} is not an on-call participant of schedule {} at {date}",
             printable(user),
             schedules.join(" or ")
         );
@@ -535,6 +629,28 @@ fn at_time(ms: i64) -> SystemTime {
 
 fn rfc3339(ms: i64) -> String {
     humantime::format_rfc3339_seconds(at_time(ms)).to_string()
+}
+
+fn rfc3339_ms(ms: i64) -> String {
+    humantime::format_rfc3339_millis(at_time(ms)).to_string()
+}
+
+/// The IDs of the users among Opsgenie's on-call participants (`type: user`), through the
+/// escalations and teams that nest them (a few levels at most).
+fn users(participants: &Value, out: &mut Vec<String>, depth: usize) {
+    let Some(list) = participants.as_array() else {
+        return;
+    };
+    for p in list {
+        if p["type"].as_str() == Some("user")
+            && let Some(id) = p["id"].as_str()
+        {
+            out.push(id.to_owned());
+        }
+        if depth < 4 {
+            users(&p["onCallParticipants"], out, depth + 1);
+        }
+    }
 }
 
 /// An on-call's span: `03:47-15:47 UTC on 2026-11-28` within a day, else both ends in full.

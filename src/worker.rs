@@ -9,12 +9,15 @@ use tokio::sync::{Notify, Semaphore};
 use tokio::task::{self, JoinSet};
 use tokio_util::sync::CancellationToken;
 
+use arc_swap::ArcSwap;
+
 use crate::answers::compose::{self, Final};
 use crate::config::RetrySettings;
-use crate::domain::{Action, Id, Via};
+use crate::domain::{Action, Gate, Id, Via};
 use crate::health::Health;
+use crate::mapping::MappingSet;
 use crate::metrics::Metrics;
-use crate::oncall::{Checker, Finding};
+use crate::oncall::{Checker, Finding, public_refusal};
 use crate::p0::{self, Outcome};
 use crate::ratelimit::KeyedLimit;
 use crate::retry::{Lookout, retry_at, saturating_i64, until_recorded};
@@ -36,6 +39,19 @@ pub struct Worker {
     pub answer_wake: Arc<Notify>,
     /// Runs the on-call checks gated approves must pass before P0 is called.
     pub oncall: Arc<Checker>,
+    /// This relay's mappings: an approve is checked against the on-call check its rule has
+    /// here as well as the one it was stored with, whichever relay stored it.
+    pub mappings: Arc<ArcSwap<MappingSet>>,
+    /// How long a passed check holds: an approve not sent within it is checked again.
+    pub recheck_after: Duration,
+}
+
+/// What an approve's on-call checks came to.
+enum Checked {
+    /// Nothing to check, or passed (the evidence, and when, to keep with the attempt).
+    Pass(Option<(String, i64)>),
+    /// Refused or not checkable now: the record that says so.
+    Stop(Box<AttemptRecord>),
 }
 
 /// The longest free permits wait for more to gather before the worker claims anyway.
@@ -189,6 +205,7 @@ impl Worker {
             error: Some(format!("the relay failed during the call: {why}")),
             duration_ms: 0,
             evidence: None,
+            checked_at_ms: None,
             answers: Vec::new(),
         };
         if let Err(e) = self.store.record(record).await {
@@ -242,36 +259,13 @@ impl Worker {
             );
             return record;
         }
-        // A gated approve is checked first (once: a job with evidence passed its check), as
-        // of the event's time; a refusal is final, a check that cannot be made now is tried
-        // again with backoff until the decision's max age, and never approves on doubt.
-        let mut evidence = None;
-        if job.action == Action::Approve
-            && let Some(gate) = &job.gate
-            && job.evidence.is_none()
-        {
-            if self.client.is_none() {
-                tracing::info!(job_id = job.id, "dry run: on-call check not made");
-            } else {
-                let finding = self.oncall.check_stored(gate).await;
-                let checked = |e: String| {
-                    let at = std::time::UNIX_EPOCH
-                        + Duration::from_millis(u64::try_from(now_ms()).unwrap_or(0));
-                    format!("{e}; checked {}", humantime::format_rfc3339_seconds(at))
-                };
-                match finding {
-                    Finding::OnCall(e) => {
-                        let e = checked(e);
-                        tracing::info!(job_id = job.id, evidence = %e, "on-call check passed");
-                        evidence = Some(e);
-                    }
-                    Finding::NotOnCall(e) => return self.not_on_call(job, checked(e)),
-                    Finding::Unavailable { error, retry_after } => {
-                        return self.check_failed(job, error, retry_after);
-                    }
-                }
-            }
-        }
+        // A gated approve is checked first, against the check it was stored with and the one
+        // its rule has on this relay; a refusal is final, a check that cannot be made now is
+        // tried again with backoff until the decision's max age, and never approves on doubt.
+        let checked = match self.gates(job).await {
+            Checked::Pass(checked) => checked,
+            Checked::Stop(record) => return *record,
+        };
         self.pacing.wait(&job.org).await;
         // A fault for the unit tests: the first attempt of `panic-*` requests panics.
         #[cfg(test)]
@@ -314,7 +308,10 @@ impl Worker {
             }),
         };
         let mut record = self.next_state(job, outcome, started);
-        record.evidence = evidence;
+        if let Some((evidence, at)) = checked {
+            record.evidence = Some(evidence);
+            record.checked_at_ms = Some(at);
+        }
         tracing::info!(
             job_id = job.id, action = %action, result = record.result, status = ?record.status,
             attempt = record.attempts, state = record.state.as_str(),
@@ -323,9 +320,97 @@ impl Worker {
         record
     }
 
+    /// The on-call checks `job` must pass before it is sent: none for what is not an approve
+    /// or in a dry run; the check it was stored with, and the check its rule has here (the
+    /// same person, incident and moment under this relay's pinned scope) when that differs;
+    /// and a refusal for an approve stored without a check this relay's rule has. Evidence
+    /// younger than `recheck_after` stands.
+    async fn gates(&self, job: &Job) -> Checked {
+        if job.action != Action::Approve {
+            return Checked::Pass(None);
+        }
+        let here = job.rule.as_deref().and_then(|rule| {
+            let mappings = self.mappings.load();
+            mappings
+                .get(&job.source)
+                .and_then(|m| m.gate_scope(rule).cloned())
+        });
+        let stored = match job.gate.as_deref().map(serde_json::from_str::<Gate>) {
+            None => None,
+            Some(Ok(g)) => Some(g),
+            Some(Err(e)) => {
+                let why = format!("the stored on-call check is unreadable: {e}");
+                return self.stop_not_on_call(job, why, "not checked on call: ask again");
+            }
+        };
+        let gates: Vec<Gate> = match (stored, here) {
+            (None, None) => return Checked::Pass(None),
+            (None, Some(_)) => {
+                let why = format!(
+                    "stored without the on-call check that rule `{}` has on this relay (a relay without it took the delivery)",
+                    job.rule.as_deref().unwrap_or("")
+                );
+                return self.stop_not_on_call(job, why, "not checked on call: ask again");
+            }
+            (Some(g), None) => vec![g],
+            (Some(g), Some(scope)) if g.scope() == scope => vec![g],
+            (Some(g), Some(scope)) => {
+                match g.rescoped(&scope) {
+                    Some(mine) => vec![g, mine],
+                    None => {
+                        let why = "stored with another provider's on-call check than this relay's rule has".to_owned();
+                        return self.stop_not_on_call(job, why, "not checked on call: ask again");
+                    }
+                }
+            }
+        };
+        let now = now_ms();
+        let recheck = i64::try_from(self.recheck_after.as_millis()).unwrap_or(i64::MAX);
+        if job.evidence.is_some()
+            && job
+                .checked_at_ms
+                .is_some_and(|at| now.saturating_sub(at) < recheck)
+        {
+            return Checked::Pass(None);
+        }
+        if self.client.is_none() {
+            tracing::info!(job_id = job.id, "dry run: on-call check not made");
+            return Checked::Pass(None);
+        }
+        let mut evidence = Vec::new();
+        for gate in &gates {
+            let checked = |e: String| {
+                let at = std::time::UNIX_EPOCH
+                    + Duration::from_millis(u64::try_from(now_ms()).unwrap_or(0));
+                format!("{e}; checked {}", humantime::format_rfc3339_seconds(at))
+            };
+            match self.oncall.check(gate).await {
+                Finding::OnCall(e) => evidence.push(checked(e)),
+                Finding::NotOnCall(e) => {
+                    return self.stop_not_on_call(job, checked(e), public_refusal(gate.via()));
+                }
+                Finding::Unavailable { error, retry_after } => {
+                    return Checked::Stop(Box::new(self.check_failed(job, error, retry_after)));
+                }
+            }
+        }
+        let evidence = evidence.join("; and ");
+        tracing::info!(job_id = job.id, evidence = %evidence, "on-call check passed");
+        Checked::Pass(Some((evidence, now_ms())))
+    }
+
+    fn stop_not_on_call(&self, job: &Job, evidence: String, public: &str) -> Checked {
+        Checked::Stop(Box::new(self.not_on_call(job, evidence, public)))
+    }
+
     /// The record of a decision the store refused as it was accepted: rejected with the
     /// reason, its answers back made as for any refusal.
     fn refused(&self, job: &Job, reason: &str) -> AttemptRecord {
+        self.refused_saying(job, reason, reason)
+    }
+
+    /// A refusal recorded with `reason` and answered back with `public`.
+    fn refused_saying(&self, job: &Job, reason: &str, public: &str) -> AttemptRecord {
         let now = now_ms();
         AttemptRecord {
             job_id: job.id,
@@ -339,16 +424,19 @@ impl Worker {
             error: Some(reason.to_owned()),
             duration_ms: 0,
             evidence: None,
-            answers: compose::answers(job, &Final::NotSent { reason }, &self.answer_via),
+            checked_at_ms: None,
+            answers: compose::answers(job, &Final::NotSent { reason: public }, &self.answer_via),
         }
     }
 
     /// The record of an approve whose actor the provider says was not on call: rejected, its
-    /// evidence kept, answered back as a refusal; P0 is never asked.
-    fn not_on_call(&self, job: &Job, evidence: String) -> AttemptRecord {
+    /// evidence kept (for `jobs show` and the log), answered back as a refusal in `public`
+    /// words that name no policy, schedule or team; P0 is never asked.
+    fn not_on_call(&self, job: &Job, evidence: String, public: &str) -> AttemptRecord {
         tracing::info!(job_id = job.id, evidence = %evidence, "on-call check refused the approve; P0 not called");
-        let mut rec = self.refused(job, &evidence);
+        let mut rec = self.refused_saying(job, &evidence, public);
         rec.result = "not_on_call";
+        rec.checked_at_ms = Some(rec.at_ms);
         rec.evidence = Some(evidence);
         rec
     }
@@ -388,15 +476,14 @@ impl Worker {
             error: Some(format!("on-call check: {error}")),
             duration_ms: 0,
             evidence: None,
+            checked_at_ms: None,
             // Dead: nothing will send it, so the one who asked is told why.
             answers: match next {
                 Some(_) => Vec::new(),
                 None => compose::answers(
                     job,
                     &Final::NotSent {
-                        reason: &format!(
-                            "the on-call check could not be made within the decision's max age ({error})"
-                        ),
+                        reason: "the on-call check could not be made within the decision's max age",
                     },
                     &self.answer_via,
                 ),
@@ -420,6 +507,7 @@ impl Worker {
             error: None,
             duration_ms: i64::try_from(took.as_millis()).unwrap_or(i64::MAX),
             evidence: None,
+            checked_at_ms: None,
             answers: Vec::new(),
         };
         let Some(outcome) = outcome else {
@@ -522,6 +610,7 @@ mod tests {
                     clamped_from: None,
                 }],
                 binding: Default::default(),
+                refused: None,
             })
             .await
             .unwrap();
@@ -554,6 +643,7 @@ mod tests {
                             max_attempts: 0,
                         },
                         oncall_cache: Duration::from_secs(60),
+                        oncall_recheck_after: Duration::from_secs(900),
                         off: Vec::new(),
                     },
                     Duration::from_secs(60),
@@ -573,6 +663,8 @@ mod tests {
             answer_via: Vec::new(),
             answer_wake: Arc::new(Notify::new()),
             health: Arc::new(Health::default()),
+            mappings: Arc::new(ArcSwap::from_pointee(MappingSet::default())),
+            recheck_after: Duration::from_secs(900),
         };
         let shutdown = CancellationToken::new();
         let run = tokio::spawn(worker.run(shutdown.clone(), Duration::from_secs(1)));

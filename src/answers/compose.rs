@@ -43,14 +43,18 @@ pub fn answers(job: &Job, outcome: &Final<'_>, enabled: &[Via]) -> Vec<NewAnswer
     if !enabled.contains(&reply.via) {
         return Vec::new();
     }
-    let text = message(job, subject, outcome);
+    // Said as its reader knows it: a GitHub issue by its repository's name.
+    let text = message(job, reply.on.as_deref().unwrap_or(subject), outcome);
     let via = reply.via.as_str().to_owned();
     match reply.via {
         Via::GitHub => {
-            let Some((repo, number)) = github_issue(subject) else {
+            // The subject binds to the repository's ID; the answer goes to the issue by the
+            // name its repository had when the decision was asked (`on`).
+            let on = reply.on.as_deref().unwrap_or(subject);
+            let Some((repo, number)) = github_issue(on) else {
                 tracing::warn!(
                     job_id = job.id,
-                    "no answer back: the subject is not owner/repo#number"
+                    "no answer back: where to answer is not owner/repo#number"
                 );
                 return Vec::new();
             };
@@ -141,6 +145,10 @@ pub fn message(job: &Job, subject: &str, outcome: &Final<'_>) -> String {
                 safe(reason, 300)
             )
         }
+        Final::NotSent { reason } if job.action == Action::Revoke => format!(
+            "p0-relay: did not revoke request {id}, and did not ask P0: {}.",
+            safe(reason, 300)
+        ),
         Final::NotSent { reason } => format!(
             "p0-relay: refused to {} request {id}, and did not ask P0: {}.",
             job.action,
@@ -198,6 +206,8 @@ mod tests {
             refused: None,
             gate: None,
             evidence: None,
+            checked_at_ms: None,
+            rule: None,
         }
     }
 
@@ -239,6 +249,14 @@ mod tests {
             done[0].body,
             r#"{"body":"p0-relay: P0 approved request req-1; access expires in 2h."}"#
         );
+        // A subject bound to the repository's ID is answered on the issue by its name.
+        let by_id = job(
+            Action::Approve,
+            r#"{"via":"github","on":"acme/renamed#77"}"#,
+            "70112233#77",
+        );
+        let done = answers(&by_id, &Final::Done, &[Via::GitHub]);
+        assert_eq!(done[0].target, r#"{"number":77,"repo":"acme/renamed"}"#);
         j.action = Action::Revoke;
         j.bound = true;
         j.reply = Some(r#"{"via":"github","comment":"5"}"#.into());

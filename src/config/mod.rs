@@ -49,6 +49,9 @@ pub struct AnswerSettings {
     pub retry: RetrySettings,
     /// How long an on-call check's answer is reused (`answers.oncall_cache`).
     pub oncall_cache: Duration,
+    /// How long a passed on-call check holds: a gated approve not sent to P0 within it (P0
+    /// slow or down, retries) is checked again before it is (`answers.oncall_recheck_after`).
+    pub oncall_recheck_after: Duration,
     /// Why a provider answers nothing (its token unset), said once at start.
     pub off: Vec<String>,
 }
@@ -172,6 +175,7 @@ struct RawAnswers {
     #[serde(default)]
     retry: RawRetry,
     oncall_cache: Option<String>,
+    oncall_recheck_after: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -349,6 +353,9 @@ fn duration(key: &str, value: Option<&str>, default: &str, errors: &mut Vec<Stri
     }
 }
 
+/// The longest access a grant asks for when `decisions.max_expiration` says nothing.
+pub const DEFAULT_MAX_EXPIRATION: &str = "12h";
+
 /// The most calls to P0 in flight `p0.concurrency` may ask for.
 pub const MAX_CONCURRENCY: usize = 1024;
 /// The most open connections `inbound.max_connections` may ask for.
@@ -434,10 +441,17 @@ fn build(raw: Raw, base: &Path, errors: &mut Vec<String>) -> Option<Settings> {
         errors.push(format!("sources: {e}"));
         Enabled::All
     });
-    let max_expiration = match raw.decisions.max_expiration.as_deref().map(str::trim) {
-        None | Some("") => None,
-        Some(t) => exp("decisions.max_expiration", Some(t), "", errors),
-    };
+    // Capped by default: a label asking for `52w` gets the cap, not a year.
+    let max_expiration = exp(
+        "decisions.max_expiration",
+        raw.decisions
+            .max_expiration
+            .as_deref()
+            .map(str::trim)
+            .filter(|t| !t.is_empty()),
+        DEFAULT_MAX_EXPIRATION,
+        errors,
+    );
     let mut networks = std::collections::BTreeMap::new();
     for (source, nets) in raw.inbound.networks {
         let mut parsed = Vec::new();
@@ -746,6 +760,12 @@ fn answer_settings(raw: &RawAnswers, errors: &mut Vec<String>) -> AnswerSettings
             "60s",
             errors,
         ),
+        oncall_recheck_after: duration(
+            "answers.oncall_recheck_after",
+            raw.oncall_recheck_after.as_deref(),
+            "15m",
+            errors,
+        ),
         retry: RetrySettings {
             base_delay: duration(
                 "answers.retry.base_delay",
@@ -777,11 +797,13 @@ impl RawAnswers {
     }
 }
 
-/// Warnings an operator should see at every start: insecure sources, open or empty approver
-/// lists, a plaintext P0 URL that leaves the machine, a replay window left open.
-/// On-call checks that are on but could not be made: their provider's API token is unset.
-pub fn oncall_problems(settings: &Settings, mappings: &crate::mapping::MappingSet) -> Vec<String> {
+/// What stops the relay from starting (and `check` from passing) though every file is valid:
+/// an on-call check that is on but could not be made (its provider's API token is unset),
+/// and a source whose grants could be replayed fresh after the store forgot them (the dedup
+/// window no longer than its freshness window).
+pub fn problems(settings: &Settings, mappings: &crate::mapping::MappingSet) -> Vec<String> {
     let mut out = Vec::new();
+    let window = settings.store.dedup_window;
     for m in mappings.mappings.values() {
         for (rule, via) in m.oncall_checks() {
             if settings.answers.api(via).is_none() {
@@ -797,22 +819,38 @@ pub fn oncall_problems(settings: &Settings, mappings: &crate::mapping::MappingSe
                 ));
             }
         }
+        if let Some(age) = m.signed_max_age().filter(|age| *age >= window) {
+            out.push(format!(
+                "store.dedup_window {} must be longer than source `{}`'s freshness max_age {} ({}): a delivery replayed between the two would be forgotten and still fresh",
+                humantime::format_duration(window),
+                m.source,
+                humantime::format_duration(age),
+                m.file.display()
+            ));
+        }
     }
     out
 }
 
+/// Warnings an operator should see at every start: insecure sources, empty approver lists,
+/// grants with no actor, freshness turned off, a plaintext P0 URL that leaves the machine, a
+/// PostgreSQL store whose server is not verified.
 pub fn audit(settings: &Settings, mappings: &crate::mapping::MappingSet) -> Vec<String> {
     let mut out: Vec<String> = mappings.warnings().cloned().collect();
-    let window = settings.store.dedup_window;
     for m in mappings.mappings.values() {
-        if let Some(age) = m.max_event_age().filter(|age| *age > window) {
+        if m.max_event_age().is_none() {
             out.push(format!(
-                "source `{}`: freshness max_age {} is longer than store.dedup_window {}: a delivery replayed between the two is accepted again",
-                m.source,
-                humantime::format_duration(age),
-                humantime::format_duration(window)
+                "source `{}`: freshness is off (max_age 0): a grant replayed after store.dedup_window is accepted again",
+                m.source
             ));
         }
+    }
+    if let StoreLocation::Postgres(pg) = &settings.store.location
+        && pg.unverified_remote()
+    {
+        out.push(format!(
+            "store.path: the PostgreSQL server at {pg} is not verified (its URL's sslmode): anyone on the path could stand in for the database; use sslmode=verify-full (sslrootcert=/path/ca.pem)"
+        ));
     }
     let url = &settings.p0.base_url;
     let loopback = match url.host() {

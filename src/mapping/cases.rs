@@ -1,7 +1,8 @@
 //! Test cases written inside mapping files: a payload, headers and the expected verdict, run by
 //! `p0-relay test` and by the test suite. Configuration is code and gets its own tests.
 //! A case checks `freshness` only when it names its own clock (`now`), so cases never depend
-//! on the day they run.
+//! on the day they run; and it sees only the mapping's own defaults and its `env:`, never the
+//! environment of whoever runs it, so cases never depend on the machine either.
 
 use std::collections::HashMap;
 
@@ -21,9 +22,11 @@ pub struct CaseResult {
     pub failure: Option<String>,
 }
 
-/// Runs every case of `mapping`. A case's `env` is laid over `env` and the mapping is
-/// recompiled under it, so cases can pin approver lists and secrets of their own.
-pub fn run(mapping: &Mapping, env: &Env, defaults: &Defaults) -> Vec<CaseResult> {
+/// Runs every case of `mapping`. Each recompiles the mapping under its own `env` alone (the
+/// file's `${VAR:-default}`s, stand-ins for variables it requires, and the case's values),
+/// so a case means the same wherever it runs. To see how this deployment's settings decide
+/// a payload, `explain` it instead.
+pub fn run(mapping: &Mapping, defaults: &Defaults) -> Vec<CaseResult> {
     let cases: Vec<RawCase> = match mapping.tree.get("tests") {
         None => Vec::new(),
         Some(tests) => match serde_path_to_error::deserialize(tests.clone()) {
@@ -42,32 +45,22 @@ pub fn run(mapping: &Mapping, env: &Env, defaults: &Defaults) -> Vec<CaseResult>
         .map(|case| CaseResult {
             source: mapping.source.clone(),
             name: case.name.clone(),
-            failure: run_case(mapping, case, env, defaults).err(),
+            failure: run_case(mapping, case, defaults).err(),
         })
         .collect()
 }
 
-fn run_case(
-    mapping: &Mapping,
-    case: &RawCase,
-    env: &Env,
-    defaults: &Defaults,
-) -> Result<(), String> {
-    let recompiled;
-    let m = if case.env.is_empty() {
-        mapping
-    } else {
-        let vars: HashMap<String, String> = case.env.clone().into_iter().collect();
-        recompiled = compile(
-            &mapping.source,
-            &mapping.file,
-            mapping.tree.clone(),
-            &env.overlay(&vars),
-            defaults,
-        )
-        .map_err(|e| e.join("; "))?;
-        &recompiled
-    };
+fn run_case(mapping: &Mapping, case: &RawCase, defaults: &Defaults) -> Result<(), String> {
+    let vars: HashMap<String, String> = case.env.clone().into_iter().collect();
+    let env = Env::default().with_stand_ins().overlay(&vars);
+    let m = &compile(
+        &mapping.source,
+        &mapping.file,
+        mapping.tree.clone(),
+        &env,
+        defaults,
+    )
+    .map_err(|e| e.join("; "))?;
     // The body as sent (the file's bytes, or the inline payload as JSON) and as parsed.
     let (raw, payload): (Vec<u8>, Value) = match (&case.payload, &case.payload_file) {
         (Some(p), None) => (serde_json::to_vec(p).unwrap_or_default(), p.clone()),
@@ -116,9 +109,9 @@ fn check(expect: &RawExpect, verdict: &Verdict, default_org: &str) -> Result<(),
             Verdict::Ignored => Ok(()),
             _ => Err(format!("expected ignored, got {got}")),
         },
-        RawExpect::Word(w) if w == "rejected" => match verdict {
-            Verdict::Rejected { .. } => Ok(()),
-            _ => Err(format!("expected rejected, got {got}")),
+        RawExpect::Word(w) if w == "rejected" => match refusal(verdict) {
+            Some(_) => Ok(()),
+            None => Err(format!("expected rejected, got {got}")),
         },
         RawExpect::Word(w) => Err(format!(
             "expect: `{w}` is not ignored, rejected, {{decisions: [...]}} or {{rejected: \"...\"}}"
@@ -201,14 +194,28 @@ fn check(expect: &RawExpect, verdict: &Verdict, default_org: &str) -> Result<(),
                     Err(format!("expected {}, got {got}", list(&want)))
                 }
             }
-            (None, Some(fragment)) => match verdict {
-                Verdict::Rejected { reason, .. } if reason.contains(fragment.as_str()) => Ok(()),
+            (None, Some(fragment)) => match refusal(verdict) {
+                Some(reason) if reason.contains(fragment.as_str()) => Ok(()),
                 _ => Err(format!(
                     "expected rejected containing `{fragment}`, got {got}"
                 )),
             },
             _ => Err("expect: give `decisions` or `rejected`".into()),
         },
+    }
+}
+
+/// Why the sender is answered `rejected`: the rule refused, or the grants it decided are
+/// refused (stored only to be answered back: a stale event).
+fn refusal(verdict: &Verdict) -> Option<&str> {
+    match verdict {
+        Verdict::Rejected { reason, .. } => Some(reason),
+        Verdict::Decided {
+            refused, elements, ..
+        } => refused
+            .as_deref()
+            .or_else(|| elements.iter().find_map(|e| e.refused.as_deref())),
+        Verdict::Ignored => None,
     }
 }
 
@@ -233,6 +240,7 @@ pub fn describe(verdict: &Verdict) -> String {
             decisions,
             binding,
             elements,
+            refused,
             ..
         } => {
             let items: Vec<String> = decisions
@@ -251,6 +259,14 @@ pub fn describe(verdict: &Verdict) -> String {
                 })
                 .collect();
             let mut out = format!("rule `{rule}` decided [{}]", items.join(", "));
+            if let Some(why) = refused
+                .as_deref()
+                .or_else(|| elements.iter().find_map(|e| e.refused.as_deref()))
+            {
+                out.push_str(&format!(
+                    "; its approves refused (stored only to be answered back): {why}"
+                ));
+            }
             if !elements.is_empty() {
                 let ending: Vec<String> = elements
                     .iter()

@@ -52,10 +52,12 @@ pub fn compile(
         errors.extend(errs.into_iter().map(|e| format!("{at}: {e}")));
         replay::Dedup::default()
     });
-    let freshness = replay::Freshness::compile(raw.freshness.as_ref()).unwrap_or_else(|errs| {
-        errors.extend(errs.into_iter().map(|e| format!("{at}: {e}")));
-        None
-    });
+    let signed = verifier.as_ref().is_some_and(Verifier::signs_body);
+    let freshness =
+        replay::Freshness::compile(raw.freshness.as_ref(), signed).unwrap_or_else(|errs| {
+            errors.extend(errs.into_iter().map(|e| format!("{at}: {e}")));
+            replay::Freshness::receipt()
+        });
     let truncated = raw.truncated.as_ref().and_then(|t| {
         selector(t)
             .map_err(|e| errors.push(format!("{at}: truncated: {e}")))
@@ -66,6 +68,7 @@ pub fn compile(
     if raw.rules.is_empty() {
         errors.push(format!("{at}: rules: at least one rule is needed"));
     }
+    let written = tree.get("rules").and_then(Value::as_array);
     for (i, r) in raw.rules.iter().enumerate() {
         let label = if r.name.trim().is_empty() {
             format!("rules[{i}]")
@@ -76,9 +79,23 @@ pub fn compile(
             errors.push(format!("{at}: {label}: duplicate rule name"));
             continue;
         }
-        match compile_rule(r, &raw, defaults, source, &mut warnings) {
+        let context = RuleContext {
+            raw: &raw,
+            written: written.and_then(|w| w.get(i)),
+            defaults,
+            source,
+        };
+        match compile_rule(r, &context, &mut warnings) {
             Ok(rule) => rules.push(rule),
             Err(errs) => errors.extend(errs.into_iter().map(|e| format!("{at}: {label}: {e}"))),
+        }
+    }
+    if freshness.max_age.is_none() {
+        for rule in rules.iter().filter(|r| r.oncall.is_some()) {
+            errors.push(format!(
+                "{at}: freshness: max_age: 0 turns freshness off, which rule `{}` may not: an on-call check judges a moment, and a replayed event's moment is old",
+                rule.name
+            ));
         }
     }
     match verifier {
@@ -102,11 +119,50 @@ pub fn compile(
     }
 }
 
+/// What a rule is compiled against: its file, the rule as written (before `${VAR}`
+/// expansion, so errors name the variable an operator sets), and the relay's defaults.
+struct RuleContext<'a> {
+    raw: &'a RawMapping,
+    written: Option<&'a Value>,
+    defaults: &'a Defaults,
+    source: &'a str,
+}
+
+impl RuleContext<'_> {
+    /// The variables the rule's field at `pointer` (`/actor/allow`) is read from, joined
+    /// with `, ` (empty when it names none).
+    fn names(&self, pointer: &str) -> String {
+        self.written
+            .and_then(|w| w.pointer(pointer))
+            .and_then(Value::as_str)
+            .map(Env::references)
+            .unwrap_or_default()
+            .join(", ")
+    }
+
+    /// As `names`, written ` (A, B)` after a field's name; empty when it names none.
+    fn vars(&self, pointer: &str) -> String {
+        match self.names(pointer) {
+            n if n.is_empty() => n,
+            n => format!(" ({n})"),
+        }
+    }
+}
+
+/// When a rule's events end or reopen their subject, compiled with what follows from it.
+struct Lifecycle {
+    ends: Flag,
+    reopens: Flag,
+    /// Every event of the rule ends its subject: it only revokes.
+    always_ends: bool,
+    /// Some events of the rule may end their subject.
+    may_end: bool,
+    always_reopens: bool,
+}
+
 fn compile_rule(
     r: &RawRule,
-    raw: &RawMapping,
-    defaults: &Defaults,
-    source: &str,
+    cx: &RuleContext<'_>,
     warnings: &mut Vec<String>,
 ) -> Result<Rule, Vec<String>> {
     let mut errors = Vec::new();
@@ -115,33 +171,122 @@ fn compile_rule(
     }
     // `@` paths read the element of a `for_each` rule, and only such rules have one.
     let el = r.for_each.is_some();
-    let for_each = r.for_each.as_ref().and_then(|f| {
-        let path = match selector(&RawSelector {
-            path: Some(f.path.clone()),
-            header: None,
-        }) {
-            Ok(p) => Some(p),
+    let for_each = for_each(r, &mut errors);
+    let when = conditions(&r.when, el, &mut errors);
+    let life = lifecycle(r, cx.raw, el, &mut errors);
+    let produce = produce(r, el, &life, &mut errors);
+    check_ending(r, cx.raw, &life, &mut errors);
+    let subject = optional(
+        r.subject.as_ref().or(cx.raw.subject.as_ref()),
+        "subject",
+        el,
+        &mut errors,
+    );
+    let answer = match r.answer.as_ref().or(cx.raw.answer.as_ref()).map(answer) {
+        None | Some(Ok(None)) => None,
+        Some(Ok(Some(a))) => Some(a),
+        Some(Err(e)) => {
+            errors.push(format!("answer: {e}"));
+            None
+        }
+    };
+    let actions = actions(r, &life, &mut errors);
+    // Ending access is always allowed, and so is reopening a subject (it grants nothing by
+    // itself): approver lists and gates are for grants only.
+    let grants_nothing = life.always_ends
+        || (life.always_reopens
+            && r.command.is_none()
+            && r.action.is_none()
+            && r.request_id.is_none())
+        || !actions.contains(&Action::Approve);
+    let oncall = r
+        .oncall
+        .as_ref()
+        .and_then(|o| match oncall(o, el, cx, r.actor.is_some()) {
+            Ok(o) => o,
             Err(e) => {
-                errors.push(format!("for_each.path: {e}"));
+                errors.push(format!("oncall: {e}"));
                 None
             }
-        };
-        let mut key = Vec::new();
-        for (i, k) in f.key.iter().enumerate() {
-            match selector_in(k, true) {
-                Ok(k) => key.push(k),
-                Err(e) => errors.push(format!("for_each.key[{i}]: {e}")),
-            }
+        });
+    let who = who_grants(
+        r,
+        cx,
+        el,
+        grants_nothing,
+        oncall.as_ref(),
+        warnings,
+        &mut errors,
+    );
+    let (default_expiration, max_expiration) = expirations(r, cx.defaults, &mut errors);
+    let org = r
+        .org
+        .clone()
+        .or_else(|| cx.raw.org.clone())
+        .unwrap_or_else(|| cx.defaults.org.clone());
+    let org = crate::domain::Id::parse(&org)
+        .map_err(|e| errors.push(format!("org: {e}")))
+        .ok();
+    match (produce, org) {
+        (Some(produce), Some(org)) if errors.is_empty() => Ok(Rule {
+            name: r.name.clone(),
+            for_each,
+            when,
+            produce,
+            actor: who.actor,
+            policy: RulePolicy {
+                actors: who.allow,
+                actions,
+                default_expiration,
+                max_expiration,
+                org,
+            },
+            subject,
+            ends_subject: life.ends,
+            reopens_subject: life.reopens,
+            answer,
+            oncall,
+            actorless: who.actorless,
+            grants: who.line,
+        }),
+        _ => Err(errors),
+    }
+}
+
+fn for_each(r: &RawRule, errors: &mut Vec<String>) -> Option<ForEach> {
+    let f = r.for_each.as_ref()?;
+    let path = match selector(&RawSelector {
+        path: Some(f.path.clone()),
+        header: None,
+    }) {
+        Ok(p) => Some(p),
+        Err(e) => {
+            errors.push(format!("for_each.path: {e}"));
+            None
         }
-        path.map(|path| ForEach { path, key })
-    });
+    };
+    let mut key = Vec::new();
+    for (i, k) in f.key.iter().enumerate() {
+        match selector_in(k, true) {
+            Ok(k) => key.push(k),
+            Err(e) => errors.push(format!("for_each.key[{i}]: {e}")),
+        }
+    }
+    path.map(|path| ForEach { path, key })
+}
+
+fn conditions(raw: &[RawCondition], el: bool, errors: &mut Vec<String>) -> Vec<Condition> {
     let mut when = Vec::new();
-    for (i, c) in r.when.iter().enumerate() {
+    for (i, c) in raw.iter().enumerate() {
         match condition(c, el) {
             Ok(c) => when.push(c),
             Err(e) => errors.push(format!("when[{i}]: {e}")),
         }
     }
+    when
+}
+
+fn lifecycle(r: &RawRule, raw: &RawMapping, el: bool, errors: &mut Vec<String>) -> Lifecycle {
     let flag = |raw: &RawFlag, field: &str, errors: &mut Vec<String>| match raw {
         RawFlag::Always(false) => Flag::Never,
         RawFlag::Always(true) => Flag::Always,
@@ -153,8 +298,8 @@ fn compile_rule(
             }
         },
     };
-    let ends = flag(&r.ends_subject, "ends_subject", &mut errors);
-    let reopens = flag(&r.reopens_subject, "reopens_subject", &mut errors);
+    let ends = flag(&r.ends_subject, "ends_subject", errors);
+    let reopens = flag(&r.reopens_subject, "reopens_subject", errors);
     // A rule that always ends its subject only revokes; one that ends it under a condition
     // also grants (an alert firing approves, the same alert resolved ends).
     let always_ends = matches!(ends, Flag::Always);
@@ -168,7 +313,19 @@ fn compile_rule(
     if may_reopen && r.subject.is_none() && raw.subject.is_none() {
         errors.push("reopens_subject: needs a `subject` (here or for the whole file)".into());
     }
-    let produce = match (&r.command, &r.action, &r.request_id) {
+    Lifecycle {
+        ends,
+        reopens,
+        always_ends,
+        may_end,
+        always_reopens,
+    }
+}
+
+/// What the rule makes of an event: `/p0` commands, extracted fields, or (an end or a
+/// reopening) nothing of its own.
+fn produce(r: &RawRule, el: bool, life: &Lifecycle, errors: &mut Vec<String>) -> Option<Produce> {
+    match (&r.command, &r.action, &r.request_id) {
         (Some(cmd), None, None) => match selector_in(cmd, el) {
             Ok(s) => Some(Produce::Command(s)),
             Err(e) => {
@@ -216,15 +373,10 @@ fn compile_rule(
             );
             None
         }
-        (None, None, None) if always_ends || always_reopens => Some(Produce::Nothing),
-        (None, None, Some(id)) if always_ends => match extract(id, el) {
+        (None, None, None) if life.always_ends || life.always_reopens => Some(Produce::Nothing),
+        (None, None, Some(id)) if life.always_ends => match extract(id, el) {
             Ok(request_id) => Some(Produce::Fields(Box::new(Fields {
-                action: Extract {
-                    from: From::Constant("revoke".into()),
-                    regex: None,
-                    map: None,
-                    default: None,
-                },
+                action: Extract::constant("revoke"),
                 request_id,
                 expiration: None,
             }))),
@@ -237,101 +389,53 @@ fn compile_rule(
             errors.push("needs either `command`, or both `action` and `request_id`".into());
             None
         }
-    };
-    if may_end {
-        if r.command.is_some() {
-            errors.push(
-                "ends_subject: a rule that ends its subject only revokes; drop `command`".into(),
-            );
-        }
-        if let Some(a) = &r.action
-            && always_ends
-            && !matches!(a, RawExtract::Constant(c) if Action::parse(c) == Some(Action::Revoke))
-        {
-            errors.push(
-                "ends_subject: a rule that ends its subject only revokes: `action: revoke` or none"
-                    .into(),
-            );
-        }
-        if r.subject.is_none() && raw.subject.is_none() {
-            errors.push("ends_subject: needs a `subject` (here or for the whole file)".into());
-        }
     }
-    let subject = match r
-        .subject
-        .as_ref()
-        .or(raw.subject.as_ref())
-        .map(|x| extract(x, el))
+}
+
+/// A rule that may end its subject only revokes, and needs a subject to end.
+fn check_ending(r: &RawRule, raw: &RawMapping, life: &Lifecycle, errors: &mut Vec<String>) {
+    if !life.may_end {
+        return;
+    }
+    if r.command.is_some() {
+        errors
+            .push("ends_subject: a rule that ends its subject only revokes; drop `command`".into());
+    }
+    if let Some(a) = &r.action
+        && life.always_ends
+        && !matches!(a, RawExtract::Constant(c) if Action::parse(c) == Some(Action::Revoke))
     {
+        errors.push(
+            "ends_subject: a rule that ends its subject only revokes: `action: revoke` or none"
+                .into(),
+        );
+    }
+    if r.subject.is_none() && raw.subject.is_none() {
+        errors.push("ends_subject: needs a `subject` (here or for the whole file)".into());
+    }
+}
+
+fn optional(
+    raw: Option<&RawExtract>,
+    field: &str,
+    el: bool,
+    errors: &mut Vec<String>,
+) -> Option<Extract> {
+    match raw.map(|x| extract(x, el)) {
         None => None,
         Some(Ok(e)) => Some(e),
         Some(Err(e)) => {
-            errors.push(format!("subject: {e}"));
+            errors.push(format!("{field}: {e}"));
             None
         }
-    };
-    let answer = match r.answer.as_ref().or(raw.answer.as_ref()).map(answer) {
-        None | Some(Ok(None)) => None,
-        Some(Ok(Some(a))) => Some(a),
-        Some(Err(e)) => {
-            errors.push(format!("answer: {e}"));
-            None
-        }
-    };
-    let (actor, actors) = match &r.actor {
-        None => (None, None),
-        Some(a) => {
-            let sel = selector_in(
-                &RawSelector {
-                    path: a.path.clone(),
-                    header: a.header.clone(),
-                },
-                el,
-            );
-            let allow = a.allow.as_deref().map(Allowlist::parse);
-            // Ending access is always allowed, and so is reopening a subject (it grants
-            // nothing by itself): approver lists gate grants only.
-            let grants_nothing = always_ends
-                || (always_reopens
-                    && r.command.is_none()
-                    && r.action.is_none()
-                    && r.request_id.is_none());
-            match &allow {
-                _ if grants_nothing => {}
-                Some(Allowlist::Anyone) | None => warnings.push(format!(
-                    "source `{source}`, rule `{}`: any authenticated actor may act (no approvers set)",
-                    r.name
-                )),
-                Some(Allowlist::Only(set)) if set.is_empty() => warnings.push(format!(
-                    "source `{source}`, rule `{}`: the approver list is empty, so nobody may act",
-                    r.name
-                )),
-                _ => {}
-            }
-            match sel {
-                Ok(s) if grants_nothing => (Some(s), None),
-                Ok(s) => (Some(s), Some(allow.unwrap_or(Allowlist::Anyone))),
-                Err(e) => {
-                    errors.push(format!("actor: {e}"));
-                    (None, None)
-                }
-            }
-        }
-    };
-    let oncall = r
-        .oncall
-        .as_ref()
-        .and_then(|o| match oncall(o, el, actor.is_some()) {
-            Ok(o) => o,
-            Err(e) => {
-                errors.push(format!("oncall: {e}"));
-                None
-            }
-        });
-    let actions = match &r.actions {
-        None if always_ends => vec![Action::Revoke],
+    }
+}
+
+fn actions(r: &RawRule, life: &Lifecycle, errors: &mut Vec<String>) -> Vec<Action> {
+    match &r.actions {
+        None if life.always_ends => vec![Action::Revoke],
         Some(list)
-            if may_end
+            if life.may_end
                 && !list
                     .iter()
                     .any(|a| Action::parse(a) == Some(Action::Revoke)) =>
@@ -352,8 +456,138 @@ fn compile_rule(
             }
             out
         }
+    }
+}
+
+/// Who may grant through a rule, compiled: the actor's selector, the approver list, the
+/// switch of a rule with no actor, and the one line `check` prints.
+struct WhoGrants {
+    actor: Option<Selector>,
+    allow: Option<Allowlist>,
+    actorless: Option<Actorless>,
+    line: Option<String>,
+}
+
+/// Nobody grants unless named: an unset approver list is nobody, `*` only behind an on-call
+/// check, and a rule that may approve names its actor or says, in `actorless`, that it has
+/// none (then it approves only when the operator turns that on).
+fn who_grants(
+    r: &RawRule,
+    cx: &RuleContext<'_>,
+    el: bool,
+    grants_nothing: bool,
+    oncall: Option<&Oncall>,
+    warnings: &mut Vec<String>,
+    errors: &mut Vec<String>,
+) -> WhoGrants {
+    let actor = r.actor.as_ref().and_then(|a| {
+        selector_in(
+            &RawSelector {
+                path: a.path.clone(),
+                header: a.header.clone(),
+            },
+            el,
+        )
+        .map_err(|e| errors.push(format!("actor: {e}")))
+        .ok()
+    });
+    let mut who = WhoGrants {
+        actor,
+        allow: None,
+        actorless: None,
+        line: None,
     };
-    let parse_exp = |field: &str, text: &Option<String>, errors: &mut Vec<String>| {
+    let at = format!("source `{}`, rule `{}`", cx.source, r.name);
+    if let Some(a) = &r.actorless {
+        if r.actor.is_some() {
+            errors.push("actorless: the rule names its `actor`: drop one of the two".into());
+        }
+        let switch = cx.names("/actorless/grants");
+        let on = match a.grants.as_deref().map(str::trim) {
+            Some("on" | "true") => true,
+            None | Some("off" | "false" | "") => false,
+            Some(other) => {
+                errors.push(format!("actorless.grants: `{other}` is not on or off"));
+                false
+            }
+        };
+        let switch = if switch.is_empty() {
+            "actorless.grants".to_owned()
+        } else {
+            switch
+        };
+        if !grants_nothing && on {
+            warnings.push(format!(
+                "{at}: approves with no actor ({switch}=on): it trusts {}",
+                a.trusts.trim()
+            ));
+        }
+        who.line = (!grants_nothing).then(|| {
+            if on {
+                format!("no actor ({switch}=on), trusting {}", a.trusts.trim())
+            } else {
+                format!("nobody: no actor, and {switch} is not on")
+            }
+        });
+        who.actorless = Some(Actorless { on, switch });
+        return who;
+    }
+    if grants_nothing {
+        return who;
+    }
+    if who.actor.is_none() && r.actor.is_none() {
+        errors.push(
+            "actor: a rule that may approve names who approves (`actor`), or says that its events name nobody (`actorless`)"
+                .into(),
+        );
+        return who;
+    }
+    let names = cx.names("/actor/allow");
+    let vars = cx.vars("/actor/allow");
+    let allow = r
+        .actor
+        .as_ref()
+        .and_then(|a| a.allow.as_deref())
+        .map_or(Allowlist::Only(Default::default()), Allowlist::parse);
+    who.line = Some(match &allow {
+        Allowlist::Anyone if oncall.is_none() => {
+            let from = if names.is_empty() {
+                String::new()
+            } else {
+                format!(" from {names}")
+            };
+            errors.push(format!(
+                "actor.allow: `*` (anyone){from} is accepted only with the rule's on-call check on: name the approvers, or turn the check on"
+            ));
+            String::new()
+        }
+        Allowlist::Anyone => format!("gate only: anyone the on-call check passes{vars}"),
+        Allowlist::Only(set) if set.is_empty() => {
+            warnings.push(format!(
+                "{at}: nobody may approve: the approver list{vars} is empty"
+            ));
+            if names.is_empty() {
+                "nobody: the approver list is empty".to_owned()
+            } else {
+                format!("nobody: {names} is empty")
+            }
+        }
+        Allowlist::Only(set) => format!(
+            "{} approver{}{vars}",
+            set.len(),
+            if set.len() == 1 { "" } else { "s" }
+        ),
+    });
+    who.allow = Some(allow);
+    who
+}
+
+fn expirations(
+    r: &RawRule,
+    defaults: &Defaults,
+    errors: &mut Vec<String>,
+) -> (Expiration, Option<Expiration>) {
+    let mut parse = |field: &str, text: &Option<String>| {
         text.as_deref().and_then(|t| match Expiration::parse(t) {
             Ok(e) => Some(e),
             Err(e) => {
@@ -362,44 +596,21 @@ fn compile_rule(
             }
         })
     };
-    let default_expiration = parse_exp("default_expiration", &r.default_expiration, &mut errors)
+    let default = parse("default_expiration", &r.default_expiration)
         .unwrap_or_else(|| defaults.expiration.clone());
-    let max_expiration = parse_exp("max_expiration", &r.max_expiration, &mut errors)
-        .or_else(|| defaults.max_expiration.clone());
-    let org = r
-        .org
-        .clone()
-        .or_else(|| raw.org.clone())
-        .unwrap_or_else(|| defaults.org.clone());
-    let org = crate::domain::Id::parse(&org)
-        .map_err(|e| errors.push(format!("org: {e}")))
-        .ok();
-    match (produce, org) {
-        (Some(produce), Some(org)) if errors.is_empty() => Ok(Rule {
-            name: r.name.clone(),
-            for_each,
-            when,
-            produce,
-            actor,
-            policy: RulePolicy {
-                actors,
-                actions,
-                default_expiration,
-                max_expiration,
-                org,
-            },
-            subject,
-            ends_subject: ends,
-            reopens_subject: reopens,
-            answer,
-            oncall,
-        }),
-        _ => Err(errors),
-    }
+    let max =
+        parse("max_expiration", &r.max_expiration).or_else(|| defaults.max_expiration.clone());
+    (default, max)
 }
 
-/// Compiles a rule's `oncall`; `None` when it is turned off.
-fn oncall(raw: &RawOncall, el: bool, has_actor: bool) -> Result<Option<Oncall>, String> {
+/// Compiles a rule's `oncall`; `None` when it is turned off. What the check trusts is
+/// pinned here, from the operator's settings; the payload names only the incident and who.
+fn oncall(
+    raw: &RawOncall,
+    el: bool,
+    cx: &RuleContext<'_>,
+    has_actor: bool,
+) -> Result<Option<Oncall>, String> {
     let enabled = match raw.enabled.as_deref().map(str::trim) {
         None => true,
         Some("on" | "true") => true,
@@ -423,12 +634,12 @@ fn oncall(raw: &RawOncall, el: bool, has_actor: bool) -> Result<Option<Oncall>, 
             .transpose()
             .map_err(|e| format!("{field}: {e}"))
     };
-    let at = raw
-        .at
-        .as_ref()
-        .map(|a| selector_in(a, el))
-        .transpose()
-        .map_err(|e| format!("at: {e}"))?;
+    if raw.at.is_some() {
+        return Err(
+            "at: the moment judged is the mapping's signed event time (`freshness.time`), or the receipt where the source signs none; a rule cannot pick another: drop `at`"
+                .into(),
+        );
+    }
     let not_for = |field: &str, present: bool, check: &str| {
         if present {
             Err(format!("{field}: not used by the `{check}` check"))
@@ -439,6 +650,7 @@ fn oncall(raw: &RawOncall, el: bool, has_actor: bool) -> Result<Option<Oncall>, 
     let compiled = match raw.check.as_str() {
         "pagerduty" => {
             not_for("org", raw.org.is_some(), "pagerduty")?;
+            not_for("owner", raw.owner.is_some(), "pagerduty")?;
             not_for("teams", raw.teams.is_some(), "pagerduty")?;
             let escalation_policy = opt("escalation_policy", &raw.escalation_policy)?;
             let incident = opt("incident", &raw.incident)?;
@@ -448,55 +660,98 @@ fn oncall(raw: &RawOncall, el: bool, has_actor: bool) -> Result<Option<Oncall>, 
                         .into(),
                 );
             }
+            let escalation_policies = list(&raw.escalation_policies);
+            if enabled && escalation_policies.is_empty() && schedules.is_empty() {
+                return Err(format!(
+                    "the pagerduty check needs pinned `escalation_policies`{} or `schedules`{}: without them any policy an incident is moved onto would count",
+                    cx.vars("/oncall/escalation_policies"),
+                    cx.vars("/oncall/schedules")
+                ));
+            }
             let max_level = match raw.max_level.as_deref().map(str::trim) {
-                None | Some("") => None,
+                None | Some("") => 1,
                 Some(t) => match t.parse::<u32>() {
-                    Ok(n) if n >= 1 => Some(n),
+                    Ok(n) if n >= 1 => n,
                     _ => return Err(format!("max_level: `{t}` is not a level (1 or more)")),
                 },
             };
             Oncall::PagerDuty {
                 escalation_policy,
                 incident,
-                max_level,
-                schedules,
-                at,
+                scope: GateScope::PagerDuty {
+                    escalation_policies,
+                    max_level,
+                    schedules,
+                },
             }
         }
         check @ ("opsgenie" | "jsm") => {
             for (field, present) in [
                 ("escalation_policy", raw.escalation_policy.is_some()),
+                ("escalation_policies", raw.escalation_policies.is_some()),
                 ("incident", raw.incident.is_some()),
                 ("max_level", raw.max_level.is_some()),
                 ("org", raw.org.is_some()),
+                ("owner", raw.owner.is_some()),
                 ("teams", raw.teams.is_some()),
             ] {
                 not_for(field, present, check)?;
             }
             if enabled && schedules.is_empty() {
-                return Err(format!("the {check} check needs `schedules`"));
+                return Err(format!(
+                    "the {check} check needs `schedules`{}",
+                    cx.vars("/oncall/schedules")
+                ));
             }
             Oncall::Opsgenie {
-                jsm: check == "jsm",
-                schedules,
-                at,
+                scope: GateScope::Opsgenie {
+                    jsm: check == "jsm",
+                    schedules,
+                },
             }
         }
         "github" => {
             for (field, present) in [
                 ("escalation_policy", raw.escalation_policy.is_some()),
+                ("escalation_policies", raw.escalation_policies.is_some()),
                 ("incident", raw.incident.is_some()),
                 ("max_level", raw.max_level.is_some()),
                 ("schedules", raw.schedules.is_some()),
-                ("at", raw.at.is_some()),
             ] {
                 not_for(field, present, "github")?;
             }
-            let org = opt("org", &raw.org)?.ok_or("the github check needs `org`")?;
-            if enabled && teams.is_empty() {
-                return Err("the github check needs `teams`".into());
+            let org = match &raw.org {
+                None => String::new(),
+                Some(RawExtract::Constant(c)) => c.trim().to_owned(),
+                Some(RawExtract::Spec(_)) => {
+                    return Err(
+                        "org: the organization is pinned by name (`${GITHUB_ONCALL_ORG}`), never read from the payload; `owner` says where the payload names the repository's owner"
+                            .into(),
+                    );
+                }
+            };
+            let owner = raw
+                .owner
+                .as_ref()
+                .ok_or("the github check needs `owner`: where the payload names the repository's owner (`$.repository.owner.login`)")
+                .and_then(|o| selector_in(o, el).map_err(|_| "owner: not a valid selector"))
+                .map_err(str::to_owned)?;
+            if enabled && org.is_empty() {
+                return Err(format!(
+                    "the github check needs a pinned `org`{}: the organization whose teams count",
+                    cx.vars("/oncall/org")
+                ));
             }
-            Oncall::GitHub { org, teams }
+            if enabled && teams.is_empty() {
+                return Err(format!(
+                    "the github check needs `teams`{}",
+                    cx.vars("/oncall/teams")
+                ));
+            }
+            Oncall::GitHub {
+                owner,
+                scope: GateScope::GitHub { org, teams },
+            }
         }
         other => {
             return Err(format!(
@@ -607,7 +862,13 @@ fn answer(raw: &RawAnswer) -> Result<Option<Answer>, String> {
     if comment.is_some() && via != Via::GitHub {
         return Err("comment: only GitHub answers on a comment".into());
     }
-    Ok(Some(Answer { via, comment }))
+    let on = raw
+        .on
+        .as_ref()
+        .map(|x| extract(x, false))
+        .transpose()
+        .map_err(|e| format!("on: {e}"))?;
+    Ok(Some(Answer { via, on, comment }))
 }
 
 fn regex(text: &str) -> Result<Regex, String> {
@@ -623,7 +884,8 @@ fn condition(c: &RawCondition, el: bool) -> Result<Condition, String> {
         || c.equals.is_some()
         || c.one_of.is_some()
         || c.matches.is_some()
-        || c.exists.is_some();
+        || c.exists.is_some()
+        || c.markdown;
     match (&c.not, &c.any) {
         (Some(_), Some(_)) => return Err("`not` and `any` are two conditions: nest one".into()),
         (Some(_), None) if test_fields => {
@@ -672,17 +934,13 @@ fn condition(c: &RawCondition, el: bool) -> Result<Condition, String> {
     Ok(Condition::Test {
         selector,
         test: tests.remove(0),
+        markdown: c.markdown,
     })
 }
 
 fn extract(raw: &RawExtract, el: bool) -> Result<Extract, String> {
     match raw {
-        RawExtract::Constant(c) => Ok(Extract {
-            from: From::Constant(c.clone()),
-            regex: None,
-            map: None,
-            default: None,
-        }),
+        RawExtract::Constant(c) => Ok(Extract::constant(c)),
         RawExtract::Spec(s) => {
             let from = match (&s.path, &s.header, &s.template) {
                 (None, None, Some(t)) => From::Template(template(t)?),
@@ -716,6 +974,7 @@ fn extract(raw: &RawExtract, el: bool) -> Result<Extract, String> {
                 regex,
                 map: s.map.clone(),
                 default: s.default.clone(),
+                markdown: s.markdown,
             })
         }
     }

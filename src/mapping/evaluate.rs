@@ -25,30 +25,77 @@ impl Mapping {
         self.rules
             .iter()
             .filter_map(|r| {
-                let via = match r.oncall.as_ref()? {
-                    Oncall::PagerDuty { .. } => Via::PagerDuty,
-                    Oncall::Opsgenie { jsm: false, .. } => Via::Opsgenie,
-                    Oncall::Opsgenie { jsm: true, .. } => Via::Jsm,
-                    Oncall::GitHub { .. } => Via::GitHub,
+                let via = match r.oncall.as_ref()?.scope() {
+                    GateScope::PagerDuty { .. } => Via::PagerDuty,
+                    GateScope::Opsgenie { jsm: false, .. } => Via::Opsgenie,
+                    GateScope::Opsgenie { jsm: true, .. } => Via::Jsm,
+                    GateScope::GitHub { .. } => Via::GitHub,
                 };
                 Some((r.name.as_str(), via))
             })
             .collect()
     }
 
-    /// The oldest event the mapping acts on (`freshness.max_age`), when it checks freshness.
-    pub fn max_event_age(&self) -> Option<std::time::Duration> {
-        self.freshness.as_ref().map(|f| f.max_age)
+    /// The pinned scope of `rule`'s on-call check on this relay, when it has one that is on:
+    /// the worker checks every approve of the rule against it, whichever relay stored it.
+    pub fn gate_scope(&self, rule: &str) -> Option<&GateScope> {
+        self.rules
+            .iter()
+            .find(|r| r.name == rule)
+            .and_then(|r| r.oncall.as_ref())
+            .map(Oncall::scope)
     }
 
-    /// Why a matched rule may not act on this event: it is older (or further in the future)
-    /// than the mapping's `freshness` allows. A captured delivery replayed after `max_age` is
-    /// refused, whatever its dedup key.
+    /// The oldest grant the mapping acts on (`freshness.max_age`); `None` when that check is
+    /// off.
+    pub fn max_event_age(&self) -> Option<std::time::Duration> {
+        self.freshness.max_age
+    }
+
+    /// The oldest grant the mapping acts on when it judges a time the provider signed: a
+    /// replay of a delivery the store forgot would carry that time. (Judged at receipt, every
+    /// delivery is as fresh as it arrives; what stops a replay there is the token.)
+    pub fn signed_max_age(&self) -> Option<std::time::Duration> {
+        self.freshness.max_age.filter(|_| self.freshness.signed())
+    }
+
+    /// The effective grant policy of every rule that may approve, one line each: who may
+    /// grant, through which on-call check and its pinned scope, how fresh, how long.
+    pub fn policy(&self) -> Vec<String> {
+        self.rules
+            .iter()
+            .filter_map(|r| {
+                let who = r.grants.as_ref()?;
+                let gate = r
+                    .oncall
+                    .as_ref()
+                    .map_or("off".to_owned(), |o| o.scope().describe());
+                let fresh = match self.freshness.max_age {
+                    Some(age) => format!(
+                        "{}, on {}",
+                        humantime::format_duration(age),
+                        self.freshness.judged_on()
+                    ),
+                    None => "off (max_age 0)".to_owned(),
+                };
+                let cap = r
+                    .policy
+                    .max_expiration
+                    .as_ref()
+                    .map_or("none".to_owned(), ToString::to_string);
+                Some(format!(
+                    "{}/{}: grants: {who}; gate: {gate}; fresh: {fresh}; cap: {cap}",
+                    self.source, r.name
+                ))
+            })
+            .collect()
+    }
+
+    /// Why a grant may not act on this event: it is older (or further in the future) than the
+    /// mapping's `freshness` allows. A captured delivery replayed after `max_age` is refused,
+    /// whatever its dedup key.
     fn stale(&self, input: Input<'_>, now: Option<SystemTime>) -> Option<String> {
-        match (&self.freshness, now) {
-            (Some(fresh), Some(now)) => fresh.check(input, now).err(),
-            _ => None,
-        }
+        now.and_then(|now| self.freshness.check(input, now).err())
     }
 
     fn run(
@@ -66,29 +113,11 @@ impl Mapping {
                 });
             }
         };
+        // The moment an on-call check judges: the signed event time, or the receipt.
+        let judged = self.freshness.event_time(input, now);
         for rule in &self.rules {
             let Some(each) = &rule.for_each else {
-                let applied = apply(rule, input.into(), now);
-                // Ending a subject only takes access away, and reopening one decides nothing
-                // by itself: an old or replayed such event is still honoured (and GitHub's
-                // close and reopen events carry no comment time).
-                let grants_nothing = rule.ends_subject.holds(input.into())
-                    || matches!(
-                        &applied,
-                        Applied::Decided { decisions, binding, .. }
-                            if decisions.is_empty() && binding.reopens_subject
-                    );
-                if !matches!(applied, Applied::NoMatch(_))
-                    && !grants_nothing
-                    && let Some(reason) = self.stale(input, now)
-                {
-                    note(rule, true, reason.clone());
-                    return Verdict::Rejected {
-                        rule: rule.name.clone(),
-                        reason,
-                    };
-                }
-                match applied {
+                match apply(rule, input.into(), judged) {
                     Applied::NoMatch(why) => note(rule, false, why),
                     Applied::Rejected(reason, line) => {
                         note(rule, true, line);
@@ -103,13 +132,25 @@ impl Mapping {
                         binding,
                         detail,
                     } => {
-                        note(rule, true, detail);
+                        // Ending a subject, revoking and denying take access away, and a
+                        // reopening grants nothing: only approves must be fresh. A stale one
+                        // is stored refused, to be answered back, and never sent.
+                        let refused = (!binding.ends_subject && grants(&decisions))
+                            .then(|| self.stale(input, now))
+                            .flatten();
+                        match &refused {
+                            Some(reason) => {
+                                note(rule, true, format!("{detail}; refused: {reason}"))
+                            }
+                            None => note(rule, true, detail),
+                        }
                         return Verdict::Decided {
                             rule: rule.name.clone(),
                             actor,
                             decisions,
                             elements: Vec::new(),
                             binding,
+                            refused,
                         };
                     }
                 }
@@ -125,7 +166,7 @@ impl Mapping {
                     input,
                     element: Some(node),
                 };
-                match apply(rule, scope, now) {
+                match apply(rule, scope, judged) {
                     Applied::NoMatch(why) => skipped.push(format!("element {}: {why}", i + 1)),
                     Applied::Rejected(reason, line) => {
                         note(rule, true, format!("element {}: {line}", i + 1));
@@ -144,6 +185,7 @@ impl Mapping {
                             actor,
                             decisions: ds.len(),
                             binding,
+                            refused: None,
                         },
                         ds,
                     )),
@@ -158,16 +200,10 @@ impl Mapping {
                 note(rule, false, why);
                 continue;
             }
-            // A refused element refuses the elements that grant, and so does a stale event;
-            // the elements that end their subjects still end them, since an end refused here
-            // is never sent again (alert groups mix firing alerts with resolved ones).
-            let grants = decided.iter().any(|(e, _)| !e.binding.ends_subject);
-            let refusal = match refused {
-                Some(reason) => Some(reason),
-                None if grants => self.stale(input, now),
-                None => None,
-            };
-            if let Some(reason) = refusal {
+            // A refused element refuses the elements that grant; the elements that end their
+            // subjects still end them, since an end refused here is never sent again (alert
+            // groups mix firing alerts with resolved ones).
+            if let Some(reason) = refused {
                 decided.retain(|(e, _)| e.binding.ends_subject);
                 if decided.is_empty() {
                     note(rule, true, reason.clone());
@@ -182,9 +218,14 @@ impl Mapping {
                     format!("{reason}; the elements that end their subjects still do"),
                 );
             }
+            // A stale event's granting elements are stored refused, to be answered back.
+            let stale = self.stale(input, now);
             let mut elements = Vec::with_capacity(decided.len());
             let mut decisions = Vec::new();
-            for (e, mut ds) in decided {
+            for (mut e, mut ds) in decided {
+                if !e.binding.ends_subject && grants(&ds) {
+                    e.refused.clone_from(&stale);
+                }
                 elements.push(e);
                 decisions.append(&mut ds);
             }
@@ -192,16 +233,21 @@ impl Mapping {
                 rule,
                 true,
                 format!(
-                    "{} decision(s) from {} of {} element(s)",
+                    "{} decision(s) from {} of {} element(s){}",
                     decisions.len(),
                     elements.len(),
-                    nodes.len()
+                    nodes.len(),
+                    match (&stale, elements.iter().any(|e| e.refused.is_some())) {
+                        (Some(why), true) => format!("; those that grant refused: {why}"),
+                        _ => String::new(),
+                    }
                 ),
             );
             return Verdict::Decided {
                 rule: rule.name.clone(),
                 actor: elements[0].actor.clone(),
                 binding: elements[0].binding.clone(),
+                refused: elements[0].refused.clone(),
                 decisions,
                 elements,
             };
@@ -234,9 +280,9 @@ impl Mapping {
 /// The longest subject a decision may be bound to, in bytes.
 const MAX_SUBJECT: usize = 256;
 
-/// Runs one rule's conditions, extraction and policy on one scope; `now` (the time of
-/// receipt) is when an on-call check judges an event that carries no time of its own.
-fn apply(rule: &Rule, scope: Scope<'_>, now: Option<SystemTime>) -> Applied {
+/// Runs one rule's conditions, extraction and policy on one scope; `judged` (the signed
+/// event time, or the receipt) is the moment an on-call check judges.
+fn apply(rule: &Rule, scope: Scope<'_>, judged: Option<SystemTime>) -> Applied {
     let ends = rule.ends_subject.holds(scope);
     // An event that both ends and reopens (conditions that overlap) ends: the safe reading.
     let reopens = !ends && rule.reopens_subject.holds(scope);
@@ -250,74 +296,36 @@ fn apply(rule: &Rule, scope: Scope<'_>, now: Option<SystemTime>) -> Applied {
             ));
         }
     }
-    let proposals = match &rule.produce {
-        Produce::Command(sel) => {
-            let mut proposals = Vec::new();
-            for text in sel.values_in(scope) {
-                match command::parse(&text) {
-                    Ok(cmds) => proposals.extend(cmds.into_iter().map(|c| Proposal {
-                        action: c.action.as_str().to_owned(),
-                        request_id: c.request_id,
-                        expiration: c.duration,
-                    })),
-                    Err(reason) => {
-                        let reason = format!("malformed /p0 command: {reason}");
-                        return Applied::Rejected(reason.clone(), reason);
-                    }
-                }
-            }
-            if proposals.is_empty() {
-                return Applied::NoMatch(format!("no /p0 command in {}", sel.describe()));
-            }
-            proposals
-        }
-        Produce::Nothing => Vec::new(),
-        Produce::Fields(f) => {
-            match fields(scope, &f.action, &f.request_id, f.expiration.as_ref()) {
-                Ok(p) => p,
-                // An ending event may name a request too; when it names none, only the end's
-                // own revocations are made.
-                Err(_) if ends => Vec::new(),
-                Err(reason) => return Applied::Rejected(reason.clone(), reason),
-            }
-        }
+    let proposals = match proposals(rule, scope, ends) {
+        Ok(p) => p,
+        Err(NoProposal::NoMatch(why)) => return Applied::NoMatch(why),
+        Err(NoProposal::Rejected(reason)) => return Applied::Rejected(reason.clone(), reason),
     };
     let actor = rule
         .actor
         .as_ref()
         .and_then(|sel| sel.values_in(scope).into_iter().next())
-        .map(|a| a.into_owned());
-    let subject = match rule.subject.as_ref().map(|s| s.first(scope)) {
-        None => None,
-        // Subjects name incidents, alerts and issues; a longer one is not one of those, and
-        // could not be stored in the index that finds what an end revokes.
-        Some(Ok(s)) if s.len() > MAX_SUBJECT => {
-            let reason = format!("subject: longer than {MAX_SUBJECT} bytes");
-            return Applied::Rejected(reason.clone(), reason);
-        }
-        Some(Ok(s)) => Some(s),
-        // A grant of a rule whose subject can end must be bound to it, or no end revokes it.
-        Some(Err(why))
-            if ends
-                || reopens
-                || !matches!(rule.ends_subject, Flag::Never)
-                || !matches!(rule.reopens_subject, Flag::Never) =>
-        {
-            let reason = format!("subject: {why}");
-            return Applied::Rejected(reason.clone(), reason);
-        }
-        Some(Err(_)) => None,
+        .map(|a| a.into_owned())
+        .filter(|a| !a.trim().is_empty());
+    let granting = !ends && grants_any(&proposals);
+    if granting && let Some(reason) = who_may_not_grant(rule, actor.as_deref(), &proposals) {
+        return Applied::Rejected(reason.clone(), reason);
+    }
+    let subject = match subject(rule, scope, ends, reopens) {
+        Ok(s) => s,
+        Err(reason) => return Applied::Rejected(reason.clone(), reason),
     };
     let reply = match (&rule.answer, &subject) {
         (Some(a), Some(_)) => Some(Reply {
             via: a.via,
+            on: a.on.as_ref().and_then(|x| x.first(scope).ok()),
             comment: a.comment.as_ref().and_then(|c| c.first(scope).ok()),
         }),
         _ => None,
     };
     // Only a grant is checked against who is on call; ending access never is.
     let gate = match (&rule.oncall, &actor) {
-        (Some(o), Some(user)) if !ends && grants(&proposals) => match gate(o, user, scope, now) {
+        (Some(o), Some(user)) if granting => match gate(o, user, scope, judged) {
             Ok(g) => Some(Box::new(g)),
             Err(why) => {
                 let reason = format!("oncall: {why}");
@@ -341,27 +349,7 @@ fn apply(rule: &Rule, scope: Scope<'_>, now: Option<SystemTime>) -> Applied {
     };
     match decided {
         Ok(decisions) => {
-            let mut detail = format!("{} decision(s)", decisions.len());
-            match &binding.subject {
-                Some(s) => detail.push_str(&format!("; subject `{}`", printable(s))),
-                None => detail.push_str("; no subject"),
-            }
-            if binding.ends_subject {
-                detail.push_str(
-                    "; ends the subject: every request approved under it and not yet revoked is revoked, and later approves under it are refused",
-                );
-            }
-            if binding.reopens_subject {
-                detail.push_str(
-                    "; reopens the subject if it ended: approves under it are taken again",
-                );
-            }
-            if let Some(g) = &binding.gate {
-                detail.push_str(&format!(
-                    "; approves are sent only once the worker has checked: {}",
-                    g.describe()
-                ));
-            }
+            let detail = detail(&decisions, &binding);
             Applied::Decided {
                 actor,
                 decisions,
@@ -376,83 +364,230 @@ fn apply(rule: &Rule, scope: Scope<'_>, now: Option<SystemTime>) -> Applied {
     }
 }
 
+/// Why a rule proposes nothing for a scope.
+enum NoProposal {
+    /// No command: the rule does not match.
+    NoMatch(String),
+    /// A refusal, with the reason.
+    Rejected(String),
+}
+
+/// What a rule proposes for one scope: its `/p0` commands, its extracted fields, or nothing
+/// (an end or a reopening of its own).
+fn proposals(rule: &Rule, scope: Scope<'_>, ends: bool) -> Result<Vec<Proposal>, NoProposal> {
+    match &rule.produce {
+        Produce::Command(sel) => {
+            let mut proposals = Vec::new();
+            for text in sel.values_in(scope) {
+                match command::parse(&text) {
+                    Ok(cmds) => proposals.extend(cmds.into_iter().map(|c| Proposal {
+                        action: c.action.as_str().to_owned(),
+                        request_id: c.request_id,
+                        expiration: c.duration,
+                    })),
+                    Err(reason) => {
+                        return Err(NoProposal::Rejected(format!(
+                            "malformed /p0 command: {reason}"
+                        )));
+                    }
+                }
+            }
+            if proposals.is_empty() {
+                return Err(NoProposal::NoMatch(format!(
+                    "no /p0 command in {}",
+                    sel.describe()
+                )));
+            }
+            Ok(proposals)
+        }
+        Produce::Nothing => Ok(Vec::new()),
+        Produce::Fields(f) => {
+            match fields(scope, &f.action, &f.request_id, f.expiration.as_ref()) {
+                // A request ID that someone other than the approver wrote (a title, a label,
+                // a pull request's body) is approved only alone: one acknowledgement, one
+                // request, the one its answer names.
+                Ok(p) if grants_any(&p) && p.len() > 1 => {
+                    let ids: Vec<String> = p.iter().map(|x| printable(&x.request_id)).collect();
+                    Err(NoProposal::Rejected(format!(
+                        "request_id: names {} requests ({}); a grant approves exactly one",
+                        ids.len(),
+                        ids.join(", ")
+                    )))
+                }
+                Ok(p) => Ok(p),
+                // An ending event may name a request too; when it names none, only the end's
+                // own revocations are made.
+                Err(_) if ends => Ok(Vec::new()),
+                Err(reason) => Err(NoProposal::Rejected(reason)),
+            }
+        }
+    }
+}
+
+/// Why this event may not grant through `rule`, if it may not: its actor is missing, or the
+/// rule has none and its grants are off. (The approver list is `policy::decide`'s.)
+fn who_may_not_grant(rule: &Rule, actor: Option<&str>, proposals: &[Proposal]) -> Option<String> {
+    if let Some(off) = &rule.actorless {
+        return (!off.on).then(|| {
+            format!(
+                "grants without an actor are off for this rule ({}=on turns them on)",
+                off.switch
+            )
+        });
+    }
+    match (&rule.actor, actor) {
+        (Some(sel), None) => Some(format!(
+            "no actor: the event names nobody at {} to approve {}",
+            sel.describe(),
+            proposals
+                .iter()
+                .filter(|p| p.action.trim().eq_ignore_ascii_case("approve"))
+                .map(|p| printable(&p.request_id))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )),
+        _ => None,
+    }
+}
+
+/// The subject a rule binds its decisions to in this scope.
+fn subject(
+    rule: &Rule,
+    scope: Scope<'_>,
+    ends: bool,
+    reopens: bool,
+) -> Result<Option<String>, String> {
+    match rule.subject.as_ref().map(|s| s.first(scope)) {
+        None => Ok(None),
+        // Subjects name incidents, alerts and issues; a longer one is not one of those, and
+        // could not be stored in the index that finds what an end revokes.
+        Some(Ok(s)) if s.len() > MAX_SUBJECT => {
+            Err(format!("subject: longer than {MAX_SUBJECT} bytes"))
+        }
+        Some(Ok(s)) => Ok(Some(s)),
+        // A grant of a rule whose subject can end must be bound to it, or no end revokes it.
+        Some(Err(why))
+            if ends
+                || reopens
+                || !matches!(rule.ends_subject, Flag::Never)
+                || !matches!(rule.reopens_subject, Flag::Never) =>
+        {
+            Err(format!("subject: {why}"))
+        }
+        Some(Err(_)) => Ok(None),
+    }
+}
+
+/// What `explain` says about a rule's decisions and their binding.
+fn detail(decisions: &[Decision], binding: &Binding) -> String {
+    let mut detail = format!("{} decision(s)", decisions.len());
+    match &binding.subject {
+        Some(s) => detail.push_str(&format!("; subject `{}`", printable(s))),
+        None => detail.push_str("; no subject"),
+    }
+    if binding.ends_subject {
+        detail.push_str(
+            "; ends the subject: every request approved under it and not yet revoked is revoked, and later approves under it are refused",
+        );
+    }
+    if binding.reopens_subject {
+        detail.push_str("; reopens the subject if it ended: approves under it are taken again");
+    }
+    if let Some(g) = &binding.gate {
+        detail.push_str(&format!(
+            "; approves are sent only once the worker has checked: {}",
+            g.describe()
+        ));
+    }
+    detail
+}
+
 /// Whether any proposal asks to approve.
-fn grants(proposals: &[Proposal]) -> bool {
+fn grants_any(proposals: &[Proposal]) -> bool {
     proposals
         .iter()
         .any(|p| p.action.trim().eq_ignore_ascii_case("approve"))
 }
 
-/// The on-call check of one event: its values extracted, as of the event's time.
-fn gate(o: &Oncall, user: &str, scope: Scope<'_>, now: Option<SystemTime>) -> Result<Gate, String> {
-    let at_ms = |at: &Option<Selector>| -> Result<i64, String> {
-        let ms = |t: SystemTime| {
-            t.duration_since(SystemTime::UNIX_EPOCH)
-                .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-        };
-        let Some(sel) = at else {
-            return Ok(now.map_or(0, ms));
-        };
-        let Some(text) = sel.values_in(scope).into_iter().next() else {
-            return Ok(now.map_or(0, ms));
-        };
-        if let Ok(n) = text.parse::<i64>() {
-            // A Unix time, its unit read from its size (Opsgenie's `updatedAt` is nanoseconds,
-            // its `createdAt` milliseconds): seconds until 5138, then ms, µs and ns.
-            return Ok(if n < 100_000_000_000 {
-                n.saturating_mul(1000)
-            } else if n < 100_000_000_000_000 {
-                n
-            } else if n < 100_000_000_000_000_000 {
-                n / 1000
-            } else {
-                n / 1_000_000
-            });
-        }
-        super::replay::parse_rfc3339(&text).map(ms).ok_or_else(|| {
-            format!(
-                "at: `{}` ({}) is not RFC 3339 or a Unix time",
-                printable(&text),
-                sel.describe()
-            )
-        })
-    };
-    if user.is_empty() || user.len() > 256 {
-        return Err("the actor is empty or longer than 256 bytes".into());
+/// Whether any decision approves.
+fn grants(decisions: &[Decision]) -> bool {
+    decisions.iter().any(|d| d.action == Action::Approve)
+}
+
+/// The on-call check of one event: who, about which incident, as of the moment judged, in
+/// the scope the operator pinned.
+fn gate(
+    o: &Oncall,
+    user: &str,
+    scope: Scope<'_>,
+    judged: Option<SystemTime>,
+) -> Result<Gate, String> {
+    let at_ms = judged.map_or(0, |t| {
+        t.duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+    });
+    if user.len() > 256 {
+        return Err("the actor is longer than 256 bytes".into());
     }
     Ok(match o {
         Oncall::PagerDuty {
             escalation_policy,
             incident,
-            max_level,
-            schedules,
-            at,
+            scope: pinned,
         } => {
             let escalation_policy = escalation_policy.as_ref().and_then(|e| e.first(scope).ok());
             let incident = incident.as_ref().and_then(|e| e.first(scope).ok());
             if escalation_policy.is_none() && incident.is_none() {
                 return Err("no escalation policy and no incident in the event".into());
             }
-            Gate::PagerDuty {
+            let unchecked = Gate::PagerDuty {
                 user: user.to_owned(),
                 escalation_policy,
                 incident,
-                max_level: *max_level,
-                schedules: schedules.clone(),
-                at_ms: at_ms(at)?,
+                escalation_policies: Vec::new(),
+                max_level: None,
+                schedules: Vec::new(),
+                at_ms,
+            };
+            unchecked.rescoped(pinned).unwrap_or(unchecked)
+        }
+        Oncall::Opsgenie { scope: pinned } => {
+            let unchecked = Gate::Opsgenie {
+                jsm: false,
+                user: user.to_owned(),
+                schedules: Vec::new(),
+                at_ms,
+            };
+            unchecked.rescoped(pinned).unwrap_or(unchecked)
+        }
+        Oncall::GitHub {
+            owner,
+            scope: pinned,
+        } => {
+            let GateScope::GitHub { org, teams } = pinned else {
+                return Err("not a GitHub scope".into());
+            };
+            // Teams are the pinned organization's: a delivery from a repository of another
+            // owner (a hook or App covering several) is not judged by them.
+            let found = owner.values_in(scope).into_iter().next();
+            match found {
+                Some(o) if o.eq_ignore_ascii_case(org) => {}
+                Some(o) => {
+                    return Err(format!(
+                        "the repository belongs to `{}`, not to the organization whose teams this check asks",
+                        printable(&o)
+                    ));
+                }
+                None => {
+                    return Err(format!("no repository owner at {}", owner.describe()));
+                }
+            }
+            Gate::GitHub {
+                user: user.to_owned(),
+                org: org.clone(),
+                teams: teams.clone(),
             }
         }
-        Oncall::Opsgenie { jsm, schedules, at } => Gate::Opsgenie {
-            jsm: *jsm,
-            user: user.to_owned(),
-            schedules: schedules.clone(),
-            at_ms: at_ms(at)?,
-        },
-        Oncall::GitHub { org, teams } => Gate::GitHub {
-            user: user.to_owned(),
-            org: org.first(scope).map_err(|e| format!("org: {e}"))?,
-            teams: teams.clone(),
-        },
     })
 }
 

@@ -142,7 +142,12 @@ pub enum Test {
 
 #[derive(Debug, Clone)]
 pub enum Condition {
-    Test { selector: Selector, test: Test },
+    Test {
+        selector: Selector,
+        test: Test,
+        /// The values are GitHub Markdown, tested as their reader sees them rendered.
+        markdown: bool,
+    },
     Not(Box<Condition>),
     Any(Vec<Condition>),
 }
@@ -153,8 +158,12 @@ impl Condition {
         match self {
             Condition::Not(inner) => !inner.holds(input),
             Condition::Any(all) => all.iter().any(|c| c.holds(input)),
-            Condition::Test { selector, test } => {
-                let values = selector.values_in(input);
+            Condition::Test {
+                selector,
+                test,
+                markdown,
+            } => {
+                let values = visible(selector.values_in(input), *markdown);
                 match test {
                     Test::Exists(want) => values.is_empty() != *want,
                     Test::Equals(x) => values.iter().any(|v| v == x),
@@ -176,7 +185,7 @@ impl Condition {
                     .collect::<Vec<_>>()
                     .join("; ")
             ),
-            Condition::Test { selector, test } => {
+            Condition::Test { selector, test, .. } => {
                 let s = selector.describe();
                 match test {
                     Test::Exists(true) => format!("{s} exists"),
@@ -223,6 +232,49 @@ pub struct Extract {
     pub regex: Option<Regex>,
     pub map: Option<BTreeMap<String, String>>,
     pub default: Option<String>,
+    /// The values are GitHub Markdown: what a reader cannot see rendered is dropped first.
+    pub markdown: bool,
+}
+
+/// `values` as their reader sees them when `markdown` says they are GitHub Markdown.
+fn visible(values: Vec<Cow<'_, str>>, markdown: bool) -> Vec<Cow<'_, str>> {
+    if !markdown {
+        return values;
+    }
+    values
+        .into_iter()
+        .map(|v| match visible_markdown(&v) {
+            Cow::Borrowed(_) => v,
+            Cow::Owned(o) => Cow::Owned(o),
+        })
+        .collect()
+}
+
+/// Markdown text without what its reader never sees rendered: HTML comments (`<!-- ... -->`,
+/// and an unclosed one to the end, as GitHub renders it). A line hidden in one (a
+/// `P0-Request:` in a pull request's template comment) is not the approver's to have seen.
+pub fn visible_markdown(text: &str) -> Cow<'_, str> {
+    if !text.contains("<!--") {
+        return Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(open) = rest.find("<!--") {
+        out.push_str(&rest[..open]);
+        let after = &rest[open + 4..];
+        match after.find("-->") {
+            Some(close) => {
+                // What the comment hid is gone, but the lines around it stay lines.
+                out.extend(after[..close].chars().filter(|c| *c == '\n'));
+                rest = &after[close + 3..];
+            }
+            None => {
+                rest = "";
+            }
+        }
+    }
+    out.push_str(rest);
+    Cow::Owned(out)
 }
 
 #[derive(Debug, Clone)]
@@ -264,6 +316,17 @@ fn fill(parts: &[Part], input: Scope<'_>) -> Result<String, String> {
 }
 
 impl Extract {
+    /// A constant value.
+    pub fn constant(value: &str) -> Extract {
+        Extract {
+            from: From::Constant(value.to_owned()),
+            regex: None,
+            map: None,
+            default: None,
+            markdown: false,
+        }
+    }
+
     /// Every value, in order and without repeats; the default when there is none; otherwise an
     /// error saying why nothing came out.
     pub fn all(&self, input: Scope<'_>) -> Result<Vec<String>, String> {
@@ -273,7 +336,7 @@ impl Extract {
         };
         let raw: Vec<Cow<'_, str>> = match &self.from {
             From::Constant(c) => vec![Cow::Borrowed(c.as_str())],
-            From::Select(sel) => sel.values_in(input),
+            From::Select(sel) => visible(sel.values_in(input), self.markdown),
             From::Template(parts) => match fill(parts, input) {
                 Ok(v) => vec![Cow::Owned(v)],
                 Err(e) => {
@@ -377,6 +440,22 @@ mod tests {
                 .map(|refs| refs.into_iter().map(|r| r.val()).collect())
                 .unwrap_or_default();
             prop_assert_eq!(walked.into_iter().collect::<Vec<_>>(), engine);
+        }
+    }
+
+    #[test]
+    fn markdown_as_its_reader_sees_it() {
+        for (text, want) in [
+            ("P0-Request: a", "P0-Request: a"),
+            (
+                "x\n<!--\nP0-Request: hidden\n-->\nP0-Request: seen",
+                "x\n\n\n\nP0-Request: seen",
+            ),
+            ("a <!-- b --> c", "a  c"),
+            ("before <!-- never closed\nP0-Request: x", "before "),
+            ("<!----> y", " y"),
+        ] {
+            assert_eq!(visible_markdown(text), want, "{text:?}");
         }
     }
 

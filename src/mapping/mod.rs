@@ -23,7 +23,7 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 use crate::domain::printable;
-use crate::domain::{Action, Binding, Expiration, Gate, Reply, Via};
+use crate::domain::{Action, Binding, Expiration, Gate, GateScope, Reply, Via};
 use crate::env::Env;
 use crate::policy::{self, Allowlist, Decision, Proposal, RulePolicy};
 use crate::verify::Verifier;
@@ -112,6 +112,10 @@ pub enum Verdict {
         /// The subject, where to answer, and whether the event ends the subject (for a
         /// `for_each` rule, the first element's; each element carries its own).
         binding: Binding,
+        /// Why the approves among `decisions` are refused although the rule allowed them (the
+        /// event is older than its source's grants may be): they are stored only to be
+        /// recorded refused and answered back, never sent. Each element carries its own.
+        refused: Option<String>,
     },
 }
 
@@ -125,6 +129,8 @@ pub struct Element {
     pub decisions: usize,
     /// The element's subject (an alert's fingerprint), where to answer, and whether it ends.
     pub binding: Binding,
+    /// Why the element's approves are refused (see `Verdict::Decided`).
+    pub refused: Option<String>,
 }
 
 /// The dedup key of one element: the delivery's key and the element's, joined; a digest when
@@ -153,7 +159,7 @@ pub struct Mapping {
     pub file: PathBuf,
     pub verifier: Verifier,
     dedup: replay::Dedup,
-    freshness: Option<replay::Freshness>,
+    freshness: replay::Freshness,
     /// Where a delivery says how many elements its sender left out (`truncated`).
     truncated: Option<Selector>,
     rules: Vec<Rule>,
@@ -178,9 +184,24 @@ struct Rule {
     reopens_subject: Flag,
     answer: Option<Answer>,
     oncall: Option<Oncall>,
+    /// The rule approves with no actor (`actorless`): whether it may, and whose word it
+    /// trusts then.
+    actorless: Option<Actorless>,
+    /// Who may grant through this rule, in one line for `check` (`None`: it grants nothing).
+    grants: Option<String>,
 }
 
-/// A compiled `oncall`: what the worker checks before it sends an approve of this rule.
+/// A rule's `actorless`: approves with no person behind them.
+#[derive(Debug)]
+struct Actorless {
+    /// Off unless the operator turned it on: such approves are refused, ends still end.
+    on: bool,
+    /// The switch, as the operator sets it (`ALERTMANAGER_GRANTS`), for messages.
+    switch: String,
+}
+
+/// A compiled `oncall`: what the worker checks before it sends an approve of this rule. The
+/// scope (`GateScope`) comes from the operator; the payload only says which incident and who.
 /// Compiled once per rule, never copied per request, so its variants' sizes do not matter.
 #[derive(Debug)]
 #[allow(clippy::large_enum_variant)]
@@ -188,19 +209,26 @@ enum Oncall {
     PagerDuty {
         escalation_policy: Option<Extract>,
         incident: Option<Extract>,
-        max_level: Option<u32>,
-        schedules: Vec<String>,
-        at: Option<Selector>,
+        scope: GateScope,
     },
     Opsgenie {
-        jsm: bool,
-        schedules: Vec<String>,
-        at: Option<Selector>,
+        scope: GateScope,
     },
     GitHub {
-        org: Extract,
-        teams: Vec<String>,
+        /// Where the payload names the repository's owner, which must be the pinned org.
+        owner: Selector,
+        scope: GateScope,
     },
+}
+
+impl Oncall {
+    fn scope(&self) -> &GateScope {
+        match self {
+            Oncall::PagerDuty { scope, .. }
+            | Oncall::Opsgenie { scope }
+            | Oncall::GitHub { scope, .. } => scope,
+        }
+    }
 }
 
 /// When a rule's event ends (or reopens) its subject: compiled `ends_subject` and
@@ -235,6 +263,8 @@ impl Flag {
 #[derive(Debug)]
 struct Answer {
     via: Via,
+    /// Where to answer when that is not the subject (GitHub: `owner/repo#number`).
+    on: Option<Extract>,
     comment: Option<Extract>,
 }
 
@@ -315,7 +345,14 @@ mod tests {
         }
     }
 
-    fn mapping(rules: Value) -> Mapping {
+    /// Rules that name no actor are given `actorless` grants here: these tests are about
+    /// conditions and extraction, not about who may grant.
+    fn mapping(mut rules: Value) -> Mapping {
+        for rule in rules.as_array_mut().into_iter().flatten() {
+            if rule.get("actor").is_none() {
+                rule["actorless"] = json!({ "grants": "on", "trusts": "the tests" });
+            }
+        }
         let tree = json!({ "verify": { "scheme": "token", "secrets": "t" }, "rules": rules });
         compile(
             "src",
@@ -646,27 +683,32 @@ mod tests {
 
     #[test]
     fn oncall_errors_name_rule_and_field() {
-        let rule = |name: &str, oncall: Value| json!({ "name": name, "command": { "path": "$.x" }, "actor": { "path": "$.by" }, "oncall": oncall });
+        let rule = |name: &str, oncall: Value| json!({ "name": name, "command": { "path": "$.x" }, "actor": { "path": "$.by", "allow": "*" }, "oncall": oncall });
         let tree = json!({
             "verify": { "scheme": "token", "secrets": "t" },
             "rules": [
-                rule("a", json!({ "check": "github", "teams": "sre" })),
-                rule("b", json!({ "check": "github", "org": { "path": "$.o" } })),
+                rule("a", json!({ "check": "github", "teams": "sre", "owner": { "path": "$.o" } })),
+                rule("b", json!({ "check": "github", "org": "acme", "owner": { "path": "$.o" } })),
                 rule("c", json!({ "check": "opsgenie", "enabled": "on" })),
-                rule("d", json!({ "check": "pagerduty" })),
-                rule("e", json!({ "check": "pagerduty", "incident": { "path": "$.i" }, "max_level": "0" })),
+                rule("d", json!({ "check": "pagerduty", "escalation_policies": "P1" })),
+                rule("e", json!({ "check": "pagerduty", "incident": { "path": "$.i" }, "escalation_policies": "P1", "max_level": "0" })),
                 rule("f", json!({ "check": "pagerduty", "incident": { "path": "$.i" }, "teams": "x" })),
                 rule("g", json!({ "check": "pagerduty", "incident": { "path": "$.i" }, "enabled": "maybe" })),
                 rule("h", json!({ "check": "teleport" })),
-                { "name": "i", "command": { "path": "$.x" }, "oncall": { "check": "github", "org": { "path": "$.o" }, "teams": "sre" } },
-                rule("j", json!({ "check": "opsgenie", "enabled": "off" }))
+                { "name": "i", "command": { "path": "$.x" }, "actorless": { "grants": "on", "trusts": "t" },
+                  "oncall": { "check": "github", "org": "acme", "owner": { "path": "$.o" }, "teams": "sre" } },
+                rule("j", json!({ "check": "opsgenie", "enabled": "off" })),
+                rule("k", json!({ "check": "pagerduty", "incident": { "path": "$.i" } })),
+                rule("l", json!({ "check": "github", "org": { "path": "$.repository.owner.login" }, "owner": { "path": "$.o" }, "teams": "sre" })),
+                rule("m", json!({ "check": "github", "org": "acme", "teams": "sre" })),
+                rule("n", json!({ "check": "opsgenie", "schedules": "s", "at": { "path": "$.at" } }))
             ]
         });
         let errors =
             compile("s", Path::new("s.yaml"), tree, &Env::default(), &defaults()).unwrap_err();
         let all = errors.join("\n");
         for fragment in [
-            "s.yaml: rule `a`: oncall: the github check needs `org`",
+            "s.yaml: rule `a`: oncall: the github check needs a pinned `org`",
             "s.yaml: rule `b`: oncall: the github check needs `teams`",
             "s.yaml: rule `c`: oncall: the opsgenie check needs `schedules`",
             "s.yaml: rule `d`: oncall: the pagerduty check needs `escalation_policy` or `incident`",
@@ -675,30 +717,121 @@ mod tests {
             "s.yaml: rule `g`: oncall: enabled: `maybe` is not on or off",
             "s.yaml: rule `h`: oncall: check: `teleport` is not pagerduty, opsgenie, jsm or github",
             "s.yaml: rule `i`: oncall: needs the rule's `actor`",
+            "s.yaml: rule `k`: oncall: the pagerduty check needs pinned `escalation_policies` or `schedules`",
+            "s.yaml: rule `l`: oncall: org: the organization is pinned by name",
+            "s.yaml: rule `m`: oncall: the github check needs `owner`",
+            "s.yaml: rule `n`: oncall: at: the moment judged is the mapping's signed event time",
         ] {
             assert!(all.contains(fragment), "missing {fragment:?} in:\n{all}");
         }
         assert!(
-            !all.contains("rule `j`"),
-            "a check turned off needs nothing:\n{all}"
+            all.contains("rule `j`: actor.allow: `*` (anyone) is accepted only with the rule's on-call check on"),
+            "a check turned off is no check, so `*` is refused:\n{all}"
         );
     }
 
     #[test]
-    fn oncall_gates_grants_as_of_the_event() {
-        let tree = json!({
-            "verify": { "scheme": "token", "secrets": "t" },
-            "subject": { "path": "$.alert" },
-            "rules": [
-                { "name": "r", "action": { "path": "$.action" }, "request_id": { "path": "$.req" },
-                  "actor": { "path": "$.by" },
-                  "oncall": { "check": "opsgenie", "schedules": "primary, secondary", "at": { "path": "$.at" } } }
-            ]
-        });
-        let m = compile("s", Path::new("s.yaml"), tree, &Env::default(), &defaults()).unwrap();
+    fn nobody_grants_unless_named() {
+        let errors = |rules: Value| {
+            let tree = json!({ "verify": { "scheme": "github", "secrets": "t" }, "rules": rules });
+            compile("s", Path::new("s.yaml"), tree, &Env::default(), &defaults())
+                .err()
+                .unwrap_or_default()
+                .join("\n")
+        };
+        // A rule that may approve names its actor, or says it has none.
+        let all =
+            errors(json!([{ "name": "a", "action": "approve", "request_id": { "path": "$.id" } }]));
+        assert!(
+            all.contains("rule `a`: actor: a rule that may approve names who approves"),
+            "{all}"
+        );
+        // One that only revokes or denies needs neither.
+        let all = errors(
+            json!([{ "name": "b", "action": "deny", "request_id": { "path": "$.id" }, "actions": ["deny"] }]),
+        );
+        assert_eq!(all, "");
+        // Both at once is a contradiction.
+        let all = errors(
+            json!([{ "name": "c", "command": { "path": "$.x" }, "actor": { "path": "$.by" },
+                                  "actorless": { "grants": "on", "trusts": "t" } }]),
+        );
+        assert!(
+            all.contains("actorless: the rule names its `actor`"),
+            "{all}"
+        );
+        // An unset approver list is nobody; a missing actor refuses the grant, listed or not.
+        let m = |allow: &str| {
+            let tree = json!({ "verify": { "scheme": "github", "secrets": "t" },
+                "rules": [ { "name": "r", "command": { "path": "$.x" }, "actor": { "path": "$.by", "allow": allow } } ] });
+            compile("s", Path::new("s.yaml"), tree, &Env::default(), &defaults()).unwrap()
+        };
         let headers = HeaderMap::new();
+        let say = |m: &Mapping, body: Value| {
+            cases::describe(&m.decide(
+                Input {
+                    headers: &headers,
+                    body: &body,
+                },
+                None,
+            ))
+        };
+        let grant = json!({ "x": "/p0 approve r-1", "by": "alice" });
+        assert!(say(&m(""), grant.clone()).contains("`alice` is not allowed"));
+        assert!(say(&m("alice"), grant).contains("decided [approve r-1"));
+        for nobody in [
+            json!({ "x": "/p0 approve r-1" }),
+            json!({ "x": "/p0 approve r-1", "by": "" }),
+            json!({ "x": "/p0 approve r-1", "by": null }),
+        ] {
+            assert!(
+                say(&m("alice"), nobody.clone()).contains("no actor"),
+                "{nobody}"
+            );
+        }
+        // Grants with no actor are off unless turned on; an end still ends.
+        let actorless = |grants: &str| {
+            let tree = json!({ "verify": { "scheme": "token", "secrets": "t" },
+                "rules": [ { "name": "r", "for_each": { "path": "$.alerts[*]" },
+                             "subject": { "path": "@.fp" },
+                             "ends_subject": { "path": "@.status", "equals": "resolved" },
+                             "action": { "path": "@.status", "map": { "firing": "approve", "resolved": "revoke" } },
+                             "request_id": { "path": "@.req" }, "actions": ["approve", "revoke"],
+                             "actorless": { "grants": grants, "trusts": "whoever posts alerts" } } ] });
+            compile("s", Path::new("s.yaml"), tree, &Env::default(), &defaults()).unwrap()
+        };
+        let firing = json!({ "alerts": [ { "fp": "a", "status": "firing", "req": "r-1" } ] });
+        assert!(say(&actorless("on"), firing.clone()).contains("decided [approve r-1"));
+        assert!(say(&actorless("off"), firing).contains("grants without an actor are off"));
+        let both = json!({ "alerts": [ { "fp": "a", "status": "firing", "req": "r-1" }, { "fp": "b", "status": "resolved" } ] });
+        let said = say(&actorless(""), both);
+        assert!(said.contains("ending subject(s) `b`"), "{said}");
+        assert!(said.contains("decided []"), "{said}");
+        assert_eq!(
+            actorless("on").warnings,
+            [
+                "source `s`, rule `r`: approves with no actor (actorless.grants=on): it trusts whoever posts alerts"
+            ]
+        );
+    }
+
+    #[test]
+    fn oncall_gates_grants_as_of_the_moment_judged() {
+        let tree = |scheme: &str, freshness: Value| {
+            json!({
+                "verify": { "scheme": scheme, "secrets": "t" },
+                "subject": { "path": "$.alert" },
+                "freshness": freshness,
+                "rules": [
+                    { "name": "r", "action": { "path": "$.action" }, "request_id": { "path": "$.req" },
+                      "actor": { "path": "$.by", "allow": "*" },
+                      "oncall": { "check": "opsgenie", "schedules": "primary, secondary" } }
+                ]
+            })
+        };
         let now = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_800_000_000);
-        let gate = |body: Value| match m.decide(
+        let headers = HeaderMap::new();
+        let gate = |m: &Mapping, body: Value| match m.decide(
             Input {
                 headers: &headers,
                 body: &body,
@@ -709,57 +842,85 @@ mod tests {
             Verdict::Rejected { reason, .. } => Err(reason),
             Verdict::Ignored => Err("ignored".into()),
         };
-        let at = |at: Value| match gate(
-            json!({ "alert": "a", "action": "approve", "req": "r-1", "by": "Jane@acme.example", "at": at }),
-        ) {
-            Ok(Some(crate::domain::Gate::Opsgenie {
-                at_ms,
-                user,
-                schedules,
-                jsm,
-            })) => {
-                assert_eq!(
-                    (user.as_str(), schedules.len(), jsm),
-                    ("Jane@acme.example", 2, false)
-                );
-                Ok(at_ms)
-            }
-            other => Err(format!("{other:?}")),
-        };
-        // Opsgenie's updatedAt is nanoseconds, createdAt milliseconds; seconds and RFC 3339 too.
-        for (t, ms) in [
-            (json!(1764239100456000123u64), 1_764_239_100_456),
-            (json!(1764239100456u64), 1_764_239_100_456),
-            (json!(1764239100456000u64), 1_764_239_100_456),
-            (json!(1764239100), 1_764_239_100_000),
-            (json!("2025-11-27T10:25:00.456Z"), 1_764_239_100_456),
-        ] {
-            assert_eq!(at(t.clone()), Ok(ms), "{t}");
-        }
-        // Without a time the receipt's counts; a time that is neither refuses the grant.
-        let none =
-            gate(json!({ "alert": "a", "action": "approve", "req": "r-1", "by": "j" })).unwrap();
-        assert!(matches!(
-            none,
-            Some(crate::domain::Gate::Opsgenie {
-                at_ms: 1_800_000_000_000,
-                ..
-            })
-        ));
-        let bad = gate(
-            json!({ "alert": "a", "action": "approve", "req": "r-1", "by": "j", "at": "yesterday" }),
+        // A token holder writes the whole body: its times count for nothing, the receipt does.
+        let token = compile(
+            "s",
+            Path::new("s.yaml"),
+            tree("token", json!({ "max_age": "1h" })),
+            &Env::default(),
+            &defaults(),
+        )
+        .unwrap();
+        let g = gate(
+            &token,
+            json!({ "alert": "a", "action": "approve", "req": "r-1", "by": "U1", "at": "2025-11-27T10:25:00Z" }),
         );
         assert!(
-            bad.unwrap_err()
-                .contains("at: `yesterday` ($.at) is not RFC 3339 or a Unix time")
+            matches!(&g, Ok(Some(crate::domain::Gate::Opsgenie { at_ms: 1_800_000_000_000, user, schedules, jsm: false })) if user == "U1" && schedules.len() == 2),
+            "{g:?}"
+        );
+        // Nor may such a source name a time to judge by.
+        let err = compile(
+            "s",
+            Path::new("s.yaml"),
+            tree("token", json!({ "time": [ { "path": "$.at" } ] })),
+            &Env::default(),
+            &defaults(),
+        )
+        .unwrap_err()
+        .join("\n");
+        assert!(
+            err.contains("freshness: time: this source's verification signs no body"),
+            "{err}"
+        );
+        // A signed body's event time is the moment judged (and must be fresh).
+        let signed = compile(
+            "s",
+            Path::new("s.yaml"),
+            tree("github", json!({ "time": [ { "path": "$.at" } ] })),
+            &Env::default(),
+            &defaults(),
+        )
+        .unwrap();
+        let g = gate(
+            &signed,
+            json!({ "alert": "a", "action": "approve", "req": "r-1", "by": "U1", "at": "2027-01-15T07:59:00.456Z" }),
+        );
+        assert!(
+            matches!(
+                g,
+                Ok(Some(crate::domain::Gate::Opsgenie {
+                    at_ms: 1_799_999_940_456,
+                    ..
+                }))
+            ),
+            "{g:?}"
         );
         // Ending access is never checked.
         for action in ["revoke", "deny"] {
             let g = gate(
-                json!({ "alert": "a", "action": action, "req": "r-1", "by": "j", "at": "yesterday" }),
+                &token,
+                json!({ "alert": "a", "action": action, "req": "r-1", "by": "U1" }),
             );
             assert_eq!(g, Ok(None), "{action}");
         }
+        // No freshness for a gated rule: its moment could be any old one a replay carries.
+        let err = compile(
+            "s",
+            Path::new("s.yaml"),
+            tree(
+                "github",
+                json!({ "time": [ { "path": "$.at" } ], "max_age": "0" }),
+            ),
+            &Env::default(),
+            &defaults(),
+        )
+        .unwrap_err()
+        .join("\n");
+        assert!(
+            err.contains("freshness: max_age: 0 turns freshness off, which rule `r` may not"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -767,7 +928,7 @@ mod tests {
         let tree = json!({
             "verify": { "scheme": "token", "secrets": "t" },
             "dedup": { "key": [ { "header": "X-Id" } ], "fallback": [ { "path": "$.a" }, { "path": "$.b" } ] },
-            "rules": [ { "name": "r", "command": { "path": "$.x" } } ]
+            "rules": [ { "name": "r", "command": { "path": "$.x" }, "actor": { "path": "$.by", "allow": "a" } } ]
         });
         let m = compile("s", Path::new("s.yaml"), tree, &Env::default(), &defaults()).unwrap();
         let mut headers = HeaderMap::new();
@@ -795,7 +956,7 @@ mod tests {
                 { "name": "comment", "key": [ { "path": "$.comment.id" }, { "path": "$.action" } ] },
                 { "key": [ { "header": "X-Id" } ] }
             ],
-            "rules": [ { "name": "r", "command": { "path": "$.x" } } ]
+            "rules": [ { "name": "r", "command": { "path": "$.x" }, "actor": { "path": "$.by", "allow": "a" } } ]
         });
         let m = compile("s", Path::new("s.yaml"), tree, &Env::default(), &defaults()).unwrap();
         let mut headers = HeaderMap::new();
@@ -822,7 +983,7 @@ mod tests {
             "verify": { "scheme": "token", "secrets": "t" },
             "dedup": [ { "name": "a b", "key": [ { "path": "$[" } ] }, { "key": [] }, { "kye": [] } ],
             "freshness": { "time": [ { "header": "bad header" } ], "max_age": "soon" },
-            "rules": [ { "name": "r", "command": { "path": "$.x" } } ]
+            "rules": [ { "name": "r", "command": { "path": "$.x" }, "actor": { "path": "$.by", "allow": "a" } } ]
         });
         let all = compile("s", Path::new("s.yaml"), tree, &Env::default(), &defaults())
             .unwrap_err()
@@ -835,7 +996,7 @@ mod tests {
             "verify": { "scheme": "token", "secrets": "t" },
             "dedup": [ { "name": "a b", "key": [ { "path": "$[" } ] }, { "key": [] } ],
             "freshness": { "time": [ { "header": "bad header" } ], "max_age": "soon" },
-            "rules": [ { "name": "r", "command": { "path": "$.x" } } ]
+            "rules": [ { "name": "r", "command": { "path": "$.x" }, "actor": { "path": "$.by", "allow": "a" } } ]
         });
         let all = compile("s", Path::new("s.yaml"), tree, &Env::default(), &defaults())
             .unwrap_err()
@@ -852,13 +1013,13 @@ mod tests {
     }
 
     #[test]
-    fn freshness_refuses_old_and_future_events_and_is_off_without_max_age() {
+    fn freshness_refuses_old_and_future_grants_only() {
         let tree = |max_age: &str| {
             json!({
-                "verify": { "scheme": "token", "secrets": "t" },
+                "verify": { "scheme": "github", "secrets": "t" },
                 "freshness": { "time": [ { "path": "$.created_at" }, { "path": "$.submitted_at" } ],
                                "max_age": max_age },
-                "rules": [ { "name": "r", "command": { "path": "$.x" } } ]
+                "rules": [ { "name": "r", "command": { "path": "$.x" }, "actor": { "path": "$.by", "allow": "a" } } ]
             })
         };
         let m = compile(
@@ -871,7 +1032,7 @@ mod tests {
         .unwrap();
         let now = parse_rfc3339("2026-11-27T10:15:00Z").unwrap();
         let headers = HeaderMap::new();
-        let verdict = |body: Value, now: Option<SystemTime>| {
+        let verdict = |m: &Mapping, body: Value, now: Option<SystemTime>| {
             cases::describe(&m.decide(
                 Input {
                     headers: &headers,
@@ -880,42 +1041,66 @@ mod tests {
                 now,
             ))
         };
-        let cmd = "/p0 deny r-1";
-        let decided = "rule `r` decided [deny r-1 in org acme]";
+        let cmd = "/p0 approve r-1";
+        let decided = "rule `r` decided [approve r-1 1h in org acme]";
+        let refused = |why: &str| {
+            format!("{decided}; its approves refused (stored only to be answered back): {why}")
+        };
         for (body, want) in [
-            (json!({ "x": cmd, "created_at": "2026-11-27T10:06:00Z" }), decided.to_owned()),
-            (json!({ "x": cmd, "submitted_at": "2026-11-27T10:15:59+00:00" }), decided.to_owned()),
             (
-                json!({ "x": cmd, "created_at": "2026-11-27T10:04:59Z" }),
-                "rejected by rule `r`: freshness: event time 2026-11-27T10:04:59Z ($.created_at) is 10m 1s old, more than the 10m allowed".into(),
+                json!({ "x": cmd, "by": "a", "created_at": "2026-11-27T10:06:00Z" }),
+                decided.to_owned(),
             ),
             (
-                json!({ "x": cmd, "created_at": "2026-11-27T10:17:00Z" }),
-                "rejected by rule `r`: freshness: event time 2026-11-27T10:17:00Z ($.created_at) is 2m in the future, more than the 1m of clock skew allowed".into(),
+                json!({ "x": cmd, "by": "a", "submitted_at": "2026-11-27T10:15:59+00:00" }),
+                decided.to_owned(),
             ),
             (
-                json!({ "x": cmd }),
-                "rejected by rule `r`: freshness: no event time at $.created_at or $.submitted_at".into(),
+                json!({ "x": cmd, "by": "a", "created_at": "2026-11-27T10:04:59Z" }),
+                refused(
+                    "event is 10m 1s old (2026-11-27T10:04:59Z at $.created_at); grants must be under 10m",
+                ),
             ),
             (
-                json!({ "x": cmd, "created_at": 1764238500 }),
-                "rejected by rule `r`: freshness: event time `1764238500` at $.created_at is not RFC 3339".into(),
+                json!({ "x": cmd, "by": "a", "created_at": "2026-11-27T10:17:00Z" }),
+                refused(
+                    "event time 2026-11-27T10:17:00Z ($.created_at) is 2m in the future, more than the 1m of clock skew allowed",
+                ),
             ),
-            // Freshness guards actions only: what no rule matches stays ignored.
-            (json!({ "created_at": "2020-01-01T00:00:00Z" }), "ignored".into()),
+            (
+                json!({ "x": cmd, "by": "a" }),
+                refused(
+                    "no event time at $.created_at or $.submitted_at: grants must be under 10m old",
+                ),
+            ),
+            (
+                json!({ "x": cmd, "by": "a", "created_at": 1764238500 }),
+                refused("event time `1764238500` at $.created_at is not RFC 3339"),
+            ),
+            // Ending access is never refused for age.
+            (
+                json!({ "x": "/p0 revoke r-1", "by": "a", "created_at": "2020-01-01T00:00:00Z" }),
+                "rule `r` decided [revoke r-1 in org acme]".into(),
+            ),
+            // What no rule matches stays ignored.
+            (
+                json!({ "created_at": "2020-01-01T00:00:00Z" }),
+                "ignored".into(),
+            ),
         ] {
-            assert_eq!(verdict(body.clone(), Some(now)), want, "{body}");
+            assert_eq!(verdict(&m, body.clone(), Some(now)), want, "{body}");
         }
         // Without a clock (test cases that name no `now`) the check is skipped.
         assert_eq!(
             verdict(
-                json!({ "x": cmd, "created_at": "2020-01-01T00:00:00Z" }),
+                &m,
+                json!({ "x": cmd, "by": "a", "created_at": "2020-01-01T00:00:00Z" }),
                 None
             ),
             decided
         );
-        // An empty max_age (`${GITHUB_MAX_EVENT_AGE:-}` unset) turns it off.
-        let off = compile(
+        // An empty max_age is the default hour; `0` turns the check off.
+        let hour = compile(
             "s",
             Path::new("s.yaml"),
             tree(""),
@@ -923,7 +1108,27 @@ mod tests {
             &defaults(),
         )
         .unwrap();
+        assert_eq!(
+            hour.max_event_age(),
+            Some(std::time::Duration::from_secs(3600))
+        );
+        let off = compile(
+            "s",
+            Path::new("s.yaml"),
+            tree("0"),
+            &Env::default(),
+            &defaults(),
+        )
+        .unwrap();
         assert_eq!(off.max_event_age(), None);
+        assert_eq!(
+            verdict(
+                &off,
+                json!({ "x": cmd, "by": "a", "created_at": "2020-01-01T00:00:00Z" }),
+                Some(now)
+            ),
+            decided
+        );
         assert_eq!(m.max_event_age(), Some(std::time::Duration::from_secs(600)));
     }
 }

@@ -98,9 +98,13 @@ pub struct RawDedupPair {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawFreshness {
-    /// Where the event time (RFC 3339) is: the first selector that yields a value.
+    /// Where the signed body carries the event time (RFC 3339): the first selector that
+    /// yields a value. Absent: the time of receipt (a source that signs no time, or signs it
+    /// in a header its verification already bounds).
+    #[serde(default)]
     pub time: Vec<RawSelector>,
-    /// The oldest event acted on, as a duration (`10m`); empty turns the check off.
+    /// The oldest grant acted on, as a duration (`10m`); empty or absent: 1h; `0` turns the
+    /// check off (refused for a rule with an on-call check).
     pub max_age: Option<String>,
     /// How far in the future an event time may be (clock skew); default `1m`.
     pub max_skew: Option<String>,
@@ -123,6 +127,9 @@ pub struct RawCondition {
     pub one_of: Option<Vec<Value>>,
     pub matches: Option<String>,
     pub exists: Option<bool>,
+    /// As for an extraction: the value is GitHub Markdown, tested as its reader sees it.
+    #[serde(default)]
+    pub markdown: bool,
     pub not: Option<Box<RawCondition>>,
     /// Holds when any of these holds.
     pub any: Option<Vec<RawCondition>>,
@@ -166,6 +173,10 @@ pub struct RawExtractSpec {
     pub regex: Option<String>,
     pub map: Option<BTreeMap<String, String>>,
     pub default: Option<String>,
+    /// The value is GitHub Markdown: what its reader cannot see rendered (HTML comments) is
+    /// dropped before the regex runs.
+    #[serde(default)]
+    pub markdown: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -209,6 +220,22 @@ pub struct RawRule {
     pub answer: Option<RawAnswer>,
     /// An approve is sent only if its actor is on call (checked by the worker, before P0).
     pub oncall: Option<RawOncall>,
+    /// For a rule that may approve but whose events name no person (an alert): whether it
+    /// grants at all, and whose word that trusts. Without it, a rule that may approve must
+    /// name its `actor`.
+    pub actorless: Option<RawActorless>,
+}
+
+/// A rule that approves with no actor: off unless the operator turns it on.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawActorless {
+    /// `on` or `off` (empty is off): the shipped mappings read `ALERTMANAGER_GRANTS` and the
+    /// like, so nothing is approved without a person unless the operator says so.
+    #[serde(default, deserialize_with = "on_off")]
+    pub grants: Option<String>,
+    /// Whose word such a grant trusts, in a few words: every start says it when grants are on.
+    pub trusts: String,
 }
 
 /// A rule's `oncall`: which provider says who is on call, and what to check there.
@@ -219,22 +246,30 @@ pub struct RawOncall {
     pub check: String,
     /// `on` or `off` (`true`, `false`; empty is off); absent, on. The shipped mappings take
     /// it from the environment, so each check is off unless configured.
+    #[serde(default, deserialize_with = "on_off")]
     pub enabled: Option<String>,
     /// PagerDuty: the incident's escalation policy, when the event carries it.
     pub escalation_policy: Option<RawExtract>,
     /// PagerDuty: the incident, fetched for its escalation policy when the event lacks it.
     pub incident: Option<RawExtract>,
-    /// PagerDuty: the highest escalation level that counts (empty: any).
+    /// PagerDuty: the escalation policies that count (comma-separated IDs); the incident's
+    /// must be one of them. This or `schedules` must pin the check.
+    pub escalation_policies: Option<String>,
+    /// PagerDuty: the highest escalation level that counts (empty: 1).
     pub max_level: Option<String>,
-    /// PagerDuty: only on-calls through these schedules count (comma-separated; empty: any).
+    /// PagerDuty: only on-calls through these schedules count (comma-separated IDs).
     /// Opsgenie / JSM: the schedules whose on-call participants may approve (required).
     pub schedules: Option<String>,
-    /// GitHub: the organization whose teams are asked.
+    /// GitHub: the organization whose teams are asked, pinned by name (a constant, never a
+    /// payload path).
     pub org: Option<RawExtract>,
+    /// GitHub: where the payload names the repository's owner; a delivery from another owner
+    /// than `org` is refused.
+    pub owner: Option<RawSelector>,
     /// GitHub: the teams whose active members may approve (comma-separated slugs).
     pub teams: Option<String>,
-    /// The event's time (RFC 3339, or Unix milliseconds): on-call is judged as of then, so a
-    /// check made late still judges the moment of the event. Absent: the time of receipt.
+    /// No longer read: the time judged is the mapping's signed event time
+    /// (`freshness.time`), or the time of receipt. Kept to name the field in its error.
     pub at: Option<RawSelector>,
 }
 
@@ -247,6 +282,9 @@ pub struct RawAnswer {
     pub via: String,
     /// GitHub: the comment the command was written in (a reaction goes on it).
     pub comment: Option<RawExtract>,
+    /// Where to answer when that is not the subject: GitHub's `owner/repo#number` by its
+    /// current name, when the subject is bound to the repository's ID.
+    pub on: Option<RawExtract>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -311,4 +349,19 @@ pub struct RawExpectDecision {
     pub request_id: String,
     pub expiration: Option<String>,
     pub org: Option<String>,
+}
+
+/// A switch as text: `on`/`off` written as such, or as YAML's booleans (`on` unquoted is one
+/// to some YAML readers).
+fn on_off<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    Ok(match Option::<Value>::deserialize(d)? {
+        None | Some(Value::Null) => None,
+        Some(Value::Bool(b)) => Some(if b { "on" } else { "off" }.to_owned()),
+        Some(Value::String(s)) => Some(s),
+        Some(other) => {
+            return Err(serde::de::Error::custom(format!(
+                "`{other}` is not on or off"
+            )));
+        }
+    })
 }

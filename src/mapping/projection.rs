@@ -65,7 +65,7 @@ impl Projection {
         for s in mapping.dedup.selectors() {
             p.add(s);
         }
-        for s in mapping.freshness.iter().flat_map(|f| f.selectors()) {
+        for s in mapping.freshness.selectors() {
             p.add(s);
         }
         if let Some(s) = &mapping.truncated {
@@ -105,27 +105,25 @@ impl Projection {
             if let Some(x) = &rule.subject {
                 p.add_extract(x);
             }
-            if let Some(x) = rule.answer.as_ref().and_then(|a| a.comment.as_ref()) {
+            for x in rule
+                .answer
+                .iter()
+                .flat_map(|a| a.comment.iter().chain(a.on.iter()))
+            {
                 p.add_extract(x);
             }
             match &rule.oncall {
-                None => {}
+                None | Some(Oncall::Opsgenie { .. }) => {}
                 Some(Oncall::PagerDuty {
                     escalation_policy,
                     incident,
-                    at,
                     ..
                 }) => {
                     for x in [escalation_policy, incident].into_iter().flatten() {
                         p.add_extract(x);
                     }
-                    if let Some(s) = at {
-                        p.add(s);
-                    }
                 }
-                Some(Oncall::Opsgenie { at: Some(s), .. }) => p.add(s),
-                Some(Oncall::Opsgenie { at: None, .. }) => {}
-                Some(Oncall::GitHub { org, .. }) => p.add_extract(org),
+                Some(Oncall::GitHub { owner, .. }) => p.add(owner),
             }
         }
         p

@@ -129,24 +129,39 @@ fn bracket(path: &serde_path_to_error::Path) -> String {
     }
 }
 
-/// The compiled `freshness:` section, when it is on.
+/// The compiled `freshness:` section: how old a grant may be, judged on a time the sender
+/// cannot choose. Every mapping has one (1 hour unless it says otherwise).
 #[derive(Debug)]
 pub(super) struct Freshness {
+    /// Where the signed body carries the event time; empty: the time of receipt.
     time: Vec<Selector>,
-    pub(super) max_age: Duration,
+    /// The oldest grant acted on; `None`: the check is off (`max_age: 0`).
+    pub(super) max_age: Option<Duration>,
     max_skew: Duration,
 }
 
 /// Future event times within this are accepted unless `max_skew` says otherwise.
 const DEFAULT_SKEW: Duration = Duration::from_secs(60);
+/// How old a grant may be when the mapping does not say.
+pub const DEFAULT_MAX_AGE: Duration = Duration::from_secs(3600);
 
 impl Freshness {
-    /// `None` when the section is absent or `max_age` is empty (the check is off).
-    pub(super) fn compile(raw: Option<&RawFreshness>) -> Result<Option<Freshness>, Vec<String>> {
-        let Some(raw) = raw else { return Ok(None) };
+    /// Reads `freshness:` (absent: grants judged at receipt, at most an hour old). `signed`
+    /// says whether the source's verification covers the body: only then may the event time
+    /// be read from it (a token holder writes whatever time it likes).
+    pub(super) fn compile(
+        raw: Option<&RawFreshness>,
+        signed: bool,
+    ) -> Result<Freshness, Vec<String>> {
+        let Some(raw) = raw else {
+            return Ok(Freshness::receipt());
+        };
         let mut errors = Vec::new();
-        if raw.time.is_empty() {
-            errors.push("freshness: time: name at least one `path` (or `header`)".into());
+        if !raw.time.is_empty() && !signed {
+            errors.push(
+                "freshness: time: this source's verification signs no body (token, basic or none), so a time in it is the sender's to choose: drop `time` (grants are judged at receipt)"
+                    .into(),
+            );
         }
         let time: Vec<Selector> = raw
             .time
@@ -160,30 +175,43 @@ impl Freshness {
             .collect();
         let mut duration = |field: &str, text: Option<&str>| -> Option<Duration> {
             let text = text.map(str::trim).filter(|t| !t.is_empty())?;
+            if text == "0" {
+                return Some(Duration::ZERO);
+            }
             match humantime::parse_duration(text) {
                 Ok(d) => Some(d),
                 Err(e) => {
                     errors.push(format!(
-                        "freshness: {field}: `{text}` is not a duration like `10m`: {e}"
+                        "freshness: {field}: `{text}` is not a duration like `10m` (or 0 for off): {e}"
                     ));
                     None
                 }
             }
         };
-        let max_age = duration("max_age", raw.max_age.as_deref());
+        let max_age = duration("max_age", raw.max_age.as_deref()).unwrap_or(DEFAULT_MAX_AGE);
         let max_skew = duration("max_skew", raw.max_skew.as_deref()).unwrap_or(DEFAULT_SKEW);
-        if matches!(max_age, Some(d) if d.is_zero()) {
-            errors
-                .push("freshness: max_age: must be more than zero (leave it empty for off)".into());
-        }
         if !errors.is_empty() {
             return Err(errors);
         }
-        Ok(max_age.map(|max_age| Freshness {
+        Ok(Freshness {
             time,
-            max_age,
+            max_age: (!max_age.is_zero()).then_some(max_age),
             max_skew,
-        }))
+        })
+    }
+
+    /// Grants judged at receipt, at most `DEFAULT_MAX_AGE` old: a mapping that says nothing.
+    pub(super) fn receipt() -> Freshness {
+        Freshness {
+            time: Vec::new(),
+            max_age: Some(DEFAULT_MAX_AGE),
+            max_skew: DEFAULT_SKEW,
+        }
+    }
+
+    /// Whether grants are judged on a time the body carries (signed), not the receipt.
+    pub(super) fn signed(&self) -> bool {
+        !self.time.is_empty()
     }
 
     /// The selectors the event time is read from.
@@ -191,9 +219,41 @@ impl Freshness {
         self.time.iter()
     }
 
-    /// `Err(reason)` when the event time is missing, unreadable, older than `max_age` or
-    /// further than `max_skew` in the future, as seen at `now`.
+    /// What the time judged is, in a few words (`check`).
+    pub(super) fn judged_on(&self) -> String {
+        if self.time.is_empty() {
+            "receipt".into()
+        } else {
+            let wheres: Vec<String> = self.time.iter().map(Selector::describe).collect();
+            format!("the signed event time ({})", wheres.join(" or "))
+        }
+    }
+
+    /// The time an event is judged by: its signed event time, read from the body, or the time
+    /// of receipt (`now`) where the body carries none the mapping reads.
+    pub(super) fn event_time(
+        &self,
+        input: Input<'_>,
+        now: Option<SystemTime>,
+    ) -> Option<SystemTime> {
+        if self.time.is_empty() {
+            return now;
+        }
+        self.time
+            .iter()
+            .find_map(|s| s.values(input).into_iter().next())
+            .and_then(|text| parse_rfc3339(&text))
+    }
+
+    /// `Err(reason)` when a grant may not act on this event: its time is missing, unreadable,
+    /// older than `max_age` or further than `max_skew` in the future, as seen at `now`.
     pub(super) fn check(&self, input: Input<'_>, now: SystemTime) -> Result<(), String> {
+        let Some(max_age) = self.max_age else {
+            return Ok(());
+        };
+        if self.time.is_empty() {
+            return Ok(());
+        }
         let Some((sel, text)) = self.time.iter().find_map(|s| {
             s.values(input)
                 .into_iter()
@@ -202,26 +262,27 @@ impl Freshness {
         }) else {
             let wheres: Vec<String> = self.time.iter().map(Selector::describe).collect();
             return Err(format!(
-                "freshness: no event time at {}",
-                wheres.join(" or ")
+                "no event time at {}: grants must be under {} old",
+                wheres.join(" or "),
+                rounded(max_age)
             ));
         };
         let at = parse_rfc3339(&text).ok_or_else(|| {
             format!(
-                "freshness: event time `{}` at {sel} is not RFC 3339",
+                "event time `{}` at {sel} is not RFC 3339",
                 crate::domain::printable(&text)
             )
         })?;
         let shown = crate::domain::printable(&text);
         match now.duration_since(at) {
-            Ok(age) if age > self.max_age => Err(format!(
-                "freshness: event time {shown} ({sel}) is {} old, more than the {} allowed",
+            Ok(age) if age > max_age => Err(format!(
+                "event is {} old ({shown} at {sel}); grants must be under {}",
                 rounded(age),
-                rounded(self.max_age)
+                rounded(max_age)
             )),
             Ok(_) => Ok(()),
             Err(e) if e.duration() > self.max_skew => Err(format!(
-                "freshness: event time {shown} ({sel}) is {} in the future, more than the {} of clock skew allowed",
+                "event time {shown} ({sel}) is {} in the future, more than the {} of clock skew allowed",
                 rounded(e.duration()),
                 rounded(self.max_skew)
             )),

@@ -324,6 +324,7 @@ async fn handle(r: &Receiver, mapping: &Mapping, peer: Option<IpAddr>, request: 
             decisions,
             elements,
             binding,
+            refused,
         } => {
             let subject = binding.subject.clone();
             let new = NewDelivery {
@@ -335,6 +336,7 @@ async fn handle(r: &Receiver, mapping: &Mapping, peer: Option<IpAddr>, request: 
                 payload: r.store_payloads.then(|| bytes.to_vec()),
                 decisions,
                 binding,
+                refused,
             };
             let units = split(new, &elements);
             // Each unit's decisions and subject, for the answer (the units themselves go to
@@ -400,6 +402,7 @@ fn split(new: NewDelivery, elements: &[Element]) -> Vec<NewDelivery> {
             payload: new.payload.clone(),
             decisions: rest.by_ref().take(e.decisions).collect(),
             binding: e.binding.clone(),
+            refused: e.refused.clone(),
         })
         .collect()
 }
@@ -448,27 +451,30 @@ fn accepted(
         .all(|s| s.subject == subject)
         .then_some(subject)
         .flatten();
+    // A decision is refused as it is stored when its subject had ended, its grant was stale,
+    // or an end named a request it had not bound.
     let refusal = results.iter().find_map(|a| match a {
-        Accepted::New {
-            refused: Some(why), ..
-        } => Some(why.clone()),
-        _ => None,
+        Accepted::New { jobs, .. } => jobs.iter().find_map(|j| j.refused.clone()),
+        Accepted::Duplicate { .. } => None,
     });
-    for (share, result) in shares.iter().zip(&results) {
-        if let Accepted::New {
-            refused: Some(_), ..
-        } = result
-        {
+    for result in &results {
+        if let Accepted::New { jobs, .. } = result {
+            let n = jobs.iter().filter(|j| j.refused.is_some()).count();
             r.metrics
                 .refused
                 .with_label_values(&[source])
-                .inc_by(share.decisions.len() as u64);
+                .inc_by(n as u64);
         }
     }
-    let all_refused = results.iter().all(|a| match a {
-        Accepted::New { refused, .. } => refused.is_some(),
-        Accepted::Duplicate { .. } => true,
-    });
+    // `rejected` when nothing of the delivery will act: every decision refused and no
+    // subject ended (an end acts, whatever it names).
+    let all_refused = !shares.iter().any(|s| s.ends)
+        && results.iter().all(|a| match a {
+            Accepted::New { jobs, bound, .. } => {
+                bound.is_empty() && jobs.iter().all(|j| j.refused.is_some())
+            }
+            Accepted::Duplicate { .. } => true,
+        });
     if let (Some(reason), true) = (refusal, all_refused) {
         let job_ids = results
             .into_iter()
@@ -489,15 +495,15 @@ fn accepted(
     let mut reopened = Vec::new();
     let ends = shares.iter().any(|s| s.ends);
     for (share, result) in shares.into_iter().zip(results) {
-        let (refs, refused) = match result {
+        let refs = match result {
             Accepted::New {
                 jobs: refs,
                 bound,
-                refused,
                 reopened: was_reopened,
+                ..
             } => {
-                if refused.is_none() {
-                    for d in &share.decisions {
+                for (d, job) in share.decisions.iter().zip(&refs) {
+                    if job.refused.is_none() {
                         r.metrics
                             .decisions
                             .with_label_values(&[source, d.action.as_str()])
@@ -522,18 +528,16 @@ fn accepted(
                 if was_reopened && let Some(s) = &share.subject {
                     reopened.push(s.clone());
                 }
-                (refs, refused)
+                refs
             }
-            Accepted::Duplicate { job_ids } => (
-                job_ids
-                    .into_iter()
-                    .map(|job_id| JobRef {
-                        job_id,
-                        coalesced: true,
-                    })
-                    .collect(),
-                None,
-            ),
+            Accepted::Duplicate { job_ids } => job_ids
+                .into_iter()
+                .map(|job_id| JobRef {
+                    job_id,
+                    coalesced: true,
+                    refused: None,
+                })
+                .collect(),
         };
         for (decision, job) in share.decisions.into_iter().zip(refs) {
             decisions.push(answer::DecisionAnswer {
@@ -541,7 +545,7 @@ fn accepted(
                 decision,
                 coalesced: job.coalesced,
                 subject: share.subject.clone(),
-                refused: refused.clone(),
+                refused: job.refused,
             });
         }
     }

@@ -263,6 +263,7 @@ fn delivery(key: &str, decisions: &[(Action, &str)]) -> NewDelivery {
             })
             .collect(),
         binding: crate::domain::Binding::default(),
+        refused: None,
     }
 }
 
@@ -280,6 +281,7 @@ fn done(job: &Job, state: State) -> AttemptRecord {
         duration_ms: 1,
         answers: Vec::new(),
         evidence: None,
+        checked_at_ms: None,
     }
 }
 
@@ -931,7 +933,7 @@ async fn ten_relays_opening_a_fresh_database_at_once_migrate_it_once() {
     }
 }
 
-const MIGRATIONS_PG_LEN: usize = 6;
+const MIGRATIONS_PG_LEN: usize = 7;
 
 /// A database left at the schema before the last (by relays of the previous release), with
 /// work in it, is migrated by a relay of this one at start, and that work goes on: here an
@@ -1168,6 +1170,7 @@ fn on_subject(key: &str, decisions: &[(Action, &str)], subject: &str, ends: bool
         subject: Some(subject.into()),
         reply: Some(crate::domain::Reply {
             via: crate::domain::Via::PagerDuty,
+            on: None,
             comment: None,
         }),
         ends_subject: ends,
@@ -1780,6 +1783,7 @@ fn gated(key: &str, decisions: &[(Action, &str)], user: &str) -> NewDelivery {
         user: user.into(),
         escalation_policy: Some("PEP1".into()),
         incident: None,
+        escalation_policies: vec!["PEP1".into()],
         max_level: Some(2),
         schedules: Vec::new(),
         at_ms: 1_000,

@@ -41,6 +41,32 @@ impl PgLocation {
     pub fn ssl_mode(&self) -> tokio_postgres::config::SslMode {
         self.config.get_ssl_mode()
     }
+
+    /// Whether the database is reached over the network without checking who answers: a host
+    /// other than loopback and a certificate not verified (the URL's own `sslmode`). Anyone on
+    /// the path could then stand in for the database, and whoever writes the database can
+    /// approve.
+    pub fn unverified_remote(&self) -> bool {
+        matches!(self.verify, Verify::None) && !local(&self.config)
+    }
+}
+
+/// Whether every host the config names is this machine (loopback, or a Unix socket).
+fn local(config: &tokio_postgres::Config) -> bool {
+    use tokio_postgres::config::Host;
+    let loopback = |name: &str| {
+        name.eq_ignore_ascii_case("localhost")
+            || name
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback())
+    };
+    config.get_hosts().iter().all(|h| match h {
+        Host::Tcp(name) => loopback(name),
+        #[cfg(unix)]
+        Host::Unix(_) => true,
+    }) && config.get_hostaddrs().iter().all(|a| a.is_loopback())
 }
 
 /// `scheme://` at the start: the text is meant as a URL, not a file name.
@@ -133,9 +159,17 @@ impl StoreLocation {
         }
         // Schemes are case-insensitive; the driver knows them in lower case.
         let text = format!("{}{}", scheme.to_ascii_lowercase(), &text[scheme.len()..]);
-        let (text, verify) = take_verification(&text);
+        let (text, mut verify, mode_given) = take_verification(&text);
         let mut config = tokio_postgres::Config::from_str(&text)
             .map_err(|e| format!("{key}: `{shown}` is not a valid PostgreSQL URL: {e}"))?;
+        // A database across the network is verified unless the URL itself says otherwise
+        // (libpq would `prefer` TLS without checking who answers).
+        if !mode_given && !local(&config) {
+            config.ssl_mode(tokio_postgres::config::SslMode::Require);
+            if let Verify::None = verify {
+                verify = Verify::Full { root_cert: None };
+            }
+        }
         if config.get_hosts().is_empty() {
             return Err(format!(
                 "{key}: `{shown}` names no host: write postgres://user@host:5432/database"
@@ -178,11 +212,13 @@ impl StoreLocation {
 
 /// Takes libpq's `sslmode=verify-ca|verify-full` and `sslrootcert` out of the URL (the driver
 /// knows only disable, prefer and require): they become `require` plus a verifying connector.
-fn take_verification(text: &str) -> (String, Verify) {
+/// Also says whether the URL names an `sslmode` at all.
+fn take_verification(text: &str) -> (String, Verify, bool) {
     let Some((head, query)) = text.split_once('?') else {
-        return (text.to_owned(), Verify::None);
+        return (text.to_owned(), Verify::None, false);
     };
     let (mut verify, mut root_cert, mut require) = (false, None, false);
+    let mode_given = query.split('&').any(|p| p.starts_with("sslmode="));
     let mut kept = Vec::new();
     for pair in query.split('&') {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
@@ -200,8 +236,9 @@ fn take_verification(text: &str) -> (String, Verify) {
             _ => kept.push(pair.to_owned()),
         }
     }
-    // As libpq: with a root certificate named, `require` verifies too.
-    let verify = if verify || (require && root_cert.is_some()) {
+    // As libpq: with a root certificate named, `require` verifies too; and so does a URL
+    // that names one without a mode (which the caller then verifies whatever the host).
+    let verify = if verify || ((require || !mode_given) && root_cert.is_some()) {
         Verify::Full { root_cert }
     } else {
         Verify::None
@@ -211,7 +248,7 @@ fn take_verification(text: &str) -> (String, Verify) {
     } else {
         format!("{head}?{}", kept.join("&"))
     };
-    (text, verify)
+    (text, verify, mode_given)
 }
 
 fn copy_without_password(from: &tokio_postgres::Config, to: &mut tokio_postgres::Config) {
@@ -351,8 +388,33 @@ mod tests {
         );
         let p = pg("postgres://u@h/d?sslmode=verify-ca");
         assert_eq!(p.verify, Verify::Full { root_cert: None });
-        // libpq's default is prefer.
-        assert!(matches!(pg("postgres://u@h/d").ssl_mode(), SslMode::Prefer));
+        // Without a mode, a database on this machine is as libpq would have it (prefer); one
+        // across the network is verified against the system's roots (or `sslrootcert`).
+        assert!(matches!(
+            pg("postgres://u@localhost/d").ssl_mode(),
+            SslMode::Prefer
+        ));
+        assert!(matches!(
+            pg("postgres://u@127.0.0.1/d").ssl_mode(),
+            SslMode::Prefer
+        ));
+        assert!(!pg("postgres://u@127.0.0.1/d").unverified_remote());
+        let remote = pg("postgres://u@h/d");
+        assert!(matches!(remote.ssl_mode(), SslMode::Require));
+        assert!(matches!(remote.verify, Verify::Full { root_cert: None }));
+        assert!(!remote.unverified_remote());
+        let with_ca = pg("postgres://u@db.internal/d?sslrootcert=ca.pem");
+        assert!(matches!(
+            with_ca.verify,
+            Verify::Full { root_cert: Some(_) }
+        ));
+        // A mode the URL names is kept, and said to be unverified.
+        for mode in ["disable", "prefer", "require"] {
+            assert!(
+                pg(&format!("postgres://u@db.internal/d?sslmode={mode}")).unverified_remote(),
+                "{mode}"
+            );
+        }
         assert_eq!(
             pg("POSTGRES://u@h/d").connect_config().get_dbname(),
             Some("d")

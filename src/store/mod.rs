@@ -75,6 +75,9 @@ pub struct NewDelivery {
     /// ends the subject (then every request approved under it is revoked, in the same
     /// transaction).
     pub binding: Binding,
+    /// Why its approves are refused though the rule allowed them (the event was stale): they
+    /// are stored only to be recorded refused and answered back.
+    pub refused: Option<String>,
 }
 
 impl NewDelivery {
@@ -114,11 +117,15 @@ pub enum Accepted {
     Duplicate { job_ids: Vec<i64> },
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct JobRef {
     pub job_id: i64,
     /// The same decision was already pending or done: no second call will be made.
     pub coalesced: bool,
+    /// Why the decision was stored refused (its subject had ended, the grant was stale, or an
+    /// end named a request it had not bound): recorded and answered back, never sent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub refused: Option<String>,
 }
 
 /// A revocation made because its subject ended: the request approved under it.
@@ -157,6 +164,19 @@ pub struct Job {
     /// and what a check found; a job with evidence passed it (a refusal is final).
     pub gate: Option<String>,
     pub evidence: Option<String>,
+    /// When the evidence was found: an approve not sent soon enough after it is checked again.
+    pub checked_at_ms: Option<i64>,
+    /// The rule of the delivery that made it: the worker checks an approve against the
+    /// on-call check this relay's mapping gives that rule, too.
+    pub rule: Option<String>,
+}
+
+/// Why a request an ending event names is not revoked: it was not granted under the subject
+/// that ends (an end revokes only what was approved under it). The same from every store.
+pub fn unbound_reason(request_id: &str, subject: &str) -> String {
+    format!(
+        "request {request_id} is not granted under subject {subject}: an end revokes only what was approved under it"
+    )
 }
 
 /// The reason an approve under an ended subject is refused, the same from every store.
@@ -183,8 +203,10 @@ pub struct AttemptRecord {
     pub result: &'static str,
     pub error: Option<String>,
     pub duration_ms: i64,
-    /// What the decision's on-call check found, when this attempt ran it (kept on the job).
+    /// What the decision's on-call check found, when this attempt ran it (kept on the job),
+    /// and when.
     pub evidence: Option<String>,
+    pub checked_at_ms: Option<i64>,
     /// Answers back to create with this outcome (P0's final answer), in the same transaction.
     pub answers: Vec<NewAnswer>,
 }

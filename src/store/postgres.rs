@@ -915,6 +915,370 @@ BEGIN
 END
 $fn$;
 "#,
+    r#"
+-- Grants are refused for what the mapping says (a stale event: `refused` on the delivery,
+-- applied to its approves), and an end revokes only what was approved under its subject: a
+-- request it names that was not is stored refused (`p0_relay_unbound_reason`). Each job of
+-- a batch's answer carries its own refusal. A job stored refused decides nothing, so it is
+-- never a request's latest decision when an end looks for what is still granted. `checked_at` is when a gated approve's on-call
+-- check passed; outcomes record it. The functions that write batches are defined again here
+-- with these rules.
+ALTER TABLE jobs ADD COLUMN checked_at BIGINT;
+CREATE FUNCTION p0_relay_unbound_reason(request_id TEXT, subject TEXT) RETURNS TEXT
+LANGUAGE sql IMMUTABLE AS $fn$
+    SELECT 'request ' || request_id || ' is not granted under subject ' || subject
+           || ': an end revokes only what was approved under it'
+$fn$;
+CREATE OR REPLACE FUNCTION p0_relay_write_each_locked(deliveries JSONB, payloads BYTEA[],
+                               records JSONB, now_ms BIGINT, dedup_since BIGINT,
+                               coalesce_since BIGINT)
+RETURNS JSONB LANGUAGE plpgsql AS $fn$
+DECLARE
+    d            RECORD;
+    dcn          RECORD;
+    results      JSONB[] := array_fill(NULL::JSONB, ARRAY[jsonb_array_length(deliveries)]);
+    del_id       BIGINT;
+    taken        BIGINT;
+    latest       RECORD;
+    jid          BIGINT;
+    job_list     JSONB;
+    id_list      BIGINT[];
+    created      BOOLEAN := false;
+    g            RECORD;
+    bound_list   JSONB;
+    refusal      TEXT;
+    dec_refusal  TEXT;
+    was_reopened BOOLEAN;
+    end_at       BIGINT;
+BEGIN
+    -- Delivery keys are taken in one global order (the unique index makes a second taker
+    -- wait for the first to commit or roll back). Ends come after every other delivery of
+    -- the batch, so an end sees the approves it shares a batch with.
+    FOR d IN
+        SELECT x.*, e.ordinality::INTEGER AS i
+        FROM jsonb_array_elements(deliveries) WITH ORDINALITY e
+        CROSS JOIN LATERAL jsonb_to_record(e.value) AS x(
+            source TEXT, dedup_key TEXT, received_at BIGINT, rule TEXT, actor TEXT,
+            subject TEXT, reply TEXT, ends_subject BOOLEAN, reopens_subject BOOLEAN,
+            gate TEXT, refused TEXT, decisions JSONB)
+        ORDER BY COALESCE(x.ends_subject, false), x.source COLLATE "C",
+                 x.dedup_key COLLATE "C", e.ordinality
+    LOOP
+        del_id := nextval('deliveries_id_seq');
+        taken := NULL;
+        INSERT INTO dedup AS x (source, dedup_key, delivery_id, received_at)
+        VALUES (d.source, d.dedup_key, del_id, d.received_at)
+        ON CONFLICT (source, dedup_key) DO UPDATE
+            SET delivery_id = EXCLUDED.delivery_id, received_at = EXCLUDED.received_at
+            WHERE x.received_at < dedup_since
+        RETURNING x.delivery_id INTO taken;
+        IF taken IS NULL THEN
+            SELECT dl.job_ids INTO id_list FROM dedup x JOIN deliveries dl ON dl.id = x.delivery_id
+            WHERE x.source = d.source AND x.dedup_key = d.dedup_key;
+            results[d.i] := jsonb_build_object('dup', to_jsonb(COALESCE(id_list, '{}')));
+            CONTINUE;
+        END IF;
+        -- A subject that ended stays ended: a delivery asking to approve under it is refused
+        -- whole, unless the delivery itself reopens it.
+        refusal := NULL;
+        was_reopened := false;
+        IF d.subject IS NOT NULL THEN
+            IF COALESCE(d.reopens_subject, false) THEN
+                UPDATE subject_ends se SET reopened_at = now_ms
+                WHERE se.source = d.source AND se.subject = d.subject AND se.reopened_at IS NULL;
+                was_reopened := FOUND;
+            ELSIF NOT COALESCE(d.ends_subject, false) AND EXISTS (
+                    SELECT 1 FROM jsonb_array_elements(d.decisions) y
+                    WHERE y ->> 'action' = 'approve') THEN
+                SELECT se.ended_at INTO end_at FROM subject_ends se
+                WHERE se.source = d.source AND se.subject = d.subject AND se.reopened_at IS NULL;
+                IF FOUND THEN
+                    refusal := p0_relay_ended_reason(d.subject, end_at);
+                END IF;
+            END IF;
+        END IF;
+        job_list := '[]';
+        id_list := '{}';
+        FOR dcn IN
+            SELECT * FROM jsonb_to_recordset(d.decisions)
+                AS y(org TEXT, request_id TEXT, action TEXT, expiration TEXT)
+        LOOP
+            -- The latest job for this request decides: the same action still pending or
+            -- done recently is not sent again, but approve, revoke, approve is three calls.
+            -- Only a decision asked on the same subject coalesces, and never into one that
+            -- was refused; a refused one is a job of its own.
+            jid := NULL;
+            -- Why this decision is stored refused: its subject ended, its approve is stale,
+            -- or (an end naming a request) it was not granted under the subject that ends.
+            dec_refusal := refusal;
+            IF dec_refusal IS NULL AND dcn.action = 'approve' THEN
+                dec_refusal := d.refused;
+            ELSIF dec_refusal IS NULL AND dcn.action = 'revoke'
+                  AND COALESCE(d.ends_subject, false) AND NOT EXISTS (
+                    SELECT 1 FROM jobs j
+                    WHERE j.org = dcn.org AND j.request_id = dcn.request_id
+                      AND j.source = d.source AND j.subject = d.subject
+                      AND j.action = 'approve' AND j.refused IS NULL
+                      AND j.state IN ('pending', 'sending', 'succeeded', 'dry_run')
+                      AND j.id = (SELECT MAX(x.id) FROM jobs x
+                                  WHERE x.org = j.org AND x.request_id = j.request_id
+                                    AND x.refused IS NULL)) THEN
+                dec_refusal := p0_relay_unbound_reason(dcn.request_id, COALESCE(d.subject, ''));
+            END IF;
+            IF dec_refusal IS NULL THEN
+                SELECT j.id, j.action, j.state, j.created_at, j.source, j.subject, j.refused,
+                       j.gate
+                INTO latest FROM jobs j
+                WHERE j.org = dcn.org AND j.request_id = dcn.request_id
+                ORDER BY j.id DESC LIMIT 1;
+                IF FOUND AND latest.action = dcn.action AND latest.created_at >= coalesce_since
+                   AND latest.state IN ('pending', 'sending', 'succeeded', 'dry_run')
+                   AND latest.refused IS NULL
+                   AND latest.gate IS NOT DISTINCT FROM
+                       (CASE WHEN dcn.action = 'approve' THEN d.gate END)
+                   AND latest.subject IS NOT DISTINCT FROM d.subject
+                   AND (d.subject IS NULL OR latest.source = d.source) THEN
+                    jid := latest.id;
+                    job_list := job_list || jsonb_build_array(jsonb_build_array(jid, true, NULL));
+                END IF;
+            END IF;
+            IF jid IS NULL THEN
+                INSERT INTO jobs (delivery_id, source, org, request_id, action, expiration, state,
+                                  next_attempt_at, window_start, created_at, updated_at,
+                                  subject, reply, refused, gate)
+                VALUES (del_id, d.source, dcn.org, dcn.request_id,
+                        dcn.action, dcn.expiration, 'pending',
+                        now_ms, now_ms, now_ms, now_ms, d.subject, d.reply, dec_refusal,
+                        CASE WHEN dcn.action = 'approve' THEN d.gate END)
+                RETURNING id INTO jid;
+                job_list := job_list || jsonb_build_array(jsonb_build_array(jid, false, dec_refusal));
+                created := true;
+            END IF;
+            id_list := id_list || jid;
+        END LOOP;
+        -- The end of a subject is recorded, and revokes every request still granted under
+        -- it: the latest decision on it is an approve under this subject, not refused,
+        -- pending, sending, succeeded or dry run. Each revoke is queued behind its approve.
+        bound_list := '[]';
+        IF d.ends_subject AND d.subject IS NOT NULL THEN
+            INSERT INTO subject_ends AS se (source, subject, ended_at, delivery_id)
+            VALUES (d.source, d.subject, now_ms, del_id)
+            ON CONFLICT (source, subject) DO UPDATE
+                SET ended_at = EXCLUDED.ended_at, delivery_id = EXCLUDED.delivery_id,
+                    reopened_at = NULL;
+            FOR g IN
+                SELECT j.org, j.request_id FROM jobs j
+                WHERE j.source = d.source AND j.subject = d.subject
+                  AND j.action = 'approve' AND j.refused IS NULL
+                  AND j.state IN ('pending', 'sending', 'succeeded', 'dry_run')
+                  AND j.id = (SELECT MAX(x.id) FROM jobs x
+                              WHERE x.org = j.org AND x.request_id = j.request_id
+                                AND x.refused IS NULL)
+                ORDER BY j.id
+            LOOP
+                INSERT INTO jobs (delivery_id, source, org, request_id, action, state,
+                                  next_attempt_at, window_start, created_at, updated_at,
+                                  subject, reply, ended_by)
+                VALUES (del_id, d.source, g.org, g.request_id, 'revoke', 'pending',
+                        now_ms, now_ms, now_ms, now_ms, d.subject, d.reply, del_id)
+                RETURNING id INTO jid;
+                bound_list := bound_list || jsonb_build_array(jsonb_build_array(jid, g.org, g.request_id));
+                id_list := id_list || jid;
+                created := true;
+            END LOOP;
+        END IF;
+        -- Written once its jobs are known (no foreign key orders it before them).
+        INSERT INTO deliveries (id, source, dedup_key, received_at, rule, actor, payload, job_ids)
+        VALUES (del_id, d.source, d.dedup_key, d.received_at,
+                d.rule, d.actor, payloads[d.i], id_list);
+        results[d.i] := jsonb_build_object('jobs', job_list, 'bound', bound_list,
+                                           'refused', refusal, 'reopened', was_reopened);
+    END LOOP;
+    IF created THEN
+        PERFORM pg_notify('p0_relay_jobs', '');
+    END IF;
+    RETURN jsonb_build_object('results', to_jsonb(results), 'ignored', '[]'::JSONB);
+END
+$fn$;
+CREATE OR REPLACE FUNCTION p0_relay_write_distinct(deliveries JSONB, payloads BYTEA[],
+                                        now_ms BIGINT, dedup_since BIGINT,
+                                        coalesce_since BIGINT)
+RETURNS JSONB LANGUAGE plpgsql AS $fn$
+DECLARE
+    results JSONB;
+    created BOOLEAN;
+    dup     RECORD;
+    id_list BIGINT[];
+BEGIN
+    -- The same locks, in the same orders, as p0_relay_write_each takes (no end or reopening
+    -- here, so every subject's lock is shared).
+    PERFORM pg_advisory_xact_lock_shared(7002, k) FROM (
+        SELECT DISTINCT hashtext((e ->> 'source') || '/' || (e ->> 'subject')) AS k
+        FROM jsonb_array_elements(deliveries) e WHERE e ->> 'subject' IS NOT NULL ORDER BY 1) s;
+    PERFORM pg_advisory_xact_lock(7001, k) FROM (
+        SELECT DISTINCT hashtext((x ->> 'org') || '/' || (x ->> 'request_id')) AS k
+        FROM jsonb_array_elements(deliveries) e, jsonb_array_elements(e -> 'decisions') x
+        ORDER BY 1) s;
+    -- One statement, one snapshot taken after the locks: the dedup rows, each delivery's
+    -- subject end (a delivery asking to approve under an ended subject is refused whole),
+    -- the latest job of each request (looked up by its index, one row each), the new jobs
+    -- and the deliveries.
+    WITH d AS (
+        SELECT x.*, e.ordinality::INTEGER AS i
+        FROM jsonb_array_elements(deliveries) WITH ORDINALITY e
+        CROSS JOIN LATERAL jsonb_to_record(e.value) AS x(
+            source TEXT, dedup_key TEXT, received_at BIGINT, rule TEXT, actor TEXT,
+            subject TEXT, reply TEXT, gate TEXT, refused TEXT, decisions JSONB)
+    ), taken AS (
+        INSERT INTO dedup AS t (source, dedup_key, delivery_id, received_at)
+        SELECT source, dedup_key, nextval('deliveries_id_seq'), received_at FROM d
+        ORDER BY source COLLATE "C", dedup_key COLLATE "C"
+        ON CONFLICT (source, dedup_key) DO UPDATE
+            SET delivery_id = EXCLUDED.delivery_id, received_at = EXCLUDED.received_at
+            WHERE t.received_at < dedup_since
+        RETURNING t.source, t.dedup_key, t.delivery_id
+    ), fresh AS (
+        SELECT d.*, taken.delivery_id,
+               (SELECT p0_relay_ended_reason(d.subject, se.ended_at) FROM subject_ends se
+                WHERE d.subject IS NOT NULL AND se.source = d.source
+                  AND se.subject = d.subject AND se.reopened_at IS NULL
+                  AND EXISTS (SELECT 1 FROM jsonb_array_elements(d.decisions) y
+                              WHERE y ->> 'action' = 'approve')) AS refusal
+        FROM d JOIN taken USING (source, dedup_key)
+    ), asked AS (
+        SELECT f.i, y.j, f.delivery_id, f.source, f.subject, f.reply,
+               COALESCE(f.refusal, CASE WHEN y.action = 'approve' THEN f.refused END) AS refusal,
+               y.org, y.request_id, y.action, y.expiration,
+               CASE WHEN y.action = 'approve' THEN f.gate END AS gate,
+               l.id AS latest,
+               COALESCE(f.refusal IS NULL
+                        AND (y.action <> 'approve' OR f.refused IS NULL) AND l.refused IS NULL
+                        AND l.action = y.action AND l.created_at >= coalesce_since
+                        AND l.state IN ('pending', 'sending', 'succeeded', 'dry_run')
+                        AND l.subject IS NOT DISTINCT FROM f.subject
+                        AND l.gate IS NOT DISTINCT FROM
+                            CASE WHEN y.action = 'approve' THEN f.gate END
+                        AND (f.subject IS NULL OR l.source = f.source), false) AS coalesced
+        FROM fresh f
+        CROSS JOIN LATERAL ROWS FROM (jsonb_to_recordset(f.decisions)
+            AS (org TEXT, request_id TEXT, action TEXT, expiration TEXT))
+            WITH ORDINALITY AS y(org, request_id, action, expiration, j)
+        LEFT JOIN LATERAL (SELECT jb.id, jb.action, jb.state, jb.created_at, jb.source,
+                                  jb.subject, jb.refused, jb.gate
+                           FROM jobs jb WHERE jb.org = y.org AND jb.request_id = y.request_id
+                           ORDER BY jb.id DESC LIMIT 1) l ON true
+    ), numbered AS (
+        SELECT a.*, CASE WHEN a.coalesced THEN a.latest ELSE nextval('jobs_id_seq') END AS jid
+        FROM (SELECT * FROM asked ORDER BY i, j) a
+    ), new_jobs AS (
+        INSERT INTO jobs (id, delivery_id, source, org, request_id, action, expiration, state,
+                          next_attempt_at, window_start, created_at, updated_at, subject, reply,
+                          refused, gate)
+        SELECT jid, delivery_id, source, org, request_id, action, expiration, 'pending',
+               now_ms, now_ms, now_ms, now_ms, subject, reply, refusal, gate
+        FROM numbered WHERE NOT coalesced
+        RETURNING id
+    ), per_delivery AS (
+        SELECT i, array_agg(jid ORDER BY j) AS ids,
+               jsonb_agg(jsonb_build_array(jid, coalesced, refusal) ORDER BY j) AS jobs
+        FROM numbered GROUP BY i
+    ), new_deliveries AS (
+        INSERT INTO deliveries (id, source, dedup_key, received_at, rule, actor, payload, job_ids)
+        SELECT f.delivery_id, f.source, f.dedup_key, f.received_at, f.rule, f.actor,
+               payloads[f.i], COALESCE(p.ids, '{}')
+        FROM fresh f LEFT JOIN per_delivery p ON p.i = f.i
+    )
+    SELECT jsonb_agg(CASE WHEN f.i IS NULL THEN NULL
+                          ELSE jsonb_build_object('jobs', COALESCE(p.jobs, '[]'),
+                                                  'bound', '[]'::JSONB, 'refused', f.refusal,
+                                                  'reopened', false)
+                     END ORDER BY d.i),
+           (SELECT count(*) > 0 FROM new_jobs)
+      INTO results, created
+    FROM d LEFT JOIN fresh f ON f.i = d.i LEFT JOIN per_delivery p ON p.i = d.i;
+    -- Deliveries seen before (rare: a sender's retry) are answered with the jobs they made,
+    -- read in a snapshot of their own, which sees a delivery committed while this one waited.
+    FOR dup IN
+        SELECT d.ordinality::INTEGER AS i, d.value ->> 'source' AS source,
+               d.value ->> 'dedup_key' AS dedup_key
+        FROM jsonb_array_elements(deliveries) WITH ORDINALITY d
+        WHERE results -> (d.ordinality::INTEGER - 1) = 'null'::JSONB
+    LOOP
+        SELECT dl.job_ids INTO id_list FROM dedup x JOIN deliveries dl ON dl.id = x.delivery_id
+        WHERE x.source = dup.source AND x.dedup_key = dup.dedup_key;
+        results := jsonb_set(results, ARRAY[(dup.i - 1)::TEXT],
+                             jsonb_build_object('dup', to_jsonb(COALESCE(id_list, '{}'))));
+    END LOOP;
+    IF created THEN
+        PERFORM pg_notify('p0_relay_jobs', '');
+    END IF;
+    RETURN results;
+END
+$fn$;
+CREATE OR REPLACE FUNCTION p0_relay_write(deliveries JSONB, payloads BYTEA[], records JSONB,
+                               now_ms BIGINT, dedup_since BIGINT, coalesce_since BIGINT)
+RETURNS JSONB LANGUAGE plpgsql AS $fn$
+DECLARE
+    each_one BOOLEAN;
+    results  JSONB := '[]';
+    ignored  JSONB := '[]';
+    rec      RECORD;
+    applied  INTEGER;
+BEGIN
+    SELECT bool_or(COALESCE((e ->> 'ends_subject')::BOOLEAN, false)
+                   OR COALESCE((e ->> 'reopens_subject')::BOOLEAN, false))
+           OR count(*) <> count(DISTINCT (e ->> 'source', e ->> 'dedup_key'))
+      INTO each_one FROM jsonb_array_elements(deliveries) e;
+    IF NOT COALESCE(each_one, true) THEN
+        SELECT count(*) <> count(DISTINCT (x ->> 'org', x ->> 'request_id')) INTO each_one
+        FROM jsonb_array_elements(deliveries) e, jsonb_array_elements(e -> 'decisions') x;
+    END IF;
+    IF jsonb_array_length(deliveries) = 0 THEN
+        NULL;
+    ELSIF each_one THEN
+        results := p0_relay_write_each(deliveries, payloads, '[]', now_ms, dedup_since,
+                                       coalesce_since) -> 'results';
+    ELSE
+        results := p0_relay_write_distinct(deliveries, payloads, now_ms, dedup_since,
+                                           coalesce_since);
+    END IF;
+    -- An outcome counts only from the relay that holds the claim (its token, still sending),
+    -- in job order; each is found by its primary key.
+    FOR rec IN
+        SELECT * FROM jsonb_to_recordset(records) AS x(
+            job_id BIGINT, claim BIGINT, at BIGINT, state TEXT, attempts INTEGER,
+            next_attempt_at BIGINT, status INTEGER, result TEXT, error TEXT, duration_ms BIGINT,
+            evidence TEXT, checked_at BIGINT, answers JSONB)
+        ORDER BY job_id
+    LOOP
+        WITH done AS (
+            UPDATE jobs SET state = rec.state, attempts = rec.attempts,
+                            next_attempt_at = rec.next_attempt_at, last_status = rec.status,
+                            last_error = rec.error, updated_at = rec.at, lease_until = NULL,
+                            evidence = COALESCE(rec.evidence, evidence),
+                            checked_at = COALESCE(rec.checked_at, checked_at)
+            WHERE id = rec.job_id AND claim_token = rec.claim AND state = 'sending'
+            RETURNING id
+        ), attempt AS (
+            INSERT INTO attempts (job_id, at, status, result, error, duration_ms)
+            SELECT id, rec.at, rec.status, rec.result, rec.error, rec.duration_ms FROM done
+        ), answered AS (
+            -- Answers back are created with P0's final answer, in the same transaction.
+            INSERT INTO answers (job_id, via, kind, target, body, state, next_attempt_at,
+                                 window_start, created_at, updated_at)
+            SELECT done.id, a ->> 'via', a ->> 'kind', a ->> 'target', a ->> 'body', 'pending',
+                   rec.at, rec.at, rec.at, rec.at
+            FROM done, jsonb_array_elements(COALESCE(rec.answers, '[]')) a
+        )
+        SELECT count(*) INTO applied FROM done;
+        IF applied = 0 THEN
+            ignored := ignored || to_jsonb(rec.job_id);
+        END IF;
+    END LOOP;
+    RETURN jsonb_build_object('results', results, 'ignored', ignored);
+END
+$fn$;
+"#,
 ];
 
 /// Advisory lock keys (one 64-bit space; coalescing uses the separate two-key space).
@@ -1194,6 +1558,7 @@ impl PgStore {
                         "ends_subject": d.binding.ends_subject,
                         "reopens_subject": d.binding.reopens_subject,
                         "gate": d.gate_json(),
+                        "refused": d.refused,
                         "decisions": d.decisions.iter().map(|x| json!({
                             "org": x.org.as_str(), "request_id": x.request_id.as_str(),
                             "action": x.action.as_str(), "expiration": x.expiration.as_ref().map(Expiration::as_str),
@@ -1215,7 +1580,7 @@ impl PgStore {
                         "state": r.state.as_str(), "attempts": r.attempts,
                         "next_attempt_at": r.next_attempt_at_ms, "status": r.status,
                         "result": r.result, "error": r.error, "duration_ms": r.duration_ms,
-                        "evidence": r.evidence,
+                        "evidence": r.evidence, "checked_at": r.checked_at_ms,
                         "answers": r.answers.iter().map(|a| json!({
                             "via": a.via, "kind": a.kind, "target": a.target, "body": a.body,
                         })).collect::<Vec<_>>(),
@@ -1292,7 +1657,8 @@ impl PgStore {
                                       FOR UPDATE SKIP LOCKED)
                          RETURNING id, source, org, request_id, action, expiration, attempts,
                                    created_at, window_start, claim_token, subject, reply,
-                                   ended_by IS NOT NULL, refused, gate, evidence",
+                                   ended_by IS NOT NULL, refused, gate, evidence, checked_at,
+                                   (SELECT d.rule FROM deliveries d WHERE d.id = jobs.delivery_id)",
                     )
                     .await?;
                 c.query(&stmt, &[&now_ms, &limit, &lease_until]).await
@@ -1321,6 +1687,8 @@ impl PgStore {
                 refused: r.try_get(13)?,
                 gate: r.try_get(14)?,
                 evidence: r.try_get(15)?,
+                checked_at_ms: r.try_get(16)?,
+                rule: r.try_get(17)?,
             });
         }
         jobs.sort_by_key(|j| j.id);
@@ -1755,7 +2123,7 @@ impl PgStore {
             if !queued.is_empty() {
                 tx.execute(
                     "UPDATE jobs SET state = 'pending', attempts = 0, next_attempt_at = $1,
-                            window_start = $1, updated_at = $1, refused = NULL, evidence = NULL
+                            window_start = $1, updated_at = $1, refused = NULL, evidence = NULL, checked_at = NULL
                      WHERE id = ANY($2)",
                     &[&now_ms, &queued],
                 )
@@ -1922,6 +2290,7 @@ fn parse_result(v: &Value) -> Result<Accepted, StoreError> {
                     Some(JobRef {
                         job_id: pair.get(0)?.as_i64()?,
                         coalesced: pair.get(1)?.as_bool()?,
+                        refused: pair.get(2).and_then(Value::as_str).map(str::to_owned),
                     })
                 })
                 .collect()

@@ -103,6 +103,11 @@ ALTER TABLE jobs ADD COLUMN refused TEXT;
 ALTER TABLE jobs ADD COLUMN gate TEXT;
 ALTER TABLE jobs ADD COLUMN evidence TEXT;
 "#,
+    r#"
+-- When a gated approve's on-call check passed: an approve not sent within
+-- `answers.oncall_recheck_after` of it is checked again.
+ALTER TABLE jobs ADD COLUMN checked_at INTEGER;
+"#,
 ];
 
 /// Pending jobs that no earlier decision on the same request is still waiting for: a
@@ -204,7 +209,8 @@ impl SqliteStore {
         {
             let mut due = tx.prepare_cached(&format!(
                 "SELECT id, source, org, request_id, action, expiration, attempts, created_at, window_start,
-                        claim_token, subject, reply, ended_by IS NOT NULL, refused, gate, evidence
+                        claim_token, subject, reply, ended_by IS NOT NULL, refused, gate, evidence,
+                        checked_at, (SELECT d.rule FROM deliveries d WHERE d.id = jobs.delivery_id)
                  FROM jobs WHERE {IN_TURN} AND next_attempt_at <= ?1
                  ORDER BY next_attempt_at, id LIMIT ?2"
             ))?;
@@ -230,6 +236,8 @@ impl SqliteStore {
                         refused: r.get(13)?,
                         gate: r.get(14)?,
                         evidence: r.get(15)?,
+                        checked_at_ms: r.get(16)?,
+                        rule: r.get(17)?,
                     },
                 ))
             })?;
@@ -420,6 +428,14 @@ fn accept_one(
     }
     let mut jobs = Vec::with_capacity(d.decisions.len());
     for decision in &d.decisions {
+        // Why this decision is stored refused: its subject ended, its approve is stale, or
+        // (an end naming a request) it was never granted under the subject that ends.
+        let refused = match (&refused, decision.action) {
+            (Some(ended), _) => Some(ended.clone()),
+            (None, Action::Approve) => d.refused.clone(),
+            (None, Action::Revoke) if d.binding.ends_subject => unbound(tx, d, decision)?,
+            (None, _) => None,
+        };
         // The latest job for this request decides: the same action still pending or done
         // recently is not sent again, but approve → revoke → approve is three calls.
         type Latest = (
@@ -475,6 +491,7 @@ fn accept_one(
             jobs.push(JobRef {
                 job_id: id,
                 coalesced: true,
+                refused: None,
             });
             continue;
         }
@@ -500,6 +517,7 @@ fn accept_one(
         jobs.push(JobRef {
             job_id: tx.last_insert_rowid(),
             coalesced: false,
+            refused,
         });
     }
     let bound = match (&d.binding.subject, d.binding.ends_subject) {
@@ -526,12 +544,53 @@ fn accept_one(
 
 /// Requests approved under a subject that are still granted (or on their way to P0): the
 /// latest decision on the request is an approve under this subject, pending, sending,
-/// succeeded or recorded in a dry run. Refused, failed, denied and revoked ones are left.
+/// succeeded or recorded in a dry run. Refused, failed, denied and revoked ones are left. A
+/// decision the store refused as it came (a late approve, an end naming a request it had not
+/// bound) decides nothing, so it is never the latest.
 const STILL_GRANTED: &str = "SELECT j.org, j.request_id FROM jobs j
      WHERE j.source = ?1 AND j.subject = ?2 AND j.action = 'approve'
        AND j.state IN ('pending', 'sending', 'succeeded', 'dry_run') AND j.refused IS NULL
-       AND j.id = (SELECT MAX(k.id) FROM jobs k WHERE k.org = j.org AND k.request_id = j.request_id)
+       AND j.id = (SELECT MAX(k.id) FROM jobs k
+                   WHERE k.org = j.org AND k.request_id = j.request_id AND k.refused IS NULL)
      ORDER BY j.id";
+
+/// Whether a request named by an end is granted under the subject that ends: its latest
+/// decision is an approve under it, not refused and not failed (`STILL_GRANTED`, for one
+/// request). `Some(reason)` when it is not: an end revokes only what it bound.
+const GRANTED_UNDER: &str = "SELECT 1 FROM jobs j
+     WHERE j.org = ?1 AND j.request_id = ?2 AND j.source = ?3 AND j.subject = ?4
+       AND j.action = 'approve' AND j.state IN ('pending', 'sending', 'succeeded', 'dry_run')
+       AND j.refused IS NULL
+       AND j.id = (SELECT MAX(k.id) FROM jobs k
+                   WHERE k.org = j.org AND k.request_id = j.request_id AND k.refused IS NULL)";
+
+fn unbound(
+    tx: &Connection,
+    d: &NewDelivery,
+    decision: &crate::policy::Decision,
+) -> Result<Option<String>, StoreError> {
+    let Some(subject) = &d.binding.subject else {
+        return Ok(Some(super::unbound_reason(
+            decision.request_id.as_str(),
+            "",
+        )));
+    };
+    let granted: Option<i64> = tx
+        .prepare_cached(GRANTED_UNDER)?
+        .query_row(
+            params![
+                decision.org.as_str(),
+                decision.request_id.as_str(),
+                d.source,
+                subject
+            ],
+            |r| r.get(0),
+        )
+        .optional()?;
+    Ok(granted
+        .is_none()
+        .then(|| super::unbound_reason(decision.request_id.as_str(), subject)))
+}
 
 /// Ends `subject`: records the end (approves under it are refused from now on) and makes one
 /// revoke per request still granted under it, queued behind its approve.
@@ -584,7 +643,8 @@ fn record_all(tx: &Connection, records: &[AttemptRecord]) -> Result<(), StoreErr
         let changed = tx
             .prepare_cached(
                 "UPDATE jobs SET state = ?2, attempts = ?3, next_attempt_at = ?4, last_status = ?5,
-                             last_error = ?6, updated_at = ?7, evidence = COALESCE(?9, evidence)
+                             last_error = ?6, updated_at = ?7, evidence = COALESCE(?9, evidence),
+                             checked_at = COALESCE(?10, checked_at)
                  WHERE id = ?1 AND claim_token = ?8 AND state = 'sending'",
             )?
             .execute(params![
@@ -596,7 +656,8 @@ fn record_all(tx: &Connection, records: &[AttemptRecord]) -> Result<(), StoreErr
                 rec.error,
                 rec.at_ms,
                 rec.claim,
-                rec.evidence
+                rec.evidence,
+                rec.checked_at_ms
             ])?;
         if changed == 0 {
             tracing::warn!(
@@ -874,7 +935,8 @@ impl Store for SqliteStore {
             if c.sort(&mut replayed)? {
                 tx.prepare_cached(
                     "UPDATE jobs SET state = 'pending', attempts = 0, next_attempt_at = ?1,
-                                     window_start = ?1, updated_at = ?1, refused = NULL, evidence = NULL WHERE id = ?2",
+                                     window_start = ?1, updated_at = ?1, refused = NULL, evidence = NULL,
+                                         checked_at = NULL WHERE id = ?2",
                 )?
                 .execute(params![now_ms, c.id])?;
             }

@@ -126,6 +126,19 @@ impl Verifier {
         }
     }
 
+    /// Whether the proof covers the body, so that what the body says (an event time, say) is
+    /// the provider's word; a token, a password or nothing leave it the sender's to choose.
+    pub fn signs_body(&self) -> bool {
+        match self {
+            Verifier::GitHub(_)
+            | Verifier::PagerDuty(_)
+            | Verifier::Hmac(_)
+            | Verifier::StandardWebhooks(_) => true,
+            Verifier::Token(_) | Verifier::Basic(_) | Verifier::Insecure => false,
+            Verifier::AnyOf(list) => list.iter().all(Verifier::signs_body),
+        }
+    }
+
     /// The scheme's name as a mapping file writes it (`token or basic` for several).
     pub fn scheme(&self) -> String {
         match self {

@@ -646,7 +646,10 @@ async fn a_github_comment_approval_is_revoked_when_the_issue_closes() {
     let comment = comment_id(&hook);
     let (status, ans) = t.post(&hook).await;
     assert_eq!(status, 202, "{ans}");
-    assert_eq!(ans["subject"], "acme/infra#42");
+    assert_eq!(
+        ans["subject"], "70112233#42",
+        "bound to the repository's ID"
+    );
     t.wait_for_calls(1).await;
     let calls = exactly(&providers.github, 1).await;
     let r = &calls[0];
@@ -1299,12 +1302,9 @@ async fn a_command_on_a_closed_issue_is_refused_until_it_is_reopened() {
     let (status, ans) = t.post(&hook).await;
     assert_eq!(status, 200, "{ans}");
     assert_eq!(ans["status"], "rejected", "{ans}");
-    assert_eq!(ans["subject"], "acme/infra#42", "{ans}");
+    assert_eq!(ans["subject"], "70112233#42", "{ans}");
     let reason = ans["reason"].as_str().unwrap().to_owned();
-    assert!(
-        reason.starts_with("subject acme/infra#42 ended at "),
-        "{ans}"
-    );
+    assert!(reason.starts_with("subject 70112233#42 ended at "), "{ans}");
     let calls = exactly(&providers.github, 2).await;
     let reaction = calls
         .iter()
@@ -1334,12 +1334,12 @@ async fn a_command_on_a_closed_issue_is_refused_until_it_is_reopened() {
         .post(&gh_issue("reopened", 42, "2026-11-28T09:00:00Z"))
         .await;
     assert_eq!(status, 202, "{ans}");
-    assert_eq!(ans["reopened"], json!(["acme/infra#42"]), "{ans}");
+    assert_eq!(ans["reopened"], json!(["70112233#42"]), "{ans}");
     let (status, ans) = t
         .post(&Hook::comment("gh-reopened-1", "/p0 approve req-closed 1h"))
         .await;
     assert_eq!(status, 202, "{ans}");
-    assert_eq!(ans["decisions"][0]["subject"], "acme/infra#42", "{ans}");
+    assert_eq!(ans["decisions"][0]["subject"], "70112233#42", "{ans}");
     assert_eq!(
         summarize(&t.wait_for_calls(1).await),
         vec![call(

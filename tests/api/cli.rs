@@ -192,7 +192,7 @@ rules:
 fn a_source_without_verification_refuses_unless_marked_insecure() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::create_dir(dir.path().join("mappings")).unwrap();
-    let rule = "rules:\n  - { name: r, action: approve, request_id: { path: $.id } }\n";
+    let rule = "rules:\n  - { name: r, action: approve, request_id: { path: $.id }, actorless: { grants: on, trusts: the test } }\n";
     std::fs::write(dir.path().join("mappings/open.yaml"), rule).unwrap();
     std::fs::write(
         dir.path().join("relay.yaml"),
@@ -245,7 +245,7 @@ fn test_reports_a_failing_case_and_exits_1() {
         r#"
 verify: { scheme: token, secrets: t }
 rules:
-  - { name: r, action: approve, request_id: { path: $.id } }
+  - { name: r, action: approve, request_id: { path: $.id }, actorless: { grants: on, trusts: the test } }
 tests:
   - name: right
     payload: { id: req-1 }
@@ -439,16 +439,21 @@ async fn no_sender_or_p0_text_reaches_the_terminal_raw() {
         .mount(&p0)
         .await;
 
-    // The shipped mappings and one whose rule, condition and test case names carry EVIL.
+    // The shipped mappings, with EVIL the approver of PagerDuty and Opsgenie, and one whose
+    // rule, condition and test case names carry EVIL.
     let dir = tempfile::tempdir().unwrap();
     let mappings = dir.path().join("mappings");
     std::fs::create_dir(&mappings).unwrap();
-    for source in ["github", "pagerduty", "opsgenie"] {
-        std::fs::copy(
-            repo().join(format!("mappings/{source}.yaml")),
-            mappings.join(format!("{source}.yaml")),
-        )
-        .unwrap();
+    let evil_yaml = ascii_json(&json!(EVIL));
+    for (source, approvers) in [
+        ("github", "GITHUB_APPROVERS"),
+        ("pagerduty", "PAGERDUTY_APPROVERS"),
+        ("opsgenie", "OPSGENIE_APPROVERS"),
+    ] {
+        let text = std::fs::read_to_string(repo().join(format!("mappings/{source}.yaml")))
+            .unwrap()
+            .replace(&format!("\"${{{approvers}:-}}\""), &evil_yaml);
+        std::fs::write(mappings.join(format!("{source}.yaml")), text).unwrap();
     }
     let evil_mapping = json!({
         "verify": { "scheme": "token", "secrets": "t" },
@@ -457,6 +462,7 @@ async fn no_sender_or_p0_text_reaches_the_terminal_raw() {
             "when": [{ "path": "$.kind", "equals": EVIL }],
             "action": "approve",
             "request_id": { "path": "$.id" },
+            "actorless": { "grants": "on", "trusts": "the test" },
         }],
         "tests": [{
             "name": format!("case{EVIL}"),
@@ -494,7 +500,7 @@ async fn no_sender_or_p0_text_reaches_the_terminal_raw() {
     let mut og: serde_json::Value =
         serde_json::from_slice(&crate::common::testdata("opsgenie/addnote.json")).unwrap();
     og["alert"]["alertId"] = EVIL.into();
-    og["alert"]["username"] = EVIL.into();
+    og["alert"]["userId"] = EVIL.into();
     og["alert"]["updatedAt"] = EVIL.into();
     let og = serde_json::to_vec(&og).unwrap();
     let (status, answer) = relay.post(&crate::common::Hook::opsgenie(&og)).await;

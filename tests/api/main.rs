@@ -12,6 +12,7 @@ mod deploy;
 mod durability;
 mod end_to_end;
 mod ended;
+mod grants;
 mod hostile;
 mod kubernetes;
 mod listeners;

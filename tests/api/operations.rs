@@ -47,7 +47,7 @@ async fn metrics_count_a_known_sequence() {
         Hook::comment("m-4", "/p0 approve ../x"),
         Hook::github("issue_comment", "m-5", b"{}", "forged"),
         Hook::github("issue_comment", "m-6", b"not json", GITHUB_SECRET_NEW),
-        Hook::pagerduty("m-7", &testdata("pagerduty/incident_resolved.json")),
+        crate::bindings::pd_note("m-7", "PGR0VU2", "/p0 revoke req-789"),
     ];
     for hook in &sequence {
         t.post(hook).await;
@@ -245,7 +245,7 @@ fn copy_mappings(to: &std::path::Path) {
     }
 }
 
-const CUSTOM: &str = "verify: { scheme: token, secrets: custom-token }\nrules:\n  - { name: take, action: revoke, request_id: { path: $.id } }\n";
+const CUSTOM: &str = "verify: { scheme: token, secrets: custom-token }\nrules:\n  - { name: take, action: revoke, request_id: { path: $.id }, actions: [revoke] }\n";
 
 #[tokio::test]
 async fn a_changed_mapping_is_reloaded_and_a_broken_one_keeps_the_old_set() {

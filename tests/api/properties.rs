@@ -98,14 +98,22 @@ fn mappings() -> &'static MappingSet {
             ("INCIDENTIO_WEBHOOK_SECRET", "whsec_c2VjcmV0"),
             ("JSM_WEBHOOK_TOKEN", "s"),
             ("GITHUB_APPROVERS", "octocat,req-1"),
+            ("PAGERDUTY_APPROVERS", "*"),
+            ("OPSGENIE_APPROVERS", "*"),
+            ("JSM_APPROVERS", "*"),
+            ("ALERTMANAGER_GRANTS", "on"),
+            ("GRAFANA_GRANTS", "on"),
+            ("INCIDENTIO_GRANTS", "on"),
             // Every on-call check on: what it reads must be projected too.
             ("PAGERDUTY_ONCALL", "on"),
+            ("PAGERDUTY_ONCALL_ESCALATION_POLICIES", "PUS0KTE"),
             ("PAGERDUTY_ONCALL_MAX_LEVEL", "2"),
             ("OPSGENIE_ONCALL", "on"),
             ("OPSGENIE_ONCALL_SCHEDULES", "primary"),
             ("JSM_ONCALL", "on"),
             ("JSM_ONCALL_SCHEDULES", "primary"),
             ("GITHUB_ONCALL", "on"),
+            ("GITHUB_ONCALL_ORG", "acme"),
             ("GITHUB_ONCALL_TEAMS", "sre"),
         ]
         .iter()

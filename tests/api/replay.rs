@@ -1,6 +1,7 @@
-//! Replays: a captured signed delivery posted again with a fresh unsigned header is a
-//! `duplicate` for the whole dedup window and makes no P0 call; with a maximum event age set,
-//! stale (or future-dated) signed events are refused with the reason and store nothing.
+//! Replays and freshness: a captured signed delivery posted again with a fresh unsigned header
+//! is a `duplicate` for the whole dedup window and makes no P0 call; after it, the grant is
+//! too old (an hour by default, judged on the provider's signed time): refused, recorded and
+//! answered back, never sent. Ending access is never refused for age.
 
 use std::time::{Duration, SystemTime};
 
@@ -145,49 +146,123 @@ async fn a_pagerduty_event_replayed_with_a_fresh_webhook_id_is_a_duplicate() {
     );
 }
 
-/// With `GITHUB_MAX_EVENT_AGE` set, a comment older than that (or dated too far ahead) is
-/// answered 200 `rejected` with the reason, and nothing is stored: the next fresh comment gets
-/// the first job ID.
-#[tokio::test]
-async fn with_a_max_event_age_stale_github_comments_are_refused_and_store_nothing() {
+/// A PagerDuty acknowledgement as event `event_id`, occurring at `at`.
+fn ack_at(event_id: &str, at: SystemTime) -> Vec<u8> {
+    let mut v: Value =
+        serde_json::from_slice(&testdata("pagerduty/incident_acknowledged.json")).unwrap();
+    v["event"]["id"] = event_id.into();
+    v["event"]["occurred_at"] = humantime::format_rfc3339_millis(at).to_string().into();
+    serde_json::to_vec(&v).unwrap()
+}
+
+/// A relay answering back through `providers`, on SQLite or on `db`, with `vars` and `store`
+/// (extra YAML under `store:`).
+async fn answering(
+    providers: &crate::bindings::Providers,
+    db: Option<&crate::common::pg::TestDb>,
+    vars: &[(&'static str, &str)],
+    store: &str,
+) -> (TestRelay, String) {
+    let mut all = crate::bindings::answer_vars();
+    all.extend(vars.iter().map(|(k, v)| (*k, v.to_string())));
     let t = spawn_with(Setup {
-        vars: vec![("GITHUB_MAX_EVENT_AGE", "10m".into())],
+        vars: all,
+        top: providers.yaml(),
+        store_url: db.map(|d| d.url()),
+        store_extra: store.into(),
         ..Setup::default()
     })
     .await;
+    let at = match db {
+        Some(d) => d.url(),
+        None => t.dir.path().join("relay.db").display().to_string(),
+    };
+    (t, at)
+}
+
+/// By default grants are refused once an hour old, judged on the time the provider signed: a
+/// correctly signed comment and acknowledgement two hours old are answered 200 `rejected`,
+/// stored only to be recorded refused and answered back where they were asked, and never
+/// sent; fresh ones are approved.
+async fn stale_grants_are_refused_and_answered(db: Option<&crate::common::pg::TestDb>) {
+    use crate::bindings::{body, exactly};
+    let providers = crate::bindings::Providers::start().await;
+    let (t, store) = answering(&providers, db, &[], "").await;
     t.p0_ok().await;
+    let two_hours_ago = SystemTime::now() - Duration::from_secs(2 * 3600);
+    let old = comment_at(700, "/p0 approve req-1 2h", two_hours_ago);
+    let (status, answer) = t
+        .post(&Hook::github(
+            "issue_comment",
+            "old",
+            &old,
+            GITHUB_SECRET_NEW,
+        ))
+        .await;
+    assert_eq!(
+        (status, answer["status"].as_str()),
+        (200, Some("rejected")),
+        "{answer}"
+    );
+    let reason = format!(
+        "event is 2h old ({} at $.comment.created_at); grants must be under 1h",
+        rfc3339(two_hours_ago)
+    );
+    assert_eq!(answer["reason"], reason.as_str(), "{answer}");
+    assert_eq!(
+        answer["job_ids"],
+        json!([1]),
+        "stored to be answered back: {answer}"
+    );
+    let (status, answer) = t
+        .post(&Hook::pagerduty(
+            "pd-old",
+            &ack_at("01OLDACK", two_hours_ago),
+        ))
+        .await;
+    assert_eq!(
+        (status, answer["status"].as_str()),
+        (200, Some("rejected")),
+        "{answer}"
+    );
+    assert!(
+        answer["reason"]
+            .as_str()
+            .unwrap()
+            .starts_with("event is 2h old ("),
+        "{answer}"
+    );
+    // Each refusal is answered where it was asked: a -1 and a comment on GitHub, a note on
+    // the incident.
+    let github = exactly(&providers.github, 2).await;
+    assert_eq!(
+        github[0].url.path(),
+        "/repos/acme/infra/issues/comments/700/reactions"
+    );
+    assert_eq!(body(&github[0]), json!({"content": "-1"}));
+    assert_eq!(
+        body(&github[1]),
+        json!({"body": format!("p0-relay: refused to approve request req-1, and did not ask P0: {reason}.")})
+    );
+    let notes = exactly(&providers.pagerduty, 1).await;
+    assert!(
+        body(&notes[0])["note"]["content"]
+            .as_str()
+            .unwrap()
+            .starts_with(
+                "p0-relay: refused to approve request req-789, and did not ask P0: event is 2h old"
+            ),
+        "{:?}",
+        body(&notes[0])
+    );
+    let (_, shown) = run_cli(&["jobs", "show", "1", "--db", &store], &test_env(&[]));
+    assert!(
+        shown.contains("(rejected)") && shown.contains(&reason),
+        "{shown}"
+    );
+    // Fresh, the same grants act.
     let now = SystemTime::now();
-    for (i, (at, reason)) in [
-        (
-            now - Duration::from_secs(3600),
-            "old, more than the 10m allowed",
-        ),
-        (now + Duration::from_secs(3600), "in the future"),
-    ]
-    .into_iter()
-    .enumerate()
-    {
-        let body = comment_at(600 + i as u64, "/p0 approve req-1 2h", at);
-        let (status, answer) = t
-            .post(&Hook::github(
-                "issue_comment",
-                &format!("old-{i}"),
-                &body,
-                GITHUB_SECRET_NEW,
-            ))
-            .await;
-        assert_eq!(status, 200, "{answer}");
-        assert_eq!(answer["status"], "rejected", "{answer}");
-        assert_eq!(answer["rule"], "comment-command");
-        let text = answer["reason"].as_str().unwrap_or_default();
-        assert!(
-            text.starts_with("freshness: event time ")
-                && text.contains("($.comment.created_at)")
-                && text.contains(reason),
-            "{answer}"
-        );
-    }
-    let fresh = comment_at(610, "/p0 approve req-1 2h", now - Duration::from_secs(5));
+    let fresh = comment_at(701, "/p0 approve req-1 2h", now);
     let (status, answer) = t
         .post(&Hook::github(
             "issue_comment",
@@ -197,85 +272,179 @@ async fn with_a_max_event_age_stale_github_comments_are_refused_and_store_nothin
         ))
         .await;
     assert_eq!(status, 202, "{answer}");
+    let (status, answer) = t
+        .post(&Hook::pagerduty("pd-new", &ack_at("01NEWACK", now)))
+        .await;
+    assert_eq!(status, 202, "{answer}");
+    t.wait_for_calls(2).await;
     assert_eq!(
-        answer["decisions"][0]["job_id"], 1,
-        "nothing stored before: {answer}"
-    );
-    t.wait_for_calls(1).await;
-    assert_eq!(paths(&t.settle().await), [request("approve", "req-1")]);
-    assert_eq!(
-        t.metric("p0_relay_webhooks_total{outcome=\"rejected\",source=\"github\"}")
-            .await,
-        Some(2.0)
+        paths(&t.settle().await),
+        [request("approve", "req-1"), request("approve", "req-789")],
+        "only the fresh grants reach P0"
     );
 }
 
-/// The same for PagerDuty's `$.event.occurred_at` with `PAGERDUTY_MAX_EVENT_AGE`; a 200 (not a
-/// 4xx), so PagerDuty does not count it towards disabling the subscription.
 #[tokio::test]
-async fn with_a_max_event_age_stale_pagerduty_events_are_refused_with_200() {
-    let t = spawn_with(Setup {
-        vars: vec![("PAGERDUTY_MAX_EVENT_AGE", "5m".into())],
-        ..Setup::default()
-    })
+async fn grants_two_hours_old_are_refused_by_default_and_answered_back() {
+    stale_grants_are_refused_and_answered(None).await;
+}
+
+#[tokio::test]
+async fn grants_two_hours_old_are_refused_by_default_and_answered_back_on_postgres() {
+    let Some(db) = crate::common::pg::TestDb::create().await else {
+        return;
+    };
+    stale_grants_are_refused_and_answered(Some(&db)).await;
+}
+
+/// Once the store has forgotten a delivery (after its dedup window), a replay of it is new to
+/// the store, but no longer fresh: refused as stale, never sent again. The dedup window is
+/// always longer than the freshness window, so no delivery is both forgotten and fresh.
+async fn a_replay_after_the_dedup_window_is_refused_as_stale(
+    db: Option<&crate::common::pg::TestDb>,
+) {
+    let providers = crate::bindings::Providers::start().await;
+    let (t, _) = answering(
+        &providers,
+        db,
+        &[
+            ("GITHUB_MAX_EVENT_AGE", "2s"),
+            ("PAGERDUTY_MAX_EVENT_AGE", "2s"),
+        ],
+        "  dedup_window: 3s\n",
+    )
     .await;
     t.p0_ok().await;
-    let mut ack: Value =
-        serde_json::from_slice(&testdata("pagerduty/incident_acknowledged.json")).unwrap();
-    ack["event"]["occurred_at"] = "2026-01-01T00:00:00.000Z".into();
-    let (status, answer) = t
-        .post(&Hook::pagerduty(
-            "pd-old",
-            &serde_json::to_vec(&ack).unwrap(),
-        ))
-        .await;
-    assert_eq!(status, 200, "{answer}");
-    assert_eq!(answer["status"], "rejected", "{answer}");
-    assert!(
-        answer["reason"].as_str().unwrap_or_default().starts_with(
-            "freshness: event time 2026-01-01T00:00:00.000Z ($.event.occurred_at) is "
-        ),
+    let written = SystemTime::now();
+    let comment = comment_at(710, "/p0 approve req-7 2h", written);
+    let hook = Hook::github("issue_comment", "first", &comment, GITHUB_SECRET_NEW);
+    let (status, answer) = t.post(&hook).await;
+    assert_eq!(status, 202, "{answer}");
+    t.wait_for_calls(1).await;
+    let (status, answer) = t.post(&hook.header("X-GitHub-Delivery", "again")).await;
+    assert_eq!(
+        answer["status"], "duplicate",
+        "within the window: {status} {answer}"
+    );
+    // Past the dedup window (the clock's condition, not a guess at how long a step takes).
+    while SystemTime::now() < written + Duration::from_millis(3100) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let replay = Hook::github("issue_comment", "day-8", &comment, GITHUB_SECRET_NEW);
+    let (status, answer) = t.post(&replay).await;
+    assert_eq!(
+        (status, answer["status"].as_str()),
+        (200, Some("rejected")),
         "{answer}"
     );
-    // The same event, signed again with a current time (a new event), acts.
-    ack["event"]["id"] = "01FRESH".into();
-    ack["event"]["occurred_at"] = rfc3339(SystemTime::now()).into();
+    assert!(
+        answer["reason"]
+            .as_str()
+            .unwrap()
+            .contains("grants must be under 2s"),
+        "{answer}"
+    );
+    // The refusal is recorded and answered; its answer back is the sentinel that it was
+    // handled, and P0 still saw one call.
+    crate::bindings::exactly(&providers.github, 3).await;
+    assert_eq!(paths(&t.settle().await), [request("approve", "req-7")]);
+}
+
+#[tokio::test]
+async fn a_replay_after_the_dedup_window_is_refused_as_stale_not_granted() {
+    a_replay_after_the_dedup_window_is_refused_as_stale(None).await;
+}
+
+#[tokio::test]
+async fn a_replay_after_the_dedup_window_is_refused_as_stale_not_granted_on_postgres() {
+    let Some(db) = crate::common::pg::TestDb::create().await else {
+        return;
+    };
+    a_replay_after_the_dedup_window_is_refused_as_stale(Some(&db)).await;
+}
+
+/// Ending access is never refused for age: a resolve two days late (PagerDuty retries for
+/// up to 48 hours) still revokes what was approved on its incident.
+#[tokio::test]
+async fn a_stale_resolve_still_revokes() {
+    let t = spawn().await;
+    t.p0_ok().await;
     let (status, answer) = t
         .post(&Hook::pagerduty(
-            "pd-new",
-            &serde_json::to_vec(&ack).unwrap(),
+            "pd-ack",
+            &ack_at("01ACKFRESH", SystemTime::now()),
         ))
         .await;
     assert_eq!(status, 202, "{answer}");
-    assert_eq!(answer["decisions"][0]["job_id"], 1, "{answer}");
     t.wait_for_calls(1).await;
-    assert_eq!(paths(&t.settle().await), [request("approve", "req-789")]);
+    let mut resolved: Value =
+        serde_json::from_slice(&testdata_as_captured("pagerduty/incident_resolved.json")).unwrap();
+    resolved["event"]["occurred_at"] =
+        humantime::format_rfc3339_millis(SystemTime::now() - Duration::from_secs(2 * 86_400))
+            .to_string()
+            .into();
+    let (status, answer) = t
+        .post(&Hook::pagerduty(
+            "pd-res",
+            &serde_json::to_vec(&resolved).unwrap(),
+        ))
+        .await;
+    assert_eq!(status, 202, "{answer}");
+    t.wait_for_calls(2).await;
+    assert_eq!(
+        paths(&t.settle().await),
+        [request("approve", "req-789"), request("revoke", "req-789")]
+    );
 }
 
-/// `check` names a bad age with its file and field, and warns when the age outlives the dedup
-/// window (a replay in between would be accepted again).
+/// `check` names a bad age with its file and field, refuses a dedup window that is not longer
+/// than a freshness window, and warns when freshness is off; a gated rule may not turn it off.
 #[test]
-fn check_names_a_bad_max_event_age_and_warns_when_it_outlives_the_dedup_window() {
-    let run = |age: &str| {
-        let mut vars = test_env(&[]);
-        vars.insert("GITHUB_MAX_EVENT_AGE".into(), age.into());
+fn check_refuses_a_dedup_window_no_longer_than_the_freshness_window() {
+    let run = |extra: &[(&str, &str)]| {
+        let mut vars = test_env(extra);
+        vars.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
         run_cli(&["check"], &vars)
     };
-    let (code, out) = run("ten minutes");
+    let (code, out) = run(&[("GITHUB_MAX_EVENT_AGE", "ten minutes")]);
     assert_eq!(code, Some(1), "{out}");
     assert!(
         out.contains("mappings/github.yaml: freshness: max_age: `ten minutes` is not a duration"),
         "{out}"
     );
-    let (code, out) = run("30d");
+    for age in ["7d", "30d"] {
+        let (code, out) = run(&[("GITHUB_MAX_EVENT_AGE", age)]);
+        assert_eq!(code, Some(1), "{out}");
+        assert!(
+            out.contains(
+                "store.dedup_window 7days must be longer than source `github`'s freshness max_age"
+            ),
+            "{out}"
+        );
+    }
+    let (code, out) = run(&[("GITHUB_MAX_EVENT_AGE", "0")]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(
+        out.contains("warning: source `github`: freshness is off (max_age 0)"),
+        "{out}"
+    );
+    assert!(out.contains("policy: github/comment-command: grants: 1 approver (GITHUB_APPROVERS); gate: off; fresh: off (max_age 0); cap: 12h"), "{out}");
+    let (code, out) = run(&[
+        ("PAGERDUTY_MAX_EVENT_AGE", "0"),
+        ("PAGERDUTY_ONCALL", "on"),
+        ("PAGERDUTY_ONCALL_ESCALATION_POLICIES", "PUS0KTE"),
+    ]);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        out.contains("pagerduty.yaml: freshness: max_age: 0 turns freshness off, which rule `note-command` may not"),
+        "{out}"
+    );
+    let (code, out) = run(&[("GITHUB_MAX_EVENT_AGE", "10m")]);
     assert_eq!(code, Some(0), "{out}");
     assert!(
         out.contains(
-            "source `github`: freshness max_age 30days is longer than store.dedup_window 7days"
+            "fresh: 10m, on the signed event time ($.comment.created_at or $.review.submitted_at)"
         ),
         "{out}"
     );
-    let (code, out) = run("10m");
-    assert_eq!(code, Some(0), "{out}");
-    assert!(!out.contains("freshness"), "{out}");
 }

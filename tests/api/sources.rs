@@ -631,13 +631,19 @@ rules:
     action: { path: "@.state", map: { open: approve, closed: revoke } }
     request_id: { path: "@.request" }
     expiration: { path: "@.for", default: 1h }
+    actorless:
+      grants: "${STATUSBOARD_GRANTS:-off}"
+      trusts: whoever can open a grant on Statusboard
 "#,
     )
     .unwrap();
     let t = spawn_with(Setup {
         mappings_dir: Some(mappings.path().to_owned()),
         top: "sources: statusboard\n".into(),
-        vars: vec![("STATUSBOARD_SECRET", "older-key,sb-key-2026".into())],
+        vars: vec![
+            ("STATUSBOARD_SECRET", "older-key,sb-key-2026".into()),
+            ("STATUSBOARD_GRANTS", "on".into()),
+        ],
         ..Setup::default()
     })
     .await;

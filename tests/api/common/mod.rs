@@ -35,6 +35,10 @@ pub const GRAFANA_SECRET: &str = "gf-secret-93be";
 /// `whsec_` and the base64 of `incidentio-test-signing-key-01`.
 pub const INCIDENTIO_SECRET: &str = "whsec_aW5jaWRlbnRpby10ZXN0LXNpZ25pbmcta2V5LTAx";
 pub const JSM_TOKEN: &str = "jsm-token-5e0f";
+/// The PagerDuty user of the samples (`$.event.agent.id`).
+pub const PD_APPROVER: &str = "PLH1HKV";
+/// The Opsgenie and JSM user of the samples (`$.alert.userId`).
+pub const OG_APPROVER: &str = "7c1e4f0a-2b3d-4e5f-8a9b-0c1d2e3f4a5b";
 
 /// An HTTP client for tests (the TLS provider installed first, as the relay does).
 pub fn client() -> reqwest::Client {
@@ -46,8 +50,39 @@ pub fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
+/// A sample delivery from `mappings/testdata`, its event times (`occurred_at`, `created_at`,
+/// `submitted_at`) moved to now, as a delivery sent now carries them: grants must be fresh.
+/// The bytes keep their length and every other value.
 pub fn testdata(rel: &str) -> Vec<u8> {
+    at_now(&testdata_as_captured(rel))
+}
+
+/// A sample delivery byte for byte as captured, its times in the past.
+pub fn testdata_as_captured(rel: &str) -> Vec<u8> {
     std::fs::read(repo().join("mappings/testdata").join(rel)).expect("testdata file")
+}
+
+/// `body` with the values of its `occurred_at`, `created_at` and `submitted_at` members set to
+/// the current time, in the same form and length (`2026-11-27T10:20:31.114Z` stays 24 bytes).
+pub fn at_now(body: &[u8]) -> Vec<u8> {
+    let text = String::from_utf8_lossy(body);
+    let now = std::time::SystemTime::now();
+    let seconds = humantime::format_rfc3339_seconds(now).to_string();
+    let millis = humantime::format_rfc3339_millis(now).to_string();
+    let re = regex::Regex::new(
+        r#""(occurred_at|created_at|submitted_at)":"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{3})?Z)""#,
+    )
+    .expect("regex");
+    re.replace_all(&text, |c: &regex::Captures<'_>| {
+        let t = if c.get(3).is_some() {
+            &millis
+        } else {
+            &seconds
+        };
+        format!("\"{}\":\"{t}\"", &c[1])
+    })
+    .into_owned()
+    .into_bytes()
 }
 
 /// The variables a test relay sees: nothing from the process environment.
@@ -65,7 +100,14 @@ pub fn test_env(extra: &[(&str, &str)]) -> HashMap<String, String> {
         ("GRAFANA_WEBHOOK_SECRET", GRAFANA_SECRET),
         ("INCIDENTIO_WEBHOOK_SECRET", INCIDENTIO_SECRET),
         ("JSM_WEBHOOK_TOKEN", JSM_TOKEN),
+        // The actors of the samples in mappings/testdata may grant; nobody else.
         ("GITHUB_APPROVERS", "octocat"),
+        ("PAGERDUTY_APPROVERS", PD_APPROVER),
+        ("OPSGENIE_APPROVERS", OG_APPROVER),
+        ("JSM_APPROVERS", OG_APPROVER),
+        ("ALERTMANAGER_GRANTS", "on"),
+        ("GRAFANA_GRANTS", "on"),
+        ("INCIDENTIO_GRANTS", "on"),
     ]
     .iter()
     .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -108,6 +150,8 @@ pub struct Setup {
     pub panic_in: Option<&'static str>,
     /// A store handed to the relay in place of the one the settings name.
     pub store: Option<Box<dyn p0_relay::store::Store>>,
+    /// The `decisions:` section in place of the default one (1h, capped at 12h).
+    pub decisions: Option<String>,
 }
 
 pub async fn spawn() -> TestRelay {
@@ -141,9 +185,7 @@ p0:
     base_delay: 10ms
     max_delay: 50ms
 {p0_extra}
-decisions:
-  default_expiration: 1h
-  max_expiration: 12h
+{decisions}
 store:
   path: "{store}"
 {store_extra}
@@ -160,6 +202,10 @@ inbound:
         inbound = setup.inbound,
         top = setup.top,
         inbound_rate = setup.inbound_rate,
+        decisions = setup
+            .decisions
+            .as_deref()
+            .unwrap_or("decisions:\n  default_expiration: 1h\n  max_expiration: 12h"),
     );
     let path = dir.join("relay.yaml");
     std::fs::write(&path, config).expect("write config");
