@@ -117,7 +117,8 @@ enum JobsCommand {
         state: Option<String>,
         #[arg(long)]
         source: Option<String>,
-        /// Only decisions asked on this subject (an incident or alert ID, `owner/repo#12`).
+        /// Only decisions asked on this subject (an incident or alert ID, a GitHub issue as
+        /// `<repository id>#<number>`).
         #[arg(long)]
         subject: Option<String>,
         #[arg(long, default_value_t = 50)]
