@@ -58,9 +58,16 @@ post jsm $DATA/jsm/acknowledge.json -H "X-Relay-Token: $JSM_WEBHOOK_TOKEN"
 # Alertmanager: http_config.authorization, a bearer token (basic auth works too).
 post alertmanager $DATA/alertmanager/firing.json -H "Authorization: Bearer $ALERTMANAGER_WEBHOOK_TOKEN"
 
-# Grafana: X-Grafana-Alerting-Signature, hex HMAC of the body, no prefix.
+# Grafana: X-Grafana-Alerting-Signature, hex HMAC of the body, no prefix; with a timestamp
+# header (GRAFANA_WEBHOOK_TIMESTAMP_HEADER), of "{timestamp}:{body}".
 f=$DATA/grafana/firing.json
-post grafana "$f" -H "X-Grafana-Alerting-Signature: $(hmac_hex "$GRAFANA_WEBHOOK_SECRET" "$f")"
+if [ -n "${GRAFANA_WEBHOOK_TIMESTAMP_HEADER:-}" ]; then
+    { printf '%s:' "$RUN"; cat "$f"; } >"$NOW"
+    post grafana "$f" -H "$GRAFANA_WEBHOOK_TIMESTAMP_HEADER: $RUN" \
+        -H "X-Grafana-Alerting-Signature: $(hmac_hex "$GRAFANA_WEBHOOK_SECRET" "$NOW")"
+else
+    post grafana "$f" -H "X-Grafana-Alerting-Signature: $(hmac_hex "$GRAFANA_WEBHOOK_SECRET" "$f")"
+fi
 
 # incident.io (Standard Webhooks): v1,<base64 HMAC of "{id}.{timestamp}.{body}">, keyed with
 # the base64-decoded secret after `whsec_`.

@@ -373,6 +373,17 @@ impl Gate {
         })
     }
 
+    /// The same check, judging the moment `at_ms` (a check made again, long after the
+    /// event, asks whether the person is on call now). Team membership is always now.
+    pub fn judged_at(&self, at_ms: i64) -> Gate {
+        let mut gate = self.clone();
+        match &mut gate {
+            Gate::PagerDuty { at_ms: at, .. } | Gate::Opsgenie { at_ms: at, .. } => *at = at_ms,
+            Gate::GitHub { .. } => {}
+        }
+        gate
+    }
+
     /// What would be checked, in one line (`explain`, `test`).
     pub fn describe(&self) -> String {
         match self {

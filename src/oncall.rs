@@ -380,8 +380,9 @@ impl Checker {
         else {
             return failure("not an Opsgenie check".into());
         };
-        // Asked about the moment judged itself, to the millisecond.
-        let date = rfc3339_ms(*at_ms);
+        // Asked about the moment judged itself (to the second: a storm within it shares one
+        // answer).
+        let date = rfc3339(*at_ms);
         let name = if via == Via::Jsm { "JSM" } else { "Opsgenie" };
         let mut missing = Vec::new();
         for schedule in schedules {
@@ -629,10 +630,6 @@ fn at_time(ms: i64) -> SystemTime {
 
 fn rfc3339(ms: i64) -> String {
     humantime::format_rfc3339_seconds(at_time(ms)).to_string()
-}
-
-fn rfc3339_ms(ms: i64) -> String {
-    humantime::format_rfc3339_millis(at_time(ms)).to_string()
 }
 
 /// The IDs of the users among Opsgenie's on-call participants (`type: user`), through the

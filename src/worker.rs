@@ -320,21 +320,36 @@ impl Worker {
         record
     }
 
-    /// The on-call checks `job` must pass before it is sent: none for what is not an approve
-    /// or in a dry run; the check it was stored with, and the check its rule has here (the
-    /// same person, incident and moment under this relay's pinned scope) when that differs;
-    /// and a refusal for an approve stored without a check this relay's rule has. Evidence
-    /// younger than `recheck_after` stands.
+    /// The checks `job` must pass before it is sent, when it approves: this relay's own grant
+    /// policy for its rule (approver list, the switch of a rule with no actor), whichever
+    /// relay stored it; then the on-call check it was stored with, and the check its rule has
+    /// on this relay (the same person, incident and moment under this relay's pinned scope)
+    /// when that differs. An approve stored without a check this relay's rule has is refused.
+    /// A check younger than `recheck_after` stands when it covered this relay's scope; an
+    /// older one is made again, as of now. Nothing is checked in a dry run but the policy.
     async fn gates(&self, job: &Job) -> Checked {
         if job.action != Action::Approve {
             return Checked::Pass(None);
         }
-        let here = job.rule.as_deref().and_then(|rule| {
+        let (here, refusal) = {
             let mappings = self.mappings.load();
-            mappings
-                .get(&job.source)
-                .and_then(|m| m.gate_scope(rule).cloned())
-        });
+            let mapping = mappings.get(&job.source);
+            let rule = job.rule.as_deref();
+            (
+                mapping
+                    .zip(rule)
+                    .and_then(|(m, r)| m.gate_scope(r).cloned()),
+                mapping
+                    .zip(rule)
+                    .and_then(|(m, r)| m.grant_refusal(r, job.actor.as_deref())),
+            )
+        };
+        if let Some(why) = refusal {
+            tracing::info!(job_id = job.id, reason = %why, "approve refused by this relay's grant policy; P0 not called");
+            let mut rec = self.refused_saying(job, &why, "not an approver");
+            rec.result = "not_allowed";
+            return Checked::Stop(Box::new(rec));
+        }
         let stored = match job.gate.as_deref().map(serde_json::from_str::<Gate>) {
             None => None,
             Some(Ok(g)) => Some(g),
@@ -366,7 +381,9 @@ impl Worker {
         };
         let now = now_ms();
         let recheck = i64::try_from(self.recheck_after.as_millis()).unwrap_or(i64::MAX);
+        // The evidence covers the stored check (and this scope, when it is the same one).
         if job.evidence.is_some()
+            && gates.len() == 1
             && job
                 .checked_at_ms
                 .is_some_and(|at| now.saturating_sub(at) < recheck)
@@ -377,14 +394,21 @@ impl Worker {
             tracing::info!(job_id = job.id, "dry run: on-call check not made");
             return Checked::Pass(None);
         }
+        // Checked before and too long ago: is the person on call now?
+        let again = job.checked_at_ms.is_some();
         let mut evidence = Vec::new();
         for gate in &gates {
+            let gate = if again {
+                gate.judged_at(now)
+            } else {
+                gate.clone()
+            };
             let checked = |e: String| {
                 let at = std::time::UNIX_EPOCH
                     + Duration::from_millis(u64::try_from(now_ms()).unwrap_or(0));
                 format!("{e}; checked {}", humantime::format_rfc3339_seconds(at))
             };
-            match self.oncall.check(gate).await {
+            match self.oncall.check(&gate).await {
                 Finding::OnCall(e) => evidence.push(checked(e)),
                 Finding::NotOnCall(e) => {
                     return self.stop_not_on_call(job, checked(e), public_refusal(gate.via()));

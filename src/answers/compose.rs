@@ -208,6 +208,7 @@ mod tests {
             evidence: None,
             checked_at_ms: None,
             rule: None,
+            actor: None,
         }
     }
 

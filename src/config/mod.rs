@@ -838,6 +838,12 @@ pub fn problems(settings: &Settings, mappings: &crate::mapping::MappingSet) -> V
 pub fn audit(settings: &Settings, mappings: &crate::mapping::MappingSet) -> Vec<String> {
     let mut out: Vec<String> = mappings.warnings().cloned().collect();
     for m in mappings.mappings.values() {
+        if m.replayable_grants() {
+            out.push(format!(
+                "source `{}`: its grants are judged at receipt and its signature covers no time: a delivery replayed after store.dedup_window grants again; have the sender sign a timestamp (for Grafana, GRAFANA_WEBHOOK_TIMESTAMP_HEADER) or leave its grants off",
+                m.source
+            ));
+        }
         if m.max_event_age().is_none() {
             out.push(format!(
                 "source `{}`: freshness is off (max_age 0): a grant replayed after store.dedup_window is accepted again",

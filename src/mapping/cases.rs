@@ -127,6 +127,10 @@ fn check(expect: &RawExpect, verdict: &Verdict, default_org: &str) -> Result<(),
                 else {
                     return Err(format!("expected decisions, got {got}"));
                 };
+                // Decisions that are stored only to be refused are a rejection to the sender.
+                if refusal(verdict).is_some() {
+                    return Err(format!("expected decisions, got {got}"));
+                }
                 if let Some(want) = &spec.subject {
                     let have = binding.subject.as_deref().unwrap_or("none");
                     if have != want {

@@ -192,13 +192,14 @@ fn compile_rule(
     };
     let actions = actions(r, &life, &mut errors);
     // Ending access is always allowed, and so is reopening a subject (it grants nothing by
-    // itself): approver lists and gates are for grants only.
-    let grants_nothing = life.always_ends
+    // itself): approver lists are not applied to either. A rule that cannot approve may
+    // still have its list (who may deny or revoke through it); one that can must say who.
+    let exempt = life.always_ends
         || (life.always_reopens
             && r.command.is_none()
             && r.action.is_none()
-            && r.request_id.is_none())
-        || !actions.contains(&Action::Approve);
+            && r.request_id.is_none());
+    let may_grant = !exempt && actions.contains(&Action::Approve);
     let oncall = r
         .oncall
         .as_ref()
@@ -213,7 +214,7 @@ fn compile_rule(
         r,
         cx,
         el,
-        grants_nothing,
+        (exempt, may_grant),
         oncall.as_ref(),
         warnings,
         &mut errors,
@@ -248,6 +249,7 @@ fn compile_rule(
             oncall,
             actorless: who.actorless,
             grants: who.line,
+            open: who.open,
         }),
         _ => Err(errors),
     }
@@ -460,22 +462,25 @@ fn actions(r: &RawRule, life: &Lifecycle, errors: &mut Vec<String>) -> Vec<Actio
 }
 
 /// Who may grant through a rule, compiled: the actor's selector, the approver list, the
-/// switch of a rule with no actor, and the one line `check` prints.
+/// switch of a rule with no actor, the one line `check` prints, and whether anyone may grant
+/// through it at all.
 struct WhoGrants {
     actor: Option<Selector>,
     allow: Option<Allowlist>,
     actorless: Option<Actorless>,
     line: Option<String>,
+    open: bool,
 }
 
 /// Nobody grants unless named: an unset approver list is nobody, `*` only behind an on-call
 /// check, and a rule that may approve names its actor or says, in `actorless`, that it has
-/// none (then it approves only when the operator turns that on).
+/// none (then it approves only when the operator turns that on). `exempt`: the rule only
+/// ends or reopens (no list applies); `may_grant`: its actions include approve.
 fn who_grants(
     r: &RawRule,
     cx: &RuleContext<'_>,
     el: bool,
-    grants_nothing: bool,
+    (exempt, may_grant): (bool, bool),
     oncall: Option<&Oncall>,
     warnings: &mut Vec<String>,
     errors: &mut Vec<String>,
@@ -496,6 +501,7 @@ fn who_grants(
         allow: None,
         actorless: None,
         line: None,
+        open: false,
     };
     let at = format!("source `{}`, rule `{}`", cx.source, r.name);
     if let Some(a) = &r.actorless {
@@ -516,13 +522,14 @@ fn who_grants(
         } else {
             switch
         };
-        if !grants_nothing && on {
+        if may_grant && on {
             warnings.push(format!(
                 "{at}: approves with no actor ({switch}=on): it trusts {}",
                 a.trusts.trim()
             ));
         }
-        who.line = (!grants_nothing).then(|| {
+        who.open = may_grant && on;
+        who.line = may_grant.then(|| {
             if on {
                 format!("no actor ({switch}=on), trusting {}", a.trusts.trim())
             } else {
@@ -532,14 +539,16 @@ fn who_grants(
         who.actorless = Some(Actorless { on, switch });
         return who;
     }
-    if grants_nothing {
+    if exempt {
         return who;
     }
-    if who.actor.is_none() && r.actor.is_none() {
-        errors.push(
-            "actor: a rule that may approve names who approves (`actor`), or says that its events name nobody (`actorless`)"
-                .into(),
-        );
+    if r.actor.is_none() {
+        if may_grant {
+            errors.push(
+                "actor: a rule that may approve names who approves (`actor`), or says that its events name nobody (`actorless`)"
+                    .into(),
+            );
+        }
         return who;
     }
     let names = cx.names("/actor/allow");
@@ -549,6 +558,12 @@ fn who_grants(
         .as_ref()
         .and_then(|a| a.allow.as_deref())
         .map_or(Allowlist::Only(Default::default()), Allowlist::parse);
+    if !may_grant {
+        // Who may deny or revoke through the rule: the safe direction, `*` welcome.
+        who.allow = Some(allow);
+        return who;
+    }
+    who.open = allow != Allowlist::Only(Default::default());
     who.line = Some(match &allow {
         Allowlist::Anyone if oncall.is_none() => {
             let from = if names.is_empty() {

@@ -46,6 +46,45 @@ impl Mapping {
             .map(Oncall::scope)
     }
 
+    /// Why `rule` of this relay's mapping does not let `actor` grant, when it does not: the
+    /// worker asks before it sends an approve another relay (or an older release, or this
+    /// one before a change of settings) stored, so every relay applies its own list.
+    pub fn grant_refusal(&self, rule: &str, actor: Option<&str>) -> Option<String> {
+        let rule = self.rules.iter().find(|r| r.name == rule)?;
+        if let Some(off) = &rule.actorless {
+            return (!off.on).then(|| {
+                format!(
+                    "grants without an actor are off for rule `{}` on this relay ({}=on turns them on)",
+                    rule.name, off.switch
+                )
+            });
+        }
+        let allow = rule.policy.actors.as_ref()?;
+        match actor.filter(|a| !a.trim().is_empty()) {
+            Some(a) if allow.allows(a) => None,
+            Some(a) => Some(format!(
+                "actor `{}` may not approve through rule `{}` on this relay",
+                printable(a),
+                rule.name
+            )),
+            None => Some(format!(
+                "no actor, and rule `{}` on this relay grants only to named ones",
+                rule.name
+            )),
+        }
+    }
+
+    /// Whether someone may grant through this mapping, and its grants are judged at receipt
+    /// though its verification signs the body and no time: a delivery captured once could be
+    /// replayed to grant again once the store has forgotten it (after the dedup window).
+    pub fn replayable_grants(&self) -> bool {
+        self.rules.iter().any(|r| r.open)
+            && self.freshness.max_age.is_some()
+            && !self.freshness.signed()
+            && self.verifier.signs_body()
+            && self.verifier.signed_time_tolerance().is_none()
+    }
+
     /// The oldest grant the mapping acts on (`freshness.max_age`); `None` when that check is
     /// off.
     pub fn max_event_age(&self) -> Option<std::time::Duration> {
@@ -70,14 +109,7 @@ impl Mapping {
                     .oncall
                     .as_ref()
                     .map_or("off".to_owned(), |o| o.scope().describe());
-                let fresh = match self.freshness.max_age {
-                    Some(age) => format!(
-                        "{}, on {}",
-                        humantime::format_duration(age),
-                        self.freshness.judged_on()
-                    ),
-                    None => "off (max_age 0)".to_owned(),
-                };
+                let fresh = self.freshness_words();
                 let cap = r
                     .policy
                     .max_expiration
@@ -89,6 +121,29 @@ impl Mapping {
                 ))
             })
             .collect()
+    }
+
+    /// How fresh a grant must be, in a few words: the age and the time judged, or why there
+    /// is no age to judge.
+    fn freshness_words(&self) -> String {
+        let Some(age) = self.freshness.max_age else {
+            return "off (max_age 0)".to_owned();
+        };
+        if self.freshness.signed() {
+            return format!(
+                "{}, on {}",
+                humantime::format_duration(age),
+                self.freshness.judged_on()
+            );
+        }
+        match self.verifier.signed_time_tolerance() {
+            Some(t) => format!(
+                "at receipt, within the {} its signed timestamp allows",
+                humantime::format_duration(t)
+            ),
+            None if self.verifier.signs_body() => "none: judged at receipt, and its signature covers no time, so a delivery replayed after store.dedup_window grants again".to_owned(),
+            None => "none: judged at receipt (whoever holds the token writes the body, times included)".to_owned(),
+        }
     }
 
     /// Why a grant may not act on this event: it is older (or further in the future) than the

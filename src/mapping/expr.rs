@@ -250,30 +250,35 @@ fn visible(values: Vec<Cow<'_, str>>, markdown: bool) -> Vec<Cow<'_, str>> {
         .collect()
 }
 
-/// Markdown text without what its reader never sees rendered: HTML comments (`<!-- ... -->`,
-/// and an unclosed one to the end, as GitHub renders it). A line hidden in one (a
-/// `P0-Request:` in a pull request's template comment) is not the approver's to have seen.
+/// Markdown text as its reader sees it rendered (GitHub-flavoured, by pulldown-cmark): the
+/// text of paragraphs, headings, list items, tables and code, each block on lines of its own.
+/// Raw HTML is left out whole (comments, tags and their attributes, blocks such as `<style>`
+/// or `<details>`), and so are link reference definitions (whose titles never show): a line
+/// hidden in any of them (a `P0-Request:` in a pull request template's comment) is not the
+/// approver's to have seen. Visible text inside an HTML block is left out too: the safe side.
 pub fn visible_markdown(text: &str) -> Cow<'_, str> {
-    if !text.contains("<!--") {
-        return Cow::Borrowed(text);
-    }
+    use pulldown_cmark::{Event, Options, Parser, TagEnd};
+    let options = Options::ENABLE_TABLES
+        | Options::ENABLE_STRIKETHROUGH
+        | Options::ENABLE_TASKLISTS
+        | Options::ENABLE_FOOTNOTES;
     let mut out = String::with_capacity(text.len());
-    let mut rest = text;
-    while let Some(open) = rest.find("<!--") {
-        out.push_str(&rest[..open]);
-        let after = &rest[open + 4..];
-        match after.find("-->") {
-            Some(close) => {
-                // What the comment hid is gone, but the lines around it stay lines.
-                out.extend(after[..close].chars().filter(|c| *c == '\n'));
-                rest = &after[close + 3..];
-            }
-            None => {
-                rest = "";
-            }
+    for event in Parser::new_ext(text, options) {
+        match event {
+            Event::Text(t) | Event::Code(t) => out.push_str(&t),
+            Event::SoftBreak | Event::HardBreak => out.push('\n'),
+            Event::End(
+                TagEnd::Paragraph
+                | TagEnd::Heading(_)
+                | TagEnd::Item
+                | TagEnd::CodeBlock
+                | TagEnd::TableCell
+                | TagEnd::TableRow
+                | TagEnd::TableHead,
+            ) => out.push('\n'),
+            _ => {}
         }
     }
-    out.push_str(rest);
     Cow::Owned(out)
 }
 
@@ -445,17 +450,38 @@ mod tests {
 
     #[test]
     fn markdown_as_its_reader_sees_it() {
+        let seen = |text: &str| -> Vec<String> {
+            visible_markdown(text)
+                .lines()
+                .filter(|l| l.contains("P0-Request"))
+                .map(str::to_owned)
+                .collect()
+        };
         for (text, want) in [
-            ("P0-Request: a", "P0-Request: a"),
+            ("P0-Request: a", vec!["P0-Request: a"]),
+            ("Fixes it.\r\nP0-Request: a\r\n", vec!["P0-Request: a"]),
             (
                 "x\n<!--\nP0-Request: hidden\n-->\nP0-Request: seen",
-                "x\n\n\n\nP0-Request: seen",
+                vec!["P0-Request: seen"],
             ),
-            ("a <!-- b --> c", "a  c"),
-            ("before <!-- never closed\nP0-Request: x", "before "),
-            ("<!----> y", " y"),
+            ("a <!-- P0-Request: b --> c", vec![]),
+            ("before\n\n<!-- never closed\nP0-Request: x", vec![]),
+            // A link reference definition's title spans lines and never shows.
+            (
+                "[x]: https://a.example \"\nP0-Request: req-h\n\"\n\ntext",
+                vec![],
+            ),
+            // An attribute value, and an element the renderer drops with its content.
+            ("<img alt=\"\nP0-Request: req-h\n\" src=\"a.png\">", vec![]),
+            ("<style>\nP0-Request: req-h\n</style>", vec![]),
+            (
+                "<details>\n\nP0-Request: in-details\n\n</details>",
+                vec!["P0-Request: in-details"],
+            ),
+            ("- item\n- P0-Request: listed", vec!["P0-Request: listed"]),
+            ("```\nP0-Request: code\n```", vec!["P0-Request: code"]),
         ] {
-            assert_eq!(visible_markdown(text), want, "{text:?}");
+            assert_eq!(seen(text), want, "{text:?}");
         }
     }
 

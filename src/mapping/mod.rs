@@ -189,6 +189,9 @@ struct Rule {
     actorless: Option<Actorless>,
     /// Who may grant through this rule, in one line for `check` (`None`: it grants nothing).
     grants: Option<String>,
+    /// Someone may grant through it: an approver list that names anyone, or grants with no
+    /// actor switched on.
+    open: bool,
 }
 
 /// A rule's `actorless`: approves with no person behind them.
@@ -746,11 +749,36 @@ mod tests {
             all.contains("rule `a`: actor: a rule that may approve names who approves"),
             "{all}"
         );
-        // One that only revokes or denies needs neither.
+        // One that only revokes or denies needs neither, and keeps its list when it has one.
         let all = errors(
             json!([{ "name": "b", "action": "deny", "request_id": { "path": "$.id" }, "actions": ["deny"] }]),
         );
         assert_eq!(all, "");
+        let tree = json!({ "verify": { "scheme": "github", "secrets": "t" }, "rules": [
+            { "name": "d", "command": { "path": "$.x" }, "actor": { "path": "$.by", "allow": "secops" },
+              "actions": ["deny", "revoke"] } ] });
+        let deny_only =
+            compile("s", Path::new("s.yaml"), tree, &Env::default(), &defaults()).unwrap();
+        let headers = HeaderMap::new();
+        let by = |who: &str| {
+            cases::describe(&deny_only.decide(
+                Input {
+                    headers: &headers,
+                    body: &json!({ "x": "/p0 deny r-1", "by": who }),
+                },
+                None,
+            ))
+        };
+        assert!(
+            by("secops").contains("decided [deny r-1"),
+            "{}",
+            by("secops")
+        );
+        assert!(
+            by("mallory").contains("`mallory` is not allowed"),
+            "{}",
+            by("mallory")
+        );
         // Both at once is a contradiction.
         let all = errors(
             json!([{ "name": "c", "command": { "path": "$.x" }, "actor": { "path": "$.by" },

@@ -166,9 +166,11 @@ pub struct Job {
     pub evidence: Option<String>,
     /// When the evidence was found: an approve not sent soon enough after it is checked again.
     pub checked_at_ms: Option<i64>,
-    /// The rule of the delivery that made it: the worker checks an approve against the
-    /// on-call check this relay's mapping gives that rule, too.
+    /// The rule and the actor of the delivery that made it: the worker checks an approve
+    /// against this relay's own grant policy for that rule (its approver list, its switch,
+    /// its on-call check) as well as the check it was stored with.
     pub rule: Option<String>,
+    pub actor: Option<String>,
 }
 
 /// Why a request an ending event names is not revoked: it was not granted under the subject

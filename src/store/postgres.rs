@@ -920,7 +920,8 @@ $fn$;
 -- applied to its approves), and an end revokes only what was approved under its subject: a
 -- request it names that was not is stored refused (`p0_relay_unbound_reason`). Each job of
 -- a batch's answer carries its own refusal. A job stored refused decides nothing, so it is
--- never a request's latest decision when an end looks for what is still granted. `checked_at` is when a gated approve's on-call
+-- never a request's latest decision: not when an end looks for what is still granted, nor
+-- when a new decision looks for one to coalesce with. `checked_at` is when a gated approve's on-call
 -- check passed; outcomes record it. The functions that write batches are defined again here
 -- with these rules.
 ALTER TABLE jobs ADD COLUMN checked_at BIGINT;
@@ -1029,7 +1030,7 @@ BEGIN
                 SELECT j.id, j.action, j.state, j.created_at, j.source, j.subject, j.refused,
                        j.gate
                 INTO latest FROM jobs j
-                WHERE j.org = dcn.org AND j.request_id = dcn.request_id
+                WHERE j.org = dcn.org AND j.request_id = dcn.request_id AND j.refused IS NULL
                 ORDER BY j.id DESC LIMIT 1;
                 IF FOUND AND latest.action = dcn.action AND latest.created_at >= coalesce_since
                    AND latest.state IN ('pending', 'sending', 'succeeded', 'dry_run')
@@ -1166,6 +1167,7 @@ BEGIN
         LEFT JOIN LATERAL (SELECT jb.id, jb.action, jb.state, jb.created_at, jb.source,
                                   jb.subject, jb.refused, jb.gate
                            FROM jobs jb WHERE jb.org = y.org AND jb.request_id = y.request_id
+                             AND jb.refused IS NULL
                            ORDER BY jb.id DESC LIMIT 1) l ON true
     ), numbered AS (
         SELECT a.*, CASE WHEN a.coalesced THEN a.latest ELSE nextval('jobs_id_seq') END AS jid
@@ -1658,7 +1660,8 @@ impl PgStore {
                          RETURNING id, source, org, request_id, action, expiration, attempts,
                                    created_at, window_start, claim_token, subject, reply,
                                    ended_by IS NOT NULL, refused, gate, evidence, checked_at,
-                                   (SELECT d.rule FROM deliveries d WHERE d.id = jobs.delivery_id)",
+                                   (SELECT d.rule FROM deliveries d WHERE d.id = jobs.delivery_id),
+                                   (SELECT d.actor FROM deliveries d WHERE d.id = jobs.delivery_id)",
                     )
                     .await?;
                 c.query(&stmt, &[&now_ms, &limit, &lease_until]).await
@@ -1689,6 +1692,7 @@ impl PgStore {
                 evidence: r.try_get(15)?,
                 checked_at_ms: r.try_get(16)?,
                 rule: r.try_get(17)?,
+                actor: r.try_get(18)?,
             });
         }
         jobs.sort_by_key(|j| j.id);

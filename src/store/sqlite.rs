@@ -210,7 +210,9 @@ impl SqliteStore {
             let mut due = tx.prepare_cached(&format!(
                 "SELECT id, source, org, request_id, action, expiration, attempts, created_at, window_start,
                         claim_token, subject, reply, ended_by IS NOT NULL, refused, gate, evidence,
-                        checked_at, (SELECT d.rule FROM deliveries d WHERE d.id = jobs.delivery_id)
+                        checked_at,
+                        (SELECT d.rule FROM deliveries d WHERE d.id = jobs.delivery_id),
+                        (SELECT d.actor FROM deliveries d WHERE d.id = jobs.delivery_id)
                  FROM jobs WHERE {IN_TURN} AND next_attempt_at <= ?1
                  ORDER BY next_attempt_at, id LIMIT ?2"
             ))?;
@@ -238,6 +240,7 @@ impl SqliteStore {
                         evidence: r.get(15)?,
                         checked_at_ms: r.get(16)?,
                         rule: r.get(17)?,
+                        actor: r.get(18)?,
                     },
                 ))
             })?;
@@ -359,9 +362,10 @@ impl Drop for Checkpointer {
 pub(super) const SEEN: &str = "SELECT job_ids FROM deliveries
     WHERE source = ?1 AND dedup_key = ?2 AND received_at >= ?3 ORDER BY id LIMIT 1";
 
-/// The latest decision stored on a request.
+/// The latest decision stored on a request (one stored refused decides nothing).
 pub(super) const LATEST: &str = "SELECT id, action, state, created_at, source, subject,
-    refused IS NOT NULL, gate FROM jobs WHERE org = ?1 AND request_id = ?2 ORDER BY id DESC LIMIT 1";
+    refused IS NOT NULL, gate FROM jobs WHERE org = ?1 AND request_id = ?2 AND refused IS NULL
+    ORDER BY id DESC LIMIT 1";
 
 /// When a subject ended, if it is ended now (not reopened since).
 const ENDED: &str = "SELECT ended_at FROM subject_ends

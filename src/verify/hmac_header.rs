@@ -154,6 +154,13 @@ pub struct HmacHeader {
 }
 
 impl HmacHeader {
+    /// How far the signed timestamp may be from the relay's clock, when one is signed.
+    pub fn tolerance(&self) -> Option<std::time::Duration> {
+        self.timestamp
+            .as_ref()
+            .map(|(_, t)| std::time::Duration::from_secs(t.unsigned_abs()))
+    }
+
     pub fn verify(
         &self,
         headers: &HeaderMap,

@@ -139,6 +139,21 @@ impl Verifier {
         }
     }
 
+    /// How far from the relay's clock a signed timestamp may be, where every scheme that may
+    /// verify signs one (then a captured delivery is refused that long after it was sent).
+    pub fn signed_time_tolerance(&self) -> Option<std::time::Duration> {
+        match self {
+            Verifier::Hmac(h) => h.tolerance(),
+            Verifier::StandardWebhooks(s) => Some(s.tolerance()),
+            Verifier::AnyOf(list) => list
+                .iter()
+                .map(Verifier::signed_time_tolerance)
+                .collect::<Option<Vec<_>>>()
+                .and_then(|t| t.into_iter().max()),
+            _ => None,
+        }
+    }
+
     /// The scheme's name as a mapping file writes it (`token or basic` for several).
     pub fn scheme(&self) -> String {
         match self {

@@ -48,6 +48,11 @@ fn key(secret: &Secret) -> Option<Vec<u8>> {
 }
 
 impl StandardWebhooks {
+    /// How far the signed timestamp may be from the relay's clock.
+    pub fn tolerance(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.tolerance.unsigned_abs())
+    }
+
     /// Checks that every secret decodes; the error names its position, never its value.
     pub fn new(secrets: Secrets, tolerance: i64) -> Result<StandardWebhooks, String> {
         for (i, s) in secrets.iter().enumerate() {

@@ -102,7 +102,8 @@ fn check_prints_the_grant_policy_and_warns_of_an_unverified_database() {
     for line in [
         "policy: github/comment-command: grants: 1 approver (GITHUB_APPROVERS); gate: off; fresh: 1h, on the signed event time ($.comment.created_at or $.review.submitted_at); cap: 12h",
         "policy: pagerduty/incident-acknowledged: grants: 1 approver (PAGERDUTY_APPROVERS); gate: off; fresh: 1h, on the signed event time ($.event.occurred_at); cap: 12h",
-        "policy: opsgenie/alert-acknowledged: grants: 1 approver (OPSGENIE_APPROVERS); gate: off; fresh: 1h, on receipt; cap: 12h",
+        "policy: opsgenie/alert-acknowledged: grants: 1 approver (OPSGENIE_APPROVERS); gate: off; fresh: none: judged at receipt (whoever holds the token writes the body, times included); cap: 12h",
+        "policy: incidentio/incident-status: grants: no actor (INCIDENTIO_GRANTS=on), trusting whoever can declare an incident.io incident or set its P0 request field; gate: off; fresh: at receipt, within the 5m its signed timestamp allows; cap: 12h",
         "policy: alertmanager/alert-lifecycle: grants: no actor (ALERTMANAGER_GRANTS=on), trusting whoever can get an alert carrying p0_request_id to Alertmanager",
         "warning: source `alertmanager`, rule `alert-lifecycle`: approves with no actor (ALERTMANAGER_GRANTS=on): it trusts whoever",
     ] {
@@ -489,5 +490,81 @@ async fn a_year_asked_without_a_configured_cap_is_clamped_to_12h() {
             "req-year",
             json!({"expirationLength": "12h"})
         )]
+    );
+}
+
+// --- The same policy on every relay ---
+
+/// An approve another relay stored (an older release, or settings since changed) is sent only
+/// if this relay's own approver list lets its actor grant: here it does not, so it is refused.
+#[tokio::test]
+async fn an_approve_stored_under_another_approver_list_is_refused_by_this_relays() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("relay.db");
+    // The first relay lets octocat grant, but cannot reach P0: the approve is dead after one try.
+    let mut first = spawn_with(Setup {
+        store_path: Some(db.clone()),
+        p0_extra: "    max_attempts: 1\n".into(),
+        ..Setup::default()
+    })
+    .await;
+    wiremock::Mock::given(wiremock::matchers::method("POST"))
+        .respond_with(wiremock::ResponseTemplate::new(503))
+        .mount(&first.p0)
+        .await;
+    let (status, ans) = first
+        .post(&Hook::comment(
+            "stored-elsewhere",
+            "/p0 approve req-list 1h",
+        ))
+        .await;
+    assert_eq!(status, 202, "{ans}");
+    first.wait_for_calls(1).await;
+    first.stop().await;
+    // This relay names only hubot; the operator replays the dead approve to it.
+    let second = spawn_with(Setup {
+        store_path: Some(db.clone()),
+        vars: vec![("GITHUB_APPROVERS", "hubot".into())],
+        ..Setup::default()
+    })
+    .await;
+    second.p0_ok().await;
+    let store = db.display().to_string();
+    let (code, out) = run_cli(&["jobs", "replay", "1", "--db", &store], &test_env(&[]));
+    assert_eq!(code, Some(0), "{out}");
+    let mut shown = String::new();
+    for _ in 0..200 {
+        shown = run_cli(&["jobs", "show", "1", "--db", &store], &test_env(&[])).1;
+        if shown
+            .lines()
+            .next()
+            .is_some_and(|l| l.ends_with("(rejected)"))
+        {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    assert!(
+        shown.contains("not_allowed")
+            && shown.contains(
+                "actor `octocat` may not approve through rule `comment-command` on this relay"
+            ),
+        "{shown}"
+    );
+    // A sentinel by hubot, who may grant here, proves the refusal made no call before it.
+    let body = github_comment("/p0 approve req-after-list 1h", "hubot");
+    let (status, ans) = second
+        .post(&Hook::github(
+            "issue_comment",
+            "by-hubot",
+            &body,
+            GITHUB_SECRET_NEW,
+        ))
+        .await;
+    assert_eq!(status, 202, "{ans}");
+    assert_eq!(
+        paths(&second.wait_for_calls(1).await),
+        [request("approve", "req-after-list")],
+        "the refused approve never reached P0"
     );
 }

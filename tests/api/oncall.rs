@@ -167,6 +167,18 @@ fn pd_oncalls(truth: &Truth, req: &Request) -> Value {
         all("schedule_ids[]"),
     );
     let (limit, offset) = (one("limit", 25).min(100), one("offset", 0));
+    // Only on-calls that overlap the window asked about, as PagerDuty answers.
+    let time = |k: &str| {
+        all(k)
+            .first()
+            .and_then(|v| humantime::parse_rfc3339_weak(v.trim_end_matches('Z')).ok())
+    };
+    let (since, until) = (time("since"), time("until"));
+    let overlaps = |span: &(String, String)| {
+        let at = |t: &str| humantime::parse_rfc3339_weak(t.trim_end_matches('Z')).ok();
+        let (start, end) = (at(&span.0), at(&span.1));
+        since.zip(end).is_none_or(|(s, e)| e > s) && until.zip(start).is_none_or(|(u, s)| s < u)
+    };
     let template = example("pagerduty-oncall.json", "/oncalls")["oncalls"][0].clone();
     let matching: Vec<Value> = truth
         .pagerduty
@@ -177,6 +189,7 @@ fn pd_oncalls(truth: &Truth, req: &Request) -> Value {
             (users.is_empty() || users.contains(&o.user))
                 && (policies.is_empty() || policies.contains(&o.policy))
                 && (schedules.is_empty() || schedules.contains(&o.schedule))
+                && overlaps(&o.span)
         })
         .map(|o| {
             let mut v = template.clone();
@@ -735,17 +748,25 @@ async fn pagerduty_an_acknowledgement_with_no_agent_is_refused_under_a_gate() {
 async fn pagerduty_an_on_call_on_the_second_page_counts() {
     let (providers, truth) = fakes().await;
     {
-        // A hundred past on-calls of the same user and policy come first.
+        // A hundred on-calls of the same user and policy come first, each a handover of a
+        // few seconds in the ten minutes asked about, all over before the event.
         let mut list = truth.pagerduty.lock().unwrap();
-        let day = Duration::from_secs(24 * 3600);
-        for i in 0..100u64 {
-            let end = SystemTime::now() - day - Duration::from_secs(i * 60);
+        let now = SystemTime::now();
+        let window = now
+            - Duration::from_secs(
+                now.duration_since(SystemTime::UNIX_EPOCH)
+                    .unwrap()
+                    .as_secs()
+                    % 600,
+            );
+        for i in 1..=100u64 {
+            let start = humantime::format_rfc3339_millis(window + Duration::from_millis(i));
             list.push(PdOnCall {
                 user: USER.into(),
                 policy: POLICY.into(),
                 level: 1,
                 schedule: SCHEDULE.into(),
-                span: (rfc3339(end - Duration::from_secs(600)), rfc3339(end)),
+                span: (start.to_string(), start.to_string()),
             });
         }
     }
@@ -860,11 +881,11 @@ async fn pagerduty_down_past_the_max_age_dead_letters_and_answers() {
 }
 
 /// A check that passed holds for `answers.oncall_recheck_after`: an approve P0 kept failing
-/// past it is checked again before it is sent, and refused if its actor is no longer on call.
+/// past it is checked again before it is sent, as of now, and refused once its actor's shift
+/// has ended, though they were on call when they acknowledged.
 #[tokio::test]
 async fn pagerduty_an_approve_not_sent_soon_after_its_check_is_checked_again() {
     let (providers, truth) = fakes().await;
-    truth.pd_on_call(USER, 1);
     let providers_yaml = providers.yaml().replace(
         "  rate_per_second: 0\n",
         "  rate_per_second: 0\n  oncall_recheck_after: 1ms\n  oncall_cache: 1ms\n",
@@ -878,20 +899,37 @@ async fn pagerduty_an_approve_not_sent_soon_after_its_check_is_checked_again() {
     })
     .await;
     let store = t.dir.path().join("relay.db").display().to_string();
-    // P0 fails the first call, slowly; by the retry, the check is older than it may be.
+    // P0 fails the first call, after 1.5 s; by the retry, the check is older than it may be.
     Mock::given(method("POST"))
-        .respond_with(ResponseTemplate::new(503).set_delay(Duration::from_millis(300)))
+        .respond_with(ResponseTemplate::new(503).set_delay(Duration::from_millis(1500)))
         .up_to_n_times(1)
         .mount(&t.p0)
         .await;
     t.p0_ok().await;
-    let (status, ans) = t.post(&pd_ack("01RECHECK1")).await;
+    let ack = pd_ack("01RECHECK1");
+    let (at, _, _) = occurred(&ack);
+    // On call from six hours ago until half a second after the acknowledgement.
+    let at_time = humantime::parse_rfc3339(&at).unwrap();
+    truth.pagerduty.lock().unwrap().push(PdOnCall {
+        user: USER.into(),
+        policy: POLICY.into(),
+        level: 1,
+        schedule: SCHEDULE.into(),
+        span: (
+            rfc3339(at_time - Duration::from_secs(6 * 3600)),
+            humantime::format_rfc3339_millis(at_time + Duration::from_millis(1500)).to_string(),
+        ),
+    });
+    let (status, ans) = t.post(&ack).await;
     assert_eq!(status, 202, "{ans}");
     t.wait_for_calls(1).await;
-    // The user's shift ends while P0 is answering.
-    truth.pagerduty.lock().unwrap().clear();
     let out = show_when(&store, job_id(&ans), "rejected").await;
     assert!(out.contains("not_on_call"), "{out}");
+    assert!(
+        out.contains(&format!("is not on call for escalation policy {POLICY}"))
+            && !out.contains(&format!("{USER} at {at} is not")),
+        "checked again as of now, not as of the event: {out}"
+    );
     assert_eq!(
         gets(&providers.pagerduty).await.len(),
         2,
