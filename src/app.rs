@@ -23,8 +23,9 @@ use crate::metrics::Metrics;
 use crate::p0;
 use crate::ratelimit::KeyedLimit;
 use crate::receiver::{self, Receiver};
+use crate::retry::saturating_i64;
 use crate::server::{self, ConnLimits};
-use crate::store::{self, Prune, StoreHandle, StoreTask, Windows, now_ms};
+use crate::store::{self, Prune, StoreHandle, StoreTask, ms, now_ms};
 use crate::supervise::{Components, Failure};
 use crate::worker::Worker;
 
@@ -137,13 +138,12 @@ impl Relay {
             Some(given) => given,
             None => store::open(
                 &settings.store.location,
-                Windows {
-                    dedup: settings.store.dedup_window,
-                    coalesce: settings.store.coalesce_window,
+                &store::Settings {
+                    store_payloads: settings.store.store_payloads,
+                    claim_lease: settings.store.claim_lease,
+                    group_commit: opts.group_commit,
+                    ..store::Settings::new(settings.store.windows())
                 },
-                settings.store.store_payloads,
-                settings.store.claim_lease,
-                opts.group_commit,
             )
             .await
             .with_context(|| format!("cannot open the store at {}", settings.store.location))?,
@@ -352,6 +352,14 @@ impl Built {
             ok_when_done(upkeep_loop(store.clone(), shutdown.clone())),
         );
         components.spawn(
+            "gauges",
+            ok_when_done(gauge_loop(
+                store.clone(),
+                receiver.metrics.clone(),
+                shutdown.clone(),
+            )),
+        );
+        components.spawn(
             "pruner",
             ok_when_done(prune_loop(store.clone(), retention, shutdown.clone())),
         );
@@ -525,20 +533,43 @@ async fn probe_loop(store: StoreHandle, health: Arc<Health>, shutdown: Cancellat
     }
 }
 
-/// The store's upkeep every few seconds (PostgreSQL: the jobs table's planner statistics).
-async fn upkeep_loop(store: StoreHandle, shutdown: CancellationToken) {
+/// Runs `turn` now and then every `period` until `shutdown`.
+async fn every<F: Future<Output = ()>>(
+    period: Duration,
+    shutdown: CancellationToken,
+    mut turn: impl FnMut() -> F,
+) {
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
-            r = store.upkeep() => if let Err(e) = r {
-                tracing::warn!(error = %e, "store upkeep failed");
-            },
+            () = turn() => {}
         }
         tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+            _ = tokio::time::sleep(period) => {}
         }
     }
+}
+
+/// The store's upkeep every few seconds (PostgreSQL: the jobs table's planner statistics).
+async fn upkeep_loop(store: StoreHandle, shutdown: CancellationToken) {
+    every(Duration::from_secs(5), shutdown, || async {
+        if let Err(e) = store.upkeep().await {
+            tracing::warn!(error = %e, "store upkeep failed");
+        }
+    })
+    .await
+}
+
+/// The queue's gauges (decisions waiting, dead), kept current every second.
+async fn gauge_loop(store: StoreHandle, metrics: Metrics, shutdown: CancellationToken) {
+    every(Duration::from_secs(1), shutdown, || async {
+        if let Ok(c) = store.counts().await {
+            metrics.queue_depth.set(saturating_i64(c.pending));
+            metrics.dead_letters.set(saturating_i64(c.dead));
+        }
+    })
+    .await
 }
 
 /// What the pruner keeps: finished decisions for the dedup window, subject ends for theirs.
@@ -549,8 +580,7 @@ struct Retention {
 }
 
 async fn prune_loop(store: StoreHandle, retention: Retention, shutdown: CancellationToken) {
-    let ms = |d: Duration| i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
-    loop {
+    every(Duration::from_secs(3600), shutdown, || async {
         let now = now_ms();
         let before = Prune {
             finished_before_ms: now.saturating_sub(ms(retention.finished)),
@@ -564,9 +594,6 @@ async fn prune_loop(store: StoreHandle, retention: Retention, shutdown: Cancella
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "prune failed"),
         }
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(Duration::from_secs(3600)) => {}
-        }
-    }
+    })
+    .await
 }

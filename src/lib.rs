@@ -10,6 +10,7 @@
 
 pub mod answers;
 pub mod app;
+pub mod claims;
 pub mod cli;
 pub mod config;
 pub mod domain;

@@ -1,27 +1,28 @@
 //! The worker: claims due decisions from the store, calls P0 with bounded concurrency paced
 //! per org, records each outcome, and schedules retries with exponential backoff and jitter.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::{Notify, Semaphore};
-use tokio::task::{self, JoinSet};
+use arc_swap::ArcSwap;
+use async_trait::async_trait;
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use arc_swap::ArcSwap;
-
 use crate::answers::compose::{self, Final};
+use crate::claims::{self, Limits, Work};
 use crate::config::RetrySettings;
-use crate::domain::{Action, Gate, Id, Via};
+use crate::domain::{Action, Expiration, Gate, Via};
 use crate::health::Health;
 use crate::mapping::MappingSet;
 use crate::metrics::Metrics;
 use crate::oncall::{Checker, Finding, public_refusal};
 use crate::p0::{self, Outcome};
 use crate::ratelimit::KeyedLimit;
-use crate::retry::{Lookout, retry_at, saturating_i64, until_recorded};
-use crate::store::{AttemptRecord, Job, State, StoreHandle, now_ms};
+use crate::retry::retry_at;
+use crate::store::{
+    Ahead, AttemptRecord, Claimed, Held, Job, State, StoreError, StoreHandle, Unreadable, now_ms,
+};
 
 /// Everything the worker needs; `client: None` is a dry run that calls nothing.
 pub struct Worker {
@@ -54,133 +55,49 @@ enum Checked {
     Stop(Box<AttemptRecord>),
 }
 
-/// The longest free permits wait for more to gather before the worker claims anyway.
-const CLAIM_GATHER: Duration = Duration::from_millis(5);
+#[async_trait]
+impl Work for Worker {
+    type Item = Job;
+    type Outcome = AttemptRecord;
+    const NAME: &'static str = "decisions";
 
-impl Worker {
-    /// Runs until `shutdown`; then lets calls in flight finish within `drain`, leaving the
-    /// rest queued for the next start.
-    pub async fn run(self, shutdown: CancellationToken, drain: Duration) {
-        let this = Arc::new(self);
-        let permits = Arc::new(Semaphore::new(this.concurrency));
-        let claim_batch = (this.concurrency / 4).clamp(1, 8);
-        let mut last_claim = Instant::now();
-        let mut tasks = JoinSet::new();
-        // The job each call task carries, so a task that panics can give its job back.
-        let mut in_flight: HashMap<task::Id, Job> = HashMap::new();
-        // (Not `Instant::now() - 60 s`: that underflows on a machine up for less than a minute.)
-        let mut last_gauges: Option<Instant> = None;
-        let mut lookout = Lookout::default();
-        loop {
-            while let Some(done) = tasks.try_join_next_with_id() {
-                let (again, job) = this.finished(done, &mut in_flight).await;
-                lookout.task_ended(again, job);
-            }
-            // Under load, claims go in batches: with calls in flight, the worker waits until
-            // a quarter of its permits (at most 8) are free, rather than asking the store after
-            // each call, but never longer than CLAIM_GATHER (calls held by pacing or a slow
-            // P0 must not keep free permits idle).
-            let available = permits.available_permits();
-            let gathering = lookout.wants_claim()
-                && !tasks.is_empty()
-                && available < claim_batch
-                && last_claim.elapsed() < CLAIM_GATHER;
-            if lookout.wants_claim() && available > 0 && !gathering {
-                last_claim = Instant::now();
-                match this.store.claim_due(available).await {
-                    Ok(claimed) => {
-                        lookout.claimed(available, claimed.items.len(), last_claim);
-                        for job in claimed.items {
-                            let Ok(permit) = permits.clone().acquire_owned().await else {
-                                break;
-                            };
-                            let w = this.clone();
-                            let carried = job.clone();
-                            let handle = tasks.spawn(async move {
-                                let again = w.execute(job).await;
-                                drop(permit);
-                                again
-                            });
-                            in_flight.insert(handle.id(), carried);
-                        }
-                        // Asked after the calls started when the claim did not say (their
-                        // leases are running).
-                        let beyond = match claimed.beyond {
-                            Some(beyond) => beyond,
-                            None => this.store.after_claim().await,
-                        };
-                        lookout.learned(beyond);
-                    }
-                    Err(e) => {
-                        tracing::error!(error = %e, "cannot claim decisions from the store");
-                        lookout.claim_failed(last_claim);
-                    }
-                }
-            }
-            if last_gauges.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
-                if let Ok(c) = this.store.counts().await {
-                    this.metrics.queue_depth.set(saturating_i64(c.pending));
-                    this.metrics.dead_letters.set(saturating_i64(c.dead));
-                }
-                last_gauges = Some(Instant::now());
-            }
-            let wait = if gathering && available > 0 {
-                CLAIM_GATHER
-            } else {
-                lookout.rest(permits.available_permits(), now_ms(), Instant::now())
-            };
-            tokio::select! {
-                _ = shutdown.cancelled() => break,
-                _ = this.wake.notified() => lookout.woken(),
-                Some(done) = tasks.join_next_with_id() => {
-                    let (again, job) = this.finished(done, &mut in_flight).await;
-                    lookout.task_ended(again, job);
-                }
-                _ = tokio::time::sleep(wait) => lookout.woken(),
-            }
-        }
-        let deadline = tokio::time::sleep(drain);
-        tokio::pin!(deadline);
-        loop {
-            tokio::select! {
-                next = tasks.join_next_with_id() => match next {
-                    None => break,
-                    Some(done) => {
-                        this.finished(done, &mut in_flight).await;
-                    }
-                },
-                _ = &mut deadline => {
-                    tracing::warn!(in_flight = tasks.len(), "shutdown deadline reached; unfinished calls stay queued");
-                    tasks.abort_all();
-                    break;
-                }
-            }
-        }
+    fn store(&self) -> &StoreHandle {
+        &self.store
     }
 
-    /// Accounts for a call task that ended, and says whether its decision may fall due again
-    /// (the worker then looks at the store) and which job it carried. One that panicked (a
-    /// bug in the relay, not an answer from P0) gives its decision back: pending again after a
-    /// backoff, or dead when out of attempts, like a transient failure. One cancelled at the shutdown deadline stays
-    /// `sending` and is resumed at the next start.
-    async fn finished(
-        &self,
-        done: Result<(task::Id, bool), task::JoinError>,
-        in_flight: &mut HashMap<task::Id, Job>,
-    ) -> (bool, Option<i64>) {
-        let (id, again, failure) = match done {
-            Ok((id, again)) => (id, again, None),
-            Err(e) => (e.id(), false, Some(e)),
-        };
-        let job = in_flight.remove(&id);
-        let job_id = job.as_ref().map(|j| j.id);
-        let (Some(failure), Some(job)) = (failure, job) else {
-            return (again, job_id);
-        };
-        if !failure.is_panic() {
-            return (false, job_id);
+    async fn claim(&self, limit: usize) -> Result<Claimed<Job>, StoreError> {
+        self.store.claim_jobs(limit).await
+    }
+
+    async fn ahead(&self) -> Ahead {
+        self.store.jobs_ahead().await
+    }
+
+    fn held(job: &Job) -> Held {
+        job.held()
+    }
+
+    fn job(job: &Job) -> Option<i64> {
+        Some(job.id)
+    }
+
+    async fn attempt(&self, job: &Job) -> AttemptRecord {
+        self.decide(job).await
+    }
+
+    async fn record(&self, outcome: AttemptRecord) -> Result<(), StoreError> {
+        self.store.record(outcome).await
+    }
+
+    /// The answers back created with this outcome go out now, not at the next poll.
+    fn recorded(&self, outcome: &AttemptRecord) -> bool {
+        if !outcome.answers.is_empty() {
+            self.answer_wake.notify_one();
         }
-        let why = crate::supervise::panic_message(failure.into_panic());
+        outcome.state == State::Pending
+    }
+
+    fn panicked(&self, job: &Job, why: &str) -> AttemptRecord {
         let now = now_ms();
         let attempts = job.attempts.saturating_add(1);
         let next = retry_at(&self.retry, attempts, now, job.window_start_ms, None);
@@ -189,66 +106,62 @@ impl Worker {
             state = if next.is_some() { "pending" } else { "dead" },
             "a P0 call failed inside the relay (a bug); the decision is given back"
         );
-        let record = AttemptRecord {
-            job_id: job.id,
-            claim: job.claim,
-            at_ms: now,
-            state: if next.is_some() {
-                State::Pending
-            } else {
-                State::Dead
-            },
-            attempts,
-            next_attempt_at_ms: next.unwrap_or(now),
-            status: None,
-            result: "internal_error",
-            error: Some(format!("the relay failed during the call: {why}")),
-            duration_ms: 0,
-            evidence: None,
-            checked_at_ms: None,
-            answers: Vec::new(),
+        let mut rec = record(job.id, job.claim_token, attempts, now);
+        rec.state = if next.is_some() {
+            State::Pending
+        } else {
+            State::Dead
         };
-        if let Err(e) = self.store.record(record).await {
-            tracing::error!(job_id = job.id, error = %e, "cannot record the outcome of a P0 call");
-        }
-        (true, job_id)
+        rec.next_attempt_at_ms = next.unwrap_or(now);
+        rec.result = "internal_error";
+        rec.error = Some(format!("the relay failed during the call: {why}"));
+        rec
     }
 
-    /// Calls P0 for `job` and records the outcome; true when the decision may fall due again
-    /// (a retry is scheduled, or the claim was lost), so the worker looks at the store.
-    async fn execute(&self, job: Job) -> bool {
-        // The claim is held (its lease renewed) while the call is under way and until its
-        // outcome is recorded; if it is lost, another relay owns the decision now and this
-        // relay lets go (on SQLite the claim is never lost).
-        let hold = self.store.hold_claim(&job);
-        tokio::pin!(hold);
-        let record = tokio::select! {
-            record = self.attempt(&job) => record,
-            () = &mut hold => return true,
+    fn unreadable(&self, row: &Unreadable) -> AttemptRecord {
+        let now = now_ms();
+        let mut rec = record(row.id, row.claim_token, row.attempts.saturating_add(1), now);
+        rec.state = State::Dead;
+        rec.result = "unreadable";
+        rec.error = Some(row.why.clone());
+        rec
+    }
+}
+
+/// An outcome of job `id` at `now`, to be filled in: a dry run until it says otherwise.
+fn record(id: i64, claim_token: i64, attempts: u32, now: i64) -> AttemptRecord {
+    AttemptRecord {
+        job_id: id,
+        claim_token,
+        at_ms: now,
+        state: State::DryRun,
+        attempts,
+        next_attempt_at_ms: now,
+        status: None,
+        result: "dry_run",
+        error: None,
+        duration_ms: 0,
+        evidence: None,
+        checked_at_ms: None,
+        answers: Vec::new(),
+    }
+}
+
+impl Worker {
+    /// Runs until `shutdown`; then lets calls in flight finish within `drain`, leaving the
+    /// rest queued for the next start.
+    pub async fn run(self, shutdown: CancellationToken, drain: Duration) {
+        let limits = Limits {
+            concurrency: self.concurrency,
+            claim_batch: (self.concurrency / 4).clamp(1, 8),
         };
-        // A store that cannot write now (a database outage) gets the outcome later, with
-        // backoff, for as long as the claim holds; after that the decision is sent again by
-        // whichever relay claims it next (and after a stop, at the next start).
-        let recorded = until_recorded(
-            hold,
-            || self.store.record(record.clone()),
-            |e, wait| {
-                tracing::error!(job_id = job.id, error = %e, retry_in_ms = wait.as_millis() as u64,
-                    "cannot record the outcome of a P0 call");
-            },
-        )
-        .await;
-        if !recorded {
-            return true;
-        }
-        // The answers back created with this outcome go out now, not at the next poll.
-        if !record.answers.is_empty() {
-            self.answer_wake.notify_one();
-        }
-        record.state == State::Pending
+        let wake = self.wake.clone();
+        claims::run(Arc::new(self), limits, wake, shutdown, drain).await;
     }
 
-    async fn attempt(&self, job: &Job) -> AttemptRecord {
+    /// Decides `job`: refused as stored, refused by a check, or sent to P0 (in a dry run,
+    /// recorded only); the outcome to record.
+    async fn decide(&self, job: &Job) -> AttemptRecord {
         // Refused as it was stored (its subject had ended): recorded and answered back, and
         // P0 is never asked.
         if let Some(reason) = &job.refused {
@@ -266,58 +179,52 @@ impl Worker {
             Checked::Pass(checked) => checked,
             Checked::Stop(record) => return *record,
         };
-        self.pacing.wait(&job.org).await;
+        self.pacing.wait(job.org.as_str()).await;
         // A fault for the unit tests: the first attempt of `panic-*` requests panics.
         #[cfg(test)]
-        if job.request_id.starts_with("panic-") && job.attempts == 0 {
+        if job.request_id.as_str().starts_with("panic-") && job.attempts == 0 {
             panic!("injected panic for {}", job.request_id);
         }
         let started = Instant::now();
-        let action = job.action;
-        let outcome = match (
-            &self.client,
-            Id::parse(&job.org),
-            Id::parse(&job.request_id),
-        ) {
-            (None, _, _) => {
-                tracing::info!(
-                    job_id = job.id, action = %action, org = %job.org, request_id = %job.request_id,
-                    expiration = job.expiration.as_deref().unwrap_or(""),
-                    "dry run: decision recorded, P0 not called"
-                );
-                None
-            }
-            (Some(client), Ok(org), Ok(id)) => {
-                let o = client
-                    .send(&org, &id, action, job.expiration.as_deref())
-                    .await;
-                let secs = started.elapsed().as_secs_f64();
-                self.metrics
-                    .p0_requests
-                    .with_label_values(&[action.as_str(), o.label()])
-                    .inc();
-                self.metrics
-                    .p0_request_duration
-                    .with_label_values(&[action.as_str()])
-                    .observe(secs);
-                Some(o)
-            }
-            (Some(_), _, _) => Some(Outcome::Rejected {
-                status: 0,
-                error: "stored IDs are not valid".into(),
-            }),
-        };
+        let outcome = self.send(job, started).await;
         let mut record = self.next_state(job, outcome, started);
         if let Some((evidence, at)) = checked {
             record.evidence = Some(evidence);
             record.checked_at_ms = Some(at);
         }
         tracing::info!(
-            job_id = job.id, action = %action, result = record.result, status = ?record.status,
-            attempt = record.attempts, state = record.state.as_str(),
+            job_id = job.id, action = %job.action, result = record.result,
+            status = ?record.status, attempt = record.attempts, state = record.state.as_str(),
             duration_ms = record.duration_ms, "P0 call"
         );
         record
+    }
+
+    /// Calls P0 for `job`, counted; `None` in a dry run.
+    async fn send(&self, job: &Job, started: Instant) -> Option<Outcome> {
+        let action = job.action;
+        let expiration = job.expiration.as_ref().map(Expiration::as_str);
+        let Some(client) = &self.client else {
+            tracing::info!(
+                job_id = job.id, action = %action, org = %job.org, request_id = %job.request_id,
+                expiration = expiration.unwrap_or(""),
+                "dry run: decision recorded, P0 not called"
+            );
+            return None;
+        };
+        let o = client
+            .send(&job.org, &job.request_id, action, expiration)
+            .await;
+        let secs = started.elapsed().as_secs_f64();
+        self.metrics
+            .p0_requests
+            .with_label_values(&[action.as_str(), o.label()])
+            .inc();
+        self.metrics
+            .p0_request_duration
+            .with_label_values(&[action.as_str()])
+            .observe(secs);
+        Some(o)
     }
 
     /// The checks `job` must pass before it is sent, when it approves: this relay's own grant
@@ -350,15 +257,7 @@ impl Worker {
             rec.result = "not_allowed";
             return Checked::Stop(Box::new(rec));
         }
-        let stored = match job.gate.as_deref().map(serde_json::from_str::<Gate>) {
-            None => None,
-            Some(Ok(g)) => Some(g),
-            Some(Err(e)) => {
-                let why = format!("the stored on-call check is unreadable: {e}");
-                return self.stop_not_on_call(job, why, "not checked on call: ask again");
-            }
-        };
-        let gates: Vec<Gate> = match (stored, here) {
+        let gates: Vec<Gate> = match (job.gate.clone(), here) {
             (None, None) => return Checked::Pass(None),
             (None, Some(_)) => {
                 let why = format!(
@@ -435,22 +334,17 @@ impl Worker {
 
     /// A refusal recorded with `reason` and answered back with `public`.
     fn refused_saying(&self, job: &Job, reason: &str, public: &str) -> AttemptRecord {
-        let now = now_ms();
-        AttemptRecord {
-            job_id: job.id,
-            claim: job.claim,
-            at_ms: now,
-            state: State::Rejected,
-            attempts: job.attempts.saturating_add(1),
-            next_attempt_at_ms: now,
-            status: None,
-            result: "refused",
-            error: Some(reason.to_owned()),
-            duration_ms: 0,
-            evidence: None,
-            checked_at_ms: None,
-            answers: compose::answers(job, &Final::NotSent { reason: public }, &self.answer_via),
-        }
+        let mut rec = record(
+            job.id,
+            job.claim_token,
+            job.attempts.saturating_add(1),
+            now_ms(),
+        );
+        rec.state = State::Rejected;
+        rec.result = "refused";
+        rec.error = Some(reason.to_owned());
+        rec.answers = compose::answers(job, &Final::NotSent { reason: public }, &self.answer_via);
+        rec
     }
 
     /// The record of an approve whose actor the provider says was not on call: rejected, its
@@ -484,56 +378,29 @@ impl Worker {
         if next.is_some() {
             self.metrics.retries.inc();
         }
-        AttemptRecord {
-            job_id: job.id,
-            claim: job.claim,
-            at_ms: now,
-            state: if next.is_some() {
-                State::Pending
-            } else {
-                State::Dead
-            },
-            attempts,
-            next_attempt_at_ms: next.unwrap_or(now),
-            status: None,
-            result: "check_failed",
-            error: Some(format!("on-call check: {error}")),
-            duration_ms: 0,
-            evidence: None,
-            checked_at_ms: None,
-            // Dead: nothing will send it, so the one who asked is told why.
-            answers: match next {
-                Some(_) => Vec::new(),
-                None => compose::answers(
-                    job,
-                    &Final::NotSent {
-                        reason: "the on-call check could not be made within the decision's max age",
-                    },
-                    &self.answer_via,
-                ),
-            },
+        let mut rec = record(job.id, job.claim_token, attempts, now);
+        rec.state = if next.is_some() {
+            State::Pending
+        } else {
+            State::Dead
+        };
+        rec.next_attempt_at_ms = next.unwrap_or(now);
+        rec.result = "check_failed";
+        rec.error = Some(format!("on-call check: {error}"));
+        // Dead: nothing will send it, so the one who asked is told why.
+        if next.is_none() {
+            let reason = "the on-call check could not be made within the decision's max age";
+            rec.answers = compose::answers(job, &Final::NotSent { reason }, &self.answer_via);
         }
+        rec
     }
 
     fn next_state(&self, job: &Job, outcome: Option<Outcome>, started: Instant) -> AttemptRecord {
         let took = started.elapsed();
         let now = now_ms();
         let attempts = job.attempts.saturating_add(1);
-        let mut rec = AttemptRecord {
-            job_id: job.id,
-            claim: job.claim,
-            at_ms: now,
-            state: State::DryRun,
-            attempts,
-            next_attempt_at_ms: now,
-            status: None,
-            result: "dry_run",
-            error: None,
-            duration_ms: i64::try_from(took.as_millis()).unwrap_or(i64::MAX),
-            evidence: None,
-            checked_at_ms: None,
-            answers: Vec::new(),
-        };
+        let mut rec = record(job.id, job.claim_token, attempts, now);
+        rec.duration_ms = i64::try_from(took.as_millis()).unwrap_or(i64::MAX);
         let Some(outcome) = outcome else {
             return rec;
         };
@@ -596,9 +463,10 @@ impl Worker {
 mod tests {
     use super::*;
     use crate::domain::Action;
+    use crate::domain::Id;
     use crate::policy::Decision;
     use crate::secret::Secret;
-    use crate::store::{NewDelivery, SqliteStore, Store, Windows};
+    use crate::store::{NewDelivery, Settings, SqliteStore, Windows};
     use wiremock::{Mock, MockServer, ResponseTemplate, matchers::method};
 
     /// Regression: a call task that panicked was dropped silently and left its decision
@@ -611,8 +479,8 @@ mod tests {
             dedup: Duration::from_secs(3600),
             coalesce: Duration::from_secs(600),
         };
-        let sqlite = SqliteStore::open(&db, windows, false).unwrap();
-        let (store, _writer) = StoreHandle::spawn(Box::new(sqlite), true).unwrap();
+        let (sqlite, _writer) = SqliteStore::open(&db, &Settings::new(windows)).unwrap();
+        let store = StoreHandle::new(sqlite);
         let p0 = MockServer::start().await;
         Mock::given(method("POST"))
             .respond_with(ResponseTemplate::new(200))
@@ -692,10 +560,10 @@ mod tests {
         };
         let shutdown = CancellationToken::new();
         let run = tokio::spawn(worker.run(shutdown.clone(), Duration::from_secs(1)));
-        let mut reader = SqliteStore::open(&db, windows, false).unwrap();
+        let reader = store.clone();
         let mut state = String::new();
         for _ in 0..200 {
-            state = reader.show(1).unwrap().unwrap().job.state;
+            state = reader.show(1).await.unwrap().unwrap().job.state;
             if state == "succeeded" {
                 break;
             }
@@ -704,7 +572,7 @@ mod tests {
         shutdown.cancel();
         run.await.unwrap();
         assert_eq!(state, "succeeded");
-        let detail = reader.show(1).unwrap().unwrap();
+        let detail = reader.show(1).await.unwrap().unwrap();
         let results: Vec<&str> = detail.attempts.iter().map(|a| a.result.as_str()).collect();
         assert_eq!(results, ["internal_error", "success"]);
         assert_eq!(p0.received_requests().await.unwrap().len(), 1);

@@ -4,7 +4,7 @@
 
 use serde_json::json;
 
-use crate::domain::{Action, Reply, Via};
+use crate::domain::{Action, Expiration, Via};
 use crate::store::{Job, NewAnswer};
 
 /// The final answer for a decision, as far as the asker needs to know it: P0's, or the
@@ -25,11 +25,7 @@ pub enum Final<'a> {
 /// when the decision has no reply target, its provider is off, or the target is not one the
 /// provider's API can name.
 pub fn answers(job: &Job, outcome: &Final<'_>, enabled: &[Via]) -> Vec<NewAnswer> {
-    let Some(reply) = job
-        .reply
-        .as_deref()
-        .and_then(|r| serde_json::from_str::<Reply>(r).ok())
-    else {
+    let Some(reply) = &job.reply else {
         return Vec::new();
     };
     // A subject becomes a path segment of the provider's URL: never `.`/`..`, never huge.
@@ -120,10 +116,10 @@ pub fn github_issue(subject: &str) -> Option<(String, u64)> {
 /// One short line: the request, what P0 did (and for how long), or why it refused. Nothing
 /// secret goes in; text from a sender or from P0 is made safe first.
 pub fn message(job: &Job, subject: &str, outcome: &Final<'_>) -> String {
-    let id = safe(&job.request_id, 128);
+    let id = safe(job.request_id.as_str(), 128);
     match outcome {
         Final::Done => match job.action {
-            Action::Approve => match job.expiration.as_deref() {
+            Action::Approve => match job.expiration.as_ref().map(Expiration::as_str) {
                 Some(e) => format!(
                     "p0-relay: P0 approved request {id}; access expires in {}.",
                     safe(e, 16)
@@ -187,21 +183,22 @@ pub fn safe(text: &str, max: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::domain::Id;
 
     fn job(action: Action, reply: &str, subject: &str) -> Job {
         Job {
             id: 1,
             source: "github".into(),
-            org: "acme".into(),
-            request_id: "req-1".into(),
+            org: Id::parse("acme").unwrap(),
+            request_id: Id::parse("req-1").unwrap(),
             action,
-            expiration: Some("2h".into()),
+            expiration: Some(Expiration::parse("2h").unwrap()),
             attempts: 1,
             accepted_at_ms: 0,
             window_start_ms: 0,
-            claim: 1,
+            claim_token: 1,
             subject: Some(subject.into()),
-            reply: Some(reply.into()),
+            reply: Some(serde_json::from_str(reply).unwrap()),
             bound: false,
             refused: None,
             gate: None,
@@ -260,7 +257,7 @@ mod tests {
         assert_eq!(done[0].target, r#"{"number":77,"repo":"acme/renamed"}"#);
         j.action = Action::Revoke;
         j.bound = true;
-        j.reply = Some(r#"{"via":"github","comment":"5"}"#.into());
+        j.reply = Some(serde_json::from_str(r#"{"via":"github","comment":"5"}"#).unwrap());
         let done = answers(&j, &Final::Done, &[Via::GitHub]);
         assert_eq!(
             done.iter().map(|a| a.kind.as_str()).collect::<Vec<_>>(),

@@ -90,6 +90,16 @@ pub struct StoreSettings {
     pub claim_lease: Duration,
 }
 
+impl StoreSettings {
+    /// The windows that decide what counts as the same delivery or decision.
+    pub fn windows(&self) -> crate::store::Windows {
+        crate::store::Windows {
+            dedup: self.dedup_window,
+            coalesce: self.coalesce_window,
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct P0Settings {
     pub base_url: reqwest::Url,

@@ -6,7 +6,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
-use super::pg_tls::Verify;
+use super::postgres::tls::Verify;
 use crate::secret::Secret;
 
 /// The store's location.

@@ -6,94 +6,9 @@
 use std::time::Duration;
 
 use crate::common::*;
-use p0_relay::store::{SqliteStore, Windows};
 use serde_json::{Value, json};
 use wiremock::matchers::{method, path, path_regex};
 use wiremock::{Mock, MockServer, Request, ResponseTemplate};
-
-pub(crate) const GH_TOKEN: &str = "ghp-answer-token-0a1b";
-pub(crate) const PD_TOKEN: &str = "pd-answer-token-2c3d";
-pub(crate) const PD_FROM: &str = "relay-bot@acme.example";
-pub(crate) const OG_KEY: &str = "og-answer-key-4e5f";
-
-/// Fake provider APIs, each answering as the real one does on success.
-pub(crate) struct Providers {
-    pub(crate) github: MockServer,
-    pub(crate) pagerduty: MockServer,
-    pub(crate) opsgenie: MockServer,
-}
-
-impl Providers {
-    pub(crate) async fn start() -> Providers {
-        let github = MockServer::start().await;
-        Mock::given(method("POST"))
-            .and(path_regex(
-                r"^/repos/[^/]+/[^/]+/issues/comments/[0-9]+/reactions$",
-            ))
-            .respond_with(
-                ResponseTemplate::new(201).set_body_json(json!({"id": 1, "content": "+1"})),
-            )
-            .mount(&github)
-            .await;
-        Mock::given(method("POST"))
-            .and(path_regex(r"^/repos/[^/]+/[^/]+/issues/[0-9]+/comments$"))
-            .respond_with(ResponseTemplate::new(201).set_body_json(json!({"id": 2})))
-            .mount(&github)
-            .await;
-        let pagerduty = MockServer::start().await;
-        Mock::given(method("POST"))
-            .and(path_regex(r"^/incidents/[^/]+/notes$"))
-            .respond_with(
-                ResponseTemplate::new(201).set_body_json(json!({"note": {"id": "PNOTE1"}})),
-            )
-            .mount(&pagerduty)
-            .await;
-        let opsgenie = MockServer::start().await;
-        Mock::given(method("POST"))
-            .and(path_regex(r"^/v2/alerts/[^/]+/notes$"))
-            .respond_with(ResponseTemplate::new(202).set_body_json(
-                json!({"result": "Request will be processed", "took": 0.2, "requestId": "r-1"}),
-            ))
-            .mount(&opsgenie)
-            .await;
-        Providers {
-            github,
-            pagerduty,
-            opsgenie,
-        }
-    }
-
-    /// The `answers:` section pointing at these fakes (tokens from the environment).
-    pub(crate) fn yaml(&self) -> String {
-        answers_yaml(
-            &self.github.uri(),
-            &self.pagerduty.uri(),
-            &self.opsgenie.uri(),
-        )
-    }
-}
-
-fn answers_yaml(github: &str, pagerduty: &str, opsgenie: &str) -> String {
-    format!(
-        r#"
-answers:
-  github: {{ token: "${{GITHUB_TOKEN:-}}", api_url: "{github}" }}
-  pagerduty: {{ token: "${{PAGERDUTY_API_TOKEN:-}}", from: "${{PAGERDUTY_FROM:-}}", api_url: "{pagerduty}" }}
-  opsgenie: {{ token: "${{OPSGENIE_API_KEY:-}}", api_url: "{opsgenie}" }}
-  rate_per_second: 0
-  retry: {{ base_delay: 20ms, max_delay: 2s, max_age: 1h }}
-"#
-    )
-}
-
-pub(crate) fn answer_vars() -> Vec<(&'static str, String)> {
-    vec![
-        ("GITHUB_TOKEN", GH_TOKEN.into()),
-        ("PAGERDUTY_API_TOKEN", PD_TOKEN.into()),
-        ("PAGERDUTY_FROM", PD_FROM.into()),
-        ("OPSGENIE_API_KEY", OG_KEY.into()),
-    ]
-}
 
 async fn relay() -> (TestRelay, Providers) {
     let providers = Providers::start().await;
@@ -104,46 +19,6 @@ async fn relay() -> (TestRelay, Providers) {
     })
     .await;
     (relay, providers)
-}
-
-/// Waits until `server` has received exactly `n` requests (failing on more or fewer).
-pub(crate) async fn exactly(server: &MockServer, n: usize) -> Vec<Request> {
-    let got = received_at_least(server, n).await;
-    assert_eq!(
-        got.len(),
-        n,
-        "expected {n} calls, got {:?}",
-        got.iter()
-            .map(|r| (
-                r.url.path().to_owned(),
-                String::from_utf8_lossy(&r.body).into_owned()
-            ))
-            .collect::<Vec<_>>()
-    );
-    got
-}
-
-pub(crate) fn body(r: &Request) -> Value {
-    serde_json::from_slice(&r.body).unwrap_or(Value::Null)
-}
-
-pub(crate) fn header<'a>(r: &'a Request, name: &str) -> &'a str {
-    r.headers
-        .get(name)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-}
-
-/// The P0 calls made, as (action, request ID), in order.
-pub(crate) async fn p0_actions(t: &TestRelay) -> Vec<(String, String)> {
-    t.p0_calls()
-        .await
-        .iter()
-        .map(|r| {
-            let segs: Vec<&str> = r.url.path().rsplit('/').take(2).collect();
-            (segs[0].to_owned(), segs[1].to_owned())
-        })
-        .collect()
 }
 
 // --- Payloads, in the providers' shapes (from mappings/testdata) ---
@@ -186,256 +61,6 @@ fn gh_issue_closed(number: u64) -> Hook {
 fn comment_id(hook: &Hook) -> u64 {
     let v: Value = serde_json::from_slice(&hook.body).unwrap();
     v["comment"]["id"].as_u64().unwrap()
-}
-
-// --- The contract excerpts: every answer-back call must be one they describe ---
-
-pub(crate) fn spec(name: &str) -> Value {
-    let text = std::fs::read_to_string(repo().join("deploy/contracts").join(name)).unwrap();
-    serde_json::from_str(&text).unwrap()
-}
-
-/// Checks one request against an OpenAPI excerpt: a described path and method, the
-/// security scheme's header, every required header and query parameter (enums, integers,
-/// booleans, date-times, emails; `name[]` arrays repeated), path parameters of their type,
-/// no undescribed query parameter, and the JSON body against the request schema.
-/// Parameters may be `$ref`s into `components/parameters`, on the operation or its path.
-pub(crate) fn check_contract(spec: &Value, req: &Request) -> Result<(), String> {
-    let segments: Vec<String> = req
-        .url
-        .path_segments()
-        .map(|s| {
-            s.map(|x| {
-                percent_encoding::percent_decode_str(x)
-                    .decode_utf8_lossy()
-                    .into_owned()
-            })
-            .collect()
-        })
-        .unwrap_or_default();
-    let mut found = None;
-    for (template, item) in spec["paths"].as_object().unwrap() {
-        let parts: Vec<&str> = template.trim_start_matches('/').split('/').collect();
-        if parts.len() != segments.len() {
-            continue;
-        }
-        let mut params = Vec::new();
-        let matched = parts.iter().zip(&segments).all(|(p, s)| {
-            if p.starts_with('{') {
-                params.push((
-                    p.trim_matches(|c| c == '{' || c == '}').to_owned(),
-                    s.clone(),
-                ));
-                true
-            } else {
-                p == s
-            }
-        });
-        if matched {
-            found = Some((template.clone(), item, params));
-            break;
-        }
-    }
-    let (template, item, params) =
-        found.ok_or_else(|| format!("no path in the contract matches {}", req.url.path()))?;
-    let op = &item[req.method.as_str().to_lowercase()];
-    if op.is_null() {
-        return Err(format!("{template}: no {} operation", req.method));
-    }
-    let security = op["security"]
-        .as_array()
-        .or(spec["security"].as_array())
-        .cloned()
-        .unwrap_or_default();
-    for sec in &security {
-        for (name, _) in sec.as_object().unwrap() {
-            let scheme = &spec["components"]["securitySchemes"][name];
-            match scheme["type"].as_str() {
-                Some("http") => {
-                    if !header(req, "authorization").starts_with("Bearer ") {
-                        return Err(format!("{template}: no bearer Authorization"));
-                    }
-                }
-                Some("apiKey") => {
-                    let h = scheme["name"].as_str().unwrap();
-                    if header(req, h).is_empty() {
-                        return Err(format!("{template}: no {h} header"));
-                    }
-                }
-                other => return Err(format!("unknown security scheme {other:?}")),
-            }
-        }
-    }
-    let resolve = |p: &Value| -> Value {
-        match p["$ref"].as_str() {
-            Some(r) => {
-                let pointer = r.trim_start_matches('#');
-                spec.pointer(pointer)
-                    .cloned()
-                    .unwrap_or_else(|| panic!("unresolved {r}"))
-            }
-            None => p.clone(),
-        }
-    };
-    let query: Vec<(String, String)> = req.url.query_pairs().into_owned().collect();
-    let declared: Vec<Value> = item["parameters"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .chain(op["parameters"].as_array().into_iter().flatten())
-        .map(resolve)
-        .collect();
-    for p in &declared {
-        let name = p["name"].as_str().unwrap();
-        let schema = &p["schema"];
-        let values: Vec<String> = match p["in"].as_str().unwrap() {
-            "header" => req
-                .headers
-                .get_all(name)
-                .iter()
-                .filter_map(|v| v.to_str().ok())
-                .map(str::to_owned)
-                .collect(),
-            "query" => query
-                .iter()
-                .filter(|(k, _)| k == name)
-                .map(|(_, v)| v.clone())
-                .collect(),
-            "path" => params
-                .iter()
-                .filter(|(k, _)| k == name)
-                .map(|(_, v)| v.clone())
-                .collect(),
-            _ => Vec::new(),
-        };
-        if values.is_empty() {
-            if p["required"].as_bool() == Some(true) {
-                return Err(format!("{template}: missing required {} `{name}`", p["in"]));
-            }
-            continue;
-        }
-        let array = schema["type"] == "array";
-        if !array && values.len() > 1 {
-            return Err(format!(
-                "{template}: `{name}` is given {} times",
-                values.len()
-            ));
-        }
-        let schema = if array { &schema["items"] } else { schema };
-        for value in &values {
-            check_value(&template, name, schema, value)?;
-        }
-    }
-    for (k, _) in &query {
-        if !declared
-            .iter()
-            .any(|p| p["in"] == "query" && p["name"] == k.as_str())
-        {
-            return Err(format!(
-                "{template}: query parameter `{k}` is not described"
-            ));
-        }
-    }
-    let schema = &op["requestBody"]["content"]["application/json"]["schema"];
-    if !schema.is_null() {
-        if !header(req, "content-type").starts_with("application/json") {
-            return Err(format!("{template}: body is not sent as application/json"));
-        }
-        let instance: Value = serde_json::from_slice(&req.body)
-            .map_err(|e| format!("{template}: body is not JSON: {e}"))?;
-        let validator = jsonschema::validator_for(schema).map_err(|e| e.to_string())?;
-        let errors: Vec<String> = validator
-            .iter_errors(&instance)
-            .map(|e| e.to_string())
-            .collect();
-        if !errors.is_empty() {
-            return Err(format!("{template}: body {instance}: {errors:?}"));
-        }
-    } else if !req.body.is_empty() {
-        return Err(format!("{template}: a body where none is described"));
-    }
-    Ok(())
-}
-
-/// One parameter value against its (scalar) schema.
-fn check_value(template: &str, name: &str, schema: &Value, value: &str) -> Result<(), String> {
-    if let Some(allowed) = schema["enum"].as_array()
-        && !allowed.iter().any(|a| a.as_str() == Some(value))
-    {
-        return Err(format!(
-            "{template}: `{name}` = `{value}` is not one of {allowed:?}"
-        ));
-    }
-    let ok = match (schema["type"].as_str(), schema["format"].as_str()) {
-        (Some("integer"), _) => value.parse::<i64>().is_ok(),
-        (Some("boolean"), _) => matches!(value, "true" | "false"),
-        (_, Some("date-time")) => humantime::parse_rfc3339(value).is_ok(),
-        (_, Some("email")) => value.contains('@'),
-        _ => true,
-    };
-    if !ok {
-        return Err(format!(
-            "{template}: `{name}` = `{value}` is not a valid {} {}",
-            schema["type"].as_str().unwrap_or("value"),
-            schema["format"].as_str().unwrap_or("")
-        ));
-    }
-    Ok(())
-}
-
-/// OpenAPI 3.0's `nullable: true` in JSON Schema's words: `null` is allowed beside the type.
-fn nullable_to_json_schema(v: &mut Value) {
-    match v {
-        Value::Object(map) => {
-            for child in map.values_mut() {
-                nullable_to_json_schema(child);
-            }
-            if map.remove("nullable") == Some(Value::Bool(true)) {
-                match map.get("type").cloned() {
-                    Some(Value::String(t)) => {
-                        map.insert("type".into(), json!([t, "null"]));
-                    }
-                    _ => {
-                        let inner = Value::Object(std::mem::take(map));
-                        map.insert("anyOf".into(), json!([inner, { "type": "null" }]));
-                    }
-                }
-            }
-        }
-        Value::Array(items) => items.iter_mut().for_each(nullable_to_json_schema),
-        _ => {}
-    }
-}
-
-/// Checks a fake's answer against the response the excerpt describes for `status`, so the
-/// fakes answer in the shapes the real APIs do.
-pub(crate) fn check_response(spec: &Value, template: &str, verb: &str, status: u16, body: &Value) {
-    let response = &spec["paths"][template][verb]["responses"][status.to_string()];
-    assert!(
-        response.is_object(),
-        "{template}: no {status} response described"
-    );
-    let schema = &response["content"]["application/json"]["schema"];
-    if schema.is_null() {
-        return;
-    }
-    let mut root = json!({ "components": spec["components"].clone() });
-    for (k, v) in schema.as_object().unwrap() {
-        root[k] = v.clone();
-    }
-    nullable_to_json_schema(&mut root);
-    let validator = jsonschema::validator_for(&root).unwrap();
-    let errors: Vec<String> = validator.iter_errors(body).map(|e| e.to_string()).collect();
-    assert!(errors.is_empty(), "{template} {status}: {body}: {errors:?}");
-}
-
-pub(crate) fn conforms(spec_file: &str, calls: &[Request]) {
-    let spec = spec(spec_file);
-    for c in calls {
-        if let Err(e) = check_contract(&spec, c) {
-            panic!("{spec_file}: {e}");
-        }
-    }
 }
 
 #[test]
@@ -1064,16 +689,12 @@ async fn an_answer_whose_outcome_cannot_be_stored_at_once_is_recorded_after_and_
     let github = slow_github(Duration::from_millis(300)).await;
     let elsewhere = tempfile::tempdir().unwrap();
     let db = elsewhere.path().join("given.db");
-    let windows = Windows {
-        dedup: Duration::from_secs(3600),
-        coalesce: Duration::from_secs(600),
-    };
-    let given = Watched::new(SqliteStore::open(&db, windows, false).unwrap());
+    let (given, task) = Watched::open(&db);
     let (refusing, refused) = (given.refusing.clone(), given.refused_answer_records.clone());
     let t = spawn_with(Setup {
         vars: answer_vars(),
         top: answers_yaml(&github.uri(), &github.uri(), &github.uri()),
-        store: Some(Box::new(given)),
+        store: given.given(task),
         ..Setup::default()
     })
     .await;
@@ -1137,22 +758,12 @@ async fn an_answer_sent_does_not_send_the_answer_loop_back_to_the_store() {
     let started = std::time::Instant::now();
     let providers = Providers::start().await;
     let elsewhere = tempfile::tempdir().unwrap();
-    let given = Watched::new(
-        SqliteStore::open(
-            &elsewhere.path().join("given.db"),
-            Windows {
-                dedup: Duration::from_secs(3600),
-                coalesce: Duration::from_secs(600),
-            },
-            false,
-        )
-        .unwrap(),
-    );
+    let (given, task) = Watched::open(&elsewhere.path().join("given.db"));
     let empty = given.empty_answer_claims.clone();
     let t = spawn_with(Setup {
         vars: answer_vars(),
         top: providers.yaml(),
-        store: Some(Box::new(given)),
+        store: given.given(task),
         ..Setup::default()
     })
     .await;

@@ -267,8 +267,7 @@ async fn the_sample_script_gets_every_source_accepted() {
             .output()
             .is_err()
         {
-            assert!(std::env::var_os("CI").is_none(), "{cmd} is required in CI");
-            eprintln!("{cmd} not installed: skipped (CI runs it)");
+            crate::common::skip::skip(cmd);
             return;
         }
     }

@@ -6,7 +6,6 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use crate::common::*;
-use p0_relay::store::{JobDetail, SqliteStore, Store, Windows};
 use serde_json::json;
 use wiremock::matchers::method;
 use wiremock::{Mock, MockServer, ResponseTemplate};
@@ -23,32 +22,6 @@ fn ids(calls: &[wiremock::Request]) -> BTreeMap<String, usize> {
         *counts.entry(id).or_insert(0) += 1;
     }
     counts
-}
-
-fn open_store(path: &std::path::Path) -> SqliteStore {
-    SqliteStore::open(
-        path,
-        Windows {
-            dedup: Duration::from_secs(3600),
-            coalesce: Duration::from_secs(600),
-        },
-        false,
-    )
-    .unwrap()
-}
-
-/// Waits (up to 5 s) until `job` in the store at `db` is in `state`; returns its detail.
-pub(crate) async fn wait_for_state(db: &std::path::Path, job: i64, state: &str) -> JobDetail {
-    for _ in 0..100 {
-        if let Some(d) = open_store(db).show(job).unwrap()
-            && d.job.state == state
-        {
-            return d;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let now = open_store(db).show(job).unwrap().map(|d| d.job.state);
-    panic!("job {job}: expected state {state}, got {now:?}");
 }
 
 #[tokio::test]
@@ -425,8 +398,10 @@ async fn a_stop_lets_calls_in_flight_finish() {
     let job = answer["decisions"][0]["job_id"].as_i64().unwrap();
     t.wait_for_calls(1).await;
     t.stop().await;
-    let detail = open_store(&t.dir.path().join("relay.db"))
+    let detail = reader(&t.dir.path().join("relay.db"))
+        .await
         .show(job)
+        .await
         .unwrap()
         .unwrap();
     assert_eq!(
@@ -699,20 +674,11 @@ async fn a_rejected_token_is_cleared_by_the_next_success_from_stored_work() {
 #[tokio::test]
 async fn a_store_handed_to_the_relay_is_the_one_it_uses() {
     let elsewhere = tempfile::tempdir().unwrap();
-    let inner = SqliteStore::open(
-        &elsewhere.path().join("given.db"),
-        Windows {
-            dedup: Duration::from_secs(3600),
-            coalesce: Duration::from_secs(600),
-        },
-        false,
-    )
-    .unwrap();
-    let given = Watched::new(inner);
+    let (given, task) = Watched::open(&elsewhere.path().join("given.db"));
     let refusing = given.refusing.clone();
     refusing.store(true, Ordering::SeqCst);
     let t = spawn_with(Setup {
-        store: Some(Box::new(given)),
+        store: given.given(task),
         ..Setup::default()
     })
     .await;
@@ -729,8 +695,11 @@ async fn a_store_handed_to_the_relay_is_the_one_it_uses() {
     let (status, body) = t.post(&hook).await;
     assert_eq!(status, 202, "{body}");
     t.wait_for_calls(1).await;
-    let mut given = open_store(&elsewhere.path().join("given.db"));
-    assert_eq!(given.show(1).unwrap().unwrap().job.request_id, "req-given");
+    let given = reader(&elsewhere.path().join("given.db")).await;
+    assert_eq!(
+        given.show(1).await.unwrap().unwrap().job.request_id,
+        "req-given"
+    );
     assert!(
         !t.dir.path().join("relay.db").exists(),
         "the store the settings name was never opened"
@@ -746,10 +715,10 @@ async fn a_call_that_ends_its_decision_does_not_send_the_worker_back_to_the_stor
     let started = Instant::now();
     let elsewhere = tempfile::tempdir().unwrap();
     let db = elsewhere.path().join("given.db");
-    let given = Watched::new(open_store(&db));
+    let (given, task) = Watched::open(&db);
     let empty_claims = given.empty_claims.clone();
     let t = spawn_with(Setup {
-        store: Some(Box::new(given)),
+        store: given.given(task),
         ..Setup::default()
     })
     .await;
@@ -761,9 +730,9 @@ async fn a_call_that_ends_its_decision_does_not_send_the_worker_back_to_the_stor
         assert_eq!(status, 202, "{body}");
         t.wait_for_calls(i + 1).await;
     }
-    let mut reader = open_store(&db);
+    let reader = reader(&db).await;
     for _ in 0..400 {
-        if reader.show(N as i64).unwrap().unwrap().job.state == "succeeded" {
+        if reader.show(N as i64).await.unwrap().unwrap().job.state == "succeeded" {
             break;
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
@@ -802,10 +771,10 @@ async fn a_decision_waiting_its_turn_goes_as_soon_as_the_one_before_it_ends() {
 #[tokio::test]
 async fn a_failing_question_after_a_claim_does_not_give_up_the_claimed_jobs() {
     let elsewhere = tempfile::tempdir().unwrap();
-    let given = Watched::new(open_store(&elsewhere.path().join("given.db")));
+    let (given, task) = Watched::open(&elsewhere.path().join("given.db"));
     given.failing_questions.store(true, Ordering::SeqCst);
     let t = spawn_with(Setup {
-        store: Some(Box::new(given)),
+        store: given.given(task),
         ..Setup::default()
     })
     .await;

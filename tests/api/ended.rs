@@ -4,7 +4,6 @@
 //! subject ended.
 
 use crate::common::*;
-use crate::durability::wait_for_state;
 use p0_relay::verify::unix_now;
 use serde_json::{Value, json};
 use wiremock::matchers::{method, path_regex};

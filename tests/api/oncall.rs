@@ -11,12 +11,13 @@ use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use crate::bindings::{
-    GH_TOKEN, OG_KEY, PD_TOKEN, Providers, answer_vars, body, check_contract, check_response,
-    header, pd_note, spec,
-};
+use crate::bindings::pd_note;
 use crate::common::pg::TestDb;
 use crate::common::*;
+use crate::common::{
+    GH_TOKEN, OG_KEY, PD_TOKEN, Providers, answer_vars, body, check_contract, check_response,
+    header, spec,
+};
 use serde_json::{Value, json};
 use wiremock::matchers::{method, path_regex};
 use wiremock::{Mock, MockServer, Request, ResponseTemplate};

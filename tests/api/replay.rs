@@ -158,12 +158,12 @@ fn ack_at(event_id: &str, at: SystemTime) -> Vec<u8> {
 /// A relay answering back through `providers`, on SQLite or on `db`, with `vars` and `store`
 /// (extra YAML under `store:`).
 async fn answering(
-    providers: &crate::bindings::Providers,
+    providers: &crate::common::Providers,
     db: Option<&crate::common::pg::TestDb>,
     vars: &[(&'static str, &str)],
     store: &str,
 ) -> (TestRelay, String) {
-    let mut all = crate::bindings::answer_vars();
+    let mut all = crate::common::answer_vars();
     all.extend(vars.iter().map(|(k, v)| (*k, v.to_string())));
     let t = spawn_with(Setup {
         vars: all,
@@ -185,8 +185,8 @@ async fn answering(
 /// stored only to be recorded refused and answered back where they were asked, and never
 /// sent; fresh ones are approved.
 async fn stale_grants_are_refused_and_answered(db: Option<&crate::common::pg::TestDb>) {
-    use crate::bindings::{body, exactly};
-    let providers = crate::bindings::Providers::start().await;
+    use crate::common::{body, exactly};
+    let providers = crate::common::Providers::start().await;
     let (t, store) = answering(&providers, db, &[], "").await;
     t.p0_ok().await;
     let two_hours_ago = SystemTime::now() - Duration::from_secs(2 * 3600);
@@ -303,7 +303,7 @@ async fn grants_two_hours_old_are_refused_by_default_and_answered_back_on_postgr
 async fn a_replay_after_the_dedup_window_is_refused_as_stale(
     db: Option<&crate::common::pg::TestDb>,
 ) {
-    let providers = crate::bindings::Providers::start().await;
+    let providers = crate::common::Providers::start().await;
     let (t, _) = answering(
         &providers,
         db,
@@ -346,7 +346,7 @@ async fn a_replay_after_the_dedup_window_is_refused_as_stale(
     );
     // The refusal is recorded and answered; its answer back is the sentinel that it was
     // handled, and P0 still saw one call.
-    crate::bindings::exactly(&providers.github, 3).await;
+    crate::common::exactly(&providers.github, 3).await;
     assert_eq!(paths(&t.settle().await), [request("approve", "req-7")]);
 }
 

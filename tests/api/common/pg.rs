@@ -1,6 +1,8 @@
-//! PostgreSQL for black-box tests: a fresh database per test on the machine's server
-//! (skipped with a notice when it does not answer, a failure when CI=true), and a TCP proxy
-//! that can cut the relays off from it and let them back, without touching the server.
+//! PostgreSQL for tests: a fresh database per test on the machine's server (skipped, and
+//! listed as skipped, when it does not answer; a failure in CI), and a TCP proxy that can cut
+//! the relays off from it and let them back, without touching the server. Shared by the
+//! integration suite and the library's store tests.
+#![allow(dead_code)]
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -22,17 +24,16 @@ pub struct TestDb {
 }
 
 impl TestDb {
-    /// A fresh database, or `None` with a printed reason when PostgreSQL is not reachable;
-    /// with CI=true that is a failure instead.
+    /// A fresh database, or `None` when PostgreSQL is not reachable (the test is skipped;
+    /// in CI that is a failure instead).
     pub async fn create() -> Option<TestDb> {
         let (client, conn) =
             match tokio_postgres::connect(&admin_url(), tokio_postgres::NoTls).await {
                 Ok(c) => c,
-                Err(e) if std::env::var("CI").as_deref() != Ok("true") => {
-                    eprintln!("PostgreSQL not reachable ({e}): skipped (CI runs it)");
+                Err(e) => {
+                    super::skip::skip(&format!("PostgreSQL not reachable ({e})"));
                     return None;
                 }
-                Err(e) => panic!("PostgreSQL is required in CI: {e}"),
             };
         tokio::spawn(conn);
         let name = format!("relay_{:016x}", rand::random::<u64>());
@@ -71,12 +72,17 @@ impl TestDb {
             .unwrap_or_else(|_| "127.0.0.1:5432".parse().unwrap())
     }
 
-    pub async fn query_i64(&self, sql: &str) -> i64 {
+    /// A plain connection to this database, for what a test does behind the relay's back.
+    pub async fn raw(&self) -> tokio_postgres::Client {
         let (c, conn) = tokio_postgres::connect(&self.url(), tokio_postgres::NoTls)
             .await
             .unwrap();
         tokio::spawn(conn);
-        c.query_one(sql, &[]).await.unwrap().get(0)
+        c
+    }
+
+    pub async fn query_i64(&self, sql: &str) -> i64 {
+        self.raw().await.query_one(sql, &[]).await.unwrap().get(0)
     }
 }
 

@@ -1,0 +1,70 @@
+-- The batch's entry point, one call per transaction: a batch that ends or reopens a subject,
+-- or repeats a delivery or a request, is written one delivery at a time
+-- (p0_relay_write_each); any other in a few statements (p0_relay_write_distinct). Then the
+-- attempt outcomes, each only under the claim it was made with, with its answers back.
+-- Returns {"results": [per delivery, in the order given: {"jobs": [[id, coalesced, refused],
+-- ...], "bound": [[id, org, request], ...], "refused": ..., "reopened": ...} or {"dup": [job
+-- ids]}], "ignored": [job ids whose claim was no longer held]}.
+CREATE OR REPLACE FUNCTION p0_relay_write(deliveries JSONB, payloads BYTEA[], records JSONB,
+                               now_ms BIGINT, dedup_since BIGINT, coalesce_since BIGINT)
+RETURNS JSONB LANGUAGE plpgsql AS $fn$
+DECLARE
+    each_one BOOLEAN;
+    results  JSONB := '[]';
+    ignored  JSONB := '[]';
+    rec      RECORD;
+    applied  INTEGER;
+BEGIN
+    SELECT bool_or(COALESCE((e ->> 'ends_subject')::BOOLEAN, false)
+                   OR COALESCE((e ->> 'reopens_subject')::BOOLEAN, false))
+           OR count(*) <> count(DISTINCT (e ->> 'source', e ->> 'dedup_key'))
+      INTO each_one FROM jsonb_array_elements(deliveries) e;
+    IF NOT COALESCE(each_one, true) THEN
+        SELECT count(*) <> count(DISTINCT (x ->> 'org', x ->> 'request_id')) INTO each_one
+        FROM jsonb_array_elements(deliveries) e, jsonb_array_elements(e -> 'decisions') x;
+    END IF;
+    IF jsonb_array_length(deliveries) = 0 THEN
+        NULL;
+    ELSIF each_one THEN
+        results := p0_relay_write_each(deliveries, payloads, '[]', now_ms, dedup_since,
+                                       coalesce_since) -> 'results';
+    ELSE
+        results := p0_relay_write_distinct(deliveries, payloads, now_ms, dedup_since,
+                                           coalesce_since);
+    END IF;
+    -- An outcome counts only from the relay that holds the claim (its token, still sending),
+    -- in job order; each is found by its primary key.
+    FOR rec IN
+        SELECT * FROM jsonb_to_recordset(records) AS x(
+            job_id BIGINT, claim BIGINT, at BIGINT, state TEXT, attempts INTEGER,
+            next_attempt_at BIGINT, status INTEGER, result TEXT, error TEXT, duration_ms BIGINT,
+            evidence TEXT, checked_at BIGINT, answers JSONB)
+        ORDER BY job_id
+    LOOP
+        WITH done AS (
+            UPDATE jobs SET state = rec.state, attempts = rec.attempts,
+                            next_attempt_at = rec.next_attempt_at, last_status = rec.status,
+                            last_error = rec.error, updated_at = rec.at, lease_until = NULL,
+                            evidence = COALESCE(rec.evidence, evidence),
+                            checked_at = COALESCE(rec.checked_at, checked_at)
+            WHERE id = rec.job_id AND claim_token = rec.claim AND state = 'sending'
+            RETURNING id
+        ), attempt AS (
+            INSERT INTO attempts (job_id, at, status, result, error, duration_ms)
+            SELECT id, rec.at, rec.status, rec.result, rec.error, rec.duration_ms FROM done
+        ), answered AS (
+            -- Answers back are created with P0's final answer, in the same transaction.
+            INSERT INTO answers (job_id, via, kind, target, body, state, next_attempt_at,
+                                 window_start, created_at, updated_at)
+            SELECT done.id, a ->> 'via', a ->> 'kind', a ->> 'target', a ->> 'body', 'pending',
+                   rec.at, rec.at, rec.at, rec.at
+            FROM done, jsonb_array_elements(COALESCE(rec.answers, '[]')) a
+        )
+        SELECT count(*) INTO applied FROM done;
+        IF applied = 0 THEN
+            ignored := ignored || to_jsonb(rec.job_id);
+        END IF;
+    END LOOP;
+    RETURN jsonb_build_object('results', results, 'ignored', ignored);
+END
+$fn$;

@@ -1,0 +1,3 @@
+-- A batch that ends no subject and whose deliveries and requests are all distinct is written
+-- set-based (p0_relay_write_distinct); any other one delivery at a time
+-- (p0_relay_write_each). No schema change: the functions are in ../functions/.

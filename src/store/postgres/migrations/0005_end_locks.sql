@@ -1,0 +1,3 @@
+-- The end of a subject also locks every request it may revoke (p0_relay_write_each takes the
+-- locks, p0_relay_write_each_locked writes the batch). No schema change: the functions are in
+-- ../functions/.

@@ -1,0 +1,3 @@
+-- What is still granted under a subject is one function, p0_relay_still_granted, which the
+-- writes and `p0-relay explain` share. No schema change: the functions are in ../functions/,
+-- applied again as this migration runs.

@@ -1,0 +1,103 @@
+//! Answers back on SQLite: claimed in due order under a claim token, recorded only under it.
+
+use async_trait::async_trait;
+use rusqlite::params;
+
+use super::jobs::mark_sending;
+use super::{Db, SqliteStore};
+use crate::store::StoreError;
+use crate::store::api::Answers;
+use crate::store::model::{Ahead, AnswerJob, AnswerRecord, Claimed};
+
+#[async_trait]
+impl Answers for SqliteStore {
+    async fn claim_answers(&self, limit: usize) -> Result<Claimed<AnswerJob>, StoreError> {
+        self.run(move |db| {
+            let answers = db.claim_answers(limit)?;
+            let short = answers.len() < limit;
+            let mut claimed = Claimed::parsed(answers, Ok);
+            claimed.ahead = Some(if short {
+                Ahead::from(db.next_answer_due(), Ok(Vec::new()))
+            } else {
+                Ahead::default()
+            });
+            Ok(claimed)
+        })
+        .await
+    }
+
+    async fn next_answer_due(&self) -> Result<Option<i64>, StoreError> {
+        self.run(|db| db.next_answer_due()).await
+    }
+
+    async fn record_answer(&self, outcome: AnswerRecord) -> Result<(), StoreError> {
+        self.run(move |db| db.record_answer(&outcome)).await
+    }
+}
+
+impl Db {
+    /// As `claim_jobs`: read in index order, then marked by ID.
+    pub(crate) fn claim_answers(&mut self, limit: usize) -> Result<Vec<AnswerJob>, StoreError> {
+        let now = self.now();
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let mut answers = {
+            let mut due = tx.prepare_cached(
+                "SELECT id, job_id, via, kind, target, body, attempts, window_start, claim_token
+                 FROM answers WHERE state = 'pending' AND next_attempt_at <= ?1
+                 ORDER BY next_attempt_at, id LIMIT ?2",
+            )?;
+            due.query_map(params![now, limit as i64], |r| {
+                Ok(AnswerJob {
+                    id: r.get(0)?,
+                    job_id: r.get(1)?,
+                    via: r.get(2)?,
+                    kind: r.get(3)?,
+                    target: r.get(4)?,
+                    body: r.get(5)?,
+                    attempts: r.get(6)?,
+                    window_start_ms: r.get(7)?,
+                    claim_token: r.get::<_, i64>(8)? + 1,
+                })
+            })?
+            .collect::<Result<Vec<_>, _>>()?
+        };
+        mark_sending(
+            &tx,
+            "answers",
+            answers.iter().map(|a| (a.id, a.claim_token)),
+            now,
+        )?;
+        tx.commit()?;
+        answers.sort_by_key(|a| a.id);
+        Ok(answers)
+    }
+
+    pub(crate) fn record_answer(&mut self, rec: &AnswerRecord) -> Result<(), StoreError> {
+        self.conn
+            .prepare_cached(
+                "UPDATE answers SET state = ?2, attempts = ?3, next_attempt_at = ?4,
+                                    last_status = ?5, last_error = ?6, updated_at = ?7
+                 WHERE id = ?1 AND claim_token = ?8 AND state = 'sending'",
+            )?
+            .execute(params![
+                rec.id,
+                rec.state.as_str(),
+                rec.attempts,
+                rec.next_attempt_at_ms,
+                rec.status,
+                rec.error,
+                rec.at_ms,
+                rec.claim_token
+            ])?;
+        Ok(())
+    }
+
+    pub(crate) fn next_answer_due(&mut self) -> Result<Option<i64>, StoreError> {
+        Ok(self
+            .conn
+            .prepare_cached("SELECT MIN(next_attempt_at) FROM answers WHERE state = 'pending'")?
+            .query_row([], |r| r.get(0))?)
+    }
+}
