@@ -14,7 +14,7 @@ use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::answers::{self, Answerer};
+use crate::answers::Answerer;
 use crate::config::{Settings, audit};
 use crate::env::Env;
 use crate::health::Health;
@@ -175,7 +175,7 @@ impl Relay {
             tracing::info!("{off}");
         }
         let answer_client =
-            answers::Client::new(settings.answers.clone()).map_err(|e| anyhow!(e))?;
+            crate::providers::Providers::new(settings.answers.clone()).map_err(|e| anyhow!(e))?;
         let answer_via = if opts.dry_run {
             Vec::new()
         } else {
@@ -184,7 +184,7 @@ impl Relay {
         let answer_wake = Arc::new(Notify::new());
         let wake = Arc::new(Notify::new());
         store.wake_on_new_work(wake.clone());
-        let health = Arc::new(Health::default());
+        let health = Arc::new(Health::new(opts.dry_run));
         let mappings = Arc::new(ArcSwap::from_pointee(mappings));
         let receiver = Arc::new(Receiver {
             mappings: mappings.clone(),
@@ -221,7 +221,7 @@ impl Relay {
         };
         let answerer = Answerer {
             store: store.clone(),
-            client: answer_client,
+            providers: answer_client,
             pacing: Arc::new(KeyedLimit::per_second(settings.answers.rate_per_second, 1)),
             metrics: metrics.clone(),
             retry: settings.answers.retry.clone(),

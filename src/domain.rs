@@ -152,6 +152,16 @@ pub enum Via {
 impl Via {
     pub const ALL: [Via; 4] = [Via::GitHub, Via::PagerDuty, Via::Opsgenie, Via::Jsm];
 
+    /// The variable its API token is read from.
+    pub fn token_var(self) -> &'static str {
+        match self {
+            Via::GitHub => "GITHUB_TOKEN",
+            Via::PagerDuty => "PAGERDUTY_API_TOKEN",
+            Via::Opsgenie => "OPSGENIE_API_KEY",
+            Via::Jsm => "JSM_API_KEY",
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Via::GitHub => "github",

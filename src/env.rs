@@ -145,16 +145,31 @@ impl Env {
     }
 
     /// Expands references in every string of a parsed document, keys left as they are.
-    /// Errors carry the dotted path of the value (`p0.token`).
-    pub fn expand_tree(&self, value: &mut serde_json::Value, path: &str) -> Result<(), String> {
+    /// Every reference that cannot be expanded is an error, each with the dotted path of its
+    /// value (`p0.token`).
+    pub fn expand_tree(
+        &self,
+        value: &mut serde_json::Value,
+        path: &str,
+    ) -> Result<(), Vec<String>> {
+        let mut errors = Vec::new();
+        self.expand_into(value, path, &mut errors);
+        match errors.is_empty() {
+            true => Ok(()),
+            false => Err(errors),
+        }
+    }
+
+    fn expand_into(&self, value: &mut serde_json::Value, path: &str, errors: &mut Vec<String>) {
         use serde_json::Value;
         match value {
-            Value::String(s) if s.contains('$') => {
-                *s = self.expand(s).map_err(|e| format!("{path}: {e}"))?;
-            }
+            Value::String(s) if s.contains('$') => match self.expand(s) {
+                Ok(done) => *s = done,
+                Err(e) => errors.push(format!("{path}: {e}")),
+            },
             Value::Array(items) => {
                 for (i, item) in items.iter_mut().enumerate() {
-                    self.expand_tree(item, &format!("{path}[{i}]"))?;
+                    self.expand_into(item, &format!("{path}[{i}]"), errors);
                 }
             }
             Value::Object(map) => {
@@ -164,12 +179,11 @@ impl Env {
                     } else {
                         format!("{path}.{k}")
                     };
-                    self.expand_tree(v, &sub)?;
+                    self.expand_into(v, &sub, errors);
                 }
             }
             _ => {}
         }
-        Ok(())
     }
 }
 

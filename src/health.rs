@@ -7,6 +7,8 @@ use std::time::Instant;
 
 #[derive(Debug, Default)]
 pub struct Health {
+    /// A dry run: no token is used, so there is nothing P0 could say of one.
+    dry_run: bool,
     token: Mutex<TokenState>,
     store_error: Mutex<Option<String>>,
     reload_error: Mutex<Option<String>>,
@@ -21,6 +23,14 @@ struct TokenState {
 }
 
 impl Health {
+    /// The health of a relay that calls P0 (`dry_run` false) or never does.
+    pub fn new(dry_run: bool) -> Health {
+        Health {
+            dry_run,
+            ..Health::default()
+        }
+    }
+
     /// P0's answer to a call that started at `started`: a 401 (`accepted: false`) marks the
     /// token rejected, any success clears that. An answer to a call that started before the
     /// one that last spoke is older news and ignored, so a slow success cannot hide a newer
@@ -57,8 +67,11 @@ impl Health {
     }
 
     /// What P0 last said of the API token: `rejected` (a 401), `accepted`, or `unknown`
-    /// before any call.
+    /// before any call; `unused` in a dry run.
     pub fn token(&self) -> &'static str {
+        if self.dry_run {
+            return "unused";
+        }
         match self.token.lock() {
             Ok(t) if t.rejected => "rejected",
             Ok(t) if t.said_by_call_started.is_some() => "accepted",

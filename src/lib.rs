@@ -21,6 +21,7 @@ pub mod metrics;
 pub mod oncall;
 pub mod p0;
 pub mod policy;
+pub mod providers;
 pub mod ratelimit;
 pub mod receiver;
 pub mod retry;

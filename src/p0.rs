@@ -3,9 +3,10 @@
 
 use std::time::Duration;
 
-use reqwest::{StatusCode, Url, header};
+use reqwest::{Url, header};
 
 use crate::domain::{Action, Id};
+use crate::providers::http::{self, Answer, Verdict};
 use crate::secret::Secret;
 
 /// What one call to P0 came to.
@@ -55,32 +56,13 @@ pub struct Client {
 
 impl Client {
     pub fn new(base: Url, token: Secret, timeout: Duration) -> Result<Client, String> {
-        // The process may install a provider first; either way one is in place afterwards.
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        let http = reqwest::Client::builder()
-            .timeout(timeout)
-            .connect_timeout(timeout.min(Duration::from_secs(5)))
-            .pool_idle_timeout(Duration::from_secs(90))
-            .user_agent(concat!("p0-relay/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(|e| format!("cannot build the HTTP client: {e}"))?;
+        let http = http::build(http::client(timeout).pool_idle_timeout(Duration::from_secs(90)))?;
         Ok(Client { http, base, token })
     }
 
     /// The URL for one action: `{base}/o/{org}/permission-requests/{id}/{action}`.
     pub fn url(&self, org: &Id, request_id: &Id, action: Action) -> Url {
-        let mut url = self.base.clone();
-        if let Ok(mut segments) = url.path_segments_mut() {
-            // `push` percent-encodes each ID as exactly one segment.
-            segments
-                .pop_if_empty()
-                .push("o")
-                .push(org.as_str())
-                .push("permission-requests")
-                .push(request_id.as_str())
-                .push(action.as_str());
-        }
-        url
+        request_url(&self.base, org.as_str(), request_id.as_str(), action)
     }
 
     /// Sends one decision. `expiration` is required for approve and ignored otherwise.
@@ -110,32 +92,22 @@ impl Client {
             .body(body.to_string())
             .send()
             .await;
-        let response = match result {
-            Ok(r) => r,
-            Err(e) => {
-                let kind = if e.is_timeout() {
-                    "timed out"
-                } else if e.is_connect() {
-                    "connection failed"
-                } else {
-                    "request failed"
-                };
-                return Outcome::Transient {
-                    status: None,
-                    error: format!("{kind}: {}", without_url(&e)),
-                    retry_after: None,
-                };
-            }
-        };
-        let status = response.status();
-        let retry_after = response
-            .headers()
-            .get(header::RETRY_AFTER)
-            .and_then(|v| v.to_str().ok())
-            .and_then(parse_retry_after);
-        let text = response.text().await.unwrap_or_default();
-        classify(status, &text, retry_after)
+        match result {
+            Ok(response) => Outcome::from(&Answer::read(response).await),
+            Err(e) => Outcome::Transient {
+                status: None,
+                error: format!("{}: {}", http::unanswered(&e), without_url(&e)),
+                retry_after: None,
+            },
+        }
     }
+}
+
+/// Each ID percent-encoded as exactly one path segment (`Id` admits nothing that needs it;
+/// this holds whatever it is given).
+fn request_url(base: &Url, org: &str, request_id: &str, action: Action) -> Url {
+    let segments = ["o", org, "permission-requests", request_id, action.as_str()];
+    http::join(base, &segments, &[])
 }
 
 fn without_url(e: &reqwest::Error) -> String {
@@ -146,54 +118,39 @@ fn without_url(e: &reqwest::Error) -> String {
     e
 }
 
-/// Classifies P0's answer. Error bodies are JSON `{"error": "..."}`; anything else is kept
-/// as (shortened) text.
-pub fn classify(status: StatusCode, body: &str, retry_after: Option<Duration>) -> Outcome {
-    let code = status.as_u16();
-    if status.is_success() {
-        return Outcome::Success { status: code };
+/// P0's answer, read as every service's is (`providers::http`): error bodies are JSON
+/// `{"error": "..."}`; a rate limit or an outage is tried again.
+impl From<&Answer> for Outcome {
+    fn from(a: &Answer) -> Outcome {
+        let status = a.status.as_u16();
+        match a.verdict() {
+            Verdict::Done => Outcome::Success { status },
+            Verdict::Unauthorized => Outcome::Unauthorized { error: a.error() },
+            Verdict::RateLimited | Verdict::Unavailable => Outcome::Transient {
+                status: Some(status),
+                error: a.error(),
+                retry_after: a.retry_after(),
+            },
+            Verdict::Refused => Outcome::Rejected {
+                status,
+                error: a.error(),
+            },
+        }
     }
-    let error = serde_json::from_str::<serde_json::Value>(body)
-        .ok()
-        .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_owned))
-        .unwrap_or_else(|| {
-            let t = body.trim();
-            if t.is_empty() {
-                status.canonical_reason().unwrap_or("error").to_owned()
-            } else {
-                crate::domain::printable(t)
-            }
-        });
-    match code {
-        401 => Outcome::Unauthorized { error },
-        408 | 429 | 500..=599 => Outcome::Transient {
-            status: Some(code),
-            error,
-            retry_after,
-        },
-        _ => Outcome::Rejected {
-            status: code,
-            error,
-        },
-    }
-}
-
-/// `Retry-After` as seconds or an HTTP date.
-pub fn parse_retry_after(value: &str) -> Option<Duration> {
-    let value = value.trim();
-    if let Ok(secs) = value.parse::<u64>() {
-        return Some(Duration::from_secs(secs));
-    }
-    let when = httpdate::parse_http_date(value).ok()?;
-    Some(
-        when.duration_since(std::time::SystemTime::now())
-            .unwrap_or(Duration::ZERO),
-    )
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use reqwest::StatusCode;
+
+    fn classify(status: StatusCode, body: &str, _retry_after: Option<Duration>) -> Outcome {
+        Outcome::from(&Answer {
+            status,
+            headers: header::HeaderMap::new(),
+            body: body.into(),
+        })
+    }
 
     #[test]
     fn classification() {
@@ -226,16 +183,6 @@ mod tests {
     }
 
     #[test]
-    fn retry_after() {
-        assert_eq!(parse_retry_after("7"), Some(Duration::from_secs(7)));
-        assert_eq!(
-            parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT"),
-            Some(Duration::ZERO)
-        );
-        assert_eq!(parse_retry_after("soon"), None);
-    }
-
-    #[test]
     fn urls_keep_ids_in_one_segment() {
         let c = Client::new(
             Url::parse("http://127.0.0.1:9/api/").unwrap(),
@@ -249,5 +196,17 @@ mod tests {
             c.url(&org, &id, Action::Revoke).as_str(),
             "http://127.0.0.1:9/api/o/acme/permission-requests/req-1.a_b/revoke"
         );
+        // An ID that would reshape the path is never an `Id`; and were one given, it would
+        // stay one segment, encoded.
+        for bad in ["../admin", "a/b", "a?b", "a#b", "a%2Fb", "a b"] {
+            assert!(Id::parse(bad).is_err(), "{bad}");
+        }
+        let base = Url::parse("http://127.0.0.1:9/api/").unwrap();
+        let url = request_url(&base, "acme", "../x/y?z#w%2F", Action::Approve);
+        assert_eq!(
+            url.as_str(),
+            "http://127.0.0.1:9/api/o/acme/permission-requests/..%2Fx%2Fy%3Fz%23w%252F/approve"
+        );
+        assert_eq!(url.path_segments().map(Iterator::count), Some(6));
     }
 }

@@ -1,10 +1,9 @@
 //! Answering back where a decision was asked. The worker composes the answers
 //! (`compose::answers`) and the store keeps them as jobs created with P0's final answer; this
 //! loop, apart from the P0 worker (its own concurrency and pacing, so an answer never delays
-//! a P0 call), claims due answers, sends them (`client`) and records each outcome, retrying
+//! a P0 call), claims due answers, sends them (`providers`) and records each outcome, retrying
 //! with backoff and honouring the providers' rate limits.
 
-pub mod client;
 pub mod compose;
 
 use std::sync::Arc;
@@ -24,12 +23,12 @@ use crate::store::{
     now_ms,
 };
 
-pub use client::{Client, Sent};
+use crate::providers::{Providers, Sent};
 
 /// The answer loop: everything it needs.
 pub struct Answerer {
     pub store: StoreHandle,
-    pub client: Client,
+    pub providers: Providers,
     pub pacing: Arc<KeyedLimit>,
     pub metrics: Metrics,
     pub retry: RetrySettings,
@@ -68,7 +67,7 @@ impl Work for Answerer {
     /// nor a short outage gets the answer sent twice.
     async fn attempt(&self, answer: &AnswerJob) -> AnswerRecord {
         self.pacing.wait(&answer.via).await;
-        let sent = self.client.send(answer).await;
+        let sent = self.providers.answer(answer).await;
         self.next_state(answer, sent)
     }
 

@@ -26,8 +26,12 @@ pub fn compile(
     let mut expanded = tree.clone();
     if let Value::Object(map) = &mut expanded {
         let tests = map.remove("tests");
-        env.expand_tree(&mut expanded, "")
-            .map_err(|e| vec![format!("{at}: {e}")])?;
+        env.expand_tree(&mut expanded, "").map_err(|errors| {
+            errors
+                .into_iter()
+                .map(|e| format!("{at}: {e}"))
+                .collect::<Vec<_>>()
+        })?;
         if let (Value::Object(map), Some(tests)) = (&mut expanded, tests) {
             map.insert("tests".into(), tests);
         }

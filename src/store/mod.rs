@@ -4,10 +4,12 @@
 //! database, a batch one round trip). `StoreHandle` is the relay's shared handle on either.
 
 pub mod api;
+mod batch;
 mod error;
 pub mod location;
 pub mod model;
 pub mod postgres;
+mod rows;
 pub(crate) mod rules;
 pub mod sqlite;
 #[cfg(test)]

@@ -9,7 +9,7 @@ use std::time::Duration;
 use serde::Serialize;
 
 use super::StoreError;
-use crate::domain::{Action, Binding, Expiration, Gate, Id, Reply, printable};
+use crate::domain::{Action, Binding, Expiration, Gate, Id, Reply};
 use crate::policy::Decision;
 
 /// A decision's life: `pending` → `sending` → `succeeded` | `rejected` | `dead` (or `dry_run`).
@@ -173,80 +173,32 @@ pub struct Unreadable {
     pub why: String,
 }
 
-/// A claimed job's row as either store reads it, before its values are parsed.
-pub(crate) struct JobRow {
-    pub id: i64,
-    pub source: String,
-    pub org: String,
-    pub request_id: String,
-    pub action: String,
-    pub expiration: Option<String>,
-    pub attempts: u32,
-    pub accepted_at_ms: i64,
-    pub window_start_ms: i64,
-    pub claim_token: i64,
-    pub subject: Option<String>,
-    pub reply: Option<String>,
-    pub bound: bool,
-    pub refused: Option<String>,
-    pub gate: Option<String>,
-    pub evidence: Option<String>,
-    pub checked_at_ms: Option<i64>,
-    pub rule: Option<String>,
-    pub actor: Option<String>,
+/// A claimed row: the item, or why it cannot be read.
+pub type Claim<T> = Result<T, Unreadable>;
+
+/// The (ID, claim token) a claimed row is marked with.
+pub(crate) trait Token {
+    fn token(&self) -> (i64, i64);
 }
 
-impl JobRow {
-    /// The job, its values parsed once here; what cannot be parsed makes it `Unreadable`.
-    pub fn parse(self) -> Result<Job, Unreadable> {
-        let unreadable = |why: String| Unreadable {
-            id: self.id,
-            claim_token: self.claim_token,
-            attempts: self.attempts,
-            why,
-        };
-        let parsed = (|| -> Result<Job, String> {
-            let reply = match &self.reply {
-                None => None,
-                Some(t) => {
-                    Some(serde_json::from_str::<Reply>(t).map_err(|e| format!("reply: {e}"))?)
-                }
-            };
-            let gate = match &self.gate {
-                None => None,
-                Some(t) => Some(
-                    serde_json::from_str::<Gate>(t).map_err(|e| format!("on-call check: {e}"))?,
-                ),
-            };
-            Ok(Job {
-                id: self.id,
-                source: self.source.clone(),
-                org: Id::parse(&self.org).map_err(|e| format!("org: {e}"))?,
-                request_id: Id::parse(&self.request_id).map_err(|e| format!("request ID: {e}"))?,
-                action: Action::parse(&self.action)
-                    .ok_or_else(|| format!("unknown action `{}`", printable(&self.action)))?,
-                expiration: self
-                    .expiration
-                    .as_deref()
-                    .map(Expiration::parse)
-                    .transpose()
-                    .map_err(|e| format!("expiration: {e}"))?,
-                attempts: self.attempts,
-                accepted_at_ms: self.accepted_at_ms,
-                window_start_ms: self.window_start_ms,
-                claim_token: self.claim_token,
-                subject: self.subject.clone(),
-                reply,
-                bound: self.bound,
-                refused: self.refused.clone(),
-                gate,
-                evidence: self.evidence.clone(),
-                checked_at_ms: self.checked_at_ms,
-                rule: self.rule.clone(),
-                actor: self.actor.clone(),
-            })
-        })();
-        parsed.map_err(|why| unreadable(format!("stored decision unreadable: {why}")))
+impl Token for Job {
+    fn token(&self) -> (i64, i64) {
+        (self.id, self.claim_token)
+    }
+}
+
+impl Token for AnswerJob {
+    fn token(&self) -> (i64, i64) {
+        (self.id, self.claim_token)
+    }
+}
+
+impl<T: Token> Token for Claim<T> {
+    fn token(&self) -> (i64, i64) {
+        match self {
+            Ok(item) => item.token(),
+            Err(u) => (u.id, u.claim_token),
+        }
     }
 }
 
@@ -454,21 +406,40 @@ pub struct Claimed<T> {
 }
 
 impl<T> Claimed<T> {
-    /// The claimed `rows`, each parsed into an item or set aside as unreadable; nothing yet
-    /// known of what lies ahead.
-    pub fn parsed<R>(rows: Vec<R>, parse: impl Fn(R) -> Result<T, Unreadable>) -> Claimed<T> {
+    /// The claimed rows, the unreadable ones apart; nothing yet known of what lies ahead.
+    pub(crate) fn of(rows: Vec<Claim<T>>) -> Claimed<T> {
         let mut claimed = Claimed {
             items: Vec::with_capacity(rows.len()),
             unreadable: Vec::new(),
             ahead: None,
         };
         for row in rows {
-            match parse(row) {
+            match row {
                 Ok(item) => claimed.items.push(item),
                 Err(u) => claimed.unreadable.push(u),
             }
         }
         claimed
+    }
+
+    fn full(&self, limit: usize) -> bool {
+        self.items.len() + self.unreadable.len() >= limit
+    }
+
+    /// With what lies ahead asked now (`ahead`) when the claim took fewer than `limit`.
+    pub(crate) fn with_ahead(mut self, limit: usize, ahead: impl FnOnce() -> Ahead) -> Self {
+        self.ahead = Some(match self.full(limit) {
+            true => Ahead::default(),
+            false => ahead(),
+        });
+        self
+    }
+
+    /// With what lies ahead left to be asked after the items went out, when the claim took
+    /// fewer than `limit`.
+    pub(crate) fn ahead_asked_after(mut self, limit: usize) -> Self {
+        self.ahead = self.full(limit).then(Ahead::default);
+        self
     }
 }
 

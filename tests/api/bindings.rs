@@ -104,7 +104,7 @@ async fn a_pagerduty_note_approval_is_revoked_when_the_incident_resolves_untagge
     assert_eq!(status, 202, "{ans}");
     assert_eq!(ans["subject"], "PINC001");
     t.wait_for_calls(1).await;
-    let notes = exactly(&providers.pagerduty, 1).await;
+    let notes = t.store.exactly(&providers.pagerduty, 1).await;
     let n = &notes[0];
     assert_eq!(n.url.path(), "/incidents/PINC001/notes");
     assert_eq!(
@@ -134,7 +134,7 @@ async fn a_pagerduty_note_approval_is_revoked_when_the_incident_resolves_untagge
         ]
     );
     assert_eq!(body(&t.p0_calls().await[1]), json!({}));
-    let notes = exactly(&providers.pagerduty, 2).await;
+    let notes = t.store.exactly(&providers.pagerduty, 2).await;
     assert_eq!(notes[1].url.path(), "/incidents/PINC001/notes");
     assert_eq!(
         body(&notes[1]),
@@ -209,7 +209,7 @@ async fn two_approvals_on_one_incident_are_both_revoked_and_others_are_not() {
     }
     assert!(!calls.contains(&("revoke".into(), "req-other".into())));
     // Three approvals and two revocations, each noted on its incident.
-    let notes = exactly(&providers.pagerduty, 5).await;
+    let notes = t.store.exactly(&providers.pagerduty, 5).await;
     conforms("pagerduty-feedback.json", &notes);
     // The same end delivered again revokes nothing more.
     let (status, ans) = t.post(&pd_resolved("01END", "PINC002")).await;
@@ -226,7 +226,7 @@ async fn an_opsgenie_note_approval_is_revoked_when_the_alert_closes() {
     assert_eq!(status, 202, "{ans}");
     t.wait_for_calls(1).await;
     let alert = "a1b2c3d4-e5f6-47a8-9b0c-1d2e3f4a5b6c-1764238800123";
-    let notes = exactly(&providers.opsgenie, 1).await;
+    let notes = t.store.exactly(&providers.opsgenie, 1).await;
     assert_eq!(notes[0].url.path(), format!("/v2/alerts/{alert}/notes"));
     assert_eq!(notes[0].url.query(), Some("identifierType=id"));
     assert_eq!(
@@ -251,7 +251,7 @@ async fn an_opsgenie_note_approval_is_revoked_when_the_alert_closes() {
         p0_actions(&t).await[1],
         ("revoke".to_owned(), "req-987".to_owned())
     );
-    let notes = exactly(&providers.opsgenie, 2).await;
+    let notes = t.store.exactly(&providers.opsgenie, 2).await;
     assert!(
         body(&notes[1])["note"]
             .as_str()
@@ -276,7 +276,7 @@ async fn a_github_comment_approval_is_revoked_when_the_issue_closes() {
         "bound to the repository's ID"
     );
     t.wait_for_calls(1).await;
-    let calls = exactly(&providers.github, 1).await;
+    let calls = t.store.exactly(&providers.github, 1).await;
     let r = &calls[0];
     assert_eq!(
         r.url.path(),
@@ -296,7 +296,7 @@ async fn a_github_comment_approval_is_revoked_when_the_issue_closes() {
         p0_actions(&t).await[1],
         ("revoke".to_owned(), "req-123".to_owned())
     );
-    let calls = exactly(&providers.github, 2).await;
+    let calls = t.store.exactly(&providers.github, 2).await;
     assert_eq!(calls[1].url.path(), "/repos/acme/infra/issues/42/comments");
     assert_eq!(
         body(&calls[1]),
@@ -324,7 +324,7 @@ async fn a_refused_approval_is_answered_with_p0s_reason_and_not_revoked() {
     let (status, _) = t.post(&hook).await;
     assert_eq!(status, 202);
     t.wait_for_calls(1).await;
-    let calls = exactly(&providers.github, 2).await;
+    let calls = t.store.exactly(&providers.github, 2).await;
     let reaction = calls
         .iter()
         .find(|c| c.url.path().ends_with("/reactions"))
@@ -349,7 +349,7 @@ async fn a_refused_approval_is_answered_with_p0s_reason_and_not_revoked() {
     assert_eq!(status, 202, "{ans}");
     assert_eq!(ans["revoked"], json!([]), "{ans}");
     assert_eq!(t.settle().await.len(), 1, "no revoke call");
-    exactly(&providers.github, 2).await;
+    t.store.exactly(&providers.github, 2).await;
 }
 
 #[tokio::test]
@@ -408,7 +408,7 @@ async fn a_provider_refusing_an_answer_for_good_is_counted_not_retried() {
         1.0,
     )
     .await;
-    exactly(&github, 1).await;
+    t.store.exactly(&github, 1).await;
 }
 
 #[tokio::test]
@@ -440,7 +440,7 @@ async fn a_rate_limited_answer_waits_for_retry_after_then_is_sent() {
         .post(&pd_note("01RL", "PINC004", "/p0 approve req-rl 1h"))
         .await;
     assert_eq!(status, 202);
-    exactly(&pagerduty, 2).await;
+    t.store.exactly(&pagerduty, 2).await;
     // The retry backoff alone is at most 20 ms here: the second try waited for Retry-After.
     assert!(started.elapsed() >= Duration::from_secs(1));
     t.wait_metric(
@@ -469,7 +469,15 @@ async fn without_tokens_nothing_is_answered() {
         .await;
     assert_eq!(status, 202);
     t.wait_for_calls(1).await;
-    assert!(received_at_least(&providers.github, 1).await.is_empty());
+    t.store.quiet().await;
+    assert!(
+        providers
+            .github
+            .received_requests()
+            .await
+            .unwrap()
+            .is_empty()
+    );
 }
 
 #[tokio::test]
@@ -522,7 +530,7 @@ async fn an_answer_pending_at_a_kill_is_sent_once_after_the_restart() {
     };
     let config = write_config(dir.path(), &p0.uri(), &setup);
     let relay = BinRelay::start(&config, &vars, dir.path().join("relay2.log"), &[]).await;
-    let calls = exactly(&providers.github, 1).await;
+    let calls = relay.store.exactly(&providers.github, 1).await;
     assert_eq!(
         calls[0].url.path(),
         format!("/repos/acme/infra/issues/comments/{comment}/reactions")
@@ -571,7 +579,7 @@ async fn on_postgresql_a_resolve_revokes_and_answers_too() {
     for id in ["req-pg-1", "req-pg-2"] {
         assert!(calls.contains(&("revoke".into(), id.into())), "{calls:?}");
     }
-    let notes = exactly(&providers.pagerduty, 4).await;
+    let notes = t.store.exactly(&providers.pagerduty, 4).await;
     conforms("pagerduty-feedback.json", &notes);
 }
 
@@ -675,7 +683,7 @@ async fn an_answer_that_keeps_failing_is_dead_after_its_max_age() {
     let tries = opsgenie.received_requests().await.unwrap().len();
     assert!(tries >= 2, "retried before giving up: {tries}");
     assert_eq!(
-        received_at_least(&opsgenie, tries).await.len(),
+        t.store.received(&opsgenie, tries).await.len(),
         tries,
         "and not after"
     );
@@ -747,7 +755,7 @@ async fn an_answer_whose_outcome_cannot_be_stored_at_once_is_recorded_after_and_
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    exactly(&github, 1).await;
+    t.store.exactly(&github, 1).await;
 }
 
 /// The answer loop, like the worker, does not go back to the store after every answer it
@@ -791,7 +799,7 @@ async fn an_answer_sent_does_not_send_the_answer_loop_back_to_the_store() {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
-    let calls = exactly(&providers.github, N).await;
+    let calls = t.store.exactly(&providers.github, N).await;
     assert_eq!(
         calls
             .iter()
@@ -853,7 +861,7 @@ async fn an_approve_after_its_incident_resolved_is_refused_and_answered_back() {
     assert_eq!(retried["reason"], reason.as_str(), "{retried}");
 
     // Both refusals are noted on the incident; P0 is never asked.
-    let notes = exactly(&providers.pagerduty, 2).await;
+    let notes = t.store.exactly(&providers.pagerduty, 2).await;
     let mut texts: Vec<String> = notes
         .iter()
         .map(|n| {
@@ -916,7 +924,7 @@ async fn a_command_on_a_closed_issue_is_refused_until_it_is_reopened() {
     assert_eq!(ans["subject"], "70112233#42", "{ans}");
     let reason = ans["reason"].as_str().unwrap().to_owned();
     assert!(reason.starts_with("subject 70112233#42 ended at "), "{ans}");
-    let calls = exactly(&providers.github, 2).await;
+    let calls = t.store.exactly(&providers.github, 2).await;
     let reaction = calls
         .iter()
         .find(|c| c.url.path().ends_with("/reactions"))

@@ -98,7 +98,8 @@ async fn webhooks_accepted_while_p0_is_unreachable_all_arrive_once_it_is_back() 
         .respond_with(ResponseTemplate::new(200))
         .mount(&p0)
         .await;
-    let counts = ids(&received_at_least(&p0, 50).await);
+    let store = StoreAt::Sqlite(dir.path().join("relay.db"));
+    let counts = ids(&store.received(&p0, 50).await);
     assert_eq!(counts.len(), 50, "every decision arrived: {counts:?}");
     assert!(counts.values().all(|&n| n == 1), "none twice: {counts:?}");
     relay.stop().await;
@@ -146,7 +147,7 @@ async fn after_kill_9_every_accepted_decision_reaches_p0_once_except_those_in_fl
         .await;
     let config = write_config(dir.path(), &fast.uri(), &setup);
     let relay = BinRelay::start(&config, &vars, log.clone(), &[]).await;
-    let counts = ids(&received_at_least(&fast, 20).await);
+    let counts = ids(&relay.store.received(&fast, 20).await);
     assert_eq!(
         counts.len(),
         20,

@@ -288,6 +288,20 @@ async fn dry_run_records_decisions_and_calls_nothing() {
         .await;
     assert_eq!(status, 202, "{answer}");
     assert!(t.settle().await.is_empty());
+    // Recorded as a P0 call would have been, and said so.
+    let job = answer["decisions"][0]["job_id"].as_i64().unwrap();
+    let recorded = wait_for_state(&t.dir.path().join("relay.db"), job, "dry_run").await;
+    assert_eq!(
+        (
+            recorded.job.action.as_str(),
+            recorded.job.request_id.as_str()
+        ),
+        ("approve", "req-123")
+    );
+    assert_eq!(recorded.attempts[0].result, "dry_run");
+    let (_, ready) = t.get("/readyz").await;
+    let ready: serde_json::Value = serde_json::from_str(&ready).unwrap();
+    assert_eq!(ready["p0_token"], "unused", "no token is used: {ready}");
 }
 
 #[tokio::test]

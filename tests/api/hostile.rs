@@ -241,6 +241,9 @@ async fn hostile_input_gets_its_answer_and_never_reaches_p0() {
             .await,
         Some(0.0)
     );
+    for table in ["deliveries", "jobs", "answers"] {
+        assert_eq!(t.store.rows(table).await, 0, "{table}");
+    }
 }
 
 #[tokio::test]

@@ -367,9 +367,10 @@ async fn gets(server: &MockServer) -> Vec<Request> {
         .collect()
 }
 
-/// The POSTs `server` received (the answers back), once there are `n`.
-async fn posts(server: &MockServer, n: usize) -> Vec<Request> {
-    let all = received_at_least(server, n).await;
+/// The POSTs `server` received (the answers back), once there are `n` and the relay has
+/// handled all it took.
+async fn posts(t: &TestRelay, server: &MockServer, n: usize) -> Vec<Request> {
+    let all = t.store.received(server, n).await;
     let posts: Vec<Request> = all
         .into_iter()
         .filter(|r| r.method.as_str() == "POST")
@@ -570,7 +571,7 @@ async fn an_on_call_acknowledgement_approves(db: Option<&TestDb>) {
         )) && out.contains(&format!("(PagerDuty, for {USER} at {at}); checked 20")),
         "{out}"
     );
-    let notes = posts(&providers.pagerduty, 1).await;
+    let notes = posts(&t, &providers.pagerduty, 1).await;
     assert_eq!(
         body(&notes[0]),
         json!({"note": {"content": "p0-relay: P0 approved request req-789; access expires in 1h."}})
@@ -631,7 +632,7 @@ async fn a_note_by_someone_not_on_call_is_refused(db: Option<&TestDb>) {
         [format!("/incidents/{INCIDENT}"), "/oncalls".into()]
     );
     conform("pagerduty-oncall.json", &checks);
-    let notes = posts(&providers.pagerduty, 1).await;
+    let notes = posts(&t, &providers.pagerduty, 1).await;
     assert_eq!(notes[0].url.path(), format!("/incidents/{INCIDENT}/notes"));
     assert_eq!(
         body(&notes[0]),
@@ -689,7 +690,7 @@ async fn pagerduty_an_acknowledgement_on_a_policy_not_pinned_is_refused_though_o
         gets(&providers.pagerduty).await.is_empty(),
         "refused before PagerDuty is asked"
     );
-    let notes = posts(&providers.pagerduty, 1).await;
+    let notes = posts(&t, &providers.pagerduty, 1).await;
     assert!(
         !String::from_utf8_lossy(&notes[0].body).contains("PLOWSTAKES"),
         "{:?}",
@@ -811,7 +812,7 @@ async fn pagerduty_on_call_above_the_highest_level_allowed_is_refused() {
         )),
         "{out}"
     );
-    let notes = posts(&providers.pagerduty, 1).await;
+    let notes = posts(&t, &providers.pagerduty, 1).await;
     assert!(
         body(&notes[0])["note"]["content"]
             .as_str()
@@ -853,7 +854,7 @@ async fn pagerduty_down_then_back_approves_once() {
     assert!(out.contains("  evidence:   on call: "), "{out}");
     conform("pagerduty-oncall.json", &gets(&providers.pagerduty).await);
     assert_eq!(
-        posts(&providers.pagerduty, 1).await.len(),
+        posts(&t, &providers.pagerduty, 1).await.len(),
         1,
         "answered once"
     );
@@ -871,7 +872,7 @@ async fn pagerduty_down_past_the_max_age_dead_letters_and_answers() {
     assert_eq!(status, 202, "{ans}");
     let out = show_when(&store, job_id(&ans), "dead").await;
     assert!(out.contains("on-call check: pagerduty: "), "{out}");
-    let notes = posts(&providers.pagerduty, 1).await;
+    let notes = posts(&t, &providers.pagerduty, 1).await;
     assert_eq!(
         body(&notes[0]),
         json!({"note": {"content": "p0-relay: refused to approve request req-789, and did not ask P0: the on-call check could not be made within the decision's max age."}})
@@ -1077,7 +1078,7 @@ async fn opsgenie_an_on_call_participant_approves_and_a_stranger_is_refused() {
         out.contains("  evidence:   not on call: user 0badc0de-0000-4000-8000-000000000000 is not an on-call participant of schedule Orders on-call at 20"),
         "{out}"
     );
-    let notes = posts(&providers.opsgenie, 2).await;
+    let notes = posts(&t, &providers.opsgenie, 2).await;
     let refusal = notes
         .iter()
         .find(|n| n.url.path().contains("b2c3d4e5"))
@@ -1180,7 +1181,7 @@ async fn github_an_active_team_member_approves_and_others_are_refused() {
     conform("github-teams.json", &checks);
     // The approve gets its reaction; each refusal a reaction and a comment on the issue that
     // names no team.
-    let answers = posts(&providers.github, 5).await;
+    let answers = posts(&t, &providers.github, 5).await;
     let comments: Vec<String> = answers
         .iter()
         .filter(|r| r.url.path() == "/repos/acme/infra/issues/42/comments")
@@ -1320,7 +1321,7 @@ async fn an_ungated_approve_stored_elsewhere_is_refused(db: Option<&TestDb>) {
         ),
         "{out}"
     );
-    let notes = posts(&providers.pagerduty, 1).await;
+    let notes = posts(&new, &providers.pagerduty, 1).await;
     assert_eq!(
         body(&notes[0])["note"]["content"],
         "p0-relay: refused to approve request req-789, and did not ask P0: not checked on call: ask again."

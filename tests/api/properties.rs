@@ -130,6 +130,50 @@ fn mappings() -> &'static MappingSet {
     })
 }
 
+/// Signatures that are nearly `real`: one character changed (at `at`, to another of the same
+/// alphabet), the last one cut, half of it, an empty one. None of them may verify.
+fn near_misses(real: &str, at: prop::sample::Index) -> Vec<String> {
+    let chars: Vec<char> = real.chars().collect();
+    let mut changed = chars.clone();
+    if !chars.is_empty() {
+        let i = at.index(chars.len());
+        changed[i] = match chars[i] {
+            '0' => '1',
+            'a' => 'b',
+            'A' => 'B',
+            '=' => '=',
+            c if c.is_ascii_digit() => '0',
+            c if c.is_ascii_lowercase() => 'a',
+            c if c.is_ascii_uppercase() => 'A',
+            _ => 'x',
+        };
+        if changed == chars {
+            // A padding `=` cannot change alone: change the character before it.
+            let j = i.saturating_sub(1);
+            changed[j] = if chars[j] == 'A' { 'B' } else { 'A' };
+        }
+    }
+    vec![
+        changed.into_iter().collect(),
+        chars[..chars.len().saturating_sub(1)].iter().collect(),
+        chars[..chars.len() / 2].iter().collect(),
+        String::new(),
+    ]
+}
+
+/// `body` with one byte changed (at `at`), or one byte more when it is empty.
+fn body_changed(body: &[u8], at: prop::sample::Index) -> Vec<u8> {
+    let mut other = body.to_vec();
+    match other.is_empty() {
+        true => other.push(b'x'),
+        false => {
+            let i = at.index(other.len());
+            other[i] ^= 0x01;
+        }
+    }
+    other
+}
+
 fn header_map(pairs: &[(&'static str, String)]) -> HeaderMap {
     let mut h = HeaderMap::new();
     for (k, v) in pairs {
@@ -142,7 +186,7 @@ fn header_map(pairs: &[(&'static str, String)]) -> HeaderMap {
 
 proptest! {
     #[test]
-    fn github_signatures_accept_only_the_real_one(body in prop::collection::vec(any::<u8>(), 0..256), sig in "[ -~]{0,80}") {
+    fn github_signatures_accept_only_the_real_one(body in prop::collection::vec(any::<u8>(), 0..256), sig in "[ -~]{0,80}", at in any::<prop::sample::Index>()) {
         let secrets = Secrets::from_list("k1,k2");
         let headers = header_map(&[("x-hub-signature-256", sig.clone())]);
         if verify_github(&secrets, &headers, &body).is_ok() {
@@ -151,29 +195,66 @@ proptest! {
         }
         let real = header_map(&[("x-hub-signature-256", format!("sha256={}", sign_hex("k2", &body)))]);
         prop_assert!(verify_github(&secrets, &real, &body).is_ok());
+        // Near the real one is not the real one.
+        let mut misses: Vec<HeaderMap> = near_misses(&sign_hex("k2", &body), at)
+            .into_iter()
+            .map(|m| header_map(&[("x-hub-signature-256", format!("sha256={m}"))]))
+            .collect();
+        misses.push(header_map(&[("x-hub-signature-256", format!("sha256={}", sign_hex("k3", &body)))]));
+        misses.push(header_map(&[("x-hub-signature-256", format!("sha1={}", sign_hex("k2", &body)))]));
+        misses.push(header_map(&[("x-hub-signature", format!("sha256={}", sign_hex("k2", &body)))]));
+        for miss in &misses {
+            prop_assert!(verify_github(&secrets, miss, &body).is_err(), "{:?}", miss);
+        }
+        prop_assert!(verify_github(&secrets, &real, &body_changed(&body, at)).is_err());
     }
 
     #[test]
-    fn pagerduty_signatures_accept_only_the_real_one(body in prop::collection::vec(any::<u8>(), 0..256), sig in "[ -~]{0,150}") {
+    fn pagerduty_signatures_accept_only_the_real_one(body in prop::collection::vec(any::<u8>(), 0..256), sig in "[ -~]{0,150}", at in any::<prop::sample::Index>()) {
         let secrets = Secrets::from_list("pd");
         let headers = header_map(&[("x-pagerduty-signature", sig.clone())]);
         if verify_pagerduty(&secrets, &headers, &body).is_ok() {
             let real = sign_hex("pd", &body);
             prop_assert!(sig.split(',').any(|e| e.trim().strip_prefix("v1=").is_some_and(|h| h.eq_ignore_ascii_case(&real))));
         }
+        let real = sign_hex("pd", &body);
+        let good = header_map(&[("x-pagerduty-signature", format!("v1={real}"))]);
+        prop_assert!(verify_pagerduty(&secrets, &good, &body).is_ok());
+        let mut misses: Vec<HeaderMap> = near_misses(&real, at)
+            .into_iter()
+            .map(|m| header_map(&[("x-pagerduty-signature", format!("v1={m}"))]))
+            .collect();
+        misses.push(header_map(&[("x-pagerduty-signature", format!("v1={}", sign_hex("other", &body)))]));
+        misses.push(header_map(&[("x-pagerduty-signature", format!("v2={real}"))]));
+        misses.push(header_map(&[("x-pagerduty-signature-2", format!("v1={real}"))]));
+        for miss in &misses {
+            prop_assert!(verify_pagerduty(&secrets, miss, &body).is_err(), "{:?}", miss);
+        }
+        prop_assert!(verify_pagerduty(&secrets, &good, &body_changed(&body, at)).is_err());
     }
 
     #[test]
-    fn tokens_accept_only_the_configured_one(auth in "[ -~]{0,40}", relay in "[ -~]{0,40}") {
+    fn tokens_accept_only_the_configured_one(auth in "[ -~]{0,40}", relay in "[ -~]{0,40}", at in any::<prop::sample::Index>()) {
         let tokens = Secrets::from_list("tok-1");
         let headers = header_map(&[("authorization", auth.clone()), ("x-relay-token", relay.clone())]);
         if verify_token(&tokens, &headers).is_ok() {
             prop_assert!(relay.trim() == "tok-1");
         }
+        prop_assert!(verify_token(&tokens, &header_map(&[("x-relay-token", "tok-1".into())])).is_ok());
+        let mut misses: Vec<HeaderMap> = near_misses("tok-1", at)
+            .into_iter()
+            .map(|m| header_map(&[("x-relay-token", m)]))
+            .collect();
+        misses.push(header_map(&[("x-relay-token", "tok-2".into())]));
+        misses.push(header_map(&[("x-relay-token", "tok-1x".into())]));
+        misses.push(header_map(&[("x-other-token", "tok-1".into())]));
+        for miss in &misses {
+            prop_assert!(verify_token(&tokens, miss).is_err(), "{:?}", miss);
+        }
     }
 
     #[test]
-    fn generic_hmac_accepts_only_a_real_signature(body in prop::collection::vec(any::<u8>(), 0..256), sig in "[ -~]{0,120}", ts in "[ -~]{0,12}") {
+    fn generic_hmac_accepts_only_a_real_signature(body in prop::collection::vec(any::<u8>(), 0..256), sig in "[ -~]{0,120}", ts in "[ -~]{0,12}", at in any::<prop::sample::Index>()) {
         let scheme = HmacHeader {
             headers: vec![HeaderName::from_static("x-sig")],
             algorithm: Algorithm::Sha256,
@@ -191,10 +272,22 @@ proptest! {
         }
         let good = header_map(&[("x-sig", scheme.sign("k2", &now.to_string(), &body)), ("x-ts", now.to_string())]);
         prop_assert_eq!(scheme.verify(&good, &body, now).map(|v| v.secret), Ok(Some(1)));
+        let real = scheme.sign("k2", &now.to_string(), &body);
+        let mut misses: Vec<HeaderMap> = near_misses(&real["sha256=".len()..], at)
+            .into_iter()
+            .map(|m| header_map(&[("x-sig", format!("sha256={m}")), ("x-ts", now.to_string())]))
+            .collect();
+        misses.push(header_map(&[("x-sig", scheme.sign("k3", &now.to_string(), &body)), ("x-ts", now.to_string())]));
+        misses.push(header_map(&[("x-sig", real.clone()), ("x-ts", (now - 1).to_string())]));
+        misses.push(header_map(&[("x-other", real.clone()), ("x-ts", now.to_string())]));
+        for miss in &misses {
+            prop_assert!(scheme.verify(miss, &body, now).is_err(), "{:?}", miss);
+        }
+        prop_assert!(scheme.verify(&good, &body_changed(&body, at), now).is_err());
     }
 
     #[test]
-    fn standard_webhooks_accept_only_a_real_signature(body in prop::collection::vec(any::<u8>(), 0..256), sig in "[ -~]{0,120}", id in "[a-zA-Z0-9_]{0,20}") {
+    fn standard_webhooks_accept_only_a_real_signature(body in prop::collection::vec(any::<u8>(), 0..256), sig in "[ -~]{0,120}", id in "[a-zA-Z0-9_]{0,20}", at in any::<prop::sample::Index>()) {
         let secret = "whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD";
         let scheme = StandardWebhooks::new(Secrets::from_list(secret), 300).unwrap();
         let now = 1_764_288_000i64;
@@ -203,6 +296,22 @@ proptest! {
             let real = sign_standard_webhooks(secret, &id, now, &body).unwrap();
             prop_assert!(sig.split_whitespace().any(|s| s == real));
         }
+        let real = sign_standard_webhooks(secret, &id, now, &body).unwrap();
+        let with = |sig: String, ts: i64, id: &str| header_map(&[("webhook-id", id.to_owned()), ("webhook-timestamp", ts.to_string()), ("webhook-signature", sig)]);
+        prop_assert!(scheme.verify(&with(real.clone(), now, &id), &body, now).is_ok());
+        let mut misses: Vec<HeaderMap> = near_misses(&real["v1,".len()..], at)
+            .into_iter()
+            .map(|m| with(format!("v1,{m}"), now, &id))
+            .collect();
+        let other = sign_standard_webhooks("whsec_b3RoZXItc2VjcmV0LW9mLWFub3RoZXI=", &id, now, &body).unwrap();
+        misses.push(with(other, now, &id));
+        misses.push(with(real.clone(), now - 1, &id));
+        misses.push(with(real.clone(), now, &format!("{id}x")));
+        misses.push(with(real.replacen("v1,", "v1a,", 1), now, &id));
+        for miss in &misses {
+            prop_assert!(scheme.verify(miss, &body, now).is_err(), "{:?}", miss);
+        }
+        prop_assert!(scheme.verify(&with(real, now, &id), &body_changed(&body, at), now).is_err());
     }
 
     #[test]

@@ -185,7 +185,7 @@ async fn answering(
 /// stored only to be recorded refused and answered back where they were asked, and never
 /// sent; fresh ones are approved.
 async fn stale_grants_are_refused_and_answered(db: Option<&crate::common::pg::TestDb>) {
-    use crate::common::{body, exactly};
+    use crate::common::body;
     let providers = crate::common::Providers::start().await;
     let (t, store) = answering(&providers, db, &[], "").await;
     t.p0_ok().await;
@@ -234,7 +234,7 @@ async fn stale_grants_are_refused_and_answered(db: Option<&crate::common::pg::Te
     );
     // Each refusal is answered where it was asked: a -1 and a comment on GitHub, a note on
     // the incident.
-    let github = exactly(&providers.github, 2).await;
+    let github = t.store.exactly(&providers.github, 2).await;
     assert_eq!(
         github[0].url.path(),
         "/repos/acme/infra/issues/comments/700/reactions"
@@ -244,7 +244,7 @@ async fn stale_grants_are_refused_and_answered(db: Option<&crate::common::pg::Te
         body(&github[1]),
         json!({"body": format!("p0-relay: refused to approve request req-1, and did not ask P0: {reason}.")})
     );
-    let notes = exactly(&providers.pagerduty, 1).await;
+    let notes = t.store.exactly(&providers.pagerduty, 1).await;
     assert!(
         body(&notes[0])["note"]["content"]
             .as_str()
@@ -346,7 +346,7 @@ async fn a_replay_after_the_dedup_window_is_refused_as_stale(
     );
     // The refusal is recorded and answered; its answer back is the sentinel that it was
     // handled, and P0 still saw one call.
-    crate::common::exactly(&providers.github, 3).await;
+    t.store.exactly(&providers.github, 3).await;
     assert_eq!(paths(&t.settle().await), [request("approve", "req-7")]);
 }
 

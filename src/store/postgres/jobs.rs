@@ -5,13 +5,13 @@
 use std::sync::atomic::Ordering;
 
 use async_trait::async_trait;
-use tokio::sync::oneshot;
 
-use super::writer::Write;
 use super::{CHANNEL, OP_TIMEOUT, Pg, PgStore};
 use crate::store::StoreError;
 use crate::store::api::{Jobs, WriteResults};
-use crate::store::model::{AttemptRecord, Claimed, Job, JobRow, NewDelivery, Replay, Replayed, ms};
+use crate::store::batch;
+use crate::store::model::{AttemptRecord, Claim, Claimed, Job, NewDelivery, Replay, Replayed};
+use crate::store::rows::{JOB, candidates};
 use crate::store::rules::Candidate;
 
 #[async_trait]
@@ -21,27 +21,14 @@ impl Jobs for PgStore {
         deliveries: Vec<NewDelivery>,
         outcomes: Vec<AttemptRecord>,
     ) -> Result<WriteResults, StoreError> {
-        let (reply, answer) = oneshot::channel();
-        let write = Write {
-            deliveries,
-            outcomes,
-            reply,
-        };
-        self.writes
-            .send(write)
-            .await
-            .map_err(|_| StoreError::Closed)?;
-        answer.await.map_err(|_| StoreError::Closed)?
+        batch::write(&self.writes, deliveries, outcomes, |w| w).await
     }
 
     /// The claimed jobs go out first (their leases are running): what lies ahead is asked
     /// afterwards, by the loop, when the claim was short (`ahead: None`).
     async fn claim_jobs(&self, limit: usize) -> Result<Claimed<Job>, StoreError> {
-        let rows = self.db.claim_jobs(limit).await?;
-        let full = rows.len() >= limit;
-        let mut claimed = Claimed::parsed(rows, JobRow::parse);
-        claimed.ahead = full.then(Default::default);
-        Ok(claimed)
+        let claimed = Claimed::of(self.db.claim_jobs(limit).await?);
+        Ok(claimed.ahead_asked_after(limit))
     }
 
     async fn next_job_due(&self) -> Result<Option<i64>, StoreError> {
@@ -103,43 +90,26 @@ impl Pg {
     /// Claims up to `limit` due jobs: each becomes `sending` under a lease with a new claim
     /// token. Leases that expired (a relay killed mid-call) are returned to pending first, at
     /// most once a second.
-    async fn claim_jobs(&self, limit: usize) -> Result<Vec<JobRow>, StoreError> {
+    async fn claim_jobs(&self, limit: usize) -> Result<Vec<Claim<Job>>, StoreError> {
         let now = self.now();
         let last = self.last_expiry_ms.load(Ordering::Relaxed);
         if now.saturating_sub(last) >= 1000 {
             self.last_expiry_ms.store(now, Ordering::Relaxed);
             self.expire_leases(now).await?;
         }
-        let lease_until = now.saturating_add(ms(self.lease));
-        let limit = limit as i64;
-        let rows = self
-            .run("claim", OP_TIMEOUT, async |c| {
-                let stmt = c
-                    .prepare_cached(
-                        "UPDATE jobs SET state = 'sending', claim_token = claim_token + 1,
-                                lease_until = $3, updated_at = $1
-                         WHERE id IN (SELECT id FROM jobs
-                                      WHERE state = 'pending' AND next_attempt_at <= $1
-                                        AND NOT EXISTS (SELECT 1 FROM jobs e
-                                            WHERE e.org = jobs.org
-                                              AND e.request_id = jobs.request_id
-                                              AND e.id < jobs.id
-                                              AND e.state IN ('pending', 'sending'))
-                                      ORDER BY next_attempt_at, id LIMIT $2
-                                      FOR UPDATE SKIP LOCKED)
-                         RETURNING id, source, org, request_id, action, expiration, attempts,
-                                   created_at, window_start, claim_token, subject, reply,
-                                   ended_by IS NOT NULL, refused, gate, evidence, checked_at,
-                                   (SELECT d.rule FROM deliveries d WHERE d.id = jobs.delivery_id),
-                                   (SELECT d.actor FROM deliveries d WHERE d.id = jobs.delivery_id)",
-                    )
-                    .await?;
-                c.query(&stmt, &[&now, &limit, &lease_until]).await
-            })
-            .await?;
-        let mut jobs = rows.iter().map(job_row).collect::<Result<Vec<_>, _>>()?;
-        jobs.sort_by_key(|j| j.id);
-        Ok(jobs)
+        let sql = format!(
+            "UPDATE jobs SET state = 'sending', claim_token = claim_token + 1,
+                    lease_until = $3, updated_at = $1
+             WHERE id IN (SELECT id FROM jobs
+                          WHERE state = 'pending' AND next_attempt_at <= $1
+                            AND NOT EXISTS (SELECT 1 FROM jobs e
+                                WHERE e.org = jobs.org AND e.request_id = jobs.request_id
+                                  AND e.id < jobs.id AND e.state IN ('pending', 'sending'))
+                          ORDER BY next_attempt_at, id LIMIT $2
+                          FOR UPDATE SKIP LOCKED)
+             RETURNING {JOB}, claim_token"
+        );
+        self.claim("claim", &sql, limit, Job::read).await
     }
 
     /// Returns jobs whose lease ran out to pending, whichever relay claimed them.
@@ -184,27 +154,14 @@ impl Pg {
             lock_as_writes_do(&tx, which, named).await?;
             // Each candidate (read again, now that the locks are held), locked, with the
             // latest job on its request (`jobs_decision`) and its subject's end.
-            let sql = format!(
-                "SELECT j.id, j.action, l.id, l.action, j.subject, j.created_at, e.ended_at,
-                        e.reopened_at IS NOT NULL
-                 FROM jobs j
-                 JOIN jobs l ON l.id = (SELECT MAX(k.id) FROM jobs k
-                                        WHERE k.org = j.org AND k.request_id = j.request_id)
-                 LEFT JOIN subject_ends e ON e.source = j.source AND e.subject = j.subject
-                 WHERE {which} ORDER BY j.id FOR UPDATE OF j"
-            );
+            let sql = candidates(which, "FOR UPDATE OF j");
+            let rows = tx.query(&sql, &[&named]).await?;
             let mut replayed = Replayed::default();
             let mut queued = Vec::new();
-            for row in tx.query(&sql, &[&named]).await? {
-                let candidate = Candidate {
-                    id: row.try_get(0)?,
-                    action: row.try_get(1)?,
-                    latest: row.try_get(2)?,
-                    latest_action: row.try_get(3)?,
-                    subject: row.try_get(4)?,
-                    created_at: row.try_get(5)?,
-                    ended_at: row.try_get(6)?,
-                    reopened: row.try_get(7)?,
+            for candidate in rows.iter().map(Candidate::read) {
+                let candidate = match candidate {
+                    Ok(c) => c,
+                    Err(e) => return Ok(Err(e)),
                 };
                 match candidate.classify(&mut replayed) {
                     Ok(true) => queued.push(candidate.id),
@@ -264,28 +221,4 @@ async fn lock_as_writes_do(
     )
     .await?;
     Ok(())
-}
-
-fn job_row(r: &tokio_postgres::Row) -> Result<JobRow, tokio_postgres::Error> {
-    Ok(JobRow {
-        id: r.try_get(0)?,
-        source: r.try_get(1)?,
-        org: r.try_get(2)?,
-        request_id: r.try_get(3)?,
-        action: r.try_get(4)?,
-        expiration: r.try_get(5)?,
-        attempts: u32::try_from(r.try_get::<_, i32>(6)?).unwrap_or_default(),
-        accepted_at_ms: r.try_get(7)?,
-        window_start_ms: r.try_get(8)?,
-        claim_token: r.try_get(9)?,
-        subject: r.try_get(10)?,
-        reply: r.try_get(11)?,
-        bound: r.try_get(12)?,
-        refused: r.try_get(13)?,
-        gate: r.try_get(14)?,
-        evidence: r.try_get(15)?,
-        checked_at_ms: r.try_get(16)?,
-        rule: r.try_get(17)?,
-        actor: r.try_get(18)?,
-    })
 }

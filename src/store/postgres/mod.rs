@@ -25,7 +25,7 @@ use tokio_postgres_rustls::MakeRustlsConnect;
 
 use super::error::chain;
 use super::location::PgLocation;
-use super::model::{Clock, Windows};
+use super::model::{Clock, Token, Windows, ms};
 use super::{Settings, StoreError, StoreTask};
 
 /// The channel new work is announced on.
@@ -40,7 +40,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// A PostgreSQL store as the relay holds it: the database and the queue to its batch writer.
 pub struct PgStore {
     db: Arc<Pg>,
-    writes: mpsc::Sender<writer::Write>,
+    writes: mpsc::Sender<super::batch::Write>,
     /// The LISTEN connection's task, stopped with the store.
     listener: std::sync::Mutex<Option<tokio::task::AbortHandle>>,
 }
@@ -79,12 +79,8 @@ impl PgStore {
             last_statistics_ms: AtomicI64::new(i64::MIN),
         });
         db.migrate().await?;
-        let max = if settings.group_commit {
-            writer::MAX_BATCH
-        } else {
-            1
-        };
-        let (writes, queue) = mpsc::channel(writer::MAX_BATCH * 4);
+        let (max, queue_len) = super::batch::sizes(settings.group_commit);
+        let (writes, queue) = mpsc::channel(queue_len);
         let task = tokio::spawn(writer::run(db.clone(), queue, max));
         let store = PgStore {
             db,
@@ -158,6 +154,29 @@ fn unavailable(what: &str, e: impl std::fmt::Display) -> StoreError {
 impl Pg {
     fn now(&self) -> i64 {
         self.clock.now_ms()
+    }
+
+    /// Runs a claim (`sql`: $1 now, $2 how many, $3 until when the lease runs) and reads
+    /// what it took, in ID order.
+    async fn claim<T: Token>(
+        &self,
+        what: &str,
+        sql: &str,
+        limit: usize,
+        read: impl Fn(&tokio_postgres::Row) -> Result<T, StoreError>,
+    ) -> Result<Vec<T>, StoreError> {
+        let now = self.now();
+        let lease_until = now.saturating_add(ms(self.lease));
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows = self
+            .run(what, OP_TIMEOUT, async |c| {
+                let stmt = c.prepare_cached(sql).await?;
+                c.query(&stmt, &[&now, &limit, &lease_until]).await
+            })
+            .await?;
+        let mut claimed = rows.iter().map(read).collect::<Result<Vec<_>, _>>()?;
+        claimed.sort_by_key(|c| c.token().0);
+        Ok(claimed)
     }
 
     async fn client(&self) -> Result<Object, StoreError> {

@@ -53,11 +53,7 @@ impl Pg {
         let older_than_ms = before.finished_before_ms;
         self.run("prune", Duration::from_secs(300), async |c| {
             let tx = c.transaction().await?;
-            let mine: bool = tx
-                .query_one("SELECT pg_try_advisory_xact_lock($1)", &[&PRUNE_LOCK])
-                .await?
-                .try_get(0)?;
-            if !mine {
+            if !first(&tx, PRUNE_LOCK).await? {
                 return Ok(0);
             }
             // A finished job that overtook a dead one on its request is kept while that one
@@ -122,11 +118,7 @@ impl Pg {
         self.last_statistics_ms.store(now, Ordering::Relaxed);
         self.run("statistics", Duration::from_secs(30), async |c| {
             let tx = c.transaction().await?;
-            let mine: bool = tx
-                .query_one("SELECT pg_try_advisory_xact_lock($1)", &[&STATISTICS_LOCK])
-                .await?
-                .try_get(0)?;
-            let due = mine
+            let due = first(&tx, STATISTICS_LOCK).await?
                 && tx
                     .query_one(
                         "SELECT COALESCE(n_mod_since_analyze > 1000
@@ -145,4 +137,15 @@ impl Pg {
         })
         .await
     }
+}
+
+/// Whether this relay takes `lock` for the transaction: the first to ask does, the others
+/// skip this round.
+async fn first(
+    tx: &tokio_postgres::Transaction<'_>,
+    lock: i64,
+) -> Result<bool, tokio_postgres::Error> {
+    tx.query_one("SELECT pg_try_advisory_xact_lock($1)", &[&lock])
+        .await?
+        .try_get(0)
 }

@@ -5,17 +5,15 @@
 use std::sync::Arc;
 
 use serde_json::{Value, json};
-use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::sync::{Semaphore, mpsc};
 
 use super::{OP_TIMEOUT, Pg};
 use crate::domain::Expiration;
 use crate::store::StoreError;
 use crate::store::api::WriteResults;
+use crate::store::batch::{Batch, Write};
 use crate::store::model::{Accepted, AttemptRecord, BoundRevocation, JobRef, NewDelivery, ms};
 use crate::store::rules::{batch_order, in_arrival_order};
-
-/// How many deliveries and outcomes one batch may take.
-pub(super) const MAX_BATCH: usize = 1024;
 
 /// Batches committing at once per relay (each on its own connection). Two, not more: each
 /// batch takes every write waiting when it starts, so fewer concurrent transactions carry
@@ -23,13 +21,6 @@ pub(super) const MAX_BATCH: usize = 1024;
 /// storm on this 2-core machine: 6.4k accepted/s with three, 8.5k with two, 9.5k with one).
 /// The second keeps accepts going while the first waits on a lock or a slow commit.
 const WRITERS: usize = 2;
-
-/// One writer's deliveries and outcomes, and where its results go.
-pub(super) struct Write {
-    pub deliveries: Vec<NewDelivery>,
-    pub outcomes: Vec<AttemptRecord>,
-    pub reply: oneshot::Sender<Result<WriteResults, StoreError>>,
-}
 
 /// Serves `queue` until every sender is gone and it is drained.
 pub(super) async fn run(db: Arc<Pg>, mut queue: mpsc::Receiver<Write>, max_batch: usize) {
@@ -43,13 +34,14 @@ pub(super) async fn run(db: Arc<Pg>, mut queue: mpsc::Receiver<Write>, max_batch
             break;
         };
         // Everything waiting now goes into one transaction (group commit).
-        let mut size = first.deliveries.len() + first.outcomes.len();
-        let mut batch = vec![first];
+        let mut size = first.size();
+        let mut batch = Batch::default();
+        batch.add(first);
         while size < max_batch {
             match queue.try_recv() {
                 Ok(w) => {
-                    size += w.deliveries.len() + w.outcomes.len();
-                    batch.push(w);
+                    size += w.size();
+                    batch.add(w);
                 }
                 Err(_) => break,
             }
@@ -65,28 +57,9 @@ pub(super) async fn run(db: Arc<Pg>, mut queue: mpsc::Receiver<Write>, max_batch
 }
 
 /// Commits one batch and answers each of its writers.
-async fn commit(db: &Pg, batch: Vec<Write>) {
-    let mut deliveries = Vec::new();
-    let mut outcomes = Vec::new();
-    let mut waiting = Vec::with_capacity(batch.len());
-    for w in batch {
-        waiting.push((w.reply, w.deliveries.len()));
-        deliveries.extend(w.deliveries);
-        outcomes.extend(w.outcomes);
-    }
-    match db.write(&deliveries, &outcomes).await {
-        Ok(results) => {
-            let mut results = results.into_iter();
-            for (reply, n) in waiting {
-                let _ = reply.send(Ok(results.by_ref().take(n).collect()));
-            }
-        }
-        Err(e) => {
-            for (reply, _) in waiting {
-                let _ = reply.send(Err(e.clone()));
-            }
-        }
-    }
+async fn commit(db: &Pg, mut batch: Batch) {
+    let committed = db.write(&batch.deliveries, &batch.outcomes).await;
+    batch.answer(committed);
 }
 
 impl Pg {

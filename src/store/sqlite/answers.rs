@@ -4,24 +4,18 @@ use async_trait::async_trait;
 use rusqlite::params;
 
 use super::jobs::mark_sending;
-use super::{Db, SqliteStore};
+use super::{Db, SqliteStore, rows};
 use crate::store::StoreError;
 use crate::store::api::Answers;
-use crate::store::model::{Ahead, AnswerJob, AnswerRecord, Claimed};
+use crate::store::model::{Ahead, AnswerJob, AnswerRecord, Claim, Claimed, Token};
+use crate::store::rows::ANSWER;
 
 #[async_trait]
 impl Answers for SqliteStore {
     async fn claim_answers(&self, limit: usize) -> Result<Claimed<AnswerJob>, StoreError> {
         self.run(move |db| {
-            let answers = db.claim_answers(limit)?;
-            let short = answers.len() < limit;
-            let mut claimed = Claimed::parsed(answers, Ok);
-            claimed.ahead = Some(if short {
-                Ahead::from(db.next_answer_due(), Ok(Vec::new()))
-            } else {
-                Ahead::default()
-            });
-            Ok(claimed)
+            let claimed = Claimed::of(db.claim_answers(limit)?);
+            Ok(claimed.with_ahead(limit, || Ahead::from(db.next_answer_due(), Ok(Vec::new()))))
         })
         .await
     }
@@ -37,40 +31,25 @@ impl Answers for SqliteStore {
 
 impl Db {
     /// As `claim_jobs`: read in index order, then marked by ID.
-    pub(crate) fn claim_answers(&mut self, limit: usize) -> Result<Vec<AnswerJob>, StoreError> {
+    pub(crate) fn claim_answers(
+        &mut self,
+        limit: usize,
+    ) -> Result<Vec<Claim<AnswerJob>>, StoreError> {
         let now = self.now();
         let tx = self
             .conn
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        let mut answers = {
-            let mut due = tx.prepare_cached(
-                "SELECT id, job_id, via, kind, target, body, attempts, window_start, claim_token
-                 FROM answers WHERE state = 'pending' AND next_attempt_at <= ?1
-                 ORDER BY next_attempt_at, id LIMIT ?2",
-            )?;
-            due.query_map(params![now, limit as i64], |r| {
-                Ok(AnswerJob {
-                    id: r.get(0)?,
-                    job_id: r.get(1)?,
-                    via: r.get(2)?,
-                    kind: r.get(3)?,
-                    target: r.get(4)?,
-                    body: r.get(5)?,
-                    attempts: r.get(6)?,
-                    window_start_ms: r.get(7)?,
-                    claim_token: r.get::<_, i64>(8)? + 1,
-                })
-            })?
-            .collect::<Result<Vec<_>, _>>()?
-        };
-        mark_sending(
-            &tx,
-            "answers",
-            answers.iter().map(|a| (a.id, a.claim_token)),
-            now,
-        )?;
+        let sql = format!(
+            "SELECT {ANSWER}, claim_token + 1 FROM answers
+             WHERE state = 'pending' AND next_attempt_at <= ?1
+             ORDER BY next_attempt_at, id LIMIT ?2"
+        );
+        let mut answers = rows(&tx, &sql, params![now, limit as i64], |r| {
+            AnswerJob::read(r).map(Ok)
+        })?;
+        mark_sending(&tx, "answers", answers.iter().map(Token::token), now)?;
         tx.commit()?;
-        answers.sort_by_key(|a| a.id);
+        answers.sort_by_key(|a| a.token().0);
         Ok(answers)
     }
 

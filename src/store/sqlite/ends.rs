@@ -3,8 +3,8 @@
 
 use rusqlite::{OptionalExtension, params};
 
-use super::Db;
-use super::jobs::Accept;
+use super::jobs::{Accept, NewJob};
+use super::{Db, rows};
 use crate::domain::Action;
 use crate::policy::Decision;
 use crate::store::StoreError;
@@ -123,24 +123,21 @@ impl Accept<'_> {
         let granted = still_granted(self.tx, &d.source, subject)?;
         let mut bound = Vec::with_capacity(granted.len());
         for g in granted {
-            self.tx
-                .prepare_cached(
-                    "INSERT INTO jobs (delivery_id, source, org, request_id, action, state,
-                                       next_attempt_at, window_start, created_at, updated_at,
-                                       subject, reply, ended_by)
-                     VALUES (?1, ?2, ?3, ?4, 'revoke', 'pending', ?5, ?5, ?5, ?5, ?6, ?7, ?1)",
-                )?
-                .execute(params![
-                    delivery_id,
-                    d.source,
-                    g.org,
-                    g.request_id,
-                    self.now,
-                    subject,
-                    reply
-                ])?;
+            let job_id = self.insert_job(NewJob {
+                delivery_id,
+                source: &d.source,
+                org: &g.org,
+                request_id: &g.request_id,
+                action: Action::Revoke,
+                expiration: None,
+                subject: Some(subject),
+                reply,
+                refused: None,
+                gate: None,
+                ended_by: Some(delivery_id),
+            })?;
             bound.push(BoundRevocation {
-                job_id: self.tx.last_insert_rowid(),
+                job_id,
                 org: g.org,
                 request_id: g.request_id,
             });
@@ -154,17 +151,9 @@ fn still_granted(
     source: &str,
     subject: &str,
 ) -> Result<Vec<Granted>, StoreError> {
-    Ok(conn
-        .prepare_cached(STILL_GRANTED)?
-        .query_map(params![source, subject], |r| {
-            Ok(Granted {
-                job_id: r.get(0)?,
-                org: r.get(1)?,
-                request_id: r.get(2)?,
-                state: r.get(3)?,
-            })
-        })?
-        .collect::<Result<_, _>>()?)
+    rows(conn, STILL_GRANTED, params![source, subject], |r| {
+        Granted::read(r)
+    })
 }
 
 impl Db {

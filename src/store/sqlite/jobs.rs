@@ -4,16 +4,18 @@
 
 use async_trait::async_trait;
 use rusqlite::{Connection, OptionalExtension, params};
-use tokio::sync::oneshot;
 
 use super::writer::Task;
-use super::{Db, SqliteStore};
+use super::{Db, SqliteStore, rows};
 use crate::domain::{Action, Expiration};
 use crate::policy::Decision;
 use crate::store::api::{Jobs, WriteResults};
+use crate::store::batch;
 use crate::store::model::{
-    Accepted, Ahead, AttemptRecord, Claimed, Job, JobRef, JobRow, NewDelivery, Replay, Replayed,
+    Accepted, Ahead, AttemptRecord, Claim, Claimed, Job, JobRef, NewDelivery, Replay, Replayed,
+    Token,
 };
+use crate::store::rows::{JOB, Latest, candidates};
 use crate::store::rules::{Candidate, batch_order, in_arrival_order};
 use crate::store::{StoreError, ms};
 
@@ -40,32 +42,17 @@ impl Jobs for SqliteStore {
         deliveries: Vec<NewDelivery>,
         outcomes: Vec<AttemptRecord>,
     ) -> Result<WriteResults, StoreError> {
-        let (reply, answer) = oneshot::channel();
-        let task = Task::Write {
-            deliveries,
-            outcomes,
-            reply,
-        };
-        self.tasks
-            .send(task)
-            .await
-            .map_err(|_| StoreError::Closed)?;
-        answer.await.map_err(|_| StoreError::Closed)?
+        batch::write(&self.tasks, deliveries, outcomes, Task::Write).await
     }
 
     async fn claim_jobs(&self, limit: usize) -> Result<Claimed<Job>, StoreError> {
         self.run(move |db| {
-            let rows = db.claim_jobs(limit)?;
-            let short = rows.len() < limit;
-            let mut claimed = Claimed::parsed(rows, JobRow::parse);
+            let claimed = Claimed::of(db.claim_jobs(limit)?);
             // What lies ahead, in the same trip (`waited_on` first: see `Ahead`).
-            claimed.ahead = Some(if short {
+            Ok(claimed.with_ahead(limit, || {
                 let waited_on = db.waited_on();
                 Ahead::from(db.next_job_due(), waited_on)
-            } else {
-                Ahead::default()
-            });
-            Ok(claimed)
+            }))
         })
         .await
     }
@@ -142,7 +129,7 @@ impl Db {
     /// Marks up to `limit` due jobs in their turn as sending under a new claim token. A
     /// claim need not reach the disk: after a crash, `recover` returns claimed jobs to
     /// pending anyway, so this commit skips the sync that every other write pays.
-    pub(crate) fn claim_jobs(&mut self, limit: usize) -> Result<Vec<JobRow>, StoreError> {
+    pub(crate) fn claim_jobs(&mut self, limit: usize) -> Result<Vec<Claim<Job>>, StoreError> {
         self.conn
             .prepare_cached("PRAGMA synchronous = NORMAL")?
             .execute([])?;
@@ -153,7 +140,7 @@ impl Db {
         result
     }
 
-    fn claim_unsynced(&mut self, limit: usize) -> Result<Vec<JobRow>, StoreError> {
+    fn claim_unsynced(&mut self, limit: usize) -> Result<Vec<Claim<Job>>, StoreError> {
         // Read in the due index's order, then marked one by one by ID. (One
         // `UPDATE … WHERE id IN (SELECT …) RETURNING …` makes and drops three temporary tables
         // on every claim: at moderate rates, where each claim takes one or two jobs, that was
@@ -163,23 +150,15 @@ impl Db {
         let tx = self
             .conn
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        let mut rows = {
-            let mut due = tx.prepare_cached(&format!(
-                "SELECT id, source, org, request_id, action, expiration, attempts, created_at,
-                        window_start, claim_token, subject, reply, ended_by IS NOT NULL, refused,
-                        gate, evidence, checked_at,
-                        (SELECT d.rule FROM deliveries d WHERE d.id = jobs.delivery_id),
-                        (SELECT d.actor FROM deliveries d WHERE d.id = jobs.delivery_id)
-                 FROM jobs WHERE {IN_TURN} AND next_attempt_at <= ?1
-                 ORDER BY next_attempt_at, id LIMIT ?2"
-            ))?;
-            due.query_map(params![now, limit as i64], job_row)?
-                .collect::<Result<Vec<_>, _>>()?
-        };
-        mark_sending(&tx, "jobs", rows.iter().map(|j| (j.id, j.claim_token)), now)?;
+        let sql = format!(
+            "SELECT {JOB}, claim_token + 1 FROM jobs WHERE {IN_TURN} AND next_attempt_at <= ?1
+             ORDER BY next_attempt_at, id LIMIT ?2"
+        );
+        let mut claimed = rows(&tx, &sql, params![now, limit as i64], |r| Job::read(r))?;
+        mark_sending(&tx, "jobs", claimed.iter().map(Token::token), now)?;
         tx.commit()?;
-        rows.sort_by_key(|j| j.id);
-        Ok(rows)
+        claimed.sort_by_key(|c| c.token().0);
+        Ok(claimed)
     }
 
     pub(crate) fn next_job_due(&mut self) -> Result<Option<i64>, StoreError> {
@@ -229,29 +208,8 @@ impl Db {
         };
         // Each candidate with the latest job on its request (`jobs_decision`) and its
         // subject's end, if it has one.
-        let candidates: Vec<Candidate> = tx
-            .prepare(&format!(
-                "SELECT j.id, j.action, l.id, l.action, j.subject, j.created_at, e.ended_at,
-                        e.reopened_at IS NOT NULL
-                 FROM jobs j
-                 JOIN jobs l ON l.id = (SELECT MAX(k.id) FROM jobs k
-                                        WHERE k.org = j.org AND k.request_id = j.request_id)
-                 LEFT JOIN subject_ends e ON e.source = j.source AND e.subject = j.subject
-                 WHERE {which} ORDER BY j.id"
-            ))?
-            .query_map(params![named], |r| {
-                Ok(Candidate {
-                    id: r.get(0)?,
-                    action: r.get(1)?,
-                    latest: r.get(2)?,
-                    latest_action: r.get(3)?,
-                    subject: r.get(4)?,
-                    created_at: r.get(5)?,
-                    ended_at: r.get(6)?,
-                    reopened: r.get(7)?,
-                })
-            })?
-            .collect::<Result<_, _>>()?;
+        let sql = candidates(which, "");
+        let candidates = rows(&tx, &sql, params![named], |r| Candidate::read(r))?;
         let mut replayed = Replayed::default();
         for c in candidates {
             if c.classify(&mut replayed)? {
@@ -269,33 +227,8 @@ impl Db {
     }
 }
 
-/// A claimed job's row; its claim token is the one it is marked with (one past the stored).
-fn job_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<JobRow> {
-    Ok(JobRow {
-        id: r.get(0)?,
-        source: r.get(1)?,
-        org: r.get(2)?,
-        request_id: r.get(3)?,
-        action: r.get(4)?,
-        expiration: r.get(5)?,
-        attempts: r.get(6)?,
-        accepted_at_ms: r.get(7)?,
-        window_start_ms: r.get(8)?,
-        claim_token: r.get::<_, i64>(9)? + 1,
-        subject: r.get(10)?,
-        reply: r.get(11)?,
-        bound: r.get(12)?,
-        refused: r.get(13)?,
-        gate: r.get(14)?,
-        evidence: r.get(15)?,
-        checked_at_ms: r.get(16)?,
-        rule: r.get(17)?,
-        actor: r.get(18)?,
-    })
-}
-
 /// Marks the rows a claim read from `table` (`jobs` or `answers`) as being sent, each under
-/// its new claim token: (ID, token) pairs, the token one past the one read.
+/// its new claim token: (ID, token) pairs, the token one past the one stored.
 pub(super) fn mark_sending(
     tx: &Connection,
     table: &str,
@@ -311,16 +244,20 @@ pub(super) fn mark_sending(
     Ok(())
 }
 
-/// The latest decision on a request, as `LATEST` reads it.
-struct Latest {
-    id: i64,
-    action: String,
-    state: String,
-    created_at: i64,
-    source: String,
-    subject: Option<String>,
-    refused: bool,
-    gate: Option<String>,
+/// A job to store, in the delivery that makes it.
+pub(super) struct NewJob<'a> {
+    pub delivery_id: i64,
+    pub source: &'a str,
+    pub org: &'a str,
+    pub request_id: &'a str,
+    pub action: Action,
+    pub expiration: Option<&'a str>,
+    pub subject: Option<&'a str>,
+    pub reply: Option<&'a str>,
+    pub refused: Option<&'a str>,
+    pub gate: Option<&'a str>,
+    /// The delivery whose subject end made this revoke.
+    pub ended_by: Option<i64>,
 }
 
 /// One delivery being stored, in the transaction of its batch.
@@ -438,31 +375,50 @@ impl<'t> Accept<'t> {
                 refused: None,
             });
         }
+        let job_id = self.insert_job(NewJob {
+            delivery_id,
+            source: &d.source,
+            org: decision.org.as_str(),
+            request_id: decision.request_id.as_str(),
+            action: decision.action,
+            expiration: decision.expiration.as_ref().map(Expiration::as_str),
+            subject: d.binding.subject.as_deref(),
+            reply: reply.as_deref(),
+            refused: refused.as_deref(),
+            gate: gate.as_deref(),
+            ended_by: None,
+        })?;
+        Ok(JobRef {
+            job_id,
+            coalesced: false,
+            refused,
+        })
+    }
+
+    /// Stores a pending job; its ID.
+    pub(super) fn insert_job(&self, job: NewJob<'_>) -> Result<i64, StoreError> {
         self.tx
             .prepare_cached(
                 "INSERT INTO jobs (delivery_id, source, org, request_id, action, expiration, state,
                                    next_attempt_at, window_start, created_at, updated_at, subject,
-                                   reply, refused, gate)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'pending', ?7, ?7, ?7, ?7, ?8, ?9, ?10, ?11)",
+                                   reply, refused, gate, ended_by)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'pending', ?7, ?7, ?7, ?7, ?8, ?9, ?10, ?11, ?12)",
             )?
             .execute(params![
-                delivery_id,
-                d.source,
-                decision.org.as_str(),
-                decision.request_id.as_str(),
-                decision.action.as_str(),
-                decision.expiration.as_ref().map(Expiration::as_str),
+                job.delivery_id,
+                job.source,
+                job.org,
+                job.request_id,
+                job.action.as_str(),
+                job.expiration,
                 self.now,
-                d.binding.subject,
-                reply,
-                refused,
-                gate
+                job.subject,
+                job.reply,
+                job.refused,
+                job.gate,
+                job.ended_by
             ])?;
-        Ok(JobRef {
-            job_id: self.tx.last_insert_rowid(),
-            coalesced: false,
-            refused,
-        })
+        Ok(self.tx.last_insert_rowid())
     }
 
     /// The job this decision coalesces into: the request's latest decision, the same action
@@ -477,25 +433,13 @@ impl<'t> Accept<'t> {
         gate: &Option<String>,
     ) -> Result<Option<i64>, StoreError> {
         let since = self.now - ms(self.windows.coalesce);
-        let latest = self
-            .tx
-            .prepare_cached(LATEST)?
-            .query_row(
-                params![decision.org.as_str(), decision.request_id.as_str()],
-                |r| {
-                    Ok(Latest {
-                        id: r.get(0)?,
-                        action: r.get(1)?,
-                        state: r.get(2)?,
-                        created_at: r.get(3)?,
-                        source: r.get(4)?,
-                        subject: r.get(5)?,
-                        refused: r.get(6)?,
-                        gate: r.get(7)?,
-                    })
-                },
-            )
-            .optional()?;
+        let latest = rows(
+            self.tx,
+            LATEST,
+            params![decision.org.as_str(), decision.request_id.as_str()],
+            |r| Latest::read(r),
+        )?
+        .pop();
         Ok(latest
             .filter(|l| {
                 l.action == decision.action.as_str()

@@ -17,9 +17,10 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use rusqlite::Connection;
-use tokio::sync::{Notify, mpsc, oneshot};
+use tokio::sync::{Notify, mpsc};
 
 use super::api::Leases;
+use super::batch;
 use super::model::{Clock, Held, Windows};
 use super::{Settings, StoreError, StoreTask};
 use checkpoint::Checkpointer;
@@ -80,8 +81,8 @@ impl SqliteStore {
         db: Db,
         group_commit: bool,
     ) -> Result<(SqliteStore, std::thread::JoinHandle<()>), StoreError> {
-        let (tasks, queue) = mpsc::channel(writer::MAX_BATCH * 4);
-        let max = if group_commit { writer::MAX_BATCH } else { 1 };
+        let (max, queue_len) = batch::sizes(group_commit);
+        let (tasks, queue) = mpsc::channel(queue_len);
         let thread = std::thread::Builder::new()
             .name("store-writer".into())
             .spawn(move || writer::run(db, queue, max))?;
@@ -93,15 +94,12 @@ impl SqliteStore {
         &self,
         op: impl FnOnce(&mut Db) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
-        let (reply, answer) = oneshot::channel();
-        let task = Task::Run(Box::new(move |db| {
-            let _ = reply.send(op(db));
-        }));
-        self.tasks
-            .send(task)
-            .await
-            .map_err(|_| StoreError::Closed)?;
-        answer.await.map_err(|_| StoreError::Closed)?
+        batch::ask(&self.tasks, |reply| {
+            Task::Run(Box::new(move |db| {
+                let _ = reply.send(op(db));
+            }))
+        })
+        .await
     }
 }
 
@@ -168,6 +166,22 @@ impl Db {
         }
         Ok(())
     }
+}
+
+/// Runs `sql` (cached) with `params` and reads each row it returns with `read`.
+fn rows<T>(
+    conn: &Connection,
+    sql: &str,
+    params: impl rusqlite::Params,
+    read: impl Fn(&rusqlite::Row<'_>) -> Result<T, StoreError>,
+) -> Result<Vec<T>, StoreError> {
+    let mut stmt = conn.prepare_cached(sql)?;
+    let mut found = stmt.query(params)?;
+    let mut out = Vec::new();
+    while let Some(r) = found.next()? {
+        out.push(read(r)?);
+    }
+    Ok(out)
 }
 
 /// The writer's connection: one thread at a time uses it, so SQLite's own mutexes are off.

@@ -27,7 +27,7 @@ fn sqlite_hot_statements_are_compiled_once() {
         s.write(&batch, &[]).unwrap();
         clock.set(2_000 + round);
         for row in s.claim_jobs(1 + round as usize).unwrap() {
-            let job = row.parse().unwrap();
+            let job = row.unwrap();
             s.write(&[], &[done(&job, State::Succeeded)]).unwrap();
         }
     }
@@ -96,7 +96,7 @@ fn sqlite_claims_restore_the_full_sync() {
     s.write(&[delivery("d1", &[(Action::Approve, "a")])], &[])
         .unwrap();
     clock.set(2_000);
-    let job = s.claim_jobs(1).unwrap().remove(0).parse().unwrap();
+    let job = s.claim_jobs(1).unwrap().remove(0).unwrap();
     assert_eq!(synchronous(&s), FULL, "after a claim");
     drop(s);
     let mut s = db(&path, &clock);
@@ -118,6 +118,6 @@ fn sqlite_claims_restore_the_full_sync() {
         .unwrap();
     let again = s.claim_jobs(1).unwrap();
     assert_eq!(again.len(), 1, "the failed claim left no transaction open");
-    assert_eq!(again[0].claim_token, job.claim_token + 1);
+    assert_eq!(again[0].as_ref().unwrap().claim_token, job.claim_token + 1);
     assert_eq!(synchronous(&s), FULL, "after a claim");
 }

@@ -16,6 +16,8 @@ pub struct BinRelay {
     pub child: std::process::Child,
     pub addr: SocketAddr,
     pub log: PathBuf,
+    /// Its store, read behind its back to tell when it has handled its input.
+    pub store: StoreAt,
 }
 
 /// A free loopback port (bound, then released).
@@ -62,7 +64,12 @@ impl BinRelay {
             if let Ok(r) = http.get(format!("http://{addr}/readyz")).send().await
                 && r.status().is_success()
             {
-                return BinRelay { child, addr, log };
+                return BinRelay {
+                    child,
+                    addr,
+                    log,
+                    store: store_at(config, vars),
+                };
             }
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
@@ -94,6 +101,18 @@ impl BinRelay {
             std::thread::sleep(Duration::from_millis(25));
         }
         panic!("relay did not exit");
+    }
+}
+
+/// Where the store `config` names is, read with `vars`.
+fn store_at(config: &Path, vars: &HashMap<String, String>) -> StoreAt {
+    let env = p0_relay::config::env::Env::default().overlay(vars);
+    match p0_relay::config::Settings::load_store(config, &env)
+        .expect("the config names a store")
+        .location
+    {
+        p0_relay::store::StoreLocation::Sqlite(path) => StoreAt::Sqlite(path),
+        p0_relay::store::StoreLocation::Postgres(pg) => StoreAt::Postgres(pg.to_string()),
     }
 }
 

@@ -2,7 +2,7 @@
 //! and refuses writes (a disk gone read-only, say), fails the questions asked after a claim,
 //! and counts the claims that found nothing. (Cutting PostgreSQL off is `pg::Proxy`.)
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
@@ -29,6 +29,7 @@ pub fn sqlite_store(path: &Path) -> (SqliteStore, StoreTask) {
 #[derive(Clone)]
 pub struct Watched {
     inner: StoreHandle,
+    path: PathBuf,
     pub refusing: Arc<AtomicBool>,
     /// Claims of P0 jobs that found nothing.
     pub empty_claims: Arc<AtomicUsize>,
@@ -41,10 +42,18 @@ pub struct Watched {
     pub refused_answer_records: Arc<AtomicUsize>,
 }
 
+/// A store handed to the relay (`Setup::store`), and where it is.
+pub struct Given {
+    pub handle: StoreHandle,
+    pub task: StoreTask,
+    pub path: PathBuf,
+}
+
 impl Watched {
-    pub fn new(inner: SqliteStore) -> Self {
+    fn new(inner: SqliteStore, path: &Path) -> Self {
         Self {
             inner: StoreHandle::new(inner),
+            path: path.to_owned(),
             refusing: Arc::default(),
             empty_claims: Arc::default(),
             empty_answer_claims: Arc::default(),
@@ -56,12 +65,16 @@ impl Watched {
     /// The store at `path`, watched, and its writer: what `Setup::store` takes.
     pub fn open(path: &Path) -> (Watched, StoreTask) {
         let (inner, task) = sqlite_store(path);
-        (Watched::new(inner), task)
+        (Watched::new(inner, path), task)
     }
 
     /// Handed to the relay (`Setup::store`); the flags stay shared with this one.
-    pub fn given(&self, task: StoreTask) -> Option<(StoreHandle, StoreTask)> {
-        Some((StoreHandle::new(self.clone()), task))
+    pub fn given(&self, task: StoreTask) -> Option<Given> {
+        Some(Given {
+            handle: StoreHandle::new(self.clone()),
+            task,
+            path: self.path.clone(),
+        })
     }
 
     fn check(&self) -> Result<(), StoreError> {

@@ -10,7 +10,7 @@ use std::time::Duration;
 use p0_relay::app::{Options, Relay};
 use p0_relay::config::Settings;
 use p0_relay::config::env::Env;
-use p0_relay::store::{JobDetail, StoreHandle, StoreLocation, StoreTask, Windows};
+use p0_relay::store::{JobDetail, StoreHandle, StoreLocation, Windows};
 use serde_json::Value;
 use wiremock::matchers::method;
 use wiremock::{Mock, MockServer, Request, ResponseTemplate};
@@ -66,6 +66,104 @@ pub struct TestRelay {
     pub p0: MockServer,
     pub dir: tempfile::TempDir,
     pub http: reqwest::Client,
+    /// The relay's store, read behind its back to tell when it has handled its input.
+    pub store: StoreAt,
+}
+
+/// Where a relay's store is.
+#[derive(Clone, Debug)]
+pub enum StoreAt {
+    Sqlite(PathBuf),
+    Postgres(String),
+}
+
+impl StoreAt {
+    /// Decisions and answers back due now or in flight (one waiting for a later retry is
+    /// not): the relay has work it has not finished.
+    pub async fn busy(&self) -> i64 {
+        const BUSY: &str = "SELECT
+            (SELECT count(*) FROM jobs WHERE state = 'sending'
+                OR (state = 'pending' AND next_attempt_at <= $1))
+          + (SELECT count(*) FROM answers WHERE state = 'sending'
+                OR (state = 'pending' AND next_attempt_at <= $1))";
+        let now = p0_relay::store::now_ms();
+        match self {
+            StoreAt::Sqlite(path) => {
+                let Ok(db) = rusqlite::Connection::open_with_flags(
+                    path,
+                    rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+                ) else {
+                    return 0;
+                };
+                db.busy_timeout(Duration::from_secs(5)).unwrap();
+                db.query_row(&BUSY.replace("$1", "?1"), [now], |r| r.get(0))
+                    .unwrap_or(0)
+            }
+            StoreAt::Postgres(url) => {
+                let (c, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+                    .await
+                    .unwrap();
+                tokio::spawn(conn);
+                c.query_one(BUSY, &[&now]).await.unwrap().get(0)
+            }
+        }
+    }
+
+    /// How many rows `table` holds.
+    pub async fn rows(&self, table: &str) -> i64 {
+        let sql = format!("SELECT count(*) FROM {table}");
+        match self {
+            StoreAt::Sqlite(path) => rusqlite::Connection::open(path)
+                .unwrap()
+                .query_row(&sql, [], |r| r.get(0))
+                .unwrap(),
+            StoreAt::Postgres(url) => {
+                let (c, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+                    .await
+                    .unwrap();
+                tokio::spawn(conn);
+                c.query_one(&sql, &[]).await.unwrap().get(0)
+            }
+        }
+    }
+
+    /// Waits until the relay has handled everything it took: its final state recorded, or
+    /// a retry scheduled for later. Fails the test if that takes more than 10 s.
+    pub async fn quiet(&self) {
+        for _ in 0..500 {
+            if self.busy().await == 0 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("the relay has not handled its input within 10 s ({self:?})");
+    }
+
+    /// What `server` (a fake the relay calls) received, once it has received `n` requests
+    /// and the relay has handled all it took.
+    pub async fn received(&self, server: &MockServer, n: usize) -> Vec<Request> {
+        received_at_least(server, n).await;
+        self.quiet().await;
+        server.received_requests().await.unwrap_or_default()
+    }
+
+    /// What `server` received, exactly `n` requests (failing on more or fewer), once the
+    /// relay has handled all it took.
+    pub async fn exactly(&self, server: &MockServer, n: usize) -> Vec<Request> {
+        let got = self.received(server, n).await;
+        assert_eq!(
+            got.len(),
+            n,
+            "expected {n} calls, got {:?}",
+            got.iter()
+                .map(|r| (
+                    r.url.path().to_owned(),
+                    String::from_utf8_lossy(&r.body).into_owned()
+                ))
+                .collect::<Vec<_>>()
+        );
+        got
+    }
 }
 
 /// Options for `spawn_with`.
@@ -90,8 +188,8 @@ pub struct Setup {
     pub unset: Vec<&'static str>,
     /// The relay component that panics as it starts (a test of supervision).
     pub panic_in: Option<&'static str>,
-    /// A store handed to the relay in place of the one the settings name (`given`).
-    pub store: Option<(StoreHandle, StoreTask)>,
+    /// A store handed to the relay in place of the one the settings name (`Watched::given`).
+    pub store: Option<Given>,
     /// The `decisions:` section in place of the default one (1h, capped at 12h).
     pub decisions: Option<String>,
 }
@@ -172,7 +270,18 @@ pub async fn spawn_with(setup: Setup) -> TestRelay {
         panic_in: setup.panic_in,
         ..Options::default()
     };
-    let relay = Relay::build(settings, env, opts, setup.store)
+    let store = match (&setup.store, &setup.store_url) {
+        (Some(given), _) => StoreAt::Sqlite(given.path.clone()),
+        (None, Some(url)) => StoreAt::Postgres(url.clone()),
+        (None, None) => StoreAt::Sqlite(
+            setup
+                .store_path
+                .clone()
+                .unwrap_or_else(|| dir.path().join("relay.db")),
+        ),
+    };
+    let given = setup.store.map(|g| (g.handle, g.task));
+    let relay = Relay::build(settings, env, opts, given)
         .await
         .expect("relay builds")
         .run();
@@ -182,6 +291,7 @@ pub async fn spawn_with(setup: Setup) -> TestRelay {
         p0,
         dir,
         http: client(),
+        store,
     }
 }
 
@@ -230,9 +340,10 @@ impl TestRelay {
         wait_for_p0_calls(&self.p0, n).await
     }
 
-    /// Gives the worker time to (not) act, then returns every call P0 received.
+    /// Every call P0 received once the relay has handled all it took (`StoreAt::quiet`):
+    /// a call it was going to make has been made.
     pub async fn settle(&self) -> Vec<Request> {
-        tokio::time::sleep(Duration::from_millis(400)).await;
+        self.store.quiet().await;
         self.p0_calls().await
     }
 
