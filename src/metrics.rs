@@ -53,8 +53,81 @@ pub struct Metrics {
     pub oncall_check_duration: HistogramVec,
 }
 
-fn opts(name: &str, help: &str) -> Opts {
-    Opts::new(name, help).namespace("p0_relay")
+/// Bucket bounds (seconds) of the histograms.
+const WEBHOOK_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+];
+const P0_BUCKETS: &[f64] = &[
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+const LAG_BUCKETS: &[f64] = &[
+    0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0, 60.0, 300.0, 1800.0, 3600.0, 21600.0,
+];
+const ONCALL_BUCKETS: &[f64] = &[0.0005, 0.005, 0.025, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+
+/// Makes each family and registers it, in the `p0_relay` namespace.
+struct Families(Registry);
+
+impl Families {
+    fn opts(name: &str, help: &str) -> Opts {
+        Opts::new(name, help).namespace("p0_relay")
+    }
+
+    fn add<T: prometheus::core::Collector + Clone + 'static>(
+        &self,
+        family: T,
+    ) -> Result<T, prometheus::Error> {
+        self.0.register(Box::new(family.clone()))?;
+        Ok(family)
+    }
+
+    fn counters(
+        &self,
+        name: &str,
+        help: &str,
+        labels: &[&str],
+    ) -> Result<IntCounterVec, prometheus::Error> {
+        self.add(IntCounterVec::new(Self::opts(name, help), labels)?)
+    }
+
+    fn counter(&self, name: &str, help: &str) -> Result<IntCounter, prometheus::Error> {
+        self.add(IntCounter::with_opts(Self::opts(name, help))?)
+    }
+
+    fn gauge(&self, name: &str, help: &str) -> Result<IntGauge, prometheus::Error> {
+        self.add(IntGauge::with_opts(Self::opts(name, help))?)
+    }
+
+    fn histograms(
+        &self,
+        name: &str,
+        help: &str,
+        labels: &[&str],
+        buckets: &[f64],
+    ) -> Result<HistogramVec, prometheus::Error> {
+        let opts = HistogramOpts::from(Self::opts(name, help)).buckets(buckets.to_vec());
+        self.add(HistogramVec::new(opts, labels)?)
+    }
+
+    fn histogram(
+        &self,
+        name: &str,
+        help: &str,
+        buckets: &[f64],
+    ) -> Result<Histogram, prometheus::Error> {
+        let opts = HistogramOpts::from(Self::opts(name, help)).buckets(buckets.to_vec());
+        self.add(Histogram::with_opts(opts)?)
+    }
+
+    /// `build_info{version}`, always 1.
+    fn build_info(&self) -> Result<(), prometheus::Error> {
+        let info = self.add(IntGaugeVec::new(
+            Self::opts("build_info", "The running build."),
+            &["version"],
+        )?)?;
+        info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        Ok(())
+    }
 }
 
 impl Metrics {
@@ -62,184 +135,122 @@ impl Metrics {
     pub fn new<'a>(
         sources: impl IntoIterator<Item = &'a str>,
     ) -> Result<Metrics, prometheus::Error> {
-        let registry = Registry::new();
-        let webhooks = IntCounterVec::new(
-            opts(
+        // Long on purpose: the table of every family the relay exports, one stanza each.
+        let f = Families(Registry::new());
+        let metrics = Metrics {
+            webhooks: f.counters(
                 "webhooks_total",
                 "Webhooks received, by source and the answer given.",
-            ),
-            &["source", "outcome"],
-        )?;
-        let webhook_duration = HistogramVec::new(
-            HistogramOpts::from(opts(
+                &["source", "outcome"],
+            )?,
+            webhook_duration: f.histograms(
                 "webhook_duration_seconds",
                 "Time from receipt to answer.",
-            ))
-            .buckets(vec![
-                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
-            ]),
-            &["source"],
-        )?;
-        let decisions = IntCounterVec::new(
-            opts(
+                &["source"],
+                WEBHOOK_BUCKETS,
+            )?,
+            decisions: f.counters(
                 "decisions_total",
                 "Decisions accepted, by source and action.",
-            ),
-            &["source", "action"],
-        )?;
-        let p0_requests = IntCounterVec::new(
-            opts("p0_requests_total", "Calls to P0, by action and result."),
-            &["action", "result"],
-        )?;
-        let p0_request_duration = HistogramVec::new(
-            HistogramOpts::from(opts(
+                &["source", "action"],
+            )?,
+            p0_requests: f.counters(
+                "p0_requests_total",
+                "Calls to P0, by action and result.",
+                &["action", "result"],
+            )?,
+            p0_request_duration: f.histograms(
                 "p0_request_duration_seconds",
                 "Duration of calls to P0.",
-            ))
-            .buckets(vec![
-                0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-            ]),
-            &["action"],
-        )?;
-        let delivery_lag = Histogram::with_opts(
-            HistogramOpts::from(opts(
+                &["action"],
+                P0_BUCKETS,
+            )?,
+            delivery_lag: f.histogram(
                 "delivery_lag_seconds",
                 "Time from a webhook's acceptance to P0's success.",
-            ))
-            .buckets(vec![
-                0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0, 60.0, 300.0, 1800.0, 3600.0, 21600.0,
-            ]),
-        )?;
-        let queue_depth =
-            IntGauge::with_opts(opts("queue_depth", "Decisions waiting to reach P0."))?;
-        let dead_letters = IntGauge::with_opts(opts(
-            "dead_letters",
-            "Decisions that gave up on P0 and wait for a replay.",
-        ))?;
-        let retries = IntCounter::with_opts(opts(
-            "retries_total",
-            "Calls to P0 scheduled again after a transient failure.",
-        ))?;
-        let mapping_reloads = IntCounterVec::new(
-            opts("mapping_reloads_total", "Mapping reloads, by result."),
-            &["result"],
-        )?;
-        let answers = IntCounterVec::new(
-            opts(
+                LAG_BUCKETS,
+            )?,
+            queue_depth: f.gauge("queue_depth", "Decisions waiting to reach P0.")?,
+            dead_letters: f.gauge(
+                "dead_letters",
+                "Decisions that gave up on P0 and wait for a replay.",
+            )?,
+            retries: f.counter(
+                "retries_total",
+                "Calls to P0 scheduled again after a transient failure.",
+            )?,
+            mapping_reloads: f.counters(
+                "mapping_reloads_total",
+                "Mapping reloads, by result.",
+                &["result"],
+            )?,
+            answers: f.counters(
                 "answers_total",
                 "Answers back to the provider where a decision was asked, by provider and result.",
-            ),
-            &["source", "result"],
-        )?;
-        let bound_revocations = IntCounterVec::new(
-            opts(
+                &["source", "result"],
+            )?,
+            bound_revocations: f.counters(
                 "bound_revocations_total",
                 "Revocations made because the subject a request was approved under ended.",
-            ),
-            &["source"],
-        )?;
-        let refused = IntCounterVec::new(
-            opts(
+                &["source"],
+            )?,
+            refused: f.counters(
                 "refused_total",
                 "Decisions refused as they were stored (their subject had ended), by source.",
-            ),
-            &["source"],
-        )?;
-        let truncated = IntCounterVec::new(
-            opts(
+                &["source"],
+            )?,
+            truncated: f.counters(
                 "truncated_alerts_total",
                 "Alerts a sender left out of its deliveries (truncatedAlerts): their ends cannot be acted on.",
-            ),
-            &["source"],
-        )?;
-        let token_rejected = IntGauge::with_opts(opts(
-            "p0_token_rejected",
-            "1 while P0's latest answer rejected the API token (401), else 0.",
-        ))?;
-        let oncall_checks = IntCounterVec::new(
-            opts(
+                &["source"],
+            )?,
+            token_rejected: f.gauge(
+                "p0_token_rejected",
+                "1 while P0's latest answer rejected the API token (401), else 0.",
+            )?,
+            oncall_checks: f.counters(
                 "oncall_checks_total",
                 "On-call checks of gated approves, by provider and result (on_call, not_on_call, failed).",
-            ),
-            &["provider", "result"],
-        )?;
-        let oncall_check_duration = HistogramVec::new(
-            HistogramOpts::new(
+                &["provider", "result"],
+            )?,
+            oncall_check_duration: f.histograms(
                 "oncall_check_duration_seconds",
                 "Duration of on-call checks, cached answers included.",
-            )
-            .namespace("p0_relay")
-            .buckets(vec![
-                0.0005, 0.005, 0.025, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-            ]),
-            &["provider"],
-        )?;
-        let build_info = IntGaugeVec::new(opts("build_info", "The running build."), &["version"])?;
-        build_info
-            .with_label_values(&[env!("CARGO_PKG_VERSION")])
-            .set(1);
-
-        registry.register(Box::new(webhooks.clone()))?;
-        registry.register(Box::new(webhook_duration.clone()))?;
-        registry.register(Box::new(decisions.clone()))?;
-        registry.register(Box::new(p0_requests.clone()))?;
-        registry.register(Box::new(p0_request_duration.clone()))?;
-        registry.register(Box::new(delivery_lag.clone()))?;
-        registry.register(Box::new(queue_depth.clone()))?;
-        registry.register(Box::new(dead_letters.clone()))?;
-        registry.register(Box::new(retries.clone()))?;
-        registry.register(Box::new(mapping_reloads.clone()))?;
-        registry.register(Box::new(answers.clone()))?;
-        registry.register(Box::new(bound_revocations.clone()))?;
-        registry.register(Box::new(refused.clone()))?;
-        registry.register(Box::new(truncated.clone()))?;
-        registry.register(Box::new(token_rejected.clone()))?;
-        registry.register(Box::new(oncall_checks.clone()))?;
-        registry.register(Box::new(oncall_check_duration.clone()))?;
-        registry.register(Box::new(build_info))?;
-        for via in Via::ALL {
-            for result in ["on_call", "not_on_call", "failed"] {
-                oncall_checks.with_label_values(&[via.as_str(), result]);
-            }
-            oncall_check_duration.with_label_values(&[via.as_str()]);
-        }
-        for via in Via::ALL {
-            for result in ANSWER_RESULTS {
-                answers.with_label_values(&[via.as_str(), result]);
-            }
-        }
-
-        for action in Action::ALL {
-            for result in RESULTS {
-                p0_requests.with_label_values(&[action.as_str(), result]);
-            }
-            p0_request_duration.with_label_values(&[action.as_str()]);
-        }
-        for result in ["success", "error"] {
-            mapping_reloads.with_label_values(&[result]);
-        }
-        let metrics = Metrics {
-            registry,
-            webhooks,
-            webhook_duration,
-            decisions,
-            p0_requests,
-            p0_request_duration,
-            delivery_lag,
-            queue_depth,
-            dead_letters,
-            retries,
-            mapping_reloads,
-            answers,
-            bound_revocations,
-            refused,
-            truncated,
-            token_rejected,
-            oncall_checks,
-            oncall_check_duration,
+                &["provider"],
+                ONCALL_BUCKETS,
+            )?,
+            registry: f.0.clone(),
         };
+        f.build_info()?;
+        metrics.zero_known_series();
         metrics.add_sources(sources.into_iter().chain([UNKNOWN_SOURCE]));
         Ok(metrics)
+    }
+
+    /// Every series whose labels are known in advance, at zero.
+    fn zero_known_series(&self) {
+        for via in Via::ALL {
+            for result in ["on_call", "not_on_call", "failed"] {
+                self.oncall_checks
+                    .with_label_values(&[via.as_str(), result]);
+            }
+            self.oncall_check_duration
+                .with_label_values(&[via.as_str()]);
+            for result in ANSWER_RESULTS {
+                self.answers.with_label_values(&[via.as_str(), result]);
+            }
+        }
+        for action in Action::ALL {
+            for result in RESULTS {
+                self.p0_requests
+                    .with_label_values(&[action.as_str(), result]);
+            }
+            self.p0_request_duration
+                .with_label_values(&[action.as_str()]);
+        }
+        for result in ["success", "error"] {
+            self.mapping_reloads.with_label_values(&[result]);
+        }
     }
 
     /// Zeroes the series of newly mapped sources.

@@ -188,6 +188,7 @@ mod tests {
 
     #[test]
     fn table() {
+        // Long on purpose: one table of policy cases, each row its own case.
         use Action::*;
         let s = |x: &str| Some(x.to_string());
         type Want = Result<(Action, Option<String>, Option<String>), &'static str>;

@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 use crate::answers::compose::{self, Final};
 use crate::claims::{self, Limits, Work};
 use crate::config::RetrySettings;
-use crate::domain::{Action, Expiration, Gate, Via};
+use crate::domain::{Action, Expiration, Gate, GateScope, Via};
 use crate::health::Health;
 use crate::mapping::MappingSet;
 use crate::metrics::Metrics;
@@ -238,45 +238,17 @@ impl Worker {
         if job.action != Action::Approve {
             return Checked::Pass(None);
         }
-        let (here, refusal) = {
-            let mappings = self.mappings.load();
-            let mapping = mappings.get(&job.source);
-            let rule = job.rule.as_deref();
-            (
-                mapping
-                    .zip(rule)
-                    .and_then(|(m, r)| m.gate_scope(r).cloned()),
-                mapping
-                    .zip(rule)
-                    .and_then(|(m, r)| m.grant_refusal(r, job.actor.as_deref())),
-            )
-        };
+        let (here, refusal) = self.policy_here(job);
         if let Some(why) = refusal {
             tracing::info!(job_id = job.id, reason = %why, "approve refused by this relay's grant policy; P0 not called");
             let mut rec = self.refused_saying(job, &why, "not an approver");
             rec.result = "not_allowed";
             return Checked::Stop(Box::new(rec));
         }
-        let gates: Vec<Gate> = match (job.gate.clone(), here) {
-            (None, None) => return Checked::Pass(None),
-            (None, Some(_)) => {
-                let why = format!(
-                    "stored without the on-call check that rule `{}` has on this relay (a relay without it took the delivery)",
-                    job.rule.as_deref().unwrap_or("")
-                );
-                return self.stop_not_on_call(job, why, "not checked on call: ask again");
-            }
-            (Some(g), None) => vec![g],
-            (Some(g), Some(scope)) if g.scope() == scope => vec![g],
-            (Some(g), Some(scope)) => {
-                match g.rescoped(&scope) {
-                    Some(mine) => vec![g, mine],
-                    None => {
-                        let why = "stored with another provider's on-call check than this relay's rule has".to_owned();
-                        return self.stop_not_on_call(job, why, "not checked on call: ask again");
-                    }
-                }
-            }
+        let gates = match self.checks_to_pass(job, here) {
+            Ok(gates) if gates.is_empty() => return Checked::Pass(None),
+            Ok(gates) => gates,
+            Err(why) => return self.stop_not_on_call(job, why, "not checked on call: ask again"),
         };
         let now = now_ms();
         let recheck = i64::try_from(self.recheck_after.as_millis()).unwrap_or(i64::MAX);
@@ -293,10 +265,47 @@ impl Worker {
             tracing::info!(job_id = job.id, "dry run: on-call check not made");
             return Checked::Pass(None);
         }
-        // Checked before and too long ago: is the person on call now?
+        self.check(job, &gates, now).await
+    }
+
+    /// This relay's grant policy for the job's rule: the pinned scope of its on-call check,
+    /// and why the job's actor may not grant through it, if they may not.
+    fn policy_here(&self, job: &Job) -> (Option<GateScope>, Option<String>) {
+        let mappings = self.mappings.load();
+        let found = mappings.get(&job.source).zip(job.rule.as_deref());
+        let scope = found.and_then(|(m, r)| m.gate_scope(r).cloned());
+        let refusal = found.and_then(|(m, r)| m.grant_refusal(r, job.actor.as_deref()));
+        (scope, refusal)
+    }
+
+    /// The checks the job must pass: the one it was stored with, and this relay's when that
+    /// differs (the same person, incident and moment under this relay's scope); why it cannot
+    /// pass, when it was stored without the check this relay's rule has, or with another
+    /// provider's.
+    fn checks_to_pass(&self, job: &Job, here: Option<GateScope>) -> Result<Vec<Gate>, String> {
+        match (job.gate.clone(), here) {
+            (None, None) => Ok(Vec::new()),
+            (None, Some(_)) => Err(format!(
+                "stored without the on-call check that rule `{}` has on this relay (a relay without it took the delivery)",
+                job.rule.as_deref().unwrap_or("")
+            )),
+            (Some(g), None) => Ok(vec![g]),
+            (Some(g), Some(scope)) if g.scope() == scope => Ok(vec![g]),
+            (Some(g), Some(scope)) => match g.rescoped(&scope) {
+                Some(mine) => Ok(vec![g, mine]),
+                None => Err(
+                    "stored with another provider's on-call check than this relay's rule has"
+                        .to_owned(),
+                ),
+            },
+        }
+    }
+
+    /// Makes each check; a check made before and too long ago asks about now.
+    async fn check(&self, job: &Job, gates: &[Gate], now: i64) -> Checked {
         let again = job.checked_at_ms.is_some();
         let mut evidence = Vec::new();
-        for gate in &gates {
+        for gate in gates {
             let gate = if again {
                 gate.judged_at(now)
             } else {
@@ -473,6 +482,7 @@ mod tests {
     /// `sending` until the next restart.
     #[tokio::test]
     async fn a_call_that_panics_returns_its_decision_to_pending_and_it_is_sent_again() {
+        // Long on purpose: a worker is built whole (every field named) and run once, end to end.
         let dir = tempfile::tempdir().unwrap();
         let db = dir.path().join("relay.db");
         let windows = Windows {

@@ -118,64 +118,14 @@ fn check(expect: &RawExpect, verdict: &Verdict, default_org: &str) -> Result<(),
         )),
         RawExpect::Spec(spec) => match (&spec.decisions, &spec.rejected) {
             (Some(want), None) => {
-                let Verdict::Decided {
-                    decisions,
-                    binding,
-                    elements,
-                    ..
-                } = verdict
-                else {
+                let Verdict::Decided { decisions, .. } = verdict else {
                     return Err(format!("expected decisions, got {got}"));
                 };
                 // Decisions that are stored only to be refused are a rejection to the sender.
                 if refusal(verdict).is_some() {
                     return Err(format!("expected decisions, got {got}"));
                 }
-                if let Some(want) = &spec.subject {
-                    let have = binding.subject.as_deref().unwrap_or("none");
-                    if have != want {
-                        return Err(format!("expected subject `{want}`, got {got}"));
-                    }
-                }
-                if let Some(want) = spec.ends_subject
-                    && want != binding.ends_subject
-                {
-                    return Err(format!("expected ends_subject: {want}, got {got}"));
-                }
-                if let Some(want) = spec.reopens_subject
-                    && want != binding.reopens_subject
-                {
-                    return Err(format!("expected reopens_subject: {want}, got {got}"));
-                }
-                if let Some(want) = &spec.oncall {
-                    let have = binding.gate.as_ref().map(|g| g.describe());
-                    let ok = match (want.as_str(), &have) {
-                        ("none", None) => true,
-                        (_, Some(have)) => have.contains(want.as_str()),
-                        _ => false,
-                    };
-                    if !ok {
-                        return Err(format!(
-                            "expected oncall `{want}`, got {}",
-                            have.as_deref().unwrap_or("none")
-                        ));
-                    }
-                }
-                if let Some(want) = &spec.ends_subjects {
-                    let bindings: Vec<&crate::domain::Binding> = if elements.is_empty() {
-                        vec![binding]
-                    } else {
-                        elements.iter().map(|e| &e.binding).collect()
-                    };
-                    let have: Vec<&str> = bindings
-                        .iter()
-                        .filter(|b| b.ends_subject)
-                        .filter_map(|b| b.subject.as_deref())
-                        .collect();
-                    if &have != want {
-                        return Err(format!("expected ends_subjects {want:?}, got {have:?}"));
-                    }
-                }
+                check_binding(spec, verdict, &got)?;
                 let have: Vec<RawExpectDecision> = decisions
                     .iter()
                     .map(|d| RawExpectDecision {
@@ -207,6 +157,67 @@ fn check(expect: &RawExpect, verdict: &Verdict, default_org: &str) -> Result<(),
             _ => Err("expect: give `decisions` or `rejected`".into()),
         },
     }
+}
+
+/// What a case expects of the decided verdict's binding: its subject, whether it ends or
+/// reopens, its on-call check, and which subjects its elements end.
+fn check_binding(
+    spec: &super::model::RawExpectSpec,
+    verdict: &Verdict,
+    got: &str,
+) -> Result<(), String> {
+    let Verdict::Decided {
+        binding, elements, ..
+    } = verdict
+    else {
+        return Ok(());
+    };
+    if let Some(want) = &spec.subject {
+        let have = binding.subject.as_deref().unwrap_or("none");
+        if have != want {
+            return Err(format!("expected subject `{want}`, got {got}"));
+        }
+    }
+    if let Some(want) = spec.ends_subject
+        && want != binding.ends_subject
+    {
+        return Err(format!("expected ends_subject: {want}, got {got}"));
+    }
+    if let Some(want) = spec.reopens_subject
+        && want != binding.reopens_subject
+    {
+        return Err(format!("expected reopens_subject: {want}, got {got}"));
+    }
+    if let Some(want) = &spec.oncall {
+        let have = binding.gate.as_ref().map(|g| g.describe());
+        let ok = match (want.as_str(), &have) {
+            ("none", None) => true,
+            (_, Some(have)) => have.contains(want.as_str()),
+            _ => false,
+        };
+        if !ok {
+            return Err(format!(
+                "expected oncall `{want}`, got {}",
+                have.as_deref().unwrap_or("none")
+            ));
+        }
+    }
+    if let Some(want) = &spec.ends_subjects {
+        let bindings: Vec<&crate::domain::Binding> = if elements.is_empty() {
+            vec![binding]
+        } else {
+            elements.iter().map(|e| &e.binding).collect()
+        };
+        let have: Vec<&str> = bindings
+            .iter()
+            .filter(|b| b.ends_subject)
+            .filter_map(|b| b.subject.as_deref())
+            .collect();
+        if &have != want {
+            return Err(format!("expected ends_subjects {want:?}, got {have:?}"));
+        }
+    }
+    Ok(())
 }
 
 /// Why the sender is answered `rejected`: the rule refused, or the grants it decided are

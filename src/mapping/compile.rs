@@ -23,85 +23,42 @@ pub fn compile(
     defaults: &Defaults,
 ) -> Result<Mapping, Vec<String>> {
     let at = file.display().to_string();
-    let mut expanded = tree.clone();
-    if let Value::Object(map) = &mut expanded {
-        let tests = map.remove("tests");
-        env.expand_tree(&mut expanded, "").map_err(|errors| {
-            errors
-                .into_iter()
-                .map(|e| format!("{at}: {e}"))
-                .collect::<Vec<_>>()
-        })?;
-        if let (Value::Object(map), Some(tests)) = (&mut expanded, tests) {
-            map.insert("tests".into(), tests);
-        }
-    } else {
-        return Err(vec![format!(
-            "{at}: a mapping file is a YAML mapping (verify, dedup, rules, tests)"
-        )]);
-    }
-    let raw: RawMapping = serde_path_to_error::deserialize(expanded)
-        .map_err(|e| vec![format!("{at}: {}: {}", e.path(), e.inner())])?;
-
+    let raw = expand(&at, &tree, env)?;
     let mut errors = Vec::new();
     let mut warnings = Vec::new();
-    let verifier = match verify::compile(raw.verify.as_ref(), source, &mut warnings) {
-        Ok(v) => Some(v),
-        Err(e) => {
-            errors.push(format!("{at}: verify: {e}"));
-            None
-        }
+    let failed = |what: &str, errs: Vec<String>, errors: &mut Vec<String>| {
+        errors.extend(errs.into_iter().map(|e| format!("{at}: {what}{e}")));
     };
+    let verifier = verify::compile(raw.verify.as_ref(), source, &mut warnings)
+        .map_err(|e| failed("verify: ", vec![e], &mut errors))
+        .ok();
     let dedup = replay::Dedup::compile(raw.dedup.as_ref()).unwrap_or_else(|errs| {
-        errors.extend(errs.into_iter().map(|e| format!("{at}: {e}")));
+        failed("", errs, &mut errors);
         replay::Dedup::default()
     });
     let signed = verifier.as_ref().is_some_and(Verifier::signs_body);
     let freshness =
         replay::Freshness::compile(raw.freshness.as_ref(), signed).unwrap_or_else(|errs| {
-            errors.extend(errs.into_iter().map(|e| format!("{at}: {e}")));
+            failed("", errs, &mut errors);
             replay::Freshness::receipt()
         });
     let truncated = raw.truncated.as_ref().and_then(|t| {
         selector(t)
-            .map_err(|e| errors.push(format!("{at}: truncated: {e}")))
+            .map_err(|e| failed("truncated: ", vec![e], &mut errors))
             .ok()
     });
-    let mut rules = Vec::new();
-    let mut names = BTreeSet::new();
-    if raw.rules.is_empty() {
-        errors.push(format!("{at}: rules: at least one rule is needed"));
-    }
-    let written = tree.get("rules").and_then(Value::as_array);
-    for (i, r) in raw.rules.iter().enumerate() {
-        let label = if r.name.trim().is_empty() {
-            format!("rules[{i}]")
-        } else {
-            format!("rule `{}`", r.name)
-        };
-        if !names.insert(r.name.clone()) {
-            errors.push(format!("{at}: {label}: duplicate rule name"));
-            continue;
-        }
-        let context = RuleContext {
-            raw: &raw,
-            written: written.and_then(|w| w.get(i)),
-            defaults,
-            source,
-        };
-        match compile_rule(r, &context, &mut warnings) {
-            Ok(rule) => rules.push(rule),
-            Err(errs) => errors.extend(errs.into_iter().map(|e| format!("{at}: {label}: {e}"))),
-        }
-    }
-    if freshness.max_age.is_none() {
-        for rule in rules.iter().filter(|r| r.oncall.is_some()) {
-            errors.push(format!(
-                "{at}: freshness: max_age: 0 turns freshness off, which rule `{}` may not: an on-call check judges a moment, and a replayed event's moment is old",
-                rule.name
-            ));
-        }
-    }
+    let context = |i: usize| RuleContext {
+        raw: &raw,
+        written: tree
+            .get("rules")
+            .and_then(Value::as_array)
+            .and_then(|w| w.get(i)),
+        defaults,
+        source,
+    };
+    let (rules, rule_errors) = rules(&raw, context, &mut warnings);
+    failed("", rule_errors, &mut errors);
+    failed("", freshness_holds_checks(&freshness, &rules), &mut errors);
     match verifier {
         Some(verifier) if errors.is_empty() => {
             let mut mapping = Mapping {
@@ -121,6 +78,75 @@ pub fn compile(
         }
         _ => Err(errors),
     }
+}
+
+/// The file's `${VAR}` references expanded (every one that cannot be, named), outside
+/// `tests`, and the file read as a mapping.
+fn expand(at: &str, tree: &Value, env: &Env) -> Result<RawMapping, Vec<String>> {
+    let mut expanded = tree.clone();
+    let Value::Object(map) = &mut expanded else {
+        return Err(vec![format!(
+            "{at}: a mapping file is a YAML mapping (verify, dedup, rules, tests)"
+        )]);
+    };
+    let tests = map.remove("tests");
+    env.expand_tree(&mut expanded, "").map_err(|errors| {
+        errors
+            .iter()
+            .map(|e| format!("{at}: {e}"))
+            .collect::<Vec<_>>()
+    })?;
+    if let (Value::Object(map), Some(tests)) = (&mut expanded, tests) {
+        map.insert("tests".into(), tests);
+    }
+    serde_path_to_error::deserialize(expanded)
+        .map_err(|e| vec![format!("{at}: {}: {}", e.path(), e.inner())])
+}
+
+/// Every rule compiled, and the problems found, each naming its rule.
+fn rules<'a>(
+    raw: &'a RawMapping,
+    context: impl Fn(usize) -> RuleContext<'a>,
+    warnings: &mut Vec<String>,
+) -> (Vec<Rule>, Vec<String>) {
+    let mut errors = Vec::new();
+    let mut rules = Vec::new();
+    let mut names = BTreeSet::new();
+    if raw.rules.is_empty() {
+        errors.push("rules: at least one rule is needed".into());
+    }
+    for (i, r) in raw.rules.iter().enumerate() {
+        let label = if r.name.trim().is_empty() {
+            format!("rules[{i}]")
+        } else {
+            format!("rule `{}`", r.name)
+        };
+        if !names.insert(r.name.clone()) {
+            errors.push(format!("{label}: duplicate rule name"));
+            continue;
+        }
+        match compile_rule(r, &context(i), warnings) {
+            Ok(rule) => rules.push(rule),
+            Err(errs) => errors.extend(errs.into_iter().map(|e| format!("{label}: {e}"))),
+        }
+    }
+    (rules, errors)
+}
+
+/// A rule with an on-call check needs freshness on: the check judges a moment, and a
+/// replayed event's moment is old.
+fn freshness_holds_checks(freshness: &replay::Freshness, rules: &[Rule]) -> Vec<String> {
+    if freshness.max_age.is_some() {
+        return Vec::new();
+    }
+    rules
+        .iter()
+        .filter(|r| r.oncall.is_some())
+        .map(|rule| format!(
+            "freshness: max_age: 0 turns freshness off, which rule `{}` may not: an on-call check judges a moment, and a replayed event's moment is old",
+            rule.name
+        ))
+        .collect()
 }
 
 /// What a rule is compiled against: its file, the rule as written (before `${VAR}`
@@ -195,41 +221,14 @@ fn compile_rule(
         }
     };
     let actions = actions(r, &life, &mut errors);
-    // Ending access is always allowed, and so is reopening a subject (it grants nothing by
-    // itself): approver lists are not applied to either. A rule that cannot approve may
-    // still have its list (who may deny or revoke through it); one that can must say who.
-    let exempt = life.always_ends
-        || (life.always_reopens
-            && r.command.is_none()
-            && r.action.is_none()
-            && r.request_id.is_none());
-    let may_grant = !exempt && actions.contains(&Action::Approve);
-    let oncall = r
-        .oncall
-        .as_ref()
-        .and_then(|o| match oncall(o, el, cx, r.actor.is_some()) {
-            Ok(o) => o,
-            Err(e) => {
-                errors.push(format!("oncall: {e}"));
-                None
-            }
-        });
-    let who = who_grants(
-        r,
-        cx,
-        el,
-        (exempt, may_grant),
-        oncall.as_ref(),
-        warnings,
-        &mut errors,
-    );
+    let (who, oncall) = grants(r, cx, &life, &actions, warnings, &mut errors);
     let (default_expiration, max_expiration) = expirations(r, cx.defaults, &mut errors);
     let org = r
         .org
-        .clone()
-        .or_else(|| cx.raw.org.clone())
-        .unwrap_or_else(|| cx.defaults.org.clone());
-    let org = crate::domain::Id::parse(&org)
+        .as_ref()
+        .or(cx.raw.org.as_ref())
+        .unwrap_or(&cx.defaults.org);
+    let org = crate::domain::Id::parse(org)
         .map_err(|e| errors.push(format!("org: {e}")))
         .ok();
     match (produce, org) {
@@ -257,6 +256,47 @@ fn compile_rule(
         }),
         _ => Err(errors),
     }
+}
+
+/// Who may grant through the rule (`who_grants`), and the on-call check its approves pass.
+/// Ending access is always allowed, and so is reopening a subject (it grants nothing by
+/// itself): approver lists are not applied to either. A rule that cannot approve may still
+/// have its list (who may deny or revoke through it); one that can must say who.
+fn grants(
+    r: &RawRule,
+    cx: &RuleContext<'_>,
+    life: &Lifecycle,
+    actions: &[Action],
+    warnings: &mut Vec<String>,
+    errors: &mut Vec<String>,
+) -> (WhoGrants, Option<Oncall>) {
+    let el = r.for_each.is_some();
+    let exempt = life.always_ends
+        || (life.always_reopens
+            && r.command.is_none()
+            && r.action.is_none()
+            && r.request_id.is_none());
+    let may_grant = !exempt && actions.contains(&Action::Approve);
+    let oncall = r.oncall.as_ref().and_then(|o| {
+        oncall(o, el, cx, r.actor.is_some())
+            .map_err(|e| errors.push(format!("oncall: {e}")))
+            .ok()
+            .flatten()
+    });
+    let grants = Grants {
+        exempt,
+        may_grant,
+        oncall: oncall.as_ref(),
+    };
+    (who_grants(r, cx, el, grants, warnings, errors), oncall)
+}
+
+/// What decides who may grant through a rule: whether it only ends or reopens (`exempt`),
+/// whether its actions include approve, and its on-call check.
+struct Grants<'a> {
+    exempt: bool,
+    may_grant: bool,
+    oncall: Option<&'a Oncall>,
 }
 
 fn for_each(r: &RawRule, errors: &mut Vec<String>) -> Option<ForEach> {
@@ -478,27 +518,23 @@ struct WhoGrants {
 
 /// Nobody grants unless named: an unset approver list is nobody, `*` only behind an on-call
 /// check, and a rule that may approve names its actor or says, in `actorless`, that it has
-/// none (then it approves only when the operator turns that on). `exempt`: the rule only
-/// ends or reopens (no list applies); `may_grant`: its actions include approve.
+/// none (then it approves only when the operator turns that on).
 fn who_grants(
     r: &RawRule,
     cx: &RuleContext<'_>,
     el: bool,
-    (exempt, may_grant): (bool, bool),
-    oncall: Option<&Oncall>,
+    grants: Grants<'_>,
     warnings: &mut Vec<String>,
     errors: &mut Vec<String>,
 ) -> WhoGrants {
     let actor = r.actor.as_ref().and_then(|a| {
-        selector_in(
-            &RawSelector {
-                path: a.path.clone(),
-                header: a.header.clone(),
-            },
-            el,
-        )
-        .map_err(|e| errors.push(format!("actor: {e}")))
-        .ok()
+        let path = RawSelector {
+            path: a.path.clone(),
+            header: a.header.clone(),
+        };
+        selector_in(&path, el)
+            .map_err(|e| errors.push(format!("actor: {e}")))
+            .ok()
     });
     let mut who = WhoGrants {
         actor,
@@ -512,42 +548,14 @@ fn who_grants(
         if r.actor.is_some() {
             errors.push("actorless: the rule names its `actor`: drop one of the two".into());
         }
-        let switch = cx.names("/actorless/grants");
-        let on = match a.grants.as_deref().map(str::trim) {
-            Some("on" | "true") => true,
-            None | Some("off" | "false" | "") => false,
-            Some(other) => {
-                errors.push(format!("actorless.grants: `{other}` is not on or off"));
-                false
-            }
-        };
-        let switch = if switch.is_empty() {
-            "actorless.grants".to_owned()
-        } else {
-            switch
-        };
-        if may_grant && on {
-            warnings.push(format!(
-                "{at}: approves with no actor ({switch}=on): it trusts {}",
-                a.trusts.trim()
-            ));
-        }
-        who.open = may_grant && on;
-        who.line = may_grant.then(|| {
-            if on {
-                format!("no actor ({switch}=on), trusting {}", a.trusts.trim())
-            } else {
-                format!("nobody: no actor, and {switch} is not on")
-            }
-        });
-        who.actorless = Some(Actorless { on, switch });
+        actorless(a, cx, grants.may_grant, &at, &mut who, warnings, errors);
         return who;
     }
-    if exempt {
+    if grants.exempt {
         return who;
     }
     if r.actor.is_none() {
-        if may_grant {
+        if grants.may_grant {
             errors.push(
                 "actor: a rule that may approve names who approves (`actor`), or says that its events name nobody (`actorless`)"
                     .into(),
@@ -555,20 +563,73 @@ fn who_grants(
         }
         return who;
     }
-    let names = cx.names("/actor/allow");
-    let vars = cx.vars("/actor/allow");
     let allow = r
         .actor
         .as_ref()
         .and_then(|a| a.allow.as_deref())
         .map_or(Allowlist::Only(Default::default()), Allowlist::parse);
-    if !may_grant {
-        // Who may deny or revoke through the rule: the safe direction, `*` welcome.
-        who.allow = Some(allow);
-        return who;
+    if grants.may_grant {
+        who.open = allow != Allowlist::Only(Default::default());
+        who.line = Some(approvers(&allow, cx, grants.oncall, &at, warnings, errors));
     }
-    who.open = allow != Allowlist::Only(Default::default());
-    who.line = Some(match &allow {
+    // A rule that cannot approve keeps the list of who may deny or revoke through it: the
+    // safe direction, `*` welcome.
+    who.allow = Some(allow);
+    who
+}
+
+/// A rule whose events name no actor: it approves only when its switch is on.
+fn actorless(
+    a: &model::RawActorless,
+    cx: &RuleContext<'_>,
+    may_grant: bool,
+    at: &str,
+    who: &mut WhoGrants,
+    warnings: &mut Vec<String>,
+    errors: &mut Vec<String>,
+) {
+    let on = match a.grants.as_deref().map(str::trim) {
+        Some("on" | "true") => true,
+        None | Some("off" | "false" | "") => false,
+        Some(other) => {
+            errors.push(format!("actorless.grants: `{other}` is not on or off"));
+            false
+        }
+    };
+    let switch = match cx.names("/actorless/grants") {
+        s if s.is_empty() => "actorless.grants".to_owned(),
+        s => s,
+    };
+    if may_grant && on {
+        warnings.push(format!(
+            "{at}: approves with no actor ({switch}=on): it trusts {}",
+            a.trusts.trim()
+        ));
+    }
+    who.open = may_grant && on;
+    who.line = may_grant.then(|| {
+        if on {
+            format!("no actor ({switch}=on), trusting {}", a.trusts.trim())
+        } else {
+            format!("nobody: no actor, and {switch} is not on")
+        }
+    });
+    who.actorless = Some(Actorless { on, switch });
+}
+
+/// The line `check` prints of who may approve through a rule's approver list; `*` is an
+/// error without the rule's on-call check, an empty list a warning.
+fn approvers(
+    allow: &Allowlist,
+    cx: &RuleContext<'_>,
+    oncall: Option<&Oncall>,
+    at: &str,
+    warnings: &mut Vec<String>,
+    errors: &mut Vec<String>,
+) -> String {
+    let names = cx.names("/actor/allow");
+    let vars = cx.vars("/actor/allow");
+    match allow {
         Allowlist::Anyone if oncall.is_none() => {
             let from = if names.is_empty() {
                 String::new()
@@ -596,9 +657,7 @@ fn who_grants(
             set.len(),
             if set.len() == 1 { "" } else { "s" }
         ),
-    });
-    who.allow = Some(allow);
-    who
+    }
 }
 
 fn expirations(
@@ -636,142 +695,22 @@ fn oncall(
         Some("off" | "false" | "") => false,
         Some(other) => return Err(format!("enabled: `{other}` is not on or off")),
     };
-    let list = |text: &Option<String>| -> Vec<String> {
-        text.as_deref()
-            .unwrap_or("")
-            .split(',')
-            .map(str::trim)
-            .filter(|s| !s.is_empty())
-            .map(str::to_owned)
-            .collect()
-    };
-    let schedules = list(&raw.schedules);
-    let teams = list(&raw.teams);
-    let opt = |field: &str, x: &Option<RawExtract>| {
-        x.as_ref()
-            .map(|x| extract(x, el))
-            .transpose()
-            .map_err(|e| format!("{field}: {e}"))
-    };
     if raw.at.is_some() {
         return Err(
             "at: the moment judged is the mapping's signed event time (`freshness.time`), or the receipt where the source signs none; a rule cannot pick another: drop `at`"
                 .into(),
         );
     }
-    let not_for = |field: &str, present: bool, check: &str| {
-        if present {
-            Err(format!("{field}: not used by the `{check}` check"))
-        } else {
-            Ok(())
-        }
+    let check = Check {
+        raw,
+        el,
+        cx,
+        enabled,
     };
     let compiled = match raw.check.as_str() {
-        "pagerduty" => {
-            not_for("org", raw.org.is_some(), "pagerduty")?;
-            not_for("owner", raw.owner.is_some(), "pagerduty")?;
-            not_for("teams", raw.teams.is_some(), "pagerduty")?;
-            let escalation_policy = opt("escalation_policy", &raw.escalation_policy)?;
-            let incident = opt("incident", &raw.incident)?;
-            if escalation_policy.is_none() && incident.is_none() {
-                return Err(
-                    "the pagerduty check needs `escalation_policy` or `incident` (whose escalation policy is fetched)"
-                        .into(),
-                );
-            }
-            let escalation_policies = list(&raw.escalation_policies);
-            if enabled && escalation_policies.is_empty() && schedules.is_empty() {
-                return Err(format!(
-                    "the pagerduty check needs pinned `escalation_policies`{} or `schedules`{}: without them any policy an incident is moved onto would count",
-                    cx.vars("/oncall/escalation_policies"),
-                    cx.vars("/oncall/schedules")
-                ));
-            }
-            let max_level = match raw.max_level.as_deref().map(str::trim) {
-                None | Some("") => 1,
-                Some(t) => match t.parse::<u32>() {
-                    Ok(n) if n >= 1 => n,
-                    _ => return Err(format!("max_level: `{t}` is not a level (1 or more)")),
-                },
-            };
-            Oncall::PagerDuty {
-                escalation_policy,
-                incident,
-                scope: GateScope::PagerDuty {
-                    escalation_policies,
-                    max_level,
-                    schedules,
-                },
-            }
-        }
-        check @ ("opsgenie" | "jsm") => {
-            for (field, present) in [
-                ("escalation_policy", raw.escalation_policy.is_some()),
-                ("escalation_policies", raw.escalation_policies.is_some()),
-                ("incident", raw.incident.is_some()),
-                ("max_level", raw.max_level.is_some()),
-                ("org", raw.org.is_some()),
-                ("owner", raw.owner.is_some()),
-                ("teams", raw.teams.is_some()),
-            ] {
-                not_for(field, present, check)?;
-            }
-            if enabled && schedules.is_empty() {
-                return Err(format!(
-                    "the {check} check needs `schedules`{}",
-                    cx.vars("/oncall/schedules")
-                ));
-            }
-            Oncall::Opsgenie {
-                scope: GateScope::Opsgenie {
-                    jsm: check == "jsm",
-                    schedules,
-                },
-            }
-        }
-        "github" => {
-            for (field, present) in [
-                ("escalation_policy", raw.escalation_policy.is_some()),
-                ("escalation_policies", raw.escalation_policies.is_some()),
-                ("incident", raw.incident.is_some()),
-                ("max_level", raw.max_level.is_some()),
-                ("schedules", raw.schedules.is_some()),
-            ] {
-                not_for(field, present, "github")?;
-            }
-            let org = match &raw.org {
-                None => String::new(),
-                Some(RawExtract::Constant(c)) => c.trim().to_owned(),
-                Some(RawExtract::Spec(_)) => {
-                    return Err(
-                        "org: the organization is pinned by name (`${GITHUB_ONCALL_ORG}`), never read from the payload; `owner` says where the payload names the repository's owner"
-                            .into(),
-                    );
-                }
-            };
-            let owner = raw
-                .owner
-                .as_ref()
-                .ok_or("the github check needs `owner`: where the payload names the repository's owner (`$.repository.owner.login`)")
-                .and_then(|o| selector_in(o, el).map_err(|_| "owner: not a valid selector"))
-                .map_err(str::to_owned)?;
-            if enabled && org.is_empty() {
-                return Err(format!(
-                    "the github check needs a pinned `org`{}: the organization whose teams count",
-                    cx.vars("/oncall/org")
-                ));
-            }
-            if enabled && teams.is_empty() {
-                return Err(format!(
-                    "the github check needs `teams`{}",
-                    cx.vars("/oncall/teams")
-                ));
-            }
-            Oncall::GitHub {
-                owner,
-                scope: GateScope::GitHub { org, teams },
-            }
-        }
+        "pagerduty" => check.pagerduty()?,
+        name @ ("opsgenie" | "jsm") => check.opsgenie(name)?,
+        "github" => check.github()?,
         other => {
             return Err(format!(
                 "check: `{other}` is not pagerduty, opsgenie, jsm or github"
@@ -782,6 +721,163 @@ fn oncall(
         return Err("needs the rule's `actor`: the one whose on-call is checked".into());
     }
     Ok(enabled.then_some(compiled))
+}
+
+/// One rule's `oncall`, being compiled.
+struct Check<'a> {
+    raw: &'a RawOncall,
+    el: bool,
+    cx: &'a RuleContext<'a>,
+    enabled: bool,
+}
+
+impl Check<'_> {
+    /// A comma-separated list of the operator's pins.
+    fn list(text: &Option<String>) -> Vec<String> {
+        text.as_deref()
+            .unwrap_or("")
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+            .collect()
+    }
+
+    fn extract(&self, field: &str, x: &Option<RawExtract>) -> Result<Option<Extract>, String> {
+        x.as_ref()
+            .map(|x| extract(x, self.el))
+            .transpose()
+            .map_err(|e| format!("{field}: {e}"))
+    }
+
+    /// Fields the `check` does not use, refused when present.
+    fn unused(&self, check: &str, fields: &[(&str, bool)]) -> Result<(), String> {
+        match fields.iter().find(|(_, present)| *present) {
+            Some((field, _)) => Err(format!("{field}: not used by the `{check}` check")),
+            None => Ok(()),
+        }
+    }
+
+    fn pagerduty(&self) -> Result<Oncall, String> {
+        let raw = self.raw;
+        self.unused(
+            "pagerduty",
+            &[
+                ("org", raw.org.is_some()),
+                ("owner", raw.owner.is_some()),
+                ("teams", raw.teams.is_some()),
+            ],
+        )?;
+        let escalation_policy = self.extract("escalation_policy", &raw.escalation_policy)?;
+        let incident = self.extract("incident", &raw.incident)?;
+        if escalation_policy.is_none() && incident.is_none() {
+            return Err(
+                "the pagerduty check needs `escalation_policy` or `incident` (whose escalation policy is fetched)"
+                    .into(),
+            );
+        }
+        let escalation_policies = Self::list(&raw.escalation_policies);
+        let schedules = Self::list(&raw.schedules);
+        if self.enabled && escalation_policies.is_empty() && schedules.is_empty() {
+            return Err(format!(
+                "the pagerduty check needs pinned `escalation_policies`{} or `schedules`{}: without them any policy an incident is moved onto would count",
+                self.cx.vars("/oncall/escalation_policies"),
+                self.cx.vars("/oncall/schedules")
+            ));
+        }
+        let max_level = match raw.max_level.as_deref().map(str::trim) {
+            None | Some("") => 1,
+            Some(t) => match t.parse::<u32>() {
+                Ok(n) if n >= 1 => n,
+                _ => return Err(format!("max_level: `{t}` is not a level (1 or more)")),
+            },
+        };
+        Ok(Oncall::PagerDuty {
+            escalation_policy,
+            incident,
+            scope: GateScope::PagerDuty {
+                escalation_policies,
+                max_level,
+                schedules,
+            },
+        })
+    }
+
+    fn opsgenie(&self, check: &str) -> Result<Oncall, String> {
+        let raw = self.raw;
+        self.unused(
+            check,
+            &[
+                ("escalation_policy", raw.escalation_policy.is_some()),
+                ("escalation_policies", raw.escalation_policies.is_some()),
+                ("incident", raw.incident.is_some()),
+                ("max_level", raw.max_level.is_some()),
+                ("org", raw.org.is_some()),
+                ("owner", raw.owner.is_some()),
+                ("teams", raw.teams.is_some()),
+            ],
+        )?;
+        let schedules = Self::list(&raw.schedules);
+        if self.enabled && schedules.is_empty() {
+            return Err(format!(
+                "the {check} check needs `schedules`{}",
+                self.cx.vars("/oncall/schedules")
+            ));
+        }
+        Ok(Oncall::Opsgenie {
+            scope: GateScope::Opsgenie {
+                jsm: check == "jsm",
+                schedules,
+            },
+        })
+    }
+
+    fn github(&self) -> Result<Oncall, String> {
+        let raw = self.raw;
+        self.unused(
+            "github",
+            &[
+                ("escalation_policy", raw.escalation_policy.is_some()),
+                ("escalation_policies", raw.escalation_policies.is_some()),
+                ("incident", raw.incident.is_some()),
+                ("max_level", raw.max_level.is_some()),
+                ("schedules", raw.schedules.is_some()),
+            ],
+        )?;
+        let org = match &raw.org {
+            None => String::new(),
+            Some(RawExtract::Constant(c)) => c.trim().to_owned(),
+            Some(RawExtract::Spec(_)) => {
+                return Err(
+                    "org: the organization is pinned by name (`${GITHUB_ONCALL_ORG}`), never read from the payload; `owner` says where the payload names the repository's owner"
+                        .into(),
+                );
+            }
+        };
+        let owner = raw
+            .owner
+            .as_ref()
+            .ok_or("the github check needs `owner`: where the payload names the repository's owner (`$.repository.owner.login`)")
+            .and_then(|o| selector_in(o, self.el).map_err(|_| "owner: not a valid selector"))
+            .map_err(str::to_owned)?;
+        let teams = Self::list(&raw.teams);
+        if self.enabled && org.is_empty() {
+            return Err(format!(
+                "the github check needs a pinned `org`{}: the organization whose teams count",
+                self.cx.vars("/oncall/org")
+            ));
+        }
+        if self.enabled && teams.is_empty() {
+            return Err(format!(
+                "the github check needs `teams`{}",
+                self.cx.vars("/oncall/teams")
+            ));
+        }
+        Ok(Oncall::GitHub {
+            owner,
+            scope: GateScope::GitHub { org, teams },
+        })
+    }
 }
 
 pub(super) fn selector(raw: &RawSelector) -> Result<Selector, String> {

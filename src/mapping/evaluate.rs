@@ -157,157 +157,155 @@ impl Mapping {
         &self,
         input: Input<'_>,
         now: Option<SystemTime>,
-        mut trace: Option<&mut Vec<RuleTrace>>,
+        trace: Option<&mut Vec<RuleTrace>>,
     ) -> Verdict {
-        let mut note = |rule: &Rule, matched: bool, detail: String| {
-            if let Some(t) = trace.as_deref_mut() {
-                t.push(RuleTrace {
-                    rule: rule.name.clone(),
-                    matched,
-                    detail,
-                });
-            }
-        };
+        let mut trace = Trace(trace);
         // The moment an on-call check judges: the signed event time, or the receipt.
         let judged = self.freshness.event_time(input, now);
         for rule in &self.rules {
-            let Some(each) = &rule.for_each else {
-                match apply(rule, input.into(), judged) {
-                    Applied::NoMatch(why) => note(rule, false, why),
-                    Applied::Rejected(reason, line) => {
-                        note(rule, true, line);
-                        return Verdict::Rejected {
-                            rule: rule.name.clone(),
-                            reason,
-                        };
-                    }
-                    Applied::Decided {
-                        actor,
-                        decisions,
-                        binding,
-                        detail,
-                    } => {
-                        // Ending a subject, revoking and denying take access away, and a
-                        // reopening grants nothing: only approves must be fresh. A stale one
-                        // is stored refused, to be answered back, and never sent.
-                        let refused = (!binding.ends_subject && grants(&decisions))
-                            .then(|| self.stale(input, now))
-                            .flatten();
-                        match &refused {
-                            Some(reason) => {
-                                note(rule, true, format!("{detail}; refused: {reason}"))
-                            }
-                            None => note(rule, true, detail),
-                        }
-                        return Verdict::Decided {
-                            rule: rule.name.clone(),
-                            actor,
-                            decisions,
-                            elements: Vec::new(),
-                            binding,
-                            refused,
-                        };
-                    }
-                }
-                continue;
+            let verdict = match &rule.for_each {
+                None => self.whole(rule, input, now, judged, &mut trace),
+                Some(each) => self.each(rule, each, input, now, judged, &mut trace),
             };
-            let nodes = each.path.nodes(input.into());
-            // Each deciding element with its own decisions; the first refusal, if any.
-            let mut decided: Vec<(Element, Vec<Decision>)> = Vec::new();
-            let mut refused: Option<String> = None;
-            let mut skipped = Vec::new();
-            for (i, node) in nodes.iter().enumerate() {
-                let scope = Scope {
-                    input,
-                    element: Some(node),
-                };
-                match apply(rule, scope, judged) {
-                    Applied::NoMatch(why) => skipped.push(format!("element {}: {why}", i + 1)),
-                    Applied::Rejected(reason, line) => {
-                        note(rule, true, format!("element {}: {line}", i + 1));
-                        refused.get_or_insert_with(|| {
-                            format!("element {} of {}: {reason}", i + 1, each.path.describe())
-                        });
-                    }
-                    Applied::Decided {
-                        actor,
-                        decisions: ds,
-                        binding,
-                        ..
-                    } => decided.push((
-                        Element {
-                            key: each.key(scope),
-                            actor,
-                            decisions: ds.len(),
-                            binding,
-                            refused: None,
-                        },
-                        ds,
-                    )),
-                }
+            if let Some(verdict) = verdict {
+                return verdict;
             }
-            if decided.is_empty() && refused.is_none() {
-                let why = if nodes.is_empty() {
-                    format!("for_each {} yielded nothing", each.path.describe())
-                } else {
-                    format!("no element decided ({})", skipped.join("; "))
-                };
-                note(rule, false, why);
-                continue;
-            }
-            // A refused element refuses the elements that grant; the elements that end their
-            // subjects still end them, since an end refused here is never sent again (alert
-            // groups mix firing alerts with resolved ones).
-            if let Some(reason) = refused {
-                decided.retain(|(e, _)| e.binding.ends_subject);
-                if decided.is_empty() {
-                    note(rule, true, reason.clone());
-                    return Verdict::Rejected {
-                        rule: rule.name.clone(),
-                        reason,
-                    };
-                }
-                note(
-                    rule,
-                    true,
-                    format!("{reason}; the elements that end their subjects still do"),
-                );
-            }
-            // A stale event's granting elements are stored refused, to be answered back.
-            let stale = self.stale(input, now);
-            let mut elements = Vec::with_capacity(decided.len());
-            let mut decisions = Vec::new();
-            for (mut e, mut ds) in decided {
-                if !e.binding.ends_subject && grants(&ds) {
-                    e.refused.clone_from(&stale);
-                }
-                elements.push(e);
-                decisions.append(&mut ds);
-            }
-            note(
-                rule,
-                true,
-                format!(
-                    "{} decision(s) from {} of {} element(s){}",
-                    decisions.len(),
-                    elements.len(),
-                    nodes.len(),
-                    match (&stale, elements.iter().any(|e| e.refused.is_some())) {
-                        (Some(why), true) => format!("; those that grant refused: {why}"),
-                        _ => String::new(),
-                    }
-                ),
-            );
-            return Verdict::Decided {
-                rule: rule.name.clone(),
-                actor: elements[0].actor.clone(),
-                binding: elements[0].binding.clone(),
-                refused: elements[0].refused.clone(),
-                decisions,
-                elements,
-            };
         }
         Verdict::Ignored
+    }
+
+    /// `rule` on the whole webhook; `None` when it does not match.
+    fn whole(
+        &self,
+        rule: &Rule,
+        input: Input<'_>,
+        now: Option<SystemTime>,
+        judged: Option<SystemTime>,
+        trace: &mut Trace<'_>,
+    ) -> Option<Verdict> {
+        match apply(rule, input.into(), judged) {
+            Applied::NoMatch(why) => {
+                trace.note(rule, false, why);
+                None
+            }
+            Applied::Rejected(reason, line) => {
+                trace.note(rule, true, line);
+                Some(Verdict::Rejected {
+                    rule: rule.name.clone(),
+                    reason,
+                })
+            }
+            Applied::Decided {
+                actor,
+                decisions,
+                binding,
+                detail,
+            } => {
+                // Ending a subject, revoking and denying take access away, and a reopening
+                // grants nothing: only approves must be fresh. A stale one is stored refused,
+                // to be answered back, and never sent.
+                let refused = (!binding.ends_subject && grants(&decisions))
+                    .then(|| self.stale(input, now))
+                    .flatten();
+                let detail = match &refused {
+                    Some(reason) => format!("{detail}; refused: {reason}"),
+                    None => detail,
+                };
+                trace.note(rule, true, detail);
+                Some(Verdict::Decided {
+                    rule: rule.name.clone(),
+                    actor,
+                    decisions,
+                    elements: Vec::new(),
+                    binding,
+                    refused,
+                })
+            }
+        }
+    }
+
+    /// A `for_each` rule, on each element; `None` when no element decides.
+    fn each(
+        &self,
+        rule: &Rule,
+        each: &ForEach,
+        input: Input<'_>,
+        now: Option<SystemTime>,
+        judged: Option<SystemTime>,
+        trace: &mut Trace<'_>,
+    ) -> Option<Verdict> {
+        let nodes = each.path.nodes(input.into());
+        let Elements {
+            mut decided,
+            refused,
+            skipped,
+        } = Elements::of(rule, each, &nodes, input, judged, trace);
+        if decided.is_empty() && refused.is_none() {
+            let why = if nodes.is_empty() {
+                format!("for_each {} yielded nothing", each.path.describe())
+            } else {
+                format!("no element decided ({})", skipped.join("; "))
+            };
+            trace.note(rule, false, why);
+            return None;
+        }
+        // A refused element refuses the elements that grant; the elements that end their
+        // subjects still end them, since an end refused here is never sent again (alert
+        // groups mix firing alerts with resolved ones).
+        if let Some(reason) = refused {
+            decided.retain(|(e, _)| e.binding.ends_subject);
+            if decided.is_empty() {
+                trace.note(rule, true, reason.clone());
+                return Some(Verdict::Rejected {
+                    rule: rule.name.clone(),
+                    reason,
+                });
+            }
+            let still = format!("{reason}; the elements that end their subjects still do");
+            trace.note(rule, true, still);
+        }
+        Some(self.elements_decided(rule, decided, nodes.len(), input, now, trace))
+    }
+
+    /// The verdict of the elements that decided: a stale event's granting elements are
+    /// stored refused, to be answered back.
+    fn elements_decided(
+        &self,
+        rule: &Rule,
+        decided: Vec<(Element, Vec<Decision>)>,
+        of: usize,
+        input: Input<'_>,
+        now: Option<SystemTime>,
+        trace: &mut Trace<'_>,
+    ) -> Verdict {
+        let stale = self.stale(input, now);
+        let mut elements = Vec::with_capacity(decided.len());
+        let mut decisions = Vec::new();
+        for (mut e, mut ds) in decided {
+            if !e.binding.ends_subject && grants(&ds) {
+                e.refused.clone_from(&stale);
+            }
+            elements.push(e);
+            decisions.append(&mut ds);
+        }
+        let refusal = match (&stale, elements.iter().any(|e| e.refused.is_some())) {
+            (Some(why), true) => format!("; those that grant refused: {why}"),
+            _ => String::new(),
+        };
+        let line = format!(
+            "{} decision(s) from {} of {of} element(s){refusal}",
+            decisions.len(),
+            elements.len(),
+        );
+        trace.note(rule, true, line);
+        Verdict::Decided {
+            rule: rule.name.clone(),
+            actor: elements[0].actor.clone(),
+            binding: elements[0].binding.clone(),
+            refused: elements[0].refused.clone(),
+            decisions,
+            elements,
+        }
     }
 
     /// What of a body this mapping reads: parse bodies with it (`Projection::parse`) to build
@@ -329,6 +327,77 @@ impl Mapping {
         let values = self.truncated.as_ref()?.values_in(input.into());
         let n = values.first()?.parse::<u64>().ok()?;
         (n > 0).then_some(n)
+    }
+}
+
+/// Why each rule tried did or did not decide, for `explain` (nothing is kept otherwise).
+struct Trace<'a>(Option<&'a mut Vec<RuleTrace>>);
+
+impl Trace<'_> {
+    fn note(&mut self, rule: &Rule, matched: bool, detail: String) {
+        if let Some(t) = self.0.as_deref_mut() {
+            t.push(RuleTrace {
+                rule: rule.name.clone(),
+                matched,
+                detail,
+            });
+        }
+    }
+}
+
+/// What a `for_each` rule made of each element: the elements that decided with their
+/// decisions, the first refusal, and why the others did not match.
+struct Elements {
+    decided: Vec<(Element, Vec<Decision>)>,
+    refused: Option<String>,
+    skipped: Vec<String>,
+}
+
+impl Elements {
+    fn of(
+        rule: &Rule,
+        each: &ForEach,
+        nodes: &[&Value],
+        input: Input<'_>,
+        judged: Option<SystemTime>,
+        trace: &mut Trace<'_>,
+    ) -> Elements {
+        let mut out = Elements {
+            decided: Vec::new(),
+            refused: None,
+            skipped: Vec::new(),
+        };
+        for (i, node) in nodes.iter().enumerate() {
+            let scope = Scope {
+                input,
+                element: Some(node),
+            };
+            match apply(rule, scope, judged) {
+                Applied::NoMatch(why) => out.skipped.push(format!("element {}: {why}", i + 1)),
+                Applied::Rejected(reason, line) => {
+                    trace.note(rule, true, format!("element {}: {line}", i + 1));
+                    out.refused.get_or_insert_with(|| {
+                        format!("element {} of {}: {reason}", i + 1, each.path.describe())
+                    });
+                }
+                Applied::Decided {
+                    actor,
+                    decisions,
+                    binding,
+                    ..
+                } => out.decided.push((
+                    Element {
+                        key: each.key(scope),
+                        actor,
+                        decisions: decisions.len(),
+                        binding,
+                        refused: None,
+                    },
+                    decisions,
+                )),
+            }
+        }
+        out
     }
 }
 
@@ -366,35 +435,16 @@ fn apply(rule: &Rule, scope: Scope<'_>, judged: Option<SystemTime>) -> Applied {
     if granting && let Some(reason) = who_may_not_grant(rule, actor.as_deref(), &proposals) {
         return Applied::Rejected(reason.clone(), reason);
     }
-    let subject = match subject(rule, scope, ends, reopens) {
-        Ok(s) => s,
+    let binding = match binding(
+        rule,
+        scope,
+        (ends, reopens),
+        granting,
+        actor.as_deref(),
+        judged,
+    ) {
+        Ok(b) => b,
         Err(reason) => return Applied::Rejected(reason.clone(), reason),
-    };
-    let reply = match (&rule.answer, &subject) {
-        (Some(a), Some(_)) => Some(Reply {
-            via: a.via,
-            on: a.on.as_ref().and_then(|x| x.first(scope).ok()),
-            comment: a.comment.as_ref().and_then(|c| c.first(scope).ok()),
-        }),
-        _ => None,
-    };
-    // Only a grant is checked against who is on call; ending access never is.
-    let gate = match (&rule.oncall, &actor) {
-        (Some(o), Some(user)) if granting => match gate(o, user, scope, judged) {
-            Ok(g) => Some(Box::new(g)),
-            Err(why) => {
-                let reason = format!("oncall: {why}");
-                return Applied::Rejected(reason.clone(), reason);
-            }
-        },
-        _ => None,
-    };
-    let binding = Binding {
-        subject,
-        reply,
-        ends_subject: ends,
-        reopens_subject: reopens,
-        gate,
     };
     // Ending access is always allowed: approver lists gate grants, not revocations.
     let decided = if ends {
@@ -417,6 +467,41 @@ fn apply(rule: &Rule, scope: Scope<'_>, judged: Option<SystemTime>) -> Applied {
             Applied::Rejected(reason, line)
         }
     }
+}
+
+/// What a decision is bound to in one scope: its subject, where to answer, whether it ends
+/// or reopens the subject, and the on-call check a grant must pass (ending access never is
+/// checked); why not, when the subject or the check cannot be read.
+fn binding(
+    rule: &Rule,
+    scope: Scope<'_>,
+    (ends, reopens): (bool, bool),
+    granting: bool,
+    actor: Option<&str>,
+    judged: Option<SystemTime>,
+) -> Result<Binding, String> {
+    let subject = subject(rule, scope, ends, reopens)?;
+    let reply = match (&rule.answer, &subject) {
+        (Some(a), Some(_)) => Some(Reply {
+            via: a.via,
+            on: a.on.as_ref().and_then(|x| x.first(scope).ok()),
+            comment: a.comment.as_ref().and_then(|c| c.first(scope).ok()),
+        }),
+        _ => None,
+    };
+    let gate = match (&rule.oncall, actor) {
+        (Some(o), Some(user)) if granting => Some(Box::new(
+            gate(o, user, scope, judged).map_err(|why| format!("oncall: {why}"))?,
+        )),
+        _ => None,
+    };
+    Ok(Binding {
+        subject,
+        reply,
+        ends_subject: ends,
+        reopens_subject: reopens,
+        gate,
+    })
 }
 
 /// Why a rule proposes nothing for a scope.

@@ -20,6 +20,24 @@ pub struct MappingSet {
     pub disabled: BTreeMap<String, Arc<Mapping>>,
 }
 
+/// The mapping files in `dir` (`*.yaml`, `*.yml`), in name order.
+fn yaml_files(dir: &Path) -> Result<Vec<PathBuf>, Vec<String>> {
+    let entries = std::fs::read_dir(dir).map_err(|e| {
+        vec![format!(
+            "{}: cannot read mappings folder: {e}",
+            dir.display()
+        )]
+    })?;
+    let mut files: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.is_file() && matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml"))
+        })
+        .collect();
+    files.sort();
+    Ok(files)
+}
+
 impl MappingSet {
     /// Loads and compiles the mapping file of every enabled source (`defaults.sources`) in
     /// `dir`. All errors are returned, each naming its file, rule and field; an enabled
@@ -44,20 +62,7 @@ impl MappingSet {
         defaults: &Defaults,
         every: bool,
     ) -> Result<MappingSet, Vec<String>> {
-        let entries = std::fs::read_dir(dir).map_err(|e| {
-            vec![format!(
-                "{}: cannot read mappings folder: {e}",
-                dir.display()
-            )]
-        })?;
-        let mut files: Vec<PathBuf> = entries
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| {
-                p.is_file()
-                    && matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml"))
-            })
-            .collect();
-        files.sort();
+        let files = yaml_files(dir)?;
         let stand_in = env.with_stand_ins();
         let mut errors = Vec::new();
         let mut seen = BTreeSet::new();

@@ -383,6 +383,7 @@ mod tests {
 
     #[test]
     fn conditions_extraction_and_rule_order() {
+        // Long on purpose: one mapping file and the events it judges, read top to bottom.
         let rules = json!([
             { "name": "by-header", "when": [ { "header": "X-Kind", "equals": "cmd" } ],
               "command": { "path": "$.text" } },
@@ -539,6 +540,7 @@ mod tests {
 
     #[test]
     fn an_element_ends_its_subject_when_the_condition_holds_and_then_only_revokes() {
+        // Long on purpose: one mapping file and the events it judges, read top to bottom.
         // Approvers gate the firing alert's grant, not the resolved alert's end; an ending
         // element that maps to something other than revoke decides nothing for it.
         let tree = json!({
@@ -735,6 +737,7 @@ mod tests {
 
     #[test]
     fn nobody_grants_unless_named() {
+        // Long on purpose: one mapping file and the events it judges, read top to bottom.
         let errors = |rules: Value| {
             let tree = json!({ "verify": { "scheme": "github", "secrets": "t" }, "rules": rules });
             compile("s", Path::new("s.yaml"), tree, &Env::default(), &defaults())
@@ -845,6 +848,7 @@ mod tests {
 
     #[test]
     fn oncall_gates_grants_as_of_the_moment_judged() {
+        // Long on purpose: one mapping file and the events it judges, read top to bottom.
         let tree = |scheme: &str, freshness: Value| {
             json!({
                 "verify": { "scheme": scheme, "secrets": "t" },
@@ -1042,6 +1046,7 @@ mod tests {
 
     #[test]
     fn freshness_refuses_old_and_future_grants_only() {
+        // Long on purpose: one mapping file and the events it judges, read top to bottom.
         let tree = |max_age: &str| {
             json!({
                 "verify": { "scheme": "github", "secrets": "t" },

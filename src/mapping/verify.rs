@@ -238,6 +238,7 @@ mod tests {
 
     #[test]
     fn every_scheme_compiles_and_mistakes_are_named() {
+        // Long on purpose: one table of schemes and their mistakes, each row its own case.
         let ok = |v: Value| compile(Some(&v), "s", &mut Vec::new()).unwrap().scheme();
         assert_eq!(
             ok(json!({ "scheme": "hmac", "header": "X-Sig", "secrets": "a,b" })),

@@ -138,8 +138,30 @@ pub async fn check(checker: &Checker, api: &ProviderApi, gate: &Gate) -> Finding
         Ok(_) => Vec::new(),
         Err(f) => return f,
     };
-    let at = at_time(*at_ms);
-    let covers = |o: &&OnCall| {
+    let judged = Judged {
+        user,
+        policy: &policy,
+        schedules,
+        at_ms: *at_ms,
+        max_level: max_level.unwrap_or(1),
+    };
+    judged.finding(&oncalls)
+}
+
+/// What a check asks of the user's on-calls.
+struct Judged<'a> {
+    user: &'a str,
+    policy: &'a str,
+    schedules: &'a [String],
+    at_ms: i64,
+    max_level: u32,
+}
+
+impl Judged<'_> {
+    /// Whether an on-call covers the moment judged (an end or start given unreadably counts
+    /// for nothing) and, with pinned schedules, is through one of them.
+    fn covers(&self, o: &OnCall) -> bool {
+        let at = at_time(self.at_ms);
         let started = match o.start {
             Bound::Open => true,
             Bound::At(s) => s <= at,
@@ -150,57 +172,58 @@ pub async fn check(checker: &Checker, api: &ProviderApi, gate: &Gate) -> Finding
             Bound::At(e) => at < e,
             Bound::Unreadable => false,
         };
-        started && running
-    };
-    let now: Vec<&OnCall> = oncalls
-        .iter()
-        .filter(covers)
-        .filter(|o| {
-            schedules.is_empty() || o.schedule.as_ref().is_some_and(|s| schedules.contains(s))
-        })
-        .collect();
-    let who = format!("{} at {}", printable(user), rfc3339(*at_ms));
-    let Some(best) = now.iter().min_by_key(|o| o.level) else {
-        let through = if schedules.is_empty() {
-            String::new()
-        } else {
-            format!(" through schedule {}", schedules.join(" or "))
-        };
-        let unreadable = oncalls.iter().any(|o| {
-            matches!(
-                (o.start, o.end),
-                (Bound::Unreadable, _) | (_, Bound::Unreadable)
-            )
-        });
-        return Finding::NotOnCall(format!(
-            "not on call: {who} is not on call for escalation policy {}{through}{}",
-            printable(&policy),
-            if unreadable {
-                " (an on-call whose start or end PagerDuty gave unreadably counts for nothing)"
-            } else {
-                ""
-            }
-        ));
-    };
-    let max = max_level.unwrap_or(1);
-    if best.level > max {
-        return Finding::NotOnCall(format!(
-            "not on call at level {max} or lower: {who} is on call for escalation policy {} only at level {}",
-            printable(&policy),
-            best.level
-        ));
+        let schedules = self.schedules;
+        let through =
+            schedules.is_empty() || o.schedule.as_ref().is_some_and(|s| schedules.contains(s));
+        started && running && through
     }
-    let through = best
-        .schedule
-        .as_deref()
-        .map(|s| format!(" (schedule {})", printable(s)))
-        .unwrap_or_default();
-    Finding::OnCall(format!(
-        "on call: escalation policy {} level {}{through}, {} (PagerDuty, for {who})",
-        printable(&policy),
-        best.level,
-        span(best.start.time(), best.end.time())
-    ))
+
+    /// The finding from the user's on-calls: the lowest level covering the moment judged,
+    /// at the pinned level or lower.
+    fn finding(&self, oncalls: &[OnCall]) -> Finding {
+        let who = format!("{} at {}", printable(self.user), rfc3339(self.at_ms));
+        let policy = printable(self.policy);
+        let covering = oncalls.iter().filter(|o| self.covers(o));
+        let Some(best) = covering.min_by_key(|o| o.level) else {
+            let through = if self.schedules.is_empty() {
+                String::new()
+            } else {
+                format!(" through schedule {}", self.schedules.join(" or "))
+            };
+            let unreadable = oncalls.iter().any(|o| {
+                matches!(
+                    (o.start, o.end),
+                    (Bound::Unreadable, _) | (_, Bound::Unreadable)
+                )
+            });
+            let note = match unreadable {
+                true => {
+                    " (an on-call whose start or end PagerDuty gave unreadably counts for nothing)"
+                }
+                false => "",
+            };
+            return Finding::NotOnCall(format!(
+                "not on call: {who} is not on call for escalation policy {policy}{through}{note}"
+            ));
+        };
+        let max = self.max_level;
+        if best.level > max {
+            return Finding::NotOnCall(format!(
+                "not on call at level {max} or lower: {who} is on call for escalation policy {policy} only at level {}",
+                best.level
+            ));
+        }
+        let through = best
+            .schedule
+            .as_deref()
+            .map(|s| format!(" (schedule {})", printable(s)))
+            .unwrap_or_default();
+        Finding::OnCall(format!(
+            "on call: escalation policy {policy} level {}{through}, {} (PagerDuty, for {who})",
+            best.level,
+            span(best.start.time(), best.end.time())
+        ))
+    }
 }
 
 /// The incident's escalation policy: the event's, or fetched from the incident.

@@ -1,8 +1,10 @@
 //! The receiver: the axum router and the webhook handler. It verifies, maps, stores and
 //! answers the sender; it never calls P0 (the worker does, from the store).
 
+mod accept;
 mod answer;
 pub mod body;
+pub mod reload;
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -19,11 +21,10 @@ use tokio::sync::Notify;
 
 use crate::config::InboundSettings;
 use crate::health::Health;
-use crate::mapping::{Element, Input, Mapping, MappingSet, Verdict, element_key};
+use crate::mapping::{Input, Mapping, MappingSet, Verdict};
 use crate::metrics::{Metrics, UNKNOWN_SOURCE};
-use crate::policy::Decision;
 use crate::ratelimit::KeyedLimit;
-use crate::store::{Accepted, JobRef, NewDelivery, StoreHandle, now_ms};
+use crate::store::{StoreHandle, now_ms};
 use answer::Answer;
 
 /// What the handlers share.
@@ -266,39 +267,19 @@ fn parse_forwarded_ip(entry: &str) -> Option<IpAddr> {
 async fn handle(r: &Receiver, mapping: &Mapping, peer: Option<IpAddr>, request: Request) -> Answer {
     let source = mapping.source.as_str();
     let (parts, body) = request.into_parts();
-    if let Some(nets) = r.inbound.networks.get(source) {
-        let allowed = client_ip(&r.inbound, &parts.headers, peer)
-            .is_some_and(|ip| nets.iter().any(|n| n.contains(&ip)));
-        if !allowed {
-            return Answer::new(StatusCode::FORBIDDEN, "unauthorized")
-                .reason("sender address is not allowed for this source".into());
-        }
+    if let Some(refused) = refusal(r, source, &parts.headers, peer) {
+        return refused;
     }
-    if let Some(limited) = rate_limited(&r.limits, source) {
-        return limited.reason(format!(
-            "more than the configured webhooks per second for `{source}`"
-        ));
-    }
-    let bytes = match body::read(
-        &parts.headers,
-        body,
-        r.inbound.max_body_bytes,
-        r.inbound.read_timeout,
-    )
-    .await
-    {
+    let limits = (r.inbound.max_body_bytes, r.inbound.read_timeout);
+    let bytes = match body::read(&parts.headers, body, limits.0, limits.1).await {
         Ok(b) => b,
         Err(answer) => return answer,
     };
     if let Err(e) = mapping.verifier.verify(&parts.headers, &bytes) {
         return Answer::new(StatusCode::UNAUTHORIZED, "unauthorized").reason(e.to_string());
     }
-    let value = match body::parse_projected(
-        &parts.headers,
-        &bytes,
-        r.inbound.max_json_depth,
-        mapping.projection(),
-    ) {
+    let depth = r.inbound.max_json_depth;
+    let value = match body::parse_projected(&parts.headers, &bytes, depth, mapping.projection()) {
         Ok(v) => v,
         Err(reason) => return Answer::new(StatusCode::BAD_REQUEST, "invalid").reason(reason),
     };
@@ -318,52 +299,36 @@ async fn handle(r: &Receiver, mapping: &Mapping, peer: Option<IpAddr>, request: 
             .rule(rule)
             .reason(reason)
             .delivery(delivery),
-        Verdict::Decided {
-            rule,
-            actor,
-            decisions,
-            elements,
-            binding,
-            refused,
-        } => {
-            let subject = binding.subject.clone();
-            let new = NewDelivery {
-                source: source.to_owned(),
-                dedup_key: delivery.clone(),
-                received_at_ms: now_ms(),
-                rule: rule.clone(),
-                actor,
-                payload: r.store_payloads.then(|| bytes.to_vec()),
-                decisions,
-                binding,
-                refused,
-            };
-            let units = split(new, &elements);
-            // Each unit's decisions and subject, for the answer (the units themselves go to
-            // the store).
-            let shares: Vec<Share> = units
-                .iter()
-                .map(|u| Share {
-                    decisions: u.decisions.clone(),
-                    subject: u.binding.subject.clone(),
-                    ends: u.binding.ends_subject,
-                })
-                .collect();
-            match r.store.accept_each(units).await {
-                Ok(results) => {
-                    r.health.set_store_error(None);
-                    accepted(r, source, rule, delivery, subject, shares, results)
-                }
-                Err(e) => {
-                    tracing::error!(source, error = %e, "cannot store a delivery");
-                    r.health.set_store_error(Some(e.to_string()));
-                    Answer::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable")
-                        .reason("the relay cannot store decisions right now; retry later".into())
-                        .retry_after(5)
-                }
-            }
+        decided @ Verdict::Decided { .. } => {
+            let payload = r.store_payloads.then(|| bytes.to_vec());
+            accept::store(r, source, delivery, payload, decided).await
         }
     }
+}
+
+/// The answer to a sender that may not deliver to `source` now: its address is not among
+/// the source's networks (when it has some), or it is over its rate.
+fn refusal(
+    r: &Receiver,
+    source: &str,
+    headers: &HeaderMap,
+    peer: Option<IpAddr>,
+) -> Option<Answer> {
+    if let Some(nets) = r.inbound.networks.get(source) {
+        let allowed = client_ip(&r.inbound, headers, peer)
+            .is_some_and(|ip| nets.iter().any(|n| n.contains(&ip)));
+        if !allowed {
+            return Some(
+                Answer::new(StatusCode::FORBIDDEN, "unauthorized")
+                    .reason("sender address is not allowed for this source".into()),
+            );
+        }
+    }
+    rate_limited(&r.limits, source).map(|limited| {
+        limited.reason(format!(
+            "more than the configured webhooks per second for `{source}`"
+        ))
+    })
 }
 
 /// A sender left `cut` elements out of a delivery (Alertmanager's and Grafana's
@@ -383,180 +348,6 @@ fn note_truncated(r: &Receiver, source: &str, delivery: &str, cut: u64) {
 }
 
 static TRUNCATED_LOG: LogSampler = LogSampler::new();
-
-/// The deliveries to store: the webhook whole, or one per `for_each` element, each under its
-/// own dedup key (the delivery's key and the element's), so each is deduplicated on its own.
-fn split(new: NewDelivery, elements: &[Element]) -> Vec<NewDelivery> {
-    if elements.is_empty() {
-        return vec![new];
-    }
-    let mut rest = new.decisions.into_iter();
-    elements
-        .iter()
-        .map(|e| NewDelivery {
-            source: new.source.clone(),
-            dedup_key: element_key(&new.dedup_key, &e.key),
-            received_at_ms: new.received_at_ms,
-            rule: new.rule.clone(),
-            actor: e.actor.clone(),
-            payload: new.payload.clone(),
-            decisions: rest.by_ref().take(e.decisions).collect(),
-            binding: e.binding.clone(),
-            refused: e.refused.clone(),
-        })
-        .collect()
-}
-
-/// One stored unit's part of the answer: its decisions and the subject they are bound to.
-struct Share {
-    decisions: Vec<Decision>,
-    subject: Option<String>,
-    ends: bool,
-}
-
-/// The answer once every unit is stored: `duplicate` when all were seen before; `rejected`
-/// when every unit stored was refused (it asks to approve under a subject that has ended;
-/// its decisions are answered back as refused and never sent); else `accepted` with every
-/// decision and its own subject (a duplicate element's decisions as `coalesced`: no second
-/// call is made for them; a refused element's with why).
-fn accepted(
-    r: &Receiver,
-    source: &str,
-    rule: String,
-    delivery: String,
-    subject: Option<String>,
-    shares: Vec<Share>,
-    results: Vec<Accepted>,
-) -> Answer {
-    if results
-        .iter()
-        .all(|a| matches!(a, Accepted::Duplicate { .. }))
-    {
-        let job_ids = results
-            .into_iter()
-            .flat_map(|a| match a {
-                Accepted::Duplicate { job_ids } => job_ids,
-                Accepted::New { .. } => Vec::new(),
-            })
-            .collect();
-        return Answer::new(StatusCode::OK, "duplicate")
-            .delivery(delivery)
-            .reason("this delivery was accepted before".into())
-            .job_ids(job_ids);
-    }
-    r.wake.notify_one();
-    // One subject for the whole answer only when every unit shares it.
-    let one_subject = shares
-        .iter()
-        .all(|s| s.subject == subject)
-        .then_some(subject)
-        .flatten();
-    // A decision is refused as it is stored when its subject had ended, its grant was stale,
-    // or an end named a request it had not bound.
-    let refusal = results.iter().find_map(|a| match a {
-        Accepted::New { jobs, .. } => jobs.iter().find_map(|j| j.refused.clone()),
-        Accepted::Duplicate { .. } => None,
-    });
-    for result in &results {
-        if let Accepted::New { jobs, .. } = result {
-            let n = jobs.iter().filter(|j| j.refused.is_some()).count();
-            r.metrics
-                .refused
-                .with_label_values(&[source])
-                .inc_by(n as u64);
-        }
-    }
-    // `rejected` when nothing of the delivery will act: every decision refused and no
-    // subject ended (an end acts, whatever it names).
-    let all_refused = !shares.iter().any(|s| s.ends)
-        && results.iter().all(|a| match a {
-            Accepted::New { jobs, bound, .. } => {
-                bound.is_empty() && jobs.iter().all(|j| j.refused.is_some())
-            }
-            Accepted::Duplicate { .. } => true,
-        });
-    if let (Some(reason), true) = (refusal, all_refused) {
-        let job_ids = results
-            .into_iter()
-            .flat_map(|a| match a {
-                Accepted::New { jobs, .. } => jobs.into_iter().map(|j| j.job_id).collect(),
-                Accepted::Duplicate { job_ids } => job_ids,
-            })
-            .collect();
-        return Answer::new(StatusCode::OK, "rejected")
-            .rule(rule)
-            .delivery(delivery)
-            .reason(reason)
-            .subject(one_subject)
-            .job_ids(job_ids);
-    }
-    let mut decisions = Vec::new();
-    let mut revoked = Vec::new();
-    let mut reopened = Vec::new();
-    let ends = shares.iter().any(|s| s.ends);
-    for (share, result) in shares.into_iter().zip(results) {
-        let refs = match result {
-            Accepted::New {
-                jobs: refs,
-                bound,
-                reopened: was_reopened,
-                ..
-            } => {
-                for (d, job) in share.decisions.iter().zip(&refs) {
-                    if job.refused.is_none() {
-                        r.metrics
-                            .decisions
-                            .with_label_values(&[source, d.action.as_str()])
-                            .inc();
-                    }
-                }
-                if !bound.is_empty() {
-                    let n = bound.len() as u64;
-                    r.metrics
-                        .decisions
-                        .with_label_values(&[source, "revoke"])
-                        .inc_by(n);
-                    r.metrics
-                        .bound_revocations
-                        .with_label_values(&[source])
-                        .inc_by(n);
-                }
-                revoked.extend(bound.into_iter().map(|b| answer::Revoked {
-                    revocation: b,
-                    subject: share.subject.clone(),
-                }));
-                if was_reopened && let Some(s) = &share.subject {
-                    reopened.push(s.clone());
-                }
-                refs
-            }
-            Accepted::Duplicate { job_ids } => job_ids
-                .into_iter()
-                .map(|job_id| JobRef {
-                    job_id,
-                    coalesced: true,
-                    refused: None,
-                })
-                .collect(),
-        };
-        for (decision, job) in share.decisions.into_iter().zip(refs) {
-            decisions.push(answer::DecisionAnswer {
-                job_id: job.job_id,
-                decision,
-                coalesced: job.coalesced,
-                subject: share.subject.clone(),
-                refused: job.refused,
-            });
-        }
-    }
-    Answer::new(StatusCode::ACCEPTED, "accepted")
-        .rule(rule)
-        .delivery(delivery)
-        .decisions(decisions)
-        .subject(one_subject)
-        .revoked(revoked, ends)
-        .reopened(reopened)
-}
 
 #[cfg(test)]
 mod tests {

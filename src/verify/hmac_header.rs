@@ -369,6 +369,7 @@ mod tests {
 
     #[test]
     fn hostile_table() {
+        // Long on purpose: one table of hostile headers, each row its own case.
         let plain = scheme(Algorithm::Sha256, Encoding::Hex, "sha256=", false);
         let good = plain.sign("new-secret", "", BODY);
         let old = plain.sign("old-secret", "", BODY);

@@ -241,6 +241,7 @@ mod tests {
 
     #[test]
     fn hostile_table() {
+        // Long on purpose: one table of hostile headers, each row its own case.
         let other = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
         let guess = sign(other, ID, TS, BODY).unwrap();
         let ts = TS.to_string();

@@ -6,6 +6,7 @@ use super::*;
 
 contract!(a_subject_end_revokes_what_was_granted_under_it_in_order);
 async fn a_subject_end_revokes_what_was_granted_under_it_in_order(mut s: Backend) {
+    // Long on purpose: one subject's life, from approves to its end's revokes, read in order.
     for (key, id, subject) in [
         ("d1", "a", "P1"),
         ("d2", "b", "P1"),

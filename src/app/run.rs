@@ -1,0 +1,99 @@
+//! `Built::run`: every part started under supervision (the listeners, the worker, the answer
+//! loop, the mappings' reloader, the store's upkeep and its writer), and the relay handed
+//! back to be waited on or stopped.
+
+use std::sync::Arc;
+
+use tokio_util::sync::CancellationToken;
+
+use super::upkeep;
+use super::{Built, Relay, ok_when_done};
+use crate::receiver::{self, reload};
+use crate::server;
+use crate::store::StoreTask;
+use crate::supervise::Components;
+
+impl Built {
+    /// Starts every part under supervision and serves.
+    pub fn run(self) -> Relay {
+        let shutdown = CancellationToken::new();
+        let mut components = Components::new(self.opts.panic_in);
+        let (addr, metrics_addr) = (self.addr, self.metrics_addr);
+        let receiver = self.receiver.clone();
+        self.start(&mut components, &shutdown);
+        tracing::info!(%addr, sources = ?receiver.mappings.load().mappings.keys().collect::<Vec<_>>(), "relay listening");
+        let health = receiver.health.clone();
+        drop(receiver);
+        let stopping = shutdown.clone();
+        let done = tokio::spawn(async move {
+            let result = components.run(stopping, &health).await;
+            match &result {
+                Ok(()) => tracing::info!("relay stopped"),
+                Err(failure) => tracing::error!(%failure, "relay stopped after a failure"),
+            }
+            result
+        });
+        Relay {
+            addr,
+            metrics_addr,
+            shutdown,
+            done,
+        }
+    }
+
+    /// Spawns every part; each stops when `shutdown` is cancelled.
+    fn start(self, components: &mut Components, shutdown: &CancellationToken) {
+        let Built {
+            listener,
+            metrics_listener,
+            tls,
+            receiver,
+            worker,
+            answerer,
+            store,
+            writer,
+            env,
+            defaults,
+            retention,
+            limits,
+            opts,
+            ..
+        } = self;
+        let drain = opts.drain;
+        let own_metrics = metrics_listener.is_none();
+        let router = receiver::router(receiver.clone(), own_metrics);
+        let main = server::serve(
+            listener,
+            router,
+            limits.clone(),
+            tls,
+            shutdown.clone(),
+            drain,
+        );
+        components.spawn("server", ok_when_done(main));
+        if let Some(l) = metrics_listener {
+            let router = receiver::metrics_router(receiver.clone());
+            let metrics = server::serve(l, router, limits, None, shutdown.clone(), drain);
+            components.spawn("metrics-server", ok_when_done(metrics));
+        }
+        let worker = worker.run(shutdown.clone(), drain);
+        components.spawn("worker", ok_when_done(worker));
+        let answers = answerer.run(shutdown.clone(), drain);
+        components.spawn("answerer", ok_when_done(answers));
+        let poll = opts.reload_poll;
+        let reloads = reload::watch(receiver.clone(), env, defaults, poll, shutdown.clone());
+        components.spawn("reloader", ok_when_done(reloads));
+        let health = Arc::clone(&receiver.health);
+        let metrics = receiver.metrics.clone();
+        upkeep::spawn(components, &store, health, metrics, retention, shutdown);
+        // The writer ends once every handle is gone (every component above has ended) and
+        // its queue is drained.
+        drop(store);
+        match writer {
+            StoreTask::Thread(thread) => components.watch_thread("store-writer", thread),
+            StoreTask::Task(task) => components.spawn("store-writer", async move {
+                task.await.map_err(|e| format!("ended abnormally: {e}"))
+            }),
+        }
+    }
+}

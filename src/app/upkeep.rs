@@ -1,0 +1,149 @@
+//! The store's upkeep while the relay runs: probed every second for `/readyz`, its gauges kept
+//! current, its planner statistics (PostgreSQL) fresh, and what is past its retention pruned.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use super::ok_when_done;
+use crate::health::Health;
+use crate::metrics::Metrics;
+use crate::retry::saturating_i64;
+use crate::store::{Prune, StoreHandle, ms, now_ms};
+use crate::supervise::Components;
+
+/// Spawns every upkeep loop on `store`.
+pub(super) fn spawn(
+    components: &mut Components,
+    store: &StoreHandle,
+    health: Arc<Health>,
+    metrics: Metrics,
+    retention: Retention,
+    shutdown: &CancellationToken,
+) {
+    let probe = probe_loop(store.clone(), health, shutdown.clone());
+    components.spawn("store-probe", ok_when_done(probe));
+    let upkeep = upkeep_loop(store.clone(), shutdown.clone());
+    components.spawn("store-upkeep", ok_when_done(upkeep));
+    let gauges = gauge_loop(store.clone(), metrics, shutdown.clone());
+    components.spawn("gauges", ok_when_done(gauges));
+    let prune = prune_loop(store.clone(), retention, shutdown.clone());
+    components.spawn("pruner", ok_when_done(prune));
+}
+
+/// How often the store is probed for `/readyz`.
+const PROBE_EVERY: Duration = Duration::from_secs(1);
+/// How long a probe may wait for the store before the store counts as not answering.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Keeps the store flag of `/readyz` true to the present: set when a probe fails or does not
+/// come back in time, cleared by the next probe that succeeds (the receiver also sets it when
+/// an accept fails, so readiness drops at once rather than at the next probe).
+async fn probe_loop(store: StoreHandle, health: Arc<Health>, shutdown: CancellationToken) {
+    let mut failing = false;
+    loop {
+        let probe = store.probe();
+        tokio::pin!(probe);
+        let result = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = &mut probe => r.map_err(|e| e.to_string()),
+            _ = tokio::time::sleep(PROBE_TIMEOUT) => {
+                health.set_store_error(Some(format!(
+                    "the store has not answered for {} s", PROBE_TIMEOUT.as_secs()
+                )));
+                // Wait for this probe rather than queue more behind it.
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    r = &mut probe => r.map_err(|e| e.to_string()),
+                }
+            }
+        };
+        match result {
+            Ok(()) => {
+                if failing {
+                    tracing::info!("the store takes writes again: ready");
+                }
+                failing = false;
+                health.set_store_error(None);
+            }
+            Err(e) => {
+                if !failing {
+                    tracing::error!(error = %e, "the store cannot take writes: not ready");
+                }
+                failing = true;
+                health.set_store_error(Some(e));
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(PROBE_EVERY) => {}
+        }
+    }
+}
+
+/// Runs `turn` now and then every `period` until `shutdown`.
+async fn every<F: Future<Output = ()>>(
+    period: Duration,
+    shutdown: CancellationToken,
+    mut turn: impl FnMut() -> F,
+) {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            () = turn() => {}
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(period) => {}
+        }
+    }
+}
+
+/// The store's upkeep every few seconds (PostgreSQL: the jobs table's planner statistics).
+async fn upkeep_loop(store: StoreHandle, shutdown: CancellationToken) {
+    every(Duration::from_secs(5), shutdown, || async {
+        if let Err(e) = store.upkeep().await {
+            tracing::warn!(error = %e, "store upkeep failed");
+        }
+    })
+    .await
+}
+
+/// The queue's gauges (decisions waiting, dead), kept current every second.
+async fn gauge_loop(store: StoreHandle, metrics: Metrics, shutdown: CancellationToken) {
+    every(Duration::from_secs(1), shutdown, || async {
+        if let Ok(c) = store.counts().await {
+            metrics.queue_depth.set(saturating_i64(c.pending));
+            metrics.dead_letters.set(saturating_i64(c.dead));
+        }
+    })
+    .await
+}
+
+/// What the pruner keeps: finished decisions for the dedup window, subject ends for theirs.
+#[derive(Clone, Copy)]
+pub(super) struct Retention {
+    pub finished: Duration,
+    pub ends: Duration,
+}
+
+async fn prune_loop(store: StoreHandle, retention: Retention, shutdown: CancellationToken) {
+    every(Duration::from_secs(3600), shutdown, || async {
+        let now = now_ms();
+        let before = Prune {
+            finished_before_ms: now.saturating_sub(ms(retention.finished)),
+            ends_before_ms: now.saturating_sub(ms(retention.ends)),
+        };
+        match store.prune(before).await {
+            Ok(n) if n > 0 => tracing::info!(
+                rows = n,
+                "pruned finished decisions and subject ends past their retention windows"
+            ),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "prune failed"),
+        }
+    })
+    .await
+}
