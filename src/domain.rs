@@ -440,11 +440,7 @@ impl Gate {
             Gate::GitHub { user, org, teams } => format!(
                 "GitHub: {} an active member of {}",
                 printable(user),
-                teams
-                    .iter()
-                    .map(|t| format!("{org}/{t}"))
-                    .collect::<Vec<_>>()
-                    .join(" or ")
+                org_teams(org, teams)
             ),
         }
     }
@@ -464,6 +460,15 @@ pub fn printable(text: &str) -> String {
         out.push('…');
     }
     out
+}
+
+/// A GitHub organization's teams as a check names them: `acme/sre or acme/oncall`.
+pub fn org_teams(org: &str, teams: &[String]) -> String {
+    teams
+        .iter()
+        .map(|t| format!("{org}/{t}"))
+        .collect::<Vec<_>>()
+        .join(" or ")
 }
 
 #[cfg(test)]

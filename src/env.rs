@@ -160,6 +160,12 @@ impl Env {
         }
     }
 
+    /// As `expand_tree`, each error prefixed with `at` (the file).
+    pub fn expand_at(&self, at: &str, value: &mut serde_json::Value) -> Result<(), Vec<String>> {
+        self.expand_tree(value, "")
+            .map_err(|errors| errors.iter().map(|e| format!("{at}: {e}")).collect())
+    }
+
     fn expand_into(&self, value: &mut serde_json::Value, path: &str, errors: &mut Vec<String>) {
         use serde_json::Value;
         match value {
@@ -185,6 +191,15 @@ impl Env {
             _ => {}
         }
     }
+}
+
+/// `tree` read as `T`; an error names `at` (the file) and the path of the value.
+pub fn deserialize_at<T: serde::de::DeserializeOwned>(
+    at: &str,
+    tree: serde_json::Value,
+) -> Result<T, Vec<String>> {
+    serde_path_to_error::deserialize(tree)
+        .map_err(|e| vec![format!("{at}: {}: {}", e.path(), e.inner())])
 }
 
 #[cfg(test)]

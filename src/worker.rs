@@ -98,21 +98,11 @@ impl Work for Worker {
     }
 
     fn panicked(&self, job: &Job, why: &str) -> AttemptRecord {
-        let now = now_ms();
-        let attempts = job.attempts.saturating_add(1);
-        let next = retry_at(&self.retry, attempts, now, job.window_start_ms, None);
+        let mut rec = self.again_or_dead(job, None);
         tracing::error!(
-            job_id = job.id, error = %why, attempt = attempts,
-            state = if next.is_some() { "pending" } else { "dead" },
+            job_id = job.id, error = %why, attempt = rec.attempts, state = rec.state.as_str(),
             "a P0 call failed inside the relay (a bug); the decision is given back"
         );
-        let mut rec = record(job.id, job.claim_token, attempts, now);
-        rec.state = if next.is_some() {
-            State::Pending
-        } else {
-            State::Dead
-        };
-        rec.next_attempt_at_ms = next.unwrap_or(now);
         rec.result = "internal_error";
         rec.error = Some(format!("the relay failed during the call: {why}"));
         rec
@@ -124,6 +114,22 @@ impl Work for Worker {
         rec.state = State::Dead;
         rec.result = "unreadable";
         rec.error = Some(row.why.clone());
+        rec
+    }
+}
+
+impl Worker {
+    /// An attempt that failed for now: pending again after a backoff (not before
+    /// `retry_after`), or dead when out of attempts or past the decision's max age.
+    fn again_or_dead(&self, job: &Job, retry_after: Option<Duration>) -> AttemptRecord {
+        let now = now_ms();
+        let attempts = job.attempts.saturating_add(1);
+        let next = retry_at(&self.retry, attempts, now, job.window_start_ms, retry_after);
+        let mut rec = record(job.id, job.claim_token, attempts, now);
+        (rec.state, rec.next_attempt_at_ms) = match next {
+            Some(at) => (State::Pending, at),
+            None => (State::Dead, now),
+        };
         rec
     }
 }
@@ -376,28 +382,18 @@ impl Worker {
         error: String,
         retry_after: Option<Duration>,
     ) -> AttemptRecord {
-        let now = now_ms();
-        let attempts = job.attempts.saturating_add(1);
-        let next = retry_at(&self.retry, attempts, now, job.window_start_ms, retry_after);
+        let mut rec = self.again_or_dead(job, retry_after);
         tracing::warn!(
-            job_id = job.id, %error, attempt = attempts,
-            state = if next.is_some() { "pending" } else { "dead" },
+            job_id = job.id, %error, attempt = rec.attempts, state = rec.state.as_str(),
             "on-call check failed; P0 not called"
         );
-        if next.is_some() {
+        if rec.state == State::Pending {
             self.metrics.retries.inc();
         }
-        let mut rec = record(job.id, job.claim_token, attempts, now);
-        rec.state = if next.is_some() {
-            State::Pending
-        } else {
-            State::Dead
-        };
-        rec.next_attempt_at_ms = next.unwrap_or(now);
         rec.result = "check_failed";
         rec.error = Some(format!("on-call check: {error}"));
         // Dead: nothing will send it, so the one who asked is told why.
-        if next.is_none() {
+        if rec.state == State::Dead {
             let reason = "the on-call check could not be made within the decision's max age";
             rec.answers = compose::answers(job, &Final::NotSent { reason }, &self.answer_via);
         }
@@ -454,13 +450,10 @@ impl Worker {
                 error, retry_after, ..
             } => {
                 rec.error = Some(error);
-                match retry_at(&self.retry, attempts, now, job.window_start_ms, retry_after) {
-                    None => rec.state = State::Dead,
-                    Some(at) => {
-                        rec.state = State::Pending;
-                        rec.next_attempt_at_ms = at;
-                        self.metrics.retries.inc();
-                    }
+                let again = self.again_or_dead(job, retry_after);
+                (rec.state, rec.next_attempt_at_ms) = (again.state, again.next_attempt_at_ms);
+                if rec.state == State::Pending {
+                    self.metrics.retries.inc();
                 }
             }
         }

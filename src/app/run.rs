@@ -43,53 +43,47 @@ impl Built {
 
     /// Spawns every part; each stops when `shutdown` is cancelled.
     fn start(self, components: &mut Components, shutdown: &CancellationToken) {
-        let Built {
-            listener,
-            metrics_listener,
-            tls,
-            receiver,
-            worker,
-            answerer,
-            store,
-            writer,
-            env,
-            defaults,
-            retention,
-            limits,
-            opts,
-            ..
-        } = self;
-        let drain = opts.drain;
-        let own_metrics = metrics_listener.is_none();
+        let (drain, receiver) = (self.opts.drain, self.receiver);
+        let own_metrics = self.metrics_listener.is_none();
         let router = receiver::router(receiver.clone(), own_metrics);
+        let limits = self.limits;
         let main = server::serve(
-            listener,
+            self.listener,
             router,
             limits.clone(),
-            tls,
+            self.tls,
             shutdown.clone(),
             drain,
         );
         components.spawn("server", ok_when_done(main));
-        if let Some(l) = metrics_listener {
+        if let Some(l) = self.metrics_listener {
             let router = receiver::metrics_router(receiver.clone());
             let metrics = server::serve(l, router, limits, None, shutdown.clone(), drain);
             components.spawn("metrics-server", ok_when_done(metrics));
         }
-        let worker = worker.run(shutdown.clone(), drain);
+        let worker = self.worker.run(shutdown.clone(), drain);
         components.spawn("worker", ok_when_done(worker));
-        let answers = answerer.run(shutdown.clone(), drain);
+        let answers = self.answerer.run(shutdown.clone(), drain);
         components.spawn("answerer", ok_when_done(answers));
-        let poll = opts.reload_poll;
+        let poll = self.opts.reload_poll;
+        let (env, defaults) = (self.env, self.defaults);
         let reloads = reload::watch(receiver.clone(), env, defaults, poll, shutdown.clone());
         components.spawn("reloader", ok_when_done(reloads));
         let health = Arc::clone(&receiver.health);
         let metrics = receiver.metrics.clone();
-        upkeep::spawn(components, &store, health, metrics, retention, shutdown);
+        let store = self.store;
+        upkeep::spawn(
+            components,
+            &store,
+            health,
+            metrics,
+            self.retention,
+            shutdown,
+        );
         // The writer ends once every handle is gone (every component above has ended) and
         // its queue is drained.
         drop(store);
-        match writer {
+        match self.writer {
             StoreTask::Thread(thread) => components.watch_thread("store-writer", thread),
             StoreTask::Task(task) => components.spawn("store-writer", async move {
                 task.await.map_err(|e| format!("ended abnormally: {e}"))

@@ -210,14 +210,8 @@ fn expanded<T: serde::de::DeserializeOwned>(
     let tree: Value =
         serde_saphyr::from_str(text).map_err(|e| vec![format!("{at}: not valid YAML: {e}")])?;
     let mut tree = pick(tree);
-    env.expand_tree(&mut tree, "").map_err(|errors| {
-        errors
-            .into_iter()
-            .map(|e| format!("{at}: {e}"))
-            .collect::<Vec<_>>()
-    })?;
-    serde_path_to_error::deserialize(tree)
-        .map_err(|e| vec![format!("{at}: {}: {}", e.path(), e.inner())])
+    env.expand_at(at, &mut tree)?;
+    crate::env::deserialize_at(at, tree)
 }
 
 /// The longest access a grant asks for when `decisions.max_expiration` says nothing.

@@ -90,17 +90,11 @@ fn expand(at: &str, tree: &Value, env: &Env) -> Result<RawMapping, Vec<String>> 
         )]);
     };
     let tests = map.remove("tests");
-    env.expand_tree(&mut expanded, "").map_err(|errors| {
-        errors
-            .iter()
-            .map(|e| format!("{at}: {e}"))
-            .collect::<Vec<_>>()
-    })?;
+    env.expand_at(at, &mut expanded)?;
     if let (Value::Object(map), Some(tests)) = (&mut expanded, tests) {
         map.insert("tests".into(), tests);
     }
-    serde_path_to_error::deserialize(expanded)
-        .map_err(|e| vec![format!("{at}: {}: {}", e.path(), e.inner())])
+    crate::env::deserialize_at(at, expanded)
 }
 
 /// Every rule compiled, and the problems found, each naming its rule.
@@ -467,14 +461,10 @@ fn optional(
     el: bool,
     errors: &mut Vec<String>,
 ) -> Option<Extract> {
-    match raw.map(|x| extract(x, el)) {
-        None => None,
-        Some(Ok(e)) => Some(e),
-        Some(Err(e)) => {
-            errors.push(format!("{field}: {e}"));
-            None
-        }
-    }
+    extracted(field, &raw.cloned(), el)
+        .map_err(|e| errors.push(e))
+        .ok()
+        .flatten()
 }
 
 fn actions(r: &RawRule, life: &Lifecycle, errors: &mut Vec<String>) -> Vec<Action> {
@@ -744,15 +734,26 @@ impl Check<'_> {
     }
 
     fn extract(&self, field: &str, x: &Option<RawExtract>) -> Result<Option<Extract>, String> {
-        x.as_ref()
-            .map(|x| extract(x, self.el))
-            .transpose()
-            .map_err(|e| format!("{field}: {e}"))
+        extracted(field, x, self.el)
     }
 
-    /// Fields the `check` does not use, refused when present.
-    fn unused(&self, check: &str, fields: &[(&str, bool)]) -> Result<(), String> {
-        match fields.iter().find(|(_, present)| *present) {
+    /// Refuses any field given that `check` does not use (`uses`).
+    fn only(&self, check: &str, uses: &[&str]) -> Result<(), String> {
+        let raw = self.raw;
+        let given = [
+            ("escalation_policy", raw.escalation_policy.is_some()),
+            ("escalation_policies", raw.escalation_policies.is_some()),
+            ("incident", raw.incident.is_some()),
+            ("max_level", raw.max_level.is_some()),
+            ("schedules", raw.schedules.is_some()),
+            ("org", raw.org.is_some()),
+            ("owner", raw.owner.is_some()),
+            ("teams", raw.teams.is_some()),
+        ];
+        match given
+            .iter()
+            .find(|(f, present)| *present && !uses.contains(f))
+        {
             Some((field, _)) => Err(format!("{field}: not used by the `{check}` check")),
             None => Ok(()),
         }
@@ -760,14 +761,14 @@ impl Check<'_> {
 
     fn pagerduty(&self) -> Result<Oncall, String> {
         let raw = self.raw;
-        self.unused(
-            "pagerduty",
-            &[
-                ("org", raw.org.is_some()),
-                ("owner", raw.owner.is_some()),
-                ("teams", raw.teams.is_some()),
-            ],
-        )?;
+        let uses = [
+            "escalation_policy",
+            "escalation_policies",
+            "incident",
+            "max_level",
+            "schedules",
+        ];
+        self.only("pagerduty", &uses)?;
         let escalation_policy = self.extract("escalation_policy", &raw.escalation_policy)?;
         let incident = self.extract("incident", &raw.incident)?;
         if escalation_policy.is_none() && incident.is_none() {
@@ -805,18 +806,7 @@ impl Check<'_> {
 
     fn opsgenie(&self, check: &str) -> Result<Oncall, String> {
         let raw = self.raw;
-        self.unused(
-            check,
-            &[
-                ("escalation_policy", raw.escalation_policy.is_some()),
-                ("escalation_policies", raw.escalation_policies.is_some()),
-                ("incident", raw.incident.is_some()),
-                ("max_level", raw.max_level.is_some()),
-                ("org", raw.org.is_some()),
-                ("owner", raw.owner.is_some()),
-                ("teams", raw.teams.is_some()),
-            ],
-        )?;
+        self.only(check, &["schedules"])?;
         let schedules = Self::list(&raw.schedules);
         if self.enabled && schedules.is_empty() {
             return Err(format!(
@@ -834,16 +824,7 @@ impl Check<'_> {
 
     fn github(&self) -> Result<Oncall, String> {
         let raw = self.raw;
-        self.unused(
-            "github",
-            &[
-                ("escalation_policy", raw.escalation_policy.is_some()),
-                ("escalation_policies", raw.escalation_policies.is_some()),
-                ("incident", raw.incident.is_some()),
-                ("max_level", raw.max_level.is_some()),
-                ("schedules", raw.schedules.is_some()),
-            ],
-        )?;
+        self.only("github", &["org", "owner", "teams"])?;
         let org = match &raw.org {
             None => String::new(),
             Some(RawExtract::Constant(c)) => c.trim().to_owned(),
@@ -878,6 +859,14 @@ impl Check<'_> {
             scope: GateScope::GitHub { org, teams },
         })
     }
+}
+
+/// An optional field compiled; an error names the field.
+fn extracted(field: &str, x: &Option<RawExtract>, el: bool) -> Result<Option<Extract>, String> {
+    x.as_ref()
+        .map(|x| extract(x, el))
+        .transpose()
+        .map_err(|e| format!("{field}: {e}"))
 }
 
 pub(super) fn selector(raw: &RawSelector) -> Result<Selector, String> {
@@ -968,21 +957,11 @@ fn answer(raw: &RawAnswer) -> Result<Option<Answer>, String> {
             raw.via
         )
     })?;
-    let comment = raw
-        .comment
-        .as_ref()
-        .map(|x| extract(x, false))
-        .transpose()
-        .map_err(|e| format!("comment: {e}"))?;
+    let comment = extracted("comment", &raw.comment, false)?;
     if comment.is_some() && via != Via::GitHub {
         return Err("comment: only GitHub answers on a comment".into());
     }
-    let on = raw
-        .on
-        .as_ref()
-        .map(|x| extract(x, false))
-        .transpose()
-        .map_err(|e| format!("on: {e}"))?;
+    let on = extracted("on", &raw.on, false)?;
     Ok(Some(Answer { via, on, comment }))
 }
 

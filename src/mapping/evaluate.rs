@@ -160,12 +160,16 @@ impl Mapping {
         trace: Option<&mut Vec<RuleTrace>>,
     ) -> Verdict {
         let mut trace = Trace(trace);
-        // The moment an on-call check judges: the signed event time, or the receipt.
-        let judged = self.freshness.event_time(input, now);
+        let event = Event {
+            input,
+            now,
+            // The moment an on-call check judges: the signed event time, or the receipt.
+            judged: self.freshness.event_time(input, now),
+        };
         for rule in &self.rules {
             let verdict = match &rule.for_each {
-                None => self.whole(rule, input, now, judged, &mut trace),
-                Some(each) => self.each(rule, each, input, now, judged, &mut trace),
+                None => self.whole(rule, &event, &mut trace),
+                Some(each) => self.each(rule, each, &event, &mut trace),
             };
             if let Some(verdict) = verdict {
                 return verdict;
@@ -175,15 +179,8 @@ impl Mapping {
     }
 
     /// `rule` on the whole webhook; `None` when it does not match.
-    fn whole(
-        &self,
-        rule: &Rule,
-        input: Input<'_>,
-        now: Option<SystemTime>,
-        judged: Option<SystemTime>,
-        trace: &mut Trace<'_>,
-    ) -> Option<Verdict> {
-        match apply(rule, input.into(), judged) {
+    fn whole(&self, rule: &Rule, event: &Event<'_>, trace: &mut Trace<'_>) -> Option<Verdict> {
+        match apply(rule, event.input.into(), event.judged) {
             Applied::NoMatch(why) => {
                 trace.note(rule, false, why);
                 None
@@ -205,7 +202,7 @@ impl Mapping {
                 // grants nothing: only approves must be fresh. A stale one is stored refused,
                 // to be answered back, and never sent.
                 let refused = (!binding.ends_subject && grants(&decisions))
-                    .then(|| self.stale(input, now))
+                    .then(|| self.stale(event.input, event.now))
                     .flatten();
                 let detail = match &refused {
                     Some(reason) => format!("{detail}; refused: {reason}"),
@@ -229,17 +226,15 @@ impl Mapping {
         &self,
         rule: &Rule,
         each: &ForEach,
-        input: Input<'_>,
-        now: Option<SystemTime>,
-        judged: Option<SystemTime>,
+        event: &Event<'_>,
         trace: &mut Trace<'_>,
     ) -> Option<Verdict> {
-        let nodes = each.path.nodes(input.into());
+        let nodes = each.path.nodes(event.input.into());
         let Elements {
             mut decided,
             refused,
             skipped,
-        } = Elements::of(rule, each, &nodes, input, judged, trace);
+        } = Elements::of(rule, each, &nodes, event, trace);
         if decided.is_empty() && refused.is_none() {
             let why = if nodes.is_empty() {
                 format!("for_each {} yielded nothing", each.path.describe())
@@ -264,7 +259,7 @@ impl Mapping {
             let still = format!("{reason}; the elements that end their subjects still do");
             trace.note(rule, true, still);
         }
-        Some(self.elements_decided(rule, decided, nodes.len(), input, now, trace))
+        Some(self.elements_decided(rule, decided, nodes.len(), event, trace))
     }
 
     /// The verdict of the elements that decided: a stale event's granting elements are
@@ -274,11 +269,10 @@ impl Mapping {
         rule: &Rule,
         decided: Vec<(Element, Vec<Decision>)>,
         of: usize,
-        input: Input<'_>,
-        now: Option<SystemTime>,
+        event: &Event<'_>,
         trace: &mut Trace<'_>,
     ) -> Verdict {
-        let stale = self.stale(input, now);
+        let stale = self.stale(event.input, event.now);
         let mut elements = Vec::with_capacity(decided.len());
         let mut decisions = Vec::new();
         for (mut e, mut ds) in decided {
@@ -330,6 +324,14 @@ impl Mapping {
     }
 }
 
+/// The webhook a mapping decides, the clock its freshness is judged by, and the moment an
+/// on-call check judges.
+struct Event<'a> {
+    input: Input<'a>,
+    now: Option<SystemTime>,
+    judged: Option<SystemTime>,
+}
+
 /// Why each rule tried did or did not decide, for `explain` (nothing is kept otherwise).
 struct Trace<'a>(Option<&'a mut Vec<RuleTrace>>);
 
@@ -358,8 +360,7 @@ impl Elements {
         rule: &Rule,
         each: &ForEach,
         nodes: &[&Value],
-        input: Input<'_>,
-        judged: Option<SystemTime>,
+        event: &Event<'_>,
         trace: &mut Trace<'_>,
     ) -> Elements {
         let mut out = Elements {
@@ -369,10 +370,10 @@ impl Elements {
         };
         for (i, node) in nodes.iter().enumerate() {
             let scope = Scope {
-                input,
+                input: event.input,
                 element: Some(node),
             };
-            match apply(rule, scope, judged) {
+            match apply(rule, scope, event.judged) {
                 Applied::NoMatch(why) => out.skipped.push(format!("element {}: {why}", i + 1)),
                 Applied::Rejected(reason, line) => {
                     trace.note(rule, true, format!("element {}: {line}", i + 1));

@@ -8,7 +8,7 @@ use super::secret;
 
 use super::Place;
 use crate::config::ProviderApi;
-use crate::domain::{Gate, Via, printable};
+use crate::domain::{Gate, Via, org_teams, printable};
 use crate::oncall::{Checker, Fetched, Finding, failure};
 
 /// What every call to GitHub carries.
@@ -81,11 +81,7 @@ pub async fn check(checker: &Checker, api: &ProviderApi, gate: &Gate) -> Finding
     Finding::NotOnCall(format!(
         "not a member: {} is not an active member of {} ({})",
         printable(user),
-        teams
-            .iter()
-            .map(|t| format!("{org}/{t}"))
-            .collect::<Vec<_>>()
-            .join(" or "),
+        org_teams(org, teams),
         seen.join("; ")
     ))
 }

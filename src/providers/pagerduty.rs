@@ -11,7 +11,7 @@ use serde_json::Value;
 
 use super::Place;
 use crate::config::ProviderApi;
-use crate::domain::{Gate, Via, printable};
+use crate::domain::{Gate, GateScope, Via, printable};
 use crate::oncall::{Checker, Fetched, Finding, at_time, failure, rfc3339};
 
 /// How long a PagerDuty on-call window asked for spans: every check of the same user and
@@ -93,15 +93,20 @@ impl Bound {
 /// Whether the actor is on call, at a pinned level or lower, for the incident's escalation
 /// policy (one the operator pinned) or a pinned schedule, at the moment judged.
 pub async fn check(checker: &Checker, api: &ProviderApi, gate: &Gate) -> Finding {
-    let Gate::PagerDuty {
-        user,
-        escalation_policy,
-        incident,
-        escalation_policies,
-        max_level,
-        schedules,
-        at_ms,
-    } = gate
+    let (
+        Gate::PagerDuty {
+            user,
+            escalation_policy,
+            incident,
+            at_ms,
+            ..
+        },
+        GateScope::PagerDuty {
+            escalation_policies,
+            max_level,
+            schedules,
+        },
+    ) = (gate, gate.scope())
     else {
         return failure("not a PagerDuty check".into());
     };
@@ -130,7 +135,7 @@ pub async fn check(checker: &Checker, api: &ProviderApi, gate: &Gate) -> Finding
     );
     let fetched = checker
         .cached(key, || {
-            oncalls(checker, api, user, &policy, schedules, from)
+            oncalls(checker, api, user, &policy, &schedules, from)
         })
         .await;
     let oncalls = match fetched {
@@ -141,9 +146,9 @@ pub async fn check(checker: &Checker, api: &ProviderApi, gate: &Gate) -> Finding
     let judged = Judged {
         user,
         policy: &policy,
-        schedules,
+        schedules: &schedules,
         at_ms: *at_ms,
-        max_level: max_level.unwrap_or(1),
+        max_level,
     };
     judged.finding(&oncalls)
 }

@@ -7,7 +7,6 @@ use super::StoreError;
 use super::model::{
     AnswerJob, AnswerRow, AttemptRow, DeliveryInfo, Granted, Job, JobSummary, Unreadable,
 };
-use super::rules::Candidate;
 use crate::domain::{Action, Expiration, Gate, Id, Reply, printable};
 
 /// A row's columns by index, from either database.
@@ -270,6 +269,20 @@ pub(crate) fn candidates(which: &str, lock: &str) -> String {
          LEFT JOIN subject_ends e ON e.source = j.source AND e.subject = j.subject
          WHERE {which} ORDER BY j.id {lock}"
     )
+}
+
+/// A job `replay` may queue again, as `candidates` reads it: the latest job on its request,
+/// and its subject's end (when it ended, whether it reopened since). `Candidate::classify`
+/// (in `rules`) decides what becomes of it.
+pub(crate) struct Candidate {
+    pub id: i64,
+    pub action: String,
+    pub latest: i64,
+    pub latest_action: String,
+    pub subject: Option<String>,
+    pub created_at: i64,
+    pub ended_at: Option<i64>,
+    pub reopened: bool,
 }
 
 impl Candidate {

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use super::StoreError;
 use super::model::{NewDelivery, Overtaken, Replayed};
+pub(crate) use super::rows::Candidate;
 use crate::domain::Action;
 
 /// The order a batch's deliveries are written in: arrival order, except that deliveries that
@@ -44,19 +45,6 @@ pub fn ended_reason(subject: &str, ended_at_ms: i64) -> String {
         "subject {subject} ended at {}",
         humantime::format_rfc3339_seconds(at)
     )
-}
-
-/// A job `replay` may queue again, as a store reads it: the latest job on its request, and its
-/// subject's end (when it ended, whether it reopened since).
-pub(crate) struct Candidate {
-    pub id: i64,
-    pub action: String,
-    pub latest: i64,
-    pub latest_action: String,
-    pub subject: Option<String>,
-    pub created_at: i64,
-    pub ended_at: Option<i64>,
-    pub reopened: bool,
 }
 
 impl Candidate {

@@ -8,7 +8,7 @@ use axum::http::{HeaderMap, HeaderName};
 use base64::Engine;
 use hmac::{Hmac, KeyInit, Mac};
 
-use super::{Verified, VerifyError, first_match, single_header_named};
+use super::{Checked, Verified, VerifyError, first_match, single_header_named};
 use crate::secret::Secrets;
 
 /// Signatures looked at in one header, at most (a rotation carries two or three).
@@ -161,12 +161,7 @@ impl HmacHeader {
             .map(|(_, t)| std::time::Duration::from_secs(t.unsigned_abs()))
     }
 
-    pub fn verify(
-        &self,
-        headers: &HeaderMap,
-        body: &[u8],
-        now: i64,
-    ) -> Result<Verified, VerifyError> {
+    pub fn verify(&self, headers: &HeaderMap, body: &[u8], now: i64) -> Checked {
         let Some(name) = self.headers.iter().find(|h| headers.contains_key(*h)) else {
             let names: Vec<&str> = self.headers.iter().map(HeaderName::as_str).collect();
             return Err(VerifyError::Missing(names.join(" or ").into()));

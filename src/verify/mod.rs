@@ -69,6 +69,9 @@ impl fmt::Display for Verified {
     }
 }
 
+/// What verifying a webhook came to.
+pub type Checked = Result<Verified, VerifyError>;
+
 /// Why a webhook was refused as unauthenticated. The text never contains a secret.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum VerifyError {

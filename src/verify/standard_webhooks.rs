@@ -8,7 +8,7 @@ use base64::engine::general_purpose::STANDARD;
 use hmac::{Hmac, KeyInit, Mac};
 use sha2::Sha256;
 
-use super::{Verified, VerifyError, first_match, single_header};
+use super::{Checked, Verified, VerifyError, first_match, single_header};
 use crate::secret::{Secret, Secrets};
 
 const MAX_CANDIDATES: usize = 8;
@@ -66,12 +66,7 @@ impl StandardWebhooks {
         Ok(StandardWebhooks { secrets, tolerance })
     }
 
-    pub fn verify(
-        &self,
-        headers: &HeaderMap,
-        body: &[u8],
-        now: i64,
-    ) -> Result<Verified, VerifyError> {
+    pub fn verify(&self, headers: &HeaderMap, body: &[u8], now: i64) -> Checked {
         let names = if headers.contains_key(STANDARD_NAMES.signature) {
             &STANDARD_NAMES
         } else if headers.contains_key(SVIX_NAMES.signature) {

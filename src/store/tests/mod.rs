@@ -1,12 +1,10 @@
 //! The store contract: one set of tests run through the `Store` interface against SQLite and
-//! PostgreSQL alike, each at explicit moments (a manual `Clock`), split by concern (`jobs`,
-//! `ends`, `answers`); the PostgreSQL tests of what several relays on one database must hold
-//! (`postgres`); and SQLite's own (`sqlite`). PostgreSQL tests skip, listed after the run's
+//! PostgreSQL alike, each at explicit moments (a manual `Clock`), by concern (`contract`); the
+//! PostgreSQL tests of what several relays on one database must hold (`postgres`); and
+//! SQLite's own (`sqlite`). PostgreSQL tests skip, listed after the run's
 //! summary, when 127.0.0.1:5432 does not answer, and fail instead in CI.
 
-mod answers;
-mod ends;
-mod jobs;
+mod contract;
 #[path = "../../../tests/api/common/pg.rs"]
 mod pg;
 mod postgres;
@@ -255,6 +253,17 @@ fn done(job: &Job, state: State) -> AttemptRecord {
     }
 }
 
+/// `rec` with a note on PagerDuty incident P1 to answer back.
+fn with_a_note(mut rec: AttemptRecord) -> AttemptRecord {
+    rec.answers = vec![NewAnswer {
+        via: "pagerduty".into(),
+        kind: "note".into(),
+        target: r#"{"incident":"P1"}"#.into(),
+        body: r#"{"note":{"content":"done"}}"#.into(),
+    }];
+    rec
+}
+
 fn jobs(a: &Accepted) -> Vec<(i64, bool)> {
     match a {
         Accepted::New { jobs, .. } => jobs.iter().map(|j| (j.job_id, j.coalesced)).collect(),
@@ -287,7 +296,7 @@ fn overtaken(job: i64, by: i64) -> Overtaken {
 }
 
 /// Runs a contract test against both backends.
-macro_rules! contract {
+macro_rules! on_both_stores {
     ($name:ident) => {
         mod $name {
             #[tokio::test]
@@ -305,4 +314,4 @@ macro_rules! contract {
         }
     };
 }
-use contract;
+use on_both_stores;

@@ -73,6 +73,7 @@ async fn two_stores() -> Option<(TestDb, Relay, Relay)> {
     let b = Relay::open(&location(&db)).await.unwrap();
     Some((db, a, b))
 }
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_same_delivery_at_two_relays_at_once_is_accepted_once() {
     let Some((_db, a, b)) = two_stores().await else {
@@ -103,6 +104,7 @@ async fn the_same_delivery_at_two_relays_at_once_is_accepted_once() {
     }
     assert_eq!(a.counts().await.unwrap().pending, 30);
 }
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_same_decision_at_two_relays_at_once_is_one_job() {
     let Some((_db, a, b)) = two_stores().await else {
@@ -122,6 +124,7 @@ async fn the_same_decision_at_two_relays_at_once_is_one_job() {
     }
     assert_eq!(a.counts().await.unwrap().pending, 30);
 }
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batches_that_cross_in_opposite_orders_do_not_deadlock() {
     let Some((_db, a, b)) = two_stores().await else {
@@ -142,6 +145,7 @@ async fn batches_that_cross_in_opposite_orders_do_not_deadlock() {
     assert!(ra.iter().chain(rb.iter()).all(Result::is_ok));
     assert_eq!(news, 40, "each delivery accepted once");
 }
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn claims_by_two_relays_never_overlap() {
     let Some((_db, a, b)) = two_stores().await else {
@@ -167,6 +171,17 @@ async fn claims_by_two_relays_never_overlap() {
     assert_eq!(all.len(), 60);
     assert_eq!(seen_a.len() + seen_b.len(), 60, "no job claimed twice");
 }
+
+/// Two relays, the first holding the claim on an approve.
+async fn two_stores_and_a_claim() -> Option<(TestDb, Relay, Relay, Job)> {
+    let (db, a, b) = two_stores().await?;
+    a.write(&[delivery("d", &[(Action::Approve, "r")])], &[], 1_000)
+        .await
+        .unwrap();
+    let job = a.claim_due(1_000, 1).await.unwrap().remove(0);
+    Some((db, a, b, job))
+}
+
 /// Renewed just before it ran out, a lease is not taken over by another relay; not renewed,
 /// it runs out, the other relay claims what it held (`take`: that relay's claim at a time,
 /// giving IDs and claim tokens), and the first can no longer renew it.
@@ -186,15 +201,12 @@ async fn renewal_keeps_a_claim(
     assert!(!a.renew(what, id, claim, late).await.unwrap());
     assert!(b.renew(what, taken[0].0, taken[0].1, late).await.unwrap());
 }
+
 #[tokio::test]
 async fn a_renewed_lease_is_not_taken_over_and_a_lost_one_cannot_be_renewed() {
-    let Some((_db, a, b)) = two_stores().await else {
+    let Some((_db, a, b, job)) = two_stores_and_a_claim().await else {
         return;
     };
-    a.write(&[delivery("d", &[(Action::Approve, "r")])], &[], 1_000)
-        .await
-        .unwrap();
-    let job = a.claim_due(1_000, 1).await.unwrap().remove(0);
     let take = async |s: &Relay, at: i64| {
         s.expire_leases(at).await.unwrap();
         let jobs = s.claim_due(at, 10).await.unwrap();
@@ -209,23 +221,15 @@ async fn a_renewed_lease_is_not_taken_over_and_a_lost_one_cannot_be_renewed() {
     )
     .await;
 }
+
 #[tokio::test]
 async fn a_renewed_answer_lease_is_not_taken_over_and_a_lost_one_cannot_be_renewed() {
-    let Some((_db, a, b)) = two_stores().await else {
+    let Some((_db, a, b, job)) = two_stores_and_a_claim().await else {
         return;
     };
-    a.write(&[delivery("d", &[(Action::Approve, "r")])], &[], 1_000)
+    a.write(&[], &[with_a_note(done(&job, State::Succeeded))], 2_000)
         .await
         .unwrap();
-    let job = a.claim_due(1_000, 1).await.unwrap().remove(0);
-    let mut rec = done(&job, State::Succeeded);
-    rec.answers = vec![NewAnswer {
-        via: "pagerduty".into(),
-        kind: "note".into(),
-        target: r#"{"incident":"P1"}"#.into(),
-        body: r#"{"note":{"content":"done"}}"#.into(),
-    }];
-    a.write(&[], &[rec], 2_000).await.unwrap();
     let answer = a.claim_answers(2_000, 1).await.unwrap().remove(0);
     let take = async |s: &Relay, at: i64| {
         let answers = s.claim_answers(at, 10).await.unwrap();
@@ -234,6 +238,7 @@ async fn a_renewed_answer_lease_is_not_taken_over_and_a_lost_one_cannot_be_renew
     let held = (answer.id, answer.claim_token);
     renewal_keeps_a_claim((&a, &b), Leased::Answer, held, 2_000, take).await;
 }
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_end_and_an_approve_under_another_subject_at_once_come_out_in_some_order() {
     let Some((db, a, b)) = two_stores().await else {
@@ -276,6 +281,7 @@ async fn an_end_and_an_approve_under_another_subject_at_once_come_out_in_some_or
         );
     }
 }
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_relays_opening_a_fresh_database_at_once_migrate_it_once() {
     let Some(db) = TestDb::create().await else {
@@ -310,6 +316,7 @@ async fn ten_relays_opening_a_fresh_database_at_once_migrate_it_once() {
         .unwrap();
     }
 }
+
 const MIGRATIONS_PG_LEN: usize = 8;
 
 /// A database left at the schema before the last (by relays of the previous release), with
@@ -372,6 +379,7 @@ async fn a_database_at_the_previous_schema_is_migrated_and_its_work_goes_on() {
         vec![("r1", "approve")]
     );
 }
+
 #[tokio::test]
 async fn pruning_is_done_by_one_relay_at_a_time() {
     let Some((db, a, _b)) = two_stores().await else {
@@ -385,40 +393,24 @@ async fn pruning_is_done_by_one_relay_at_a_time() {
         .await
         .unwrap();
     // Another relay is pruning (holds the lock): this one skips its round.
+    const PRUNE_LOCK: i64 = 0x7030_7265_6c61_7902;
     let other = db.raw().await;
-    other
-        .execute("SELECT pg_advisory_lock($1)", &[&0x7030_7265_6c61_7902_i64])
-        .await
-        .unwrap();
-    assert_eq!(
+    let prune = || {
         a.prune(Prune {
             finished_before_ms: 10_000,
-            ends_before_ms: 10_000
+            ends_before_ms: 10_000,
         })
-        .await
-        .unwrap(),
-        0
-    );
+    };
+    let lock = "SELECT pg_advisory_lock($1)";
+    other.execute(lock, &[&PRUNE_LOCK]).await.unwrap();
+    assert_eq!(prune().await.unwrap(), 0);
     assert!(a.show(job.id).await.unwrap().is_some());
-    other
-        .execute(
-            "SELECT pg_advisory_unlock($1)",
-            &[&0x7030_7265_6c61_7902_i64],
-        )
-        .await
-        .unwrap();
-    assert_eq!(
-        a.prune(Prune {
-            finished_before_ms: 10_000,
-            ends_before_ms: 10_000
-        })
-        .await
-        .unwrap(),
-        2,
-        "the job and its delivery"
-    );
+    let unlock = "SELECT pg_advisory_unlock($1)";
+    other.execute(unlock, &[&PRUNE_LOCK]).await.unwrap();
+    assert_eq!(prune().await.unwrap(), 2, "the job and its delivery");
     assert!(a.show(job.id).await.unwrap().is_none());
 }
+
 #[tokio::test]
 async fn a_relay_is_woken_when_another_commits_new_work() {
     let Some((_db, a, b)) = two_stores().await else {
@@ -437,6 +429,7 @@ async fn a_relay_is_woken_when_another_commits_new_work() {
         .await
         .expect("woken by the other relay's commit");
 }
+
 #[tokio::test]
 async fn an_unreachable_database_is_unavailable_not_a_hang() {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -457,6 +450,7 @@ async fn an_unreachable_database_is_unavailable_not_a_hang() {
     assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
     assert!(started.elapsed() < Duration::from_secs(10));
 }
+
 #[tokio::test]
 async fn tls_as_libpq_require_encrypts_and_verify_full_checks_the_certificate() {
     let Some(db) = TestDb::create().await else {
@@ -494,6 +488,7 @@ async fn tls_as_libpq_require_encrypts_and_verify_full_checks_the_certificate() 
     let err = Relay::open(&with_mode("verify-full")).await.err().unwrap();
     assert!(err.to_string().contains("certificate"), "{err}");
 }
+
 /// A decision still committing holds its subject's lock shared: decisions on the same
 /// subject from other relays do not wait for it, and the subject's end does (so the end sees
 /// the approve and revokes it).
