@@ -6,10 +6,13 @@
 #   deploy/post-samples.sh            # or: deploy/post-samples.sh http://relay:8080
 #
 # Secrets come from demo.env (ENV_FILE=... names another file). Each sample's event time is set
-# to now first: grants must be fresh (an hour by default). Run it twice: the second run
-# answers `duplicate` for every source but incident.io, which is deduplication at work (each
-# delivery is keyed by what its sender signs or sends: the comment, the event, the alert); an
-# incident.io delivery gets a new signed `webhook-id` each second.
+# to now first: grants must be fresh (an hour by default). Run it twice and every source
+# answers `duplicate`, which is deduplication at work: GitHub's delivery is keyed by the comment
+# and the time it was last edited, PagerDuty's by the event ID, Opsgenie's and JSM's by the
+# alert, its action and its time, Alertmanager's and Grafana's by the group; the times this
+# script moves are none of those. incident.io's is keyed by its signed `webhook-id`, which the
+# script makes new each second: a run a second later answers `accepted`, its decision
+# `coalesced` into the first.
 set -eu
 cd "$(dirname "$0")/.."
 BASE=${1:-http://localhost:8080}

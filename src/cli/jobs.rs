@@ -165,7 +165,7 @@ fn line(cells: &[String; 11], widths: &[usize; 11]) -> String {
             _ => format!("{cell}{}", " ".repeat(pad)),
         });
     }
-    out.join("  ")
+    out.join("  ").trim_end().to_owned()
 }
 
 /// One decision: what it is, its on-call check, its delivery, its attempts and answers back.
