@@ -126,6 +126,11 @@ impl From<&Answer> for Outcome {
         match a.verdict() {
             Verdict::Done => Outcome::Success { status },
             Verdict::Unauthorized => Outcome::Unauthorized { error: a.error() },
+            // A 403 with a rate limit's headers is GitHub's way; from P0 it is final.
+            Verdict::RateLimited if status == 403 => Outcome::Rejected {
+                status,
+                error: a.error(),
+            },
             Verdict::RateLimited | Verdict::Unavailable => Outcome::Transient {
                 status: Some(status),
                 error: a.error(),
@@ -178,6 +183,30 @@ mod tests {
             Outcome::Rejected {
                 status: 400,
                 error: "Invalid or expired request".into()
+            }
+        );
+    }
+
+    /// Regression: a 403 with rate-limit headers (GitHub's secondary limit) was retried when
+    /// P0 sent it; P0's 403 is final. A JSON error without `error` is kept as P0 sent it.
+    #[test]
+    fn a_403_from_p0_is_final_whatever_its_headers() {
+        let mut headers = header::HeaderMap::new();
+        headers.insert("retry-after", header::HeaderValue::from_static("30"));
+        headers.insert(
+            "x-ratelimit-remaining",
+            header::HeaderValue::from_static("0"),
+        );
+        let answer = Answer {
+            status: StatusCode::FORBIDDEN,
+            headers,
+            body: r#"{"detail":"not yours"}"#.into(),
+        };
+        assert_eq!(
+            Outcome::from(&answer),
+            Outcome::Rejected {
+                status: 403,
+                error: crate::domain::printable(r#"{"detail":"not yours"}"#)
             }
         );
     }

@@ -1,5 +1,6 @@
 //! Secrets typed so they cannot be printed: `Debug` and `Display` redact, and the bytes are
-//! reachable only through `expose`, which verification code alone calls. They cannot be
+//! reachable only through `expose`, which only verification, the clients that send a token
+//! (P0's, the providers') and the database connection call. They cannot be
 //! compared with `==` (not constant-time; compare digests with `subtle`, as `verify` does), and
 //! their memory is overwritten with zeros when they are dropped.
 
@@ -16,7 +17,7 @@ impl Secret {
         Secret(value.into())
     }
 
-    /// The secret's bytes, for the code that signs or compares with it.
+    /// The secret's bytes, for the code that signs, compares or sends it.
     pub fn expose(&self) -> &str {
         &self.0
     }

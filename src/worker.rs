@@ -289,7 +289,11 @@ impl Worker {
     /// pass, when it was stored without the check this relay's rule has, or with another
     /// provider's.
     fn checks_to_pass(&self, job: &Job, here: Option<GateScope>) -> Result<Vec<Gate>, String> {
-        match (job.gate.clone(), here) {
+        let stored = job
+            .gate
+            .clone()
+            .map_err(|e| format!("the stored on-call check is unreadable: {e}"))?;
+        match (stored, here) {
             (None, None) => Ok(Vec::new()),
             (None, Some(_)) => Err(format!(
                 "stored without the on-call check that rule `{}` has on this relay (a relay without it took the delivery)",
@@ -471,46 +475,32 @@ mod tests {
     use crate::store::{NewDelivery, Settings, SqliteStore, Windows};
     use wiremock::{Mock, MockServer, ResponseTemplate, matchers::method};
 
-    /// Regression: a call task that panicked was dropped silently and left its decision
-    /// `sending` until the next restart.
-    #[tokio::test]
-    async fn a_call_that_panics_returns_its_decision_to_pending_and_it_is_sent_again() {
-        // Long on purpose: a worker is built whole (every field named) and run once, end to end.
-        let dir = tempfile::tempdir().unwrap();
-        let db = dir.path().join("relay.db");
-        let windows = Windows {
-            dedup: Duration::from_secs(3600),
-            coalesce: Duration::from_secs(600),
-        };
-        let (sqlite, _writer) = SqliteStore::open(&db, &Settings::new(windows)).unwrap();
-        let store = StoreHandle::new(sqlite);
-        let p0 = MockServer::start().await;
-        Mock::given(method("POST"))
-            .respond_with(ResponseTemplate::new(200))
-            .mount(&p0)
-            .await;
-        store
-            .accept(NewDelivery {
-                source: "github".into(),
-                dedup_key: "d-1".into(),
-                received_at_ms: now_ms(),
-                rule: "comment-command".into(),
-                actor: None,
-                payload: None,
-                decisions: vec![Decision {
-                    org: Id::parse("acme").unwrap(),
-                    request_id: Id::parse("panic-1").unwrap(),
-                    action: Action::Revoke,
-                    expiration: None,
-                    clamped_from: None,
-                }],
-                binding: Default::default(),
-                refused: None,
-            })
-            .await
-            .unwrap();
+    fn retry() -> RetrySettings {
+        RetrySettings {
+            base_delay: Duration::from_millis(10),
+            max_delay: Duration::from_millis(50),
+            max_age: Duration::from_secs(3600),
+            max_attempts: 0,
+        }
+    }
+
+    /// A worker whole (every field named), calling the P0 at `p0`, answering nowhere.
+    fn worker(store: &StoreHandle, p0: &MockServer) -> Worker {
         let metrics = Metrics::new(["github"]).unwrap();
-        let worker = Worker {
+        let answers = crate::config::AnswerSettings {
+            github: None,
+            pagerduty: None,
+            opsgenie: None,
+            jsm: None,
+            concurrency: 1,
+            rate_per_second: 0,
+            timeout: Duration::from_secs(2),
+            retry: retry(),
+            oncall_cache: Duration::from_secs(60),
+            oncall_recheck_after: Duration::from_secs(900),
+            off: Vec::new(),
+        };
+        Worker {
             store: store.clone(),
             client: Some(
                 p0::Client::new(
@@ -522,37 +512,11 @@ mod tests {
             ),
             pacing: Arc::new(KeyedLimit::per_second(0, 1)),
             oncall: Arc::new(
-                crate::oncall::Checker::new(
-                    crate::config::AnswerSettings {
-                        github: None,
-                        pagerduty: None,
-                        opsgenie: None,
-                        jsm: None,
-                        concurrency: 1,
-                        rate_per_second: 0,
-                        timeout: Duration::from_secs(2),
-                        retry: RetrySettings {
-                            base_delay: Duration::from_millis(10),
-                            max_delay: Duration::from_millis(50),
-                            max_age: Duration::from_secs(3600),
-                            max_attempts: 0,
-                        },
-                        oncall_cache: Duration::from_secs(60),
-                        oncall_recheck_after: Duration::from_secs(900),
-                        off: Vec::new(),
-                    },
-                    Duration::from_secs(60),
-                    metrics.clone(),
-                )
-                .unwrap(),
+                crate::oncall::Checker::new(answers, Duration::from_secs(60), metrics.clone())
+                    .unwrap(),
             ),
             metrics,
-            retry: RetrySettings {
-                base_delay: Duration::from_millis(10),
-                max_delay: Duration::from_millis(50),
-                max_age: Duration::from_secs(3600),
-                max_attempts: 0,
-            },
+            retry: retry(),
             concurrency: 2,
             wake: Arc::new(Notify::new()),
             answer_via: Vec::new(),
@@ -560,24 +524,118 @@ mod tests {
             health: Arc::new(Health::default()),
             mappings: Arc::new(ArcSwap::from_pointee(MappingSet::default())),
             recheck_after: Duration::from_secs(900),
+        }
+    }
+
+    /// A store in `dir` holding one delivery of `decisions` (job IDs from 1, in order).
+    async fn store_with(dir: &std::path::Path, decisions: &[(Action, &str)]) -> StoreHandle {
+        let windows = Windows {
+            dedup: Duration::from_secs(3600),
+            coalesce: Duration::from_secs(600),
         };
+        let (sqlite, _writer) =
+            SqliteStore::open(&dir.join("relay.db"), &Settings::new(windows)).unwrap();
+        let store = StoreHandle::new(sqlite);
+        store
+            .accept(NewDelivery {
+                source: "github".into(),
+                dedup_key: "d-1".into(),
+                received_at_ms: now_ms(),
+                rule: "comment-command".into(),
+                actor: None,
+                payload: None,
+                decisions: decisions
+                    .iter()
+                    .map(|(action, id)| Decision {
+                        org: Id::parse("acme").unwrap(),
+                        request_id: Id::parse(id).unwrap(),
+                        action: *action,
+                        expiration: (*action == Action::Approve)
+                            .then(|| crate::domain::Expiration::parse("1h").unwrap()),
+                        clamped_from: None,
+                    })
+                    .collect(),
+                binding: Default::default(),
+                refused: None,
+            })
+            .await
+            .unwrap();
+        store
+    }
+
+    /// Runs `worker` until each job is in the state given (or 5 s pass): the states seen.
+    async fn run_until(worker: Worker, store: &StoreHandle, want: &[(i64, &str)]) -> Vec<String> {
         let shutdown = CancellationToken::new();
         let run = tokio::spawn(worker.run(shutdown.clone(), Duration::from_secs(1)));
-        let reader = store.clone();
-        let mut state = String::new();
+        let mut states = Vec::new();
         for _ in 0..200 {
-            state = reader.show(1).await.unwrap().unwrap().job.state;
-            if state == "succeeded" {
+            states.clear();
+            for (id, _) in want {
+                states.push(store.show(*id).await.unwrap().unwrap().job.state);
+            }
+            if states.iter().zip(want).all(|(s, (_, w))| s == w) {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
         shutdown.cancel();
         run.await.unwrap();
-        assert_eq!(state, "succeeded");
-        let detail = reader.show(1).await.unwrap().unwrap();
+        states
+    }
+
+    /// Regression: a call task that panicked was dropped silently and left its decision
+    /// `sending` until the next restart.
+    #[tokio::test]
+    async fn a_call_that_panics_returns_its_decision_to_pending_and_it_is_sent_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store_with(dir.path(), &[(Action::Revoke, "panic-1")]).await;
+        let p0 = MockServer::start().await;
+        Mock::given(method("POST"))
+            .respond_with(ResponseTemplate::new(200))
+            .mount(&p0)
+            .await;
+        let states = run_until(worker(&store, &p0), &store, &[(1, "succeeded")]).await;
+        assert_eq!(states, ["succeeded"]);
+        let detail = store.show(1).await.unwrap().unwrap();
         let results: Vec<&str> = detail.attempts.iter().map(|a| a.result.as_str()).collect();
         assert_eq!(results, ["internal_error", "success"]);
         assert_eq!(p0.received_requests().await.unwrap().len(), 1);
+    }
+
+    /// Regression: a stored reply or on-call check that could not be read made the whole job
+    /// dead, so a revoke was never sent. A revoke is sent; an approve is refused, unsent.
+    #[tokio::test]
+    async fn a_garbled_reply_or_check_holds_back_no_revoke_and_refuses_an_approve() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store_with(
+            dir.path(),
+            &[(Action::Revoke, "r-1"), (Action::Approve, "a-1")],
+        )
+        .await;
+        let garble = rusqlite::Connection::open(dir.path().join("relay.db")).unwrap();
+        garble
+            .execute("UPDATE jobs SET reply = 'nope', gate = 'nope'", [])
+            .unwrap();
+        let p0 = MockServer::start().await;
+        Mock::given(method("POST"))
+            .respond_with(ResponseTemplate::new(200))
+            .mount(&p0)
+            .await;
+        let states = run_until(
+            worker(&store, &p0),
+            &store,
+            &[(1, "succeeded"), (2, "rejected")],
+        )
+        .await;
+        assert_eq!(states, ["succeeded", "rejected"]);
+        let sent = p0.received_requests().await.unwrap();
+        assert_eq!(sent.len(), 1);
+        assert_eq!(sent[0].url.path(), "/o/acme/permission-requests/r-1/revoke");
+        let refused = store.show(2).await.unwrap().unwrap();
+        let error = refused.attempts[0].error.as_deref().unwrap_or_default();
+        assert!(
+            error.contains("the stored on-call check is unreadable"),
+            "{error}"
+        );
     }
 }

@@ -201,7 +201,7 @@ mod tests {
             reply: Some(serde_json::from_str(reply).unwrap()),
             bound: false,
             refused: None,
-            gate: None,
+            gate: Ok(None),
             evidence: None,
             checked_at_ms: None,
             rule: None,

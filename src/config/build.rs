@@ -95,6 +95,7 @@ impl<'a> Reader<'a> {
                 .as_deref()
                 .map(str::trim)
                 .filter(|t| !t.is_empty())
+                .filter(|t| self.sendable("p0.token", t))
                 .map(Secret::new),
             timeout,
             rate_per_second: rate(raw.rate_per_second, 20),
@@ -298,11 +299,33 @@ impl<'a> Reader<'a> {
                     .into(),
             );
         }
+        if !self.sendable(&format!("answers.{name}.token"), token)
+            | !from
+                .as_deref()
+                .is_none_or(|f| self.sendable("answers.pagerduty.from", f))
+        {
+            return None;
+        }
         Some(ProviderApi {
             url: url?,
             token: Secret::new(token),
             from,
         })
+    }
+
+    /// Whether `value` can be sent in an HTTP header (visible ASCII, spaces and tabs); an
+    /// error naming `field` when it cannot, which never shows the value (it may be a token).
+    fn sendable(&mut self, field: &str, value: &str) -> bool {
+        let ok = value
+            .bytes()
+            .all(|b| b == b'\t' || (b' '..=b'~').contains(&b));
+        if !ok {
+            self.errors.push(format!(
+                "{field}: holds a character an HTTP header cannot carry (a line break, a \
+                 control or non-ASCII character)"
+            ));
+        }
+        ok
     }
 
     /// `{prefix}.base_delay`, `max_delay`, `max_age` (by default `max_age`), `max_attempts`.

@@ -115,8 +115,8 @@ impl Answer {
         }
     }
 
-    /// The service's own words for an error (`error`, `message`, `error.message`), its text
-    /// when that is not JSON, or the status's reason; made printable and short.
+    /// The service's own words for an error (`error`, `message`, `error.message`), else its
+    /// text, or the status's reason when it sent none; made printable and short.
     pub fn error(&self) -> String {
         let v: Option<Value> = serde_json::from_str(&self.body).ok();
         let found = v.as_ref().and_then(|v| {
@@ -128,7 +128,7 @@ impl Answer {
         let text = self.body.trim();
         match found {
             Some(m) => printable(m),
-            None if !text.is_empty() && v.is_none() => printable(text),
+            None if !text.is_empty() => printable(text),
             None => self.status.canonical_reason().unwrap_or("error").to_owned(),
         }
     }
@@ -209,7 +209,7 @@ mod tests {
         assert_eq!(err(r#"{"error":{"message":"bad"}}"#), "bad");
         assert_eq!(err("upstream \n down"), "upstream \\n down");
         assert_eq!(err(""), "Bad Request");
-        assert_eq!(err("{}"), "Bad Request");
+        assert_eq!(err("{}"), "{}");
     }
 
     #[test]

@@ -148,8 +148,9 @@ impl Providers {
     }
 }
 
-/// A header value carrying a token: marked sensitive, so no debug output shows it. A token
-/// that is not a valid header value is sent empty (and refused by the provider).
+/// A header value carrying a token: marked sensitive, so no debug output shows it. Config
+/// refuses a token that is not a valid header value (`Builder::sendable`), so the empty value
+/// here is never sent.
 fn secret(value: &str) -> header::HeaderValue {
     let mut v = header::HeaderValue::from_str(value)
         .unwrap_or_else(|_| header::HeaderValue::from_static(""));

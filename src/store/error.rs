@@ -1,13 +1,15 @@
 //! What can go wrong in a store, typed by what the caller does about it: try again later
 //! (`Unavailable`), give up on this input (`Refused`), stop and upgrade or repair (`Schema`,
-//! `Corrupt`). Errors are cloneable, so one failed batch gives each of its writers the same one.
+//! `Corrupt`). The receiver answers 503 with `Retry-After` for every one (the sender's retry
+//! is safe); the types matter to the writers (a refused batch is written again in parts), to
+//! a connection (dropped when unavailable) and to the CLI. Errors are cloneable, so one failed
+//! batch gives each of its writers the same one.
 
 /// A store's failure.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum StoreError {
     /// The database cannot be reached or cannot take a write now (gone, locked past the busy
-    /// timeout, read-only, full): the receiver answers 503 with `Retry-After`, and the same
-    /// call may work later.
+    /// timeout, read-only): the same call may work later.
     #[error("store unavailable: {0}")]
     Unavailable(String),
     /// The database refused this operation on its content (a constraint, a value it cannot
@@ -73,12 +75,18 @@ impl From<tokio_postgres::Error> for StoreError {
         }
         match e.as_db_error() {
             Some(db) => match db.code().code() {
-                // Class 08 (connection), 53 (resources), 57 (operator intervention: shutdown,
-                // admin shutdown, cannot connect now). A deadlock refuses the batch, which is
-                // then written again in parts.
-                c if c.starts_with("08") || c.starts_with("53") || c.starts_with("57") => {
+                // The connection is gone or the server is going away: class 08 (connection),
+                // 57 but a cancelled statement (operator intervention: shutdown, cannot
+                // connect now), 53300 (too many connections).
+                c if c.starts_with("08")
+                    || (c.starts_with("57") && c != "57014")
+                    || c == "53300" =>
+                {
                     StoreError::Unavailable(chain(&e))
                 }
+                // About this statement (a deadlock, a statement timeout, out of memory or
+                // disk): it refuses the batch, which is then written again in parts, so the
+                // delivery that caused it fails alone.
                 _ => StoreError::Refused(chain(&e)),
             },
             // A row that does not convert to the type asked for.

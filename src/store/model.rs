@@ -152,8 +152,9 @@ pub struct Job {
     /// rejected with this reason, and never calls P0 for it.
     pub refused: Option<String>,
     /// The on-call check an approve must pass before it is sent, and what a check found and
-    /// when; a job with recent evidence passed it (a refusal is final).
-    pub gate: Option<Gate>,
+    /// when; a job with recent evidence passed it (a refusal is final). An approve's stored
+    /// check that cannot be read is `Err` (why): the approve is refused, never sent unchecked.
+    pub gate: Result<Option<Gate>, String>,
     pub evidence: Option<String>,
     pub checked_at_ms: Option<i64>,
     /// The rule and the actor of the delivery that made it: the worker checks an approve

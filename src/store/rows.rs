@@ -82,8 +82,11 @@ pub(crate) const JOB: &str = "id, source, org, request_id, action, expiration, a
     (SELECT d.actor FROM deliveries d WHERE d.id = jobs.delivery_id)";
 
 impl Job {
-    /// A claimed job (`JOB`, then its claim token), its values parsed; `Unreadable` when one
-    /// is not a value the relay writes (the row was changed behind its back).
+    /// A claimed job (`JOB`, then its claim token), its values parsed; `Unreadable` when what
+    /// its call to P0 needs (org, request ID, action, an approve's expiration) is not a value
+    /// the relay writes (the row was changed behind its back). What only an approve needs
+    /// never holds back a revoke or a deny: an unreadable reply is no answer back, an
+    /// unreadable on-call check refuses an approve (`gate`) and is nothing to the others.
     pub(crate) fn read(r: &impl Row) -> Result<Result<Job, Unreadable>, StoreError> {
         let (id, attempts, claim_token) = (r.int(0)?, r.count(6)?, r.int(18)?);
         let unreadable = |why: String| Unreadable {
@@ -92,27 +95,39 @@ impl Job {
             attempts,
             why: format!("stored decision unreadable: {why}"),
         };
-        let typed = (|| -> Result<_, String> {
+        let called = (|| -> Result<_, String> {
             let action = r.text(4).map_err(|e| e.to_string())?;
+            let action = Action::parse(&action)
+                .ok_or_else(|| format!("unknown action `{}`", printable(&action)))?;
+            let expiration = parsed(r.opt_text(5), "expiration", Expiration::parse);
             Ok((
                 Id::parse(&r.text(2).map_err(|e| e.to_string())?)
                     .map_err(|e| format!("org: {e}"))?,
                 Id::parse(&r.text(3).map_err(|e| e.to_string())?)
                     .map_err(|e| format!("request ID: {e}"))?,
-                Action::parse(&action)
-                    .ok_or_else(|| format!("unknown action `{}`", printable(&action)))?,
-                parsed(r.opt_text(5), "expiration", Expiration::parse)?,
-                parsed(r.opt_text(10), "reply", |t| {
-                    serde_json::from_str::<Reply>(t)
-                })?,
-                parsed(r.opt_text(13), "on-call check", |t| {
-                    serde_json::from_str::<Gate>(t)
-                })?,
+                action,
+                match action {
+                    Action::Approve => expiration?,
+                    _ => expiration.ok().flatten(),
+                },
             ))
         })();
-        let (org, request_id, action, expiration, reply, gate) = match typed {
-            Ok(typed) => typed,
+        let (org, request_id, action, expiration) = match called {
+            Ok(called) => called,
             Err(why) => return Ok(Err(unreadable(why))),
+        };
+        let reply = parsed(r.opt_text(10), "reply", |t| {
+            serde_json::from_str::<Reply>(t)
+        })
+        .unwrap_or_else(|why| {
+            tracing::warn!(job_id = id, error = %why, "stored reply unreadable: no answer back");
+            None
+        });
+        let gate = match action {
+            Action::Approve => parsed(r.opt_text(13), "on-call check", |t| {
+                serde_json::from_str::<Gate>(t)
+            }),
+            _ => Ok(None),
         };
         Ok(Ok(Job {
             id,

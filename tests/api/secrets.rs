@@ -205,3 +205,43 @@ async fn secrets_can_come_from_files() {
     );
     assert_eq!(env.expand("${TOKEN}").as_deref(), Ok("from-a-file"));
 }
+
+/// A token an HTTP header cannot carry (a line break pasted with it) is refused at start,
+/// naming the setting and never the token; before, it was sent as an empty header.
+#[test]
+fn a_token_a_header_cannot_carry_is_refused_naming_the_setting_not_the_token() {
+    use p0_relay::config::{Settings, env::Env};
+    let dir = tempfile::tempdir().unwrap();
+    let setup = Setup {
+        top: "answers:\n  github: { token: \"${GITHUB_TOKEN}\" }\n  \
+              pagerduty: { token: \"${PAGERDUTY_API_TOKEN}\", from: \"${PAGERDUTY_FROM}\" }\n"
+            .into(),
+        ..Setup::default()
+    };
+    let config = write_config(dir.path(), "http://127.0.0.1:9", &setup);
+    let env = Env::default().overlay(&test_env(&[
+        ("P0_API_TOKEN", "p0-secret\r\nX-Injected: 1"),
+        ("GITHUB_TOKEN", "gh-secret\u{7}"),
+        ("PAGERDUTY_API_TOKEN", "pd-secret-é"),
+        ("PAGERDUTY_FROM", "on\u{1}call@example.com"),
+    ]));
+    let errors = Settings::load(&config, &env)
+        .expect_err("refused")
+        .join("\n");
+    for field in [
+        "p0.token",
+        "answers.github.token",
+        "answers.pagerduty.token",
+        "answers.pagerduty.from",
+    ] {
+        assert!(
+            errors.contains(&format!(
+                "{field}: holds a character an HTTP header cannot carry"
+            )),
+            "{field}:\n{errors}"
+        );
+    }
+    for token in ["p0-secret", "gh-secret", "pd-secret"] {
+        assert!(!errors.contains(token), "{errors}");
+    }
+}

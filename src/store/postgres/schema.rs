@@ -1,7 +1,9 @@
 //! The PostgreSQL schema: migrations, one `.sql` file each and append-only, and the PL/pgSQL
 //! functions, each in one file with its current body. Whenever migrations run, the functions
-//! are applied again (`CREATE OR REPLACE`) in the same transaction: a change to a function is
-//! its file changed and a migration added (it may hold only a comment saying what changed).
+//! are applied again (`CREATE OR REPLACE`) in the same transaction, and at a start that finds
+//! one of them missing: a function added needs no new schema version (relays of the previous
+//! release keep starting on the database), a changed one needs a migration (it may hold only
+//! a comment saying what changed), so that relays that do not know the change refuse to run.
 
 use std::time::Duration;
 
@@ -17,20 +19,25 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0005_end_locks.sql"),
     include_str!("migrations/0006_subject_ends_and_gates.sql"),
     include_str!("migrations/0007_unbound_and_checked_at.sql"),
-    include_str!("migrations/0008_still_granted.sql"),
 ];
 
-/// The functions, in an order in which each comes after those it calls (PL/pgSQL would
-/// accept any order; a plain SQL function is checked as it is made).
-pub(crate) const FUNCTIONS: &[&str] = &[
-    include_str!("functions/p0_relay_ended_reason.sql"),
-    include_str!("functions/p0_relay_unbound_reason.sql"),
-    include_str!("functions/p0_relay_still_granted.sql"),
-    include_str!("functions/p0_relay_write_each_locked.sql"),
-    include_str!("functions/p0_relay_write_each.sql"),
-    include_str!("functions/p0_relay_write_distinct.sql"),
-    include_str!("functions/p0_relay_write.sql"),
-];
+macro_rules! functions {
+    ($($name:literal),* $(,)?) => {
+        /// The functions by name, in an order in which each comes after those it calls
+        /// (PL/pgSQL would accept any order; a plain SQL function is checked as it is made).
+        pub(crate) const FUNCTIONS: &[(&str, &str)] =
+            &[$(($name, include_str!(concat!("functions/", $name, ".sql")))),*];
+    };
+}
+functions!(
+    "p0_relay_ended_reason",
+    "p0_relay_unbound_reason",
+    "p0_relay_still_granted",
+    "p0_relay_write_each_locked",
+    "p0_relay_write_each",
+    "p0_relay_write_distinct",
+    "p0_relay_write",
+);
 
 /// Advisory lock keys (one 64-bit space; coalescing uses the separate two-key space).
 pub(super) const MIGRATE_LOCK: i64 = 0x7030_7265_6c61_7901;
@@ -58,8 +65,21 @@ impl Pg {
                     .query_one("SELECT COALESCE(MAX(version), 0) FROM p0_relay_schema", &[])
                     .await?
                     .try_get(0)?;
-                if version >= known {
+                if version > known {
                     return Ok(version);
+                }
+                if version == known {
+                    let names: Vec<&str> = FUNCTIONS.iter().map(|(name, _)| *name).collect();
+                    let complete: bool = tx
+                        .query_one(
+                            "SELECT bool_and(to_regproc(n) IS NOT NULL) FROM unnest($1::TEXT[]) n",
+                            &[&names],
+                        )
+                        .await?
+                        .try_get(0)?;
+                    if complete {
+                        return Ok(version);
+                    }
                 }
                 for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
                     tx.batch_execute(sql).await?;
@@ -69,7 +89,7 @@ impl Pg {
                     )
                     .await?;
                 }
-                for sql in FUNCTIONS {
+                for (_, sql) in FUNCTIONS {
                     tx.batch_execute(sql).await?;
                 }
                 tx.commit().await?;

@@ -434,14 +434,14 @@ async fn an_on_call_check_is_stored_with_its_approve_and_its_evidence_recorded(m
     let (approve, revoke) = (jobs(&first)[0].0, jobs(&first)[1].0);
     let due = s.claim_due(2_000, 10).await;
     let job = claimed(&due, approve).clone();
-    let gate: crate::domain::Gate = job.gate.clone().unwrap();
+    let gate: crate::domain::Gate = job.gate.clone().unwrap().unwrap();
     assert!(
         matches!(&gate, crate::domain::Gate::PagerDuty { user, max_level: Some(2), .. } if user == "PU1")
     );
     assert_eq!(job.evidence, None, "not checked yet");
     assert_eq!(
         claimed(&due, revoke).gate,
-        None,
+        Ok(None),
         "ending access is never gated"
     );
 
@@ -507,6 +507,43 @@ async fn a_row_changed_behind_the_relays_back_is_claimed_as_unreadable(mut s: Ba
     dead.claim_token = row.claim_token;
     s.write(&[], &[dead], 2_000).await.unwrap();
     assert_eq!(s.show(row.id).await.unwrap().job.state, "dead");
+}
+
+on_both_stores!(what_only_an_approve_needs_never_holds_back_a_revoke);
+/// A revoke whose reply and on-call check were garbled is still claimed to be sent (with no
+/// answer back); an approve whose check was garbled comes with why, to be refused.
+async fn what_only_an_approve_needs_never_holds_back_a_revoke(mut s: Backend) {
+    s.accept(
+        on_subject(
+            "d1",
+            &[(Action::Revoke, "r"), (Action::Approve, "a")],
+            "P1",
+            false,
+        ),
+        1_000,
+    )
+    .await;
+    s.behind_its_back("UPDATE jobs SET reply = '{\"via\":\"carrier-pigeon\"}', gate = 'nope'")
+        .await;
+    let claimed = s.claim(2_000, 10).await;
+    assert!(claimed.unreadable.is_empty(), "{:?}", claimed.unreadable);
+    let [revoke, approve] = &claimed.items[..] else {
+        panic!("two jobs claimed: {:?}", claimed.items);
+    };
+    assert_eq!(
+        (revoke.action, revoke.reply.is_none()),
+        (Action::Revoke, true)
+    );
+    assert_eq!(revoke.gate, Ok(None));
+    assert_eq!(approve.action, Action::Approve);
+    assert!(
+        approve
+            .gate
+            .as_ref()
+            .is_err_and(|why| why.contains("on-call check")),
+        "{:?}",
+        approve.gate
+    );
 }
 
 // Subjects: an end revokes what was granted under it (in order, in the same batch), refuses

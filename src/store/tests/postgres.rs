@@ -317,11 +317,13 @@ async fn ten_relays_opening_a_fresh_database_at_once_migrate_it_once() {
     }
 }
 
-const MIGRATIONS_PG_LEN: usize = 8;
+const MIGRATIONS_PG_LEN: usize = 7;
 
-/// A database left at the schema before the last (by relays of the previous release), with
-/// work in it, is migrated by a relay of this one at start, and that work goes on: here an
-/// approve taken before is revoked by its subject's end after.
+/// A database left by relays of the previous release (schema 7, its functions), with work in
+/// it, is brought up to this release's functions by a relay of this one at start, and that
+/// work goes on: here an approve taken before is revoked by its subject's end after. The
+/// schema version stays, so a relay of the previous release can still start on it (a rolling
+/// upgrade, a rollback).
 #[tokio::test]
 async fn a_database_at_the_previous_schema_is_migrated_and_its_work_goes_on() {
     let Some(db) = TestDb::create().await else {
@@ -358,8 +360,17 @@ async fn a_database_at_the_previous_schema_is_migrated_and_its_work_goes_on() {
                                       "expiration": "1h"}]);
     write("before", "P1", false, approve).await;
     write("other", "P0", true, serde_json::json!([])).await;
-    // A relay of this release starts and migrates the database.
+    // A relay of this release starts and adds the function it misses.
     let s = Relay::open(&location(&db)).await.unwrap();
+    let added: bool = raw
+        .query_one(
+            "SELECT to_regproc('p0_relay_still_granted') IS NOT NULL",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(added);
     let versions: i32 = raw
         .query_one("SELECT MAX(version) FROM p0_relay_schema", &[])
         .await
@@ -545,4 +556,29 @@ async fn decisions_share_their_subjects_lock_and_only_an_end_waits_for_them() {
         bound(&ended).into_iter().map(|b| b.0).collect::<Vec<_>>(),
         ["r-1"]
     );
+}
+
+/// What the server answers about a statement refuses it (so a batch is written again in parts
+/// and the delivery that caused it fails alone); a connection the server closes makes the
+/// database unavailable.
+#[tokio::test]
+async fn a_cancelled_statement_refuses_and_a_closed_connection_is_unavailable() {
+    let Some(db) = TestDb::create().await else {
+        return;
+    };
+    let client = db.raw().await;
+    let timed_out = client
+        .batch_execute("SET statement_timeout = 10; SELECT pg_sleep(1)")
+        .await
+        .unwrap_err();
+    assert_eq!(timed_out.code().map(|c| c.code()), Some("57014"));
+    let refused = StoreError::from(timed_out);
+    assert!(matches!(refused, StoreError::Refused(_)), "{refused:?}");
+
+    let killed = client
+        .batch_execute("SELECT pg_terminate_backend(pg_backend_pid())")
+        .await
+        .unwrap_err();
+    let gone = StoreError::from(killed);
+    assert!(matches!(gone, StoreError::Unavailable(_)), "{gone:?}");
 }

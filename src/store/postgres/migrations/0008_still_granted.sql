@@ -1,3 +1,0 @@
--- What is still granted under a subject is one function, p0_relay_still_granted, which the
--- writes and `p0-relay explain` share. No schema change: the functions are in ../functions/,
--- applied again as this migration runs.
