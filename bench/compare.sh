@@ -4,6 +4,10 @@
 #
 #   bench/compare.sh 25585d6 ffdc728 30b36cb 95a68b8 c619d8b
 #   STORM_SECONDS=30 bench/compare.sh HEAD~1 HEAD
+#   PG_ADMIN=postgres://postgres@127.0.0.1:5432/test bench/compare.sh HEAD~1 HEAD   # on PostgreSQL
+#
+# With PG_ADMIN set, each run's store is a fresh PostgreSQL database on that server (dropped
+# after); otherwise a fresh SQLite file.
 #
 # Binaries are kept per commit in $CARGO_TARGET_DIR/compare (default target/compare), so a
 # revision built once is not built again (BUILD_ONLY=1 builds and stops, so the builds can run
@@ -30,6 +34,8 @@ for rev in "$@"; do
   cp "$bin" "$work/p0-relay-${rev//\//_}"
 done
 [ -z "${BUILD_ONLY:-}" ] || exit 0
+[ -z "${PG_ADMIN:-}" ] || needs_pg
+if [ -n "${PG_ADMIN:-}" ]; then echo "store: PostgreSQL at ${PG_ADMIN%/*}"; else echo "store: SQLite"; fi
 echo "machine: $(nproc) cores; load average $(cut -d' ' -f1-3 /proc/loadavg); storm ${STORM} s at ${CONN} connections per revision; payload $(basename "$BENCH_PAYLOAD") ($(wc -c <"$BENCH_PAYLOAD") bytes)"
 echo
 echo "| revision | accepted/s | P0 calls/s end to end | lost | non-202 | peak RSS MiB | relay CPU us per webhook in the storm | per P0 call in the drain |"
@@ -38,6 +44,7 @@ n=0
 for rev in "$@"; do
   # A store of its own per run, even for a revision given twice (wrk's IDs repeat per run).
   n=$((n + 1))
+  if [ -n "${PG_ADMIN:-}" ]; then fresh_db "run$n"; export STORE_URL=$db_url; fi
   relay_storm "$work/p0-relay-${rev//\//_}" "$n-${rev//\//_}" "$STORM"
   echo "| $rev $(git log -1 --format=%s "$rev" | cut -c1-60) | $answered_rate | $calls_rate | $lost | $non202 | $hwm | $cpu | $drain_cpu |"
 done

@@ -22,9 +22,38 @@ needs() {
 }
 needs wrk curl
 work=$(mktemp -d)
+# dated_now FILE: a copy of FILE (in $work) with every timestamp set to now, each the same
+# length. Grants are judged on the event's own time (an approve over an hour old is refused),
+# and the payloads are old examples.
+dated_now() {
+  local out
+  out="$work/$(basename "$1")"
+  sed -E "s/20[0-9]{2}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}Z/$(date -u +%Y-%m-%dT%H:%M:%SZ)/g" \
+    "$1" >"$out"
+  echo "$out"
+}
+BENCH_PAYLOAD=$(dated_now "$BENCH_PAYLOAD")
 pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
+dbs=()
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true
+  for d in "${dbs[@]}"; do psql "$PG_ADMIN" -qc "DROP DATABASE IF EXISTS $d WITH (FORCE)" || true; done
+  rm -rf "$work"
+}
 trap cleanup EXIT
+
+# fresh_db TAG: creates a database on PG_ADMIN's server (dropped at exit) and sets db_url.
+fresh_db() {
+  local name="relay_bench_${1//[^a-z0-9_]/_}_$$"
+  psql "$PG_ADMIN" -qc "CREATE DATABASE $name"
+  dbs+=("$name")
+  db_url="${PG_ADMIN%/*}/$name?sslmode=disable"
+}
+# needs_pg: stops unless psql is there and PG_ADMIN answers.
+needs_pg() {
+  command -v psql >/dev/null || { echo "missing psql (apt-get install postgresql-client)"; exit 1; }
+  psql "$PG_ADMIN" -qAtc 'SELECT 1' >/dev/null || { echo "PostgreSQL not reachable at $PG_ADMIN"; exit 1; }
+}
 
 wait_port() {
   for _ in $(seq 1 100); do curl -s -o /dev/null "http://$1/" && return 0; sleep 0.05; done

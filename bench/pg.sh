@@ -16,19 +16,7 @@ source bench/lib.sh
 
 STORM=${STORM_SECONDS:-30}
 PG_ADMIN=${PG_ADMIN:-postgres://postgres@127.0.0.1:5432/test}
-command -v psql >/dev/null || { echo "missing psql (apt-get install postgresql-client)"; exit 1; }
-psql "$PG_ADMIN" -qAtc 'SELECT 1' >/dev/null || { echo "PostgreSQL not reachable at $PG_ADMIN"; exit 1; }
-
-dbs=()
-drop_dbs() { for d in "${dbs[@]}"; do psql "$PG_ADMIN" -qc "DROP DATABASE IF EXISTS $d WITH (FORCE)" || true; done; }
-trap 'drop_dbs; cleanup' EXIT
-# fresh_db TAG: creates a database and sets db_url.
-fresh_db() {
-  local name="relay_bench_$1_$$"
-  psql "$PG_ADMIN" -qc "CREATE DATABASE $name"
-  dbs+=("$name")
-  db_url="${PG_ADMIN%/*}/$name?sslmode=disable"
-}
+needs_pg
 committed_at() { curl -s "http://$1/metrics" | awk '/^p0_relay_webhooks_total\{outcome="accepted",source="github"\}/ {print $2}'; }
 
 cargo build --release --quiet --bin p0-relay --example p0_sink

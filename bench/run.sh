@@ -20,7 +20,7 @@ PEER=${PEER_SECONDS:-30}
 CEIL=${CEILING_SECONDS:-15}
 LAT=${LATENCY_SECONDS:-20}
 
-TRIMMED=$PWD/mappings/testdata/github/issue_comment_created.json
+TRIMMED=$(dated_now "$PWD/mappings/testdata/github/issue_comment_created.json")
 TRIM=${TRIMMED_SECONDS:-20}
 
 needs webhook
