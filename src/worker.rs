@@ -469,10 +469,8 @@ impl Worker {
 mod tests {
     use super::*;
     use crate::domain::Action;
-    use crate::domain::Id;
-    use crate::policy::Decision;
     use crate::secret::Secret;
-    use crate::store::{NewDelivery, Settings, SqliteStore, Windows};
+    use crate::store::{Settings, SqliteStore, Windows};
     use wiremock::{Mock, MockServer, ResponseTemplate, matchers::method};
 
     fn retry() -> RetrySettings {
@@ -537,27 +535,7 @@ mod tests {
             SqliteStore::open(&dir.join("relay.db"), &Settings::new(windows)).unwrap();
         let store = StoreHandle::new(sqlite);
         store
-            .accept(NewDelivery {
-                source: "github".into(),
-                dedup_key: "d-1".into(),
-                received_at_ms: now_ms(),
-                rule: "comment-command".into(),
-                actor: None,
-                payload: None,
-                decisions: decisions
-                    .iter()
-                    .map(|(action, id)| Decision {
-                        org: Id::parse("acme").unwrap(),
-                        request_id: Id::parse(id).unwrap(),
-                        action: *action,
-                        expiration: (*action == Action::Approve)
-                            .then(|| crate::domain::Expiration::parse("1h").unwrap()),
-                        clamped_from: None,
-                    })
-                    .collect(),
-                binding: Default::default(),
-                refused: None,
-            })
+            .accept(crate::store::tests::delivery("d-1", decisions))
             .await
             .unwrap();
         store

@@ -13,7 +13,7 @@ mod rows;
 pub(crate) mod rules;
 pub mod sqlite;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 use std::ops::Deref;
 use std::sync::Arc;

@@ -195,7 +195,8 @@ impl Backend {
     }
 }
 
-fn delivery(key: &str, decisions: &[(Action, &str)]) -> NewDelivery {
+/// A delivery of `decisions` on request IDs of org `acme` (approves for an hour).
+pub(crate) fn delivery(key: &str, decisions: &[(Action, &str)]) -> NewDelivery {
     NewDelivery {
         source: "github".into(),
         dedup_key: key.into(),
