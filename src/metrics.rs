@@ -7,6 +7,21 @@ use prometheus::{
 };
 
 use crate::domain::{Action, Via};
+use crate::store::audit::Kind;
+
+/// Audit events, each a series of `audit_events_total`.
+const AUDIT_EVENTS: [Kind; 10] = [
+    Kind::Accepted,
+    Kind::Refused,
+    Kind::Checked,
+    Kind::Sent,
+    Kind::Dead,
+    Kind::Answered,
+    Kind::Revoked,
+    Kind::Replayed,
+    Kind::Pruned,
+    Kind::Seal,
+];
 
 /// Webhook outcomes, as answered to the sender.
 pub const OUTCOMES: [&str; 9] = [
@@ -51,6 +66,10 @@ pub struct Metrics {
     pub token_rejected: IntGauge,
     pub oncall_checks: IntCounterVec,
     pub oncall_check_duration: HistogramVec,
+    pub audit_events: IntCounterVec,
+    pub audit_seals: IntCounter,
+    pub audit_since_seal: IntGauge,
+    pub audit_unsealed: IntGauge,
 }
 
 /// Bucket bounds (seconds) of the histograms.
@@ -219,6 +238,23 @@ impl Metrics {
                 &["provider"],
                 ONCALL_BUCKETS,
             )?,
+            audit_events: f.counters(
+                "audit_events_total",
+                "Audit events this relay wrote, by event.",
+                &["event"],
+            )?,
+            audit_seals: f.counter(
+                "audit_seals_total",
+                "Seals this relay wrote over the audit trail.",
+            )?,
+            audit_since_seal: f.gauge(
+                "audit_seconds_since_seal",
+                "Seconds since the store's last seal (by any relay); -1 before the first.",
+            )?,
+            audit_unsealed: f.gauge(
+                "audit_unsealed_events",
+                "Audit events in the store that no seal covers yet.",
+            )?,
             registry: f.0.clone(),
         };
         f.build_info()?;
@@ -251,6 +287,10 @@ impl Metrics {
         for result in ["success", "error"] {
             self.mapping_reloads.with_label_values(&[result]);
         }
+        for event in AUDIT_EVENTS {
+            self.audit_events.with_label_values(&[event.as_str()]);
+        }
+        self.audit_since_seal.set(-1);
     }
 
     /// Zeroes the series of newly mapped sources.

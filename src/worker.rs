@@ -20,6 +20,7 @@ use crate::oncall::{Checker, Finding, public_refusal};
 use crate::p0::{self, Outcome};
 use crate::ratelimit::KeyedLimit;
 use crate::retry::retry_at;
+use crate::store::audit::{About, AuditEvent, Kind};
 use crate::store::{
     Ahead, AttemptRecord, Claimed, Held, Job, State, StoreError, StoreHandle, Unreadable, now_ms,
 };
@@ -82,7 +83,9 @@ impl Work for Worker {
     }
 
     async fn attempt(&self, job: &Job) -> AttemptRecord {
-        self.decide(job).await
+        let mut rec = self.decide(job).await;
+        rec.audit = audit_of(job, &rec);
+        rec
     }
 
     async fn record(&self, outcome: AttemptRecord) -> Result<(), StoreError> {
@@ -105,6 +108,7 @@ impl Work for Worker {
         );
         rec.result = "internal_error";
         rec.error = Some(format!("the relay failed during the call: {why}"));
+        rec.audit = audit_of(job, &rec);
         rec
     }
 
@@ -114,6 +118,9 @@ impl Work for Worker {
         rec.state = State::Dead;
         rec.result = "unreadable";
         rec.error = Some(row.why.clone());
+        let mut dead = AuditEvent::new(Kind::Dead, Some(row.id), "unreadable");
+        dead.reason = Some(row.why.clone());
+        rec.audit = vec![dead];
         rec
     }
 }
@@ -150,6 +157,7 @@ fn record(id: i64, claim_token: i64, attempts: u32, now: i64) -> AttemptRecord {
         evidence: None,
         checked_at_ms: None,
         answers: Vec::new(),
+        audit: Vec::new(),
     }
 }
 
@@ -463,6 +471,65 @@ impl Worker {
         }
         rec
     }
+}
+
+/// The audit events of an attempt at `job` (`store::audit`): the on-call check it made
+/// (`checked`), a refusal here (`refused`: not an approver on this relay, not on call; a
+/// refusal the store made as it took the decision has its event already), the call to P0
+/// (`sent`, or `dry_run`), and `dead` when it gives the decision up.
+fn audit_of(job: &Job, rec: &AttemptRecord) -> Vec<AuditEvent> {
+    let about = About {
+        source: Some(job.source.clone()),
+        rule: job.rule.clone(),
+        actor: job.actor.clone(),
+        action: Some(job.action.as_str().to_owned()),
+        request_id: Some(job.request_id.as_str().to_owned()),
+        org: Some(job.org.as_str().to_owned()),
+        subject: job.subject.clone(),
+        delivery: job.delivery.clone(),
+    };
+    let event = |kind: Kind, outcome: &str| {
+        let mut e = AuditEvent::new(kind, Some(job.id), outcome);
+        e.about = Some(about.clone());
+        e
+    };
+    let mut out = Vec::new();
+    if let Some(evidence) = &rec.evidence {
+        let found = match rec.result {
+            "not_on_call" => "not_on_call",
+            _ => "on_call",
+        };
+        let mut checked = event(Kind::Checked, found);
+        checked.detail = Some(evidence.clone());
+        out.push(checked);
+    }
+    match rec.result {
+        "not_on_call" | "not_allowed" => {
+            let mut refused = event(Kind::Refused, rec.result);
+            refused.reason = match rec.result {
+                "not_on_call" => Some("not on call".to_owned()),
+                _ => rec.error.clone(),
+            };
+            out.push(refused);
+        }
+        // Refused as it was stored (its event says so), or no call made yet.
+        "refused" | "check_failed" | "internal_error" | "unreadable" => {}
+        result => {
+            let mut sent = event(Kind::Sent, result);
+            sent.status = rec.status.filter(|s| *s != 0);
+            sent.detail = match result {
+                "dry_run" => Some("P0 not called (--dry-run)".to_owned()),
+                _ => rec.error.clone(),
+            };
+            out.push(sent);
+        }
+    }
+    if rec.state == State::Dead {
+        let mut dead = event(Kind::Dead, rec.result);
+        dead.reason = rec.error.clone();
+        out.push(dead);
+    }
+    out
 }
 
 #[cfg(test)]

@@ -206,6 +206,7 @@ mod tests {
             checked_at_ms: None,
             rule: None,
             actor: None,
+            delivery: None,
         }
     }
 

@@ -18,6 +18,7 @@ use crate::config::RetrySettings;
 use crate::metrics::Metrics;
 use crate::ratelimit::KeyedLimit;
 use crate::retry::retry_at;
+use crate::store::audit::{AuditEvent, Kind};
 use crate::store::{
     Ahead, AnswerJob, AnswerRecord, Claimed, Held, State, StoreError, StoreHandle, Unreadable,
     now_ms,
@@ -68,7 +69,9 @@ impl Work for Answerer {
     async fn attempt(&self, answer: &AnswerJob) -> AnswerRecord {
         self.pacing.wait(&answer.via).await;
         let sent = self.providers.answer(answer).await;
-        self.next_state(answer, sent)
+        let mut rec = self.next_state(answer, sent);
+        rec.audit = answered(answer, &rec);
+        rec
     }
 
     async fn record(&self, outcome: AnswerRecord) -> Result<(), StoreError> {
@@ -85,7 +88,9 @@ impl Work for Answerer {
             "an answer back failed inside the relay (a bug); it is given back"
         );
         let error = format!("the relay failed while answering: {why}");
-        self.retry_or_give_up(answer, None, error, None)
+        let mut rec = self.retry_or_give_up(answer, None, error, None);
+        rec.audit = answered(answer, &rec);
+        rec
     }
 
     fn unreadable(&self, row: &Unreadable) -> AnswerRecord {
@@ -99,8 +104,28 @@ impl Work for Answerer {
             next_attempt_at_ms: now,
             status: None,
             error: Some(row.why.clone()),
+            audit: Vec::new(),
         }
     }
+}
+
+/// The audit event of an answer back that is finished (`answered`: sent, refused by the
+/// provider, or given up), about its decision; none while it is retried.
+fn answered(answer: &AnswerJob, rec: &AnswerRecord) -> Vec<AuditEvent> {
+    let outcome = match rec.state {
+        State::Succeeded => "sent",
+        State::Rejected => "refused",
+        State::Dead => "dead",
+        _ => return Vec::new(),
+    };
+    let mut e = AuditEvent::new(Kind::Answered, Some(answer.job_id), outcome);
+    e.status = rec.status;
+    e.reason = rec.error.clone();
+    e.detail = Some(format!(
+        "{} {} on {}",
+        answer.via, answer.kind, answer.target
+    ));
+    vec![e]
 }
 
 impl Answerer {
@@ -201,6 +226,7 @@ impl Answerer {
             next_attempt_at_ms: now,
             status: None,
             error: None,
+            audit: Vec::new(),
         }
     }
 

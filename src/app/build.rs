@@ -9,10 +9,10 @@ use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
 
-use super::upkeep::Retention;
+use super::upkeep::{Retention, Sealing};
 use super::{Built, Options, Relay};
 use crate::answers::Answerer;
-use crate::config::{Settings, audit, problems};
+use crate::config::{Settings, problems, warnings};
 use crate::env::Env;
 use crate::health::Health;
 use crate::mapping::MappingSet;
@@ -45,11 +45,11 @@ impl Relay {
     ) -> anyhow::Result<Built> {
         let mappings = checked_mappings(&settings, &env)?;
         let client = p0_client(&settings, &opts)?;
+        let metrics = Metrics::new(mappings.mappings.keys().map(String::as_str))?;
         let (store, writer) = match store {
             Some(given) => given,
-            None => open_store(&settings, &opts).await?,
+            None => open_store(&settings, &opts, &metrics).await?,
         };
-        let metrics = Metrics::new(mappings.mappings.keys().map(String::as_str))?;
         let listeners = bind(&settings).await?;
         let health = Arc::new(Health::new(opts.dry_run));
         let mappings = Arc::new(ArcSwap::from_pointee(mappings));
@@ -92,6 +92,11 @@ impl Relay {
             retention: Retention {
                 finished: settings.store.dedup_window,
                 ends: settings.store.subject_end_window,
+                audit: settings.audit.retention,
+            },
+            sealing: Sealing {
+                every: settings.audit.seal_interval,
+                key: settings.audit.key.clone(),
             },
             limits: ConnLimits {
                 max_connections: settings.inbound.max_connections,
@@ -104,11 +109,11 @@ impl Relay {
 }
 
 /// The mappings, loaded; refused when the grant policy they make with the settings would not
-/// be safe to run (`config::problems`), warned about at every start (`config::audit`).
+/// be safe to run (`config::problems`), warned about at every start (`config::warnings`).
 fn checked_mappings(settings: &Settings, env: &Env) -> anyhow::Result<MappingSet> {
     let mappings = MappingSet::load(&settings.mappings_dir, env, &settings.defaults)
         .map_err(|errors| anyhow!("invalid mappings:\n  {}", errors.join("\n  ")))?;
-    for warning in audit(settings, &mappings) {
+    for warning in warnings(settings, &mappings) {
         tracing::warn!("{warning}");
     }
     let problems = problems(settings, &mappings);
@@ -139,15 +144,24 @@ fn p0_client(settings: &Settings, opts: &Options) -> anyhow::Result<Option<p0::C
 }
 
 /// The store the settings name, opened (created or migrated), what a stop left in flight
-/// queued again.
+/// queued again; each audit event it commits logged and counted.
 async fn open_store(
     settings: &Settings,
     opts: &Options,
+    metrics: &Metrics,
 ) -> anyhow::Result<(StoreHandle, StoreTask)> {
+    let counted = metrics.audit_events.clone();
+    let audit = store::audit::Sink::new(move |bodies| {
+        for b in bodies {
+            b.log();
+            counted.with_label_values(&[b.event.as_str()]).inc();
+        }
+    });
     let store_settings = store::Settings {
         store_payloads: settings.store.store_payloads,
         claim_lease: settings.store.claim_lease,
         group_commit: opts.group_commit,
+        audit,
         ..store::Settings::new(settings.store.windows())
     };
     store::open(&settings.store.location, &store_settings)

@@ -25,7 +25,7 @@ use crate::server::ConnLimits;
 use crate::store::{StoreHandle, StoreTask};
 use crate::supervise::Failure;
 use crate::worker::Worker;
-use upkeep::Retention;
+use upkeep::{Retention, Sealing};
 
 /// How the relay runs, beyond its settings.
 #[derive(Debug, Clone)]
@@ -70,8 +70,10 @@ pub struct Built {
     writer: StoreTask,
     env: Env,
     defaults: Defaults,
-    /// How long finished decisions, and subject ends, are kept.
+    /// How long finished decisions, subject ends and audit events are kept.
     retention: Retention,
+    /// How often the audit trail is sealed, and with what key.
+    sealing: Sealing,
     limits: ConnLimits,
     opts: Options,
 }

@@ -4,6 +4,7 @@
 
 use std::sync::Arc;
 
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::upkeep;
@@ -47,6 +48,8 @@ impl Built {
         let own_metrics = self.metrics_listener.is_none();
         let router = receiver::router(receiver.clone(), own_metrics);
         let limits = self.limits;
+        // Each part that writes audit events holds a sender: the last seal waits for them.
+        let (writing, written) = mpsc::channel::<()>(1);
         let main = server::serve(
             self.listener,
             router,
@@ -55,16 +58,16 @@ impl Built {
             shutdown.clone(),
             drain,
         );
-        components.spawn("server", ok_when_done(main));
+        components.spawn("server", ok_when_done(holding(writing.clone(), main)));
         if let Some(l) = self.metrics_listener {
             let router = receiver::metrics_router(receiver.clone());
             let metrics = server::serve(l, router, limits, None, shutdown.clone(), drain);
             components.spawn("metrics-server", ok_when_done(metrics));
         }
         let worker = self.worker.run(shutdown.clone(), drain);
-        components.spawn("worker", ok_when_done(worker));
+        components.spawn("worker", ok_when_done(holding(writing.clone(), worker)));
         let answers = self.answerer.run(shutdown.clone(), drain);
-        components.spawn("answerer", ok_when_done(answers));
+        components.spawn("answerer", ok_when_done(holding(writing, answers)));
         let poll = self.opts.reload_poll;
         let (env, defaults) = (self.env, self.defaults);
         let reloads = reload::watch(receiver.clone(), env, defaults, poll, shutdown.clone());
@@ -77,7 +80,8 @@ impl Built {
             &store,
             health,
             metrics,
-            self.retention,
+            (self.retention, self.sealing),
+            written,
             shutdown,
         );
         // The writer ends once every handle is gone (every component above has ended) and
@@ -90,4 +94,10 @@ impl Built {
             }),
         }
     }
+}
+
+/// `part`, holding `sender` until it ends.
+async fn holding(sender: mpsc::Sender<()>, part: impl std::future::Future<Output = ()>) {
+    part.await;
+    drop(sender);
 }

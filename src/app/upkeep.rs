@@ -1,34 +1,41 @@
 //! The store's upkeep while the relay runs: probed every second for `/readyz`, its gauges kept
-//! current, its planner statistics (PostgreSQL) fresh, and what is past its retention pruned.
+//! current, its planner statistics (PostgreSQL) fresh, what is past its retention pruned, and
+//! its audit trail sealed.
 
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::ok_when_done;
 use crate::health::Health;
 use crate::metrics::Metrics;
 use crate::retry::saturating_i64;
+use crate::secret::Secret;
 use crate::store::{Prune, StoreHandle, ms, now_ms};
 use crate::supervise::Components;
 
-/// Spawns every upkeep loop on `store`.
+/// Spawns every upkeep loop on `store`. `writing` closes once every part that writes audit
+/// events has stopped: the seal loop seals once more after that.
 pub(super) fn spawn(
     components: &mut Components,
     store: &StoreHandle,
     health: Arc<Health>,
     metrics: Metrics,
-    retention: Retention,
+    (retention, sealing): (Retention, Sealing),
+    writing: mpsc::Receiver<()>,
     shutdown: &CancellationToken,
 ) {
     let probe = probe_loop(store.clone(), health, shutdown.clone());
     components.spawn("store-probe", ok_when_done(probe));
     let upkeep = upkeep_loop(store.clone(), shutdown.clone());
     components.spawn("store-upkeep", ok_when_done(upkeep));
-    let gauges = gauge_loop(store.clone(), metrics, shutdown.clone());
+    let gauges = gauge_loop(store.clone(), metrics.clone(), shutdown.clone());
     components.spawn("gauges", ok_when_done(gauges));
+    let seals = seal_loop(store.clone(), sealing, metrics, writing, shutdown.clone());
+    components.spawn("sealer", ok_when_done(seals));
     let prune = prune_loop(store.clone(), retention, shutdown.clone());
     components.spawn("pruner", ok_when_done(prune));
 }
@@ -111,22 +118,73 @@ async fn upkeep_loop(store: StoreHandle, shutdown: CancellationToken) {
     .await
 }
 
-/// The queue's gauges (decisions waiting, dead), kept current every second.
+/// The queue's gauges (decisions waiting, dead) and the audit trail's (since the last seal,
+/// events no seal covers), kept current every second.
 async fn gauge_loop(store: StoreHandle, metrics: Metrics, shutdown: CancellationToken) {
     every(Duration::from_secs(1), shutdown, || async {
         if let Ok(c) = store.counts().await {
             metrics.queue_depth.set(saturating_i64(c.pending));
             metrics.dead_letters.set(saturating_i64(c.dead));
         }
+        if let Ok(a) = store.audit_status().await {
+            let since = a
+                .last_seal
+                .map_or(-1, |(at, _)| (now_ms().saturating_sub(at) / 1000).max(0));
+            metrics.audit_since_seal.set(since);
+            metrics.audit_unsealed.set(a.unsealed());
+        }
     })
     .await
 }
 
-/// What the pruner keeps: finished decisions for the dedup window, subject ends for theirs.
+/// How the audit trail is sealed: how often, with what key.
+#[derive(Clone)]
+pub(super) struct Sealing {
+    pub every: Duration,
+    pub key: Option<Secret>,
+}
+
+/// Seals the audit trail every `sealing.every`, and once more when the parts that write
+/// events have stopped (`writing` closed) at shutdown.
+async fn seal_loop(
+    store: StoreHandle,
+    sealing: Sealing,
+    metrics: Metrics,
+    mut writing: mpsc::Receiver<()>,
+    shutdown: CancellationToken,
+) {
+    let seal = async || match store.seal(sealing.key.as_ref()).await {
+        Ok(Some((id, covers))) => {
+            metrics.audit_seals.inc();
+            tracing::info!(
+                seal = id,
+                from = covers.from,
+                to = covers.to,
+                count = covers.count,
+                keyed = sealing.key.is_some(),
+                "audit events sealed"
+            );
+        }
+        Ok(None) => {}
+        Err(e) => tracing::error!(error = %e, "cannot seal the audit trail"),
+    };
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = tokio::time::sleep(sealing.every) => seal().await,
+        }
+    }
+    while writing.recv().await.is_some() {}
+    seal().await;
+}
+
+/// What the pruner keeps: finished decisions for the dedup window, subject ends for theirs,
+/// audit events for `audit.retention`.
 #[derive(Clone, Copy)]
 pub(super) struct Retention {
     pub finished: Duration,
     pub ends: Duration,
+    pub audit: Duration,
 }
 
 async fn prune_loop(store: StoreHandle, retention: Retention, shutdown: CancellationToken) {
@@ -135,6 +193,7 @@ async fn prune_loop(store: StoreHandle, retention: Retention, shutdown: Cancella
         let before = Prune {
             finished_before_ms: now.saturating_sub(ms(retention.finished)),
             ends_before_ms: now.saturating_sub(ms(retention.ends)),
+            audit_before_ms: now.saturating_sub(ms(retention.audit)),
         };
         match store.prune(before).await {
             Ok(n) if n > 0 => tracing::info!(

@@ -13,7 +13,7 @@ pub(super) fn check(config: &Path, env: &Env) -> ExitCode {
         Ok(x) => x,
         Err(errors) => return fail(&errors),
     };
-    for w in crate::config::audit(&settings, &mappings) {
+    for w in crate::config::warnings(&settings, &mappings) {
         say!("warning: {w}");
     }
     let problems = crate::config::problems(&settings, &mappings);

@@ -263,10 +263,36 @@ async fn replay(store: &StoreHandle, id: Option<i64>, dead: bool) -> ExitCode {
         (None, true) => Replay::AllDead,
         _ => return fail(&["name a job ID or --dead".into()]),
     };
-    match store.replay(which).await {
+    match store.replay(which, &operator()).await {
         Ok(replayed) => replay_report(&replayed, id),
         Err(e) => fail(&[StoreError::to_string(&e)]),
     }
+}
+
+/// Who runs this command, for the audit trail: the OS user by name and ID (from
+/// `/etc/passwd`), and who became them through sudo.
+fn operator() -> String {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(uid) = std::fs::metadata("/proc/self").map(|m| m.uid()) else {
+        return std::env::var("USER").unwrap_or_else(|_| "unknown".into());
+    };
+    let name = std::fs::read_to_string("/etc/passwd")
+        .ok()
+        .and_then(|passwd| {
+            passwd.lines().find_map(|line| {
+                let mut fields = line.split(':');
+                let name = fields.next()?;
+                (fields.nth(1)?.parse::<u32>().ok()? == uid).then(|| name.to_owned())
+            })
+        });
+    let mut who = match name {
+        Some(name) => format!("{name} (uid {uid})"),
+        None => format!("uid {uid}"),
+    };
+    if let Ok(by) = std::env::var("SUDO_USER") {
+        who.push_str(&format!(", through sudo by {by}"));
+    }
+    who
 }
 
 /// What `jobs replay` says, and its exit code: a named job left where it was (a later

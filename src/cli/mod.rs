@@ -1,5 +1,5 @@
 //! The `p0-relay` command line, a file per command: `serve`, `check` and `test`, `explain`,
-//! `health`, `jobs`. Each command loads the config the same way and reports problems naming
+//! `health`, `jobs`, `audit`. Each command loads the config the same way and reports problems naming
 //! the file, rule and field. Everything it prints passes through `terminal_safe` (or
 //! `json_safe`, in `safe`): text from senders, P0 and mapping files never reaches a terminal
 //! with its control characters raw.
@@ -21,6 +21,7 @@ macro_rules! say {
     };
 }
 
+mod audit;
 mod check;
 mod explain;
 mod health;
@@ -113,6 +114,38 @@ enum Command {
         #[command(subcommand)]
         command: JobsCommand,
     },
+    /// Print the audit trail in order (text, or one JSON object a line with --json); `verify`
+    /// recomputes its seals.
+    #[command(args_conflicts_with_subcommands = false)]
+    Audit {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// The store (a SQLite file or a postgres:// URL), instead of the one the config names.
+        #[arg(long, global = true, value_name = "PATH|URL")]
+        db: Option<String>,
+        /// Only events after this ID (the last one a shipper saw); for `verify`, from the seal
+        /// before it.
+        #[arg(long, global = true, value_name = "ID")]
+        since: Option<i64>,
+        /// Only events up to this time (RFC 3339, e.g. 2026-12-01T00:00:00Z).
+        #[arg(long, value_name = "TIME", value_parser = humantime::parse_rfc3339_weak)]
+        until: Option<std::time::SystemTime>,
+        /// Go on printing events as they commit.
+        #[arg(long)]
+        follow: bool,
+        /// One JSON object a line, as stored.
+        #[arg(long)]
+        json: bool,
+        #[command(subcommand)]
+        command: Option<AuditCommand>,
+    },
+}
+
+#[derive(Subcommand, Clone, Copy)]
+pub(crate) enum AuditCommand {
+    /// Recompute every seal; exit 1 naming the first event changed, removed or inserted since
+    /// it was sealed (with P0_RELAY_AUDIT_KEY, keyed seals too).
+    Verify,
 }
 
 #[derive(Subcommand)]
@@ -175,6 +208,25 @@ pub fn main() -> ExitCode {
             db,
             command,
         } => jobs::jobs(&config.config, &env, db, command),
+        Command::Audit {
+            config,
+            db,
+            since,
+            until,
+            follow,
+            json,
+            command,
+        } => {
+            let ask = audit::Ask {
+                db,
+                since,
+                until,
+                follow,
+                json,
+                command,
+            };
+            audit::audit(&config.config, &env, ask)
+        }
     }
 }
 

@@ -7,10 +7,10 @@ use std::time::Duration;
 
 use ipnet::IpNet;
 
-use super::raw::{Raw, RawAnswers, RawInbound, RawP0, RawProvider, RawRetry, RawStore};
+use super::raw::{Raw, RawAnswers, RawAudit, RawInbound, RawP0, RawProvider, RawRetry, RawStore};
 use super::{
-    AnswerSettings, DEFAULT_MAX_EXPIRATION, InboundSettings, MAX_CONCURRENCY, MAX_CONNECTIONS,
-    P0Settings, ProviderApi, RetrySettings, Settings, StoreSettings, TlsSettings,
+    AnswerSettings, AuditSettings, DEFAULT_MAX_EXPIRATION, InboundSettings, MAX_CONCURRENCY,
+    MAX_CONNECTIONS, P0Settings, ProviderApi, RetrySettings, Settings, StoreSettings, TlsSettings,
 };
 use crate::domain::{Expiration, Id, Via};
 use crate::mapping::{Defaults, Enabled};
@@ -56,6 +56,7 @@ impl<'a> Reader<'a> {
         let p0 = self.p0(&raw.p0);
         let store = self.store(&raw.store);
         let inbound = self.inbound(raw.inbound);
+        let audit = self.audit(&raw.audit);
         Some(Settings {
             file: PathBuf::new(),
             answers,
@@ -67,7 +68,36 @@ impl<'a> Reader<'a> {
             defaults: defaults?,
             inbound,
             log_json,
+            audit,
         })
+    }
+
+    /// `audit:`: how long events are kept, how often they are sealed, and the seals' key.
+    pub fn audit(&mut self, raw: &RawAudit) -> AuditSettings {
+        let retention = self.duration("audit.retention", raw.retention.as_deref(), "400d");
+        if retention < Duration::from_secs(86_400) {
+            self.errors
+                .push("audit.retention: must be at least 1d".into());
+        }
+        let seal_interval =
+            self.duration("audit.seal_interval", raw.seal_interval.as_deref(), "1m");
+        if seal_interval < Duration::from_millis(100) || seal_interval > Duration::from_secs(86_400)
+        {
+            self.errors
+                .push("audit.seal_interval: must be between 100ms and 1d".into());
+        }
+        let key = raw.key.as_deref().map(str::trim).filter(|k| !k.is_empty());
+        if key.is_some_and(|k| k.len() < 16) {
+            self.errors.push(
+                "audit.key (P0_RELAY_AUDIT_KEY): must be at least 16 characters (e.g. `openssl rand -hex 32`)"
+                    .into(),
+            );
+        }
+        AuditSettings {
+            retention,
+            seal_interval,
+            key: key.map(Secret::new),
+        }
     }
 
     /// `p0:`: where P0 is, the org and token, pacing, concurrency and retries.

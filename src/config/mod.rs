@@ -1,6 +1,6 @@
 //! `relay.yaml`: parsed, expanded from the environment, then validated into `Settings` (two
 //! phases: raw values as written, `raw`, then typed values the rest of the relay can trust,
-//! `build`); and what a valid config may still get wrong (`problems`, `audit`).
+//! `build`); and what a valid config may still get wrong (`problems`, `warnings`).
 
 /// The environment a config is read against (re-exported here, where it is read).
 pub use crate::env;
@@ -33,6 +33,45 @@ pub struct Settings {
     pub inbound: InboundSettings,
     pub answers: AnswerSettings,
     pub log_json: bool,
+    pub audit: AuditSettings,
+}
+
+/// The audit trail (`audit:`): how long its events are kept (apart from the jobs they
+/// describe), how often they are sealed, and the key seals are made with.
+#[derive(Debug, Clone)]
+pub struct AuditSettings {
+    pub retention: Duration,
+    pub seal_interval: Duration,
+    /// `P0_RELAY_AUDIT_KEY`: seals are HMAC-SHA256 with it; unset, plain SHA-256.
+    pub key: Option<Secret>,
+}
+
+impl AuditSettings {
+    /// `audit:` as `P0_RELAY_AUDIT_SEAL_INTERVAL` and `P0_RELAY_AUDIT_KEY` (or its `_FILE`)
+    /// leave it, for commands that read no config (`audit --db`).
+    pub fn from_env(env: &Env) -> Result<AuditSettings, Vec<String>> {
+        let mut raw = raw::RawAudit::default();
+        fill_audit(&mut raw, env)?;
+        let mut reader = build::Reader::new(Path::new("."));
+        let audit = reader.audit(&raw);
+        match reader.errors.is_empty() {
+            true => Ok(audit),
+            false => Err(reader.errors),
+        }
+    }
+}
+
+/// `audit.seal_interval` and `audit.key`, when the config leaves them unset, from the
+/// environment.
+fn fill_audit(raw: &mut raw::RawAudit, env: &Env) -> Result<(), Vec<String>> {
+    let var = |name: &str| env.get(name).map_err(|e| vec![e]);
+    if raw.seal_interval.is_none() {
+        raw.seal_interval = var("P0_RELAY_AUDIT_SEAL_INTERVAL")?;
+    }
+    if raw.key.is_none() {
+        raw.key = var("P0_RELAY_AUDIT_KEY")?;
+    }
+    Ok(())
 }
 
 /// Answering back where a decision was asked (`answers:`): one API per provider, each on
@@ -157,7 +196,8 @@ impl Settings {
     /// Validates `text` as if read from `file` (relative paths resolve against its folder).
     pub fn from_text(file: &Path, text: &str, env: &Env) -> Result<Settings, Vec<String>> {
         let at = file.display().to_string();
-        let raw: raw::Raw = expanded(&at, text, env, |t| t)?;
+        let mut raw: raw::Raw = expanded(&at, text, env, |t| t)?;
+        fill_audit(&mut raw.audit, env).map_err(|e| at_file(&at, e))?;
         let base = file.parent().unwrap_or(Path::new("."));
         let mut reader = build::Reader::new(base);
         let settings = reader.settings(raw);
@@ -179,7 +219,7 @@ impl Settings {
     pub fn load_store(file: &Path, env: &Env) -> Result<StoreSettings, Vec<String>> {
         let at = file.display().to_string();
         let text = read(file)?;
-        let section = |mut tree: Value| tree.get_mut("store").map(Value::take).unwrap_or_default();
+        let section = |tree: Value| section(tree, "store");
         let raw: raw::RawStore = expanded(&format!("{at}: store"), &text, env, section)?;
         let base = file.parent().unwrap_or(Path::new("."));
         let mut reader = build::Reader::new(base);
@@ -193,6 +233,39 @@ impl Settings {
                 .collect()),
         }
     }
+}
+
+impl Settings {
+    /// The `store:` and `audit:` sections of `file` (`p0-relay audit`), as `load_store`.
+    pub fn load_audit(
+        file: &Path,
+        env: &Env,
+    ) -> Result<(StoreSettings, AuditSettings), Vec<String>> {
+        let at = file.display().to_string();
+        let store = Settings::load_store(file, env)?;
+        let text = read(file)?;
+        let section = |tree: Value| section(tree, "audit");
+        let mut raw: raw::RawAudit = expanded(&format!("{at}: audit"), &text, env, section)?;
+        fill_audit(&mut raw, env).map_err(|e| at_file(&at, e))?;
+        let mut reader = build::Reader::new(file.parent().unwrap_or(Path::new(".")));
+        let audit = reader.audit(&raw);
+        match reader.errors.is_empty() {
+            true => Ok((store, audit)),
+            false => Err(at_file(&at, reader.errors)),
+        }
+    }
+}
+
+/// The section `name` of a config's tree; an empty one when it is absent.
+fn section(mut tree: Value, name: &str) -> Value {
+    match tree.get_mut(name).map(Value::take) {
+        None | Some(Value::Null) => Value::Object(Default::default()),
+        Some(v) => v,
+    }
+}
+
+fn at_file(at: &str, errors: Vec<String>) -> Vec<String> {
+    errors.into_iter().map(|e| format!("{at}: {e}")).collect()
 }
 
 fn read(file: &Path) -> Result<String, Vec<String>> {
@@ -254,8 +327,8 @@ pub fn problems(settings: &Settings, mappings: &crate::mapping::MappingSet) -> V
 
 /// Warnings an operator should see at every start: insecure sources, empty approver lists,
 /// grants with no actor, freshness turned off, a plaintext P0 URL that leaves the machine, a
-/// PostgreSQL store whose server is not verified.
-pub fn audit(settings: &Settings, mappings: &crate::mapping::MappingSet) -> Vec<String> {
+/// PostgreSQL store whose server is not verified, audit seals made without a key.
+pub fn warnings(settings: &Settings, mappings: &crate::mapping::MappingSet) -> Vec<String> {
     let mut out: Vec<String> = mappings.warnings().cloned().collect();
     for m in mappings.mappings.values() {
         if m.replayable_grants() {
@@ -289,6 +362,12 @@ pub fn audit(settings: &Settings, mappings: &crate::mapping::MappingSet) -> Vec<
         out.push(format!(
             "p0.base_url `{url}` is plaintext http: the P0 API key would cross the network unencrypted"
         ));
+    }
+    if settings.audit.key.is_none() {
+        out.push(
+            "audit.key (P0_RELAY_AUDIT_KEY) is not set: the audit trail's seals are plain SHA-256, which anyone who can write to the store can make again; set a key (e.g. `openssl rand -hex 32`) to make an edit provable"
+                .into(),
+        );
     }
     out
 }

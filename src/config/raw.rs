@@ -25,6 +25,18 @@ pub(super) struct Raw {
     pub log: RawLog,
     #[serde(default)]
     pub answers: RawAnswers,
+    #[serde(default)]
+    pub audit: RawAudit,
+}
+
+/// `audit:`; an unset `seal_interval` or `key` is read from `P0_RELAY_AUDIT_SEAL_INTERVAL`
+/// and `P0_RELAY_AUDIT_KEY` (`Settings::from_text`).
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawAudit {
+    pub retention: Option<String>,
+    pub seal_interval: Option<String>,
+    pub key: Option<String>,
 }
 
 #[derive(Deserialize, Default)]

@@ -249,7 +249,7 @@ fn list(ds: &[RawExpectDecision]) -> String {
 pub fn describe(verdict: &Verdict) -> String {
     match verdict {
         Verdict::Ignored => "ignored".into(),
-        Verdict::Rejected { rule, reason } => format!("rejected by rule `{rule}`: {reason}"),
+        Verdict::Rejected { rule, reason, .. } => format!("rejected by rule `{rule}`: {reason}"),
         Verdict::Decided {
             rule,
             decisions,

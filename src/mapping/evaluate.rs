@@ -185,11 +185,18 @@ impl Mapping {
                 trace.note(rule, false, why);
                 None
             }
-            Applied::Rejected(reason, line) => {
+            Applied::Rejected {
+                reason,
+                line,
+                actor,
+                asked,
+            } => {
                 trace.note(rule, true, line);
                 Some(Verdict::Rejected {
                     rule: rule.name.clone(),
                     reason,
+                    actor,
+                    asked,
                 })
             }
             Applied::Decided {
@@ -247,13 +254,15 @@ impl Mapping {
         // A refused element refuses the elements that grant; the elements that end their
         // subjects still end them, since an end refused here is never sent again (alert
         // groups mix firing alerts with resolved ones).
-        if let Some(reason) = refused {
+        if let Some((reason, actor, asked)) = refused {
             decided.retain(|(e, _)| e.binding.ends_subject);
             if decided.is_empty() {
                 trace.note(rule, true, reason.clone());
                 return Some(Verdict::Rejected {
                     rule: rule.name.clone(),
                     reason,
+                    actor,
+                    asked,
                 });
             }
             let still = format!("{reason}; the elements that end their subjects still do");
@@ -348,10 +357,10 @@ impl Trace<'_> {
 }
 
 /// What a `for_each` rule made of each element: the elements that decided with their
-/// decisions, the first refusal, and why the others did not match.
+/// decisions, the first refusal (why, whose, what it asked), and why the others did not match.
 struct Elements {
     decided: Vec<(Element, Vec<Decision>)>,
-    refused: Option<String>,
+    refused: Option<(String, Option<String>, Vec<Proposal>)>,
     skipped: Vec<String>,
 }
 
@@ -375,10 +384,17 @@ impl Elements {
             };
             match apply(rule, scope, event.judged) {
                 Applied::NoMatch(why) => out.skipped.push(format!("element {}: {why}", i + 1)),
-                Applied::Rejected(reason, line) => {
+                Applied::Rejected {
+                    reason,
+                    line,
+                    actor,
+                    asked,
+                } => {
                     trace.note(rule, true, format!("element {}: {line}", i + 1));
                     out.refused.get_or_insert_with(|| {
-                        format!("element {} of {}: {reason}", i + 1, each.path.describe())
+                        let why =
+                            format!("element {} of {}: {reason}", i + 1, each.path.describe());
+                        (why, actor, asked)
                     });
                 }
                 Applied::Decided {
@@ -421,20 +437,26 @@ fn apply(rule: &Rule, scope: Scope<'_>, judged: Option<SystemTime>) -> Applied {
             ));
         }
     }
-    let proposals = match proposals(rule, scope, ends) {
-        Ok(p) => p,
-        Err(NoProposal::NoMatch(why)) => return Applied::NoMatch(why),
-        Err(NoProposal::Rejected(reason)) => return Applied::Rejected(reason.clone(), reason),
-    };
     let actor = rule
         .actor
         .as_ref()
         .and_then(|sel| sel.values_in(scope).into_iter().next())
         .map(|a| a.into_owned())
         .filter(|a| !a.trim().is_empty());
+    let refused = |reason: String, line: String, asked: &[Proposal]| Applied::Rejected {
+        reason,
+        line,
+        actor: actor.clone(),
+        asked: asked.to_vec(),
+    };
+    let proposals = match proposals(rule, scope, ends) {
+        Ok(p) => p,
+        Err(NoProposal::NoMatch(why)) => return Applied::NoMatch(why),
+        Err(NoProposal::Rejected(reason)) => return refused(reason.clone(), reason, &[]),
+    };
     let granting = !ends && grants_any(&proposals);
     if granting && let Some(reason) = who_may_not_grant(rule, actor.as_deref(), &proposals) {
-        return Applied::Rejected(reason.clone(), reason);
+        return refused(reason.clone(), reason, &proposals);
     }
     let binding = match binding(
         rule,
@@ -445,7 +467,7 @@ fn apply(rule: &Rule, scope: Scope<'_>, judged: Option<SystemTime>) -> Applied {
         judged,
     ) {
         Ok(b) => b,
-        Err(reason) => return Applied::Rejected(reason.clone(), reason),
+        Err(reason) => return refused(reason.clone(), reason, &proposals),
     };
     // Ending access is always allowed: approver lists gate grants, not revocations.
     let decided = if ends {
@@ -465,7 +487,7 @@ fn apply(rule: &Rule, scope: Scope<'_>, judged: Option<SystemTime>) -> Applied {
         }
         Err(reason) => {
             let line = format!("refused: {reason}");
-            Applied::Rejected(reason, line)
+            refused(reason, line, &proposals)
         }
     }
 }

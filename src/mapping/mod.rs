@@ -97,8 +97,15 @@ fn is_source_name(name: &str) -> bool {
 pub enum Verdict {
     /// No rule matched.
     Ignored,
-    /// A rule matched, but what it asked for is invalid or refused by policy.
-    Rejected { rule: String, reason: String },
+    /// A rule matched, but what it asked for is invalid or refused by policy: why, whose (the
+    /// actor, when the rule names one) and what was asked (as the payload had it, untrusted),
+    /// for the answer and the audit trail.
+    Rejected {
+        rule: String,
+        reason: String,
+        actor: Option<String>,
+        asked: Vec<Proposal>,
+    },
     /// A rule matched and produced decisions.
     Decided {
         rule: String,
@@ -305,8 +312,13 @@ impl ForEach {
 /// What one rule made of one scope (the webhook, or one element of it).
 enum Applied {
     NoMatch(String),
-    /// The reason, and the line for `explain`.
-    Rejected(String, String),
+    /// The reason, the line for `explain`, the actor and what was asked.
+    Rejected {
+        reason: String,
+        line: String,
+        actor: Option<String>,
+        asked: Vec<Proposal>,
+    },
     Decided {
         actor: Option<String>,
         decisions: Vec<Decision>,

@@ -8,7 +8,7 @@ use super::Receiver;
 use super::answer::{self, Answer};
 use crate::mapping::{Element, Verdict, element_key};
 use crate::policy::Decision;
-use crate::store::{Accepted, JobRef, NewDelivery, now_ms};
+use crate::store::{Accepted, JobRef, NewDelivery, StoreError, now_ms};
 
 /// Stores a decided delivery (one unit, or one per `for_each` element) and answers.
 pub(super) async fn store(
@@ -56,14 +56,17 @@ pub(super) async fn store(
             };
             answer.accepted(stored, results)
         }
-        Err(e) => {
-            tracing::error!(source, error = %e, "cannot store a delivery");
-            r.health.set_store_error(Some(e.to_string()));
-            Answer::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable")
-                .reason("the relay cannot store decisions right now; retry later".into())
-                .retry_after(5)
-        }
+        Err(e) => unavailable(r, source, &e),
     }
+}
+
+/// The answer when a delivery cannot be recorded: 503, so the sender retries.
+pub(super) fn unavailable(r: &Receiver, source: &str, e: &StoreError) -> Answer {
+    tracing::error!(source, error = %e, "cannot store a delivery");
+    r.health.set_store_error(Some(e.to_string()));
+    Answer::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable")
+        .reason("the relay cannot store decisions right now; retry later".into())
+        .retry_after(5)
 }
 
 /// The deliveries to store: the webhook whole, or one per `for_each` element, each under its

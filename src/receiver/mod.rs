@@ -24,6 +24,7 @@ use crate::health::Health;
 use crate::mapping::{Input, Mapping, MappingSet, Verdict};
 use crate::metrics::{Metrics, UNKNOWN_SOURCE};
 use crate::ratelimit::KeyedLimit;
+use crate::store::audit::{self, Received};
 use crate::store::{StoreHandle, now_ms};
 use answer::Answer;
 
@@ -295,10 +296,28 @@ async fn handle(r: &Receiver, mapping: &Mapping, peer: Option<IpAddr>, request: 
         Verdict::Ignored => Answer::new(StatusCode::OK, "ignored")
             .reason("no rule matched".into())
             .delivery(delivery),
-        Verdict::Rejected { rule, reason } => Answer::new(StatusCode::OK, "rejected")
-            .rule(rule)
-            .reason(reason)
-            .delivery(delivery),
+        Verdict::Rejected {
+            rule,
+            reason,
+            actor,
+            asked,
+        } => {
+            let received = Received {
+                source,
+                rule: &rule,
+                actor: actor.as_deref(),
+                delivery: &delivery,
+            };
+            let events = audit::refused_on_receipt(&received, &reason, &asked);
+            // Recorded before it is answered, as a decision is.
+            if let Err(e) = r.store.record_events(events).await {
+                return accept::unavailable(r, source, &e);
+            }
+            Answer::new(StatusCode::OK, "rejected")
+                .rule(rule)
+                .reason(reason)
+                .delivery(delivery)
+        }
         decided @ Verdict::Decided { .. } => {
             let payload = r.store_payloads.then(|| bytes.to_vec());
             accept::store(r, source, delivery, payload, decided).await

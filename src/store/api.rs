@@ -1,6 +1,7 @@
 //! The store's interface, one trait per concern, which both backends implement (`sqlite/`,
 //! `postgres/`, a file per concern) and `Store` gathers: a new operation is a method here and
-//! one implementation in each backend. Time comes from the store's `Clock`.
+//! one implementation in each backend. Time comes from the store's `Clock`. Each step a write
+//! makes is also an audit event in the same transaction (`audit`).
 
 use std::sync::Arc;
 
@@ -8,10 +9,12 @@ use async_trait::async_trait;
 use tokio::sync::Notify;
 
 use super::StoreError;
+use super::audit::{AuditEvent, AuditRow, AuditStatus, Covers, SealRef, Start, Verification};
 use super::model::{
     Accepted, AnswerJob, AnswerRecord, AttemptRecord, Claimed, Counts, Granted, Held, Job,
     JobDetail, JobSummary, ListFilter, NewDelivery, Prune, Replay, Replayed,
 };
+use crate::secret::Secret;
 
 /// Per delivery, what storing it did, or why it alone was left out.
 pub type WriteResults = Vec<Result<Accepted, StoreError>>;
@@ -44,8 +47,8 @@ pub trait Jobs: Send + Sync {
     async fn recover(&self) -> Result<usize, StoreError>;
     /// Makes dead (or rejected, when named) jobs pending again, each only while it is still
     /// the latest decision on its request and, for an approve, while its subject has not
-    /// ended since it was asked (`rules::Candidate`).
-    async fn replay(&self, which: Replay) -> Result<Replayed, StoreError>;
+    /// ended since it was asked (`rules::Candidate`); each one `replayed` by `operator`.
+    async fn replay(&self, which: Replay, operator: &str) -> Result<Replayed, StoreError>;
 }
 
 /// Answers back to the provider a decision came from, claimed and recorded as jobs are.
@@ -97,7 +100,28 @@ pub trait Upkeep: Send + Sync {
     async fn upkeep(&self) -> Result<(), StoreError>;
 }
 
-/// A durable store: every concern, behind one object the relay shares.
-pub trait Store: Jobs + Answers + Leases + Inspection + Upkeep {}
+/// The audit trail (`store::audit`): events are written with the steps they record (by
+/// `write`, `record_answer`, `replay`, `prune`); these record the rest, read, seal and verify.
+#[async_trait]
+pub trait Audit: Send + Sync {
+    /// Records events that belong to no stored decision (a delivery refused as it was
+    /// received), in a transaction of their own (shared with other writes waiting).
+    async fn record_events(&self, events: Vec<AuditEvent>) -> Result<(), StoreError>;
+    /// Up to `limit` events after ID `after`, in ID order: every one committed before them
+    /// is among them or before (IDs are handed out in commit order).
+    async fn audit_events(&self, after: i64, limit: usize) -> Result<Vec<AuditRow>, StoreError>;
+    /// Seals the events since the last seal (one relay at a time: `None` when another is
+    /// sealing, or there is nothing to seal); the seal's ID and what it covers.
+    async fn seal(&self, key: Option<&Secret>) -> Result<Option<(i64, Covers)>, StoreError>;
+    /// The last seal covering events before `id` (where `audit verify --since` starts).
+    async fn seal_before(&self, id: i64) -> Result<Option<SealRef>, StoreError>;
+    /// Feeds every row from `start` to `verify`, in ID order, until it has found a problem.
+    async fn verify(&self, key: Option<&Secret>, start: Start) -> Result<Verification, StoreError>;
+    /// The last event and seal (for the gauges).
+    async fn audit_status(&self) -> Result<AuditStatus, StoreError>;
+}
 
-impl<T: Jobs + Answers + Leases + Inspection + Upkeep> Store for T {}
+/// A durable store: every concern, behind one object the relay shares.
+pub trait Store: Jobs + Answers + Leases + Inspection + Upkeep + Audit {}
+
+impl<T: Jobs + Answers + Leases + Inspection + Upkeep + Audit> Store for T {}

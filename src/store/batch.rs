@@ -6,6 +6,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::StoreError;
 use super::api::WriteResults;
+use super::audit::AuditEvent;
 use super::model::{AttemptRecord, NewDelivery};
 
 /// How many deliveries and outcomes one batch may take.
@@ -20,17 +21,18 @@ pub(crate) fn sizes(group_commit: bool) -> (usize, usize) {
 /// Where one writer waits for its results.
 pub(crate) type Reply = oneshot::Sender<Result<WriteResults, StoreError>>;
 
-/// One writer's deliveries and outcomes, and where its results go.
+/// One writer's deliveries, outcomes and audit events of their own, and where its results go.
 pub(crate) struct Write {
     pub deliveries: Vec<NewDelivery>,
     pub outcomes: Vec<AttemptRecord>,
+    pub events: Vec<AuditEvent>,
     pub reply: Reply,
 }
 
 impl Write {
     /// How much of a batch it takes.
     pub fn size(&self) -> usize {
-        (self.deliveries.len() + self.outcomes.len()).max(1)
+        (self.deliveries.len() + self.outcomes.len() + self.events.len()).max(1)
     }
 }
 
@@ -39,6 +41,7 @@ impl Write {
 pub(crate) struct Batch {
     pub deliveries: Vec<NewDelivery>,
     pub outcomes: Vec<AttemptRecord>,
+    pub events: Vec<AuditEvent>,
     /// Each writer's reply, and how many of the deliveries are its.
     waiting: Vec<(Reply, usize)>,
 }
@@ -48,6 +51,7 @@ impl Batch {
         self.waiting.push((w.reply, w.deliveries.len()));
         self.deliveries.extend(w.deliveries);
         self.outcomes.extend(w.outcomes);
+        self.events.extend(w.events);
     }
 
     pub fn is_empty(&self) -> bool {
@@ -58,6 +62,7 @@ impl Batch {
     pub fn answer(&mut self, committed: Result<WriteResults, StoreError>) {
         self.deliveries.clear();
         self.outcomes.clear();
+        self.events.clear();
         match committed {
             Ok(results) => {
                 let mut results = results.into_iter();
@@ -88,17 +93,25 @@ pub(crate) async fn ask<M, T>(
     answer.await.map_err(|_| StoreError::Closed)?
 }
 
+/// What one writer hands a writer's queue.
+#[derive(Default)]
+pub(crate) struct Parts {
+    pub deliveries: Vec<NewDelivery>,
+    pub outcomes: Vec<AttemptRecord>,
+    pub events: Vec<AuditEvent>,
+}
+
 /// A write sent to a writer's `queue`, and its results.
 pub(crate) async fn write<M>(
     queue: &mpsc::Sender<M>,
-    deliveries: Vec<NewDelivery>,
-    outcomes: Vec<AttemptRecord>,
+    parts: Parts,
     wrap: impl FnOnce(Write) -> M,
 ) -> Result<WriteResults, StoreError> {
     ask(queue, |reply| {
         wrap(Write {
-            deliveries,
-            outcomes,
+            deliveries: parts.deliveries,
+            outcomes: parts.outcomes,
+            events: parts.events,
             reply,
         })
     })

@@ -4,6 +4,7 @@
 //! database, a batch one round trip). `StoreHandle` is the relay's shared handle on either.
 
 pub mod api;
+pub mod audit;
 mod batch;
 mod error;
 pub mod location;
@@ -19,7 +20,7 @@ use std::ops::Deref;
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use api::{Answers, Inspection, Jobs, Leases, Store, Upkeep, WriteResults};
+pub use api::{Answers, Audit, Inspection, Jobs, Leases, Store, Upkeep, WriteResults};
 pub use error::StoreError;
 pub use location::{PgLocation, StoreLocation};
 pub use model::*;
@@ -37,6 +38,8 @@ pub struct Settings {
     /// Off, every write gets its own transaction (for comparison in benchmarks).
     pub group_commit: bool,
     pub clock: Clock,
+    /// What is done with audit events once committed.
+    pub audit: audit::Sink,
 }
 
 impl Settings {
@@ -47,6 +50,7 @@ impl Settings {
             claim_lease: Duration::from_secs(30),
             group_commit: true,
             clock: Clock::system(),
+            audit: audit::Sink::default(),
         }
     }
 }

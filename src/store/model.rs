@@ -9,6 +9,7 @@ use std::time::Duration;
 use serde::Serialize;
 
 use super::StoreError;
+use super::audit::AuditEvent;
 use crate::domain::{Action, Binding, Expiration, Gate, Id, Reply};
 use crate::policy::Decision;
 
@@ -162,6 +163,8 @@ pub struct Job {
     /// its on-call check) as well as the check it was stored with.
     pub rule: Option<String>,
     pub actor: Option<String>,
+    /// The dedup key of that delivery (for the audit trail).
+    pub delivery: Option<String>,
 }
 
 /// A claimed row that cannot be read as a decision (a value the relay would never have stored:
@@ -269,6 +272,8 @@ pub struct AttemptRecord {
     pub checked_at_ms: Option<i64>,
     /// Answers back to create with this outcome (P0's final answer), in the same transaction.
     pub answers: Vec<NewAnswer>,
+    /// The audit events this attempt makes, written with it (none when its claim was lost).
+    pub audit: Vec<AuditEvent>,
 }
 
 /// One call answering back at a provider, as the worker composes it.
@@ -310,6 +315,8 @@ pub struct AnswerRecord {
     pub next_attempt_at_ms: i64,
     pub status: Option<u16>,
     pub error: Option<String>,
+    /// The audit events this attempt makes, written with it (none when its claim was lost).
+    pub audit: Vec<AuditEvent>,
 }
 
 /// An answer as `jobs show` lists it under its decision.
@@ -537,6 +544,9 @@ pub struct Windows {
 pub struct Prune {
     pub finished_before_ms: i64,
     pub ends_before_ms: i64,
+    /// Audit events before the last seal written before this are removed (`audit.retention`),
+    /// and a `pruned` event says so.
+    pub audit_before_ms: i64,
 }
 
 /// The time a store works by: the system's, or one a test sets (`Clock::manual`), so the

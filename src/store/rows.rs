@@ -79,7 +79,8 @@ impl Row for tokio_postgres::Row {
 pub(crate) const JOB: &str = "id, source, org, request_id, action, expiration, attempts,
     created_at, window_start, subject, reply, ended_by IS NOT NULL, refused, gate, evidence,
     checked_at, (SELECT d.rule FROM deliveries d WHERE d.id = jobs.delivery_id),
-    (SELECT d.actor FROM deliveries d WHERE d.id = jobs.delivery_id)";
+    (SELECT d.actor FROM deliveries d WHERE d.id = jobs.delivery_id),
+    (SELECT d.dedup_key FROM deliveries d WHERE d.id = jobs.delivery_id)";
 
 impl Job {
     /// A claimed job (`JOB`, then its claim token), its values parsed; `Unreadable` when what
@@ -88,7 +89,7 @@ impl Job {
     /// never holds back a revoke or a deny: an unreadable reply is no answer back, an
     /// unreadable on-call check refuses an approve (`gate`) and is nothing to the others.
     pub(crate) fn read(r: &impl Row) -> Result<Result<Job, Unreadable>, StoreError> {
-        let (id, attempts, claim_token) = (r.int(0)?, r.count(6)?, r.int(18)?);
+        let (id, attempts, claim_token) = (r.int(0)?, r.count(6)?, r.int(19)?);
         let unreadable = |why: String| Unreadable {
             id,
             claim_token,
@@ -149,6 +150,7 @@ impl Job {
             checked_at_ms: r.opt_int(15)?,
             rule: r.opt_text(16)?,
             actor: r.opt_text(17)?,
+            delivery: r.opt_text(18)?,
         }))
     }
 }

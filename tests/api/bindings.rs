@@ -33,7 +33,7 @@ pub(crate) fn pd_note(event_id: &str, incident: &str, content: &str) -> Hook {
 }
 
 /// An `incident.resolved` by automation (no agent) whose title names no request.
-fn pd_resolved(event_id: &str, incident: &str) -> Hook {
+pub(crate) fn pd_resolved(event_id: &str, incident: &str) -> Hook {
     let mut v: Value =
         serde_json::from_slice(&testdata("pagerduty/incident_resolved.json")).unwrap();
     v["event"]["id"] = event_id.into();

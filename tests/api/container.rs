@@ -506,6 +506,7 @@ async fn the_image_runs_as_the_kubernetes_deployment_runs_it() {
         ("GITHUB_WEBHOOK_SECRET", GITHUB_SECRET_NEW),
         ("PAGERDUTY_WEBHOOK_SECRET", PD_SECRET),
         ("OPSGENIE_WEBHOOK_TOKEN", OG_TOKEN),
+        ("P0_RELAY_AUDIT_KEY", "container-audit-key-0123456789"),
     ] {
         let file = secrets.path().join(key);
         std::fs::write(&file, value).unwrap();

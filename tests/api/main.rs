@@ -5,6 +5,7 @@
 
 mod common;
 
+mod audit;
 mod bindings;
 mod cli;
 mod container;

@@ -589,6 +589,90 @@ async fn an_on_call_acknowledgement_approves(db: Option<&TestDb>) {
     assert_eq!(t.settle().await.len(), 1, "exactly one P0 call");
 }
 
+/// A gated approve's life in the audit trail, as `p0-relay audit --json` prints it: accepted,
+/// checked (with the evidence), sent, answered; its incident's end revokes it (revoked, sent,
+/// answered). Each event says what it is about.
+async fn an_approves_life_is_in_the_audit_trail(db: Option<&TestDb>) {
+    let (providers, truth) = fakes().await;
+    truth.pd_on_call(USER, 1);
+    let (t, store) = gated(&providers, &PD_GATE, db, "").await;
+    t.p0_ok().await;
+    let (status, ans) = t.post(&pd_ack("01AUDITACK")).await;
+    assert_eq!(status, 202, "{ans}");
+    posts(&t, &providers.pagerduty, 1).await;
+    let (status, ans) = t
+        .post(&crate::bindings::pd_resolved("01AUDITEND", INCIDENT))
+        .await;
+    assert_eq!(status, 202, "{ans}");
+    posts(&t, &providers.pagerduty, 2).await;
+    let (code, out) = run_cli(&["audit", "--json", "--db", &store], &test_env(&[]));
+    assert_eq!(code, Some(0), "{out}");
+    let events: Vec<Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let s = |v: &Value| v.as_str().unwrap_or_default().to_owned();
+    let steps: Vec<(String, String, String, i64)> = events
+        .iter()
+        .map(|e| {
+            let job = e["job_id"].as_i64().unwrap_or_default();
+            (s(&e["event"]), s(&e["outcome"]), s(&e["action"]), job)
+        })
+        .collect();
+    let step = |e: &str, o: &str, a: &str, j: i64| (e.into(), o.into(), a.into(), j);
+    assert_eq!(
+        steps,
+        [
+            step("accepted", "queued", "approve", 1),
+            step("checked", "on_call", "approve", 1),
+            step("sent", "success", "approve", 1),
+            step("answered", "sent", "approve", 1),
+            step("revoked", "queued", "revoke", 2),
+            step("sent", "success", "revoke", 2),
+            step("answered", "sent", "revoke", 2),
+        ]
+    );
+    let ids: Vec<i64> = events.iter().filter_map(|e| e["id"].as_i64()).collect();
+    assert_eq!(ids, (1..=7).collect::<Vec<_>>());
+    for e in &events {
+        for (field, want) in [
+            ("source", "pagerduty"),
+            ("org", "acme"),
+            ("request_id", "req-789"),
+            ("subject", INCIDENT),
+        ] {
+            assert_eq!(e[field], want, "{field}: {e}");
+        }
+        assert!(e["time"].as_str().is_some_and(|t| t.ends_with('Z')), "{e}");
+    }
+    assert_eq!(
+        (events[0]["rule"].as_str(), events[0]["actor"].as_str()),
+        (Some("incident-acknowledged"), Some(USER))
+    );
+    assert!(
+        events[1]["detail"]
+            .as_str()
+            .is_some_and(|d| d.starts_with(&format!("on call: escalation policy {POLICY}"))),
+        "{}",
+        events[1]
+    );
+    assert_eq!(events[2]["status"], 200);
+    assert_eq!(events[4]["reason"], "its subject ended");
+}
+
+#[tokio::test]
+async fn an_approves_life_is_in_the_audit_trail_on_sqlite() {
+    an_approves_life_is_in_the_audit_trail(None).await;
+}
+
+#[tokio::test]
+async fn an_approves_life_is_in_the_audit_trail_on_postgres() {
+    let Some(db) = TestDb::create().await else {
+        return;
+    };
+    an_approves_life_is_in_the_audit_trail(Some(&db)).await;
+}
+
 #[tokio::test]
 async fn pagerduty_an_on_call_acknowledgement_approves_with_its_evidence() {
     an_on_call_acknowledgement_approves(None).await;

@@ -204,11 +204,17 @@ async fn stale_grants_are_refused_and_answered(db: Option<&crate::common::pg::Te
         (200, Some("rejected")),
         "{answer}"
     );
-    let reason = format!(
-        "event is 2h old ({} at $.comment.created_at); grants must be under 1h",
-        rfc3339(two_hours_ago)
-    );
-    assert_eq!(answer["reason"], reason.as_str(), "{answer}");
+    // Its age is judged to the second when it arrives: two hours, or a second more on a
+    // loaded machine.
+    let reason = |age: &str| {
+        format!(
+            "event is {age} old ({} at $.comment.created_at); grants must be under 1h",
+            rfc3339(two_hours_ago)
+        )
+    };
+    let said = answer["reason"].as_str().unwrap_or_default();
+    assert!(said == reason("2h") || said == reason("2h 1s"), "{answer}");
+    let reason = said.to_owned();
     assert_eq!(
         answer["job_ids"],
         json!([1]),
@@ -229,7 +235,7 @@ async fn stale_grants_are_refused_and_answered(db: Option<&crate::common::pg::Te
         answer["reason"]
             .as_str()
             .unwrap()
-            .starts_with("event is 2h old ("),
+            .starts_with("event is 2h"),
         "{answer}"
     );
     // Each refusal is answered where it was asked: a -1 and a comment on GitHub, a note on

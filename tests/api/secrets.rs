@@ -8,6 +8,9 @@ use crate::common::*;
 use wiremock::matchers::{method, path_regex};
 use wiremock::{Mock, MockServer, ResponseTemplate};
 
+/// The key the audit trail's seals are made with.
+const AUDIT_KEY: &str = "audit-key-secret-6c6c6c6c";
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_secret_appears_in_logs_metrics_or_cli_output() {
     const ANSWER_TOKENS: [(&str, &str); 3] = [
@@ -50,6 +53,7 @@ async fn no_secret_appears_in_logs_metrics_or_cli_output() {
     for (k, v) in ANSWER_TOKENS {
         vars.insert(k.into(), v.into());
     }
+    vars.insert("P0_RELAY_AUDIT_KEY".into(), AUDIT_KEY.into());
     let log = dir.path().join("relay.log");
     let relay = BinRelay::start(&config, &vars, log.clone(), &[]).await;
 
@@ -139,6 +143,9 @@ async fn no_secret_appears_in_logs_metrics_or_cli_output() {
         vec!["jobs", "--config", cfg, "list", "--json"],
         vec!["jobs", "--config", cfg, "show", "1"],
         vec!["jobs", "--config", cfg, "show", "4"],
+        vec!["audit", "--config", cfg],
+        vec!["audit", "--config", cfg, "--json"],
+        vec!["audit", "--config", cfg, "verify"],
     ] {
         let (code, out) = run_cli(&args, &vars);
         assert_eq!(code, Some(0), "{args:?}: {out}");
@@ -150,6 +157,11 @@ async fn no_secret_appears_in_logs_metrics_or_cli_output() {
         "the 401 is logged loudly"
     );
     assert!(log_text.contains("outcome=\"unauthorized\""), "{log_text}");
+    // Each audit event is a line of its own, once committed.
+    assert!(
+        log_text.contains("audit: audit event id=1 ") && log_text.contains("event=\"accepted\""),
+        "{log_text}"
+    );
     for (what, text) in &outputs {
         for secret in [
             TOKEN,
@@ -160,6 +172,7 @@ async fn no_secret_appears_in_logs_metrics_or_cli_output() {
             ANSWER_TOKENS[0].1,
             ANSWER_TOKENS[1].1,
             ANSWER_TOKENS[2].1,
+            AUDIT_KEY,
         ] {
             assert!(!text.contains(secret), "{what} contains a secret:\n{text}");
         }

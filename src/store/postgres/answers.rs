@@ -2,7 +2,10 @@
 //! ran out), recorded only under the claim they were sent with.
 
 use async_trait::async_trait;
+use serde_json::Value;
 
+use super::audit::bodies;
+use super::writer::without_nul;
 use super::{OP_TIMEOUT, PgStore};
 use crate::store::StoreError;
 use crate::store::api::Answers;
@@ -49,17 +52,26 @@ impl Answers for PgStore {
         let status = rec.status.map(i32::from);
         let attempts = i32::try_from(rec.attempts).unwrap_or(i32::MAX);
         let state = rec.state.as_str();
-        self.db
+        let now = self.db.now();
+        let mut events = serde_json::to_value(&rec.audit).unwrap_or(Value::Null);
+        without_nul(&mut events);
+        // One statement: the update, and its events when it applied (`p0_relay_audit` last).
+        let written: Value = self
+            .db
             .run("answer record", OP_TIMEOUT, async |c| {
                 let stmt = c
                     .prepare_cached(
-                        "UPDATE answers SET state = $2, attempts = $3, next_attempt_at = $4,
-                                last_status = $5, last_error = $6, updated_at = $7,
-                                lease_until = NULL
-                         WHERE id = $1 AND claim_token = $8 AND state = 'sending'",
+                        "WITH done AS (
+                             UPDATE answers SET state = $2, attempts = $3, next_attempt_at = $4,
+                                    last_status = $5, last_error = $6, updated_at = $7,
+                                    lease_until = NULL
+                             WHERE id = $1 AND claim_token = $8 AND state = 'sending'
+                             RETURNING id)
+                         SELECT CASE WHEN EXISTS (SELECT 1 FROM done)
+                                     THEN p0_relay_audit($9, $10) ELSE '[]'::JSONB END",
                     )
                     .await?;
-                c.execute(
+                c.query_one(
                     &stmt,
                     &[
                         &rec.id,
@@ -70,11 +82,15 @@ impl Answers for PgStore {
                         &rec.error,
                         &rec.at_ms,
                         &rec.claim_token,
+                        &events,
+                        &now,
                     ],
                 )
-                .await
+                .await?
+                .try_get(0)
             })
             .await?;
+        self.db.audit.committed(&bodies(&written));
         Ok(())
     }
 }

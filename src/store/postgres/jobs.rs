@@ -6,10 +6,12 @@ use std::sync::atomic::Ordering;
 
 use async_trait::async_trait;
 
+use super::audit::write_events;
 use super::{CHANNEL, OP_TIMEOUT, Pg, PgStore};
 use crate::store::StoreError;
 use crate::store::api::{Jobs, WriteResults};
-use crate::store::batch;
+use crate::store::audit;
+use crate::store::batch::{self, Parts};
 use crate::store::model::{AttemptRecord, Claim, Claimed, Job, NewDelivery, Replay, Replayed};
 use crate::store::rows::{JOB, candidates};
 use crate::store::rules::Candidate;
@@ -21,7 +23,12 @@ impl Jobs for PgStore {
         deliveries: Vec<NewDelivery>,
         outcomes: Vec<AttemptRecord>,
     ) -> Result<WriteResults, StoreError> {
-        batch::write(&self.writes, deliveries, outcomes, |w| w).await
+        let parts = Parts {
+            deliveries,
+            outcomes,
+            events: Vec::new(),
+        };
+        batch::write(&self.writes, parts, |w| w).await
     }
 
     /// The claimed jobs go out first (their leases are running): what lies ahead is asked
@@ -81,8 +88,8 @@ impl Jobs for PgStore {
         self.db.expire_leases(self.db.now()).await
     }
 
-    async fn replay(&self, which: Replay) -> Result<Replayed, StoreError> {
-        self.db.replay(which).await
+    async fn replay(&self, which: Replay, operator: &str) -> Result<Replayed, StoreError> {
+        self.db.replay(which, operator).await
     }
 }
 
@@ -143,7 +150,7 @@ impl Pg {
     /// candidate's subject (shared) and request are taken first, in the same order, so an
     /// end or a later decision committing on another relay comes either before the replay,
     /// and is seen, or after it, and sees the job pending again.
-    async fn replay(&self, which: Replay) -> Result<Replayed, StoreError> {
+    async fn replay(&self, which: Replay, operator: &str) -> Result<Replayed, StoreError> {
         let now = self.now();
         let (which, named) = match which {
             Replay::One(id) => ("j.id = $1 AND j.state IN ('dead', 'rejected')", Some(id)),
@@ -180,7 +187,13 @@ impl Pg {
                 .await?;
                 tx.execute("SELECT pg_notify($1, '')", &[&CHANNEL]).await?;
             }
+            let events: Vec<_> = queued
+                .iter()
+                .map(|id| audit::replayed(*id, operator))
+                .collect();
+            let written = write_events(&tx, &events, now).await?;
             tx.commit().await?;
+            self.audit.committed(&written);
             Ok(Ok(replayed))
         })
         .await?

@@ -6,6 +6,7 @@
 //! files (`schema.rs`).
 
 mod answers;
+mod audit;
 mod inspect;
 mod jobs;
 mod leases;
@@ -54,6 +55,8 @@ pub(crate) struct Pg {
     store_payloads: bool,
     lease: Duration,
     clock: Clock,
+    /// Where committed audit events go.
+    audit: super::audit::Sink,
     last_expiry_ms: AtomicI64,
     last_statistics_ms: AtomicI64,
 }
@@ -75,6 +78,7 @@ impl PgStore {
             store_payloads: settings.store_payloads,
             lease: settings.claim_lease,
             clock: settings.clock.clone(),
+            audit: settings.audit.clone(),
             last_expiry_ms: AtomicI64::new(i64::MIN),
             last_statistics_ms: AtomicI64::new(i64::MIN),
         });

@@ -19,6 +19,7 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0005_end_locks.sql"),
     include_str!("migrations/0006_subject_ends_and_gates.sql"),
     include_str!("migrations/0007_unbound_and_checked_at.sql"),
+    include_str!("migrations/0008_audit_events.sql"),
 ];
 
 macro_rules! functions {
@@ -36,6 +37,7 @@ functions!(
     "p0_relay_write_each_locked",
     "p0_relay_write_each",
     "p0_relay_write_distinct",
+    "p0_relay_audit",
     "p0_relay_write",
 );
 
@@ -43,6 +45,7 @@ functions!(
 pub(super) const MIGRATE_LOCK: i64 = 0x7030_7265_6c61_7901;
 pub(super) const PRUNE_LOCK: i64 = 0x7030_7265_6c61_7902;
 pub(super) const STATISTICS_LOCK: i64 = 0x7030_7265_6c61_7903;
+pub(super) const SEAL_LOCK: i64 = 0x7030_7265_6c61_7904;
 
 impl Pg {
     /// Brings the schema to this relay's version under an advisory lock: ten relays starting
@@ -72,7 +75,10 @@ impl Pg {
                     let names: Vec<&str> = FUNCTIONS.iter().map(|(name, _)| *name).collect();
                     let complete: bool = tx
                         .query_one(
-                            "SELECT bool_and(to_regproc(n) IS NOT NULL) FROM unnest($1::TEXT[]) n",
+                            "SELECT bool_and(EXISTS (SELECT 1 FROM pg_proc p
+                                                     WHERE p.proname = n
+                                                       AND p.pronamespace = current_schema()::regnamespace))
+                             FROM unnest($1::TEXT[]) n",
                             &[&names],
                         )
                         .await?

@@ -98,8 +98,10 @@ impl Pg {
                     &[&before.ends_before_ms],
                 )
                 .await?;
+            let (events, written) = self.prune_audit(&tx, before.audit_before_ms).await?;
             tx.commit().await?;
-            Ok(usize::try_from(jobs + deliveries + ends).unwrap_or(usize::MAX))
+            self.audit.committed(&written);
+            Ok(usize::try_from(jobs + deliveries + ends + events).unwrap_or(usize::MAX))
         })
         .await
     }
@@ -141,7 +143,7 @@ impl Pg {
 
 /// Whether this relay takes `lock` for the transaction: the first to ask does, the others
 /// skip this round.
-async fn first(
+pub(super) async fn first(
     tx: &tokio_postgres::Transaction<'_>,
     lock: i64,
 ) -> Result<bool, tokio_postgres::Error> {

@@ -7,10 +7,12 @@ use std::sync::Arc;
 use serde_json::{Value, json};
 use tokio::sync::{Semaphore, mpsc};
 
+use super::audit::bodies;
 use super::{OP_TIMEOUT, Pg};
 use crate::domain::Expiration;
 use crate::store::StoreError;
 use crate::store::api::WriteResults;
+use crate::store::audit::AuditEvent;
 use crate::store::batch::{Batch, Write};
 use crate::store::model::{Accepted, AttemptRecord, BoundRevocation, JobRef, NewDelivery, ms};
 use crate::store::rules::{batch_order, in_arrival_order};
@@ -58,7 +60,9 @@ pub(super) async fn run(db: Arc<Pg>, mut queue: mpsc::Receiver<Write>, max_batch
 
 /// Commits one batch and answers each of its writers.
 async fn commit(db: &Pg, mut batch: Batch) {
-    let committed = db.write(&batch.deliveries, &batch.outcomes).await;
+    let committed = db
+        .write(&batch.deliveries, &batch.outcomes, &batch.events)
+        .await;
     batch.answer(committed);
 }
 
@@ -74,21 +78,23 @@ impl Pg {
         &self,
         deliveries: &[NewDelivery],
         outcomes: &[AttemptRecord],
+        events: &[AuditEvent],
     ) -> Result<WriteResults, StoreError> {
         let now = self.now();
-        match self.write_batch(deliveries, outcomes, now).await {
+        match self.write_batch(deliveries, outcomes, events, now).await {
             Err(StoreError::Refused(why))
-                if deliveries.len() + usize::from(!outcomes.is_empty()) > 1 =>
+                if deliveries.len() + usize::from(!outcomes.is_empty() || !events.is_empty())
+                    > 1 =>
             {
                 tracing::warn!(error = %why, "a batch was refused; writing its parts one by one");
-                if !outcomes.is_empty() {
-                    self.write_batch(&[], outcomes, now).await?;
+                if !outcomes.is_empty() || !events.is_empty() {
+                    self.write_batch(&[], outcomes, events, now).await?;
                 }
                 let order = batch_order(deliveries);
                 let mut results = Vec::with_capacity(deliveries.len());
                 for &i in &order {
                     let one = self
-                        .write_batch(std::slice::from_ref(&deliveries[i]), &[], now)
+                        .write_batch(std::slice::from_ref(&deliveries[i]), &[], &[], now)
                         .await;
                     results.push(one.and_then(|mut r| match r.pop() {
                         Some(result) if r.is_empty() => result,
@@ -107,12 +113,15 @@ impl Pg {
         &self,
         deliveries: &[NewDelivery],
         outcomes: &[AttemptRecord],
+        events: &[AuditEvent],
         now: i64,
     ) -> Result<WriteResults, StoreError> {
         let mut batch = Value::Array(deliveries.iter().map(delivery_json).collect());
         let mut recs = Value::Array(outcomes.iter().map(outcome_json).collect());
+        let mut events = serde_json::to_value(events).unwrap_or(Value::Null);
         without_nul(&mut batch);
         without_nul(&mut recs);
+        without_nul(&mut events);
         let payloads: Vec<Option<&[u8]>> = deliveries
             .iter()
             .map(|d| d.payload.as_deref().filter(|_| self.store_payloads))
@@ -123,12 +132,13 @@ impl Pg {
             .run("write", OP_TIMEOUT, async |c| {
                 // One statement is its own transaction: no BEGIN and COMMIT round trips.
                 let stmt = c
-                    .prepare_cached("SELECT p0_relay_write($1, $2, $3, $4, $5, $6)")
+                    .prepare_cached("SELECT p0_relay_write($1, $2, $3, $4, $5, $6, $7)")
                     .await?;
-                let args: [&(dyn tokio_postgres::types::ToSql + Sync); 6] = [
+                let args: [&(dyn tokio_postgres::types::ToSql + Sync); 7] = [
                     &batch,
                     &payloads,
                     &recs,
+                    &events,
                     &now,
                     &dedup_since,
                     &coalesce_since,
@@ -142,6 +152,7 @@ impl Pg {
                 "outcomes ignored: the claim had expired and another relay holds the decision now"
             );
         }
+        self.audit.committed(&bodies(&out["audit"]));
         let results = out["results"].as_array().cloned().unwrap_or_default();
         if results.len() != deliveries.len() {
             return Err(StoreError::Corrupt(format!(
@@ -184,6 +195,7 @@ fn outcome_json(r: &AttemptRecord) -> Value {
         "answers": r.answers.iter().map(|a| json!({
             "via": a.via, "kind": a.kind, "target": a.target, "body": a.body,
         })).collect::<Vec<_>>(),
+        "audit": r.audit,
     })
 }
 
@@ -235,7 +247,7 @@ fn parse_result(v: &Value) -> Accepted {
 /// PostgreSQL refuses U+0000 in text and JSONB, so one sender's NUL (in an actor, a subject, a
 /// dedup key part, P0's error text) would fail the whole batch it shares with others: it is
 /// stored as U+FFFD instead.
-fn without_nul(value: &mut Value) {
+pub(super) fn without_nul(value: &mut Value) {
     match value {
         Value::String(s) if s.contains('\0') => *s = s.replace('\0', "\u{fffd}"),
         Value::Array(items) => items.iter_mut().for_each(without_nul),

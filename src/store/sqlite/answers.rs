@@ -3,6 +3,7 @@
 use async_trait::async_trait;
 use rusqlite::params;
 
+use super::audit::insert_events;
 use super::jobs::mark_sending;
 use super::{Db, SqliteStore, rows};
 use crate::store::StoreError;
@@ -53,8 +54,12 @@ impl Db {
         Ok(answers)
     }
 
+    /// Records an answer attempt, with its audit events, only under the claim it was made
+    /// with.
     pub(crate) fn record_answer(&mut self, rec: &AnswerRecord) -> Result<(), StoreError> {
-        self.conn
+        let now = self.now();
+        let tx = self.conn.transaction()?;
+        let changed = tx
             .prepare_cached(
                 "UPDATE answers SET state = ?2, attempts = ?3, next_attempt_at = ?4,
                                     last_status = ?5, last_error = ?6, updated_at = ?7
@@ -70,6 +75,12 @@ impl Db {
                 rec.at_ms,
                 rec.claim_token
             ])?;
+        let written = match changed {
+            0 => Vec::new(),
+            _ => insert_events(&tx, now, &rec.audit)?,
+        };
+        tx.commit()?;
+        self.audit.committed(&written);
         Ok(())
     }
 

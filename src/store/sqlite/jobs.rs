@@ -5,12 +5,14 @@
 use async_trait::async_trait;
 use rusqlite::{Connection, OptionalExtension, params};
 
+use super::audit::insert_events;
 use super::writer::Task;
 use super::{Db, SqliteStore, rows};
 use crate::domain::{Action, Expiration};
 use crate::policy::Decision;
 use crate::store::api::{Jobs, WriteResults};
-use crate::store::batch;
+use crate::store::audit::{self, AuditEvent, Body};
+use crate::store::batch::{self, Parts};
 use crate::store::model::{
     Accepted, Ahead, AttemptRecord, Claim, Claimed, Job, JobRef, NewDelivery, Replay, Replayed,
     Token,
@@ -42,7 +44,12 @@ impl Jobs for SqliteStore {
         deliveries: Vec<NewDelivery>,
         outcomes: Vec<AttemptRecord>,
     ) -> Result<WriteResults, StoreError> {
-        batch::write(&self.tasks, deliveries, outcomes, Task::Write).await
+        let parts = Parts {
+            deliveries,
+            outcomes,
+            events: Vec::new(),
+        };
+        batch::write(&self.tasks, parts, Task::Write).await
     }
 
     async fn claim_jobs(&self, limit: usize) -> Result<Claimed<Job>, StoreError> {
@@ -69,19 +76,21 @@ impl Jobs for SqliteStore {
         self.run(|db| db.recover()).await
     }
 
-    async fn replay(&self, which: Replay) -> Result<Replayed, StoreError> {
-        self.run(move |db| db.replay(which)).await
+    async fn replay(&self, which: Replay, operator: &str) -> Result<Replayed, StoreError> {
+        let operator = operator.to_owned();
+        self.run(move |db| db.replay(which, &operator)).await
     }
 }
 
 impl Db {
-    /// Stores each delivery with its decisions and records `outcomes`, in one transaction
-    /// (`Jobs::write`). A delivery that fails is left out whole: the batch is written again
-    /// with a savepoint per delivery.
+    /// Stores each delivery with its decisions and records `outcomes`, with the audit events
+    /// of both and `events`, in one transaction (`Jobs::write`). A delivery that fails is
+    /// left out whole: the batch is written again with a savepoint per delivery.
     pub(crate) fn write(
         &mut self,
         deliveries: &[NewDelivery],
         outcomes: &[AttemptRecord],
+        events: &[AuditEvent],
     ) -> Result<WriteResults, StoreError> {
         let now = self.now();
         let settings = (self.windows, self.store_payloads);
@@ -96,10 +105,11 @@ impl Db {
             // Rare (a constraint or I/O error): start over with a savepoint per delivery, so
             // the failing one is left out whole and the others are kept.
             drop(tx);
-            return self.write_isolated(deliveries, outcomes, now);
+            return self.write_isolated(deliveries, outcomes, events, now);
         }
-        record_all(&tx, outcomes)?;
+        let written = finish(&tx, now, deliveries, &results, outcomes, events)?;
         tx.commit()?;
+        self.audit.committed(&written);
         Ok(results)
     }
 
@@ -107,6 +117,7 @@ impl Db {
         &mut self,
         deliveries: &[NewDelivery],
         outcomes: &[AttemptRecord],
+        events: &[AuditEvent],
         now: i64,
     ) -> Result<WriteResults, StoreError> {
         let settings = (self.windows, self.store_payloads);
@@ -121,9 +132,11 @@ impl Db {
             }
             results.push(result);
         }
-        record_all(&tx, outcomes)?;
+        let results = in_arrival_order(&order, results);
+        let written = finish(&tx, now, deliveries, &results, outcomes, events)?;
         tx.commit()?;
-        Ok(in_arrival_order(&order, results))
+        self.audit.committed(&written);
+        Ok(results)
     }
 
     /// Marks up to `limit` due jobs in their turn as sending under a new claim token. A
@@ -194,7 +207,7 @@ impl Db {
         )?)
     }
 
-    pub(crate) fn replay(&mut self, which: Replay) -> Result<Replayed, StoreError> {
+    pub(crate) fn replay(&mut self, which: Replay, operator: &str) -> Result<Replayed, StoreError> {
         let now = self.now();
         // Immediate: it reads, then writes; a deferred transaction would fail at once (busy
         // snapshot) if a running relay committed between the two. The write lock also keeps
@@ -222,7 +235,14 @@ impl Db {
                 .execute(params![now, c.id])?;
             }
         }
+        let events: Vec<AuditEvent> = replayed
+            .queued
+            .iter()
+            .map(|id| audit::replayed(*id, operator))
+            .collect();
+        let written = insert_events(&tx, now, &events)?;
         tx.commit()?;
+        self.audit.committed(&written);
         Ok(replayed)
     }
 }
@@ -457,9 +477,39 @@ impl<'t> Accept<'t> {
     }
 }
 
+/// After a batch's deliveries: records its outcomes, then writes the audit events of the
+/// deliveries stored (in arrival order), of the outcomes recorded and `events`; their bodies.
+fn finish(
+    tx: &Connection,
+    now: i64,
+    deliveries: &[NewDelivery],
+    results: &WriteResults,
+    outcomes: &[AttemptRecord],
+    events: &[AuditEvent],
+) -> Result<Vec<Body>, StoreError> {
+    let recorded = record_all(tx, outcomes)?;
+    let mut all: Vec<AuditEvent> = deliveries
+        .iter()
+        .zip(results)
+        .filter_map(|(d, r)| Some(audit::accepted(d, r.as_ref().ok()?)))
+        .flatten()
+        .collect();
+    all.extend(
+        recorded
+            .into_iter()
+            .flat_map(|rec| rec.audit.iter().cloned()),
+    );
+    all.extend(events.iter().cloned());
+    insert_events(tx, now, &all)
+}
+
 /// Records each attempt's outcome, only under the claim it was made with, with its attempt
-/// row and the answers back it creates.
-fn record_all(tx: &Connection, outcomes: &[AttemptRecord]) -> Result<(), StoreError> {
+/// row and the answers back it creates; those recorded.
+fn record_all<'r>(
+    tx: &Connection,
+    outcomes: &'r [AttemptRecord],
+) -> Result<Vec<&'r AttemptRecord>, StoreError> {
+    let mut recorded = Vec::with_capacity(outcomes.len());
     for rec in outcomes {
         let changed = tx
             .prepare_cached(
@@ -509,6 +559,7 @@ fn record_all(tx: &Connection, outcomes: &[AttemptRecord]) -> Result<(), StoreEr
                 rec.job_id, a.via, a.kind, a.target, a.body, rec.at_ms
             ])?;
         }
+        recorded.push(rec);
     }
-    Ok(())
+    Ok(recorded)
 }

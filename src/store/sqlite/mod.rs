@@ -4,6 +4,7 @@
 //! one sync (group commit). The operations are `Db` methods, a file per concern.
 
 mod answers;
+mod audit;
 mod checkpoint;
 mod ends;
 mod inspect;
@@ -37,6 +38,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0003_subjects_and_answers.sql"),
     include_str!("migrations/0004_subject_ends_and_gates.sql"),
     include_str!("migrations/0005_checked_at.sql"),
+    include_str!("migrations/0006_audit_events.sql"),
 ];
 
 /// A WAL grown past this (a long read held it in a storm) is cut back to it when it restarts.
@@ -45,6 +47,8 @@ const JOURNAL_SIZE_LIMIT: i64 = 64 * 1024 * 1024;
 /// The SQLite store as the relay holds it: a queue to the thread that owns the connection.
 pub struct SqliteStore {
     tasks: mpsc::Sender<Task>,
+    /// The file, for what reads beside the writer (a seal's events).
+    path: std::path::PathBuf,
 }
 
 /// The connection and what every operation on it works by. Only the writer thread holds it
@@ -57,6 +61,8 @@ pub(crate) struct Db {
     windows: Windows,
     store_payloads: bool,
     clock: Clock,
+    /// Where committed audit events go.
+    audit: super::audit::Sink,
 }
 
 impl SqliteStore {
@@ -66,12 +72,13 @@ impl SqliteStore {
     pub fn open(path: &Path, settings: &Settings) -> Result<(SqliteStore, StoreTask), StoreError> {
         let mut db = Db::open(path, settings.windows, settings.store_payloads)?;
         db.clock = settings.clock.clone();
+        db.audit = settings.audit.clone();
         match Checkpointer::start(path) {
             Ok(c) => db.checkpointer = Some(c),
             // The writer's own checkpoints (past a backstop) still keep the WAL bounded.
             Err(e) => tracing::warn!(error = %e, "cannot start the store's checkpoint thread"),
         }
-        let (store, thread) = Self::spawn(db, settings.group_commit)?;
+        let (store, thread) = Self::spawn(db, path, settings.group_commit)?;
         Ok((store, StoreTask::Thread(thread)))
     }
 
@@ -79,6 +86,7 @@ impl SqliteStore {
     /// transaction (for comparison in benchmarks).
     fn spawn(
         db: Db,
+        path: &Path,
         group_commit: bool,
     ) -> Result<(SqliteStore, std::thread::JoinHandle<()>), StoreError> {
         let (max, queue_len) = batch::sizes(group_commit);
@@ -86,7 +94,8 @@ impl SqliteStore {
         let thread = std::thread::Builder::new()
             .name("store-writer".into())
             .spawn(move || writer::run(db, queue, max))?;
-        Ok((SqliteStore { tasks }, thread))
+        let path = path.to_owned();
+        Ok((SqliteStore { tasks, path }, thread))
     }
 
     /// Runs `op` on the writer thread, after the writes queued before it.
@@ -131,6 +140,7 @@ impl Db {
             windows,
             store_payloads,
             clock: Clock::system(),
+            audit: super::audit::Sink::default(),
         };
         db.migrate()?;
         Ok(db)

@@ -41,6 +41,7 @@ impl Db {
 
     pub(crate) fn prune(&mut self, before: Prune) -> Result<usize, StoreError> {
         let older_than_ms = before.finished_before_ms;
+        let now = self.now();
         let tx = self.conn.transaction()?;
         // A finished job that overtook a dead one on its request is kept while that one is:
         // gone, it would let a replay of the dead one undo it.
@@ -72,7 +73,9 @@ impl Db {
                                  AND j.state IN ('dead', 'rejected'))",
             [before.ends_before_ms],
         )?;
+        let (events, written) = super::audit::prune(&tx, now, before.audit_before_ms)?;
         tx.commit()?;
-        Ok(jobs + deliveries + ends)
+        self.audit.committed(&written);
+        Ok(jobs + deliveries + ends + events)
     }
 }

@@ -39,7 +39,7 @@ pub(super) fn run(mut db: Db, mut queue: mpsc::Receiver<Task>, max_batch: usize)
             }
         }
         if !batch.is_empty() {
-            let committed = db.write(&batch.deliveries, &batch.outcomes);
+            let committed = db.write(&batch.deliveries, &batch.outcomes, &batch.events);
             batch.answer(committed);
         }
         for op in others.drain(..) {

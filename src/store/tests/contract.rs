@@ -883,6 +883,7 @@ async fn ends_are_pruned_only_when_nothing_could_be_replayed_under_them(mut s: B
     s.accept(on_subject("p2", &[], "P1", true), 2_000).await;
     s.accept(on_subject("p3", &[], "P2", true), 2_000).await;
     s.prune_with(Prune {
+        audit_before_ms: 0,
         finished_before_ms: 0,
         ends_before_ms: 10_000,
     })
@@ -999,6 +1000,7 @@ async fn answers_are_created_with_the_final_outcome_and_claimed_once(mut s: Back
         next_attempt_at_ms: 40_000,
         status: Some(201),
         error: None,
+        audit: Vec::new(),
     };
     // The stale claim's outcome is ignored; the current one's is kept.
     s.record_answer(&rec(&claimed[0], State::Dead)).await;

@@ -4,6 +4,7 @@
 //! SQLite's own (`sqlite`). PostgreSQL tests skip, listed after the run's
 //! summary, when 127.0.0.1:5432 does not answer, and fail instead in CI.
 
+mod audit_trail;
 mod contract;
 #[path = "../../../tests/api/common/pg.rs"]
 mod pg;
@@ -127,11 +128,12 @@ impl Backend {
     }
     async fn replay(&mut self, which: Replay, now: i64) -> Replayed {
         self.clock.set(now);
-        self.store.replay(which).await.unwrap()
+        self.store.replay(which, "tester").await.unwrap()
     }
     /// Prunes finished jobs and subject ends older than `before`.
     async fn prune(&mut self, before: i64) -> usize {
         self.prune_with(Prune {
+            audit_before_ms: 0,
             finished_before_ms: before,
             ends_before_ms: before,
         })
@@ -146,6 +148,24 @@ impl Backend {
     }
     async fn record_answer(&mut self, rec: &AnswerRecord) {
         self.store.record_answer(rec.clone()).await.unwrap()
+    }
+    /// The audit trail's rows, in ID order.
+    async fn audit_rows(&self) -> Vec<audit::AuditRow> {
+        self.store.audit_events(0, 10_000).await.unwrap()
+    }
+    /// The audit trail's events, read back.
+    async fn events(&self) -> Vec<audit::Body> {
+        let rows = self.audit_rows().await;
+        rows.iter()
+            .map(|r| serde_json::from_str(&r.body).unwrap())
+            .collect()
+    }
+    async fn seal(&mut self, key: Option<&crate::secret::Secret>, now: i64) -> Option<i64> {
+        self.clock.set(now);
+        self.store.seal(key).await.unwrap().map(|(id, _)| id)
+    }
+    async fn verify(&self, key: Option<&crate::secret::Secret>) -> audit::Verification {
+        self.store.verify(key, audit::Start::First).await.unwrap()
     }
     /// Runs `sql` on a connection of the test's own, behind the store's back.
     async fn behind_its_back(&self, sql: &str) {
@@ -249,6 +269,7 @@ fn done(job: &Job, state: State) -> AttemptRecord {
         error: None,
         duration_ms: 1,
         answers: Vec::new(),
+        audit: Vec::new(),
         evidence: None,
         checked_at_ms: None,
     }

@@ -317,13 +317,12 @@ async fn ten_relays_opening_a_fresh_database_at_once_migrate_it_once() {
     }
 }
 
-const MIGRATIONS_PG_LEN: usize = 7;
+const MIGRATIONS_PG_LEN: usize = 8;
 
 /// A database left by relays of the previous release (schema 7, its functions), with work in
-/// it, is brought up to this release's functions by a relay of this one at start, and that
-/// work goes on: here an approve taken before is revoked by its subject's end after. The
-/// schema version stays, so a relay of the previous release can still start on it (a rolling
-/// upgrade, a rollback).
+/// it, is migrated by a relay of this one at start, and that work goes on: here an approve
+/// taken before is revoked by its subject's end after, written by the previous release's
+/// call, which now keeps the audit trail too.
 #[tokio::test]
 async fn a_database_at_the_previous_schema_is_migrated_and_its_work_goes_on() {
     let Some(db) = TestDb::create().await else {
@@ -360,7 +359,7 @@ async fn a_database_at_the_previous_schema_is_migrated_and_its_work_goes_on() {
                                       "expiration": "1h"}]);
     write("before", "P1", false, approve).await;
     write("other", "P0", true, serde_json::json!([])).await;
-    // A relay of this release starts and adds the function it misses.
+    // A relay of this release starts and migrates the database.
     let s = Relay::open(&location(&db)).await.unwrap();
     let added: bool = raw
         .query_one(
@@ -381,6 +380,15 @@ async fn a_database_at_the_previous_schema_is_migrated_and_its_work_goes_on() {
     let ended = write("after", "P1", true, serde_json::json!([])).await;
     let bound = &ended["results"][0]["bound"];
     assert_eq!(bound[0][2], "r1", "{ended}");
+    let revoked: i64 = raw
+        .query_one(
+            "SELECT count(*) FROM audit_events WHERE event = 'revoked'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(revoked, 1, "the old call's end is in the audit trail");
     // And the new relay works on the same data.
     let jobs = s.claim_due(2_000, 10).await.unwrap();
     assert_eq!(
@@ -408,6 +416,7 @@ async fn pruning_is_done_by_one_relay_at_a_time() {
     let other = db.raw().await;
     let prune = || {
         a.prune(Prune {
+            audit_before_ms: 0,
             finished_before_ms: 10_000,
             ends_before_ms: 10_000,
         })

@@ -24,11 +24,11 @@ fn sqlite_hot_statements_are_compiled_once() {
             .map(|i| delivery(&format!("d{round}-{i}"), &[(Action::Approve, "r1")]))
             .collect();
         clock.set(1_000 + round);
-        s.write(&batch, &[]).unwrap();
+        s.write(&batch, &[], &[]).unwrap();
         clock.set(2_000 + round);
         for row in s.claim_jobs(1 + round as usize).unwrap() {
             let job = row.unwrap();
-            s.write(&[], &[done(&job, State::Succeeded)]).unwrap();
+            s.write(&[], &[done(&job, State::Succeeded)], &[]).unwrap();
         }
     }
     for sql in [SEEN, LATEST] {
@@ -53,7 +53,7 @@ fn sqlite_checkpoints_are_made_off_the_writer() {
     let before = db_size();
     for i in 0..50 {
         let d = delivery(&format!("d{i}"), &[(Action::Approve, &format!("r{i}"))]);
-        s.write(&[d], &[]).unwrap();
+        s.write(&[d], &[], &[]).unwrap();
     }
     assert_eq!(db_size(), before, "the writer checkpointed by itself");
     let backstop: i64 = s
@@ -93,7 +93,7 @@ fn sqlite_claims_restore_the_full_sync() {
     let clock = Clock::manual(1_000);
     let mut s = db(&path, &clock);
     assert_eq!(synchronous(&s), FULL);
-    s.write(&[delivery("d1", &[(Action::Approve, "a")])], &[])
+    s.write(&[delivery("d1", &[(Action::Approve, "a")])], &[], &[])
         .unwrap();
     clock.set(2_000);
     let job = s.claim_jobs(1).unwrap().remove(0).unwrap();

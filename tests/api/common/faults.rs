@@ -7,8 +7,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use async_trait::async_trait;
+use p0_relay::secret::Secret;
+use p0_relay::store::audit::{
+    AuditEvent, AuditRow, AuditStatus, Covers, SealRef, Start, Verification,
+};
 use p0_relay::store::{
-    Ahead, AnswerJob, AnswerRecord, Answers, AttemptRecord, Claimed, Counts, Granted, Held,
+    Ahead, AnswerJob, AnswerRecord, Answers, AttemptRecord, Audit, Claimed, Counts, Granted, Held,
     Inspection, Job, JobDetail, JobSummary, Jobs, Leases, ListFilter, NewDelivery, Prune, Replay,
     Replayed, Settings, SqliteStore, StoreError, StoreHandle, StoreTask, Upkeep, Windows,
     WriteResults,
@@ -125,8 +129,8 @@ impl Jobs for Watched {
     async fn recover(&self) -> Result<usize, StoreError> {
         self.inner.recover().await
     }
-    async fn replay(&self, which: Replay) -> Result<Replayed, StoreError> {
-        self.inner.replay(which).await
+    async fn replay(&self, which: Replay, operator: &str) -> Result<Replayed, StoreError> {
+        self.inner.replay(which, operator).await
     }
 }
 
@@ -188,5 +192,28 @@ impl Upkeep for Watched {
     }
     async fn upkeep(&self) -> Result<(), StoreError> {
         self.inner.upkeep().await
+    }
+}
+
+#[async_trait]
+impl Audit for Watched {
+    async fn record_events(&self, events: Vec<AuditEvent>) -> Result<(), StoreError> {
+        self.check()?;
+        self.inner.record_events(events).await
+    }
+    async fn audit_events(&self, after: i64, limit: usize) -> Result<Vec<AuditRow>, StoreError> {
+        self.inner.audit_events(after, limit).await
+    }
+    async fn seal(&self, key: Option<&Secret>) -> Result<Option<(i64, Covers)>, StoreError> {
+        self.inner.seal(key).await
+    }
+    async fn seal_before(&self, id: i64) -> Result<Option<SealRef>, StoreError> {
+        self.inner.seal_before(id).await
+    }
+    async fn verify(&self, key: Option<&Secret>, start: Start) -> Result<Verification, StoreError> {
+        self.inner.verify(key, start).await
+    }
+    async fn audit_status(&self) -> Result<AuditStatus, StoreError> {
+        self.inner.audit_status().await
     }
 }

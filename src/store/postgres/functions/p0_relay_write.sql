@@ -1,12 +1,16 @@
 -- The batch's entry point, one call per transaction: a batch that ends or reopens a subject,
 -- or repeats a delivery or a request, is written one delivery at a time
 -- (p0_relay_write_each); any other in a few statements (p0_relay_write_distinct). Then the
--- attempt outcomes, each only under the claim it was made with, with its answers back.
+-- attempt outcomes, each only under the claim it was made with, with its answers back. Last,
+-- the audit events (p0_relay_audit): the deliveries' (as store::audit::accepted makes them:
+-- per delivery in the order given, each decision `accepted` or `refused`, then its end's
+-- `revoked`), those of the outcomes recorded (in job order), then `events`.
 -- Returns {"results": [per delivery, in the order given: {"jobs": [[id, coalesced, refused],
 -- ...], "bound": [[id, org, request], ...], "refused": ..., "reopened": ...} or {"dup": [job
--- ids]}], "ignored": [job ids whose claim was no longer held]}.
+-- ids]}], "ignored": [job ids whose claim was no longer held], "audit": [event bodies]}.
 CREATE OR REPLACE FUNCTION p0_relay_write(deliveries JSONB, payloads BYTEA[], records JSONB,
-                               now_ms BIGINT, dedup_since BIGINT, coalesce_since BIGINT)
+                               events JSONB, now_ms BIGINT, dedup_since BIGINT,
+                               coalesce_since BIGINT)
 RETURNS JSONB LANGUAGE plpgsql AS $fn$
 DECLARE
     each_one BOOLEAN;
@@ -14,6 +18,7 @@ DECLARE
     ignored  JSONB := '[]';
     rec      RECORD;
     applied  INTEGER;
+    made     JSONB := '[]';
 BEGIN
     SELECT bool_or(COALESCE((e ->> 'ends_subject')::BOOLEAN, false)
                    OR COALESCE((e ->> 'reopens_subject')::BOOLEAN, false))
@@ -38,7 +43,7 @@ BEGIN
         SELECT * FROM jsonb_to_recordset(records) AS x(
             job_id BIGINT, claim BIGINT, at BIGINT, state TEXT, attempts INTEGER,
             next_attempt_at BIGINT, status INTEGER, result TEXT, error TEXT, duration_ms BIGINT,
-            evidence TEXT, checked_at BIGINT, answers JSONB)
+            evidence TEXT, checked_at BIGINT, answers JSONB, audit JSONB)
         ORDER BY job_id
     LOOP
         WITH done AS (
@@ -63,8 +68,49 @@ BEGIN
         SELECT count(*) INTO applied FROM done;
         IF applied = 0 THEN
             ignored := ignored || to_jsonb(rec.job_id);
+        ELSE
+            made := made || COALESCE(rec.audit, '[]');
         END IF;
     END LOOP;
-    RETURN jsonb_build_object('results', results, 'ignored', ignored);
+    SELECT COALESCE(jsonb_agg(ev ORDER BY i, k), '[]') || made || COALESCE(events, '[]')
+      INTO made
+    FROM (
+        SELECT d.i, x.j AS k, jsonb_build_object(
+                   'event', CASE WHEN r.job ->> 2 IS NOT NULL THEN 'refused' ELSE 'accepted' END,
+                   'job_id', (r.job ->> 0)::BIGINT,
+                   'outcome', CASE WHEN r.job ->> 2 IS NOT NULL THEN 'refused'
+                                   WHEN (r.job ->> 1)::BOOLEAN THEN 'coalesced'
+                                   ELSE 'queued' END,
+                   'reason', r.job ->> 2,
+                   'source', d.v ->> 'source', 'rule', d.v ->> 'rule', 'actor', d.v ->> 'actor',
+                   'action', x.v ->> 'action', 'request_id', x.v ->> 'request_id',
+                   'org', x.v ->> 'org', 'subject', d.v ->> 'subject',
+                   'delivery', d.v ->> 'dedup_key') AS ev
+        FROM jsonb_array_elements(deliveries) WITH ORDINALITY d(v, i)
+        CROSS JOIN LATERAL jsonb_array_elements(d.v -> 'decisions') WITH ORDINALITY x(v, j)
+        CROSS JOIN LATERAL (SELECT results -> (d.i::INTEGER - 1) -> 'jobs'
+                                           -> (x.j::INTEGER - 1) AS job) r
+        WHERE r.job IS NOT NULL
+        UNION ALL
+        SELECT d.i, 1000000 + b.k, jsonb_build_object(
+                   'event', 'revoked', 'job_id', (b.v ->> 0)::BIGINT, 'outcome', 'queued',
+                   'reason', 'its subject ended',
+                   'source', d.v ->> 'source', 'rule', d.v ->> 'rule', 'actor', d.v ->> 'actor',
+                   'action', 'revoke', 'request_id', b.v ->> 2, 'org', b.v ->> 1,
+                   'subject', d.v ->> 'subject', 'delivery', d.v ->> 'dedup_key')
+        FROM jsonb_array_elements(deliveries) WITH ORDINALITY d(v, i)
+        CROSS JOIN LATERAL jsonb_array_elements(COALESCE(results -> (d.i::INTEGER - 1) -> 'bound',
+                                                         '[]')) WITH ORDINALITY b(v, k)
+    ) accepted;
+    RETURN jsonb_build_object('results', results, 'ignored', ignored,
+                              'audit', p0_relay_audit(made, now_ms));
 END
+$fn$;
+-- The previous release's call (its relays go on writing through it during an upgrade): the
+-- same, with no events of its own.
+CREATE OR REPLACE FUNCTION p0_relay_write(deliveries JSONB, payloads BYTEA[], records JSONB,
+                               now_ms BIGINT, dedup_since BIGINT, coalesce_since BIGINT)
+RETURNS JSONB LANGUAGE sql AS $fn$
+    SELECT p0_relay_write(deliveries, payloads, records, '[]'::JSONB, now_ms, dedup_since,
+                          coalesce_since)
 $fn$;

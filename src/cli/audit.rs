@@ -1,0 +1,191 @@
+//! `p0-relay audit`: the audit trail in ID order, as text for people or JSON lines for log
+//! shippers (`--follow` goes on printing what commits, so a shipper resumes with `--since`
+//! the last ID it saw), and `audit verify`, which recomputes every seal. Reading needs only
+//! the config's `store:` and `audit:` sections (or `--db` and `P0_RELAY_AUDIT_KEY`).
+
+use std::io::Write;
+use std::path::Path;
+use std::process::ExitCode;
+use std::time::{Duration, SystemTime};
+
+use super::{AuditCommand, block_on, fail, json_safe, terminal_safe};
+use crate::config::{AuditSettings, Settings};
+use crate::env::Env;
+use crate::store::audit::{AuditRow, Body, Start};
+use crate::store::{self, StoreHandle, StoreLocation, Windows};
+
+/// How many events one read takes.
+const PAGE: usize = 1000;
+/// How often `--follow` looks for new events.
+const FOLLOW_POLL: Duration = Duration::from_millis(200);
+
+/// What `audit` was asked.
+pub(crate) struct Ask {
+    pub db: Option<String>,
+    pub since: Option<i64>,
+    pub until: Option<SystemTime>,
+    pub follow: bool,
+    pub json: bool,
+    pub command: Option<AuditCommand>,
+}
+
+pub(super) fn audit(config: &Path, env: &Env, ask: Ask) -> ExitCode {
+    let (location, settings) = match where_the_trail_is(config, env, ask.db.clone()) {
+        Ok(x) => x,
+        Err(errors) => return fail(&errors),
+    };
+    if let StoreLocation::Sqlite(path) = &location
+        && !path.exists()
+    {
+        return fail(&[format!("{}: no store here yet", path.display())]);
+    }
+    let windows = Windows {
+        dedup: Duration::from_secs(7 * 86_400),
+        coalesce: Duration::from_secs(600),
+    };
+    let ran = block_on(async {
+        let (store, writer) = match store::inspect(&location, windows).await {
+            Ok(s) => s,
+            Err(e) => return fail(&[format!("{location}: {e}")]),
+        };
+        let code = match ask.command {
+            Some(AuditCommand::Verify) => verify(&store, &settings, ask.since).await,
+            None => print(&store, &ask).await,
+        };
+        drop(store);
+        writer.join().await;
+        code
+    });
+    ran.unwrap_or_else(|e| fail(&[e]))
+}
+
+/// The store `--db` names with the key from the environment, or the config's.
+fn where_the_trail_is(
+    config: &Path,
+    env: &Env,
+    db: Option<String>,
+) -> Result<(StoreLocation, AuditSettings), Vec<String>> {
+    match db {
+        Some(text) => {
+            let location =
+                StoreLocation::parse("--db", &text, Path::new(".")).map_err(|e| vec![e])?;
+            Ok((location, AuditSettings::from_env(env)?))
+        }
+        None => {
+            let (store, audit) = Settings::load_audit(config, env)?;
+            Ok((store.location, audit))
+        }
+    }
+}
+
+/// Prints the events after `--since`, up to `--until`; with `--follow`, goes on.
+async fn print(store: &StoreHandle, ask: &Ask) -> ExitCode {
+    let until_ms = ask.until.map(|t| {
+        t.duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+    });
+    let mut after = ask.since.unwrap_or(0);
+    let mut out = std::io::stdout().lock();
+    loop {
+        let rows = match store.audit_events(after, PAGE).await {
+            Ok(rows) => rows,
+            Err(e) => return fail(&[e.to_string()]),
+        };
+        for row in &rows {
+            if until_ms.is_some_and(|until| row.at_ms > until) {
+                return ExitCode::SUCCESS;
+            }
+            after = row.id;
+            let line = match ask.json {
+                true => json_safe(&row.body).into_owned(),
+                false => text(row),
+            };
+            // A reader that went away (a closed pipe) ends the command quietly.
+            if writeln!(out, "{line}").is_err() {
+                return ExitCode::SUCCESS;
+            }
+        }
+        if out.flush().is_err() {
+            return ExitCode::SUCCESS;
+        }
+        if rows.len() == PAGE {
+            continue;
+        }
+        let past_until = until_ms.is_some_and(|until| store::now_ms() > until);
+        if !ask.follow || past_until {
+            return ExitCode::SUCCESS;
+        }
+        tokio::time::sleep(FOLLOW_POLL).await;
+    }
+}
+
+/// An event as a line of text: its ID, time, event and outcome, then each field it has.
+fn text(row: &AuditRow) -> String {
+    let Ok(b) = serde_json::from_str::<Body>(&row.body) else {
+        return terminal_safe(&format!("{} (unreadable) {}", row.id, row.body)).into_owned();
+    };
+    let a = &b.about;
+    let mut line = format!("{} {} {} {}", b.id, b.time, b.event.as_str(), b.outcome);
+    let fields = [
+        ("job", b.job_id.map(|j| j.to_string())),
+        ("source", a.source.clone()),
+        ("rule", a.rule.clone()),
+        ("actor", a.actor.clone()),
+        ("action", a.action.clone()),
+        ("org", a.org.clone()),
+        ("request", a.request_id.clone()),
+        ("subject", a.subject.clone()),
+        ("status", b.status.map(|s| s.to_string())),
+        ("operator", b.operator.clone()),
+        (
+            "covers",
+            b.covers.as_ref().map(|c| format!("{}..={}", c.from, c.to)),
+        ),
+        ("reason", b.reason.clone()),
+        ("detail", b.detail.clone()),
+    ];
+    for (name, value) in fields {
+        if let Some(v) = value {
+            line.push_str(&format!(" {name}={v:?}"));
+        }
+    }
+    terminal_safe(&line).into_owned()
+}
+
+/// Recomputes every seal (from the one before `--since`); exit 1 naming the first problem.
+async fn verify(store: &StoreHandle, settings: &AuditSettings, since: Option<i64>) -> ExitCode {
+    let start = match since {
+        None => Start::First,
+        Some(id) => match store.seal_before(id).await {
+            Ok(Some(seal)) => Start::After(seal),
+            Ok(None) => Start::First,
+            Err(e) => return fail(&[e.to_string()]),
+        },
+    };
+    let found = match store.verify(settings.key.as_ref(), start).await {
+        Ok(found) => found,
+        Err(e) => return fail(&[e.to_string()]),
+    };
+    if let Some(problem) = &found.problem {
+        return fail(&[format!("the audit trail does not verify: {problem}")]);
+    }
+    if found.events == 0 {
+        println!("no audit events");
+        return ExitCode::SUCCESS;
+    }
+    let keyed = match settings.key {
+        Some(_) => "keyed",
+        None => "unkeyed",
+    };
+    println!(
+        "verified {} events from {} ({} {keyed} seals){}; {} not sealed yet",
+        found.events,
+        found.from.unwrap_or(1),
+        found.seals,
+        found
+            .sealed_through
+            .map_or(String::new(), |to| format!(", sealed through {to}")),
+        found.unsealed
+    );
+    ExitCode::SUCCESS
+}

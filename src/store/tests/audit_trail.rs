@@ -1,0 +1,352 @@
+//! The audit trail's contract, on both stores: one event for each step, with what it is about,
+//! numbered without gaps in commit order; seals that verify on an untouched store and name
+//! what changed, was removed or was inserted behind the store's back; retention behind a
+//! seal, apart from the jobs.
+
+use super::*;
+use crate::secret::Secret;
+use crate::store::audit::{About, AuditEvent, Body, Kind as Event};
+
+/// (event, outcome, job, request) of each event, in order.
+fn steps(events: &[Body]) -> Vec<(&'static str, String, Option<i64>, Option<String>)> {
+    events
+        .iter()
+        .map(|e| {
+            (
+                e.event.as_str(),
+                e.outcome.clone(),
+                e.job_id,
+                e.about.request_id.clone(),
+            )
+        })
+        .collect()
+}
+
+fn step(
+    event: &'static str,
+    outcome: &str,
+    job: Option<i64>,
+    request: &str,
+) -> (&'static str, String, Option<i64>, Option<String>) {
+    (event, outcome.into(), job, Some(request.into()))
+}
+
+on_both_stores!(every_step_of_a_decision_is_one_audit_event_in_commit_order);
+async fn every_step_of_a_decision_is_one_audit_event_in_commit_order(mut s: Backend) {
+    // Long on purpose: one decision's life, step by step, and the events each step made.
+    s.accept(
+        on_subject("d1", &[(Action::Approve, "a")], "P1", false),
+        1_000,
+    )
+    .await;
+    s.accept(
+        on_subject("d2", &[(Action::Approve, "a")], "P1", false),
+        1_100,
+    )
+    .await;
+    let mut stale = on_subject("d3", &[(Action::Approve, "b")], "P1", false);
+    stale.refused = Some("event is 2h old".into());
+    s.accept(stale, 1_200).await;
+    // A duplicate makes none.
+    s.accept(
+        on_subject("d1", &[(Action::Approve, "a")], "P1", false),
+        1_300,
+    )
+    .await;
+    // A delivery refused as it was received: nothing stored but its event.
+    let mut stranger = AuditEvent::new(Event::Refused, None, "refused");
+    stranger.about = Some(About {
+        source: Some("github".into()),
+        rule: Some("r".into()),
+        actor: Some("mallory".into()),
+        action: Some("approve".into()),
+        request_id: Some("x".into()),
+        delivery: Some("d9".into()),
+        ..About::default()
+    });
+    stranger.reason = Some("mallory is not an approver".into());
+    s.clock.set(1_400);
+    s.store.record_events(vec![stranger]).await.unwrap();
+    // Sent: the worker's event, about its job as stored; a refusal the store made has its
+    // event already, and an outcome whose claim was lost makes none.
+    let due = s.claim_due(2_000, 10).await;
+    let (a, b) = (claimed(&due, 1), claimed(&due, 2));
+    let mut sent = with_a_note(done(a, State::Succeeded));
+    let mut call = AuditEvent::new(Event::Sent, Some(1), "success");
+    call.status = Some(200);
+    sent.audit = vec![call];
+    s.write(&[], &[sent.clone(), done(b, State::Rejected)], 2_000)
+        .await
+        .unwrap();
+    s.write(&[], &[sent], 2_100).await.unwrap();
+    // Answered.
+    let answer = s.claim_answers(3_000, 10).await.remove(0);
+    let mut answered = AuditEvent::new(Event::Answered, Some(1), "sent");
+    answered.detail = Some("pagerduty note".into());
+    s.record_answer(&AnswerRecord {
+        id: answer.id,
+        claim_token: answer.claim_token,
+        at_ms: 3_000,
+        state: State::Succeeded,
+        attempts: 1,
+        next_attempt_at_ms: 3_000,
+        status: Some(201),
+        error: None,
+        audit: vec![answered],
+    })
+    .await;
+    // Revoked by the subject's end.
+    s.accept(on_subject("d4", &[], "P1", true), 4_000).await;
+    // A deny that dies, and is replayed.
+    s.accept(delivery("d5", &[(Action::Deny, "c")]), 5_000)
+        .await;
+    let due = s.claim_due(5_000, 10).await;
+    let mut dead = done(claimed(&due, 4), State::Dead);
+    dead.audit = vec![
+        AuditEvent::new(Event::Sent, Some(4), "transient"),
+        AuditEvent::new(Event::Dead, Some(4), "transient"),
+    ];
+    s.write(&[], &[dead], 5_000).await.unwrap();
+    s.replay(Replay::One(4), 6_000).await;
+
+    let events = s.events().await;
+    assert_eq!(
+        steps(&events),
+        [
+            step("accepted", "queued", Some(1), "a"),
+            step("accepted", "coalesced", Some(1), "a"),
+            step("refused", "refused", Some(2), "b"),
+            step("refused", "refused", None, "x"),
+            step("sent", "success", Some(1), "a"),
+            step("answered", "sent", Some(1), "a"),
+            step("revoked", "queued", Some(3), "a"),
+            step("accepted", "queued", Some(4), "c"),
+            step("sent", "transient", Some(4), "c"),
+            step("dead", "transient", Some(4), "c"),
+            step("replayed", "queued", Some(4), "c"),
+        ]
+    );
+    let ids: Vec<i64> = events.iter().map(|e| e.id).collect();
+    assert_eq!(
+        ids,
+        (1..=11).collect::<Vec<_>>(),
+        "no gaps, in commit order"
+    );
+    // What the first call is about was read from its job and its delivery.
+    let about = |source: &str, actor: &str, action: &str, request: &str, delivery: &str| About {
+        source: Some(source.into()),
+        rule: Some("r".into()),
+        actor: Some(actor.into()),
+        action: Some(action.into()),
+        request_id: Some(request.into()),
+        org: Some("acme".into()),
+        subject: Some("P1".into()),
+        delivery: Some(delivery.into()),
+    };
+    assert_eq!(
+        events[4].about,
+        about("github", "octocat", "approve", "a", "d1")
+    );
+    assert_eq!(
+        (events[4].time.as_str(), events[4].status),
+        ("1970-01-01T00:00:02.000Z", Some(200))
+    );
+    assert_eq!(
+        events[0].about,
+        about("github", "octocat", "approve", "a", "d1")
+    );
+    assert_eq!(events[2].reason.as_deref(), Some("event is 2h old"));
+    assert_eq!(events[3].about.actor.as_deref(), Some("mallory"));
+    assert_eq!(
+        events[3].reason.as_deref(),
+        Some("mallory is not an approver")
+    );
+    assert_eq!(events[5].detail.as_deref(), Some("pagerduty note"));
+    assert_eq!(
+        events[6].about,
+        about("github", "octocat", "revoke", "a", "d4")
+    );
+    assert_eq!(events[6].reason.as_deref(), Some("its subject ended"));
+    assert_eq!(events[10].operator.as_deref(), Some("tester"));
+    // Pruning the jobs leaves the events.
+    s.prune(10_000_000).await;
+    assert_eq!(s.events().await, events);
+}
+
+/// A trail of ten events, sealed at 10 s (with `key`) over the first nine, then two more
+/// events and a second seal at 20 s.
+async fn sealed(s: &mut Backend, key: Option<&Secret>) {
+    for i in 0..9 {
+        let d = delivery(&format!("d{i}"), &[(Action::Deny, &format!("r{i}"))]);
+        s.accept(d, 1_000 + i).await;
+    }
+    assert_eq!(s.seal(key, 10_000).await, Some(10), "the first seal");
+    assert_eq!(s.seal(key, 10_500).await, None, "nothing new to seal");
+    for i in 9..11 {
+        let d = delivery(&format!("d{i}"), &[(Action::Deny, &format!("r{i}"))]);
+        s.accept(d, 11_000 + i).await;
+    }
+    assert_eq!(s.seal(key, 20_000).await, Some(13));
+    let ok = s.verify(key).await;
+    assert_eq!(ok.problem, None);
+    assert_eq!(
+        (ok.events, ok.seals, ok.sealed_through, ok.unsealed),
+        (13, 2, Some(12), 0)
+    );
+}
+
+fn key() -> Secret {
+    Secret::new("an audit key, 32 bytes long....")
+}
+
+/// The verdict after `sql` ran behind the store's back.
+async fn after(s: &Backend, sql: &str, key: Option<&Secret>) -> String {
+    s.behind_its_back(sql).await;
+    s.verify(key).await.problem.unwrap_or_default()
+}
+
+on_both_stores!(a_sealed_trail_verifies_and_an_edited_event_is_named);
+async fn a_sealed_trail_verifies_and_an_edited_event_is_named(mut s: Backend) {
+    sealed(&mut s, None).await;
+    let problem = after(
+        &s,
+        "UPDATE audit_events SET body = replace(body, 'octocat', 'mallory') WHERE id = 4",
+        None,
+    )
+    .await;
+    assert!(problem.contains("event 4 was changed"), "{problem}");
+}
+
+on_both_stores!(a_removed_event_is_named);
+async fn a_removed_event_is_named(mut s: Backend) {
+    sealed(&mut s, None).await;
+    let problem = after(&s, "DELETE FROM audit_events WHERE id = 6", None).await;
+    assert!(problem.contains("event 6 was removed"), "{problem}");
+}
+
+on_both_stores!(an_inserted_event_is_named);
+async fn an_inserted_event_is_named(mut s: Backend) {
+    sealed(&mut s, None).await;
+    // Room made at 5 by moving every later event up one, and a forged event put there with a
+    // digest of the right form.
+    let forged =
+        r#"{"id":5,"time":"1970-01-01T00:00:01.004Z","event":"accepted","outcome":"queued"}"#;
+    let digest = audit::digest(5, 1_004, "accepted", forged);
+    let sql = format!(
+        "UPDATE audit_events SET id = id + 1000 WHERE id >= 5;
+         UPDATE audit_events SET id = id - 999 WHERE id >= 1000;
+         INSERT INTO audit_events (id, at, event, body, digest)
+             VALUES (5, 1004, 'accepted', '{forged}', {});",
+        bytes(&s, &digest)
+    );
+    let problem = after(&s, &sql, None).await;
+    assert!(
+        problem.contains("event 6 is not the event written with that ID (its body says 5)"),
+        "{problem}"
+    );
+}
+
+on_both_stores!(an_event_rewritten_with_its_digest_fails_its_seal);
+async fn an_event_rewritten_with_its_digest_fails_its_seal(mut s: Backend) {
+    sealed(&mut s, None).await;
+    let row = s.audit_rows().await.remove(3);
+    let body = row.body.replace("octocat", "mallory");
+    let digest = audit::digest(row.id, row.at_ms, &row.event, &body);
+    let sql = format!(
+        "UPDATE audit_events SET body = '{body}', digest = {} WHERE id = 4",
+        bytes(&s, &digest)
+    );
+    let problem = after(&s, &sql, None).await;
+    assert!(
+        problem.contains("seal 10 does not match events 1..=9"),
+        "{problem}"
+    );
+}
+
+on_both_stores!(keyed_seals_rewritten_without_the_key_fail);
+async fn keyed_seals_rewritten_without_the_key_fail(mut s: Backend) {
+    let key = key();
+    sealed(&mut s, Some(&key)).await;
+    // Without the key, keyed seals cannot be checked: that is not a pass.
+    let unkeyed = s.verify(None).await.problem.unwrap_or_default();
+    assert!(unkeyed.contains("seal 10 is keyed"), "{unkeyed}");
+    // Someone with the database alone edits event 4 and makes every digest and seal again,
+    // without the key: the seals no longer verify with it.
+    let rows = s.audit_rows().await;
+    let mut sql = String::new();
+    let mut covered = Vec::new();
+    for row in rows.iter().filter(|r| r.id < 10) {
+        let body = match row.id {
+            4 => row.body.replace("octocat", "mallory"),
+            _ => row.body.clone(),
+        };
+        let digest = audit::digest(row.id, row.at_ms, &row.event, &body);
+        covered.push(digest);
+        sql.push_str(&format!(
+            "UPDATE audit_events SET body = '{body}', digest = {} WHERE id = {};",
+            bytes(&s, &digest),
+            row.id
+        ));
+    }
+    let resealed = audit::seal_digest(None, &audit::GENESIS, &covered);
+    let seal = rows.iter().find(|r| r.id == 10).unwrap();
+    let body = seal
+        .body
+        .replace("\"keyed\":true", "\"keyed\":false")
+        .replace("\"keyed\": true", "\"keyed\": false");
+    let stored = serde_json::from_str::<Body>(&seal.body).unwrap();
+    let body = body.replace(
+        stored.covers.unwrap().digest.unwrap().as_str(),
+        &hex::encode(resealed),
+    );
+    sql.push_str(&format!(
+        "UPDATE audit_events SET body = '{body}', digest = {} WHERE id = 10;",
+        bytes(&s, &audit::digest(10, seal.at_ms, "seal", &body))
+    ));
+    let problem = after(&s, &sql, Some(&key)).await;
+    assert!(
+        problem.contains("seal 10 is not keyed though a key was given"),
+        "{problem}"
+    );
+}
+
+on_both_stores!(retention_removes_events_behind_a_seal_that_stands_for_them);
+async fn retention_removes_events_behind_a_seal_that_stands_for_them(mut s: Backend) {
+    sealed(&mut s, None).await;
+    // Before 15 s: the first seal (at 10 s, over 1..=9) is the last one written.
+    let removed = s
+        .prune_with(Prune {
+            finished_before_ms: 0,
+            ends_before_ms: 0,
+            audit_before_ms: 15_000,
+        })
+        .await;
+    assert_eq!(removed, 9);
+    let events = s.events().await;
+    assert_eq!(events.first().map(|e| e.id), Some(10), "the seal stays");
+    let pruned = events.last().unwrap();
+    assert_eq!(pruned.event, Event::Pruned);
+    let covers = pruned.covers.clone().unwrap();
+    assert_eq!((covers.from, covers.to, covers.count), (1, 9, 9));
+    let ok = s.verify(None).await;
+    assert_eq!((ok.problem, ok.from), (None, Some(10)));
+    // Events removed with no `pruned` event saying so do not verify.
+    let problem = after(
+        &s,
+        &format!("DELETE FROM audit_events WHERE id = {}", pruned.id),
+        None,
+    )
+    .await;
+    assert!(
+        problem.contains("events 1..=9 were removed, and no `pruned` event records it"),
+        "{problem}"
+    );
+}
+
+/// `digest` as a literal of the backend's SQL.
+fn bytes(s: &Backend, digest: &[u8]) -> String {
+    match s.kind {
+        Kind::Sqlite(_) => format!("X'{}'", hex::encode(digest)),
+        Kind::Pg(_) => format!("'\\x{}'::BYTEA", hex::encode(digest)),
+    }
+}
