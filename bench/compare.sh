@@ -32,6 +32,10 @@ for rev in "$@"; do
     git worktree remove --force "$work/src-$rev"
   fi
   cp "$bin" "$work/p0-relay-${rev//\//_}"
+  # Each revision runs with its own relay.yaml and mappings (a newer config may hold keys an
+  # older relay does not know).
+  mkdir -p "$work/cfg-$sha"
+  git archive "$sha" relay.yaml mappings | tar -x -C "$work/cfg-$sha"
 done
 [ -z "${BUILD_ONLY:-}" ] || exit 0
 [ -z "${PG_ADMIN:-}" ] || needs_pg
@@ -45,6 +49,7 @@ for rev in "$@"; do
   # A store of its own per run, even for a revision given twice (wrk's IDs repeat per run).
   n=$((n + 1))
   if [ -n "${PG_ADMIN:-}" ]; then fresh_db "run$n"; export STORE_URL=$db_url; fi
-  relay_storm "$work/p0-relay-${rev//\//_}" "$n-${rev//\//_}" "$STORM"
+  sha=$(git rev-parse --short=12 "$rev^{commit}")
+  RELAY_DIR="$work/cfg-$sha" relay_storm "$work/p0-relay-${rev//\//_}" "$n-${rev//\//_}" "$STORM"
   echo "| $rev $(git log -1 --format=%s "$rev" | cut -c1-60) | $answered_rate | $calls_rate | $lost | $non202 | $hwm | $cpu | $drain_cpu |"
 done

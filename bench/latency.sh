@@ -22,7 +22,15 @@ for bin in "$@"; do
   n=$((n + 1))
   # Paths given relative to where the script was started (it runs from the repository).
   bin=$(cd "$OLDPWD" && realpath "$bin")
-  start_sink; start_relay "$bin" "lat$n"
+  # A build from compare.sh (p0-relay-<sha>) runs with that revision's relay.yaml and
+  # mappings; any other with this tree's.
+  dir=.
+  sha=${bin##*/p0-relay-}
+  if [ "$sha" != "$bin" ] && git cat-file -e "$sha^{commit}" 2>/dev/null; then
+    dir="$work/cfg-$n"; mkdir -p "$dir"
+    git archive "$sha" relay.yaml mappings | tar -x -C "$dir"
+  fi
+  start_sink; RELAY_DIR=$dir start_relay "$bin" "lat$n"
   c0=$(thread_cpu "$relay_pid")
   r=$(run_wrk "http://$RELAY" /webhooks/github "$LAT" 10 "$RATE")
   c1=$(thread_cpu "$relay_pid")

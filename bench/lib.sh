@@ -105,6 +105,7 @@ drain() {
 }
 
 # start_relay BINARY TAG: the relay with a fresh store on disk, pacing and limits off.
+# BINARY is an absolute path.
 # STORE_URL (a postgres:// URL) and LISTEN override the store and the address.
 start_relay() {
   cat >"$work/env" <<ENV
@@ -120,7 +121,8 @@ P0_RELAY_DB=${STORE_URL:-$work/relay-$2.db}
 P0_RELAY_INBOUND_LIMIT=0
 P0_RELAY_P0_RATE=0
 ENV
-  "$1" serve --env-file "$work/env" 2>"$work/relay-$2.log" & relay_pid=$!
+  # From RELAY_DIR when set (a revision's own relay.yaml and mappings), else from here.
+  (cd "${RELAY_DIR:-.}" && exec "$1" serve --env-file "$work/env") 2>"$work/relay-$2.log" & relay_pid=$!
   pids+=("$relay_pid"); wait_port "${LISTEN:-$RELAY}"
 }
 

@@ -12,7 +12,7 @@ use super::{OP_TIMEOUT, Pg};
 use crate::domain::Expiration;
 use crate::store::StoreError;
 use crate::store::api::WriteResults;
-use crate::store::audit::AuditEvent;
+use crate::store::audit::{AuditEvent, Body};
 use crate::store::batch::{Batch, Write};
 use crate::store::model::{Accepted, AttemptRecord, BoundRevocation, JobRef, NewDelivery, ms};
 use crate::store::rules::{batch_order, in_arrival_order};
@@ -60,10 +60,16 @@ pub(super) async fn run(db: Arc<Pg>, mut queue: mpsc::Receiver<Write>, max_batch
 
 /// Commits one batch and answers each of its writers.
 async fn commit(db: &Pg, mut batch: Batch) {
-    let committed = db
+    let written = db
         .write(&batch.deliveries, &batch.outcomes, &batch.events)
         .await;
+    let (committed, written) = match written {
+        Ok((results, written)) => (Ok(results), written),
+        Err(e) => (Err(e), Vec::new()),
+    };
     batch.answer(committed);
+    // Its audit events, once its writers have their answers.
+    db.audit.committed(&written);
 }
 
 impl Pg {
@@ -79,7 +85,7 @@ impl Pg {
         deliveries: &[NewDelivery],
         outcomes: &[AttemptRecord],
         events: &[AuditEvent],
-    ) -> Result<WriteResults, StoreError> {
+    ) -> Result<(WriteResults, Vec<Body>), StoreError> {
         let now = self.now();
         match self.write_batch(deliveries, outcomes, events, now).await {
             Err(StoreError::Refused(why))
@@ -87,8 +93,9 @@ impl Pg {
                     > 1 =>
             {
                 tracing::warn!(error = %why, "a batch was refused; writing its parts one by one");
+                let mut written = Vec::new();
                 if !outcomes.is_empty() || !events.is_empty() {
-                    self.write_batch(&[], outcomes, events, now).await?;
+                    written = self.write_batch(&[], outcomes, events, now).await?.1;
                 }
                 let order = batch_order(deliveries);
                 let mut results = Vec::with_capacity(deliveries.len());
@@ -96,14 +103,17 @@ impl Pg {
                     let one = self
                         .write_batch(std::slice::from_ref(&deliveries[i]), &[], &[], now)
                         .await;
-                    results.push(one.and_then(|mut r| match r.pop() {
-                        Some(result) if r.is_empty() => result,
+                    results.push(one.and_then(|(mut r, w)| match r.pop() {
+                        Some(result) if r.is_empty() => {
+                            written.extend(w);
+                            result
+                        }
                         _ => Err(StoreError::Corrupt(
                             "p0_relay_write answered other than one result".into(),
                         )),
                     }));
                 }
-                Ok(in_arrival_order(&order, results))
+                Ok((in_arrival_order(&order, results), written))
             }
             other => other,
         }
@@ -115,7 +125,7 @@ impl Pg {
         outcomes: &[AttemptRecord],
         events: &[AuditEvent],
         now: i64,
-    ) -> Result<WriteResults, StoreError> {
+    ) -> Result<(WriteResults, Vec<Body>), StoreError> {
         let mut batch = Value::Array(deliveries.iter().map(delivery_json).collect());
         let mut recs = Value::Array(outcomes.iter().map(outcome_json).collect());
         let mut events = serde_json::to_value(events).unwrap_or(Value::Null);
@@ -152,7 +162,6 @@ impl Pg {
                 "outcomes ignored: the claim had expired and another relay holds the decision now"
             );
         }
-        self.audit.committed(&bodies(&out["audit"]));
         let results = out["results"].as_array().cloned().unwrap_or_default();
         if results.len() != deliveries.len() {
             return Err(StoreError::Corrupt(format!(
@@ -161,7 +170,8 @@ impl Pg {
                 deliveries.len()
             )));
         }
-        Ok(results.iter().map(|r| Ok(parse_result(r))).collect())
+        let results = results.iter().map(|r| Ok(parse_result(r))).collect();
+        Ok((results, bodies(&out["audit"])))
     }
 }
 

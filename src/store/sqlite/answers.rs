@@ -80,7 +80,7 @@ impl Db {
             _ => insert_events(&tx, now, &rec.audit)?,
         };
         tx.commit()?;
-        self.audit.committed(&written);
+        self.committed(written);
         Ok(())
     }
 

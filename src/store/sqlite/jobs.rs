@@ -109,7 +109,7 @@ impl Db {
         }
         let written = finish(&tx, now, deliveries, &results, outcomes, events)?;
         tx.commit()?;
-        self.audit.committed(&written);
+        self.committed(written);
         Ok(results)
     }
 
@@ -135,7 +135,7 @@ impl Db {
         let results = in_arrival_order(&order, results);
         let written = finish(&tx, now, deliveries, &results, outcomes, events)?;
         tx.commit()?;
-        self.audit.committed(&written);
+        self.committed(written);
         Ok(results)
     }
 
@@ -242,7 +242,7 @@ impl Db {
             .collect();
         let written = insert_events(&tx, now, &events)?;
         tx.commit()?;
-        self.audit.committed(&written);
+        self.committed(written);
         Ok(replayed)
     }
 }

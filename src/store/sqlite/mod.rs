@@ -61,8 +61,10 @@ pub(crate) struct Db {
     windows: Windows,
     store_payloads: bool,
     clock: Clock,
-    /// Where committed audit events go.
+    /// Where committed audit events go, once the writer has answered (`committed`).
     audit: super::audit::Sink,
+    /// Events committed, for the sink.
+    committed: Vec<super::audit::Body>,
 }
 
 impl SqliteStore {
@@ -141,6 +143,7 @@ impl Db {
             store_payloads,
             clock: Clock::system(),
             audit: super::audit::Sink::default(),
+            committed: Vec::new(),
         };
         db.migrate()?;
         Ok(db)
@@ -155,6 +158,19 @@ impl Db {
 
     fn now(&self) -> i64 {
         self.clock.now_ms()
+    }
+
+    /// Audit events a transaction committed: handed to the sink once those waiting on it are
+    /// answered (`flush_audit`), so logging them holds up no one.
+    fn committed(&mut self, written: Vec<super::audit::Body>) {
+        self.committed.extend(written);
+    }
+
+    pub(super) fn flush_audit(&mut self) {
+        if !self.committed.is_empty() {
+            let written = std::mem::take(&mut self.committed);
+            self.audit.committed(&written);
+        }
     }
 
     fn migrate(&mut self) -> Result<(), StoreError> {

@@ -75,7 +75,7 @@ impl Db {
         )?;
         let (events, written) = super::audit::prune(&tx, now, before.audit_before_ms)?;
         tx.commit()?;
-        self.audit.committed(&written);
+        self.committed(written);
         Ok(jobs + deliveries + ends + events)
     }
 }

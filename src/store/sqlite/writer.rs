@@ -1,6 +1,7 @@
 //! The thread that owns the SQLite connection. It takes everything waiting at once: the
 //! writes go into one transaction and one sync (group commit), each writer getting its own
-//! deliveries' results back; then every other operation runs, in the order it came.
+//! deliveries' results back; then every other operation runs, in the order it came. The audit
+//! events each committed go to the sink after its callers are answered.
 
 use tokio::sync::mpsc;
 
@@ -41,9 +42,11 @@ pub(super) fn run(mut db: Db, mut queue: mpsc::Receiver<Task>, max_batch: usize)
         if !batch.is_empty() {
             let committed = db.write(&batch.deliveries, &batch.outcomes, &batch.events);
             batch.answer(committed);
+            db.flush_audit();
         }
         for op in others.drain(..) {
             op(&mut db);
+            db.flush_audit();
         }
     }
 }
