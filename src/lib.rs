@@ -17,6 +17,7 @@ pub mod domain;
 pub mod env;
 pub mod health;
 pub mod mapping;
+pub mod memory;
 pub mod metrics;
 pub mod oncall;
 pub mod p0;

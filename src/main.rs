@@ -8,5 +8,6 @@
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> std::process::ExitCode {
+    p0_relay::server::raise_open_files_limit();
     p0_relay::cli::main()
 }

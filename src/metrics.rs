@@ -43,6 +43,20 @@ pub const RESULTS: [&str; 4] = ["success", "rejected", "unauthorized", "transien
 /// (refused for good: 401, 403, 404, 422 and other 4xx), dead (gave up after the max age).
 pub const ANSWER_RESULTS: [&str; 4] = ["sent", "retried", "failed", "dead"];
 
+/// Why the webhook port turned a connection or a body away early (`inbound_refused_total`):
+/// `address_share` (its address held its share already), `full` (every place busy with a
+/// delivery), `evicted` (an idle or unfinished one closed to make room), `body_budget` (no
+/// room for its body among the unverified ones: 503), `slow_body` (its body too slow: 408),
+/// `header_timeout` (no complete request within the deadline, idle keep-alives included).
+pub const INBOUND_REFUSALS: [&str; 6] = [
+    "address_share",
+    "full",
+    "evicted",
+    "body_budget",
+    "slow_body",
+    "header_timeout",
+];
+
 /// The label for requests to a source no mapping names.
 pub const UNKNOWN_SOURCE: &str = "unknown";
 
@@ -70,6 +84,10 @@ pub struct Metrics {
     pub audit_seals: IntCounter,
     pub audit_since_seal: IntGauge,
     pub audit_unsealed: IntGauge,
+    pub inbound_refused: IntCounterVec,
+    pub connections_open: IntGauge,
+    pub body_budget: IntGauge,
+    pub body_budget_in_use: IntGauge,
 }
 
 /// Bucket bounds (seconds) of the histograms.
@@ -255,6 +273,23 @@ impl Metrics {
                 "audit_unsealed_events",
                 "Audit events in the store that no seal covers yet.",
             )?,
+            inbound_refused: f.counters(
+                "inbound_refused_total",
+                "Connections and bodies the webhook port turned away or closed early, by reason.",
+                &["reason"],
+            )?,
+            connections_open: f.gauge(
+                "connections_open",
+                "Connections open on the webhook port.",
+            )?,
+            body_budget: f.gauge(
+                "body_budget_bytes",
+                "Bytes that bodies not yet verified may hold together (inbound.body_budget_bytes).",
+            )?,
+            body_budget_in_use: f.gauge(
+                "body_budget_in_use_bytes",
+                "Bytes of the body budget held by bodies being read or verified.",
+            )?,
             registry: f.0.clone(),
         };
         f.build_info()?;
@@ -291,6 +326,14 @@ impl Metrics {
             self.audit_events.with_label_values(&[event.as_str()]);
         }
         self.audit_since_seal.set(-1);
+        for reason in INBOUND_REFUSALS {
+            self.inbound_refused.with_label_values(&[reason]);
+        }
+    }
+
+    /// Counts a connection or body turned away for `reason` (one of `INBOUND_REFUSALS`).
+    pub fn inbound_refusal(&self, reason: &'static str) {
+        self.inbound_refused.with_label_values(&[reason]).inc();
     }
 
     /// Zeroes the series of newly mapped sources.

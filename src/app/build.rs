@@ -21,7 +21,7 @@ use crate::oncall::Checker;
 use crate::p0;
 use crate::providers::Providers;
 use crate::ratelimit::KeyedLimit;
-use crate::receiver::Receiver;
+use crate::receiver::{Budget, Receiver};
 use crate::server::{self, ConnLimits};
 use crate::store::{self, StoreHandle, StoreTask};
 use crate::worker::Worker;
@@ -64,6 +64,11 @@ impl Relay {
             wake: wake.clone(),
             health: health.clone(),
             store_payloads: settings.store.store_payloads,
+            budget: Budget::new(
+                settings.inbound.body_budget_bytes,
+                settings.inbound.max_connections_per_address,
+                Some(metrics.clone()),
+            ),
         });
         let answerer = answerer(&settings, &store, &metrics)?;
         let parts = Parts {
@@ -100,8 +105,15 @@ impl Relay {
             },
             limits: ConnLimits {
                 max_connections: settings.inbound.max_connections,
-                header_read_timeout: settings.inbound.read_timeout,
+                // Behind a trusted proxy every connection comes from the proxy: the share
+                // applies to the address it names, as bodies are read (`Budget`).
+                per_address: match settings.inbound.client_ip_header {
+                    None => Some(settings.inbound.max_connections_per_address),
+                    Some(_) => None,
+                },
+                header_read_timeout: settings.inbound.idle_timeout,
                 max_header_bytes: settings.inbound.max_header_bytes,
+                metrics: Some(metrics.clone()),
             },
             opts,
         })

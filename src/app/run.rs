@@ -10,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 use super::upkeep;
 use super::{Built, Relay, ok_when_done};
 use crate::receiver::{self, reload};
-use crate::server;
+use crate::server::{self, ConnLimits};
 use crate::store::StoreTask;
 use crate::supervise::Components;
 
@@ -61,6 +61,12 @@ impl Built {
         components.spawn("server", ok_when_done(holding(writing.clone(), main)));
         if let Some(l) = self.metrics_listener {
             let router = receiver::metrics_router(receiver.clone());
+            // Its own places, for probes and scrapes: not counted with the senders'.
+            let limits = ConnLimits {
+                per_address: None,
+                metrics: None,
+                ..limits
+            };
             let metrics = server::serve(l, router, limits, None, shutdown.clone(), drain);
             components.spawn("metrics-server", ok_when_done(metrics));
         }
@@ -75,6 +81,8 @@ impl Built {
         let health = Arc::clone(&receiver.health);
         let metrics = receiver.metrics.clone();
         let store = self.store;
+        let storms = crate::memory::watch_storms(receiver.budget.clone(), shutdown.clone());
+        components.spawn("memory", ok_when_done(storms));
         upkeep::spawn(
             components,
             &store,

@@ -15,7 +15,11 @@ pub(super) fn serve(config: &Path, env: Env, dry_run: bool) -> ExitCode {
         Err(errors) => return fail(&errors),
     };
     init_logs(settings.log_json);
-    let runtime = match tokio::runtime::Runtime::new() {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .on_thread_park(crate::memory::on_thread_park)
+        .build();
+    let runtime = match runtime {
         Ok(r) => r,
         Err(e) => return fail(&[format!("cannot start the runtime: {e}")]),
     };

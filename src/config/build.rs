@@ -9,8 +9,9 @@ use ipnet::IpNet;
 
 use super::raw::{Raw, RawAnswers, RawAudit, RawInbound, RawP0, RawProvider, RawRetry, RawStore};
 use super::{
-    AnswerSettings, AuditSettings, DEFAULT_MAX_EXPIRATION, InboundSettings, MAX_CONCURRENCY,
-    MAX_CONNECTIONS, P0Settings, ProviderApi, RetrySettings, Settings, StoreSettings, TlsSettings,
+    AnswerSettings, AuditSettings, DEFAULT_BODY_BUDGET, DEFAULT_MAX_EXPIRATION, InboundSettings,
+    MAX_CONCURRENCY, MAX_CONNECTIONS, P0Settings, ProviderApi, RetrySettings, Settings,
+    StoreSettings, TlsSettings,
 };
 use crate::domain::{Expiration, Id, Via};
 use crate::mapping::{Defaults, Enabled};
@@ -222,9 +223,41 @@ impl<'a> Reader<'a> {
                 .push("inbound.read_timeout: must be more than zero".into());
         }
         let max_connections = self.positive("inbound.max_connections", raw.max_connections, 1024);
+        let max_body_bytes = self.positive("inbound.max_body_bytes", raw.max_body_bytes, 1 << 20);
+        let slow = self.slow_senders(
+            raw.idle_timeout.as_deref(),
+            raw.body_timeout.as_deref(),
+            raw.body_min_rate,
+            read_timeout,
+        );
+        let per_address = self.positive(
+            "inbound.max_connections_per_address",
+            raw.max_connections_per_address,
+            (max_connections as u64 / 4).max(1),
+        );
+        if per_address > max_connections {
+            self.errors.push(format!(
+                "inbound.max_connections_per_address: must be at most inbound.max_connections ({max_connections}), not {per_address}"
+            ));
+        }
+        let budget = self.positive(
+            "inbound.body_budget_bytes",
+            raw.body_budget_bytes,
+            DEFAULT_BODY_BUDGET,
+        );
+        if budget < max_body_bytes {
+            self.errors.push(format!(
+                "inbound.body_budget_bytes: must be at least inbound.max_body_bytes ({max_body_bytes}), not {budget}"
+            ));
+        }
         InboundSettings {
             rate_per_second: rate(raw.rate_per_second, 500),
-            max_body_bytes: self.positive("inbound.max_body_bytes", raw.max_body_bytes, 1 << 20),
+            max_body_bytes,
+            max_connections_per_address: per_address.min(max_connections),
+            idle_timeout: slow.0,
+            body_timeout: slow.1,
+            body_min_rate: slow.2,
+            body_budget_bytes: budget,
             max_header_bytes: self.positive(
                 "inbound.max_header_bytes",
                 raw.max_header_bytes,
@@ -244,6 +277,28 @@ impl<'a> Reader<'a> {
                 key: self.path(&t.key),
             }),
         }
+    }
+
+    /// `inbound.idle_timeout`, `body_timeout` and `body_min_rate`: how long a sender may take.
+    fn slow_senders(
+        &mut self,
+        idle: Option<&str>,
+        body: Option<&str>,
+        rate: Option<u64>,
+        read_timeout: Duration,
+    ) -> (Duration, Duration, usize) {
+        let idle = self.duration("inbound.idle_timeout", idle, "5s");
+        let body = self.duration("inbound.body_timeout", body, "2s");
+        for (key, d) in [
+            ("inbound.idle_timeout", idle),
+            ("inbound.body_timeout", body),
+        ] {
+            if d.is_zero() {
+                self.errors.push(format!("{key}: must be more than zero"));
+            }
+        }
+        let rate = self.positive("inbound.body_min_rate", rate, 16 * 1024);
+        (idle.min(read_timeout), body.min(read_timeout), rate)
     }
 
     fn network(&mut self, source: &str, n: &str) -> Option<IpNet> {

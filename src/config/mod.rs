@@ -169,8 +169,21 @@ pub struct InboundSettings {
     pub rate_per_second: u32,
     pub max_body_bytes: usize,
     pub max_header_bytes: usize,
+    /// The deadline for a request's body as a whole, and (with `idle_timeout`) for its headers.
     pub read_timeout: Duration,
     pub max_connections: usize,
+    /// The most connections one client address may hold (not applied to the peer behind a
+    /// trusted proxy, `client_ip_header`), and the most bodies it may have in the budget.
+    pub max_connections_per_address: usize,
+    /// How long a connection may wait for its next request's headers (a new one, or a
+    /// keep-alive between requests); at most `read_timeout`.
+    pub idle_timeout: Duration,
+    /// A body must arrive within this, plus a second for each `body_min_rate` bytes that
+    /// have arrived, and within `read_timeout` in any case.
+    pub body_timeout: Duration,
+    pub body_min_rate: usize,
+    /// Bytes all bodies not yet verified may hold together.
+    pub body_budget_bytes: usize,
     pub max_json_depth: usize,
     /// Per source, the networks allowed to send; a source not listed is open to all.
     pub networks: std::collections::BTreeMap<String, Vec<IpNet>>,
@@ -292,6 +305,9 @@ pub const DEFAULT_MAX_EXPIRATION: &str = "12h";
 
 /// The most calls to P0 in flight `p0.concurrency` may ask for.
 pub const MAX_CONCURRENCY: usize = 1024;
+/// `inbound.body_budget_bytes` unless set: with the connections' own buffers and the rest of
+/// the relay, the process stays within 128 MiB resident however many senders hold bodies.
+pub const DEFAULT_BODY_BUDGET: u64 = 32 << 20;
 /// The most open connections `inbound.max_connections` may ask for.
 pub const MAX_CONNECTIONS: usize = 1_000_000;
 

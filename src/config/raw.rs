@@ -127,6 +127,14 @@ pub(super) struct RawInbound {
     #[serde(default, deserialize_with = "flexible_num")]
     pub max_connections: Option<u64>,
     #[serde(default, deserialize_with = "flexible_num")]
+    pub max_connections_per_address: Option<u64>,
+    pub idle_timeout: Option<String>,
+    pub body_timeout: Option<String>,
+    #[serde(default, deserialize_with = "flexible_num")]
+    pub body_min_rate: Option<u64>,
+    #[serde(default, deserialize_with = "flexible_num")]
+    pub body_budget_bytes: Option<u64>,
+    #[serde(default, deserialize_with = "flexible_num")]
     pub max_json_depth: Option<u64>,
     #[serde(default)]
     pub networks: std::collections::BTreeMap<String, Vec<String>>,

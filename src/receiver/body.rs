@@ -1,7 +1,9 @@
 //! Reading and parsing a webhook body: a size limit enforced before and while reading, a
 //! deadline for slow senders, a nesting-depth limit, and GitHub's form-encoded `payload`.
 
-use std::time::Duration;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use axum::body::{Body, Bytes};
 use axum::http::{HeaderMap, StatusCode, header};
@@ -9,15 +11,48 @@ use http_body_util::BodyExt;
 use serde_json::Value;
 
 use super::answer::Answer;
+use super::budget::{Budget, Lease, Short};
+use crate::config::InboundSettings;
 use crate::mapping::projection::{ParseError, Projection};
+use crate::metrics::Metrics;
 
-/// The raw body bytes, or the answer to give instead.
+/// How a body must arrive: its size, and its pace (`inbound.body_timeout` plus a second for
+/// each `body_min_rate` bytes arrived, within `read_timeout` in any case).
+pub struct Pace {
+    pub max: usize,
+    pub read_timeout: Duration,
+    pub body_timeout: Duration,
+    pub min_rate: usize,
+}
+
+impl Pace {
+    pub fn of(inbound: &InboundSettings) -> Pace {
+        Pace {
+            max: inbound.max_body_bytes,
+            read_timeout: inbound.read_timeout,
+            body_timeout: inbound.body_timeout,
+            min_rate: inbound.body_min_rate,
+        }
+    }
+
+    /// How long a body that has `arrived` bytes so far may have taken.
+    fn allowed(&self, arrived: usize) -> Duration {
+        let earned = Duration::from_secs_f64(arrived as f64 / self.min_rate.max(1) as f64);
+        (self.body_timeout + earned).min(self.read_timeout)
+    }
+}
+
+/// The raw body bytes, assembled once (in a buffer of the declared size), with the budget
+/// share they hold until they are verified; or the answer to give instead.
 pub async fn read(
     headers: &HeaderMap,
-    body: Body,
-    max: usize,
-    deadline: Duration,
-) -> Result<Bytes, Answer> {
+    mut body: Body,
+    pace: &Pace,
+    budget: &Arc<Budget>,
+    address: IpAddr,
+    metrics: &Metrics,
+) -> Result<(Bytes, Lease), Answer> {
+    let max = pace.max;
     let too_large = || {
         Answer::new(StatusCode::PAYLOAD_TOO_LARGE, "too_large")
             .reason(format!("body is larger than {max} bytes"))
@@ -29,21 +64,68 @@ pub async fn read(
     if declared.is_some_and(|n| n > max as u64) {
         return Err(too_large());
     }
-    let limited = http_body_util::Limited::new(body, max);
-    match tokio::time::timeout(deadline, limited.collect()).await {
-        Err(_) => Err(
-            Answer::new(StatusCode::REQUEST_TIMEOUT, "invalid").reason(format!(
-                "body not received within {}s",
-                deadline.as_secs_f64()
-            )),
-        ),
-        Ok(Ok(collected)) => Ok(collected.to_bytes()),
-        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
-        Ok(Err(_)) => {
-            Err(Answer::new(StatusCode::BAD_REQUEST, "invalid")
-                .reason("body could not be read".into()))
+    let mut reserved = declared.map_or(0, |n| n as usize);
+    let short = |short: Short| {
+        let answer = match short {
+            Short::AddressShare => {
+                metrics.inbound_refusal("address_share");
+                Answer::new(StatusCode::TOO_MANY_REQUESTS, "rate_limited").reason(
+                    "this address already has its share of deliveries being received".into(),
+                )
+            }
+            Short::Exhausted => {
+                metrics.inbound_refusal("body_budget");
+                Answer::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable")
+                    .reason("too many deliveries are being received; try again".into())
+            }
+        };
+        answer.retry_after(1)
+    };
+    let mut lease = budget.take(address, reserved).map_err(short)?;
+    let mut buf: Vec<u8> = Vec::with_capacity(reserved);
+    let started = Instant::now();
+    loop {
+        let deadline = started + pace.allowed(buf.len());
+        let frame = tokio::select! {
+            biased;
+            _ = lease.cut() => {
+                return Err(Answer::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable")
+                    .reason("body cut off to make room for deliveries that arrive in time".into())
+                    .retry_after(1));
+            }
+            frame = tokio::time::timeout_at(deadline.into(), body.frame()) => frame,
+        };
+        let data = match frame {
+            Err(_) => {
+                metrics.inbound_refusal("slow_body");
+                return Err(Answer::new(StatusCode::REQUEST_TIMEOUT, "invalid").reason(format!(
+                    "body not received in time (it may take {}s, a second more for each {} bytes that arrive, {}s at most)",
+                    pace.body_timeout.as_secs_f64(),
+                    pace.min_rate,
+                    pace.read_timeout.as_secs_f64(),
+                )));
+            }
+            Ok(None) => break,
+            Ok(Some(Err(_))) => {
+                return Err(Answer::new(StatusCode::BAD_REQUEST, "invalid")
+                    .reason("body could not be read".into()));
+            }
+            Ok(Some(Ok(frame))) => match frame.into_data() {
+                Ok(data) => data,
+                Err(_) => continue,
+            },
+        };
+        let len = buf.len() + data.len();
+        if len > max {
+            return Err(too_large());
         }
+        if len > reserved {
+            lease.grow(len - reserved).map_err(short)?;
+            reserved = len;
+        }
+        buf.extend_from_slice(&data);
     }
+    Ok((Bytes::from(buf), lease))
 }
 
 /// The JSON document in `bytes`, whole: the body itself, or the `payload` field of a form body.

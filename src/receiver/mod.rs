@@ -4,6 +4,7 @@
 mod accept;
 mod answer;
 pub mod body;
+pub mod budget;
 pub mod reload;
 
 use std::net::{IpAddr, SocketAddr};
@@ -24,9 +25,11 @@ use crate::health::Health;
 use crate::mapping::{Input, Mapping, MappingSet, Verdict};
 use crate::metrics::{Metrics, UNKNOWN_SOURCE};
 use crate::ratelimit::KeyedLimit;
+use crate::server::conns::ConnHandle;
 use crate::store::audit::{self, Received};
 use crate::store::{StoreHandle, now_ms};
 use answer::Answer;
+pub use budget::Budget;
 
 /// What the handlers share.
 pub struct Receiver {
@@ -38,6 +41,8 @@ pub struct Receiver {
     pub wake: Arc<Notify>,
     pub health: Arc<Health>,
     pub store_payloads: bool,
+    /// What bodies not yet verified may hold together.
+    pub budget: Arc<Budget>,
 }
 
 /// The relay's HTTP interface; `/metrics` is left off when it has a listener of its own.
@@ -271,12 +276,20 @@ async fn handle(r: &Receiver, mapping: &Mapping, peer: Option<IpAddr>, request: 
     if let Some(refused) = refusal(r, source, &parts.headers, peer) {
         return refused;
     }
-    let limits = (r.inbound.max_body_bytes, r.inbound.read_timeout);
-    let bytes = match body::read(&parts.headers, body, limits.0, limits.1).await {
+    let pace = body::Pace::of(&r.inbound);
+    // The address its share of the budget is judged by (`refusal` has turned away a proxy
+    // header that names none).
+    let address = client_ip(&r.inbound, &parts.headers, peer).unwrap_or(IpAddr::from([0, 0, 0, 0]));
+    let read = body::read(&parts.headers, body, &pace, &r.budget, address, &r.metrics).await;
+    let (bytes, lease) = match read {
         Ok(b) => b,
         Err(answer) => return answer,
     };
-    if let Err(e) = mapping.verifier.verify(&parts.headers, &bytes) {
+    // Complete: its connection is not closed to make room for another while it is handled.
+    let _busy = parts.extensions.get::<ConnHandle>().map(ConnHandle::busy);
+    let verified = mapping.verifier.verify(&parts.headers, &bytes);
+    drop(lease);
+    if let Err(e) = verified {
         return Answer::new(StatusCode::UNAUTHORIZED, "unauthorized").reason(e.to_string());
     }
     let depth = r.inbound.max_json_depth;

@@ -417,27 +417,85 @@ async fn oversized_headers_are_refused() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn connections_beyond_the_cap_wait_their_turn() {
+async fn a_connection_beyond_the_cap_takes_the_place_of_the_oldest_idle_one() {
     let t = spawn_with(Setup {
         inbound: "  max_connections: 2\n".into(),
         ..Setup::default()
     })
     .await;
     // Two idle connections take both places.
-    let idle: Vec<TcpStream> = (0..2)
+    let mut idle: Vec<TcpStream> = (0..2)
         .map(|_| TcpStream::connect(t.addr).unwrap())
         .collect();
     tokio::time::sleep(Duration::from_millis(100)).await;
-    let waiting = tokio::time::timeout(Duration::from_millis(500), t.get("/healthz")).await;
-    assert!(
-        waiting.is_err(),
-        "a third connection is not served while two are open"
-    );
-    drop(idle);
-    let (status, _) = tokio::time::timeout(Duration::from_secs(3), t.get("/healthz"))
+    let (status, _) = tokio::time::timeout(Duration::from_secs(2), t.get("/healthz"))
         .await
-        .expect("served once a place is free");
+        .expect("served at once");
     assert_eq!(status, 200);
+    // The oldest was closed to make room (the second may have been too, for the probe's own
+    // second connection).
+    idle[0]
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .unwrap();
+    let mut buf = [0u8; 16];
+    assert!(
+        matches!(idle[0].read(&mut buf), Ok(0) | Err(_)),
+        "the oldest idle connection was closed"
+    );
+    let closed = t
+        .metric("p0_relay_inbound_refused_total{reason=\"evicted\"}")
+        .await;
+    assert!(closed >= Some(1.0), "{closed:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_address_holds_at_most_its_share_of_the_connections() {
+    let t = spawn_with(Setup {
+        inbound: "  max_connections: 8\n  max_connections_per_address: 2\n".into(),
+        ..Setup::default()
+    })
+    .await;
+    let mut mine: Vec<TcpStream> = (0..2)
+        .map(|_| TcpStream::connect(t.addr).unwrap())
+        .collect();
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket
+        .bind(std::net::SocketAddr::from(([127, 0, 0, 9], 0)))
+        .unwrap();
+    let other = socket.connect(t.addr).await.unwrap().into_std().unwrap();
+    other.set_nonblocking(false).unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // A third from the same address takes the place of that address's oldest idle one.
+    let mut third = TcpStream::connect(t.addr).unwrap();
+    third
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .unwrap();
+    third
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: relay\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut answer = String::new();
+    let _ = third.read_to_string(&mut answer);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    mine[0]
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .unwrap();
+    let mut buf = [0u8; 16];
+    assert!(matches!(mine[0].read(&mut buf), Ok(0) | Err(_)));
+    // Another address's connection was left alone.
+    other
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let mut other = other;
+    let left = other.read(&mut buf);
+    assert!(
+        matches!(&left, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::TimedOut),
+        "{left:?}"
+    );
+    drop(mine);
+    let closed = t
+        .metric("p0_relay_inbound_refused_total{reason=\"evicted\"}")
+        .await;
+    assert!(closed >= Some(1.0), "{closed:?}");
 }
 
 /// Regression: entries of the proxy header that did not parse were skipped, so a client could
@@ -505,7 +563,7 @@ fn absurd_numbers_and_durations_in_relay_yaml_are_refused_naming_the_setting() {
         "http://127.0.0.1:9",
         &Setup {
             p0_extra: "    max_age: 1000000000y\n  concurrency: 18446744073709551615\n".into(),
-            inbound: "  max_connections: 18446744073709551615\n".into(),
+            inbound: "  max_connections: 18446744073709551615\n  body_budget_bytes: 4096\n  body_timeout: 0s\n  body_min_rate: 0\n".into(),
             ..Setup::default()
         },
     );
@@ -524,6 +582,9 @@ fn absurd_numbers_and_durations_in_relay_yaml_are_refused_naming_the_setting() {
         "store.dedup_window: must be at most 3650d",
         "p0.retry.max_age: must be at most 3650d",
         "p0.timeout: must be more than zero",
+        "inbound.body_budget_bytes: must be at least inbound.max_body_bytes (1048576), not 4096",
+        "inbound.body_timeout: must be more than zero",
+        "inbound.body_min_rate: must be at least 1",
     ] {
         assert!(
             errors.contains(&format!("{at}: {setting}")),

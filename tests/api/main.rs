@@ -17,6 +17,7 @@ mod grants;
 mod hostile;
 mod kubernetes;
 mod listeners;
+mod load;
 mod many_relays;
 mod oncall;
 mod operations;

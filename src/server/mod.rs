@@ -1,5 +1,8 @@
-//! The accept loop: a cap on concurrent connections, a deadline for reading headers, optional
-//! TLS, the peer address for the handlers, and graceful shutdown of open connections.
+//! The accept loop: the connections' places (`conns`), a deadline for a request's headers
+//! (idle keep-alives included), optional TLS, the peer address and the connection's handle
+//! for the handlers, and graceful shutdown of open connections.
+
+pub mod conns;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -12,17 +15,24 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 
+use crate::metrics::Metrics;
+use conns::{ConnHandle, Conns};
+
 /// Limits on connections, from `inbound` settings.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct ConnLimits {
     pub max_connections: usize,
+    /// The most places one peer address may hold; `None` when the peer is a trusted proxy.
+    pub per_address: Option<usize>,
+    /// From accepting a connection, or from its last answer, to its next request's headers.
     pub header_read_timeout: Duration,
     pub max_header_bytes: usize,
+    /// Where refusals and open connections are counted (the webhook port's listener).
+    pub metrics: Option<Metrics>,
 }
 
 /// Serves `router` on `listener` until `shutdown`; then stops accepting and gives open
@@ -35,17 +45,17 @@ pub async fn serve(
     shutdown: CancellationToken,
     drain: Duration,
 ) {
-    let permits = Arc::new(Semaphore::new(limits.max_connections));
+    let places = Conns::new(
+        limits.max_connections,
+        limits.per_address,
+        limits.metrics.clone(),
+    );
     let graceful = GracefulShutdown::new();
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new())
         .header_read_timeout(limits.header_read_timeout)
         .max_buf_size(limits.max_header_bytes.max(8192));
     loop {
-        let permit = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
-        };
         let (stream, peer) = tokio::select! {
             _ = shutdown.cancelled() => break,
             accepted = listener.accept() => match accepted {
@@ -58,21 +68,39 @@ pub async fn serve(
                 }
             },
         };
+        // Refused at once: the sender learns now, and nothing of its is read.
+        let place = match places.admit(peer.ip()) {
+            Ok(place) => place,
+            Err(refused) => {
+                if let Some(m) = &limits.metrics {
+                    m.inbound_refusal(refused.reason());
+                }
+                drop(stream);
+                continue;
+            }
+        };
         let _ = stream.set_nodelay(true);
+        let handle = place.handle.clone();
         let service = TowerToHyperService::new(router.clone().map_request(
             move |mut req: axum::http::Request<Incoming>| {
                 req.extensions_mut().insert(ConnectInfo::<SocketAddr>(peer));
+                req.extensions_mut().insert::<ConnHandle>(handle.clone());
                 req
             },
         ));
         let http = http.clone();
+        let metrics = limits.metrics.clone();
         match &tls {
             None => {
                 let conn = http.serve_connection(TokioIo::new(stream), service);
                 let conn = graceful.watch(conn);
                 tokio::spawn(async move {
-                    let _ = conn.await;
-                    drop(permit);
+                    tokio::select! {
+                        done = conn => count_timeout(&metrics, done),
+                        // Its place was taken for another connection: dropped, so closed.
+                        _ = place.close.cancelled() => {}
+                    }
+                    drop(place);
                 });
             }
             Some(acceptor) => {
@@ -80,14 +108,21 @@ pub async fn serve(
                 let timeout = limits.header_read_timeout;
                 let watcher = graceful.watcher();
                 tokio::spawn(async move {
-                    let Ok(Ok(stream)) =
-                        tokio::time::timeout(timeout, acceptor.accept(stream)).await
-                    else {
-                        return;
+                    let close = place.close.clone();
+                    let served = async {
+                        let Ok(Ok(stream)) =
+                            tokio::time::timeout(timeout, acceptor.accept(stream)).await
+                        else {
+                            return;
+                        };
+                        let conn = http.serve_connection(TokioIo::new(stream), service);
+                        count_timeout(&metrics, watcher.watch(conn).await);
                     };
-                    let conn = http.serve_connection(TokioIo::new(stream), service);
-                    let _ = watcher.watch(conn).await;
-                    drop(permit);
+                    tokio::select! {
+                        _ = served => {}
+                        _ = close.cancelled() => {}
+                    }
+                    drop(place);
                 });
             }
         }
@@ -98,6 +133,32 @@ pub async fn serve(
         .is_err()
     {
         tracing::warn!("connections still open at the shutdown deadline were closed");
+    }
+}
+
+/// Counts a connection closed because its next request's headers did not come in time.
+fn count_timeout(metrics: &Option<Metrics>, done: Result<(), hyper::Error>) {
+    if let (Some(m), Err(e)) = (metrics, done)
+        && e.is_timeout()
+    {
+        m.inbound_refusal("header_timeout");
+    }
+}
+
+/// Raises the limit on open files to what the system allows this process, so that
+/// `inbound.max_connections` can be reached (a common default limit is 1024 in all).
+pub fn raise_open_files_limit() {
+    #[cfg(unix)]
+    // SAFETY: getrlimit and setrlimit only read and write the struct passed to them.
+    unsafe {
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            let _ = libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
     }
 }
 
