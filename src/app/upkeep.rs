@@ -14,6 +14,7 @@ use crate::health::Health;
 use crate::metrics::Metrics;
 use crate::retry::saturating_i64;
 use crate::secret::Secret;
+use crate::store::audit::Sealer;
 use crate::store::{Prune, StoreHandle, ms, now_ms};
 use crate::supervise::Components;
 
@@ -34,9 +35,10 @@ pub(super) fn spawn(
     components.spawn("store-upkeep", ok_when_done(upkeep));
     let gauges = gauge_loop(store.clone(), metrics.clone(), shutdown.clone());
     components.spawn("gauges", ok_when_done(gauges));
+    let key = sealing.key.clone();
     let seals = seal_loop(store.clone(), sealing, metrics, writing, shutdown.clone());
     components.spawn("sealer", ok_when_done(seals));
-    let prune = prune_loop(store.clone(), retention, shutdown.clone());
+    let prune = prune_loop(store.clone(), retention, key, shutdown.clone());
     components.spawn("pruner", ok_when_done(prune));
 }
 
@@ -145,7 +147,10 @@ pub(super) struct Sealing {
 }
 
 /// Seals the audit trail every `sealing.every`, and once more when the parts that write
-/// events have stopped (`writing` closed) at shutdown.
+/// events have stopped (`writing` closed) at shutdown. Each relay remembers the latest seal
+/// it has seen and seals only while that seal is still stored as it was and every later seal
+/// follows from it: seals removed or changed behind its back (to have the relays seal a
+/// rewritten trail) stop it sealing, which the `P0RelayAuditNotSealed` alert shows.
 async fn seal_loop(
     store: StoreHandle,
     sealing: Sealing,
@@ -153,7 +158,8 @@ async fn seal_loop(
     mut writing: mpsc::Receiver<()>,
     shutdown: CancellationToken,
 ) {
-    let seal = async || match store.seal(sealing.key.as_ref()).await {
+    let mut sealer = Sealer::default();
+    let mut seal = async || match sealer.seal(&store, sealing.key.as_ref()).await {
         Ok(Some((id, covers))) => {
             metrics.audit_seals.inc();
             tracing::info!(
@@ -162,6 +168,7 @@ async fn seal_loop(
                 to = covers.to,
                 count = covers.count,
                 keyed = sealing.key.is_some(),
+                digest = covers.digest.as_deref().unwrap_or(""),
                 "audit events sealed"
             );
         }
@@ -187,13 +194,19 @@ pub(super) struct Retention {
     pub audit: Duration,
 }
 
-async fn prune_loop(store: StoreHandle, retention: Retention, shutdown: CancellationToken) {
+async fn prune_loop(
+    store: StoreHandle,
+    retention: Retention,
+    key: Option<Secret>,
+    shutdown: CancellationToken,
+) {
     every(Duration::from_secs(3600), shutdown, || async {
         let now = now_ms();
         let before = Prune {
             finished_before_ms: now.saturating_sub(ms(retention.finished)),
             ends_before_ms: now.saturating_sub(ms(retention.ends)),
             audit_before_ms: now.saturating_sub(ms(retention.audit)),
+            audit_key: key.clone(),
         };
         match store.prune(before).await {
             Ok(n) if n > 0 => tracing::info!(

@@ -16,6 +16,8 @@ use crate::store::{self, StoreHandle, StoreLocation, Windows};
 
 /// How many events one read takes.
 const PAGE: usize = 1000;
+/// How far apart the relays' clocks may be (`--until`).
+const CLOCK_SKEW_MS: i64 = 60_000;
 /// How often `--follow` looks for new events.
 const FOLLOW_POLL: Duration = Duration::from_millis(200);
 
@@ -92,10 +94,16 @@ async fn print(store: &StoreHandle, ask: &Ask) -> ExitCode {
             Err(e) => return fail(&[e.to_string()]),
         };
         for row in &rows {
-            if until_ms.is_some_and(|until| row.at_ms > until) {
-                return ExitCode::SUCCESS;
-            }
             after = row.id;
+            // Times come from each relay's clock, so a later ID may carry an earlier time:
+            // events past `--until` are skipped until one is past it by more than relays'
+            // clocks may differ.
+            if until_ms.is_some_and(|until| row.at_ms > until) {
+                if until_ms.is_some_and(|until| row.at_ms > until.saturating_add(CLOCK_SKEW_MS)) {
+                    return ExitCode::SUCCESS;
+                }
+                continue;
+            }
             let line = match ask.json {
                 true => json_safe(&row.body).into_owned(),
                 false => text(row),
@@ -111,7 +119,8 @@ async fn print(store: &StoreHandle, ask: &Ask) -> ExitCode {
         if rows.len() == PAGE {
             continue;
         }
-        let past_until = until_ms.is_some_and(|until| store::now_ms() > until);
+        let past_until =
+            until_ms.is_some_and(|until| store::now_ms() > until.saturating_add(CLOCK_SKEW_MS));
         if !ask.follow || past_until {
             return ExitCode::SUCCESS;
         }

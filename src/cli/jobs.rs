@@ -289,7 +289,10 @@ fn operator() -> String {
         Some(name) => format!("{name} (uid {uid})"),
         None => format!("uid {uid}"),
     };
-    if let Ok(by) = std::env::var("SUDO_USER") {
+    // Said by sudo only when it made this process root: anyone else can set the variable.
+    if uid == 0
+        && let Ok(by) = std::env::var("SUDO_USER")
+    {
         who.push_str(&format!(", through sudo by {by}"));
     }
     who

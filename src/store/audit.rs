@@ -204,6 +204,7 @@ impl Body {
             reason = self.reason.as_deref(), status = self.status,
             detail = self.detail.as_deref(), operator = self.operator.as_deref(),
             covers = self.covers.as_ref().map(|c| format!("{}..={}", c.from, c.to)),
+            digest = self.covers.as_ref().and_then(|c| c.digest.as_deref()),
             "audit event"
         );
     }
@@ -316,6 +317,36 @@ pub fn seal_digest<'a>(
     }
 }
 
+/// The tag a `pruned` event carries (hex), when a key is set: HMAC-SHA256 over the seal that
+/// stands for the removed events (its digest) and what was removed, so that only a relay
+/// holding the key can record a removal `verify` accepts.
+pub fn prune_tag(key: &Secret, anchor: &SealRef, from: i64, to: i64, count: i64) -> String {
+    let Ok(mut mac) = Hmac::<Sha256>::new_from_slice(key.expose().as_bytes()) else {
+        return String::new();
+    };
+    mac.update(b"p0-relay pruned\0");
+    mac.update(&anchor.digest);
+    for n in [anchor.id, from, to, count] {
+        mac.update(&n.to_be_bytes());
+    }
+    hex::encode(mac.finalize().into_bytes())
+}
+
+/// The `pruned` event for events `from..=anchor.to` removed (`count` of them) behind `anchor`.
+pub fn pruned(key: Option<&Secret>, anchor: &SealRef, from: i64, count: i64) -> AuditEvent {
+    let mut e = AuditEvent::new(Kind::Pruned, None, "pruned");
+    e.reason = Some("past audit.retention".into());
+    e.covers = Some(Covers {
+        from,
+        to: anchor.to,
+        count,
+        previous: Some(anchor.id),
+        digest: key.map(|k| prune_tag(k, anchor, from, anchor.to, count)),
+        keyed: Some(key.is_some()),
+    });
+    e
+}
+
 /// The events storing `d` made, `accepted` (what `Accepted::New` says of each decision, in
 /// order) then its end's `revoked`: a duplicate makes none. (PostgreSQL makes the same in
 /// `p0_relay_write`; the contract tests hold the two to it.)
@@ -421,6 +452,11 @@ impl SealRef {
     /// From a stored seal's body; `None` when it is not one.
     pub fn read(id: i64, body: &str) -> Option<SealRef> {
         let covers = serde_json::from_str::<Body>(body).ok()?.covers?;
+        SealRef::of(id, &covers)
+    }
+
+    /// The seal `id` that covers `covers`.
+    pub fn of(id: i64, covers: &Covers) -> Option<SealRef> {
         Some(SealRef {
             id,
             to: covers.to,
@@ -498,6 +534,58 @@ pub enum Start {
     After(SealRef),
 }
 
+/// A relay's sealing: it remembers the latest seal it has seen, and seals only while that
+/// seal is still stored as it was and every later seal follows from it. Seals removed or
+/// changed behind its back (so that the relays would seal a rewritten trail) stop it.
+#[derive(Default)]
+pub struct Sealer {
+    known: Option<SealRef>,
+}
+
+impl Sealer {
+    /// One seal over the events since the last; `None` when there was nothing to seal.
+    pub async fn seal(
+        &mut self,
+        store: &super::StoreHandle,
+        key: Option<&Secret>,
+    ) -> Result<Option<(i64, Covers)>, String> {
+        let latest = store
+            .seal_before(i64::MAX)
+            .await
+            .map_err(|e| e.to_string())?;
+        if let Some(known) = self.known {
+            let still = store
+                .seal_before(known.to + 1)
+                .await
+                .map_err(|e| e.to_string())?;
+            if still != Some(known) || latest.is_none_or(|l| l.id < known.id) {
+                return Err(format!(
+                    "seal {} (over events up to {}) is no longer in the store as it was written: the trail was changed behind the relays; not sealing until it is looked into (p0-relay audit verify; a restarted relay trusts the store's latest seal)",
+                    known.id, known.to
+                ));
+            }
+            if latest.is_some_and(|l| l.id > known.id) {
+                let found = store
+                    .verify(key, Start::After(known))
+                    .await
+                    .map_err(|e| e.to_string())?;
+                if let Some(problem) = found.problem {
+                    return Err(format!(
+                        "the seals after seal {} do not follow from it ({problem}); not sealing until it is looked into",
+                        known.id
+                    ));
+                }
+            }
+        }
+        let sealed = store.seal(key).await.map_err(|e| e.to_string())?;
+        self.known = match &sealed {
+            Some((id, covers)) => SealRef::of(*id, covers),
+            None => latest.or(self.known),
+        };
+        Ok(sealed)
+    }
+}
+
 /// Checks a store's rows, fed in ID order: each row's digest, the IDs without gaps, each
 /// seal's digest over what it covers. Keeps only the digests not yet covered by a seal.
 pub struct Verifier<'k> {
@@ -507,7 +595,10 @@ pub struct Verifier<'k> {
     next: Option<i64>,
     pending: VecDeque<(i64, bool, [u8; 32])>,
     previous: Option<SealRef>,
-    pruned_to: Option<i64>,
+    /// The seal that stands for events removed before the first one read.
+    stands_for: Option<SealRef>,
+    /// The last `pruned` event read: its ID and what it covers.
+    pruned: Option<(i64, Covers)>,
     found: Verification,
 }
 
@@ -523,7 +614,8 @@ impl<'k> Verifier<'k> {
                 Start::First => None,
                 Start::After(seal) => Some(seal),
             },
-            pruned_to: None,
+            stands_for: None,
+            pruned: None,
             found: Verification::default(),
         }
     }
@@ -575,7 +667,7 @@ impl<'k> Verifier<'k> {
             .covers
             .ok_or_else(|| format!("event {id}: a {} without what it covers", row.event))?;
         if !seal {
-            self.pruned_to = Some(covers.to);
+            self.pruned = Some((id, covers));
             return Ok(());
         }
         self.found.seals += 1;
@@ -600,6 +692,7 @@ impl<'k> Verifier<'k> {
                 to: covers.to,
                 digest: stored,
             });
+            self.stands_for = self.previous;
             return Ok(());
         }
         if let Start::After(anchor) = self.start
@@ -671,17 +764,48 @@ impl<'k> Verifier<'k> {
             && self.start == Start::First
             && let Some(first) = self.first.filter(|f| *f > 1)
         {
-            if self.previous.is_none() {
-                self.found.problem = Some(removed(1, first - 1));
-            } else if self.pruned_to != Some(first - 1) {
-                self.found.problem = Some(format!(
+            self.found.problem = match (self.stands_for, &self.pruned) {
+                (None, _) => Some(removed(1, first - 1)),
+                (Some(anchor), Some((id, covers))) if covers.to == first - 1 => {
+                    self.pruned_by_a_relay(*id, &anchor, covers).err()
+                }
+                _ => Some(format!(
                     "events 1..={} were removed, and no `pruned` event records it",
                     first - 1
-                ));
-            }
+                )),
+            };
         }
         self.found.unsealed = self.pending.iter().filter(|(_, seal, _)| !seal).count() as u64;
         self.found
+    }
+}
+
+impl Verifier<'_> {
+    /// Whether the `pruned` event `id` is one a relay wrote for the removal behind `anchor`:
+    /// with a key, its tag proves it (one written with database access alone has none).
+    fn pruned_by_a_relay(&self, id: i64, anchor: &SealRef, covers: &Covers) -> Result<(), String> {
+        if covers.previous != Some(anchor.id) {
+            return Err(format!(
+                "pruned event {id} names seal {} where seal {} stands for the events removed",
+                covers.previous.map_or("none".into(), |p| p.to_string()),
+                anchor.id
+            ));
+        }
+        let Some(key) = self.key else {
+            return Ok(());
+        };
+        let tag = prune_tag(key, anchor, covers.from, covers.to, covers.count);
+        match covers.digest.as_deref() {
+            Some(found)
+                if subtle::ConstantTimeEq::ct_eq(found.as_bytes(), tag.as_bytes()).into() =>
+            {
+                Ok(())
+            }
+            _ => Err(format!(
+                "pruned event {id} was not written by a relay holding the key: events {}..={} were removed without it",
+                covers.from, covers.to
+            )),
+        }
     }
 }
 

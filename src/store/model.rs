@@ -540,13 +540,16 @@ pub struct Windows {
 /// What pruning forgets: finished jobs and deliveries older than `finished_before_ms`, and
 /// subject ends older than `ends_before_ms` (approves under such a subject are taken again)
 /// once no dead or rejected job under the subject remains that a replay could send.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct Prune {
     pub finished_before_ms: i64,
     pub ends_before_ms: i64,
     /// Audit events before the last seal written before this are removed (`audit.retention`),
     /// and a `pruned` event says so.
     pub audit_before_ms: i64,
+    /// `audit.key`: the `pruned` event carries a tag made with it, so that one written
+    /// without the key cannot stand for events removed.
+    pub audit_key: Option<crate::secret::Secret>,
 }
 
 /// The time a store works by: the system's, or one a test sets (`Clock::manual`), so the

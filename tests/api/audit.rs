@@ -192,6 +192,11 @@ async fn since_and_follow(db: Option<&TestDb>) {
     );
     let (_, none, _) = trail(&at, &["--since", "2"], &[]);
     assert!(none.is_empty(), "{none:?}");
+    // `--until` a time: the events written up to it.
+    let (code, before, out) = trail(&at, &["--until", "2001-01-01T00:00:00Z"], &[]);
+    assert_eq!((code, before.len()), (Some(0), 0), "{out}");
+    let (code, upto, out) = trail(&at, &["--until", "2999-01-01T00:00:00Z"], &[]);
+    assert_eq!((code, upto.len()), (Some(0), 2), "{out}");
 
     // Started after the first event: printing the second shows it is reading.
     let mut follower = Follower::start(&at, &["--since", "1"]);

@@ -14,8 +14,7 @@ use crate::secret::Secret;
 use crate::store::StoreError;
 use crate::store::api::Audit;
 use crate::store::audit::{
-    self, AuditEvent, AuditRow, AuditStatus, Body, Covers, Kind, SealRef, Start, Verification,
-    Verifier,
+    self, AuditEvent, AuditRow, AuditStatus, Body, Covers, SealRef, Start, Verification, Verifier,
 };
 use crate::store::batch::{self, Parts};
 
@@ -97,21 +96,33 @@ impl Audit for PgStore {
     }
 
     async fn seal_before(&self, id: i64) -> Result<Option<SealRef>, StoreError> {
+        // The last seal covering only events before `id`: the last seal written before it, or
+        // the first one after it, which covers no more than what committed before it read
+        // (at most one seal after `id` can: the next covers that one).
         let rows = self
             .db
             .run("seal before", OP_TIMEOUT, async |c| {
                 c.query(
-                    "SELECT id, body FROM audit_events WHERE event = 'seal' AND id < $1
-                     ORDER BY id DESC LIMIT 1",
+                    "(SELECT id, body FROM audit_events WHERE event = 'seal' AND id >= $1
+                      ORDER BY id LIMIT 1)
+                     UNION ALL
+                     (SELECT id, body FROM audit_events WHERE event = 'seal' AND id < $1
+                      ORDER BY id DESC LIMIT 1)",
                     &[&id],
                 )
                 .await
             })
             .await?;
-        match rows.first() {
-            Some(r) => Ok(SealRef::read(r.try_get(0)?, &r.try_get::<_, String>(1)?)),
-            None => Ok(None),
+        let mut found = None;
+        for r in &rows {
+            if let Some(seal) = SealRef::read(r.try_get(0)?, &r.try_get::<_, String>(1)?)
+                && seal.to < id
+                && found.is_none_or(|f: SealRef| f.id < seal.id)
+            {
+                found = Some(seal);
+            }
         }
+        Ok(found)
     }
 
     async fn verify(&self, key: Option<&Secret>, start: Start) -> Result<Verification, StoreError> {
@@ -245,6 +256,7 @@ impl Pg {
         &self,
         tx: &tokio_postgres::Transaction<'_>,
         before_ms: i64,
+        key: Option<&Secret>,
     ) -> Result<(u64, Vec<Body>), tokio_postgres::Error> {
         let anchor = tx
             .query_opt(
@@ -270,16 +282,7 @@ impl Pg {
         let removed = tx
             .execute("DELETE FROM audit_events WHERE id <= $1", &[&anchor.to])
             .await?;
-        let mut e = AuditEvent::new(Kind::Pruned, None, "pruned");
-        e.reason = Some("past audit.retention".into());
-        e.covers = Some(Covers {
-            from: first,
-            to: anchor.to,
-            count: removed as i64,
-            previous: Some(anchor.id),
-            digest: None,
-            keyed: None,
-        });
+        let e = audit::pruned(key, &anchor, first, removed as i64);
         let written = write_events(tx, &[e], self.now()).await?;
         Ok((removed, written))
     }

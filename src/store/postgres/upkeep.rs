@@ -98,7 +98,9 @@ impl Pg {
                     &[&before.ends_before_ms],
                 )
                 .await?;
-            let (events, written) = self.prune_audit(&tx, before.audit_before_ms).await?;
+            let (events, written) = self
+                .prune_audit(&tx, before.audit_before_ms, before.audit_key.as_ref())
+                .await?;
             tx.commit().await?;
             self.audit.committed(&written);
             Ok(usize::try_from(jobs + deliveries + ends + events).unwrap_or(usize::MAX))

@@ -11,8 +11,8 @@ use crate::secret::Secret;
 use crate::store::StoreError;
 use crate::store::api::Audit;
 use crate::store::audit::{
-    self, About, AuditEvent, AuditRow, AuditStatus, Body, Covers, Kind, SealRef, Start,
-    Verification, Verifier,
+    self, About, AuditEvent, AuditRow, AuditStatus, Body, Covers, SealRef, Start, Verification,
+    Verifier,
 };
 use crate::store::batch::{self, Parts};
 
@@ -244,6 +244,7 @@ pub(super) fn prune(
     tx: &Connection,
     now: i64,
     before_ms: i64,
+    key: Option<&Secret>,
 ) -> Result<(usize, Vec<Body>), StoreError> {
     let anchor: Option<(i64, String)> = tx
         .prepare_cached(
@@ -262,16 +263,7 @@ pub(super) fn prune(
         return Ok((0, Vec::new()));
     };
     let removed = tx.execute("DELETE FROM audit_events WHERE id <= ?1", [anchor.to])?;
-    let mut e = AuditEvent::new(Kind::Pruned, None, "pruned");
-    e.reason = Some("past audit.retention".into());
-    e.covers = Some(Covers {
-        from: first,
-        to: anchor.to,
-        count: removed as i64,
-        previous: Some(anchor.id),
-        digest: None,
-        keyed: None,
-    });
+    let e = audit::pruned(key, &anchor, first, removed as i64);
     let written = insert_events(tx, now, &[e])?;
     Ok((removed, written))
 }

@@ -5,7 +5,7 @@
 
 use super::*;
 use crate::secret::Secret;
-use crate::store::audit::{About, AuditEvent, Body, Kind as Event};
+use crate::store::audit::{About, AuditEvent, Body, Kind as Event, Sealer};
 
 /// (event, outcome, job, request) of each event, in order.
 fn steps(events: &[Body]) -> Vec<(&'static str, String, Option<i64>, Option<String>)> {
@@ -319,6 +319,7 @@ async fn retention_removes_events_behind_a_seal_that_stands_for_them(mut s: Back
             finished_before_ms: 0,
             ends_before_ms: 0,
             audit_before_ms: 15_000,
+            audit_key: None,
         })
         .await;
     assert_eq!(removed, 9);
@@ -349,4 +350,82 @@ fn bytes(s: &Backend, digest: &[u8]) -> String {
         Kind::Sqlite(_) => format!("X'{}'", hex::encode(digest)),
         Kind::Pg(_) => format!("'\\x{}'::BYTEA", hex::encode(digest)),
     }
+}
+
+on_both_stores!(a_removal_stands_only_when_a_relay_holding_the_key_recorded_it);
+async fn a_removal_stands_only_when_a_relay_holding_the_key_recorded_it(mut s: Backend) {
+    let key = key();
+    sealed(&mut s, Some(&key)).await;
+    let removed = s
+        .prune_with(Prune {
+            finished_before_ms: 0,
+            ends_before_ms: 0,
+            audit_before_ms: 15_000,
+            audit_key: Some(key.clone()),
+        })
+        .await;
+    assert_eq!(removed, 9);
+    let ok = s.verify(Some(&key)).await;
+    assert_eq!((ok.problem, ok.from), (None, Some(10)));
+    // Someone with the database alone writes a `pruned` event of the right form (here the
+    // relay's own, its tag replaced and the row's digest made again): without the key, its
+    // tag cannot be the key's.
+    let rows = s.audit_rows().await;
+    let pruned = rows.iter().find(|r| r.event == "pruned").unwrap();
+    let stored = serde_json::from_str::<Body>(&pruned.body).unwrap();
+    let tag = stored.covers.unwrap().digest.unwrap();
+    let body = pruned
+        .body
+        .replace(tag.as_str(), &hex::encode(audit::GENESIS));
+    let digest = audit::digest(pruned.id, pruned.at_ms, "pruned", &body);
+    let sql = format!(
+        "UPDATE audit_events SET body = '{body}', digest = {} WHERE id = {}",
+        bytes(&s, &digest),
+        pruned.id
+    );
+    let problem = after(&s, &sql, Some(&key)).await;
+    assert!(
+        problem.contains(&format!(
+            "pruned event {} was not written by a relay holding the key",
+            pruned.id
+        )),
+        "{problem}"
+    );
+}
+
+on_both_stores!(a_relay_seals_no_trail_whose_seals_were_removed_behind_its_back);
+async fn a_relay_seals_no_trail_whose_seals_were_removed_behind_its_back(mut s: Backend) {
+    let key = key();
+    let (mut one, mut other) = (Sealer::default(), Sealer::default());
+    let d = |i: usize| delivery(&format!("d{i}"), &[(Action::Deny, &format!("r{i}"))]);
+    s.accept(d(0), 1_000).await;
+    s.clock.set(2_000);
+    let first = one.seal(&s.store, Some(&key)).await.unwrap().unwrap().0;
+    // Another relay seals the next events: the first follows its seal from then on.
+    s.accept(d(1), 3_000).await;
+    s.clock.set(4_000);
+    let second = other.seal(&s.store, Some(&key)).await.unwrap().unwrap().0;
+    s.accept(d(2), 5_000).await;
+    s.clock.set(6_000);
+    let third = one.seal(&s.store, Some(&key)).await.unwrap().unwrap().0;
+    assert!(first < second && second < third);
+    // The other looks at its next turn: nothing new to seal, and it knows the latest seal.
+    assert_eq!(other.seal(&s.store, Some(&key)).await.unwrap(), None);
+    // Someone with the database alone removes the last seal, to have the relays seal events
+    // it covered once they are rewritten: neither relay seals again.
+    s.behind_its_back(&format!("DELETE FROM audit_events WHERE id = {third}"))
+        .await;
+    s.accept(d(3), 7_000).await;
+    s.clock.set(8_000);
+    for sealer in [&mut one, &mut other] {
+        let refused = sealer.seal(&s.store, Some(&key)).await.unwrap_err();
+        assert!(
+            refused.contains(&format!("seal {third} ")) || refused.contains("do not follow"),
+            "{refused}"
+        );
+    }
+    assert_eq!(
+        s.store.seal_before(i64::MAX).await.unwrap().map(|x| x.id),
+        Some(second)
+    );
 }

@@ -884,6 +884,7 @@ async fn ends_are_pruned_only_when_nothing_could_be_replayed_under_them(mut s: B
     s.accept(on_subject("p3", &[], "P2", true), 2_000).await;
     s.prune_with(Prune {
         audit_before_ms: 0,
+        audit_key: None,
         finished_before_ms: 0,
         ends_before_ms: 10_000,
     })

@@ -134,6 +134,7 @@ impl Backend {
     async fn prune(&mut self, before: i64) -> usize {
         self.prune_with(Prune {
             audit_before_ms: 0,
+            audit_key: None,
             finished_before_ms: before,
             ends_before_ms: before,
         })

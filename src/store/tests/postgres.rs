@@ -417,6 +417,7 @@ async fn pruning_is_done_by_one_relay_at_a_time() {
     let prune = || {
         a.prune(Prune {
             audit_before_ms: 0,
+            audit_key: None,
             finished_before_ms: 10_000,
             ends_before_ms: 10_000,
         })
