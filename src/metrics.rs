@@ -44,14 +44,16 @@ pub const RESULTS: [&str; 4] = ["success", "rejected", "unauthorized", "transien
 pub const ANSWER_RESULTS: [&str; 4] = ["sent", "retried", "failed", "dead"];
 
 /// Why the webhook port turned a connection or a body away early (`inbound_refused_total`):
-/// `address_share` (its address held its share already), `full` (every place busy with a
-/// delivery), `evicted` (an idle or unfinished one closed to make room), `body_budget` (no
-/// room for its body among the unverified ones: 503), `slow_body` (its body too slow: 408),
-/// `header_timeout` (no complete request within the deadline, idle keep-alives included).
-pub const INBOUND_REFUSALS: [&str; 6] = [
+/// `address_share` (its sender held its share already), `full` (every place busy with a
+/// delivery), `evicted` (an idle or unfinished connection closed to make room), `cut` (a body
+/// being read cut to make room in the budget: 503), `body_budget` (no room for its body among
+/// the unverified ones: 503), `slow_body` (its body too slow: 408), `header_timeout` (no
+/// complete request within the deadline, idle keep-alives included).
+pub const INBOUND_REFUSALS: [&str; 7] = [
     "address_share",
     "full",
     "evicted",
+    "cut",
     "body_budget",
     "slow_body",
     "header_timeout",

@@ -183,15 +183,10 @@ async fn open_store(
 
 /// The webhook listener (with its TLS), and the metrics listener when it has its own.
 async fn bind(settings: &Settings) -> anyhow::Result<Listeners> {
-    let main = TcpListener::bind(settings.listen)
-        .await
+    let main = server::listen(settings.listen)
         .with_context(|| format!("cannot listen on {}", settings.listen))?;
     let metrics = match settings.metrics_listen {
-        Some(a) => Some(
-            TcpListener::bind(a)
-                .await
-                .with_context(|| format!("cannot listen on {a}"))?,
-        ),
+        Some(a) => Some(server::listen(a).with_context(|| format!("cannot listen on {a}"))?),
         None => None,
     };
     let tls = match &settings.inbound.tls {

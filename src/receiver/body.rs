@@ -119,9 +119,13 @@ pub async fn read(
         if len > max {
             return Err(too_large());
         }
-        if len > reserved {
-            lease.grow(len - reserved).map_err(short)?;
-            reserved = len;
+        // Charged by what the buffer holds (it grows by doubling), not what it uses.
+        if len > buf.capacity() {
+            buf.reserve(data.len());
+        }
+        if buf.capacity() > reserved {
+            lease.grow(buf.capacity() - reserved).map_err(short)?;
+            reserved = buf.capacity();
         }
         buf.extend_from_slice(&data);
     }

@@ -100,6 +100,7 @@ impl Budget {
 
     /// `bytes` for a body from `address`, cutting the oldest bodies if that makes room.
     pub fn take(self: &Arc<Budget>, address: IpAddr, bytes: usize) -> Result<Lease, Short> {
+        let address = crate::server::conns::sender(address);
         let mut inner = self.lock();
         if inner.by_address.get(&address).copied().unwrap_or(0) >= self.per_address {
             return Err(Short::AddressShare);
@@ -159,7 +160,7 @@ impl Budget {
             if let Some(h) = self.forget(inner, id) {
                 h.cut.cancel();
                 if let Some(m) = &self.metrics {
-                    m.inbound_refusal("evicted");
+                    m.inbound_refusal("cut");
                 }
             }
         }

@@ -115,14 +115,26 @@ async fn webhook(
     Path(source): Path<String>,
     request: Request,
 ) -> Response {
+    // The connection is not closed for another while this request is answered (once it
+    // has arrived whole), until its answer is written.
+    let in_progress = request
+        .extensions()
+        .get::<ConnHandle>()
+        .map(ConnHandle::request);
     // In a task of its own: a sender that hangs up cannot cancel a delivery half-way, between
     // its commit and its count in the metrics and the log.
-    match tokio::spawn(process(r, source, request)).await {
+    let response = match tokio::spawn(process(r, source, request)).await {
         Ok(response) => response,
         Err(_) => Answer::new(StatusCode::INTERNAL_SERVER_ERROR, "unavailable")
             .reason("internal error".into())
             .into_response(),
-    }
+    };
+    response.map(|body| {
+        axum::body::Body::new(http_body_util::BodyExt::map_frame(body, move |frame| {
+            let _ = &in_progress;
+            frame
+        }))
+    })
 }
 
 async fn process(r: Arc<Receiver>, source: String, request: Request) -> Response {
@@ -277,16 +289,25 @@ async fn handle(r: &Receiver, mapping: &Mapping, peer: Option<IpAddr>, request: 
         return refused;
     }
     let pace = body::Pace::of(&r.inbound);
-    // The address its share of the budget is judged by (`refusal` has turned away a proxy
-    // header that names none).
+    // The sender its share of the budget is judged by; with a proxy header that names no
+    // address, all such share one.
     let address = client_ip(&r.inbound, &parts.headers, peer).unwrap_or(IpAddr::from([0, 0, 0, 0]));
     let read = body::read(&parts.headers, body, &pace, &r.budget, address, &r.metrics).await;
     let (bytes, lease) = match read {
         Ok(b) => b,
         Err(answer) => return answer,
     };
-    // Complete: its connection is not closed to make room for another while it is handled.
-    let _busy = parts.extensions.get::<ConnHandle>().map(ConnHandle::busy);
+    // Whole: its connection is not closed for another until it is answered (unless it was
+    // chosen already, when the answer could not be written anyway).
+    if parts
+        .extensions
+        .get::<ConnHandle>()
+        .is_some_and(|c| !c.complete())
+    {
+        return Answer::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable")
+            .reason("the connection was closed for another".into())
+            .retry_after(1);
+    }
     let verified = mapping.verifier.verify(&parts.headers, &bytes);
     drop(lease);
     if let Err(e) = verified {

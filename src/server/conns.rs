@@ -1,25 +1,31 @@
 //! The webhook port's places: at most `max_connections` open, at most a share of them per
-//! peer address. When a newcomer finds its address's share or every place taken, the oldest
-//! connection (of that address, or of all) that is not busy with a delivery (idle between
-//! requests, or still waiting for a request or a body that does not come) is closed to make
-//! room, so that senders holding connections open cannot keep a real delivery out, and a
-//! proxy that carries every sender is not turned away for holding its share.
+//! sender (an IPv4 address, or an IPv6 /64, which one sender holds whole). When a newcomer
+//! finds its sender's share or every place taken, the oldest connection (of that sender, or
+//! of all) that is not handling a delivery is closed to make room: one idle between
+//! requests, or waiting for a request or for a body that has not come within `GRACE`. A
+//! connection whose request arrived whole is never closed before its answer is written, so
+//! senders holding connections open cannot keep a real delivery out, and a proxy that carries
+//! every sender is not turned away for holding its share.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
 
+/// A connection is not closed for another within this of its accept or of its request's
+/// start: time for a real sender's request to arrive whole.
+pub const GRACE: Duration = Duration::from_millis(250);
+
 /// Why a connection was not let in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Refused {
-    /// Its address holds its share of the places, each busy with a delivery.
+    /// Its sender holds its share of the places, none of them closable.
     AddressShare,
-    /// Every place is busy with a delivery.
+    /// Every place is taken, none of them closable.
     Full,
 }
 
@@ -32,10 +38,26 @@ impl Refused {
     }
 }
 
+/// The sender an address stands for: itself for IPv4 (an IPv4-mapped IPv6 address is the
+/// IPv4 one), its /64 for IPv6.
+pub fn sender(address: IpAddr) -> IpAddr {
+    match address {
+        IpAddr::V4(_) => address,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let mut s = v6.segments();
+                s[4..].fill(0);
+                IpAddr::from(s)
+            }
+        },
+    }
+}
+
 /// The open connections.
 pub struct Conns {
     max: usize,
-    /// `None`: addresses are not limited (the peer is a trusted proxy).
+    /// `None`: senders are not limited (the peer is a trusted proxy).
     per_address: Option<usize>,
     inner: Mutex<Inner>,
     metrics: Option<Metrics>,
@@ -46,13 +68,38 @@ struct Inner {
     next: u64,
     /// By age: the first is the oldest.
     open: BTreeMap<u64, Place>,
-    by_address: HashMap<IpAddr, usize>,
+    by_sender: HashMap<IpAddr, usize>,
 }
 
 struct Place {
-    address: IpAddr,
-    busy: Arc<AtomicUsize>,
+    sender: IpAddr,
+    state: Arc<Mutex<State>>,
     close: CancellationToken,
+}
+
+/// What a connection is doing, as its requests say.
+struct State {
+    /// Requests begun and not yet answered.
+    requests: usize,
+    /// The current request arrived whole.
+    complete: bool,
+    /// Its accept, its request's start, or its last answer.
+    since: Instant,
+    /// Chosen to be closed for another.
+    closing: bool,
+}
+
+impl State {
+    fn closable(&self, now: Instant) -> bool {
+        !self.closing
+            && now.duration_since(self.since) >= GRACE
+            && (self.requests == 0 || !self.complete)
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Nothing here can panic while a lock is held; a poisoned lock is still consistent.
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// A connection's place; given back when dropped. `close` is cancelled when the place is
@@ -64,26 +111,41 @@ pub struct Admitted {
     pub handle: ConnHandle,
 }
 
-/// What a request knows of its connection: it marks the connection busy while it handles a
-/// delivery, so that the connection is not closed for another.
+/// What a request knows of its connection: it says when a request begins, when it has
+/// arrived whole, and (by dropping the guard) when its answer is written.
 #[derive(Clone)]
-pub struct ConnHandle {
-    busy: Arc<AtomicUsize>,
-}
+pub struct ConnHandle(Arc<Mutex<State>>);
 
-/// The connection is busy while this lives.
-pub struct Busy(Arc<AtomicUsize>);
+/// A request in progress on its connection; dropped once its answer is written.
+pub struct Request(Arc<Mutex<State>>);
 
 impl ConnHandle {
-    pub fn busy(&self) -> Busy {
-        self.busy.fetch_add(1, Ordering::AcqRel);
-        Busy(self.busy.clone())
+    pub fn request(&self) -> Request {
+        let mut s = lock(&self.0);
+        s.requests += 1;
+        s.complete = false;
+        s.since = Instant::now();
+        Request(self.0.clone())
+    }
+
+    /// The request arrived whole: the connection is kept until it is answered. `false` when
+    /// the connection is already being closed for another.
+    pub fn complete(&self) -> bool {
+        let mut s = lock(&self.0);
+        if s.closing {
+            return false;
+        }
+        s.complete = true;
+        true
     }
 }
 
-impl Drop for Busy {
+impl Drop for Request {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
+        let mut s = lock(&self.0);
+        s.requests = s.requests.saturating_sub(1);
+        s.complete = false;
+        s.since = Instant::now();
     }
 }
 
@@ -97,56 +159,67 @@ impl Conns {
         })
     }
 
-    fn lock(&self) -> MutexGuard<'_, Inner> {
-        // Nothing here can panic while the lock is held; a poisoned lock is still consistent.
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
     /// Open connections.
     pub fn open(&self) -> usize {
-        self.lock().open.len()
+        lock(&self.inner).open.len()
     }
 
-    /// A place for a connection from `address`, closing the oldest connection not busy (of
-    /// the same address when it holds its share) when the places are taken.
+    /// A place for a connection from `address`, closing the oldest closable connection (of
+    /// the same sender when it holds its share) when the places are taken.
     pub fn admit(self: &Arc<Conns>, address: IpAddr) -> Result<Admitted, Refused> {
-        let mut inner = self.lock();
-        let held = inner.by_address.get(&address).copied().unwrap_or(0);
+        let sender = sender(address);
+        let mut inner = lock(&self.inner);
+        let held = inner.by_sender.get(&sender).copied().unwrap_or(0);
         if self.per_address.is_some_and(|share| held >= share) {
-            self.close_oldest_idle(&mut inner, Some(address))
+            self.close_oldest(&mut inner, Some(sender))
                 .ok_or(Refused::AddressShare)?;
         } else if inner.open.len() >= self.max {
-            self.close_oldest_idle(&mut inner, None)
-                .ok_or(Refused::Full)?;
+            self.close_oldest(&mut inner, None).ok_or(Refused::Full)?;
         }
         let id = inner.next;
         inner.next += 1;
-        let busy = Arc::new(AtomicUsize::new(0));
+        let state = Arc::new(Mutex::new(State {
+            requests: 0,
+            complete: false,
+            since: Instant::now(),
+            closing: false,
+        }));
         let close = CancellationToken::new();
         inner.open.insert(
             id,
             Place {
-                address,
-                busy: busy.clone(),
+                sender,
+                state: state.clone(),
                 close: close.clone(),
             },
         );
-        *inner.by_address.entry(address).or_default() += 1;
+        *inner.by_sender.entry(sender).or_default() += 1;
         self.count(&inner);
         Ok(Admitted {
             conns: self.clone(),
             id,
             close,
-            handle: ConnHandle { busy },
+            handle: ConnHandle(state),
         })
     }
 
-    /// Closes the oldest connection not busy with a delivery (from `of`, when given).
-    fn close_oldest_idle(&self, inner: &mut Inner, of: Option<IpAddr>) -> Option<()> {
+    /// Closes the oldest closable connection (of `of`, when given).
+    fn close_oldest(&self, inner: &mut Inner, of: Option<IpAddr>) -> Option<()> {
+        let now = Instant::now();
         let id = inner
             .open
             .iter()
-            .find(|(_, p)| of.is_none_or(|a| a == p.address) && p.busy.load(Ordering::Acquire) == 0)
+            .find(|(_, p)| {
+                if of.is_some_and(|s| s != p.sender) {
+                    return false;
+                }
+                // Marked as it is chosen, under its own lock: a request that arrives whole
+                // at this moment either keeps its connection or learns it is closing.
+                let mut state = lock(&p.state);
+                let closable = state.closable(now);
+                state.closing |= closable;
+                closable
+            })
             .map(|(id, _)| *id)?;
         let place = self.forget(inner, id)?;
         place.close.cancel();
@@ -158,10 +231,10 @@ impl Conns {
 
     fn forget(&self, inner: &mut Inner, id: u64) -> Option<Place> {
         let place = inner.open.remove(&id)?;
-        if let Some(n) = inner.by_address.get_mut(&place.address) {
+        if let Some(n) = inner.by_sender.get_mut(&place.sender) {
             *n -= 1;
             if *n == 0 {
-                inner.by_address.remove(&place.address);
+                inner.by_sender.remove(&place.sender);
             }
         }
         self.count(inner);
@@ -178,7 +251,7 @@ impl Conns {
 
 impl Drop for Admitted {
     fn drop(&mut self) {
-        let mut inner = self.conns.lock();
+        let mut inner = lock(&self.conns.inner);
         self.conns.forget(&mut inner, self.id);
     }
 }
@@ -191,19 +264,29 @@ mod tests {
         IpAddr::from([127, 0, 0, last])
     }
 
+    fn aged() {
+        std::thread::sleep(GRACE + Duration::from_millis(20));
+    }
+
     #[test]
-    fn an_address_holds_at_most_its_share() {
+    fn a_sender_holds_at_most_its_share() {
         let c = Conns::new(10, Some(2), None);
         let a = c.admit(addr(1)).unwrap();
         let b = c.admit(addr(1)).unwrap();
         let other = c.admit(addr(2)).unwrap();
-        // Its own oldest idle one makes room, not another address's.
+        // Within the grace of their accept, none is closed: the newcomer is refused.
+        assert_eq!(c.admit(addr(1)).err(), Some(Refused::AddressShare));
+        aged();
+        // Its own oldest idle one makes room, not another sender's.
         let third = c.admit(addr(1)).unwrap();
         assert!(a.close.is_cancelled());
         assert!(!other.close.is_cancelled());
-        let _busy = (b.handle.busy(), third.handle.busy());
+        let busy = (b.handle.request(), third.handle.request());
+        assert!(b.handle.complete() && third.handle.complete());
+        aged();
         assert_eq!(c.admit(addr(1)).err(), Some(Refused::AddressShare));
         assert!(c.admit(addr(3)).is_ok());
+        drop(busy);
         // Behind a proxy, the peer is not limited.
         let proxied = Conns::new(10, None, None);
         let all: Vec<_> = (0..10).map(|_| proxied.admit(addr(1)).unwrap()).collect();
@@ -211,27 +294,42 @@ mod tests {
     }
 
     #[test]
-    fn a_full_port_closes_its_oldest_idle_connection_never_a_busy_one() {
-        let c = Conns::new(2, None, None);
-        let first = c.admit(addr(1)).unwrap();
-        let second = c.admit(addr(2)).unwrap();
-        let delivering = first.handle.busy();
-        let third = c.admit(addr(3)).unwrap();
-        assert!(!first.close.is_cancelled(), "busy: kept");
-        assert!(
-            second.close.is_cancelled(),
-            "the oldest idle one makes room"
-        );
-        assert_eq!(c.open(), 2);
-        let _also_busy = third.handle.busy();
-        assert_eq!(c.admit(addr(4)).err(), Some(Refused::Full));
-        drop(delivering);
+    fn an_ipv6_sender_is_its_64() {
+        let one: IpAddr = "2001:db8:1:2:aaaa::1".parse().unwrap();
+        let same: IpAddr = "2001:db8:1:2:bbbb::9".parse().unwrap();
+        let other: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        assert_eq!(sender(one), sender(same));
+        assert_ne!(sender(one), sender(other));
+        let mapped: IpAddr = "::ffff:192.0.2.7".parse().unwrap();
+        assert_eq!(sender(mapped), IpAddr::from([192, 0, 2, 7]));
+    }
+
+    #[test]
+    fn a_full_port_closes_its_oldest_idle_or_stalled_connection_never_one_answering() {
+        let c = Conns::new(3, None, None);
+        let answering = c.admit(addr(1)).unwrap();
+        let stalled = c.admit(addr(2)).unwrap();
+        let idle = c.admit(addr(3)).unwrap();
+        let whole = answering.handle.request();
+        assert!(answering.handle.complete());
+        let _mid_body = stalled.handle.request();
+        aged();
+        // The oldest closable: the one whose body has not come, not the one being answered.
         let fourth = c.admit(addr(4)).unwrap();
-        assert!(first.close.is_cancelled());
-        drop(second);
-        drop(first);
-        assert_eq!(c.open(), 2);
-        drop(fourth);
-        assert_eq!(c.open(), 1);
+        assert!(!answering.close.is_cancelled());
+        assert!(stalled.close.is_cancelled());
+        // A closing connection's request cannot claim it arrived whole.
+        assert!(!stalled.handle.complete());
+        aged();
+        let _fifth = c.admit(addr(5)).unwrap();
+        assert!(idle.close.is_cancelled());
+        // Once answered, a connection is idle: closable after a grace from its answer.
+        drop(whole);
+        let _sixth = c.admit(addr(6)).unwrap();
+        assert!(!answering.close.is_cancelled());
+        assert!(fourth.close.is_cancelled());
+        aged();
+        let _seventh = c.admit(addr(7)).unwrap();
+        assert!(answering.close.is_cancelled());
     }
 }

@@ -136,6 +136,21 @@ pub async fn serve(
     }
 }
 
+/// Connections the system may hold for the relay before it accepts them: room for a wave
+/// of connections (the system caps it at `net.core.somaxconn`).
+const LISTEN_BACKLOG: u32 = 4096;
+
+/// A listener on `addr`.
+pub fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = match addr {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
 /// Counts a connection closed because its next request's headers did not come in time.
 fn count_timeout(metrics: &Option<Metrics>, done: Result<(), hyper::Error>) {
     if let (Some(m), Err(e)) = (metrics, done)
@@ -155,8 +170,11 @@ pub fn raise_open_files_limit() {
             rlim_cur: 0,
             rlim_max: 0,
         };
+        // An unlimited hard limit cannot be the soft one for open files: a million is
+        // plenty (the most `max_connections` may ask).
+        const ENOUGH: libc::rlim_t = 1 << 20;
         if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
-            lim.rlim_cur = lim.rlim_max;
+            lim.rlim_cur = lim.rlim_max.min(ENOUGH.max(lim.rlim_cur));
             let _ = libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
         }
     }

@@ -427,7 +427,8 @@ async fn a_connection_beyond_the_cap_takes_the_place_of_the_oldest_idle_one() {
     let mut idle: Vec<TcpStream> = (0..2)
         .map(|_| TcpStream::connect(t.addr).unwrap())
         .collect();
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Past the grace a new connection has before it may be closed for another.
+    tokio::time::sleep(p0_relay::server::conns::GRACE + Duration::from_millis(50)).await;
     let (status, _) = tokio::time::timeout(Duration::from_secs(2), t.get("/healthz"))
         .await
         .expect("served at once");
@@ -464,7 +465,7 @@ async fn one_address_holds_at_most_its_share_of_the_connections() {
         .unwrap();
     let other = socket.connect(t.addr).await.unwrap().into_std().unwrap();
     other.set_nonblocking(false).unwrap();
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    tokio::time::sleep(p0_relay::server::conns::GRACE + Duration::from_millis(50)).await;
     // A third from the same address takes the place of that address's oldest idle one.
     let mut third = TcpStream::connect(t.addr).unwrap();
     third
