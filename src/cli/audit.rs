@@ -22,16 +22,27 @@ const CLOCK_SKEW_MS: i64 = 60_000;
 const FOLLOW_POLL: Duration = Duration::from_millis(200);
 
 /// What `audit` was asked.
+#[derive(clap::Args)]
 pub(crate) struct Ask {
+    /// The store (a SQLite file or a postgres:// URL), instead of the one the config names.
+    #[arg(long, global = true, value_name = "PATH|URL")]
     pub db: Option<String>,
+    /// Only events after this ID (the last one a shipper saw); for `verify`, from the seal
+    /// before it.
+    #[arg(long, global = true, value_name = "ID")]
     pub since: Option<i64>,
+    /// Only events up to this time (RFC 3339, e.g. 2026-12-01T00:00:00Z).
+    #[arg(long, value_name = "TIME", value_parser = humantime::parse_rfc3339_weak)]
     pub until: Option<SystemTime>,
+    /// Go on printing events as they commit.
+    #[arg(long)]
     pub follow: bool,
+    /// One JSON object a line, as stored.
+    #[arg(long)]
     pub json: bool,
-    pub command: Option<AuditCommand>,
 }
 
-pub(super) fn audit(config: &Path, env: &Env, ask: Ask) -> ExitCode {
+pub(super) fn audit(config: &Path, env: &Env, ask: Ask, command: Option<AuditCommand>) -> ExitCode {
     let (location, settings) = match where_the_trail_is(config, env, ask.db.clone()) {
         Ok(x) => x,
         Err(errors) => return fail(&errors),
@@ -50,7 +61,7 @@ pub(super) fn audit(config: &Path, env: &Env, ask: Ask) -> ExitCode {
             Ok(s) => s,
             Err(e) => return fail(&[format!("{location}: {e}")]),
         };
-        let code = match ask.command {
+        let code = match command {
             Some(AuditCommand::Verify) => verify(&store, &settings, ask.since).await,
             None => print(&store, &ask).await,
         };

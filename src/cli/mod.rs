@@ -120,22 +120,8 @@ enum Command {
     Audit {
         #[command(flatten)]
         config: ConfigArg,
-        /// The store (a SQLite file or a postgres:// URL), instead of the one the config names.
-        #[arg(long, global = true, value_name = "PATH|URL")]
-        db: Option<String>,
-        /// Only events after this ID (the last one a shipper saw); for `verify`, from the seal
-        /// before it.
-        #[arg(long, global = true, value_name = "ID")]
-        since: Option<i64>,
-        /// Only events up to this time (RFC 3339, e.g. 2026-12-01T00:00:00Z).
-        #[arg(long, value_name = "TIME", value_parser = humantime::parse_rfc3339_weak)]
-        until: Option<std::time::SystemTime>,
-        /// Go on printing events as they commit.
-        #[arg(long)]
-        follow: bool,
-        /// One JSON object a line, as stored.
-        #[arg(long)]
-        json: bool,
+        #[command(flatten)]
+        ask: audit::Ask,
         #[command(subcommand)]
         command: Option<AuditCommand>,
     },
@@ -210,23 +196,9 @@ pub fn main() -> ExitCode {
         } => jobs::jobs(&config.config, &env, db, command),
         Command::Audit {
             config,
-            db,
-            since,
-            until,
-            follow,
-            json,
+            ask,
             command,
-        } => {
-            let ask = audit::Ask {
-                db,
-                since,
-                until,
-                follow,
-                json,
-                command,
-            };
-            audit::audit(&config.config, &env, ask)
-        }
+        } => audit::audit(&config.config, &env, ask, command),
     }
 }
 

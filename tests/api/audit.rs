@@ -374,35 +374,11 @@ async fn metric_until(t: &TestRelay, name: &str, ok: impl Fn(f64) -> bool) {
 /// Event `id`'s stored body.
 async fn raw_body(t: &TestRelay, id: i64) -> String {
     let sql = format!("SELECT body FROM audit_events WHERE id = {id}");
-    match &t.store {
-        StoreAt::Sqlite(path) => rusqlite::Connection::open(path)
-            .unwrap()
-            .query_row(&sql, [], |r| r.get(0))
-            .unwrap(),
-        StoreAt::Postgres(url) => {
-            let (c, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
-                .await
-                .unwrap();
-            tokio::spawn(conn);
-            c.query_one(&sql, &[]).await.unwrap().get(0)
-        }
-    }
+    t.store.value(&sql).await
 }
 
 async fn behind_its_back(t: &TestRelay, sql: &str) {
-    match &t.store {
-        StoreAt::Sqlite(path) => rusqlite::Connection::open(path)
-            .unwrap()
-            .execute_batch(sql)
-            .unwrap(),
-        StoreAt::Postgres(url) => {
-            let (c, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
-                .await
-                .unwrap();
-            tokio::spawn(conn);
-            c.batch_execute(sql).await.unwrap()
-        }
-    }
+    t.store.execute(sql).await
 }
 
 #[tokio::test]

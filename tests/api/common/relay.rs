@@ -112,18 +112,42 @@ impl StoreAt {
 
     /// How many rows `table` holds.
     pub async fn rows(&self, table: &str) -> i64 {
-        let sql = format!("SELECT count(*) FROM {table}");
+        self.value(&format!("SELECT count(*) FROM {table}")).await
+    }
+
+    /// The one value `sql` selects, read behind the relay's back.
+    pub async fn value<T>(&self, sql: &str) -> T
+    where
+        T: rusqlite::types::FromSql + for<'a> tokio_postgres::types::FromSql<'a>,
+    {
         match self {
             StoreAt::Sqlite(path) => rusqlite::Connection::open(path)
                 .unwrap()
-                .query_row(&sql, [], |r| r.get(0))
+                .query_row(sql, [], |r| r.get(0))
                 .unwrap(),
             StoreAt::Postgres(url) => {
                 let (c, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
                     .await
                     .unwrap();
                 tokio::spawn(conn);
-                c.query_one(&sql, &[]).await.unwrap().get(0)
+                c.query_one(sql, &[]).await.unwrap().get(0)
+            }
+        }
+    }
+
+    /// Runs `sql` behind the relay's back.
+    pub async fn execute(&self, sql: &str) {
+        match self {
+            StoreAt::Sqlite(path) => rusqlite::Connection::open(path)
+                .unwrap()
+                .execute_batch(sql)
+                .unwrap(),
+            StoreAt::Postgres(url) => {
+                let (c, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+                    .await
+                    .unwrap();
+                tokio::spawn(conn);
+                c.batch_execute(sql).await.unwrap()
             }
         }
     }
