@@ -164,6 +164,7 @@ impl AuditEvent {
 /// An event as stored and exported: one JSON object; a field that does not apply to it is
 /// left out. README "Audit trail" documents each field.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "Flat")]
 pub struct Body {
     pub id: i64,
     pub time: String,
@@ -183,6 +184,71 @@ pub struct Body {
     pub operator: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub covers: Option<Covers>,
+}
+
+/// A body as read: every field at one level, so that reading one needs no buffering (as a
+/// flattened `About` would).
+#[derive(Deserialize)]
+struct Flat {
+    id: i64,
+    time: String,
+    event: Kind,
+    #[serde(default)]
+    job_id: Option<i64>,
+    #[serde(default)]
+    source: Option<String>,
+    #[serde(default)]
+    rule: Option<String>,
+    #[serde(default)]
+    actor: Option<String>,
+    #[serde(default)]
+    action: Option<String>,
+    #[serde(default)]
+    request_id: Option<String>,
+    #[serde(default)]
+    org: Option<String>,
+    #[serde(default)]
+    subject: Option<String>,
+    #[serde(default)]
+    delivery: Option<String>,
+    outcome: String,
+    #[serde(default)]
+    reason: Option<String>,
+    #[serde(default)]
+    status: Option<u16>,
+    #[serde(default)]
+    detail: Option<String>,
+    #[serde(default)]
+    operator: Option<String>,
+    #[serde(default)]
+    covers: Option<Covers>,
+}
+
+impl From<Flat> for Body {
+    fn from(f: Flat) -> Body {
+        Body {
+            id: f.id,
+            time: f.time,
+            event: f.event,
+            job_id: f.job_id,
+            about: About {
+                source: f.source,
+                rule: f.rule,
+                actor: f.actor,
+                action: f.action,
+                request_id: f.request_id,
+                org: f.org,
+                subject: f.subject,
+                delivery: f.delivery,
+            },
+            outcome: f.outcome,
+            reason: f.reason,
+            status: f.status,
+            detail: f.detail,
+            operator: f.operator,
+            covers: f.covers,
+        }
+    }
 }
 
 impl Body {

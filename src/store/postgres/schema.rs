@@ -20,6 +20,7 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0006_subject_ends_and_gates.sql"),
     include_str!("migrations/0007_unbound_and_checked_at.sql"),
     include_str!("migrations/0008_audit_events.sql"),
+    include_str!("migrations/0009_outcome_events_gathered.sql"),
 ];
 
 macro_rules! functions {

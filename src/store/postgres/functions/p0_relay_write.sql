@@ -18,6 +18,7 @@ DECLARE
     ignored  JSONB := '[]';
     rec      RECORD;
     applied  INTEGER;
+    kept     BIGINT[] := '{}';
     made     JSONB := '[]';
 BEGIN
     SELECT bool_or(COALESCE((e ->> 'ends_subject')::BOOLEAN, false)
@@ -69,9 +70,15 @@ BEGIN
         IF applied = 0 THEN
             ignored := ignored || to_jsonb(rec.job_id);
         ELSE
-            made := made || COALESCE(rec.audit, '[]');
+            kept := kept || rec.job_id;
         END IF;
     END LOOP;
+    -- The recorded outcomes' events, in job order, gathered once (not appended one record
+    -- at a time, which copies the growing array each time).
+    SELECT COALESCE(jsonb_agg(a.v ORDER BY x.job_id, a.k), '[]') INTO made
+    FROM jsonb_to_recordset(records) AS x(job_id BIGINT, audit JSONB)
+    CROSS JOIN LATERAL jsonb_array_elements(COALESCE(x.audit, '[]')) WITH ORDINALITY a(v, k)
+    WHERE x.job_id = ANY(kept);
     SELECT COALESCE(jsonb_agg(ev ORDER BY i, k), '[]') || made || COALESCE(events, '[]')
       INTO made
     FROM (
