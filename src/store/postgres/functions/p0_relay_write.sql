@@ -82,7 +82,7 @@ BEGIN
     SELECT COALESCE(jsonb_agg(ev ORDER BY i, k), '[]') || made || COALESCE(events, '[]')
       INTO made
     FROM (
-        SELECT d.i, x.j AS k, jsonb_build_object(
+        SELECT d.i, x.j AS k, jsonb_strip_nulls(jsonb_build_object(
                    'event', CASE WHEN r.job ->> 2 IS NOT NULL THEN 'refused' ELSE 'accepted' END,
                    'job_id', (r.job ->> 0)::BIGINT,
                    'outcome', CASE WHEN r.job ->> 2 IS NOT NULL THEN 'refused'
@@ -92,19 +92,19 @@ BEGIN
                    'source', d.v ->> 'source', 'rule', d.v ->> 'rule', 'actor', d.v ->> 'actor',
                    'action', x.v ->> 'action', 'request_id', x.v ->> 'request_id',
                    'org', x.v ->> 'org', 'subject', d.v ->> 'subject',
-                   'delivery', d.v ->> 'dedup_key') AS ev
+                   'delivery', d.v ->> 'dedup_key')) AS ev
         FROM jsonb_array_elements(deliveries) WITH ORDINALITY d(v, i)
         CROSS JOIN LATERAL jsonb_array_elements(d.v -> 'decisions') WITH ORDINALITY x(v, j)
         CROSS JOIN LATERAL (SELECT results -> (d.i::INTEGER - 1) -> 'jobs'
                                            -> (x.j::INTEGER - 1) AS job) r
         WHERE r.job IS NOT NULL
         UNION ALL
-        SELECT d.i, 1000000 + b.k, jsonb_build_object(
+        SELECT d.i, 1000000 + b.k, jsonb_strip_nulls(jsonb_build_object(
                    'event', 'revoked', 'job_id', (b.v ->> 0)::BIGINT, 'outcome', 'queued',
                    'reason', 'its subject ended',
                    'source', d.v ->> 'source', 'rule', d.v ->> 'rule', 'actor', d.v ->> 'actor',
                    'action', 'revoke', 'request_id', b.v ->> 2, 'org', b.v ->> 1,
-                   'subject', d.v ->> 'subject', 'delivery', d.v ->> 'dedup_key')
+                   'subject', d.v ->> 'subject', 'delivery', d.v ->> 'dedup_key'))
         FROM jsonb_array_elements(deliveries) WITH ORDINALITY d(v, i)
         CROSS JOIN LATERAL jsonb_array_elements(COALESCE(results -> (d.i::INTEGER - 1) -> 'bound',
                                                          '[]')) WITH ORDINALITY b(v, k)
