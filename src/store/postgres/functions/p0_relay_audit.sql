@@ -25,18 +25,22 @@ BEGIN
         SELECT first_id + x.i AS id, x.ev
         FROM jsonb_array_elements(events) WITH ORDINALITY AS x(ev, i)
     ), bodies AS (
+        -- What an event without `source` is about, looked up by its job's key (a scalar
+        -- subquery, run only for those: joined, it was planned as a scan of every job).
         SELECT e.id, e.ev ->> 'event' AS event,
                '{"id":' || e.id || ',"time":"' || stamp || '",'
                || substr(CASE WHEN e.ev ? 'source' THEN e.ev
-                              ELSE jsonb_strip_nulls(COALESCE(c.about, '{}'::JSONB) || e.ev)
+                              ELSE jsonb_strip_nulls(COALESCE((
+                                  SELECT jsonb_build_object(
+                                             'source', j.source, 'rule', d.rule,
+                                             'actor', d.actor, 'action', j.action,
+                                             'request_id', j.request_id, 'org', j.org,
+                                             'subject', j.subject, 'delivery', d.dedup_key)
+                                  FROM jobs j LEFT JOIN deliveries d ON d.id = j.delivery_id
+                                  WHERE j.id = (e.ev ->> 'job_id')::BIGINT), '{}'::JSONB)
+                                  || e.ev)
                          END::TEXT, 2) AS body
-        FROM e LEFT JOIN LATERAL (
-            SELECT jsonb_build_object('source', j.source, 'rule', d.rule, 'actor', d.actor,
-                                      'action', j.action, 'request_id', j.request_id,
-                                      'org', j.org, 'subject', j.subject,
-                                      'delivery', d.dedup_key) AS about
-            FROM jobs j LEFT JOIN deliveries d ON d.id = j.delivery_id
-            WHERE NOT (e.ev ? 'source') AND j.id = (e.ev ->> 'job_id')::BIGINT) c ON true
+        FROM e
     ), written_rows AS (
         INSERT INTO audit_events (id, at, event, body, digest)
         SELECT id, now_ms, event, body,
