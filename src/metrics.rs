@@ -86,6 +86,7 @@ pub struct Metrics {
     pub audit_seals: IntCounter,
     pub audit_since_seal: IntGauge,
     pub audit_unsealed: IntGauge,
+    pub audit_trail_changed: IntGauge,
     pub inbound_refused: IntCounterVec,
     pub connections_open: IntGauge,
     pub body_budget: IntGauge,
@@ -274,6 +275,10 @@ impl Metrics {
             audit_unsealed: f.gauge(
                 "audit_unsealed_events",
                 "Audit events in the store that no seal covers yet.",
+            )?,
+            audit_trail_changed: f.gauge(
+                "audit_trail_changed",
+                "1 once this relay found seals removed or changed behind it (it seals no more until restarted).",
             )?,
             inbound_refused: f.counters(
                 "inbound_refused_total",

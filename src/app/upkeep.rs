@@ -14,7 +14,7 @@ use crate::health::Health;
 use crate::metrics::Metrics;
 use crate::retry::saturating_i64;
 use crate::secret::Secret;
-use crate::store::audit::Sealer;
+use crate::store::audit::{NotSealed, Sealer};
 use crate::store::{Prune, StoreHandle, ms, now_ms};
 use crate::supervise::Components;
 
@@ -173,7 +173,12 @@ async fn seal_loop(
             );
         }
         Ok(None) => {}
-        Err(e) => tracing::error!(error = %e, "cannot seal the audit trail"),
+        Err(e) => {
+            if let NotSealed::Changed(_) = e {
+                metrics.audit_trail_changed.set(1);
+            }
+            tracing::error!(error = %e, "cannot seal the audit trail")
+        }
     };
     loop {
         tokio::select! {

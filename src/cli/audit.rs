@@ -16,8 +16,6 @@ use crate::store::{self, StoreHandle, StoreLocation, Windows};
 
 /// How many events one read takes.
 const PAGE: usize = 1000;
-/// How far apart the relays' clocks may be (`--until`).
-const CLOCK_SKEW_MS: i64 = 60_000;
 /// How often `--follow` looks for new events.
 const FOLLOW_POLL: Duration = Duration::from_millis(200);
 
@@ -105,16 +103,13 @@ async fn print(store: &StoreHandle, ask: &Ask) -> ExitCode {
             Err(e) => return fail(&[e.to_string()]),
         };
         for row in &rows {
-            after = row.id;
-            // Times come from each relay's clock, so a later ID may carry an earlier time:
-            // events past `--until` are skipped until one is past it by more than relays'
-            // clocks may differ.
+            // In ID order, up to the first event written after `--until`: a shipper that goes
+            // on with `--since` the last ID printed misses none (one a relay with a slower
+            // clock stamped earlier may come after it).
             if until_ms.is_some_and(|until| row.at_ms > until) {
-                if until_ms.is_some_and(|until| row.at_ms > until.saturating_add(CLOCK_SKEW_MS)) {
-                    return ExitCode::SUCCESS;
-                }
-                continue;
+                return ExitCode::SUCCESS;
             }
+            after = row.id;
             let line = match ask.json {
                 true => json_safe(&row.body).into_owned(),
                 false => text(row),
@@ -130,8 +125,7 @@ async fn print(store: &StoreHandle, ask: &Ask) -> ExitCode {
         if rows.len() == PAGE {
             continue;
         }
-        let past_until =
-            until_ms.is_some_and(|until| store::now_ms() > until.saturating_add(CLOCK_SKEW_MS));
+        let past_until = until_ms.is_some_and(|until| store::now_ms() > until);
         if !ask.follow || past_until {
             return ExitCode::SUCCESS;
         }

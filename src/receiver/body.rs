@@ -35,11 +35,38 @@ impl Pace {
         }
     }
 
+    /// The answer to a body that did not keep its pace.
+    fn too_slow(&self) -> Answer {
+        Answer::new(StatusCode::REQUEST_TIMEOUT, "invalid").reason(format!(
+            "body not received in time (it may take {}s, a second more for each {} bytes that arrive, {}s at most)",
+            self.body_timeout.as_secs_f64(),
+            self.min_rate,
+            self.read_timeout.as_secs_f64(),
+        ))
+    }
+
     /// How long a body that has `arrived` bytes so far may have taken.
     fn allowed(&self, arrived: usize) -> Duration {
         let earned = Duration::from_secs_f64(arrived as f64 / self.min_rate.max(1) as f64);
         (self.body_timeout + earned).min(self.read_timeout)
     }
+}
+
+/// The answer to a body that finds no room in the budget, counted.
+fn no_room(short: Short, metrics: &Metrics) -> Answer {
+    let answer = match short {
+        Short::AddressShare => {
+            metrics.inbound_refusal("address_share");
+            Answer::new(StatusCode::TOO_MANY_REQUESTS, "rate_limited")
+                .reason("this address already has its share of deliveries being received".into())
+        }
+        Short::Exhausted => {
+            metrics.inbound_refusal("body_budget");
+            Answer::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable")
+                .reason("too many deliveries are being received; try again".into())
+        }
+    };
+    answer.retry_after(1)
 }
 
 /// The raw body bytes, assembled once (in a buffer of the declared size), with the budget
@@ -65,22 +92,7 @@ pub async fn read(
         return Err(too_large());
     }
     let mut reserved = declared.map_or(0, |n| n as usize);
-    let short = |short: Short| {
-        let answer = match short {
-            Short::AddressShare => {
-                metrics.inbound_refusal("address_share");
-                Answer::new(StatusCode::TOO_MANY_REQUESTS, "rate_limited").reason(
-                    "this address already has its share of deliveries being received".into(),
-                )
-            }
-            Short::Exhausted => {
-                metrics.inbound_refusal("body_budget");
-                Answer::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable")
-                    .reason("too many deliveries are being received; try again".into())
-            }
-        };
-        answer.retry_after(1)
-    };
+    let short = |short| no_room(short, metrics);
     let mut lease = budget.take(address, reserved).map_err(short)?;
     let mut buf: Vec<u8> = Vec::with_capacity(reserved);
     let started = Instant::now();
@@ -98,12 +110,7 @@ pub async fn read(
         let data = match frame {
             Err(_) => {
                 metrics.inbound_refusal("slow_body");
-                return Err(Answer::new(StatusCode::REQUEST_TIMEOUT, "invalid").reason(format!(
-                    "body not received in time (it may take {}s, a second more for each {} bytes that arrive, {}s at most)",
-                    pace.body_timeout.as_secs_f64(),
-                    pace.min_rate,
-                    pace.read_timeout.as_secs_f64(),
-                )));
+                return Err(pace.too_slow());
             }
             Ok(None) => break,
             Ok(Some(Err(_))) => {

@@ -12,15 +12,15 @@ use axum::Router;
 use axum::extract::ConnectInfo;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use hyper_util::service::TowerToHyperService;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 
 use crate::metrics::Metrics;
-use conns::{ConnHandle, Conns};
+use conns::{Admitted, ConnHandle, Conns};
 
 /// Limits on connections, from `inbound` settings.
 #[derive(Clone)]
@@ -55,6 +55,13 @@ pub async fn serve(
     http.timer(TokioTimer::new())
         .header_read_timeout(limits.header_read_timeout)
         .max_buf_size(limits.max_header_bytes.max(8192));
+    let serving = Serving {
+        router,
+        http,
+        tls,
+        handshake: limits.header_read_timeout,
+        metrics: limits.metrics.clone(),
+    };
     loop {
         let (stream, peer) = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -80,52 +87,8 @@ pub async fn serve(
             }
         };
         let _ = stream.set_nodelay(true);
-        let handle = place.handle.clone();
-        let service = TowerToHyperService::new(router.clone().map_request(
-            move |mut req: axum::http::Request<Incoming>| {
-                req.extensions_mut().insert(ConnectInfo::<SocketAddr>(peer));
-                req.extensions_mut().insert::<ConnHandle>(handle.clone());
-                req
-            },
-        ));
-        let http = http.clone();
-        let metrics = limits.metrics.clone();
-        match &tls {
-            None => {
-                let conn = http.serve_connection(TokioIo::new(stream), service);
-                let conn = graceful.watch(conn);
-                tokio::spawn(async move {
-                    tokio::select! {
-                        done = conn => count_timeout(&metrics, done),
-                        // Its place was taken for another connection: dropped, so closed.
-                        _ = place.close.cancelled() => {}
-                    }
-                    drop(place);
-                });
-            }
-            Some(acceptor) => {
-                let acceptor = acceptor.clone();
-                let timeout = limits.header_read_timeout;
-                let watcher = graceful.watcher();
-                tokio::spawn(async move {
-                    let close = place.close.clone();
-                    let served = async {
-                        let Ok(Ok(stream)) =
-                            tokio::time::timeout(timeout, acceptor.accept(stream)).await
-                        else {
-                            return;
-                        };
-                        let conn = http.serve_connection(TokioIo::new(stream), service);
-                        count_timeout(&metrics, watcher.watch(conn).await);
-                    };
-                    tokio::select! {
-                        _ = served => {}
-                        _ = close.cancelled() => {}
-                    }
-                    drop(place);
-                });
-            }
-        }
+        let watcher = graceful.watcher();
+        tokio::spawn(serving.clone().one(stream, peer, place, watcher));
     }
     drop(listener);
     if tokio::time::timeout(drain, graceful.shutdown())
@@ -133,6 +96,55 @@ pub async fn serve(
         .is_err()
     {
         tracing::warn!("connections still open at the shutdown deadline were closed");
+    }
+}
+
+/// What serving one connection takes.
+#[derive(Clone)]
+struct Serving {
+    router: Router,
+    http: hyper::server::conn::http1::Builder,
+    tls: Option<TlsAcceptor>,
+    /// The deadline for a TLS handshake (the header deadline's).
+    handshake: Duration,
+    metrics: Option<Metrics>,
+}
+
+impl Serving {
+    /// Serves one admitted connection until it ends or its place is taken for another (then
+    /// it is dropped, so closed); TLS first, when configured.
+    async fn one(self, stream: TcpStream, peer: SocketAddr, place: Admitted, watcher: Watcher) {
+        let handle = place.handle.clone();
+        let service = TowerToHyperService::new(self.router.map_request(
+            move |mut req: axum::http::Request<Incoming>| {
+                req.extensions_mut().insert(ConnectInfo::<SocketAddr>(peer));
+                req.extensions_mut().insert::<ConnHandle>(handle.clone());
+                req
+            },
+        ));
+        let (http, metrics) = (&self.http, &self.metrics);
+        let served = async {
+            let done = match self.tls {
+                None => {
+                    let conn = http.serve_connection(TokioIo::new(stream), service);
+                    watcher.watch(conn).await
+                }
+                Some(acceptor) => {
+                    let handshake = tokio::time::timeout(self.handshake, acceptor.accept(stream));
+                    let Ok(Ok(stream)) = handshake.await else {
+                        return;
+                    };
+                    let conn = http.serve_connection(TokioIo::new(stream), service);
+                    watcher.watch(conn).await
+                }
+            };
+            count_timeout(metrics, done);
+        };
+        tokio::select! {
+            _ = served => {}
+            _ = place.close.cancelled() => {}
+        }
+        drop(place);
     }
 }
 

@@ -110,9 +110,14 @@ pub trait Audit: Send + Sync {
     /// Up to `limit` events after ID `after`, in ID order: every one committed before them
     /// is among them or before (IDs are handed out in commit order).
     async fn audit_events(&self, after: i64, limit: usize) -> Result<Vec<AuditRow>, StoreError>;
-    /// Seals the events since the last seal (one relay at a time: `None` when another is
-    /// sealing, or there is nothing to seal); the seal's ID and what it covers.
-    async fn seal(&self, key: Option<&Secret>) -> Result<Option<(i64, Covers)>, StoreError>;
+    /// Seals the events since the last seal, which must be `over` (one relay at a time:
+    /// `None` when another is sealing, the last seal is not `over`, or there is nothing to
+    /// seal); the seal's ID and what it covers.
+    async fn seal(
+        &self,
+        key: Option<&Secret>,
+        over: Option<SealRef>,
+    ) -> Result<Option<(i64, Covers)>, StoreError>;
     /// The last seal covering events before `id` (where `audit verify --since` starts).
     async fn seal_before(&self, id: i64) -> Result<Option<SealRef>, StoreError>;
     /// Feeds every row from `start` to `verify`, in ID order, until it has found a problem.

@@ -18,6 +18,7 @@ use hmac::{Hmac, KeyInit, Mac};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use super::StoreError;
 use super::model::{Accepted, NewDelivery};
 use crate::secret::Secret;
 
@@ -510,7 +511,10 @@ pub fn replayed(job_id: i64, operator: &str) -> AuditEvent {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SealRef {
     pub id: i64,
+    /// The events it covers, `from..=to`, after the seal `previous`.
+    pub from: i64,
     pub to: i64,
+    pub previous: Option<i64>,
     pub digest: [u8; 32],
 }
 
@@ -525,7 +529,9 @@ impl SealRef {
     pub fn of(id: i64, covers: &Covers) -> Option<SealRef> {
         Some(SealRef {
             id,
+            from: covers.from,
             to: covers.to,
+            previous: covers.previous,
             digest: unhex(covers.digest.as_deref()?)?,
         })
     }
@@ -601,11 +607,33 @@ pub enum Start {
 }
 
 /// A relay's sealing: it remembers the latest seal it has seen, and seals only while that
-/// seal is still stored as it was and every later seal follows from it. Seals removed or
+/// seal is still stored as it was and every later seal follows from it (by what each covers
+/// and the seal it names; their digests are `audit verify`'s to check). Seals removed or
 /// changed behind its back (so that the relays would seal a rewritten trail) stop it.
 #[derive(Default)]
 pub struct Sealer {
     known: Option<SealRef>,
+}
+
+/// Why a relay did not seal.
+#[derive(Debug)]
+pub enum NotSealed {
+    /// The store could not be asked or written.
+    Store(StoreError),
+    /// The trail was changed behind the relays: this relay seals no more until restarted.
+    Changed(String),
+}
+
+impl std::fmt::Display for NotSealed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            NotSealed::Store(e) => write!(f, "{e}"),
+            NotSealed::Changed(why) => write!(
+                f,
+                "{why}: the trail was changed behind the relays; not sealing until it is looked into (p0-relay audit verify; a restarted relay trusts the store's latest seal)"
+            ),
+        }
+    }
 }
 
 impl Sealer {
@@ -614,36 +642,48 @@ impl Sealer {
         &mut self,
         store: &super::StoreHandle,
         key: Option<&Secret>,
-    ) -> Result<Option<(i64, Covers)>, String> {
+    ) -> Result<Option<(i64, Covers)>, NotSealed> {
         let latest = store
             .seal_before(i64::MAX)
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(NotSealed::Store)?;
         if let Some(known) = self.known {
             let still = store
                 .seal_before(known.to + 1)
                 .await
-                .map_err(|e| e.to_string())?;
-            if still != Some(known) || latest.is_none_or(|l| l.id < known.id) {
-                return Err(format!(
-                    "seal {} (over events up to {}) is no longer in the store as it was written: the trail was changed behind the relays; not sealing until it is looked into (p0-relay audit verify; a restarted relay trusts the store's latest seal)",
+                .map_err(NotSealed::Store)?;
+            if still != Some(known) {
+                return Err(NotSealed::Changed(format!(
+                    "seal {} (over events up to {}) is no longer in the store as it was written",
                     known.id, known.to
-                ));
+                )));
             }
-            if latest.is_some_and(|l| l.id > known.id) {
-                let found = store
-                    .verify(key, Start::After(known))
+            // From the latest back to the one known, each seal names the one before it.
+            let mut at = latest;
+            while let Some(seal) = at.filter(|s| s.id > known.id) {
+                let before = store
+                    .seal_before(seal.from)
                     .await
-                    .map_err(|e| e.to_string())?;
-                if let Some(problem) = found.problem {
-                    return Err(format!(
-                        "the seals after seal {} do not follow from it ({problem}); not sealing until it is looked into",
-                        known.id
-                    ));
+                    .map_err(NotSealed::Store)?;
+                if before.map(|b| b.id) != seal.previous
+                    || before.is_none_or(|b| b.to + 1 != seal.from)
+                {
+                    return Err(NotSealed::Changed(format!(
+                        "seal {} does not follow the seal before it",
+                        seal.id
+                    )));
                 }
+                at = before;
+            }
+            if at != Some(known) {
+                return Err(NotSealed::Changed(format!(
+                    "the seals after seal {} do not lead back to it",
+                    known.id
+                )));
             }
         }
-        let sealed = store.seal(key).await.map_err(|e| e.to_string())?;
+        // Over the latest as checked: a seal that came meanwhile is checked at the next turn.
+        let sealed = store.seal(key, latest).await.map_err(NotSealed::Store)?;
         self.known = match &sealed {
             Some((id, covers)) => SealRef::of(*id, covers),
             None => latest.or(self.known),
@@ -733,7 +773,10 @@ impl<'k> Verifier<'k> {
             .covers
             .ok_or_else(|| format!("event {id}: a {} without what it covers", row.event))?;
         if !seal {
-            self.pruned = Some((id, covers));
+            // The one that records the removal of what is missing before the first event.
+            if self.first.is_some_and(|first| covers.to == first - 1) {
+                self.pruned = Some((id, covers));
+            }
             return Ok(());
         }
         self.found.seals += 1;
@@ -753,11 +796,7 @@ impl<'k> Verifier<'k> {
             if covers.to != first - 1 {
                 return Err(removed(1, first - 1));
             }
-            self.previous = Some(SealRef {
-                id,
-                to: covers.to,
-                digest: stored,
-            });
+            self.previous = SealRef::of(id, covers);
             self.stands_for = self.previous;
             return Ok(());
         }
@@ -815,11 +854,7 @@ impl<'k> Verifier<'k> {
                 covers.from, covers.to
             ));
         }
-        self.previous = Some(SealRef {
-            id,
-            to: covers.to,
-            digest: stored,
-        });
+        self.previous = SealRef::of(id, covers);
         self.found.sealed_through = Some(covers.to);
         Ok(())
     }

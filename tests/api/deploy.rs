@@ -38,7 +38,7 @@ fn compose_file_is_valid() {
 #[test]
 fn alerting_rules_are_valid() {
     if let Some(out) = tool("promtool", &["check", "rules", "deploy/alerts.yml"]) {
-        assert!(out.contains("SUCCESS: 9 rules found"), "{out}");
+        assert!(out.contains("SUCCESS: 10 rules found"), "{out}");
     }
 }
 

@@ -48,7 +48,11 @@ impl Audit for PgStore {
         rows.iter().map(|r| Ok(row(r)?)).collect()
     }
 
-    async fn seal(&self, key: Option<&Secret>) -> Result<Option<(i64, Covers)>, StoreError> {
+    async fn seal(
+        &self,
+        key: Option<&Secret>,
+        over: Option<SealRef>,
+    ) -> Result<Option<(i64, Covers)>, StoreError> {
         let now = self.db.now();
         let key = key.cloned();
         let sealed = self
@@ -59,6 +63,9 @@ impl Audit for PgStore {
                     return Ok(Ok(None));
                 }
                 let previous = last_seal(&tx).await?;
+                if previous != over {
+                    return Ok(Ok(None));
+                }
                 let after = previous.map_or(0, |p| p.to);
                 let rows = tx
                     .query(

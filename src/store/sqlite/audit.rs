@@ -44,13 +44,20 @@ impl Audit for SqliteStore {
         .await
     }
 
-    async fn seal(&self, key: Option<&Secret>) -> Result<Option<(i64, Covers)>, StoreError> {
+    async fn seal(
+        &self,
+        key: Option<&Secret>,
+        over: Option<SealRef>,
+    ) -> Result<Option<(i64, Covers)>, StoreError> {
         // What to seal, read beside the writer; then written by it, unless a seal came first.
         let path = self.path.clone();
         let key = key.cloned();
         let read = tokio::task::spawn_blocking(move || -> Result<_, StoreError> {
             let conn = reader(&path)?;
             let previous = last_seal(&conn)?;
+            if previous != over {
+                return Ok((previous, None));
+            }
             let after = previous.map_or(0, |p| p.to);
             let mut stmt = conn
                 .prepare("SELECT id, event, digest FROM audit_events WHERE id > ?1 ORDER BY id")?;
@@ -75,7 +82,7 @@ impl Audit for SqliteStore {
         };
         self.run(move |db| {
             let tx = db.conn.transaction()?;
-            if last_seal(&tx)?.map(|s| s.id) != previous.map(|s| s.id) {
+            if last_seal(&tx)? != previous {
                 return Ok(None);
             }
             let now = db.clock.now_ms();

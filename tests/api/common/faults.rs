@@ -204,8 +204,12 @@ impl Audit for Watched {
     async fn audit_events(&self, after: i64, limit: usize) -> Result<Vec<AuditRow>, StoreError> {
         self.inner.audit_events(after, limit).await
     }
-    async fn seal(&self, key: Option<&Secret>) -> Result<Option<(i64, Covers)>, StoreError> {
-        self.inner.seal(key).await
+    async fn seal(
+        &self,
+        key: Option<&Secret>,
+        over: Option<SealRef>,
+    ) -> Result<Option<(i64, Covers)>, StoreError> {
+        self.inner.seal(key, over).await
     }
     async fn seal_before(&self, id: i64) -> Result<Option<SealRef>, StoreError> {
         self.inner.seal_before(id).await

@@ -18,7 +18,7 @@ DECLARE
     ignored  JSONB := '[]';
     rec      RECORD;
     applied  INTEGER;
-    kept     BIGINT[] := '{}';
+    kept     BIGINT[] := '{}';  -- the records applied, by their place in `records`
     made     JSONB := '[]';
 BEGIN
     SELECT bool_or(COALESCE((e ->> 'ends_subject')::BOOLEAN, false)
@@ -41,11 +41,12 @@ BEGIN
     -- An outcome counts only from the relay that holds the claim (its token, still sending),
     -- in job order; each is found by its primary key.
     FOR rec IN
-        SELECT * FROM jsonb_to_recordset(records) AS x(
+        SELECT x.*, r.n FROM jsonb_array_elements(records) WITH ORDINALITY r(v, n)
+        CROSS JOIN LATERAL jsonb_to_record(r.v) AS x(
             job_id BIGINT, claim BIGINT, at BIGINT, state TEXT, attempts INTEGER,
             next_attempt_at BIGINT, status INTEGER, result TEXT, error TEXT, duration_ms BIGINT,
             evidence TEXT, checked_at BIGINT, answers JSONB, audit JSONB)
-        ORDER BY job_id
+        ORDER BY x.job_id, r.n
     LOOP
         WITH done AS (
             UPDATE jobs SET state = rec.state, attempts = rec.attempts,
@@ -70,15 +71,15 @@ BEGIN
         IF applied = 0 THEN
             ignored := ignored || to_jsonb(rec.job_id);
         ELSE
-            kept := kept || rec.job_id;
+            kept := kept || rec.n;
         END IF;
     END LOOP;
     -- The recorded outcomes' events, in job order, gathered once (not appended one record
     -- at a time, which copies the growing array each time).
-    SELECT COALESCE(jsonb_agg(a.v ORDER BY x.job_id, a.k), '[]') INTO made
-    FROM jsonb_to_recordset(records) AS x(job_id BIGINT, audit JSONB)
-    CROSS JOIN LATERAL jsonb_array_elements(COALESCE(x.audit, '[]')) WITH ORDINALITY a(v, k)
-    WHERE x.job_id = ANY(kept);
+    SELECT COALESCE(jsonb_agg(a.v ORDER BY (r.v ->> 'job_id')::BIGINT, r.n, a.k), '[]') INTO made
+    FROM jsonb_array_elements(records) WITH ORDINALITY r(v, n)
+    CROSS JOIN LATERAL jsonb_array_elements(COALESCE(r.v -> 'audit', '[]')) WITH ORDINALITY a(v, k)
+    WHERE r.n = ANY(kept);
     SELECT COALESCE(jsonb_agg(ev ORDER BY i, k), '[]') || made || COALESCE(events, '[]')
       INTO made
     FROM (
