@@ -100,13 +100,12 @@ impl StoreAt {
                 db.query_row(&BUSY.replace("$1", "?1"), [soon], |r| r.get(0))
                     .unwrap_or(1)
             }
-            StoreAt::Postgres(url) => {
-                let (c, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
-                    .await
-                    .unwrap();
-                tokio::spawn(conn);
-                c.query_one(BUSY, &[&soon]).await.unwrap().get(0)
-            }
+            StoreAt::Postgres(url) => pg_client(url)
+                .await
+                .query_one(BUSY, &[&soon])
+                .await
+                .unwrap()
+                .get(0),
         }
     }
 
@@ -125,13 +124,12 @@ impl StoreAt {
                 .unwrap()
                 .query_row(sql, [], |r| r.get(0))
                 .unwrap(),
-            StoreAt::Postgres(url) => {
-                let (c, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
-                    .await
-                    .unwrap();
-                tokio::spawn(conn);
-                c.query_one(sql, &[]).await.unwrap().get(0)
-            }
+            StoreAt::Postgres(url) => pg_client(url)
+                .await
+                .query_one(sql, &[])
+                .await
+                .unwrap()
+                .get(0),
         }
     }
 
@@ -142,13 +140,7 @@ impl StoreAt {
                 .unwrap()
                 .execute_batch(sql)
                 .unwrap(),
-            StoreAt::Postgres(url) => {
-                let (c, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
-                    .await
-                    .unwrap();
-                tokio::spawn(conn);
-                c.batch_execute(sql).await.unwrap()
-            }
+            StoreAt::Postgres(url) => pg_client(url).await.batch_execute(sql).await.unwrap(),
         }
     }
 
@@ -427,4 +419,13 @@ pub async fn wait_for_state(db: &Path, job: i64, state: &str) -> JobDetail {
     }
     let now = store.show(job).await.unwrap().map(|d| d.job.state);
     panic!("job {job}: expected state {state}, got {now:?}");
+}
+
+/// A connection of the test's own to the database at `url`.
+async fn pg_client(url: &str) -> tokio_postgres::Client {
+    let (c, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    c
 }
