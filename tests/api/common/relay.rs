@@ -20,7 +20,13 @@ use super::*;
 /// An HTTP client for tests (the TLS provider installed first, as the relay does).
 pub fn client() -> reqwest::Client {
     let _ = rustls::crypto::ring::default_provider().install_default();
-    reqwest::Client::new()
+    // An idle connection is given up before the relay closes it (the suite's relays wait 2 s
+    // for a next request): a request sent on one the relay is closing at that moment would
+    // fail, as it would for any HTTP/1.1 client that keeps connections longer than the server.
+    reqwest::Client::builder()
+        .pool_idle_timeout(Duration::from_secs(1))
+        .build()
+        .expect("HTTP client")
 }
 
 pub fn repo() -> PathBuf {
