@@ -130,11 +130,37 @@ async fn webhook(
             .into_response(),
     };
     response.map(|body| {
-        axum::body::Body::new(http_body_util::BodyExt::map_frame(body, move |frame| {
-            let _ = &in_progress;
-            frame
-        }))
+        axum::body::Body::new(Answered {
+            body,
+            _in_progress: in_progress,
+        })
     })
+}
+
+/// An answer's body, holding its request in progress on its connection until written.
+struct Answered {
+    body: axum::body::Body,
+    _in_progress: Option<crate::server::conns::Request>,
+}
+
+impl axum::body::HttpBody for Answered {
+    type Data = axum::body::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        std::pin::Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
+    }
 }
 
 async fn process(r: Arc<Receiver>, source: String, request: Request) -> Response {

@@ -593,3 +593,23 @@ fn absurd_numbers_and_durations_in_relay_yaml_are_refused_naming_the_setting() {
         );
     }
 }
+
+/// Regression: holding a connection until its answer is written made answers chunked; a
+/// sender gets its answer with its length, as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_comes_with_its_length() {
+    let t = spawn().await;
+    let mut s = TcpStream::connect(t.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(
+        s,
+        "POST /webhooks/github HTTP/1.1\r\nHost: relay\r\nContent-Type: application/json\r\nConnection: close\r\nContent-Length: 2\r\n\r\n{{}}"
+    )
+    .unwrap();
+    let mut answer = String::new();
+    let _ = s.read_to_string(&mut answer);
+    let head = answer.to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 401"), "{answer}");
+    assert!(head.contains("\r\ncontent-length: "), "{answer}");
+    assert!(!head.contains("transfer-encoding"), "{answer}");
+}
