@@ -311,13 +311,14 @@ fn parse_forwarded_ip(entry: &str) -> Option<IpAddr> {
 async fn handle(r: &Receiver, mapping: &Mapping, peer: Option<IpAddr>, request: Request) -> Answer {
     let source = mapping.source.as_str();
     let (parts, body) = request.into_parts();
-    if let Some(refused) = refusal(r, source, &parts.headers, peer) {
+    let client = client_ip(&r.inbound, &parts.headers, peer);
+    if let Some(refused) = refusal(r, source, client) {
         return refused;
     }
     let pace = body::Pace::of(&r.inbound);
     // The sender its share of the budget is judged by; with a proxy header that names no
     // address, all such share one.
-    let address = client_ip(&r.inbound, &parts.headers, peer).unwrap_or(IpAddr::from([0, 0, 0, 0]));
+    let address = client.unwrap_or(IpAddr::from([0, 0, 0, 0]));
     let read = body::read(&parts.headers, body, &pace, &r.budget, address, &r.metrics).await;
     let (bytes, lease) = match read {
         Ok(b) => b,
@@ -387,15 +388,9 @@ async fn handle(r: &Receiver, mapping: &Mapping, peer: Option<IpAddr>, request: 
 
 /// The answer to a sender that may not deliver to `source` now: its address is not among
 /// the source's networks (when it has some), or it is over its rate.
-fn refusal(
-    r: &Receiver,
-    source: &str,
-    headers: &HeaderMap,
-    peer: Option<IpAddr>,
-) -> Option<Answer> {
+fn refusal(r: &Receiver, source: &str, client: Option<IpAddr>) -> Option<Answer> {
     if let Some(nets) = r.inbound.networks.get(source) {
-        let allowed = client_ip(&r.inbound, headers, peer)
-            .is_some_and(|ip| nets.iter().any(|n| n.contains(&ip)));
+        let allowed = client.is_some_and(|ip| nets.iter().any(|n| n.contains(&ip)));
         if !allowed {
             return Some(
                 Answer::new(StatusCode::FORBIDDEN, "unauthorized")

@@ -159,11 +159,6 @@ impl Conns {
         })
     }
 
-    /// Open connections.
-    pub fn open(&self) -> usize {
-        lock(&self.inner).open.len()
-    }
-
     /// A place for a connection from `address`, closing the oldest closable connection (of
     /// the same sender when it holds its share) when the places are taken.
     pub fn admit(self: &Arc<Conns>, address: IpAddr) -> Result<Admitted, Refused> {
