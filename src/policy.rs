@@ -192,7 +192,10 @@ mod tests {
         use Action::*;
         let s = |x: &str| Some(x.to_string());
         type Want = Result<(Action, Option<String>, Option<String>), &'static str>;
-        let cases: Vec<(Option<&str>, Option<&str>, Proposal, Want)> = vec![
+        type Case<'a> = (Option<&'a str>, Option<&'a str>, Proposal, Want);
+        // A case with no approver list and no actor.
+        let anyone = |p: Proposal, want: Want| -> Case<'_> { (None, None, p, want) };
+        let cases: Vec<Case<'_>> = vec![
             (
                 Some("alice,bob"),
                 Some("bob"),
@@ -229,56 +232,31 @@ mod tests {
                 ask("approve", "r1", None),
                 Ok((Approve, s("1h"), None)),
             ),
-            (
-                None,
-                None,
+            anyone(
                 ask("approve", "r1", Some("24h")),
                 Ok((Approve, s("12h"), s("24h"))),
             ),
-            (
-                None,
-                None,
+            anyone(
                 ask("approve", "r1", Some("99999999999d")),
                 Ok((Approve, s("12h"), s("99999999999d"))),
             ),
-            (
-                None,
-                None,
+            anyone(
                 ask("approve", "r1", Some("0h")),
                 Err("not a positive whole number"),
             ),
-            (
-                None,
-                None,
+            anyone(
                 ask("approve", "r1", Some("-1h")),
                 Err("not a positive whole number"),
             ),
-            (
-                None,
-                None,
+            anyone(
                 ask("approve", "r1", Some("1h30m")),
                 Err("not a positive whole number"),
             ),
-            (
-                None,
-                None,
-                ask("revoke", "r1", Some("2h")),
-                Ok((Revoke, None, None)),
-            ),
-            (
-                None,
-                None,
-                ask("deny", "r1", None),
-                Err("`deny` is not allowed"),
-            ),
-            (None, None, ask("grant", "r1", None), Err("unknown action")),
-            (
-                None,
-                None,
-                ask("approve", "../../x", None),
-                Err("request ID"),
-            ),
-            (None, None, ask("approve", "a%2Fb", None), Err("request ID")),
+            anyone(ask("revoke", "r1", Some("2h")), Ok((Revoke, None, None))),
+            anyone(ask("deny", "r1", None), Err("`deny` is not allowed")),
+            anyone(ask("grant", "r1", None), Err("unknown action")),
+            anyone(ask("approve", "../../x", None), Err("request ID")),
+            anyone(ask("approve", "a%2Fb", None), Err("request ID")),
         ];
         for (i, (actors, actor, p, want)) in cases.into_iter().enumerate() {
             let got = one(actors, actor, p);

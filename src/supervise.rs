@@ -128,16 +128,21 @@ mod tests {
         Ok(())
     }
 
+    /// Components with a server that runs until `shutdown`.
+    fn serving() -> (CancellationToken, Health, Components) {
+        let shutdown = CancellationToken::new();
+        let mut c = Components::new(None);
+        c.spawn("server", runs_until(shutdown.clone()));
+        (shutdown, Health::default(), c)
+    }
+
     fn ready(health: &Health) -> bool {
         health.problems().0.is_empty()
     }
 
     #[tokio::test]
     async fn a_panic_stops_every_component_and_is_reported() {
-        let shutdown = CancellationToken::new();
-        let health = Health::default();
-        let mut c = Components::new(None);
-        c.spawn("server", runs_until(shutdown.clone()));
+        let (shutdown, health, mut c) = serving();
         c.spawn("worker", async { panic!("boom") });
         let failure = c.run(shutdown.clone(), &health).await.unwrap_err();
         assert_eq!(
@@ -170,10 +175,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_death_of_a_watched_thread_is_noticed() {
-        let shutdown = CancellationToken::new();
-        let health = Health::default();
-        let mut c = Components::new(None);
-        c.spawn("server", runs_until(shutdown.clone()));
+        let (shutdown, health, mut c) = serving();
         let thread = std::thread::spawn(|| panic!("disk on fire"));
         c.watch_thread("store-writer", thread);
         let failure = c.run(shutdown, &health).await.unwrap_err();
@@ -184,10 +186,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_ordinary_stop_is_no_failure() {
-        let shutdown = CancellationToken::new();
-        let health = Health::default();
-        let mut c = Components::new(None);
-        c.spawn("server", runs_until(shutdown.clone()));
+        let (shutdown, health, mut c) = serving();
         c.spawn("worker", runs_until(shutdown.clone()));
         let thread = std::thread::spawn(|| ());
         c.watch_thread("store-writer", thread);

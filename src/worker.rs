@@ -22,7 +22,7 @@ use crate::ratelimit::KeyedLimit;
 use crate::retry::retry_at;
 use crate::store::audit::{About, AuditEvent, Kind};
 use crate::store::{
-    Ahead, AttemptRecord, Claimed, Held, Job, State, StoreError, StoreHandle, Unreadable, now_ms,
+    Ahead, AttemptRecord, Claimed, Job, State, StoreError, StoreHandle, Unreadable, now_ms,
 };
 
 /// Everything the worker needs; `client: None` is a dry run that calls nothing.
@@ -72,14 +72,6 @@ impl Work for Worker {
 
     async fn ahead(&self) -> Ahead {
         self.store.jobs_ahead().await
-    }
-
-    fn held(job: &Job) -> Held {
-        job.held()
-    }
-
-    fn job(job: &Job) -> Option<i64> {
-        Some(job.id)
     }
 
     async fn attempt(&self, job: &Job) -> AttemptRecord {

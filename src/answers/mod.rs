@@ -20,8 +20,7 @@ use crate::ratelimit::KeyedLimit;
 use crate::retry::retry_at;
 use crate::store::audit::{AuditEvent, Kind};
 use crate::store::{
-    Ahead, AnswerJob, AnswerRecord, Claimed, Held, State, StoreError, StoreHandle, Unreadable,
-    now_ms,
+    Ahead, AnswerJob, AnswerRecord, Claimed, State, StoreError, StoreHandle, Unreadable, now_ms,
 };
 
 use crate::providers::{Providers, Sent};
@@ -53,14 +52,6 @@ impl Work for Answerer {
 
     async fn ahead(&self) -> Ahead {
         self.store.answers_ahead().await
-    }
-
-    fn held(answer: &AnswerJob) -> Held {
-        answer.held()
-    }
-
-    fn job(_: &AnswerJob) -> Option<i64> {
-        None
     }
 
     /// Sends `answer`, paced per provider; what came of it. The claim is held (its lease

@@ -12,7 +12,7 @@ use tokio::sync::Notify;
 use super::upkeep::{Retention, Sealing};
 use super::{Built, Options, Relay};
 use crate::answers::Answerer;
-use crate::config::{Settings, problems, warnings};
+use crate::config::{InboundSettings, Settings, problems, warnings};
 use crate::env::Env;
 use crate::health::Health;
 use crate::mapping::MappingSet;
@@ -64,11 +64,7 @@ impl Relay {
             wake: wake.clone(),
             health: health.clone(),
             store_payloads: settings.store.store_payloads,
-            budget: Budget::new(
-                settings.inbound.body_budget_bytes,
-                settings.inbound.max_connections_per_address,
-                Some(metrics.clone()),
-            ),
+            budget: body_budget(&settings.inbound, &metrics),
         });
         let answerer = answerer(&settings, &store, &metrics)?;
         let parts = Parts {
@@ -103,20 +99,34 @@ impl Relay {
                 every: settings.audit.seal_interval,
                 key: settings.audit.key.clone(),
             },
-            limits: ConnLimits {
-                max_connections: settings.inbound.max_connections,
-                // Behind a trusted proxy every connection comes from the proxy: the share
-                // applies to the address it names, as bodies are read (`Budget`).
-                per_address: match settings.inbound.client_ip_header {
-                    None => Some(settings.inbound.max_connections_per_address),
-                    Some(_) => None,
-                },
-                header_read_timeout: settings.inbound.idle_timeout,
-                max_header_bytes: settings.inbound.max_header_bytes,
-                metrics: Some(metrics.clone()),
-            },
+            limits: conn_limits(&settings.inbound, &metrics),
             opts,
         })
+    }
+}
+
+/// What bodies not yet verified may hold together, and one sender's share of it.
+fn body_budget(inbound: &InboundSettings, metrics: &Metrics) -> Arc<Budget> {
+    Budget::new(
+        inbound.body_budget_bytes,
+        inbound.max_connections_per_address,
+        Some(metrics.clone()),
+    )
+}
+
+/// The webhook port's connection places and header deadlines.
+fn conn_limits(inbound: &InboundSettings, metrics: &Metrics) -> ConnLimits {
+    ConnLimits {
+        max_connections: inbound.max_connections,
+        // Behind a trusted proxy every connection comes from the proxy: the share applies to
+        // the address it names, as bodies are read (`Budget`).
+        per_address: match inbound.client_ip_header {
+            None => Some(inbound.max_connections_per_address),
+            Some(_) => None,
+        },
+        header_read_timeout: inbound.idle_timeout,
+        max_header_bytes: inbound.max_header_bytes,
+        metrics: Some(metrics.clone()),
     }
 }
 

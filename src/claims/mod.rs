@@ -16,14 +16,16 @@ use tokio::task::{self, JoinSet};
 use tokio_util::sync::CancellationToken;
 
 use crate::retry::until_recorded;
-use crate::store::{Ahead, Claimed, Held, Leased, StoreError, StoreHandle, Unreadable, now_ms};
+use crate::store::{
+    Ahead, Claimable, Claimed, Held, Leased, StoreError, StoreHandle, Unreadable, now_ms,
+};
 pub use schedule::{ClaimSchedule, IDLE_POLL};
 
 /// What a claim loop works through.
 #[async_trait]
 pub trait Work: Send + Sync + 'static {
     /// A claimed item (a decision, an answer).
-    type Item: Clone + Send + Sync + 'static;
+    type Item: Claimable + Clone + Send + Sync + 'static;
     /// What running it came to, as the store records it.
     type Outcome: Clone + Send + Sync + 'static;
     /// What it claims, for the log ("decisions", "answers").
@@ -33,9 +35,6 @@ pub trait Work: Send + Sync + 'static {
     async fn claim(&self, limit: usize) -> Result<Claimed<Self::Item>, StoreError>;
     /// What lies ahead of a short claim that did not say.
     async fn ahead(&self) -> Ahead;
-    fn held(item: &Self::Item) -> Held;
-    /// The P0 job the item is, if it is one (a job others of its request may wait on).
-    fn job(item: &Self::Item) -> Option<i64>;
     /// Runs the item; what came of it.
     async fn attempt(&self, item: &Self::Item) -> Self::Outcome;
     async fn record(&self, outcome: Self::Outcome) -> Result<(), StoreError>;
@@ -173,13 +172,13 @@ impl<W: Work> Turns<W> {
             Err(e) => (e.id(), false, Some(e)),
         };
         let item = self.in_flight.remove(&id);
-        let job = item.as_ref().and_then(W::job);
+        let job = item.as_ref().and_then(Claimable::job);
         let again = match (failure, item) {
             (Some(failure), Some(item)) if failure.is_panic() => {
                 let why = crate::supervise::panic_message(failure.into_panic());
                 let outcome = self.work.panicked(&item, &why);
                 if let Err(e) = self.work.record(outcome).await {
-                    let (job_id, answer_id) = ids(W::held(&item));
+                    let (job_id, answer_id) = ids(item.held());
                     tracing::error!(job_id, answer_id, error = %e,
                         "cannot record the outcome of {} whose task failed", W::NAME);
                 }
@@ -220,7 +219,7 @@ impl<W: Work> Turns<W> {
 /// backoff, for as long as the claim holds; after that the item is run again by whichever
 /// relay claims it next (and after a stop, at the next start).
 async fn execute<W: Work>(work: &W, item: W::Item) -> bool {
-    let held = W::held(&item);
+    let held = item.held();
     let hold = work.store().hold(held);
     tokio::pin!(hold);
     let outcome = tokio::select! {

@@ -8,11 +8,11 @@ use std::path::Path;
 use std::process::ExitCode;
 use std::time::{Duration, SystemTime};
 
-use super::{AuditCommand, block_on, fail, json_safe, terminal_safe};
+use super::{AuditCommand, fail, json_safe, named_store, on_store, terminal_safe};
 use crate::config::{AuditSettings, Settings};
 use crate::env::Env;
 use crate::store::audit::{AuditRow, Body, Start};
-use crate::store::{self, StoreHandle, StoreLocation, Windows};
+use crate::store::{self, StoreHandle};
 
 /// How many events one read takes.
 const PAGE: usize = 1000;
@@ -41,52 +41,23 @@ pub(crate) struct Ask {
 }
 
 pub(super) fn audit(config: &Path, env: &Env, ask: Ask, command: Option<AuditCommand>) -> ExitCode {
-    let (location, settings) = match where_the_trail_is(config, env, ask.db.clone()) {
+    // The store `--db` names with the key from the environment, or the config's.
+    let located = match &ask.db {
+        Some(db) => named_store(db)
+            .and_then(|(location, windows)| Ok((location, windows, AuditSettings::from_env(env)?))),
+        None => Settings::load_audit(config, env).map(|(store, audit)| {
+            let windows = store.windows();
+            (store.location, windows, audit)
+        }),
+    };
+    let (location, windows, settings) = match located {
         Ok(x) => x,
         Err(errors) => return fail(&errors),
     };
-    if let StoreLocation::Sqlite(path) = &location
-        && !path.exists()
-    {
-        return fail(&[format!("{}: no store here yet", path.display())]);
-    }
-    let windows = Windows {
-        dedup: Duration::from_secs(7 * 86_400),
-        coalesce: Duration::from_secs(600),
-    };
-    let ran = block_on(async {
-        let (store, writer) = match store::inspect(&location, windows).await {
-            Ok(s) => s,
-            Err(e) => return fail(&[format!("{location}: {e}")]),
-        };
-        let code = match command {
-            Some(AuditCommand::Verify) => verify(&store, &settings, ask.since).await,
-            None => print(&store, &ask).await,
-        };
-        drop(store);
-        writer.join().await;
-        code
-    });
-    ran.unwrap_or_else(|e| fail(&[e]))
-}
-
-/// The store `--db` names with the key from the environment, or the config's.
-fn where_the_trail_is(
-    config: &Path,
-    env: &Env,
-    db: Option<String>,
-) -> Result<(StoreLocation, AuditSettings), Vec<String>> {
-    match db {
-        Some(text) => {
-            let location =
-                StoreLocation::parse("--db", &text, Path::new(".")).map_err(|e| vec![e])?;
-            Ok((location, AuditSettings::from_env(env)?))
-        }
-        None => {
-            let (store, audit) = Settings::load_audit(config, env)?;
-            Ok((store.location, audit))
-        }
-    }
+    on_store(&location, windows, async |store| match command {
+        Some(AuditCommand::Verify) => verify(store, &settings, ask.since).await,
+        None => print(store, &ask).await,
+    })
 }
 
 /// Prints the events after `--since`, up to `--until`; with `--follow`, goes on.

@@ -5,60 +5,25 @@
 use std::path::Path;
 use std::process::ExitCode;
 
-use super::{JobsCommand, block_on, fail, json_safe, time};
+use super::{JobsCommand, fail, json_safe, named_store, on_store, time};
 use crate::config::Settings;
 use crate::domain::printable;
 use crate::env::Env;
 use crate::store::{
-    self, JobDetail, JobSummary, ListFilter, Replay, Replayed, State, StoreError, StoreHandle,
-    StoreLocation, Windows,
+    JobDetail, JobSummary, ListFilter, Replay, Replayed, State, StoreError, StoreHandle,
 };
 
 pub(super) fn jobs(config: &Path, env: &Env, db: Option<String>, command: JobsCommand) -> ExitCode {
-    let (location, windows) = match where_the_store_is(config, env, db) {
-        Ok(x) => x,
-        Err(errors) => return fail(&errors),
-    };
-    if let StoreLocation::Sqlite(path) = &location
-        && !path.exists()
-    {
-        return fail(&[format!("{}: no store here yet", path.display())]);
-    }
-    let ran = block_on(async {
-        let (store, writer) = match store::inspect(&location, windows).await {
-            Ok(s) => s,
-            Err(e) => return fail(&[format!("{location}: {e}")]),
-        };
-        let code = run(&store, command).await;
-        drop(store);
-        writer.join().await;
-        code
-    });
-    ran.unwrap_or_else(|e| fail(&[e]))
-}
-
-/// The store `--db` names (a week's dedup window, as a relay keeps by default), or the one
-/// the config's `store:` section names, with its windows.
-fn where_the_store_is(
-    config: &Path,
-    env: &Env,
-    db: Option<String>,
-) -> Result<(StoreLocation, Windows), Vec<String>> {
-    match db {
-        Some(text) => {
-            let location =
-                StoreLocation::parse("--db", &text, Path::new(".")).map_err(|e| vec![e])?;
-            let windows = Windows {
-                dedup: std::time::Duration::from_secs(7 * 86_400),
-                coalesce: std::time::Duration::from_secs(600),
-            };
-            Ok((location, windows))
-        }
-        None => {
-            let store = Settings::load_store(config, env)?;
+    let located = match db {
+        Some(db) => named_store(&db),
+        None => Settings::load_store(config, env).map(|store| {
             let windows = store.windows();
-            Ok((store.location, windows))
-        }
+            (store.location, windows)
+        }),
+    };
+    match located {
+        Ok((location, windows)) => on_store(&location, windows, async |s| run(s, command).await),
+        Err(errors) => fail(&errors),
     }
 }
 

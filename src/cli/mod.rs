@@ -7,12 +7,14 @@
 use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
 use crate::config::Settings;
 use crate::env::Env;
 use crate::mapping::MappingSet;
+use crate::store::{self, StoreHandle, StoreLocation, Windows};
 
 /// `println!` for the command line: the line is printed through `terminal_safe`.
 macro_rules! say {
@@ -238,6 +240,42 @@ pub(crate) fn block_on<F: Future>(work: F) -> Result<F::Output, String> {
         .build()
         .map(|rt| rt.block_on(work))
         .map_err(|e| format!("cannot start the runtime: {e}"))
+}
+
+/// Runs `work` on the store at `location`, opened for inspection (a SQLite file must be there
+/// already: reading never creates one), then closes it with its writer drained.
+pub(crate) fn on_store(
+    location: &StoreLocation,
+    windows: Windows,
+    work: impl AsyncFnOnce(&StoreHandle) -> ExitCode,
+) -> ExitCode {
+    if let StoreLocation::Sqlite(path) = location
+        && !path.exists()
+    {
+        return fail(&[format!("{}: no store here yet", path.display())]);
+    }
+    let ran = block_on(async {
+        let (store, writer) = match store::inspect(location, windows).await {
+            Ok(s) => s,
+            Err(e) => return fail(&[format!("{location}: {e}")]),
+        };
+        let code = work(&store).await;
+        drop(store);
+        writer.join().await;
+        code
+    });
+    ran.unwrap_or_else(|e| fail(&[e]))
+}
+
+/// The store `--db` names, and the windows a relay keeps by default (a week's dedup window):
+/// reading needs no config.
+pub(crate) fn named_store(db: &str) -> Result<(StoreLocation, Windows), Vec<String>> {
+    let location = StoreLocation::parse("--db", db, Path::new(".")).map_err(|e| vec![e])?;
+    let windows = Windows {
+        dedup: Duration::from_secs(7 * 86_400),
+        coalesce: Duration::from_secs(600),
+    };
+    Ok((location, windows))
 }
 
 /// A time as the command line shows it (RFC 3339, to the second).

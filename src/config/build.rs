@@ -197,9 +197,9 @@ impl<'a> Reader<'a> {
     }
 
     /// `inbound:`: what the webhook port takes, from whom, and how fast.
-    fn inbound(&mut self, raw: RawInbound) -> InboundSettings {
+    fn inbound(&mut self, mut raw: RawInbound) -> InboundSettings {
         let mut networks = std::collections::BTreeMap::new();
-        for (source, nets) in raw.networks {
+        for (source, nets) in std::mem::take(&mut raw.networks) {
             let parsed = nets
                 .iter()
                 .filter_map(|n| self.network(&source, n))
@@ -230,26 +230,7 @@ impl<'a> Reader<'a> {
             raw.body_min_rate,
             read_timeout,
         );
-        let per_address = self.positive(
-            "inbound.max_connections_per_address",
-            raw.max_connections_per_address,
-            (max_connections as u64 / 4).max(1),
-        );
-        if per_address > max_connections {
-            self.errors.push(format!(
-                "inbound.max_connections_per_address: must be at most inbound.max_connections ({max_connections}), not {per_address}"
-            ));
-        }
-        let budget = self.positive(
-            "inbound.body_budget_bytes",
-            raw.body_budget_bytes,
-            DEFAULT_BODY_BUDGET,
-        );
-        if budget < max_body_bytes {
-            self.errors.push(format!(
-                "inbound.body_budget_bytes: must be at least inbound.max_body_bytes ({max_body_bytes}), not {budget}"
-            ));
-        }
+        let (per_address, budget) = self.shares(&raw, max_connections, max_body_bytes);
         InboundSettings {
             rate_per_second: rate(raw.rate_per_second, 500),
             max_body_bytes,
@@ -277,6 +258,37 @@ impl<'a> Reader<'a> {
                 key: self.path(&t.key),
             }),
         }
+    }
+
+    /// `inbound.max_connections_per_address` and `body_budget_bytes`: what one sender may
+    /// hold of the connection places, and what all bodies not yet verified may hold.
+    fn shares(
+        &mut self,
+        raw: &RawInbound,
+        max_connections: usize,
+        max_body_bytes: usize,
+    ) -> (usize, usize) {
+        let per_address = self.positive(
+            "inbound.max_connections_per_address",
+            raw.max_connections_per_address,
+            (max_connections as u64 / 4).max(1),
+        );
+        if per_address > max_connections {
+            self.errors.push(format!(
+                "inbound.max_connections_per_address: must be at most inbound.max_connections ({max_connections}), not {per_address}"
+            ));
+        }
+        let budget = self.positive(
+            "inbound.body_budget_bytes",
+            raw.body_budget_bytes,
+            DEFAULT_BODY_BUDGET,
+        );
+        if budget < max_body_bytes {
+            self.errors.push(format!(
+                "inbound.body_budget_bytes: must be at least inbound.max_body_bytes ({max_body_bytes}), not {budget}"
+            ));
+        }
+        (per_address, budget)
     }
 
     /// `inbound.idle_timeout`, `body_timeout` and `body_min_rate`: how long a sender may take.

@@ -873,6 +873,23 @@ pub(super) fn selector(raw: &RawSelector) -> Result<Selector, String> {
     selector_in(raw, false)
 }
 
+/// Each of a list of selectors (`field[i]`), compiled; each one that does not compile is an
+/// error in `errors`, naming it.
+pub(super) fn selectors(
+    raw: &[RawSelector],
+    field: &str,
+    errors: &mut Vec<String>,
+) -> Vec<Selector> {
+    raw.iter()
+        .enumerate()
+        .filter_map(|(i, s)| {
+            selector(s)
+                .map_err(|e| errors.push(format!("{field}[{i}]: {e}")))
+                .ok()
+        })
+        .collect()
+}
+
 /// A selector; `@` paths (relative to a `for_each` element) only where `element` says so.
 pub(super) fn selector_in(raw: &RawSelector, element: bool) -> Result<Selector, String> {
     match (&raw.path, &raw.header) {

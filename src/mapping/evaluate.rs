@@ -185,19 +185,9 @@ impl Mapping {
                 trace.note(rule, false, why);
                 None
             }
-            Applied::Rejected {
-                reason,
-                line,
-                actor,
-                asked,
-            } => {
-                trace.note(rule, true, line);
-                Some(Verdict::Rejected {
-                    rule: rule.name.clone(),
-                    reason,
-                    actor,
-                    asked,
-                })
+            Applied::Rejected(refusal) => {
+                trace.note(rule, true, refusal.line.clone());
+                Some(refusal.verdict(rule))
             }
             Applied::Decided {
                 actor,
@@ -254,18 +244,16 @@ impl Mapping {
         // A refused element refuses the elements that grant; the elements that end their
         // subjects still end them, since an end refused here is never sent again (alert
         // groups mix firing alerts with resolved ones).
-        if let Some((reason, actor, asked)) = refused {
+        if let Some(refusal) = refused {
             decided.retain(|(e, _)| e.binding.ends_subject);
             if decided.is_empty() {
-                trace.note(rule, true, reason.clone());
-                return Some(Verdict::Rejected {
-                    rule: rule.name.clone(),
-                    reason,
-                    actor,
-                    asked,
-                });
+                trace.note(rule, true, refusal.reason.clone());
+                return Some(refusal.verdict(rule));
             }
-            let still = format!("{reason}; the elements that end their subjects still do");
+            let still = format!(
+                "{}; the elements that end their subjects still do",
+                refusal.reason
+            );
             trace.note(rule, true, still);
         }
         Some(self.elements_decided(rule, decided, nodes.len(), event, trace))
@@ -360,7 +348,7 @@ impl Trace<'_> {
 /// decisions, the first refusal (why, whose, what it asked), and why the others did not match.
 struct Elements {
     decided: Vec<(Element, Vec<Decision>)>,
-    refused: Option<(String, Option<String>, Vec<Proposal>)>,
+    refused: Option<Refusal>,
     skipped: Vec<String>,
 }
 
@@ -384,17 +372,16 @@ impl Elements {
             };
             match apply(rule, scope, event.judged) {
                 Applied::NoMatch(why) => out.skipped.push(format!("element {}: {why}", i + 1)),
-                Applied::Rejected {
-                    reason,
-                    line,
-                    actor,
-                    asked,
-                } => {
-                    trace.note(rule, true, format!("element {}: {line}", i + 1));
-                    out.refused.get_or_insert_with(|| {
-                        let why =
-                            format!("element {} of {}: {reason}", i + 1, each.path.describe());
-                        (why, actor, asked)
+                Applied::Rejected(refusal) => {
+                    trace.note(rule, true, format!("element {}: {}", i + 1, refusal.line));
+                    out.refused.get_or_insert_with(|| Refusal {
+                        reason: format!(
+                            "element {} of {}: {}",
+                            i + 1,
+                            each.path.describe(),
+                            refusal.reason
+                        ),
+                        ..refusal
                     });
                 }
                 Applied::Decided {
@@ -443,11 +430,13 @@ fn apply(rule: &Rule, scope: Scope<'_>, judged: Option<SystemTime>) -> Applied {
         .and_then(|sel| sel.values_in(scope).into_iter().next())
         .map(|a| a.into_owned())
         .filter(|a| !a.trim().is_empty());
-    let refused = |reason: String, line: String, asked: &[Proposal]| Applied::Rejected {
-        reason,
-        line,
-        actor: actor.clone(),
-        asked: asked.to_vec(),
+    let refused = |reason: String, line: String, asked: &[Proposal]| {
+        Applied::Rejected(Refusal {
+            reason,
+            line,
+            actor: actor.clone(),
+            asked: asked.to_vec(),
+        })
     };
     let proposals = match proposals(rule, scope, ends) {
         Ok(p) => p,

@@ -312,13 +312,7 @@ impl ForEach {
 /// What one rule made of one scope (the webhook, or one element of it).
 enum Applied {
     NoMatch(String),
-    /// The reason, the line for `explain`, the actor and what was asked.
-    Rejected {
-        reason: String,
-        line: String,
-        actor: Option<String>,
-        asked: Vec<Proposal>,
-    },
+    Rejected(Refusal),
     Decided {
         actor: Option<String>,
         decisions: Vec<Decision>,
@@ -326,6 +320,26 @@ enum Applied {
         /// What `explain` says about the decisions and the binding.
         detail: String,
     },
+}
+
+/// Why a rule refused what it was asked: the reason, the line for `explain`, the actor and
+/// what was asked.
+struct Refusal {
+    reason: String,
+    line: String,
+    actor: Option<String>,
+    asked: Vec<Proposal>,
+}
+
+impl Refusal {
+    fn verdict(self, rule: &Rule) -> Verdict {
+        Verdict::Rejected {
+            rule: rule.name.clone(),
+            reason: self.reason,
+            actor: self.actor,
+            asked: self.asked,
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -377,6 +391,11 @@ mod tests {
             &defaults(),
         )
         .unwrap()
+    }
+
+    /// The mapping file `s.yaml` of source `s`, compiled.
+    fn mapping_of(tree: Value) -> Result<Mapping, Vec<String>> {
+        compile("s", Path::new("s.yaml"), tree, &Env::default(), &defaults())
     }
 
     /// Runs `payload` (with header `x-kind: kind`) through `rules` and describes the verdict.
@@ -887,14 +906,7 @@ mod tests {
             Verdict::Ignored => Err("ignored".into()),
         };
         // A token holder writes the whole body: its times count for nothing, the receipt does.
-        let token = compile(
-            "s",
-            Path::new("s.yaml"),
-            tree("token", json!({ "max_age": "1h" })),
-            &Env::default(),
-            &defaults(),
-        )
-        .unwrap();
+        let token = mapping_of(tree("token", json!({ "max_age": "1h" }))).unwrap();
         let g = gate(
             &token,
             json!({ "alert": "a", "action": "approve", "req": "r-1", "by": "U1", "at": "2025-11-27T10:25:00Z" }),
@@ -904,28 +916,15 @@ mod tests {
             "{g:?}"
         );
         // Nor may such a source name a time to judge by.
-        let err = compile(
-            "s",
-            Path::new("s.yaml"),
-            tree("token", json!({ "time": [ { "path": "$.at" } ] })),
-            &Env::default(),
-            &defaults(),
-        )
-        .unwrap_err()
-        .join("\n");
+        let err = mapping_of(tree("token", json!({ "time": [ { "path": "$.at" } ] })))
+            .unwrap_err()
+            .join("\n");
         assert!(
             err.contains("freshness: time: this source's verification signs no body"),
             "{err}"
         );
         // A signed body's event time is the moment judged (and must be fresh).
-        let signed = compile(
-            "s",
-            Path::new("s.yaml"),
-            tree("github", json!({ "time": [ { "path": "$.at" } ] })),
-            &Env::default(),
-            &defaults(),
-        )
-        .unwrap();
+        let signed = mapping_of(tree("github", json!({ "time": [ { "path": "$.at" } ] }))).unwrap();
         let g = gate(
             &signed,
             json!({ "alert": "a", "action": "approve", "req": "r-1", "by": "U1", "at": "2027-01-15T07:59:00.456Z" }),
@@ -949,16 +948,10 @@ mod tests {
             assert_eq!(g, Ok(None), "{action}");
         }
         // No freshness for a gated rule: its moment could be any old one a replay carries.
-        let err = compile(
-            "s",
-            Path::new("s.yaml"),
-            tree(
-                "github",
-                json!({ "time": [ { "path": "$.at" } ], "max_age": "0" }),
-            ),
-            &Env::default(),
-            &defaults(),
-        )
+        let err = mapping_of(tree(
+            "github",
+            json!({ "time": [ { "path": "$.at" } ], "max_age": "0" }),
+        ))
         .unwrap_err()
         .join("\n");
         assert!(
@@ -1067,14 +1060,7 @@ mod tests {
                 "rules": [ { "name": "r", "command": { "path": "$.x" }, "actor": { "path": "$.by", "allow": "a" } } ]
             })
         };
-        let m = compile(
-            "s",
-            Path::new("s.yaml"),
-            tree("10m"),
-            &Env::default(),
-            &defaults(),
-        )
-        .unwrap();
+        let m = mapping_of(tree("10m")).unwrap();
         let now = parse_rfc3339("2026-11-27T10:15:00Z").unwrap();
         let headers = HeaderMap::new();
         let verdict = |m: &Mapping, body: Value, now: Option<SystemTime>| {
@@ -1145,26 +1131,12 @@ mod tests {
             decided
         );
         // An empty max_age is the default hour; `0` turns the check off.
-        let hour = compile(
-            "s",
-            Path::new("s.yaml"),
-            tree(""),
-            &Env::default(),
-            &defaults(),
-        )
-        .unwrap();
+        let hour = mapping_of(tree("")).unwrap();
         assert_eq!(
             hour.max_event_age(),
             Some(std::time::Duration::from_secs(3600))
         );
-        let off = compile(
-            "s",
-            Path::new("s.yaml"),
-            tree("0"),
-            &Env::default(),
-            &defaults(),
-        )
-        .unwrap();
+        let off = mapping_of(tree("0")).unwrap();
         assert_eq!(off.max_event_age(), None);
         assert_eq!(
             verdict(

@@ -7,7 +7,7 @@ use std::time::{Duration, SystemTime};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
-use super::compile::selector;
+use super::compile::selectors;
 use super::expr::{Input, Selector};
 use super::model::{RawDedupAlternative, RawDedupPair, RawFreshness};
 
@@ -66,16 +66,7 @@ impl Dedup {
                     "{at}: name: `{name}` is not letters, digits, - and _"
                 ));
             }
-            let parts: Vec<Selector> = alt
-                .key
-                .iter()
-                .enumerate()
-                .filter_map(|(j, p)| {
-                    selector(p)
-                        .map_err(|e| errors.push(format!("{at}: key[{j}]: {e}")))
-                        .ok()
-                })
-                .collect();
+            let parts = selectors(&alt.key, &format!("{at}: key"), &mut errors);
             out.push(Alternative {
                 name: alt.name,
                 parts,
@@ -163,16 +154,7 @@ impl Freshness {
                     .into(),
             );
         }
-        let time: Vec<Selector> = raw
-            .time
-            .iter()
-            .enumerate()
-            .filter_map(|(i, s)| {
-                selector(s)
-                    .map_err(|e| errors.push(format!("freshness: time[{i}]: {e}")))
-                    .ok()
-            })
-            .collect();
+        let time = selectors(&raw.time, "freshness: time", &mut errors);
         let mut duration = |field: &str, text: Option<&str>| -> Option<Duration> {
             let text = text.map(str::trim).filter(|t| !t.is_empty())?;
             if text == "0" {

@@ -11,7 +11,7 @@ use serde_json::Value;
 
 use super::Place;
 use crate::config::ProviderApi;
-use crate::domain::{Gate, GateScope, Via, printable};
+use crate::domain::{Gate, Via, printable};
 use crate::oncall::{Checker, Fetched, Finding, at_time, failure, rfc3339};
 
 /// How long a PagerDuty on-call window asked for spans: every check of the same user and
@@ -93,23 +93,20 @@ impl Bound {
 /// Whether the actor is on call, at a pinned level or lower, for the incident's escalation
 /// policy (one the operator pinned) or a pinned schedule, at the moment judged.
 pub async fn check(checker: &Checker, api: &ProviderApi, gate: &Gate) -> Finding {
-    let (
-        Gate::PagerDuty {
-            user,
-            escalation_policy,
-            incident,
-            at_ms,
-            ..
-        },
-        GateScope::PagerDuty {
-            escalation_policies,
-            max_level,
-            schedules,
-        },
-    ) = (gate, gate.scope())
+    let Gate::PagerDuty {
+        user,
+        escalation_policy,
+        incident,
+        at_ms,
+        escalation_policies,
+        max_level,
+        schedules,
+    } = gate
     else {
         return failure("not a PagerDuty check".into());
     };
+    // A check stored before levels were pinned asks for level 1, as its scope says.
+    let max_level = max_level.unwrap_or(1);
     // Only the operator's pins make a policy count: without them, any policy an incident
     // is moved onto would (a check stored before pins were required has none).
     if escalation_policies.is_empty() && schedules.is_empty() {

@@ -7,7 +7,7 @@
 //! real delivery, a few kilobytes, always finds room; when none can be made, the newcomer is
 //! turned away (503) rather than buffered.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
+use crate::server::conns::{self, PerSender};
 
 /// A body younger than this is not cut to make room for another of its size or larger: the
 /// bodies of real senders are complete well within it.
@@ -45,7 +46,7 @@ struct Inner {
     next: u64,
     /// By age: the first is the oldest.
     held: BTreeMap<u64, Holder>,
-    by_address: HashMap<IpAddr, usize>,
+    by_address: PerSender,
 }
 
 struct Holder {
@@ -100,9 +101,9 @@ impl Budget {
 
     /// `bytes` for a body from `address`, cutting the oldest bodies if that makes room.
     pub fn take(self: &Arc<Budget>, address: IpAddr, bytes: usize) -> Result<Lease, Short> {
-        let address = crate::server::conns::sender(address);
+        let address = conns::sender(address);
         let mut inner = self.lock();
-        if inner.by_address.get(&address).copied().unwrap_or(0) >= self.per_address {
+        if inner.by_address.held(address) >= self.per_address {
             return Err(Short::AddressShare);
         }
         self.make_room(&mut inner, bytes, bytes, None)?;
@@ -118,7 +119,7 @@ impl Budget {
                 cut: cut.clone(),
             },
         );
-        *inner.by_address.entry(address).or_default() += 1;
+        inner.by_address.take(address);
         self.add(&mut inner, bytes as i64);
         Ok(Lease {
             budget: self.clone(),
@@ -159,9 +160,7 @@ impl Budget {
         for id in victims {
             if let Some(h) = self.forget(inner, id) {
                 h.cut.cancel();
-                if let Some(m) = &self.metrics {
-                    m.inbound_refusal("cut");
-                }
+                self.metrics.iter().for_each(|m| m.inbound_refusal("cut"));
             }
         }
         Ok(())
@@ -169,12 +168,7 @@ impl Budget {
 
     fn forget(&self, inner: &mut Inner, id: u64) -> Option<Holder> {
         let h = inner.held.remove(&id)?;
-        if let Some(n) = inner.by_address.get_mut(&h.address) {
-            *n -= 1;
-            if *n == 0 {
-                inner.by_address.remove(&h.address);
-            }
-        }
+        inner.by_address.give_back(h.address);
         self.add(inner, -(h.bytes as i64));
         Some(h)
     }
@@ -226,6 +220,12 @@ mod tests {
         IpAddr::from([127, 0, 0, last])
     }
 
+    /// Waits, a second at most, for `lease`'s body to be cut.
+    async fn cut_soon(lease: &Lease) {
+        let waited = tokio::time::timeout(Duration::from_secs(1), lease.cut()).await;
+        assert!(waited.is_ok(), "the body was not cut");
+    }
+
     #[test]
     fn bodies_share_the_budget_and_give_it_back() {
         let b = Budget::new(100, 10, None);
@@ -248,9 +248,7 @@ mod tests {
         let small = b.take(addr(1), 10).unwrap();
         let large = b.take(addr(2), 80).unwrap();
         let newcomer = b.take(addr(3), 20).unwrap();
-        tokio::time::timeout(Duration::from_secs(1), large.cut())
-            .await
-            .unwrap();
+        cut_soon(&large).await;
         assert!(!small.cut.is_cancelled());
         assert_eq!(b.in_use(), 30);
         drop((small, large, newcomer));
@@ -265,9 +263,7 @@ mod tests {
         std::thread::sleep(CUTTABLE_AFTER + Duration::from_millis(20));
         // As large as the oldest, which is cut for its age; that was enough.
         let new = b.take(addr(2), 60).unwrap();
-        tokio::time::timeout(Duration::from_secs(1), old.cut())
-            .await
-            .unwrap();
+        cut_soon(&old).await;
         assert!(!older_too.cut.is_cancelled());
         assert_eq!(b.in_use(), 90);
         drop(old);

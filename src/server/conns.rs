@@ -38,6 +38,30 @@ impl Refused {
     }
 }
 
+/// How many of something (connections, bodies) each sender holds, for its share.
+#[derive(Debug, Default)]
+pub struct PerSender(HashMap<IpAddr, usize>);
+
+impl PerSender {
+    pub fn held(&self, sender: IpAddr) -> usize {
+        self.0.get(&sender).copied().unwrap_or(0)
+    }
+
+    pub fn take(&mut self, sender: IpAddr) {
+        *self.0.entry(sender).or_default() += 1;
+    }
+
+    /// Gives one back; a sender holding none is forgotten.
+    pub fn give_back(&mut self, sender: IpAddr) {
+        if let Some(n) = self.0.get_mut(&sender) {
+            *n -= 1;
+            if *n == 0 {
+                self.0.remove(&sender);
+            }
+        }
+    }
+}
+
 /// The sender an address stands for: itself for IPv4 (an IPv4-mapped IPv6 address is the
 /// IPv4 one), its /64 for IPv6.
 pub fn sender(address: IpAddr) -> IpAddr {
@@ -68,7 +92,7 @@ struct Inner {
     next: u64,
     /// By age: the first is the oldest.
     open: BTreeMap<u64, Place>,
-    by_sender: HashMap<IpAddr, usize>,
+    by_sender: PerSender,
 }
 
 struct Place {
@@ -164,7 +188,7 @@ impl Conns {
     pub fn admit(self: &Arc<Conns>, address: IpAddr) -> Result<Admitted, Refused> {
         let sender = sender(address);
         let mut inner = lock(&self.inner);
-        let held = inner.by_sender.get(&sender).copied().unwrap_or(0);
+        let held = inner.by_sender.held(sender);
         if self.per_address.is_some_and(|share| held >= share) {
             self.close_oldest(&mut inner, Some(sender))
                 .ok_or(Refused::AddressShare)?;
@@ -188,7 +212,7 @@ impl Conns {
                 close: close.clone(),
             },
         );
-        *inner.by_sender.entry(sender).or_default() += 1;
+        inner.by_sender.take(sender);
         self.count(&inner);
         Ok(Admitted {
             conns: self.clone(),
@@ -218,20 +242,15 @@ impl Conns {
             .map(|(id, _)| *id)?;
         let place = self.forget(inner, id)?;
         place.close.cancel();
-        if let Some(m) = &self.metrics {
-            m.inbound_refusal("evicted");
-        }
+        self.metrics
+            .iter()
+            .for_each(|m| m.inbound_refusal("evicted"));
         Some(())
     }
 
     fn forget(&self, inner: &mut Inner, id: u64) -> Option<Place> {
         let place = inner.open.remove(&id)?;
-        if let Some(n) = inner.by_sender.get_mut(&place.sender) {
-            *n -= 1;
-            if *n == 0 {
-                inner.by_sender.remove(&place.sender);
-            }
-        }
+        inner.by_sender.give_back(place.sender);
         self.count(inner);
         Some(place)
     }

@@ -10,6 +10,7 @@ use tokio::sync::Notify;
 
 use super::StoreError;
 use super::audit::{AuditEvent, AuditRow, AuditStatus, Covers, SealRef, Start, Verification};
+use super::batch::Parts;
 use super::model::{
     Accepted, AnswerJob, AnswerRecord, AttemptRecord, Claimed, Counts, Granted, Held, Job,
     JobDetail, JobSummary, ListFilter, NewDelivery, Prune, Replay, Replayed,
@@ -32,7 +33,16 @@ pub trait Jobs: Send + Sync {
         &self,
         deliveries: Vec<NewDelivery>,
         outcomes: Vec<AttemptRecord>,
-    ) -> Result<WriteResults, StoreError>;
+    ) -> Result<WriteResults, StoreError> {
+        let parts = Parts {
+            deliveries,
+            outcomes,
+            events: Vec::new(),
+        };
+        self.write_parts(parts).await
+    }
+    /// Hands one writer's parts to the backend's batch writer (`write`, `record_events`).
+    async fn write_parts(&self, parts: Parts) -> Result<WriteResults, StoreError>;
     /// Marks up to `limit` due pending jobs, each in its request's turn, as sending under a
     /// new claim token, and returns them (`Claimed`: with what lies ahead when they were
     /// fewer, where the backend can tell in the same trip).
@@ -103,10 +113,16 @@ pub trait Upkeep: Send + Sync {
 /// The audit trail (`store::audit`): events are written with the steps they record (by
 /// `write`, `record_answer`, `replay`, `prune`); these record the rest, read, seal and verify.
 #[async_trait]
-pub trait Audit: Send + Sync {
+pub trait Audit: Jobs {
     /// Records events that belong to no stored decision (a delivery refused as it was
     /// received), in a transaction of their own (shared with other writes waiting).
-    async fn record_events(&self, events: Vec<AuditEvent>) -> Result<(), StoreError>;
+    async fn record_events(&self, events: Vec<AuditEvent>) -> Result<(), StoreError> {
+        let parts = Parts {
+            events,
+            ..Parts::default()
+        };
+        self.write_parts(parts).await.map(drop)
+    }
     /// Up to `limit` events after ID `after`, in ID order: every one committed before them
     /// is among them or before (IDs are handed out in commit order).
     async fn audit_events(&self, after: i64, limit: usize) -> Result<Vec<AuditRow>, StoreError>;

@@ -95,7 +95,7 @@ pub(crate) async fn ask<M, T>(
 
 /// What one writer hands a writer's queue.
 #[derive(Default)]
-pub(crate) struct Parts {
+pub struct Parts {
     pub deliveries: Vec<NewDelivery>,
     pub outcomes: Vec<AttemptRecord>,
     pub events: Vec<AuditEvent>,

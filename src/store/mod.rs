@@ -21,6 +21,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use api::{Answers, Audit, Inspection, Jobs, Leases, Store, Upkeep, WriteResults};
+pub use batch::Parts;
 pub use error::StoreError;
 pub use location::{PgLocation, StoreLocation};
 pub use model::*;

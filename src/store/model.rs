@@ -180,29 +180,47 @@ pub struct Unreadable {
 /// A claimed row: the item, or why it cannot be read.
 pub type Claim<T> = Result<T, Unreadable>;
 
-/// The (ID, claim token) a claimed row is marked with.
-pub(crate) trait Token {
-    fn token(&self) -> (i64, i64);
-}
-
-impl Token for Job {
-    fn token(&self) -> (i64, i64) {
-        (self.id, self.claim_token)
+/// A claimed row the claim loop runs: the claim it is held under.
+pub trait Claimable {
+    fn held(&self) -> Held;
+    /// The P0 job it is, if it is one (a job others of its request may wait on).
+    fn job(&self) -> Option<i64> {
+        None
     }
 }
 
-impl Token for AnswerJob {
-    fn token(&self) -> (i64, i64) {
-        (self.id, self.claim_token)
-    }
-}
-
-impl<T: Token> Token for Claim<T> {
-    fn token(&self) -> (i64, i64) {
-        match self {
-            Ok(item) => item.token(),
-            Err(u) => (u.id, u.claim_token),
+impl Claimable for Job {
+    fn held(&self) -> Held {
+        Held {
+            what: Leased::Job,
+            id: self.id,
+            claim_token: self.claim_token,
         }
+    }
+
+    fn job(&self) -> Option<i64> {
+        Some(self.id)
+    }
+}
+
+impl Claimable for AnswerJob {
+    fn held(&self) -> Held {
+        Held {
+            what: Leased::Answer,
+            id: self.id,
+            claim_token: self.claim_token,
+        }
+    }
+}
+
+/// The (ID, claim token) a claimed row is marked with, readable or not.
+pub(crate) fn token<T: Claimable>(row: &Claim<T>) -> (i64, i64) {
+    match row {
+        Ok(item) => {
+            let held = item.held();
+            (held.id, held.claim_token)
+        }
+        Err(u) => (u.id, u.claim_token),
     }
 }
 
@@ -220,26 +238,6 @@ pub struct Held {
 pub enum Leased {
     Job,
     Answer,
-}
-
-impl Job {
-    pub fn held(&self) -> Held {
-        Held {
-            what: Leased::Job,
-            id: self.id,
-            claim_token: self.claim_token,
-        }
-    }
-}
-
-impl AnswerJob {
-    pub fn held(&self) -> Held {
-        Held {
-            what: Leased::Answer,
-            id: self.id,
-            claim_token: self.claim_token,
-        }
-    }
 }
 
 /// A request still granted under a subject: its end would revoke it.

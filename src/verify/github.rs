@@ -27,20 +27,10 @@ pub fn verify(secrets: &Secrets, headers: &HeaderMap, body: &[u8]) -> Result<usi
 
 #[cfg(test)]
 mod tests {
+    use super::super::table::{Case, check};
     use super::*;
-    use axum::http::HeaderValue;
 
     const VECTOR: &str = "sha256=757107ea0eb2509fc211221cce984b8a37570b6d7586c22c46f4379c8b043e17";
-
-    fn check(secrets: &str, sigs: &[&str], body: &[u8]) -> Result<(), VerifyError> {
-        let mut headers = HeaderMap::new();
-        for s in sigs {
-            headers.append(HEADER, HeaderValue::from_str(s).unwrap());
-        }
-        verify(&Secrets::from_list(secrets), &headers, body).map(|_| ())
-    }
-
-    type Case<'a> = (&'a str, &'a [&'a str], &'a [u8], Result<(), VerifyError>);
 
     #[test]
     fn table() {
@@ -87,7 +77,11 @@ mod tests {
             ("", &[VECTOR], body, Err(VerifyError::Mismatch)),
         ];
         for (i, (secrets, sigs, body, want)) in cases.iter().enumerate() {
-            assert_eq!(&check(secrets, sigs, body), want, "case {i}");
+            assert_eq!(
+                &check(verify, HEADER, (secrets, sigs, body)),
+                want,
+                "case {i}"
+            );
         }
     }
 }

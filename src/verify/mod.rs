@@ -272,6 +272,34 @@ pub(crate) fn single_header_named<'h>(
     first.to_str().map_err(|_| VerifyError::Malformed(label))
 }
 
+/// What the tables of the one-header schemes (GitHub, PagerDuty) share.
+#[cfg(test)]
+pub(crate) mod table {
+    use axum::http::{HeaderMap, HeaderValue};
+
+    use super::VerifyError;
+    use crate::secret::Secrets;
+
+    /// The secrets, the header's values, the body, and what verifying says.
+    pub type Case<'a> = (&'a str, &'a [&'a str], &'a [u8], Result<(), VerifyError>);
+
+    /// A scheme's `verify`.
+    pub type Verify = fn(&Secrets, &HeaderMap, &[u8]) -> Result<usize, VerifyError>;
+
+    /// What `verify` says of `body` with `header` given each of `values` in turn.
+    pub fn check(
+        verify: Verify,
+        header: &'static str,
+        (secrets, values, body): (&str, &[&str], &[u8]),
+    ) -> Result<(), VerifyError> {
+        let mut headers = HeaderMap::new();
+        for v in values {
+            headers.append(header, HeaderValue::from_str(v).unwrap());
+        }
+        verify(&Secrets::from_list(secrets), &headers, body).map(|_| ())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -46,22 +46,12 @@ pub fn verify(secrets: &Secrets, headers: &HeaderMap, body: &[u8]) -> Result<usi
 
 #[cfg(test)]
 mod tests {
+    use super::super::table::{Case, check};
     use super::*;
-    use axum::http::HeaderValue;
 
     const BODY: &[u8] = br#"{"event":{"id":"01DEMO","event_type":"pagey.ping"}}"#;
     const SIG1: &str = "v1=dc956f6631b283d911730c1bcca3d43832c5801df7f1e97982084f09d858877f";
     const SIG2: &str = "v1=4091c333f98d590a85bc8d21efdf02fa4516ff4b8a2791e9c732068ce0cf707d";
-
-    fn check(secrets: &str, header: &[&str], body: &[u8]) -> Result<(), VerifyError> {
-        let mut headers = HeaderMap::new();
-        for h in header {
-            headers.append(HEADER, HeaderValue::from_str(h).unwrap());
-        }
-        verify(&Secrets::from_list(secrets), &headers, body).map(|_| ())
-    }
-
-    type Case<'a> = (&'a str, &'a [&'a str], &'a [u8], Result<(), VerifyError>);
 
     #[test]
     fn table() {
@@ -104,7 +94,11 @@ mod tests {
             ),
         ];
         for (i, (secrets, header, body, want)) in cases.iter().enumerate() {
-            assert_eq!(&check(secrets, header, body), want, "case {i}");
+            assert_eq!(
+                &check(verify, HEADER, (secrets, header, body)),
+                want,
+                "case {i}"
+            );
         }
     }
 }

@@ -16,21 +16,12 @@ use crate::store::api::Audit;
 use crate::store::audit::{
     self, AuditEvent, AuditRow, AuditStatus, Body, Covers, SealRef, Start, Verification, Verifier,
 };
-use crate::store::batch::{self, Parts};
 
 /// The longest a verification may read for.
 const VERIFY_TIMEOUT: Duration = Duration::from_secs(3600);
 
 #[async_trait]
 impl Audit for PgStore {
-    async fn record_events(&self, events: Vec<AuditEvent>) -> Result<(), StoreError> {
-        let parts = Parts {
-            events,
-            ..Parts::default()
-        };
-        batch::write(&self.writes, parts, |w| w).await.map(drop)
-    }
-
     async fn audit_events(&self, after: i64, limit: usize) -> Result<Vec<AuditRow>, StoreError> {
         let limit = limit as i64;
         let rows = self

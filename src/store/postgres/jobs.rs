@@ -12,22 +12,13 @@ use crate::store::StoreError;
 use crate::store::api::{Jobs, WriteResults};
 use crate::store::audit;
 use crate::store::batch::{self, Parts};
-use crate::store::model::{AttemptRecord, Claim, Claimed, Job, NewDelivery, Replay, Replayed};
+use crate::store::model::{Claim, Claimed, Job, Replay, Replayed};
 use crate::store::rows::{JOB, candidates};
 use crate::store::rules::Candidate;
 
 #[async_trait]
 impl Jobs for PgStore {
-    async fn write(
-        &self,
-        deliveries: Vec<NewDelivery>,
-        outcomes: Vec<AttemptRecord>,
-    ) -> Result<WriteResults, StoreError> {
-        let parts = Parts {
-            deliveries,
-            outcomes,
-            events: Vec::new(),
-        };
+    async fn write_parts(&self, parts: Parts) -> Result<WriteResults, StoreError> {
         batch::write(&self.writes, parts, |w| w).await
     }
 

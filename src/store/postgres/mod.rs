@@ -26,7 +26,7 @@ use tokio_postgres_rustls::MakeRustlsConnect;
 
 use super::error::chain;
 use super::location::PgLocation;
-use super::model::{Clock, Token, Windows, ms};
+use super::model::{Claim, Claimable, Clock, Windows, ms, token};
 use super::{Settings, StoreError, StoreTask};
 
 /// The channel new work is announced on.
@@ -162,13 +162,13 @@ impl Pg {
 
     /// Runs a claim (`sql`: $1 now, $2 how many, $3 until when the lease runs) and reads
     /// what it took, in ID order.
-    async fn claim<T: Token>(
+    async fn claim<T: Claimable>(
         &self,
         what: &str,
         sql: &str,
         limit: usize,
-        read: impl Fn(&tokio_postgres::Row) -> Result<T, StoreError>,
-    ) -> Result<Vec<T>, StoreError> {
+        read: impl Fn(&tokio_postgres::Row) -> Result<Claim<T>, StoreError>,
+    ) -> Result<Vec<Claim<T>>, StoreError> {
         let now = self.now();
         let lease_until = now.saturating_add(ms(self.lease));
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
@@ -179,7 +179,7 @@ impl Pg {
             })
             .await?;
         let mut claimed = rows.iter().map(read).collect::<Result<Vec<_>, _>>()?;
-        claimed.sort_by_key(|c| c.token().0);
+        claimed.sort_by_key(|c| token(c).0);
         Ok(claimed)
     }
 

@@ -8,7 +8,7 @@ use super::jobs::mark_sending;
 use super::{Db, SqliteStore, rows};
 use crate::store::StoreError;
 use crate::store::api::Answers;
-use crate::store::model::{Ahead, AnswerJob, AnswerRecord, Claim, Claimed, Token};
+use crate::store::model::{Ahead, AnswerJob, AnswerRecord, Claim, Claimed, token};
 use crate::store::rows::ANSWER;
 
 #[async_trait]
@@ -48,9 +48,9 @@ impl Db {
         let mut answers = rows(&tx, &sql, params![now, limit as i64], |r| {
             AnswerJob::read(r).map(Ok)
         })?;
-        mark_sending(&tx, "answers", answers.iter().map(Token::token), now)?;
+        mark_sending(&tx, "answers", answers.iter().map(token), now)?;
         tx.commit()?;
-        answers.sort_by_key(|a| a.token().0);
+        answers.sort_by_key(|a| token(a).0);
         Ok(answers)
     }
 

@@ -6,7 +6,7 @@ use async_trait::async_trait;
 use rusqlite::{Connection, OptionalExtension, params};
 
 use super::SqliteStore;
-use super::writer::Task;
+
 use crate::secret::Secret;
 use crate::store::StoreError;
 use crate::store::api::Audit;
@@ -14,7 +14,6 @@ use crate::store::audit::{
     self, About, AuditEvent, AuditRow, AuditStatus, Body, Covers, SealRef, Start, Verification,
     Verifier,
 };
-use crate::store::batch::{self, Parts};
 
 /// The last seal: its ID and body.
 const LAST_SEAL: &str =
@@ -22,16 +21,6 @@ const LAST_SEAL: &str =
 
 #[async_trait]
 impl Audit for SqliteStore {
-    async fn record_events(&self, events: Vec<AuditEvent>) -> Result<(), StoreError> {
-        let parts = Parts {
-            events,
-            ..Parts::default()
-        };
-        batch::write(&self.tasks, parts, Task::Write)
-            .await
-            .map(drop)
-    }
-
     async fn audit_events(&self, after: i64, limit: usize) -> Result<Vec<AuditRow>, StoreError> {
         self.run(move |db| {
             let mut stmt = db.conn.prepare_cached(

@@ -15,7 +15,7 @@ use crate::store::audit::{self, AuditEvent, Body};
 use crate::store::batch::{self, Parts};
 use crate::store::model::{
     Accepted, Ahead, AttemptRecord, Claim, Claimed, Job, JobRef, NewDelivery, Replay, Replayed,
-    Token,
+    token,
 };
 use crate::store::rows::{JOB, Latest, candidates};
 use crate::store::rules::{Candidate, batch_order, in_arrival_order};
@@ -39,16 +39,7 @@ const IN_TURN: &str = "state = 'pending'
 
 #[async_trait]
 impl Jobs for SqliteStore {
-    async fn write(
-        &self,
-        deliveries: Vec<NewDelivery>,
-        outcomes: Vec<AttemptRecord>,
-    ) -> Result<WriteResults, StoreError> {
-        let parts = Parts {
-            deliveries,
-            outcomes,
-            events: Vec::new(),
-        };
+    async fn write_parts(&self, parts: Parts) -> Result<WriteResults, StoreError> {
         batch::write(&self.tasks, parts, Task::Write).await
     }
 
@@ -168,9 +159,9 @@ impl Db {
              ORDER BY next_attempt_at, id LIMIT ?2"
         );
         let mut claimed = rows(&tx, &sql, params![now, limit as i64], |r| Job::read(r))?;
-        mark_sending(&tx, "jobs", claimed.iter().map(Token::token), now)?;
+        mark_sending(&tx, "jobs", claimed.iter().map(token), now)?;
         tx.commit()?;
-        claimed.sort_by_key(|c| c.token().0);
+        claimed.sort_by_key(|c| token(c).0);
         Ok(claimed)
     }
 

@@ -34,25 +34,13 @@ fn step(
 on_both_stores!(every_step_of_a_decision_is_one_audit_event_in_commit_order);
 async fn every_step_of_a_decision_is_one_audit_event_in_commit_order(mut s: Backend) {
     // Long on purpose: one decision's life, step by step, and the events each step made.
-    s.accept(
-        on_subject("d1", &[(Action::Approve, "a")], "P1", false),
-        1_000,
-    )
-    .await;
-    s.accept(
-        on_subject("d2", &[(Action::Approve, "a")], "P1", false),
-        1_100,
-    )
-    .await;
+    s.approve_on("d1", "a", "P1", 1_000).await;
+    s.approve_on("d2", "a", "P1", 1_100).await;
     let mut stale = on_subject("d3", &[(Action::Approve, "b")], "P1", false);
     stale.refused = Some("event is 2h old".into());
     s.accept(stale, 1_200).await;
     // A duplicate makes none.
-    s.accept(
-        on_subject("d1", &[(Action::Approve, "a")], "P1", false),
-        1_300,
-    )
-    .await;
+    s.approve_on("d1", "a", "P1", 1_300).await;
     // A delivery refused as it was received: nothing stored but its event.
     let mut stranger = AuditEvent::new(Event::Refused, None, "refused");
     stranger.about = Some(About {
@@ -200,28 +188,35 @@ fn key() -> Secret {
 }
 
 /// The verdict after `sql` ran behind the store's back.
-async fn after(s: &Backend, sql: &str, key: Option<&Secret>) -> String {
+/// After `sql` runs behind the store's back, `verify` (with `key`) fails saying `problem`.
+async fn fails_after(s: &Backend, sql: &str, key: Option<&Secret>, problem: &str) {
     s.behind_its_back(sql).await;
-    s.verify(key).await.problem.unwrap_or_default()
+    let found = s.verify(key).await.problem.unwrap_or_default();
+    assert!(found.contains(problem), "{found}");
 }
 
 on_both_stores!(a_sealed_trail_verifies_and_an_edited_event_is_named);
 async fn a_sealed_trail_verifies_and_an_edited_event_is_named(mut s: Backend) {
     sealed(&mut s, None).await;
-    let problem = after(
+    fails_after(
         &s,
         "UPDATE audit_events SET body = replace(body, 'octocat', 'mallory') WHERE id = 4",
         None,
+        "event 4 was changed",
     )
     .await;
-    assert!(problem.contains("event 4 was changed"), "{problem}");
 }
 
 on_both_stores!(a_removed_event_is_named);
 async fn a_removed_event_is_named(mut s: Backend) {
     sealed(&mut s, None).await;
-    let problem = after(&s, "DELETE FROM audit_events WHERE id = 6", None).await;
-    assert!(problem.contains("event 6 was removed"), "{problem}");
+    fails_after(
+        &s,
+        "DELETE FROM audit_events WHERE id = 6",
+        None,
+        "event 6 was removed",
+    )
+    .await;
 }
 
 on_both_stores!(an_inserted_event_is_named);
@@ -239,11 +234,13 @@ async fn an_inserted_event_is_named(mut s: Backend) {
              VALUES (5, 1004, 'accepted', '{forged}', {});",
         bytes(&s, &digest)
     );
-    let problem = after(&s, &sql, None).await;
-    assert!(
-        problem.contains("event 6 is not the event written with that ID (its body says 5)"),
-        "{problem}"
-    );
+    fails_after(
+        &s,
+        &sql,
+        None,
+        "event 6 is not the event written with that ID (its body says 5)",
+    )
+    .await;
 }
 
 on_both_stores!(an_event_rewritten_with_its_digest_fails_its_seal);
@@ -256,11 +253,7 @@ async fn an_event_rewritten_with_its_digest_fails_its_seal(mut s: Backend) {
         "UPDATE audit_events SET body = '{body}', digest = {} WHERE id = 4",
         bytes(&s, &digest)
     );
-    let problem = after(&s, &sql, None).await;
-    assert!(
-        problem.contains("seal 10 does not match events 1..=9"),
-        "{problem}"
-    );
+    fails_after(&s, &sql, None, "seal 10 does not match events 1..=9").await;
 }
 
 on_both_stores!(keyed_seals_rewritten_without_the_key_fail);
@@ -303,11 +296,13 @@ async fn keyed_seals_rewritten_without_the_key_fail(mut s: Backend) {
         "UPDATE audit_events SET body = '{body}', digest = {} WHERE id = 10;",
         bytes(&s, &audit::digest(10, seal.at_ms, "seal", &body))
     ));
-    let problem = after(&s, &sql, Some(&key)).await;
-    assert!(
-        problem.contains("seal 10 is not keyed though a key was given"),
-        "{problem}"
-    );
+    fails_after(
+        &s,
+        &sql,
+        Some(&key),
+        "seal 10 is not keyed though a key was given",
+    )
+    .await;
 }
 
 on_both_stores!(retention_removes_events_behind_a_seal_that_stands_for_them);
@@ -332,16 +327,13 @@ async fn retention_removes_events_behind_a_seal_that_stands_for_them(mut s: Back
     let ok = s.verify(None).await;
     assert_eq!((ok.problem, ok.from), (None, Some(10)));
     // Events removed with no `pruned` event saying so do not verify.
-    let problem = after(
+    fails_after(
         &s,
         &format!("DELETE FROM audit_events WHERE id = {}", pruned.id),
         None,
+        "events 1..=9 were removed, and no `pruned` event records it",
     )
     .await;
-    assert!(
-        problem.contains("events 1..=9 were removed, and no `pruned` event records it"),
-        "{problem}"
-    );
 }
 
 /// `digest` as a literal of the backend's SQL.
@@ -383,14 +375,16 @@ async fn a_removal_stands_only_when_a_relay_holding_the_key_recorded_it(mut s: B
         bytes(&s, &digest),
         pruned.id
     );
-    let problem = after(&s, &sql, Some(&key)).await;
-    assert!(
-        problem.contains(&format!(
+    fails_after(
+        &s,
+        &sql,
+        Some(&key),
+        &format!(
             "pruned event {} was not written by a relay holding the key",
             pruned.id
-        )),
-        "{problem}"
-    );
+        ),
+    )
+    .await;
 }
 
 on_both_stores!(a_relay_seals_no_trail_whose_seals_were_removed_behind_its_back);

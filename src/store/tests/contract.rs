@@ -558,11 +558,7 @@ async fn a_subject_end_revokes_what_was_granted_under_it_in_order(mut s: Backend
         ("d3", "c", "P1"),
         ("d4", "x", "P2"),
     ] {
-        s.accept(
-            on_subject(key, &[(Action::Approve, id)], subject, false),
-            1_000,
-        )
-        .await;
+        s.approve_on(key, id, subject, 1_000).await;
     }
     let all = s.claim_due(1_000, 10).await;
     assert_eq!(all.len(), 4);
@@ -820,16 +816,8 @@ on_both_stores!(replay_refuses_an_approve_whose_subject_ended_after_it);
 /// the approve is refused with the reason, alone or with every dead letter; after a reopening
 /// it still is (it was asked before the end: ask again).
 async fn replay_refuses_an_approve_whose_subject_ended_after_it(mut s: Backend) {
-    s.accept(
-        on_subject("d1", &[(Action::Approve, "r1")], "P1", false),
-        1_000,
-    )
-    .await;
-    s.accept(
-        on_subject("d2", &[(Action::Approve, "r2")], "P2", false),
-        1_000,
-    )
-    .await;
+    s.approve_on("d1", "r1", "P1", 1_000).await;
+    s.approve_on("d2", "r2", "P2", 1_000).await;
     let first = s.claim_due(1_000, 10).await;
     let dead: Vec<AttemptRecord> = first.iter().map(|j| done(j, State::Dead)).collect();
     s.write(&[], &dead, 2_000).await.unwrap();
@@ -871,11 +859,7 @@ on_both_stores!(ends_are_pruned_only_when_nothing_could_be_replayed_under_them);
 /// Subject ends older than their window go, unless a dead approve under the subject could
 /// still be replayed: then the end stays to refuse it.
 async fn ends_are_pruned_only_when_nothing_could_be_replayed_under_them(mut s: Backend) {
-    s.accept(
-        on_subject("p1", &[(Action::Approve, "r1")], "P1", false),
-        1_000,
-    )
-    .await;
+    s.approve_on("p1", "r1", "P1", 1_000).await;
     let job = s.claim_due(1_000, 1).await.remove(0);
     s.write(&[], &[done(&job, State::Dead)], 1_100)
         .await
@@ -920,11 +904,7 @@ async fn what_is_still_granted_is_what_an_end_revokes(mut s: Backend) {
         ("g4", "revoked", "P1"),
         ("g5", "elsewhere", "P2"),
     ] {
-        s.accept(
-            on_subject(key, &[(Action::Approve, id)], subject, false),
-            1_000,
-        )
-        .await;
+        s.approve_on(key, id, subject, 1_000).await;
     }
     let all = s.claim_due(1_000, 10).await;
     let mut rejected = done(claimed(&all, 2), State::Rejected);
@@ -965,11 +945,7 @@ async fn what_is_still_granted_is_what_an_end_revokes(mut s: Backend) {
 
 on_both_stores!(answers_are_created_with_the_final_outcome_and_claimed_once);
 async fn answers_are_created_with_the_final_outcome_and_claimed_once(mut s: Backend) {
-    s.accept(
-        on_subject("d1", &[(Action::Approve, "a")], "P1", false),
-        1_000,
-    )
-    .await;
+    s.approve_on("d1", "a", "P1", 1_000).await;
     let job = s.claim_due(1_000, 1).await.remove(0);
     s.write(&[], &[with_a_note(done(&job, State::Succeeded))], 2_000)
         .await

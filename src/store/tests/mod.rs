@@ -95,6 +95,14 @@ impl Backend {
     async fn accept(&mut self, d: NewDelivery, now: i64) -> Accepted {
         self.write(&[d], &[], now).await.unwrap().remove(0).unwrap()
     }
+    /// An approve of `request` under `subject` (delivery `key`), accepted at `now`.
+    async fn approve_on(&mut self, key: &str, request: &str, subject: &str, now: i64) -> Accepted {
+        self.accept(
+            on_subject(key, &[(Action::Approve, request)], subject, false),
+            now,
+        )
+        .await
+    }
     async fn claim_due(&mut self, now: i64, limit: usize) -> Vec<Job> {
         self.claim(now, limit).await.items
     }

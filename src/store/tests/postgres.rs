@@ -74,23 +74,24 @@ async fn two_stores() -> Option<(TestDb, Relay, Relay)> {
     Some((db, a, b))
 }
 
+/// `da` written at relay `a` and `db` at `b` at the same moment: what each said of it.
+async fn at_once(a: &Relay, b: &Relay, da: NewDelivery, db: NewDelivery) -> (Accepted, Accepted) {
+    let (da, db) = ([da], [db]);
+    let (ra, rb) = tokio::join!(a.write(&da, &[], 1_000), b.write(&db, &[], 1_000));
+    (
+        ra.unwrap().remove(0).unwrap(),
+        rb.unwrap().remove(0).unwrap(),
+    )
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_same_delivery_at_two_relays_at_once_is_accepted_once() {
     let Some((_db, a, b)) = two_stores().await else {
         return;
     };
     for i in 0..30 {
-        let key = format!("d{i}");
-        let req = format!("r{i}");
-        let d = delivery(&key, &[(Action::Approve, &req)]);
-        let (ra, rb) = tokio::join!(
-            a.write(std::slice::from_ref(&d), &[], 1_000),
-            b.write(std::slice::from_ref(&d), &[], 1_000)
-        );
-        let (ra, rb) = (
-            ra.unwrap().remove(0).unwrap(),
-            rb.unwrap().remove(0).unwrap(),
-        );
+        let d = delivery(&format!("d{i}"), &[(Action::Approve, &format!("r{i}"))]);
+        let (ra, rb) = at_once(&a, &b, d.clone(), d).await;
         let (new, dup) = match (&ra, &rb) {
             (Accepted::New { jobs, .. }, Accepted::Duplicate { job_ids }) => (jobs, job_ids),
             (Accepted::Duplicate { job_ids }, Accepted::New { jobs, .. }) => (jobs, job_ids),
@@ -112,11 +113,11 @@ async fn the_same_decision_at_two_relays_at_once_is_one_job() {
     };
     for i in 0..30 {
         let req = format!("r{i}");
-        let da = [delivery(&format!("a{i}"), &[(Action::Approve, &req)])];
-        let db = [delivery(&format!("b{i}"), &[(Action::Approve, &req)])];
-        let (ra, rb) = tokio::join!(a.write(&da, &[], 1_000), b.write(&db, &[], 1_000));
-        let mut both = jobs(&ra.unwrap().remove(0).unwrap());
-        both.extend(jobs(&rb.unwrap().remove(0).unwrap()));
+        let da = delivery(&format!("a{i}"), &[(Action::Approve, &req)]);
+        let db = delivery(&format!("b{i}"), &[(Action::Approve, &req)]);
+        let (ra, rb) = at_once(&a, &b, da, db).await;
+        let mut both = jobs(&ra);
+        both.extend(jobs(&rb));
         both.sort_by_key(|(_, coalesced)| *coalesced);
         assert_eq!(both.len(), 2);
         assert_eq!(both[0].0, both[1].0, "{i}: one job");
@@ -125,14 +126,19 @@ async fn the_same_decision_at_two_relays_at_once_is_one_job() {
     assert_eq!(a.counts().await.unwrap().pending, 30);
 }
 
+/// `n` deliveries, each approving a request of its own (`k0` approves `r0`, and so on).
+fn approves(n: usize) -> Vec<NewDelivery> {
+    (0..n)
+        .map(|i| delivery(&format!("k{i}"), &[(Action::Approve, &format!("r{i}"))]))
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batches_that_cross_in_opposite_orders_do_not_deadlock() {
     let Some((_db, a, b)) = two_stores().await else {
         return;
     };
-    let batch: Vec<NewDelivery> = (0..40)
-        .map(|i| delivery(&format!("k{i}"), &[(Action::Approve, &format!("r{i}"))]))
-        .collect();
+    let batch = approves(40);
     let mut reversed = batch.clone();
     reversed.reverse();
     let (ra, rb) = tokio::join!(a.write(&batch, &[], 1_000), b.write(&reversed, &[], 1_000));
@@ -151,9 +157,7 @@ async fn claims_by_two_relays_never_overlap() {
     let Some((_db, a, b)) = two_stores().await else {
         return;
     };
-    let batch: Vec<NewDelivery> = (0..60)
-        .map(|i| delivery(&format!("k{i}"), &[(Action::Approve, &format!("r{i}"))]))
-        .collect();
+    let batch = approves(60);
     a.write(&batch, &[], 1_000).await.unwrap();
     let (mut seen_a, mut seen_b) = (Vec::new(), Vec::new());
     loop {

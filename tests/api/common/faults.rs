@@ -8,14 +8,11 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use async_trait::async_trait;
 use p0_relay::secret::Secret;
-use p0_relay::store::audit::{
-    AuditEvent, AuditRow, AuditStatus, Covers, SealRef, Start, Verification,
-};
+use p0_relay::store::audit::{AuditRow, AuditStatus, Covers, SealRef, Start, Verification};
 use p0_relay::store::{
-    Ahead, AnswerJob, AnswerRecord, Answers, AttemptRecord, Audit, Claimed, Counts, Granted, Held,
-    Inspection, Job, JobDetail, JobSummary, Jobs, Leases, ListFilter, NewDelivery, Prune, Replay,
-    Replayed, Settings, SqliteStore, StoreError, StoreHandle, StoreTask, Upkeep, Windows,
-    WriteResults,
+    Ahead, AnswerJob, AnswerRecord, Answers, Audit, Claimed, Counts, Granted, Held, Inspection,
+    Job, JobDetail, JobSummary, Jobs, Leases, ListFilter, Parts, Prune, Replay, Replayed, Settings,
+    SqliteStore, StoreError, StoreHandle, StoreTask, Upkeep, Windows, WriteResults,
 };
 use tokio::sync::Notify;
 
@@ -98,13 +95,10 @@ impl Watched {
 
 #[async_trait]
 impl Jobs for Watched {
-    async fn write(
-        &self,
-        deliveries: Vec<NewDelivery>,
-        outcomes: Vec<AttemptRecord>,
-    ) -> Result<WriteResults, StoreError> {
+    /// Every write (`write`, `record_events`) comes through here.
+    async fn write_parts(&self, parts: Parts) -> Result<WriteResults, StoreError> {
         self.check()?;
-        self.inner.write(deliveries, outcomes).await
+        self.inner.write_parts(parts).await
     }
     async fn claim_jobs(&self, limit: usize) -> Result<Claimed<Job>, StoreError> {
         let mut claimed = self.inner.claim_jobs(limit).await?;
@@ -197,10 +191,6 @@ impl Upkeep for Watched {
 
 #[async_trait]
 impl Audit for Watched {
-    async fn record_events(&self, events: Vec<AuditEvent>) -> Result<(), StoreError> {
-        self.check()?;
-        self.inner.record_events(events).await
-    }
     async fn audit_events(&self, after: i64, limit: usize) -> Result<Vec<AuditRow>, StoreError> {
         self.inner.audit_events(after, limit).await
     }
