@@ -132,7 +132,7 @@ pub async fn check(checker: &Checker, api: &ProviderApi, gate: &Gate) -> Finding
     );
     let fetched = checker
         .cached(key, || {
-            oncalls(checker, api, user, &policy, &schedules, from)
+            oncalls(checker, api, user, &policy, schedules, from)
         })
         .await;
     let oncalls = match fetched {
@@ -143,7 +143,7 @@ pub async fn check(checker: &Checker, api: &ProviderApi, gate: &Gate) -> Finding
     let judged = Judged {
         user,
         policy: &policy,
-        schedules: &schedules,
+        schedules,
         at_ms: *at_ms,
         max_level,
     };
