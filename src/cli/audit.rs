@@ -111,23 +111,23 @@ fn text(row: &AuditRow) -> String {
     };
     let a = &b.about;
     let mut line = format!("{} {} {} {}", b.id, b.time, b.event.as_str(), b.outcome);
+    let job = b.job_id.map(|j| j.to_string());
+    let status = b.status.map(|s| s.to_string());
+    let covers = b.covers.as_ref().map(|c| format!("{}..={}", c.from, c.to));
     let fields = [
-        ("job", b.job_id.map(|j| j.to_string())),
-        ("source", a.source.clone()),
-        ("rule", a.rule.clone()),
-        ("actor", a.actor.clone()),
-        ("action", a.action.clone()),
-        ("org", a.org.clone()),
-        ("request", a.request_id.clone()),
-        ("subject", a.subject.clone()),
-        ("status", b.status.map(|s| s.to_string())),
-        ("operator", b.operator.clone()),
-        (
-            "covers",
-            b.covers.as_ref().map(|c| format!("{}..={}", c.from, c.to)),
-        ),
-        ("reason", b.reason.clone()),
-        ("detail", b.detail.clone()),
+        ("job", &job),
+        ("source", &a.source),
+        ("rule", &a.rule),
+        ("actor", &a.actor),
+        ("action", &a.action),
+        ("org", &a.org),
+        ("request", &a.request_id),
+        ("subject", &a.subject),
+        ("status", &status),
+        ("operator", &b.operator),
+        ("covers", &covers),
+        ("reason", &b.reason),
+        ("detail", &b.detail),
     ];
     for (name, value) in fields {
         if let Some(v) = value {

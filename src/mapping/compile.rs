@@ -739,17 +739,8 @@ impl Check<'_> {
 
     /// Refuses any field given that `check` does not use (`uses`).
     fn only(&self, check: &str, uses: &[&str]) -> Result<(), String> {
-        let raw = self.raw;
-        let given = [
-            ("escalation_policy", raw.escalation_policy.is_some()),
-            ("escalation_policies", raw.escalation_policies.is_some()),
-            ("incident", raw.incident.is_some()),
-            ("max_level", raw.max_level.is_some()),
-            ("schedules", raw.schedules.is_some()),
-            ("org", raw.org.is_some()),
-            ("owner", raw.owner.is_some()),
-            ("teams", raw.teams.is_some()),
-        ];
+        let given = given!(self.raw; escalation_policy, escalation_policies, incident, max_level,
+            schedules, org, owner, teams);
         match given
             .iter()
             .find(|(f, present)| *present && !uses.contains(f))

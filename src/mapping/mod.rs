@@ -4,6 +4,14 @@
 //! policy checked once), `evaluate` runs one on a webhook; `expr` is the language of
 //! selectors, conditions and extractions the three share.
 
+/// Which fields of a raw section were given, by name: `given!(raw; a, b)` is
+/// `[("a", raw.a.is_some()), ("b", raw.b.is_some())]` (for naming those that do not apply).
+macro_rules! given {
+    ($raw:expr; $($field:ident),+ $(,)?) => {
+        [$((stringify!($field), $raw.$field.is_some())),+]
+    };
+}
+
 pub mod cases;
 pub mod command;
 mod compile;

@@ -73,16 +73,8 @@ fn one(v: &RawVerify, source: &str, warnings: &mut Vec<String>) -> Result<Verifi
         }
     };
     // Options that belong to other schemes are mistakes worth naming.
-    let given: Vec<(&str, bool)> = vec![
-        ("header", v.header.is_some()),
-        ("algorithm", v.algorithm.is_some()),
-        ("encoding", v.encoding.is_some()),
-        ("prefix", v.prefix.is_some()),
-        ("timestamp_header", v.timestamp_header.is_some()),
-        ("message", v.message.is_some()),
-        ("tolerance", v.tolerance.is_some()),
-        ("username", v.username.is_some()),
-    ];
+    let given = given!(v; header, algorithm, encoding, prefix, timestamp_header, message,
+        tolerance, username);
     let allowed: &[&str] = match scheme {
         "hmac" => &[
             "header",

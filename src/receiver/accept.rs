@@ -128,10 +128,12 @@ impl Answered<'_> {
             .iter()
             .all(|a| matches!(a, Accepted::Duplicate { .. }))
         {
-            return Answer::new(StatusCode::OK, "duplicate")
-                .delivery(self.delivery)
-                .reason("this delivery was accepted before".into())
-                .job_ids(job_ids(results));
+            return Answer {
+                job_ids: job_ids(results),
+                ..Answer::new(StatusCode::OK, "duplicate")
+                    .delivery(self.delivery)
+                    .reason("this delivery was accepted before".into())
+            };
         }
         self.r.wake.notify_one();
         // One subject for the whole answer only when every unit shares it.
@@ -142,25 +144,29 @@ impl Answered<'_> {
             .flatten();
         self.count_refused(&results);
         if let Some(reason) = all_refused(&stored, &results) {
-            return Answer::new(StatusCode::OK, "rejected")
-                .rule(self.rule)
-                .delivery(self.delivery)
-                .reason(reason)
-                .subject(one_subject)
-                .job_ids(job_ids(results));
+            return Answer {
+                subject: one_subject,
+                job_ids: job_ids(results),
+                ..Answer::new(StatusCode::OK, "rejected")
+                    .rule(self.rule)
+                    .delivery(self.delivery)
+                    .reason(reason)
+            };
         }
         let ends = stored.iter().any(|s| s.ends);
         let mut parts = Parts::default();
         for (unit, result) in stored.into_iter().zip(results) {
             self.add(&mut parts, unit, result);
         }
-        Answer::new(StatusCode::ACCEPTED, "accepted")
-            .rule(self.rule)
-            .delivery(self.delivery)
-            .decisions(parts.decisions)
-            .subject(one_subject)
-            .revoked(parts.revoked, ends)
-            .reopened(parts.reopened)
+        let answer = Answer {
+            decisions: parts.decisions,
+            subject: one_subject,
+            reopened: parts.reopened,
+            ..Answer::new(StatusCode::ACCEPTED, "accepted")
+                .rule(self.rule)
+                .delivery(self.delivery)
+        };
+        answer.revoked(parts.revoked, ends)
     }
 
     fn count_refused(&self, results: &[Accepted]) {

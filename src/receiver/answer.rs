@@ -37,9 +37,9 @@ pub struct Answer {
     #[serde(skip)]
     pub status: StatusCode,
     #[serde(skip)]
-    outcome: Option<&'static str>,
+    pub(crate) outcome: Option<&'static str>,
     #[serde(skip)]
-    retry_after: Option<u64>,
+    pub(crate) retry_after: Option<u64>,
     #[serde(rename = "status")]
     pub word: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -63,6 +63,19 @@ pub struct Answer {
     pub reopened: Vec<String>,
 }
 
+/// Setters of optional fields: `answer.reason(r)` sets `reason` to `Some(r)`.
+macro_rules! optional {
+    ($($(#[$doc:meta])* $field:ident: $t:ty,)*) => {
+        $(
+            $(#[$doc])*
+            pub fn $field(mut self, value: $t) -> Answer {
+                self.$field = Some(value);
+                self
+            }
+        )*
+    };
+}
+
 impl Answer {
     pub fn new(status: StatusCode, word: &'static str) -> Answer {
         Answer {
@@ -81,50 +94,13 @@ impl Answer {
         }
     }
 
-    pub fn reason(mut self, reason: String) -> Answer {
-        self.reason = Some(reason);
-        self
-    }
-
-    pub fn rule(mut self, rule: String) -> Answer {
-        self.rule = Some(rule);
-        self
-    }
-
-    pub fn delivery(mut self, delivery: String) -> Answer {
-        self.delivery = Some(delivery);
-        self
-    }
-
-    pub fn retry_after(mut self, seconds: u64) -> Answer {
-        self.retry_after = Some(seconds);
-        self
-    }
-
-    /// Counts the answer under `outcome` rather than its status word.
-    pub fn outcome(mut self, outcome: &'static str) -> Answer {
-        self.outcome = Some(outcome);
-        self
-    }
-
-    pub fn job_ids(mut self, ids: Vec<i64>) -> Answer {
-        self.job_ids = ids;
-        self
-    }
-
-    pub fn decisions(mut self, decisions: Vec<DecisionAnswer>) -> Answer {
-        self.decisions = decisions;
-        self
-    }
-
-    pub fn reopened(mut self, subjects: Vec<String>) -> Answer {
-        self.reopened = subjects;
-        self
-    }
-
-    pub fn subject(mut self, subject: Option<String>) -> Answer {
-        self.subject = subject;
-        self
+    optional! {
+        reason: String,
+        rule: String,
+        delivery: String,
+        retry_after: u64,
+        /// Counts the answer under `outcome` rather than its status word.
+        outcome: &'static str,
     }
 
     /// The revocations a subject end made; an empty list is shown only when a subject ended

@@ -131,7 +131,7 @@ pub trait Audit: Jobs {
     /// seal); the seal's ID and what it covers.
     async fn seal(
         &self,
-        key: Option<&Secret>,
+        key: Option<Secret>,
         over: Option<SealRef>,
     ) -> Result<Option<(i64, Covers)>, StoreError>;
     /// The last seal covering events before `id` (where `audit verify --since` starts).

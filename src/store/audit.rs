@@ -683,7 +683,10 @@ impl Sealer {
             }
         }
         // Over the latest as checked: a seal that came meanwhile is checked at the next turn.
-        let sealed = store.seal(key, latest).await.map_err(NotSealed::Store)?;
+        let sealed = store
+            .seal(key.cloned(), latest)
+            .await
+            .map_err(NotSealed::Store)?;
         self.known = match &sealed {
             Some((id, covers)) => SealRef::of(*id, covers),
             None => latest.or(self.known),

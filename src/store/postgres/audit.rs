@@ -41,11 +41,9 @@ impl Audit for PgStore {
 
     async fn seal(
         &self,
-        key: Option<&Secret>,
+        key: Option<Secret>,
         over: Option<SealRef>,
     ) -> Result<Option<(i64, Covers)>, StoreError> {
-        let now = self.db.now();
-        let key = key.cloned();
         let sealed = self
             .db
             .run("seal", Duration::from_secs(60), async |c| {
@@ -78,6 +76,7 @@ impl Audit for PgStore {
                     Ok(None) => return Ok(Ok(None)),
                     Err(why) => return Ok(Err(StoreError::Refused(why))),
                 };
+                let now = self.db.now();
                 let written = write_events(&tx, std::slice::from_ref(&seal), now).await?;
                 tx.commit().await?;
                 Ok(Ok(Some(written)))

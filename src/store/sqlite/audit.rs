@@ -35,12 +35,11 @@ impl Audit for SqliteStore {
 
     async fn seal(
         &self,
-        key: Option<&Secret>,
+        key: Option<Secret>,
         over: Option<SealRef>,
     ) -> Result<Option<(i64, Covers)>, StoreError> {
         // What to seal, read beside the writer; then written by it, unless a seal came first.
         let path = self.path.clone();
-        let key = key.cloned();
         let read = tokio::task::spawn_blocking(move || -> Result<_, StoreError> {
             let conn = reader(&path)?;
             let previous = last_seal(&conn)?;

@@ -187,7 +187,6 @@ fn key() -> Secret {
     Secret::new("an audit key, 32 bytes long....")
 }
 
-/// The verdict after `sql` ran behind the store's back.
 /// After `sql` runs behind the store's back, `verify` (with `key`) fails saying `problem`.
 async fn fails_after(s: &Backend, sql: &str, key: Option<&Secret>, problem: &str) {
     s.behind_its_back(sql).await;

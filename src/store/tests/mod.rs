@@ -172,7 +172,11 @@ impl Backend {
     async fn seal(&mut self, key: Option<&crate::secret::Secret>, now: i64) -> Option<i64> {
         self.clock.set(now);
         let over = self.store.seal_before(i64::MAX).await.unwrap();
-        self.store.seal(key, over).await.unwrap().map(|(id, _)| id)
+        self.store
+            .seal(key.cloned(), over)
+            .await
+            .unwrap()
+            .map(|(id, _)| id)
     }
     async fn verify(&self, key: Option<&crate::secret::Secret>) -> audit::Verification {
         self.store.verify(key, audit::Start::First).await.unwrap()

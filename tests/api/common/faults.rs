@@ -196,7 +196,7 @@ impl Audit for Watched {
     }
     async fn seal(
         &self,
-        key: Option<&Secret>,
+        key: Option<Secret>,
         over: Option<SealRef>,
     ) -> Result<Option<(i64, Covers)>, StoreError> {
         self.inner.seal(key, over).await
