@@ -401,6 +401,15 @@ mod tests {
         .unwrap()
     }
 
+    /// The errors compiling `tree` makes, joined; each of `fragments` must be among them.
+    fn errors_naming(tree: Value, fragments: &[&str]) -> String {
+        let all = mapping_of(tree).unwrap_err().join("\n");
+        for fragment in fragments {
+            assert!(all.contains(fragment), "missing {fragment:?} in:\n{all}");
+        }
+        all
+    }
+
     /// The mapping file `s.yaml` of source `s`, compiled.
     fn mapping_of(tree: Value) -> Result<Mapping, Vec<String>> {
         compile("s", Path::new("s.yaml"), tree, &Env::default(), &defaults())
@@ -598,7 +607,7 @@ mod tests {
                 "actor": { "path": "@.by", "allow": "alice" }
             } ]
         });
-        let m = compile("s", Path::new("s.yaml"), tree, &Env::default(), &defaults()).unwrap();
+        let m = mapping_of(tree).unwrap();
         let headers = HeaderMap::new();
         let body = json!({ "alerts": [
             { "fp": "a", "status": "firing", "action": "approve", "req": "r-1", "by": "alice" },
@@ -702,27 +711,25 @@ mod tests {
                   "action": "approve", "request_id": { "path": "$.id" }, "actions": ["approve"] }
             ]
         });
-        let errors =
-            compile("s", Path::new("s.yaml"), tree, &Env::default(), &defaults()).unwrap_err();
-        let all = errors.join("\n");
-        for fragment in [
-            "s.yaml: rule `a`: action: `grant` is not approve, deny or revoke",
-            "s.yaml: rule `a`: duplicate rule name",
-            "s.yaml: rule `b`: when[0]: needs exactly one of",
-            "s.yaml: rule `b`: command: `bad header` is not a valid header name",
-            "s.yaml: rule `c`: needs either `command`, or both `action` and `request_id`",
-            "s.yaml: rule `d`: max_expiration: expiration `forever`",
-            "s.yaml: rule `e`: request_id: `@.id` reads a `for_each` element, and this rule has no `for_each`",
-            "s.yaml: rule `f`: for_each.path: `$.a[` is not valid JSONPath",
-            "s.yaml: rule `g`: when[0]: `any` needs at least one condition",
-            "s.yaml: rule `g`: when[1]: `any` stands alone",
-            "s.yaml: rule `h`: ends_subject: needs exactly one of",
-            "s.yaml: rule `i`: ends_subject: a rule that ends its subject only revokes; drop `command`",
-            "s.yaml: rule `i`: ends_subject: needs a `subject`",
-            "s.yaml: rule `j`: actions: a rule that ends its subject must allow `revoke`",
-        ] {
-            assert!(all.contains(fragment), "missing {fragment:?} in:\n{all}");
-        }
+        errors_naming(
+            tree,
+            &[
+                "s.yaml: rule `a`: action: `grant` is not approve, deny or revoke",
+                "s.yaml: rule `a`: duplicate rule name",
+                "s.yaml: rule `b`: when[0]: needs exactly one of",
+                "s.yaml: rule `b`: command: `bad header` is not a valid header name",
+                "s.yaml: rule `c`: needs either `command`, or both `action` and `request_id`",
+                "s.yaml: rule `d`: max_expiration: expiration `forever`",
+                "s.yaml: rule `e`: request_id: `@.id` reads a `for_each` element, and this rule has no `for_each`",
+                "s.yaml: rule `f`: for_each.path: `$.a[` is not valid JSONPath",
+                "s.yaml: rule `g`: when[0]: `any` needs at least one condition",
+                "s.yaml: rule `g`: when[1]: `any` stands alone",
+                "s.yaml: rule `h`: ends_subject: needs exactly one of",
+                "s.yaml: rule `i`: ends_subject: a rule that ends its subject only revokes; drop `command`",
+                "s.yaml: rule `i`: ends_subject: needs a `subject`",
+                "s.yaml: rule `j`: actions: a rule that ends its subject must allow `revoke`",
+            ],
+        );
     }
 
     #[test]
@@ -748,26 +755,24 @@ mod tests {
                 rule("n", json!({ "check": "opsgenie", "schedules": "s", "at": { "path": "$.at" } }))
             ]
         });
-        let errors =
-            compile("s", Path::new("s.yaml"), tree, &Env::default(), &defaults()).unwrap_err();
-        let all = errors.join("\n");
-        for fragment in [
-            "s.yaml: rule `a`: oncall: the github check needs a pinned `org`",
-            "s.yaml: rule `b`: oncall: the github check needs `teams`",
-            "s.yaml: rule `c`: oncall: the opsgenie check needs `schedules`",
-            "s.yaml: rule `d`: oncall: the pagerduty check needs `escalation_policy` or `incident`",
-            "s.yaml: rule `e`: oncall: max_level: `0` is not a level",
-            "s.yaml: rule `f`: oncall: teams: not used by the `pagerduty` check",
-            "s.yaml: rule `g`: oncall: enabled: `maybe` is not on or off",
-            "s.yaml: rule `h`: oncall: check: `teleport` is not pagerduty, opsgenie, jsm or github",
-            "s.yaml: rule `i`: oncall: needs the rule's `actor`",
-            "s.yaml: rule `k`: oncall: the pagerduty check needs pinned `escalation_policies` or `schedules`",
-            "s.yaml: rule `l`: oncall: org: the organization is pinned by name",
-            "s.yaml: rule `m`: oncall: the github check needs `owner`",
-            "s.yaml: rule `n`: oncall: at: the moment judged is the mapping's signed event time",
-        ] {
-            assert!(all.contains(fragment), "missing {fragment:?} in:\n{all}");
-        }
+        let all = errors_naming(
+            tree,
+            &[
+                "s.yaml: rule `a`: oncall: the github check needs a pinned `org`",
+                "s.yaml: rule `b`: oncall: the github check needs `teams`",
+                "s.yaml: rule `c`: oncall: the opsgenie check needs `schedules`",
+                "s.yaml: rule `d`: oncall: the pagerduty check needs `escalation_policy` or `incident`",
+                "s.yaml: rule `e`: oncall: max_level: `0` is not a level",
+                "s.yaml: rule `f`: oncall: teams: not used by the `pagerduty` check",
+                "s.yaml: rule `g`: oncall: enabled: `maybe` is not on or off",
+                "s.yaml: rule `h`: oncall: check: `teleport` is not pagerduty, opsgenie, jsm or github",
+                "s.yaml: rule `i`: oncall: needs the rule's `actor`",
+                "s.yaml: rule `k`: oncall: the pagerduty check needs pinned `escalation_policies` or `schedules`",
+                "s.yaml: rule `l`: oncall: org: the organization is pinned by name",
+                "s.yaml: rule `m`: oncall: the github check needs `owner`",
+                "s.yaml: rule `n`: oncall: at: the moment judged is the mapping's signed event time",
+            ],
+        );
         assert!(
             all.contains("rule `j`: actor.allow: `*` (anyone) is accepted only with the rule's on-call check on"),
             "a check turned off is no check, so `*` is refused:\n{all}"
@@ -779,10 +784,7 @@ mod tests {
         // Long on purpose: one mapping file and the events it judges, read top to bottom.
         let errors = |rules: Value| {
             let tree = json!({ "verify": { "scheme": "github", "secrets": "t" }, "rules": rules });
-            compile("s", Path::new("s.yaml"), tree, &Env::default(), &defaults())
-                .err()
-                .unwrap_or_default()
-                .join("\n")
+            mapping_of(tree).err().unwrap_or_default().join("\n")
         };
         // A rule that may approve names its actor, or says it has none.
         let all =
@@ -799,8 +801,7 @@ mod tests {
         let tree = json!({ "verify": { "scheme": "github", "secrets": "t" }, "rules": [
             { "name": "d", "command": { "path": "$.x" }, "actor": { "path": "$.by", "allow": "secops" },
               "actions": ["deny", "revoke"] } ] });
-        let deny_only =
-            compile("s", Path::new("s.yaml"), tree, &Env::default(), &defaults()).unwrap();
+        let deny_only = mapping_of(tree).unwrap();
         let headers = HeaderMap::new();
         let by = |who: &str| {
             cases::describe(&deny_only.decide(
@@ -834,7 +835,7 @@ mod tests {
         let m = |allow: &str| {
             let tree = json!({ "verify": { "scheme": "github", "secrets": "t" },
                 "rules": [ { "name": "r", "command": { "path": "$.x" }, "actor": { "path": "$.by", "allow": allow } } ] });
-            compile("s", Path::new("s.yaml"), tree, &Env::default(), &defaults()).unwrap()
+            mapping_of(tree).unwrap()
         };
         let headers = HeaderMap::new();
         let say = |m: &Mapping, body: Value| {
@@ -868,7 +869,7 @@ mod tests {
                              "action": { "path": "@.status", "map": { "firing": "approve", "resolved": "revoke" } },
                              "request_id": { "path": "@.req" }, "actions": ["approve", "revoke"],
                              "actorless": { "grants": grants, "trusts": "whoever posts alerts" } } ] });
-            compile("s", Path::new("s.yaml"), tree, &Env::default(), &defaults()).unwrap()
+            mapping_of(tree).unwrap()
         };
         let firing = json!({ "alerts": [ { "fp": "a", "status": "firing", "req": "r-1" } ] });
         assert!(say(&actorless("on"), firing.clone()).contains("decided [approve r-1"));
@@ -975,7 +976,7 @@ mod tests {
             "dedup": { "key": [ { "header": "X-Id" } ], "fallback": [ { "path": "$.a" }, { "path": "$.b" } ] },
             "rules": [ { "name": "r", "command": { "path": "$.x" }, "actor": { "path": "$.by", "allow": "a" } } ]
         });
-        let m = compile("s", Path::new("s.yaml"), tree, &Env::default(), &defaults()).unwrap();
+        let m = mapping_of(tree).unwrap();
         let mut headers = HeaderMap::new();
         let body = json!({ "a": "x", "b": 1764239100456000123u64 });
         let key = |h: &HeaderMap, b: &Value| {
@@ -1003,7 +1004,7 @@ mod tests {
             ],
             "rules": [ { "name": "r", "command": { "path": "$.x" }, "actor": { "path": "$.by", "allow": "a" } } ]
         });
-        let m = compile("s", Path::new("s.yaml"), tree, &Env::default(), &defaults()).unwrap();
+        let m = mapping_of(tree).unwrap();
         let mut headers = HeaderMap::new();
         headers.insert("x-id", HeaderValue::from_static("fresh-header"));
         let key = |b: &Value| {
@@ -1030,9 +1031,7 @@ mod tests {
             "freshness": { "time": [ { "header": "bad header" } ], "max_age": "soon" },
             "rules": [ { "name": "r", "command": { "path": "$.x" }, "actor": { "path": "$.by", "allow": "a" } } ]
         });
-        let all = compile("s", Path::new("s.yaml"), tree, &Env::default(), &defaults())
-            .unwrap_err()
-            .join("\n");
+        let all = mapping_of(tree).unwrap_err().join("\n");
         assert!(
             all.contains("s.yaml: dedup[2].kye: unknown field `kye`"),
             "{all}"
@@ -1043,9 +1042,7 @@ mod tests {
             "freshness": { "time": [ { "header": "bad header" } ], "max_age": "soon" },
             "rules": [ { "name": "r", "command": { "path": "$.x" }, "actor": { "path": "$.by", "allow": "a" } } ]
         });
-        let all = compile("s", Path::new("s.yaml"), tree, &Env::default(), &defaults())
-            .unwrap_err()
-            .join("\n");
+        let all = mapping_of(tree).unwrap_err().join("\n");
         for fragment in [
             "s.yaml: dedup[0]: name: `a b` is not letters",
             "s.yaml: dedup[0]: key[0]: `$[` is not valid JSONPath",

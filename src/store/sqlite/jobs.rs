@@ -346,14 +346,14 @@ impl<'t> Accept<'t> {
                 "INSERT INTO deliveries (source, dedup_key, received_at, rule, actor, payload)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
             )?
-            .execute(params![
-                d.source,
-                d.dedup_key,
+            .execute((
+                &d.source,
+                &d.dedup_key,
                 d.received_at_ms,
-                d.rule,
-                d.actor,
-                payload
-            ])?;
+                &d.rule,
+                &d.actor,
+                payload,
+            ))?;
         Ok(self.tx.last_insert_rowid())
     }
 
@@ -532,14 +532,14 @@ fn record_all<'r>(
             "INSERT INTO attempts (job_id, at, status, result, error, duration_ms)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
         )?
-        .execute(params![
+        .execute((
             rec.job_id,
             rec.at_ms,
             rec.status,
             rec.result,
-            rec.error,
-            rec.duration_ms
-        ])?;
+            &rec.error,
+            rec.duration_ms,
+        ))?;
         for a in &rec.answers {
             tx.prepare_cached(
                 "INSERT INTO answers (job_id, via, kind, target, body, state, next_attempt_at,
