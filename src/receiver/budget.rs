@@ -160,7 +160,9 @@ impl Budget {
         for id in victims {
             if let Some(h) = self.forget(inner, id) {
                 h.cut.cancel();
-                self.metrics.iter().for_each(|m| m.inbound_refusal("cut"));
+                if let Some(m) = &self.metrics {
+                    m.inbound_refusal("cut");
+                }
             }
         }
         Ok(())

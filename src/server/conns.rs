@@ -242,9 +242,9 @@ impl Conns {
             .map(|(id, _)| *id)?;
         let place = self.forget(inner, id)?;
         place.close.cancel();
-        self.metrics
-            .iter()
-            .for_each(|m| m.inbound_refusal("evicted"));
+        if let Some(m) = &self.metrics {
+            m.inbound_refusal("evicted");
+        }
         Some(())
     }
 

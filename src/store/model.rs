@@ -184,9 +184,7 @@ pub type Claim<T> = Result<T, Unreadable>;
 pub trait Claimable {
     fn held(&self) -> Held;
     /// The P0 job it is, if it is one (a job others of its request may wait on).
-    fn job(&self) -> Option<i64> {
-        None
-    }
+    fn job(&self) -> Option<i64>;
 }
 
 impl Claimable for Job {
@@ -210,6 +208,11 @@ impl Claimable for AnswerJob {
             id: self.id,
             claim_token: self.claim_token,
         }
+    }
+
+    /// Answers never hold up a P0 job.
+    fn job(&self) -> Option<i64> {
+        None
     }
 }
 

@@ -6,7 +6,6 @@ use async_trait::async_trait;
 use rusqlite::{Connection, OptionalExtension, params};
 
 use super::SqliteStore;
-
 use crate::secret::Secret;
 use crate::store::StoreError;
 use crate::store::api::Audit;
