@@ -21,9 +21,7 @@ use crate::p0::{self, Outcome};
 use crate::ratelimit::KeyedLimit;
 use crate::retry::retry_at;
 use crate::store::audit::{About, AuditEvent, Kind};
-use crate::store::{
-    Ahead, AttemptRecord, Claimed, Job, State, StoreError, StoreHandle, Unreadable, now_ms,
-};
+use crate::store::{AttemptRecord, Job, State, StoreHandle, Unreadable, now_ms};
 
 /// Everything the worker needs; `client: None` is a dry run that calls nothing.
 pub struct Worker {
@@ -59,29 +57,15 @@ enum Checked {
 #[async_trait]
 impl Work for Worker {
     type Item = Job;
-    type Outcome = AttemptRecord;
-    const NAME: &'static str = "decisions";
 
     fn store(&self) -> &StoreHandle {
         &self.store
-    }
-
-    async fn claim(&self, limit: usize) -> Result<Claimed<Job>, StoreError> {
-        self.store.claim_jobs(limit).await
-    }
-
-    async fn ahead(&self) -> Ahead {
-        self.store.jobs_ahead().await
     }
 
     async fn attempt(&self, job: &Job) -> AttemptRecord {
         let mut rec = self.decide(job).await;
         rec.audit = audit_of(job, &rec);
         rec
-    }
-
-    async fn record(&self, outcome: AttemptRecord) -> Result<(), StoreError> {
-        self.store.record(outcome).await
     }
 
     /// The answers back created with this outcome go out now, not at the next poll.

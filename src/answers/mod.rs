@@ -19,9 +19,7 @@ use crate::metrics::Metrics;
 use crate::ratelimit::KeyedLimit;
 use crate::retry::retry_at;
 use crate::store::audit::{AuditEvent, Kind};
-use crate::store::{
-    Ahead, AnswerJob, AnswerRecord, Claimed, State, StoreError, StoreHandle, Unreadable, now_ms,
-};
+use crate::store::{AnswerJob, AnswerRecord, State, StoreHandle, Unreadable, now_ms};
 
 use crate::providers::{Providers, Sent};
 
@@ -39,19 +37,9 @@ pub struct Answerer {
 #[async_trait]
 impl Work for Answerer {
     type Item = AnswerJob;
-    type Outcome = AnswerRecord;
-    const NAME: &'static str = "answers";
 
     fn store(&self) -> &StoreHandle {
         &self.store
-    }
-
-    async fn claim(&self, limit: usize) -> Result<Claimed<AnswerJob>, StoreError> {
-        self.store.claim_answers(limit).await
-    }
-
-    async fn ahead(&self) -> Ahead {
-        self.store.answers_ahead().await
     }
 
     /// Sends `answer`, paced per provider; what came of it. The claim is held (its lease
@@ -63,10 +51,6 @@ impl Work for Answerer {
         let mut rec = self.next_state(answer, sent);
         rec.audit = answered(answer, &rec);
         rec
-    }
-
-    async fn record(&self, outcome: AnswerRecord) -> Result<(), StoreError> {
-        self.store.record_answer(outcome).await
     }
 
     fn recorded(&self, outcome: &AnswerRecord) -> bool {

@@ -16,39 +16,33 @@ use tokio::task::{self, JoinSet};
 use tokio_util::sync::CancellationToken;
 
 use crate::retry::until_recorded;
-use crate::store::{
-    Ahead, Claimable, Claimed, Held, Leased, StoreError, StoreHandle, Unreadable, now_ms,
-};
+use crate::store::{Claimable, Held, Leased, StoreHandle, Unreadable, now_ms};
 pub use schedule::{ClaimSchedule, IDLE_POLL};
 
-/// What a claim loop works through.
+/// What a claim loop works through: what is done with each item (how the store claims and
+/// records it is the item's, `Claimable`).
 #[async_trait]
 pub trait Work: Send + Sync + 'static {
     /// A claimed item (a decision, an answer).
-    type Item: Claimable + Clone + Send + Sync + 'static;
-    /// What running it came to, as the store records it.
-    type Outcome: Clone + Send + Sync + 'static;
-    /// What it claims, for the log ("decisions", "answers").
-    const NAME: &'static str;
+    type Item: Claimable;
 
     fn store(&self) -> &StoreHandle;
-    async fn claim(&self, limit: usize) -> Result<Claimed<Self::Item>, StoreError>;
-    /// What lies ahead of a short claim that did not say.
-    async fn ahead(&self) -> Ahead;
     /// Runs the item; what came of it.
-    async fn attempt(&self, item: &Self::Item) -> Self::Outcome;
-    async fn record(&self, outcome: Self::Outcome) -> Result<(), StoreError>;
+    async fn attempt(&self, item: &Self::Item) -> Outcome<Self>;
     /// After `outcome` was recorded: whether its item may fall due again.
-    fn recorded(&self, outcome: &Self::Outcome) -> bool;
+    fn recorded(&self, outcome: &Outcome<Self>) -> bool;
     /// The outcome of an item whose task panicked (a bug in the relay, not an answer from
     /// the provider): pending again after a backoff, or dead when out of time, like a
     /// transient failure.
-    fn panicked(&self, item: &Self::Item, why: &str) -> Self::Outcome;
+    fn panicked(&self, item: &Self::Item, why: &str) -> Outcome<Self>;
     /// The outcome of a claimed row that cannot be read: dead, saying why.
-    fn unreadable(&self, row: &Unreadable) -> Self::Outcome;
+    fn unreadable(&self, row: &Unreadable) -> Outcome<Self>;
     /// Called once a turn (the worker keeps its gauges current).
     async fn turn(&self) {}
 }
+
+/// What running an item of `W` comes to.
+pub type Outcome<W> = <<W as Work>::Item as Claimable>::Outcome;
 
 /// How a claim loop runs.
 pub struct Limits {
@@ -126,10 +120,10 @@ pub async fn run<W: Work>(
 impl<W: Work> Turns<W> {
     /// Claims up to `free` items and starts each; learns what lies ahead.
     async fn claim(&mut self, free: usize, at: Instant) {
-        let claimed = match self.work.claim(free).await {
+        let claimed = match W::Item::claim(self.work.store(), free).await {
             Ok(claimed) => claimed,
             Err(e) => {
-                tracing::error!(error = %e, "cannot claim {} from the store", W::NAME);
+                tracing::error!(error = %e, "cannot claim {} from the store", <W::Item as Claimable>::NAME);
                 self.schedule.claim_failed(at);
                 return;
             }
@@ -137,8 +131,8 @@ impl<W: Work> Turns<W> {
         let took = claimed.items.len() + claimed.unreadable.len();
         self.schedule.claimed(free, took, at);
         for row in &claimed.unreadable {
-            tracing::error!(id = row.id, why = %row.why, "a claimed {} row cannot be read; recorded dead", W::NAME);
-            if let Err(e) = self.work.record(self.work.unreadable(row)).await {
+            tracing::error!(id = row.id, why = %row.why, "a claimed {} row cannot be read; recorded dead", <W::Item as Claimable>::NAME);
+            if let Err(e) = W::Item::record(self.work.store(), self.work.unreadable(row)).await {
                 tracing::error!(id = row.id, error = %e, "cannot record an unreadable row dead");
             }
         }
@@ -159,7 +153,7 @@ impl<W: Work> Turns<W> {
         // running).
         let ahead = match claimed.ahead {
             Some(ahead) => ahead,
-            None => self.work.ahead().await,
+            None => W::Item::ahead(self.work.store()).await,
         };
         self.schedule.ahead_is(ahead);
     }
@@ -177,10 +171,10 @@ impl<W: Work> Turns<W> {
             (Some(failure), Some(item)) if failure.is_panic() => {
                 let why = crate::supervise::panic_message(failure.into_panic());
                 let outcome = self.work.panicked(&item, &why);
-                if let Err(e) = self.work.record(outcome).await {
+                if let Err(e) = W::Item::record(self.work.store(), outcome).await {
                     let (job_id, answer_id) = ids(item.held());
                     tracing::error!(job_id, answer_id, error = %e,
-                        "cannot record the outcome of {} whose task failed", W::NAME);
+                        "cannot record the outcome of {} whose task failed", <W::Item as Claimable>::NAME);
                 }
                 true
             }
@@ -202,7 +196,7 @@ impl<W: Work> Turns<W> {
                 },
                 _ = &mut deadline => {
                     tracing::warn!(in_flight = self.tasks.len(),
-                        "shutdown deadline reached; unfinished {} stay queued", W::NAME);
+                        "shutdown deadline reached; unfinished {} stay queued", <W::Item as Claimable>::NAME);
                     self.tasks.abort_all();
                     break;
                 }
@@ -228,11 +222,11 @@ async fn execute<W: Work>(work: &W, item: W::Item) -> bool {
     };
     let recorded = until_recorded(
         hold,
-        || work.record(outcome.clone()),
+        || W::Item::record(work.store(), outcome.clone()),
         |e, wait| {
             let (job_id, answer_id) = ids(held);
             tracing::error!(job_id, answer_id, error = %e, retry_in_ms = wait.as_millis() as u64,
-                "cannot record the outcome of {}", W::NAME);
+                "cannot record the outcome of {}", <W::Item as Claimable>::NAME);
         },
     )
     .await;

@@ -8,8 +8,10 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use super::StoreError;
+use async_trait::async_trait;
+
 use super::audit::AuditEvent;
+use super::{StoreError, StoreHandle};
 use crate::domain::{Action, Binding, Expiration, Gate, Id, Reply};
 use crate::policy::Decision;
 
@@ -180,14 +182,28 @@ pub struct Unreadable {
 /// A claimed row: the item, or why it cannot be read.
 pub type Claim<T> = Result<T, Unreadable>;
 
-/// A claimed row the claim loop runs: the claim it is held under.
-pub trait Claimable {
+/// A claimed row the claim loop runs (`claims`): the claim it is held under, and how the
+/// store claims it and records what came of it.
+#[async_trait]
+pub trait Claimable: Clone + Send + Sync + 'static {
+    /// What running it came to, as the store records it.
+    type Outcome: Clone + Send + Sync + 'static;
+    /// What it is, for the log ("decisions", "answers").
+    const NAME: &'static str;
     fn held(&self) -> Held;
     /// The P0 job it is, if it is one (a job others of its request may wait on).
     fn job(&self) -> Option<i64>;
+    async fn claim(store: &StoreHandle, limit: usize) -> Result<Claimed<Self>, StoreError>;
+    /// What lies ahead of a short claim that did not say.
+    async fn ahead(store: &StoreHandle) -> Ahead;
+    async fn record(store: &StoreHandle, outcome: Self::Outcome) -> Result<(), StoreError>;
 }
 
+#[async_trait]
 impl Claimable for Job {
+    type Outcome = AttemptRecord;
+    const NAME: &'static str = "decisions";
+
     fn held(&self) -> Held {
         Held {
             what: Leased::Job,
@@ -199,9 +215,25 @@ impl Claimable for Job {
     fn job(&self) -> Option<i64> {
         Some(self.id)
     }
+
+    async fn claim(store: &StoreHandle, limit: usize) -> Result<Claimed<Job>, StoreError> {
+        store.claim_jobs(limit).await
+    }
+
+    async fn ahead(store: &StoreHandle) -> Ahead {
+        store.jobs_ahead().await
+    }
+
+    async fn record(store: &StoreHandle, outcome: AttemptRecord) -> Result<(), StoreError> {
+        store.record(outcome).await
+    }
 }
 
+#[async_trait]
 impl Claimable for AnswerJob {
+    type Outcome = AnswerRecord;
+    const NAME: &'static str = "answers";
+
     fn held(&self) -> Held {
         Held {
             what: Leased::Answer,
@@ -213,6 +245,18 @@ impl Claimable for AnswerJob {
     /// Answers never hold up a P0 job.
     fn job(&self) -> Option<i64> {
         None
+    }
+
+    async fn claim(store: &StoreHandle, limit: usize) -> Result<Claimed<AnswerJob>, StoreError> {
+        store.claim_answers(limit).await
+    }
+
+    async fn ahead(store: &StoreHandle) -> Ahead {
+        store.answers_ahead().await
+    }
+
+    async fn record(store: &StoreHandle, outcome: AnswerRecord) -> Result<(), StoreError> {
+        store.record_answer(outcome).await
     }
 }
 
