@@ -343,6 +343,14 @@ impl Metrics {
         self.inbound_refused.with_label_values(&[reason]).inc();
     }
 
+    /// As `inbound_refusal`, where there may be no metrics (a part built without them, as in
+    /// its own tests, counts nothing).
+    pub fn count_refusal(metrics: Option<&Metrics>, reason: &'static str) {
+        if let Some(m) = metrics {
+            m.inbound_refusal(reason);
+        }
+    }
+
     /// Zeroes the series of newly mapped sources.
     pub fn add_sources<'a>(&self, sources: impl IntoIterator<Item = &'a str>) {
         for source in sources {

@@ -59,15 +59,14 @@ pub struct Proposal {
 }
 
 /// A decision the relay will carry out.
+#[serde_with::skip_serializing_none]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Decision {
     pub org: Id,
     pub request_id: Id,
     pub action: Action,
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub expiration: Option<Expiration>,
     /// The longer expiration that was asked for, when it was clamped to the rule's maximum.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub clamped_from: Option<Expiration>,
 }
 

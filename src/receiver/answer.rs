@@ -9,6 +9,7 @@ use serde::Serialize;
 use crate::policy::Decision;
 use crate::store::BoundRevocation;
 
+#[serde_with::skip_serializing_none]
 #[derive(Debug, Serialize)]
 pub struct DecisionAnswer {
     pub job_id: i64,
@@ -16,22 +17,21 @@ pub struct DecisionAnswer {
     pub decision: Decision,
     pub coalesced: bool,
     /// The subject this decision is bound to (each alert of a group has its own).
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub subject: Option<String>,
     /// Why the store refused it (its subject had ended): it is answered back, never sent.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub refused: Option<String>,
 }
 
 /// A revocation a subject's end made, and that subject.
+#[serde_with::skip_serializing_none]
 #[derive(Debug, Serialize)]
 pub struct Revoked {
     #[serde(flatten)]
     pub revocation: BoundRevocation,
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub subject: Option<String>,
 }
 
+#[serde_with::skip_serializing_none]
 #[derive(Debug, Serialize)]
 pub struct Answer {
     #[serde(skip)]
@@ -42,21 +42,16 @@ pub struct Answer {
     pub(crate) retry_after: Option<u64>,
     #[serde(rename = "status")]
     pub word: &'static str,
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub rule: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub delivery: Option<String>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub decisions: Vec<DecisionAnswer>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub job_ids: Vec<i64>,
     /// What the decisions were asked on, when they share one subject.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub subject: Option<String>,
     /// The revocations the end of the subject made (`ends_subject` rules).
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub revoked: Option<Vec<Revoked>>,
     /// The subjects this delivery reopened after their end (`reopens_subject` rules).
     #[serde(skip_serializing_if = "Vec::is_empty")]

@@ -160,9 +160,7 @@ impl Budget {
         for id in victims {
             if let Some(h) = self.forget(inner, id) {
                 h.cut.cancel();
-                if let Some(m) = &self.metrics {
-                    m.inbound_refusal("cut");
-                }
+                Metrics::count_refusal(self.metrics.as_ref(), "cut");
             }
         }
         Ok(())

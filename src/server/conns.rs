@@ -242,9 +242,7 @@ impl Conns {
             .map(|(id, _)| *id)?;
         let place = self.forget(inner, id)?;
         place.close.cancel();
-        if let Some(m) = &self.metrics {
-            m.inbound_refusal("evicted");
-        }
+        Metrics::count_refusal(self.metrics.as_ref(), "evicted");
         Some(())
     }
 

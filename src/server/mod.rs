@@ -79,9 +79,7 @@ pub async fn serve(
         let place = match places.admit(peer.ip()) {
             Ok(place) => place,
             Err(refused) => {
-                if let Some(m) = &limits.metrics {
-                    m.inbound_refusal(refused.reason());
-                }
+                Metrics::count_refusal(limits.metrics.as_ref(), refused.reason());
                 drop(stream);
                 continue;
             }
