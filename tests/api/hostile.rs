@@ -266,13 +266,11 @@ async fn an_absurd_expiration_is_clamped_to_the_cap_and_the_answer_says_so() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_declared_oversized_body_is_refused_before_it_is_read() {
     let t = spawn().await;
-    let mut s = TcpStream::connect(t.addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    write!(
-        s,
-        "POST /webhooks/github HTTP/1.1\r\nHost: relay\r\nContent-Type: application/json\r\nContent-Length: 5000000\r\n\r\n"
-    )
-    .unwrap();
+    let mut s = raw(
+        t.addr,
+        5,
+        "POST /webhooks/github HTTP/1.1\r\nHost: relay\r\nContent-Type: application/json\r\nContent-Length: 5000000\r\n\r\n",
+    );
     let mut buf = [0u8; 512];
     let n = s.read(&mut buf).unwrap();
     let head = String::from_utf8_lossy(&buf[..n]);
@@ -338,13 +336,11 @@ async fn a_slow_client_is_cut_off_while_other_deliveries_are_answered() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_body_is_answered_408() {
     let t = spawn().await;
-    let mut s = TcpStream::connect(t.addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(6))).unwrap();
-    write!(
-        s,
-        "POST /webhooks/github HTTP/1.1\r\nHost: relay\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{{"
-    )
-    .unwrap();
+    let mut s = raw(
+        t.addr,
+        6,
+        "POST /webhooks/github HTTP/1.1\r\nHost: relay\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{",
+    );
     let started = Instant::now();
     let mut buf = [0u8; 512];
     let n = s.read(&mut buf).unwrap();
@@ -599,17 +595,24 @@ fn absurd_numbers_and_durations_in_relay_yaml_are_refused_naming_the_setting() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_answer_comes_with_its_length() {
     let t = spawn().await;
-    let mut s = TcpStream::connect(t.addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    write!(
-        s,
-        "POST /webhooks/github HTTP/1.1\r\nHost: relay\r\nContent-Type: application/json\r\nConnection: close\r\nContent-Length: 2\r\n\r\n{{}}"
-    )
-    .unwrap();
+    let mut s = raw(
+        t.addr,
+        5,
+        "POST /webhooks/github HTTP/1.1\r\nHost: relay\r\nContent-Type: application/json\r\nConnection: close\r\nContent-Length: 2\r\n\r\n{}",
+    );
     let mut answer = String::new();
     let _ = s.read_to_string(&mut answer);
     let head = answer.to_ascii_lowercase();
     assert!(head.starts_with("http/1.1 401"), "{answer}");
     assert!(head.contains("\r\ncontent-length: "), "{answer}");
     assert!(!head.contains("transfer-encoding"), "{answer}");
+}
+
+/// A connection to `addr` that has sent `request` as written, and waits `secs` at most for
+/// each read.
+fn raw(addr: std::net::SocketAddr, secs: u64, request: &str) -> TcpStream {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(secs))).unwrap();
+    s.write_all(request.as_bytes()).unwrap();
+    s
 }
