@@ -21,7 +21,7 @@ use crate::p0::{self, Outcome};
 use crate::ratelimit::KeyedLimit;
 use crate::retry::retry_at;
 use crate::store::audit::{About, AuditEvent, Kind};
-use crate::store::{AttemptRecord, Job, State, StoreHandle, Unreadable, now_ms};
+use crate::store::{AttemptRecord, Job, Settled, State, StoreHandle, Unreadable, now_ms};
 
 /// Everything the worker needs; `client: None` is a dry run that calls nothing.
 pub struct Worker {
@@ -64,7 +64,7 @@ impl Work for Worker {
 
     async fn attempt(&self, job: &Job) -> AttemptRecord {
         let mut rec = self.decide(job).await;
-        rec.audit = audit_of(job, &rec);
+        rec.settled.audit = audit_of(job, &rec);
         rec
     }
 
@@ -73,30 +73,31 @@ impl Work for Worker {
         if !outcome.answers.is_empty() {
             self.answer_wake.notify_one();
         }
-        outcome.state == State::Pending
+        outcome.settled.state == State::Pending
     }
 
     fn panicked(&self, job: &Job, why: &str) -> AttemptRecord {
         let mut rec = self.again_or_dead(job, None);
         tracing::error!(
-            job_id = job.id, error = %why, attempt = rec.attempts, state = rec.state.as_str(),
+            job_id = job.id, error = %why, attempt = rec.settled.attempts,
+            state = rec.settled.state.as_str(),
             "a P0 call failed inside the relay (a bug); the decision is given back"
         );
         rec.result = "internal_error";
-        rec.error = Some(format!("the relay failed during the call: {why}"));
-        rec.audit = audit_of(job, &rec);
+        rec.settled.error = Some(format!("the relay failed during the call: {why}"));
+        rec.settled.audit = audit_of(job, &rec);
         rec
     }
 
     fn unreadable(&self, row: &Unreadable) -> AttemptRecord {
         let now = now_ms();
-        let mut rec = record(row.id, row.claim_token, row.attempts.saturating_add(1), now);
-        rec.state = State::Dead;
+        let attempts = row.attempts.saturating_add(1);
+        let mut rec = record(row.id, row.claim_token, attempts, State::Dead, now);
         rec.result = "unreadable";
-        rec.error = Some(row.why.clone());
+        rec.settled.error = Some(row.why.clone());
         let mut dead = AuditEvent::new(Kind::Dead, Some(row.id), "unreadable");
         dead.reason = Some(row.why.clone());
-        rec.audit = vec![dead];
+        rec.settled.audit = vec![dead];
         rec
     }
 }
@@ -108,8 +109,8 @@ impl Worker {
         let now = now_ms();
         let attempts = job.attempts.saturating_add(1);
         let next = retry_at(&self.retry, attempts, now, job.window_start_ms, retry_after);
-        let mut rec = record(job.id, job.claim_token, attempts, now);
-        (rec.state, rec.next_attempt_at_ms) = match next {
+        let mut rec = record(job.id, job.claim_token, attempts, State::Pending, now);
+        (rec.settled.state, rec.settled.next_attempt_at_ms) = match next {
             Some(at) => (State::Pending, at),
             None => (State::Dead, now),
         };
@@ -117,23 +118,15 @@ impl Worker {
     }
 }
 
-/// An outcome of job `id` at `now`, to be filled in: a dry run until it says otherwise.
-fn record(id: i64, claim_token: i64, attempts: u32, now: i64) -> AttemptRecord {
+/// Attempt number `attempts` at job `id` at `now`, leaving it in `state`, to be filled in.
+fn record(id: i64, claim_token: i64, attempts: u32, state: State, now: i64) -> AttemptRecord {
     AttemptRecord {
-        job_id: id,
-        claim_token,
-        at_ms: now,
-        state: State::DryRun,
-        attempts,
-        next_attempt_at_ms: now,
-        status: None,
+        settled: Settled::new(id, claim_token, attempts, state, now),
         result: "dry_run",
-        error: None,
         duration_ms: 0,
         evidence: None,
         checked_at_ms: None,
         answers: Vec::new(),
-        audit: Vec::new(),
     }
 }
 
@@ -184,7 +177,8 @@ impl Worker {
         }
         tracing::info!(
             job_id = job.id, action = %job.action, result = record.result,
-            status = ?record.status, attempt = record.attempts, state = record.state.as_str(),
+            status = ?record.settled.status, attempt = record.settled.attempts,
+            state = record.settled.state.as_str(),
             duration_ms = record.duration_ms, "P0 call"
         );
         record
@@ -337,15 +331,10 @@ impl Worker {
 
     /// A refusal recorded with `reason` and answered back with `public`.
     fn refused_saying(&self, job: &Job, reason: &str, public: &str) -> AttemptRecord {
-        let mut rec = record(
-            job.id,
-            job.claim_token,
-            job.attempts.saturating_add(1),
-            now_ms(),
-        );
-        rec.state = State::Rejected;
+        let attempts = job.attempts.saturating_add(1);
+        let mut rec = record(job.id, job.claim_token, attempts, State::Rejected, now_ms());
         rec.result = "refused";
-        rec.error = Some(reason.to_owned());
+        rec.settled.error = Some(reason.to_owned());
         rec.answers = compose::answers(job, &Final::NotSent { reason: public }, &self.answer_via);
         rec
     }
@@ -357,7 +346,7 @@ impl Worker {
         tracing::info!(job_id = job.id, evidence = %evidence, "on-call check refused the approve; P0 not called");
         let mut rec = self.refused_saying(job, &evidence, public);
         rec.result = "not_on_call";
-        rec.checked_at_ms = Some(rec.at_ms);
+        rec.checked_at_ms = Some(rec.settled.at_ms);
         rec.evidence = Some(evidence);
         rec
     }
@@ -372,16 +361,17 @@ impl Worker {
     ) -> AttemptRecord {
         let mut rec = self.again_or_dead(job, retry_after);
         tracing::warn!(
-            job_id = job.id, %error, attempt = rec.attempts, state = rec.state.as_str(),
+            job_id = job.id, %error, attempt = rec.settled.attempts,
+            state = rec.settled.state.as_str(),
             "on-call check failed; P0 not called"
         );
-        if rec.state == State::Pending {
+        if rec.settled.state == State::Pending {
             self.metrics.retries.inc();
         }
         rec.result = "check_failed";
-        rec.error = Some(format!("on-call check: {error}"));
+        rec.settled.error = Some(format!("on-call check: {error}"));
         // Dead: nothing will send it, so the one who asked is told why.
-        if rec.state == State::Dead {
+        if rec.settled.state == State::Dead {
             let reason = "the on-call check could not be made within the decision's max age";
             rec.answers = compose::answers(job, &Final::NotSent { reason }, &self.answer_via);
         }
@@ -392,16 +382,17 @@ impl Worker {
         let took = started.elapsed();
         let now = now_ms();
         let attempts = job.attempts.saturating_add(1);
-        let mut rec = record(job.id, job.claim_token, attempts, now);
+        // A dry run until P0's answer says otherwise.
+        let mut rec = record(job.id, job.claim_token, attempts, State::DryRun, now);
         rec.duration_ms = i64::try_from(took.as_millis()).unwrap_or(i64::MAX);
         let Some(outcome) = outcome else {
             return rec;
         };
-        rec.status = outcome.status();
+        rec.settled.status = outcome.status();
         rec.result = outcome.label();
         match outcome {
             Outcome::Success { .. } => {
-                rec.state = State::Succeeded;
+                rec.settled.state = State::Succeeded;
                 rec.answers = compose::answers(job, &Final::Done, &self.answer_via);
                 self.health.token_answer(started, true);
                 self.metrics
@@ -411,7 +402,7 @@ impl Worker {
                 self.metrics.delivery_lag.observe(lag);
             }
             Outcome::Rejected { status, error } => {
-                rec.state = State::Rejected;
+                rec.settled.state = State::Rejected;
                 rec.answers = compose::answers(
                     job,
                     &Final::Refused {
@@ -420,7 +411,7 @@ impl Worker {
                     },
                     &self.answer_via,
                 );
-                rec.error = Some(error);
+                rec.settled.error = Some(error);
             }
             Outcome::Unauthorized { error } => {
                 tracing::error!(
@@ -431,16 +422,17 @@ impl Worker {
                 self.metrics
                     .token_rejected
                     .set(i64::from(self.health.token() == "rejected"));
-                rec.state = State::Dead;
-                rec.error = Some(format!("P0 rejected the API token: {error}"));
+                rec.settled.state = State::Dead;
+                rec.settled.error = Some(format!("P0 rejected the API token: {error}"));
             }
             Outcome::Transient {
                 error, retry_after, ..
             } => {
-                rec.error = Some(error);
+                rec.settled.error = Some(error);
                 let again = self.again_or_dead(job, retry_after);
-                (rec.state, rec.next_attempt_at_ms) = (again.state, again.next_attempt_at_ms);
-                if rec.state == State::Pending {
+                (rec.settled.state, rec.settled.next_attempt_at_ms) =
+                    (again.settled.state, again.settled.next_attempt_at_ms);
+                if rec.settled.state == State::Pending {
                     self.metrics.retries.inc();
                 }
             }
@@ -484,7 +476,7 @@ fn audit_of(job: &Job, rec: &AttemptRecord) -> Vec<AuditEvent> {
             let mut refused = event(Kind::Refused, rec.result);
             refused.reason = match rec.result {
                 "not_on_call" => Some("not on call".to_owned()),
-                _ => rec.error.clone(),
+                _ => rec.settled.error.clone(),
             };
             out.push(refused);
         }
@@ -492,17 +484,17 @@ fn audit_of(job: &Job, rec: &AttemptRecord) -> Vec<AuditEvent> {
         "refused" | "check_failed" | "internal_error" | "unreadable" => {}
         result => {
             let mut sent = event(Kind::Sent, result);
-            sent.status = rec.status.filter(|s| *s != 0);
+            sent.status = rec.settled.status.filter(|s| *s != 0);
             sent.detail = match result {
                 "dry_run" => Some("P0 not called (--dry-run)".to_owned()),
-                _ => rec.error.clone(),
+                _ => rec.settled.error.clone(),
             };
             out.push(sent);
         }
     }
-    if rec.state == State::Dead {
+    if rec.settled.state == State::Dead {
         let mut dead = event(Kind::Dead, rec.result);
-        dead.reason = rec.error.clone();
+        dead.reason = rec.settled.error.clone();
         out.push(dead);
     }
     out

@@ -19,7 +19,7 @@ use crate::metrics::Metrics;
 use crate::ratelimit::KeyedLimit;
 use crate::retry::retry_at;
 use crate::store::audit::{AuditEvent, Kind};
-use crate::store::{AnswerJob, AnswerRecord, State, StoreHandle, Unreadable, now_ms};
+use crate::store::{AnswerJob, AnswerRecord, Settled, State, StoreHandle, Unreadable, now_ms};
 
 use crate::providers::{Providers, Sent};
 
@@ -69,18 +69,10 @@ impl Work for Answerer {
     }
 
     fn unreadable(&self, row: &Unreadable) -> AnswerRecord {
-        let now = now_ms();
-        AnswerRecord {
-            id: row.id,
-            claim_token: row.claim_token,
-            at_ms: now,
-            state: State::Dead,
-            attempts: row.attempts.saturating_add(1),
-            next_attempt_at_ms: now,
-            status: None,
-            error: Some(row.why.clone()),
-            audit: Vec::new(),
-        }
+        let attempts = row.attempts.saturating_add(1);
+        let mut rec = Settled::new(row.id, row.claim_token, attempts, State::Dead, now_ms());
+        rec.error = Some(row.why.clone());
+        rec
     }
 }
 
@@ -192,17 +184,8 @@ impl Answerer {
 
     /// The outcome of this attempt at `answer`, in `state`.
     fn outcome(&self, answer: &AnswerJob, state: State, now: i64) -> AnswerRecord {
-        AnswerRecord {
-            id: answer.id,
-            claim_token: answer.claim_token,
-            at_ms: now,
-            state,
-            attempts: answer.attempts.saturating_add(1),
-            next_attempt_at_ms: now,
-            status: None,
-            error: None,
-            audit: Vec::new(),
-        }
+        let attempts = answer.attempts.saturating_add(1);
+        Settled::new(answer.id, answer.claim_token, attempts, state, now)
     }
 
     fn count(&self, answer: &AnswerJob, result: &str) {

@@ -7,7 +7,6 @@
 //! real delivery, a few kilobytes, always finds room; when none can be made, the newcomer is
 //! turned away (503) rather than buffered.
 
-use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -15,7 +14,7 @@ use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
-use crate::server::conns::{self, PerSender};
+use crate::server::conns::{self, Holdings};
 
 /// A body younger than this is not cut to make room for another of its size or larger: the
 /// bodies of real senders are complete well within it.
@@ -43,16 +42,13 @@ struct Inner {
     in_use: usize,
     /// The most held since the last `peak_since` (to tell when a storm has passed).
     peak: usize,
-    next: u64,
-    /// By age: the first is the oldest.
-    held: BTreeMap<u64, Holder>,
-    by_address: PerSender,
+    /// The bodies being read, oldest first.
+    held: Holdings<Holder>,
 }
 
 struct Holder {
     bytes: usize,
     since: Instant,
-    address: IpAddr,
     cut: CancellationToken,
 }
 
@@ -103,23 +99,17 @@ impl Budget {
     pub fn take(self: &Arc<Budget>, address: IpAddr, bytes: usize) -> Result<Lease, Short> {
         let address = conns::sender(address);
         let mut inner = self.lock();
-        if inner.by_address.held(address) >= self.per_address {
+        if inner.held.held_by(address) >= self.per_address {
             return Err(Short::AddressShare);
         }
         self.make_room(&mut inner, bytes, bytes, None)?;
-        let id = inner.next;
-        inner.next += 1;
         let cut = CancellationToken::new();
-        inner.held.insert(
-            id,
-            Holder {
-                bytes,
-                since: Instant::now(),
-                address,
-                cut: cut.clone(),
-            },
-        );
-        inner.by_address.take(address);
+        let holder = Holder {
+            bytes,
+            since: Instant::now(),
+            cut: cut.clone(),
+        };
+        let id = inner.held.take(address, holder);
         self.add(&mut inner, bytes as i64);
         Ok(Lease {
             budget: self.clone(),
@@ -144,14 +134,14 @@ impl Budget {
         let now = Instant::now();
         let mut freed = 0;
         let mut victims = Vec::new();
-        for (id, h) in &inner.held {
+        for (id, _, h) in inner.held.iter() {
             if inner.in_use - freed + bytes <= self.total {
                 break;
             }
             let cuttable = h.bytes > size || now.duration_since(h.since) >= CUTTABLE_AFTER;
-            if cuttable && Some(*id) != except {
+            if cuttable && Some(id) != except {
                 freed += h.bytes;
-                victims.push(*id);
+                victims.push(id);
             }
         }
         if inner.in_use - freed + bytes > self.total {
@@ -167,8 +157,7 @@ impl Budget {
     }
 
     fn forget(&self, inner: &mut Inner, id: u64) -> Option<Holder> {
-        let h = inner.held.remove(&id)?;
-        inner.by_address.give_back(h.address);
+        let h = inner.held.give_back(id)?;
         self.add(inner, -(h.bytes as i64));
         Some(h)
     }
@@ -188,11 +177,11 @@ impl Lease {
     pub fn grow(&mut self, more: usize) -> Result<(), Short> {
         let budget = self.budget.clone();
         let mut inner = budget.lock();
-        let Some(size) = inner.held.get(&self.id).map(|h| h.bytes + more) else {
+        let Some(size) = inner.held.get_mut(self.id).map(|h| h.bytes + more) else {
             return Err(Short::Exhausted);
         };
         budget.make_room(&mut inner, more, size, Some(self.id))?;
-        if let Some(h) = inner.held.get_mut(&self.id) {
+        if let Some(h) = inner.held.get_mut(self.id) {
             h.bytes += more;
         }
         budget.add(&mut inner, more as i64);

@@ -38,27 +38,64 @@ impl Refused {
     }
 }
 
-/// How many of something (connections, bodies) each sender holds, for its share.
-#[derive(Debug, Default)]
-pub struct PerSender(HashMap<IpAddr, usize>);
+/// What senders hold (connections, bodies): each under an ID in the order it was taken (the
+/// first is the oldest), and how many each sender holds, for its share.
+pub struct Holdings<T> {
+    next: u64,
+    by_id: BTreeMap<u64, (IpAddr, T)>,
+    per_sender: HashMap<IpAddr, usize>,
+}
 
-impl PerSender {
-    pub fn held(&self, sender: IpAddr) -> usize {
-        self.0.get(&sender).copied().unwrap_or(0)
+impl<T> Default for Holdings<T> {
+    fn default() -> Self {
+        Holdings {
+            next: 0,
+            by_id: BTreeMap::new(),
+            per_sender: HashMap::new(),
+        }
+    }
+}
+
+impl<T> Holdings<T> {
+    pub fn held_by(&self, sender: IpAddr) -> usize {
+        self.per_sender.get(&sender).copied().unwrap_or(0)
     }
 
-    pub fn take(&mut self, sender: IpAddr) {
-        *self.0.entry(sender).or_default() += 1;
+    /// How many are held, by every sender.
+    pub fn count(&self) -> usize {
+        self.by_id.len()
     }
 
-    /// Gives one back; a sender holding none is forgotten.
-    pub fn give_back(&mut self, sender: IpAddr) {
-        if let Some(n) = self.0.get_mut(&sender) {
+    /// Holds `item` for `sender`; its ID.
+    pub fn take(&mut self, sender: IpAddr, item: T) -> u64 {
+        let id = self.next;
+        self.next += 1;
+        self.by_id.insert(id, (sender, item));
+        *self.per_sender.entry(sender).or_default() += 1;
+        id
+    }
+
+    /// Gives `id` back; a sender holding none is forgotten.
+    pub fn give_back(&mut self, id: u64) -> Option<T> {
+        let (sender, item) = self.by_id.remove(&id)?;
+        if let Some(n) = self.per_sender.get_mut(&sender) {
             *n -= 1;
             if *n == 0 {
-                self.0.remove(&sender);
+                self.per_sender.remove(&sender);
             }
         }
+        Some(item)
+    }
+
+    pub fn get_mut(&mut self, id: u64) -> Option<&mut T> {
+        self.by_id.get_mut(&id).map(|(_, item)| item)
+    }
+
+    /// Oldest first.
+    pub fn iter(&self) -> impl Iterator<Item = (u64, IpAddr, &T)> {
+        self.by_id
+            .iter()
+            .map(|(id, (sender, item))| (*id, *sender, item))
     }
 }
 
@@ -83,20 +120,14 @@ pub struct Conns {
     max: usize,
     /// `None`: senders are not limited (the peer is a trusted proxy).
     per_address: Option<usize>,
-    inner: Mutex<Inner>,
+    inner: Mutex<Open>,
     metrics: Option<Metrics>,
 }
 
-#[derive(Default)]
-struct Inner {
-    next: u64,
-    /// By age: the first is the oldest.
-    open: BTreeMap<u64, Place>,
-    by_sender: PerSender,
-}
+/// The open connections, oldest first.
+type Open = Holdings<Place>;
 
 struct Place {
-    sender: IpAddr,
     state: Arc<Mutex<State>>,
     close: CancellationToken,
 }
@@ -178,7 +209,7 @@ impl Conns {
         Arc::new(Conns {
             max: max.max(1),
             per_address: per_address.map(|n| n.max(1)),
-            inner: Mutex::new(Inner::default()),
+            inner: Mutex::new(Open::default()),
             metrics,
         })
     }
@@ -188,15 +219,13 @@ impl Conns {
     pub fn admit(self: &Arc<Conns>, address: IpAddr) -> Result<Admitted, Refused> {
         let sender = sender(address);
         let mut inner = lock(&self.inner);
-        let held = inner.by_sender.held(sender);
+        let held = inner.held_by(sender);
         if self.per_address.is_some_and(|share| held >= share) {
             self.close_oldest(&mut inner, Some(sender))
                 .ok_or(Refused::AddressShare)?;
-        } else if inner.open.len() >= self.max {
+        } else if inner.count() >= self.max {
             self.close_oldest(&mut inner, None).ok_or(Refused::Full)?;
         }
-        let id = inner.next;
-        inner.next += 1;
         let state = Arc::new(Mutex::new(State {
             requests: 0,
             complete: false,
@@ -204,15 +233,11 @@ impl Conns {
             closing: false,
         }));
         let close = CancellationToken::new();
-        inner.open.insert(
-            id,
-            Place {
-                sender,
-                state: state.clone(),
-                close: close.clone(),
-            },
-        );
-        inner.by_sender.take(sender);
+        let place = Place {
+            state: state.clone(),
+            close: close.clone(),
+        };
+        let id = inner.take(sender, place);
         self.count(&inner);
         Ok(Admitted {
             conns: self.clone(),
@@ -223,13 +248,12 @@ impl Conns {
     }
 
     /// Closes the oldest closable connection (of `of`, when given).
-    fn close_oldest(&self, inner: &mut Inner, of: Option<IpAddr>) -> Option<()> {
+    fn close_oldest(&self, inner: &mut Open, of: Option<IpAddr>) -> Option<()> {
         let now = Instant::now();
         let id = inner
-            .open
             .iter()
-            .find(|(_, p)| {
-                if of.is_some_and(|s| s != p.sender) {
+            .find(|(_, sender, p)| {
+                if of.is_some_and(|s| s != *sender) {
                     return false;
                 }
                 // Marked as it is chosen, under its own lock: a request that arrives whole
@@ -239,24 +263,23 @@ impl Conns {
                 state.closing |= closable;
                 closable
             })
-            .map(|(id, _)| *id)?;
+            .map(|(id, _, _)| id)?;
         let place = self.forget(inner, id)?;
         place.close.cancel();
         Metrics::count_refusal(self.metrics.as_ref(), "evicted");
         Some(())
     }
 
-    fn forget(&self, inner: &mut Inner, id: u64) -> Option<Place> {
-        let place = inner.open.remove(&id)?;
-        inner.by_sender.give_back(place.sender);
+    fn forget(&self, inner: &mut Open, id: u64) -> Option<Place> {
+        let place = inner.give_back(id)?;
         self.count(inner);
         Some(place)
     }
 
-    fn count(&self, inner: &Inner) {
+    fn count(&self, inner: &Open) {
         if let Some(m) = &self.metrics {
             m.connections_open
-                .set(i64::try_from(inner.open.len()).unwrap_or(i64::MAX));
+                .set(i64::try_from(inner.count()).unwrap_or(i64::MAX));
         }
     }
 }

@@ -297,10 +297,13 @@ pub struct Granted {
     pub state: String,
 }
 
-/// The outcome of one attempt, and the state it leaves the job in.
+/// What one attempt at a claimed item (a P0 call, an answer back) leaves: the state it puts
+/// the item in and when it falls due again, what the far side said, and the audit events it
+/// makes. Recorded only under the claim it was made with.
 #[derive(Debug, Clone)]
-pub struct AttemptRecord {
-    pub job_id: i64,
+pub struct Settled {
+    /// The item (the job, the answer).
+    pub id: i64,
     /// The token of the claim this attempt was made under (`Job::claim_token`).
     pub claim_token: i64,
     pub at_ms: i64,
@@ -308,8 +311,34 @@ pub struct AttemptRecord {
     pub attempts: u32,
     pub next_attempt_at_ms: i64,
     pub status: Option<u16>,
-    pub result: &'static str,
     pub error: Option<String>,
+    /// The audit events this attempt makes, written with it (none when its claim was lost).
+    pub audit: Vec<AuditEvent>,
+}
+
+impl Settled {
+    /// Attempt number `attempts` at item `id` at `now`, leaving it in `state`, to be filled in.
+    pub fn new(id: i64, claim_token: i64, attempts: u32, state: State, now: i64) -> Settled {
+        Settled {
+            id,
+            claim_token,
+            at_ms: now,
+            state,
+            attempts,
+            next_attempt_at_ms: now,
+            status: None,
+            error: None,
+            audit: Vec::new(),
+        }
+    }
+}
+
+/// The outcome of one attempt at a P0 call, and the state it leaves the job in.
+#[derive(Debug, Clone)]
+pub struct AttemptRecord {
+    /// The job (`settled.id`): its state, P0's status and error, the audit events.
+    pub settled: Settled,
+    pub result: &'static str,
     pub duration_ms: i64,
     /// What the decision's on-call check found, when this attempt ran it (kept on the job),
     /// and when.
@@ -317,8 +346,6 @@ pub struct AttemptRecord {
     pub checked_at_ms: Option<i64>,
     /// Answers back to create with this outcome (P0's final answer), in the same transaction.
     pub answers: Vec<NewAnswer>,
-    /// The audit events this attempt makes, written with it (none when its claim was lost).
-    pub audit: Vec<AuditEvent>,
 }
 
 /// One call answering back at a provider, as the worker composes it.
@@ -349,20 +376,8 @@ pub struct AnswerJob {
     pub claim_token: i64,
 }
 
-/// The outcome of one answer attempt.
-#[derive(Debug, Clone)]
-pub struct AnswerRecord {
-    pub id: i64,
-    pub claim_token: i64,
-    pub at_ms: i64,
-    pub state: State,
-    pub attempts: u32,
-    pub next_attempt_at_ms: i64,
-    pub status: Option<u16>,
-    pub error: Option<String>,
-    /// The audit events this attempt makes, written with it (none when its claim was lost).
-    pub audit: Vec<AuditEvent>,
-}
+/// The outcome of one answer attempt: what every attempt records, nothing more.
+pub type AnswerRecord = Settled;
 
 /// An answer as `jobs show` lists it under its decision.
 #[derive(Debug, Clone, Serialize)]

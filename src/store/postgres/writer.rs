@@ -196,16 +196,17 @@ fn delivery_json(d: &NewDelivery) -> Value {
 
 /// An attempt's outcome as `p0_relay_write` reads it.
 fn outcome_json(r: &AttemptRecord) -> Value {
+    let s = &r.settled;
     json!({
-        "job_id": r.job_id, "claim": r.claim_token, "at": r.at_ms,
-        "state": r.state.as_str(), "attempts": r.attempts,
-        "next_attempt_at": r.next_attempt_at_ms, "status": r.status,
-        "result": r.result, "error": r.error, "duration_ms": r.duration_ms,
+        "job_id": s.id, "claim": s.claim_token, "at": s.at_ms,
+        "state": s.state.as_str(), "attempts": s.attempts,
+        "next_attempt_at": s.next_attempt_at_ms, "status": s.status,
+        "result": r.result, "error": s.error, "duration_ms": r.duration_ms,
         "evidence": r.evidence, "checked_at": r.checked_at_ms,
         "answers": r.answers.iter().map(|a| json!({
             "via": a.via, "kind": a.kind, "target": a.target, "body": a.body,
         })).collect::<Vec<_>>(),
-        "audit": r.audit,
+        "audit": s.audit,
     })
 }
 

@@ -4,7 +4,7 @@ use async_trait::async_trait;
 use rusqlite::params;
 
 use super::audit::insert_events;
-use super::jobs::mark_sending;
+use super::jobs::{mark_sending, settle};
 use super::{Db, SqliteStore, rows};
 use crate::store::StoreError;
 use crate::store::api::Answers;
@@ -59,25 +59,17 @@ impl Db {
     pub(crate) fn record_answer(&mut self, rec: &AnswerRecord) -> Result<(), StoreError> {
         let now = self.now();
         let tx = self.conn.transaction()?;
-        let changed = tx
-            .prepare_cached(
-                "UPDATE answers SET state = ?2, attempts = ?3, next_attempt_at = ?4,
-                                    last_status = ?5, last_error = ?6, updated_at = ?7
-                 WHERE id = ?1 AND claim_token = ?8 AND state = 'sending'",
-            )?
-            .execute(params![
-                rec.id,
-                rec.state.as_str(),
-                rec.attempts,
-                rec.next_attempt_at_ms,
-                rec.status,
-                rec.error,
-                rec.at_ms,
-                rec.claim_token
-            ])?;
-        let written = match changed {
-            0 => Vec::new(),
-            _ => insert_events(&tx, now, &rec.audit)?,
+        let applied = settle(
+            &tx,
+            "UPDATE answers SET state = ?2, attempts = ?3, next_attempt_at = ?4,
+                                last_status = ?5, last_error = ?6, updated_at = ?7
+             WHERE id = ?1 AND claim_token = ?8 AND state = 'sending'",
+            rec,
+            &[],
+        )?;
+        let written = match applied {
+            false => Vec::new(),
+            true => insert_events(&tx, now, &rec.audit)?,
         };
         tx.commit()?;
         self.committed(written);

@@ -3,7 +3,7 @@
 //! recovery and replay. The same rules PostgreSQL keeps in `postgres/functions/`.
 
 use async_trait::async_trait;
-use rusqlite::{Connection, OptionalExtension, params};
+use rusqlite::{Connection, OptionalExtension, ToSql, params, params_from_iter};
 
 use super::audit::insert_events;
 use super::writer::Task;
@@ -15,7 +15,7 @@ use crate::store::audit::{self, AuditEvent, Body};
 use crate::store::batch::{self, Parts};
 use crate::store::model::{
     Accepted, Ahead, AttemptRecord, Claim, Claimed, Job, JobRef, NewDelivery, Replay, Replayed,
-    token,
+    Settled, token,
 };
 use crate::store::rows::{JOB, Latest, candidates};
 use crate::store::rules::{Candidate, batch_order, in_arrival_order};
@@ -488,7 +488,7 @@ fn finish(
     all.extend(
         recorded
             .into_iter()
-            .flat_map(|rec| rec.audit.iter().cloned()),
+            .flat_map(|rec| rec.settled.audit.iter().cloned()),
     );
     all.extend(events.iter().cloned());
     insert_events(tx, now, &all)
@@ -502,28 +502,19 @@ fn record_all<'r>(
 ) -> Result<Vec<&'r AttemptRecord>, StoreError> {
     let mut recorded = Vec::with_capacity(outcomes.len());
     for rec in outcomes {
-        let changed = tx
-            .prepare_cached(
-                "UPDATE jobs SET state = ?2, attempts = ?3, next_attempt_at = ?4, last_status = ?5,
+        let applied = settle(
+            tx,
+            "UPDATE jobs SET state = ?2, attempts = ?3, next_attempt_at = ?4, last_status = ?5,
                              last_error = ?6, updated_at = ?7, evidence = COALESCE(?9, evidence),
                              checked_at = COALESCE(?10, checked_at)
-                 WHERE id = ?1 AND claim_token = ?8 AND state = 'sending'",
-            )?
-            .execute(params![
-                rec.job_id,
-                rec.state.as_str(),
-                rec.attempts,
-                rec.next_attempt_at_ms,
-                rec.status,
-                rec.error,
-                rec.at_ms,
-                rec.claim_token,
-                rec.evidence,
-                rec.checked_at_ms
-            ])?;
-        if changed == 0 {
+             WHERE id = ?1 AND claim_token = ?8 AND state = 'sending'",
+            &rec.settled,
+            &[&rec.evidence, &rec.checked_at_ms],
+        )?;
+        let s = &rec.settled;
+        if !applied {
             tracing::warn!(
-                job_id = rec.job_id,
+                job_id = s.id,
                 "outcome ignored: the job is no longer held by that claim"
             );
             continue;
@@ -533,11 +524,11 @@ fn record_all<'r>(
              VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
         )?
         .execute((
-            rec.job_id,
-            rec.at_ms,
-            rec.status,
+            s.id,
+            s.at_ms,
+            s.status,
             rec.result,
-            &rec.error,
+            &s.error,
             rec.duration_ms,
         ))?;
         for a in &rec.answers {
@@ -546,11 +537,32 @@ fn record_all<'r>(
                                       window_start, created_at, updated_at)
                  VALUES (?1, ?2, ?3, ?4, ?5, 'pending', ?6, ?6, ?6, ?6)",
             )?
-            .execute(params![
-                rec.job_id, a.via, a.kind, a.target, a.body, rec.at_ms
-            ])?;
+            .execute(params![s.id, a.via, a.kind, a.target, a.body, s.at_ms])?;
         }
         recorded.push(rec);
     }
     Ok(recorded)
+}
+
+/// Records what an attempt settled on its row, only under the claim it was made with:
+/// `update` sets `?2`..`?7` (state, attempts, next attempt, last status, last error, time) on
+/// row `?1` held by claim `?8`, and `more` from `?9`; whether it applied.
+pub(super) fn settle(
+    tx: &Connection,
+    update: &str,
+    s: &Settled,
+    more: &[&dyn ToSql],
+) -> Result<bool, StoreError> {
+    let settled: [&dyn ToSql; 8] = [
+        &s.id,
+        &s.state.as_str(),
+        &s.attempts,
+        &s.next_attempt_at_ms,
+        &s.status,
+        &s.error,
+        &s.at_ms,
+        &s.claim_token,
+    ];
+    let params = params_from_iter(settled.iter().chain(more));
+    Ok(tx.prepare_cached(update)?.execute(params)? > 0)
 }

@@ -62,7 +62,7 @@ async fn every_step_of_a_decision_is_one_audit_event_in_commit_order(mut s: Back
     let mut sent = with_a_note(done(a, State::Succeeded));
     let mut call = AuditEvent::new(Event::Sent, Some(1), "success");
     call.status = Some(200);
-    sent.audit = vec![call];
+    sent.settled.audit = vec![call];
     s.write(&[], &[sent.clone(), done(b, State::Rejected)], 2_000)
         .await
         .unwrap();
@@ -90,7 +90,7 @@ async fn every_step_of_a_decision_is_one_audit_event_in_commit_order(mut s: Back
         .await;
     let due = s.claim_due(5_000, 10).await;
     let mut dead = done(claimed(&due, 4), State::Dead);
-    dead.audit = vec![
+    dead.settled.audit = vec![
         AuditEvent::new(Event::Sent, Some(4), "transient"),
         AuditEvent::new(Event::Dead, Some(4), "transient"),
     ];
@@ -194,28 +194,22 @@ async fn fails_after(s: &Backend, sql: &str, key: Option<&Secret>, problem: &str
     assert!(found.contains(problem), "{found}");
 }
 
-on_both_stores!(a_sealed_trail_verifies_and_an_edited_event_is_named);
-async fn a_sealed_trail_verifies_and_an_edited_event_is_named(mut s: Backend) {
+/// A trail sealed without a key (`sealed`) fails to verify, saying `problem`, once `sql` runs.
+async fn sealed_then_fails_after(mut s: Backend, sql: &str, problem: &str) {
     sealed(&mut s, None).await;
-    fails_after(
-        &s,
-        "UPDATE audit_events SET body = replace(body, 'octocat', 'mallory') WHERE id = 4",
-        None,
-        "event 4 was changed",
-    )
-    .await;
+    fails_after(&s, sql, None, problem).await;
+}
+
+on_both_stores!(a_sealed_trail_verifies_and_an_edited_event_is_named);
+async fn a_sealed_trail_verifies_and_an_edited_event_is_named(s: Backend) {
+    let sql = "UPDATE audit_events SET body = replace(body, 'octocat', 'mallory') WHERE id = 4";
+    sealed_then_fails_after(s, sql, "event 4 was changed").await;
 }
 
 on_both_stores!(a_removed_event_is_named);
-async fn a_removed_event_is_named(mut s: Backend) {
-    sealed(&mut s, None).await;
-    fails_after(
-        &s,
-        "DELETE FROM audit_events WHERE id = 6",
-        None,
-        "event 6 was removed",
-    )
-    .await;
+async fn a_removed_event_is_named(s: Backend) {
+    let sql = "DELETE FROM audit_events WHERE id = 6";
+    sealed_then_fails_after(s, sql, "event 6 was removed").await;
 }
 
 on_both_stores!(an_inserted_event_is_named);

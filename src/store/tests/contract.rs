@@ -503,8 +503,8 @@ async fn a_row_changed_behind_the_relays_back_is_claimed_as_unreadable(mut s: Ba
     assert!(row.why.contains("unknown action `grant`"), "{}", row.why);
     // Its outcome is recorded under the claim it came with.
     let mut dead = done(&claimed.items[0], State::Dead);
-    dead.job_id = row.id;
-    dead.claim_token = row.claim_token;
+    dead.settled.id = row.id;
+    dead.settled.claim_token = row.claim_token;
     s.write(&[], &[dead], 2_000).await.unwrap();
     assert_eq!(s.show(row.id).await.unwrap().job.state, "dead");
 }
@@ -574,7 +574,7 @@ async fn a_subject_end_revokes_what_was_granted_under_it_in_order(mut s: Backend
     );
     // a: P0 approved; b: P0 refused; c: still on its way to P0.
     let mut refused = done(claimed(&all, 2), State::Rejected);
-    refused.status = Some(400);
+    refused.settled.status = Some(400);
     s.write(
         &[],
         &[done(claimed(&all, 1), State::Succeeded), refused],
@@ -908,7 +908,7 @@ async fn what_is_still_granted_is_what_an_end_revokes(mut s: Backend) {
     }
     let all = s.claim_due(1_000, 10).await;
     let mut rejected = done(claimed(&all, 2), State::Rejected);
-    rejected.status = Some(400);
+    rejected.settled.status = Some(400);
     s.write(
         &[],
         &[done(claimed(&all, 1), State::Succeeded), rejected],

@@ -271,19 +271,13 @@ fn on_subject(key: &str, decisions: &[(Action, &str)], subject: &str, ends: bool
 }
 
 fn done(job: &Job, state: State) -> AttemptRecord {
+    let mut settled = Settled::new(job.id, job.claim_token, 1, state, 2_000);
+    settled.status = Some(200);
     AttemptRecord {
-        job_id: job.id,
-        claim_token: job.claim_token,
-        at_ms: 2_000,
-        state,
-        attempts: 1,
-        next_attempt_at_ms: 2_000,
-        status: Some(200),
+        settled,
         result: "success",
-        error: None,
         duration_ms: 1,
         answers: Vec::new(),
-        audit: Vec::new(),
         evidence: None,
         checked_at_ms: None,
     }
