@@ -109,11 +109,12 @@ impl Worker {
         let now = now_ms();
         let attempts = job.attempts.saturating_add(1);
         let next = retry_at(&self.retry, attempts, now, job.window_start_ms, retry_after);
-        let mut rec = record(job.id, job.claim_token, attempts, State::Pending, now);
-        (rec.settled.state, rec.settled.next_attempt_at_ms) = match next {
+        let (state, at) = match next {
             Some(at) => (State::Pending, at),
             None => (State::Dead, now),
         };
+        let mut rec = record(job.id, job.claim_token, attempts, state, now);
+        rec.settled.next_attempt_at_ms = at;
         rec
     }
 }

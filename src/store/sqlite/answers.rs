@@ -67,9 +67,10 @@ impl Db {
             rec,
             &[],
         )?;
-        let written = match applied {
-            false => Vec::new(),
-            true => insert_events(&tx, now, &rec.audit)?,
+        let written = if applied {
+            insert_events(&tx, now, &rec.audit)?
+        } else {
+            Vec::new()
         };
         tx.commit()?;
         self.committed(written);
