@@ -68,7 +68,7 @@ impl Db {
             &[],
         )?;
         let written = if applied {
-            insert_events(&tx, now, &rec.audit)?
+            insert_events(&tx, now, self.last_event, &rec.audit)?
         } else {
             Vec::new()
         };

@@ -73,8 +73,9 @@ impl Audit for SqliteStore {
                 return Ok(None);
             }
             let now = db.clock.now_ms();
-            let written = insert_events(&tx, now, std::slice::from_ref(&seal))?;
+            let written = insert_events(&tx, now, db.last_event, std::slice::from_ref(&seal))?;
             tx.commit()?;
+            db.wrote(&written);
             db.audit.committed(&written);
             Ok(written
                 .into_iter()
@@ -174,25 +175,36 @@ pub(super) fn status(conn: &Connection) -> Result<AuditStatus, StoreError> {
     })
 }
 
-/// Writes `events` in `tx`, numbered after the last event, at `now`; their bodies, for the
-/// sink once the transaction has committed.
+/// Writes `events` in `tx`, numbered after the last event (and after `after`, the last this
+/// relay committed), at `now`; their bodies, for the sink once the transaction has committed.
 pub(super) fn insert_events(
     tx: &Connection,
     now: i64,
+    after: i64,
     events: &[AuditEvent],
 ) -> Result<Vec<Body>, StoreError> {
     if events.is_empty() {
         return Ok(Vec::new());
     }
-    let last: Option<i64> = tx
-        .prepare_cached("SELECT MAX(id) FROM audit_events")?
+    let stored: i64 = tx
+        .prepare_cached("SELECT COALESCE(MAX(id), 0) FROM audit_events")?
         .query_row([], |r| r.get(0))?;
+    if stored < after {
+        tracing::error!(
+            target: "audit",
+            last_stored = stored,
+            last_written = after,
+            "audit events were removed from the end of the trail behind the relay's back; \
+             numbering goes on after the last it wrote, and `audit verify` names the gap"
+        );
+    }
+    let last = stored.max(after);
     let mut insert = tx.prepare_cached(
         "INSERT INTO audit_events (id, at, event, body, digest) VALUES (?1, ?2, ?3, ?4, ?5)",
     )?;
     let mut written = Vec::with_capacity(events.len());
     for (n, e) in events.iter().enumerate() {
-        let id = last.unwrap_or(0) + 1 + n as i64;
+        let id = last + 1 + n as i64;
         let about = match (&e.about, e.job_id) {
             (Some(about), _) => about.clone(),
             (None, Some(job)) => about_job(tx, job)?,
@@ -237,6 +249,7 @@ fn about_job(tx: &Connection, job: i64) -> Result<About, StoreError> {
 pub(super) fn prune(
     tx: &Connection,
     now: i64,
+    after: i64,
     before_ms: i64,
     key: Option<&Secret>,
 ) -> Result<(usize, Vec<Body>), StoreError> {
@@ -258,6 +271,6 @@ pub(super) fn prune(
     };
     let removed = tx.execute("DELETE FROM audit_events WHERE id <= ?1", [anchor.to])?;
     let e = audit::pruned(key, &anchor, first, removed as i64);
-    let written = insert_events(tx, now, &[e])?;
+    let written = insert_events(tx, now, after, &[e])?;
     Ok((removed, written))
 }

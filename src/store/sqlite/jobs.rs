@@ -98,7 +98,15 @@ impl Db {
             drop(tx);
             return self.write_isolated(deliveries, outcomes, events, now);
         }
-        let written = finish(&tx, now, deliveries, &results, outcomes, events)?;
+        let written = finish(
+            &tx,
+            now,
+            self.last_event,
+            deliveries,
+            &results,
+            outcomes,
+            events,
+        )?;
         tx.commit()?;
         self.committed(written);
         Ok(results)
@@ -124,7 +132,15 @@ impl Db {
             results.push(result);
         }
         let results = in_arrival_order(&order, results);
-        let written = finish(&tx, now, deliveries, &results, outcomes, events)?;
+        let written = finish(
+            &tx,
+            now,
+            self.last_event,
+            deliveries,
+            &results,
+            outcomes,
+            events,
+        )?;
         tx.commit()?;
         self.committed(written);
         Ok(results)
@@ -231,7 +247,7 @@ impl Db {
             .iter()
             .map(|id| audit::replayed(*id, operator))
             .collect();
-        let written = insert_events(&tx, now, &events)?;
+        let written = insert_events(&tx, now, self.last_event, &events)?;
         tx.commit()?;
         self.committed(written);
         Ok(replayed)
@@ -473,6 +489,7 @@ impl<'t> Accept<'t> {
 fn finish(
     tx: &Connection,
     now: i64,
+    after: i64,
     deliveries: &[NewDelivery],
     results: &WriteResults,
     outcomes: &[AttemptRecord],
@@ -491,7 +508,7 @@ fn finish(
             .flat_map(|rec| rec.settled.audit.iter().cloned()),
     );
     all.extend(events.iter().cloned());
-    insert_events(tx, now, &all)
+    insert_events(tx, now, after, &all)
 }
 
 /// Records each attempt's outcome, only under the claim it was made with, with its attempt

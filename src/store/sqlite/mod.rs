@@ -65,6 +65,10 @@ pub(crate) struct Db {
     audit: super::audit::Sink,
     /// Events committed, for the sink.
     committed: Vec<super::audit::Body>,
+    /// The highest audit event ID in the store when it opened or committed since: numbering
+    /// never goes back below it, so events removed from the end behind the relay's back
+    /// leave a gap that `audit verify` names rather than IDs written again.
+    last_event: i64,
 }
 
 impl SqliteStore {
@@ -144,8 +148,14 @@ impl Db {
             clock: Clock::system(),
             audit: super::audit::Sink::default(),
             committed: Vec::new(),
+            last_event: 0,
         };
         db.migrate()?;
+        db.last_event =
+            db.conn
+                .query_row("SELECT COALESCE(MAX(id), 0) FROM audit_events", [], |r| {
+                    r.get(0)
+                })?;
         Ok(db)
     }
 
@@ -163,7 +173,14 @@ impl Db {
     /// Audit events a transaction committed: handed to the sink once those waiting on it are
     /// answered (`flush_audit`), so logging them holds up no one.
     fn committed(&mut self, written: Vec<super::audit::Body>) {
+        self.wrote(&written);
         self.committed.extend(written);
+    }
+
+    /// Events just committed: numbering goes on after them.
+    fn wrote(&mut self, written: &[super::audit::Body]) {
+        let last = written.iter().map(|b| b.id).max().unwrap_or(0);
+        self.last_event = self.last_event.max(last);
     }
 
     pub(super) fn flush_audit(&mut self) {

@@ -73,8 +73,13 @@ impl Db {
                                  AND j.state IN ('dead', 'rejected'))",
             [before.ends_before_ms],
         )?;
-        let (events, written) =
-            super::audit::prune(&tx, now, before.audit_before_ms, before.audit_key.as_ref())?;
+        let (events, written) = super::audit::prune(
+            &tx,
+            now,
+            self.last_event,
+            before.audit_before_ms,
+            before.audit_key.as_ref(),
+        )?;
         tx.commit()?;
         self.committed(written);
         Ok(jobs + deliveries + ends + events)

@@ -212,6 +212,32 @@ async fn a_removed_event_is_named(s: Backend) {
     sealed_then_fails_after(s, sql, "event 6 was removed").await;
 }
 
+on_both_stores!(events_removed_from_the_end_are_not_numbered_again);
+/// Events removed from the end of the trail behind a running relay's back (none of them
+/// sealed yet) leave a gap: the next event is numbered after the last the relay wrote, so
+/// `verify` names the gap and the relay will not seal over it.
+async fn events_removed_from_the_end_are_not_numbered_again(mut s: Backend) {
+    sealed(&mut s, None).await;
+    for i in 20..22 {
+        let d = delivery(&format!("d{i}"), &[(Action::Deny, &format!("r{i}"))]);
+        s.accept(d, 21_000 + i).await;
+    }
+    s.behind_its_back("DELETE FROM audit_events WHERE id > 13")
+        .await;
+    let d = delivery("d30", &[(Action::Deny, "r30")]);
+    s.accept(d, 30_000).await;
+    let last = s.audit_rows().await.last().map(|r| r.id);
+    assert_eq!(last, Some(16), "numbered after the last event written");
+    let found = s.verify(None).await.problem.unwrap_or_default();
+    assert!(found.contains("14"), "{found}");
+    let over = s.store.seal_before(i64::MAX).await.unwrap();
+    let refused = s.store.seal(None, over).await.unwrap_err().to_string();
+    assert!(
+        refused.contains("audit events 14..15 are missing"),
+        "{refused}"
+    );
+}
+
 on_both_stores!(an_inserted_event_is_named);
 async fn an_inserted_event_is_named(mut s: Backend) {
     sealed(&mut s, None).await;
