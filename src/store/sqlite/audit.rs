@@ -191,7 +191,6 @@ pub(super) fn insert_events(
         .query_row([], |r| r.get(0))?;
     if stored < after {
         tracing::error!(
-            target: "audit",
             last_stored = stored,
             last_written = after,
             "audit events were removed from the end of the trail behind the relay's back; \
