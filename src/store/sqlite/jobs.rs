@@ -85,53 +85,29 @@ impl Db {
     ) -> Result<WriteResults, StoreError> {
         let now = self.now();
         let settings = (self.windows, self.store_payloads);
-        let tx = self.conn.transaction()?;
+        let mut tx = self.conn.transaction()?;
         let order = batch_order(deliveries);
         let made = order
             .iter()
             .map(|&i| Accept::new(&tx, settings, now).accept(&deliveries[i]))
             .collect();
-        let results = in_arrival_order(&order, made);
+        let mut results = in_arrival_order(&order, made);
         if results.iter().any(Result::is_err) {
             // Rare (a constraint or I/O error): start over with a savepoint per delivery, so
             // the failing one is left out whole and the others are kept.
             drop(tx);
-            return self.write_isolated(deliveries, outcomes, events, now);
-        }
-        let written = finish(
-            &tx,
-            now,
-            self.last_event,
-            deliveries,
-            &results,
-            outcomes,
-            events,
-        )?;
-        tx.commit()?;
-        self.committed(written);
-        Ok(results)
-    }
-
-    fn write_isolated(
-        &mut self,
-        deliveries: &[NewDelivery],
-        outcomes: &[AttemptRecord],
-        events: &[AuditEvent],
-        now: i64,
-    ) -> Result<WriteResults, StoreError> {
-        let settings = (self.windows, self.store_payloads);
-        let mut tx = self.conn.transaction()?;
-        let order = batch_order(deliveries);
-        let mut results = Vec::with_capacity(deliveries.len());
-        for &i in &order {
-            let sp = tx.savepoint()?;
-            let result = Accept::new(&sp, settings, now).accept(&deliveries[i]);
-            if result.is_ok() {
-                sp.commit()?;
+            tx = self.conn.transaction()?;
+            let mut made = Vec::with_capacity(deliveries.len());
+            for &i in &order {
+                let sp = tx.savepoint()?;
+                let result = Accept::new(&sp, settings, now).accept(&deliveries[i]);
+                if result.is_ok() {
+                    sp.commit()?;
+                }
+                made.push(result);
             }
-            results.push(result);
+            results = in_arrival_order(&order, made);
         }
-        let results = in_arrival_order(&order, results);
         let written = finish(
             &tx,
             now,
