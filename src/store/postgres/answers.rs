@@ -14,20 +14,24 @@ use crate::store::rows::ANSWER;
 
 #[async_trait]
 impl Answers for PgStore {
-    /// Claims up to `limit` due answers, and up to `limit` answers whose claim lease ran out
-    /// (a relay stopped while sending them), each under a new claim token. Two index scans,
-    /// one per partial index, rather than one scan of the whole table.
+    /// Claims up to `limit` answers, due ones and ones whose claim lease ran out (a relay
+    /// stopped while sending them) together, in the order they fell due, each under a new
+    /// claim token. Two index scans, one per partial index, rather than one scan of the whole
+    /// table; rows a scan locked that the limit leaves out are let go as the statement ends.
     async fn claim_answers(&self, limit: usize) -> Result<Claimed<AnswerJob>, StoreError> {
         let sql = format!(
-            "UPDATE answers SET state = 'sending', claim_token = claim_token + 1,
-                    lease_until = $3, updated_at = $1
-             WHERE id IN (SELECT id FROM answers
+            "WITH due AS (SELECT id, next_attempt_at FROM answers
                           WHERE state = 'pending' AND next_attempt_at <= $1
                           ORDER BY next_attempt_at, id LIMIT $2
-                          FOR UPDATE SKIP LOCKED)
-                OR id IN (SELECT id FROM answers
-                          WHERE state = 'sending' AND lease_until < $1
-                          LIMIT $2 FOR UPDATE SKIP LOCKED)
+                          FOR UPDATE SKIP LOCKED),
+                  lapsed AS (SELECT id, next_attempt_at FROM answers
+                             WHERE state = 'sending' AND lease_until < $1
+                             LIMIT $2 FOR UPDATE SKIP LOCKED),
+                  chosen AS (SELECT id FROM (SELECT * FROM due UNION ALL SELECT * FROM lapsed) c
+                             ORDER BY next_attempt_at, id LIMIT $2)
+             UPDATE answers SET state = 'sending', claim_token = claim_token + 1,
+                    lease_until = $3, updated_at = $1
+             WHERE id IN (SELECT id FROM chosen)
              RETURNING {ANSWER}, claim_token"
         );
         let read = |r: &tokio_postgres::Row| AnswerJob::read(r).map(Ok);

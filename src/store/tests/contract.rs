@@ -943,6 +943,30 @@ async fn what_is_still_granted_is_what_an_end_revokes(mut s: Backend) {
 // Answers back: created with the final outcome, claimed once, recorded only under the
 // current claim, pruned with their decision.
 
+on_both_stores!(an_answer_claim_takes_no_more_than_its_limit);
+/// Answers due and answers whose claim has lapsed are claimed together, up to the limit the
+/// loop asked for (it has that many free places: one more would wait unsent while its claim
+/// lapsed, and could be sent twice).
+async fn an_answer_claim_takes_no_more_than_its_limit(mut s: Backend) {
+    for (i, request) in ["a", "b", "c", "d"].into_iter().enumerate() {
+        s.approve_on(&format!("d{i}"), request, "P1", 1_000).await;
+    }
+    let jobs = s.claim_due(1_000, 10).await;
+    let (first, later) = jobs.split_at(2);
+    let notes = |jobs: &[Job]| {
+        jobs.iter()
+            .map(|j| with_a_note(done(j, State::Succeeded)))
+            .collect::<Vec<_>>()
+    };
+    s.write(&[], &notes(first), 2_000).await.unwrap();
+    assert_eq!(s.claim_answers(2_000, 10).await.len(), 2);
+    s.write(&[], &notes(later), 3_000).await.unwrap();
+    // Two due, and on PostgreSQL two whose claim has lapsed (a relay stopped while sending
+    // them; a SQLite store gives those back as it starts).
+    let lapsed = 2_000 + LEASE.as_millis() as i64 + 1;
+    assert_eq!(s.claim_answers(lapsed, 2).await.len(), 2);
+}
+
 on_both_stores!(answers_are_created_with_the_final_outcome_and_claimed_once);
 async fn answers_are_created_with_the_final_outcome_and_claimed_once(mut s: Backend) {
     s.approve_on("d1", "a", "P1", 1_000).await;
