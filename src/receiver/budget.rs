@@ -177,7 +177,7 @@ impl Lease {
     pub fn grow(&mut self, more: usize) -> Result<(), Short> {
         let budget = self.budget.clone();
         let mut inner = budget.lock();
-        let Some(size) = inner.held.get_mut(self.id).map(|h| h.bytes + more) else {
+        let Some(size) = inner.held.get(self.id).map(|h| h.bytes + more) else {
             return Err(Short::Exhausted);
         };
         budget.make_room(&mut inner, more, size, Some(self.id))?;

@@ -87,6 +87,10 @@ impl<T> Holdings<T> {
         Some(item)
     }
 
+    pub fn get(&self, id: u64) -> Option<&T> {
+        self.by_id.get(&id).map(|(_, item)| item)
+    }
+
     pub fn get_mut(&mut self, id: u64) -> Option<&mut T> {
         self.by_id.get_mut(&id).map(|(_, item)| item)
     }
