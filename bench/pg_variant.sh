@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # One PostgreSQL storm with the store's SQL changed by hand, to try a change to a PL/pgSQL
 # function without building the relay again: a fresh database, the relay started once to
-# create the schema, then SQL_FILE applied with psql (a function's `CREATE OR REPLACE`, or
-# `ALTER DATABASE CURRENT SET ...`), then the storm of bench/compare.sh. A relay replaces
-# its functions only when it migrates, so the one applied stays in use.
+# create the schema, then SQL_FILE applied with psql (a function's `CREATE OR REPLACE`, or a
+# setting for the database's sessions), then the storm of bench/compare.sh. A relay
+# replaces its functions only when it migrates, so the one applied stays in use. With
+# TRACK=1 the functions are timed (`track_functions = all`) and their calls and times
+# printed: wall time, so a lock waited for counts in the function that waited.
 #
 #   bench/pg_variant.sh target/compare/p0-relay-<sha> [SQL_FILE]
 #   CONFIG_REV=HEAD bench/pg_variant.sh target/release/p0-relay /tmp/variant.sql
@@ -29,6 +31,8 @@ export STORE_URL=$db_url
 RELAY_DIR=$work/cfg LISTEN=127.0.0.1:18098 start_relay "$bin" migrate
 kill "$relay_pid"; wait "$relay_pid" 2>/dev/null || true
 [ -z "${2:-}" ] || psql "${db_url%%\?*}" -q -v ON_ERROR_STOP=1 -f "$2" >/dev/null
+[ -z "${TRACK:-}" ] || psql "${db_url%%\?*}" -q -v ON_ERROR_STOP=1 -c \
+  "DO \$\$ BEGIN EXECUTE format('ALTER DATABASE %I SET track_functions = %L', current_database(), 'all'); END \$\$"
 # utime + stime of every postgres process, and what the postmaster collected of those ended.
 pg_ticks() {
   local t=0 p
@@ -41,5 +45,8 @@ before=$(pg_ticks)
 RELAY_DIR=$work/cfg relay_storm "$bin" run "${STORM_SECONDS:-15}"
 sleep 2 # the relay's connections ended: their backends' time reaches the postmaster
 after=$(pg_ticks)
+[ -z "${TRACK:-}" ] || psql "${db_url%%\?*}" -c "SELECT funcname, calls, round(total_time) AS total_ms,
+    round(self_time) AS self_ms, round((total_time * 1000 / calls)::NUMERIC) AS us_per_call
+  FROM pg_stat_user_functions ORDER BY total_time DESC"
 pg_us=$(awk -v t=$((after - before)) -v hz="$(getconf CLK_TCK)" -v n="$accepted" 'BEGIN {printf "%.0f", (n > 0 ? t * 1e6 / hz / n : 0)}')
 echo "$(basename "$bin") ${2:-(no change)}: accepted/s $answered_rate, P0 calls/s $calls_rate, lost $lost, non-202 $non202, relay CPU us per webhook $cpu, PostgreSQL CPU us per webhook $pg_us"
