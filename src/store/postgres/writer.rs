@@ -1,7 +1,7 @@
 //! The PostgreSQL batch writer: every write waiting when a batch starts goes into one call of
 //! `p0_relay_write` (one statement, one transaction, one round trip), two batches at most
-//! committing at once; each writer gets its own deliveries' results back. A batch of attempt
-//! outcomes alone waits up to 2 ms for more.
+//! committing at once; each writer gets its own deliveries' results back. While the other
+//! batch commits, a batch of attempt outcomes alone waits up to 2 ms for more.
 
 use std::sync::Arc;
 
@@ -25,10 +25,10 @@ use crate::store::rules::{batch_order, in_arrival_order};
 /// The second keeps accepts going while the first waits on a lock or a slow commit.
 const WRITERS: usize = 2;
 
-/// How long a batch of attempt outcomes alone waits for more, and for how many. Halves the
-/// number of writing transactions in a storm (BENCHMARKS: each costs about 150 µs of the
-/// database's time however little it holds); a longer wait slowed the calls to P0 (each
-/// claim's task waits for its outcome to be recorded).
+/// How long a batch of attempt outcomes alone waits for more while another batch commits,
+/// and for how many. Halves the number of writing transactions in a storm (BENCHMARKS: a
+/// write's cost in the database is mostly fixed, however little it holds); a longer wait
+/// slowed the calls to P0 (each claim's task waits for its outcome to be recorded).
 const OUTCOMES_WAIT: std::time::Duration = std::time::Duration::from_millis(2);
 const OUTCOMES_SHARE: usize = 16;
 
@@ -47,27 +47,24 @@ pub(super) async fn run(db: Arc<Pg>, mut queue: mpsc::Receiver<Write>, max_batch
         let mut size = first.size();
         let mut batch = Batch::default();
         batch.add(first);
-        while size < max_batch {
-            match queue.try_recv() {
-                Ok(w) => {
-                    size += w.size();
-                    batch.add(w);
+        take_waiting(&mut queue, &mut batch, &mut size, max_batch);
+        // While another batch commits, a batch of attempt outcomes alone waits a little for
+        // more, so that more share a transaction's fixed cost (most batches are these). No
+        // webhook's answer waits on outcomes: a write that one waits on (deliveries, events)
+        // ends the wait, and what queued behind it joins too.
+        if slots.available_permits() == 0 {
+            let until = tokio::time::Instant::now() + OUTCOMES_WAIT;
+            let share = OUTCOMES_SHARE.min(max_batch);
+            while batch.deliveries.is_empty() && batch.events.is_empty() && size < share {
+                match tokio::time::timeout_at(until, queue.recv()).await {
+                    Ok(Some(w)) => {
+                        size += w.size();
+                        batch.add(w);
+                    }
+                    _ => break,
                 }
-                Err(_) => break,
             }
-        }
-        // A batch of attempt outcomes alone waits a little for more, so that more share a
-        // transaction's fixed cost (most batches are these). No webhook's answer waits on
-        // outcomes: a write that one waits on (deliveries, events) ends the wait.
-        let until = tokio::time::Instant::now() + OUTCOMES_WAIT;
-        while batch.deliveries.is_empty() && batch.events.is_empty() && size < OUTCOMES_SHARE {
-            match tokio::time::timeout_at(until, queue.recv()).await {
-                Ok(Some(w)) => {
-                    size += w.size();
-                    batch.add(w);
-                }
-                _ => break,
-            }
+            take_waiting(&mut queue, &mut batch, &mut size, max_batch);
         }
         let db = db.clone();
         running.spawn(async move {
@@ -77,6 +74,24 @@ pub(super) async fn run(db: Arc<Pg>, mut queue: mpsc::Receiver<Write>, max_batch
         while running.try_join_next().is_some() {}
     }
     while running.join_next().await.is_some() {}
+}
+
+/// Adds the writes waiting in `queue` to `batch` while it holds fewer than `max`.
+fn take_waiting(
+    queue: &mut mpsc::Receiver<Write>,
+    batch: &mut Batch,
+    size: &mut usize,
+    max: usize,
+) {
+    while *size < max {
+        match queue.try_recv() {
+            Ok(w) => {
+                *size += w.size();
+                batch.add(w);
+            }
+            Err(_) => break,
+        }
+    }
 }
 
 /// Commits one batch and answers each of its writers.
