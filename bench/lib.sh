@@ -55,9 +55,11 @@ needs_pg() {
   psql "$PG_ADMIN" -qAtc 'SELECT 1' >/dev/null || { echo "PostgreSQL not reachable at $PG_ADMIN"; exit 1; }
 }
 
+# wait_port ADDRESS: waits until something answers at ADDRESS (WAIT_SECONDS, default 5).
 wait_port() {
-  for _ in $(seq 1 100); do curl -s -o /dev/null "http://$1/" && return 0; sleep 0.05; done
-  echo "nothing answers at $1 after 5 s" >&2; return 1
+  local tries=$(( ${WAIT_SECONDS:-5} * 20 ))
+  for _ in $(seq 1 "$tries"); do curl -s -o /dev/null "http://$1/" && return 0; sleep 0.05; done
+  echo "nothing answers at $1 after ${WAIT_SECONDS:-5} s" >&2; return 1
 }
 field() { sed -n "s/.*$1=\([0-9.]*\).*/\1/p" <<<"$2"; }
 hwm_mib() { awk '/VmHWM/ {printf "%.1f", $2/1024}' "/proc/$1/status"; }
@@ -106,7 +108,8 @@ drain() {
 
 # start_relay BINARY TAG: the relay with a fresh store on disk, pacing and limits off.
 # BINARY is an absolute path.
-# STORE_URL (a postgres:// URL) and LISTEN override the store and the address.
+# STORE_URL (a postgres:// URL) and LISTEN override the store and the address; RELAY_WRAP,
+# a command the relay runs under (valgrind, say).
 start_relay() {
   cat >"$work/env" <<ENV
 P0_ORG_ID=bench
@@ -122,7 +125,7 @@ P0_RELAY_INBOUND_LIMIT=0
 P0_RELAY_P0_RATE=0
 ENV
   # From RELAY_DIR when set (a revision's own relay.yaml and mappings), else from here.
-  (cd "${RELAY_DIR:-.}" && exec "$1" serve --env-file "$work/env") 2>"$work/relay-$2.log" & relay_pid=$!
+  (cd "${RELAY_DIR:-.}" && exec ${RELAY_WRAP:-} "$1" serve --env-file "$work/env") 2>"$work/relay-$2.log" & relay_pid=$!
   pids+=("$relay_pid"); wait_port "${LISTEN:-$RELAY}"
 }
 
