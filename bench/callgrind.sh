@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Instructions per webhook, counted exactly (callgrind counts instructions, not time, so the
 # figure does not move with whatever else the machine runs), for one or more relay binaries,
-# each on a fresh SQLite store (or STORE_URL) under the same paced load: 8 connections at 8
+# each on a fresh SQLite store (or on STORE_URL, the same database for all) under the same paced load: 8 connections at 8
 # webhooks/s each for 30 s (CG_SECONDS), the real-size GitHub comment. Counting starts once
 # the relay answers (startup is left out) and ends when it stops. Prints instructions per
 # accepted webhook and leaves callgrind.out.<name> in target/callgrind for
@@ -13,17 +13,19 @@
 # uses), and `rep movsb` counts one instruction per byte copied: both weigh more here than in
 # time. Needs valgrind (Debian's package).
 set -euo pipefail
+[ $# -ge 1 ] || { echo "usage: bench/callgrind.sh RELAY_BINARY..."; exit 2; }
+# Paths as given, before moving to the repository.
+bins=()
+for b in "$@"; do bins+=("$(realpath "$b")"); done
 cd "$(dirname "$0")/.."
 source bench/lib.sh
-needs valgrind callgrind_control
-[ $# -ge 1 ] || { echo "usage: bench/callgrind.sh RELAY_BINARY..."; exit 2; }
+needs valgrind
 cargo build --release --quiet --example p0_sink
 out=$TARGET/callgrind
 mkdir -p "$out"
 n=0
-for bin in "$@"; do
+for bin in "${bins[@]}"; do
   n=$((n + 1))
-  bin=$(realpath "$bin")
   name=$(basename "$bin")
   # A build from compare.sh (p0-relay-<sha>) runs with that revision's relay.yaml and mappings.
   dir=.
@@ -34,6 +36,7 @@ for bin in "$@"; do
   fi
   rm -f "$out/callgrind.out.$name"
   start_sink
+  # (RELAY_WRAP is split into words: a target directory with spaces would break it.)
   RELAY_DIR=$dir WAIT_SECONDS=60 RELAY_WRAP="valgrind --tool=callgrind --instr-atstart=no \
     --callgrind-out-file=$out/callgrind.out.$name" start_relay "$bin" "cg$n"
   callgrind_control -i on "$relay_pid" >/dev/null

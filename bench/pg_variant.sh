@@ -25,7 +25,7 @@ source bench/lib.sh
 needs_pg
 rev=${CONFIG_REV:-${bin##*/p0-relay-}}
 git cat-file -e "$rev^{commit}" 2>/dev/null || {
-  echo "$bin is not named p0-relay-<revision>: set CONFIG_REV to the revision of its relay.yaml"; exit 2; }
+  echo "no revision $rev (from CONFIG_REV, or the binary's name p0-relay-<revision>): its relay.yaml and mappings are needed"; exit 2; }
 mkdir -p "$work/cfg"
 git archive "$rev" relay.yaml mappings | tar -x -C "$work/cfg"
 cargo build --release --quiet --example p0_sink
