@@ -454,11 +454,10 @@ async fn a_connection_beyond_the_cap_takes_the_place_of_the_oldest_idle_one() {
         }
     }
     let answer = read.unwrap_or_else(|e| panic!("metrics unreadable after 5 tries: {e}"));
-    let evicted = answer
-        .lines()
-        .find(|l| l.starts_with("p0_relay_inbound_refused_total{reason=\"evicted\"}"))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse::<f64>().ok());
+    let evicted = metric_value(
+        &answer,
+        "p0_relay_inbound_refused_total{reason=\"evicted\"}",
+    );
     assert!(evicted >= Some(1.0), "{answer}");
 }
 

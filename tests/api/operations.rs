@@ -138,11 +138,7 @@ async fn metrics_count_a_known_sequence() {
     ];
     let (_, text) = t.get("/metrics").await;
     for (series, want) in expect {
-        let got = text
-            .lines()
-            .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|v| v.parse::<f64>().ok());
+        let got = metric_value(&text, &format!("{series} "));
         assert_eq!(got, Some(want), "{series}");
     }
     assert!(

@@ -29,6 +29,14 @@ pub fn client() -> reqwest::Client {
         .expect("HTTP client")
 }
 
+/// The value of the first series in a `/metrics` text whose line starts with `line_prefix`.
+pub fn metric_value(text: &str, line_prefix: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(line_prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
 pub fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
@@ -373,10 +381,7 @@ impl TestRelay {
 
     pub async fn metric(&self, line_prefix: &str) -> Option<f64> {
         let (_, text) = self.get("/metrics").await;
-        text.lines()
-            .find(|l| l.starts_with(line_prefix))
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|v| v.parse().ok())
+        metric_value(&text, line_prefix)
     }
 
     /// Waits (up to 5 s) until the series `line_prefix` shows `value`; gauges refresh about
