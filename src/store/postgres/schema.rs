@@ -21,6 +21,7 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0007_unbound_and_checked_at.sql"),
     include_str!("migrations/0008_audit_events.sql"),
     include_str!("migrations/0009_outcome_events_gathered.sql"),
+    include_str!("migrations/0010_audit_events_as_text.sql"),
 ];
 
 macro_rules! functions {
@@ -38,6 +39,8 @@ functions!(
     "p0_relay_write_each_locked",
     "p0_relay_write_each",
     "p0_relay_write_distinct",
+    "p0_relay_event_texts",
+    "p0_relay_audit_text",
     "p0_relay_audit",
     "p0_relay_write",
 );

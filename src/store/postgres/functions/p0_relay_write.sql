@@ -2,9 +2,9 @@
 -- or repeats a delivery or a request, is written one delivery at a time
 -- (p0_relay_write_each); any other in a few statements (p0_relay_write_distinct). Then the
 -- attempt outcomes, each only under the claim it was made with, with its answers back. Last,
--- the audit events (p0_relay_audit): the deliveries' (as store::audit::accepted makes them:
--- per delivery in the order given, each decision `accepted` or `refused`, then its end's
--- `revoked`), those of the outcomes recorded (in job order), then `events`.
+-- the audit events (p0_relay_audit_text): the deliveries' (as store::audit::accepted makes
+-- them: per delivery in the order given, each decision `accepted` or `refused`, then its
+-- end's `revoked`), those of the outcomes recorded (in job order), then `events`.
 -- Returns {"results": [per delivery, in the order given: {"jobs": [[id, coalesced, refused],
 -- ...], "bound": [[id, org, request], ...], "refused": ..., "reopened": ...} or {"dup": [job
 -- ids]}], "ignored": [job ids whose claim was no longer held], "audit": [event bodies]}.
@@ -20,6 +20,9 @@ DECLARE
     applied  INTEGER;
     kept     BIGINT[] := '{}';  -- the records applied, by their place in `records`
     made     JSONB := '[]';
+    acc_names TEXT[];
+    acc_tails TEXT[];
+    t        RECORD;
 BEGIN
     SELECT bool_or(COALESCE((e ->> 'ends_subject')::BOOLEAN, false)
                    OR COALESCE((e ->> 'reopens_subject')::BOOLEAN, false))
@@ -80,38 +83,54 @@ BEGIN
     FROM jsonb_array_elements(records) WITH ORDINALITY r(v, n)
     CROSS JOIN LATERAL jsonb_array_elements(COALESCE(r.v -> 'audit', '[]')) WITH ORDINALITY a(v, k)
     WHERE r.n = ANY(kept);
-    SELECT COALESCE(jsonb_agg(ev ORDER BY i, k), '[]') || made || COALESCE(events, '[]')
-      INTO made
+    made := made || COALESCE(events, '[]');
+    -- The deliveries' events as text (building each as JSONB and printing it cost more than
+    -- the rest of the write), fields in the order of store::audit::Body, those unset left
+    -- out: per delivery in the order given, each decision `accepted` or `refused`, then its
+    -- end's `revoked`.
+    WITH d AS (
+        SELECT e.i, e.v,
+               COALESCE(',"source":' || to_json(e.v ->> 'source')::TEXT, '')
+               || COALESCE(',"rule":' || to_json(e.v ->> 'rule')::TEXT, '')
+               || COALESCE(',"actor":' || to_json(e.v ->> 'actor')::TEXT, '') AS about,
+               COALESCE(',"subject":' || to_json(e.v ->> 'subject')::TEXT, '')
+               || COALESCE(',"delivery":' || to_json(e.v ->> 'dedup_key')::TEXT, '') AS about_end
+        FROM jsonb_array_elements(deliveries) WITH ORDINALITY e(v, i)
+    )
+    SELECT array_agg(name ORDER BY i, k), array_agg(tail ORDER BY i, k) INTO acc_names, acc_tails
     FROM (
-        SELECT d.i, x.j AS k, jsonb_strip_nulls(jsonb_build_object(
-                   'event', CASE WHEN r.job ->> 2 IS NOT NULL THEN 'refused' ELSE 'accepted' END,
-                   'job_id', (r.job ->> 0)::BIGINT,
-                   'outcome', CASE WHEN r.job ->> 2 IS NOT NULL THEN 'refused'
-                                   WHEN (r.job ->> 1)::BOOLEAN THEN 'coalesced'
-                                   ELSE 'queued' END,
-                   'reason', r.job ->> 2,
-                   'source', d.v ->> 'source', 'rule', d.v ->> 'rule', 'actor', d.v ->> 'actor',
-                   'action', x.v ->> 'action', 'request_id', x.v ->> 'request_id',
-                   'org', x.v ->> 'org', 'subject', d.v ->> 'subject',
-                   'delivery', d.v ->> 'dedup_key')) AS ev
-        FROM jsonb_array_elements(deliveries) WITH ORDINALITY d(v, i)
+        SELECT d.i, x.j AS k, o.name,
+               '"event":"' || o.name || '","job_id":' || (r.job ->> 0) || d.about
+               || COALESCE(',"action":' || to_json(x.v ->> 'action')::TEXT, '')
+               || COALESCE(',"request_id":' || to_json(x.v ->> 'request_id')::TEXT, '')
+               || COALESCE(',"org":' || to_json(x.v ->> 'org')::TEXT, '') || d.about_end
+               || ',"outcome":"' || o.outcome || '"'
+               || COALESCE(',"reason":' || to_json(r.job ->> 2)::TEXT, '') || '}' AS tail
+        FROM d
         CROSS JOIN LATERAL jsonb_array_elements(d.v -> 'decisions') WITH ORDINALITY x(v, j)
         CROSS JOIN LATERAL (SELECT results -> (d.i::INTEGER - 1) -> 'jobs'
                                            -> (x.j::INTEGER - 1) AS job) r
+        CROSS JOIN LATERAL (SELECT
+                CASE WHEN r.job ->> 2 IS NOT NULL THEN 'refused' ELSE 'accepted' END AS name,
+                CASE WHEN r.job ->> 2 IS NOT NULL THEN 'refused'
+                     WHEN (r.job ->> 1)::BOOLEAN THEN 'coalesced'
+                     ELSE 'queued' END AS outcome) o
         WHERE r.job IS NOT NULL
         UNION ALL
-        SELECT d.i, 1000000 + b.k, jsonb_strip_nulls(jsonb_build_object(
-                   'event', 'revoked', 'job_id', (b.v ->> 0)::BIGINT, 'outcome', 'queued',
-                   'reason', 'its subject ended',
-                   'source', d.v ->> 'source', 'rule', d.v ->> 'rule', 'actor', d.v ->> 'actor',
-                   'action', 'revoke', 'request_id', b.v ->> 2, 'org', b.v ->> 1,
-                   'subject', d.v ->> 'subject', 'delivery', d.v ->> 'dedup_key'))
-        FROM jsonb_array_elements(deliveries) WITH ORDINALITY d(v, i)
+        SELECT d.i, 1000000 + b.k, 'revoked',
+               '"event":"revoked","job_id":' || (b.v ->> 0) || d.about || ',"action":"revoke"'
+               || COALESCE(',"request_id":' || to_json(b.v ->> 2)::TEXT, '')
+               || COALESCE(',"org":' || to_json(b.v ->> 1)::TEXT, '') || d.about_end
+               || ',"outcome":"queued","reason":"its subject ended"}'
+        FROM d
         CROSS JOIN LATERAL jsonb_array_elements(COALESCE(results -> (d.i::INTEGER - 1) -> 'bound',
                                                          '[]')) WITH ORDINALITY b(v, k)
     ) accepted;
+    t := p0_relay_event_texts(made);
     RETURN jsonb_build_object('results', results, 'ignored', ignored,
-                              'audit', p0_relay_audit(made, now_ms));
+                              'audit', p0_relay_audit_text(
+                                  COALESCE(acc_names, '{}') || COALESCE(t.names, '{}'),
+                                  COALESCE(acc_tails, '{}') || COALESCE(t.tails, '{}'), now_ms));
 END
 $fn$;
 -- The previous release's call (its relays go on writing through it during an upgrade): the
