@@ -1,6 +1,7 @@
-//! The audit trail on PostgreSQL: events written by `p0_relay_audit` in the transaction of the
-//! step they record (IDs in commit order across relays, from `audit_head`); read, sealed (one
-//! relay at a time) and verified.
+//! The audit trail on PostgreSQL: events written by `p0_relay_audit_text` (through
+//! `p0_relay_write` or `p0_relay_audit`) in the transaction of the step they record (IDs in
+//! commit order across relays, from `audit_head`); read, sealed (one relay at a time) and
+//! verified.
 
 use std::time::Duration;
 

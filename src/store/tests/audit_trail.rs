@@ -156,6 +156,12 @@ async fn every_step_of_a_decision_is_one_audit_event_in_commit_order(mut s: Back
     );
     assert_eq!(events[6].reason.as_deref(), Some("its subject ended"));
     assert_eq!(events[10].operator.as_deref(), Some("tester"));
+    // A delivery's events are stored as the relay writes a body, byte for byte, on both
+    // stores (PostgreSQL builds them in SQL): fields in order, unset ones left out.
+    let rows = s.audit_rows().await;
+    for i in [0, 1, 2, 6, 7] {
+        assert_eq!(rows[i].body, events[i].text(), "event {}", events[i].id);
+    }
     // Pruning the jobs leaves the events.
     s.prune(10_000_000).await;
     assert_eq!(s.events().await, events);
@@ -455,5 +461,32 @@ async fn relays_on_different_keys_go_on_sealing_during_a_key_rollout(mut s: Back
         let (sealer, key) = &mut sealers[i % 2];
         let sealed = sealer.seal(&s.store, Some(*key)).await;
         assert!(matches!(sealed, Ok(Some(_))), "turn {i}: {sealed:?}");
+    }
+}
+
+on_both_stores!(a_delivery_event_escapes_what_its_sender_wrote_as_the_relay_does);
+async fn a_delivery_event_escapes_what_its_sender_wrote_as_the_relay_does(mut s: Backend) {
+    // Actors, rules and keys come from payloads: quotes, backslashes, control characters and
+    // non-ASCII text are escaped in the stored body exactly as the relay writes JSON.
+    let mut d = delivery("k \"1\"\\\u{1}\t", &[(Action::Approve, "r1")]);
+    d.actor = Some("mal\"lory\\\n\u{1f}é😀".into());
+    d.rule = "rule </script> \u{7f}ü".into();
+    s.accept(d, 1_000).await;
+    let mut no_actor = delivery("k2", &[(Action::Deny, "x")]);
+    no_actor.actor = None;
+    s.accept(no_actor, 1_100).await;
+    let (rows, events) = (s.audit_rows().await, s.events().await);
+    assert_eq!(events.len(), 2);
+    assert_eq!(
+        events[0].about.actor.as_deref(),
+        Some("mal\"lory\\\n\u{1f}é😀")
+    );
+    assert_eq!(
+        events[0].about.delivery.as_deref(),
+        Some("k \"1\"\\\u{1}\t")
+    );
+    assert_eq!(events[1].about.actor, None, "an unset field is left out");
+    for (row, event) in rows.iter().zip(&events) {
+        assert_eq!(row.body, event.text());
     }
 }

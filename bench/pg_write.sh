@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# The database's cost of one batch write, without the relay, the load generator or the
+# network in the way: pgbench calls `p0_relay_write` with one storm-like batch
+# (bench/sql/write_batch.sql: eight deliveries and eight looked-up events) on one connection,
+# against a database migrated by each binary given, taking turns, ROUNDS times (default 3).
+# On a shared machine this is far steadier than a storm's rate: compare the latencies of one
+# run. SQL_<n> (SQL_1, SQL_2, ...) applies a file to the n-th binary's database after it
+# migrates, as bench/pg_variant.sh does.
+#
+#   bench/pg_write.sh target/compare/p0-relay-<old> target/compare/p0-relay-<new>
+#   SQL_2=/tmp/variant.sql bench/pg_write.sh target/release/p0-relay target/release/p0-relay
+set -euo pipefail
+[ $# -ge 1 ] || { echo "usage: bench/pg_write.sh RELAY_BINARY..."; exit 2; }
+bins=()
+for b in "$@"; do bins+=("$(realpath "$b")"); done
+cd "$(dirname "$0")/.."
+PG_ADMIN=${PG_ADMIN:-postgres://postgres@127.0.0.1:5432/test}
+source bench/lib.sh
+needs_pg
+command -v pgbench >/dev/null || { echo "missing pgbench (apt-get install postgresql-contrib)"; exit 1; }
+urls=()
+for i in "${!bins[@]}"; do
+  n=$((i + 1))
+  fresh_db "write$n"
+  urls+=("${db_url%%\?*}")
+  STORE_URL=$db_url LISTEN=127.0.0.1:18098 start_relay "${bins[$i]}" "write$n"
+  kill "$relay_pid" 2>/dev/null || true; wait "$relay_pid" 2>/dev/null || true
+  sql=SQL_$n
+  [ -z "${!sql:-}" ] || psql "${db_url%%\?*}" -q -v ON_ERROR_STOP=1 -f "${!sql}" >/dev/null
+  # Jobs for the events to be about.
+  pgbench -n -f bench/sql/write_batch.sql -t 20 "${db_url%%\?*}" >/dev/null 2>&1
+done
+echo "| round | $(for b in "${bins[@]}"; do printf '%s | ' "$(basename "$b")"; done)"
+echo "|---|$(for _ in "${bins[@]}"; do printf -- '---|'; done)"
+for r in $(seq "${ROUNDS:-3}"); do
+  row="| $r |"
+  for u in "${urls[@]}"; do
+    ms=$(pgbench -n -f bench/sql/write_batch.sql -T "${SECONDS_EACH:-8}" "$u" 2>&1 | sed -n 's/latency average = \([0-9.]*\) ms/\1/p')
+    row="$row $ms ms |"
+  done
+  echo "$row"
+done

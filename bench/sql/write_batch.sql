@@ -1,0 +1,18 @@
+-- One batch as a storm's relay writes it, for pgbench (bench/pg_write.sh): eight deliveries of
+-- the bench's GitHub comment (each an approve of its own request, keys made unique by :n) and
+-- eight `sent` events about jobs already stored (each looked up by its job, as a relay's are).
+\set n random(1, 1000000000)
+SELECT length(p0_relay_write(
+  (SELECT jsonb_agg(jsonb_build_object(
+     'source', 'github', 'dedup_key', 'comment:' || :n || '-' || g || '|created|2026-12-07T19:00:45Z',
+     'received_at', 1765134045000, 'rule', 'comment-command', 'actor', 'octocat',
+     'subject', '186853002#1', 'reply', NULL, 'ends_subject', false, 'reopens_subject', false,
+     'gate', NULL, 'refused', NULL,
+     'decisions', jsonb_build_array(jsonb_build_object('org', 'bench', 'request_id',
+        'req-' || :n || '-' || g, 'action', 'approve', 'expiration', NULL))))
+   FROM generate_series(1, 8) g),
+  '{}'::BYTEA[], '[]'::JSONB,
+  (SELECT jsonb_agg(jsonb_build_object('event', 'sent', 'job_id', (SELECT max(id) FROM jobs) - g,
+                                       'outcome', 'success', 'status', 200))
+   FROM generate_series(1, 8) g),
+  1765134045000, 0, 0)::TEXT);
