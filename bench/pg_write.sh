@@ -17,7 +17,7 @@ cd "$(dirname "$0")/.."
 PG_ADMIN=${PG_ADMIN:-postgres://postgres@127.0.0.1:5432/test}
 source bench/lib.sh
 needs_pg
-command -v pgbench >/dev/null || { echo "missing pgbench (apt-get install postgresql-contrib)"; exit 1; }
+command -v pgbench >/dev/null || { echo "missing pgbench (apt-get install postgresql-client)"; exit 1; }
 urls=()
 for i in "${!bins[@]}"; do
   n=$((i + 1))
