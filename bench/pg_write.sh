@@ -1,18 +1,25 @@
 #!/usr/bin/env bash
-# The database's cost of one batch write, without the relay, the load generator or the
-# network in the way: pgbench calls `p0_relay_write` with one storm-like batch
-# (bench/sql/write_batch.sql: eight deliveries and eight looked-up events) on one connection,
-# against a database migrated by each binary given, taking turns, ROUNDS times (default 3).
-# On a shared machine this is far steadier than a storm's rate: compare the latencies of one
-# run. SQL_<n> (SQL_1, SQL_2, ...) applies a file to the n-th binary's database after it
-# migrates, as bench/pg_variant.sh does.
+# The database's cost of one batch write, with no relay, storm or network in the way: pgbench
+# calls `p0_relay_write` with one storm-like batch (bench/sql/write_batch.sql: eight
+# deliveries and eight `sent` events) on one connection, against a database migrated by each
+# binary given, taking turns, ROUNDS times (default 3), SECONDS_EACH (default 8) each. On a
+# shared machine this is far steadier than a storm's rate: compare the latencies of one run.
+# SQL_<n> (SQL_1, SQL_2, ...) applies a file to the n-th binary's database after it migrates,
+# as bench/pg_variant.sh does. Each binary starts once, to migrate, with the relay.yaml and
+# mappings of the revision its name ends in (p0-relay-<sha>, as bench/compare.sh names its
+# builds), else with the checkout's.
 #
 #   bench/pg_write.sh target/compare/p0-relay-<old> target/compare/p0-relay-<new>
 #   SQL_2=/tmp/variant.sql bench/pg_write.sh target/release/p0-relay target/release/p0-relay
 set -euo pipefail
 [ $# -ge 1 ] || { echo "usage: bench/pg_write.sh RELAY_BINARY..."; exit 2; }
+# Paths as given, before moving to the repository.
 bins=()
 for b in "$@"; do bins+=("$(realpath "$b")"); done
+for n in $(seq "$#"); do
+  sql=SQL_$n
+  [ -z "${!sql:-}" ] || export "SQL_$n=$(realpath "${!sql}")"
+done
 cd "$(dirname "$0")/.."
 PG_ADMIN=${PG_ADMIN:-postgres://postgres@127.0.0.1:5432/test}
 source bench/lib.sh
@@ -23,19 +30,28 @@ for i in "${!bins[@]}"; do
   n=$((i + 1))
   fresh_db "write$n"
   urls+=("${db_url%%\?*}")
-  STORE_URL=$db_url LISTEN=127.0.0.1:18098 start_relay "${bins[$i]}" "write$n"
+  rev=${bins[$i]##*/p0-relay-}
+  cfg=.
+  if git cat-file -e "$rev^{commit}" 2>/dev/null; then
+    cfg=$work/cfg$n; mkdir -p "$cfg"; git archive "$rev" relay.yaml mappings | tar -x -C "$cfg"
+  fi
+  RELAY_DIR=$cfg STORE_URL=$db_url LISTEN=127.0.0.1:18098 start_relay "${bins[$i]}" "write$n"
   kill "$relay_pid" 2>/dev/null || true; wait "$relay_pid" 2>/dev/null || true
   sql=SQL_$n
   [ -z "${!sql:-}" ] || psql "${db_url%%\?*}" -q -v ON_ERROR_STOP=1 -f "${!sql}" >/dev/null
-  # Jobs for the events to be about.
-  pgbench -n -f bench/sql/write_batch.sql -t 20 "${db_url%%\?*}" >/dev/null 2>&1
+  # A first few batches: they fail here, with pgbench's words, if this binary's database
+  # cannot take them.
+  pgbench -n -f bench/sql/write_batch.sql -t 20 "${db_url%%\?*}" >"$work/warm$n" 2>&1 ||
+    { echo "${bins[$i]}: the batch failed:"; cat "$work/warm$n"; exit 1; }
 done
 echo "| round | $(for b in "${bins[@]}"; do printf '%s | ' "$(basename "$b")"; done)"
 echo "|---|$(for _ in "${bins[@]}"; do printf -- '---|'; done)"
 for r in $(seq "${ROUNDS:-3}"); do
   row="| $r |"
   for u in "${urls[@]}"; do
-    ms=$(pgbench -n -f bench/sql/write_batch.sql -T "${SECONDS_EACH:-8}" "$u" 2>&1 | sed -n 's/latency average = \([0-9.]*\) ms/\1/p')
+    out=$(pgbench -n -f bench/sql/write_batch.sql -T "${SECONDS_EACH:-8}" "$u" 2>&1) ||
+      { echo "$u: pgbench failed:"; echo "$out"; exit 1; }
+    ms=$(sed -n 's/latency average = \([0-9.]*\) ms/\1/p' <<<"$out")
     row="$row $ms ms |"
   done
   echo "$row"

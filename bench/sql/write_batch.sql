@@ -1,6 +1,7 @@
 -- One batch as a storm's relay writes it, for pgbench (bench/pg_write.sh): eight deliveries of
 -- the bench's GitHub comment (each an approve of its own request, keys made unique by :n) and
--- eight `sent` events about jobs already stored (each looked up by its job, as a relay's are).
+-- eight `sent` events about jobs already stored, each naming what its job is about, as the
+-- worker's do.
 \set n random(1, 1000000000)
 SELECT length(p0_relay_write(
   (SELECT jsonb_agg(jsonb_build_object(
@@ -12,7 +13,11 @@ SELECT length(p0_relay_write(
         'req-' || :n || '-' || g, 'action', 'approve', 'expiration', NULL))))
    FROM generate_series(1, 8) g),
   '{}'::BYTEA[], '[]'::JSONB,
-  (SELECT jsonb_agg(jsonb_build_object('event', 'sent', 'job_id', (SELECT max(id) FROM jobs) - g,
-                                       'outcome', 'success', 'status', 200))
+  (SELECT jsonb_agg(jsonb_build_object(
+     'event', 'sent', 'job_id', :n % 1000 + g, 'source', 'github', 'rule', 'comment-command',
+     'actor', 'octocat', 'action', 'approve', 'request_id', 'req-' || :n || '-' || g,
+     'org', 'bench', 'subject', '186853002#1',
+     'delivery', 'comment:' || :n || '-' || g || '|created|2026-12-07T19:00:45Z',
+     'outcome', 'success', 'status', 200))
    FROM generate_series(1, 8) g),
   1765134045000, 0, 0)::TEXT);

@@ -339,8 +339,8 @@ impl AuditStatus {
     }
 }
 
-/// RFC 3339 in UTC to the millisecond, as every event's `time` is written (PostgreSQL writes
-/// the same, `p0_relay_audit_time`).
+/// RFC 3339 in UTC to the millisecond, as every event's `time` is written (PostgreSQL's
+/// `p0_relay_audit_text` writes the same).
 pub fn time(at_ms: i64) -> String {
     let at = UNIX_EPOCH + Duration::from_millis(u64::try_from(at_ms).unwrap_or(0));
     humantime::format_rfc3339_millis(at).to_string()
@@ -920,8 +920,8 @@ fn removed(from: i64, to: i64) -> String {
     }
 }
 
-/// The ID a stored body opens with (`{"id":N` as serde writes it, `{"id": N` as PostgreSQL
-/// does): read without parsing the rest.
+/// The ID a stored body opens with (`{"id":N`, as both stores write it; a space after the
+/// colon is allowed): read without parsing the rest.
 fn body_id(body: &str) -> Option<i64> {
     let rest = body.strip_prefix("{\"id\":")?.trim_start();
     let end = rest

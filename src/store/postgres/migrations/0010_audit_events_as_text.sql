@@ -1,7 +1,7 @@
--- The audit events are built as text, not as JSONB printed: p0_relay_write writes its
--- deliveries' events by concatenation, and p0_relay_audit_text (new) writes events given as
--- their names and texts; p0_relay_event_texts (new) makes those of events given as JSON, which
--- p0_relay_audit and p0_relay_write now go through. A body's fields are in the order of the
--- relay's own (store::audit::Body). No table changes: the version says which relays know the
--- functions' bodies.
+-- The audit events are built as text: p0_relay_write writes its deliveries' events by
+-- concatenation, in the field order of the relay's own bodies (store::audit::Body), where it
+-- built each as JSONB and printed it; p0_relay_audit_text (new) numbers and writes events
+-- given as their names and texts; p0_relay_event_texts (new) makes those of events given as
+-- JSON (printed as JSONB, as before), which p0_relay_audit and p0_relay_write now go through.
+-- No table changes: the version says which relays know the functions' bodies.
 SELECT 1;
