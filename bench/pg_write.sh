@@ -7,7 +7,7 @@
 # SQL_<n> (SQL_1, SQL_2, ...) applies a file to the n-th binary's database after it migrates,
 # as bench/pg_variant.sh does. Each binary starts once, to migrate, with the relay.yaml and
 # mappings of the revision its name ends in (p0-relay-<sha>, as bench/compare.sh names its
-# builds), else with the checkout's.
+# builds), else with the checkout's. (bench/lib.sh asks for wrk and curl, as for every script.)
 #
 #   bench/pg_write.sh target/compare/p0-relay-<old> target/compare/p0-relay-<new>
 #   SQL_2=/tmp/variant.sql bench/pg_write.sh target/release/p0-relay target/release/p0-relay
@@ -15,27 +15,29 @@ set -euo pipefail
 [ $# -ge 1 ] || { echo "usage: bench/pg_write.sh RELAY_BINARY..."; exit 2; }
 # Paths as given, before moving to the repository.
 bins=()
-for b in "$@"; do bins+=("$(realpath "$b")"); done
+for b in "$@"; do p=$(realpath -e -- "$b"); bins+=("$p"); done
 for n in $(seq "$#"); do
   sql=SQL_$n
-  [ -z "${!sql:-}" ] || export "SQL_$n=$(realpath "${!sql}")"
+  if [ -n "${!sql:-}" ]; then p=$(realpath -e -- "${!sql}"); export "SQL_$n=$p"; fi
 done
 cd "$(dirname "$0")/.."
 PG_ADMIN=${PG_ADMIN:-postgres://postgres@127.0.0.1:5432/test}
 source bench/lib.sh
 needs_pg
-command -v pgbench >/dev/null || { echo "missing pgbench (apt-get install postgresql-client)"; exit 1; }
+pgbench --version >/dev/null 2>&1 || { echo "missing pgbench (apt-get install postgresql-contrib)"; exit 1; }
 urls=()
 for i in "${!bins[@]}"; do
   n=$((i + 1))
   fresh_db "write$n"
   urls+=("${db_url%%\?*}")
   rev=${bins[$i]##*/p0-relay-}
-  cfg=.
+  cfg=. from="the checkout"
   if git cat-file -e "$rev^{commit}" 2>/dev/null; then
-    cfg=$work/cfg$n; mkdir -p "$cfg"; git archive "$rev" relay.yaml mappings | tar -x -C "$cfg"
+    cfg=$work/cfg$n from=$rev; mkdir -p "$cfg"; git archive "$rev" relay.yaml mappings | tar -x -C "$cfg"
   fi
-  RELAY_DIR=$cfg STORE_URL=$db_url LISTEN=127.0.0.1:18098 start_relay "${bins[$i]}" "write$n"
+  echo "${bins[$i]}: migrates with the relay.yaml and mappings of $from" >&2
+  RELAY_DIR=$cfg STORE_URL=$db_url LISTEN=127.0.0.1:18098 start_relay "${bins[$i]}" "write$n" ||
+    { echo "${bins[$i]} did not start:"; cat "$work/relay-write$n.log"; exit 1; }
   kill "$relay_pid" 2>/dev/null || true; wait "$relay_pid" 2>/dev/null || true
   sql=SQL_$n
   [ -z "${!sql:-}" ] || psql "${db_url%%\?*}" -q -v ON_ERROR_STOP=1 -f "${!sql}" >/dev/null

@@ -1,12 +1,13 @@
 -- One batch as a storm's relay writes it, for pgbench (bench/pg_write.sh): eight deliveries of
 -- the bench's GitHub comment (each an approve of its own request, keys made unique by :n) and
--- eight `sent` events about jobs already stored, each naming what its job is about, as the
--- worker's do.
+-- eight `sent` events, each naming what its job is about, as the worker's do. The events come
+-- as `events`, not inside outcomes (`records`): there are no claims to record them under, so
+-- the outcomes' loop and the gathering of their events are not measured.
 \set n random(1, 1000000000)
 SELECT length(p0_relay_write(
   (SELECT jsonb_agg(jsonb_build_object(
      'source', 'github', 'dedup_key', 'comment:' || :n || '-' || g || '|created|2026-12-07T19:00:45Z',
-     'received_at', 1765134045000, 'rule', 'comment-command', 'actor', 'octocat',
+     'received_at', 1796670045000, 'rule', 'comment-command', 'actor', 'octocat',
      'subject', '186853002#1', 'reply', NULL, 'ends_subject', false, 'reopens_subject', false,
      'gate', NULL, 'refused', NULL,
      'decisions', jsonb_build_array(jsonb_build_object('org', 'bench', 'request_id',
@@ -20,4 +21,4 @@ SELECT length(p0_relay_write(
      'delivery', 'comment:' || :n || '-' || g || '|created|2026-12-07T19:00:45Z',
      'outcome', 'success', 'status', 200))
    FROM generate_series(1, 8) g),
-  1765134045000, 0, 0)::TEXT);
+  1796670045000, 0, 0)::TEXT);

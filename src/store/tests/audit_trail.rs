@@ -156,8 +156,10 @@ async fn every_step_of_a_decision_is_one_audit_event_in_commit_order(mut s: Back
     );
     assert_eq!(events[6].reason.as_deref(), Some("its subject ended"));
     assert_eq!(events[10].operator.as_deref(), Some("tester"));
-    // A delivery's events are stored as the relay writes a body, byte for byte, on both
-    // stores (PostgreSQL builds them in SQL): fields in order, unset ones left out.
+    // The events a delivery's write makes (accepted, refused by the store, revoked) are stored
+    // as the relay writes a body, byte for byte, on both stores (PostgreSQL builds them in
+    // SQL): fields in order, unset ones left out. (Events the relay sends as JSON, such as a
+    // refusal on receipt, PostgreSQL prints as JSONB.)
     let rows = s.audit_rows().await;
     for i in [0, 1, 2, 6, 7] {
         assert_eq!(rows[i].body, events[i].text(), "event {}", events[i].id);

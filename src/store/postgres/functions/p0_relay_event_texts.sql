@@ -1,11 +1,11 @@
 -- Audit events given as JSON (store::audit::AuditEvent: the body but its ID and time) as
 -- p0_relay_audit_text takes them: each event's name, and its body's text after the ID and
--- time. An event that names its `source` (the worker's: the relay knows what its job is
--- about) comes without nulls, and its text is used as it is. One without `source` (an answer
--- back's, a replay's, a seal) is about the job its `job_id` names, if any: that job's and its
--- delivery's fields are looked up by the job's key (a scalar subquery, run only for those:
--- joined, it was planned as a scan of every job) and merged under the event's own, nulls
--- left out.
+-- time. An event that names its `source` (the worker's, a refusal on receipt) comes without
+-- nulls, and is printed as it is (JSONB's key order and spacing). One without `source` (an
+-- answer back's, a replay's, a seal, a pruning) is about the job its `job_id` names, if any:
+-- that job's and its delivery's fields are looked up by the job's key (a scalar subquery, run
+-- only for those: joined, it was planned as a scan of every job) and merged under the
+-- event's own, nulls left out.
 CREATE OR REPLACE FUNCTION p0_relay_event_texts(events JSONB, OUT names TEXT[],
                                                 OUT tails TEXT[])
 LANGUAGE plpgsql AS $fn$
