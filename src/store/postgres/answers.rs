@@ -57,7 +57,7 @@ impl Answers for PgStore {
         let attempts = i32::try_from(rec.attempts).unwrap_or(i32::MAX);
         let state = rec.state.as_str();
         let now = self.db.now();
-        let mut events = serde_json::to_value(&rec.audit).unwrap_or(Value::Null);
+        let mut events = super::audit::events_json(&rec.audit);
         without_nul(&mut events);
         // One statement: the update, and its events when it applied (`p0_relay_audit` last).
         let written: Value = self

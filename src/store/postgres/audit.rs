@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
-use serde_json::Value;
+use serde_json::{Value, json};
 
 use super::schema::SEAL_LOCK;
 use super::upkeep::first;
@@ -226,12 +226,32 @@ pub(super) async fn write_events(
     if events.is_empty() {
         return Ok(Vec::new());
     }
-    let events = serde_json::to_value(events).unwrap_or(Value::Null);
+    let events = events_json(events);
     let written: Value = tx
         .query_one("SELECT p0_relay_audit($1, $2)", &[&events, &now])
         .await?
         .try_get(0)?;
     Ok(bodies(&written))
+}
+
+/// Events as `p0_relay_event_texts` takes them. One that needs nothing looked up (it names
+/// what it is about, or no job) goes as `[name, its body's text after the ID and time]`,
+/// written as the relay writes a body (`Body::text`), so it is stored with the same bytes as
+/// on SQLite; one about a stored job goes as its JSON, completed from the job there.
+pub(super) fn events_json(events: &[AuditEvent]) -> Value {
+    Value::Array(
+        events
+            .iter()
+            .map(|e| {
+                if e.about.is_some() || e.job_id.is_none() {
+                    let text = serde_json::to_string(e).unwrap_or_default();
+                    json!([e.event.as_str(), text.get(1..).unwrap_or_default()])
+                } else {
+                    serde_json::to_value(e).unwrap_or(Value::Null)
+                }
+            })
+            .collect(),
+    )
 }
 
 /// The bodies `p0_relay_audit` answered (JSON texts), read back for the sink.

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use serde_json::{Value, json};
 use tokio::sync::{Semaphore, mpsc};
 
-use super::audit::bodies;
+use super::audit::{bodies, events_json};
 use super::{OP_TIMEOUT, Pg};
 use crate::domain::Expiration;
 use crate::store::StoreError;
@@ -164,7 +164,7 @@ impl Pg {
     ) -> Result<(WriteResults, Vec<Body>), StoreError> {
         let mut batch = Value::Array(deliveries.iter().map(delivery_json).collect());
         let mut recs = Value::Array(outcomes.iter().map(outcome_json).collect());
-        let mut events = serde_json::to_value(events).unwrap_or(Value::Null);
+        let mut events = events_json(events);
         without_nul(&mut batch);
         without_nul(&mut recs);
         without_nul(&mut events);
@@ -242,7 +242,7 @@ fn outcome_json(r: &AttemptRecord) -> Value {
         "answers": r.answers.iter().map(|a| json!({
             "via": a.via, "kind": a.kind, "target": a.target, "body": a.body,
         })).collect::<Vec<_>>(),
-        "audit": s.audit,
+        "audit": events_json(&s.audit),
     })
 }
 

@@ -156,12 +156,12 @@ async fn every_step_of_a_decision_is_one_audit_event_in_commit_order(mut s: Back
     );
     assert_eq!(events[6].reason.as_deref(), Some("its subject ended"));
     assert_eq!(events[10].operator.as_deref(), Some("tester"));
-    // The events a delivery's write makes (accepted, refused by the store, revoked) are stored
-    // as the relay writes a body, byte for byte, on both stores (PostgreSQL builds them in
-    // SQL): fields in order, unset ones left out. (Events the relay sends as JSON, such as a
-    // refusal on receipt, PostgreSQL prints as JSONB.)
+    // Stored as the relay writes a body, byte for byte, on both stores (fields in order, unset
+    // ones left out): the events a delivery's write makes (accepted, refused by the store,
+    // revoked; PostgreSQL builds them in SQL) and those that need nothing looked up (a refusal
+    // on receipt). PostgreSQL completes the others from their jobs and prints them as JSONB.
     let rows = s.audit_rows().await;
-    for i in [0, 1, 2, 6, 7] {
+    for i in [0, 1, 2, 3, 6, 7] {
         assert_eq!(rows[i].body, events[i].text(), "event {}", events[i].id);
     }
     // Pruning the jobs leaves the events.
@@ -466,8 +466,8 @@ async fn relays_on_different_keys_go_on_sealing_during_a_key_rollout(mut s: Back
     }
 }
 
-on_both_stores!(a_delivery_event_escapes_what_its_sender_wrote_as_the_relay_does);
-async fn a_delivery_event_escapes_what_its_sender_wrote_as_the_relay_does(mut s: Backend) {
+on_both_stores!(events_escape_what_senders_and_p0_wrote_as_the_relay_does);
+async fn events_escape_what_senders_and_p0_wrote_as_the_relay_does(mut s: Backend) {
     // Actors, rules and keys come from payloads: quotes, backslashes, control characters and
     // non-ASCII text are escaped in the stored body exactly as the relay writes JSON.
     let mut d = delivery("k \"1\"\\\u{1}\t", &[(Action::Approve, "r1")]);
@@ -477,8 +477,22 @@ async fn a_delivery_event_escapes_what_its_sender_wrote_as_the_relay_does(mut s:
     let mut no_actor = delivery("k2", &[(Action::Deny, "x")]);
     no_actor.actor = None;
     s.accept(no_actor, 1_100).await;
+    // An event the relay makes about what it knows (the worker's are such), with P0's text.
+    let mut refused = AuditEvent::new(Event::Refused, None, "refused");
+    refused.about = Some(About {
+        source: Some("github".into()),
+        actor: Some("a\"b".into()),
+        ..About::default()
+    });
+    refused.detail = Some("P0 said \"no\"\u{0}\u{2028}".into());
+    s.clock.set(1_200);
+    s.store.record_events(vec![refused]).await.unwrap();
     let (rows, events) = (s.audit_rows().await, s.events().await);
-    assert_eq!(events.len(), 2);
+    assert_eq!(events.len(), 3);
+    assert_eq!(
+        events[2].detail.as_deref(),
+        Some("P0 said \"no\"\u{0}\u{2028}")
+    );
     assert_eq!(
         events[0].about.actor.as_deref(),
         Some("mal\"lory\\\n\u{1f}é😀")
