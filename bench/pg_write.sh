@@ -5,9 +5,11 @@
 # binary given, taking turns, ROUNDS times (default 3), SECONDS_EACH (default 8) each. On a
 # shared machine this is far steadier than a storm's rate: compare the latencies of one run.
 # SQL_<n> (SQL_1, SQL_2, ...) applies a file to the n-th binary's database after it migrates,
-# as bench/pg_variant.sh does. Each binary starts once, to migrate, with the relay.yaml and
-# mappings of the revision its name ends in (p0-relay-<sha>, as bench/compare.sh names its
-# builds), else with the checkout's. (bench/lib.sh asks for wrk and curl, as for every script.)
+# as bench/pg_variant.sh does; JSON_<n>=1 sends the n-th its batch's events as JSON, as
+# earlier relays did (their functions read nothing else). Each binary starts once, to migrate,
+# with the relay.yaml and mappings of the revision its name ends in (p0-relay-<sha>, as
+# bench/compare.sh names its builds), else with the checkout's. (bench/lib.sh asks for wrk
+# and curl, as for every script.)
 #
 #   bench/pg_write.sh target/compare/p0-relay-<old> target/compare/p0-relay-<new>
 #   SQL_2=/tmp/variant.sql bench/pg_write.sh target/release/p0-relay target/release/p0-relay
@@ -26,6 +28,7 @@ source bench/lib.sh
 needs_pg
 pgbench --version >/dev/null 2>&1 || { echo "missing pgbench (apt-get install postgresql-contrib)"; exit 1; }
 urls=()
+opts=()
 for i in "${!bins[@]}"; do
   n=$((i + 1))
   fresh_db "write$n"
@@ -43,15 +46,18 @@ for i in "${!bins[@]}"; do
   [ -z "${!sql:-}" ] || psql "${db_url%%\?*}" -q -v ON_ERROR_STOP=1 -f "${!sql}" >/dev/null
   # A first few batches: they fail here, with pgbench's words, if this binary's database
   # cannot take them.
-  pgbench -n -f bench/sql/write_batch.sql -t 20 "${db_url%%\?*}" >"$work/warm$n" 2>&1 ||
+  json=JSON_$n
+  opts+=("-Djson=${!json:-0}")
+  pgbench -n "${opts[$i]}" -f bench/sql/write_batch.sql -t 20 "${db_url%%\?*}" >"$work/warm$n" 2>&1 ||
     { echo "${bins[$i]}: the batch failed:"; cat "$work/warm$n"; exit 1; }
 done
 echo "| round | $(for b in "${bins[@]}"; do printf '%s | ' "$(basename "$b")"; done)"
 echo "|---|$(for _ in "${bins[@]}"; do printf -- '---|'; done)"
 for r in $(seq "${ROUNDS:-3}"); do
   row="| $r |"
-  for u in "${urls[@]}"; do
-    out=$(pgbench -n -f bench/sql/write_batch.sql -T "${SECONDS_EACH:-8}" "$u" 2>&1) ||
+  for i in "${!urls[@]}"; do
+    u=${urls[$i]}
+    out=$(pgbench -n "${opts[$i]}" -f bench/sql/write_batch.sql -T "${SECONDS_EACH:-8}" "$u" 2>&1) ||
       { echo "$u: pgbench failed:"; echo "$out"; exit 1; }
     ms=$(sed -n 's/latency average = \([0-9.]*\) ms/\1/p' <<<"$out")
     row="$row $ms ms |"
