@@ -293,7 +293,8 @@ fn parse_result(v: &Value) -> Accepted {
 
 /// PostgreSQL refuses U+0000 in text and JSONB, so one sender's NUL (in an actor, a subject, a
 /// dedup key part, P0's error text) would fail the whole batch it shares with others: it is
-/// stored as U+FFFD instead.
+/// stored as U+FFFD instead. (An audit event sent as its text holds a NUL escaped, `\u0000`,
+/// and keeps it, as on SQLite.)
 pub(super) fn without_nul(value: &mut Value) {
     match value {
         Value::String(s) if s.contains('\0') => *s = s.replace('\0', "\u{fffd}"),

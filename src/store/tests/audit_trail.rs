@@ -189,6 +189,12 @@ async fn sealed(s: &mut Backend, key: Option<&Secret>) {
         (ok.events, ok.seals, ok.sealed_through, ok.unsealed),
         (13, 2, Some(12), 0)
     );
+    // Seals need nothing looked up: stored as the relay writes them, on both stores.
+    let (rows, events) = (s.audit_rows().await, s.events().await);
+    for i in [9, 12] {
+        assert_eq!(rows[i].event, "seal");
+        assert_eq!(rows[i].body, events[i].text());
+    }
 }
 
 fn key() -> Secret {

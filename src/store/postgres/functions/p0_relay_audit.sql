@@ -1,4 +1,4 @@
--- Writes audit events given as JSON (store::audit::AuditEvent: the body but its ID and time),
+-- Writes audit events given as p0_relay_event_texts takes them (postgres::audit::events_json),
 -- as the last statement of a transaction (p0_relay_event_texts, then p0_relay_audit_text).
 -- Returns the bodies written, in ID order.
 CREATE OR REPLACE FUNCTION p0_relay_audit(events JSONB, now_ms BIGINT)
