@@ -144,6 +144,12 @@ impl AuditEvent {
         }
     }
 
+    /// The stored job whose fields complete this event, which does not say what it is about;
+    /// each store looks them up as it writes the event. `None`: it is written as it is.
+    pub fn job_to_look_up(&self) -> Option<i64> {
+        self.job_id.filter(|_| self.about.is_none())
+    }
+
     /// As stored: with its ID, its time and what it is about.
     pub fn body(&self, id: i64, at_ms: i64, about: About) -> Body {
         Body {

@@ -234,8 +234,8 @@ pub(super) async fn write_events(
     Ok(bodies(&written))
 }
 
-/// Events as `p0_relay_event_texts` takes them. One that needs nothing looked up (it names
-/// what it is about, or no job) goes as `[name, its body's text after the ID and time]`,
+/// Events as `p0_relay_event_texts` takes them. One that needs nothing looked up
+/// (`AuditEvent::job_to_look_up`) goes as `[name, its body's text after the ID and time]`,
 /// written as the relay writes a body (`Body::text`), so it is stored with the same bytes as
 /// on SQLite; one about a stored job goes as its JSON, completed from the job there.
 pub(super) fn events_json(events: &[AuditEvent]) -> Value {
@@ -243,7 +243,7 @@ pub(super) fn events_json(events: &[AuditEvent]) -> Value {
         events
             .iter()
             .map(|e| {
-                if e.about.is_some() || e.job_id.is_none() {
+                if e.job_to_look_up().is_none() {
                     let text = serde_json::to_string(e).unwrap_or_default();
                     json!([e.event.as_str(), text.get(1..).unwrap_or_default()])
                 } else {

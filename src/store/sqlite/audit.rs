@@ -204,10 +204,9 @@ pub(super) fn insert_events(
     let mut written = Vec::with_capacity(events.len());
     for (n, e) in events.iter().enumerate() {
         let id = last + 1 + n as i64;
-        let about = match (&e.about, e.job_id) {
-            (Some(about), _) => about.clone(),
-            (None, Some(job)) => about_job(tx, job)?,
-            (None, None) => About::default(),
+        let about = match e.job_to_look_up() {
+            Some(job) => about_job(tx, job)?,
+            None => e.about.clone().unwrap_or_default(),
         };
         let body = e.body(id, now, about);
         let text = body.text();
