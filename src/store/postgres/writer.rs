@@ -1,12 +1,12 @@
 //! The PostgreSQL batch writer: every write waiting when a batch starts goes into one call of
 //! `p0_relay_write` (one statement, one transaction, one round trip), two batches at most
 //! committing at once; each writer gets its own deliveries' results back. While the other
-//! batch commits, a batch of attempt outcomes alone waits up to 2 ms for more.
+//! batch commits, a batch of attempt outcomes alone waits for more (up to 2 ms).
 
 use std::sync::Arc;
 
 use serde_json::{Value, json};
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::{Notify, Semaphore, mpsc};
 
 use super::audit::{bodies, events_json};
 use super::{OP_TIMEOUT, Pg};
@@ -27,14 +27,17 @@ const WRITERS: usize = 2;
 
 /// How long a batch of attempt outcomes alone waits for more while another batch commits,
 /// and for how many. Cuts the writing transactions of a storm by 40-50 % (BENCHMARKS: a
-/// write's cost in the database is mostly fixed, however little it holds); a longer wait
-/// slowed the calls to P0 (each claim's task waits for its outcome to be recorded).
+/// write's cost in the database is mostly fixed, however little it holds). The wait ends
+/// when the other batch has committed: waiting longer slowed the calls to P0 (each claim's
+/// task waits for its outcome to be recorded).
 const OUTCOMES_WAIT: std::time::Duration = std::time::Duration::from_millis(2);
 const OUTCOMES_SHARE: usize = 16;
 
 /// Serves `queue` until every sender is gone and it is drained.
 pub(super) async fn run(db: Arc<Pg>, mut queue: mpsc::Receiver<Write>, max_batch: usize) {
     let slots = Arc::new(Semaphore::new(WRITERS));
+    // Told when a batch has committed: a batch of outcomes waits no longer than that.
+    let committed = Arc::new(Notify::new());
     let mut running = tokio::task::JoinSet::new();
     loop {
         let Ok(slot) = slots.clone().acquire_owned().await else {
@@ -51,25 +54,34 @@ pub(super) async fn run(db: Arc<Pg>, mut queue: mpsc::Receiver<Write>, max_batch
         // While another batch commits, a batch of attempt outcomes alone waits a little for
         // more, so that more share a transaction's fixed cost (most batches are these). No
         // webhook's answer waits on outcomes: a write that one waits on (deliveries, events)
-        // ends the wait, and what queued behind it joins too.
+        // ends the wait, and what queued behind it joins too. So does the other batch's
+        // commit: waiting past it only holds back the claims whose outcomes these are.
+        let other_done = committed.notified();
+        tokio::pin!(other_done);
+        other_done.as_mut().enable();
         if slots.available_permits() == 0 {
             let until = tokio::time::Instant::now() + OUTCOMES_WAIT;
             let share = OUTCOMES_SHARE.min(max_batch);
             while batch.deliveries.is_empty() && batch.events.is_empty() && size < share {
-                match tokio::time::timeout_at(until, queue.recv()).await {
-                    Ok(Some(w)) => {
-                        size += w.size();
-                        batch.add(w);
-                    }
-                    _ => break,
+                tokio::select! {
+                    next = tokio::time::timeout_at(until, queue.recv()) => match next {
+                        Ok(Some(w)) => {
+                            size += w.size();
+                            batch.add(w);
+                        }
+                        _ => break,
+                    },
+                    () = &mut other_done => break,
                 }
             }
             take_waiting(&mut queue, &mut batch, &mut size, max_batch);
         }
         let db = db.clone();
+        let done = committed.clone();
         running.spawn(async move {
             commit(&db, batch).await;
             drop(slot);
+            done.notify_waiters();
         });
         while running.try_join_next().is_some() {}
     }
