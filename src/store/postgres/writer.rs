@@ -28,9 +28,8 @@ const WRITERS: usize = 2;
 /// How long a batch of attempt outcomes alone waits for more while another batch commits,
 /// and for how many. Waiting the whole 2 ms cut the writing transactions of a storm by
 /// 40-50 % (BENCHMARKS: a write's cost in the database is mostly fixed, however little it
-/// holds). The wait ends
-/// when the other batch has committed: waiting longer slowed the calls to P0 (each claim's
-/// task waits for its outcome to be recorded).
+/// holds). The wait ends when the other batch has committed: waiting longer slowed the calls
+/// to P0 (each claim's task waits for its outcome to be recorded).
 const OUTCOMES_WAIT: std::time::Duration = std::time::Duration::from_millis(2);
 const OUTCOMES_SHARE: usize = 16;
 
